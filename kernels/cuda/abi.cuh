@@ -1,0 +1,27 @@
+// Launch arguments shared by every attention kernel; mirrored by kernels/src/abi.rs.
+#pragma once
+
+namespace fi {
+
+struct AttnArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  float* lse;              // null: no LSE output
+  const int* qo_indptr;    // [batch + 1]
+  const int* kv_indptr;    // [batch + 1] BSR row pointers
+  const int* kv_indices;   // block ids
+  const int* kv_last_len;  // [batch]
+  unsigned long long q_stride_n, q_stride_h;
+  unsigned long long o_stride_n, o_stride_h;
+  unsigned long long kv_stride_block, kv_stride_n, kv_stride_h;
+  unsigned batch, total_qo, num_qo_heads, num_kv_heads;
+  unsigned block_size;  // 0: ragged, one unbounded block per request whose id is its first token
+  unsigned causal;
+  float sm_scale;
+  unsigned _pad;
+};
+static_assert(sizeof(AttnArgs) == 16 * 8 + 8 * 4, "AttnArgs must match kernels/src/abi.rs");
+
+}  // namespace fi

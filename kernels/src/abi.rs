@@ -1,0 +1,54 @@
+//! The kernels' launch arguments, mirrored from `cuda/abi.cuh`. Both sides are plain C layout; a
+//! test pins the size so a field added on one side only is caught.
+
+/// Arguments of every attention kernel (prefill and decode), passed by value.
+///
+/// Pointers are device addresses. Strides count elements. The KV cache is block-sparse rows: the
+/// keys of request `b` are blocks `kv_indices[kv_indptr[b]..kv_indptr[b + 1]]`, each `block_size`
+/// tokens long except the last, which holds `kv_last_len[b]`; `block_size == 0` marks a ragged
+/// cache, whose single block per request is unbounded and whose block id is its first token.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttnArgs {
+    /// `[total_qo, num_qo_heads, head_dim]`, element type of the instance.
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    /// Same shape as `q`.
+    pub o: u64,
+    /// `[total_qo, num_qo_heads]` f32 natural-log LSE, or 0 for none.
+    pub lse: u64,
+    /// `[batch + 1]` i32.
+    pub qo_indptr: u64,
+    /// `[batch + 1]` i32.
+    pub kv_indptr: u64,
+    /// i32 block ids.
+    pub kv_indices: u64,
+    /// `[batch]` i32.
+    pub kv_last_len: u64,
+    pub q_stride_n: u64,
+    pub q_stride_h: u64,
+    pub o_stride_n: u64,
+    pub o_stride_h: u64,
+    pub kv_stride_block: u64,
+    pub kv_stride_n: u64,
+    pub kv_stride_h: u64,
+    pub batch: u32,
+    pub total_qo: u32,
+    pub num_qo_heads: u32,
+    pub num_kv_heads: u32,
+    pub block_size: u32,
+    /// 1 for the bottom-right aligned causal mask.
+    pub causal: u32,
+    pub sm_scale: f32,
+    pub _pad: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn size_matches_abi_cuh() {
+        // 16 eight-byte fields and 8 four-byte fields; abi.cuh static_asserts the same number.
+        assert_eq!(std::mem::size_of::<super::AttnArgs>(), 16 * 8 + 8 * 4);
+    }
+}

@@ -1,0 +1,80 @@
+//! ferrinfer's CUDA kernel templates, and the code that assembles one NVRTC translation unit from a
+//! template, a lowered variant, a head dim and a dtype.
+//!
+//! The templates live in `cuda/*.cuh` and are compiled into this crate; `FERRINFER_KERNEL_DIR`
+//! points at a checkout's `kernels/cuda` to read them from disk instead while developing.
+
+pub mod abi;
+mod sources;
+mod tu;
+
+pub use sources::{header, HEADER_NAMES};
+pub use tu::{translation_unit, TranslationUnit, VariantSource};
+
+/// Element type of Q, K, V and O (accumulation is always f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DType {
+    F16,
+    Bf16,
+}
+
+impl DType {
+    pub const ALL: [DType; 2] = [DType::F16, DType::Bf16];
+    /// Short name used in kernel names and cache keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Which kernel template.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KernelKind {
+    /// Prefill and append: many query rows per request, over ragged or paged KV.
+    Prefill,
+    /// Decode: one query row per request, over paged (or ragged) KV.
+    Decode,
+}
+
+impl KernelKind {
+    pub const ALL: [KernelKind; 2] = [KernelKind::Prefill, KernelKind::Decode];
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelKind::Prefill => "prefill",
+            KernelKind::Decode => "decode",
+        }
+    }
+}
+
+/// Head dims for which kernels are instantiated.
+pub const HEAD_DIMS: [u32; 3] = [64, 128, 256];
+
+/// One kernel instance, short of the variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KernelConfig {
+    pub kind: KernelKind,
+    pub head_dim: u32,
+    pub dtype: DType,
+}
+
+impl KernelConfig {
+    /// Kernel name in cache keys and logs, e.g. `prefill_hd128_bf16`.
+    pub fn name(&self) -> String {
+        format!("{}_hd{}_{}", self.kind.name(), self.head_dim, self.dtype.name())
+    }
+}
+
+/// How to launch an instance: grid, block and dynamic shared memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchDims {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared_bytes: u32,
+}
+
+/// The launch geometry the template of `cfg` expects for these arguments.
+pub fn launch_dims(cfg: &KernelConfig, args: &abi::AttnArgs) -> LaunchDims {
+    tu::launch_dims(cfg, args)
+}

@@ -1,0 +1,1 @@
+//! The built-in variants, each written with the DSL itself.
