@@ -27,12 +27,12 @@ extern crate self as ferrinfer;
 
 pub mod variants;
 
-pub use ferrinfer_macros::{attention_variant, AttentionParams};
+pub use ferrinfer_macros::{AttentionParams, attention_variant};
 pub use ferrinfer_runtime::*;
 
 /// Everything a variant definition and a typical caller need.
 pub mod prelude {
-    pub use crate::{attention_variant, AttentionParams};
+    pub use crate::{AttentionParams, attention_variant};
     pub use ferrinfer_runtime::prelude::*;
 }
 

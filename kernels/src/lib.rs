@@ -8,8 +8,8 @@ pub mod abi;
 mod sources;
 mod tu;
 
-pub use sources::{header, HEADER_NAMES};
-pub use tu::{translation_unit, TranslationUnit, VariantSource};
+pub use sources::{HEADER_NAMES, KERNEL_DIR_VAR, header};
+pub use tu::{TranslationUnit, VariantSource, translation_unit};
 
 /// Element type of Q, K, V and O (accumulation is always f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -62,7 +62,12 @@ pub struct KernelConfig {
 impl KernelConfig {
     /// Kernel name in cache keys and logs, e.g. `prefill_hd128_bf16`.
     pub fn name(&self) -> String {
-        format!("{}_hd{}_{}", self.kind.name(), self.head_dim, self.dtype.name())
+        format!(
+            "{}_hd{}_{}",
+            self.kind.name(),
+            self.head_dim,
+            self.dtype.name()
+        )
     }
 }
 

@@ -1,7 +1,16 @@
-//! Assembling one translation unit (stub: filled in by the kernel work).
+//! Assembling one translation unit: the template's headers inlined (no `#include` is left, so NVRTC
+//! needs no include path), the variant's `struct Params` and `struct Variant`, and an `extern "C"`
+//! entry that instantiates the template. The text is deterministic: it is hashed into cache keys.
 
 use crate::abi::AttnArgs;
-use crate::{KernelConfig, LaunchDims};
+use crate::sources::Sources;
+use crate::{DType, HEAD_DIMS, KernelConfig, KernelKind, LaunchDims};
+
+/// Warps per prefill block (at most); `kPrefillWarps` in prefill.cuh.
+const PREFILL_WARPS: u32 = 4;
+/// Warps per decode block (at most); `kDecodeMaxWarps` in decode.cuh.
+const DECODE_MAX_WARPS: u32 = 8;
+const WARP: u32 = 32;
 
 /// The lowered variant, as the runtime hands it over.
 pub struct VariantSource<'a> {
@@ -14,18 +23,464 @@ pub struct VariantSource<'a> {
 }
 
 /// A self-contained CUDA source (every header inlined) and the name of its `extern "C"` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TranslationUnit {
+    /// Program name for NVRTC and logs, e.g. `SoftCap.prefill_hd128_bf16`.
     pub name: String,
+    /// The CUDA text.
     pub source: String,
+    /// The kernel to launch, e.g. `ferrinfer_prefill_hd128_bf16`; it takes
+    /// `(const fi::AttnArgs args, const Params params)` by value.
     pub entry: String,
 }
 
-pub fn translation_unit(cfg: &KernelConfig, variant: &VariantSource<'_>) -> Result<TranslationUnit, String> {
-    let _ = (cfg, variant);
-    Err("not implemented".into())
+/// Where a kernel template lives and what its device function and block size are. A new template
+/// (the fast kernels) plugs in here with the same entry signature.
+struct Template {
+    header: &'static str,
+    function: &'static str,
+    /// C++ expression for `__launch_bounds__`, from the header's own constants.
+    max_threads: &'static str,
+}
+
+fn template(kind: KernelKind) -> Template {
+    match kind {
+        KernelKind::Prefill => Template {
+            header: "prefill.cuh",
+            function: "fi::prefill",
+            max_threads: "fi::kPrefillWarps * fi::kWarpSize",
+        },
+        KernelKind::Decode => Template {
+            header: "decode.cuh",
+            function: "fi::decode",
+            max_threads: "fi::kDecodeMaxWarps * fi::kWarpSize",
+        },
+    }
+}
+
+fn cuda_dtype(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "fi::f16",
+        DType::Bf16 => "fi::bf16",
+    }
+}
+
+/// The translation unit of `cfg` with `variant` spliced in, from the compiled-in headers (or
+/// `$FERRINFER_KERNEL_DIR`). Errors name the problem: an unsupported head dim, a variant text that
+/// lacks its struct, an unreadable or unresolvable header.
+pub fn translation_unit(
+    cfg: &KernelConfig,
+    variant: &VariantSource<'_>,
+) -> Result<TranslationUnit, String> {
+    assemble(&Sources::from_env(), cfg, variant)
+}
+
+pub(crate) fn assemble(
+    sources: &Sources,
+    cfg: &KernelConfig,
+    variant: &VariantSource<'_>,
+) -> Result<TranslationUnit, String> {
+    if !HEAD_DIMS.contains(&cfg.head_dim) {
+        return Err(format!(
+            "no {} kernel for head_dim {} (instantiated: {HEAD_DIMS:?})",
+            cfg.kind.name(),
+            cfg.head_dim
+        ));
+    }
+    if !variant.params_struct.contains("struct Params") {
+        return Err(format!(
+            "variant {}: params_struct does not define `struct Params`",
+            variant.name
+        ));
+    }
+    if !variant.cuda.contains("struct Variant") {
+        return Err(format!(
+            "variant {}: cuda does not define `struct Variant`",
+            variant.name
+        ));
+    }
+    let t = template(cfg.kind);
+    let kernel = cfg.name();
+    let entry = format!("ferrinfer_{kernel}");
+    // Names go into `//` comments: one line each.
+    let variant_name = variant.name.replace(['\n', '\r'], " ");
+
+    let mut source = format!(
+        "// ferrinfer kernel {kernel}, variant {variant_name}.\n\
+         // Assembled by ferrinfer-kernels: template headers, then the variant's Params\n\
+         // and hooks, then the entry.\n"
+    );
+    let mut done = Vec::new();
+    // dsl.cuh first: the variant's code may call any of its helpers.
+    for root in ["dsl.cuh", t.header] {
+        inline_header(sources, root, &mut done, &mut Vec::new(), &mut source)?;
+    }
+    source.push_str("\n// ---- variant parameters ----\n");
+    push_block(&mut source, variant.params_struct);
+    source.push_str("\n// ---- variant hooks ----\n");
+    push_block(&mut source, variant.cuda);
+    source.push_str(&format!(
+        "\n// ---- entry ----\n\
+         extern \"C\" __global__ void __launch_bounds__({threads})\n\
+         {entry}(const fi::AttnArgs args, const Params params) {{\n  \
+         {function}<Variant, Params, {dtype}, {d}>(args, params);\n}}\n",
+        threads = t.max_threads,
+        function = t.function,
+        dtype = cuda_dtype(cfg.dtype),
+        d = cfg.head_dim,
+    ));
+    Ok(TranslationUnit {
+        name: format!("{variant_name}.{kernel}"),
+        source,
+        entry,
+    })
+}
+
+fn push_block(out: &mut String, text: &str) {
+    out.push_str(text);
+    if !text.ends_with('\n') {
+        out.push('\n');
+    }
+}
+
+/// Appends `name` after the headers it includes (depth first, each header once, `#pragma once`
+/// dropped). Only `#include "x.cuh"` of our own headers is allowed: the unit is self-contained.
+fn inline_header(
+    sources: &Sources,
+    name: &str,
+    done: &mut Vec<String>,
+    stack: &mut Vec<String>,
+    out: &mut String,
+) -> Result<(), String> {
+    if done.iter().any(|d| d == name) {
+        return Ok(());
+    }
+    if stack.iter().any(|s| s == name) {
+        return Err(format!(
+            "kernel headers include each other: {} -> {name}",
+            stack.join(" -> ")
+        ));
+    }
+    stack.push(name.to_string());
+    let text = sources.header(name)?;
+    let mut body = String::with_capacity(text.len());
+    for (n, line) in text.lines().enumerate() {
+        let directive = line.trim();
+        if directive == "#pragma once" {
+            continue;
+        }
+        if let Some(rest) = directive.strip_prefix("#include") {
+            let target = rest
+                .trim()
+                .strip_prefix('"')
+                .and_then(|r| r.strip_suffix('"'))
+                .ok_or_else(|| {
+                    format!(
+                        "{name}:{}: only `#include \"header.cuh\"` of a ferrinfer header is \
+                         allowed (NVRTC gets a self-contained unit): {directive}",
+                        n + 1
+                    )
+                })?;
+            inline_header(sources, target, done, stack, out)?;
+            continue;
+        }
+        body.push_str(line);
+        body.push('\n');
+    }
+    out.push_str(&format!("\n// ---- {name} ----\n"));
+    out.push_str(&body);
+    stack.pop();
+    done.push(name.to_string());
+    Ok(())
 }
 
 pub(crate) fn launch_dims(cfg: &KernelConfig, args: &AttnArgs) -> LaunchDims {
-    let _ = (cfg, args);
-    LaunchDims { grid: [1, 1, 1], block: [128, 1, 1], shared_bytes: 0 }
+    let heads = args.num_qo_heads.max(1);
+    // Empty batches still get one block, which returns at once; a zero grid would not launch.
+    match cfg.kind {
+        KernelKind::Prefill => {
+            let warps = heads.min(PREFILL_WARPS);
+            LaunchDims {
+                grid: [args.total_qo.max(1), heads.div_ceil(warps), 1],
+                block: [warps * WARP, 1, 1],
+                shared_bytes: 0,
+            }
+        }
+        KernelKind::Decode => {
+            let group = (heads / args.num_kv_heads.max(1)).max(1);
+            let warps = group.min(DECODE_MAX_WARPS);
+            LaunchDims {
+                grid: [
+                    args.batch.max(1),
+                    args.num_kv_heads.max(1),
+                    group.div_ceil(warps),
+                ],
+                block: [warps * WARP, 1, 1],
+                shared_bytes: 0,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PARAMS: &str = "struct Params {\n  float cap;\n};\n";
+    const VARIANT: &str = "struct Variant {\n  static constexpr bool kSoftmax = true;\n  \
+        static constexpr bool kHasQuery = false;\n  static constexpr bool kHasKey = false;\n  \
+        static constexpr bool kHasLogits = true;\n  static constexpr bool kHasMask = false;\n  \
+        static constexpr bool kHasOutput = false;\n  static constexpr bool kHasSink = false;\n  \
+        __device__ __forceinline__ static float logits(const Params& self, float s,\n      \
+        const fi::Pos& at) {\n    \
+        return self.cap * tanhf(s / self.cap);\n  }\n};\n";
+
+    fn variant() -> VariantSource<'static> {
+        VariantSource {
+            name: "SoftCap",
+            params_struct: PARAMS,
+            cuda: VARIANT,
+        }
+    }
+
+    fn configs() -> Vec<KernelConfig> {
+        let mut all = Vec::new();
+        for kind in KernelKind::ALL {
+            for head_dim in HEAD_DIMS {
+                for dtype in DType::ALL {
+                    all.push(KernelConfig {
+                        kind,
+                        head_dim,
+                        dtype,
+                    });
+                }
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn assembly_is_deterministic_and_distinct() {
+        let mut seen = std::collections::HashSet::new();
+        for cfg in configs() {
+            let a = translation_unit(&cfg, &variant()).unwrap();
+            let b = translation_unit(&cfg, &variant()).unwrap();
+            assert_eq!(a, b);
+            assert!(
+                seen.insert(a.source.clone()),
+                "{} repeats another instance",
+                cfg.name()
+            );
+            assert_eq!(a.entry, format!("ferrinfer_{}", cfg.name()));
+            assert_eq!(a.name, format!("SoftCap.{}", cfg.name()));
+        }
+    }
+
+    #[test]
+    fn includes_are_resolved_once_in_dependency_order() {
+        for cfg in configs() {
+            let tu = translation_unit(&cfg, &variant()).unwrap();
+            let s = &tu.source;
+            assert!(!s.contains("#include"), "{}", cfg.name());
+            assert!(!s.contains("#pragma once"), "{}", cfg.name());
+            let at = |marker: &str| s.find(marker).unwrap_or_else(|| panic!("{marker} missing"));
+            for name in ["abi.cuh", "dsl.cuh", "dtype.cuh", "kv.cuh", "row.cuh"] {
+                let marker = format!("// ---- {name} ----");
+                assert_eq!(s.matches(&marker).count(), 1, "{name} in {}", cfg.name());
+            }
+            let (kernel, other) = match cfg.kind {
+                KernelKind::Prefill => ("prefill.cuh", "decode.cuh"),
+                KernelKind::Decode => ("decode.cuh", "prefill.cuh"),
+            };
+            assert!(!s.contains(&format!("// ---- {other} ----")));
+            // Each header follows the ones it includes; the variant follows every header.
+            assert!(at("// ---- abi.cuh ----") < at("// ---- kv.cuh ----"));
+            assert!(at("// ---- dsl.cuh ----") < at("// ---- hooks.cuh ----"));
+            assert!(at("// ---- row.cuh ----") < at(&format!("// ---- {kernel} ----")));
+            assert!(at(&format!("// ---- {kernel} ----")) < at("struct Params {"));
+            assert!(at("struct Params {") < at("struct Variant {"));
+            assert!(at("struct Variant {") < at("extern \"C\" __global__"));
+            assert!(s.starts_with(&format!(
+                "// ferrinfer kernel {}, variant SoftCap.",
+                cfg.name()
+            )));
+        }
+    }
+
+    #[test]
+    fn entry_instantiates_the_template() {
+        let cfg = KernelConfig {
+            kind: KernelKind::Decode,
+            head_dim: 256,
+            dtype: DType::Bf16,
+        };
+        let tu = translation_unit(&cfg, &variant()).unwrap();
+        assert!(
+            tu.source.contains(
+                "ferrinfer_decode_hd256_bf16(const fi::AttnArgs args, const Params params)"
+            )
+        );
+        assert!(
+            tu.source
+                .contains("fi::decode<Variant, Params, fi::bf16, 256>(args, params);")
+        );
+    }
+
+    #[test]
+    fn bad_inputs_are_refused() {
+        let cfg = KernelConfig {
+            kind: KernelKind::Prefill,
+            head_dim: 96,
+            dtype: DType::F16,
+        };
+        assert!(
+            translation_unit(&cfg, &variant())
+                .unwrap_err()
+                .contains("head_dim 96")
+        );
+        let cfg = KernelConfig {
+            head_dim: 128,
+            ..cfg
+        };
+        let no_params = VariantSource {
+            params_struct: "",
+            ..variant()
+        };
+        assert!(
+            translation_unit(&cfg, &no_params)
+                .unwrap_err()
+                .contains("struct Params")
+        );
+        let no_hooks = VariantSource {
+            cuda: "",
+            ..variant()
+        };
+        assert!(
+            translation_unit(&cfg, &no_hooks)
+                .unwrap_err()
+                .contains("struct Variant")
+        );
+    }
+
+    /// A scratch copy of the headers in a fresh directory.
+    fn header_dir(tag: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("ferrinfer-kernels-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in crate::HEADER_NAMES {
+            std::fs::write(dir.join(name), Sources::BuiltIn.header(name).unwrap()).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn kernel_dir_override_is_read() {
+        let cfg = KernelConfig {
+            kind: KernelKind::Prefill,
+            head_dim: 64,
+            dtype: DType::F16,
+        };
+        let dir = header_dir("override");
+        let same = assemble(&Sources::Dir(dir.clone()), &cfg, &variant()).unwrap();
+        assert_eq!(same, translation_unit(&cfg, &variant()).unwrap());
+
+        let edited = Sources::BuiltIn.header("warp.cuh").unwrap() + "// edited on disk\n";
+        std::fs::write(dir.join("warp.cuh"), edited).unwrap();
+        let tu = assemble(&Sources::Dir(dir.clone()), &cfg, &variant()).unwrap();
+        assert!(tu.source.contains("// edited on disk"));
+
+        std::fs::remove_file(dir.join("softmax.cuh")).unwrap();
+        let e = assemble(&Sources::Dir(dir.clone()), &cfg, &variant()).unwrap_err();
+        assert!(
+            e.contains("softmax.cuh") && e.contains("FERRINFER_KERNEL_DIR"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn system_includes_and_cycles_are_refused() {
+        let cfg = KernelConfig {
+            kind: KernelKind::Prefill,
+            head_dim: 64,
+            dtype: DType::F16,
+        };
+        let dir = header_dir("includes");
+        let warp = Sources::BuiltIn.header("warp.cuh").unwrap();
+        std::fs::write(
+            dir.join("warp.cuh"),
+            format!("#include <cuda_fp16.h>\n{warp}"),
+        )
+        .unwrap();
+        let e = assemble(&Sources::Dir(dir.clone()), &cfg, &variant()).unwrap_err();
+        assert!(e.contains("warp.cuh:1") && e.contains("cuda_fp16.h"), "{e}");
+
+        std::fs::write(
+            dir.join("warp.cuh"),
+            format!("#include \"row.cuh\"\n{warp}"),
+        )
+        .unwrap();
+        let e = assemble(&Sources::Dir(dir.clone()), &cfg, &variant()).unwrap_err();
+        assert!(
+            e.contains("row.cuh -> warp.cuh -> row.cuh") || e.contains("include each other"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn block_sizes_match_the_headers() {
+        let prefill = Sources::BuiltIn.header("prefill.cuh").unwrap();
+        assert!(prefill.contains(&format!("kPrefillWarps = {PREFILL_WARPS};")));
+        let decode = Sources::BuiltIn.header("decode.cuh").unwrap();
+        assert!(decode.contains(&format!("kDecodeMaxWarps = {DECODE_MAX_WARPS};")));
+    }
+
+    fn args(batch: u32, total_qo: u32, qo_heads: u32, kv_heads: u32) -> AttnArgs {
+        AttnArgs {
+            batch,
+            total_qo,
+            num_qo_heads: qo_heads,
+            num_kv_heads: kv_heads,
+            ..AttnArgs::default()
+        }
+    }
+
+    #[test]
+    fn launch_dims_cover_every_row_and_head() {
+        let cfg = |kind| KernelConfig {
+            kind,
+            head_dim: 128,
+            dtype: DType::Bf16,
+        };
+        let d = launch_dims(&cfg(KernelKind::Prefill), &args(3, 1000, 32, 8));
+        assert_eq!(d.grid, [1000, 8, 1]);
+        assert_eq!(d.block, [128, 1, 1]);
+        let d = launch_dims(&cfg(KernelKind::Prefill), &args(1, 5, 2, 1));
+        assert_eq!((d.grid, d.block), ([5, 1, 1], [64, 1, 1]));
+        let d = launch_dims(&cfg(KernelKind::Prefill), &args(1, 5, 6, 1));
+        assert_eq!(
+            d.grid[1] * d.block[0] / 32,
+            8,
+            "6 heads need two blocks of 4 warps"
+        );
+
+        let d = launch_dims(&cfg(KernelKind::Decode), &args(64, 64, 32, 8));
+        assert_eq!((d.grid, d.block), ([64, 8, 1], [128, 1, 1]));
+        let d = launch_dims(&cfg(KernelKind::Decode), &args(2, 2, 32, 32));
+        assert_eq!((d.grid, d.block), ([2, 32, 1], [32, 1, 1]));
+        let d = launch_dims(&cfg(KernelKind::Decode), &args(2, 2, 64, 1));
+        assert_eq!((d.grid, d.block), ([2, 1, 8], [256, 1, 1]));
+        let d = launch_dims(&cfg(KernelKind::Decode), &args(2, 2, 12, 1));
+        assert!(d.grid[2] * d.block[0] / 32 >= 12);
+
+        for kind in KernelKind::ALL {
+            let d = launch_dims(&cfg(kind), &args(0, 0, 4, 4));
+            assert!(d.grid.iter().all(|&g| g >= 1), "{kind:?} {d:?}");
+            assert!(
+                d.block[0] <= 1024 && d.block[0].is_multiple_of(32) && d.shared_bytes <= 48 * 1024
+            );
+        }
+    }
 }

@@ -26,13 +26,13 @@ impl Heads {
         if self.num_qo_heads == 0 || self.num_kv_heads == 0 {
             return Err(Error::invalid("head counts must be at least 1"));
         }
-        if self.num_qo_heads % self.num_kv_heads != 0 {
+        if !self.num_qo_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::invalid(format!(
                 "num_qo_heads ({}) must be a multiple of num_kv_heads ({})",
                 self.num_qo_heads, self.num_kv_heads
             )));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return Err(Error::invalid(format!(
                 "head_dim must be even and at least 2, got {}",
                 self.head_dim
@@ -384,10 +384,7 @@ mod tests {
         let kv = KvIndex::ragged(&[0, 3, 3, 10], KvLayout::Nhd).unwrap();
         assert_eq!(kv.indptr, vec![0, 1, 1, 2]);
         assert_eq!(kv.indices, vec![0, 3]);
-        assert_eq!(
-            (kv.kv_len(0), kv.kv_len(1), kv.kv_len(2)),
-            (3, 0, 7)
-        );
+        assert_eq!((kv.kv_len(0), kv.kv_len(1), kv.kv_len(2)), (3, 0, 7));
         assert_eq!(kv.offset(&heads(), 2, 2, 1), 5 * 16 + 8);
     }
 
@@ -396,8 +393,17 @@ mod tests {
         let e = |r: Result<KvIndex>| r.unwrap_err().to_string();
         assert!(e(KvIndex::paged(4, &[0, 2], &[0, 9], &[1], 4, KvLayout::Nhd)).contains("outside"));
         assert!(e(KvIndex::paged(4, &[0, 1], &[0], &[5], 4, KvLayout::Nhd)).contains("1..=4"));
-        assert!(e(KvIndex::paged(4, &[0, 2, 1], &[0, 1], &[1, 1], 4, KvLayout::Nhd))
-            .contains("must not decrease"));
+        assert!(
+            e(KvIndex::paged(
+                4,
+                &[0, 2, 1],
+                &[0, 1],
+                &[1, 1],
+                4,
+                KvLayout::Nhd
+            ))
+            .contains("must not decrease")
+        );
         assert!(e(KvIndex::paged(4, &[1, 2], &[0], &[1], 4, KvLayout::Nhd)).contains("must be 0"));
         assert!(e(KvIndex::paged(0, &[0, 1], &[0], &[1], 4, KvLayout::Nhd)).contains("page_size"));
     }
@@ -413,7 +419,10 @@ mod tests {
     fn buffer_lengths_are_checked() {
         let kv = KvIndex::ragged(&[0, 4], KvLayout::Nhd).unwrap();
         let b = Batch::new(heads(), &[0, 2], kv).unwrap();
-        assert!(b.check_lengths(2 * 4 * 8, 4 * 2 * 8, 4 * 2 * 8, 2 * 4 * 8).is_ok());
+        assert!(
+            b.check_lengths(2 * 4 * 8, 4 * 2 * 8, 4 * 2 * 8, 2 * 4 * 8)
+                .is_ok()
+        );
         let msg = b.check_lengths(1, 64, 64, 64).unwrap_err().to_string();
         assert!(msg.contains("q has 1 elements"), "{msg}");
     }

@@ -2,10 +2,33 @@
 
 use ferrinfer_kernels::DType;
 
-/// An element type the kernels accept: `half::f16` or `half::bf16`. Arithmetic is f32 throughout.
-pub trait Element:
-    Copy + Send + Sync + Default + std::fmt::Debug + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + 'static
+/// Plain data that can live in a [`crate::backend::Buffer`] on any backend.
+pub trait Pod:
+    Copy
+    + Send
+    + Sync
+    + Default
+    + std::fmt::Debug
+    + cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+    + 'static
 {
+}
+
+impl<T> Pod for T where
+    T: Copy
+        + Send
+        + Sync
+        + Default
+        + std::fmt::Debug
+        + cudarc::driver::DeviceRepr
+        + cudarc::driver::ValidAsZeroBits
+        + 'static
+{
+}
+
+/// An element type the kernels accept: `half::f16` or `half::bf16`. Arithmetic is f32 throughout.
+pub trait Element: Pod {
     const DTYPE: DType;
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;

@@ -1,17 +1,52 @@
 //! One CUDA device: its context and stream, its architecture, and the kernels loaded on it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+use ferrinfer_kernels::LaunchDims;
+use ferrinfer_kernels::abi::AttnArgs;
 
 use crate::error::{Error, Result};
+use crate::jit::{Arch, CompiledKernel};
 
 /// A CUDA device with one stream on which all of ferrinfer's work is ordered.
 pub struct Gpu {
     ordinal: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    arch: Arch,
+    sm_count: u32,
+    /// Kernels loaded on this device, by dispatch key.
+    loaded: Mutex<HashMap<String, CudaFunction>>,
 }
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gpu({}, {})", self.ordinal, self.arch.sm_name())
+    }
+}
+
+/// Largest `struct Params` a variant may have, in bytes (kernel parameters are limited to 4 KiB).
+const MAX_PARAM_BYTES: usize = 1024;
+
+/// Packed `struct Params`, padded to a fixed size: the driver copies the kernel's declared size.
+#[repr(C, align(8))]
+struct ParamBlob([u8; MAX_PARAM_BYTES]);
+
+/// `AttnArgs` as a kernel argument passed by value.
+#[repr(transparent)]
+struct ArgsParam(AttnArgs);
+
+// SAFETY: both are plain bytes in C layout (AttnArgs is #[repr(C)] of integers and floats), which is
+// what DeviceRepr requires of a by-value kernel argument.
+unsafe impl DeviceRepr for ParamBlob {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for ArgsParam {}
 
 impl Gpu {
     /// Open device `ordinal`. Fails with [`Error::CudaUnavailable`] when there is no driver or GPU.
@@ -19,15 +54,32 @@ impl Gpu {
         crate::jit::toolkit::load_driver()?;
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| Error::CudaUnavailable(format!("cannot open GPU {ordinal}: {e}")))?;
+        // SAFETY: ferrinfer orders all of its work on the one stream below, so cudarc's per-buffer
+        // events, which synchronise buffers across streams, are not needed.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        let (major, minor) = ctx.compute_capability()?;
+        let sm_count = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )? as u32;
         Ok(Gpu {
             ordinal,
             ctx,
             stream,
+            arch: Arch::new(major as u32, minor as u32),
+            sm_count,
+            loaded: Mutex::new(HashMap::new()),
         })
     }
     pub fn ordinal(&self) -> usize {
         self.ordinal
+    }
+    pub fn arch(&self) -> Arch {
+        self.arch
+    }
+    /// Streaming multiprocessors on the device.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
     }
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
@@ -43,9 +95,87 @@ impl Gpu {
         }
         Ok(self.stream.clone_htod(data)?)
     }
+    /// Copy a device buffer back to the host (waits for the stream).
+    pub fn download<T: DeviceRepr + ValidAsZeroBits + Default + Clone>(
+        &self,
+        s: &CudaSlice<T>,
+    ) -> Result<Vec<T>> {
+        Ok(self.stream.clone_dtoh(s)?)
+    }
+    /// Wait for all work queued by ferrinfer on this device.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
     /// The raw device address of a buffer, for kernel argument structs.
     pub fn device_ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
         let (ptr, _sync) = s.device_ptr(&self.stream);
         ptr
+    }
+
+    /// The loaded function for `key`, loading `compile()`'s CUBIN on first use.
+    pub(crate) fn function(
+        &self,
+        key: &str,
+        compile: impl FnOnce() -> Result<Arc<CompiledKernel>>,
+    ) -> Result<CudaFunction> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = loaded.get(key) {
+            return Ok(f.clone());
+        }
+        let kernel = compile()?;
+        let module = self
+            .ctx
+            .load_module(Ptx::from_binary(kernel.cubin.clone()))
+            .map_err(|e| Error::Driver(format!("loading {key}: {e}")))?;
+        let f = module
+            .load_function(&kernel.entry)
+            .map_err(|e| Error::Driver(format!("finding {} in {key}: {e}", kernel.entry)))?;
+        loaded.insert(key.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// Launch an attention kernel with its arguments and packed variant parameters.
+    pub(crate) fn launch_attention(
+        &self,
+        f: &CudaFunction,
+        dims: LaunchDims,
+        args: AttnArgs,
+        params: &[u8],
+    ) -> Result<()> {
+        if params.len() > MAX_PARAM_BYTES {
+            return Err(Error::unsupported(format!(
+                "variant parameters take {} bytes; at most {MAX_PARAM_BYTES} are supported",
+                params.len()
+            )));
+        }
+        let max_grid_yz = 65_535;
+        if dims.grid[1] > max_grid_yz || dims.grid[2] > max_grid_yz || dims.grid[0] == 0 {
+            return Err(Error::unsupported(format!(
+                "launch grid {:?} is outside CUDA's limits",
+                dims.grid
+            )));
+        }
+        if dims.shared_bytes > 48 * 1024 {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                dims.shared_bytes as i32,
+            )?;
+        }
+        let mut blob = ParamBlob([0; MAX_PARAM_BYTES]);
+        blob.0[..params.len()].copy_from_slice(params);
+        let args = ArgsParam(args);
+        let cfg = LaunchConfig {
+            grid_dim: (dims.grid[0], dims.grid[1], dims.grid[2]),
+            block_dim: (dims.block[0], dims.block[1], dims.block[2]),
+            shared_mem_bytes: dims.shared_bytes,
+        };
+        let mut launch = self.stream.launch_builder(f);
+        launch.arg(&args).arg(&blob);
+        // SAFETY: the kernel's signature is (AttnArgs, Params) by value, matching the two arguments;
+        // every pointer in `args` was taken from a live buffer whose length the caller validated
+        // against the batch (Batch::check_lengths), and the buffers outlive the launch because the
+        // caller holds them and all work is ordered on this one stream.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
     }
 }

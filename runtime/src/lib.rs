@@ -3,27 +3,36 @@
 //!
 //! Most users depend on the facade crate `ferrinfer`, which re-exports this one.
 
+pub mod backend;
 pub mod batch;
+pub mod dispatch;
 pub mod dtype;
 pub mod error;
 pub mod gpu;
 pub mod hash;
 pub mod jit;
 pub mod params;
+pub mod plan;
 pub mod reference;
+pub mod rng;
 pub mod variant;
+pub mod wrappers;
 
+pub use backend::{Backend, Buffer};
 pub use batch::{Batch, Heads, KvIndex, KvLayout};
 pub use dtype::Element;
 pub use error::{Error, Result};
-pub use ferrinfer_kernels::{DType, KernelConfig, KernelKind, HEAD_DIMS};
+pub use ferrinfer_kernels::{DType, HEAD_DIMS, KernelConfig, KernelKind};
 pub use params::{Array, AttentionParams};
 pub use variant::{Hooks, Pos, Variant, VariantSpec};
+pub use wrappers::{BatchDecode, BatchPrefill};
 
 /// The names a variant definition and a typical caller need.
 pub mod prelude {
+    pub use crate::backend::{Backend, Buffer};
     pub use crate::batch::{Batch, Heads, KvIndex, KvLayout};
     pub use crate::params::Array;
     pub use crate::variant::Pos;
+    pub use crate::wrappers::{BatchDecode, BatchPrefill};
     pub use half::{bf16, f16};
 }

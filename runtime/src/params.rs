@@ -98,7 +98,7 @@ impl<'a> ParamWriter<'a> {
         }
     }
     fn put(&mut self, align: usize, data: &[u8]) {
-        while self.bytes.len() % align != 0 {
+        while !self.bytes.len().is_multiple_of(align) {
             self.bytes.push(0);
         }
         self.bytes.extend_from_slice(data);
@@ -127,8 +127,7 @@ impl<'a> ParamWriter<'a> {
             },
         };
         self.put(8, &ptr.to_ne_bytes());
-        let len = u32::try_from(a.len()).unwrap_or(u32::MAX);
-        self.put(4, &len.to_ne_bytes());
+        self.put(4, &a.len().to_ne_bytes());
     }
     /// The packed bytes, padded to the struct's alignment.
     pub fn finish(mut self) -> Result<Vec<u8>> {
@@ -139,7 +138,7 @@ impl<'a> ParamWriter<'a> {
             self.bytes.extend_from_slice(&[0; 4]);
         }
         let align = if self.bytes.len() > 4 { 8 } else { 4 };
-        while self.bytes.len() % align != 0 {
+        while !self.bytes.len().is_multiple_of(align) {
             self.bytes.push(0);
         }
         Ok(self.bytes)
@@ -201,11 +200,7 @@ impl<T: ArrayElem> Array<T> {
         &self.inner.host
     }
     fn device_ptr(&self, gpu: &Gpu) -> Result<u64> {
-        let mut copies = self
-            .inner
-            .device
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut copies = self.inner.device.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, s)) = copies.iter().find(|(o, _)| *o == gpu.ordinal()) {
             return Ok(gpu.device_ptr(s));
         }

@@ -1,1 +1,355 @@
 //! CPU reference backend: attention with any variant, accumulating in f64. The oracle of every GPU test.
+//!
+//! It follows the attention semantics every backend implements: the hooks are called in f32 exactly
+//! as the kernels call them; everything else (dot products, softmax, sums, `exp`, `ln`) is f64, so
+//! the only difference from a GPU kernel is the kernel's own rounding.
+
+use crate::batch::{Batch, KvIndex};
+use crate::dtype::{self, Element};
+use crate::error::{Error, Result};
+use crate::variant::{Pos, Variant};
+
+/// The result of [`attention`], in f64.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reference {
+    /// `[total_qo, num_qo_heads, head_dim]`.
+    pub o: Vec<f64>,
+    /// `[total_qo, num_qo_heads]`, natural log; `-inf` for a row with no visible key and no sink.
+    /// Softmax-off variants have no log-sum-exp: every entry is NaN and means nothing.
+    pub lse: Vec<f64>,
+}
+
+/// Attention of `q` over the keys `k` and values `v` that `batch` describes, with the variant's
+/// hooks.
+///
+/// `q` is `[total_qo, num_qo_heads, head_dim]`; `k` and `v` are addressed by the batch's KV index.
+/// Every inconsistency between the batch and the buffers is an [`Error::InvalidInput`].
+pub fn attention<V: Variant>(
+    variant: &V,
+    batch: &Batch,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> Result<Reference> {
+    check_structure(batch)?;
+    batch.check_lengths(q.len(), k.len(), v.len(), q.len())?;
+    let heads = batch.heads;
+    let d = heads.head_dim as usize;
+    let mut out = Reference {
+        o: vec![0.0; batch.q_len()],
+        lse: vec![0.0; batch.lse_len()],
+    };
+    for b in 0..batch.batch() {
+        for kv_head in 0..heads.num_kv_heads {
+            let req = Request {
+                b,
+                kv_head,
+                qo_len: batch.qo_len(b),
+                kv_len: batch.kv.kv_len(b),
+                head_dim: heads.head_dim,
+            };
+            let kv = KvRows::load(variant, batch, &req, k, v);
+            let group = heads.group_size();
+            for h in kv_head * group..(kv_head + 1) * group {
+                for i in 0..req.qo_len {
+                    let row = batch.qo_indptr[b] as usize + i as usize;
+                    let at = row * heads.num_qo_heads as usize + h as usize;
+                    let (o, lse) =
+                        row_attention(variant, batch, &req, &kv, &q[at * d..(at + 1) * d], i, h);
+                    out.o[at * d..(at + 1) * d].copy_from_slice(&o);
+                    out.lse[at] = lse;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// [`attention`] on f16 or bf16 buffers (converted to f32 first, exactly).
+pub fn attention_typed<V: Variant, T: Element>(
+    variant: &V,
+    batch: &Batch,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+) -> Result<Reference> {
+    attention(
+        variant,
+        batch,
+        &dtype::to_f32(q),
+        &dtype::to_f32(k),
+        &dtype::to_f32(v),
+    )
+}
+
+/// Relative L2 error `||got - want|| / ||want||`.
+///
+/// Any NaN in `got`, or a length mismatch, gives `+inf`, so a test that bounds the error also
+/// catches them. Entries equal in both (including equal infinities, such as the `-inf` log-sum-exp
+/// of an empty row) count as exact and are left out of `||want||` when infinite. A zero `want`
+/// gives 0 when `got` is zero too, `+inf` otherwise.
+pub fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
+    if got.len() != want.len() || has_nan(got) {
+        return f64::INFINITY;
+    }
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        let g = f64::from(g);
+        if g != w {
+            diff += (g - w) * (g - w);
+        }
+        if w.is_finite() {
+            norm += w * w;
+        }
+    }
+    if diff == 0.0 {
+        0.0
+    } else if norm == 0.0 {
+        f64::INFINITY
+    } else {
+        (diff / norm).sqrt()
+    }
+}
+
+/// Whether any element is NaN (GPU outputs are poisoned with NaN before a run).
+pub fn has_nan(xs: &[f32]) -> bool {
+    xs.iter().any(|x| x.is_nan())
+}
+
+/// The request and KV head one [`KvRows`] belongs to.
+struct Request {
+    b: usize,
+    kv_head: u32,
+    qo_len: u32,
+    kv_len: u32,
+    head_dim: u32,
+}
+
+impl Request {
+    fn pos(&self, qo_pos: u32, kv_pos: u32, qo_head: u32) -> Pos {
+        Pos {
+            batch: self.b as u32,
+            qo_pos,
+            kv_pos,
+            qo_head,
+            kv_head: self.kv_head,
+            qo_len: self.qo_len,
+            kv_len: self.kv_len,
+            head_dim: self.head_dim,
+        }
+    }
+}
+
+/// Keys (after the key hook) and values of one request and KV head, `[kv_len, head_dim]` each.
+/// Built once and shared by every query row and query head of the group.
+struct KvRows {
+    keys: Vec<f64>,
+    values: Vec<f64>,
+}
+
+impl KvRows {
+    fn load<V: Variant>(variant: &V, batch: &Batch, req: &Request, k: &[f32], v: &[f32]) -> Self {
+        let d = req.head_dim as usize;
+        let n = req.kv_len as usize * d;
+        let (mut keys, mut values) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for j in 0..req.kv_len {
+            let off = batch.kv.offset(&batch.heads, req.b, j, req.kv_head);
+            let key = &k[off..off + d];
+            if V::SPEC.hooks.key {
+                let at = req.pos(0, j, 0);
+                keys.extend(
+                    (0..d).map(|e| {
+                        f64::from(variant.key(key[e], key[(e + d / 2) % d], e as u32, at))
+                    }),
+                );
+            } else {
+                keys.extend(key.iter().map(|&x| f64::from(x)));
+            }
+            values.extend(v[off..off + d].iter().map(|&x| f64::from(x)));
+        }
+        KvRows { keys, values }
+    }
+}
+
+/// Output row and log-sum-exp of query row `i`, head `h`.
+fn row_attention<V: Variant>(
+    variant: &V,
+    batch: &Batch,
+    req: &Request,
+    kv: &KvRows,
+    q: &[f32],
+    i: u32,
+    h: u32,
+) -> (Vec<f64>, f64) {
+    let hooks = V::SPEC.hooks;
+    let d = q.len();
+    // The query hook and the output-side hooks see the same position (kv_pos 0).
+    let at_o = req.pos(i, 0, h);
+    let q: Vec<f64> = if hooks.query {
+        (0..d)
+            .map(|e| f64::from(variant.query(q[e], q[(e + d / 2) % d], e as u32, at_o)))
+            .collect()
+    } else {
+        q.iter().map(|&x| f64::from(x)).collect()
+    };
+    // The causal diagonal: queries are aligned to the end of the KV sequence.
+    let last_visible = i64::from(i) + i64::from(req.kv_len) - i64::from(req.qo_len);
+    let sm_scale = f64::from(batch.sm_scale);
+    // (key index, logit) of every visible key.
+    let mut logits = Vec::with_capacity(req.kv_len as usize);
+    for j in 0..req.kv_len {
+        let at = req.pos(i, j, h);
+        if (batch.causal && i64::from(j) > last_visible) || (hooks.mask && !variant.mask(at)) {
+            continue;
+        }
+        let key = &kv.keys[j as usize * d..(j as usize + 1) * d];
+        let s = q.iter().zip(key).map(|(a, b)| a * b).sum::<f64>() * sm_scale;
+        let l = if hooks.logits {
+            f64::from(variant.logits(s as f32, at))
+        } else {
+            s
+        };
+        logits.push((j as usize, l));
+    }
+
+    let mut o = vec![0.0f64; d];
+    let lse = if V::SPEC.softmax {
+        softmax_rows(variant, &at_o, kv, &logits, &mut o)
+    } else {
+        for &(j, l) in &logits {
+            for (acc, &x) in o.iter_mut().zip(&kv.values[j * d..(j + 1) * d]) {
+                *acc += l * x;
+            }
+        }
+        f64::NAN
+    };
+    if hooks.output {
+        for (e, x) in o.iter_mut().enumerate() {
+            *x = f64::from(variant.output(*x as f32, e as u32, at_o));
+        }
+    }
+    (o, lse)
+}
+
+/// `o = softmax(logits) . V` with the sink in the denominator; returns the log-sum-exp.
+fn softmax_rows<V: Variant>(
+    variant: &V,
+    at_o: &Pos,
+    kv: &KvRows,
+    logits: &[(usize, f64)],
+    o: &mut [f64],
+) -> f64 {
+    let d = o.len();
+    let sink = V::SPEC.hooks.sink.then(|| f64::from(variant.sink(*at_o)));
+    let m = logits
+        .iter()
+        .map(|&(_, l)| l)
+        .chain(sink)
+        .fold(f64::NEG_INFINITY, f64::max);
+    if m == f64::NEG_INFINITY {
+        // Nothing to attend to (or only -inf logits): o stays 0 rather than 0/0.
+        return f64::NEG_INFINITY;
+    }
+    let mut z = sink.map_or(0.0, |s| (s - m).exp());
+    for &(j, l) in logits {
+        let w = (l - m).exp();
+        z += w;
+        for (acc, &x) in o.iter_mut().zip(&kv.values[j * d..(j + 1) * d]) {
+            *acc += w * x;
+        }
+    }
+    for x in o.iter_mut() {
+        *x /= z;
+    }
+    m + z.ln()
+}
+
+/// What the addressing relies on beyond buffer lengths. `Batch` and `KvIndex` have public fields,
+/// so a value edited after construction must be refused here rather than panic on an index.
+fn check_structure(batch: &Batch) -> Result<()> {
+    batch.heads.validate()?;
+    check_indptr("qo_indptr", &batch.qo_indptr)?;
+    let kv = &batch.kv;
+    check_indptr("kv.indptr", &kv.indptr)?;
+    if kv.indptr.len() != batch.qo_indptr.len() {
+        return Err(Error::invalid(format!(
+            "qo_indptr describes {} requests but the KV index {}",
+            batch.qo_indptr.len() - 1,
+            kv.indptr.len() - 1
+        )));
+    }
+    if *kv.indptr.last().unwrap_or(&0) as usize != kv.indices.len() {
+        return Err(Error::invalid(format!(
+            "kv.indptr ends at {} but kv.indices has {} entries",
+            kv.indptr.last().unwrap_or(&0),
+            kv.indices.len()
+        )));
+    }
+    if kv.last_len.len() != kv.batch() {
+        return Err(Error::invalid(format!(
+            "kv.last_len has {} entries for a batch of {}",
+            kv.last_len.len(),
+            kv.batch()
+        )));
+    }
+    (0..kv.batch()).try_for_each(|b| check_request(kv, b))
+}
+
+fn check_request(kv: &KvIndex, b: usize) -> Result<()> {
+    let blocks = &kv.indices[kv.indptr[b] as usize..kv.indptr[b + 1] as usize];
+    let last = kv.last_len[b];
+    let ok = match (kv.page_size, blocks) {
+        (_, []) => last == 0,
+        (Some(p), _) => {
+            (1..=p as i64).contains(&i64::from(last))
+                && blocks.iter().all(|&x| x >= 0 && (x as u32) < kv.capacity)
+        }
+        // A ragged request is one block: its first token, then `last` tokens in the buffer.
+        (None, &[first]) => {
+            last >= 1 && first >= 0 && i64::from(first) + i64::from(last) <= i64::from(kv.capacity)
+        }
+        (None, _) => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "KV index entry of request {b} is inconsistent: blocks {blocks:?}, last length {last}, \
+             capacity {}",
+            kv.capacity
+        )))
+    }
+}
+
+fn check_indptr(name: &str, indptr: &[i32]) -> Result<()> {
+    if indptr.len() < 2 || indptr[0] != 0 || indptr.windows(2).any(|w| w[1] < w[0]) {
+        return Err(Error::invalid(format!(
+            "{name} must start at 0, not decrease, and have at least 2 entries; got {indptr:?}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rel_l2_catches_nan_and_mismatch() {
+        assert_eq!(rel_l2(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+        assert!((rel_l2(&[3.0, 4.0], &[0.0, 5.0]) - (10.0f64).sqrt() / 5.0).abs() < 1e-12);
+        assert_eq!(rel_l2(&[f32::NAN, 1.0], &[1.0, 1.0]), f64::INFINITY);
+        assert_eq!(rel_l2(&[1.0], &[1.0, 1.0]), f64::INFINITY);
+        assert_eq!(rel_l2(&[0.0], &[0.0]), 0.0);
+        assert_eq!(rel_l2(&[1.0], &[0.0]), f64::INFINITY);
+        assert_eq!(
+            rel_l2(&[f32::NEG_INFINITY, 2.0], &[f64::NEG_INFINITY, 2.0]),
+            0.0
+        );
+        assert_eq!(
+            rel_l2(&[1.0, 2.0], &[f64::NEG_INFINITY, 2.0]),
+            f64::INFINITY
+        );
+        assert!(has_nan(&[0.0, f32::NAN]) && !has_nan(&[0.0, f32::INFINITY]));
+    }
+}

@@ -1,3 +1,279 @@
 //! The JIT: find CUDA, compile a translation unit with NVRTC, cache the result in memory and on disk.
+//!
+//! A lookup goes memory -> disk -> NVRTC. The key is a stable hash of everything that decides the
+//! CUBIN: the source, NVRTC's version, the options and the arch. With `compile: false`
+//! (`FERRINFER_NO_JIT=1`) a miss of both caches is an error instead of a compile: the switch for
+//! production, where every kernel was compiled ahead of time into the disk cache.
 
+pub mod cache;
+pub mod nvrtc;
 pub mod toolkit;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use ferrinfer_kernels::TranslationUnit;
+
+use crate::error::{Error, Result};
+use cache::DiskCache;
+pub use nvrtc::{Arch, KernelStats};
+
+/// How a [`Jit`] finds and makes kernels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JitConfig {
+    /// Disk cache directory; `None` keeps kernels in memory only.
+    pub cache_dir: Option<PathBuf>,
+    /// Whether a miss of both caches may run NVRTC (else it is [`Error::CacheMiss`]).
+    pub compile: bool,
+    /// NVRTC options added after ferrinfer's own (`-DFOO`, `--maxrregcount=128`...). Part of the key.
+    pub extra_options: Vec<String>,
+}
+
+impl Default for JitConfig {
+    /// Memory only, compiling allowed.
+    fn default() -> Self {
+        JitConfig {
+            cache_dir: None,
+            compile: true,
+            extra_options: Vec::new(),
+        }
+    }
+}
+
+impl JitConfig {
+    /// From the environment: `FERRINFER_CACHE_DIR` / `XDG_CACHE_HOME` / `HOME` for the disk cache
+    /// (see [`cache::default_dir`]) and `FERRINFER_NO_JIT=1` to forbid compiling.
+    pub fn from_env() -> Self {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// As [`from_env`](Self::from_env), reading variables through `lookup`.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Self {
+        let no_jit = lookup("FERRINFER_NO_JIT").is_some_and(|v| {
+            !matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "" | "0" | "false" | "no" | "off"
+            )
+        });
+        JitConfig {
+            cache_dir: cache::default_dir(&lookup),
+            compile: !no_jit,
+            extra_options: Vec::new(),
+        }
+    }
+}
+
+/// Where a [`CompiledKernel`] came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// This [`Jit`]'s memory cache.
+    Memory,
+    /// The disk cache.
+    Disk,
+    /// A fresh NVRTC compile.
+    Compiled,
+}
+
+/// A kernel ready to load with `cuModuleLoadData`.
+#[derive(Clone, Debug)]
+pub struct CompiledKernel {
+    /// The CUBIN image.
+    pub cubin: Vec<u8>,
+    /// The `extern "C"` entry function.
+    pub entry: String,
+    /// ptxas' numbers: registers, spills, stack, static shared memory.
+    pub stats: KernelStats,
+    /// NVRTC's log from the compile (also for disk hits).
+    pub log: String,
+    /// Where it came from this time.
+    pub origin: Origin,
+    /// Seconds spent compiling or loading it (0 for a memory hit).
+    pub seconds: f64,
+}
+
+/// One memory-cache slot. Its own lock lets concurrent callers of one kernel wait for a single
+/// compile while other kernels proceed.
+type Slot = Arc<Mutex<Option<Arc<CompiledKernel>>>>;
+
+/// The compiler and its caches. Cheap to share: every method takes `&self`.
+pub struct Jit {
+    config: JitConfig,
+    disk: Option<DiskCache>,
+    /// Keyed by the full key text, so that a hash collision cannot alias two kernels.
+    memory: Mutex<HashMap<String, Slot>>,
+}
+
+impl Jit {
+    /// The process-wide JIT, configured from the environment on first use.
+    pub fn global() -> &'static Jit {
+        static GLOBAL: OnceLock<Jit> = OnceLock::new();
+        GLOBAL.get_or_init(|| Jit::new(JitConfig::from_env()))
+    }
+
+    /// A JIT with its own memory cache. A disk cache directory that cannot be created or written
+    /// is logged and ignored: kernels are then cached in memory only.
+    pub fn new(config: JitConfig) -> Jit {
+        let disk = config
+            .cache_dir
+            .as_deref()
+            .and_then(|dir| match DiskCache::open(dir) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    log::warn!(
+                        "kernel cache {} is not writable ({e}); caching in memory only",
+                        dir.display()
+                    );
+                    None
+                }
+            });
+        Jit {
+            config,
+            disk,
+            memory: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The configuration it was made with.
+    pub fn config(&self) -> &JitConfig {
+        &self.config
+    }
+
+    /// The disk cache directory in use, `None` when caching in memory only.
+    pub fn cache_dir(&self) -> Option<&Path> {
+        self.disk.as_ref().map(DiskCache::dir)
+    }
+
+    /// The disk cache file for `tu` on `arch` (whether or not it exists yet).
+    pub fn entry_path(&self, tu: &TranslationUnit, arch: Arch) -> Result<Option<PathBuf>> {
+        let (key, _) = self.key(tu, arch)?;
+        Ok(self.disk.as_ref().map(|d| d.path(&key)))
+    }
+
+    /// The CUBIN of `tu` for `arch`: from memory, else disk, else NVRTC (if allowed).
+    pub fn compile(&self, tu: &TranslationUnit, arch: Arch) -> Result<Arc<CompiledKernel>> {
+        let (key, key_text) = self.key(tu, arch)?;
+        let slot = lock(&self.memory)
+            .entry(key_text.clone())
+            .or_default()
+            .clone();
+        let mut slot = lock(&slot);
+        if let Some(hit) = &*slot {
+            return Ok(hit.clone());
+        }
+        let kernel = match self.load_from_disk(tu, arch, &key, &key_text) {
+            Some(k) => k,
+            None if !self.config.compile => {
+                return Err(Error::CacheMiss(format!(
+                    "{} for {arch} (key {key}, cache {}): compile it ahead of time with FERRINFER_NO_JIT unset",
+                    tu.name,
+                    self.cache_dir()
+                        .map_or("in memory only".into(), |d| d.display().to_string()),
+                )));
+            }
+            None => self.compile_and_store(tu, arch, &key, &key_text)?,
+        };
+        *slot = Some(Arc::new(CompiledKernel {
+            origin: Origin::Memory,
+            seconds: 0.0,
+            ..kernel.clone()
+        }));
+        Ok(Arc::new(kernel))
+    }
+
+    /// (hash, full key text). Includes NVRTC's version, so NVRTC must be loadable even for hits.
+    fn key(&self, tu: &TranslationUnit, arch: Arch) -> Result<(String, String)> {
+        let (major, minor) = nvrtc::version()?;
+        let options = nvrtc::options(arch, &self.config.extra_options);
+        let key_text = format!(
+            "ferrinfer cubin v{}\nnvrtc {major}.{minor}\narch {}\noptions {}\nentry {}\n{}",
+            cache::FORMAT_VERSION,
+            arch.sm_name(),
+            options.join(" "),
+            tu.entry,
+            tu.source
+        );
+        Ok((crate::hash::hex(&[key_text.as_bytes()]), key_text))
+    }
+
+    fn load_from_disk(
+        &self,
+        tu: &TranslationUnit,
+        arch: Arch,
+        key: &str,
+        key_text: &str,
+    ) -> Option<CompiledKernel> {
+        let disk = self.disk.as_ref()?;
+        let start = Instant::now();
+        match disk.load(key, key_text) {
+            Ok(Some(e)) => {
+                let seconds = start.elapsed().as_secs_f64();
+                log::info!(
+                    "loaded {} for {arch} from {} in {seconds:.3} s",
+                    tu.name,
+                    disk.path(key).display()
+                );
+                Some(CompiledKernel {
+                    cubin: e.cubin,
+                    entry: e.entry,
+                    stats: e.stats,
+                    log: e.log,
+                    origin: Origin::Disk,
+                    seconds,
+                })
+            }
+            Ok(None) => None,
+            Err(why) => {
+                log::warn!(
+                    "ignoring cache entry {}: {why}; recompiling",
+                    disk.path(key).display()
+                );
+                None
+            }
+        }
+    }
+
+    fn compile_and_store(
+        &self,
+        tu: &TranslationUnit,
+        arch: Arch,
+        key: &str,
+        key_text: &str,
+    ) -> Result<CompiledKernel> {
+        let start = Instant::now();
+        let out = nvrtc::compile(tu, &nvrtc::options(arch, &self.config.extra_options))?;
+        let seconds = start.elapsed().as_secs_f64();
+        log::info!(
+            "compiled {} for {arch} in {seconds:.3} s: {}",
+            tu.name,
+            out.stats
+        );
+        let kernel = CompiledKernel {
+            cubin: out.cubin,
+            entry: tu.entry.clone(),
+            stats: out.stats,
+            log: out.log,
+            origin: Origin::Compiled,
+            seconds,
+        };
+        if let Some(disk) = &self.disk {
+            let entry = cache::Entry {
+                key_text: key_text.to_string(),
+                entry: kernel.entry.clone(),
+                stats: kernel.stats,
+                log: kernel.log.clone(),
+                cubin: kernel.cubin.clone(),
+            };
+            if let Err(e) = disk.store(key, &entry) {
+                log::warn!("could not write {}: {e}", disk.path(key).display());
+            }
+        }
+        Ok(kernel)
+    }
+}
+
+/// Lock, ignoring poison: a panic elsewhere leaves the cache maps consistent (inserts are atomic).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

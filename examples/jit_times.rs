@@ -1,0 +1,56 @@
+//! Compile time of one prefill and one decode kernel: cold (NVRTC), from the disk cache (a fresh
+//! JIT on the same directory, as a new process would see it) and from memory.
+//!
+//!     cargo run --release --example jit_times [sm_80|sm_90a]
+//!
+//! Needs NVRTC but no GPU.
+
+use std::time::Instant;
+
+use ferrinfer::jit::{Arch, Jit, JitConfig};
+use ferrinfer::variants::Standard;
+use ferrinfer::{DType, KernelConfig, KernelKind, Variant, dispatch};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let arch = match std::env::args().nth(1).as_deref() {
+        Some("sm_80") => Arch::new(8, 0),
+        _ => Arch::new(9, 0),
+    };
+    let dir = std::env::temp_dir().join(format!("ferrinfer-jit-times-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let jit = |dir: &std::path::Path| {
+        Jit::new(JitConfig {
+            cache_dir: Some(dir.to_path_buf()),
+            compile: true,
+            extra_options: Vec::new(),
+        })
+    };
+    println!(
+        "{:<22} {:<8} {:>10} {:>10} {:>10}",
+        "kernel", "arch", "cold s", "disk s", "memory s"
+    );
+    for kind in [KernelKind::Prefill, KernelKind::Decode] {
+        let cfg = KernelConfig {
+            kind,
+            head_dim: 128,
+            dtype: DType::Bf16,
+        };
+        let spec = <Standard as Variant>::SPEC;
+        let time = |j: &Jit| -> Result<f64, ferrinfer::Error> {
+            let t = Instant::now();
+            dispatch::compile_with(j, spec, &cfg, arch)?;
+            Ok(t.elapsed().as_secs_f64())
+        };
+        let first = jit(&dir);
+        let cold = time(&first)?;
+        let memory = time(&first)?;
+        let disk = time(&jit(&dir))?;
+        println!(
+            "{:<22} {:<8} {cold:>10.3} {disk:>10.4} {memory:>10.6}",
+            cfg.name(),
+            arch.sm_name()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

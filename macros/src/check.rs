@@ -1,0 +1,619 @@
+//! The rules of the DSL: hook signatures, and the Rust subset a hook body may use (so that the
+//! lowering can always produce CUDA with Rust's meaning). Every rule reports, with its span, what is
+//! allowed instead. rustc type-checks the bodies anyway (the impl is re-emitted), so nothing here
+//! infers types.
+
+use syn::ext::IdentExt;
+use syn::spanned::Spanned;
+use syn::{BinOp, Block, Expr, FnArg, Lit, Pat, ReturnType, Stmt, Type, UnOp};
+
+use crate::errors::Errors;
+use crate::parse::{Hook, VariantDef};
+use crate::vocab::{self, SigTy};
+
+/// Check every hook of the variant, and the rules that span hooks.
+pub fn variant(def: &VariantDef<'_>, errors: &mut Errors) {
+    for hook in &def.hooks {
+        signature(hook, errors);
+        Body::new(hook, errors).block(&hook.func.block, Place::Tail);
+    }
+    if let (Some(lit), Some(sink)) = (def.softmax, def.hook("sink"))
+        && !lit.value
+    {
+        errors.at(
+            &sink.func.sig.ident,
+            "a sink needs softmax: it adds exp(sink) to the softmax denominator; remove `sink` or `const SOFTMAX: bool = false;`",
+        );
+    }
+}
+
+fn is_type(ty: &Type, name: &str) -> bool {
+    matches!(ty, Type::Path(p) if p.qself.is_none() && p.path.is_ident(name))
+}
+
+fn signature(hook: &Hook<'_>, errors: &mut Errors) {
+    let sig = &hook.func.sig;
+    let want = hook.sig;
+    let expected = format!("the signature is `{}`", want.rust_signature());
+    if let Some(t) = &sig.constness {
+        errors.at(t, "a hook cannot be a `const fn`: write a plain `fn`");
+    }
+    if let Some(t) = &sig.asyncness {
+        errors.at(t, "a hook cannot be `async`: write a plain `fn`");
+    }
+    if let Some(t) = &sig.unsafety {
+        errors.at(t, "a hook cannot be `unsafe`: write a plain `fn`");
+    }
+    if let Some(abi) = &sig.abi {
+        errors.at(abi, "a hook cannot have an ABI: write a plain `fn`");
+    }
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        errors.at(
+            &sig.generics,
+            format!("a hook cannot be generic: {expected}"),
+        );
+    }
+    if let Some(v) = &sig.variadic {
+        errors.at(v, format!("a hook cannot be variadic: {expected}"));
+    }
+    receiver(hook, &expected, errors);
+    let typed: Vec<&syn::PatType> = sig
+        .inputs
+        .iter()
+        .filter_map(|a| match a {
+            FnArg::Typed(t) => Some(t),
+            FnArg::Receiver(_) => None,
+        })
+        .collect();
+    if typed.len() != want.args.len() {
+        errors.at(
+            &sig.inputs,
+            format!(
+                "wrong number of arguments: `{}` takes {} after `&self`, found {}; {expected}",
+                want.name,
+                want.args.len(),
+                typed.len()
+            ),
+        );
+    } else {
+        for (arg, (ty, _)) in typed.iter().zip(want.args) {
+            if !is_type(&arg.ty, ty.rust()) {
+                errors.at(
+                    &arg.ty,
+                    format!("wrong argument type: expected `{}`; {expected}", ty.rust()),
+                );
+            }
+            arg_pattern(&arg.pat, errors);
+        }
+    }
+    match &sig.output {
+        ReturnType::Type(_, ty) if is_type(ty, want.ret.rust()) => {}
+        ReturnType::Type(_, ty) => errors.at(
+            ty,
+            format!(
+                "wrong return type: `{}` returns `{}`; {expected}",
+                want.name,
+                want.ret.rust()
+            ),
+        ),
+        ReturnType::Default => errors.at(
+            &sig.ident,
+            format!(
+                "missing return type: `{}` returns `{}`; {expected}",
+                want.name,
+                want.ret.rust()
+            ),
+        ),
+    }
+}
+
+fn receiver(hook: &Hook<'_>, expected: &str, errors: &mut Errors) {
+    let sig = &hook.func.sig;
+    match sig.inputs.first() {
+        Some(FnArg::Receiver(r)) => {
+            let plain_ref = matches!(&r.reference, Some((_, None)));
+            if r.colon_token.is_some() || !plain_ref || r.mutability.is_some() {
+                let found = match (&r.reference, &r.mutability) {
+                    (Some(_), Some(_)) => "`&mut self`: hooks only read the parameters",
+                    (None, _) => "`self` by value: hooks only read the parameters",
+                    _ => "another receiver form",
+                };
+                errors.at(r, format!("a hook takes `&self`, not {found}; {expected}"));
+            }
+        }
+        _ => errors.at(
+            &sig.ident,
+            format!("a hook takes `&self` as its first argument; {expected}"),
+        ),
+    }
+}
+
+fn arg_pattern(pat: &Pat, errors: &mut Errors) {
+    match pat {
+        Pat::Ident(p) if p.by_ref.is_none() && p.subpat.is_none() => {
+            if let Some(m) = &p.mutability {
+                errors.at(
+                    m,
+                    "hook arguments are read-only: copy into a local (`let mut x = x;`)",
+                );
+            }
+        }
+        Pat::Wild(_) => {}
+        other => errors.at(other, "a hook argument is a plain name (or `_`)"),
+    }
+}
+
+/// Where an expression sits: statement position may assign and `return`; a value may not; the tail
+/// of the function (and of its statement-position branches) is a value that may also `return`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Stmt,
+    Value,
+    Tail,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Binding {
+    Local,
+    Arg,
+    PosArg,
+}
+
+struct Body<'e> {
+    errors: &'e mut Errors,
+    scopes: Vec<Vec<(String, Binding)>>,
+    /// Inside an `if` used as a value (lowered to a C++ lambda, where `return` means something else).
+    in_value_if: usize,
+}
+
+const LOOP: &str = "loops are not supported in a hook: a hook computes one element; precompute into a parameter array or unroll by hand";
+const RETURN: &str = "`return` is only allowed as a statement (`return x;`), not inside an expression or an if-else used as a value";
+
+impl<'e> Body<'e> {
+    fn new(hook: &Hook<'_>, errors: &'e mut Errors) -> Self {
+        let names = crate::parse::arg_names(hook.func);
+        let args = names
+            .into_iter()
+            .zip(hook.sig.args)
+            .filter_map(|(n, (ty, _))| {
+                let b = if *ty == SigTy::Pos {
+                    Binding::PosArg
+                } else {
+                    Binding::Arg
+                };
+                n.map(|n| (n, b))
+            })
+            .collect();
+        Body {
+            errors,
+            scopes: vec![args],
+            in_value_if: 0,
+        }
+    }
+
+    fn lookup(&self, name: &str) -> Option<Binding> {
+        self.scopes
+            .iter()
+            .rev()
+            .find_map(|s| s.iter().rev().find(|(n, _)| n == name).map(|(_, b)| *b))
+    }
+
+    fn block(&mut self, block: &Block, tail: Place) {
+        self.scopes.push(Vec::new());
+        let n = block.stmts.len();
+        for (k, stmt) in block.stmts.iter().enumerate() {
+            match stmt {
+                Stmt::Expr(e, None) if k + 1 == n => self.expr(e, tail),
+                _ => self.stmt(stmt),
+            }
+        }
+        self.scopes.pop();
+    }
+
+    fn stmt(&mut self, stmt: &Stmt) {
+        match stmt {
+            Stmt::Local(local) => self.local(local),
+            Stmt::Expr(e, _) => self.expr(e, Place::Stmt),
+            Stmt::Macro(m) => self.errors.at(&m.mac, MACRO),
+            Stmt::Item(item) => self.errors.at(
+                item,
+                "items (fn, use, const, struct...) are not supported inside a hook: use `let`",
+            ),
+        }
+    }
+
+    fn local(&mut self, local: &syn::Local) {
+        let (pat, ty) = match &local.pat {
+            Pat::Type(t) => (&*t.pat, Some(&*t.ty)),
+            p => (p, None),
+        };
+        if let Some(ty) = ty
+            && !vocab::SCALARS.iter().any(|(r, _)| is_type(ty, r))
+        {
+            self.errors
+                .at(ty, "a local's type is f32, i32, u32 or bool");
+        }
+        match &local.init {
+            Some(init) => {
+                if let Some((_, diverge)) = &init.diverge {
+                    self.errors.at(diverge, "`let ... else` is not supported in a hook");
+                }
+                self.expr(&init.expr, Place::Value);
+            }
+            None if ty.is_none() => self.errors.at(
+                local,
+                "a `let` without a value needs a type (`let x: f32;`): the CUDA declaration needs it",
+            ),
+            None => {}
+        }
+        match pat {
+            Pat::Ident(p) if p.by_ref.is_none() && p.subpat.is_none() => {
+                let name = p.ident.unraw().to_string();
+                self.scopes
+                    .last_mut()
+                    .expect("a block scope")
+                    .push((name, Binding::Local));
+            }
+            // `let _ = x;` discards a value (e.g. an unused argument).
+            Pat::Wild(_) if local.init.is_some() => {}
+            other => self.errors.at(
+                other,
+                "a `let` binds one name (`let x = ...;` or `let mut x = ...;`); patterns are not supported",
+            ),
+        }
+    }
+
+    fn expr(&mut self, e: &Expr, place: Place) {
+        use Place::*;
+        match e {
+            Expr::Lit(l) => self.lit(&l.lit),
+            Expr::Path(_) => self.path(e),
+            Expr::Field(f) => self.field(f),
+            Expr::Index(ix) => {
+                if !is_self_field(&ix.expr) {
+                    self.errors.at(
+                        &ix.expr,
+                        "only parameter arrays can be indexed: `self.<array field>[i]`",
+                    );
+                }
+                self.expr(&ix.index, Value);
+            }
+            Expr::MethodCall(m) => self.method(m),
+            Expr::Binary(b) if is_compound_assign(&b.op) => {
+                self.assignment(&b.left, e, place);
+                self.expr(&b.right, Value);
+            }
+            Expr::Binary(b) => {
+                self.expr(&b.left, Value);
+                self.expr(&b.right, Value);
+            }
+            Expr::Assign(a) => {
+                self.assignment(&a.left, e, place);
+                self.expr(&a.right, Value);
+            }
+            Expr::Unary(u) => match u.op {
+                UnOp::Deref(_) => self.errors.at(e, REFS),
+                _ => self.expr(&u.expr, Value),
+            },
+            Expr::Reference(_) => self.errors.at(e, REFS),
+            Expr::Cast(c) => {
+                self.cast_type(&c.ty);
+                self.expr(&c.expr, Value);
+            }
+            Expr::Paren(p) => self.expr(&p.expr, Value),
+            Expr::Group(g) => self.expr(&g.expr, place),
+            Expr::If(i) => self.if_expr(i, place),
+            Expr::Block(b) if place == Stmt && b.label.is_none() => self.block(&b.block, Stmt),
+            Expr::Block(_) => self.errors.at(
+                e,
+                "a block used as a value is not supported: bind the value with `let` before",
+            ),
+            Expr::Return(r) => {
+                if place == Value || self.in_value_if > 0 {
+                    self.errors.at(e, RETURN);
+                }
+                if let Some(v) = &r.expr {
+                    self.expr(v, Value);
+                }
+            }
+            Expr::ForLoop(_) | Expr::While(_) | Expr::Loop(_) => {
+                self.errors.at_span(loop_keyword(e), LOOP)
+            }
+            Expr::Break(_) | Expr::Continue(_) => self.errors.at(e, LOOP),
+            Expr::Closure(_) => self.errors.at(
+                e,
+                "closures are not supported in a hook: compute the value inline",
+            ),
+            Expr::Match(m) => self.errors.at(
+                m.match_token,
+                "`match` is not supported in a hook: use if / else if / else",
+            ),
+            Expr::Struct(_) | Expr::Tuple(_) | Expr::Array(_) | Expr::Repeat(_) => {
+                self.errors.at(
+                    e,
+                    "struct, tuple and array literals are not supported in a hook: hooks work on f32, i32, u32 and bool",
+                )
+            }
+            Expr::Range(_) => self.errors.at(e, "ranges are not supported in a hook"),
+            Expr::Macro(m) => self.errors.at(&m.mac, MACRO),
+            Expr::Call(c) => self.errors.at(
+                &c.func,
+                "function calls are not supported in a hook: use the method form (`x.exp()`, `a.max(b)`)",
+            ),
+            Expr::Let(_) => self.errors.at(
+                e,
+                "`if let` / `let` in an expression is not supported in a hook: use a plain `if`",
+            ),
+            Expr::Unsafe(_) => self.errors.at(e, "`unsafe` is not supported in a hook"),
+            _ => self.errors.at(
+                e,
+                "unsupported expression in a hook: use arithmetic, comparisons, if/else, let, casts, \
+                 math methods, self.<field> and the Pos fields",
+            ),
+        }
+    }
+
+    fn if_expr(&mut self, i: &syn::ExprIf, place: Place) {
+        self.expr(&i.cond, Place::Value);
+        if place == Place::Value {
+            if i.else_branch.is_none() {
+                self.errors
+                    .at(i.if_token, "an `if` used as a value needs an `else` branch");
+            }
+            self.in_value_if += 1;
+        }
+        self.block(&i.then_branch, place);
+        if let Some((_, els)) = &i.else_branch {
+            match &**els {
+                Expr::Block(b) => self.block(&b.block, place),
+                other => self.expr(other, place),
+            }
+        }
+        if place == Place::Value {
+            self.in_value_if -= 1;
+        }
+    }
+
+    fn lit(&mut self, lit: &Lit) {
+        match lit {
+            // `2f32` is an integer token with a float suffix.
+            Lit::Int(i) if matches!(i.suffix(), "" | "i32" | "u32" | "f32") => {}
+            Lit::Int(i) if i.suffix() == "f64" => self.errors.at(i, F64),
+            Lit::Int(i) => self.errors.at(
+                i,
+                format!(
+                    "integer literal suffix `{}` is not allowed: hooks use i32 and u32 (write `1`, `1i32` or `1u32`)",
+                    i.suffix()
+                ),
+            ),
+            Lit::Float(f) if f.suffix() == "f64" => self.errors.at(f, F64),
+            Lit::Float(f) if !matches!(f.suffix(), "" | "f32") => self.errors.at(
+                f,
+                format!(
+                    "float literal suffix `{}` is not allowed: write `1.0` or `1.0f32`",
+                    f.suffix()
+                ),
+            ),
+            Lit::Float(_) | Lit::Bool(_) => {}
+            other => self.errors.at(
+                other,
+                "only numeric and bool literals are allowed in a hook",
+            ),
+        }
+    }
+
+    fn path(&mut self, e: &Expr) {
+        let Expr::Path(p) = e else { return };
+        if p.qself.is_some() || p.path.segments.iter().any(|s| !s.arguments.is_empty()) {
+            self.errors.at(e, "unsupported path in a hook");
+            return;
+        }
+        if let Some(ident) = p.path.get_ident() {
+            let name = ident.unraw().to_string();
+            if name == "self" {
+                self.errors.at(
+                    e,
+                    "`self` is only usable as `self.<field>` (or `self.<array>[i]`, `self.<array>.len()`)",
+                );
+            } else if self.lookup(&name).is_none() {
+                const CONSTS: [&str; 7] = [
+                    "PI",
+                    "E",
+                    "LN_2",
+                    "LN_10",
+                    "LOG2_E",
+                    "SQRT_2",
+                    "FRAC_1_SQRT_2",
+                ];
+                let hint = if CONSTS.contains(&name.as_str()) {
+                    format!(" (write the full path `core::f32::consts::{name}`)")
+                } else {
+                    String::new()
+                };
+                self.errors.at(
+                    e,
+                    format!(
+                        "unknown name `{name}`: a hook sees its arguments, its locals, `self.<field>` and the constants {}{hint}",
+                        vocab::CONSTANT_LIST
+                    ),
+                );
+            }
+            return;
+        }
+        if vocab::constant(&path_string(&p.path)).is_none() {
+            self.errors.at(
+                e,
+                format!(
+                    "unsupported path: the constants a hook may use are {}",
+                    vocab::CONSTANT_LIST
+                ),
+            );
+        }
+    }
+
+    fn field(&mut self, f: &syn::ExprField) {
+        let syn::Member::Named(member) = &f.member else {
+            self.errors
+                .at(&f.member, "tuple fields are not supported: name the field");
+            return;
+        };
+        if is_self(&f.base) {
+            return;
+        }
+        if let Expr::Path(p) = &*f.base
+            && let Some(ident) = p.path.get_ident()
+            && self.lookup(&ident.unraw().to_string()) == Some(Binding::PosArg)
+        {
+            if !vocab::POS_FIELDS.contains(&member.unraw().to_string().as_str()) {
+                self.errors.at(
+                    &f.member,
+                    format!("`Pos` has the fields {}", vocab::POS_FIELDS.join(", ")),
+                );
+            }
+            return;
+        }
+        self.errors.at(
+            &f.base,
+            "field access is only allowed on `self` (the parameters) and on the `Pos` argument",
+        );
+    }
+
+    fn method(&mut self, m: &syn::ExprMethodCall) {
+        if let Some(t) = &m.turbofish {
+            self.errors.at(t, "turbofish is not supported in a hook");
+        }
+        let name = m.method.unraw().to_string();
+        if name == "len" {
+            if !is_self_field(&m.receiver) {
+                self.errors.at(
+                    &m.receiver,
+                    "`len()` is only available on parameter arrays: `self.<array field>.len()`",
+                );
+            }
+            if !m.args.is_empty() {
+                self.errors.at(&m.args, "`len()` takes no arguments");
+            }
+            return;
+        }
+        match vocab::method(&name) {
+            Some(known) => {
+                if m.args.len() != known.args {
+                    self.errors.at(
+                        &m.method,
+                        format!(
+                            "`{name}` takes {} argument(s), found {}",
+                            known.args,
+                            m.args.len()
+                        ),
+                    );
+                }
+            }
+            None => self.errors.at(
+                &m.method,
+                format!(
+                    "unknown method `{name}`: a hook may call {}",
+                    vocab::method_list()
+                ),
+            ),
+        }
+        self.expr(&m.receiver, Place::Value);
+        for a in &m.args {
+            self.expr(a, Place::Value);
+        }
+    }
+
+    fn cast_type(&mut self, ty: &Type) {
+        if ["f32", "i32", "u32"].iter().any(|t| is_type(ty, t)) {
+            return;
+        }
+        if is_type(ty, "usize") {
+            self.errors.at(
+                ty,
+                "casts to `usize` are not supported: index arrays with u32 or i32 (`self.a[at.qo_head]`)",
+            );
+        } else {
+            self.errors.at(ty, "casts are only to f32, i32 or u32");
+        }
+    }
+
+    fn assignment(&mut self, target: &Expr, whole: &Expr, place: Place) {
+        if place != Place::Stmt {
+            self.errors.at(
+                whole,
+                "assignment is only allowed as a statement (`x = ...;`), not as a value",
+            );
+            return;
+        }
+        let name = match target {
+            Expr::Path(p) => p.path.get_ident().map(|i| i.unraw().to_string()),
+            _ => None,
+        };
+        match (
+            name.as_deref(),
+            name.as_deref().and_then(|n| self.lookup(n)),
+        ) {
+            (Some("self"), _) => self.errors.at(target, "`self` is read-only"),
+            (_, Some(Binding::Local)) => {}
+            (_, Some(_)) => self.errors.at(
+                target,
+                "hook arguments are read-only: copy into a local (`let mut x = x;`)",
+            ),
+            (Some(n), None) => self.errors.at(target, format!("unknown name `{n}`")),
+            (None, _) if is_self_field(target) => self.errors.at(
+                target,
+                "parameters are read-only: assign to a local (`let mut x = self.x;`)",
+            ),
+            (None, _) => self.errors.at(target, "only locals can be assigned"),
+        }
+    }
+}
+
+const F64: &str = "f64 literals are not allowed: hooks compute in f32 (write `1.0` or `1.0f32`)";
+const MACRO: &str = "macro invocations are not supported in a hook: they cannot be lowered to CUDA";
+const REFS: &str =
+    "references and dereferences are not supported in a hook: use the values directly";
+
+/// `self`
+pub fn is_self(e: &Expr) -> bool {
+    matches!(e, Expr::Path(p) if p.qself.is_none() && p.path.is_ident("self"))
+}
+
+/// `self.<named field>`
+pub fn is_self_field(e: &Expr) -> bool {
+    matches!(e, Expr::Field(f) if is_self(&f.base) && matches!(f.member, syn::Member::Named(_)))
+}
+
+/// `a::b::c`, without a leading `::`.
+pub fn path_string(p: &syn::Path) -> String {
+    p.segments
+        .iter()
+        .map(|s| s.ident.to_string())
+        .collect::<Vec<_>>()
+        .join("::")
+}
+
+pub fn is_compound_assign(op: &BinOp) -> bool {
+    matches!(
+        op,
+        BinOp::AddAssign(_)
+            | BinOp::SubAssign(_)
+            | BinOp::MulAssign(_)
+            | BinOp::DivAssign(_)
+            | BinOp::RemAssign(_)
+            | BinOp::BitXorAssign(_)
+            | BinOp::BitAndAssign(_)
+            | BinOp::BitOrAssign(_)
+            | BinOp::ShlAssign(_)
+            | BinOp::ShrAssign(_)
+    )
+}
+
+/// The `for`/`while`/`loop` keyword, so the error does not underline the whole loop.
+fn loop_keyword(e: &Expr) -> proc_macro2::Span {
+    match e {
+        Expr::ForLoop(f) => f.for_token.span,
+        Expr::While(w) => w.while_token.span,
+        Expr::Loop(l) => l.loop_token.span,
+        other => other.span(),
+    }
+}

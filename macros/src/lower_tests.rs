@@ -1,0 +1,338 @@
+//! Lowering details, on small hook bodies. (Whole variants are covered by tests/golden.)
+
+use crate::{check, errors::Errors, lower, parse};
+
+/// The lowered variant of `impl V { <items> }`; panics on a diagnostic.
+fn lower_items(items: &str) -> String {
+    let imp: syn::ItemImpl = syn::parse_str(&format!("impl V {{ {items} }}")).unwrap();
+    let mut errors = Errors::default();
+    let def = parse::variant(Default::default(), &imp, &mut errors);
+    check::variant(&def, &mut errors);
+    if let Err(e) = errors.finish() {
+        panic!("{items}: {e}");
+    }
+    lower::variant(&def)
+}
+
+/// The lowered body of a `logits` hook (one line per statement, indentation removed).
+fn logits(body: &str) -> String {
+    let text = lower_items(&format!(
+        "fn logits(&self, s: f32, at: Pos) -> f32 {{ {body} }}"
+    ));
+    let start = text.find("const fi::Pos& at) {\n").unwrap() + 21;
+    let end = text.rfind("  }\n};").unwrap();
+    text[start..end]
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The lowered expression `e` (the returned value of a one-expression body).
+fn expr(e: &str) -> String {
+    let body = logits(e);
+    body.strip_prefix("return ")
+        .and_then(|b| b.strip_suffix(';'))
+        .unwrap_or_else(|| panic!("{e} lowered to {body}"))
+        .to_string()
+}
+
+/// The messages of every diagnostic of `impl V { <items> }`.
+fn diagnostics(items: &str) -> Vec<String> {
+    let imp: syn::ItemImpl = syn::parse_str(&format!("impl V {{ {items} }}")).unwrap();
+    let mut errors = Errors::default();
+    let def = parse::variant(Default::default(), &imp, &mut errors);
+    check::variant(&def, &mut errors);
+    match errors.finish() {
+        Ok(()) => Vec::new(),
+        Err(e) => e.into_iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+#[test]
+fn shadowing_gets_fresh_names() {
+    assert_eq!(
+        logits("let x = s; let x = x * 2.0; let x = x + 1.0; x"),
+        "const auto x = s;\nconst auto x_1 = x * 2.0f;\nconst auto x_2 = x_1 + 1.0f;\nreturn x_2;"
+    );
+    // An argument is a name in the function's scope too.
+    assert_eq!(
+        logits("let s = s * 2.0; s"),
+        "const auto s_1 = s * 2.0f;\nreturn s_1;"
+    );
+    // A name from an inner block is not reused after the block either.
+    assert_eq!(
+        logits("let mut y = s; if s > 0.0 { let y = 1.0; let _ = y; } else { y = 2.0; } y"),
+        "auto y = s;\nif (s > 0.0f) {\n  const auto y_1 = 1.0f;\n} else {\n  y = 2.0f;\n}\nreturn y;"
+    );
+    // The user's own `x_1` does not collide with a generated one.
+    assert_eq!(
+        logits("let x_1 = s; let x = s; let x = x + x_1; x"),
+        "const auto x_1 = s;\nconst auto x = s;\nconst auto x_2 = x + x_1;\nreturn x_2;"
+    );
+}
+
+#[test]
+fn cuda_keywords_and_our_names_are_suffixed() {
+    assert_eq!(
+        logits("let float = s; let expf = 2.0; float * expf"),
+        "const auto float_ = s;\nconst auto expf_ = 2.0f;\nreturn float_ * expf_;"
+    );
+    let text = lower_items("fn mask(&self, int: Pos) -> bool { int.kv_pos <= int.qo_pos }");
+    assert!(
+        text.contains("mask(const Params& self, const fi::Pos& int_)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("return int_.kv_pos <= int_.qo_pos;"),
+        "{text}"
+    );
+}
+
+#[test]
+fn let_forms() {
+    assert_eq!(
+        logits(
+            "let a: f32 = s; let mut b: u32 = 1; let mut c = 0.5; let d: i32; d = 3; b += 1; c *= a; c + (b + d as u32) as f32"
+        ),
+        "const float a = s;\nunsigned b = 1u;\nauto c = 0.5f;\nint d;\nd = 3;\nb += 1u;\nc *= a;\nreturn c + fi::as_f32(b + fi::as_u32(d));"
+    );
+}
+
+#[test]
+fn parentheses_keep_rust_precedence() {
+    assert_eq!(expr("(s + 1.0) * 2.0"), "(s + 1.0f) * 2.0f");
+    assert_eq!(expr("s + 1.0 * 2.0"), "s + 1.0f * 2.0f");
+    assert_eq!(expr("s - (s - 1.0)"), "s - (s - 1.0f)");
+    assert_eq!(expr("s - s - 1.0"), "s - s - 1.0f");
+    assert_eq!(expr("s / (s * 2.0)"), "s / (s * 2.0f)");
+    // Method calls bind tighter than unary minus in Rust.
+    assert_eq!(expr("-s.abs()"), "-fi::abs(s)");
+    assert_eq!(expr("(-s).abs()"), "fi::abs(-s)");
+    // `- -s` must not become the decrement operator.
+    assert_eq!(expr("- -s"), "-(-s)");
+    assert_eq!(expr("-(s * 2.0)"), "-(s * 2.0f)");
+    // `as` binds tighter than `-` (binary) and looser than unary minus.
+    assert_eq!(
+        expr("-(at.qo_pos as i32) as f32"),
+        "fi::as_f32(-fi::as_i32(at.qo_pos))"
+    );
+    // Shifts are looser than `+` in both languages.
+    assert_eq!(
+        expr("(at.qo_pos << at.kv_pos + 1) as f32"),
+        "fi::as_f32(at.qo_pos << at.kv_pos + 1u)"
+    );
+    assert_eq!(
+        expr("((at.qo_pos << at.kv_pos) + 1) as f32"),
+        "fi::as_f32((at.qo_pos << at.kv_pos) + 1u)"
+    );
+}
+
+#[test]
+fn comparisons_and_bitwise_operators_are_parenthesised() {
+    // Rust: `&` binds tighter than `==`; C++: the other way round.
+    let text = lower_items("fn mask(&self, at: Pos) -> bool { at.kv_pos & 1 == 1 }");
+    assert!(text.contains("return (at.kv_pos & 1u) == 1u;"), "{text}");
+    let text = lower_items(
+        "fn mask(&self, at: Pos) -> bool { at.kv_pos < at.qo_pos && at.batch == 0 || !(at.kv_len > 4) }",
+    );
+    assert!(
+        text.contains("return at.kv_pos < at.qo_pos && at.batch == 0u || !(at.kv_len > 4u);"),
+        "{text}"
+    );
+    let text = lower_items("fn mask(&self, at: Pos) -> bool { (at.kv_pos | at.qo_pos) ^ 3 != 0 }");
+    assert!(
+        text.contains("return ((at.kv_pos | at.qo_pos) ^ 3u) != 0u;"),
+        "{text}"
+    );
+}
+
+#[test]
+fn not_and_remainder_follow_the_rust_type() {
+    let text =
+        lower_items("fn mask(&self, at: Pos) -> bool { let odd = at.kv_pos % 2 == 1; !odd }");
+    assert!(
+        text.contains("const auto odd = at.kv_pos % 2u == 1u;"),
+        "{text}"
+    );
+    assert!(text.contains("return !odd;"), "{text}");
+    assert_eq!(expr("(!at.kv_pos) as f32"), "fi::as_f32(~at.kv_pos)");
+    assert_eq!(expr("s % 2.0"), "fmodf(s, 2.0f)");
+    // A parameter's type is not visible to the macro: a helper overloaded in dsl.cuh decides.
+    assert_eq!(
+        expr("(self.n % 3) as f32"),
+        "fi::as_f32(fi::rem(self.n, 3))"
+    );
+    assert_eq!(expr("(!self.n) as f32"), "fi::as_f32(fi::bit_not(self.n))");
+    assert_eq!(
+        logits("let mut t = s; t %= 2.0; t"),
+        "auto t = s;\nt = fmodf(t, 2.0f);\nreturn t;"
+    );
+}
+
+#[test]
+fn literals() {
+    assert_eq!(expr("1.0"), "1.0f");
+    assert_eq!(expr("1e-3"), "1e-3f");
+    assert_eq!(expr("2f32"), "2.0f");
+    assert_eq!(expr("1."), "1.0f");
+    assert_eq!(expr("1_000.5_f32"), "1000.5f");
+    assert_eq!(expr("(3u32 + 1_000) as f32"), "fi::as_f32(3u + 1000u)");
+    assert_eq!(expr("(0xff + 1i32) as f32"), "fi::as_f32(255 + 1)");
+    // Above i32::MAX an unsuffixed literal can only be a u32.
+    assert_eq!(
+        expr("(self.n & 3_000_000_000) as f32"),
+        "fi::as_f32(self.n & 3000000000u)"
+    );
+    // Unsigned where the other side is known to be: `fi::min(unsigned, int)` would be ambiguous.
+    assert_eq!(
+        expr("at.kv_pos.min(5) as f32"),
+        "fi::as_f32(fi::min(at.kv_pos, 5u))"
+    );
+    assert_eq!(expr("(true as u32) as f32"), "fi::as_f32(fi::as_u32(true))");
+}
+
+#[test]
+fn constants_are_exact() {
+    assert_eq!(expr("f32::NEG_INFINITY"), "(-FI_INF)");
+    assert_eq!(expr("-f32::INFINITY"), "-FI_INF");
+    assert_eq!(expr("s * core::f32::consts::PI"), "s * 3.1415927f");
+    assert_eq!(expr("s * ::std::f32::consts::LN_2"), "s * 0.6931472f");
+    let exact = [
+        ("core::f32::consts::PI", std::f32::consts::PI),
+        ("core::f32::consts::E", std::f32::consts::E),
+        ("core::f32::consts::LN_2", std::f32::consts::LN_2),
+        ("core::f32::consts::LN_10", std::f32::consts::LN_10),
+        ("core::f32::consts::LOG2_E", std::f32::consts::LOG2_E),
+        ("core::f32::consts::SQRT_2", std::f32::consts::SQRT_2),
+        (
+            "core::f32::consts::FRAC_1_SQRT_2",
+            std::f32::consts::FRAC_1_SQRT_2,
+        ),
+        ("f32::MAX", f32::MAX),
+        ("f32::EPSILON", f32::EPSILON),
+    ];
+    for (path, value) in exact {
+        let text = crate::vocab::constant(path).unwrap();
+        let parsed: f32 = text.trim_end_matches('f').parse().unwrap();
+        assert_eq!(parsed.to_bits(), value.to_bits(), "{path}");
+    }
+    assert_eq!(crate::vocab::constant("f32::MIN"), Some("(-3.4028235e38f)"));
+    assert_eq!(crate::vocab::constant("u32::MAX"), Some("4294967295u"));
+}
+
+#[test]
+fn if_expressions() {
+    // Simple branches: a conditional expression, also for else-if chains.
+    assert_eq!(
+        expr("if s > 0.0 { s } else { 0.0 }"),
+        "(s > 0.0f ? s : 0.0f)"
+    );
+    assert_eq!(
+        expr("if s > 1.0 { 1.0 } else if s < -1.0 { -1.0 } else { s }"),
+        "(s > 1.0f ? 1.0f : (s < -1.0f ? -1.0f : s))"
+    );
+    assert_eq!(
+        logits("let t = 2.0 * if s > 0.0 { s } else { -s }; t"),
+        "const auto t = 2.0f * (s > 0.0f ? s : -s);\nreturn t;"
+    );
+    // Branches with statements, used as a value: an immediately invoked lambda.
+    assert_eq!(
+        logits("let t = if s > 0.0 { let u = s * 2.0; u + 1.0 } else { s }; t * t"),
+        "const auto t = [&]() {\n  if (s > 0.0f) {\n    const auto u = s * 2.0f;\n    return u + 1.0f;\n  } else {\n    return s;\n  }\n}();\nreturn t * t;"
+    );
+    // The tail of the function with statements in a branch: an if statement that returns.
+    assert_eq!(
+        logits("if s > 0.0 { let u = s; u } else if s < 0.0 { return -s; } else { 0.0 }"),
+        "if (s > 0.0f) {\n  const auto u = s;\n  return u;\n} else if (s < 0.0f) {\n  return -s;\n} else {\n  return 0.0f;\n}"
+    );
+    // Early return in statement position.
+    assert_eq!(
+        logits("if s > 10.0 { return 10.0; } s"),
+        "if (s > 10.0f) {\n  return 10.0f;\n}\nreturn s;"
+    );
+}
+
+#[test]
+fn parameters_arrays_and_positions() {
+    assert_eq!(
+        expr("self.a[at.qo_head] * self.b"),
+        "fi::index(self.a, self.a_len, at.qo_head) * self.b"
+    );
+    assert_eq!(expr("self.a.len() as f32"), "fi::as_f32(self.a_len)");
+    assert_eq!(
+        expr("(at.kv_pos.is_multiple_of(2) as u32) as f32"),
+        "fi::as_f32(fi::as_u32(fi::is_multiple_of(at.kv_pos, 2u)))"
+    );
+    assert_eq!(
+        expr("s.max(0.0).powf(2.0).ln()"),
+        "logf(powf(fi::max(s, 0.0f), 2.0f))"
+    );
+}
+
+#[test]
+fn hooks_appear_in_canonical_order_with_flags() {
+    let text = lower_items(
+        "const SOFTMAX: bool = true;
+         fn output(&self, o: f32, _i: u32, _: Pos) -> f32 { o }
+         fn query(&self, x: f32, _p: f32, _i: u32, _at: Pos) -> f32 { x }",
+    );
+    let q = text.find("static float query(const Params& self, float x, float _p, unsigned _i, const fi::Pos& _at)");
+    let o =
+        text.find("static float output(const Params& self, float o, unsigned _i, const fi::Pos&)");
+    assert!(q.is_some() && o.is_some() && q < o, "{text}");
+    assert!(text.contains("kHasQuery = true;\n  static constexpr bool kHasKey = false;"));
+    assert!(text.contains("kHasOutput = true;"));
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let msgs = diagnostics(
+        "fn logits(&self, s: f32, at: Pos) -> f32 {
+             let v = [s; 2];
+             loop {}
+             s.sigmoid() + 1.0f64 + (at.qo_pos as usize) as f32 + s.clamp(0.0, 1.0)
+         }
+         fn mask(&mut self, at: Pos) -> f32 { 1.0 }
+         fn helper(&self) {}",
+    );
+    assert_eq!(msgs.len(), 9, "{msgs:#?}");
+    for expected in [
+        "unknown hook `helper`",
+        "array literals",
+        "loops are not supported",
+        "unknown method `sigmoid`",
+        "f64 literals",
+        "index arrays with u32 or i32",
+        "unknown method `clamp`",
+        "not `&mut self`",
+        "`mask` returns `bool`",
+    ] {
+        assert!(
+            msgs.iter().any(|m| m.contains(expected)),
+            "{expected}: {msgs:#?}"
+        );
+    }
+}
+
+#[test]
+fn statement_only_forms_are_rejected_as_values() {
+    let msgs = diagnostics(
+        "fn logits(&self, s: f32, _at: Pos) -> f32 { let mut t = s; let u = { t = 2.0; t }; u + (t += 1.0) }",
+    );
+    assert!(
+        msgs.iter().any(|m| m.contains("a block used as a value")),
+        "{msgs:#?}"
+    );
+    let msgs =
+        diagnostics("fn logits(&self, s: f32, _at: Pos) -> f32 { let t = if s > 0.0 { s }; t }");
+    assert!(
+        msgs.iter().any(|m| m.contains("needs an `else`")),
+        "{msgs:#?}"
+    );
+    let msgs = diagnostics("fn logits(&self, s: f32, at: Pos) -> f32 { self.x = s; s }");
+    assert!(
+        msgs.iter().any(|m| m.contains("parameters are read-only")),
+        "{msgs:#?}"
+    );
+}

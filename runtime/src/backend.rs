@@ -1,0 +1,150 @@
+//! Where attention runs: a CUDA GPU, or the CPU reference backend. Buffers live on their backend.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+
+use crate::dtype::Pod;
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+
+/// A backend: the CUDA device ferrinfer compiles kernels for, or the CPU reference.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// The CPU reference (f64 accumulation): correct everywhere, slow.
+    Cpu,
+    /// A CUDA GPU.
+    Cuda(Arc<Gpu>),
+}
+
+impl Backend {
+    /// GPU 0 when a CUDA driver and GPU are present, otherwise the CPU reference. The second value
+    /// says why the GPU was not used, when it was not.
+    pub fn auto() -> (Backend, Option<Error>) {
+        match Gpu::new(0) {
+            Ok(gpu) => (Backend::Cuda(Arc::new(gpu)), None),
+            Err(e) => (Backend::Cpu, Some(e)),
+        }
+    }
+    /// CUDA device `ordinal`, or an error that says why not.
+    pub fn cuda(ordinal: usize) -> Result<Backend> {
+        Ok(Backend::Cuda(Arc::new(Gpu::new(ordinal)?)))
+    }
+    /// A short description, e.g. `cuda:0 (sm_90a, 132 SMs)` or `cpu (reference)`.
+    pub fn describe(&self) -> String {
+        match self {
+            Backend::Cpu => "cpu (reference)".to_string(),
+            Backend::Cuda(g) => format!(
+                "cuda:{} ({}, {} SMs)",
+                g.ordinal(),
+                g.arch().sm_name(),
+                g.sm_count()
+            ),
+        }
+    }
+    pub fn gpu(&self) -> Option<&Arc<Gpu>> {
+        match self {
+            Backend::Cpu => None,
+            Backend::Cuda(g) => Some(g),
+        }
+    }
+    /// Copy host data into a buffer on this backend.
+    pub fn upload<T: Pod>(&self, data: &[T]) -> Result<Buffer<T>> {
+        Ok(match self {
+            Backend::Cpu => Buffer::Host(data.to_vec()),
+            Backend::Cuda(g) => Buffer::Device {
+                len: data.len(),
+                slice: g.upload(data)?,
+                gpu: g.clone(),
+            },
+        })
+    }
+    /// A buffer of `len` copies of `value` (tests poison outputs with NaN this way).
+    pub fn filled<T: Pod>(&self, len: usize, value: T) -> Result<Buffer<T>> {
+        self.upload(&vec![value; len])
+    }
+    /// Wait for all queued work (a no-op on the CPU).
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Backend::Cpu => Ok(()),
+            Backend::Cuda(g) => g.synchronize(),
+        }
+    }
+}
+
+/// A one-dimensional buffer on a backend. Shapes are given by the batch that uses it.
+pub enum Buffer<T: Pod> {
+    Host(Vec<T>),
+    Device {
+        slice: CudaSlice<T>,
+        len: usize,
+        gpu: Arc<Gpu>,
+    },
+}
+
+impl<T: Pod> Buffer<T> {
+    /// Elements in the buffer.
+    pub fn len(&self) -> usize {
+        match self {
+            Buffer::Host(v) => v.len(),
+            Buffer::Device { len, .. } => *len,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Copy to the host (waits for queued GPU work).
+    pub fn to_vec(&self) -> Result<Vec<T>> {
+        match self {
+            Buffer::Host(v) => Ok(v.clone()),
+            Buffer::Device { slice, len, gpu } => {
+                let mut v = gpu.download(slice)?;
+                v.truncate(*len);
+                Ok(v)
+            }
+        }
+    }
+    pub(crate) fn host(&self) -> Result<&[T]> {
+        match self {
+            Buffer::Host(v) => Ok(v),
+            Buffer::Device { .. } => Err(Error::invalid(
+                "a GPU buffer was passed to the CPU backend; upload it with the same backend",
+            )),
+        }
+    }
+    pub(crate) fn host_mut(&mut self) -> Result<&mut Vec<T>> {
+        match self {
+            Buffer::Host(v) => Ok(v),
+            Buffer::Device { .. } => Err(Error::invalid(
+                "a GPU buffer was passed to the CPU backend; upload it with the same backend",
+            )),
+        }
+    }
+    /// Device address, checking that the buffer lives on `gpu`.
+    pub(crate) fn device_ptr(&self, on: &Gpu) -> Result<u64> {
+        match self {
+            Buffer::Device { slice, gpu, .. } if gpu.ordinal() == on.ordinal() => {
+                Ok(on.device_ptr(slice))
+            }
+            Buffer::Device { gpu, .. } => Err(Error::invalid(format!(
+                "a buffer of GPU {} was passed to GPU {}",
+                gpu.ordinal(),
+                on.ordinal()
+            ))),
+            Buffer::Host(_) => Err(Error::invalid(
+                "a host buffer was passed to the GPU backend; upload it with the same backend",
+            )),
+        }
+    }
+}
+
+impl<T: Pod> std::fmt::Debug for Buffer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Buffer::Host(v) => write!(f, "Buffer::Host(len {})", v.len()),
+            Buffer::Device { len, gpu, .. } => {
+                write!(f, "Buffer::Device(len {len}, gpu {})", gpu.ordinal())
+            }
+        }
+    }
+}

@@ -1,0 +1,765 @@
+//! The scheduler behind `plan()`: from the sequence lengths of a batch, pick the query tile and the
+//! KV split, and build a load-balanced work list that the kernels read from one workspace.
+//!
+//! # The work list contract
+//!
+//! Query heads are packed into the query dimension: packed row `p` of request `b` for KV head
+//! `kv_head` is query row `p / group_size` of the request and query head
+//! `kv_head * group_size + p % group_size`. A request has `qo_len * group_size` packed rows, cut
+//! into tiles of [`WorkList::cta_tile_q`] rows, and `kv_len` keys, cut into chunks of
+//! [`WorkList::kv_chunk`] tokens (one chunk when it is not split). Every (request, KV head, query
+//! tile, KV chunk) is one [`WorkItem`], one CTA of the grid; a request with no key still gets its
+//! items (an empty KV range), because its output must be written (zero, or the sink's share).
+//!
+//! A request is split when it has more than one chunk. Then each item writes un-normalised
+//! partial results instead of the output: request-local query row `i` goes to partial row
+//! `item.partial + i` of a scratch buffer of [`WorkList::partial_rows`] rows, each row holding
+//! `[num_qo_heads, head_dim]` f32 outputs and `[num_qo_heads]` f32 LSEs (an item writes only the
+//! heads of its packed rows). The partial rows of global query row `r` are
+//! `merge_index[merge_indptr[r]..merge_indptr[r + 1]]`, in KV order; a merge pass combines them
+//! into `o` and `lse` (merge states for softmax variants, a plain sum without softmax). Rows of
+//! unsplit requests have an empty list: their items wrote the final output directly. A chunk the
+//! causal mask hides entirely still writes its partial rows (LSE `-inf`), so merges must accept
+//! `-inf`.
+//!
+//! # Workspace layout
+//!
+//! [`WorkList::write`] serialises the list into little-endian int32 words, for one host-to-device
+//! copy. Bytes `0..128` are the header ([`header`] names the word indices): a magic number, the
+//! format version, the kernel kind, `cta_tile_q`, `kv_chunk`, `padded_len`, the number of valid
+//! entries, `total_qo`, `partial_rows`, then the byte offsets of the arrays. The arrays follow in
+//! this order, each at the next multiple of 16 bytes: the seven item fields `request`, `kv_head`,
+//! `qo_tile_start`, `qo_tile_end`, `kv_start`, `kv_end`, `partial` (`-1` for none) and `valid`
+//! (1 or 0), each `[padded_len]`; then `merge_indptr` `[total_qo + 1]` and `merge_index`
+//! `[partial_rows]`. The item arrays' offsets depend only on `padded_len`, so in CUDA-graph mode
+//! (fixed `padded_len`) they never move; kernels should still take every offset from the header,
+//! which a replayed graph reads afresh.
+
+use ferrinfer_kernels::KernelKind;
+
+use crate::batch::Batch;
+use crate::error::{Error, Result};
+
+/// KV chunks start at multiples of this many tokens, so a kernel's KV tiles (multiples of 16 keys,
+/// the k dimension of a tensor-core MMA) never straddle two chunks.
+pub const KV_CHUNK_ALIGN: u32 = 16;
+
+/// The shortest chunk the split search may choose. Below it, a CTA's fixed costs (loading its query
+/// tile, writing `head_dim` f32 partials per row, which the merge reads back) are no longer small
+/// next to the keys and values it reads.
+pub const MIN_KV_CHUNK: u32 = 128;
+
+/// [`WorkItem::partial`] of an item that writes the final output directly.
+pub const NONE: u32 = u32::MAX;
+
+/// How to plan for a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// Streaming multiprocessors of the device (132 on an H100 SXM).
+    pub num_sms: u32,
+    /// CTAs of the attention kernel resident per SM (its occupancy).
+    pub ctas_per_sm: u32,
+    /// Batch-invariant mode: split every request's KV into chunks of exactly this many tokens (a
+    /// multiple of [`KV_CHUNK_ALIGN`]), whatever the rest of the batch, and use a query tile that
+    /// depends only on the kernel kind and head dim, so a request's result never depends on who it
+    /// is batched with.
+    pub fixed_kv_chunk: Option<u32>,
+    /// CUDA-graph mode: the work list always has exactly this many entries (padding is marked
+    /// invalid), so the grid of a captured graph fits every later plan; a batch that needs more
+    /// items is an error.
+    pub graph_capacity: Option<u32>,
+}
+
+impl PlanOptions {
+    /// Options for a device of `num_sms` SMs running `ctas_per_sm` CTAs each; no fixed split, no
+    /// graph padding.
+    pub fn new(num_sms: u32, ctas_per_sm: u32) -> Self {
+        PlanOptions {
+            num_sms,
+            ctas_per_sm,
+            fixed_kv_chunk: None,
+            graph_capacity: None,
+        }
+    }
+
+    /// These options with a fixed KV chunk (batch-invariant mode).
+    pub fn with_fixed_kv_chunk(mut self, tokens: u32) -> Self {
+        self.fixed_kv_chunk = Some(tokens);
+        self
+    }
+
+    /// These options padded for a CUDA graph of `entries` work items.
+    pub fn with_graph_capacity(mut self, entries: u32) -> Self {
+        self.graph_capacity = Some(entries);
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.num_sms == 0 || self.ctas_per_sm == 0 {
+            return Err(Error::invalid(format!(
+                "num_sms ({}) and ctas_per_sm ({}) must be at least 1",
+                self.num_sms, self.ctas_per_sm
+            )));
+        }
+        if let Some(c) = self.fixed_kv_chunk
+            && (c == 0 || !c.is_multiple_of(KV_CHUNK_ALIGN) || c > i32::MAX as u32)
+        {
+            return Err(Error::invalid(format!(
+                "fixed_kv_chunk must be a positive multiple of {KV_CHUNK_ALIGN} tokens below 2^31, got {c}"
+            )));
+        }
+        if self.graph_capacity == Some(0) {
+            return Err(Error::invalid("graph_capacity must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Work items that fill the device once: one per resident CTA, and never more than a graph
+    /// holds.
+    fn target_items(&self) -> u64 {
+        let wave = u64::from(self.num_sms) * u64::from(self.ctas_per_sm);
+        self.graph_capacity.map_or(wave, |c| wave.min(u64::from(c)))
+    }
+}
+
+/// One CTA's work: a tile of packed query rows of one request and KV head, over a range of keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WorkItem {
+    /// Index of the request in the batch.
+    pub request: u32,
+    /// KV head; the item computes the query heads of its group.
+    pub kv_head: u32,
+    /// First packed row of the tile (see the module docs for packing).
+    pub qo_tile_start: u32,
+    /// One past the last packed row; at most `qo_len * group_size`.
+    pub qo_tile_end: u32,
+    /// First key, within the request.
+    pub kv_start: u32,
+    /// One past the last key; at most `kv_len`.
+    pub kv_end: u32,
+    /// Partial row of request-local query row 0 for this item's chunk, or [`NONE`] when the
+    /// request is not split and the item writes `o` and `lse` directly.
+    pub partial: u32,
+}
+
+impl WorkItem {
+    /// The load-balancing cost: the kernel's time grows with the keys it streams and, more
+    /// weakly, with the query rows it holds.
+    pub fn cost(&self) -> u64 {
+        2 * u64::from(self.qo_tile_end - self.qo_tile_start)
+            + u64::from(self.kv_end - self.kv_start)
+    }
+}
+
+/// The plan of one batch: tile sizes, the work list (longest first) and the merge lists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkList {
+    /// The kernel template the list was planned for.
+    pub kind: KernelKind,
+    /// Packed query rows per tile: 16, 64 or 128.
+    pub cta_tile_q: u32,
+    /// Tokens per KV chunk; at least every request's `kv_len` when nothing is split.
+    pub kv_chunk: u32,
+    /// The valid work items, longest first.
+    pub items: Vec<WorkItem>,
+    /// Entries of the serialised work list (the grid size): `items.len()`, or the graph capacity.
+    /// Entries past `items.len()` are padding, marked invalid.
+    pub padded_len: u32,
+    /// `[total_qo + 1]`: the merge list of global query row `r` is
+    /// `merge_index[merge_indptr[r]..merge_indptr[r + 1]]`.
+    pub merge_indptr: Vec<u32>,
+    /// Partial rows to merge, grouped by query row, in KV order; `[partial_rows]`.
+    pub merge_index: Vec<u32>,
+    /// Rows of the partial-output scratch buffer (0 when nothing is split).
+    pub partial_rows: u32,
+}
+
+/// The sizes a workspace is allocated for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capacity {
+    /// Work list entries (`padded_len`).
+    pub items: u32,
+    /// Query rows of the batch (`total_qo`).
+    pub qo_rows: u32,
+    /// Partial rows.
+    pub partial_rows: u32,
+}
+
+impl Capacity {
+    /// Bounds that hold for every batch of at most `max_qo_rows` query rows planned with `opts`,
+    /// which must be in CUDA-graph mode: allocate once, re-plan forever.
+    ///
+    /// A split request `b` has `kv_heads * tiles * chunks` items and `qo_len * chunks` partial
+    /// rows, and `qo_len <= tiles * cta_tile_q / group_size`, so partial rows never exceed
+    /// `items * cta_tile_q / num_qo_heads` (with the largest tile, 128).
+    pub fn for_graph(opts: &PlanOptions, num_qo_heads: u32, max_qo_rows: u32) -> Result<Self> {
+        let Some(items) = opts.graph_capacity else {
+            return Err(Error::invalid(
+                "Capacity::for_graph needs PlanOptions::graph_capacity to bound the work list",
+            ));
+        };
+        if num_qo_heads == 0 {
+            return Err(Error::invalid("num_qo_heads must be at least 1"));
+        }
+        let partial = (u64::from(items) * 128).div_ceil(u64::from(num_qo_heads));
+        Ok(Capacity {
+            items,
+            qo_rows: max_qo_rows,
+            partial_rows: to_u32(partial, "the partial-row bound")?,
+        })
+    }
+}
+
+/// Query tile rows for a batch of `requests` non-empty requests with `packed_rows` packed query
+/// rows in all (query rows times group size), at head dim `head_dim`.
+pub fn cta_tile_q(packed_rows: u64, requests: u64, head_dim: u32) -> u32 {
+    let avg_at_most = |rows: u64| packed_rows <= rows * requests;
+    // 16 rows is one tensor-core MMA tile (m16), the least a CTA can hold: decode and short appends
+    // have a handful of packed rows, and a larger tile would be mostly padding.
+    if avg_at_most(16) {
+        return 16;
+    }
+    // 64 rows (4 warps x 16) already reuse each K/V tile loaded into shared memory four times
+    // over, and keep four times as many CTAs in the grid as 128 rows would for medium requests.
+    if avg_at_most(64) || head_dim >= 256 {
+        // At head dim 256 a 128-row f32 output accumulator (128 KiB) does not fit the registers.
+        return 64;
+    }
+    // Long prefills: 128 rows halve the K/V traffic per query row again, which is what it takes
+    // to be compute-bound rather than bandwidth-bound.
+    128
+}
+
+/// Plan `batch` for kernel `kind` on a device described by `opts`.
+pub fn plan(batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Result<WorkList> {
+    opts.validate()?;
+    let reqs = requests(batch)?;
+    let heads = batch.heads;
+    let group = u64::from(heads.group_size());
+    let tile = choose_tile(&reqs, kind, opts, heads.group_size(), heads.head_dim);
+    let kv_heads = u64::from(heads.num_kv_heads);
+    let count = |chunk: u32| kv_heads * count_tiles(&reqs, group, tile, chunk);
+
+    let kv_chunk = match opts.fixed_kv_chunk {
+        Some(c) => c,
+        None => search_kv_chunk(&reqs, opts.target_items(), &count),
+    };
+    let needed = count(kv_chunk);
+    if let Some(cap) = opts.graph_capacity
+        && needed > u64::from(cap)
+    {
+        return Err(Error::invalid(format!(
+            "this batch needs {needed} work items but the graph capacity is {cap}; \
+             plan with a larger PlanOptions::graph_capacity"
+        )));
+    }
+    to_i32_range(needed, "work items")?;
+    build(batch, &reqs, kind, tile, kv_chunk, opts.graph_capacity)
+}
+
+/// One request's lengths.
+#[derive(Clone, Copy, Debug)]
+struct Request {
+    qo_len: u32,
+    kv_len: u32,
+}
+
+fn requests(batch: &Batch) -> Result<Vec<Request>> {
+    let n = batch.batch();
+    if batch.kv.batch() != n {
+        return Err(Error::invalid(format!(
+            "qo_indptr describes {n} requests but the KV index {}",
+            batch.kv.batch()
+        )));
+    }
+    to_i32_range(batch.total_qo() as u64, "total query rows")?;
+    (0..n)
+        .map(|b| {
+            let kv_len = batch.kv.kv_len(b);
+            to_i32_range(u64::from(kv_len), "a request's KV length")?;
+            Ok(Request {
+                qo_len: batch.qo_len(b),
+                kv_len,
+            })
+        })
+        .collect()
+}
+
+fn choose_tile(reqs: &[Request], kind: KernelKind, opts: &PlanOptions, group: u32, hd: u32) -> u32 {
+    match kind {
+        // A decode request has one query row: its packed rows are the group, whatever the batch.
+        KernelKind::Decode => cta_tile_q(u64::from(group), 1, hd),
+        // Batch-invariant: the tile may change the kernel's reduction order, so it must not depend
+        // on the other requests; take the one long prompts want.
+        KernelKind::Prefill if opts.fixed_kv_chunk.is_some() => cta_tile_q(u64::MAX, 1, hd),
+        KernelKind::Prefill => {
+            let live = reqs.iter().filter(|r| r.qo_len > 0);
+            let rows: u64 = live
+                .clone()
+                .map(|r| u64::from(r.qo_len) * u64::from(group))
+                .sum();
+            cta_tile_q(rows, live.count() as u64, hd)
+        }
+    }
+}
+
+/// Chunks of a request of `kv_len` keys; a request with no key still has one (empty) chunk.
+fn chunks(kv_len: u32, chunk: u32) -> u32 {
+    kv_len.div_ceil(chunk).max(1)
+}
+
+/// (query tile, KV chunk) pairs of the batch for one KV head.
+fn count_tiles(reqs: &[Request], group: u64, tile: u32, chunk: u32) -> u64 {
+    reqs.iter()
+        .filter(|r| r.qo_len > 0)
+        .map(|r| {
+            let tiles = (u64::from(r.qo_len) * group).div_ceil(u64::from(tile));
+            tiles * u64::from(chunks(r.kv_len, chunk))
+        })
+        .sum()
+}
+
+/// The smallest chunk (a multiple of [`KV_CHUNK_ALIGN`], at least [`MIN_KV_CHUNK`]) whose work
+/// list still fits in `target` items: as many CTAs as the device runs at once, no more, since a
+/// second wave of split items only adds merge work. A batch that fills the device unsplit is not
+/// split.
+fn search_kv_chunk(reqs: &[Request], target: u64, count: &impl Fn(u32) -> u64) -> u32 {
+    let max_kv = reqs
+        .iter()
+        .filter(|r| r.qo_len > 0)
+        .map(|r| r.kv_len)
+        .max()
+        .unwrap_or(0);
+    let unsplit = max_kv.div_ceil(KV_CHUNK_ALIGN).max(1) * KV_CHUNK_ALIGN;
+    let unsplit = unsplit.max(MIN_KV_CHUNK);
+    if count(unsplit) >= target {
+        return unsplit;
+    }
+    // count() never grows with the chunk; search the multiples of the alignment.
+    let (mut lo, mut hi) = (MIN_KV_CHUNK / KV_CHUNK_ALIGN, unsplit / KV_CHUNK_ALIGN);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if count(mid * KV_CHUNK_ALIGN) <= target {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    lo * KV_CHUNK_ALIGN
+}
+
+/// Lay out the items and the partial rows of a chosen tile and chunk.
+fn build(
+    batch: &Batch,
+    reqs: &[Request],
+    kind: KernelKind,
+    tile: u32,
+    kv_chunk: u32,
+    graph_capacity: Option<u32>,
+) -> Result<WorkList> {
+    let group = batch.heads.group_size();
+    let mut items = Vec::new();
+    let mut merge_indptr = Vec::with_capacity(batch.total_qo() + 1);
+    let mut merge_index = Vec::new();
+    let mut partial_rows: u64 = 0;
+    merge_indptr.push(0);
+    for (b, r) in reqs.iter().enumerate() {
+        let n = chunks(r.kv_len, kv_chunk);
+        let split = n > 1 && r.qo_len > 0;
+        // Chunk-major partial rows: chunk c of this request owns rows base + c * qo_len + (0..qo_len).
+        let base = partial_rows;
+        if split {
+            partial_rows += u64::from(r.qo_len) * u64::from(n);
+            to_i32_range(partial_rows, "partial rows")?;
+        }
+        for i in 0..r.qo_len {
+            if split {
+                merge_index.extend((0..n).map(|c| (base + u64::from(c * r.qo_len + i)) as u32));
+            }
+            merge_indptr.push(merge_index.len() as u32);
+        }
+        let packed = r.qo_len * group;
+        for kv_head in 0..batch.heads.num_kv_heads {
+            for start in (0..packed).step_by(tile as usize) {
+                for c in 0..n {
+                    items.push(WorkItem {
+                        request: b as u32,
+                        kv_head,
+                        qo_tile_start: start,
+                        qo_tile_end: (start + tile).min(packed),
+                        kv_start: (c * kv_chunk).min(r.kv_len),
+                        kv_end: (c + 1).saturating_mul(kv_chunk).min(r.kv_len),
+                        partial: if split {
+                            (base + u64::from(c * r.qo_len)) as u32
+                        } else {
+                            NONE
+                        },
+                    });
+                }
+            }
+        }
+    }
+    // Longest first: the hardware hands CTAs out in grid order, so big items start early and small
+    // ones fill the gaps at the end. Ties keep a fixed order, so the same batch gives the same list.
+    items.sort_by_key(|w| {
+        (
+            std::cmp::Reverse(w.cost()),
+            w.request,
+            w.kv_head,
+            w.qo_tile_start,
+            w.kv_start,
+        )
+    });
+    let padded_len = graph_capacity.unwrap_or(items.len() as u32);
+    Ok(WorkList {
+        kind,
+        cta_tile_q: tile,
+        kv_chunk,
+        items,
+        padded_len,
+        merge_indptr,
+        merge_index,
+        partial_rows: partial_rows as u32,
+    })
+}
+
+fn to_u32(x: u64, what: &str) -> Result<u32> {
+    u32::try_from(x).map_err(|_| Error::unsupported(format!("{what} = {x} does not fit 32 bits")))
+}
+
+/// Every count the kernels read must fit in an int32.
+fn to_i32_range(x: u64, what: &str) -> Result<()> {
+    if x > i32::MAX as u64 {
+        return Err(Error::unsupported(format!(
+            "{what} = {x} does not fit the work list's int32 fields"
+        )));
+    }
+    Ok(())
+}
+
+/// Word indices of the workspace header (each an int32).
+pub mod header {
+    /// `MAGIC`, to catch a workspace that was never written.
+    pub const MAGIC_WORD: usize = 0;
+    /// [`VERSION`] of this layout.
+    pub const VERSION_WORD: usize = 1;
+    /// 0 for prefill, 1 for decode.
+    pub const KIND: usize = 2;
+    pub const CTA_TILE_Q: usize = 3;
+    pub const KV_CHUNK: usize = 4;
+    pub const PADDED_LEN: usize = 5;
+    /// Valid entries: the first `NUM_VALID` of `PADDED_LEN`.
+    pub const NUM_VALID: usize = 6;
+    pub const TOTAL_QO: usize = 7;
+    pub const PARTIAL_ROWS: usize = 8;
+    /// Byte offsets of the arrays, in [`super::Layout::ARRAYS`] order, from here on.
+    pub const OFFSETS: usize = 9;
+    /// Header size in bytes; the first array starts here.
+    pub const BYTES: usize = 128;
+    /// "FIPL" read as a little-endian int32.
+    pub const MAGIC: i32 = i32::from_le_bytes(*b"FIPL");
+    /// Bumped whenever the layout changes.
+    pub const VERSION: i32 = 1;
+}
+
+/// Byte offsets of the workspace arrays (all int32), and the bytes they span.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Offset of `request` `[padded_len]`; the item fields follow in [`Layout::ARRAYS`] order.
+    pub request: usize,
+    /// Offset of `kv_head`.
+    pub kv_head: usize,
+    /// Offset of `qo_tile_start`.
+    pub qo_tile_start: usize,
+    /// Offset of `qo_tile_end`.
+    pub qo_tile_end: usize,
+    /// Offset of `kv_start`.
+    pub kv_start: usize,
+    /// Offset of `kv_end`.
+    pub kv_end: usize,
+    /// `-1` ([`NONE`]) for an item that writes the output directly, and for padding.
+    pub partial: usize,
+    /// 1 for a real item, 0 for padding.
+    pub valid: usize,
+    /// `[total_qo + 1]`.
+    pub merge_indptr: usize,
+    /// `[partial_rows]`.
+    pub merge_index: usize,
+    /// Bytes from the start of the workspace to the end of the last array.
+    pub bytes: usize,
+}
+
+impl Layout {
+    /// Names of the arrays, in workspace order (the order of their offsets in the header).
+    pub const ARRAYS: [&str; 10] = [
+        "request",
+        "kv_head",
+        "qo_tile_start",
+        "qo_tile_end",
+        "kv_start",
+        "kv_end",
+        "partial",
+        "valid",
+        "merge_indptr",
+        "merge_index",
+    ];
+
+    /// The layout of a workspace of `padded_len` entries, `total_qo` query rows and
+    /// `partial_rows` partial rows.
+    pub fn new(padded_len: u32, total_qo: u32, partial_rows: u32) -> Self {
+        let lens = [padded_len as usize; 8]
+            .into_iter()
+            .chain([total_qo as usize + 1, partial_rows as usize]);
+        let mut offsets = [0usize; 10];
+        let mut at = header::BYTES;
+        for (slot, len) in offsets.iter_mut().zip(lens) {
+            *slot = at;
+            at = (at + 4 * len).next_multiple_of(16);
+        }
+        let [
+            request,
+            kv_head,
+            qo_tile_start,
+            qo_tile_end,
+            kv_start,
+            kv_end,
+            partial,
+            valid,
+            merge_indptr,
+            merge_index,
+        ] = offsets;
+        Layout {
+            request,
+            kv_head,
+            qo_tile_start,
+            qo_tile_end,
+            kv_start,
+            kv_end,
+            partial,
+            valid,
+            merge_indptr,
+            merge_index,
+            bytes: at,
+        }
+    }
+
+    /// The offsets in [`Layout::ARRAYS`] order.
+    pub fn offsets(&self) -> [usize; 10] {
+        [
+            self.request,
+            self.kv_head,
+            self.qo_tile_start,
+            self.qo_tile_end,
+            self.kv_start,
+            self.kv_end,
+            self.partial,
+            self.valid,
+            self.merge_indptr,
+            self.merge_index,
+        ]
+    }
+}
+
+/// Bytes a workspace needs to hold any plan within `capacity` made with `opts` (a graph plan always
+/// writes `graph_capacity` entries), so the caller can allocate it once.
+pub fn workspace_bytes(opts: &PlanOptions, capacity: &Capacity) -> usize {
+    let items = capacity.items.max(opts.graph_capacity.unwrap_or(0));
+    Layout::new(items, capacity.qo_rows, capacity.partial_rows).bytes
+}
+
+impl WorkList {
+    /// Query rows of the planned batch.
+    pub fn total_qo(&self) -> u32 {
+        (self.merge_indptr.len() - 1) as u32
+    }
+
+    /// Whether any request is split (so a merge pass must run).
+    pub fn is_split(&self) -> bool {
+        self.partial_rows > 0
+    }
+
+    /// Whether serialised entry `entry` is a real item rather than graph padding.
+    pub fn is_valid(&self, entry: usize) -> bool {
+        entry < self.items.len()
+    }
+
+    /// The smallest capacity this plan fits in.
+    pub fn capacity(&self) -> Capacity {
+        Capacity {
+            items: self.padded_len,
+            qo_rows: self.total_qo(),
+            partial_rows: self.partial_rows,
+        }
+    }
+
+    /// The layout of this plan's workspace.
+    pub fn layout(&self) -> Layout {
+        Layout::new(self.padded_len, self.total_qo(), self.partial_rows)
+    }
+
+    /// Serialise into `ws` (see the module docs for the format); bytes past the layout's end are
+    /// left as they were.
+    pub fn write(&self, ws: &mut [u8]) -> Result<Layout> {
+        let layout = self.layout();
+        if ws.len() < layout.bytes {
+            return Err(Error::invalid(format!(
+                "the workspace has {} bytes but this plan needs {} (see plan::workspace_bytes)",
+                ws.len(),
+                layout.bytes
+            )));
+        }
+        let mut head = [0i32; header::BYTES / 4];
+        head[header::MAGIC_WORD] = header::MAGIC;
+        head[header::VERSION_WORD] = header::VERSION;
+        head[header::KIND] = kind_code(self.kind);
+        head[header::CTA_TILE_Q] = self.cta_tile_q as i32;
+        head[header::KV_CHUNK] = word(self.kv_chunk);
+        head[header::PADDED_LEN] = self.padded_len as i32;
+        head[header::NUM_VALID] = self.items.len() as i32;
+        head[header::TOTAL_QO] = self.total_qo() as i32;
+        head[header::PARTIAL_ROWS] = self.partial_rows as i32;
+        for (k, off) in layout.offsets().into_iter().enumerate() {
+            head[header::OFFSETS + k] = off as i32;
+        }
+        put(ws, 0, head);
+
+        let pad = self.padded_len as usize;
+        let field = |f: fn(&WorkItem) -> u32| {
+            let items = self.items.iter().map(move |w| word(f(w)));
+            items.chain(std::iter::repeat(word(f(&PADDING)))).take(pad)
+        };
+        put(ws, layout.request, field(|w| w.request));
+        put(ws, layout.kv_head, field(|w| w.kv_head));
+        put(ws, layout.qo_tile_start, field(|w| w.qo_tile_start));
+        put(ws, layout.qo_tile_end, field(|w| w.qo_tile_end));
+        put(ws, layout.kv_start, field(|w| w.kv_start));
+        put(ws, layout.kv_end, field(|w| w.kv_end));
+        put(ws, layout.partial, field(|w| w.partial));
+        let valid = (0..pad).map(|e| i32::from(self.is_valid(e)));
+        put(ws, layout.valid, valid);
+        put(
+            ws,
+            layout.merge_indptr,
+            self.merge_indptr.iter().map(|&x| x as i32),
+        );
+        put(
+            ws,
+            layout.merge_index,
+            self.merge_index.iter().map(|&x| x as i32),
+        );
+        Ok(layout)
+    }
+
+    /// Read back a workspace written by [`WorkList::write`] (for tests and debugging).
+    pub fn read(ws: &[u8]) -> Result<WorkList> {
+        let bad = |what: &str| Error::invalid(format!("not a valid plan workspace: {what}"));
+        let words = |at: usize, n: usize| -> Result<Vec<i32>> {
+            let bytes = ws
+                .get(at..at + 4 * n)
+                .ok_or_else(|| bad("an array runs past its end"))?;
+            Ok(bytes
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect())
+        };
+        let head = words(0, header::BYTES / 4)?;
+        if head[header::MAGIC_WORD] != header::MAGIC
+            || head[header::VERSION_WORD] != header::VERSION
+        {
+            return Err(bad("wrong magic number or version"));
+        }
+        let kind = match head[header::KIND] {
+            0 => KernelKind::Prefill,
+            1 => KernelKind::Decode,
+            _ => return Err(bad("unknown kernel kind")),
+        };
+        let count = |w: usize| usize::try_from(head[w]).map_err(|_| bad("negative count"));
+        let (pad, valid_n) = (count(header::PADDED_LEN)?, count(header::NUM_VALID)?);
+        let (total_qo, partial_rows) = (count(header::TOTAL_QO)?, count(header::PARTIAL_ROWS)?);
+        let layout = Layout::new(pad as u32, total_qo as u32, partial_rows as u32);
+        let stored = &head[header::OFFSETS..header::OFFSETS + 10];
+        if layout
+            .offsets()
+            .iter()
+            .zip(stored)
+            .any(|(&a, &b)| a as i64 != i64::from(b))
+        {
+            return Err(bad("array offsets do not match the counts"));
+        }
+        let arr = |at: usize, n: usize| words(at, n);
+        let valid = arr(layout.valid, pad)?;
+        if valid_n > pad
+            || valid
+                .iter()
+                .enumerate()
+                .any(|(e, &v)| v != i32::from(e < valid_n))
+        {
+            return Err(bad("valid entries are not exactly the first NUM_VALID"));
+        }
+        let cols = [
+            layout.request,
+            layout.kv_head,
+            layout.qo_tile_start,
+            layout.qo_tile_end,
+            layout.kv_start,
+            layout.kv_end,
+            layout.partial,
+        ]
+        .map(|at| arr(at, valid_n));
+        let [request, kv_head, qs, qe, ks, ke, partial] = cols;
+        let (request, kv_head, qs, qe, ks, ke, partial) =
+            (request?, kv_head?, qs?, qe?, ks?, ke?, partial?);
+        let items = (0..valid_n)
+            .map(|e| WorkItem {
+                request: request[e] as u32,
+                kv_head: kv_head[e] as u32,
+                qo_tile_start: qs[e] as u32,
+                qo_tile_end: qe[e] as u32,
+                kv_start: ks[e] as u32,
+                kv_end: ke[e] as u32,
+                partial: partial[e] as u32,
+            })
+            .collect();
+        let unsigned = |v: Vec<i32>| v.into_iter().map(|x| x as u32).collect::<Vec<_>>();
+        Ok(WorkList {
+            kind,
+            cta_tile_q: head[header::CTA_TILE_Q] as u32,
+            kv_chunk: head[header::KV_CHUNK] as u32,
+            items,
+            padded_len: pad as u32,
+            merge_indptr: unsigned(arr(layout.merge_indptr, total_qo + 1)?),
+            merge_index: unsigned(arr(layout.merge_index, partial_rows)?),
+            partial_rows: partial_rows as u32,
+        })
+    }
+}
+
+/// What padding entries hold: an empty item that writes nothing.
+const PADDING: WorkItem = WorkItem {
+    request: 0,
+    kv_head: 0,
+    qo_tile_start: 0,
+    qo_tile_end: 0,
+    kv_start: 0,
+    kv_end: 0,
+    partial: NONE,
+};
+
+fn kind_code(kind: KernelKind) -> i32 {
+    match kind {
+        KernelKind::Prefill => 0,
+        KernelKind::Decode => 1,
+    }
+}
+
+/// A u32 as the int32 the kernels read; [`NONE`] becomes -1 (the only value above `i32::MAX` a
+/// plan holds).
+fn word(x: u32) -> i32 {
+    x as i32
+}
+
+fn put(ws: &mut [u8], at: usize, words: impl IntoIterator<Item = i32>) {
+    for (k, w) in words.into_iter().enumerate() {
+        ws[at + 4 * k..at + 4 * k + 4].copy_from_slice(&w.to_le_bytes());
+    }
+}

@@ -1,0 +1,520 @@
+//! The JIT on a machine without a GPU: NVRTC (from pip, via CUDA_HOME) must be present; these tests
+//! fail, never skip, when it is not.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Barrier};
+
+use ferrinfer_kernels::TranslationUnit;
+use ferrinfer_runtime::error::Error;
+use ferrinfer_runtime::jit::cache::{self, Entry};
+use ferrinfer_runtime::jit::{Arch, CompiledKernel, Jit, JitConfig, KernelStats, Origin, toolkit};
+
+/// A kernel with enough work that ptxas reports registers and static shared memory.
+fn saxpy_tu(tag: &str) -> TranslationUnit {
+    TranslationUnit {
+        name: format!("saxpy_{tag}"),
+        source: format!(
+            r#"// {tag}
+extern "C" __global__ void saxpy_tanh(float a, const float* x, float* y, int n) {{
+    __shared__ float tile[128];
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    tile[threadIdx.x] = i < n ? x[i] : 0.f;
+    __syncthreads();
+    if (i < n) y[i] = tanhf(a * tile[(threadIdx.x + 1) % 128] + y[i]) * expf(-y[i]);
+}}
+"#
+        ),
+        entry: "saxpy_tanh".into(),
+    }
+}
+
+/// A fresh, empty directory for one test.
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ferrinfer-jit-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn disk_jit(dir: &Path, compile: bool) -> Jit {
+    Jit::new(JitConfig {
+        cache_dir: Some(dir.to_path_buf()),
+        compile,
+        extra_options: Vec::new(),
+    })
+}
+
+fn memory_jit() -> Jit {
+    Jit::new(JitConfig::default())
+}
+
+fn assert_cubin(k: &CompiledKernel) {
+    assert_eq!(&k.cubin[..4], b"\x7fELF", "a CUBIN is an ELF image");
+    assert_eq!(k.entry, "saxpy_tanh");
+    assert!(k.stats.registers > 0, "stats parsed from {:?}", k.log);
+    assert_eq!(
+        k.stats.shared_static, 512,
+        "128 floats of static shared memory"
+    );
+}
+
+#[test]
+fn compiles_for_sm80_and_sm90a_and_hits_memory() {
+    let jit = memory_jit();
+    let tu = saxpy_tu("archs");
+    for arch in [Arch::new(8, 0), Arch::new(9, 0)] {
+        let first = jit.compile(&tu, arch).unwrap();
+        assert_eq!(first.origin, Origin::Compiled);
+        assert!(first.seconds > 0.0);
+        assert!(
+            first.log.contains(&arch.sm_name()),
+            "ptxas log names {arch}: {}",
+            first.log
+        );
+        assert_cubin(&first);
+        let second = jit.compile(&tu, arch).unwrap();
+        assert_eq!(second.origin, Origin::Memory);
+        assert_eq!(second.cubin, first.cubin);
+        assert_eq!(second.stats, first.stats);
+    }
+    assert_eq!(jit.cache_dir(), None);
+}
+
+#[test]
+fn sm90a_accepts_hopper_only_instructions() {
+    let tu = TranslationUnit {
+        name: "setmaxnreg".into(),
+        source: r#"extern "C" __global__ void __launch_bounds__(128) grow(float* x) {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+    x[threadIdx.x] += 1.f;
+}
+"#
+        .into(),
+        entry: "grow".into(),
+    };
+    let k = memory_jit().compile(&tu, Arch::SM90).unwrap();
+    assert_eq!(k.origin, Origin::Compiled);
+    assert!(matches!(
+        memory_jit().compile(&tu, Arch::SM80),
+        Err(Error::Compile { .. })
+    ));
+}
+
+#[test]
+fn a_new_jit_on_the_same_dir_hits_disk() {
+    let dir = temp_dir("disk");
+    let tu = saxpy_tu("disk");
+    let compiled = disk_jit(&dir, true).compile(&tu, Arch::SM80).unwrap();
+    assert_eq!(compiled.origin, Origin::Compiled);
+    let jit = disk_jit(&dir, true);
+    assert_eq!(jit.cache_dir(), Some(dir.as_path()));
+    let path = jit.entry_path(&tu, Arch::SM80).unwrap().unwrap();
+    assert!(path.is_file() && path.starts_with(&dir) && path.extension().unwrap() == "cubin");
+    let loaded = jit.compile(&tu, Arch::SM80).unwrap();
+    assert_eq!(loaded.origin, Origin::Disk);
+    assert_eq!(loaded.cubin, compiled.cubin);
+    assert_eq!(loaded.stats, compiled.stats);
+    assert_eq!(loaded.log, compiled.log);
+    assert_eq!(jit.compile(&tu, Arch::SM80).unwrap().origin, Origin::Memory);
+    // Another arch is another entry.
+    assert_eq!(
+        jit.compile(&tu, Arch::SM90).unwrap().origin,
+        Origin::Compiled
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn corrupt_entries_are_recompiled_and_repaired() {
+    let dir = temp_dir("corrupt");
+    let tu = saxpy_tu("corrupt");
+    let other = saxpy_tu("other");
+    let good = disk_jit(&dir, true).compile(&tu, Arch::SM80).unwrap();
+    disk_jit(&dir, true).compile(&other, Arch::SM80).unwrap();
+    let path = disk_jit(&dir, true)
+        .entry_path(&tu, Arch::SM80)
+        .unwrap()
+        .unwrap();
+    let other_path = disk_jit(&dir, true)
+        .entry_path(&other, Arch::SM80)
+        .unwrap()
+        .unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    // (The log, and so the file, differs between compiles: ptxas reports its own compile time.)
+    let mut flipped = bytes.clone();
+    *flipped.last_mut().unwrap() ^= 0x40;
+    let corruptions: [(&str, Vec<u8>); 5] = [
+        ("garbage", b"this is not a cubin at all".to_vec()),
+        ("empty", Vec::new()),
+        ("truncated", bytes[..bytes.len() / 2].to_vec()),
+        ("flipped payload byte", flipped),
+        (
+            "another kernel's entry",
+            std::fs::read(&other_path).unwrap(),
+        ),
+    ];
+    for (what, corrupt) in corruptions {
+        std::fs::write(&path, corrupt).unwrap();
+        let k = disk_jit(&dir, true).compile(&tu, Arch::SM80).unwrap();
+        assert_eq!(k.origin, Origin::Compiled, "{what} must not be trusted");
+        assert_eq!(k.cubin, good.cubin);
+        let again = disk_jit(&dir, true).compile(&tu, Arch::SM80).unwrap();
+        assert_eq!(again.origin, Origin::Disk, "{what} was repaired");
+        assert!(
+            again.cubin == good.cubin,
+            "{what}: the rewritten entry holds the right CUBIN"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn no_jit_mode_fails_on_a_miss_and_serves_hits() {
+    let dir = temp_dir("nojit");
+    let tu = saxpy_tu("nojit");
+    match disk_jit(&dir, false).compile(&tu, Arch::SM80) {
+        Err(Error::CacheMiss(msg)) => {
+            assert!(msg.contains(&tu.name) && msg.contains("sm_80"), "{msg}")
+        }
+        other => panic!("expected CacheMiss, got {:?}", other.map(|k| k.origin)),
+    }
+    let memory_only = Jit::new(JitConfig {
+        compile: false,
+        ..JitConfig::default()
+    });
+    assert!(matches!(
+        memory_only.compile(&tu, Arch::SM80),
+        Err(Error::CacheMiss(_))
+    ));
+    let compiled = disk_jit(&dir, true).compile(&tu, Arch::SM80).unwrap();
+    let served = disk_jit(&dir, false).compile(&tu, Arch::SM80).unwrap();
+    assert_eq!(served.origin, Origin::Disk);
+    assert_eq!(served.cubin, compiled.cubin);
+    // A different arch is still a miss.
+    assert!(matches!(
+        disk_jit(&dir, false).compile(&tu, Arch::SM90),
+        Err(Error::CacheMiss(_))
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn concurrent_jits_sharing_a_dir_agree() {
+    let dir = temp_dir("threads");
+    let barrier = Arc::new(Barrier::new(4));
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (dir, barrier) = (dir.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let jit = disk_jit(&dir, true);
+                barrier.wait();
+                jit.compile(&saxpy_tu("threads"), Arch::SM90)
+                    .unwrap()
+                    .cubin
+                    .clone()
+            })
+        })
+        .collect();
+    let cubins: Vec<Vec<u8>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(cubins.iter().all(|c| *c == cubins[0]));
+    let after = disk_jit(&dir, true)
+        .compile(&saxpy_tu("threads"), Arch::SM90)
+        .unwrap();
+    assert_eq!(after.origin, Origin::Disk);
+    assert_eq!(after.cubin, cubins[0]);
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn one_jit_shared_by_threads_compiles_once() {
+    let jit = Arc::new(memory_jit());
+    let tu = Arc::new(saxpy_tu("shared"));
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (jit, tu) = (jit.clone(), tu.clone());
+            std::thread::spawn(move || jit.compile(&tu, Arch::SM80).unwrap().origin)
+        })
+        .collect();
+    let origins: Vec<Origin> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(
+        origins.iter().filter(|o| **o == Origin::Compiled).count(),
+        1,
+        "{origins:?}"
+    );
+}
+
+#[test]
+fn a_syntax_error_gives_the_log_and_the_line() {
+    let tu = TranslationUnit {
+        name: "broken_tu".into(),
+        source: "// line 1\n// line 2\nextern \"C\" __global__ void k(float* x) {\n    x[0] = undefined_name;\n}\n".into(),
+        entry: "k".into(),
+    };
+    match memory_jit().compile(&tu, Arch::SM80) {
+        Err(Error::Compile { kernel, log }) => {
+            assert_eq!(kernel, "broken_tu");
+            assert!(
+                log.contains("undefined_name") && log.contains("error"),
+                "{log}"
+            );
+            assert!(log.contains("broken_tu(4)"), "NVRTC names the line: {log}");
+            assert!(
+                log.contains(">    4 |     x[0] = undefined_name;"),
+                "context shown: {log}"
+            );
+        }
+        other => panic!("expected Error::Compile, got {:?}", other.map(|k| k.origin)),
+    }
+}
+
+#[test]
+fn extra_options_are_used_and_keyed() {
+    let dir = temp_dir("options");
+    let tu = TranslationUnit {
+        name: "defined".into(),
+        source: "#ifndef SCALE\n#error SCALE must be defined\n#endif\nextern \"C\" __global__ void k(float* x) { x[0] *= SCALE; }\n"
+            .into(),
+        entry: "k".into(),
+    };
+    let with = |opts: &[&str]| {
+        Jit::new(JitConfig {
+            cache_dir: Some(dir.clone()),
+            compile: true,
+            extra_options: opts.iter().map(|s| s.to_string()).collect(),
+        })
+    };
+    assert!(matches!(
+        with(&[]).compile(&tu, Arch::SM80),
+        Err(Error::Compile { .. })
+    ));
+    let two = with(&["-DSCALE=2.f"]);
+    assert_eq!(
+        two.compile(&tu, Arch::SM80).unwrap().origin,
+        Origin::Compiled
+    );
+    let three = with(&["-DSCALE=3.f"]);
+    assert_ne!(
+        two.entry_path(&tu, Arch::SM80).unwrap(),
+        three.entry_path(&tu, Arch::SM80).unwrap()
+    );
+    assert_eq!(
+        three.compile(&tu, Arch::SM80).unwrap().origin,
+        Origin::Compiled
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_unusable_cache_dir_falls_back_to_memory() {
+    let dir = temp_dir("unwritable");
+    let file = dir.join("a_file");
+    std::fs::write(&file, b"x").unwrap();
+    let jit = disk_jit(&file.join("cache"), true);
+    assert_eq!(jit.cache_dir(), None);
+    let tu = saxpy_tu("unwritable");
+    assert_eq!(
+        jit.compile(&tu, Arch::SM80).unwrap().origin,
+        Origin::Compiled
+    );
+    assert_eq!(jit.compile(&tu, Arch::SM80).unwrap().origin, Origin::Memory);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn discovery_failure_names_every_path_and_the_fix() {
+    let tried = [
+        PathBuf::from("/opt/cuda-x/lib64"),
+        PathBuf::from("/home/u/.local/lib/python3*/site-packages/nvidia/cu13"),
+    ];
+    let msg = toolkit::not_found_message(&tried);
+    for p in &tried {
+        assert!(msg.contains(&p.display().to_string()), "{msg}");
+    }
+    assert!(
+        msg.contains("CUDA_HOME") && msg.contains("pip install nvidia-cuda-nvrtc==13.0.88"),
+        "{msg}"
+    );
+    let driver = toolkit::driver_not_found_message();
+    for d in [
+        "libcuda.so.1",
+        "/usr/local/nvidia/lib64",
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib/wsl/lib",
+    ] {
+        assert!(driver.contains(d), "{driver}");
+    }
+    assert!(driver.contains("no NVIDIA GPU driver"));
+}
+
+#[test]
+fn nvrtc_is_found_and_the_driver_never_panics() {
+    toolkit::load_nvrtc().unwrap();
+    match toolkit::load_driver() {
+        Ok(()) => {}
+        Err(Error::CudaUnavailable(msg)) => assert!(msg.contains("libcuda.so.1"), "{msg}"),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+    if let Some(include) = toolkit::cuda_include_dir() {
+        assert!(include.join("cuda_fp16.h").is_file());
+    }
+}
+
+#[test]
+fn arch_names() {
+    let names: Vec<String> = [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)]
+        .map(|(a, b)| Arch::new(a, b).sm_name())
+        .into();
+    assert_eq!(
+        names,
+        ["sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120"]
+    );
+    assert_eq!(Arch::SM90.to_string(), "sm_90a");
+}
+
+#[test]
+fn ptxas_report_is_parsed_for_the_entry() {
+    let log = "ptxas info    : 0 bytes gmem\n\
+        ptxas info    : Compiling entry function 'other' for 'sm_80'\n\
+        ptxas info    : Function properties for other\n\
+        ptxas         .     8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n\
+        ptxas info    : Used 255 registers, 4096 bytes smem, 368 bytes cmem[0]\n\
+        ptxas info    : Compiling entry function 'k' for 'sm_80'\n\
+        ptxas info    : Function properties for k\n\
+        ptxas         .     16 bytes stack frame, 12 bytes spill stores, 20 bytes spill loads\n\
+        ptxas info    : Used 72 registers, used 1 barriers, 1024 bytes smem\n";
+    let k = KernelStats::parse(log, "k");
+    assert_eq!(
+        k,
+        KernelStats {
+            registers: 72,
+            spill_stores: 12,
+            spill_loads: 20,
+            stack_frame: 16,
+            shared_static: 1024
+        }
+    );
+    assert_eq!(
+        KernelStats::parse(log, "absent").registers,
+        255,
+        "unknown entry: the largest wins"
+    );
+}
+
+#[test]
+fn cache_entries_round_trip_and_reject_damage() {
+    let e = Entry {
+        key_text: "key\nsource".into(),
+        entry: "k".into(),
+        stats: KernelStats {
+            registers: 40,
+            spill_stores: 0,
+            spill_loads: 0,
+            stack_frame: 8,
+            shared_static: 512,
+        },
+        log: "ptxas info".into(),
+        cubin: (0..=255).collect(),
+    };
+    let bytes = cache::encode(&e);
+    assert_eq!(cache::decode(&bytes, &e.key_text).unwrap(), e);
+    assert!(
+        cache::decode(&bytes, "another key")
+            .unwrap_err()
+            .contains("key")
+    );
+    assert!(
+        cache::decode(&bytes[..bytes.len() - 1], &e.key_text)
+            .unwrap_err()
+            .contains("truncated")
+    );
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(cache::decode(&longer, &e.key_text).is_err());
+    let mut stats_changed = bytes.clone();
+    stats_changed[8 + 4 + 4 + e.key_text.len() + 4 + 1] ^= 1;
+    assert!(
+        cache::decode(&stats_changed, &e.key_text)
+            .unwrap_err()
+            .contains("checksum")
+    );
+}
+
+#[test]
+fn config_from_environment() {
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        move |k: &str| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    let c = JitConfig::from_lookup(env(&[
+        ("FERRINFER_NO_JIT", "1"),
+        ("FERRINFER_CACHE_DIR", "/c"),
+        ("HOME", "/h"),
+    ]));
+    assert!(!c.compile);
+    assert_eq!(c.cache_dir, Some(PathBuf::from("/c")));
+    let c = JitConfig::from_lookup(env(&[
+        ("FERRINFER_NO_JIT", "0"),
+        ("XDG_CACHE_HOME", "/x"),
+        ("HOME", "/h"),
+    ]));
+    assert!(c.compile);
+    assert_eq!(c.cache_dir, Some(PathBuf::from("/x/ferrinfer")));
+    let c = JitConfig::from_lookup(env(&[("HOME", "/h")]));
+    assert_eq!(c.cache_dir, Some(PathBuf::from("/h/.cache/ferrinfer")));
+    assert_eq!(JitConfig::from_lookup(env(&[])).cache_dir, None);
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_driver_loads_and_runs_a_jit_cubin() {
+    use cudarc::driver::{CudaContext, LaunchConfig, PushKernelArg};
+    toolkit::load_driver().unwrap();
+    let ctx = CudaContext::new(0).unwrap();
+    let (major, minor) = ctx.compute_capability().unwrap();
+    let k = memory_jit()
+        .compile(&saxpy_tu("gpu"), Arch::new(major as u32, minor as u32))
+        .unwrap();
+    let module = ctx
+        .load_module(cudarc::nvrtc::Ptx::from_binary(k.cubin.clone()))
+        .unwrap();
+    let f = module.load_function(&k.entry).unwrap();
+    let stream = ctx.default_stream();
+    let n = 256usize;
+    let x: Vec<f32> = (0..n).map(|i| i as f32 / n as f32).collect();
+    let y0: Vec<f32> = (0..n).map(|i| 1.0 - i as f32 / n as f32).collect();
+    let dx = stream.clone_htod(&x).unwrap();
+    let mut dy = stream.clone_htod(&y0).unwrap();
+    let (a, n_i32) = (0.5f32, n as i32);
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(&a).arg(&dx).arg(&mut dy).arg(&n_i32);
+    // SAFETY: the argument list matches saxpy_tanh's signature and both buffers hold n floats.
+    unsafe {
+        launch.launch(LaunchConfig {
+            grid_dim: (2, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .unwrap();
+    let y = stream.clone_dtoh(&dy).unwrap();
+    for i in 0..n {
+        let t = (i % 128 + 1) % 128 + (i / 128) * 128;
+        let want = (a * x[t] + y0[i]).tanh() * (-y0[i]).exp();
+        assert!(
+            (y[i] - want).abs() <= 1e-5,
+            "y[{i}] = {}, want {want}",
+            y[i]
+        );
+    }
+}

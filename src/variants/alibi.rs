@@ -1,0 +1,77 @@
+use crate::prelude::*;
+
+/// ALiBi (Press et al., 2022): a per-head linear bias on the distance between query and key,
+/// `s + slope[head] * (kv_pos - q_abs)`, where `q_abs = qo_pos + kv_len - qo_len` is the query's
+/// absolute position.
+///
+/// ```
+/// use ferrinfer::prelude::*;
+/// use ferrinfer::variants::Alibi;
+///
+/// let v = Alibi::new(8);
+/// assert_eq!(v.slopes.as_slice()[0], 0.5);
+/// // Query at position 3 (of 4), key 1: two tokens back, bias -2 * 0.5.
+/// let at = Pos { qo_pos: 3, kv_pos: 1, qo_len: 4, kv_len: 4, ..Pos::default() };
+/// assert_eq!(v.logits(0.0, at), -1.0);
+/// ```
+#[derive(AttentionParams, Clone, Debug)]
+pub struct Alibi {
+    /// One slope per query head.
+    pub slopes: Array<f32>,
+}
+
+impl Alibi {
+    /// The slopes of the ALiBi paper for `num_heads` heads: the geometric sequence `2^(-8/n)`,
+    /// `2^(-16/n)`, ... for a power of two `n`; otherwise those of the largest power of two below,
+    /// followed by every other slope of twice that power.
+    pub fn new(num_heads: u32) -> Self {
+        Alibi {
+            slopes: Array::new(slopes(num_heads).into_iter().map(|s| s as f32).collect()),
+        }
+    }
+}
+
+fn slopes(n: u32) -> Vec<f64> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let geometric = |n: u32| -> Vec<f64> {
+        let start = 2f64.powf(-8.0 / f64::from(n));
+        (1..=n).map(|i| start.powi(i as i32)).collect()
+    };
+    if n.is_power_of_two() {
+        return geometric(n);
+    }
+    let lower = 1 << (31 - n.leading_zeros());
+    let mut s = geometric(lower);
+    s.extend(
+        slopes(2 * lower)
+            .into_iter()
+            .step_by(2)
+            .take((n - lower) as usize),
+    );
+    s
+}
+
+#[attention_variant]
+impl Alibi {
+    /// `s + slope[qo_head] * (kv_pos - q_abs)`.
+    pub fn logits(&self, s: f32, at: Pos) -> f32 {
+        let q_abs = (at.qo_pos + at.kv_len - at.qo_len) as f32;
+        s + self.slopes[at.qo_head] * (at.kv_pos as f32 - q_abs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slopes_follow_the_paper() {
+        assert_eq!(slopes(4), vec![0.25, 0.0625, 0.015625, 0.00390625]);
+        // 6 heads: the 4 of n = 4, then slopes 1 and 3 of n = 8 (2^-1, 2^-3).
+        let six = slopes(6);
+        assert_eq!(&six[..4], &slopes(4)[..]);
+        assert_eq!(&six[4..], &[0.5, 0.125]);
+    }
+}

@@ -1,0 +1,26 @@
+use crate::prelude::*;
+
+/// Logits soft-capping (Gemma 2, Grok): `cap * tanh(s / cap)` keeps every score within `(-cap, cap)`.
+///
+/// ```
+/// use ferrinfer::prelude::*;
+/// use ferrinfer::variants::SoftCap;
+///
+/// let v = SoftCap { cap: 30.0 };
+/// assert!(v.logits(60.0, Pos::default()) < 30.0);
+/// assert_eq!(v.logits(0.0, Pos::default()), 0.0);
+/// ```
+#[derive(AttentionParams, Clone, Copy, Debug)]
+pub struct SoftCap {
+    /// The bound of the capped scores (30 for Gemma 2's attention).
+    pub cap: f32,
+}
+
+#[attention_variant]
+impl SoftCap {
+    /// `cap * tanh(s / cap)`.
+    pub fn logits(&self, s: f32, at: Pos) -> f32 {
+        let _ = at;
+        self.cap * (s / self.cap).tanh()
+    }
+}

@@ -1,0 +1,14 @@
+// Alibi: lowered from Rust by #[attention_variant]
+struct Variant {
+  static constexpr bool kSoftmax = true;
+  static constexpr bool kHasQuery = false;
+  static constexpr bool kHasKey = false;
+  static constexpr bool kHasLogits = true;
+  static constexpr bool kHasMask = false;
+  static constexpr bool kHasOutput = false;
+  static constexpr bool kHasSink = false;
+  __device__ __forceinline__ static float logits(const Params& self, float s, const fi::Pos& at) {
+    const auto q_abs = fi::as_f32(at.qo_pos + at.kv_len - at.qo_len);
+    return s + fi::index(self.slopes, self.slopes_len, at.qo_head) * (fi::as_f32(at.kv_pos) - q_abs);
+  }
+};

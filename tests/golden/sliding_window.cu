@@ -1,0 +1,14 @@
+// SlidingWindow: lowered from Rust by #[attention_variant]
+struct Variant {
+  static constexpr bool kSoftmax = true;
+  static constexpr bool kHasQuery = false;
+  static constexpr bool kHasKey = false;
+  static constexpr bool kHasLogits = false;
+  static constexpr bool kHasMask = true;
+  static constexpr bool kHasOutput = false;
+  static constexpr bool kHasSink = false;
+  __device__ __forceinline__ static bool mask(const Params& self, const fi::Pos& at) {
+    const auto q_abs = at.qo_pos + at.kv_len - at.qo_len;
+    return at.kv_pos > q_abs || q_abs - at.kv_pos < self.window;
+  }
+};

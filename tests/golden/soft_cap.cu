@@ -1,0 +1,13 @@
+// SoftCap: lowered from Rust by #[attention_variant]
+struct Variant {
+  static constexpr bool kSoftmax = true;
+  static constexpr bool kHasQuery = false;
+  static constexpr bool kHasKey = false;
+  static constexpr bool kHasLogits = true;
+  static constexpr bool kHasMask = false;
+  static constexpr bool kHasOutput = false;
+  static constexpr bool kHasSink = false;
+  __device__ __forceinline__ static float logits(const Params& self, float s, const fi::Pos& at) {
+    return self.cap * tanhf(s / self.cap);
+  }
+};

@@ -1,0 +1,292 @@
+//! GPU tests: every built-in variant on the GPU against the CPU reference (f64), on fresh random
+//! inputs, with the output poisoned with NaN before each run. Run on the GPU machine through
+//! `../shared/tools/gpu-stage` and `.gpu/run tests`.
+
+use ferrinfer::prelude::*;
+use ferrinfer::reference::{self, rel_l2};
+use ferrinfer::rng::Rng;
+use ferrinfer::variants::*;
+use ferrinfer::{DType, Element, HEAD_DIMS, Variant};
+
+/// One test case: a batch shape.
+struct Case {
+    heads: Heads,
+    qo_lens: Vec<u32>,
+    kv_lens: Vec<u32>,
+    /// `None`: ragged KV.
+    page_size: Option<u32>,
+    layout: KvLayout,
+    causal: bool,
+    decode: bool,
+}
+
+/// The tolerance of DESIGN.md's testing rules.
+fn tolerance<T: Element>() -> f64 {
+    match T::DTYPE {
+        DType::Bf16 => 1e-2,
+        DType::F16 => 2e-3,
+    }
+}
+
+fn indptr(lens: &[u32]) -> Vec<i32> {
+    let mut v = vec![0i32];
+    for &l in lens {
+        v.push(v.last().unwrap() + l as i32);
+    }
+    v
+}
+
+/// Scatter each request's keys over shuffled pages; returns the index and the page-major K, V.
+fn kv_index(case: &Case, rng: &mut Rng) -> KvIndex {
+    match case.page_size {
+        None => KvIndex::ragged(&indptr(&case.kv_lens), case.layout).unwrap(),
+        Some(p) => {
+            let pages: Vec<u32> = case.kv_lens.iter().map(|&l| l.div_ceil(p)).collect();
+            let total: u32 = pages.iter().sum();
+            // A few spare pages, so that unused pages exist in the cache as in a real server.
+            let num_pages = total + 3;
+            let mut ids: Vec<i32> = (0..num_pages as i32).collect();
+            rng.shuffle(&mut ids);
+            let indices = ids[..total as usize].to_vec();
+            let last: Vec<i32> = case
+                .kv_lens
+                .iter()
+                .map(|&l| if l == 0 { 0 } else { ((l - 1) % p + 1) as i32 })
+                .collect();
+            KvIndex::paged(p, &indptr(&pages), &indices, &last, num_pages, case.layout).unwrap()
+        }
+    }
+}
+
+/// Run `variant` on the GPU and the CPU reference; assert they agree.
+fn check<V: Variant, T: Element>(gpu: &Backend, variant: &V, case: &Case) {
+    let mut rng = Rng::from_time();
+    let seed = rng.seed();
+    let kv = kv_index(case, &mut rng);
+    let batch = if case.decode {
+        Batch::decode(case.heads, kv).unwrap()
+    } else {
+        Batch::new(case.heads, &indptr(&case.qo_lens), kv)
+            .unwrap()
+            .with_causal(case.causal)
+    };
+    let round = |xs: Vec<f32>| -> Vec<T> { xs.into_iter().map(T::from_f32).collect() };
+    let q = round(rng.normal_vec(batch.q_len()));
+    let k = round(rng.normal_vec(batch.kv.buffer_len(&batch.heads)));
+    let v = round(rng.normal_vec(batch.kv.buffer_len(&batch.heads)));
+    let want = reference::attention_typed(variant, &batch, &q, &k, &v).unwrap();
+
+    let (qd, kd, vd) = (
+        gpu.upload(&q).unwrap(),
+        gpu.upload(&k).unwrap(),
+        gpu.upload(&v).unwrap(),
+    );
+    let mut od = gpu.filled(batch.q_len(), T::from_f32(f32::NAN)).unwrap();
+    let with_lse = V::SPEC.softmax;
+    let mut lsed = gpu.filled(batch.lse_len(), f32::NAN).unwrap();
+    let lse = if with_lse { Some(&mut lsed) } else { None };
+    if case.decode {
+        let plan = BatchDecode::plan(gpu, case.heads, batch.kv.clone(), None).unwrap();
+        plan.run(variant, &qd, &kd, &vd, &mut od, lse).unwrap();
+    } else {
+        let plan = BatchPrefill::plan(gpu, batch.clone()).unwrap();
+        plan.run(variant, &qd, &kd, &vd, &mut od, lse).unwrap();
+    }
+    let got: Vec<f32> = od.to_vec().unwrap().iter().map(|x| x.to_f32()).collect();
+    let err = rel_l2(&got, &want.o);
+    let what = format!(
+        "{} {:?} hd{} qo{:?} kv{:?} page {:?} {:?} causal {} decode {} (seed {seed})",
+        V::SPEC.name,
+        T::DTYPE,
+        case.heads.head_dim,
+        case.qo_lens,
+        case.kv_lens,
+        case.page_size,
+        case.layout,
+        case.causal,
+        case.decode
+    );
+    assert!(
+        err <= tolerance::<T>(),
+        "{what}: relative L2 error {err:.2e}"
+    );
+    if with_lse {
+        let got = lsed.to_vec().unwrap();
+        for (i, (g, w)) in got.iter().zip(&want.lse).enumerate() {
+            let ok = if w.is_infinite() {
+                *g == *w as f32
+            } else {
+                (f64::from(*g) - w).abs() <= 1e-2 * (1.0 + w.abs())
+            };
+            assert!(ok, "{what}: lse[{i}] = {g}, want {w}");
+        }
+    }
+}
+
+/// A small grid of shapes covering ragged, paged (NHD and HND), causal and decode.
+fn cases(head_dim: u32) -> Vec<Case> {
+    let h = Heads::new(8, 2, head_dim).unwrap();
+    vec![
+        Case {
+            heads: h,
+            qo_lens: vec![17, 1, 64],
+            kv_lens: vec![17, 33, 100],
+            page_size: None,
+            layout: KvLayout::Nhd,
+            causal: true,
+            decode: false,
+        },
+        Case {
+            heads: h,
+            qo_lens: vec![5, 40],
+            kv_lens: vec![70, 40],
+            page_size: Some(16),
+            layout: KvLayout::Nhd,
+            causal: false,
+            decode: false,
+        },
+        Case {
+            heads: h,
+            qo_lens: vec![9, 3],
+            kv_lens: vec![31, 3],
+            page_size: Some(1),
+            layout: KvLayout::Hnd,
+            causal: true,
+            decode: false,
+        },
+        Case {
+            heads: h,
+            qo_lens: vec![1; 4],
+            kv_lens: vec![1, 15, 16, 200],
+            page_size: Some(16),
+            layout: KvLayout::Nhd,
+            causal: false,
+            decode: true,
+        },
+        Case {
+            heads: Heads::new(4, 4, head_dim).unwrap(),
+            qo_lens: vec![1; 3],
+            kv_lens: vec![0, 7, 129],
+            page_size: Some(32),
+            layout: KvLayout::Hnd,
+            causal: false,
+            decode: true,
+        },
+    ]
+}
+
+fn gpu() -> Backend {
+    Backend::cuda(0).expect("this test needs a CUDA GPU")
+}
+
+/// Every case at every head dim and both dtypes.
+fn sweep<V: Variant>(variant: &V) {
+    let gpu = gpu();
+    for hd in HEAD_DIMS {
+        for case in cases(hd) {
+            check::<V, bf16>(&gpu, variant, &case);
+            check::<V, f16>(&gpu, variant, &case);
+        }
+    }
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_standard() {
+    sweep(&Standard);
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_soft_cap() {
+    sweep(&SoftCap { cap: 5.0 });
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_alibi() {
+    sweep(&Alibi::new(8));
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_sliding_window() {
+    sweep(&SlidingWindow { window: 12 });
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_custom_mask() {
+    // A fixed pseudo-random bit pattern long enough for every case's (request, qo, kv) triples.
+    let mut rng = Rng::from_time();
+    let words: Vec<u32> = (0..1 << 16).map(|_| rng.next_u64() as u32).collect();
+    // Every request starts at bit 0 of the same words: a valid (if shared) mask per request.
+    let offsets = vec![0u32; 8];
+    sweep(&CustomMask {
+        bits: Array::new(words),
+        offsets: Array::new(offsets),
+    });
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_flash_sigmoid() {
+    sweep(&FlashSigmoid { bias: -1.0 });
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_llama_rope() {
+    sweep(&LlamaRope { theta: 10_000.0 });
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_attention_sink() {
+    let sinks: Vec<f32> = (0..8).map(|h| 0.5 * h as f32 - 1.0).collect();
+    sweep(&AttentionSink {
+        sinks: Array::new(sinks),
+    });
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_bad_input_is_an_error_not_a_crash() {
+    let gpu = gpu();
+    let heads = Heads::new(8, 2, 96).unwrap();
+    let kv = KvIndex::ragged(&[0, 4], KvLayout::Nhd).unwrap();
+    let batch = Batch::new(heads, &[0, 4], kv).unwrap();
+    let err = BatchPrefill::plan(&gpu, batch)
+        .err()
+        .expect("head dim 96 must be refused");
+    assert!(err.to_string().contains("head_dim 96"), "{err}");
+
+    let heads = Heads::new(8, 2, 64).unwrap();
+    let kv = KvIndex::ragged(&[0, 4], KvLayout::Nhd).unwrap();
+    let plan = BatchPrefill::plan(&gpu, Batch::new(heads, &[0, 4], kv).unwrap()).unwrap();
+    let q = gpu.filled(4 * 8 * 64, bf16::ONE).unwrap();
+    let kv = gpu.filled(4 * 2 * 64, bf16::ONE).unwrap();
+    let mut short = gpu.filled(10, bf16::ZERO).unwrap();
+    let err = plan
+        .run(&Standard, &q, &kv, &kv, &mut short, None)
+        .unwrap_err();
+    assert!(err.to_string().contains("o has 10 elements"), "{err}");
+    let host = Backend::Cpu.upload(&vec![bf16::ONE; 4 * 8 * 64]).unwrap();
+    let mut o = gpu.filled(4 * 8 * 64, bf16::ZERO).unwrap();
+    let err = plan
+        .run(&Standard, &host, &kv, &kv, &mut o, None)
+        .unwrap_err();
+    assert!(err.to_string().contains("host buffer"), "{err}");
+    let mut lse = gpu.filled(4 * 8, 0.0f32).unwrap();
+    let err = plan
+        .run(
+            &FlashSigmoid { bias: 0.0 },
+            &q,
+            &kv,
+            &kv,
+            &mut o,
+            Some(&mut lse),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("no softmax"), "{err}");
+}

@@ -1,0 +1,151 @@
+//! The registry sees every built-in variant and the variants of other crates (this test is one),
+//! each with its hooks, softmax switch and parameter layout.
+
+use ferrinfer::__private::{ParamField, ParamType};
+use ferrinfer::prelude::*;
+use ferrinfer::{Hooks, Variant};
+
+/// A variant outside the `ferrinfer` crate, using most of the DSL.
+#[derive(AttentionParams)]
+pub struct Banded {
+    pub scale: f32,
+    pub width: u32,
+    pub enabled: bool,
+    pub bias: Array<f32>,
+}
+
+#[attention_variant]
+impl Banded {
+    fn logits(&self, s: f32, at: Pos) -> f32 {
+        let s = s * self.scale;
+        let h = at.qo_head % self.bias.len();
+        let s = if self.enabled {
+            let b = self.bias[h];
+            s + b
+        } else {
+            s
+        };
+        s.max(f32::NEG_INFINITY)
+    }
+
+    fn mask(&self, at: Pos) -> bool {
+        let q_abs = at.qo_pos + at.kv_len - at.qo_len;
+        if at.kv_pos > q_abs {
+            return true;
+        }
+        q_abs - at.kv_pos <= self.width
+    }
+
+    fn output(&self, o: f32, i: u32, _at: Pos) -> f32 {
+        if i.is_multiple_of(2) { o } else { -o }
+    }
+}
+
+fn find(name: &str) -> &'static ferrinfer::VariantSpec {
+    let found: Vec<_> = ferrinfer::variants().filter(|v| v.name == name).collect();
+    assert_eq!(found.len(), 1, "{name} registered {} times", found.len());
+    found[0]
+}
+
+#[test]
+fn every_builtin_is_registered() {
+    for name in [
+        "Standard",
+        "SoftCap",
+        "Alibi",
+        "SlidingWindow",
+        "CustomMask",
+        "FlashSigmoid",
+        "LlamaRope",
+        "AttentionSink",
+    ] {
+        let spec = find(name);
+        assert_eq!(
+            spec.module_path.split("::").next(),
+            Some("ferrinfer"),
+            "{name}"
+        );
+        assert!(spec.cuda.contains("struct Variant {"), "{name}");
+    }
+    assert_eq!(find("SoftCap").hooks.names(), ["logits"]);
+    assert_eq!(find("LlamaRope").hooks.names(), ["query", "key"]);
+    assert_eq!(find("AttentionSink").hooks.names(), ["sink"]);
+    assert!(!find("FlashSigmoid").softmax);
+    assert_eq!(
+        find("CustomMask").params,
+        [
+            ParamField {
+                name: "bits",
+                ty: ParamType::ArrayU32
+            },
+            ParamField {
+                name: "offsets",
+                ty: ParamType::ArrayU32
+            },
+        ]
+    );
+}
+
+#[test]
+fn a_variant_of_another_crate_is_found() {
+    let spec = find("Banded");
+    assert!(std::ptr::eq(spec, Banded::SPEC));
+    assert_eq!(spec.module_path, module_path!());
+    assert_eq!(spec.qualified_name(), "registry::Banded");
+    assert_eq!(
+        spec.hooks,
+        Hooks {
+            logits: true,
+            mask: true,
+            output: true,
+            ..Hooks::default()
+        }
+    );
+    assert!(spec.softmax);
+    assert_eq!(
+        spec.params,
+        [
+            ParamField {
+                name: "scale",
+                ty: ParamType::F32
+            },
+            ParamField {
+                name: "width",
+                ty: ParamType::U32
+            },
+            ParamField {
+                name: "enabled",
+                ty: ParamType::Bool
+            },
+            ParamField {
+                name: "bias",
+                ty: ParamType::ArrayF32
+            },
+        ]
+    );
+}
+
+#[test]
+fn the_trait_forwards_to_the_hooks() {
+    let v = Banded {
+        scale: 2.0,
+        width: 1,
+        enabled: true,
+        bias: Array::new(vec![0.5, 1.5]),
+    };
+    let at = Pos {
+        qo_head: 3,
+        qo_pos: 2,
+        kv_pos: 0,
+        qo_len: 3,
+        kv_len: 3,
+        head_dim: 8,
+        ..Pos::default()
+    };
+    assert_eq!(Variant::logits(&v, 1.0, at), 3.5);
+    assert!(!Variant::mask(&v, at));
+    assert!(Variant::mask(&v, Pos { kv_pos: 1, ..at }));
+    assert_eq!(Variant::output(&v, 1.0, 3, at), -1.0);
+    // Undefined hooks keep the trait's identity defaults.
+    assert_eq!(Variant::query(&v, 0.25, 9.0, 1, at), 0.25);
+}

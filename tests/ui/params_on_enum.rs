@@ -1,0 +1,9 @@
+use ferrinfer::prelude::*;
+
+#[derive(AttentionParams)]
+pub enum Mode {
+    Soft,
+    Hard,
+}
+
+fn main() {}
