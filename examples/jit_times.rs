@@ -34,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             kind,
             head_dim: 128,
             dtype: DType::Bf16,
+            cta_tile_q: 0,
         };
         let spec = <Standard as Variant>::SPEC;
         let time = |j: &Jit| -> Result<f64, ferrinfer::Error> {

@@ -28,6 +28,7 @@ fn nvrtc_compiles_every_builtin_kernel_instance() {
                                 kind,
                                 head_dim,
                                 dtype,
+                                cta_tile_q: 0,
                             },
                             arch,
                         ));

@@ -13,6 +13,9 @@ struct AttnArgs {
   const int* kv_indptr;    // [batch + 1] BSR row pointers
   const int* kv_indices;   // block ids
   const int* kv_last_len;  // [batch]
+  const int* work;         // plan workspace (ferrinfer_runtime::plan), or null
+  float* partial_o;        // [partial_rows, num_qo_heads, head_dim] split-KV partial outputs
+  float* partial_lse;      // [partial_rows, num_qo_heads]
   unsigned long long q_stride_n, q_stride_h;
   unsigned long long o_stride_n, o_stride_h;
   unsigned long long kv_stride_block, kv_stride_n, kv_stride_h;
@@ -20,8 +23,8 @@ struct AttnArgs {
   unsigned block_size;  // 0: ragged, one unbounded block per request whose id is its first token
   unsigned causal;
   float sm_scale;
-  unsigned _pad;
+  unsigned num_items;  // work items in the grid (the plan's padded length)
 };
-static_assert(sizeof(AttnArgs) == 16 * 8 + 8 * 4, "AttnArgs must match kernels/src/abi.rs");
+static_assert(sizeof(AttnArgs) == 19 * 8 + 8 * 4, "AttnArgs must match kernels/src/abi.rs");
 
 }  // namespace fi

@@ -26,6 +26,13 @@ pub struct AttnArgs {
     pub kv_indices: u64,
     /// `[batch]` i32.
     pub kv_last_len: u64,
+    /// The plan's workspace (int32 words, layout in ferrinfer_runtime::plan), or 0 for kernels
+    /// that make their own grid.
+    pub work: u64,
+    /// f32 `[partial_rows, num_qo_heads, head_dim]`: un-normalised outputs of split-KV items.
+    pub partial_o: u64,
+    /// f32 `[partial_rows, num_qo_heads]`: their LSEs.
+    pub partial_lse: u64,
     pub q_stride_n: u64,
     pub q_stride_h: u64,
     pub o_stride_n: u64,
@@ -41,14 +48,15 @@ pub struct AttnArgs {
     /// 1 for the bottom-right aligned causal mask.
     pub causal: u32,
     pub sm_scale: f32,
-    pub _pad: u32,
+    /// Work items in the grid (the plan's padded length), for work-list kernels.
+    pub num_items: u32,
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn size_matches_abi_cuh() {
-        // 16 eight-byte fields and 8 four-byte fields; abi.cuh static_asserts the same number.
-        assert_eq!(std::mem::size_of::<super::AttnArgs>(), 16 * 8 + 8 * 4);
+        // 19 eight-byte fields and 8 four-byte fields; abi.cuh static_asserts the same number.
+        assert_eq!(std::mem::size_of::<super::AttnArgs>(), 19 * 8 + 8 * 4);
     }
 }

@@ -5,6 +5,8 @@
 //! points at a checkout's `kernels/cuda` to read them from disk instead while developing.
 
 pub mod abi;
+mod decode;
+mod prefill;
 mod sources;
 mod tu;
 
@@ -57,6 +59,9 @@ pub struct KernelConfig {
     pub kind: KernelKind,
     pub head_dim: u32,
     pub dtype: DType,
+    /// Query rows (packed with the GQA group) per CTA, chosen by the plan: 16, 64 or 128 for
+    /// prefill; 0 where the kernel does not tile queries (decode).
+    pub cta_tile_q: u32,
 }
 
 impl KernelConfig {

@@ -6,12 +6,6 @@ use crate::abi::AttnArgs;
 use crate::sources::Sources;
 use crate::{DType, HEAD_DIMS, KernelConfig, KernelKind, LaunchDims};
 
-/// Warps per prefill block (at most); `kPrefillWarps` in prefill.cuh.
-const PREFILL_WARPS: u32 = 4;
-/// Warps per decode block (at most); `kDecodeMaxWarps` in decode.cuh.
-const DECODE_MAX_WARPS: u32 = 8;
-const WARP: u32 = 32;
-
 /// The lowered variant, as the runtime hands it over.
 pub struct VariantSource<'a> {
     /// Variant name, for comments and the program name.
@@ -32,33 +26,34 @@ pub struct TranslationUnit {
     /// The kernel to launch, e.g. `ferrinfer_prefill_hd128_bf16`; it takes
     /// `(const fi::AttnArgs args, const Params params)` by value.
     pub entry: String,
+    /// The merge kernel of split-KV work lists (same arguments), when the template has one.
+    pub merge_entry: Option<String>,
 }
 
-/// Where a kernel template lives and what its device function and block size are. A new template
-/// (the fast kernels) plugs in here with the same entry signature.
-struct Template {
-    header: &'static str,
-    function: &'static str,
+/// Where a kernel template lives and how its entry instantiates it. Each kernel kind describes
+/// its own in its module (prefill.rs, decode.rs); a new template plugs in there.
+pub(crate) struct Template {
+    /// The header that defines the kernel (it includes what it needs).
+    pub header: &'static str,
+    /// The device function called by the entry, e.g. `fi::prefill`.
+    pub function: &'static str,
+    /// Template arguments after `<Variant, Params, dtype, head_dim`, e.g. `, 128` for a tile.
+    pub extra_args: String,
     /// C++ expression for `__launch_bounds__`, from the header's own constants.
-    max_threads: &'static str,
+    pub max_threads: &'static str,
+    /// Whether the unit also has a `<entry>_merge` kernel (for kernels that read the plan's work
+    /// list and may split the KV; see merge.cuh).
+    pub merge: bool,
 }
 
-fn template(kind: KernelKind) -> Template {
-    match kind {
-        KernelKind::Prefill => Template {
-            header: "prefill.cuh",
-            function: "fi::prefill",
-            max_threads: "fi::kPrefillWarps * fi::kWarpSize",
-        },
-        KernelKind::Decode => Template {
-            header: "decode.cuh",
-            function: "fi::decode",
-            max_threads: "fi::kDecodeMaxWarps * fi::kWarpSize",
-        },
+fn template(cfg: &KernelConfig) -> Template {
+    match cfg.kind {
+        KernelKind::Prefill => crate::prefill::template(cfg),
+        KernelKind::Decode => crate::decode::template(cfg),
     }
 }
 
-fn cuda_dtype(dtype: DType) -> &'static str {
+pub(crate) fn cuda_dtype(dtype: DType) -> &'static str {
     match dtype {
         DType::F16 => "fi::f16",
         DType::Bf16 => "fi::bf16",
@@ -99,7 +94,7 @@ pub(crate) fn assemble(
             variant.name
         ));
     }
-    let t = template(cfg.kind);
+    let t = template(cfg);
     let kernel = cfg.name();
     let entry = format!("ferrinfer_{kernel}");
     // Names go into `//` comments: one line each.
@@ -112,7 +107,8 @@ pub(crate) fn assemble(
     );
     let mut done = Vec::new();
     // dsl.cuh first: the variant's code may call any of its helpers.
-    for root in ["dsl.cuh", t.header] {
+    let merge_header = if t.merge { "merge.cuh" } else { "dsl.cuh" };
+    for root in ["dsl.cuh", t.header, merge_header] {
         inline_header(sources, root, &mut done, &mut Vec::new(), &mut source)?;
     }
     source.push_str("\n// ---- variant parameters ----\n");
@@ -123,16 +119,29 @@ pub(crate) fn assemble(
         "\n// ---- entry ----\n\
          extern \"C\" __global__ void __launch_bounds__({threads})\n\
          {entry}(const fi::AttnArgs args, const Params params) {{\n  \
-         {function}<Variant, Params, {dtype}, {d}>(args, params);\n}}\n",
+         {function}<Variant, Params, {dtype}, {d}{extra}>(args, params);\n}}\n",
         threads = t.max_threads,
         function = t.function,
         dtype = cuda_dtype(cfg.dtype),
         d = cfg.head_dim,
+        extra = t.extra_args,
     ));
+    let merge_entry = t.merge.then(|| {
+        let merge = format!("{entry}_merge");
+        source.push_str(&format!(
+            "\nextern \"C\" __global__ void __launch_bounds__(fi::kMergeThreads)\n\
+             {merge}(const fi::AttnArgs args, const Params params) {{\n  \
+             fi::merge<Variant, Params, {dtype}, {d}>(args, params);\n}}\n",
+            dtype = cuda_dtype(cfg.dtype),
+            d = cfg.head_dim,
+        ));
+        merge
+    });
     Ok(TranslationUnit {
         name: format!("{variant_name}.{kernel}"),
         source,
         entry,
+        merge_entry,
     })
 }
 
@@ -194,37 +203,22 @@ fn inline_header(
     Ok(())
 }
 
+pub(crate) fn uses_work_list(cfg: &KernelConfig) -> bool {
+    template(cfg).merge
+}
+
 pub(crate) fn launch_dims(cfg: &KernelConfig, args: &AttnArgs) -> LaunchDims {
-    let heads = args.num_qo_heads.max(1);
-    // Empty batches still get one block, which returns at once; a zero grid would not launch.
     match cfg.kind {
-        KernelKind::Prefill => {
-            let warps = heads.min(PREFILL_WARPS);
-            LaunchDims {
-                grid: [args.total_qo.max(1), heads.div_ceil(warps), 1],
-                block: [warps * WARP, 1, 1],
-                shared_bytes: 0,
-            }
-        }
-        KernelKind::Decode => {
-            let group = (heads / args.num_kv_heads.max(1)).max(1);
-            let warps = group.min(DECODE_MAX_WARPS);
-            LaunchDims {
-                grid: [
-                    args.batch.max(1),
-                    args.num_kv_heads.max(1),
-                    group.div_ceil(warps),
-                ],
-                block: [warps * WARP, 1, 1],
-                shared_bytes: 0,
-            }
-        }
+        KernelKind::Prefill => crate::prefill::launch_dims(cfg, args),
+        KernelKind::Decode => crate::decode::launch_dims(cfg, args),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::DECODE_MAX_WARPS;
+    use crate::prefill::PREFILL_WARPS;
 
     const PARAMS: &str = "struct Params {\n  float cap;\n};\n";
     const VARIANT: &str = "struct Variant {\n  static constexpr bool kSoftmax = true;\n  \
@@ -252,6 +246,7 @@ mod tests {
                         kind,
                         head_dim,
                         dtype,
+                        cta_tile_q: 0,
                     });
                 }
             }
@@ -313,6 +308,7 @@ mod tests {
             kind: KernelKind::Decode,
             head_dim: 256,
             dtype: DType::Bf16,
+            cta_tile_q: 0,
         };
         let tu = translation_unit(&cfg, &variant()).unwrap();
         assert!(
@@ -332,6 +328,7 @@ mod tests {
             kind: KernelKind::Prefill,
             head_dim: 96,
             dtype: DType::F16,
+            cta_tile_q: 0,
         };
         assert!(
             translation_unit(&cfg, &variant())
@@ -380,6 +377,7 @@ mod tests {
             kind: KernelKind::Prefill,
             head_dim: 64,
             dtype: DType::F16,
+            cta_tile_q: 0,
         };
         let dir = header_dir("override");
         let same = assemble(&Sources::Dir(dir.clone()), &cfg, &variant()).unwrap();
@@ -405,6 +403,7 @@ mod tests {
             kind: KernelKind::Prefill,
             head_dim: 64,
             dtype: DType::F16,
+            cta_tile_q: 0,
         };
         let dir = header_dir("includes");
         let warp = Sources::BuiltIn.header("warp.cuh").unwrap();
@@ -453,6 +452,7 @@ mod tests {
             kind,
             head_dim: 128,
             dtype: DType::Bf16,
+            cta_tile_q: 0,
         };
         let d = launch_dims(&cfg(KernelKind::Prefill), &args(3, 1000, 32, 8));
         assert_eq!(d.grid, [1000, 8, 1]);

@@ -134,6 +134,7 @@ impl Planned {
                     kind,
                     head_dim: batch.heads.head_dim,
                     dtype: ferrinfer_kernels::DType::Bf16,
+                    cta_tile_q: 0,
                 };
                 dispatch::check_supported(&cfg, gpu.arch())?;
                 Some(DeviceIndex {
@@ -227,6 +228,7 @@ impl Planned {
             kind: self.kind,
             head_dim: b.heads.head_dim,
             dtype: T::DTYPE,
+            cta_tile_q: 0,
         };
         let f = dispatch::kernel(gpu, V::SPEC, &cfg)?;
         let (hq, d) = (u64::from(b.heads.num_qo_heads), u64::from(b.heads.head_dim));
@@ -258,7 +260,10 @@ impl Planned {
             block_size: b.kv.page_size.unwrap_or(0),
             causal: u32::from(b.causal),
             sm_scale: b.sm_scale,
-            _pad: 0,
+            work: 0,
+            partial_o: 0,
+            partial_lse: 0,
+            num_items: 0,
         };
         let param_bytes = params::pack(variant, Some(gpu))?;
         let dims = ferrinfer_kernels::launch_dims(&cfg, &args);

@@ -25,6 +25,7 @@ extern "C" __global__ void saxpy_tanh(float a, const float* x, float* y, int n) 
 "#
         ),
         entry: "saxpy_tanh".into(),
+        merge_entry: None,
     }
 }
 
@@ -91,6 +92,7 @@ fn sm90a_accepts_hopper_only_instructions() {
 "#
         .into(),
         entry: "grow".into(),
+        merge_entry: None,
     };
     let k = memory_jit().compile(&tu, Arch::SM90).unwrap();
     assert_eq!(k.origin, Origin::Compiled);
@@ -255,6 +257,7 @@ fn a_syntax_error_gives_the_log_and_the_line() {
         name: "broken_tu".into(),
         source: "// line 1\n// line 2\nextern \"C\" __global__ void k(float* x) {\n    x[0] = undefined_name;\n}\n".into(),
         entry: "k".into(),
+        merge_entry: None,
     };
     match memory_jit().compile(&tu, Arch::SM80) {
         Err(Error::Compile { kernel, log }) => {
@@ -281,6 +284,7 @@ fn extra_options_are_used_and_keyed() {
         source: "#ifndef SCALE\n#error SCALE must be defined\n#endif\nextern \"C\" __global__ void k(float* x) { x[0] *= SCALE; }\n"
             .into(),
         entry: "k".into(),
+        merge_entry: None,
     };
     let with = |opts: &[&str]| {
         Jit::new(JitConfig {
