@@ -6,10 +6,12 @@
 
 pub mod abi;
 mod decode;
+mod merge;
 mod prefill;
 mod sources;
 mod tu;
 
+pub use merge::merge_launch_dims;
 pub use sources::{HEADER_NAMES, KERNEL_DIR_VAR, header};
 pub use tu::{TranslationUnit, VariantSource, translation_unit};
 
@@ -65,14 +67,23 @@ pub struct KernelConfig {
 }
 
 impl KernelConfig {
-    /// Kernel name in cache keys and logs, e.g. `prefill_hd128_bf16`.
+    /// Kernel name in cache keys and logs, e.g. `prefill_hd128_bf16_q64`.
     pub fn name(&self) -> String {
+        let tile = if self.cta_tile_q > 0 {
+            format!("_q{}", self.cta_tile_q)
+        } else {
+            String::new()
+        };
         format!(
-            "{}_hd{}_{}",
+            "{}_hd{}_{}{tile}",
             self.kind.name(),
             self.head_dim,
             self.dtype.name()
         )
+    }
+    /// Whether the kernel reads the plan's work list (and so may split the KV and need a merge).
+    pub fn uses_work_list(&self) -> bool {
+        tu::uses_work_list(self)
     }
 }
 

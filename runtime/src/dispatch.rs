@@ -3,11 +3,10 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaFunction;
 use ferrinfer_kernels::{HEAD_DIMS, KernelConfig, VariantSource};
 
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, Kernel};
 use crate::jit::{Arch, CompiledKernel, Jit};
 use crate::params::cuda_struct;
 use crate::variant::VariantSpec;
@@ -66,9 +65,14 @@ pub fn compile_with(
     jit.compile(&tu, arch)
 }
 
-/// The loaded kernel for this variant and config on `gpu`.
-pub(crate) fn kernel(gpu: &Gpu, spec: &VariantSpec, cfg: &KernelConfig) -> Result<CudaFunction> {
+/// The loaded kernel (and its merge pass, for work-list kernels) for this variant and config.
+pub(crate) fn kernel(gpu: &Gpu, spec: &VariantSpec, cfg: &KernelConfig) -> Result<Kernel> {
     let arch = gpu.arch();
     check_supported(cfg, arch)?;
-    gpu.function(&key(spec, cfg, arch), || compile(spec, cfg, arch))
+    let merge = cfg
+        .uses_work_list()
+        .then(|| format!("ferrinfer_{}_merge", cfg.name()));
+    gpu.kernel(&key(spec, cfg, arch), merge.as_deref(), || {
+        compile(spec, cfg, arch)
+    })
 }

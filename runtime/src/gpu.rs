@@ -21,14 +21,23 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     arch: Arch,
     sm_count: u32,
+    /// Shared memory a block may opt in to.
+    max_shared_bytes: u32,
     /// Kernels loaded on this device, by dispatch key.
-    loaded: Mutex<HashMap<String, CudaFunction>>,
+    loaded: Mutex<HashMap<String, Kernel>>,
 }
 
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Gpu({}, {})", self.ordinal, self.arch.sm_name())
     }
+}
+
+/// A loaded kernel instance: its entry, and the merge pass of split-KV work lists if it has one.
+#[derive(Clone, Debug)]
+pub(crate) struct Kernel {
+    pub main: CudaFunction,
+    pub merge: Option<CudaFunction>,
 }
 
 /// Largest `struct Params` a variant may have, in bytes (kernel parameters are limited to 4 KiB).
@@ -57,10 +66,14 @@ impl Gpu {
         // SAFETY: ferrinfer orders all of its work on the one stream below, so cudarc's per-buffer
         // events, which synchronise buffers across streams, are not needed.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of our own: the legacy default stream cannot be captured into a CUDA graph.
+        let stream = ctx.new_stream()?;
         let (major, minor) = ctx.compute_capability()?;
         let sm_count = ctx.attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )? as u32;
+        let max_shared_bytes = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
         )? as u32;
         Ok(Gpu {
             ordinal,
@@ -68,6 +81,7 @@ impl Gpu {
             stream,
             arch: Arch::new(major as u32, minor as u32),
             sm_count,
+            max_shared_bytes,
             loaded: Mutex::new(HashMap::new()),
         })
     }
@@ -112,26 +126,42 @@ impl Gpu {
         ptr
     }
 
-    /// The loaded function for `key`, loading `compile()`'s CUBIN on first use.
-    pub(crate) fn function(
+    /// The loaded kernel for `key`, loading `compile()`'s CUBIN on first use; `merge` names the
+    /// unit's merge entry when it has one.
+    pub(crate) fn kernel(
         &self,
         key: &str,
+        merge: Option<&str>,
         compile: impl FnOnce() -> Result<Arc<CompiledKernel>>,
-    ) -> Result<CudaFunction> {
+    ) -> Result<Kernel> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = loaded.get(key) {
-            return Ok(f.clone());
+        if let Some(k) = loaded.get(key) {
+            return Ok(k.clone());
         }
-        let kernel = compile()?;
+        let compiled = compile()?;
         let module = self
             .ctx
-            .load_module(Ptx::from_binary(kernel.cubin.clone()))
+            .load_module(Ptx::from_binary(compiled.cubin.clone()))
             .map_err(|e| Error::Driver(format!("loading {key}: {e}")))?;
-        let f = module
-            .load_function(&kernel.entry)
-            .map_err(|e| Error::Driver(format!("finding {} in {key}: {e}", kernel.entry)))?;
-        loaded.insert(key.to_string(), f.clone());
-        Ok(f)
+        let function = |name: &str| -> Result<CudaFunction> {
+            let f = module
+                .load_function(name)
+                .map_err(|e| Error::Driver(format!("finding {name} in {key}: {e}")))?;
+            // Allow the opt-in shared memory now, so that no launch (nor a graph capture) has to.
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                self.max_shared_bytes as i32 - f.get_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                )?,
+            )?;
+            Ok(f)
+        };
+        let kernel = Kernel {
+            main: function(&compiled.entry)?,
+            merge: merge.map(function).transpose()?,
+        };
+        loaded.insert(key.to_string(), kernel.clone());
+        Ok(kernel)
     }
 
     /// Launch an attention kernel with its arguments and packed variant parameters.
@@ -155,11 +185,11 @@ impl Gpu {
                 dims.grid
             )));
         }
-        if dims.shared_bytes > 48 * 1024 {
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                dims.shared_bytes as i32,
-            )?;
+        if dims.shared_bytes > self.max_shared_bytes {
+            return Err(Error::unsupported(format!(
+                "the kernel asks for {} bytes of shared memory; this GPU has {} per block",
+                dims.shared_bytes, self.max_shared_bytes
+            )));
         }
         let mut blob = ParamBlob([0; MAX_PARAM_BYTES]);
         blob.0[..params.len()].copy_from_slice(params);

@@ -1,5 +1,7 @@
-//! The calls a serving engine makes every step: `plan` once per batch composition (on the CPU:
-//! validate, upload the index arrays once), then `run` for every layer with any variant.
+//! The calls a serving engine makes every step: `plan` once per batch composition (on the CPU: it
+//! validates the batch, schedules the work list and copies it and the page table to the device in
+//! one copy), then `run` for every layer with any variant (no host synchronisation, no allocation,
+//! so it can be captured in a CUDA graph).
 
 use cudarc::driver::CudaSlice;
 use ferrinfer_kernels::abi::AttnArgs;
@@ -10,8 +12,33 @@ use crate::batch::{Batch, Heads, KvIndex};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::plan::{self, Capacity, PlanOptions, WorkList};
 use crate::variant::Variant;
 use crate::{dispatch, params, reference};
+
+/// How to plan.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlanConfig {
+    /// Batch-invariant mode: split every request's KV into chunks of exactly this many tokens (a
+    /// multiple of 16), so a request's result is the same bit for bit whatever it is batched with.
+    pub fixed_kv_chunk: Option<u32>,
+    /// CUDA-graph mode: buffers sized once for these bounds; every later `replan` reuses them, so a
+    /// captured `run` stays valid.
+    pub graph: Option<GraphCapacity>,
+}
+
+/// Bounds of every batch a CUDA-graph plan will hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GraphCapacity {
+    /// Work items (the fixed grid): a few times the SM count is plenty.
+    pub work_items: u32,
+    /// Requests.
+    pub batch: u32,
+    /// Query rows of all requests.
+    pub qo_rows: u32,
+    /// Pages (or, for a ragged cache, requests) of the KV index.
+    pub kv_blocks: u32,
+}
 
 /// Batch prefill (and append) over a ragged or paged KV cache.
 ///
@@ -39,9 +66,18 @@ pub struct BatchPrefill {
 impl BatchPrefill {
     /// Validate the batch and prepare it on `backend`.
     pub fn plan(backend: &Backend, batch: Batch) -> Result<Self> {
+        Self::plan_with(backend, batch, PlanConfig::default())
+    }
+    /// [`BatchPrefill::plan`] with a fixed KV split or CUDA-graph buffers.
+    pub fn plan_with(backend: &Backend, batch: Batch, config: PlanConfig) -> Result<Self> {
         Ok(BatchPrefill {
-            planned: Planned::new(backend, batch, KernelKind::Prefill)?,
+            planned: Planned::new(backend, batch, KernelKind::Prefill, config)?,
         })
+    }
+    /// Plan another batch with the same heads into the same buffers (in CUDA-graph mode the
+    /// device addresses do not change, so a captured `run` replays the new batch).
+    pub fn replan(&mut self, batch: Batch) -> Result<()> {
+        self.planned.replan(batch)
     }
     /// Attention of `q` (`[total_qo, num_qo_heads, head_dim]`) over `k`, `v` into `o`, and the
     /// natural-log LSE (`[total_qo, num_qo_heads]`) into `lse` when given. Asynchronous on a GPU.
@@ -59,6 +95,10 @@ impl BatchPrefill {
     pub fn batch(&self) -> &Batch {
         &self.planned.batch
     }
+    /// The scheduled work list (GPU backends only).
+    pub fn work_list(&self) -> Option<&WorkList> {
+        self.planned.work.as_ref()
+    }
 }
 
 /// Batch decode: one query row per request, over a paged (or ragged) KV cache.
@@ -74,13 +114,25 @@ impl BatchDecode {
         kv: KvIndex,
         sm_scale: Option<f32>,
     ) -> Result<Self> {
-        let mut batch = Batch::decode(heads, kv)?;
-        if let Some(s) = sm_scale {
-            batch.sm_scale = s;
-        }
+        Self::plan_with(backend, heads, kv, sm_scale, PlanConfig::default())
+    }
+    /// [`BatchDecode::plan`] with a fixed KV split or CUDA-graph buffers.
+    pub fn plan_with(
+        backend: &Backend,
+        heads: Heads,
+        kv: KvIndex,
+        sm_scale: Option<f32>,
+        config: PlanConfig,
+    ) -> Result<Self> {
+        let batch = decode_batch(heads, kv, sm_scale)?;
         Ok(BatchDecode {
-            planned: Planned::new(backend, batch, KernelKind::Decode)?,
+            planned: Planned::new(backend, batch, KernelKind::Decode, config)?,
         })
+    }
+    /// Plan another decode step into the same buffers (see [`BatchPrefill::replan`]).
+    pub fn replan(&mut self, kv: KvIndex, sm_scale: Option<f32>) -> Result<()> {
+        let batch = decode_batch(self.planned.batch.heads, kv, sm_scale)?;
+        self.planned.replan(batch)
     }
     /// See [`BatchPrefill::run`].
     pub fn run<V: Variant, T: Element>(
@@ -97,60 +149,195 @@ impl BatchDecode {
     pub fn batch(&self) -> &Batch {
         &self.planned.batch
     }
+    /// The scheduled work list (GPU backends only).
+    pub fn work_list(&self) -> Option<&WorkList> {
+        self.planned.work.as_ref()
+    }
 }
 
-/// The index arrays of a batch, on the device.
-struct DeviceIndex {
-    qo_indptr: CudaSlice<i32>,
-    kv_indptr: CudaSlice<i32>,
-    kv_indices: CudaSlice<i32>,
-    kv_last_len: CudaSlice<i32>,
+fn decode_batch(heads: Heads, kv: KvIndex, sm_scale: Option<f32>) -> Result<Batch> {
+    let mut batch = Batch::decode(heads, kv)?;
+    if let Some(s) = sm_scale {
+        batch.sm_scale = s;
+    }
+    Ok(batch)
 }
 
-/// What both wrappers share: the validated batch, and its index arrays on the GPU.
+/// CTAs of each kernel resident per SM, for the split search: enough items to fill the GPU once.
+fn ctas_per_sm(kind: KernelKind) -> u32 {
+    match kind {
+        KernelKind::Prefill => 2,
+        KernelKind::Decode => 4,
+    }
+}
+
+/// Byte offsets of the arrays in the device workspace: the plan's own layout first, then the index
+/// arrays of the batch, each region sized by the capacity so that it never moves.
+#[derive(Clone, Copy, Debug)]
+struct Regions {
+    qo_indptr: usize,
+    kv_indptr: usize,
+    kv_indices: usize,
+    kv_last_len: usize,
+    bytes: usize,
+}
+
+/// Sizes the device buffers were allocated for.
+#[derive(Clone, Copy, Debug)]
+struct Sizes {
+    plan: Capacity,
+    batch: usize,
+    kv_blocks: usize,
+}
+
+impl Sizes {
+    fn regions(&self, opts: &PlanOptions) -> Regions {
+        let align = |x: usize| x.div_ceil(16) * 16;
+        let qo_indptr = align(plan::workspace_bytes(opts, &self.plan));
+        let kv_indptr = align(qo_indptr + 4 * (self.batch + 1));
+        let kv_indices = align(kv_indptr + 4 * (self.batch + 1));
+        let kv_last_len = align(kv_indices + 4 * self.kv_blocks.max(1));
+        let bytes = align(kv_last_len + 4 * self.batch.max(1));
+        Regions {
+            qo_indptr,
+            kv_indptr,
+            kv_indices,
+            kv_last_len,
+            bytes,
+        }
+    }
+    fn holds(&self, need: &Sizes) -> bool {
+        self.plan.items >= need.plan.items
+            && self.plan.qo_rows >= need.plan.qo_rows
+            && self.plan.partial_rows >= need.plan.partial_rows
+            && self.batch >= need.batch
+            && self.kv_blocks >= need.kv_blocks
+    }
+}
+
+/// The device side of a plan: one workspace (work list and index arrays, written with one copy)
+/// and the scratch buffers of split-KV partial results.
+struct DeviceState {
+    sizes: Sizes,
+    regions: Regions,
+    /// Host copy of the workspace, rewritten by each plan.
+    staging: Vec<u8>,
+    ws: CudaSlice<u8>,
+    partial_o: CudaSlice<f32>,
+    partial_lse: CudaSlice<f32>,
+}
+
+/// What both wrappers share: the validated batch, its work list, and its device buffers.
 struct Planned {
     backend: Backend,
-    batch: Batch,
     kind: KernelKind,
-    index: Option<DeviceIndex>,
+    config: PlanConfig,
+    batch: Batch,
+    work: Option<WorkList>,
+    dev: Option<DeviceState>,
 }
 
 impl Planned {
-    fn new(backend: &Backend, batch: Batch, kind: KernelKind) -> Result<Self> {
+    fn new(backend: &Backend, batch: Batch, kind: KernelKind, config: PlanConfig) -> Result<Self> {
+        let mut p = Planned {
+            backend: backend.clone(),
+            kind,
+            config,
+            batch,
+            work: None,
+            dev: None,
+        };
+        let batch = p.batch.clone();
+        p.replan(batch)?;
+        Ok(p)
+    }
+
+    fn options(&self, gpu: &Gpu) -> PlanOptions {
+        let mut o = PlanOptions::new(gpu.sm_count(), ctas_per_sm(self.kind));
+        o.fixed_kv_chunk = self.config.fixed_kv_chunk;
+        o.graph_capacity = self.config.graph.map(|g| g.work_items);
+        o
+    }
+
+    fn replan(&mut self, batch: Batch) -> Result<()> {
         batch.heads.validate()?;
         if batch.qo_indptr.len() != batch.kv.indptr.len() {
             return Err(Error::invalid(
                 "qo_indptr and the KV index describe different batches",
             ));
         }
+        if self.dev.is_some() && batch.heads != self.batch.heads {
+            return Err(Error::invalid(
+                "replan needs the same heads as the first plan",
+            ));
+        }
         if u32::try_from(batch.total_qo()).is_err() || batch.kv.capacity == u32::MAX {
             return Err(Error::invalid("batch too large for 32-bit row indices"));
         }
-        let index = match backend {
-            Backend::Cpu => None,
-            Backend::Cuda(gpu) => {
-                // Refuse unsupported head dims and archs at plan time, not at the first layer.
-                let cfg = KernelConfig {
-                    kind,
-                    head_dim: batch.heads.head_dim,
-                    dtype: ferrinfer_kernels::DType::Bf16,
-                    cta_tile_q: 0,
-                };
-                dispatch::check_supported(&cfg, gpu.arch())?;
-                Some(DeviceIndex {
-                    qo_indptr: gpu.upload(&batch.qo_indptr)?,
-                    kv_indptr: gpu.upload(&batch.kv.indptr)?,
-                    kv_indices: gpu.upload(&batch.kv.indices)?,
-                    kv_last_len: gpu.upload(&batch.kv.last_len)?,
-                })
-            }
+        let Backend::Cuda(gpu) = self.backend.clone() else {
+            self.batch = batch;
+            return Ok(());
         };
-        Ok(Planned {
-            backend: backend.clone(),
-            batch,
-            kind,
-            index,
-        })
+        // Refuse unsupported head dims and archs at plan time, not at the first layer.
+        dispatch::check_supported(&self.config_for(&batch, 16), gpu.arch())?;
+        let opts = self.options(&gpu);
+        let work = plan::plan(&batch, self.kind, &opts)?;
+        let need = Sizes {
+            plan: work.capacity(),
+            batch: batch.batch(),
+            kv_blocks: batch.kv.indices.len(),
+        };
+        let sizes = match (&self.config.graph, &self.dev) {
+            (Some(_), Some(dev)) if !dev.sizes.holds(&need) => {
+                return Err(Error::invalid(format!(
+                    "the batch needs {need:?} but the CUDA-graph plan was sized for {:?}",
+                    dev.sizes
+                )));
+            }
+            (Some(g), None) => {
+                let cap = Capacity::for_graph(&opts, batch.heads.num_qo_heads, g.qo_rows)?;
+                let sizes = Sizes {
+                    plan: cap,
+                    batch: g.batch as usize,
+                    kv_blocks: g.kv_blocks as usize,
+                };
+                if !sizes.holds(&need) {
+                    return Err(Error::invalid(format!(
+                        "the batch needs {need:?} but the graph capacity is {sizes:?}"
+                    )));
+                }
+                sizes
+            }
+            (_, Some(dev)) if dev.sizes.holds(&need) => dev.sizes,
+            _ => need,
+        };
+        if self.dev.as_ref().is_none_or(|d| !d.sizes.holds(&sizes)) {
+            self.dev = Some(allocate(&gpu, &opts, sizes, &batch.heads)?);
+        }
+        let dev = self.dev.as_mut().expect("allocated above");
+        let r = dev.regions;
+        work.write(&mut dev.staging[..r.qo_indptr])?;
+        put_i32(&mut dev.staging, r.qo_indptr, &batch.qo_indptr);
+        put_i32(&mut dev.staging, r.kv_indptr, &batch.kv.indptr);
+        put_i32(&mut dev.staging, r.kv_indices, &batch.kv.indices);
+        put_i32(&mut dev.staging, r.kv_last_len, &batch.kv.last_len);
+        // The one host-to-device copy of the plan.
+        gpu.stream().memcpy_htod(&dev.staging, &mut dev.ws)?;
+        self.work = Some(work);
+        self.batch = batch;
+        Ok(())
+    }
+
+    fn config_for(&self, batch: &Batch, cta_tile_q: u32) -> KernelConfig {
+        KernelConfig {
+            kind: self.kind,
+            head_dim: batch.heads.head_dim,
+            dtype: ferrinfer_kernels::DType::Bf16,
+            cta_tile_q: match self.kind {
+                KernelKind::Prefill => cta_tile_q,
+                KernelKind::Decode => 0,
+            },
+        }
     }
 
     fn run<V: Variant, T: Element>(
@@ -181,8 +368,10 @@ impl Planned {
                 )));
             }
         }
-        match (&self.backend, &self.index) {
-            (Backend::Cuda(gpu), Some(index)) => self.run_gpu(gpu, index, variant, q, k, v, o, lse),
+        match (&self.backend, &self.dev, &self.work) {
+            (Backend::Cuda(gpu), Some(dev), Some(work)) => {
+                self.run_gpu(gpu, dev, work, variant, q, k, v, o, lse)
+            }
             _ => self.run_cpu(variant, q, k, v, o, lse),
         }
     }
@@ -212,7 +401,8 @@ impl Planned {
     fn run_gpu<V: Variant, T: Element>(
         &self,
         gpu: &Gpu,
-        index: &DeviceIndex,
+        dev: &DeviceState,
+        work: &WorkList,
         variant: &V,
         q: &Buffer<T>,
         k: &Buffer<T>,
@@ -221,18 +411,25 @@ impl Planned {
         lse: Option<&mut Buffer<f32>>,
     ) -> Result<()> {
         let b = &self.batch;
-        if b.total_qo() == 0 {
+        let graph = self.config.graph.is_some();
+        if b.total_qo() == 0 && !graph {
             return Ok(());
         }
         let cfg = KernelConfig {
-            kind: self.kind,
-            head_dim: b.heads.head_dim,
             dtype: T::DTYPE,
-            cta_tile_q: 0,
+            ..self.config_for(b, work.cta_tile_q)
         };
-        let f = dispatch::kernel(gpu, V::SPEC, &cfg)?;
+        let kernel = dispatch::kernel(gpu, V::SPEC, &cfg)?;
+        if graph && kernel.merge.is_none() {
+            return Err(Error::unsupported(format!(
+                "CUDA-graph mode needs a work-list kernel; {} makes its own grid",
+                cfg.name()
+            )));
+        }
         let (hq, d) = (u64::from(b.heads.num_qo_heads), u64::from(b.heads.head_dim));
         let s = b.kv.strides(&b.heads);
+        let ws = gpu.device_ptr(&dev.ws);
+        let r = dev.regions;
         let args = AttnArgs {
             q: q.device_ptr(gpu)?,
             k: k.device_ptr(gpu)?,
@@ -242,10 +439,13 @@ impl Planned {
                 Some(l) => l.device_ptr(gpu)?,
                 None => 0,
             },
-            qo_indptr: gpu.device_ptr(&index.qo_indptr),
-            kv_indptr: gpu.device_ptr(&index.kv_indptr),
-            kv_indices: gpu.device_ptr(&index.kv_indices),
-            kv_last_len: gpu.device_ptr(&index.kv_last_len),
+            qo_indptr: ws + r.qo_indptr as u64,
+            kv_indptr: ws + r.kv_indptr as u64,
+            kv_indices: ws + r.kv_indices as u64,
+            kv_last_len: ws + r.kv_last_len as u64,
+            work: ws,
+            partial_o: gpu.device_ptr(&dev.partial_o),
+            partial_lse: gpu.device_ptr(&dev.partial_lse),
             q_stride_n: hq * d,
             q_stride_h: d,
             o_stride_n: hq * d,
@@ -260,13 +460,38 @@ impl Planned {
             block_size: b.kv.page_size.unwrap_or(0),
             causal: u32::from(b.causal),
             sm_scale: b.sm_scale,
-            work: 0,
-            partial_o: 0,
-            partial_lse: 0,
-            num_items: 0,
+            num_items: work.padded_len,
         };
         let param_bytes = params::pack(variant, Some(gpu))?;
         let dims = ferrinfer_kernels::launch_dims(&cfg, &args);
-        gpu.launch_attention(&f, dims, args, &param_bytes)
+        gpu.launch_attention(&kernel.main, dims, args, &param_bytes)?;
+        // In graph mode the merge always runs: a later replan may split what this one did not.
+        if let Some(merge) = &kernel.merge
+            && (work.is_split() || graph)
+        {
+            let dims = ferrinfer_kernels::merge_launch_dims(&cfg, &args, dev.sizes.plan.qo_rows);
+            gpu.launch_attention(merge, dims, args, &param_bytes)?;
+        }
+        Ok(())
+    }
+}
+
+fn allocate(gpu: &Gpu, opts: &PlanOptions, sizes: Sizes, heads: &Heads) -> Result<DeviceState> {
+    let regions = sizes.regions(opts);
+    let rows = sizes.plan.partial_rows as usize * heads.num_qo_heads as usize;
+    let stream = gpu.stream();
+    Ok(DeviceState {
+        sizes,
+        regions,
+        staging: vec![0; regions.bytes],
+        ws: stream.alloc_zeros::<u8>(regions.bytes)?,
+        partial_o: stream.alloc_zeros::<f32>((rows * heads.head_dim as usize).max(1))?,
+        partial_lse: stream.alloc_zeros::<f32>(rows.max(1))?,
+    })
+}
+
+fn put_i32(buf: &mut [u8], at: usize, xs: &[i32]) {
+    for (i, x) in xs.iter().enumerate() {
+        buf[at + 4 * i..at + 4 * i + 4].copy_from_slice(&x.to_le_bytes());
     }
 }
