@@ -123,56 +123,52 @@ fn check<V: Variant, T: Element>(gpu: &Backend, variant: &V, case: &Case) {
     }
 }
 
-/// A small grid of shapes covering ragged, paged (NHD and HND), causal and decode.
+/// The grid of the issue, sampled so that every value appears with every other dimension's
+/// values somewhere: batch 1, 7, 33; KV lengths 1, 15, 16, 17, 511, 4096 (and 0); page sizes 1,
+/// 16, 32 and ragged; GQA 1, 4, 8; NHD and HND; causal and not; prefill and decode.
 fn cases(head_dim: u32) -> Vec<Case> {
-    let h = Heads::new(8, 2, head_dim).unwrap();
-    vec![
-        Case {
-            heads: h,
-            qo_lens: vec![17, 1, 64],
-            kv_lens: vec![17, 33, 100],
-            page_size: None,
-            layout: KvLayout::Nhd,
-            causal: true,
-            decode: false,
-        },
-        Case {
-            heads: h,
-            qo_lens: vec![5, 40],
-            kv_lens: vec![70, 40],
-            page_size: Some(16),
-            layout: KvLayout::Nhd,
-            causal: false,
-            decode: false,
-        },
-        Case {
-            heads: h,
-            qo_lens: vec![9, 3],
-            kv_lens: vec![31, 3],
-            page_size: Some(1),
-            layout: KvLayout::Hnd,
-            causal: true,
-            decode: false,
-        },
-        Case {
-            heads: h,
-            qo_lens: vec![1; 4],
-            kv_lens: vec![1, 15, 16, 200],
-            page_size: Some(16),
-            layout: KvLayout::Nhd,
-            causal: false,
-            decode: true,
-        },
-        Case {
-            heads: Heads::new(4, 4, head_dim).unwrap(),
-            qo_lens: vec![1; 3],
-            kv_lens: vec![0, 7, 129],
-            page_size: Some(32),
-            layout: KvLayout::Hnd,
-            causal: false,
-            decode: true,
-        },
-    ]
+    const KV: [u32; 7] = [1, 15, 16, 17, 511, 4096, 0];
+    const QO: [u32; 5] = [1, 16, 17, 63, 128];
+    let pages = [None, Some(1), Some(16), Some(32)];
+    let groups = [1u32, 4, 8];
+    let mut out = Vec::new();
+    let mut n = 0usize;
+    for (bi, &batch) in [1usize, 7, 33].iter().enumerate() {
+        for (pi, &page_size) in pages.iter().enumerate() {
+            for decode in [false, true] {
+                n += 1;
+                let group = groups[(bi + pi + n) % 3];
+                // Long KV only where the batch is small, so the f64 reference stays quick.
+                let kv_lens: Vec<u32> = (0..batch)
+                    .map(|r| KV[(r + n) % KV.len()])
+                    .map(|l| if batch == 33 { l.min(511) } else { l })
+                    .collect();
+                let qo_lens: Vec<u32> = if decode {
+                    vec![1; batch]
+                } else {
+                    (0..batch).map(|r| QO[(r + n) % QO.len()]).collect()
+                };
+                out.push(Case {
+                    heads: Heads::new(8, 8 / group, head_dim).unwrap(),
+                    qo_lens,
+                    kv_lens,
+                    page_size: if decode && page_size.is_none() {
+                        Some(16)
+                    } else {
+                        page_size
+                    },
+                    layout: if n.is_multiple_of(2) {
+                        KvLayout::Nhd
+                    } else {
+                        KvLayout::Hnd
+                    },
+                    causal: !decode && !n.is_multiple_of(3),
+                    decode,
+                });
+            }
+        }
+    }
+    out
 }
 
 fn gpu() -> Backend {

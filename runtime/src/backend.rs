@@ -93,6 +93,26 @@ impl<T: Pod> Buffer<T> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Overwrite the buffer with `data` (same length), keeping its device address: what a CUDA
+    /// graph that captured this buffer needs between replays.
+    pub fn copy_from(&mut self, data: &[T]) -> Result<()> {
+        if data.len() != self.len() {
+            return Err(Error::invalid(format!(
+                "copy_from: {} elements into a buffer of {}",
+                data.len(),
+                self.len()
+            )));
+        }
+        match self {
+            Buffer::Host(v) => v.copy_from_slice(data),
+            Buffer::Device { slice, gpu, .. } => {
+                if !data.is_empty() {
+                    gpu.stream().memcpy_htod(data, slice)?;
+                }
+            }
+        }
+        Ok(())
+    }
     /// Copy to the host (waits for queued GPU work).
     pub fn to_vec(&self) -> Result<Vec<T>> {
         match self {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
     PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
@@ -120,6 +120,22 @@ impl Gpu {
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.stream.synchronize()?)
     }
+    /// Record the work `f` queues on this GPU into a CUDA graph, to replay with `launch()`.
+    ///
+    /// Everything `f` runs must have run once before (so its kernels are compiled and loaded and
+    /// its parameter arrays uploaded): capture records launches, it cannot compile or allocate.
+    pub fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
+        self.stream.begin_capture(
+            cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        )?;
+        let recorded = f();
+        let graph = self
+            .stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))?;
+        recorded?;
+        graph.ok_or_else(|| Error::Driver("the captured graph is empty".into()))
+    }
+
     /// The raw device address of a buffer, for kernel argument structs.
     pub fn device_ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
         let (ptr, _sync) = s.device_ptr(&self.stream);

@@ -1,0 +1,404 @@
+//! The standard configurations of DESIGN.md ("Benchmarks"), with the same keys, shapes, byte and
+//! FLOP formulas as `../shared/bench/flashinfer_anchor.py`, so the two JSON files line up.
+
+use ferrinfer::prelude::*;
+use ferrinfer::rng::Rng;
+
+/// Query heads.
+pub const H: u32 = 32;
+/// KV heads (GQA 4).
+pub const HKV: u32 = 8;
+/// Head dimension.
+pub const D: u32 = 128;
+/// Bytes of one bf16 element.
+pub const ELT: u64 = 2;
+/// Seed of the page shuffle: the same page table on every run.
+pub const PAGE_SEED: u64 = 0;
+
+/// How the KV cache of a configuration is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    /// Contiguous K and V (FlashInfer's single prefill); one request of a ragged cache here.
+    Single,
+    /// One contiguous run of tokens per request.
+    Ragged,
+    /// Pages of this many tokens, handed out in a shuffled order.
+    Paged(u32),
+}
+
+/// Which wrapper runs a configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `BatchDecode`: one query row per request; reports GB/s.
+    Decode,
+    /// `BatchPrefill`: reports TFLOP/s.
+    Prefill,
+}
+
+/// One standard configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// The anchor's key, e.g. `decode_b64_l4096_p16`.
+    pub key: &'static str,
+    /// Decode or prefill.
+    pub kind: Kind,
+    /// How the KV cache is stored.
+    pub storage: Storage,
+    /// Query rows per request (1 for decode).
+    pub qo_lens: Vec<u32>,
+    /// KV tokens per request.
+    pub kv_lens: Vec<u32>,
+    /// Bottom-right aligned causal mask.
+    pub causal: bool,
+    /// Logits soft cap (the `SoftCap` variant), or 0 for `Standard`.
+    pub soft_cap: f32,
+}
+
+/// Every 16th request is long (8192 tokens), the rest short (512): a skewed batch.
+pub fn skew_lengths(batch: usize) -> Vec<u32> {
+    (0..batch)
+        .map(|i| if i % 16 == 0 { 8192 } else { 512 })
+        .collect()
+}
+
+fn decode(key: &'static str, kv_lens: Vec<u32>, page: u32, soft_cap: f32) -> Config {
+    Config {
+        key,
+        kind: Kind::Decode,
+        storage: Storage::Paged(page),
+        qo_lens: vec![1; kv_lens.len()],
+        kv_lens,
+        causal: false,
+        soft_cap,
+    }
+}
+
+fn prefill(
+    key: &'static str,
+    storage: Storage,
+    (batch, qo, kv): (usize, u32, u32),
+    causal: bool,
+    soft_cap: f32,
+) -> Config {
+    Config {
+        key,
+        kind: Kind::Prefill,
+        storage,
+        qo_lens: vec![qo; batch],
+        kv_lens: vec![kv; batch],
+        causal,
+        soft_cap,
+    }
+}
+
+/// The standard configurations, in the anchor's order.
+pub fn standard() -> Vec<Config> {
+    use Storage::{Paged, Ragged, Single};
+    vec![
+        decode("decode_b64_l4096_p16", vec![4096; 64], 16, 0.0),
+        decode("decode_b16_l32768_p16", vec![32768; 16], 16, 0.0),
+        decode("decode_b128_l1024_p1", vec![1024; 128], 1, 0.0),
+        decode("decode_b256_l2048_p16", vec![2048; 256], 16, 0.0),
+        decode("decode_skew_b64_p16", skew_lengths(64), 16, 0.0),
+        decode("decode_b64_l4096_p16_softcap30", vec![4096; 64], 16, 30.0),
+        prefill(
+            "prefill_single_s8192_causal",
+            Single,
+            (1, 8192, 8192),
+            true,
+            0.0,
+        ),
+        prefill(
+            "prefill_single_s8192_full",
+            Single,
+            (1, 8192, 8192),
+            false,
+            0.0,
+        ),
+        prefill(
+            "prefill_single_s8192_causal_softcap30",
+            Single,
+            (1, 8192, 8192),
+            true,
+            30.0,
+        ),
+        prefill(
+            "prefill_ragged_b16_l1024_causal",
+            Ragged,
+            (16, 1024, 1024),
+            true,
+            0.0,
+        ),
+        prefill(
+            "prefill_paged_b16_l1024_p16_causal",
+            Paged(16),
+            (16, 1024, 1024),
+            true,
+            0.0,
+        ),
+        prefill(
+            "prefill_paged_b4_l8192_p16_causal",
+            Paged(16),
+            (4, 8192, 8192),
+            true,
+            0.0,
+        ),
+        prefill(
+            "append_paged_b16_q256_kv4096_p16_causal",
+            Paged(16),
+            (16, 256, 4096),
+            true,
+            0.0,
+        ),
+    ]
+}
+
+/// Bytes a decode step moves: K and V of every token, plus q and o.
+pub fn decode_bytes(kv_lens: &[u32]) -> u64 {
+    let tokens: u64 = kv_lens.iter().map(|&l| u64::from(l)).sum();
+    let (h, hkv, d) = (u64::from(H), u64::from(HKV), u64::from(D));
+    tokens * hkv * d * 2 * ELT + 2 * kv_lens.len() as u64 * h * d * ELT
+}
+
+/// FLOPs of a prefill: `4 * H * D` per visible (q, k) pair; causal is bottom-right aligned.
+pub fn prefill_flops(qo_lens: &[u32], kv_lens: &[u32], causal: bool) -> u64 {
+    let pairs: u64 = qo_lens
+        .iter()
+        .zip(kv_lens)
+        .map(|(&q, &k)| {
+            let (q, k) = (u64::from(q), u64::from(k));
+            q * k
+                - if causal {
+                    q * (q.saturating_sub(1)) / 2
+                } else {
+                    0
+                }
+        })
+        .sum();
+    4 * u64::from(H) * u64::from(D) * pairs
+}
+
+impl Config {
+    /// The head shape shared by every configuration.
+    pub fn heads(&self) -> ferrinfer::Result<Heads> {
+        Heads::new(H, HKV, D)
+    }
+
+    /// `[batch + 1]` prefix sums of `lens`.
+    fn indptr(lens: &[u32]) -> Vec<i32> {
+        let mut out = vec![0i32];
+        for &l in lens {
+            out.push(out[out.len() - 1] + l as i32);
+        }
+        out
+    }
+
+    /// `qo_indptr` of the batch.
+    pub fn qo_indptr(&self) -> Vec<i32> {
+        Self::indptr(&self.qo_lens)
+    }
+
+    /// The KV index: ragged, or paged with pages shuffled by [`PAGE_SEED`].
+    pub fn kv_index(&self) -> ferrinfer::Result<KvIndex> {
+        let page = match self.storage {
+            Storage::Single | Storage::Ragged => {
+                return KvIndex::ragged(&Self::indptr(&self.kv_lens), KvLayout::Nhd);
+            }
+            Storage::Paged(p) => p,
+        };
+        let npages: Vec<u32> = self.kv_lens.iter().map(|l| l.div_ceil(page)).collect();
+        let total: u32 = npages.iter().sum();
+        let mut indices: Vec<i32> = (0..total as i32).collect();
+        Rng::new(PAGE_SEED).shuffle(&mut indices);
+        let last: Vec<i32> = self
+            .kv_lens
+            .iter()
+            .map(|&l| {
+                if l == 0 {
+                    0
+                } else {
+                    ((l - 1) % page + 1) as i32
+                }
+            })
+            .collect();
+        KvIndex::paged(
+            page,
+            &Self::indptr(&npages),
+            &indices,
+            &last,
+            total,
+            KvLayout::Nhd,
+        )
+    }
+
+    /// The figure of merit and its unit for a run of `ms` milliseconds.
+    pub fn metric(&self, ms: f64) -> (f64, &'static str) {
+        match self.kind {
+            Kind::Decode => (decode_bytes(&self.kv_lens) as f64 / ms / 1e6, "GB/s"),
+            Kind::Prefill => (
+                prefill_flops(&self.qo_lens, &self.kv_lens, self.causal) as f64 / ms / 1e9,
+                "TFLOP/s",
+            ),
+        }
+    }
+
+    /// Bytes of one input set (q, k, v and o) on the device.
+    pub fn input_bytes(&self) -> ferrinfer::Result<u64> {
+        let heads = self.heads()?;
+        let kv = self.kv_index()?.buffer_len(&heads) as u64;
+        let q: u64 =
+            self.qo_lens.iter().map(|&l| u64::from(l)).sum::<u64>() * u64::from(H) * u64::from(D);
+        Ok((2 * q + 2 * kv) * ELT)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn by_key(key: &str) -> Config {
+        standard().into_iter().find(|c| c.key == key).unwrap()
+    }
+
+    #[test]
+    fn the_keys_are_the_anchors() {
+        let keys: Vec<&str> = standard().iter().map(|c| c.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "decode_b64_l4096_p16",
+                "decode_b16_l32768_p16",
+                "decode_b128_l1024_p1",
+                "decode_b256_l2048_p16",
+                "decode_skew_b64_p16",
+                "decode_b64_l4096_p16_softcap30",
+                "prefill_single_s8192_causal",
+                "prefill_single_s8192_full",
+                "prefill_single_s8192_causal_softcap30",
+                "prefill_ragged_b16_l1024_causal",
+                "prefill_paged_b16_l1024_p16_causal",
+                "prefill_paged_b4_l8192_p16_causal",
+                "append_paged_b16_q256_kv4096_p16_causal",
+            ]
+        );
+    }
+
+    #[test]
+    fn shapes_match_the_keys() {
+        let c = by_key("decode_b128_l1024_p1");
+        assert_eq!((c.kv_lens.len(), c.kv_lens[0]), (128, 1024));
+        assert_eq!(c.storage, Storage::Paged(1));
+        assert_eq!(c.qo_lens, vec![1; 128]);
+        let c = by_key("append_paged_b16_q256_kv4096_p16_causal");
+        assert_eq!(
+            (c.qo_lens[0], c.kv_lens[0], c.qo_lens.len()),
+            (256, 4096, 16)
+        );
+        assert!(c.causal);
+        assert!(!by_key("prefill_single_s8192_full").causal);
+        assert_eq!(by_key("decode_b64_l4096_p16_softcap30").soft_cap, 30.0);
+        assert_eq!(
+            by_key("prefill_single_s8192_causal_softcap30").soft_cap,
+            30.0
+        );
+        assert_eq!(
+            by_key("prefill_ragged_b16_l1024_causal").storage,
+            Storage::Ragged
+        );
+    }
+
+    #[test]
+    fn skew_has_four_long_requests() {
+        let l = skew_lengths(64);
+        assert_eq!(l.iter().filter(|&&x| x == 8192).count(), 4);
+        assert_eq!(
+            l.iter().map(|&x| u64::from(x)).sum::<u64>(),
+            4 * 8192 + 60 * 512
+        );
+        assert_eq!((l[0], l[1], l[16]), (8192, 512, 8192));
+    }
+
+    #[test]
+    fn decode_bytes_by_hand() {
+        // 64 * 4096 tokens * 8 heads * 128 * (K, V) * 2 bytes, plus q and o: 2 * 64 * 32 * 128 * 2.
+        assert_eq!(decode_bytes(&[4096; 64]), 1_073_741_824 + 1_048_576);
+        assert_eq!(decode_bytes(&[1]), 4096 + 16_384);
+        assert_eq!(decode_bytes(&skew_lengths(64)), 63_488 * 4096 + 64 * 16_384);
+    }
+
+    #[test]
+    fn prefill_flops_by_hand() {
+        // 4 * 32 * 128 = 16384 FLOPs per pair.
+        assert_eq!(prefill_flops(&[8192], &[8192], false), 1 << 40);
+        // 8192^2 - 8192 * 8191 / 2 = 33_558_528 pairs.
+        assert_eq!(prefill_flops(&[8192], &[8192], true), 16_384 * 33_558_528);
+        // 256 rows on 4096 keys: 256 * 4096 - 256 * 255 / 2 = 1_015_936 pairs per request.
+        assert_eq!(
+            prefill_flops(&[256; 16], &[4096; 16], true),
+            16_384 * 16 * 1_015_936
+        );
+        assert_eq!(prefill_flops(&[1], &[5], true), 16_384 * 5);
+    }
+
+    #[test]
+    fn metric_units() {
+        let c = by_key("decode_b64_l4096_p16");
+        let (v, u) = c.metric(1.0);
+        assert_eq!(u, "GB/s");
+        assert!((v - 1_074.790_4).abs() < 1e-9);
+        let c = by_key("prefill_single_s8192_full");
+        let (v, u) = c.metric(2.0);
+        assert_eq!(u, "TFLOP/s");
+        assert!((v - (1u64 << 40) as f64 / 2e9).abs() < 1e-9);
+    }
+
+    #[test]
+    fn paged_index_is_shuffled_and_complete() {
+        let c = by_key("decode_skew_b64_p16");
+        let kv = c.kv_index().unwrap();
+        let total = 4 * 512 + 60 * 32;
+        assert_eq!(kv.capacity, total);
+        for (b, &l) in c.kv_lens.iter().enumerate() {
+            assert_eq!(kv.kv_len(b), l);
+        }
+        let mut pages = kv.indices.clone();
+        assert_ne!(pages, (0..total as i32).collect::<Vec<_>>());
+        pages.sort_unstable();
+        assert_eq!(pages, (0..total as i32).collect::<Vec<_>>());
+        // The same page table every run.
+        assert_eq!(kv, c.kv_index().unwrap());
+    }
+
+    #[test]
+    fn odd_lengths_fill_a_partial_last_page() {
+        let c = Config {
+            kv_lens: vec![17, 16, 1],
+            qo_lens: vec![1; 3],
+            ..by_key("decode_b64_l4096_p16")
+        };
+        let kv = c.kv_index().unwrap();
+        assert_eq!(kv.last_len, vec![1, 16, 1]);
+        assert_eq!(kv.indptr, vec![0, 2, 3, 4]);
+    }
+
+    #[test]
+    fn ragged_and_single_batches() {
+        let c = by_key("prefill_ragged_b16_l1024_causal");
+        let kv = c.kv_index().unwrap();
+        assert_eq!((kv.page_size, kv.capacity), (None, 16 * 1024));
+        assert_eq!(c.qo_indptr()[16], 16 * 1024);
+        let s = by_key("prefill_single_s8192_causal");
+        assert_eq!(s.kv_index().unwrap().kv_len(0), 8192);
+        assert_eq!(s.qo_indptr(), vec![0, 8192]);
+    }
+
+    #[test]
+    fn input_bytes_count_q_o_k_v() {
+        // q and o: 8192 * 32 * 128; k and v: 8192 * 8 * 128; 2 bytes each.
+        let s = by_key("prefill_single_s8192_causal");
+        assert_eq!(
+            s.input_bytes().unwrap(),
+            (2 * 33_554_432 + 2 * 8_388_608) * 2
+        );
+    }
+}

@@ -1,0 +1,252 @@
+//! `ferrinfer-bench`: the standard configurations of DESIGN.md ("Benchmarks") through ferrinfer's
+//! public API, timed with CUDA events, printed as a table and written as the anchor's JSON.
+//!
+//!     ferrinfer-bench [--filter SUBSTR] [--json PATH]
+//!
+//! Every configuration is planned once (not timed), warmed up (the first call includes the JIT
+//! compile, reported apart), then timed for about 200 ms; the median iteration is reported. A
+//! configuration that fails is reported and skipped; the exit status is 1 if any failed.
+
+mod configs;
+mod inputs;
+mod report;
+mod timing;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use cudarc::driver::CudaStream;
+use ferrinfer::Variant;
+use ferrinfer::prelude::*;
+use ferrinfer::variants::{SoftCap, Standard};
+
+use configs::{Config, Kind};
+use inputs::InputSet;
+use report::Row;
+use timing::{BenchResult, Timing};
+
+const USAGE: &str = "usage: ferrinfer-bench [--filter SUBSTR] [--json PATH]";
+/// Elements of each buffer of the copy ceiling: 1024^3 bf16 (2 GiB), as the anchor copies.
+const COPY_ELEMS: usize = 1 << 30;
+
+/// Command-line options.
+#[derive(Debug, Default, PartialEq)]
+struct Args {
+    /// Run only the configurations whose key contains this.
+    filter: String,
+    /// Where to write the JSON results.
+    json: Option<PathBuf>,
+}
+
+fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mut args = Args::default();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--filter" => args.filter = value()?,
+            "--json" => args.json = Some(PathBuf::from(value()?)),
+            "-h" | "--help" => return Err(String::new()),
+            _ => return Err(format!("unknown argument {a:?}")),
+        }
+    }
+    Ok(args)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(msg) => {
+            eprintln!("{msg}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let backend = Backend::cuda(0).map_err(|e| e.to_string());
+    match &backend {
+        Ok(b) => println!("device: {}", b.describe()),
+        Err(e) => println!("no GPU: {e}"),
+    }
+    println!("{}", report::header());
+
+    let mut rows = Vec::new();
+    let mut failed = 0;
+    let mut record = |key: String, result: BenchResult<Row>| match result {
+        Ok(row) => {
+            println!("{}", report::line(&row));
+            rows.push(row);
+        }
+        Err(e) => {
+            println!("{key:60} FAILED: {e}");
+            failed += 1;
+        }
+    };
+    let on_gpu = |f: &dyn Fn(&Backend) -> BenchResult<Row>| match &backend {
+        Ok(b) => guarded(|| f(b)),
+        Err(_) => Err("no GPU (see the first line)".into()),
+    };
+
+    record("copy@ferrinfer".into(), on_gpu(&bench_copy));
+    for cfg in configs::standard() {
+        if cfg.key.contains(&args.filter) {
+            let key = format!("{}@{}", cfg.key, report::IMPL);
+            record(
+                key.clone(),
+                on_gpu(&|b: &Backend| bench_config(b, &cfg, &key)),
+            );
+        }
+    }
+
+    if let Some(path) = &args.json {
+        match std::fs::write(path, report::json(&rows)) {
+            Ok(()) => println!("wrote {}", path.display()),
+            Err(e) => {
+                println!("cannot write {}: {e}", path.display());
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        println!("{failed} failed");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+/// Run `f`, turning a panic into an error so that the other configurations still run.
+fn guarded(f: impl FnOnce() -> BenchResult<Row>) -> BenchResult<Row> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(format!("panicked: {msg}").into())
+    })
+}
+
+fn stream_of(backend: &Backend) -> BenchResult<&Arc<CudaStream>> {
+    Ok(backend.gpu().ok_or("not a CUDA backend")?.stream())
+}
+
+/// Device-to-device copy bandwidth (read plus write bytes): the ceiling for decode.
+fn bench_copy(backend: &Backend) -> BenchResult<Row> {
+    let gpu = backend.gpu().ok_or("not a CUDA backend")?;
+    let stream = stream_of(backend)?;
+    let pattern = gpu.upload(&inputs::normal_bf16(1 << 24, 99))?;
+    let mut src = stream.alloc_zeros::<bf16>(COPY_ELEMS)?;
+    for start in (0..COPY_ELEMS).step_by(pattern.len()) {
+        let end = (start + pattern.len()).min(COPY_ELEMS);
+        stream.memcpy_dtod(
+            &pattern.slice(..end - start),
+            &mut src.slice_mut(start..end),
+        )?;
+    }
+    let mut dst = stream.alloc_zeros::<bf16>(COPY_ELEMS)?;
+    let t = timing::time_on_stream(stream, |_| Ok(stream.memcpy_dtod(&src, &mut dst)?))?;
+    // Read once and written once, 2 bytes an element.
+    let bytes = (2 * COPY_ELEMS * 2) as f64;
+    Ok(Row {
+        key: "copy@ferrinfer".into(),
+        value: bytes / t.median_ms / 1e6,
+        unit: "GB/s",
+        ms: t.median_ms,
+        compile_s: None,
+    })
+}
+
+/// A planned configuration, whichever wrapper runs it.
+enum Plan {
+    Decode(BatchDecode),
+    Prefill(BatchPrefill),
+}
+
+impl Plan {
+    fn new(backend: &Backend, cfg: &Config) -> BenchResult<Self> {
+        let heads = cfg.heads()?;
+        let kv = cfg.kv_index()?;
+        Ok(match cfg.kind {
+            Kind::Decode => Plan::Decode(BatchDecode::plan(backend, heads, kv, None)?),
+            Kind::Prefill => {
+                let batch = Batch::new(heads, &cfg.qo_indptr(), kv)?.with_causal(cfg.causal);
+                Plan::Prefill(BatchPrefill::plan(backend, batch)?)
+            }
+        })
+    }
+
+    fn run<V: Variant>(&self, variant: &V, s: &mut InputSet) -> ferrinfer::Result<()> {
+        match self {
+            Plan::Decode(p) => p.run(variant, &s.q, &s.k, &s.v, &mut s.o, None),
+            Plan::Prefill(p) => p.run(variant, &s.q, &s.k, &s.v, &mut s.o, None),
+        }
+    }
+}
+
+/// Plan once, upload the input sets, and time the configuration with its variant.
+fn bench_config(backend: &Backend, cfg: &Config, key: &str) -> BenchResult<Row> {
+    let stream = stream_of(backend)?;
+    let heads = cfg.heads()?;
+    let kv_len = cfg.kv_index()?.buffer_len(&heads);
+    let sets = timing::input_sets(cfg.input_bytes()?);
+    let mut inputs = (0..sets as u64)
+        .map(|s| InputSet::upload(backend, cfg, kv_len, s))
+        .collect::<BenchResult<Vec<_>>>()?;
+    let plan = Plan::new(backend, cfg)?;
+    backend.synchronize()?;
+    let t = if cfg.soft_cap > 0.0 {
+        time_variant(stream, &plan, &SoftCap { cap: cfg.soft_cap }, &mut inputs)?
+    } else {
+        time_variant(stream, &plan, &Standard, &mut inputs)?
+    };
+    let (value, unit) = cfg.metric(t.median_ms);
+    Ok(Row {
+        key: key.to_string(),
+        value,
+        unit,
+        ms: t.median_ms,
+        compile_s: Some(t.compile_s()),
+    })
+}
+
+fn time_variant<V: Variant>(
+    stream: &Arc<CudaStream>,
+    plan: &Plan,
+    variant: &V,
+    inputs: &mut [InputSet],
+) -> BenchResult<Timing> {
+    let n = inputs.len();
+    timing::time_on_stream(stream, |i| Ok(plan.run(variant, &mut inputs[i % n])?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(xs: &[&str]) -> Result<Args, String> {
+        parse_args(xs.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn arguments() {
+        assert_eq!(parse(&[]).unwrap(), Args::default());
+        let a = parse(&["--json", "out.json", "--filter", "decode"]).unwrap();
+        assert_eq!(a.filter, "decode");
+        assert_eq!(a.json, Some(PathBuf::from("out.json")));
+        assert!(parse(&["--json"]).unwrap_err().contains("needs a value"));
+        assert!(parse(&["--bogus"]).unwrap_err().contains("unknown"));
+        assert!(parse(&["--help"]).is_err());
+    }
+
+    #[test]
+    fn panics_become_errors() {
+        let e = guarded(|| panic!("boom")).unwrap_err();
+        assert_eq!(e.to_string(), "panicked: boom");
+    }
+
+    #[test]
+    fn without_a_gpu_a_config_fails_cleanly() {
+        let cfg = &configs::standard()[0];
+        assert!(bench_config(&Backend::Cpu, cfg, "k").is_err());
+        assert!(bench_copy(&Backend::Cpu).is_err());
+    }
+}
