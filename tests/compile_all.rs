@@ -1,10 +1,18 @@
-//! NVRTC compiles every built-in variant x {prefill, decode} x head dims x dtypes x {sm_80, sm_90a}
-//! and reports registers and spills. Runs in CI without a GPU; without NVRTC it fails, never skips.
+//! NVRTC compiles every built-in variant x {prefill (each query tile), decode} x head dims x dtypes
+//! x {sm_80, sm_90a}, and reports registers and spills. Runs in CI without a GPU; without NVRTC it fails, never skips.
 
 use std::sync::Mutex;
 
 use ferrinfer::jit::{Arch, Jit, JitConfig};
 use ferrinfer::{DType, HEAD_DIMS, KernelConfig, KernelKind, dispatch};
+
+/// The query tiles the plan may choose for each kernel kind.
+fn tiles(kind: KernelKind) -> Vec<u32> {
+    match kind {
+        KernelKind::Prefill => vec![16, 64, 128],
+        KernelKind::Decode => vec![0],
+    }
+}
 
 #[test]
 fn nvrtc_compiles_every_builtin_kernel_instance() {
@@ -22,16 +30,15 @@ fn nvrtc_compiles_every_builtin_kernel_instance() {
             for kind in KernelKind::ALL {
                 for head_dim in HEAD_DIMS {
                     for dtype in DType::ALL {
-                        jobs.push((
-                            *spec,
-                            KernelConfig {
+                        for cta_tile_q in tiles(kind) {
+                            let cfg = KernelConfig {
                                 kind,
                                 head_dim,
                                 dtype,
-                                cta_tile_q: 0,
-                            },
-                            arch,
-                        ));
+                                cta_tile_q,
+                            };
+                            jobs.push((*spec, cfg, arch));
+                        }
                     }
                 }
             }
