@@ -215,9 +215,11 @@ fn gpu_sliding_window() {
 fn gpu_custom_mask() {
     // A fixed pseudo-random bit pattern long enough for every case's (request, qo, kv) triples.
     let mut rng = Rng::from_time();
-    let words: Vec<u32> = (0..1 << 16).map(|_| rng.next_u64() as u32).collect();
-    // Every request starts at bit 0 of the same words: a valid (if shared) mask per request.
-    let offsets = vec![0u32; 8];
+    // Enough bits for the largest request of the grid (128 query rows x 4096 keys).
+    let words: Vec<u32> = (0..1 << 15).map(|_| rng.next_u64() as u32).collect();
+    // Request b starts at bit 1000 * b: distinct, overlapping masks, one offset per request of the
+    // largest batch (33).
+    let offsets: Vec<u32> = (0..33).map(|b| 1000 * b).collect();
     sweep(&CustomMask {
         bits: Array::new(words),
         offsets: Array::new(offsets),

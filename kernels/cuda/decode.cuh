@@ -1,93 +1,472 @@
-// Decode: one block per (request, KV head, group chunk); its warps are query heads of the KV head's
-// group, so each key and value is loaded (and key-transformed) once per block into shared memory
-// and read by every head. Built for one query row per request; a request with several rows is
-// still right (the rows are done one after another).
-// Launch: grid (batch, num_kv_heads, ceil(group / warps)), block 32 * warps, warps =
-// min(group, kDecodeMaxWarps) (tu.rs launch_dims); static shared memory only.
+// Batch decode over the plan's work list (ferrinfer_runtime::plan): one CTA per item = one request,
+// one KV head, a range of packed rows (the group's query heads of its query rows) and one KV chunk.
+// Each key and value of the chunk is read from memory once per item, whatever the group size,
+// through a kDecodeStages-deep cp.async pipeline of shared-memory tiles.
+//
+// Thread layout: a worker is kLanes = D / 8 consecutive lanes, each holding 8 elements (16 bytes)
+// of a row. With `rows` packed rows in a pass, worker w takes row w % rows and every `ways`-th key
+// of each tile from w / rows on (ways = workers / rows); the ways merge in shared memory at the
+// end. More rows than workers (groups above 2048 / D, or several query rows) take several passes.
+// Launch: grid (num_items), block kDecodeThreads (decode.rs launch_dims); static shared memory.
 #pragma once
 #include "abi.cuh"
+#include "cp_async.cuh"
+#include "decode_vec.cuh"
+#include "hooks.cuh"
 #include "kv.cuh"
+#include "work.cuh"
 #include "row.cuh"
+#include "warp.cuh"
 
 namespace fi {
 
-constexpr unsigned kDecodeMaxWarps = 8;
+constexpr unsigned kDecodeMaxWarps = 4;
+// Query rows per worker: K and V are converted once for all of them.
+constexpr unsigned kDecodeRows = 4;
+constexpr unsigned kDecodeThreads = kDecodeMaxWarps * kWarpSize;
+// CTAs per SM the plan counts on (wrappers.rs ctas_per_sm): caps registers at 64 per thread.
+constexpr unsigned kDecodeMinCtas = 4;  // 128 registers per thread
+// Tiles in flight: three loading while one is computed, 8 KiB each (K and V).
+constexpr unsigned kDecodeStages = 4;
+constexpr float kDecodeLog2e = 1.4426950408889634f;
+constexpr float kDecodeLn2 = 0.6931471805599453f;
 
-// Keys per shared-memory tile: K' and V as f32 take 2 * tile * D * 4 bytes (32 KiB at D >= 128).
 template <int D>
-constexpr unsigned kDecodeTile = D >= 256 ? 16 : 32;
+struct DecodeShape {
+  static constexpr unsigned kLanes = D / 8;  // lanes per row, 16 bytes each
+  static constexpr unsigned kWorkers = kDecodeThreads / kLanes;
+  // Keys per tile (4 KiB of K and of V): every thread copies kCopies 16-byte chunks of each.
+  static constexpr unsigned kTile = 2048 / D;
+  static constexpr unsigned kChunks = kTile * kLanes;
+  static constexpr unsigned kCopies = kChunks / kDecodeThreads;
+};
 
-// Stage keys t0..t0+n: every thread takes element pairs (d, d + D/2), which is what the key hook
-// needs (an element and its rotary partner), for a whole tile at once.
+// ex2.approx: 2 ulp, and 2^-inf = 0, which is all the softmax needs.
+__device__ __forceinline__ float decode_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Butterfly sums of two values over the L lanes of one worker (bitwise the same on each lane).
+template <unsigned L>
+__device__ __forceinline__ void worker_sum2(float& x, float& y, unsigned mask) {
+  #pragma unroll
+  for (unsigned o = L / 2; o > 0; o /= 2) {
+    x += __shfl_xor_sync(mask, x, o);
+    y += __shfl_xor_sync(mask, y, o);
+  }
+}
+
+template <unsigned L>
+__device__ __forceinline__ unsigned worker_mask() {
+  if constexpr (L >= kWarpSize) {
+    return kFullMask;
+  } else {
+    return ((1u << L) - 1) << (lane_id() / L * L);
+  }
+}
+
+// Page-table lookups of one request: key j is slot `slot(j)` of block `blocks[page(j)]`.
+struct DecodePager {
+  const int* blocks;
+  unsigned block_size;  // 0: ragged
+  int shift;  // log2(block_size) when it is a power of two, else -1
+
+  __device__ __forceinline__ unsigned page(unsigned j) const {
+    if (block_size == 0) return 0;
+    return shift >= 0 ? j >> shift : j / block_size;
+  }
+  __device__ __forceinline__ unsigned slot(unsigned j) const {
+    if (block_size == 0) return j;
+    return shift >= 0 ? j & (block_size - 1) : j % block_size;
+  }
+};
+
+__device__ __forceinline__ DecodePager decode_pager(const KvSeq& kv) {
+  const unsigned bs = kv.block_size;
+  const int shift = bs != 0 && (bs & (bs - 1)) == 0 ? __ffs(bs) - 1 : -1;
+  return DecodePager{kv.blocks, bs, shift};
+}
+
+// The natural logit as the accumulator wants it: log2 units with softmax (q carries sm_scale and
+// log2e when there is no logits hook), or the plain weight without; `none` if invisible.
+template <class V, class P>
+__device__ __forceinline__ float decode_logit(const P& p, float s, bool visible, const Pos& at,
+                                              float sm_scale) {
+  const float none = V::kSoftmax ? -FI_INF : 0.0f;
+  if (!visible) return none;
+  if constexpr (V::kHasMask) {
+    if (!hook_mask<V>(p, at)) return none;
+  }
+  if constexpr (V::kHasLogits) {
+    const float l = hook_logits<V>(p, s * sm_scale, at);
+    return V::kSoftmax ? l * kDecodeLog2e : l;
+  } else {
+    return s;
+  }
+}
+
+// This lane's 8 elements of key `u` of a tile, key-transformed (the rotary partner chunk is in the
+// same shared tile, so only variants with a key hook read it).
 template <class V, class P, class T, int D>
-__device__ __forceinline__ void stage_kv(const AttnArgs& a, const P& p, const KvSeq& kv,
-                                         unsigned b, unsigned kv_head, unsigned qo_len,
-                                         unsigned t0, unsigned n, float (*ks)[D],
-                                         float (*vs)[D]) {
-  constexpr unsigned half = D / 2;
+__device__ __forceinline__ void decode_key(const P& p, const Vec8* ks, unsigned u, unsigned c,
+                                           const Pos& at_k, float (&k)[8]) {
+  constexpr unsigned L = DecodeShape<D>::kLanes;
+  unpack8<T>(ks[u * L + c], k);
+  if constexpr (V::kHasKey) {
+    float partner[8];
+    unpack8<T>(ks[u * L + (c + L / 2) % L], partner);
+    #pragma unroll
+    for (int e = 0; e < 8; ++e) k[e] = hook_key<V>(p, k[e], partner[e], c * 8 + e, at_k);
+  }
+}
+
+// One worker's running state over its keys.
+template <bool kSoftmax>
+struct DecodeState {
+  float m = -FI_INF;  // max logit (log2 units)
+  float z = 0.0f;  // sum of 2^(l - m)
+  float acc[8] = {};
+
+  // Two keys with logits l0, l1 (log2 units, or weights without softmax) and values v0, v1.
+  __device__ __forceinline__ void add2(float l0, const float (&v0)[8], float l1,
+                                       const float (&v1)[8]) {
+    if constexpr (kSoftmax) {
+      const float mx = fmaxf(m, fmaxf(l0, l1));
+      if (mx == -FI_INF) return;  // nothing with weight yet
+      if (mx > m) {
+        const float scale = decode_exp2(m - mx);
+        z *= scale;
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] *= scale;
+        m = mx;
+      }
+      const float w0 = decode_exp2(l0 - m), w1 = decode_exp2(l1 - m);
+      z += w0 + w1;
+      #pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] += w0 * v0[e] + w1 * v1[e];
+    } else {
+      #pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] += l0 * v0[e] + l1 * v1[e];
+    }
+  }
+
+  // Folds in another worker's state of the same row.
+  __device__ __forceinline__ void merge(float m2, float z2, const float* acc2) {
+    if constexpr (kSoftmax) {
+      const float mx = fmaxf(m, m2);
+      if (mx == -FI_INF) return;
+      const float s1 = decode_exp2(m - mx), s2 = decode_exp2(m2 - mx);
+      z = z * s1 + z2 * s2;
+      #pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] = acc[e] * s1 + acc2[e] * s2;
+      m = mx;
+    } else {
+      #pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] += acc2[e];
+    }
+  }
+};
+
+template <int D>
+struct DecodeSmem {
+  Vec8 kv[kDecodeStages][2][DecodeShape<D>::kChunks];  // [stage][K, V][key * kLanes + lane]
+};
+
+// The result of one row: split items write the chunk's normalised output and LSE (no sink, no
+// output hook: merge.cuh does those); unsplit items finish the row and write o and lse.
+template <class V, class P, class T, int D>
+__device__ __forceinline__ void decode_write(const AttnArgs& a, const P& p, const WorkItem& it,
+                                             unsigned qo_begin, unsigned c, const Pos& at,
+                                             DecodeState<V::kSoftmax> st) {
+  const unsigned long long heads = a.num_qo_heads;
+  const unsigned i = at.qo_pos, h = at.qo_head;
+  if (it.partial >= 0) {
+    const unsigned long long prow = static_cast<unsigned long long>(it.partial) + i;
+    const bool empty = V::kSoftmax && st.m == -FI_INF;
+    const float inv = V::kSoftmax && !empty ? 1.0f / st.z : 1.0f;
+    float4* dst = reinterpret_cast<float4*>(a.partial_o + (prow * heads + h) * D + c * 8);
+    dst[0] = make_float4(empty ? 0.0f : st.acc[0] * inv, empty ? 0.0f : st.acc[1] * inv,
+                         empty ? 0.0f : st.acc[2] * inv, empty ? 0.0f : st.acc[3] * inv);
+    dst[1] = make_float4(empty ? 0.0f : st.acc[4] * inv, empty ? 0.0f : st.acc[5] * inv,
+                         empty ? 0.0f : st.acc[6] * inv, empty ? 0.0f : st.acc[7] * inv);
+    if (V::kSoftmax && c == 0) {
+      a.partial_lse[prow * heads + h] = empty ? -FI_INF : (st.m + log2f(st.z)) * kDecodeLn2;
+    }
+    return;
+  }
+  if constexpr (V::kSoftmax && V::kHasSink) {
+    const float s = hook_sink<V>(p, at) * kDecodeLog2e;
+    if (s != -FI_INF) {
+      const float mx = fmaxf(st.m, s);
+      const float scale = exp2f(st.m - mx);
+      st.z = st.z * scale + exp2f(s - mx);
+      #pragma unroll
+      for (int e = 0; e < 8; ++e) st.acc[e] *= scale;
+      st.m = mx;
+    }
+  }
+  const bool empty = V::kSoftmax && st.m == -FI_INF;
+  const float inv = V::kSoftmax && !empty ? 1.0f / st.z : 1.0f;
+  float out[8];
+  #pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    out[e] = hook_output<V>(p, empty ? 0.0f : st.acc[e] * inv, c * 8 + e, at);
+  }
+  const unsigned long long row = qo_begin + i;
+  T* dst = static_cast<T*>(a.o) + row * a.o_stride_n + h * a.o_stride_h + c * 8;
+  const bool vec = aligned16(a.o) && aligned8(a.o_stride_n) && aligned8(a.o_stride_h);
+  store8(dst, pack8<T>(out), vec);
+  if (a.lse != nullptr && c == 0) {
+    float lse = __int_as_float(0x7fc00000);  // no meaning without softmax
+    if constexpr (V::kSoftmax) lse = empty ? -FI_INF : (st.m + log2f(st.z)) * kDecodeLn2;
+    a.lse[row * heads + h] = lse;
+  }
+}
+
+// One worker's share of a tile: keys u = way, way + ways, ... (two at a time for ILP) against
+// its NR rows. K and V chunks are loaded and converted once for all NR rows.
+template <int NR, class V, class P, class T, int D>
+__device__ __forceinline__ void decode_tile(const P& p, const Vec8* ks, const Vec8* vs,
+                                            unsigned n, unsigned way, unsigned ways, unsigned c,
+                                            unsigned j0, const float (&q)[kDecodeRows][8],
+                                            const unsigned (&row_end)[kDecodeRows],
+                                            Pos (&at)[kDecodeRows], const Pos& at_k,
+                                            float sm_scale, unsigned mask,
+                                            DecodeState<V::kSoftmax> (&st)[kDecodeRows]) {
+  constexpr unsigned L = DecodeShape<D>::kLanes;
+  for (unsigned u = way; u < n; u += 2 * ways) {
+    const unsigned u1 = u + ways;
+    const bool two = u1 < n;
+    Pos at_k0 = at_k, at_k1 = at_k;
+    at_k0.kv_pos = j0 + u;
+    at_k1.kv_pos = j0 + u1;
+    float k0[8], k1[8];
+    decode_key<V, P, T, D>(p, ks, u, c, at_k0, k0);
+    decode_key<V, P, T, D>(p, ks, two ? u1 : u, c, at_k1, k1);
+    float s0[NR], s1[NR];
+    #pragma unroll
+    for (int r = 0; r < NR; ++r) {
+      s0[r] = 0.0f;
+      s1[r] = 0.0f;
+      #pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        s0[r] += q[r][e] * k0[e];
+        s1[r] += q[r][e] * k1[e];
+      }
+    }
+    #pragma unroll
+    for (int r = 0; r < NR; ++r) worker_sum2<L>(s0[r], s1[r], mask);
+    float v0[8], v1[8] = {};
+    unpack8<T>(vs[u * L + c], v0);
+    if (two) unpack8<T>(vs[u1 * L + c], v1);
+    #pragma unroll
+    for (int r = 0; r < NR; ++r) {
+      at[r].kv_pos = j0 + u;
+      const float l0 = decode_logit<V>(p, s0[r], j0 + u < row_end[r], at[r], sm_scale);
+      at[r].kv_pos = j0 + u1;
+      const float l1 = decode_logit<V>(p, s1[r], two && j0 + u1 < row_end[r], at[r], sm_scale);
+      st[r].add2(l0, v0, l1, v1);
+    }
+  }
+}
+
+// One pass over the chunk for packed rows p0 .. p0 + rows (rows <= kWorkers * kDecodeRows).
+template <class V, class P, class T, int D>
+__device__ __forceinline__ void decode_pass(const AttnArgs& a, const P& p, const WorkItem& it,
+                                            const KvSeq& kv, unsigned qo_begin, unsigned qo_len,
+                                            unsigned p0, unsigned rows, DecodeSmem<D>& sm) {
+  using S = DecodeShape<D>;
+  constexpr unsigned L = S::kLanes;
+  const unsigned group = a.num_qo_heads / a.num_kv_heads;
+  const unsigned b = it.request, kv_head = it.kv_head;
+  const unsigned tid = threadIdx.x, c = tid % L, w = tid / L;
+  // Workers take rows kDecodeRows at a time; the row groups split the workers, the rest of the
+  // parallelism goes to the keys.
+  const unsigned row_groups = (rows + kDecodeRows - 1) / kDecodeRows;
+  const unsigned ways = S::kWorkers / row_groups;
+  const unsigned rg = w % row_groups, way = w / row_groups;
+  const bool active = way < ways;  // idle workers still copy and meet every barrier
+  const unsigned r0 = rg * kDecodeRows;
+  const unsigned nr = active ? min(kDecodeRows, rows - r0) : 0;
+  const bool causal = a.causal != 0;
+
+  // Keys of the chunk that some row of this pass can see.
+  const unsigned i_last = (p0 + rows - 1) / group;
+  const unsigned lo = it.kv_start;
+  const unsigned hi = min(it.kv_end, keys_end(causal, i_last, qo_len, kv.len));
+  const unsigned tiles = hi > lo ? (hi - lo + S::kTile - 1) / S::kTile : 0;
+
+  // Query rows, transformed and scaled so that q . k is the logit the accumulator wants.
+  float q[kDecodeRows][8];
+  Pos at[kDecodeRows];
+  unsigned row_end[kDecodeRows];
+  const bool vec_q = aligned16(a.q) && aligned8(a.q_stride_n) && aligned8(a.q_stride_h);
+  float scale = 1.0f;
+  if constexpr (!V::kHasLogits) scale = V::kSoftmax ? a.sm_scale * kDecodeLog2e : a.sm_scale;
+  #pragma unroll
+  for (unsigned r = 0; r < kDecodeRows; ++r) {
+    const unsigned pr = p0 + r0 + (r < nr ? r : 0);
+    const unsigned i = pr / group, h = kv_head * group + pr % group;
+    at[r] = Pos{b, i, 0, h, kv_head, qo_len, kv.len, D};
+    row_end[r] = keys_end(causal, i, qo_len, kv.len);
+    #pragma unroll
+    for (int e = 0; e < 8; ++e) q[r][e] = 0.0f;
+    if (r < nr) {
+      const T* src =
+          static_cast<const T*>(a.q) + (qo_begin + i) * a.q_stride_n + h * a.q_stride_h;
+      unpack8<T>(load8(src + c * 8, vec_q), q[r]);
+      if constexpr (V::kHasQuery) {
+        float partner[8];
+        unpack8<T>(load8(src + (c + L / 2) % L * 8, vec_q), partner);
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          q[r][e] = hook_query<V>(p, q[r][e], partner[e], c * 8 + e, at[r]);
+        }
+      }
+      #pragma unroll
+      for (int e = 0; e < 8; ++e) q[r][e] *= scale;
+    }
+  }
+  const Pos at_k{b, 0, 0, 0, kv_head, qo_len, kv.len, D};
+
+  // Copy side: thread tid copies chunk c of keys tid / L + x * kWorkers of every tile, K and V.
+  const DecodePager pager = decode_pager(kv);
   const T* k_base = static_cast<const T*>(a.k);
   const T* v_base = static_cast<const T*>(a.v);
-  for (unsigned idx = threadIdx.x; idx < n * half; idx += blockDim.x) {
-    const unsigned t = idx / half, d = idx % half;
-    const unsigned j = t0 + t;
-    const unsigned long long off = kv.offset(j, kv_head);
-    const float k0 = to_f32(k_base[off + d]), k1 = to_f32(k_base[off + d + half]);
-    const Pos at{b, 0, j, 0, kv_head, qo_len, kv.len, D};
-    ks[t][d] = hook_key<V>(p, k0, k1, d, at);
-    ks[t][d + half] = hook_key<V>(p, k1, k0, d + half, at);
-    vs[t][d] = to_f32(v_base[off + d]);
-    vs[t][d + half] = to_f32(v_base[off + d + half]);
+  const bool vec_kv = aligned16(a.k) && aligned16(a.v) && aligned8(a.kv_stride_block) &&
+                      aligned8(a.kv_stride_n) && aligned8(a.kv_stride_h);
+  auto page_id = [&](unsigned tile, unsigned x) -> int {
+    const unsigned j = lo + tile * S::kTile + w + x * S::kWorkers;
+    return tile < tiles && j < hi ? kv.blocks[pager.page(j)] : 0;
+  };
+  auto issue = [&](unsigned tile, const int (&id)[S::kCopies]) {
+    #pragma unroll
+    for (unsigned x = 0; x < S::kCopies; ++x) {
+      const unsigned kr = w + x * S::kWorkers;
+      const unsigned j = lo + tile * S::kTile + kr;
+      if (tile < tiles && j < hi) {
+        const unsigned long long off =
+            static_cast<unsigned long long>(static_cast<unsigned>(id[x])) * a.kv_stride_block +
+            pager.slot(j) * a.kv_stride_n + kv_head * a.kv_stride_h + c * 8;
+        Vec8* kd = &sm.kv[tile % kDecodeStages][0][kr * L + c];
+        Vec8* vd = &sm.kv[tile % kDecodeStages][1][kr * L + c];
+        if (vec_kv) {
+          cp_async_16(static_cast<unsigned>(__cvta_generic_to_shared(kd)), k_base + off, true);
+          cp_async_16(static_cast<unsigned>(__cvta_generic_to_shared(vd)), v_base + off, true);
+        } else {
+          *kd = load8(k_base + off, false);
+          *vd = load8(v_base + off, false);
+        }
+      }
+    }
+    cp_async_commit();  // empty groups too: the wait counts stay uniform
+  };
+
+  int ids[kDecodeStages - 1][S::kCopies];
+  #pragma unroll
+  for (unsigned s = 0; s + 1 < kDecodeStages; ++s) {
+    #pragma unroll
+    for (unsigned x = 0; x < S::kCopies; ++x) ids[s][x] = page_id(s, x);
   }
+  #pragma unroll
+  for (unsigned s = 0; s + 1 < kDecodeStages; ++s) issue(s, ids[s]);
+  int id_next[S::kCopies];
+  #pragma unroll
+  for (unsigned x = 0; x < S::kCopies; ++x) id_next[x] = page_id(kDecodeStages - 1, x);
+
+  DecodeState<V::kSoftmax> st[kDecodeRows];
+  const unsigned mask = worker_mask<L>();
+  for (unsigned t = 0; t < tiles; ++t) {
+    cp_async_wait<kDecodeStages - 2>();
+    __syncthreads();  // tile t landed for everyone; tile t - 1 is read by everyone
+    issue(t + kDecodeStages - 1, id_next);
+    #pragma unroll
+    for (unsigned x = 0; x < S::kCopies; ++x) {
+      id_next[x] = page_id(t + kDecodeStages, x);  // a whole tile of compute hides the lookup
+    }
+    const Vec8* ks = sm.kv[t % kDecodeStages][0];
+    const Vec8* vs = sm.kv[t % kDecodeStages][1];
+    const unsigned j0 = lo + t * S::kTile;
+    const unsigned n = min(S::kTile, hi - j0);
+    // nr is the same on all lanes of a worker, so each worker runs one instance.
+    switch (nr) {
+      case 1:
+        decode_tile<1, V, P, T, D>(p, ks, vs, n, way, ways, c, j0, q, row_end, at, at_k,
+                                   a.sm_scale, mask, st);
+        break;
+      case 2:
+        decode_tile<2, V, P, T, D>(p, ks, vs, n, way, ways, c, j0, q, row_end, at, at_k,
+                                   a.sm_scale, mask, st);
+        break;
+      case 3:
+        decode_tile<3, V, P, T, D>(p, ks, vs, n, way, ways, c, j0, q, row_end, at, at_k,
+                                   a.sm_scale, mask, st);
+        break;
+      case 4:
+        decode_tile<4, V, P, T, D>(p, ks, vs, n, way, ways, c, j0, q, row_end, at, at_k,
+                                   a.sm_scale, mask, st);
+        break;
+      default:
+        break;  // idle worker
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every tile is read: the shared memory is free for the merge of the ways
+
+  if (ways > 1) {
+    float* red_acc = reinterpret_cast<float*>(&sm.kv[0][0][0]);  // [kWorkers][rows][D]
+    float* red_m = red_acc + S::kWorkers * kDecodeRows * D;  // [kWorkers][rows]
+    float* red_z = red_m + S::kWorkers * kDecodeRows;
+    if (active && way > 0) {
+      #pragma unroll
+      for (unsigned r = 0; r < kDecodeRows; ++r) {
+        if (r >= nr) break;
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) red_acc[(w * kDecodeRows + r) * D + c * 8 + e] = st[r].acc[e];
+        if (c == 0) {
+          red_m[w * kDecodeRows + r] = st[r].m;
+          red_z[w * kDecodeRows + r] = st[r].z;
+        }
+      }
+    }
+    __syncthreads();
+    if (way == 0) {
+      for (unsigned k = 1; k < ways; ++k) {
+        const unsigned w2 = rg + k * row_groups;
+        #pragma unroll
+        for (unsigned r = 0; r < kDecodeRows; ++r) {
+          if (r >= nr) break;
+          const unsigned x = w2 * kDecodeRows + r;
+          st[r].merge(red_m[x], red_z[x], red_acc + x * D + c * 8);
+        }
+      }
+    }
+  }
+
+  if (way == 0) {
+    #pragma unroll
+    for (unsigned r = 0; r < kDecodeRows; ++r) {
+      if (r >= nr) break;
+      decode_write<V, P, T, D>(a, p, it, qo_begin, c, at[r], st[r]);
+    }
+  }
+  __syncthreads();  // the next pass refills the shared memory
 }
 
 template <class V, class P, class T, int D>
 __device__ void decode(const AttnArgs& a, const P& p) {
-  constexpr int E = D / 32;
-  constexpr unsigned kTile = kDecodeTile<D>;
-  __shared__ float ks[kTile][D];
-  __shared__ float vs[kTile][D];
-
-  const unsigned b = blockIdx.x, kv_head = blockIdx.y;
-  if (b >= a.batch || kv_head >= a.num_kv_heads) return;  // block-uniform: before any barrier
-  const unsigned group = a.num_qo_heads / a.num_kv_heads;
-  const unsigned g = blockIdx.z * warps_per_block() + warp_id();
-  // Warps past the group's end still stage tiles and meet every barrier; they only skip the math.
-  const bool active = g < group;
-  const unsigned h = kv_head * group + g;
-  const KvSeq kv = kv_seq(a, b);
-  const unsigned qo_begin = static_cast<unsigned>(a.qo_indptr[b]);
-  const unsigned qo_len = static_cast<unsigned>(a.qo_indptr[b + 1]) - qo_begin;
-
-  for (unsigned i = 0; i < qo_len; ++i) {
-    const unsigned row = qo_begin + i;
-    Pos at{b, i, 0, h, kv_head, qo_len, kv.len, D};
-    float q[E];
-    if (active) {
-      load_row<D>(static_cast<const T*>(a.q) + row * a.q_stride_n + h * a.q_stride_h, q);
-      transform_query<V, P, D>(p, q, at);
-    }
-    RowState<V::kSoftmax, E> st;
-    const unsigned end = keys_end(a.causal != 0, i, qo_len, kv.len);
-    for (unsigned t0 = 0; t0 < end; t0 += kTile) {
-      const unsigned n = end - t0 < kTile ? end - t0 : kTile;
-      __syncthreads();  // the previous tile has been read by every warp
-      stage_kv<V, P, T, D>(a, p, kv, b, kv_head, qo_len, t0, n, ks, vs);
-      __syncthreads();
-      if (!active) continue;
-      for (unsigned t = 0; t < n; ++t) {
-        at.kv_pos = t0 + t;
-        if (!hook_mask<V>(p, at)) continue;
-        float k[E], v[E];
-        #pragma unroll
-        for (int e = 0; e < E; ++e) {
-          k[e] = ks[t][RowLayout<D>::dim(e)];
-          v[e] = vs[t][RowLayout<D>::dim(e)];
-        }
-        st.add(hook_logits<V>(p, dot_row(q, k) * a.sm_scale, at), v);
-      }
-    }
-    at.kv_pos = 0;
-    if (active) finish_row<V, P, T, D>(a, p, st, row, at);
+  __shared__ DecodeSmem<D> sm;
+  const WorkItem it = work_item(a.work, blockIdx.x);
+  if (!it.valid) return;  // padding; block-uniform, before any barrier
+  const KvSeq kv = kv_seq(a, it.request);
+  const unsigned qo_begin = static_cast<unsigned>(a.qo_indptr[it.request]);
+  const unsigned qo_len = static_cast<unsigned>(a.qo_indptr[it.request + 1]) - qo_begin;
+  constexpr unsigned W = DecodeShape<D>::kWorkers * kDecodeRows;
+  for (unsigned p0 = it.qo_tile_start; p0 < it.qo_tile_end; p0 += W) {
+    const unsigned rows = min(W, it.qo_tile_end - p0);
+    decode_pass<V, P, T, D>(a, p, it, kv, qo_begin, qo_len, p0, rows, sm);
   }
 }
 

@@ -7,11 +7,16 @@
 pub mod abi;
 mod decode;
 mod merge;
+mod merge_states;
 mod prefill;
 mod sources;
 mod tu;
 
 pub use merge::merge_launch_dims;
+pub use merge_states::{
+    MERGE_STATES_VEC_WIDTHS, MergeStatesArgs, merge_states_launch_dims, merge_states_unit,
+    merge_states_vec_width,
+};
 pub use sources::{HEADER_NAMES, KERNEL_DIR_VAR, header};
 pub use tu::{TranslationUnit, VariantSource, translation_unit};
 

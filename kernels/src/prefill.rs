@@ -1,32 +1,105 @@
-//! The prefill (and append) kernel: which template, and its launch geometry. Mirrors the constants
-//! of `cuda/prefill.cuh`.
+//! The prefill (and append) kernel: which template, and its launch geometry. Mirrors
+//! `PrefillShape` in `cuda/prefill.cuh`: one CTA per work item of the plan, one warp per 16
+//! packed query rows (at most [`PREFILL_WARPS`], except at head dim 256), K/V tiles of
+//! [`KV_TILE`] keys.
 
 use crate::abi::AttnArgs;
 use crate::tu::Template;
 use crate::{KernelConfig, LaunchDims};
 
-/// Warps per prefill block (at most); `kPrefillWarps` in prefill.cuh.
+/// Warps of a 64-row query tile; `kPrefillWarps` in prefill.cuh.
 pub(crate) const PREFILL_WARPS: u32 = 4;
 const WARP: u32 = 32;
+/// Keys per K/V shared-memory tile; `PrefillShape::kTileKv`.
+const KV_TILE: u32 = 64;
 
-pub(crate) fn template(_cfg: &KernelConfig) -> Template {
-    Template {
-        header: "prefill.cuh",
-        function: "fi::prefill",
-        extra_args: String::new(),
-        max_threads: "fi::kPrefillWarps * fi::kWarpSize",
-        merge: false,
+/// The query tile the kernel is built for: the plan's, or, when the config leaves it open (0),
+/// the one the plan picks for long prompts (ferrinfer_runtime::plan::cta_tile_q).
+pub(crate) fn tile_q(cfg: &KernelConfig) -> u32 {
+    match cfg.cta_tile_q {
+        16 | 64 | 128 => cfg.cta_tile_q,
+        _ if cfg.head_dim >= 256 => 64,
+        _ => 128,
     }
 }
 
-/// One warp per (query row, query head); empty batches still get one block, which returns at once
-/// (a zero grid would not launch).
-pub(crate) fn launch_dims(_cfg: &KernelConfig, args: &AttnArgs) -> LaunchDims {
-    let heads = args.num_qo_heads.max(1);
-    let warps = heads.min(PREFILL_WARPS);
+/// Warps per CTA: one per 16 rows, capped at four (two 16-row blocks per warp then) except at
+/// head dim 256, where two blocks' f32 accumulators would not fit the registers.
+fn warps(cfg: &KernelConfig) -> u32 {
+    let blocks = tile_q(cfg) / 16;
+    if cfg.head_dim == 256 {
+        blocks
+    } else {
+        blocks.min(PREFILL_WARPS)
+    }
+}
+
+pub(crate) fn template(cfg: &KernelConfig) -> Template {
+    Template {
+        header: "prefill.cuh",
+        function: "fi::prefill",
+        extra_args: format!(", {}", tile_q(cfg)),
+        max_threads: match warps(cfg) {
+            1 => "32",
+            4 => "128",
+            _ => "256",
+        },
+        merge: true,
+    }
+}
+
+/// One CTA per work item (the plan's padded length); an empty work list still gets one CTA,
+/// which finds no valid item and returns (a zero grid would not launch).
+pub(crate) fn launch_dims(cfg: &KernelConfig, args: &AttnArgs) -> LaunchDims {
+    let rows = tile_q(cfg) + 2 * KV_TILE;
     LaunchDims {
-        grid: [args.total_qo.max(1), heads.div_ceil(warps), 1],
-        block: [warps * WARP, 1, 1],
-        shared_bytes: 0,
+        grid: [args.num_items.max(1), 1, 1],
+        block: [warps(cfg) * WARP, 1, 1],
+        shared_bytes: rows * cfg.head_dim * 2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DType, KernelKind};
+
+    fn cfg(head_dim: u32, cta_tile_q: u32) -> KernelConfig {
+        KernelConfig {
+            kind: KernelKind::Prefill,
+            head_dim,
+            dtype: DType::Bf16,
+            cta_tile_q,
+        }
+    }
+
+    #[test]
+    fn geometry_follows_the_tile() {
+        let args = AttnArgs {
+            num_items: 300,
+            ..AttnArgs::default()
+        };
+        let d = launch_dims(&cfg(128, 128), &args);
+        assert_eq!(
+            (d.grid, d.block, d.shared_bytes),
+            ([300, 1, 1], [128, 1, 1], 65536)
+        );
+        let d = launch_dims(&cfg(128, 16), &args);
+        assert_eq!((d.block, d.shared_bytes), ([32, 1, 1], 36864));
+        let d = launch_dims(&cfg(256, 128), &args);
+        assert_eq!((d.block, d.shared_bytes), ([256, 1, 1], 131072));
+        let d = launch_dims(&cfg(256, 0), &AttnArgs::default());
+        assert_eq!((d.grid, d.block), ([1, 1, 1], [128, 1, 1]));
+        for hd in crate::HEAD_DIMS {
+            for tile in [0, 16, 64, 128] {
+                let t = template(&cfg(hd, tile));
+                assert_eq!(t.max_threads, (warps(&cfg(hd, tile)) * WARP).to_string());
+                assert_eq!(t.extra_args, format!(", {}", tile_q(&cfg(hd, tile))));
+                // Within the opt-in shared memory of an sm_80 SM (163 KiB).
+                assert!(
+                    launch_dims(&cfg(hd, tile), &AttnArgs::default()).shared_bytes <= 163 * 1024
+                );
+            }
+        }
     }
 }

@@ -16,8 +16,15 @@ pub const HEADER_NAMES: &[&str] = &[
     "hooks.cuh",
     "softmax.cuh",
     "row.cuh",
+    "mma.cuh",
+    "cp_async.cuh",
+    "smem.cuh",
+    "work.cuh",
     "prefill.cuh",
+    "decode_vec.cuh",
     "decode.cuh",
+    "merge.cuh",
+    "merge_states.cuh",
 ];
 
 const BUILT_IN: &[(&str, &str)] = &[
@@ -29,8 +36,15 @@ const BUILT_IN: &[(&str, &str)] = &[
     ("hooks.cuh", include_str!("../cuda/hooks.cuh")),
     ("softmax.cuh", include_str!("../cuda/softmax.cuh")),
     ("row.cuh", include_str!("../cuda/row.cuh")),
+    ("mma.cuh", include_str!("../cuda/mma.cuh")),
+    ("cp_async.cuh", include_str!("../cuda/cp_async.cuh")),
+    ("smem.cuh", include_str!("../cuda/smem.cuh")),
+    ("work.cuh", include_str!("../cuda/work.cuh")),
     ("prefill.cuh", include_str!("../cuda/prefill.cuh")),
+    ("decode_vec.cuh", include_str!("../cuda/decode_vec.cuh")),
     ("decode.cuh", include_str!("../cuda/decode.cuh")),
+    ("merge.cuh", include_str!("../cuda/merge.cuh")),
+    ("merge_states.cuh", include_str!("../cuda/merge_states.cuh")),
 ];
 
 /// Where header text comes from.

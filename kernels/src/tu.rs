@@ -154,7 +154,7 @@ fn push_block(out: &mut String, text: &str) {
 
 /// Appends `name` after the headers it includes (depth first, each header once, `#pragma once`
 /// dropped). Only `#include "x.cuh"` of our own headers is allowed: the unit is self-contained.
-fn inline_header(
+pub(crate) fn inline_header(
     sources: &Sources,
     name: &str,
     done: &mut Vec<String>,
@@ -279,7 +279,14 @@ mod tests {
             assert!(!s.contains("#include"), "{}", cfg.name());
             assert!(!s.contains("#pragma once"), "{}", cfg.name());
             let at = |marker: &str| s.find(marker).unwrap_or_else(|| panic!("{marker} missing"));
-            for name in ["abi.cuh", "dsl.cuh", "dtype.cuh", "kv.cuh", "row.cuh"] {
+            for name in [
+                "abi.cuh",
+                "dsl.cuh",
+                "dtype.cuh",
+                "kv.cuh",
+                "hooks.cuh",
+                "merge.cuh",
+            ] {
                 let marker = format!("// ---- {name} ----");
                 assert_eq!(s.matches(&marker).count(), 1, "{name} in {}", cfg.name());
             }
@@ -291,7 +298,7 @@ mod tests {
             // Each header follows the ones it includes; the variant follows every header.
             assert!(at("// ---- abi.cuh ----") < at("// ---- kv.cuh ----"));
             assert!(at("// ---- dsl.cuh ----") < at("// ---- hooks.cuh ----"));
-            assert!(at("// ---- row.cuh ----") < at(&format!("// ---- {kernel} ----")));
+            assert!(at("// ---- hooks.cuh ----") < at(&format!("// ---- {kernel} ----")));
             assert!(at(&format!("// ---- {kernel} ----")) < at("struct Params {"));
             assert!(at("struct Params {") < at("struct Variant {"));
             assert!(at("struct Variant {") < at("extern \"C\" __global__"));
@@ -388,10 +395,10 @@ mod tests {
         let tu = assemble(&Sources::Dir(dir.clone()), &cfg, &variant()).unwrap();
         assert!(tu.source.contains("// edited on disk"));
 
-        std::fs::remove_file(dir.join("softmax.cuh")).unwrap();
+        std::fs::remove_file(dir.join("hooks.cuh")).unwrap();
         let e = assemble(&Sources::Dir(dir.clone()), &cfg, &variant()).unwrap_err();
         assert!(
-            e.contains("softmax.cuh") && e.contains("FERRINFER_KERNEL_DIR"),
+            e.contains("hooks.cuh") && e.contains("FERRINFER_KERNEL_DIR"),
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
@@ -436,51 +443,33 @@ mod tests {
         assert!(decode.contains(&format!("kDecodeMaxWarps = {DECODE_MAX_WARPS};")));
     }
 
-    fn args(batch: u32, total_qo: u32, qo_heads: u32, kv_heads: u32) -> AttnArgs {
-        AttnArgs {
-            batch,
-            total_qo,
-            num_qo_heads: qo_heads,
-            num_kv_heads: kv_heads,
-            ..AttnArgs::default()
-        }
-    }
-
     #[test]
-    fn launch_dims_cover_every_row_and_head() {
-        let cfg = |kind| KernelConfig {
-            kind,
-            head_dim: 128,
-            dtype: DType::Bf16,
-            cta_tile_q: 0,
-        };
-        let d = launch_dims(&cfg(KernelKind::Prefill), &args(3, 1000, 32, 8));
-        assert_eq!(d.grid, [1000, 8, 1]);
-        assert_eq!(d.block, [128, 1, 1]);
-        let d = launch_dims(&cfg(KernelKind::Prefill), &args(1, 5, 2, 1));
-        assert_eq!((d.grid, d.block), ([5, 1, 1], [64, 1, 1]));
-        let d = launch_dims(&cfg(KernelKind::Prefill), &args(1, 5, 6, 1));
-        assert_eq!(
-            d.grid[1] * d.block[0] / 32,
-            8,
-            "6 heads need two blocks of 4 warps"
-        );
-
-        let d = launch_dims(&cfg(KernelKind::Decode), &args(64, 64, 32, 8));
-        assert_eq!((d.grid, d.block), ([64, 8, 1], [128, 1, 1]));
-        let d = launch_dims(&cfg(KernelKind::Decode), &args(2, 2, 32, 32));
-        assert_eq!((d.grid, d.block), ([2, 32, 1], [32, 1, 1]));
-        let d = launch_dims(&cfg(KernelKind::Decode), &args(2, 2, 64, 1));
-        assert_eq!((d.grid, d.block), ([2, 1, 8], [256, 1, 1]));
-        let d = launch_dims(&cfg(KernelKind::Decode), &args(2, 2, 12, 1));
-        assert!(d.grid[2] * d.block[0] / 32 >= 12);
-
+    fn work_list_kernels_launch_one_cta_per_item() {
         for kind in KernelKind::ALL {
-            let d = launch_dims(&cfg(kind), &args(0, 0, 4, 4));
-            assert!(d.grid.iter().all(|&g| g >= 1), "{kind:?} {d:?}");
-            assert!(
-                d.block[0] <= 1024 && d.block[0].is_multiple_of(32) && d.shared_bytes <= 48 * 1024
-            );
+            for head_dim in HEAD_DIMS {
+                let cfg = KernelConfig {
+                    kind,
+                    head_dim,
+                    dtype: DType::Bf16,
+                    cta_tile_q: if kind == KernelKind::Prefill { 64 } else { 0 },
+                };
+                assert!(cfg.uses_work_list(), "{}", cfg.name());
+                let args = AttnArgs {
+                    num_items: 300,
+                    num_qo_heads: 32,
+                    num_kv_heads: 8,
+                    ..AttnArgs::default()
+                };
+                let d = launch_dims(&cfg, &args);
+                assert_eq!(d.grid, [300, 1, 1], "{}", cfg.name());
+                assert!(d.block[0] <= 1024 && d.block[0].is_multiple_of(32));
+                // An empty work list still launches (and returns at once).
+                let d = launch_dims(&cfg, &AttnArgs::default());
+                assert!(d.grid.iter().all(|&g| g >= 1), "{d:?}");
+                let m = crate::merge_launch_dims(&cfg, &args, 77);
+                assert_eq!(m.grid[0], 77);
+                assert!(m.grid[1] * m.block[0] / 32 >= 32, "a warp per head");
+            }
         }
     }
 }

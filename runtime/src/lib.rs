@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod batch;
+pub mod cascade;
 pub mod dispatch;
 pub mod dtype;
 pub mod error;
@@ -20,6 +21,7 @@ pub mod wrappers;
 
 pub use backend::{Backend, Buffer};
 pub use batch::{Batch, Heads, KvIndex, KvLayout};
+pub use cascade::{State, StateMut, StateShape, merge_state, merge_state_in_place, merge_states};
 pub use dtype::Element;
 pub use error::{Error, Result};
 pub use ferrinfer_kernels::{DType, HEAD_DIMS, KernelConfig, KernelKind};

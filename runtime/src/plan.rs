@@ -27,7 +27,8 @@
 //! [`WorkList::write`] serialises the list into little-endian int32 words, for one host-to-device
 //! copy. Bytes `0..128` are the header ([`header`] names the word indices): a magic number, the
 //! format version, the kernel kind, `cta_tile_q`, `kv_chunk`, `padded_len`, the number of valid
-//! entries, `total_qo`, `partial_rows`, then the byte offsets of the arrays. The arrays follow in
+//! entries, `total_qo`, `partial_rows`, the byte offsets of the arrays, then the number of requests.
+//! The arrays follow in
 //! this order, each at the next multiple of 16 bytes: the seven item fields `request`, `kv_head`,
 //! `qo_tile_start`, `qo_tile_end`, `kv_start`, `kv_end`, `partial` (`-1` for none) and `valid`
 //! (1 or 0), each `[padded_len]`; then `merge_indptr` `[total_qo + 1]` and `merge_index`
@@ -172,6 +173,9 @@ pub struct WorkList {
     pub merge_index: Vec<u32>,
     /// Rows of the partial-output scratch buffer (0 when nothing is split).
     pub partial_rows: u32,
+    /// Requests in the batch (kernels that search `qo_indptr` take it from the header, since a
+    /// CUDA-graph replay keeps the launch arguments of the capture).
+    pub batch: u32,
 }
 
 /// The sizes a workspace is allocated for.
@@ -420,6 +424,7 @@ fn build(
         merge_indptr,
         merge_index,
         partial_rows: partial_rows as u32,
+        batch: batch.batch() as u32,
     })
 }
 
@@ -452,6 +457,8 @@ pub mod header {
     pub const NUM_VALID: usize = 6;
     pub const TOTAL_QO: usize = 7;
     pub const PARTIAL_ROWS: usize = 8;
+    /// Requests in the batch; after the array offsets, at word 19.
+    pub const BATCH: usize = OFFSETS + 10;
     /// Byte offsets of the arrays, in [`super::Layout::ARRAYS`] order, from here on.
     pub const OFFSETS: usize = 9;
     /// Header size in bytes; the first array starts here.
@@ -459,7 +466,7 @@ pub mod header {
     /// "FIPL" read as a little-endian int32.
     pub const MAGIC: i32 = i32::from_le_bytes(*b"FIPL");
     /// Bumped whenever the layout changes.
-    pub const VERSION: i32 = 1;
+    pub const VERSION: i32 = 2;
 }
 
 /// Byte offsets of the workspace arrays (all int32), and the bytes they span.
@@ -618,6 +625,7 @@ impl WorkList {
         head[header::NUM_VALID] = self.items.len() as i32;
         head[header::TOTAL_QO] = self.total_qo() as i32;
         head[header::PARTIAL_ROWS] = self.partial_rows as i32;
+        head[header::BATCH] = self.batch as i32;
         for (k, off) in layout.offsets().into_iter().enumerate() {
             head[header::OFFSETS + k] = off as i32;
         }
@@ -729,6 +737,7 @@ impl WorkList {
             padded_len: pad as u32,
             merge_indptr: unsigned(arr(layout.merge_indptr, total_qo + 1)?),
             merge_index: unsigned(arr(layout.merge_index, partial_rows)?),
+            batch: count(header::BATCH)? as u32,
             partial_rows: partial_rows as u32,
         })
     }

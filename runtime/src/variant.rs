@@ -8,7 +8,8 @@ use crate::params::{AttentionParams, ParamField};
 /// `qo_pos` counts from the first query row of the request (0..`qo_len`), `kv_pos` from the first
 /// key of the request (0..`kv_len`). Queries are aligned to the end of the KV sequence, so query row
 /// `qo_pos` sits at absolute position `qo_pos + kv_len - qo_len` (this is the causal diagonal, and
-/// the position to rotate a query by in RoPE).
+/// the position to rotate a query by in RoPE). Compute it in `i32`: it is negative for the first
+/// rows of a request with more query rows than keys.
 ///
 /// In the `query` hook `kv_pos` is 0; in the `key` hook `qo_pos` and `qo_head` are 0 (a key does not
 /// depend on which query head reads it).

@@ -163,11 +163,13 @@ fn decode_batch(heads: Heads, kv: KvIndex, sm_scale: Option<f32>) -> Result<Batc
     Ok(batch)
 }
 
-/// CTAs of each kernel resident per SM, for the split search: enough items to fill the GPU once.
+/// Work items per SM that the KV-split search aims for. Decode: two waves of its 4 resident CTAs,
+/// so that a skewed batch (a few long requests among short ones) is cut into chunks short enough
+/// that the long requests do not finish last, alone on a few SMs.
 fn ctas_per_sm(kind: KernelKind) -> u32 {
     match kind {
         KernelKind::Prefill => 2,
-        KernelKind::Decode => 4,
+        KernelKind::Decode => 8,
     }
 }
 

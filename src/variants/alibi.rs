@@ -57,7 +57,8 @@ fn slopes(n: u32) -> Vec<f64> {
 impl Alibi {
     /// `s + slope[qo_head] * (kv_pos - q_abs)`.
     pub fn logits(&self, s: f32, at: Pos) -> f32 {
-        let q_abs = (at.qo_pos + at.kv_len - at.qo_len) as f32;
+        // In i32: with more query rows than keys the position is negative, not a wrapped u32.
+        let q_abs = (at.qo_pos as i32 + at.kv_len as i32 - at.qo_len as i32) as f32;
         s + self.slopes[at.qo_head] * (at.kv_pos as f32 - q_abs)
     }
 }

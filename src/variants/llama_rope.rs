@@ -28,7 +28,9 @@ impl LlamaRope {
         let inv_freq = self
             .theta
             .powf(-2.0 * (i % half) as f32 / at.head_dim as f32);
-        let angle = (at.qo_pos + at.kv_len - at.qo_len) as f32 * inv_freq;
+        // In i32: with more query rows than keys the position is negative, not a wrapped u32.
+        let q_abs = at.qo_pos as i32 + at.kv_len as i32 - at.qo_len as i32;
+        let angle = q_abs as f32 * inv_freq;
         if i < half {
             x * angle.cos() - partner * angle.sin()
         } else {

@@ -25,8 +25,9 @@ pub struct SlidingWindow {
 impl SlidingWindow {
     /// Keep the key iff it is within `window` positions before the query (or after it).
     pub fn mask(&self, at: Pos) -> bool {
-        let q_abs = at.qo_pos + at.kv_len - at.qo_len;
-        // Compared this way round so that a key after the query never underflows.
-        at.kv_pos > q_abs || q_abs - at.kv_pos < self.window
+        // In i32: with more query rows than keys the position is negative, not a wrapped u32.
+        let q_abs = at.qo_pos as i32 + at.kv_len as i32 - at.qo_len as i32;
+        let kv_pos = at.kv_pos as i32;
+        kv_pos > q_abs || q_abs - kv_pos < self.window as i32
     }
 }
