@@ -225,17 +225,81 @@ __device__ __forceinline__ void decode_write(const AttnArgs& a, const P& p, cons
   }
 }
 
+// Rows of a decode_tile instance rounded up to a power of two, so that 2 * it values (rows x two
+// keys) halve evenly in the reduce-scatter.
+template <int NR>
+constexpr unsigned kDecodePow2Rows = NR <= 1 ? 1 : NR <= 2 ? 2 : 4;
+
+// Which of N scattered sums lane c of an L-lane worker ends up with (decode_scatter): the bits of
+// the first log2(N) butterfly offsets, most significant first.
+template <unsigned N, unsigned L>
+__device__ __forceinline__ unsigned decode_scatter_index(unsigned c) {
+  unsigned idx = 0;
+  #pragma unroll
+  for (unsigned n = N, o = L / 2; n > 1; n /= 2, o /= 2) idx += (c & o) ? n / 2 : 0;
+  return idx;
+}
+
+// The lane (within the worker) that holds scattered sum `idx`; inverse of decode_scatter_index.
+template <unsigned N, unsigned L>
+__device__ __forceinline__ constexpr unsigned decode_scatter_lane(unsigned idx) {
+  unsigned lane = 0;
+  for (unsigned n = N, o = L / 2; n > 1; n /= 2, o /= 2) lane += (idx & (n / 2)) ? o : 0;
+  return lane;
+}
+
+// Reduce-scatter of N per-lane partial sums over the L lanes of a worker: each butterfly step
+// sends half of the values still held and keeps the other half, so the N full sums cost
+// N - 1 + log2(L / N) shuffles instead of N log2(L); lane c returns sum decode_scatter_index(c).
+template <unsigned N, unsigned L>
+__device__ __forceinline__ float decode_scatter(float (&x)[N], unsigned c, unsigned mask) {
+  static_assert(N <= L, "a worker scatters at most one sum per lane");
+  unsigned o = L / 2;
+  #pragma unroll
+  for (unsigned n = N; n > 1; n /= 2, o /= 2) {
+    const bool upper = (c & o) != 0;
+    #pragma unroll
+    for (unsigned k = 0; k < n / 2; ++k) {
+      const float send = upper ? x[k] : x[k + n / 2];
+      const float keep = upper ? x[k + n / 2] : x[k];
+      x[k] = keep + __shfl_xor_sync(mask, send, o);
+    }
+  }
+  float s = x[0];
+  #pragma unroll
+  for (; o > 0; o /= 2) s += __shfl_xor_sync(mask, s, o);
+  return s;
+}
+
 // One worker's share of a tile: keys u = way, way + ways, ... (two at a time for ILP) against
-// its NR rows. K and V chunks are loaded and converted once for all NR rows.
+// its NR rows. K and V chunks are loaded and converted once for all NR rows. The 2 x NR dot
+// products are reduce-scattered so that each lane turns one (row, key) sum into a logit (mask
+// and logits hooks run once per pair of lanes, not on every lane), then the logits are
+// broadcast back for the accumulation.
 template <int NR, class V, class P, class T, int D>
 __device__ __forceinline__ void decode_tile(const P& p, const Vec8* ks, const Vec8* vs,
                                             unsigned n, unsigned way, unsigned ways, unsigned c,
                                             unsigned j0, const float (&q)[kDecodeRows][8],
                                             const unsigned (&row_end)[kDecodeRows],
-                                            Pos (&at)[kDecodeRows], const Pos& at_k,
+                                            const Pos (&at)[kDecodeRows], const Pos& at_k,
                                             float sm_scale, unsigned mask,
                                             DecodeState<V::kSoftmax> (&st)[kDecodeRows]) {
   constexpr unsigned L = DecodeShape<D>::kLanes;
+  constexpr unsigned NP = kDecodePow2Rows<NR>;
+  constexpr unsigned N = 2 * NP;  // sum k * NP + r: key k of the pair, row r
+  // The (row, key) this lane turns into a logit, fixed for the tile; rows past NR are padding.
+  const unsigned mine = decode_scatter_index<N, L>(c);
+  const unsigned r_mine = mine % NP;
+  const bool second = mine >= NP;
+  Pos at_mine = at[0];
+  unsigned end_mine = row_end[0];
+  #pragma unroll
+  for (unsigned r = 1; r < NP; ++r) {
+    if (r_mine == r) {
+      at_mine = at[r];
+      end_mine = row_end[r];
+    }
+  }
   for (unsigned u = way; u < n; u += 2 * ways) {
     const unsigned u1 = u + ways;
     const bool two = u1 < n;
@@ -245,28 +309,31 @@ __device__ __forceinline__ void decode_tile(const P& p, const Vec8* ks, const Ve
     float k0[8], k1[8];
     decode_key<V, P, T, D>(p, ks, u, c, at_k0, k0);
     decode_key<V, P, T, D>(p, ks, two ? u1 : u, c, at_k1, k1);
-    float s0[NR], s1[NR];
+    float s[N];
     #pragma unroll
-    for (int r = 0; r < NR; ++r) {
-      s0[r] = 0.0f;
-      s1[r] = 0.0f;
-      #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        s0[r] += q[r][e] * k0[e];
-        s1[r] += q[r][e] * k1[e];
+    for (unsigned r = 0; r < NP; ++r) {
+      s[r] = 0.0f;
+      s[NP + r] = 0.0f;
+      if (r < static_cast<unsigned>(NR)) {
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          s[r] += q[r][e] * k0[e];
+          s[NP + r] += q[r][e] * k1[e];
+        }
       }
     }
-    #pragma unroll
-    for (int r = 0; r < NR; ++r) worker_sum2<L>(s0[r], s1[r], mask);
+    const float sum = decode_scatter<N, L>(s, c, mask);
     float v0[8], v1[8] = {};
     unpack8<T>(vs[u * L + c], v0);
     if (two) unpack8<T>(vs[u1 * L + c], v1);
+    const unsigned j = j0 + (second ? u1 : u);
+    at_mine.kv_pos = j;
+    const bool visible = (!second || two) && j < end_mine;
+    const float logit = decode_logit<V>(p, sum, visible, at_mine, sm_scale);
     #pragma unroll
-    for (int r = 0; r < NR; ++r) {
-      at[r].kv_pos = j0 + u;
-      const float l0 = decode_logit<V>(p, s0[r], j0 + u < row_end[r], at[r], sm_scale);
-      at[r].kv_pos = j0 + u1;
-      const float l1 = decode_logit<V>(p, s1[r], two && j0 + u1 < row_end[r], at[r], sm_scale);
+    for (unsigned r = 0; r < static_cast<unsigned>(NR); ++r) {
+      const float l0 = __shfl_sync(mask, logit, decode_scatter_lane<N, L>(r), L);
+      const float l1 = __shfl_sync(mask, logit, decode_scatter_lane<N, L>(NP + r), L);
       st[r].add2(l0, v0, l1, v1);
     }
   }

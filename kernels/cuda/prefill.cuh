@@ -1,8 +1,8 @@
 // Prefill and append, FlashAttention-2 style for sm_80+ (it also serves Hopper until an FA3 path
 // exists). One CTA per work item of the plan: a tile of TILE_Q packed query rows (GQA heads packed
 // into the rows, see plan.rs) of one request and KV head, over one KV chunk. Q stays in shared
-// memory; K and V tiles of kTileKv keys stream through their own buffers with cp.async, so the
-// next K tile loads during softmax and P.V, and the next V tile during the next Q.K^T. S and O
+// memory; K and V tiles of kTileKv keys stream through two stages with cp.async, so tile t + 1
+// loads during all of tile t (one barrier per tile); key offsets come from a per-tile table. S, O
 // live in registers as mma.sync m16n8k16 fragments (mma.cuh); the online softmax runs in base 2.
 // Launch: grid num_items, block PrefillShape::kThreads, dynamic shared PrefillShape::kSmemBytes
 // (kernels/src/prefill.rs mirrors these).
@@ -32,12 +32,16 @@ struct PrefillShape {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kMmaQ = TILE_Q / (16 * kWarps);  // 16-row blocks per warp
   // Keys per K/V tile (a multiple of 16, see plan.rs). Two 16-row blocks per warp at head dim
-  // 128 hold 128 f32 outputs per thread; 32 keys keep S at 32 more, within 255 registers.
-  static constexpr int kTileKv = (kMmaQ == 2 && D >= 128) ? 32 : 64;
+  // 128 hold 128 f32 outputs per thread; 32 keys keep S at 32 more, within 255 registers. Two
+  // stages of 32 keys also keep hd >= 128 within the shared memory of an sm_80 SM.
+  static constexpr int kTileKv = D >= 128 ? 32 : 64;
   static constexpr int kMmaKv = kTileKv / 8;  // 8-key blocks of S
   static constexpr int kMmaD = D / 8;  // 8-column blocks of O
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  static constexpr int kSmemBytes = (TILE_Q + 2 * kTileKv) * D * 2;
+  static constexpr int kStages = 2;  // K/V tiles in shared memory: this one and the next
+  // Element offsets of the keys of two KV tiles, one per key.
+  static constexpr int kTableBytes = 2 * kTileKv * 8;
+  static constexpr int kSmemBytes = (TILE_Q + 2 * kStages * kTileKv) * D * 2 + kTableBytes;
 };
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -54,8 +58,16 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
 
   extern __shared__ __attribute__((aligned(16))) unsigned char prefill_smem[];
   const SmemTile<TILE_Q, D> sq{prefill_smem};
-  const SmemTile<kTileKv, D> sk{prefill_smem + SmemTile<TILE_Q, D>::kBytes};
-  const SmemTile<kTileKv, D> sv{sk.base + SmemTile<kTileKv, D>::kBytes};
+  // K/V tile t lives in stage t % 2: K stages, then V stages.
+  constexpr int kKvBytes = SmemTile<kTileKv, D>::kBytes;
+  unsigned char* const kv_smem = prefill_smem + SmemTile<TILE_Q, D>::kBytes;
+  auto sk = [&](unsigned tile) { return SmemTile<kTileKv, D>{kv_smem + (tile % 2) * kKvBytes}; };
+  auto sv = [&](unsigned tile) {
+    return SmemTile<kTileKv, D>{kv_smem + (Sh::kStages + tile % 2) * kKvBytes};
+  };
+  // Tile t's key offsets live in slot t % 2: written one tile ahead, read when K(t), V(t) load.
+  unsigned long long* const key_off =
+      reinterpret_cast<unsigned long long*>(kv_smem + 2 * Sh::kStages * kKvBytes);
 
   const unsigned b = w.request, kv_head = w.kv_head;
   const unsigned qo_begin = static_cast<unsigned>(a.qo_indptr[b]);
@@ -82,7 +94,7 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   // their results are never written.
   auto packed = [&](unsigned r) { return min(w.qo_tile_start + r, w.qo_tile_end - 1); };
 
-  // Prologue: Q, K tile 0 and V tile 0, three commit groups.
+  // Prologue: Q, then K and V of tile 0, two commit groups.
   const T* q = static_cast<const T*>(a.q);
   #pragma unroll 1
   for (int it = 0; it < TILE_Q * kChunks / kThreads; ++it) {
@@ -96,25 +108,53 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
 
   const T* k = static_cast<const T*>(a.k);
   const T* v = static_cast<const T*>(a.v);
+  // One page lookup per key and tile (not per 16-byte chunk): the block division and the index
+  // load run once, and every chunk copy is a table read and an add. Keys at or past kv_stop get
+  // offset 0 (a valid address, never read).
+  // The addressing parameters wait in shared memory, not in registers, between the once-a-tile
+  // table fills (the 128-row tile has none to spare).
+  __shared__ KvSeq kv_shared;
+  __shared__ unsigned kv_range[5];  // kv_start, kv_stop, kv_head, request, qo_len (key hook)
+  if (threadIdx.x == 0) {
+    kv_shared = kv;
+    kv_range[0] = w.kv_start;
+    kv_range[1] = kv_stop;
+    kv_range[2] = kv_head;
+    kv_range[3] = b;
+    kv_range[4] = qo_len;
+  }
+  auto fill_offsets = [&](unsigned tile, const KvSeq& seq, unsigned start, unsigned stop,
+                          unsigned head) {
+    const unsigned j0 = start + tile * kTileKv;
+    unsigned long long* const slot = key_off + (tile % 2) * kTileKv;
+    for (unsigned r = threadIdx.x; r < kTileKv; r += kThreads) {
+      const unsigned j = j0 + r;
+      slot[r] = j < stop ? seq.offset(j, head) : 0ull;
+    }
+  };
   // Keys at or past kv_stop are zero-filled: P is 0 there, and 0 * V must not be NaN.
-  auto load_kv = [&](const SmemTile<kTileKv, D>& dst, const T* base, unsigned tile) {
+  auto load_kv = [&](unsigned tile) {
     const unsigned j0 = w.kv_start + tile * kTileKv;
-    // Not unrolled: each copy needs a 64-bit address, and eight of them in flight cost registers.
+    const unsigned long long* const slot = key_off + (tile % 2) * kTileKv;
+    const SmemTile<kTileKv, D> dk = sk(tile), dv = sv(tile);
     #pragma unroll 1
     for (int it = 0; it < kTileKv * kChunks / kThreads; ++it) {
       const unsigned c = it * kThreads + threadIdx.x;
-      const unsigned r = c / kChunks, ch = c % kChunks, j = j0 + r;
-      const bool live = j < kv_stop;
-      cp_async_16(dst.addr(r, ch), live ? base + kv.offset(j, kv_head) + ch * 8 : base, live);
+      const unsigned r = c / kChunks, ch = c % kChunks;
+      const unsigned long long off = slot[r] + ch * 8;
+      const bool live = j0 + r < kv_stop;
+      cp_async_16(dk.addr(r, ch), k + off, live);
+      cp_async_16(dv.addr(r, ch), v + off, live);
     }
   };
-  if (num_tiles > 0) load_kv(sk, k, 0);
-  cp_async_commit();
-  if (num_tiles > 0) load_kv(sv, v, 0);
+  if (num_tiles > 0) fill_offsets(0, kv, w.kv_start, kv_stop, kv_head);
+  if (num_tiles > 1) fill_offsets(1, kv, w.kv_start, kv_stop, kv_head);
+  __syncthreads();
+  if (num_tiles > 0) load_kv(0);
   cp_async_commit();
 
   if constexpr (V::kHasQuery) {
-    cp_async_wait<2>();
+    cp_async_wait<1>();
     __syncthreads();
     // Element d and its rotary partner d + D/2 are transformed together by one thread.
     for (unsigned c = threadIdx.x; c < TILE_Q * (D / 2); c += kThreads) {
@@ -133,16 +173,15 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   const unsigned g = lane / 4, t4 = lane % 4;
   const unsigned row0 = warp * kMmaQ * 16;
   // This thread's rows: fragment rows g and g + 8 of each 16-row block.
-  unsigned row_i[kMmaQ][2], row_h[kMmaQ][2];
+  // Query row and head of fragment row (mq, hf), recomputed where needed rather than held in
+  // registers across the KV loop (the hook-free kernel needs them only in the epilogue).
+  auto row_of = [&](int mq, int hf) { return packed(row0 + mq * 16 + g + 8 * hf); };
   int row_diag[kMmaQ][2];  // last causally visible key (may be negative)
   #pragma unroll
   for (int mq = 0; mq < kMmaQ; ++mq) {
     #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      const unsigned pr = packed(row0 + mq * 16 + g + 8 * hf);
-      row_i[mq][hf] = pr / group;
-      row_h[mq][hf] = kv_head * group + pr % group;
-      row_diag[mq][hf] = static_cast<int>(row_i[mq][hf] + shift);
+      row_diag[mq][hf] = static_cast<int>(row_of(mq, hf) / group + shift);
     }
   }
 
@@ -166,18 +205,24 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
 
   for (unsigned tile = 0; tile < num_tiles; ++tile) {
     const unsigned j0 = w.kv_start + tile * kTileKv;
-    cp_async_wait<0>();  // this K tile landed
-    // Every warp is past the last P.V: the V buffer is free for this tile's values.
+    const SmemTile<kTileKv, D> ks = sk(tile), vs = sv(tile);
+    cp_async_wait<0>();  // this tile's K and V landed (issued one tile ago)
+    // Every warp is past tile - 1: its K/V stage and offset slot are free for tile + 1 / + 2.
     __syncthreads();
-    if (tile > 0) load_kv(sv, v, tile);
+    if (tile + 1 < num_tiles) load_kv(tile + 1);
     cp_async_commit();
+    if (tile + 2 < num_tiles) {
+      fill_offsets(tile + 2, kv_shared, kv_range[0], kv_range[1], kv_range[2]);
+    }
     if constexpr (V::kHasKey) {
+      const unsigned stop = kv_range[1], head = kv_range[2], req = kv_range[3];
+      const unsigned rows = kv_range[4], len = kv_shared.len;
       for (unsigned c = threadIdx.x; c < kTileKv * (D / 2); c += kThreads) {
         const unsigned r = c / (D / 2), d = c % (D / 2), j = j0 + r;
-        if (j >= kv_stop) continue;
-        const Pos at{b, 0, j, 0, kv_head, qo_len, kv.len, D};
-        unsigned short* x = sk.elem(r, d);
-        unsigned short* y = sk.elem(r, d + D / 2);
+        if (j >= stop) continue;
+        const Pos at{req, 0, j, 0, head, rows, len, D};
+        unsigned short* x = ks.elem(r, d);
+        unsigned short* y = ks.elem(r, d + D / 2);
         const float xv = load_elem<T>(x), yv = load_elem<T>(y);
         store_elem<T>(x, hook_key<V>(p, xv, yv, d, at));
         store_elem<T>(y, hook_key<V>(p, yv, xv, d + D / 2, at));
@@ -205,7 +250,7 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
       #pragma unroll
       for (int nbp = 0; nbp < kMmaKv / 2; ++nbp) {
         unsigned kb[4];
-        ldmatrix_x4(kb, sk.addr(nbp * 16 + (lane / 16) * 8 + lane % 8, kk * 2 + (lane / 8) % 2));
+        ldmatrix_x4(kb, ks.addr(nbp * 16 + (lane / 16) * 8 + lane % 8, kk * 2 + (lane / 8) % 2));
         #pragma unroll
         for (int mq = 0; mq < kMmaQ; ++mq) {
           mma_16816<T>(s[mq][2 * nbp], qa[mq], kb[0], kb[1]);
@@ -231,7 +276,8 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
           if (boundary) {
             keep = j < kv_stop && (!causal || static_cast<int>(j) <= row_diag[mq][hf]);
           }
-          const Pos at{b, row_i[mq][hf], j, row_h[mq][hf], kv_head, qo_len, kv.len, D};
+          const unsigned pr = row_of(mq, hf);
+          const Pos at{b, pr / group, j, kv_head * group + pr % group, kv_head, qo_len, kv.len, D};
           if constexpr (V::kHasMask) keep = keep && hook_mask<V>(p, at);
           if constexpr (V::kHasLogits) {
             if (keep) {
@@ -280,11 +326,6 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
       }
     }
 
-    cp_async_wait<0>();  // this V tile landed
-    // Every warp is past Q.K^T: the K buffer is free for the next tile's keys.
-    __syncthreads();
-    if (tile + 1 < num_tiles) load_kv(sk, k, tile + 1);
-    cp_async_commit();
     // O += P V, P rounded to the storage type as the MMA needs.
     #pragma unroll
     for (int kk = 0; kk < kTileKv / 16; ++kk) {
@@ -299,7 +340,7 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
       #pragma unroll
       for (int ndp = 0; ndp < kMmaD / 2; ++ndp) {
         unsigned vb[4];
-        ldmatrix_x4_trans(vb, sv.addr(kk * 16 + ((lane / 8) % 2) * 8 + lane % 8, ndp * 2 + lane / 16));
+        ldmatrix_x4_trans(vb, vs.addr(kk * 16 + ((lane / 8) % 2) * 8 + lane % 8, ndp * 2 + lane / 16));
         #pragma unroll
         for (int mq = 0; mq < kMmaQ; ++mq) {
           mma_16816<T>(o[mq][2 * ndp], pa[mq], vb[0], vb[1]);
@@ -321,7 +362,8 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
       zz += __shfl_xor_sync(kFullMask, zz, 1);
       zz += __shfl_xor_sync(kFullMask, zz, 2);
       if (w.qo_tile_start + row0 + mq * 16 + g + 8 * hf >= w.qo_tile_end) continue;
-      const unsigned i = row_i[mq][hf], h = row_h[mq][hf];
+      const unsigned pr = row_of(mq, hf);
+      const unsigned i = pr / group, h = kv_head * group + pr % group;
       const Pos at{b, i, 0, h, kv_head, qo_len, kv.len, D};
       float mm = m[mq][hf], scale = 1.0f;
       if constexpr (V::kSoftmax && V::kHasSink) {

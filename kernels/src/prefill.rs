@@ -1,7 +1,7 @@
 //! The prefill (and append) kernel: which template, and its launch geometry. Mirrors
 //! `PrefillShape` in `cuda/prefill.cuh`: one CTA per work item of the plan, one warp per 16
-//! packed query rows (at most [`PREFILL_WARPS`], except at head dim 256), K/V tiles of
-//! [`KV_TILE`] keys.
+//! packed query rows (at most [`PREFILL_WARPS`], except at head dim 256), two stages of K/V
+//! tiles of [`kv_tile`] keys and a table of their offsets.
 
 use crate::abi::AttnArgs;
 use crate::tu::Template;
@@ -10,8 +10,13 @@ use crate::{KernelConfig, LaunchDims};
 /// Warps of a 64-row query tile; `kPrefillWarps` in prefill.cuh.
 pub(crate) const PREFILL_WARPS: u32 = 4;
 const WARP: u32 = 32;
+/// K/V tiles resident in shared memory; `PrefillShape::kStages`.
+const STAGES: u32 = 2;
+
 /// Keys per K/V shared-memory tile; `PrefillShape::kTileKv`.
-const KV_TILE: u32 = 64;
+fn kv_tile(cfg: &KernelConfig) -> u32 {
+    if cfg.head_dim >= 128 { 32 } else { 64 }
+}
 
 /// The query tile the kernel is built for: the plan's, or, when the config leaves it open (0),
 /// the one the plan picks for long prompts (ferrinfer_runtime::plan::cta_tile_q).
@@ -51,11 +56,13 @@ pub(crate) fn template(cfg: &KernelConfig) -> Template {
 /// One CTA per work item (the plan's padded length); an empty work list still gets one CTA,
 /// which finds no valid item and returns (a zero grid would not launch).
 pub(crate) fn launch_dims(cfg: &KernelConfig, args: &AttnArgs) -> LaunchDims {
-    let rows = tile_q(cfg) + 2 * KV_TILE;
+    let rows = tile_q(cfg) + 2 * STAGES * kv_tile(cfg);
+    // Two tiles' key offsets, one u64 per key.
+    let table = 2 * kv_tile(cfg) * 8;
     LaunchDims {
         grid: [args.num_items.max(1), 1, 1],
         block: [warps(cfg) * WARP, 1, 1],
-        shared_bytes: rows * cfg.head_dim * 2,
+        shared_bytes: rows * cfg.head_dim * 2 + table,
     }
 }
 
@@ -82,12 +89,14 @@ mod tests {
         let d = launch_dims(&cfg(128, 128), &args);
         assert_eq!(
             (d.grid, d.block, d.shared_bytes),
-            ([300, 1, 1], [128, 1, 1], 65536)
+            ([300, 1, 1], [128, 1, 1], 65536 + 512)
         );
         let d = launch_dims(&cfg(128, 16), &args);
-        assert_eq!((d.block, d.shared_bytes), ([32, 1, 1], 36864));
+        assert_eq!((d.block, d.shared_bytes), ([32, 1, 1], 36864 + 512));
+        let d = launch_dims(&cfg(64, 128), &args);
+        assert_eq!(d.shared_bytes, 49152 + 1024);
         let d = launch_dims(&cfg(256, 128), &args);
-        assert_eq!((d.block, d.shared_bytes), ([256, 1, 1], 131072));
+        assert_eq!((d.block, d.shared_bytes), ([256, 1, 1], 131072 + 512));
         let d = launch_dims(&cfg(256, 0), &AttnArgs::default());
         assert_eq!((d.grid, d.block), ([1, 1, 1], [128, 1, 1]));
         for hd in crate::HEAD_DIMS {
