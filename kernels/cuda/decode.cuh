@@ -15,7 +15,7 @@
 #include "hooks.cuh"
 #include "kv.cuh"
 #include "work.cuh"
-#include "row.cuh"
+#include "causal.cuh"
 #include "warp.cuh"
 
 namespace fi {

@@ -424,12 +424,12 @@ mod tests {
 
         std::fs::write(
             dir.join("warp.cuh"),
-            format!("#include \"row.cuh\"\n{warp}"),
+            format!("#include \"prefill.cuh\"\n{warp}"),
         )
         .unwrap();
         let e = assemble(&Sources::Dir(dir.clone()), &cfg, &variant()).unwrap_err();
         assert!(
-            e.contains("row.cuh -> warp.cuh -> row.cuh") || e.contains("include each other"),
+            e.contains("warp.cuh -> prefill.cuh") || e.contains("include each other"),
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
