@@ -263,67 +263,87 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
     // on boundary tiles; the variant's mask on every tile, and only for keys they keep.
     const bool boundary =
         j0 + kTileKv > kv_stop || (causal && static_cast<long long>(j0 + kTileKv - 1) > first_diag);
-    #pragma unroll
-    for (int mq = 0; mq < kMmaQ; ++mq) {
-      #pragma unroll
-      for (int nb = 0; nb < kMmaKv; ++nb) {
-        #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int hf = e / 2;
-          const unsigned j = j0 + nb * 8 + 2 * t4 + (e & 1);
-          float x = s[mq][nb][e] * qk_scale;
-          bool keep = true;
-          if (boundary) {
-            keep = j < kv_stop && (!causal || static_cast<int>(j) <= row_diag[mq][hf]);
-          }
-          const unsigned pr = row_of(mq, hf);
-          const Pos at{b, pr / group, j, kv_head * group + pr % group, kv_head, qo_len, kv.len, D};
-          if constexpr (V::kHasMask) keep = keep && hook_mask<V>(p, at);
-          if constexpr (V::kHasLogits) {
-            if (keep) {
-              x = hook_logits<V>(p, x, at);
-              if constexpr (V::kSoftmax) x *= kLog2e;
-            }
-          }
-          s[mq][nb][e] = keep ? x : (V::kSoftmax ? -FI_INF : 0.0f);
-        }
-      }
-    }
-
-    if constexpr (V::kSoftmax) {
+    // `fold`: without a logits hook the logits stay unscaled until the exponent, where
+    // s * qk_scale - m is one FFMA (a masked -inf stays -inf). The row max commutes with the
+    // scale only when it is positive; otherwise the logits are scaled first. Called with a
+    // constant argument, so each call inlines to its own specialisation.
+    auto logits_softmax = [&](const bool fold) {
       #pragma unroll
       for (int mq = 0; mq < kMmaQ; ++mq) {
         #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          float mx = m[mq][hf];
+        for (int nb = 0; nb < kMmaKv; ++nb) {
           #pragma unroll
-          for (int nb = 0; nb < kMmaKv; ++nb) {
-            mx = fmaxf(mx, fmaxf(s[mq][nb][2 * hf], s[mq][nb][2 * hf + 1]));
-          }
-          mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
-          // While nothing is visible the max is -inf; 0 stands in so that no -inf - -inf appears.
-          const float base = mx == -FI_INF ? 0.0f : mx;
-          const float scale = exp2_approx(m[mq][hf] - base);
-          m[mq][hf] = mx;
-          float sum = 0.0f;
-          #pragma unroll
-          for (int nb = 0; nb < kMmaKv; ++nb) {
-            #pragma unroll
-            for (int e = 2 * hf; e < 2 * hf + 2; ++e) {
-              s[mq][nb][e] = exp2_approx(s[mq][nb][e] - base);
-              sum += s[mq][nb][e];
+          for (int e = 0; e < 4; ++e) {
+            const int hf = e / 2;
+            const unsigned j = j0 + nb * 8 + 2 * t4 + (e & 1);
+            float x = fold ? s[mq][nb][e] : s[mq][nb][e] * qk_scale;
+            bool keep = true;
+            if (boundary) {
+              keep = j < kv_stop && (!causal || static_cast<int>(j) <= row_diag[mq][hf]);
             }
-          }
-          // Each thread sums its own columns; the row's four threads add up at the end.
-          z[mq][hf] = z[mq][hf] * scale + sum;
-          #pragma unroll
-          for (int nd = 0; nd < kMmaD; ++nd) {
-            o[mq][nd][2 * hf] *= scale;
-            o[mq][nd][2 * hf + 1] *= scale;
+            const unsigned pr = row_of(mq, hf);
+            const unsigned h = kv_head * group + pr % group;
+            const Pos at{b, pr / group, j, h, kv_head, qo_len, kv.len, D};
+            if constexpr (V::kHasMask) keep = keep && hook_mask<V>(p, at);
+            if constexpr (V::kHasLogits) {
+              if (keep) {
+                x = hook_logits<V>(p, x, at);
+                if constexpr (V::kSoftmax) x *= kLog2e;
+              }
+            }
+            s[mq][nb][e] = keep ? x : (V::kSoftmax ? -FI_INF : 0.0f);
           }
         }
       }
+
+      if constexpr (V::kSoftmax) {
+        #pragma unroll
+        for (int mq = 0; mq < kMmaQ; ++mq) {
+          #pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            float mx = fold ? -FI_INF : m[mq][hf];
+            #pragma unroll
+            for (int nb = 0; nb < kMmaKv; ++nb) {
+              mx = fmaxf(mx, fmaxf(s[mq][nb][2 * hf], s[mq][nb][2 * hf + 1]));
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
+            if (fold) mx = fmaxf(m[mq][hf], mx * qk_scale);
+            // While nothing is visible the max is -inf; 0 stands in so that no -inf - -inf appears.
+            const float base = mx == -FI_INF ? 0.0f : mx;
+            const float scale = exp2_approx(m[mq][hf] - base);
+            m[mq][hf] = mx;
+            float sum = 0.0f;
+            #pragma unroll
+            for (int nb = 0; nb < kMmaKv; ++nb) {
+              #pragma unroll
+              for (int e = 2 * hf; e < 2 * hf + 2; ++e) {
+                s[mq][nb][e] = exp2_approx(fold ? fmaf(s[mq][nb][e], qk_scale, -base)
+                                                 : s[mq][nb][e] - base);
+                sum += s[mq][nb][e];
+              }
+            }
+            // Each thread sums its own columns; the row's four threads add up at the end.
+            z[mq][hf] = z[mq][hf] * scale + sum;
+            #pragma unroll
+            for (int nd = 0; nd < kMmaD; ++nd) {
+              o[mq][nd][2 * hf] *= scale;
+              o[mq][nd][2 * hf + 1] *= scale;
+            }
+          }
+        }
+      }
+    };
+    // Only the 128-row tile takes the second copy: it was measured there (+1-3%), and the
+    // smaller tiles' 128-register allocations spill with both copies.
+    if constexpr (!V::kHasLogits && V::kSoftmax && TILE_Q == 128) {
+      if (qk_scale > 0.0f) {
+        logits_softmax(true);
+      } else {
+        logits_softmax(false);
+      }
+    } else {
+      logits_softmax(false);
     }
 
     // O += P V, P rounded to the storage type as the MMA needs.
