@@ -8,15 +8,7 @@ use ferrinfer::prelude::*;
 use ferrinfer::reference::{self, Reference, rel_l2};
 use ferrinfer::rng::Rng;
 use ferrinfer::variants::Standard;
-use ferrinfer::{DType, Element, Error};
-
-fn indptr(lens: &[u32]) -> Vec<i32> {
-    let mut v = vec![0i32];
-    for &l in lens {
-        v.push(v.last().unwrap() + l as i32);
-    }
-    v
-}
+use ferrinfer::{DType, Element, Error, indptr};
 
 /// A ragged batch, its inputs, and the same KV set dealt out to `parts` ragged batches.
 struct Split {

@@ -6,7 +6,7 @@ use ferrinfer::prelude::*;
 use ferrinfer::reference::{self, rel_l2};
 use ferrinfer::rng::Rng;
 use ferrinfer::variants::*;
-use ferrinfer::{DType, Element, HEAD_DIMS, Variant};
+use ferrinfer::{DType, Element, HEAD_DIMS, Variant, indptr};
 
 /// One test case: a batch shape.
 struct Case {
@@ -28,32 +28,18 @@ fn tolerance<T: Element>() -> f64 {
     }
 }
 
-fn indptr(lens: &[u32]) -> Vec<i32> {
-    let mut v = vec![0i32];
-    for &l in lens {
-        v.push(v.last().unwrap() + l as i32);
-    }
-    v
-}
-
 /// Scatter each request's keys over shuffled pages; returns the index and the page-major K, V.
 fn kv_index(case: &Case, rng: &mut Rng) -> KvIndex {
     match case.page_size {
         None => KvIndex::ragged(&indptr(&case.kv_lens), case.layout).unwrap(),
         Some(p) => {
-            let pages: Vec<u32> = case.kv_lens.iter().map(|&l| l.div_ceil(p)).collect();
-            let total: u32 = pages.iter().sum();
+            let total: u32 = case.kv_lens.iter().map(|&l| l.div_ceil(p)).sum();
             // A few spare pages, so that unused pages exist in the cache as in a real server.
             let num_pages = total + 3;
             let mut ids: Vec<i32> = (0..num_pages as i32).collect();
             rng.shuffle(&mut ids);
-            let indices = ids[..total as usize].to_vec();
-            let last: Vec<i32> = case
-                .kv_lens
-                .iter()
-                .map(|&l| if l == 0 { 0 } else { ((l - 1) % p + 1) as i32 })
-                .collect();
-            KvIndex::paged(p, &indptr(&pages), &indices, &last, num_pages, case.layout).unwrap()
+            let pages = &ids[..total as usize];
+            KvIndex::paged_from_lens(p, &case.kv_lens, pages, num_pages, case.layout).unwrap()
         }
     }
 }

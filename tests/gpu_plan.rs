@@ -1,6 +1,7 @@
 //! GPU tests of plan/run: a run captured in a CUDA graph and replayed after a re-plan of another
 //! batch into the same buffers; bit-for-bit batch invariance with a fixed KV split.
 
+use ferrinfer::indptr;
 use ferrinfer::prelude::*;
 use ferrinfer::reference::{self, rel_l2};
 use ferrinfer::rng::Rng;
@@ -10,40 +11,35 @@ fn gpu() -> Backend {
     Backend::cuda(0).expect("this test needs a CUDA GPU")
 }
 
-fn indptr(lens: &[u32]) -> Vec<i32> {
-    let mut v = vec![0i32];
-    for &l in lens {
-        v.push(v.last().unwrap() + l as i32);
-    }
-    v
-}
-
 /// A paged cache of `num_pages` pages holding requests of `kv_lens` tokens on shuffled pages.
 fn paged(kv_lens: &[u32], page: u32, num_pages: u32, rng: &mut Rng) -> KvIndex {
-    let pages: Vec<u32> = kv_lens.iter().map(|&l| l.div_ceil(page)).collect();
-    let total: u32 = pages.iter().sum();
+    let total: u32 = kv_lens.iter().map(|&l| l.div_ceil(page)).sum();
     assert!(total <= num_pages);
     let mut ids: Vec<i32> = (0..num_pages as i32).collect();
     rng.shuffle(&mut ids);
-    let last: Vec<i32> = kv_lens
-        .iter()
-        .map(|&l| {
-            if l == 0 {
-                0
-            } else {
-                ((l - 1) % page + 1) as i32
-            }
-        })
-        .collect();
-    KvIndex::paged(
+    KvIndex::paged_from_lens(
         page,
-        &indptr(&pages),
+        kv_lens,
         &ids[..total as usize],
-        &last,
         num_pages,
         KvLayout::Nhd,
     )
     .unwrap()
+}
+
+/// Request A's output from every batch equals the one from the first, bit for bit, and is written.
+fn assert_bit_identical(outputs: &[Vec<bf16>]) {
+    for (i, o) in outputs.iter().enumerate() {
+        assert!(o.iter().all(|x| !x.is_nan()), "neighbour set {i} left NaN");
+        let same = o
+            .iter()
+            .zip(&outputs[0])
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "request A differs bit for bit when batched with neighbour set {i}"
+        );
+    }
 }
 
 fn bf(xs: Vec<f32>) -> Vec<bf16> {
@@ -140,23 +136,16 @@ fn gpu_fixed_split_is_batch_invariant() {
         fixed_kv_chunk: Some(256),
         graph: None,
     };
-    // Request A (3000 tokens on pages 0..188) alone, then with different neighbours.
-    let a_pages: Vec<i32> = (0..188).collect();
+    // Request A (3000 tokens on pages 0..188) alone, then with different neighbours on the pages
+    // after it.
     let q_a = bf(rng.normal_vec(8 * 128));
     let mut outputs = Vec::new();
     for others in [vec![], vec![17u32], vec![4096, 1, 600], vec![1; 20]] {
-        let mut indptr = vec![0i32, a_pages.len() as i32];
-        let mut indices = a_pages.clone();
-        let mut last = vec![(3000 - 1) % 16 + 1];
-        let mut next_page = 188;
-        for &l in &others {
-            let n = l.div_ceil(16) as i32;
-            indices.extend(next_page..next_page + n);
-            next_page += n;
-            indptr.push(indices.len() as i32);
-            last.push(((l - 1) % 16 + 1) as i32);
-        }
-        let kv = KvIndex::paged(16, &indptr, &indices, &last, num_pages, KvLayout::Nhd).unwrap();
+        let lens: Vec<u32> = std::iter::once(3000)
+            .chain(others.iter().copied())
+            .collect();
+        let pages: Vec<i32> = (0..lens.iter().map(|l| l.div_ceil(16) as i32).sum()).collect();
+        let kv = KvIndex::paged_from_lens(16, &lens, &pages, num_pages, KvLayout::Nhd).unwrap();
         let batch = 1 + others.len();
         let mut q = q_a.clone();
         q.extend(bf(rng.normal_vec((batch - 1) * 8 * 128)));
@@ -166,17 +155,7 @@ fn gpu_fixed_split_is_batch_invariant() {
         plan.run(&Standard, &qd, &kd, &vd, &mut od, None).unwrap();
         outputs.push(od.to_vec().unwrap()[..8 * 128].to_vec());
     }
-    for (i, o) in outputs.iter().enumerate().skip(1) {
-        let same = o
-            .iter()
-            .zip(&outputs[0])
-            .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(
-            same,
-            "request A differs bit for bit when batched with neighbour set {i}"
-        );
-        assert!(o.iter().all(|x| !x.is_nan()));
-    }
+    assert_bit_identical(&outputs);
 }
 
 #[test]
@@ -221,14 +200,5 @@ fn gpu_prefill_fixed_split_is_batch_invariant() {
         plan.run(&Standard, &qd, &kd, &vd, &mut od, None).unwrap();
         outputs.push(od.to_vec().unwrap()[..q_a.len()].to_vec());
     }
-    for (i, o) in outputs.iter().enumerate().skip(1) {
-        let same = o
-            .iter()
-            .zip(&outputs[0])
-            .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(
-            same,
-            "request A differs bit for bit when batched with neighbour set {i}"
-        );
-    }
+    assert_bit_identical(&outputs);
 }

@@ -1,6 +1,7 @@
 //! The standard configurations of DESIGN.md ("Benchmarks"), with the same keys, shapes, byte and
 //! FLOP formulas as `../shared/bench/flashinfer_anchor.py`, so the two JSON files line up.
 
+use ferrinfer::indptr;
 use ferrinfer::prelude::*;
 use ferrinfer::rng::Rng;
 
@@ -184,51 +185,23 @@ impl Config {
         Heads::new(H, HKV, D)
     }
 
-    /// `[batch + 1]` prefix sums of `lens`.
-    fn indptr(lens: &[u32]) -> Vec<i32> {
-        let mut out = vec![0i32];
-        for &l in lens {
-            out.push(out[out.len() - 1] + l as i32);
-        }
-        out
-    }
-
     /// `qo_indptr` of the batch.
     pub fn qo_indptr(&self) -> Vec<i32> {
-        Self::indptr(&self.qo_lens)
+        indptr(&self.qo_lens)
     }
 
     /// The KV index: ragged, or paged with pages shuffled by [`PAGE_SEED`].
     pub fn kv_index(&self) -> ferrinfer::Result<KvIndex> {
         let page = match self.storage {
             Storage::Single | Storage::Ragged => {
-                return KvIndex::ragged(&Self::indptr(&self.kv_lens), KvLayout::Nhd);
+                return KvIndex::ragged(&indptr(&self.kv_lens), KvLayout::Nhd);
             }
             Storage::Paged(p) => p,
         };
-        let npages: Vec<u32> = self.kv_lens.iter().map(|l| l.div_ceil(page)).collect();
-        let total: u32 = npages.iter().sum();
-        let mut indices: Vec<i32> = (0..total as i32).collect();
-        Rng::new(PAGE_SEED).shuffle(&mut indices);
-        let last: Vec<i32> = self
-            .kv_lens
-            .iter()
-            .map(|&l| {
-                if l == 0 {
-                    0
-                } else {
-                    ((l - 1) % page + 1) as i32
-                }
-            })
-            .collect();
-        KvIndex::paged(
-            page,
-            &Self::indptr(&npages),
-            &indices,
-            &last,
-            total,
-            KvLayout::Nhd,
-        )
+        let total: u32 = self.kv_lens.iter().map(|l| l.div_ceil(page)).sum();
+        let mut pages: Vec<i32> = (0..total as i32).collect();
+        Rng::new(PAGE_SEED).shuffle(&mut pages);
+        KvIndex::paged_from_lens(page, &self.kv_lens, &pages, total, KvLayout::Nhd)
     }
 
     /// The figure of merit and its unit for a run of `ms` milliseconds.

@@ -112,6 +112,40 @@ impl KvIndex {
         })
     }
 
+    /// A paged cache from the requests' lengths: request `b` holds `kv_lens[b]` tokens on the next
+    /// `ceil(kv_lens[b] / page_size)` ids of `pages` (request 0's first), the last page partly
+    /// filled. Builds `kv_indptr` and `kv_last_page_len`; see [`KvIndex::paged`].
+    pub fn paged_from_lens(
+        page_size: u32,
+        kv_lens: &[u32],
+        pages: &[i32],
+        num_pages: u32,
+        layout: KvLayout,
+    ) -> Result<Self> {
+        if page_size == 0 {
+            return Err(Error::invalid("page_size must be at least 1"));
+        }
+        let counts: Vec<u32> = kv_lens.iter().map(|l| l.div_ceil(page_size)).collect();
+        let needed: u64 = counts.iter().map(|&c| u64::from(c)).sum();
+        if needed != pages.len() as u64 {
+            return Err(Error::invalid(format!(
+                "{} page ids given for requests that need {needed}",
+                pages.len()
+            )));
+        }
+        let last: Vec<i32> = kv_lens
+            .iter()
+            .map(|&l| {
+                if l == 0 {
+                    0
+                } else {
+                    ((l - 1) % page_size + 1) as i32
+                }
+            })
+            .collect();
+        KvIndex::paged(page_size, &indptr(&counts), pages, &last, num_pages, layout)
+    }
+
     /// A paged cache of `num_pages` pages of `page_size` tokens; K and V are each
     /// `[num_pages, page_size, num_kv_heads, head_dim]` (NHD) or `[num_pages, num_kv_heads, page_size, head_dim]` (HND).
     pub fn paged(
@@ -333,6 +367,18 @@ impl Batch {
     }
 }
 
+/// The CSR row pointer of these lengths: `[0, l0, l0 + l1, ...]` (`qo_indptr`, ragged `kv_indptr`).
+pub fn indptr(lens: &[u32]) -> Vec<i32> {
+    let mut out = Vec::with_capacity(lens.len() + 1);
+    out.push(0i32);
+    let mut sum = 0i32;
+    for &l in lens {
+        sum += l as i32;
+        out.push(sum);
+    }
+    out
+}
+
 fn check_indptr(name: &str, indptr: &[i32]) -> Result<()> {
     if indptr.len() < 2 {
         return Err(Error::invalid(format!(
@@ -406,6 +452,21 @@ mod tests {
         );
         assert!(e(KvIndex::paged(4, &[1, 2], &[0], &[1], 4, KvLayout::Nhd)).contains("must be 0"));
         assert!(e(KvIndex::paged(0, &[0, 1], &[0], &[1], 4, KvLayout::Nhd)).contains("page_size"));
+    }
+
+    #[test]
+    fn paged_from_lens_builds_the_page_table() {
+        assert_eq!(indptr(&[3, 0, 5]), vec![0, 3, 3, 8]);
+        let kv = KvIndex::paged_from_lens(4, &[7, 0, 4], &[5, 1, 0], 6, KvLayout::Nhd).unwrap();
+        let want = KvIndex::paged(4, &[0, 2, 2, 3], &[5, 1, 0], &[3, 0, 4], 6, KvLayout::Nhd);
+        assert_eq!(kv, want.unwrap());
+        let e = KvIndex::paged_from_lens(4, &[7], &[5], 6, KvLayout::Nhd).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("1 page ids given for requests that need 2"),
+            "{e}"
+        );
+        assert!(KvIndex::paged_from_lens(0, &[7], &[5], 6, KvLayout::Nhd).is_err());
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub mod variant;
 pub mod wrappers;
 
 pub use backend::{Backend, Buffer};
-pub use batch::{Batch, Heads, KvIndex, KvLayout};
+pub use batch::{Batch, Heads, KvIndex, KvLayout, indptr};
 pub use cascade::{State, StateMut, StateShape, merge_state, merge_state_in_place, merge_states};
 pub use dtype::Element;
 pub use error::{Error, Result};
