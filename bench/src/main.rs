@@ -92,8 +92,16 @@ fn main() -> ExitCode {
             let key = format!("{}@{}", cfg.key, report::IMPL);
             record(
                 key.clone(),
-                on_gpu(&|b: &Backend| bench_config(b, &cfg, &key)),
+                on_gpu(&|b: &Backend| bench_config(b, &cfg, &key, false)),
             );
+            // Decode through the tensor-core (prefill) template, GQA heads packed as rows.
+            if cfg.kind == Kind::Decode {
+                let key = format!("{}@{}", cfg.key, report::IMPL_TC);
+                record(
+                    key.clone(),
+                    on_gpu(&|b: &Backend| bench_config(b, &cfg, &key, true)),
+                );
+            }
         }
     }
 
@@ -162,12 +170,15 @@ enum Plan {
 }
 
 impl Plan {
-    fn new(backend: &Backend, cfg: &Config) -> BenchResult<Self> {
+    /// `tensor_cores`: a decode configuration runs as a prefill of one row per request.
+    fn new(backend: &Backend, cfg: &Config, tensor_cores: bool) -> BenchResult<Self> {
         let heads = cfg.heads()?;
         let kv = cfg.kv_index()?;
         Ok(match cfg.kind {
-            Kind::Decode => Plan::Decode(BatchDecode::plan(backend, heads, kv, None)?),
-            Kind::Prefill => {
+            Kind::Decode if !tensor_cores => {
+                Plan::Decode(BatchDecode::plan(backend, heads, kv, None)?)
+            }
+            _ => {
                 let batch = Batch::new(heads, &cfg.qo_indptr(), kv)?.with_causal(cfg.causal);
                 Plan::Prefill(BatchPrefill::plan(backend, batch)?)
             }
@@ -183,7 +194,12 @@ impl Plan {
 }
 
 /// Plan once, upload the input sets, and time the configuration with its variant.
-fn bench_config(backend: &Backend, cfg: &Config, key: &str) -> BenchResult<Row> {
+fn bench_config(
+    backend: &Backend,
+    cfg: &Config,
+    key: &str,
+    tensor_cores: bool,
+) -> BenchResult<Row> {
     let stream = stream_of(backend)?;
     let heads = cfg.heads()?;
     let kv_len = cfg.kv_index()?.buffer_len(&heads);
@@ -191,7 +207,7 @@ fn bench_config(backend: &Backend, cfg: &Config, key: &str) -> BenchResult<Row> 
     let mut inputs = (0..sets as u64)
         .map(|s| InputSet::upload(backend, cfg, kv_len, s))
         .collect::<BenchResult<Vec<_>>>()?;
-    let plan = Plan::new(backend, cfg)?;
+    let plan = Plan::new(backend, cfg, tensor_cores)?;
     backend.synchronize()?;
     let t = if cfg.soft_cap > 0.0 {
         time_variant(stream, &plan, &SoftCap { cap: cfg.soft_cap }, &mut inputs)?
@@ -246,7 +262,8 @@ mod tests {
     #[test]
     fn without_a_gpu_a_config_fails_cleanly() {
         let cfg = &configs::standard()[0];
-        assert!(bench_config(&Backend::Cpu, cfg, "k").is_err());
+        assert!(bench_config(&Backend::Cpu, cfg, "k", false).is_err());
+        assert!(bench_config(&Backend::Cpu, cfg, "k", true).is_err());
         assert!(bench_copy(&Backend::Cpu).is_err());
     }
 }

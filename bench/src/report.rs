@@ -5,6 +5,8 @@ use std::fmt::Write as _;
 
 /// The implementation name of ferrinfer's kernels in result keys (`<config>@ferrinfer-fa2`).
 pub const IMPL: &str = "ferrinfer-fa2";
+/// Decode through the tensor-core template (`<config>@ferrinfer-tc`).
+pub const IMPL_TC: &str = "ferrinfer-tc";
 
 /// One measured row.
 #[derive(Clone, Debug, PartialEq)]

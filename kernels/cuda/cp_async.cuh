@@ -1,4 +1,4 @@
-// Asynchronous global-to-shared copies (sm_80+), 16 bytes at a time, grouped into commit groups
+// Asynchronous global-to-shared copies (sm_80+), 16 (or 4) bytes at a time, grouped into commit groups
 // that a pipeline waits on in order.
 #pragma once
 
@@ -9,6 +9,13 @@ namespace fi {
 __device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, bool valid) {
   const unsigned bytes = valid ? 16u : 0u;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
+               : "memory");
+}
+
+// The same for 4 bytes (through L1: small, reused reads such as page ids).
+__device__ __forceinline__ void cp_async_4(unsigned dst, const void* src, bool valid) {
+  const unsigned bytes = valid ? 4u : 0u;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
                : "memory");
 }
 

@@ -12,16 +12,22 @@ struct KvSeq {
   unsigned len;  // tokens
   unsigned long long stride_block, stride_n, stride_h;
 
+  // Index into `blocks` of the block holding key `j`.
+  __device__ __forceinline__ unsigned block_of(unsigned j) const {
+    return block_size != 0 ? j / block_size : 0;
+  }
+  // Element offset of element 0 of key `j` in head `kv_head`, given the id of its block (a kernel
+  // that prefetches `blocks[block_of(j)]` calls this instead of `offset`).
+  __device__ __forceinline__ unsigned long long offset_in(int id, unsigned j,
+                                                          unsigned kv_head) const {
+    const unsigned slot = block_size != 0 ? j - block_of(j) * block_size : j;
+    // Block ids are validated non-negative on the host.
+    return static_cast<unsigned long long>(static_cast<unsigned>(id)) * stride_block +
+           slot * stride_n + kv_head * stride_h;
+  }
   // Element offset of element 0 of key `j` (0..len) in head `kv_head`.
   __device__ __forceinline__ unsigned long long offset(unsigned j, unsigned kv_head) const {
-    unsigned block = 0, slot = j;
-    if (block_size != 0) {
-      block = j / block_size;
-      slot = j % block_size;
-    }
-    // Block ids are validated non-negative on the host.
-    const unsigned long long id = static_cast<unsigned>(blocks[block]);
-    return id * stride_block + slot * stride_n + kv_head * stride_h;
+    return offset_in(blocks[block_of(j)], j, kv_head);
   }
 };
 

@@ -22,6 +22,16 @@ namespace fi {
 // Warps of a 64-row tile; kernels/src/prefill.rs has the same number.
 constexpr unsigned kPrefillWarps = 4;
 
+// What the K/V loads and the key hook need of the CTA's request, kept in shared memory between
+// tiles rather than in registers (the 128-row tile has none to spare).
+struct PrefillCta {
+  KvSeq kv;
+  unsigned kv_start, kv_stop, kv_head, request, qo_len;
+};
+// kernels/src/prefill.rs reserves this many bytes for it.
+constexpr int kPrefillCtaBytes = 64;
+static_assert(sizeof(PrefillCta) <= kPrefillCtaBytes, "PrefillCta must fit its reserved bytes");
+
 template <int D, int TILE_Q>
 struct PrefillShape {
   static_assert(TILE_Q == 16 || TILE_Q == 64 || TILE_Q == 128, "query tile of 16, 64 or 128 rows");
@@ -38,10 +48,19 @@ struct PrefillShape {
   static constexpr int kMmaKv = kTileKv / 8;  // 8-key blocks of S
   static constexpr int kMmaD = D / 8;  // 8-column blocks of O
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  static constexpr int kRowBytes = D * 2;
   static constexpr int kStages = 2;  // K/V tiles in shared memory: this one and the next
-  // Element offsets of the keys of two KV tiles, one per key.
-  static constexpr int kTableBytes = 2 * kTileKv * 8;
-  static constexpr int kSmemBytes = (TILE_Q + 2 * kStages * kTileKv) * D * 2 + kTableBytes;
+  // Shared memory, in this order: the Q tile, kStages K tiles, kStages V tiles, the byte offsets
+  // of two tiles' keys, the block ids of two tiles' keys, PrefillCta.
+  static constexpr int kQBytes = TILE_Q * kRowBytes;
+  static constexpr int kKvBytes = kTileKv * kRowBytes;
+  static constexpr int kOffsetsAt = kQBytes + 2 * kStages * kKvBytes;
+  static constexpr int kIdsAt = kOffsetsAt + 2 * kTileKv * 8;
+  static constexpr int kCtaAt = kIdsAt + 2 * kTileKv * 4;
+  static constexpr int kSmemBytes = kCtaAt + kPrefillCtaBytes;
+  // K/V copies: each thread always copies the same 16-byte chunk of kRowsPerCopy-apart rows.
+  static constexpr int kRowsPerCopy = kThreads / kChunks;
+  static_assert(kThreads % kChunks == 0 && kTileKv % kRowsPerCopy == 0, "whole rows per copy");
 };
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -52,22 +71,24 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   using Sh = PrefillShape<D, TILE_Q>;
   constexpr int kTileKv = Sh::kTileKv, kMmaQ = Sh::kMmaQ, kMmaKv = Sh::kMmaKv;
   constexpr int kMmaD = Sh::kMmaD, kChunks = Sh::kChunks, kThreads = Sh::kThreads;
+  constexpr int kRowBytes = Sh::kRowBytes, kKvBytes = Sh::kKvBytes;
 
   const WorkItem w = work_item(a.work, blockIdx.x);
   if (!w.valid) return;  // the whole CTA: padding of the work list
 
-  extern __shared__ __attribute__((aligned(16))) unsigned char prefill_smem[];
+  // 1024-byte alignment: ldmatrix addresses step through the swizzled chunks of a row by XOR
+  // (see smem.cuh), which needs every tile to start at a multiple of its row bytes.
+  extern __shared__ __attribute__((aligned(1024))) unsigned char prefill_smem[];
+  const unsigned smem = smem_addr(prefill_smem);
   const SmemTile<TILE_Q, D> sq{prefill_smem};
-  // K/V tile t lives in stage t % 2: K stages, then V stages.
-  constexpr int kKvBytes = SmemTile<kTileKv, D>::kBytes;
-  unsigned char* const kv_smem = prefill_smem + SmemTile<TILE_Q, D>::kBytes;
+  // K/V tile t lives in stage t % 2: K stages, then V stages (2 kKvBytes further on).
+  unsigned char* const kv_smem = prefill_smem + Sh::kQBytes;
   auto sk = [&](unsigned tile) { return SmemTile<kTileKv, D>{kv_smem + (tile % 2) * kKvBytes}; };
-  auto sv = [&](unsigned tile) {
-    return SmemTile<kTileKv, D>{kv_smem + (Sh::kStages + tile % 2) * kKvBytes};
-  };
-  // Tile t's key offsets live in slot t % 2: written one tile ahead, read when K(t), V(t) load.
+  // Tile t's key byte offsets and block ids live in slot t % 2 of their tables.
   unsigned long long* const key_off =
-      reinterpret_cast<unsigned long long*>(kv_smem + 2 * Sh::kStages * kKvBytes);
+      reinterpret_cast<unsigned long long*>(prefill_smem + Sh::kOffsetsAt);
+  int* const key_ids = reinterpret_cast<int*>(prefill_smem + Sh::kIdsAt);
+  PrefillCta& cta = *reinterpret_cast<PrefillCta*>(prefill_smem + Sh::kCtaAt);
 
   const unsigned b = w.request, kv_head = w.kv_head;
   const unsigned qo_begin = static_cast<unsigned>(a.qo_indptr[b]);
@@ -94,7 +115,7 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   // their results are never written.
   auto packed = [&](unsigned r) { return min(w.qo_tile_start + r, w.qo_tile_end - 1); };
 
-  // Prologue: Q, then K and V of tile 0, two commit groups.
+  // Prologue: Q, then K and V of tile 0 with the block ids of tile 2, two commit groups.
   const T* q = static_cast<const T*>(a.q);
   #pragma unroll 1
   for (int it = 0; it < TILE_Q * kChunks / kThreads; ++it) {
@@ -106,51 +127,63 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   }
   cp_async_commit();
 
-  const T* k = static_cast<const T*>(a.k);
-  const T* v = static_cast<const T*>(a.v);
-  // One page lookup per key and tile (not per 16-byte chunk): the block division and the index
-  // load run once, and every chunk copy is a table read and an add. Keys at or past kv_stop get
-  // offset 0 (a valid address, never read).
-  // The addressing parameters wait in shared memory, not in registers, between the once-a-tile
-  // table fills (the 128-row tile has none to spare).
-  __shared__ KvSeq kv_shared;
-  __shared__ unsigned kv_range[5];  // kv_start, kv_stop, kv_head, request, qo_len (key hook)
-  if (threadIdx.x == 0) {
-    kv_shared = kv;
-    kv_range[0] = w.kv_start;
-    kv_range[1] = kv_stop;
-    kv_range[2] = kv_head;
-    kv_range[3] = b;
-    kv_range[4] = qo_len;
-  }
-  auto fill_offsets = [&](unsigned tile, const KvSeq& seq, unsigned start, unsigned stop,
-                          unsigned head) {
-    const unsigned j0 = start + tile * kTileKv;
-    unsigned long long* const slot = key_off + (tile % 2) * kTileKv;
-    for (unsigned r = threadIdx.x; r < kTileKv; r += kThreads) {
+  if (threadIdx.x == 0) cta = PrefillCta{kv, w.kv_start, kv_stop, kv_head, b, qo_len};
+  // Key offsets: one page lookup per key and tile (not per 16-byte chunk). The block ids of tile
+  // t + 2 stream into shared memory with K/V(t + 1) (cp.async, no register waits on them); the
+  // offsets of tile t + 2 are computed from them during tile t, and K/V(t + 1) copies are a table
+  // read and an add. Keys at or past kv_stop get offset 0 (a valid address, never read).
+  // One warp per tile does the per-key work, a different one each tile.
+  auto key_warp = [&](unsigned tile) { return warp_id() == tile % Sh::kWarps; };
+  auto fetch_ids = [&](unsigned tile) {
+    if (!key_warp(tile)) return;
+    const unsigned j0 = cta.kv_start + tile * kTileKv, stop = cta.kv_stop;
+    for (unsigned r = lane_id(); r < kTileKv; r += kWarpSize) {
       const unsigned j = j0 + r;
-      slot[r] = j < stop ? seq.offset(j, head) : 0ull;
+      cp_async_4(smem + Sh::kIdsAt + ((tile % 2) * kTileKv + r) * 4,
+                 cta.kv.blocks + (j < stop ? cta.kv.block_of(j) : 0), j < stop);
     }
   };
-  // Keys at or past kv_stop are zero-filled: P is 0 there, and 0 * V must not be NaN.
-  auto load_kv = [&](unsigned tile) {
+  // Offsets from ids in shared memory (`from_ids`) or, in the prologue, from the index itself.
+  auto fill_offsets = [&](unsigned tile, bool from_ids) {
+    if (!key_warp(tile)) return;
+    const unsigned start = from_ids ? cta.kv_start : w.kv_start;
+    const unsigned stop = from_ids ? cta.kv_stop : kv_stop;
+    const unsigned j0 = start + tile * kTileKv;
+    for (unsigned r = lane_id(); r < kTileKv; r += kWarpSize) {
+      const unsigned j = j0 + r;
+      unsigned long long off = 0;
+      if (j < stop) {
+        off = from_ids ? cta.kv.offset_in(key_ids[(tile % 2) * kTileKv + r], j, cta.kv_head)
+                       : kv.offset(j, kv_head);
+      }
+      key_off[(tile % 2) * kTileKv + r] = off * sizeof(T);
+    }
+  };
+  // Each thread copies chunk `ch` of rows `r_copy + it * kRowsPerCopy` of K and V. Keys at or
+  // past kv_stop are zero-filled: P is 0 there, and 0 * V must not be NaN.
+  const unsigned ch = threadIdx.x % kChunks, r_copy = threadIdx.x / kChunks;
+  auto load_kv = [&](unsigned tile, unsigned stop) {
     const unsigned j0 = w.kv_start + tile * kTileKv;
-    const unsigned long long* const slot = key_off + (tile % 2) * kTileKv;
-    const SmemTile<kTileKv, D> dk = sk(tile), dv = sv(tile);
-    #pragma unroll 1
-    for (int it = 0; it < kTileKv * kChunks / kThreads; ++it) {
-      const unsigned c = it * kThreads + threadIdx.x;
-      const unsigned r = c / kChunks, ch = c % kChunks;
-      const unsigned long long off = slot[r] + ch * 8;
-      const bool live = j0 + r < kv_stop;
-      cp_async_16(dk.addr(r, ch), k + off, live);
-      cp_async_16(dv.addr(r, ch), v + off, live);
+    const unsigned live_rows = min(stop - j0, static_cast<unsigned>(kTileKv));
+    const unsigned long long* const offs = key_off + (tile % 2) * kTileKv;
+    const unsigned dst0 = smem + Sh::kQBytes + (tile % 2) * kKvBytes;
+    const char* const k = static_cast<const char*>(a.k) + ch * 16;
+    const char* const v = static_cast<const char*>(a.v) + ch * 16;
+    #pragma unroll 4
+    for (int it = 0; it < kTileKv / Sh::kRowsPerCopy; ++it) {
+      const unsigned r = it * Sh::kRowsPerCopy + r_copy;
+      const unsigned long long off = offs[r];
+      const unsigned dst = dst0 + SmemTile<kTileKv, D>::chunk_offset(r, ch);
+      const bool live = r < live_rows;
+      cp_async_16(dst, k + off, live);
+      cp_async_16(dst + Sh::kStages * kKvBytes, v + off, live);
     }
   };
-  if (num_tiles > 0) fill_offsets(0, kv, w.kv_start, kv_stop, kv_head);
-  if (num_tiles > 1) fill_offsets(1, kv, w.kv_start, kv_stop, kv_head);
+  fill_offsets(0, false);
+  fill_offsets(1, false);
   __syncthreads();
-  if (num_tiles > 0) load_kv(0);
+  if (num_tiles > 0) load_kv(0, kv_stop);
+  if (num_tiles > 2) fetch_ids(2);
   cp_async_commit();
 
   if constexpr (V::kHasQuery) {
@@ -172,6 +205,14 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   const unsigned lane = lane_id(), warp = warp_id();
   const unsigned g = lane / 4, t4 = lane % 4;
   const unsigned row0 = warp * kMmaQ * 16;
+  // ldmatrix row addresses of this lane (see mma.cuh for which lane gives which row). Row r of a
+  // fragment is r % 8 = lane % 8 in every case, so chunk c sits at c ^ (lane % 8): stepping the
+  // logical chunk by 2n is an XOR of the address with 32n, and a step of 16 rows is an add.
+  const unsigned q_lane = smem + (row0 + lane % 16) * kRowBytes + ((lane / 16) ^ (lane % 8)) * 16;
+  const unsigned k_lane = ((lane / 16) * 8 + lane % 8) * kRowBytes +
+                          (((lane / 8) % 2) ^ (lane % 8)) * 16;
+  const unsigned v_lane = (((lane / 8) % 2) * 8 + lane % 8) * kRowBytes +
+                          ((lane / 16) ^ (lane % 8)) * 16;
   // This thread's rows: fragment rows g and g + 8 of each 16-row block.
   // Query row and head of fragment row (mq, hf), recomputed where needed rather than held in
   // registers across the KV loop (the hook-free kernel needs them only in the epilogue).
@@ -205,18 +246,17 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
 
   for (unsigned tile = 0; tile < num_tiles; ++tile) {
     const unsigned j0 = w.kv_start + tile * kTileKv;
-    const SmemTile<kTileKv, D> ks = sk(tile), vs = sv(tile);
-    cp_async_wait<0>();  // this tile's K and V landed (issued one tile ago)
-    // Every warp is past tile - 1: its K/V stage and offset slot are free for tile + 1 / + 2.
+    cp_async_wait<0>();  // this tile's K and V (and tile + 2's ids) landed, issued a tile ago
+    // Every warp is past tile - 1: its K/V stage and table slots are free for tile + 1 / + 2.
     __syncthreads();
-    if (tile + 1 < num_tiles) load_kv(tile + 1);
+    if (tile + 1 < num_tiles) load_kv(tile + 1, cta.kv_stop);
+    if (tile + 3 < num_tiles) fetch_ids(tile + 3);
     cp_async_commit();
-    if (tile + 2 < num_tiles) {
-      fill_offsets(tile + 2, kv_shared, kv_range[0], kv_range[1], kv_range[2]);
-    }
+    if (tile + 2 < num_tiles) fill_offsets(tile + 2, true);
     if constexpr (V::kHasKey) {
-      const unsigned stop = kv_range[1], head = kv_range[2], req = kv_range[3];
-      const unsigned rows = kv_range[4], len = kv_shared.len;
+      const SmemTile<kTileKv, D> ks = sk(tile);
+      const unsigned stop = cta.kv_stop, head = cta.kv_head, req = cta.request;
+      const unsigned rows = cta.qo_len, len = cta.kv.len;
       for (unsigned c = threadIdx.x; c < kTileKv * (D / 2); c += kThreads) {
         const unsigned r = c / (D / 2), d = c % (D / 2), j = j0 + r;
         if (j >= stop) continue;
@@ -229,6 +269,8 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
       }
       __syncthreads();
     }
+    const unsigned k_tile = smem + Sh::kQBytes + (tile % 2) * kKvBytes + k_lane;
+    const unsigned v_tile = smem + Sh::kQBytes + (Sh::kStages + tile % 2) * kKvBytes + v_lane;
 
     // S = Q K^T for this warp's rows and the tile's keys.
     float s[kMmaQ][kMmaKv][4];
@@ -245,12 +287,12 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
       unsigned qa[kMmaQ][4];
       #pragma unroll
       for (int mq = 0; mq < kMmaQ; ++mq) {
-        ldmatrix_x4(qa[mq], sq.addr(row0 + mq * 16 + lane % 16, kk * 2 + lane / 16));
+        ldmatrix_x4(qa[mq], (q_lane ^ (kk * 32)) + mq * 16 * kRowBytes);
       }
       #pragma unroll
       for (int nbp = 0; nbp < kMmaKv / 2; ++nbp) {
         unsigned kb[4];
-        ldmatrix_x4(kb, ks.addr(nbp * 16 + (lane / 16) * 8 + lane % 8, kk * 2 + (lane / 8) % 2));
+        ldmatrix_x4(kb, (k_tile ^ (kk * 32)) + nbp * 16 * kRowBytes);
         #pragma unroll
         for (int mq = 0; mq < kMmaQ; ++mq) {
           mma_16816<T>(s[mq][2 * nbp], qa[mq], kb[0], kb[1]);
@@ -259,15 +301,15 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
       }
     }
 
-    // Logits (base 2 with softmax) and masks. The causal mask and the chunk end are tested only
-    // on boundary tiles; the variant's mask on every tile, and only for keys they keep.
-    const bool boundary =
-        j0 + kTileKv > kv_stop || (causal && static_cast<long long>(j0 + kTileKv - 1) > first_diag);
+    // Logits (base 2 with softmax), masks and the online softmax. Each call below passes constant
+    // flags, so each inlines to its own specialisation:
+    // `boundary`: the tile crosses the chunk end or a row's diagonal, so the causal mask and the
+    // key bound are tested (interior tiles have no mask code at all; the variant's mask is on
+    // every tile, and called only for keys the others keep).
     // `fold`: without a logits hook the logits stay unscaled until the exponent, where
     // s * qk_scale - m is one FFMA (a masked -inf stays -inf). The row max commutes with the
-    // scale only when it is positive; otherwise the logits are scaled first. Called with a
-    // constant argument, so each call inlines to its own specialisation.
-    auto logits_softmax = [&](const bool fold) {
+    // scale only when it is positive; otherwise the logits are scaled first.
+    auto logits_softmax = [&](const bool fold, const bool boundary) {
       #pragma unroll
       for (int mq = 0; mq < kMmaQ; ++mq) {
         #pragma unroll
@@ -279,7 +321,8 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
             float x = fold ? s[mq][nb][e] : s[mq][nb][e] * qk_scale;
             bool keep = true;
             if (boundary) {
-              keep = j < kv_stop && (!causal || static_cast<int>(j) <= row_diag[mq][hf]);
+              // Bitwise: predicated selects rather than a branch per element.
+              keep = (j < kv_stop) & (!causal | (static_cast<int>(j) <= row_diag[mq][hf]));
             }
             const unsigned pr = row_of(mq, hf);
             const unsigned h = kv_head * group + pr % group;
@@ -291,12 +334,15 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
                 if constexpr (V::kSoftmax) x *= kLog2e;
               }
             }
-            s[mq][nb][e] = keep ? x : (V::kSoftmax ? -FI_INF : 0.0f);
+            if (boundary || V::kHasMask) x = keep ? x : (V::kSoftmax ? -FI_INF : 0.0f);
+            s[mq][nb][e] = x;
           }
         }
       }
 
       if constexpr (V::kSoftmax) {
+        float scale[kMmaQ][2];
+        bool grew = false;
         #pragma unroll
         for (int mq = 0; mq < kMmaQ; ++mq) {
           #pragma unroll
@@ -311,7 +357,8 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
             if (fold) mx = fmaxf(m[mq][hf], mx * qk_scale);
             // While nothing is visible the max is -inf; 0 stands in so that no -inf - -inf appears.
             const float base = mx == -FI_INF ? 0.0f : mx;
-            const float scale = exp2_approx(m[mq][hf] - base);
+            scale[mq][hf] = exp2_approx(m[mq][hf] - base);
+            grew = grew || mx != m[mq][hf];
             m[mq][hf] = mx;
             float sum = 0.0f;
             #pragma unroll
@@ -324,26 +371,42 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
               }
             }
             // Each thread sums its own columns; the row's four threads add up at the end.
-            z[mq][hf] = z[mq][hf] * scale + sum;
+            z[mq][hf] = z[mq][hf] * scale[mq][hf] + sum;
+          }
+        }
+        // Once the row maxima settle (most tiles of a long row), no output needs rescaling.
+        if (__any_sync(kFullMask, grew)) {
+          #pragma unroll
+          for (int mq = 0; mq < kMmaQ; ++mq) {
             #pragma unroll
             for (int nd = 0; nd < kMmaD; ++nd) {
-              o[mq][nd][2 * hf] *= scale;
-              o[mq][nd][2 * hf + 1] *= scale;
+              #pragma unroll
+              for (int e = 0; e < 4; ++e) o[mq][nd][e] *= scale[mq][e / 2];
             }
           }
         }
       }
     };
-    // Only the 128-row tile takes the second copy: it was measured there (+1-3%), and the
-    // smaller tiles' 128-register allocations spill with both copies.
+    const bool boundary =
+        j0 + kTileKv > kv_stop || (causal && static_cast<long long>(j0 + kTileKv - 1) > first_diag);
+    // Only the 128-row tile takes the folded copies: it was measured there (+1-3%), and the
+    // smaller tiles' 128-register allocations spill with both.
     if constexpr (!V::kHasLogits && V::kSoftmax && TILE_Q == 128) {
       if (qk_scale > 0.0f) {
-        logits_softmax(true);
+        if (boundary) {
+          logits_softmax(true, true);
+        } else {
+          logits_softmax(true, false);
+        }
+      } else if (boundary) {
+        logits_softmax(false, true);
       } else {
-        logits_softmax(false);
+        logits_softmax(false, false);
       }
+    } else if (boundary) {
+      logits_softmax(false, true);
     } else {
-      logits_softmax(false);
+      logits_softmax(false, false);
     }
 
     // O += P V, P rounded to the storage type as the MMA needs.
@@ -360,7 +423,7 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
       #pragma unroll
       for (int ndp = 0; ndp < kMmaD / 2; ++ndp) {
         unsigned vb[4];
-        ldmatrix_x4_trans(vb, vs.addr(kk * 16 + ((lane / 8) % 2) * 8 + lane % 8, ndp * 2 + lane / 16));
+        ldmatrix_x4_trans(vb, (v_tile ^ (ndp * 32)) + kk * 16 * kRowBytes);
         #pragma unroll
         for (int mq = 0; mq < kMmaQ; ++mq) {
           mma_16816<T>(o[mq][2 * ndp], pa[mq], vb[0], vb[1]);

@@ -10,6 +10,8 @@ use crate::{KernelConfig, LaunchDims};
 /// Warps of a 64-row query tile; `kPrefillWarps` in prefill.cuh.
 pub(crate) const PREFILL_WARPS: u32 = 4;
 const WARP: u32 = 32;
+/// Shared bytes of the per-CTA scalars; `kPrefillCtaBytes` in prefill.cuh.
+const PREFILL_CTA_BYTES: u32 = 64;
 /// K/V tiles resident in shared memory; `PrefillShape::kStages`.
 const STAGES: u32 = 2;
 
@@ -57,8 +59,8 @@ pub(crate) fn template(cfg: &KernelConfig) -> Template {
 /// which finds no valid item and returns (a zero grid would not launch).
 pub(crate) fn launch_dims(cfg: &KernelConfig, args: &AttnArgs) -> LaunchDims {
     let rows = tile_q(cfg) + 2 * STAGES * kv_tile(cfg);
-    // Two tiles' key offsets, one u64 per key.
-    let table = 2 * kv_tile(cfg) * 8;
+    // Two tiles' key byte offsets (u64) and block ids (i32), then `PrefillCta`.
+    let table = 2 * kv_tile(cfg) * (8 + 4) + PREFILL_CTA_BYTES;
     LaunchDims {
         grid: [args.num_items.max(1), 1, 1],
         block: [warps(cfg) * WARP, 1, 1],
@@ -89,14 +91,14 @@ mod tests {
         let d = launch_dims(&cfg(128, 128), &args);
         assert_eq!(
             (d.grid, d.block, d.shared_bytes),
-            ([300, 1, 1], [128, 1, 1], 65536 + 512)
+            ([300, 1, 1], [128, 1, 1], 65536 + 768 + 64)
         );
         let d = launch_dims(&cfg(128, 16), &args);
-        assert_eq!((d.block, d.shared_bytes), ([32, 1, 1], 36864 + 512));
+        assert_eq!((d.block, d.shared_bytes), ([32, 1, 1], 36864 + 768 + 64));
         let d = launch_dims(&cfg(64, 128), &args);
-        assert_eq!(d.shared_bytes, 49152 + 1024);
+        assert_eq!(d.shared_bytes, 49152 + 1536 + 64);
         let d = launch_dims(&cfg(256, 128), &args);
-        assert_eq!((d.block, d.shared_bytes), ([256, 1, 1], 131072 + 512));
+        assert_eq!((d.block, d.shared_bytes), ([256, 1, 1], 131072 + 768 + 64));
         let d = launch_dims(&cfg(256, 0), &AttnArgs::default());
         assert_eq!((d.grid, d.block), ([1, 1, 1], [128, 1, 1]));
         for hd in crate::HEAD_DIMS {

@@ -1,0 +1,62 @@
+//! Registers, spills and compile time of the kernel instances whose variant or kernel name
+//! contains a filter, as ptxas reports them through NVRTC: no GPU needed, only NVRTC. Use it to
+//! check that a new variant (or a template change) does not spill.
+//!
+//!     cargo run --release --example kernel_report [sm_80|sm_90a] [FILTER] [CUBIN_DIR]
+//!
+//! With CUBIN_DIR, each CUBIN is also written there (`cuobjdump -sass` reads them).
+
+use ferrinfer::jit::{Arch, Jit, JitConfig};
+use ferrinfer::{DType, HEAD_DIMS, KernelConfig, KernelKind, dispatch};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let arch = match args.next().as_deref() {
+        Some("sm_80") => Arch::new(8, 0),
+        Some("sm_90a") | None => Arch::new(9, 0),
+        Some(other) => return Err(format!("unknown arch {other} (sm_80 or sm_90a)").into()),
+    };
+    let filter = args.next().unwrap_or_default();
+    let cubin_dir = args.next().map(std::path::PathBuf::from);
+    // No disk cache: every line is a fresh NVRTC compile.
+    let jit = Jit::new(JitConfig {
+        cache_dir: None,
+        compile: true,
+        extra_options: Vec::new(),
+    });
+    println!("variant        kernel               regs  spill st  spill ld  compile");
+    for spec in ferrinfer::variants() {
+        for kind in KernelKind::ALL {
+            let tiles: &[u32] = match kind {
+                KernelKind::Prefill => &[16, 64, 128],
+                KernelKind::Decode => &[0],
+            };
+            for &head_dim in &HEAD_DIMS {
+                for dtype in DType::ALL {
+                    for &cta_tile_q in tiles {
+                        let cfg = KernelConfig {
+                            kind,
+                            head_dim,
+                            dtype,
+                            cta_tile_q,
+                        };
+                        let line = format!("{:<14} {:<20}", spec.name, cfg.name());
+                        if !line.contains(&filter) {
+                            continue;
+                        }
+                        let k = dispatch::compile_with(&jit, spec, &cfg, arch)?;
+                        if let Some(dir) = &cubin_dir {
+                            let name = format!("{}_{}.cubin", spec.name, cfg.name());
+                            std::fs::write(dir.join(name), &k.cubin)?;
+                        }
+                        println!(
+                            "{line} {:>4} {:>7} B {:>7} B {:>6.2} s",
+                            k.stats.registers, k.stats.spill_stores, k.stats.spill_loads, k.seconds
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
