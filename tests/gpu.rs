@@ -67,44 +67,60 @@ fn check<V: Variant, T: Element>(gpu: &Backend, variant: &V, case: &Case) {
         gpu.upload(&k).unwrap(),
         gpu.upload(&v).unwrap(),
     );
-    let mut od = gpu.filled(batch.q_len(), T::from_f32(f32::NAN)).unwrap();
-    let with_lse = V::SPEC.softmax;
-    let mut lsed = gpu.filled(batch.lse_len(), f32::NAN).unwrap();
-    let lse = if with_lse { Some(&mut lsed) } else { None };
-    if case.decode {
-        let plan = BatchDecode::plan(gpu, case.heads, batch.kv.clone(), None).unwrap();
-        plan.run(variant, &qd, &kd, &vd, &mut od, lse).unwrap();
+    // Decode runs on both of its kernels; prefill on its one.
+    let kernels: &[Option<DecodeKernel>] = if case.decode {
+        &[
+            Some(DecodeKernel::CudaCores),
+            Some(DecodeKernel::TensorCores),
+        ]
     } else {
-        let plan = BatchPrefill::plan(gpu, batch.clone()).unwrap();
-        plan.run(variant, &qd, &kd, &vd, &mut od, lse).unwrap();
-    }
-    let got: Vec<f32> = od.to_vec().unwrap().iter().map(|x| x.to_f32()).collect();
-    let err = rel_l2(&got, &want.o);
-    let what = format!(
-        "{} {:?} hd{} qo{:?} kv{:?} page {:?} {:?} causal {} decode {} (seed {seed})",
-        V::SPEC.name,
-        T::DTYPE,
-        case.heads.head_dim,
-        case.qo_lens,
-        case.kv_lens,
-        case.page_size,
-        case.layout,
-        case.causal,
-        case.decode
-    );
-    assert!(
-        err <= tolerance::<T>(),
-        "{what}: relative L2 error {err:.2e}"
-    );
-    if with_lse {
-        let got = lsed.to_vec().unwrap();
-        for (i, (g, w)) in got.iter().zip(&want.lse).enumerate() {
-            let ok = if w.is_infinite() {
-                *g == *w as f32
-            } else {
-                (f64::from(*g) - w).abs() <= 1e-2 * (1.0 + w.abs())
+        &[None]
+    };
+    for &kernel in kernels {
+        let mut od = gpu.filled(batch.q_len(), T::from_f32(f32::NAN)).unwrap();
+        let with_lse = V::SPEC.softmax;
+        let mut lsed = gpu.filled(batch.lse_len(), f32::NAN).unwrap();
+        let lse = if with_lse { Some(&mut lsed) } else { None };
+        if let Some(decode_kernel) = kernel {
+            let config = PlanConfig {
+                decode_kernel,
+                ..PlanConfig::default()
             };
-            assert!(ok, "{what}: lse[{i}] = {g}, want {w}");
+            let plan =
+                BatchDecode::plan_with(gpu, case.heads, batch.kv.clone(), None, config).unwrap();
+            plan.run(variant, &qd, &kd, &vd, &mut od, lse).unwrap();
+        } else {
+            let plan = BatchPrefill::plan(gpu, batch.clone()).unwrap();
+            plan.run(variant, &qd, &kd, &vd, &mut od, lse).unwrap();
+        }
+        let got: Vec<f32> = od.to_vec().unwrap().iter().map(|x| x.to_f32()).collect();
+        let err = rel_l2(&got, &want.o);
+        let what = format!(
+            "{} {:?} hd{} qo{:?} kv{:?} page {:?} {:?} causal {} decode {:?} (seed {seed})",
+            V::SPEC.name,
+            T::DTYPE,
+            case.heads.head_dim,
+            case.qo_lens,
+            case.kv_lens,
+            case.page_size,
+            case.layout,
+            case.causal,
+            kernel
+        );
+        assert!(
+            err <= tolerance::<T>(),
+            "{what}: relative L2 error {err:.2e}"
+        );
+        if with_lse {
+            let got = lsed.to_vec().unwrap();
+            for (i, (g, w)) in got.iter().zip(&want.lse).enumerate() {
+                let ok = if w.is_infinite() {
+                    *g == *w as f32
+                } else {
+                    (f64::from(*g) - w).abs() <= 1e-2 * (1.0 + w.abs())
+                };
+                assert!(ok, "{what}: lse[{i}] = {g}, want {w}");
+            }
         }
     }
 }

@@ -53,6 +53,11 @@ fn to_f32(xs: &[bf16]) -> Vec<f32> {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gpu_cuda_graph_replays_a_replanned_batch() {
+    graph_replays_a_replanned_batch(DecodeKernel::CudaCores);
+    graph_replays_a_replanned_batch(DecodeKernel::TensorCores);
+}
+
+fn graph_replays_a_replanned_batch(decode_kernel: DecodeKernel) {
     let gpu = gpu();
     let mut rng = Rng::from_time();
     let seed = rng.seed();
@@ -70,8 +75,9 @@ fn gpu_cuda_graph_replays_a_replanned_batch() {
         kv_blocks: num_pages,
     };
     let config = PlanConfig {
-        fixed_kv_chunk: None,
         graph: Some(capacity),
+        decode_kernel,
+        ..PlanConfig::default()
     };
 
     // Static query and output buffers, as a graph needs; sized for the largest batch.
@@ -115,7 +121,7 @@ fn gpu_cuda_graph_replays_a_replanned_batch() {
         let err = rel_l2(&got, &want.o);
         assert!(
             err <= 1e-2,
-            "step {step}: relative L2 error {err:.2e} (seed {seed})"
+            "{decode_kernel:?} step {step}: relative L2 error {err:.2e} (seed {seed})"
         );
     }
 }
@@ -123,6 +129,11 @@ fn gpu_cuda_graph_replays_a_replanned_batch() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gpu_fixed_split_is_batch_invariant() {
+    fixed_split_is_batch_invariant(DecodeKernel::CudaCores);
+    fixed_split_is_batch_invariant(DecodeKernel::TensorCores);
+}
+
+fn fixed_split_is_batch_invariant(decode_kernel: DecodeKernel) {
     let gpu = gpu();
     let mut rng = Rng::from_time();
     let heads = Heads::new(8, 2, 128).unwrap();
@@ -134,7 +145,8 @@ fn gpu_fixed_split_is_batch_invariant() {
     );
     let config = PlanConfig {
         fixed_kv_chunk: Some(256),
-        graph: None,
+        decode_kernel,
+        ..PlanConfig::default()
     };
     // Request A (3000 tokens on pages 0..188) alone, then with different neighbours on the pages
     // after it.
@@ -166,7 +178,7 @@ fn gpu_prefill_fixed_split_is_batch_invariant() {
     let heads = Heads::new(8, 2, 64).unwrap();
     let config = PlanConfig {
         fixed_kv_chunk: Some(512),
-        graph: None,
+        ..PlanConfig::default()
     };
     let (qa, ka) = (300u32, 2000u32);
     let q_a = bf(rng.normal_vec(qa as usize * 8 * 64));

@@ -92,14 +92,14 @@ fn main() -> ExitCode {
             let key = format!("{}@{}", cfg.key, report::IMPL);
             record(
                 key.clone(),
-                on_gpu(&|b: &Backend| bench_config(b, &cfg, &key, false)),
+                on_gpu(&|b: &Backend| bench_config(b, &cfg, &key, DecodeKernel::Auto)),
             );
-            // Decode through the tensor-core (prefill) template, GQA heads packed as rows.
+            // Decode also on the kernel the default does not pick, for comparison.
             if cfg.kind == Kind::Decode {
-                let key = format!("{}@{}", cfg.key, report::IMPL_TC);
+                let key = format!("{}@{}", cfg.key, report::IMPL_CUDA_CORES);
                 record(
                     key.clone(),
-                    on_gpu(&|b: &Backend| bench_config(b, &cfg, &key, true)),
+                    on_gpu(&|b: &Backend| bench_config(b, &cfg, &key, DecodeKernel::CudaCores)),
                 );
             }
         }
@@ -170,15 +170,18 @@ enum Plan {
 }
 
 impl Plan {
-    /// `tensor_cores`: a decode configuration runs as a prefill of one row per request.
-    fn new(backend: &Backend, cfg: &Config, tensor_cores: bool) -> BenchResult<Self> {
+    fn new(backend: &Backend, cfg: &Config, decode_kernel: DecodeKernel) -> BenchResult<Self> {
         let heads = cfg.heads()?;
         let kv = cfg.kv_index()?;
         Ok(match cfg.kind {
-            Kind::Decode if !tensor_cores => {
-                Plan::Decode(BatchDecode::plan(backend, heads, kv, None)?)
+            Kind::Decode => {
+                let config = PlanConfig {
+                    decode_kernel,
+                    ..PlanConfig::default()
+                };
+                Plan::Decode(BatchDecode::plan_with(backend, heads, kv, None, config)?)
             }
-            _ => {
+            Kind::Prefill => {
                 let batch = Batch::new(heads, &cfg.qo_indptr(), kv)?.with_causal(cfg.causal);
                 Plan::Prefill(BatchPrefill::plan(backend, batch)?)
             }
@@ -198,7 +201,7 @@ fn bench_config(
     backend: &Backend,
     cfg: &Config,
     key: &str,
-    tensor_cores: bool,
+    decode_kernel: DecodeKernel,
 ) -> BenchResult<Row> {
     let stream = stream_of(backend)?;
     let heads = cfg.heads()?;
@@ -207,7 +210,7 @@ fn bench_config(
     let mut inputs = (0..sets as u64)
         .map(|s| InputSet::upload(backend, cfg, kv_len, s))
         .collect::<BenchResult<Vec<_>>>()?;
-    let plan = Plan::new(backend, cfg, tensor_cores)?;
+    let plan = Plan::new(backend, cfg, decode_kernel)?;
     backend.synchronize()?;
     let t = if cfg.soft_cap > 0.0 {
         time_variant(stream, &plan, &SoftCap { cap: cfg.soft_cap }, &mut inputs)?
@@ -262,8 +265,7 @@ mod tests {
     #[test]
     fn without_a_gpu_a_config_fails_cleanly() {
         let cfg = &configs::standard()[0];
-        assert!(bench_config(&Backend::Cpu, cfg, "k", false).is_err());
-        assert!(bench_config(&Backend::Cpu, cfg, "k", true).is_err());
+        assert!(bench_config(&Backend::Cpu, cfg, "k", DecodeKernel::Auto).is_err());
         assert!(bench_copy(&Backend::Cpu).is_err());
     }
 }

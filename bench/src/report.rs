@@ -5,8 +5,9 @@ use std::fmt::Write as _;
 
 /// The implementation name of ferrinfer's kernels in result keys (`<config>@ferrinfer-fa2`).
 pub const IMPL: &str = "ferrinfer-fa2";
-/// Decode through the tensor-core template (`<config>@ferrinfer-tc`).
-pub const IMPL_TC: &str = "ferrinfer-tc";
+/// Decode on the CUDA-core template, which the default no longer picks at GQA 4
+/// (`<config>@ferrinfer-cuda-cores`).
+pub const IMPL_CUDA_CORES: &str = "ferrinfer-cuda-cores";
 
 /// One measured row.
 #[derive(Clone, Debug, PartialEq)]

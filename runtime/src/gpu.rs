@@ -23,6 +23,7 @@ pub struct Gpu {
     sm_count: u32,
     /// Shared memory a block may opt in to.
     max_shared_bytes: u32,
+    sm_resources: SmResources,
     /// Kernels loaded on this device, by dispatch key.
     loaded: Mutex<HashMap<String, Kernel>>,
 }
@@ -34,6 +35,29 @@ impl std::fmt::Debug for Gpu {
 }
 
 /// A loaded kernel instance: its entry, and the merge pass of split-KV work lists if it has one.
+/// The per-SM limits that decide how many CTAs of a kernel are resident at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SmResources {
+    /// Shared memory of one SM, in bytes.
+    pub shared_bytes: u32,
+    /// Shared memory the system reserves for each resident CTA, in bytes.
+    pub reserved_shared_per_cta: u32,
+    /// 32-bit registers of one SM.
+    pub registers: u32,
+}
+
+impl SmResources {
+    /// CTAs of `threads` threads using `shared_bytes` of dynamic shared memory that fit on one SM
+    /// when every thread holds `registers_per_thread` registers (at least 1).
+    pub fn resident_ctas(&self, threads: u32, shared_bytes: u32, registers_per_thread: u32) -> u32 {
+        // Registers are allocated per warp in units of 256.
+        let per_warp = (registers_per_thread * 32).div_ceil(256) * 256;
+        let by_registers = self.registers / (per_warp * threads.div_ceil(32)).max(1);
+        let by_shared = self.shared_bytes / (shared_bytes + self.reserved_shared_per_cta).max(1);
+        by_registers.min(by_shared).max(1)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub(crate) struct Kernel {
     pub main: CudaFunction,
@@ -72,9 +96,14 @@ impl Gpu {
         let sm_count = ctx.attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )? as u32;
-        let max_shared_bytes = ctx.attribute(
-            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-        )? as u32;
+        let attr = |a| -> Result<u32> { Ok(ctx.attribute(a)? as u32) };
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let max_shared_bytes = attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        let sm_resources = SmResources {
+            shared_bytes: attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?,
+            reserved_shared_per_cta: attr(A::CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK)?,
+            registers: attr(A::CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR)?,
+        };
         Ok(Gpu {
             ordinal,
             ctx,
@@ -82,6 +111,7 @@ impl Gpu {
             arch: Arch::new(major as u32, minor as u32),
             sm_count,
             max_shared_bytes,
+            sm_resources,
             loaded: Mutex::new(HashMap::new()),
         })
     }
@@ -94,6 +124,10 @@ impl Gpu {
     /// Streaming multiprocessors on the device.
     pub fn sm_count(&self) -> u32 {
         self.sm_count
+    }
+    /// What one SM offers the CTAs resident on it.
+    pub fn sm_resources(&self) -> SmResources {
+        self.sm_resources
     }
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
@@ -223,5 +257,28 @@ impl Gpu {
         // caller holds them and all work is ordered on this one stream.
         unsafe { launch.launch(cfg) }?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SmResources;
+
+    #[test]
+    fn resident_ctas_take_the_scarcer_resource() {
+        // An H100 / H200 SM: 228 KiB of shared memory, 1 KiB reserved per CTA, 64 Ki registers.
+        let sm = SmResources {
+            shared_bytes: 233_472,
+            reserved_shared_per_cta: 1024,
+            registers: 65_536,
+        };
+        // Prefill, 16-row tile, hd128: one warp, 37.7 KB -> shared memory allows 6.
+        assert_eq!(sm.resident_ctas(32, 37_696, 255), 6);
+        // 128-row tile: four warps of 255 registers -> registers allow 2.
+        assert_eq!(sm.resident_ctas(128, 66_368, 255), 2);
+        // Registers round up per warp: 129 per thread takes 136 x 32 = 4352 a warp.
+        assert_eq!(sm.resident_ctas(128, 0, 129), 65_536 / (4 * 4352));
+        // Something always runs, if slowly.
+        assert_eq!(sm.resident_ctas(1024, 300_000, 255), 1);
     }
 }

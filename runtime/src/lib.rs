@@ -27,7 +27,7 @@ pub use error::{Error, Result};
 pub use ferrinfer_kernels::{DType, HEAD_DIMS, KernelConfig, KernelKind};
 pub use params::{Array, AttentionParams};
 pub use variant::{Hooks, Pos, Variant, VariantSpec};
-pub use wrappers::{BatchDecode, BatchPrefill, GraphCapacity, PlanConfig};
+pub use wrappers::{BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, PlanConfig};
 
 /// The names a variant definition and a typical caller need.
 pub mod prelude {
@@ -35,6 +35,6 @@ pub mod prelude {
     pub use crate::batch::{Batch, Heads, KvIndex, KvLayout};
     pub use crate::params::Array;
     pub use crate::variant::Pos;
-    pub use crate::wrappers::{BatchDecode, BatchPrefill, GraphCapacity, PlanConfig};
+    pub use crate::wrappers::{BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, PlanConfig};
     pub use half::{bf16, f16};
 }

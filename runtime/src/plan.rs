@@ -69,6 +69,10 @@ pub struct PlanOptions {
     /// invalid), so the grid of a captured graph fits every later plan; a batch that needs more
     /// items is an error.
     pub graph_capacity: Option<u32>,
+    /// This query tile (16, 64 or 128 packed rows) instead of the one the batch suggests: a
+    /// caller that knows every request's shape (decode: one row each) fixes it, also for the
+    /// batch-invariant mode.
+    pub query_tile: Option<u32>,
 }
 
 impl PlanOptions {
@@ -80,6 +84,7 @@ impl PlanOptions {
             ctas_per_sm,
             fixed_kv_chunk: None,
             graph_capacity: None,
+            query_tile: None,
         }
     }
 
@@ -111,6 +116,13 @@ impl PlanOptions {
         }
         if self.graph_capacity == Some(0) {
             return Err(Error::invalid("graph_capacity must be at least 1"));
+        }
+        if let Some(t) = self.query_tile
+            && ![16, 64, 128].contains(&t)
+        {
+            return Err(Error::invalid(format!(
+                "query_tile must be 16, 64 or 128 rows, got {t}"
+            )));
         }
         Ok(())
     }
@@ -289,7 +301,25 @@ fn requests(batch: &Batch) -> Result<Vec<Request>> {
         .collect()
 }
 
+/// The query tile [`plan`] uses for `batch`: what a caller needs to size the kernel's occupancy
+/// (and so [`PlanOptions::ctas_per_sm`]) before planning.
+pub fn query_tile(batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Result<u32> {
+    opts.validate()?;
+    let reqs = requests(batch)?;
+    let heads = batch.heads;
+    Ok(choose_tile(
+        &reqs,
+        kind,
+        opts,
+        heads.group_size(),
+        heads.head_dim,
+    ))
+}
+
 fn choose_tile(reqs: &[Request], kind: KernelKind, opts: &PlanOptions, group: u32, hd: u32) -> u32 {
+    if let (KernelKind::Prefill, Some(t)) = (kind, opts.query_tile) {
+        return t;
+    }
     match kind {
         // A decode request has one query row: its packed rows are the group, whatever the batch.
         KernelKind::Decode => cta_tile_q(u64::from(group), 1, hd),

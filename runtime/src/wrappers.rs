@@ -25,6 +25,42 @@ pub struct PlanConfig {
     /// CUDA-graph mode: buffers sized once for these bounds; every later `replan` reuses them, so a
     /// captured `run` stays valid.
     pub graph: Option<GraphCapacity>,
+    /// Which kernel runs [`BatchDecode`] (ignored by [`BatchPrefill`]).
+    pub decode_kernel: DecodeKernel,
+}
+
+/// The kernel template of a batch decode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DecodeKernel {
+    /// Tensor cores when at least [`TENSOR_CORE_MIN_GROUP`] query heads share each KV head, CUDA
+    /// cores otherwise.
+    #[default]
+    Auto,
+    /// The decode template: CUDA-core dot products, the query heads of a KV head sharing its loads.
+    CudaCores,
+    /// The prefill template: each request's query heads packed as the rows of 16-row MMA tiles, so
+    /// that K and V are read once per KV head and the arithmetic runs on tensor cores.
+    TensorCores,
+}
+
+/// Group size from which [`DecodeKernel::Auto`] takes tensor cores. At group 4 (H200, bf16,
+/// hd128, 64 x 4096 tokens) they stream K/V at 4297 GB/s against 2442 for the CUDA-core kernel,
+/// which is bound by instruction issue; below 4 the MMA tile is mostly padding.
+pub const TENSOR_CORE_MIN_GROUP: u32 = 4;
+
+impl DecodeKernel {
+    fn kind(self, heads: &Heads) -> KernelKind {
+        let tensor = match self {
+            DecodeKernel::Auto => heads.group_size() >= TENSOR_CORE_MIN_GROUP,
+            DecodeKernel::CudaCores => false,
+            DecodeKernel::TensorCores => true,
+        };
+        if tensor {
+            KernelKind::Prefill
+        } else {
+            KernelKind::Decode
+        }
+    }
 }
 
 /// Bounds of every batch a CUDA-graph plan will hold.
@@ -71,7 +107,7 @@ impl BatchPrefill {
     /// [`BatchPrefill::plan`] with a fixed KV split or CUDA-graph buffers.
     pub fn plan_with(backend: &Backend, batch: Batch, config: PlanConfig) -> Result<Self> {
         Ok(BatchPrefill {
-            planned: Planned::new(backend, batch, KernelKind::Prefill, config)?,
+            planned: Planned::new(backend, batch, KernelKind::Prefill, false, config)?,
         })
     }
     /// Plan another batch with the same heads into the same buffers (in CUDA-graph mode the
@@ -125,8 +161,9 @@ impl BatchDecode {
         config: PlanConfig,
     ) -> Result<Self> {
         let batch = decode_batch(heads, kv, sm_scale)?;
+        let kind = config.decode_kernel.kind(&heads);
         Ok(BatchDecode {
-            planned: Planned::new(backend, batch, KernelKind::Decode, config)?,
+            planned: Planned::new(backend, batch, kind, true, config)?,
         })
     }
     /// Plan another decode step into the same buffers (see [`BatchPrefill::replan`]).
@@ -163,13 +200,20 @@ fn decode_batch(heads: Heads, kv: KvIndex, sm_scale: Option<f32>) -> Result<Batc
     Ok(batch)
 }
 
-/// Work items per SM that the KV-split search aims for. Decode: two waves of its 4 resident CTAs,
-/// so that a skewed batch (a few long requests among short ones) is cut into chunks short enough
-/// that the long requests do not finish last, alone on a few SMs.
-fn ctas_per_sm(kind: KernelKind) -> u32 {
-    match kind {
-        KernelKind::Prefill => 2,
+/// Work items per SM that the KV-split search aims for.
+/// Decode template: two waves of its 4 resident CTAs, so that a skewed batch (a few long requests
+/// among short ones) is cut into chunks short enough that the long requests do not finish last,
+/// alone on a few SMs.
+/// Prefill template: its resident CTAs, from the shared memory of the tile and, since the plan is
+/// made before any variant is known, the most registers a variant's instance may take (255).
+fn ctas_per_sm(gpu: &Gpu, cfg: &KernelConfig) -> u32 {
+    match cfg.kind {
         KernelKind::Decode => 8,
+        KernelKind::Prefill => {
+            let dims = ferrinfer_kernels::launch_dims(cfg, &AttnArgs::default());
+            gpu.sm_resources()
+                .resident_ctas(dims.block[0], dims.shared_bytes, 255)
+        }
     }
 }
 
@@ -233,6 +277,8 @@ struct DeviceState {
 struct Planned {
     backend: Backend,
     kind: KernelKind,
+    /// A batch decode (on either template).
+    decode: bool,
     config: PlanConfig,
     batch: Batch,
     work: Option<WorkList>,
@@ -240,10 +286,17 @@ struct Planned {
 }
 
 impl Planned {
-    fn new(backend: &Backend, batch: Batch, kind: KernelKind, config: PlanConfig) -> Result<Self> {
+    fn new(
+        backend: &Backend,
+        batch: Batch,
+        kind: KernelKind,
+        decode: bool,
+        config: PlanConfig,
+    ) -> Result<Self> {
         let mut p = Planned {
             backend: backend.clone(),
             kind,
+            decode,
             config,
             batch,
             work: None,
@@ -254,11 +307,24 @@ impl Planned {
         Ok(p)
     }
 
-    fn options(&self, gpu: &Gpu) -> PlanOptions {
-        let mut o = PlanOptions::new(gpu.sm_count(), ctas_per_sm(self.kind));
+    fn options(&self, gpu: &Gpu, batch: &Batch) -> Result<PlanOptions> {
+        let mut o = PlanOptions::new(gpu.sm_count(), 1);
         o.fixed_kv_chunk = self.config.fixed_kv_chunk;
         o.graph_capacity = self.config.graph.map(|g| g.work_items);
-        o
+        // A decode on the prefill template: every request has one row, so the tile is the group's
+        // whatever the batch (which keeps the batch-invariant mode invariant, too).
+        if self.decode_rows() {
+            let h = &batch.heads;
+            o.query_tile = Some(plan::cta_tile_q(u64::from(h.group_size()), 1, h.head_dim));
+        }
+        let tile = plan::query_tile(batch, self.kind, &o)?;
+        o.ctas_per_sm = ctas_per_sm(gpu, &self.config_for(batch, tile));
+        Ok(o)
+    }
+
+    /// Whether this is a decode planned on the prefill template.
+    fn decode_rows(&self) -> bool {
+        self.decode && self.kind == KernelKind::Prefill
     }
 
     fn replan(&mut self, batch: Batch) -> Result<()> {
@@ -282,7 +348,7 @@ impl Planned {
         };
         // Refuse unsupported head dims and archs at plan time, not at the first layer.
         dispatch::check_supported(&self.config_for(&batch, 16), gpu.arch())?;
-        let opts = self.options(&gpu);
+        let opts = self.options(&gpu, &batch)?;
         let work = plan::plan(&batch, self.kind, &opts)?;
         let need = Sizes {
             plan: work.capacity(),

@@ -90,6 +90,9 @@ fn random_options(rng: &mut Rng) -> PlanOptions {
     if rng.below(2) == 0 {
         opts = opts.with_fixed_kv_chunk(KV_CHUNK_ALIGN * (32 + rng.below(480) as u32));
     }
+    if rng.below(4) == 0 {
+        opts.query_tile = Some(pick(rng, &[16, 64, 128]));
+    }
     opts
 }
 
@@ -317,7 +320,13 @@ fn random_batches_satisfy_the_contract() {
         if kind == KernelKind::Decode {
             let packed = u64::from(batch.heads.group_size());
             assert_eq!(list.cta_tile_q, cta_tile_q(packed, 1, batch.heads.head_dim));
+        } else if let Some(t) = opts.query_tile {
+            assert_eq!(list.cta_tile_q, t, "{ctx}: the fixed query tile");
         }
+        assert_eq!(
+            plan::query_tile(&batch, kind, &opts).unwrap(),
+            list.cta_tile_q
+        );
         if opts.fixed_kv_chunk.is_none() {
             let target = (opts.num_sms * opts.ctas_per_sm) as usize;
             assert!(
@@ -530,6 +539,9 @@ fn bad_options_and_workspaces_are_refused() {
     assert!(run(PlanOptions::new(1, 1).with_fixed_kv_chunk(100)).contains("multiple of 16"));
     assert!(run(PlanOptions::new(1, 1).with_fixed_kv_chunk(0)).contains("positive"));
     assert!(run(PlanOptions::new(1, 1).with_graph_capacity(0)).contains("at least 1"));
+    let mut odd_tile = PlanOptions::new(1, 1);
+    odd_tile.query_tile = Some(32);
+    assert!(run(odd_tile).contains("query_tile"));
     assert!(Capacity::for_graph(&PlanOptions::new(1, 1), 8, 10).is_err());
 
     let list = plan::plan(&batch, KernelKind::Decode, &PlanOptions::new(1, 1)).unwrap();
