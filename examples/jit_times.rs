@@ -35,6 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             head_dim: 128,
             dtype: DType::Bf16,
             cta_tile_q: 0,
+            kv_tile: 0,
         };
         let spec = <Standard as Variant>::SPEC;
         let time = |j: &Jit| -> Result<f64, ferrinfer::Error> {

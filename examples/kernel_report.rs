@@ -7,7 +7,7 @@
 //! With CUBIN_DIR, each CUBIN is also written there (`cuobjdump -sass` reads them).
 
 use ferrinfer::jit::{Arch, Jit, JitConfig};
-use ferrinfer::{DType, HEAD_DIMS, KernelConfig, KernelKind, dispatch};
+use ferrinfer::{DType, HEAD_DIMS, KernelConfig, KernelKind, VariantSpec, dispatch, wide_kv_tile};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -24,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         compile: true,
         extra_options: Vec::new(),
     });
-    println!("variant        kernel               regs  spill st  spill ld  compile");
+    println!("variant        kernel                   regs  spill st  spill ld  compile");
     for spec in ferrinfer::variants() {
         for kind in KernelKind::ALL {
             let tiles: &[u32] = match kind {
@@ -39,24 +39,44 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                             head_dim,
                             dtype,
                             cta_tile_q,
+                            kv_tile: 0,
                         };
-                        let line = format!("{:<14} {:<20}", spec.name, cfg.name());
-                        if !line.contains(&filter) {
-                            continue;
+                        // The wide K/V tile too, where Hopper's SM would take it.
+                        let wide = wide_kv_tile(&cfg, 228 * 1024);
+                        for cfg in std::iter::once(cfg).chain(wide) {
+                            report(&jit, spec, &cfg, arch, &filter, cubin_dir.as_deref())?;
                         }
-                        let k = dispatch::compile_with(&jit, spec, &cfg, arch)?;
-                        if let Some(dir) = &cubin_dir {
-                            let name = format!("{}_{}.cubin", spec.name, cfg.name());
-                            std::fs::write(dir.join(name), &k.cubin)?;
-                        }
-                        println!(
-                            "{line} {:>4} {:>7} B {:>7} B {:>6.2} s",
-                            k.stats.registers, k.stats.spill_stores, k.stats.spill_loads, k.seconds
-                        );
                     }
                 }
             }
         }
     }
+    Ok(())
+}
+
+/// One line of the report (and the CUBIN), if the line matches `filter`.
+fn report(
+    jit: &Jit,
+    spec: &VariantSpec,
+    cfg: &KernelConfig,
+    arch: Arch,
+    filter: &str,
+    cubin_dir: Option<&std::path::Path>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let line = format!("{:<14} {:<24}", spec.name, cfg.name());
+    if !line.contains(filter) {
+        return Ok(());
+    }
+    let k = dispatch::compile_with(jit, spec, cfg, arch)?;
+    if let Some(dir) = cubin_dir {
+        std::fs::write(
+            dir.join(format!("{}_{}.cubin", spec.name, cfg.name())),
+            &k.cubin,
+        )?;
+    }
+    println!(
+        "{line} {:>4} {:>7} B {:>7} B {:>6.2} s",
+        k.stats.registers, k.stats.spill_stores, k.stats.spill_loads, k.seconds
+    );
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use ferrinfer::jit::{Arch, Jit};
-use ferrinfer::{Backend, DType, HEAD_DIMS, KernelConfig, KernelKind, dispatch};
+use ferrinfer::{Backend, DType, HEAD_DIMS, KernelConfig, KernelKind, dispatch, wide_kv_tile};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let arch = match std::env::args().nth(1).as_deref() {
@@ -26,15 +26,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             for &head_dim in &HEAD_DIMS {
                 for dtype in DType::ALL {
                     for &cta_tile_q in tiles {
-                        jobs.push((
-                            spec,
-                            KernelConfig {
-                                kind,
-                                head_dim,
-                                dtype,
-                                cta_tile_q,
-                            },
-                        ));
+                        let cfg = KernelConfig {
+                            kind,
+                            head_dim,
+                            dtype,
+                            cta_tile_q,
+                            kv_tile: 0,
+                        };
+                        jobs.push((spec, cfg));
+                        // The runtime tries the wide K/V tile first where an SM holds two of it
+                        // (Hopper's 228 KiB), and keeps it unless it spills: cache both.
+                        if let Some(wide) =
+                            wide_kv_tile(&cfg, 228 * 1024).filter(|_| arch.major >= 9)
+                        {
+                            jobs.push((spec, wide));
+                        }
                     }
                 }
             }

@@ -1,10 +1,10 @@
-//! NVRTC compiles every built-in variant x {prefill (each query tile), decode} x head dims x dtypes
-//! x {sm_80, sm_90a}, and reports registers and spills. Runs in CI without a GPU; without NVRTC it fails, never skips.
+//! NVRTC compiles every built-in variant x {prefill (each query tile, and the wide K/V tile),
+//! decode} x head dims x dtypes x {sm_80, sm_90a}, and reports registers and spills. Runs in CI without a GPU; without NVRTC it fails, never skips.
 
 use std::sync::Mutex;
 
 use ferrinfer::jit::{Arch, Jit, JitConfig};
-use ferrinfer::{DType, HEAD_DIMS, KernelConfig, KernelKind, dispatch};
+use ferrinfer::{DType, HEAD_DIMS, KernelConfig, KernelKind, dispatch, wide_kv_tile};
 
 /// The query tiles the plan may choose for each kernel kind.
 fn tiles(kind: KernelKind) -> Vec<u32> {
@@ -36,8 +36,13 @@ fn nvrtc_compiles_every_builtin_kernel_instance() {
                                 head_dim,
                                 dtype,
                                 cta_tile_q,
+                                kv_tile: 0,
                             };
                             jobs.push((*spec, cfg, arch));
+                            // The wide K/V tile the runtime tries first on a Hopper-sized SM.
+                            if let Some(wide) = wide_kv_tile(&cfg, 228 * 1024) {
+                                jobs.push((*spec, wide, arch));
+                            }
                         }
                     }
                 }

@@ -27,24 +27,27 @@ constexpr unsigned kPrefillWarps = 4;
 struct PrefillCta {
   KvSeq kv;
   unsigned kv_start, kv_stop, kv_head, request, qo_len;
+  int shift;  // key j is causally visible to query row i iff j <= i + shift
 };
 // kernels/src/prefill.rs reserves this many bytes for it.
 constexpr int kPrefillCtaBytes = 64;
 static_assert(sizeof(PrefillCta) <= kPrefillCtaBytes, "PrefillCta must fit its reserved bytes");
 
-template <int D, int TILE_Q>
+template <int D, int TILE_Q, int TILE_KV>
 struct PrefillShape {
   static_assert(TILE_Q == 16 || TILE_Q == 64 || TILE_Q == 128, "query tile of 16, 64 or 128 rows");
+  static_assert(TILE_KV == 32 || TILE_KV == 64, "K/V tile of 32 or 64 keys");
   // One warp per 16 rows, at most kPrefillWarps; at head dim 256 a warp cannot hold two 16-row
   // output blocks (256 f32 registers), so a 128-row tile gets 8 warps instead.
   static constexpr int kWarps =
       (D == 256 || TILE_Q / 16 < int(kPrefillWarps)) ? TILE_Q / 16 : int(kPrefillWarps);
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kMmaQ = TILE_Q / (16 * kWarps);  // 16-row blocks per warp
-  // Keys per K/V tile (a multiple of 16, see plan.rs). Two 16-row blocks per warp at head dim
-  // 128 hold 128 f32 outputs per thread; 32 keys keep S at 32 more, within 255 registers. Two
-  // stages of 32 keys also keep hd >= 128 within the shared memory of an sm_80 SM.
-  static constexpr int kTileKv = D >= 128 ? 32 : 64;
+  // Keys per K/V tile (a multiple of 16, see plan.rs), chosen by kernels/src/prefill.rs: 64
+  // halves the per-key cost of the softmax bookkeeping and barriers, but two 16-row blocks per
+  // warp at head dim 128 then hold 128 f32 outputs and 64 scores per thread, which fits 255
+  // registers only for variants with light hooks (the runtime keeps it when nothing spills).
+  static constexpr int kTileKv = TILE_KV;
   static constexpr int kMmaKv = kTileKv / 8;  // 8-key blocks of S
   static constexpr int kMmaD = D / 8;  // 8-column blocks of O
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
@@ -66,9 +69,9 @@ struct PrefillShape {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-template <class V, class P, class T, int D, int TILE_Q>
+template <class V, class P, class T, int D, int TILE_Q, int TILE_KV>
 __device__ void prefill(const AttnArgs& a, const P& p) {
-  using Sh = PrefillShape<D, TILE_Q>;
+  using Sh = PrefillShape<D, TILE_Q, TILE_KV>;
   constexpr int kTileKv = Sh::kTileKv, kMmaQ = Sh::kMmaQ, kMmaKv = Sh::kMmaKv;
   constexpr int kMmaD = Sh::kMmaD, kChunks = Sh::kChunks, kThreads = Sh::kThreads;
   constexpr int kRowBytes = Sh::kRowBytes, kKvBytes = Sh::kKvBytes;
@@ -107,9 +110,15 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
       kv_stop = end < static_cast<long long>(w.kv_start) ? w.kv_start : static_cast<unsigned>(end);
     }
   }
-  // Tiles wholly at or below the first row's diagonal need no causal mask.
-  const long long first_diag = static_cast<long long>(w.qo_tile_start / group) + shift;
   const unsigned num_tiles = (kv_stop - w.kv_start + kTileKv - 1) / kTileKv;
+  // Tiles before this one are interior: whole (not past kv_stop) and wholly at or below the first
+  // row's diagonal, so they need no causal mask or key bound.
+  unsigned first_masked = (kv_stop - w.kv_start) / kTileKv;
+  if (causal) {
+    const long long visible =
+        static_cast<long long>(w.qo_tile_start / group) + shift + 1 - w.kv_start;
+    first_masked = visible < 0 ? 0u : min(first_masked, static_cast<unsigned>(visible / kTileKv));
+  }
 
   // Padding rows of a partial tile repeat the last real row: every hook sees a real position, and
   // their results are never written.
@@ -127,7 +136,9 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   }
   cp_async_commit();
 
-  if (threadIdx.x == 0) cta = PrefillCta{kv, w.kv_start, kv_stop, kv_head, b, qo_len};
+  if (threadIdx.x == 0) {
+    cta = PrefillCta{kv, w.kv_start, kv_stop, kv_head, b, qo_len, static_cast<int>(shift)};
+  }
   // Key offsets: one page lookup per key and tile (not per 16-byte chunk). The block ids of tile
   // t + 2 stream into shared memory with K/V(t + 1) (cp.async, no register waits on them); the
   // offsets of tile t + 2 are computed from them during tile t, and K/V(t + 1) copies are a table
@@ -217,14 +228,6 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   // Query row and head of fragment row (mq, hf), recomputed where needed rather than held in
   // registers across the KV loop (the hook-free kernel needs them only in the epilogue).
   auto row_of = [&](int mq, int hf) { return packed(row0 + mq * 16 + g + 8 * hf); };
-  int row_diag[kMmaQ][2];  // last causally visible key (may be negative)
-  #pragma unroll
-  for (int mq = 0; mq < kMmaQ; ++mq) {
-    #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      row_diag[mq][hf] = static_cast<int>(row_of(mq, hf) / group + shift);
-    }
-  }
 
   float o[kMmaQ][kMmaD][4];
   float m[kMmaQ][2], z[kMmaQ][2];
@@ -321,8 +324,10 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
             float x = fold ? s[mq][nb][e] : s[mq][nb][e] * qk_scale;
             bool keep = true;
             if (boundary) {
+              // The row's last causally visible key (may be negative).
+              const int diag = static_cast<int>(row_of(mq, hf) / group) + cta.shift;
               // Bitwise: predicated selects rather than a branch per element.
-              keep = (j < kv_stop) & (!causal | (static_cast<int>(j) <= row_diag[mq][hf]));
+              keep = (j < cta.kv_stop) & (!causal | (static_cast<int>(j) <= diag));
             }
             const unsigned pr = row_of(mq, hf);
             const unsigned h = kv_head * group + pr % group;
@@ -387,8 +392,7 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
         }
       }
     };
-    const bool boundary =
-        j0 + kTileKv > kv_stop || (causal && static_cast<long long>(j0 + kTileKv - 1) > first_diag);
+    const bool boundary = tile >= first_masked;
     // Only the 128-row tile takes the folded copies: it was measured there (+1-3%), and the
     // smaller tiles' 128-register allocations spill with both.
     if constexpr (!V::kHasLogits && V::kSoftmax && TILE_Q == 128) {

@@ -42,6 +42,7 @@ mod tests {
             head_dim: 128,
             dtype: DType::Bf16,
             cta_tile_q: 16,
+            kv_tile: 0,
         };
         let args = AttnArgs {
             num_items: 528,

@@ -69,16 +69,22 @@ pub struct KernelConfig {
     /// Query rows (packed with the GQA group) per CTA, chosen by the plan: 16, 64 or 128 for
     /// prefill; 0 where the kernel does not tile queries (decode).
     pub cta_tile_q: u32,
+    /// Keys per K/V shared-memory tile of the prefill template, 32 or 64; 0 for the template's
+    /// default (64 at head dim 64, 32 above). See [`wide_kv_tile`].
+    pub kv_tile: u32,
 }
 
 impl KernelConfig {
     /// Kernel name in cache keys and logs, e.g. `prefill_hd128_bf16_q64`.
     pub fn name(&self) -> String {
-        let tile = if self.cta_tile_q > 0 {
+        let mut tile = if self.cta_tile_q > 0 {
             format!("_q{}", self.cta_tile_q)
         } else {
             String::new()
         };
+        if self.kv_tile > 0 {
+            tile += &format!("_k{}", self.kv_tile);
+        }
         format!(
             "{}_hd{}_{}{tile}",
             self.kind.name(),
@@ -98,6 +104,14 @@ pub struct LaunchDims {
     pub grid: [u32; 3],
     pub block: [u32; 3],
     pub shared_bytes: u32,
+}
+
+/// The same instance with a 64-key K/V tile, where the prefill template offers one that pays:
+/// the 128-row tile at head dim 128 (half the per-tile softmax, rescale and barrier cost per key;
+/// +14-16% on an H200), when two CTAs of it still fit an SM's `shared_bytes_per_sm`. Its
+/// registers are tight: callers keep it only if ptxas reports no spills for the variant.
+pub fn wide_kv_tile(cfg: &KernelConfig, shared_bytes_per_sm: u32) -> Option<KernelConfig> {
+    prefill::wide_kv_tile(cfg, shared_bytes_per_sm)
 }
 
 /// The launch geometry the template of `cfg` expects for these arguments.

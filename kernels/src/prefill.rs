@@ -5,7 +5,7 @@
 
 use crate::abi::AttnArgs;
 use crate::tu::Template;
-use crate::{KernelConfig, LaunchDims};
+use crate::{KernelConfig, KernelKind, LaunchDims};
 
 /// Warps of a 64-row query tile; `kPrefillWarps` in prefill.cuh.
 pub(crate) const PREFILL_WARPS: u32 = 4;
@@ -16,8 +16,30 @@ const PREFILL_CTA_BYTES: u32 = 64;
 const STAGES: u32 = 2;
 
 /// Keys per K/V shared-memory tile; `PrefillShape::kTileKv`.
-fn kv_tile(cfg: &KernelConfig) -> u32 {
-    if cfg.head_dim >= 128 { 32 } else { 64 }
+pub(crate) fn kv_tile(cfg: &KernelConfig) -> u32 {
+    match cfg.kv_tile {
+        0 if cfg.head_dim >= 128 => 32,
+        0 => 64,
+        k => k,
+    }
+}
+
+/// See [`crate::wide_kv_tile`].
+pub(crate) fn wide_kv_tile(cfg: &KernelConfig, shared_bytes_per_sm: u32) -> Option<KernelConfig> {
+    if cfg.kind != KernelKind::Prefill
+        || cfg.kv_tile != 0
+        || cfg.head_dim != 128
+        || tile_q(cfg) != 128
+    {
+        return None;
+    }
+    let wide = KernelConfig {
+        kv_tile: 64,
+        ..*cfg
+    };
+    // Two CTAs and the 1 KiB the system reserves for each.
+    let per_cta = launch_dims(&wide, &AttnArgs::default()).shared_bytes + 1024;
+    (2 * per_cta <= shared_bytes_per_sm).then_some(wide)
 }
 
 /// The query tile the kernel is built for: the plan's, or, when the config leaves it open (0),
@@ -45,7 +67,7 @@ pub(crate) fn template(cfg: &KernelConfig) -> Template {
     Template {
         header: "prefill.cuh",
         function: "fi::prefill",
-        extra_args: format!(", {}", tile_q(cfg)),
+        extra_args: format!(", {}, {}", tile_q(cfg), kv_tile(cfg)),
         max_threads: match warps(cfg) {
             1 => "32",
             4 => "128",
@@ -71,7 +93,7 @@ pub(crate) fn launch_dims(cfg: &KernelConfig, args: &AttnArgs) -> LaunchDims {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DType, KernelKind};
+    use crate::DType;
 
     fn cfg(head_dim: u32, cta_tile_q: u32) -> KernelConfig {
         KernelConfig {
@@ -79,6 +101,25 @@ mod tests {
             head_dim,
             dtype: DType::Bf16,
             cta_tile_q,
+            kv_tile: 0,
+        }
+    }
+
+    #[test]
+    fn the_wide_kv_tile_needs_two_ctas_an_sm() {
+        let hopper = 228 * 1024;
+        let wide = wide_kv_tile(&cfg(128, 128), hopper).expect("offered on Hopper");
+        assert_eq!(wide.kv_tile, 64);
+        assert_eq!(
+            launch_dims(&wide, &AttnArgs::default()).shared_bytes,
+            98304 + 1536 + 64
+        );
+        assert_eq!(wide.name(), "prefill_hd128_bf16_q128_k64");
+        assert!(wide_kv_tile(&cfg(128, 0), hopper).is_some()); // 0: the long-prompt tile, 128
+        // An A100 (164 KiB an SM) would hold one CTA of it: not offered.
+        assert!(wide_kv_tile(&cfg(128, 128), 164 * 1024).is_none());
+        for other in [cfg(128, 64), cfg(64, 128), cfg(256, 64), wide] {
+            assert!(wide_kv_tile(&other, hopper).is_none(), "{other:?}");
         }
     }
 
@@ -105,7 +146,8 @@ mod tests {
             for tile in [0, 16, 64, 128] {
                 let t = template(&cfg(hd, tile));
                 assert_eq!(t.max_threads, (warps(&cfg(hd, tile)) * WARP).to_string());
-                assert_eq!(t.extra_args, format!(", {}", tile_q(&cfg(hd, tile))));
+                let c = cfg(hd, tile);
+                assert_eq!(t.extra_args, format!(", {}, {}", tile_q(&c), kv_tile(&c)));
                 // Within the opt-in shared memory of an sm_80 SM (163 KiB).
                 assert!(
                     launch_dims(&cfg(hd, tile), &AttnArgs::default()).shared_bytes <= 163 * 1024

@@ -94,6 +94,17 @@ pub(crate) fn assemble(
             variant.name
         ));
     }
+    let kv_tiles: &[u32] = match cfg.kind {
+        KernelKind::Prefill => &[0, 32, 64],
+        KernelKind::Decode => &[0],
+    };
+    if !kv_tiles.contains(&cfg.kv_tile) {
+        return Err(format!(
+            "no {} kernel with a K/V tile of {} keys (possible: {kv_tiles:?})",
+            cfg.kind.name(),
+            cfg.kv_tile
+        ));
+    }
     let t = template(cfg);
     let kernel = cfg.name();
     let entry = format!("ferrinfer_{kernel}");
@@ -247,6 +258,7 @@ mod tests {
                         head_dim,
                         dtype,
                         cta_tile_q: 0,
+                        kv_tile: 0,
                     });
                 }
             }
@@ -316,6 +328,7 @@ mod tests {
             head_dim: 256,
             dtype: DType::Bf16,
             cta_tile_q: 0,
+            kv_tile: 0,
         };
         let tu = translation_unit(&cfg, &variant()).unwrap();
         assert!(
@@ -336,6 +349,7 @@ mod tests {
             head_dim: 96,
             dtype: DType::F16,
             cta_tile_q: 0,
+            kv_tile: 0,
         };
         assert!(
             translation_unit(&cfg, &variant())
@@ -385,6 +399,7 @@ mod tests {
             head_dim: 64,
             dtype: DType::F16,
             cta_tile_q: 0,
+            kv_tile: 0,
         };
         let dir = header_dir("override");
         let same = assemble(&Sources::Dir(dir.clone()), &cfg, &variant()).unwrap();
@@ -411,6 +426,7 @@ mod tests {
             head_dim: 64,
             dtype: DType::F16,
             cta_tile_q: 0,
+            kv_tile: 0,
         };
         let dir = header_dir("includes");
         let warp = Sources::BuiltIn.header("warp.cuh").unwrap();
@@ -452,6 +468,7 @@ mod tests {
                     head_dim,
                     dtype: DType::Bf16,
                     cta_tile_q: if kind == KernelKind::Prefill { 64 } else { 0 },
+                    kv_tile: 0,
                 };
                 assert!(cfg.uses_work_list(), "{}", cfg.name());
                 let args = AttnArgs {

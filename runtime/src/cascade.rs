@@ -505,7 +505,9 @@ fn launch<T: Element>(gpu: &Gpu, args: MergeStatesArgs) -> Result<()> {
         dtype.name(),
         arch.sm_name()
     );
-    let kernel = gpu.kernel(&key, None, || compile(Jit::global(), dtype, vec, arch))?;
+    let kernel = gpu.kernel(&key, || {
+        Ok((compile(Jit::global(), dtype, vec, arch)?, None))
+    })?;
     let cfg = LaunchConfig {
         grid_dim: (dims.grid[0], dims.grid[1], dims.grid[2]),
         block_dim: (dims.block[0], dims.block[1], dims.block[2]),

@@ -65,14 +65,21 @@ pub fn compile_with(
     jit.compile(&tu, arch)
 }
 
-/// The loaded kernel (and its merge pass, for work-list kernels) for this variant and config.
+/// The loaded kernel (and its merge pass, for work-list kernels) for this variant and config:
+/// the config's wide-K/V-tile instance ([`ferrinfer_kernels::wide_kv_tile`]) when the device
+/// offers one and the variant's instance of it does not spill, else the config's own.
 pub(crate) fn kernel(gpu: &Gpu, spec: &VariantSpec, cfg: &KernelConfig) -> Result<Kernel> {
     let arch = gpu.arch();
     check_supported(cfg, arch)?;
-    let merge = cfg
-        .uses_work_list()
-        .then(|| format!("ferrinfer_{}_merge", cfg.name()));
-    gpu.kernel(&key(spec, cfg, arch), merge.as_deref(), || {
-        compile(spec, cfg, arch)
+    let wide = ferrinfer_kernels::wide_kv_tile(cfg, gpu.sm_resources().shared_bytes);
+    // Keyed by what was asked for: the spill test runs once per process.
+    gpu.kernel(&key(spec, cfg, arch), || {
+        if let Some(w) = wide {
+            let k = compile(spec, &w, arch)?;
+            if k.stats.spill_stores == 0 && k.stats.spill_loads == 0 {
+                return Ok((k, Some(w)));
+            }
+        }
+        Ok((compile(spec, cfg, arch)?, Some(*cfg)))
     })
 }

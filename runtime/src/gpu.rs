@@ -8,8 +8,8 @@ use cudarc::driver::{
     LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
-use ferrinfer_kernels::LaunchDims;
 use ferrinfer_kernels::abi::AttnArgs;
+use ferrinfer_kernels::{KernelConfig, LaunchDims};
 
 use crate::error::{Error, Result};
 use crate::jit::{Arch, CompiledKernel};
@@ -62,6 +62,9 @@ impl SmResources {
 pub(crate) struct Kernel {
     pub main: CudaFunction,
     pub merge: Option<CudaFunction>,
+    /// The attention-template instance these come from (its launch geometry follows it); none
+    /// for other kernels (cascade).
+    pub cfg: Option<KernelConfig>,
 }
 
 /// Largest `struct Params` a variant may have, in bytes (kernel parameters are limited to 4 KiB).
@@ -176,19 +179,21 @@ impl Gpu {
         ptr
     }
 
-    /// The loaded kernel for `key`, loading `compile()`'s CUBIN on first use; `merge` names the
-    /// unit's merge entry when it has one.
+    /// The loaded kernel for `key`, loading the CUBIN `compile()` returns on first use; for an
+    /// attention-template instance (the config it returns), with the unit's merge entry if any.
     pub(crate) fn kernel(
         &self,
         key: &str,
-        merge: Option<&str>,
-        compile: impl FnOnce() -> Result<Arc<CompiledKernel>>,
+        compile: impl FnOnce() -> Result<(Arc<CompiledKernel>, Option<KernelConfig>)>,
     ) -> Result<Kernel> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = loaded.get(key) {
             return Ok(k.clone());
         }
-        let compiled = compile()?;
+        let (compiled, cfg) = compile()?;
+        let merge = cfg
+            .filter(KernelConfig::uses_work_list)
+            .map(|c| format!("ferrinfer_{}_merge", c.name()));
         let module = self
             .ctx
             .load_module(Ptx::from_binary(compiled.cubin.clone()))
@@ -208,7 +213,8 @@ impl Gpu {
         };
         let kernel = Kernel {
             main: function(&compiled.entry)?,
-            merge: merge.map(function).transpose()?,
+            merge: merge.as_deref().map(function).transpose()?,
+            cfg,
         };
         loaded.insert(key.to_string(), kernel.clone());
         Ok(kernel)

@@ -24,7 +24,7 @@ pub use batch::{Batch, Heads, KvIndex, KvLayout, indptr};
 pub use cascade::{State, StateMut, StateShape, merge_state, merge_state_in_place, merge_states};
 pub use dtype::Element;
 pub use error::{Error, Result};
-pub use ferrinfer_kernels::{DType, HEAD_DIMS, KernelConfig, KernelKind};
+pub use ferrinfer_kernels::{DType, HEAD_DIMS, KernelConfig, KernelKind, wide_kv_tile};
 pub use params::{Array, AttentionParams};
 pub use variant::{Hooks, Pos, Variant, VariantSpec};
 pub use wrappers::{BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, PlanConfig};

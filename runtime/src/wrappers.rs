@@ -405,6 +405,7 @@ impl Planned {
                 KernelKind::Prefill => cta_tile_q,
                 KernelKind::Decode => 0,
             },
+            kv_tile: 0,
         }
     }
 
@@ -488,6 +489,7 @@ impl Planned {
             ..self.config_for(b, work.cta_tile_q)
         };
         let kernel = dispatch::kernel(gpu, V::SPEC, &cfg)?;
+        let cfg = kernel.cfg.unwrap_or(cfg);
         if graph && kernel.merge.is_none() {
             return Err(Error::unsupported(format!(
                 "CUDA-graph mode needs a work-list kernel; {} makes its own grid",
