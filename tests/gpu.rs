@@ -188,6 +188,31 @@ fn sweep<V: Variant>(variant: &V) {
     }
 }
 
+/// Long prompts at head dim 128 take the 128-row tile and, for variants that compile without
+/// spills, its 64-key K/V tile (Alibi spills there and keeps 32 keys): both, with causal diagonals
+/// inside and across tiles, over ragged and paged KV. Small enough for compute-sanitizer.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_long_prompt_tiles() {
+    let gpu = gpu();
+    for page_size in [None, Some(16)] {
+        for causal in [true, false] {
+            let case = Case {
+                heads: Heads::new(8, 2, 128).unwrap(),
+                qo_lens: vec![300, 129, 64],
+                kv_lens: vec![700, 129, 1000],
+                page_size,
+                layout: KvLayout::Nhd,
+                causal,
+                decode: false,
+            };
+            check::<Standard, bf16>(&gpu, &Standard, &case);
+            check::<SoftCap, f16>(&gpu, &SoftCap { cap: 5.0 }, &case);
+            check::<Alibi, bf16>(&gpu, &Alibi::new(8), &case);
+        }
+    }
+}
+
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gpu_standard() {

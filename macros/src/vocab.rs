@@ -148,6 +148,12 @@ pub const METHODS: &[Method] = &[
         cuda: "tanhf",
         args: 0,
     },
+    // ferrinfer::FastMath: the hardware tanh on the GPU, the exact one on the CPU.
+    Method {
+        rust: "tanh_approx",
+        cuda: "fi::tanh_approx",
+        args: 0,
+    },
     Method {
         rust: "sqrt",
         cuda: "sqrtf",

@@ -9,6 +9,7 @@ pub mod cascade;
 pub mod dispatch;
 pub mod dtype;
 pub mod error;
+pub mod fast_math;
 pub mod gpu;
 pub mod hash;
 pub mod jit;
@@ -16,6 +17,7 @@ pub mod params;
 pub mod plan;
 pub mod reference;
 pub mod rng;
+pub mod single;
 pub mod variant;
 pub mod wrappers;
 
@@ -24,6 +26,7 @@ pub use batch::{Batch, Heads, KvIndex, KvLayout, indptr};
 pub use cascade::{State, StateMut, StateShape, merge_state, merge_state_in_place, merge_states};
 pub use dtype::Element;
 pub use error::{Error, Result};
+pub use fast_math::FastMath;
 pub use ferrinfer_kernels::{DType, HEAD_DIMS, KernelConfig, KernelKind, wide_kv_tile};
 pub use params::{Array, AttentionParams};
 pub use variant::{Hooks, Pos, Variant, VariantSpec};
@@ -33,7 +36,9 @@ pub use wrappers::{BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, PlanC
 pub mod prelude {
     pub use crate::backend::{Backend, Buffer};
     pub use crate::batch::{Batch, Heads, KvIndex, KvLayout};
+    pub use crate::fast_math::FastMath;
     pub use crate::params::Array;
+    pub use crate::single::Single;
     pub use crate::variant::Pos;
     pub use crate::wrappers::{BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, PlanConfig};
     pub use half::{bf16, f16};

@@ -18,11 +18,12 @@ pub struct SoftCap {
 
 #[attention_variant]
 impl SoftCap {
-    /// `cap * tanh(s / cap)`, dividing by multiplying with `1 / cap`: the reciprocal depends only
-    /// on the parameters, so the GPU computes it once per kernel instead of one IEEE division
-    /// per score.
+    /// `cap * tanh(s / cap)`, with the hardware tanh ([`FastMath::tanh_approx`], relative
+    /// error 5e-4, as FlashAttention and FlashInfer cap logits), and dividing by multiplying with
+    /// `1 / cap`: the reciprocal depends only on the parameters, so the GPU computes it once per
+    /// kernel instead of one IEEE division per score.
     pub fn logits(&self, s: f32, at: Pos) -> f32 {
         let _ = at;
-        self.cap * (s * (1.0 / self.cap)).tanh()
+        self.cap * (s * (1.0 / self.cap)).tanh_approx()
     }
 }

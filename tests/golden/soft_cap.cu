@@ -8,6 +8,6 @@ struct Variant {
   static constexpr bool kHasOutput = false;
   static constexpr bool kHasSink = false;
   __device__ __forceinline__ static float logits(const Params& self, float s, const fi::Pos& at) {
-    return self.cap * tanhf(s * (1.0f / self.cap));
+    return self.cap * fi::tanh_approx(s * (1.0f / self.cap));
   }
 };
