@@ -7,7 +7,7 @@
 //! With CUBIN_DIR, each CUBIN is also written there (`cuobjdump -sass` reads them).
 
 use ferrinfer::jit::{Arch, Jit, JitConfig};
-use ferrinfer::{DType, HEAD_DIMS, KernelConfig, KernelKind, VariantSpec, dispatch, wide_kv_tile};
+use ferrinfer::{KernelConfig, VariantSpec, dispatch};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -26,29 +26,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     println!("variant        kernel                   regs  spill st  spill ld  compile");
     for spec in ferrinfer::variants() {
-        for kind in KernelKind::ALL {
-            let tiles: &[u32] = match kind {
-                KernelKind::Prefill => &[16, 64, 128],
-                KernelKind::Decode => &[0],
-            };
-            for &head_dim in &HEAD_DIMS {
-                for dtype in DType::ALL {
-                    for &cta_tile_q in tiles {
-                        let cfg = KernelConfig {
-                            kind,
-                            head_dim,
-                            dtype,
-                            cta_tile_q,
-                            kv_tile: 0,
-                        };
-                        // The wide K/V tile too, where Hopper's SM would take it.
-                        let wide = wide_kv_tile(&cfg, 228 * 1024);
-                        for cfg in std::iter::once(cfg).chain(wide) {
-                            report(&jit, spec, &cfg, arch, &filter, cubin_dir.as_deref())?;
-                        }
-                    }
-                }
-            }
+        // With the wide K/V tiles a Hopper SM is offered.
+        for cfg in dispatch::instances(228 * 1024) {
+            report(&jit, spec, &cfg, arch, &filter, cubin_dir.as_deref())?;
         }
     }
     Ok(())

@@ -7,43 +7,26 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use ferrinfer::jit::{Arch, Jit};
-use ferrinfer::{Backend, DType, HEAD_DIMS, KernelConfig, KernelKind, dispatch, wide_kv_tile};
+use ferrinfer::{Backend, dispatch};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let arch = match std::env::args().nth(1).as_deref() {
-        Some("sm_80") => Arch::new(8, 0),
-        Some("sm_90a") => Arch::new(9, 0),
+    // This GPU's arch and SMs (which decide the wide-K/V-tile instances the runtime will try),
+    // or a named arch and its typical SM.
+    let (arch, smem) = match std::env::args().nth(1).as_deref() {
+        Some("sm_80") => (Arch::new(8, 0), None),
+        Some("sm_90a") => (Arch::new(9, 0), None),
         Some(other) => return Err(format!("unknown arch {other} (sm_80 or sm_90a)").into()),
-        None => Backend::cuda(0)?.gpu().expect("a CUDA backend").arch(),
+        None => {
+            let backend = Backend::cuda(0)?;
+            let gpu = backend.gpu().expect("a CUDA backend");
+            (gpu.arch(), Some(gpu.sm_resources().shared_bytes))
+        }
     };
+    let smem = smem.unwrap_or_else(|| dispatch::typical_shared_bytes_per_sm(arch));
     let mut jobs = Vec::new();
     for spec in ferrinfer::variants() {
-        for kind in KernelKind::ALL {
-            let tiles: &[u32] = match kind {
-                KernelKind::Prefill => &[16, 64, 128],
-                KernelKind::Decode => &[0],
-            };
-            for &head_dim in &HEAD_DIMS {
-                for dtype in DType::ALL {
-                    for &cta_tile_q in tiles {
-                        let cfg = KernelConfig {
-                            kind,
-                            head_dim,
-                            dtype,
-                            cta_tile_q,
-                            kv_tile: 0,
-                        };
-                        jobs.push((spec, cfg));
-                        // The runtime tries the wide K/V tile first where an SM holds two of it
-                        // (Hopper's 228 KiB), and keeps it unless it spills: cache both.
-                        if let Some(wide) =
-                            wide_kv_tile(&cfg, 228 * 1024).filter(|_| arch.major >= 9)
-                        {
-                            jobs.push((spec, wide));
-                        }
-                    }
-                }
-            }
+        for cfg in dispatch::instances(smem) {
+            jobs.push((spec, cfg));
         }
     }
     let started = Instant::now();

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use ferrinfer_kernels::{HEAD_DIMS, KernelConfig, VariantSource};
+use ferrinfer_kernels::{DType, HEAD_DIMS, KernelConfig, KernelKind, VariantSource};
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Kernel};
@@ -26,6 +26,46 @@ pub fn check_supported(cfg: &KernelConfig, arch: Arch) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Every kernel instance (short of the variant) the runtime may load on a device whose SMs have
+/// `shared_bytes_per_sm`: each kind, query tile (prefill 16, 64, 128; decode none), head dim and
+/// dtype, plus the wide-K/V-tile instances that device is offered ([`kernel`] tries them first).
+/// For filling caches ahead of time and for checking every instance compiles.
+pub fn instances(shared_bytes_per_sm: u32) -> Vec<KernelConfig> {
+    let mut out = Vec::new();
+    for kind in KernelKind::ALL {
+        let tiles: &[u32] = match kind {
+            KernelKind::Prefill => &[16, 64, 128],
+            KernelKind::Decode => &[0],
+        };
+        for head_dim in HEAD_DIMS {
+            for dtype in DType::ALL {
+                for &cta_tile_q in tiles {
+                    let cfg = KernelConfig {
+                        kind,
+                        head_dim,
+                        dtype,
+                        cta_tile_q,
+                        kv_tile: 0,
+                    };
+                    out.push(cfg);
+                    out.extend(ferrinfer_kernels::wide_kv_tile(&cfg, shared_bytes_per_sm));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Shared memory of one SM of `arch`, for [`instances`] without a GPU at hand: Hopper's 228 KiB,
+/// else the A100's 164 KiB (the most of the other sm_80+ parts).
+pub fn typical_shared_bytes_per_sm(arch: Arch) -> u32 {
+    if arch.major >= 9 {
+        228 * 1024
+    } else {
+        164 * 1024
+    }
 }
 
 /// The dispatch key of an instance: variant (name and hash of its lowered CUDA), kernel, arch.
@@ -82,4 +122,29 @@ pub(crate) fn kernel(gpu: &Gpu, spec: &VariantSpec, cfg: &KernelConfig) -> Resul
         }
         Ok((compile(spec, cfg, arch)?, Some(*cfg)))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instances_cover_every_tile_and_the_wide_ones_where_offered() {
+        let hopper = instances(typical_shared_bytes_per_sm(Arch::new(9, 0)));
+        let a100 = instances(typical_shared_bytes_per_sm(Arch::new(8, 0)));
+        // Prefill 3 tiles x 3 head dims x 2 dtypes, decode 3 x 2, and on Hopper the 64-key
+        // instances of the 128-row tile at head dim 128 (both dtypes).
+        assert_eq!(a100.len(), 18 + 6);
+        assert_eq!(hopper.len(), 18 + 6 + 2);
+        assert!(
+            hopper
+                .iter()
+                .filter(|c| c.kv_tile == 64)
+                .all(|c| c.head_dim == 128)
+        );
+        let mut names: Vec<String> = hopper.iter().map(|c| c.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), hopper.len(), "every instance has its own name");
+    }
 }
