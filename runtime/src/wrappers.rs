@@ -137,7 +137,9 @@ impl BatchPrefill {
     }
 }
 
-/// Batch decode: one query row per request, over a paged (or ragged) KV cache.
+/// Batch decode: one query row per request, over a paged (or ragged) KV cache. From 4 query heads
+/// per KV head it runs on tensor cores (see [`DecodeKernel`]; [`PlanConfig::decode_kernel`]
+/// chooses otherwise).
 pub struct BatchDecode {
     planned: Planned,
 }
@@ -152,7 +154,7 @@ impl BatchDecode {
     ) -> Result<Self> {
         Self::plan_with(backend, heads, kv, sm_scale, PlanConfig::default())
     }
-    /// [`BatchDecode::plan`] with a fixed KV split or CUDA-graph buffers.
+    /// [`BatchDecode::plan`] with a fixed KV split, CUDA-graph buffers or a chosen kernel.
     pub fn plan_with(
         backend: &Backend,
         heads: Heads,
