@@ -30,7 +30,7 @@ pub fn check_supported(cfg: &KernelConfig, arch: Arch) -> Result<()> {
 
 /// Every kernel instance (short of the variant) the runtime may load on a device whose SMs have
 /// `shared_bytes_per_sm`: each kind, query tile (prefill 16, 64, 128; decode none), head dim and
-/// dtype, plus the wide-K/V-tile instances that device is offered ([`kernel`] tries them first).
+/// dtype, plus the wide-K/V-tile instances that device is offered (the runtime tries them first).
 /// For filling caches ahead of time and for checking every instance compiles.
 pub fn instances(shared_bytes_per_sm: u32) -> Vec<KernelConfig> {
     let mut out = Vec::new();
