@@ -102,7 +102,7 @@ fn assemble(sources: &Sources, dtype: DType, vec: u32) -> Result<TranslationUnit
     })
 }
 
-/// One warp per (row, head), `WARPS` (8) per block; `None` when the grid would exceed CUDA's
+/// One warp per (row, head), four warps per block; `None` when the grid would exceed CUDA's
 /// limit of 2^31 - 1 blocks. An empty merge still gets one block (whose warps return at once).
 pub fn merge_states_launch_dims(args: &MergeStatesArgs) -> Option<LaunchDims> {
     let pairs = u64::from(args.rows) * u64::from(args.num_heads);
