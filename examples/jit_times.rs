@@ -8,9 +8,10 @@
 
 use std::time::Instant;
 
+use ferrinfer::gpu::SmResources;
 use ferrinfer::jit::{Arch, Jit, JitConfig};
 use ferrinfer::variants::Standard;
-use ferrinfer::{DType, KernelConfig, KernelKind, Variant, dispatch, wide_kv_tile};
+use ferrinfer::{DType, KernelConfig, KernelKind, Variant, dispatch};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let arch = match std::env::args().nth(1).as_deref() {
@@ -38,8 +39,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         kv_tile: 0,
     };
     let prefill = base(KernelKind::Prefill);
-    // The 64-key instance is the one the runtime tries first on a Hopper-sized SM.
-    let wide = wide_kv_tile(&prefill, 228 * 1024).into_iter();
+    // The 64-key instance, which the runtime tries first where two of it fit an SM (Hopper).
+    let wide = dispatch::wide_instance(&prefill, &SmResources::typical(arch)).into_iter();
     for cfg in std::iter::once(prefill)
         .chain(wide)
         .chain([base(KernelKind::Decode)])

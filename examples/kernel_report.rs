@@ -6,6 +6,7 @@
 //!
 //! With CUBIN_DIR, each CUBIN is also written there (`cuobjdump -sass` reads them).
 
+use ferrinfer::gpu::SmResources;
 use ferrinfer::jit::{Arch, Jit, JitConfig};
 use ferrinfer::{KernelConfig, VariantSpec, dispatch};
 
@@ -26,8 +27,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     println!("variant        kernel                   regs  spill st  spill ld  compile");
     for spec in ferrinfer::variants() {
-        // With the wide K/V tiles a Hopper SM is offered.
-        for cfg in dispatch::instances(228 * 1024) {
+        // With the wide K/V tiles a typical SM of the arch runs.
+        for cfg in dispatch::instances(&SmResources::typical(arch)) {
             report(&jit, spec, &cfg, arch, &filter, cubin_dir.as_deref())?;
         }
     }

@@ -6,26 +6,27 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
+use ferrinfer::gpu::SmResources;
 use ferrinfer::jit::{Arch, Jit};
 use ferrinfer::{Backend, dispatch};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // This GPU's arch and SMs (which decide the wide-K/V-tile instances the runtime will try),
     // or a named arch and its typical SM.
-    let (arch, smem) = match std::env::args().nth(1).as_deref() {
+    let (arch, sm) = match std::env::args().nth(1).as_deref() {
         Some("sm_80") => (Arch::new(8, 0), None),
         Some("sm_90a") => (Arch::new(9, 0), None),
         Some(other) => return Err(format!("unknown arch {other} (sm_80 or sm_90a)").into()),
         None => {
             let backend = Backend::cuda(0)?;
             let gpu = backend.gpu().expect("a CUDA backend");
-            (gpu.arch(), Some(gpu.sm_resources().shared_bytes))
+            (gpu.arch(), Some(gpu.sm_resources()))
         }
     };
-    let smem = smem.unwrap_or_else(|| dispatch::typical_shared_bytes_per_sm(arch));
+    let sm = sm.unwrap_or_else(|| SmResources::typical(arch));
     let mut jobs = Vec::new();
     for spec in ferrinfer::variants() {
-        for cfg in dispatch::instances(smem) {
+        for cfg in dispatch::instances(&sm) {
             jobs.push((spec, cfg));
         }
     }

@@ -106,12 +106,12 @@ pub struct LaunchDims {
     pub shared_bytes: u32,
 }
 
-/// The same instance with a 64-key K/V tile, where the prefill template offers one that pays:
-/// the 128-row tile at head dim 128 (half the per-tile softmax, rescale and barrier cost per key;
-/// +14-16% on an H200), when two CTAs of it still fit an SM's `shared_bytes_per_sm`. Its
-/// registers are tight: callers keep it only if ptxas reports no spills for the variant.
-pub fn wide_kv_tile(cfg: &KernelConfig, shared_bytes_per_sm: u32) -> Option<KernelConfig> {
-    prefill::wide_kv_tile(cfg, shared_bytes_per_sm)
+/// The same instance with a 64-key K/V tile, where the prefill template offers one: the 128-row
+/// tile at head dim 128 (half the per-tile softmax, rescale and barrier cost per key; +14-16% on
+/// an H200). It pays only where two CTAs of it fit an SM, and its registers are tight: the
+/// runtime checks the first against the device and keeps it only if ptxas reports no spills.
+pub fn wide_kv_tile(cfg: &KernelConfig) -> Option<KernelConfig> {
+    prefill::wide_kv_tile(cfg)
 }
 
 /// The launch geometry the template of `cfg` expects for these arguments.

@@ -25,21 +25,15 @@ pub(crate) fn kv_tile(cfg: &KernelConfig) -> u32 {
 }
 
 /// See [`crate::wide_kv_tile`].
-pub(crate) fn wide_kv_tile(cfg: &KernelConfig, shared_bytes_per_sm: u32) -> Option<KernelConfig> {
-    if cfg.kind != KernelKind::Prefill
-        || cfg.kv_tile != 0
-        || cfg.head_dim != 128
-        || tile_q(cfg) != 128
-    {
-        return None;
-    }
-    let wide = KernelConfig {
+pub(crate) fn wide_kv_tile(cfg: &KernelConfig) -> Option<KernelConfig> {
+    let offered = cfg.kind == KernelKind::Prefill
+        && cfg.kv_tile == 0
+        && cfg.head_dim == 128
+        && tile_q(cfg) == 128;
+    offered.then_some(KernelConfig {
         kv_tile: 64,
         ..*cfg
-    };
-    // Two CTAs and the 1 KiB the system reserves for each.
-    let per_cta = launch_dims(&wide, &AttnArgs::default()).shared_bytes + 1024;
-    (2 * per_cta <= shared_bytes_per_sm).then_some(wide)
+    })
 }
 
 /// The query tile the kernel is built for: the plan's, or, when the config leaves it open (0),
@@ -106,20 +100,17 @@ mod tests {
     }
 
     #[test]
-    fn the_wide_kv_tile_needs_two_ctas_an_sm() {
-        let hopper = 228 * 1024;
-        let wide = wide_kv_tile(&cfg(128, 128), hopper).expect("offered on Hopper");
+    fn the_wide_kv_tile_is_offered_at_the_long_prompt_tile_of_head_dim_128() {
+        let wide = wide_kv_tile(&cfg(128, 128)).expect("offered");
         assert_eq!(wide.kv_tile, 64);
         assert_eq!(
             launch_dims(&wide, &AttnArgs::default()).shared_bytes,
             98304 + 1536 + 64
         );
         assert_eq!(wide.name(), "prefill_hd128_bf16_q128_k64");
-        assert!(wide_kv_tile(&cfg(128, 0), hopper).is_some()); // 0: the long-prompt tile, 128
-        // An A100 (164 KiB an SM) would hold one CTA of it: not offered.
-        assert!(wide_kv_tile(&cfg(128, 128), 164 * 1024).is_none());
+        assert!(wide_kv_tile(&cfg(128, 0)).is_some()); // 0: the long-prompt tile, 128
         for other in [cfg(128, 64), cfg(64, 128), cfg(256, 64), wide] {
-            assert!(wide_kv_tile(&other, hopper).is_none(), "{other:?}");
+            assert!(wide_kv_tile(&other).is_none(), "{other:?}");
         }
     }
 

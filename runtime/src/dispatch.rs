@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
+use ferrinfer_kernels::abi::AttnArgs;
 use ferrinfer_kernels::{DType, HEAD_DIMS, KernelConfig, KernelKind, VariantSource};
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Kernel};
+use crate::gpu::{Gpu, Kernel, SmResources};
 use crate::jit::{Arch, CompiledKernel, Jit};
 use crate::params::cuda_struct;
 use crate::variant::VariantSpec;
@@ -28,11 +29,11 @@ pub fn check_supported(cfg: &KernelConfig, arch: Arch) -> Result<()> {
     Ok(())
 }
 
-/// Every kernel instance (short of the variant) the runtime may load on a device whose SMs have
-/// `shared_bytes_per_sm`: each kind, query tile (prefill 16, 64, 128; decode none), head dim and
-/// dtype, plus the wide-K/V-tile instances that device is offered (the runtime tries them first).
-/// For filling caches ahead of time and for checking every instance compiles.
-pub fn instances(shared_bytes_per_sm: u32) -> Vec<KernelConfig> {
+/// Every kernel instance (short of the variant) the runtime may load on a device with SMs like
+/// `sm`: each kind, query tile (prefill 16, 64, 128; decode none), head dim and dtype, plus the
+/// wide-K/V-tile instances that device runs ([`wide_instance`]). For filling caches ahead of time
+/// and for checking every instance compiles.
+pub fn instances(sm: &SmResources) -> Vec<KernelConfig> {
     let mut out = Vec::new();
     for kind in KernelKind::ALL {
         let tiles: &[u32] = match kind {
@@ -50,7 +51,7 @@ pub fn instances(shared_bytes_per_sm: u32) -> Vec<KernelConfig> {
                         kv_tile: 0,
                     };
                     out.push(cfg);
-                    out.extend(ferrinfer_kernels::wide_kv_tile(&cfg, shared_bytes_per_sm));
+                    out.extend(wide_instance(&cfg, sm));
                 }
             }
         }
@@ -58,14 +59,13 @@ pub fn instances(shared_bytes_per_sm: u32) -> Vec<KernelConfig> {
     out
 }
 
-/// Shared memory of one SM of `arch`, for [`instances`] without a GPU at hand: Hopper's 228 KiB,
-/// else the A100's 164 KiB (the most of the other sm_80+ parts).
-pub fn typical_shared_bytes_per_sm(arch: Arch) -> u32 {
-    if arch.major >= 9 {
-        228 * 1024
-    } else {
-        164 * 1024
-    }
+/// The wide-K/V-tile instance of `cfg` ([`ferrinfer_kernels::wide_kv_tile`]) that the runtime
+/// tries first on SMs like `sm`: where the template offers one and two CTAs of it are resident
+/// (with the most registers a variant may take; one CTA alone would hide no latency).
+pub fn wide_instance(cfg: &KernelConfig, sm: &SmResources) -> Option<KernelConfig> {
+    let wide = ferrinfer_kernels::wide_kv_tile(cfg)?;
+    let dims = ferrinfer_kernels::launch_dims(&wide, &AttnArgs::default());
+    (sm.resident_ctas(dims.block[0], dims.shared_bytes, 255) >= 2).then_some(wide)
 }
 
 /// The dispatch key of an instance: variant (name and hash of its lowered CUDA), kernel, arch.
@@ -106,12 +106,12 @@ pub fn compile_with(
 }
 
 /// The loaded kernel (and its merge pass, for work-list kernels) for this variant and config:
-/// the config's wide-K/V-tile instance ([`ferrinfer_kernels::wide_kv_tile`]) when the device
-/// offers one and the variant's instance of it does not spill, else the config's own.
+/// the config's wide-K/V-tile instance ([`wide_instance`]) when the device runs one and the
+/// variant's instance of it does not spill, else the config's own.
 pub(crate) fn kernel(gpu: &Gpu, spec: &VariantSpec, cfg: &KernelConfig) -> Result<Kernel> {
     let arch = gpu.arch();
     check_supported(cfg, arch)?;
-    let wide = ferrinfer_kernels::wide_kv_tile(cfg, gpu.sm_resources().shared_bytes);
+    let wide = wide_instance(cfg, &gpu.sm_resources());
     // Keyed by what was asked for: the spill test runs once per process.
     gpu.kernel(&key(spec, cfg, arch), || {
         if let Some(w) = wide {
@@ -130,8 +130,8 @@ mod tests {
 
     #[test]
     fn instances_cover_every_tile_and_the_wide_ones_where_offered() {
-        let hopper = instances(typical_shared_bytes_per_sm(Arch::new(9, 0)));
-        let a100 = instances(typical_shared_bytes_per_sm(Arch::new(8, 0)));
+        let hopper = instances(&SmResources::typical(Arch::new(9, 0)));
+        let a100 = instances(&SmResources::typical(Arch::new(8, 0)));
         // Prefill 3 tiles x 3 head dims x 2 dtypes, decode 3 x 2, and on Hopper the 64-key
         // instances of the 128-row tile at head dim 128 (both dtypes).
         assert_eq!(a100.len(), 18 + 6);
@@ -146,5 +146,17 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), hopper.len(), "every instance has its own name");
+        // Two CTAs of the 64-key instance (99.9 KB of shared memory each) fit a Hopper SM; an
+        // A100 (164 KiB an SM) would hold one, so it keeps 32 keys.
+        let cfg = KernelConfig {
+            kind: KernelKind::Prefill,
+            head_dim: 128,
+            dtype: DType::Bf16,
+            cta_tile_q: 128,
+            kv_tile: 0,
+        };
+        let on = |arch| wide_instance(&cfg, &SmResources::typical(arch));
+        assert_eq!(on(Arch::new(9, 0)).map(|w| w.kv_tile), Some(64));
+        assert_eq!(on(Arch::new(8, 0)), None);
     }
 }

@@ -47,6 +47,20 @@ pub struct SmResources {
 }
 
 impl SmResources {
+    /// A typical SM of `arch`, for planning without a GPU at hand (filling caches, compiling
+    /// every instance): Hopper's 228 KiB of shared memory, else the A100's 164 KiB (the most of
+    /// the other sm_80+ parts); 1 KiB reserved per CTA and 64 Ki registers on all of them.
+    pub fn typical(arch: Arch) -> Self {
+        SmResources {
+            shared_bytes: if arch.major >= 9 {
+                228 * 1024
+            } else {
+                164 * 1024
+            },
+            reserved_shared_per_cta: 1024,
+            registers: 65_536,
+        }
+    }
     /// CTAs of `threads` threads using `shared_bytes` of dynamic shared memory that fit on one SM
     /// when every thread holds `registers_per_thread` registers (at least 1).
     pub fn resident_ctas(&self, threads: u32, shared_bytes: u32, registers_per_thread: u32) -> u32 {
