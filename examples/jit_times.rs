@@ -8,10 +8,11 @@
 
 use std::time::Instant;
 
-use ferrinfer::gpu::SmResources;
+use ferrinfer::attention::dispatch;
+use ferrinfer::device::gpu::SmResources;
 use ferrinfer::jit::{Arch, Jit, JitConfig};
 use ferrinfer::variants::Standard;
-use ferrinfer::{DType, KernelConfig, KernelKind, Variant, dispatch};
+use ferrinfer::{DType, KernelConfig, KernelKind, Variant};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let arch = match std::env::args().nth(1).as_deref() {

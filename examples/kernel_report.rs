@@ -6,9 +6,10 @@
 //!
 //! With CUBIN_DIR, each CUBIN is also written there (`cuobjdump -sass` reads them).
 
-use ferrinfer::gpu::SmResources;
+use ferrinfer::attention::dispatch;
+use ferrinfer::device::gpu::SmResources;
 use ferrinfer::jit::{Arch, Jit, JitConfig};
-use ferrinfer::{KernelConfig, VariantSpec, dispatch};
+use ferrinfer::{KernelConfig, VariantSpec};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);

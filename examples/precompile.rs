@@ -6,9 +6,10 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
-use ferrinfer::gpu::SmResources;
+use ferrinfer::Backend;
+use ferrinfer::attention::dispatch;
+use ferrinfer::device::gpu::SmResources;
 use ferrinfer::jit::{Arch, Jit};
-use ferrinfer::{Backend, dispatch};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // This GPU's arch and SMs (which decide the wide-K/V-tile instances the runtime will try),

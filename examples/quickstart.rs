@@ -3,9 +3,9 @@
 //!
 //!     cargo run --release --example quickstart
 
+use ferrinfer::attention::reference::{self, rel_l2};
 use ferrinfer::prelude::*;
-use ferrinfer::reference::{self, rel_l2};
-use ferrinfer::rng::Rng;
+use ferrinfer_testkit::Rng;
 
 // ANCHOR: variant
 /// Soft-capped logits with a temperature per query head.

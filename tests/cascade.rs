@@ -2,13 +2,13 @@
 //! attention over random parts equals attention over the whole KV set; empty parts; errors; the
 //! NVRTC compile of every merge kernel instance. GPU (`gpu_*`): the kernel against the f64 merge.
 
-use ferrinfer::cascade::{self, State, StateMut, StateShape};
+use ferrinfer::attention::reference::{self, Reference, rel_l2};
 use ferrinfer::jit::{Arch, Jit, JitConfig};
+use ferrinfer::ops::cascade::{self, State, StateMut, StateShape};
 use ferrinfer::prelude::*;
-use ferrinfer::reference::{self, Reference, rel_l2};
-use ferrinfer::rng::Rng;
 use ferrinfer::variants::Standard;
 use ferrinfer::{DType, Element, Error, indptr};
+use ferrinfer_testkit::Rng;
 
 /// A ragged batch, its inputs, and the same KV set dealt out to `parts` ragged batches.
 struct Split {

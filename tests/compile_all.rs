@@ -3,8 +3,8 @@
 
 use std::sync::Mutex;
 
-use ferrinfer::dispatch;
-use ferrinfer::gpu::SmResources;
+use ferrinfer::attention::dispatch;
+use ferrinfer::device::gpu::SmResources;
 use ferrinfer::jit::{Arch, Jit, JitConfig};
 
 #[test]

@@ -2,11 +2,11 @@
 //! inputs, with the output poisoned with NaN before each run. Run on the GPU machine through
 //! `../shared/tools/gpu-stage` and `.gpu/run tests`.
 
+use ferrinfer::attention::reference::{self, rel_l2};
 use ferrinfer::prelude::*;
-use ferrinfer::reference::{self, rel_l2};
-use ferrinfer::rng::Rng;
 use ferrinfer::variants::*;
 use ferrinfer::{DType, Element, HEAD_DIMS, Variant, indptr};
+use ferrinfer_testkit::Rng;
 
 /// One test case: a batch shape.
 struct Case {

@@ -1,11 +1,11 @@
 //! GPU tests of plan/run: a run captured in a CUDA graph and replayed after a re-plan of another
 //! batch into the same buffers; bit-for-bit batch invariance with a fixed KV split.
 
+use ferrinfer::attention::reference::{self, rel_l2};
 use ferrinfer::indptr;
 use ferrinfer::prelude::*;
-use ferrinfer::reference::{self, rel_l2};
-use ferrinfer::rng::Rng;
 use ferrinfer::variants::{SoftCap, Standard};
+use ferrinfer_testkit::Rng;
 
 fn gpu() -> Backend {
     Backend::cuda(0).expect("this test needs a CUDA GPU")

@@ -1,9 +1,9 @@
 //! The one-request convenience calls against the CPU reference of the same batch.
 
+use ferrinfer::attention::reference;
 use ferrinfer::prelude::*;
-use ferrinfer::reference;
-use ferrinfer::rng::Rng;
 use ferrinfer::variants::{SoftCap, Standard};
+use ferrinfer_testkit::Rng;
 
 fn bf(rng: &mut Rng, n: usize) -> Vec<bf16> {
     rng.normal_vec(n).into_iter().map(bf16::from_f32).collect()

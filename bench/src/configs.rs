@@ -3,7 +3,7 @@
 
 use ferrinfer::indptr;
 use ferrinfer::prelude::*;
-use ferrinfer::rng::Rng;
+use ferrinfer_testkit::Rng;
 
 /// Query heads.
 pub const H: u32 = 32;

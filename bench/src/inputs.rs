@@ -4,7 +4,7 @@
 use std::thread;
 
 use ferrinfer::prelude::*;
-use ferrinfer::rng::Rng;
+use ferrinfer_testkit::Rng;
 
 use crate::configs::{Config, D, H};
 use crate::timing::BenchResult;

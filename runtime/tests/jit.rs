@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 
 use ferrinfer_kernels::TranslationUnit;
+use ferrinfer_runtime::device::toolkit;
 use ferrinfer_runtime::error::Error;
 use ferrinfer_runtime::jit::cache::{self, Entry};
-use ferrinfer_runtime::jit::{Arch, CompiledKernel, Jit, JitConfig, KernelStats, Origin, toolkit};
+use ferrinfer_runtime::jit::{Arch, CompiledKernel, Jit, JitConfig, KernelStats, Origin};
 
 /// A kernel with enough work that ptxas reports registers and static shared memory.
 fn saxpy_tu(tag: &str) -> TranslationUnit {

@@ -4,12 +4,12 @@
 
 use std::collections::HashMap;
 
-use ferrinfer_runtime::plan::{
+use ferrinfer_runtime::attention::plan::{
     self, Capacity, KV_CHUNK_ALIGN, Layout, NONE, PlanOptions, WorkList, cta_tile_q, header,
     workspace_bytes,
 };
-use ferrinfer_runtime::rng::Rng;
 use ferrinfer_runtime::{Batch, Error, Heads, KernelKind, KvIndex, KvLayout};
+use ferrinfer_testkit::Rng;
 
 const CASES: usize = 200;
 

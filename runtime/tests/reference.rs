@@ -2,12 +2,12 @@
 //! the inputs, addressed here without `KvIndex::offset`, and softmax the textbook way. Inputs are
 //! fresh random values each run; every test prints its seed (`FERRINFER_SEED=<seed>` replays it).
 
-use ferrinfer_runtime::batch::{Batch, Heads, KvIndex, KvLayout};
+use ferrinfer_runtime::attention::batch::{Batch, Heads, KvIndex, KvLayout};
+use ferrinfer_runtime::attention::reference::{self, Reference};
 use ferrinfer_runtime::error::Error;
-use ferrinfer_runtime::params::{AttentionParams, ParamField, ParamType, ParamWriter};
-use ferrinfer_runtime::reference::{self, Reference};
-use ferrinfer_runtime::rng::Rng;
+use ferrinfer_runtime::variant::params::{AttentionParams, ParamField, ParamType, ParamWriter};
 use ferrinfer_runtime::variant::{Hooks, Pos, Variant, VariantSpec};
+use ferrinfer_testkit::Rng;
 
 // ---------------------------------------------------------------------------------------------
 // Test variants, written by hand: this crate cannot use `#[attention_variant]` (dependency cycle).

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::nvrtc::KernelStats;
-use crate::hash::Fnv64;
+use crate::jit::hash::Fnv64;
 
 const MAGIC: &[u8; 8] = b"FRRCUBIN";
 /// Bump when the layout above (or the meaning of a key) changes; old files are then recompiled.

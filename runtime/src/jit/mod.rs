@@ -6,8 +6,8 @@
 //! production, where every kernel was compiled ahead of time into the disk cache.
 
 pub mod cache;
+pub mod hash;
 pub mod nvrtc;
-pub mod toolkit;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,9 +16,10 @@ use std::time::Instant;
 
 use ferrinfer_kernels::TranslationUnit;
 
+pub use crate::device::Arch;
 use crate::error::{Error, Result};
 use cache::DiskCache;
-pub use nvrtc::{Arch, KernelStats};
+pub use nvrtc::KernelStats;
 
 /// How a [`Jit`] finds and makes kernels.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -194,7 +195,7 @@ impl Jit {
             tu.entry,
             tu.source
         );
-        Ok((crate::hash::hex(&[key_text.as_bytes()]), key_text))
+        Ok((crate::jit::hash::hex(&[key_text.as_bytes()]), key_text))
     }
 
     fn load_from_disk(

@@ -7,14 +7,15 @@ use cudarc::driver::CudaSlice;
 use ferrinfer_kernels::abi::AttnArgs;
 use ferrinfer_kernels::{KernelConfig, KernelKind};
 
-use crate::backend::{Backend, Buffer};
-use crate::batch::{Batch, Heads, KvIndex};
-use crate::dtype::Element;
+use crate::attention::batch::{Batch, Heads, KvIndex};
+use crate::attention::plan::{self, Capacity, PlanOptions, WorkList};
+use crate::attention::{dispatch, reference};
+use crate::device::backend::{Backend, Buffer};
+use crate::device::dtype::Element;
+use crate::device::gpu::Gpu;
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
-use crate::plan::{self, Capacity, PlanOptions, WorkList};
 use crate::variant::Variant;
-use crate::{dispatch, params, reference};
+use crate::variant::params;
 
 /// How to plan.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

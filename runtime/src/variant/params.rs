@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::CudaSlice;
 
+use crate::device::gpu::Gpu;
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
 
 /// The type of one parameter field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -46,10 +46,10 @@ use std::sync::Arc;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use ferrinfer_kernels::{DType, MergeStatesArgs, TranslationUnit};
 
-use crate::backend::{Backend, Buffer};
-use crate::dtype::Element;
+use crate::device::backend::{Backend, Buffer};
+use crate::device::dtype::Element;
+use crate::device::gpu::Gpu;
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
 use crate::jit::{Arch, CompiledKernel, Jit};
 
 /// Elements per access the merge kernel is instantiated for (see [`compile`]).

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use ferrinfer_kernels::abi::AttnArgs;
 use ferrinfer_kernels::{DType, HEAD_DIMS, KernelConfig, KernelKind, VariantSource};
 
+use crate::device::gpu::{Gpu, Kernel, SmResources};
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Kernel, SmResources};
 use crate::jit::{Arch, CompiledKernel, Jit};
-use crate::params::cuda_struct;
 use crate::variant::VariantSpec;
+use crate::variant::params::cuda_struct;
 
 /// Refuse what no kernel implements, before anything is compiled.
 pub fn check_supported(cfg: &KernelConfig, arch: Arch) -> Result<()> {

@@ -1,7 +1,10 @@
 //! What an attention variant is: the hooks it may define, the position they see, and the static
 //! description (`VariantSpec`) that `#[attention_variant]` emits for the registry and the JIT.
 
-use crate::params::{AttentionParams, ParamField};
+pub mod fast_math;
+pub mod params;
+
+use crate::variant::params::{AttentionParams, ParamField};
 
 /// Where a hook is evaluated. Every field is an index or a length in tokens or heads.
 ///
@@ -84,7 +87,7 @@ impl VariantSpec {
 
     /// A stable 64-bit hash of the lowered CUDA and the parameter layout: part of every kernel key.
     pub fn cuda_hash(&self) -> u64 {
-        let mut h = crate::hash::Fnv64::new();
+        let mut h = crate::jit::hash::Fnv64::new();
         h.write(self.cuda.as_bytes());
         for f in self.params {
             h.write(f.name.as_bytes());

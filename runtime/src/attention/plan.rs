@@ -38,7 +38,7 @@
 
 use ferrinfer_kernels::KernelKind;
 
-use crate::batch::Batch;
+use crate::attention::batch::Batch;
 use crate::error::{Error, Result};
 
 /// KV chunks start at multiples of this many tokens, so a kernel's KV tiles (multiples of 16 keys,

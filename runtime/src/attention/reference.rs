@@ -4,8 +4,8 @@
 //! as the kernels call them; everything else (dot products, softmax, sums, `exp`, `ln`) is f64, so
 //! the only difference from a GPU kernel is the kernel's own rounding.
 
-use crate::batch::{Batch, KvIndex};
-use crate::dtype::{self, Element};
+use crate::attention::batch::{Batch, KvIndex};
+use crate::device::dtype::{self, Element};
 use crate::error::{Error, Result};
 use crate::variant::{Pos, Variant};
 

@@ -2,7 +2,7 @@
 
 use ferrinfer_kernels::DType;
 
-/// Plain data that can live in a [`crate::backend::Buffer`] on any backend.
+/// Plain data that can live in a [`crate::device::backend::Buffer`] on any backend.
 pub trait Pod:
     Copy
     + Send

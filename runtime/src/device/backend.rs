@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
-use crate::dtype::Pod;
+use crate::device::dtype::Pod;
+use crate::device::gpu::Gpu;
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
 
 /// A backend: the CUDA device ferrinfer compiles kernels for, or the CPU reference.
 #[derive(Clone, Debug)]

@@ -3,12 +3,12 @@
 //! allocates a small device workspace every time; a serving loop plans once with
 //! [`BatchPrefill`] / [`BatchDecode`] and calls `run`.
 
-use crate::backend::{Backend, Buffer};
-use crate::batch::{Batch, Heads, KvIndex, KvLayout};
-use crate::dtype::Element;
+use crate::attention::batch::{Batch, Heads, KvIndex, KvLayout};
+use crate::attention::wrappers::{BatchDecode, BatchPrefill};
+use crate::device::backend::{Backend, Buffer};
+use crate::device::dtype::Element;
 use crate::error::{Error, Result};
 use crate::variant::Variant;
-use crate::wrappers::{BatchDecode, BatchPrefill};
 
 /// The shape of one request's attention: heads, K/V layout, causal mask, softmax scale.
 ///
