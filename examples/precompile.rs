@@ -25,6 +25,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let sm = sm.unwrap_or_else(|| SmResources::typical(arch));
+    // Refuse to compile everything only to keep it in memory.
+    let jit = Jit::global();
+    if !jit.config().compile {
+        return Err("FERRINFER_NO_JIT is set: unset it to fill the cache".into());
+    }
+    match (jit.cache_dir(), jit.cache_read_only()) {
+        (None, _) => {
+            return Err("no usable kernel cache directory: set FERRINFER_CACHE_DIR".into());
+        }
+        (Some(dir), Some(why)) => {
+            return Err(format!("kernel cache {} is read-only ({why})", dir.display()).into());
+        }
+        (Some(_), None) => {}
+    }
     let mut jobs = Vec::new();
     for spec in ferrinfer::variants() {
         for cfg in dispatch::instances(&sm) {

@@ -45,7 +45,7 @@ pub fn variants() -> impl Iterator<Item = &'static VariantSpec> {
 #[doc(hidden)]
 pub mod __private {
     pub use ferrinfer_runtime::variant::params::{
-        AttentionParams, ParamField, ParamType, ParamWriter,
+        AttentionParams, Extent, ParamField, ParamType, ParamWriter,
     };
     pub use ferrinfer_runtime::variant::{Hooks, Pos, Variant, VariantEntry, VariantSpec};
     pub use inventory;

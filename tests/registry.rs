@@ -1,7 +1,7 @@
 //! The registry sees every built-in variant and the variants of other crates (this test is one),
 //! each with its hooks, softmax switch and parameter layout.
 
-use ferrinfer::__private::{ParamField, ParamType};
+use ferrinfer::__private::{Extent, ParamField, ParamType};
 use ferrinfer::prelude::*;
 use ferrinfer::{Hooks, Variant};
 
@@ -74,15 +74,17 @@ fn every_builtin_is_registered() {
     assert_eq!(
         find("CustomMask").params,
         [
-            ParamField {
-                name: "bits",
-                ty: ParamType::ArrayU32
-            },
-            ParamField {
-                name: "offsets",
-                ty: ParamType::ArrayU32
-            },
+            ParamField::new("bits", ParamType::ArrayU32),
+            ParamField::new("offsets", ParamType::ArrayU32).covering(&[Extent::Batch]),
         ]
+    );
+    assert_eq!(
+        find("Alibi").params,
+        [ParamField::new("slopes", ParamType::ArrayF32).covering(&[Extent::QoHeads])]
+    );
+    assert_eq!(
+        find("AttentionSink").params,
+        [ParamField::new("sinks", ParamType::ArrayF32).covering(&[Extent::QoHeads])]
     );
 }
 
@@ -105,22 +107,43 @@ fn a_variant_of_another_crate_is_found() {
     assert_eq!(
         spec.params,
         [
-            ParamField {
-                name: "scale",
-                ty: ParamType::F32
-            },
-            ParamField {
-                name: "width",
-                ty: ParamType::U32
-            },
-            ParamField {
-                name: "enabled",
-                ty: ParamType::Bool
-            },
-            ParamField {
-                name: "bias",
-                ty: ParamType::ArrayF32
-            },
+            ParamField::new("scale", ParamType::F32),
+            ParamField::new("width", ParamType::U32),
+            ParamField::new("enabled", ParamType::Bool),
+            ParamField::new("bias", ParamType::ArrayF32),
+        ]
+    );
+}
+
+/// Every form of `#[cover]`: one word, a product, a fixed count, and each word.
+#[derive(AttentionParams)]
+pub struct Covered {
+    pub scale: f32,
+    #[cover(qo_heads)]
+    pub per_head: Array<f32>,
+    #[cover(batch * kv_heads)]
+    pub per_request_and_kv_head: Array<i32>,
+    /// Raw identifiers and suffixed literals are accepted too.
+    #[cover(r#head_dim * 2u32)]
+    pub per_element: Array<u32>,
+    #[cover(16)]
+    pub fixed: Array<f32>,
+    pub free: Array<f32>,
+}
+
+#[test]
+fn cover_goes_into_the_fields() {
+    assert_eq!(
+        Covered::FIELDS,
+        [
+            ParamField::new("scale", ParamType::F32),
+            ParamField::new("per_head", ParamType::ArrayF32).covering(&[Extent::QoHeads]),
+            ParamField::new("per_request_and_kv_head", ParamType::ArrayI32)
+                .covering(&[Extent::Batch, Extent::KvHeads]),
+            ParamField::new("per_element", ParamType::ArrayU32)
+                .covering(&[Extent::HeadDim, Extent::Fixed(2)]),
+            ParamField::new("fixed", ParamType::ArrayF32).covering(&[Extent::Fixed(16)]),
+            ParamField::new("free", ParamType::ArrayF32),
         ]
     );
 }
@@ -148,4 +171,27 @@ fn the_trait_forwards_to_the_hooks() {
     assert_eq!(Variant::output(&v, 1.0, 3, at), -1.0);
     // Undefined hooks keep the trait's identity defaults.
     assert_eq!(Variant::query(&v, 0.25, 9.0, 1, at), 0.25);
+}
+
+/// The built-in Alibi states that its slopes cover the query heads: the CPU reference refuses
+/// a batch with more heads than slopes before any hook runs (today's code panics in the hook).
+#[test]
+fn short_alibi_slopes_are_an_error_not_a_panic() {
+    use ferrinfer::attention::batch::{Batch, Heads, KvIndex, KvLayout};
+    use ferrinfer::attention::reference;
+    use ferrinfer::variants::Alibi;
+
+    let heads = Heads::new(32, 8, 16).unwrap();
+    let kv = KvIndex::ragged(&[0, 3, 5], KvLayout::Nhd).unwrap();
+    let batch = Batch::new(heads, &[0, 2, 3], kv).unwrap();
+    let q = vec![0.25; 3 * 32 * 16];
+    let kv = vec![0.5; 5 * 8 * 16];
+    let err = reference::attention(&Alibi::new(8), &batch, &q, &kv, &kv).unwrap_err();
+    assert!(matches!(err, ferrinfer::Error::InvalidInput(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("Alibi.slopes has 8 elements but must cover num_qo_heads = 32"),
+        "{err}"
+    );
+    assert!(reference::attention(&Alibi::new(32), &batch, &q, &kv, &kv).is_ok());
 }

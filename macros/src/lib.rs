@@ -1,10 +1,10 @@
 //! `#[attention_variant]` and `#[derive(AttentionParams)]`: attention variants written in Rust and
 //! lowered to CUDA at build time.
 //!
-//! The attribute runs in four steps, one module each: [`parse`] reads the impl block into a
-//! `VariantDef`, [`check`] enforces the DSL (signatures and the accepted Rust subset), [`lower`]
-//! writes the CUDA `struct Variant`, [`emit`] writes the Rust. Every problem is collected in
-//! [`errors::Errors`] and reported in one compile, with its span.
+//! The attribute runs in four steps, one module each: `parse` reads the impl block into a
+//! `VariantDef`, `check` enforces the DSL (signatures and the accepted Rust subset), `lower`
+//! writes the CUDA `struct Variant`, `emit` writes the Rust. Every problem is collected in
+//! `errors::Errors` and reported in one compile, with its span.
 //!
 //! Use these through the facade crate `ferrinfer` (its docs have the examples): the expansion
 //! names `::ferrinfer::__private`.
@@ -59,7 +59,55 @@ fn expand_variant(attr: TokenStream2, imp: &syn::ItemImpl) -> syn::Result<TokenS
 /// Declares a variant's parameters: fields of type `f32`, `i32`, `u32`, `bool`, or
 /// `Array<f32 | i32 | u32>`, in a struct with named fields (or a unit struct). Implements
 /// `ferrinfer::AttentionParams`: the field layout and the packing of values for the device.
-#[proc_macro_derive(AttentionParams)]
+///
+/// # `#[cover(...)]`: what an array must cover
+///
+/// A hook that indexes an array by head or request needs the array to be long enough for the
+/// batch it runs on. State it on the field, and `run` (and the CPU reference) check it before
+/// launching, with an error such as `Alibi.slopes has 8 elements but must cover num_qo_heads = 32`
+/// instead of a trap in the CUDA context (or a panic on the CPU).
+///
+/// The attribute takes a product, joined by `*`, of:
+///
+/// | word | size in the batch | an index it makes safe |
+/// |---|---|---|
+/// | `batch` | number of requests | `at.batch` |
+/// | `qo_heads` | `num_qo_heads` | `at.qo_head` |
+/// | `kv_heads` | `num_kv_heads` | `at.kv_head` |
+/// | `head_dim` | `head_dim` | element `i` of `query`, `key`, `output` |
+/// | an integer, e.g. `16` | itself | any index below it |
+///
+/// The array must have at least that many elements (more is fine). A field without the attribute
+/// has no requirement; the attribute on a scalar, an unknown word, or a zero is a compile error.
+///
+/// For example (the built-in `ferrinfer::variants::Alibi` is a tested one, with the error):
+///
+/// ```text
+/// use ferrinfer::prelude::*;
+///
+/// #[derive(AttentionParams)]
+/// pub struct Biased {
+///     /// One bias per query head.
+///     #[cover(qo_heads)]
+///     pub bias: Array<f32>,
+///     /// Eight scales per request, request-major.
+///     #[cover(batch * 8)]
+///     pub scale: Array<f32>,
+/// }
+///
+/// #[attention_variant]
+/// impl Biased {
+///     fn logits(&self, s: f32, at: Pos) -> f32 {
+///         s * self.scale[at.batch * 8 + at.qo_head % 8] + self.bias[at.qo_head]
+///     }
+/// }
+/// ```
+///
+/// An index computed from an array's contents (the per-request bit offsets of
+/// `ferrinfer::variants::CustomMask`) cannot be covered: on the CPU reference an out-of-range
+/// index becomes an error when the hook runs; on the GPU it traps. Check such data where it is
+/// built.
+#[proc_macro_derive(AttentionParams, attributes(cover))]
 pub fn derive_attention_params(item: TokenStream) -> TokenStream {
     let input = match syn::parse::<syn::DeriveInput>(item) {
         Ok(input) => input,

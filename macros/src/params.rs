@@ -1,21 +1,43 @@
-//! `#[derive(AttentionParams)]`: the parameter layout (`FIELDS`) and the packer (`pack`).
+//! `#[derive(AttentionParams)]`: the parameter layout (`FIELDS`, with each array's `#[cover]`)
+//! and the packer (`pack`).
 
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote};
 use syn::ext::IdentExt;
-use syn::{Data, DeriveInput, Fields, GenericArgument, PathArguments, Type};
+use syn::parse::ParseStream;
+use syn::{Data, DeriveInput, Fields, GenericArgument, PathArguments, Token, Type};
 
 use crate::errors::Errors;
 use crate::vocab;
 
 const TYPE_HELP: &str = "parameter type not allowed: use f32, i32, u32, bool or Array<f32|i32|u32>";
 
-/// One accepted field: its Rust name and the `ParamType` variant / `ParamWriter` method it uses.
+const COVER_HELP: &str = "write the extents an array must cover, joined by `*`: `batch`, `qo_heads`, \
+     `kv_heads`, `head_dim` or an integer, e.g. `#[cover(qo_heads)]` or `#[cover(batch * qo_heads)]`";
+
+/// One accepted field: its Rust name, the `ParamType` variant / `ParamWriter` method it uses, and
+/// the `Extent` variants its `#[cover]` names (empty without one).
 struct Field<'a> {
     ident: &'a syn::Ident,
     name: String,
     kind: Kind,
+    cover: Vec<Extent>,
 }
+
+/// One factor of `#[cover(...)]`; mirrors the runtime's `Extent`.
+#[derive(Clone, Copy)]
+enum Extent {
+    Word(&'static str),
+    Fixed(u32),
+}
+
+/// The words of `#[cover]` and the `Extent` variants they name.
+const EXTENTS: [(&str, &str); 4] = [
+    ("batch", "Batch"),
+    ("qo_heads", "QoHeads"),
+    ("kv_heads", "KvHeads"),
+    ("head_dim", "HeadDim"),
+];
 
 #[derive(Clone, Copy)]
 enum Kind {
@@ -89,8 +111,15 @@ fn fields_of<'a>(fields: &[&'a syn::Field], errors: &mut Errors) -> Vec<Field<'a
                 format!("field name `{name}` is reserved in the generated CUDA: rename the field"),
             );
         }
-        match kind_of(&f.ty) {
-            Some(kind) => out.push(Field { ident, name, kind }),
+        let kind = kind_of(&f.ty);
+        let cover = cover_of(f, &name, kind, errors);
+        match kind {
+            Some(kind) => out.push(Field {
+                ident,
+                name,
+                kind,
+                cover,
+            }),
             None => errors.at(&f.ty, TYPE_HELP),
         }
     }
@@ -107,6 +136,91 @@ fn fields_of<'a>(fields: &[&'a syn::Field], errors: &mut Errors) -> Vec<Field<'a
         }
     }
     out
+}
+
+/// The `#[cover(...)]` of a field: at most one, only on an array, each factor a known word or a
+/// positive integer. Every problem is reported; what is wrong is left out.
+fn cover_of(f: &syn::Field, name: &str, kind: Option<Kind>, errors: &mut Errors) -> Vec<Extent> {
+    let mut out = Vec::new();
+    let mut seen = false;
+    for attr in f.attrs.iter().filter(|a| a.path().is_ident("cover")) {
+        if seen {
+            errors.at(
+                attr,
+                "only one `#[cover]` per field: write a product, `#[cover(batch * qo_heads)]`",
+            );
+            continue;
+        }
+        seen = true;
+        // On a scalar the attribute means nothing: a scalar is never indexed.
+        if let Some(Kind::Scalar(_)) = kind {
+            errors.at(
+                attr,
+                format!("`#[cover]` goes on an `Array` field (it states how many elements the hooks may index); `{name}` is a scalar"),
+            );
+            continue;
+        }
+        let list = match &attr.meta {
+            syn::Meta::List(list) if !list.tokens.is_empty() => list,
+            _ => {
+                errors.at(attr, COVER_HELP);
+                continue;
+            }
+        };
+        match list.parse_args_with(|input: ParseStream<'_>| parse_cover(input, errors)) {
+            Ok(factors) => out = factors,
+            Err(e) => errors.push(e),
+        }
+    }
+    out
+}
+
+/// `factor (* factor)*`, a factor being a word of [`EXTENTS`] or a positive integer literal.
+/// Unknown words and zeros go to `errors` (so every one is reported); bad syntax is the `Err`.
+fn parse_cover(input: ParseStream<'_>, errors: &mut Errors) -> syn::Result<Vec<Extent>> {
+    if input.is_empty() {
+        return Err(input.error(COVER_HELP));
+    }
+    let mut out = Vec::new();
+    loop {
+        if input.peek(syn::LitInt) {
+            let lit: syn::LitInt = input.parse()?;
+            match lit.base10_parse::<u32>() {
+                Ok(n) if n > 0 => out.push(Extent::Fixed(n)),
+                _ => errors.at(
+                    &lit,
+                    "a fixed coverage is a positive `u32`, e.g. `#[cover(16)]`",
+                ),
+            }
+        } else {
+            let word = syn::Ident::parse_any(input)
+                .map_err(|e| syn::Error::new(e.span(), COVER_HELP))?
+                .unraw();
+            match EXTENTS.iter().find(|(w, _)| word == w) {
+                Some(&(_, variant)) => out.push(Extent::Word(variant)),
+                None => errors.at(&word, unknown_word(&word.to_string())),
+            }
+        }
+        if input.is_empty() {
+            return Ok(out);
+        }
+        input
+            .parse::<Token![*]>()
+            .map_err(|e| syn::Error::new(e.span(), COVER_HELP))?;
+    }
+}
+
+/// The message for an unknown word, with the likely one for a near miss (`qo_head`, `num_kv_heads`).
+fn unknown_word(word: &str) -> String {
+    let stem = word.strip_prefix("num_").unwrap_or(word);
+    let near = EXTENTS
+        .iter()
+        .map(|(w, _)| *w)
+        .find(|w| *w == stem || w.strip_suffix('s') == Some(stem));
+    match near {
+        Some(w) => format!("unknown coverage `{word}`: did you mean `{w}`?"),
+        None => format!("unknown coverage `{word}`: {COVER_HELP}"),
+    }
 }
 
 fn scalar_name(ty: &Type) -> Option<&'static str> {
@@ -146,7 +260,14 @@ fn emit(name: &syn::Ident, fields: &[Field<'_>]) -> TokenStream {
     let entries = fields.iter().map(|f| {
         let n = &f.name;
         let ty = format_ident!("{}", f.kind.param_type());
-        quote!(#p::ParamField { name: #n, ty: #p::ParamType::#ty })
+        let cover = f.cover.iter().map(|e| match e {
+            Extent::Word(variant) => {
+                let v = format_ident!("{variant}");
+                quote!(#p::Extent::#v)
+            }
+            Extent::Fixed(n) => quote!(#p::Extent::Fixed(#n)),
+        });
+        quote!(#p::ParamField { name: #n, ty: #p::ParamType::#ty, cover: &[#(#cover),*] })
     });
     let writes = fields.iter().map(|f| {
         let ident = f.ident;

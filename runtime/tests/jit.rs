@@ -2,7 +2,7 @@
 //! fail, never skip, when it is not.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex, Once};
 
 use ferrinfer_kernels::TranslationUnit;
 use ferrinfer_runtime::device::toolkit;
@@ -331,6 +331,312 @@ fn an_unusable_cache_dir_falls_back_to_memory() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Every log record of this test binary, as "LEVEL message"; the logger is installed on first use.
+fn logged() -> Vec<String> {
+    struct Capture(Mutex<Vec<String>>);
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record) {
+            let line = format!("{} {}", record.level(), record.args());
+            self.0.lock().unwrap().push(line);
+        }
+        fn flush(&self) {}
+    }
+    static CAPTURE: Capture = Capture(Mutex::new(Vec::new()));
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        log::set_logger(&CAPTURE).expect("no other logger in this test binary");
+        log::set_max_level(log::LevelFilter::Trace);
+    });
+    CAPTURE.0.lock().unwrap().clone()
+}
+
+/// The logged lines that mention `path` and `what`.
+fn logged_about(path: &Path, what: &str) -> Vec<String> {
+    let path = path.display().to_string();
+    logged()
+        .into_iter()
+        .filter(|l| l.contains(&path) && l.contains(what))
+        .collect()
+}
+
+/// The kernels a deployment precompiled into its read-only cache.
+fn deployed_kernels() -> Vec<(TranslationUnit, Arch)> {
+    let mut all = Vec::new();
+    for tag in ["deployed_a", "deployed_b"] {
+        for arch in [Arch::SM80, Arch::SM90] {
+            all.push((saxpy_tu(tag), arch));
+        }
+    }
+    all
+}
+
+/// Names (and sizes) of the files in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<(String, u64)> {
+    let mut names: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            (name, e.metadata().unwrap().len())
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// chmod the directory and its files: read-only (0o555 / 0o444) or back to 0o755 / 0o644.
+fn set_read_only(dir: &Path, read_only: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    let (d, f) = if read_only {
+        (0o555, 0o444)
+    } else {
+        (0o755, 0o644)
+    };
+    if !read_only {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(d)).unwrap();
+    }
+    for e in std::fs::read_dir(dir).unwrap() {
+        std::fs::set_permissions(e.unwrap().path(), std::fs::Permissions::from_mode(f)).unwrap();
+    }
+    if read_only {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(d)).unwrap();
+    }
+}
+
+/// Whether this process can create a file in `dir` (root can, whatever the permission bits).
+fn can_write_in(dir: &Path) -> bool {
+    let probe = dir.join(".can-this-user-write");
+    let ok = std::fs::File::create(&probe).is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
+
+/// Set, in a child run of this test binary, to the read-only cache directory it must serve from.
+const READ_ONLY_CACHE_VAR: &str = "FERRINFER_TEST_READ_ONLY_CACHE";
+/// "nobody": a user the permission bits apply to.
+const UNPRIVILEGED: u32 = 65534;
+
+/// What a deployment does: serve every precompiled kernel from a cache it cannot write.
+fn serve_from_read_only_cache(dir: &Path) {
+    logged(); // install the logger before the Jits below log
+    let before = listing(dir);
+    let jit = disk_jit(dir, false);
+    assert_eq!(
+        jit.cache_dir(),
+        Some(dir),
+        "a read-only cache is still used"
+    );
+    assert!(jit.cache_read_only().is_some());
+    for (tu, arch) in deployed_kernels() {
+        let k = jit
+            .compile(&tu, arch)
+            .unwrap_or_else(|e| panic!("{} for {arch} from a read-only cache: {e}", tu.name));
+        assert_eq!(k.origin, Origin::Disk, "{} for {arch}", tu.name);
+        assert_cubin(&k);
+    }
+    // With JIT on, hits still come from disk, and a new kernel compiles and stays in memory.
+    let jit = disk_jit(dir, true);
+    let (tu, arch) = &deployed_kernels()[0];
+    assert_eq!(jit.compile(tu, *arch).unwrap().origin, Origin::Disk);
+    let new = saxpy_tu("not_deployed");
+    assert_eq!(
+        jit.compile(&new, Arch::SM80).unwrap().origin,
+        Origin::Compiled
+    );
+    assert_eq!(
+        jit.compile(&new, Arch::SM80).unwrap().origin,
+        Origin::Memory
+    );
+    assert_eq!(listing(dir), before, "nothing was written");
+    // Said once per Jit, not once per kernel; no store was attempted.
+    let said = logged_about(dir, "is read-only");
+    assert_eq!(said.len(), 2, "once for each of the two Jits: {said:?}");
+    assert!(
+        said[0].starts_with("INFO") && said[1].starts_with("WARN"),
+        "{said:?}"
+    );
+    let tried = logged_about(dir, "could not write");
+    assert!(tried.is_empty(), "stores are skipped: {tried:?}");
+}
+
+#[test]
+fn no_jit_serves_every_kernel_from_a_read_only_cache() {
+    if let Some(dir) = std::env::var_os(READ_ONLY_CACHE_VAR) {
+        // The unprivileged child started below.
+        serve_from_read_only_cache(Path::new(&dir));
+        return;
+    }
+    let dir = temp_dir("read_only");
+    let filler = disk_jit(&dir, true);
+    for (tu, arch) in deployed_kernels() {
+        assert_eq!(filler.compile(&tu, arch).unwrap().origin, Origin::Compiled);
+    }
+    set_read_only(&dir, true);
+    if can_write_in(&dir) {
+        // Root: permission bits do not stop it. Run the check again as a user they do stop.
+        use std::os::unix::process::CommandExt;
+        let name = "no_jit_serves_every_kernel_from_a_read_only_cache";
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--nocapture", "--test-threads=1"])
+            .env(READ_ONLY_CACHE_VAR, &dir)
+            .uid(UNPRIVILEGED)
+            .gid(UNPRIVILEGED)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "permission bits do not stop this user, and running this test again as uid \
+                     {UNPRIVILEGED} failed: {e}"
+                )
+            });
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "as uid {UNPRIVILEGED}: {text}"
+        );
+    } else {
+        serve_from_read_only_cache(&dir);
+    }
+    set_read_only(&dir, false);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The `Error::CacheMiss` message of `jit` for `tu` on sm_80.
+fn miss_message(jit: &Jit, tu: &TranslationUnit) -> String {
+    match jit.compile(tu, Arch::SM80) {
+        Err(Error::CacheMiss(msg)) => msg,
+        other => panic!("expected CacheMiss, got {:?}", other.map(|k| k.origin)),
+    }
+}
+
+/// A miss says what was looked for (kernel, arch, key, file), why it missed, and the fix.
+fn assert_explains(msg: &str, tu: &TranslationUnit, path: Option<&Path>, why: &str) {
+    let key = path.map(|p| p.file_stem().unwrap().to_string_lossy().into_owned());
+    let path = path.map(|p| p.display().to_string());
+    let parts = [
+        Some(tu.name.as_str()),
+        Some("sm_80"),
+        key.as_deref(),
+        path.as_deref(),
+        Some(why),
+        Some("FERRINFER_NO_JIT"),
+        Some("FERRINFER_CACHE_DIR"),
+        Some("cargo run --release --example precompile"),
+    ];
+    for part in parts.into_iter().flatten() {
+        assert!(msg.contains(part), "{part:?} is missing from: {msg}");
+    }
+}
+
+#[test]
+fn a_miss_without_jit_names_the_file_and_says_why() {
+    let dir = temp_dir("miss");
+    let tu = saxpy_tu("miss");
+    let path = disk_jit(&dir, false)
+        .entry_path(&tu, Arch::SM80)
+        .unwrap()
+        .unwrap();
+    let file_name = path.file_name().unwrap().to_owned();
+    let msg = miss_message(&disk_jit(&dir, false), &tu);
+    assert_explains(&msg, &tu, Some(&path), "no such file");
+
+    // A cache directory that does not exist and cannot be created (below a regular file: root
+    // cannot create it either).
+    let file = dir.join("a_file");
+    std::fs::write(&file, b"x").unwrap();
+    let missing = file.join("cache");
+    let msg = miss_message(&disk_jit(&missing, false), &tu);
+    let missing_path = missing.join(&file_name);
+    assert_explains(&msg, &tu, Some(&missing_path), "does not exist");
+
+    let no_disk = Jit::new(JitConfig {
+        compile: false,
+        ..JitConfig::default()
+    });
+    let msg = miss_message(&no_disk, &tu);
+    assert_explains(&msg, &tu, None, "no disk cache is configured");
+
+    // Another kernel's entry under this kernel's name: intact, but for another key text.
+    let other = saxpy_tu("miss_other");
+    disk_jit(&dir, true).compile(&other, Arch::SM80).unwrap();
+    let other_path = disk_jit(&dir, true)
+        .entry_path(&other, Arch::SM80)
+        .unwrap()
+        .unwrap();
+    std::fs::copy(&other_path, &path).unwrap();
+    let msg = miss_message(&disk_jit(&dir, false), &tu);
+    assert_explains(&msg, &tu, Some(&path), "different key text");
+
+    // A file of another format version.
+    std::fs::remove_file(&path).unwrap();
+    disk_jit(&dir, true).compile(&tu, Arch::SM80).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[8..12].copy_from_slice(&99u32.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let msg = miss_message(&disk_jit(&dir, false), &tu);
+    assert_explains(&msg, &tu, Some(&path), "another cache format version (99");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_corrupt_entry_without_jit_says_corrupt() {
+    let dir = temp_dir("corrupt_no_jit");
+    let tu = saxpy_tu("corrupt_no_jit");
+    disk_jit(&dir, true).compile(&tu, Arch::SM80).unwrap();
+    let path = disk_jit(&dir, true)
+        .entry_path(&tu, Arch::SM80)
+        .unwrap()
+        .unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let mut flipped = bytes.clone();
+    *flipped.last_mut().unwrap() ^= 0x40;
+    let corruptions: [(&str, Vec<u8>); 4] = [
+        ("bad magic", b"this is not a cubin at all".to_vec()),
+        ("truncated", Vec::new()),
+        ("truncated", bytes[..bytes.len() / 2].to_vec()),
+        ("checksum mismatch", flipped),
+    ];
+    for (why, corrupt) in corruptions {
+        std::fs::write(&path, &corrupt).unwrap();
+        let msg = miss_message(&disk_jit(&dir, false), &tu);
+        assert_explains(&msg, &tu, Some(&path), "corrupt");
+        assert!(msg.contains(why), "{why:?} is missing from: {msg}");
+        assert_eq!(std::fs::read(&path).unwrap(), corrupt, "left as it was");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_failed_store_never_fails_a_compile() {
+    logged(); // install the logger before the Jit below logs
+    let dir = temp_dir("store_fails");
+    let cache = dir.join("cache");
+    let jit = disk_jit(&cache, true);
+    assert_eq!(jit.cache_dir(), Some(cache.as_path()));
+    assert_eq!(jit.cache_read_only(), None);
+    // The directory becomes a regular file after the Jit opened it: every store fails, for root
+    // too, as on a full disk.
+    std::fs::remove_dir(&cache).unwrap();
+    std::fs::write(&cache, b"not a directory").unwrap();
+    for tag in ["store_fails_a", "store_fails_b"] {
+        let k = jit.compile(&saxpy_tu(tag), Arch::SM80).unwrap();
+        assert_eq!(k.origin, Origin::Compiled);
+        assert_cubin(&k);
+    }
+    let warned: Vec<String> = logged_about(&cache, "could not write")
+        .into_iter()
+        .filter(|l| l.starts_with("WARN"))
+        .collect();
+    assert_eq!(warned.len(), 1, "warned once, not per kernel: {warned:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn discovery_failure_names_every_path_and_the_fix() {
     let tried = [
@@ -363,8 +669,7 @@ fn nvrtc_is_found_and_the_driver_never_panics() {
     toolkit::load_nvrtc().unwrap();
     match toolkit::load_driver() {
         Ok(()) => {}
-        Err(Error::CudaUnavailable(msg)) => assert!(msg.contains("libcuda.so.1"), "{msg}"),
-        Err(e) => panic!("unexpected error {e}"),
+        Err(e) => assert!(e.to_string().contains("libcuda.so.1"), "{e}"),
     }
     if let Some(include) = toolkit::cuda_include_dir() {
         assert!(include.join("cuda_fp16.h").is_file());
@@ -432,11 +737,13 @@ fn cache_entries_round_trip_and_reject_damage() {
     assert!(
         cache::decode(&bytes, "another key")
             .unwrap_err()
+            .to_string()
             .contains("key")
     );
     assert!(
         cache::decode(&bytes[..bytes.len() - 1], &e.key_text)
             .unwrap_err()
+            .to_string()
             .contains("truncated")
     );
     let mut longer = bytes.clone();
@@ -447,6 +754,7 @@ fn cache_entries_round_trip_and_reject_damage() {
     assert!(
         cache::decode(&stats_changed, &e.key_text)
             .unwrap_err()
+            .to_string()
             .contains("checksum")
     );
 }

@@ -5,7 +5,9 @@
 use ferrinfer_runtime::attention::batch::{Batch, Heads, KvIndex, KvLayout};
 use ferrinfer_runtime::attention::reference::{self, Reference};
 use ferrinfer_runtime::error::Error;
-use ferrinfer_runtime::variant::params::{AttentionParams, ParamField, ParamType, ParamWriter};
+use ferrinfer_runtime::variant::params::{
+    Array, AttentionParams, Extent, ParamField, ParamType, ParamWriter,
+};
 use ferrinfer_runtime::variant::{Hooks, Pos, Variant, VariantSpec};
 use ferrinfer_testkit::Rng;
 
@@ -38,10 +40,7 @@ const fn spec(
 }
 
 const fn f32_field(name: &'static str) -> ParamField {
-    ParamField {
-        name,
-        ty: ParamType::F32,
-    }
+    ParamField::new(name, ParamType::F32)
 }
 
 struct Plain;
@@ -82,10 +81,7 @@ struct Window {
     window: u32,
 }
 impl AttentionParams for Window {
-    const FIELDS: &'static [ParamField] = &[ParamField {
-        name: "window",
-        ty: ParamType::U32,
-    }];
+    const FIELDS: &'static [ParamField] = &[ParamField::new("window", ParamType::U32)];
     fn pack(&self, w: &mut ParamWriter<'_>) {
         w.u32(self.window);
     }
@@ -220,6 +216,70 @@ impl Variant for Affine {
     );
     fn output(&self, o: f32, i: u32, at: Pos) -> f32 {
         self.alpha * o + 0.01 * i as f32 + 0.1 * at.qo_head as f32
+    }
+}
+
+/// ALiBi-like: a bias per query head (`slopes` covers `qo_heads`) and a scale per request and KV
+/// head (`scales` covers `batch * kv_heads`), as `#[cover]` would declare them.
+struct HeadBias {
+    slopes: Array<f32>,
+    scales: Array<f32>,
+}
+impl AttentionParams for HeadBias {
+    const FIELDS: &'static [ParamField] = &[
+        ParamField::new("slopes", ParamType::ArrayF32).covering(&[Extent::QoHeads]),
+        f32_field("unused"),
+        ParamField::new("scales", ParamType::ArrayF32).covering(&[Extent::Batch, Extent::KvHeads]),
+    ];
+    fn pack(&self, w: &mut ParamWriter<'_>) {
+        w.array(&self.slopes);
+        w.f32(0.0);
+        w.array(&self.scales);
+    }
+}
+impl Variant for HeadBias {
+    const SPEC: &'static VariantSpec = &spec(
+        "HeadBias",
+        Hooks {
+            logits: true,
+            ..NO_HOOKS
+        },
+        true,
+        Self::FIELDS,
+    );
+    fn logits(&self, s: f32, at: Pos) -> f32 {
+        // Two KV heads per request in the tests below.
+        s * self.scales[at.batch * 2 + at.kv_head] + self.slopes[at.qo_head]
+    }
+}
+
+/// A mask read through a table of offsets, as CustomMask does: no coverage can bound `bits`.
+struct Indirect {
+    offsets: Array<u32>,
+    bits: Array<u32>,
+}
+impl AttentionParams for Indirect {
+    const FIELDS: &'static [ParamField] = &[
+        ParamField::new("offsets", ParamType::ArrayU32).covering(&[Extent::Batch]),
+        ParamField::new("bits", ParamType::ArrayU32),
+    ];
+    fn pack(&self, w: &mut ParamWriter<'_>) {
+        w.array(&self.offsets);
+        w.array(&self.bits);
+    }
+}
+impl Variant for Indirect {
+    const SPEC: &'static VariantSpec = &spec(
+        "Indirect",
+        Hooks {
+            mask: true,
+            ..NO_HOOKS
+        },
+        true,
+        Self::FIELDS,
+    );
+    fn mask(&self, at: Pos) -> bool {
+        self.bits[self.offsets[at.batch] + at.kv_pos] == 1
     }
 }
 
@@ -849,4 +909,133 @@ fn tampered_batches_are_refused_not_panics() {
             );
         }
     }
+}
+
+#[test]
+fn short_parameter_arrays_are_refused_before_any_hook_runs() {
+    let mut rng = rng("coverage");
+    // 2 requests, 4 query heads, 2 KV heads: slopes need 4, scales 2 * 2.
+    let p = Problem::random(&mut rng, (4, 2, 8), &[2, 1], &[3, 4]);
+    let (kv, k, v) = p.store(Storage::Ragged(KvLayout::Nhd), &mut rng);
+    let batch = Batch::new(p.heads, &p.qo_indptr(), kv).unwrap();
+    let run = |slopes: usize, scales: usize| {
+        let variant = HeadBias {
+            slopes: Array::new(vec![0.5; slopes]),
+            scales: Array::new(vec![1.0; scales]),
+        };
+        reference::attention(&variant, &batch, &p.q, &k, &v)
+    };
+    assert!(run(4, 4).is_ok());
+    // Longer than needed is fine.
+    assert!(run(7, 9).is_ok());
+    let err = run(3, 4).unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("HeadBias.slopes has 3 elements but must cover num_qo_heads = 4"),
+        "{err}"
+    );
+    let err = run(4, 3).unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "HeadBias.scales has 3 elements but must cover batch * num_kv_heads = 2 * 2 = 4"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_index_out_of_range_in_a_hook_is_an_error_not_a_panic() {
+    let mut rng = rng("indirect");
+    let p = Problem::random(&mut rng, (2, 1, 8), &[1, 2], &[3, 4]);
+    let (kv, k, v) = p.store(Storage::Ragged(KvLayout::Nhd), &mut rng);
+    let batch = Batch::new(p.heads, &p.qo_indptr(), kv).unwrap();
+    let run = |offsets: Vec<u32>, bits: usize| {
+        let variant = Indirect {
+            offsets: Array::new(offsets),
+            bits: Array::new(vec![1; bits]),
+        };
+        reference::attention(&variant, &batch, &p.q, &k, &v)
+    };
+    let want = Formula::plain(8).eval(&p, &p.dense());
+    assert_close(&run(vec![0, 3], 7).unwrap(), &want, TOL);
+    // Covered (one offset per request), but request 1 reads bits 5..9 of 7.
+    let err = run(vec![0, 5], 7).unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("a hook of Indirect panicked at request 1, query row 0, query head 0")
+            && msg.contains("index 7 out of range of a parameter array of 7 elements"),
+        "{msg}"
+    );
+    // Not covered: refused before the hook runs.
+    let err = run(vec![0], 7).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("Indirect.offsets has 1 elements but must cover batch = 2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn nan_in_q_or_k_gives_nan_rows() {
+    let mut rng = rng("nan");
+    let (hq, d) = (4usize, 8usize);
+    // Request 0: a decode row over 5 keys; request 1: 3 rows, causal, over 3 keys.
+    let mut p = Problem::random(&mut rng, (4, 2, 8), &[1, 3], &[5, 3]);
+    // q of row 0, head 1; one element is enough.
+    p.q[d + 3] = f32::NAN;
+    // Key 0 of request 1, KV head 1 (query heads 2 and 3): seen by every row of request 1.
+    p.keys[1][d + 5] = f32::NAN;
+    for storage in [
+        Storage::Ragged(KvLayout::Nhd),
+        Storage::Paged(2, KvLayout::Hnd),
+    ] {
+        let got = p.run(&Plain, storage, true, &mut rng);
+        let row_nan = |at: usize| {
+            got.lse[at].is_nan() && got.o[at * d..(at + 1) * d].iter().all(|x| x.is_nan())
+        };
+        let row_finite = |at: usize| {
+            got.lse[at].is_finite() && got.o[at * d..(at + 1) * d].iter().all(|x| x.is_finite())
+        };
+        let nan: Vec<usize> = (0..4 * hq).filter(|&at| row_nan(at)).collect();
+        // Row 0 head 1; rows 1..=3 of request 1 (global rows 1, 2, 3), heads 2 and 3.
+        assert_eq!(nan, [1, 6, 7, 10, 11, 14, 15], "{storage:?}");
+        assert!(
+            (0..4 * hq).all(|at| nan.contains(&at) || row_finite(at)),
+            "{storage:?}"
+        );
+        // The naive formula agrees, NaN rows included.
+        let f = Formula {
+            causal: true,
+            ..Formula::plain(8)
+        };
+        assert_close(&got, &f.eval(&p, &p.dense()), TOL);
+    }
+}
+
+#[test]
+fn nan_keys_that_are_masked_out_do_not_matter() {
+    let mut rng = rng("nan-masked");
+    let d = 8;
+    let mut p = Problem::random(&mut rng, (2, 1, 8), &[2, 3], &[2, 1]);
+    // Request 0: key 1 is NaN but causal hides it from row 0, which then sees key 0 only.
+    p.keys[0][d..2 * d].fill(f32::NAN);
+    // Request 1 has 3 rows over 1 key: causal rows 0 and 1 see nothing and stay empty, even
+    // with a NaN query; row 2 sees the key.
+    // q is [row, head, dim]: global rows 2 and 3, both heads.
+    p.q[2 * 2 * d..4 * 2 * d].fill(f32::NAN);
+    let got = p.run(&Plain, Storage::Paged(1, KvLayout::Nhd), true, &mut rng);
+    let f = Formula {
+        causal: true,
+        ..Formula::plain(8)
+    };
+    assert_close(&got, &f.eval(&p, &p.dense()), TOL);
+    // Row 0 of request 0 (heads 0, 1): finite. Row 1: NaN.
+    assert!(got.lse[0..2].iter().all(|x| x.is_finite()));
+    assert!(got.lse[2..4].iter().all(|x| x.is_nan()));
+    // Request 1, rows 0 and 1: empty, o = 0 and lse = -inf, NaN query or not.
+    assert!(got.lse[4..8].iter().all(|&x| x == f64::NEG_INFINITY));
+    assert!(got.o[4 * d..8 * d].iter().all(|&x| x == 0.0));
+    assert!(got.lse[8..10].iter().all(|x| x.is_finite()));
 }

@@ -14,9 +14,26 @@ use crate::prelude::*;
 /// let at = Pos { qo_pos: 3, kv_pos: 1, qo_len: 4, kv_len: 4, ..Pos::default() };
 /// assert_eq!(v.logits(0.0, at), -1.0);
 /// ```
+///
+/// The slopes must cover the query heads (`#[cover(qo_heads)]`): a batch with more query heads
+/// than slopes is refused before anything runs.
+///
+/// ```
+/// use ferrinfer::attention::batch::{Batch, Heads, KvIndex, KvLayout};
+/// use ferrinfer::attention::reference;
+/// use ferrinfer::variants::Alibi;
+///
+/// let heads = Heads::new(32, 8, 16).unwrap();
+/// let batch = Batch::new(heads, &[0, 1], KvIndex::ragged(&[0, 4], KvLayout::Nhd).unwrap()).unwrap();
+/// let (q, kv) = (vec![0.5; 32 * 16], vec![0.5; 4 * 8 * 16]);
+/// let err = reference::attention(&Alibi::new(8), &batch, &q, &kv, &kv).unwrap_err();
+/// assert!(err.to_string().contains("Alibi.slopes has 8 elements but must cover num_qo_heads = 32"));
+/// assert!(reference::attention(&Alibi::new(32), &batch, &q, &kv, &kv).is_ok());
+/// ```
 #[derive(AttentionParams, Clone, Debug)]
 pub struct Alibi {
     /// One slope per query head.
+    #[cover(qo_heads)]
     pub slopes: Array<f32>,
 }
 

@@ -13,6 +13,7 @@ use crate::prelude::*;
 #[derive(AttentionParams, Clone, Debug)]
 pub struct AttentionSink {
     /// One sink logit per query head.
+    #[cover(qo_heads)]
     pub sinks: Array<f32>,
 }
 

@@ -14,11 +14,19 @@ use crate::prelude::*;
 /// assert!(m.mask(at(0, 2)));
 /// assert!(!m.mask(at(1, 2)));
 /// ```
+///
+/// `offsets` must cover the requests of the batch (`#[cover(batch)]`, checked before anything
+/// runs). `bits` is indexed through the offsets, so no coverage can state its length: it must hold
+/// bit `offsets[b] + qo_len * kv_len - 1` of every request `b` with keys, which
+/// [`CustomMask::new`] guarantees for the masks it was given. A mask built for another batch
+/// composition can index past `bits`: the CPU reference returns an error, and the GPU kernel
+/// traps, so build a mask per batch.
 #[derive(AttentionParams, Clone, Debug)]
 pub struct CustomMask {
     /// The packed bits of every request, LSB first in each word.
     pub bits: Array<u32>,
     /// The index of the first bit of each request in `bits`.
+    #[cover(batch)]
     pub offsets: Array<u32>,
 }
 

@@ -4,9 +4,12 @@
 //! as the kernels call them; everything else (dot products, softmax, sums, `exp`, `ln`) is f64, so
 //! the only difference from a GPU kernel is the kernel's own rounding.
 
+use std::panic::AssertUnwindSafe;
+
 use crate::attention::batch::{Batch, KvIndex};
 use crate::device::dtype::{self, Element};
 use crate::error::{Error, Result};
+use crate::variant::params::check_coverage;
 use crate::variant::{Pos, Variant};
 
 /// The result of [`attention`], in f64.
@@ -14,7 +17,8 @@ use crate::variant::{Pos, Variant};
 pub struct Reference {
     /// `[total_qo, num_qo_heads, head_dim]`.
     pub o: Vec<f64>,
-    /// `[total_qo, num_qo_heads]`, natural log; `-inf` for a row with no visible key and no sink.
+    /// `[total_qo, num_qo_heads]`, natural log; `-inf` for a row with no visible key and no sink
+    /// (its `o` is 0), NaN for a row with a NaN score or sink (its `o` is NaN too).
     /// Softmax-off variants have no log-sum-exp: every entry is NaN and means nothing.
     pub lse: Vec<f64>,
 }
@@ -23,7 +27,21 @@ pub struct Reference {
 /// hooks.
 ///
 /// `q` is `[total_qo, num_qo_heads, head_dim]`; `k` and `v` are addressed by the batch's KV index.
-/// Every inconsistency between the batch and the buffers is an [`Error::InvalidInput`].
+///
+/// # Errors
+/// [`Error::InvalidInput`] for:
+/// - every inconsistency between the batch and the buffers;
+/// - a parameter array shorter than the coverage its field states (`#[cover(qo_heads)]`...),
+///   checked before any hook runs, as `run` does before a launch;
+/// - a hook that panics, such as an array index that depends on the array's contents (the bit
+///   offsets of `CustomMask`) and is out of range despite the coverage. The panic is caught and
+///   the error names the variant, the request, row and head, and the panic's message; the
+///   process's panic hook still prints the panic as usual. (Built with `panic = "abort"`, the
+///   process aborts instead.) On the GPU the same index traps in the CUDA context.
+///
+/// A NaN in `q` or `k` (or a NaN logit or sink) makes every row that sees it NaN, in `o` and
+/// `lse`, never an empty row; a row whose keys are all masked out stays empty (`o` = 0,
+/// `lse` = `-inf`), whatever its query holds.
 pub fn attention<V: Variant>(
     variant: &V,
     batch: &Batch,
@@ -33,6 +51,8 @@ pub fn attention<V: Variant>(
 ) -> Result<Reference> {
     check_structure(batch)?;
     batch.check_lengths(q.len(), k.len(), v.len(), q.len())?;
+    check_coverage(variant, batch)?;
+    let name = V::SPEC.name;
     let heads = batch.heads;
     let d = heads.head_dim as usize;
     let mut out = Reference {
@@ -48,14 +68,21 @@ pub fn attention<V: Variant>(
                 kv_len: batch.kv.kv_len(b),
                 head_dim: heads.head_dim,
             };
-            let kv = KvRows::load(variant, batch, &req, k, v);
+            let kv = guarded(
+                name,
+                || format!("request {b}, KV head {kv_head}"),
+                || KvRows::load(variant, batch, &req, k, v),
+            )?;
             let group = heads.group_size();
             for h in kv_head * group..(kv_head + 1) * group {
                 for i in 0..req.qo_len {
                     let row = batch.qo_indptr[b] as usize + i as usize;
                     let at = row * heads.num_qo_heads as usize + h as usize;
-                    let (o, lse) =
-                        row_attention(variant, batch, &req, &kv, &q[at * d..(at + 1) * d], i, h);
+                    let (o, lse) = guarded(
+                        name,
+                        || format!("request {b}, query row {i}, query head {h}"),
+                        || row_attention(variant, batch, &req, &kv, &q[at * d..(at + 1) * d], i, h),
+                    )?;
                     out.o[at * d..(at + 1) * d].copy_from_slice(&o);
                     out.lse[at] = lse;
                 }
@@ -80,6 +107,23 @@ pub fn attention_typed<V: Variant, T: Element>(
         &dtype::to_f32(k),
         &dtype::to_f32(v),
     )
+}
+
+/// Runs code that calls hooks. A panic in a hook becomes an [`Error::InvalidInput`] that names the
+/// variant, `place` and the panic's message, instead of unwinding into the caller.
+fn guarded<T>(variant: &str, place: impl FnOnce() -> String, f: impl FnOnce() -> T) -> Result<T> {
+    // Unwind safety: on a panic everything `f` touched is dropped with the whole result.
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_owned());
+        Error::invalid(format!(
+            "a hook of {variant} panicked at {}: {message}",
+            place()
+        ))
+    })
 }
 
 /// Relative L2 error `||got - want|| / ||want||`.
@@ -241,11 +285,14 @@ fn softmax_rows<V: Variant>(
 ) -> f64 {
     let d = o.len();
     let sink = V::SPEC.hooks.sink.then(|| f64::from(variant.sink(*at_o)));
-    let m = logits
-        .iter()
-        .map(|&(_, l)| l)
-        .chain(sink)
-        .fold(f64::NEG_INFINITY, f64::max);
+    // `f64::max` ignores NaN, so a row of NaN scores would look empty. A NaN score (from a NaN in q
+    // or k, or from a hook) makes the whole row NaN instead: bad input must show, not vanish.
+    let scores = || logits.iter().map(|&(_, l)| l).chain(sink);
+    if scores().any(f64::is_nan) {
+        o.fill(f64::NAN);
+        return f64::NAN;
+    }
+    let m = scores().fold(f64::NEG_INFINITY, f64::max);
     if m == f64::NEG_INFINITY {
         // Nothing to attend to (or only -inf logits): o stays 0 rather than 0/0.
         return f64::NEG_INFINITY;

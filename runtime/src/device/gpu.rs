@@ -101,7 +101,7 @@ unsafe impl DeviceRepr for ArgsParam {}
 impl Gpu {
     /// Open device `ordinal`. Fails with [`Error::CudaUnavailable`] when there is no driver or GPU.
     pub fn new(ordinal: usize) -> Result<Self> {
-        crate::device::toolkit::load_driver()?;
+        crate::device::toolkit::load_driver().map_err(|e| Error::CudaUnavailable(e.to_string()))?;
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| Error::CudaUnavailable(format!("cannot open GPU {ordinal}: {e}")))?;
         // SAFETY: ferrinfer orders all of its work on the one stream below, so cudarc's per-buffer

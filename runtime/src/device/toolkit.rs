@@ -4,15 +4,42 @@
 //! loader cannot find them. So we look for them ourselves, load them by full path with
 //! `RTLD_GLOBAL` and keep them loaded forever: cudarc's later by-name `dlopen` then matches the
 //! already-loaded soname, and NVRTC's own `dlopen` of libnvrtc-builtins does too. Absence becomes
-//! [`Error::CudaUnavailable`] with a message that says where we looked and how to fix it.
+//! an [`Unavailable`] whose message says where we looked and how to fix it.
+//!
+//! A leaf: it imports nothing of ours, so its callers map [`Unavailable`] to their own error
+//! (the runtime's is `Error::CudaUnavailable`).
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
 use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
 
-use crate::error::{Error, Result};
+/// A CUDA library could not be found or loaded. The message names every place looked in, and the
+/// fix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unavailable(String);
+
+impl Unavailable {
+    /// The message: where we looked, what failed, how to fix it.
+    pub fn message(&self) -> &str {
+        &self.0
+    }
+
+    /// The message, by value.
+    pub fn into_message(self) -> String {
+        self.0
+    }
+}
+
+impl fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unavailable {}
 
 /// Library directories inside a CUDA root, in search order.
 const LIB_DIRS: [&str; 3] = ["lib64", "lib", "targets/x86_64-linux/lib"];
@@ -33,7 +60,7 @@ struct Nvrtc {
 
 /// Make NVRTC (and its builtins library) loadable for cudarc, or say why not. Cheap after the
 /// first call: the outcome is cached for the life of the process.
-pub fn load_nvrtc() -> Result<()> {
+pub fn load_nvrtc() -> Result<(), Unavailable> {
     nvrtc().map(|_| ())
 }
 
@@ -59,15 +86,15 @@ pub fn cuda_include_dir() -> Option<PathBuf> {
     .clone()
 }
 
-fn nvrtc() -> Result<&'static Nvrtc> {
-    static NVRTC: OnceLock<std::result::Result<Nvrtc, String>> = OnceLock::new();
+fn nvrtc() -> Result<&'static Nvrtc, Unavailable> {
+    static NVRTC: OnceLock<Result<Nvrtc, String>> = OnceLock::new();
     NVRTC
         .get_or_init(discover_nvrtc)
         .as_ref()
-        .map_err(|m| Error::CudaUnavailable(m.clone()))
+        .map_err(|m| Unavailable(m.clone()))
 }
 
-fn discover_nvrtc() -> std::result::Result<Nvrtc, String> {
+fn discover_nvrtc() -> Result<Nvrtc, String> {
     let mut tried = Vec::new();
     let mut failures = Vec::new();
     let mut try_root = |root: &Path, tried: &mut Vec<PathBuf>| -> bool {
@@ -132,7 +159,7 @@ pub fn not_found_message(tried: &[PathBuf]) -> String {
 }
 
 /// Load builtins then NVRTC from `dir`. `Ok(false)`: not there; `Err`: there but unusable.
-fn load_nvrtc_from(dir: &Path) -> std::result::Result<bool, String> {
+fn load_nvrtc_from(dir: &Path) -> Result<bool, String> {
     let (Some(builtins), Some(nvrtc)) = (
         find_versioned(dir, "libnvrtc-builtins.so."),
         find_versioned(dir, "libnvrtc.so."),
@@ -165,7 +192,7 @@ fn find_versioned(dir: &Path, prefix: &str) -> Option<PathBuf> {
 }
 
 /// dlopen with `RTLD_NOW | RTLD_GLOBAL` and never close: cudarc and NVRTC rely on it staying loaded.
-fn open_global(path: &Path) -> std::result::Result<(), String> {
+fn open_global(path: &Path) -> Result<(), String> {
     // SAFETY: loading a CUDA library runs its initialisers, which have no preconditions on us.
     let lib = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) }
         .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -262,15 +289,15 @@ fn python_purelib() -> Option<PathBuf> {
 }
 
 /// Load the CUDA driver library (libcuda.so.1), or say why not. Cheap after the first call.
-pub fn load_driver() -> Result<()> {
-    static DRIVER: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+pub fn load_driver() -> Result<(), Unavailable> {
+    static DRIVER: OnceLock<Result<(), String>> = OnceLock::new();
     DRIVER
         .get_or_init(discover_driver)
         .clone()
-        .map_err(Error::CudaUnavailable)
+        .map_err(Unavailable)
 }
 
-fn discover_driver() -> std::result::Result<(), String> {
+fn discover_driver() -> Result<(), String> {
     let candidates = std::iter::once(PathBuf::from("libcuda.so.1")).chain(
         DRIVER_DIRS
             .iter()

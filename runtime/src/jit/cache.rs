@@ -5,7 +5,11 @@
 //!  log_len u32 | log | payload_len u64 | checksum u64 | payload`.
 //! The full key text is stored so that a hash collision (or a stale file) is detected rather than
 //! trusted; the checksum (FNV-1a 64) covers every byte before it and the payload.
+//!
+//! A directory that exists but cannot be written (a read-only image, another user's cache) is
+//! still used for loading; only stores are skipped (see [`DiskCache::read_only`]).
 
+use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +28,61 @@ pub fn default_dir(lookup: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
     var("FERRINFER_CACHE_DIR")
         .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("ferrinfer")))
         .or_else(|| var("HOME").map(|d| d.join(".cache/ferrinfer")))
+}
+
+/// Why a kernel was not loaded from the disk cache: absent, or present and not trusted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Miss {
+    /// No cache directory is configured, so there was nothing to look in.
+    NoCacheDir,
+    /// The cache directory does not exist and could not be created, or cannot be read; holds why.
+    DirUnusable(String),
+    /// The directory is there; the file is not.
+    NoFile,
+    /// The file could not be opened or read (permissions, I/O error); holds the OS error.
+    Unreadable(String),
+    /// Not a whole, intact cache file: truncated, bad magic, bad checksum...; holds what is wrong.
+    Corrupt(String),
+    /// A cache file of another format version (written by another ferrinfer release).
+    OtherVersion {
+        /// The version in the file.
+        found: u32,
+    },
+    /// An intact file made for a different key text: a stale file copied under this name, or a
+    /// collision of the 64-bit hash. Never trusted.
+    KeyDiffers,
+}
+
+impl fmt::Display for Miss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Miss::NoCacheDir => f.write_str(
+                "no disk cache is configured (JitConfig::cache_dir is None; from the \
+                 environment it is $FERRINFER_CACHE_DIR, else $XDG_CACHE_HOME/ferrinfer, else \
+                 ~/.cache/ferrinfer)",
+            ),
+            Miss::DirUnusable(why) => write!(
+                f,
+                "the cache directory does not exist or cannot be read ({why})"
+            ),
+            Miss::NoFile => f.write_str("no such file"),
+            Miss::Unreadable(why) => write!(
+                f,
+                "the file cannot be read ({why}); check the permissions of the file and of \
+                 its directory"
+            ),
+            Miss::Corrupt(why) => write!(f, "the file is corrupt ({why})"),
+            Miss::OtherVersion { found } => write!(
+                f,
+                "the file is from another cache format version ({found}; this build reads version \
+                 {FORMAT_VERSION})"
+            ),
+            Miss::KeyDiffers => f.write_str(
+                "the file was made for a different key text (a stale file, or a collision of the \
+                 64-bit hash), so it is not trusted",
+            ),
+        }
+    }
 }
 
 /// One cached kernel as stored on disk.
@@ -79,21 +138,20 @@ fn checksum(header: &[u8], payload: &[u8]) -> u64 {
     h.finish()
 }
 
-/// Parse and check an entry; `Err` says what is wrong with it.
-pub fn decode(bytes: &[u8], expected_key: &str) -> Result<Entry, String> {
+/// Parse and check an entry made for `expected_key`; `Err` says what is wrong with it
+/// ([`Miss::Corrupt`], [`Miss::OtherVersion`] or [`Miss::KeyDiffers`]).
+pub fn decode(bytes: &[u8], expected_key: &str) -> Result<Entry, Miss> {
     let mut r = Reader { bytes, pos: 0 };
     if r.take(8)? != MAGIC {
-        return Err("not a ferrinfer cache file (bad magic)".into());
+        return Err(corrupt("not a ferrinfer cache file: bad magic"));
     }
     let version = r.u32()?;
     if version != FORMAT_VERSION {
-        return Err(format!(
-            "format version {version}, expected {FORMAT_VERSION}"
-        ));
+        return Err(Miss::OtherVersion { found: version });
     }
     let key_text = r.text()?;
     if key_text != expected_key {
-        return Err("stored key differs (hash collision or stale file)".into());
+        return Err(Miss::KeyDiffers);
     }
     let entry = r.text()?;
     let stats = KernelStats {
@@ -104,15 +162,15 @@ pub fn decode(bytes: &[u8], expected_key: &str) -> Result<Entry, String> {
         shared_static: r.u32()?,
     };
     let log = r.text()?;
-    let len = usize::try_from(r.u64()?).map_err(|_| "payload length overflows".to_string())?;
+    let len = usize::try_from(r.u64()?).map_err(|_| corrupt("payload length overflows"))?;
     let header_end = r.pos;
     let sum = r.u64()?;
     let cubin = r.take(len)?;
     if r.pos != bytes.len() {
-        return Err(format!("{} trailing bytes", bytes.len() - r.pos));
+        return Err(corrupt(format!("{} trailing bytes", bytes.len() - r.pos)));
     }
     if sum != checksum(&bytes[..header_end], cubin) {
-        return Err("checksum mismatch".into());
+        return Err(corrupt("checksum mismatch"));
     }
     Ok(Entry {
         key_text,
@@ -123,55 +181,72 @@ pub fn decode(bytes: &[u8], expected_key: &str) -> Result<Entry, String> {
     })
 }
 
+fn corrupt(why: impl Into<String>) -> Miss {
+    Miss::Corrupt(why.into())
+}
+
 struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Miss> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
         let end = end.ok_or_else(|| {
-            format!(
+            corrupt(format!(
                 "truncated at byte {} of {}",
                 self.bytes.len(),
                 self.pos.saturating_add(n)
-            )
+            ))
         })?;
         let s = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(s)
     }
-    fn u32(&mut self) -> Result<u32, String> {
+    fn u32(&mut self) -> Result<u32, Miss> {
         Ok(u32::from_le_bytes(
             self.take(4)?.try_into().expect("4 bytes"),
         ))
     }
-    fn u64(&mut self) -> Result<u64, String> {
+    fn u64(&mut self) -> Result<u64, Miss> {
         Ok(u64::from_le_bytes(
             self.take(8)?.try_into().expect("8 bytes"),
         ))
     }
-    fn text(&mut self) -> Result<String, String> {
+    fn text(&mut self) -> Result<String, Miss> {
         let n = self.u32()? as usize;
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| "text field is not UTF-8".to_string())
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| corrupt("text field is not UTF-8"))
     }
 }
 
-/// A cache directory known to be writable.
+/// A cache directory that exists; writable, or read-only (loads only).
 pub struct DiskCache {
     dir: PathBuf,
+    /// Why files cannot be written there; `None` when they can.
+    read_only: Option<String>,
 }
 
 impl DiskCache {
-    /// Create `dir` if needed and check that a file can be written there.
+    /// Open `dir`, creating it if needed, and check whether a file can be written there. Fails
+    /// only when the directory is not there and cannot be created: one that exists but cannot be
+    /// written opens read-only (see [`read_only`](Self::read_only)), for loading a cache filled
+    /// ahead of time.
     pub fn open(dir: &Path) -> std::io::Result<DiskCache> {
-        std::fs::create_dir_all(dir)?;
+        let created = std::fs::create_dir_all(dir);
+        if !dir.is_dir() {
+            return Err(created.err().unwrap_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory")
+            }));
+        }
         let probe = temp_path(dir, "probe");
-        std::fs::write(&probe, b"")?;
-        std::fs::remove_file(&probe)?;
+        let writable = std::fs::write(&probe, b"").and_then(|()| std::fs::remove_file(&probe));
+        if writable.is_err() {
+            let _ = std::fs::remove_file(&probe);
+        }
         Ok(DiskCache {
             dir: dir.to_path_buf(),
+            read_only: writable.err().map(|e| e.to_string()),
         })
     }
 
@@ -180,23 +255,39 @@ impl DiskCache {
         &self.dir
     }
 
-    /// Where the entry for `key` (a hash) lives.
-    pub fn path(&self, key: &str) -> PathBuf {
-        self.dir.join(format!("{key}.cubin"))
+    /// `Some(why)` when files cannot be written in the directory: then it is only loaded from, and
+    /// [`store`](Self::store) refuses.
+    pub fn read_only(&self) -> Option<&str> {
+        self.read_only.as_deref()
     }
 
-    /// `Ok(None)`: no entry. `Err`: an entry that must not be trusted, and why.
-    pub fn load(&self, key: &str, key_text: &str) -> Result<Option<Entry>, String> {
+    /// Where the entry for `key` (a hash) lives.
+    pub fn path(&self, key: &str) -> PathBuf {
+        entry_path(&self.dir, key)
+    }
+
+    /// The entry for `key` (a hash), checked against `key_text`; `Err` says why there is none
+    /// that can be trusted.
+    pub fn load(&self, key: &str, key_text: &str) -> Result<Entry, Miss> {
         match std::fs::read(self.path(key)) {
-            Ok(bytes) => decode(&bytes, key_text).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.to_string()),
+            Ok(bytes) => decode(&bytes, key_text),
+            Err(_) if !self.dir.is_dir() => Err(Miss::DirUnusable(
+                "it was removed or replaced after it was opened".into(),
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Miss::NoFile),
+            Err(e) => Err(Miss::Unreadable(e.to_string())),
         }
     }
 
     /// Write the entry under a unique temporary name, then rename it into place: readers (and other
-    /// processes writing the same kernel) only ever see a whole file.
+    /// processes writing the same kernel) only ever see a whole file. Fails on a read-only cache.
     pub fn store(&self, key: &str, entry: &Entry) -> std::io::Result<()> {
+        if let Some(why) = &self.read_only {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("the cache is read-only ({why})"),
+            ));
+        }
         let tmp = temp_path(&self.dir, key);
         let written = std::fs::File::create(&tmp)
             .and_then(|mut f| f.write_all(&encode(entry)))
@@ -206,6 +297,11 @@ impl DiskCache {
         }
         written
     }
+}
+
+/// Where the entry for `key` (a hash) lives in the cache directory `dir`.
+pub fn entry_path(dir: &Path, key: &str) -> PathBuf {
+    dir.join(format!("{key}.cubin"))
 }
 
 /// A name no other thread or process uses at the same time.

@@ -4,9 +4,11 @@
 pub struct Fnv64(u64);
 
 impl Fnv64 {
+    /// The hash of nothing (FNV's offset basis).
     pub fn new() -> Self {
         Fnv64(0xcbf2_9ce4_8422_2325)
     }
+    /// Add one part: its bytes, then a separator.
     pub fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
             self.0 ^= u64::from(*b);
@@ -16,6 +18,7 @@ impl Fnv64 {
         self.0 ^= 0xff;
         self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
     }
+    /// The hash of the parts written so far.
     pub fn finish(&self) -> u64 {
         self.0
     }

@@ -3,7 +3,10 @@
 //! A lookup goes memory -> disk -> NVRTC. The key is a stable hash of everything that decides the
 //! CUBIN: the source, NVRTC's version, the options and the arch. With `compile: false`
 //! (`FERRINFER_NO_JIT=1`) a miss of both caches is an error instead of a compile: the switch for
-//! production, where every kernel was compiled ahead of time into the disk cache.
+//! production, where every kernel was compiled ahead of time into the disk cache. That directory
+//! may be read-only (a container image): it is loaded from, and nothing is written to it.
+//!
+//! Because NVRTC's version is part of the key, even a disk hit needs libnvrtc to be loadable.
 
 pub mod cache;
 pub mod hash;
@@ -11,6 +14,7 @@ pub mod nvrtc;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -18,7 +22,7 @@ use ferrinfer_kernels::TranslationUnit;
 
 pub use crate::device::Arch;
 use crate::error::{Error, Result};
-use cache::DiskCache;
+use cache::{DiskCache, Miss};
 pub use nvrtc::KernelStats;
 
 /// How a [`Jit`] finds and makes kernels.
@@ -101,9 +105,12 @@ type Slot = Arc<Mutex<Option<Arc<CompiledKernel>>>>;
 /// The compiler and its caches. Cheap to share: every method takes `&self`.
 pub struct Jit {
     config: JitConfig,
-    disk: Option<DiskCache>,
+    /// The disk cache, or why there is none (the reason every disk lookup misses).
+    disk: std::result::Result<DiskCache, Miss>,
     /// Keyed by the full key text, so that a hash collision cannot alias two kernels.
     memory: Mutex<HashMap<String, Slot>>,
+    /// Whether a failed store was already logged as a warning (later ones go to debug).
+    store_failure_logged: AtomicBool,
 }
 
 impl Jit {
@@ -113,26 +120,41 @@ impl Jit {
         GLOBAL.get_or_init(|| Jit::new(JitConfig::from_env()))
     }
 
-    /// A JIT with its own memory cache. A disk cache directory that cannot be created or written
-    /// is logged and ignored: kernels are then cached in memory only.
+    /// A JIT with its own memory cache. A disk cache directory that exists but cannot be written
+    /// is used read-only: kernels are loaded from it and new ones are not stored (said once in the
+    /// log). One that does not exist and cannot be created is logged and ignored: kernels are then
+    /// cached in memory only. Failing to store a kernel never fails a compile.
     pub fn new(config: JitConfig) -> Jit {
-        let disk = config
-            .cache_dir
-            .as_deref()
-            .and_then(|dir| match DiskCache::open(dir) {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    log::warn!(
-                        "kernel cache {} is not writable ({e}); caching in memory only",
-                        dir.display()
-                    );
-                    None
-                }
-            });
+        let disk = match config.cache_dir.as_deref() {
+            None => Err(Miss::NoCacheDir),
+            Some(dir) => DiskCache::open(dir).map_err(|e| {
+                log::warn!(
+                    "kernel cache {} cannot be created or opened ({e}); caching in memory only",
+                    dir.display()
+                );
+                Miss::DirUnusable(e.to_string())
+            }),
+        };
+        if let Ok(d) = &disk
+            && let Some(why) = d.read_only()
+        {
+            // Expected when serving from a cache filled ahead of time; worth a warning otherwise.
+            let level = if config.compile {
+                log::Level::Warn
+            } else {
+                log::Level::Info
+            };
+            log::log!(
+                level,
+                "kernel cache {} is read-only ({why}): loading kernels from it, storing none",
+                d.dir().display()
+            );
+        }
         Jit {
             config,
             disk,
             memory: Mutex::new(HashMap::new()),
+            store_failure_logged: AtomicBool::new(false),
         }
     }
 
@@ -141,15 +163,22 @@ impl Jit {
         &self.config
     }
 
-    /// The disk cache directory in use, `None` when caching in memory only.
+    /// The disk cache directory in use (perhaps read-only), `None` when caching in memory only.
     pub fn cache_dir(&self) -> Option<&Path> {
-        self.disk.as_ref().map(DiskCache::dir)
+        self.disk.as_ref().ok().map(DiskCache::dir)
     }
 
-    /// The disk cache file for `tu` on `arch` (whether or not it exists yet).
+    /// `Some(why)` when the disk cache directory is in use but cannot be written: kernels are
+    /// loaded from it and new ones are kept in memory only.
+    pub fn cache_read_only(&self) -> Option<&str> {
+        self.disk.as_ref().ok().and_then(DiskCache::read_only)
+    }
+
+    /// The disk cache file for `tu` on `arch` (whether or not it exists yet); `None` when no disk
+    /// cache is in use.
     pub fn entry_path(&self, tu: &TranslationUnit, arch: Arch) -> Result<Option<PathBuf>> {
         let (key, _) = self.key(tu, arch)?;
-        Ok(self.disk.as_ref().map(|d| d.path(&key)))
+        Ok(self.disk.as_ref().ok().map(|d| d.path(&key)))
     }
 
     /// The CUBIN of `tu` for `arch`: from memory, else disk, else NVRTC (if allowed).
@@ -164,16 +193,11 @@ impl Jit {
             return Ok(hit.clone());
         }
         let kernel = match self.load_from_disk(tu, arch, &key, &key_text) {
-            Some(k) => k,
-            None if !self.config.compile => {
-                return Err(Error::CacheMiss(format!(
-                    "{} for {arch} (key {key}, cache {}): compile it ahead of time with FERRINFER_NO_JIT unset",
-                    tu.name,
-                    self.cache_dir()
-                        .map_or("in memory only".into(), |d| d.display().to_string()),
-                )));
+            Ok(k) => k,
+            Err(miss) if !self.config.compile => {
+                return Err(Error::CacheMiss(self.miss_message(tu, arch, &key, &miss)));
             }
-            None => self.compile_and_store(tu, arch, &key, &key_text)?,
+            Err(_) => self.compile_and_store(tu, arch, &key, &key_text)?,
         };
         *slot = Some(Arc::new(CompiledKernel {
             origin: Origin::Memory,
@@ -183,9 +207,41 @@ impl Jit {
         Ok(Arc::new(kernel))
     }
 
+    /// What a cache miss in no-JIT mode says: the kernel, the file looked at, why it missed, and
+    /// how to fill the cache.
+    fn miss_message(&self, tu: &TranslationUnit, arch: Arch, key: &str, miss: &Miss) -> String {
+        let Some(dir) = self.config.cache_dir.as_deref() else {
+            return format!(
+                "{} for {arch} (key {key}): {miss}. To fix: point FERRINFER_CACHE_DIR at a \
+                 directory filled ahead of time with FERRINFER_NO_JIT unset, e.g. by \
+                 `cargo run --release --example precompile`, or unset FERRINFER_NO_JIT",
+                tu.name
+            );
+        };
+        let nvrtc = nvrtc::version().map_or(String::new(), |(major, minor)| {
+            format!(" and NVRTC {major}.{minor}")
+        });
+        format!(
+            "{} for {arch} (key {key}): looked for {}: {miss}. To fix: fill the cache ahead of \
+             time with FERRINFER_NO_JIT unset, with the same ferrinfer build{nvrtc} as this \
+             process (both are part of the key), e.g. `FERRINFER_CACHE_DIR={} cargo run \
+             --release --example precompile`; or unset FERRINFER_NO_JIT to compile on demand",
+            tu.name,
+            cache::entry_path(dir, key).display(),
+            dir.display(),
+        )
+    }
+
     /// (hash, full key text). Includes NVRTC's version, so NVRTC must be loadable even for hits.
     fn key(&self, tu: &TranslationUnit, arch: Arch) -> Result<(String, String)> {
-        let (major, minor) = nvrtc::version()?;
+        let (major, minor) = nvrtc::version().map_err(|e| match e {
+            Error::CudaUnavailable(m) if !self.config.compile => Error::CudaUnavailable(format!(
+                "JIT is off (FERRINFER_NO_JIT), but loading {} from the kernel cache still needs \
+                 NVRTC, whose version is part of every cache key: {m}",
+                tu.name
+            )),
+            e => e,
+        })?;
         let options = nvrtc::options(arch, &self.config.extra_options);
         let key_text = format!(
             "ferrinfer cubin v{}\nnvrtc {major}.{minor}\narch {}\noptions {}\nentry {}\n{}",
@@ -198,24 +254,25 @@ impl Jit {
         Ok((crate::jit::hash::hex(&[key_text.as_bytes()]), key_text))
     }
 
+    /// The kernel from the disk cache, or why it is not there (logged when it will be recompiled).
     fn load_from_disk(
         &self,
         tu: &TranslationUnit,
         arch: Arch,
         key: &str,
         key_text: &str,
-    ) -> Option<CompiledKernel> {
-        let disk = self.disk.as_ref()?;
+    ) -> std::result::Result<CompiledKernel, Miss> {
+        let disk = self.disk.as_ref().map_err(Clone::clone)?;
         let start = Instant::now();
         match disk.load(key, key_text) {
-            Ok(Some(e)) => {
+            Ok(e) => {
                 let seconds = start.elapsed().as_secs_f64();
                 log::info!(
                     "loaded {} for {arch} from {} in {seconds:.3} s",
                     tu.name,
                     disk.path(key).display()
                 );
-                Some(CompiledKernel {
+                Ok(CompiledKernel {
                     cubin: e.cubin,
                     entry: e.entry,
                     stats: e.stats,
@@ -224,13 +281,15 @@ impl Jit {
                     seconds,
                 })
             }
-            Ok(None) => None,
-            Err(why) => {
-                log::warn!(
-                    "ignoring cache entry {}: {why}; recompiling",
-                    disk.path(key).display()
-                );
-                None
+            Err(miss) => {
+                let untrusted = !matches!(miss, Miss::NoFile | Miss::DirUnusable(_));
+                if self.config.compile && untrusted {
+                    log::warn!(
+                        "ignoring cache entry {}: {miss}; recompiling",
+                        disk.path(key).display()
+                    );
+                }
+                Err(miss)
             }
         }
     }
@@ -258,7 +317,9 @@ impl Jit {
             origin: Origin::Compiled,
             seconds,
         };
-        if let Some(disk) = &self.disk {
+        if let Ok(disk) = &self.disk
+            && disk.read_only().is_none()
+        {
             let entry = cache::Entry {
                 key_text: key_text.to_string(),
                 entry: kernel.entry.clone(),
@@ -266,8 +327,19 @@ impl Jit {
                 log: kernel.log.clone(),
                 cubin: kernel.cubin.clone(),
             };
+            // A full disk or a permission change must not fail the compile: the kernel is kept in
+            // memory either way.
             if let Err(e) = disk.store(key, &entry) {
-                log::warn!("could not write {}: {e}", disk.path(key).display());
+                let path = disk.path(key);
+                if self.store_failure_logged.swap(true, Ordering::Relaxed) {
+                    log::debug!("could not write {}: {e}", path.display());
+                } else {
+                    log::warn!(
+                        "could not write {} ({e}): compiled kernels are kept in memory only; \
+                         further write failures are logged at debug level",
+                        path.display()
+                    );
+                }
             }
         }
         Ok(kernel)

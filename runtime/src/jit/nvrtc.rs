@@ -91,13 +91,18 @@ pub fn version() -> Result<(i32, i32)> {
     if let Some(v) = VERSION.get() {
         return Ok(*v);
     }
-    toolkit::load_nvrtc()?;
+    load_nvrtc()?;
     let (mut major, mut minor): (c_int, c_int) = (0, 0);
     // SAFETY: NVRTC is loaded (checked above) and both pointers are valid for writes.
     unsafe { sys::nvrtcVersion(&mut major, &mut minor) }
         .result()
         .map_err(|e| Error::CudaUnavailable(format!("nvrtcVersion failed: {e:?}")))?;
     Ok(*VERSION.get_or_init(|| (major, minor)))
+}
+
+/// Make NVRTC loadable, or say why not.
+fn load_nvrtc() -> Result<()> {
+    toolkit::load_nvrtc().map_err(|e| Error::CudaUnavailable(e.into_message()))
 }
 
 /// The full NVRTC option list for `arch`. No fast-math: variant hooks need accurate expf/tanhf.
@@ -124,7 +129,7 @@ pub struct Output {
 
 /// Compile `tu` with exactly `options` (see [`options`]) to CUBIN.
 pub fn compile(tu: &TranslationUnit, options: &[String]) -> Result<Output> {
-    toolkit::load_nvrtc()?;
+    load_nvrtc()?;
     let fail = |log: String| Error::Compile {
         kernel: tu.name.clone(),
         log,

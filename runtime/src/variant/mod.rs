@@ -73,7 +73,8 @@ pub struct VariantSpec {
     pub hooks: Hooks,
     /// `false` for variants such as FlashSigmoid: the logits are used as the weights directly.
     pub softmax: bool,
-    /// Parameter layout, from `#[derive(AttentionParams)]`.
+    /// Parameter layout, from `#[derive(AttentionParams)]`, with what each array must cover
+    /// (checked before any hook runs, on every backend).
     pub params: &'static [ParamField],
     /// The lowered hooks: a CUDA `struct Variant` whose static device functions take `const Params&`.
     pub cuda: &'static str,

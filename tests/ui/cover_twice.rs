@@ -1,0 +1,10 @@
+use ferrinfer::prelude::*;
+
+#[derive(AttentionParams)]
+pub struct Slopes {
+    #[cover(batch)]
+    #[cover(qo_heads)]
+    pub slopes: Array<f32>,
+}
+
+fn main() {}
