@@ -53,8 +53,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         rng.normal_vec(n).into_iter().map(bf16::from_f32).collect()
     };
     let q = draw(batch.q_len(), &mut rng);
-    let k = draw(batch.kv.buffer_len(&heads), &mut rng);
-    let v = draw(batch.kv.buffer_len(&heads), &mut rng);
+    let k = draw(batch.kv().buffer_len(&heads), &mut rng);
+    let v = draw(batch.kv().buffer_len(&heads), &mut rng);
 
     // ANCHOR: run
     let variant = CappedTemperature {

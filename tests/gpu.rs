@@ -58,8 +58,8 @@ fn check<V: Variant, T: Element>(gpu: &Backend, variant: &V, case: &Case) {
     };
     let round = |xs: Vec<f32>| -> Vec<T> { xs.into_iter().map(T::from_f32).collect() };
     let q = round(rng.normal_vec(batch.q_len()));
-    let k = round(rng.normal_vec(batch.kv.buffer_len(&batch.heads)));
-    let v = round(rng.normal_vec(batch.kv.buffer_len(&batch.heads)));
+    let k = round(rng.normal_vec(batch.kv().buffer_len(&batch.heads())));
+    let v = round(rng.normal_vec(batch.kv().buffer_len(&batch.heads())));
     let want = reference::attention_typed(variant, &batch, &q, &k, &v).unwrap();
 
     let (qd, kd, vd) = (
@@ -87,7 +87,7 @@ fn check<V: Variant, T: Element>(gpu: &Backend, variant: &V, case: &Case) {
                 ..PlanConfig::default()
             };
             let plan =
-                BatchDecode::plan_with(gpu, case.heads, batch.kv.clone(), None, config).unwrap();
+                BatchDecode::plan_with(gpu, case.heads, batch.kv().clone(), None, config).unwrap();
             plan.run(variant, &qd, &kd, &vd, &mut od, lse).unwrap();
         } else {
             let plan = BatchPrefill::plan(gpu, batch.clone()).unwrap();
@@ -99,7 +99,7 @@ fn check<V: Variant, T: Element>(gpu: &Backend, variant: &V, case: &Case) {
             "{} {:?} hd{} qo{:?} kv{:?} page {:?} {:?} causal {} decode {:?} (seed {seed})",
             V::SPEC.name,
             T::DTYPE,
-            case.heads.head_dim,
+            case.heads.head_dim(),
             case.qo_lens,
             case.kv_lens,
             case.page_size,

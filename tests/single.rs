@@ -33,7 +33,8 @@ fn single_calls_are_one_request_batches(backend: &Backend, tolerance: f64) {
         let batch = Batch::new(heads, &[0, qo as i32], kv)
             .unwrap()
             .with_causal(true)
-            .with_sm_scale(0.05);
+            .with_sm_scale(0.05)
+            .unwrap();
         let want = reference::attention_typed(&variant, &batch, &q, &k, &v).unwrap();
         let mut o = backend.filled(q.len(), bf16::NAN).unwrap();
         let mut lse = backend.filled(qo * 8, f32::NAN).unwrap();
@@ -57,7 +58,10 @@ fn single_calls_are_one_request_batches(backend: &Backend, tolerance: f64) {
             .decode(backend, &Standard, &q1b, &kb, &vb, &mut o1, None)
             .unwrap();
         let kv = KvIndex::ragged(&[0, kvl as i32], layout).unwrap();
-        let batch = Batch::decode(heads, kv).unwrap().with_sm_scale(0.05);
+        let batch = Batch::decode(heads, kv)
+            .unwrap()
+            .with_sm_scale(0.05)
+            .unwrap();
         let want = reference::attention_typed(&Standard, &batch, q1, &k, &v).unwrap();
         let got: Vec<f32> = o1.to_vec().unwrap().iter().map(|x| x.to_f32()).collect();
         let err = reference::rel_l2(&got, &want.o);

@@ -1,7 +1,7 @@
 //! One CUDA device: its context and stream, its architecture, and the kernels loaded on it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
@@ -15,6 +15,11 @@ use crate::error::{Error, Result};
 use crate::jit::{Arch, CompiledKernel};
 
 /// A CUDA device with one stream on which all of ferrinfer's work is ordered.
+///
+/// One per device ordinal per process: [`Gpu::get`] (and `Backend::cuda`) hand out the same one,
+/// so every plan, buffer and op on a device shares its stream, and work that one call queues is
+/// ordered before the next call's. `Gpu` is `Send + Sync`; calls from several threads are safe and
+/// are ordered on the stream in the order they are made.
 pub struct Gpu {
     ordinal: usize,
     ctx: Arc<CudaContext>,
@@ -34,7 +39,6 @@ impl std::fmt::Debug for Gpu {
     }
 }
 
-/// A loaded kernel instance: its entry, and the merge pass of split-KV work lists if it has one.
 /// The per-SM limits that decide how many CTAs of a kernel are resident at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SmResources {
@@ -72,6 +76,7 @@ impl SmResources {
     }
 }
 
+/// A loaded kernel instance: its entry, and the merge pass of split-KV work lists if it has one.
 #[derive(Clone, Debug)]
 pub(crate) struct Kernel {
     pub main: CudaFunction,
@@ -98,9 +103,28 @@ unsafe impl DeviceRepr for ParamBlob {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for ArgsParam {}
 
+/// The devices opened so far: weak, so the last user's drop releases the context.
+static OPEN: Mutex<Vec<(usize, Weak<Gpu>)>> = Mutex::new(Vec::new());
+
 impl Gpu {
-    /// Open device `ordinal`. Fails with [`Error::CudaUnavailable`] when there is no driver or GPU.
-    pub fn new(ordinal: usize) -> Result<Self> {
+    /// Device `ordinal`: the one `Gpu` of this process for it, opened on first use. Fails with
+    /// [`Error::CudaUnavailable`] when there is no driver or no such GPU.
+    pub fn get(ordinal: usize) -> Result<Arc<Gpu>> {
+        let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+        open.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(gpu) = open
+            .iter()
+            .find(|(o, _)| *o == ordinal)
+            .and_then(|(_, w)| w.upgrade())
+        {
+            return Ok(gpu);
+        }
+        let gpu = Arc::new(Gpu::open(ordinal)?);
+        open.push((ordinal, Arc::downgrade(&gpu)));
+        Ok(gpu)
+    }
+
+    fn open(ordinal: usize) -> Result<Self> {
         crate::device::toolkit::load_driver()?;
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| Error::CudaUnavailable(format!("cannot open GPU {ordinal}: {e}")))?;
@@ -175,7 +199,7 @@ impl Gpu {
     ///
     /// Everything `f` runs must have run once before (so its kernels are compiled and loaded and
     /// its parameter arrays uploaded): capture records launches, it cannot compile or allocate.
-    pub fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
+    pub(crate) fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
         self.stream.begin_capture(
             cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
         )?;
