@@ -864,3 +864,23 @@ fn tampered_page_tables_are_refused_by_every_constructor() {
     assert!(e.to_string().contains("must not decrease"), "{e}");
     assert!(Heads::new(2, 0, 8).is_err());
 }
+
+#[test]
+fn the_worst_request_and_head_bound_what_a_batch_average_hides() {
+    let mut rng = rng("worst");
+    // One long request among short ones: its output, an average over 4000 values, is small, so
+    // zeroing it barely moves the batch's error (the old GPU tests' only bound).
+    let kv_lens: Vec<u32> = std::iter::once(4000).chain([1; 23]).collect();
+    let p = Problem::random(&mut rng, (4, 2, 16), &[1; 24], &kv_lens);
+    let (kv, k, v) = p.store(Storage::Ragged(KvLayout::Nhd), &mut rng);
+    let batch = Batch::new(p.heads, &p.qo_indptr(), kv).unwrap();
+    let want = reference::attention(&Plain, &batch, &p.q, &k, &v).unwrap();
+    let exact: Vec<f32> = want.o.iter().map(|&x| x as f32).collect();
+    assert!(reference::worst_rel_l2(&batch, &exact, &want.o).0 < 1e-6);
+    let mut got = exact.clone();
+    got[..4 * 16].fill(0.0);
+    let average = reference::rel_l2(&got, &want.o);
+    assert!(average < 1e-2, "the batch average hides it: {average}");
+    let (err, request, _) = reference::worst_rel_l2(&batch, &got, &want.o);
+    assert_eq!((err, request), (1.0, 0));
+}

@@ -457,7 +457,9 @@ impl Batch {
             .checked_mul(u64::from(self.kv.page_size.unwrap_or(1)))
             .and_then(|x| x.checked_mul(u64::from(h.num_kv_heads)))
             .and_then(|x| x.checked_mul(u64::from(h.head_dim)));
-        if q.is_none_or(|x| x > isize::MAX as u64) || kv.is_none_or(|x| x > isize::MAX as u64) {
+        // Bytes, at up to 4 per element, must fit the address space.
+        let fits = |n: Option<u64>| n.is_some_and(|x| x <= isize::MAX as u64 / 4);
+        if !fits(q) || !fits(kv) {
             return Err(Error::invalid(
                 "the batch's q/o or K/V buffers would exceed the address space",
             ));
@@ -678,5 +680,28 @@ mod tests {
         );
         let msg = b.check_lengths(1, 64, 64, 64).unwrap_err().to_string();
         assert!(msg.contains("q has 1 elements"), "{msg}");
+    }
+    #[test]
+    fn every_count_the_kernels_read_is_bounded() {
+        let nhd = KvLayout::Nhd;
+        // A ragged request reaching past its buffer, a request of 2^31 keys, a capacity of 2^31.
+        let e = KvIndex::ragged_in(&[0, 10], 9, nhd).unwrap_err();
+        assert!(
+            e.to_string().contains("reach token 10 but K and V hold 9"),
+            "{e}"
+        );
+        let big = vec![0; (1 << 16) + 1];
+        let e = KvIndex::paged(1 << 15, &[0, big.len() as i32], &big, &[1], 1, nhd).unwrap_err();
+        assert!(e.to_string().contains("KV tokens"), "{e}");
+        let e = KvIndex::paged(16, &[0, 0], &[], &[0], 1 << 31, nhd).unwrap_err();
+        assert!(e.to_string().contains("capacity"), "{e}");
+        assert!(Heads::new(8, 2, 1 << 20).is_err());
+        // q of 2^31 rows x 65536 heads x 65536 elements does not fit the address space.
+        let h = Heads::new(1 << 16, 1, 1 << 16).unwrap();
+        let kv = KvIndex::ragged(&[0, 1], nhd).unwrap();
+        let e = Batch::new(h, &[0, i32::MAX], kv).unwrap_err();
+        assert!(e.to_string().contains("address space"), "{e}");
+        let b = Batch::new(heads(), &[0, 1], KvIndex::ragged(&[0, 1], nhd).unwrap()).unwrap();
+        assert!(b.with_sm_scale(f32::INFINITY).is_err());
     }
 }

@@ -111,6 +111,37 @@ pub fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
     }
 }
 
+/// The worst [`rel_l2`] over the (request, query head) slices of `[total_qo, num_qo_heads,
+/// head_dim]` outputs of `batch`, with the request and head it occurs at: a bound on it holds for
+/// every request and head, so one wrong request cannot hide in a large batch. Requests with no
+/// query row have no slice. `(0.0, 0, 0)` for a batch without rows.
+pub fn worst_rel_l2(batch: &Batch, got: &[f32], want: &[f64]) -> (f64, usize, u32) {
+    let heads = batch.heads();
+    let (hq, d) = (heads.num_qo_heads() as usize, heads.head_dim() as usize);
+    if got.len() != want.len() || got.len() != batch.q_len() {
+        return (f64::INFINITY, 0, 0);
+    }
+    let mut worst = (0.0, 0, 0);
+    let (mut g, mut w) = (Vec::new(), Vec::new());
+    for b in 0..batch.batch() {
+        let rows = batch.qo_indptr()[b] as usize..batch.qo_indptr()[b + 1] as usize;
+        for h in 0..hq {
+            g.clear();
+            w.clear();
+            for r in rows.clone() {
+                let at = (r * hq + h) * d;
+                g.extend_from_slice(&got[at..at + d]);
+                w.extend_from_slice(&want[at..at + d]);
+            }
+            let err = rel_l2(&g, &w);
+            if !rows.is_empty() && !(err <= worst.0) {
+                worst = (err, b, h as u32);
+            }
+        }
+    }
+    worst
+}
+
 /// Whether any element is NaN (GPU outputs are poisoned with NaN before a run).
 pub fn has_nan(xs: &[f32]) -> bool {
     xs.iter().any(|x| x.is_nan())
