@@ -113,7 +113,7 @@ fn graph_replays_a_replanned_batch(decode_kernel: DecodeKernel) {
         o: gpu.filled(q_elems, bf16::NAN).unwrap(),
         lse: Some(gpu.filled(max_batch as usize * 8, f32::NAN).unwrap()),
     };
-    let mut graph = plan.capture(variant.clone(), buffers).unwrap();
+    let mut graph = plan.capture(variant, buffers).unwrap();
     for (step, lens) in steps.iter().enumerate() {
         let kv = paged(lens, 16, num_pages, &mut rng);
         graph.replan(kv.clone(), None).unwrap();

@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod dispatch;
+mod launch;
 pub mod plan;
 pub mod reference;
 pub mod single;

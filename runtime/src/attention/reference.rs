@@ -134,7 +134,7 @@ pub fn worst_rel_l2(batch: &Batch, got: &[f32], want: &[f64]) -> (f64, usize, u3
                 w.extend_from_slice(&want[at..at + d]);
             }
             let err = rel_l2(&g, &w);
-            if !rows.is_empty() && !(err <= worst.0) {
+            if !rows.is_empty() && err > worst.0 {
                 worst = (err, b, h as u32);
             }
         }

@@ -19,7 +19,7 @@ use ferrinfer_kernels::{KernelConfig, KernelKind};
 
 use crate::attention::batch::{Batch, Heads, KvIndex};
 use crate::attention::plan::{self, Capacity, PlanOptions, WorkList};
-use crate::attention::{dispatch, reference};
+use crate::attention::{dispatch, launch, reference};
 use crate::device::backend::{Backend, Buffer};
 use crate::device::dtype::Element;
 use crate::device::gpu::Gpu;
@@ -755,13 +755,7 @@ impl Planned {
             ..self.config_for(b, work.cta_tile_q)
         };
         let kernel = dispatch::kernel(gpu, V::SPEC, &cfg)?;
-        let cfg = kernel.cfg.unwrap_or(cfg);
-        if graph && kernel.merge.is_none() {
-            return Err(Error::unsupported(format!(
-                "CUDA-graph mode needs a work-list kernel; {} makes its own grid",
-                cfg.name()
-            )));
-        }
+        let cfg = kernel.cfg;
         let heads = b.heads();
         let (hq, d) = (u64::from(heads.num_qo_heads()), u64::from(heads.head_dim()));
         let s = b.kv().strides(&heads);
@@ -804,13 +798,18 @@ impl Planned {
         // The main kernel writes the scratch partials the merge reads: no other run of this plan
         // may queue between them.
         let _launching = self.launch.lock().unwrap_or_else(|p| p.into_inner());
-        gpu.launch_attention(&kernel.main, dims, args, &param_bytes)?;
+        // SAFETY: q, k, v, o and lse are live buffers on this GPU whose lengths `run` checked
+        // against the batch (Batch::check_rows; a graph's against its capacity), and the batch
+        // passed Batch::validate in replan; the index arrays, work list and partials are this
+        // plan's workspace and scratch, sized by its capacity (Sizes::holds). All of them outlive
+        // the launch: the caller holds the buffers, the plan its scratch (a GraphRun owns both),
+        // and all work is ordered on the device's one stream.
+        unsafe { launch::launch(gpu, &kernel.main, dims, args, &param_bytes) }?;
         // In graph mode the merge always runs: a later replan may split what this one did not.
-        if let Some(merge) = &kernel.merge
-            && (work.is_split() || graph)
-        {
+        if work.is_split() || graph {
             let dims = ferrinfer_kernels::merge_launch_dims(&cfg, &args, dev.sizes.plan.qo_rows);
-            gpu.launch_attention(merge, dims, args, &param_bytes)?;
+            // SAFETY: as for the main launch, with the same arguments.
+            unsafe { launch::launch(gpu, &kernel.merge, dims, args, &param_bytes) }?;
         }
         Ok(())
     }
