@@ -2,11 +2,11 @@
 //! the inputs, addressed here without `KvIndex::offset`, and softmax the textbook way. Inputs are
 //! fresh random values each run; every test prints its seed (`FERRINFER_SEED=<seed>` replays it).
 
-use ferrinfer_runtime::attention::batch::{Batch, Heads, KvIndex, KvLayout};
 use ferrinfer_runtime::attention::reference::{self, Reference};
 use ferrinfer_runtime::error::Error;
 use ferrinfer_runtime::variant::params::{AttentionParams, ParamField, ParamType, ParamWriter};
 use ferrinfer_runtime::variant::{Hooks, Pos, Variant, VariantSpec};
+use ferrinfer_runtime::{Batch, Heads, KvIndex, KvLayout};
 use ferrinfer_testkit::Rng;
 
 // ---------------------------------------------------------------------------------------------

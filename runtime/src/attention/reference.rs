@@ -23,7 +23,7 @@ pub struct Reference {
 /// hooks.
 ///
 /// `q` is `[total_qo, num_qo_heads, head_dim]`; `k` and `v` are addressed by the batch's KV index.
-/// Every inconsistency between the batch and the buffers is an [`Error::InvalidInput`].
+/// Every inconsistency between the batch and the buffers is an [`Error::InvalidInput`](crate::Error::InvalidInput).
 pub fn attention<V: Variant>(
     variant: &V,
     batch: &Batch,
