@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use ferrinfer::attention::dispatch;
-use ferrinfer::device::gpu::SmResources;
+use ferrinfer::device::SmResources;
 use ferrinfer::jit::{Arch, Jit, JitConfig};
 use ferrinfer::variants::Standard;
 use ferrinfer::{DType, KernelConfig, KernelKind, Variant};

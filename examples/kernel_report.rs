@@ -7,7 +7,7 @@
 //! With CUBIN_DIR, each CUBIN is also written there (`cuobjdump -sass` reads them).
 
 use ferrinfer::attention::dispatch;
-use ferrinfer::device::gpu::SmResources;
+use ferrinfer::device::SmResources;
 use ferrinfer::jit::{Arch, Jit, JitConfig};
 use ferrinfer::{KernelConfig, VariantSpec};
 

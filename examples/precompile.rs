@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use ferrinfer::Backend;
 use ferrinfer::attention::dispatch;
-use ferrinfer::device::gpu::SmResources;
+use ferrinfer::device::SmResources;
 use ferrinfer::jit::{Arch, Jit};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -12,6 +12,7 @@ use ferrinfer_testkit::Rng;
 #[derive(AttentionParams)]
 pub struct CappedTemperature {
     pub cap: f32,
+    #[cover(qo_heads)]
     pub temperature: Array<f32>,
 }
 
@@ -53,8 +54,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         rng.normal_vec(n).into_iter().map(bf16::from_f32).collect()
     };
     let q = draw(batch.q_len(), &mut rng);
-    let k = draw(batch.kv.buffer_len(&heads), &mut rng);
-    let v = draw(batch.kv.buffer_len(&heads), &mut rng);
+    let k = draw(batch.kv().buffer_len(&heads), &mut rng);
+    let v = draw(batch.kv().buffer_len(&heads), &mut rng);
 
     // ANCHOR: run
     let variant = CappedTemperature {

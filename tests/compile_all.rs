@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 
 use ferrinfer::attention::dispatch;
-use ferrinfer::device::gpu::SmResources;
+use ferrinfer::device::SmResources;
 use ferrinfer::jit::{Arch, Jit, JitConfig};
 
 #[test]

@@ -2,7 +2,7 @@
 //! inputs, with the output poisoned with NaN before each run. Run on the GPU machine through
 //! `../shared/tools/gpu-stage` and `.gpu/run tests`.
 
-use ferrinfer::attention::reference::{self, rel_l2};
+use ferrinfer::attention::reference::{self, worst_rel_l2};
 use ferrinfer::prelude::*;
 use ferrinfer::variants::*;
 use ferrinfer::{DType, Element, HEAD_DIMS, Variant, indptr};
@@ -31,7 +31,12 @@ fn tolerance<T: Element>() -> f64 {
 /// Scatter each request's keys over shuffled pages; returns the index and the page-major K, V.
 fn kv_index(case: &Case, rng: &mut Rng) -> KvIndex {
     match case.page_size {
-        None => KvIndex::ragged(&indptr(&case.kv_lens), case.layout).unwrap(),
+        // Spare tokens after the last request, as in a server's preallocated buffer.
+        None => {
+            let kv_indptr = indptr(&case.kv_lens);
+            let spare = kv_indptr[kv_indptr.len() - 1] as u32 + 5;
+            KvIndex::ragged_in(&kv_indptr, spare, case.layout).unwrap()
+        }
         Some(p) => {
             let total: u32 = case.kv_lens.iter().map(|&l| l.div_ceil(p)).sum();
             // A few spare pages, so that unused pages exist in the cache as in a real server.
@@ -40,6 +45,42 @@ fn kv_index(case: &Case, rng: &mut Rng) -> KvIndex {
             rng.shuffle(&mut ids);
             let pages = &ids[..total as usize];
             KvIndex::paged_from_lens(p, &case.kv_lens, pages, num_pages, case.layout).unwrap()
+        }
+    }
+}
+
+/// NaN in every K/V element no request owns (spare pages, the tail of a ragged buffer): a kernel
+/// that reads a wrong page or past a request's end produces NaN, which the error bound catches.
+fn poison_spare<T: Element>(batch: &Batch, kv: &mut [T]) {
+    let mut owned = vec![false; kv.len()];
+    let heads = batch.heads();
+    let d = heads.head_dim() as usize;
+    for b in 0..batch.batch() {
+        for j in 0..batch.kv().kv_len(b) {
+            for h in 0..heads.num_kv_heads() {
+                let at = batch.kv().offset(&heads, b, j, h);
+                owned[at..at + d].iter_mut().for_each(|o| *o = true);
+            }
+        }
+    }
+    // Slots past the last key of a partly filled page stay finite: a kernel may load a whole
+    // page and mask the keys past the end, which is correct (zero weight) unless the value is NaN.
+    let page = batch.kv().page_size();
+    for pages in batch.kv().indptr().windows(2) {
+        if let (Some(p), true) = (page, pages[1] > pages[0]) {
+            let last_page = batch.kv().indices()[pages[1] as usize - 1];
+            let s = batch.kv().strides(&heads);
+            for slot in 0..p as u64 {
+                for h in 0..u64::from(heads.num_kv_heads()) {
+                    let at = (last_page as u64 * s.block + slot * s.token + h * s.head) as usize;
+                    owned[at..at + d].iter_mut().for_each(|o| *o = true);
+                }
+            }
+        }
+    }
+    for (x, o) in kv.iter_mut().zip(owned) {
+        if !o {
+            *x = T::from_f32(f32::NAN);
         }
     }
 }
@@ -58,8 +99,10 @@ fn check<V: Variant, T: Element>(gpu: &Backend, variant: &V, case: &Case) {
     };
     let round = |xs: Vec<f32>| -> Vec<T> { xs.into_iter().map(T::from_f32).collect() };
     let q = round(rng.normal_vec(batch.q_len()));
-    let k = round(rng.normal_vec(batch.kv.buffer_len(&batch.heads)));
-    let v = round(rng.normal_vec(batch.kv.buffer_len(&batch.heads)));
+    let mut k = round(rng.normal_vec(batch.kv().buffer_len(&batch.heads())));
+    let mut v = round(rng.normal_vec(batch.kv().buffer_len(&batch.heads())));
+    poison_spare(&batch, &mut k);
+    poison_spare(&batch, &mut v);
     let want = reference::attention_typed(variant, &batch, &q, &k, &v).unwrap();
 
     let (qd, kd, vd) = (
@@ -87,19 +130,20 @@ fn check<V: Variant, T: Element>(gpu: &Backend, variant: &V, case: &Case) {
                 ..PlanConfig::default()
             };
             let plan =
-                BatchDecode::plan_with(gpu, case.heads, batch.kv.clone(), None, config).unwrap();
+                BatchDecode::plan_with(gpu, case.heads, batch.kv().clone(), None, config).unwrap();
             plan.run(variant, &qd, &kd, &vd, &mut od, lse).unwrap();
         } else {
             let plan = BatchPrefill::plan(gpu, batch.clone()).unwrap();
             plan.run(variant, &qd, &kd, &vd, &mut od, lse).unwrap();
         }
         let got: Vec<f32> = od.to_vec().unwrap().iter().map(|x| x.to_f32()).collect();
-        let err = rel_l2(&got, &want.o);
+        // Bounded per request and head: one wrong request cannot hide in a large batch.
+        let (err, request, head) = worst_rel_l2(&batch, &got, &want.o);
         let what = format!(
             "{} {:?} hd{} qo{:?} kv{:?} page {:?} {:?} causal {} decode {:?} (seed {seed})",
             V::SPEC.name,
             T::DTYPE,
-            case.heads.head_dim,
+            case.heads.head_dim(),
             case.qo_lens,
             case.kv_lens,
             case.page_size,
@@ -109,7 +153,7 @@ fn check<V: Variant, T: Element>(gpu: &Backend, variant: &V, case: &Case) {
         );
         assert!(
             err <= tolerance::<T>(),
-            "{what}: relative L2 error {err:.2e}"
+            "{what}: relative L2 error {err:.2e} at request {request}, head {head}"
         );
         if with_lse {
             let got = lsed.to_vec().unwrap();
@@ -314,4 +358,16 @@ fn gpu_bad_input_is_an_error_not_a_crash() {
         )
         .unwrap_err();
     assert!(err.to_string().contains("no softmax"), "{err}");
+    // Slopes for 4 of the 8 query heads: refused before the launch (it would trap the context).
+    let err = plan
+        .run(&Alibi::new(4), &q, &kv, &kv, &mut o, None)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("must cover num_qo_heads = 8"),
+        "{err}"
+    );
+    // The context is still usable.
+    plan.run(&Alibi::new(8), &q, &kv, &kv, &mut o, None)
+        .unwrap();
+    assert!(o.to_vec().unwrap().iter().all(|x| x.is_finite()));
 }

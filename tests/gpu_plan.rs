@@ -5,6 +5,7 @@ use ferrinfer::attention::reference::{self, rel_l2};
 use ferrinfer::indptr;
 use ferrinfer::prelude::*;
 use ferrinfer::variants::{SoftCap, Standard};
+use ferrinfer::{Input, RunBuffers};
 use ferrinfer_testkit::Rng;
 
 fn gpu() -> Backend {
@@ -57,17 +58,14 @@ fn gpu_cuda_graph_replays_a_replanned_batch() {
     graph_replays_a_replanned_batch(DecodeKernel::TensorCores);
 }
 
-fn graph_replays_a_replanned_batch(decode_kernel: DecodeKernel) {
-    let gpu = gpu();
-    let mut rng = Rng::from_time();
-    let seed = rng.seed();
-    let heads = Heads::new(8, 2, 128).unwrap();
-    let num_pages = 600;
-    let cache_len = num_pages as usize * 16 * 2 * 128;
-    let k = bf(rng.normal_vec(cache_len));
-    let v = bf(rng.normal_vec(cache_len));
-    let (kd, vd) = (gpu.upload(&k).unwrap(), gpu.upload(&v).unwrap());
-    let max_batch = 8;
+/// A decode graph plan of 8 heads over 2 KV heads, hd128, page 16, in a cache of `num_pages`.
+fn graph_plan(
+    gpu: &Backend,
+    first: KvIndex,
+    decode_kernel: DecodeKernel,
+    max_batch: u32,
+    num_pages: u32,
+) -> BatchDecode {
     let capacity = GraphCapacity {
         work_items: 1024,
         batch: max_batch,
@@ -79,50 +77,211 @@ fn graph_replays_a_replanned_batch(decode_kernel: DecodeKernel) {
         decode_kernel,
         ..PlanConfig::default()
     };
+    let heads = Heads::new(8, 2, 128).unwrap();
+    BatchDecode::plan_with(gpu, heads, first, None, config).unwrap()
+}
 
-    // Static query and output buffers, as a graph needs; sized for the largest batch.
+fn graph_replays_a_replanned_batch(decode_kernel: DecodeKernel) {
+    let gpu = gpu();
+    let mut rng = Rng::from_time();
+    let seed = rng.seed();
+    let heads = Heads::new(8, 2, 128).unwrap();
+    let num_pages = 600;
+    let cache_len = num_pages as usize * 16 * 2 * 128;
+    let k = bf(rng.normal_vec(cache_len));
+    let v = bf(rng.normal_vec(cache_len));
+    let max_batch = 8;
+    // Static buffers, as a graph needs, sized for the capacity (not the batch); spare rows of q
+    // hold NaN, so a kernel that read past the batch would show it.
     let q_elems = max_batch as usize * 8 * 128;
-    let mut qd = gpu.filled(q_elems, bf16::ZERO).unwrap();
-    let mut od = gpu.filled(q_elems, bf16::NAN).unwrap();
     let variant = SoftCap { cap: 20.0 };
 
-    let first = paged(&[300, 17, 4096, 1], 16, num_pages, &mut rng);
-    let mut plan = BatchDecode::plan_with(&gpu, heads, first, None, config).unwrap();
-    // The first step is captured with buffers of its size (run checks lengths); later steps are
-    // replays only, so they may use fewer requests: the kernels take the batch from the workspace.
-    let steps: [&[u32]; 4] = [
+    // Captured on a small batch; later steps re-plan larger (and smaller) ones within capacity.
+    let steps: [&[u32]; 5] = [
+        &[300, 17],
         &[300, 17, 4096, 1, 2000, 64, 65, 9],
         &[16, 16, 16],
         &[4000, 1, 1, 1, 3000, 2, 511, 512],
         &[5000, 33],
     ];
-    let mut graph = None;
+    let first = paged(steps[0], 16, num_pages, &mut rng);
+    let plan = graph_plan(&gpu, first, decode_kernel, max_batch, num_pages);
+    let buffers = RunBuffers {
+        q: gpu.filled(q_elems, bf16::NAN).unwrap(),
+        k: gpu.upload(&k).unwrap(),
+        v: gpu.upload(&v).unwrap(),
+        o: gpu.filled(q_elems, bf16::NAN).unwrap(),
+        lse: Some(gpu.filled(max_batch as usize * 8, f32::NAN).unwrap()),
+    };
+    let mut graph = plan.capture(variant, buffers).unwrap();
     for (step, lens) in steps.iter().enumerate() {
         let kv = paged(lens, 16, num_pages, &mut rng);
-        plan.replan(kv.clone(), None).unwrap();
-        let q = bf(rng.normal_vec(q_elems));
-        qd.copy_from(&q).unwrap();
-        od.copy_from(&vec![bf16::NAN; q_elems]).unwrap();
-        if step == 0 {
-            // Warm up (compile, load), then capture.
-            plan.run(&variant, &qd, &kd, &vd, &mut od, None).unwrap();
-            let g = gpu
-                .gpu()
-                .unwrap()
-                .capture(|| plan.run(&variant, &qd, &kd, &vd, &mut od, None))
-                .unwrap();
-            graph = Some(g);
-        }
-        graph.as_ref().unwrap().launch().unwrap();
+        graph.replan(kv.clone(), None).unwrap();
         let rows = lens.len() * 8 * 128;
-        let got = to_f32(&od.to_vec().unwrap()[..rows]);
+        let mut q = bf(rng.normal_vec(rows));
+        q.resize(q_elems, bf16::NAN);
+        graph.write(Input::Q, &q).unwrap();
+        graph.launch().unwrap();
+        let got = to_f32(&graph.o().to_vec().unwrap()[..rows]);
         let batch = Batch::decode(heads, kv).unwrap();
         let want = reference::attention_typed(&variant, &batch, &q[..rows], &k, &v).unwrap();
-        let err = rel_l2(&got, &want.o);
-        assert!(
-            err <= 1e-2,
-            "{decode_kernel:?} step {step}: relative L2 error {err:.2e} (seed {seed})"
-        );
+        for (b, err) in per_request_errors(&got, &want.o, 8 * 128)
+            .iter()
+            .enumerate()
+        {
+            assert!(
+                *err <= 1e-2,
+                "{decode_kernel:?} step {step} request {b}: relative L2 error {err:.2e} (seed {seed})"
+            );
+        }
+        let lse = graph.lse().unwrap().to_vec().unwrap();
+        for (i, (g, w)) in lse.iter().zip(&want.lse).enumerate() {
+            assert!(
+                (f64::from(*g) - w).abs() <= 1e-2 * (1.0 + w.abs()),
+                "{decode_kernel:?} step {step} lse[{i}] = {g}, want {w} (seed {seed})"
+            );
+        }
+    }
+}
+
+/// Relative L2 error of each consecutive run of `per` elements.
+fn per_request_errors(got: &[f32], want: &[f64], per: usize) -> Vec<f64> {
+    got.chunks(per)
+        .zip(want.chunks(per))
+        .map(|(g, w)| rel_l2(g, w))
+        .collect()
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_cuda_graph_refuses_what_a_capture_froze() {
+    let gpu = gpu();
+    let mut rng = Rng::from_time();
+    let num_pages = 64;
+    let kv = paged(&[40, 7], 16, num_pages, &mut rng);
+    let heads = Heads::new(8, 2, 128).unwrap();
+    let mut plan = graph_plan(&gpu, kv.clone(), DecodeKernel::Auto, 4, num_pages);
+    let err = |r: ferrinfer::Result<()>| r.unwrap_err().to_string();
+    // sm_scale, page size and the cache's capacity were frozen by the first plan.
+    let e = err(plan.replan(kv.clone(), Some(0.5)));
+    assert!(e.contains("cannot change sm_scale"), "{e}");
+    let bigger = KvIndex::paged(
+        16,
+        kv.indptr(),
+        kv.indices(),
+        kv.last_len(),
+        65,
+        KvLayout::Nhd,
+    );
+    let e = err(plan.replan(bigger.unwrap(), None));
+    assert!(e.contains("capacity"), "{e}");
+    let pages8 = paged(&[40, 7], 8, num_pages, &mut rng);
+    let e = err(plan.replan(pages8, None));
+    assert!(e.contains("cannot change page_size"), "{e}");
+    let hnd = KvIndex::paged(
+        16,
+        kv.indptr(),
+        kv.indices(),
+        kv.last_len(),
+        64,
+        KvLayout::Hnd,
+    );
+    let e = err(plan.replan(hnd.unwrap(), None));
+    assert!(e.contains("cannot change layout"), "{e}");
+    // Past the capacity: five requests for four.
+    let e = err(plan.replan(paged(&[1; 5], 16, num_pages, &mut rng), None));
+    assert!(e.contains("capacity"), "{e}");
+    // A prefill graph plan pins the causal flag.
+    let ragged = KvIndex::ragged_in(&[0, 10, 30], 64, KvLayout::Nhd).unwrap();
+    let batch = Batch::new(heads, &[0, 3, 5], ragged.clone()).unwrap();
+    let config = PlanConfig {
+        graph: Some(GraphCapacity {
+            work_items: 256,
+            batch: 4,
+            qo_rows: 16,
+            kv_blocks: 4,
+        }),
+        ..PlanConfig::default()
+    };
+    let mut prefill = BatchPrefill::plan_with(&gpu, batch.clone(), config).unwrap();
+    let e = err(prefill.replan(batch.with_causal(true)));
+    assert!(e.contains("cannot change causal"), "{e}");
+    // Buffers sized for the batch rather than the capacity are refused.
+    let (q, k, v) = (
+        gpu.filled(5 * 8 * 128, bf16::ONE).unwrap(),
+        gpu.filled(64 * 2 * 128, bf16::ONE).unwrap(),
+        gpu.filled(64 * 2 * 128, bf16::ONE).unwrap(),
+    );
+    let mut o = gpu.filled(5 * 8 * 128, bf16::NAN).unwrap();
+    let e = err(prefill.run(&Standard, &q, &k, &v, &mut o, None));
+    assert!(e.contains("q has 5120 elements"), "{e}");
+    // A plan made without graph mode cannot be captured.
+    let plain = BatchDecode::plan(&gpu, heads, kv, None).unwrap();
+    let buffers = RunBuffers {
+        q: gpu.filled(2 * 8 * 128, bf16::ONE).unwrap(),
+        k: gpu.filled(64 * 16 * 2 * 128, bf16::ONE).unwrap(),
+        v: gpu.filled(64 * 16 * 2 * 128, bf16::ONE).unwrap(),
+        o: gpu.filled(2 * 8 * 128, bf16::NAN).unwrap(),
+        lse: None,
+    };
+    let e = plain.capture(Standard, buffers).err().unwrap().to_string();
+    assert!(e.contains("CUDA-graph mode"), "{e}");
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_one_device_one_stream_and_concurrent_runs_do_not_mix() {
+    let a = Backend::cuda(0).unwrap();
+    let b = Backend::cuda(0).unwrap();
+    assert!(
+        std::sync::Arc::ptr_eq(a.gpu().unwrap(), b.gpu().unwrap()),
+        "two Backend::cuda(0) must share one Gpu (one stream)"
+    );
+    // Four threads run one split-KV plan (its scratch buffers shared) on different inputs.
+    let mut rng = Rng::from_time();
+    let seed = rng.seed();
+    let heads = Heads::new(8, 2, 128).unwrap();
+    let num_pages = 1200;
+    let kv = paged(&[8000, 9000, 7000], 16, num_pages, &mut rng);
+    let plan = BatchDecode::plan(&a, heads, kv.clone(), None).unwrap();
+    assert!(
+        plan.work_list().unwrap().kv_chunk < 7000,
+        "the test needs a split KV"
+    );
+    let cache = num_pages as usize * 16 * 2 * 128;
+    let k = bf(rng.normal_vec(cache));
+    let v = bf(rng.normal_vec(cache));
+    let (kd, vd) = (a.upload(&k).unwrap(), a.upload(&v).unwrap());
+    let batch = Batch::decode(heads, kv).unwrap();
+    let qs: Vec<Vec<bf16>> = (0..4).map(|_| bf(rng.normal_vec(3 * 8 * 128))).collect();
+    let outs: Vec<Vec<bf16>> = std::thread::scope(|s| {
+        let handles: Vec<_> = qs
+            .iter()
+            .map(|q| {
+                let (plan, kd, vd, a) = (&plan, &kd, &vd, &a);
+                s.spawn(move || {
+                    let qd = a.upload(q).unwrap();
+                    let mut od = a.filled(q.len(), bf16::NAN).unwrap();
+                    for _ in 0..20 {
+                        plan.run(&Standard, &qd, kd, vd, &mut od, None).unwrap();
+                    }
+                    od.to_vec().unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (t, (q, o)) in qs.iter().zip(&outs).enumerate() {
+        let want = reference::attention_typed(&Standard, &batch, q, &k, &v).unwrap();
+        for (b, err) in per_request_errors(&to_f32(o), &want.o, 8 * 128)
+            .iter()
+            .enumerate()
+        {
+            assert!(
+                *err <= 1e-2,
+                "thread {t} request {b}: {err:.2e} (seed {seed})"
+            );
+        }
     }
 }
 

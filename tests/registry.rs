@@ -177,9 +177,9 @@ fn the_trait_forwards_to_the_hooks() {
 /// a batch with more heads than slopes before any hook runs (today's code panics in the hook).
 #[test]
 fn short_alibi_slopes_are_an_error_not_a_panic() {
-    use ferrinfer::attention::batch::{Batch, Heads, KvIndex, KvLayout};
     use ferrinfer::attention::reference;
     use ferrinfer::variants::Alibi;
+    use ferrinfer::{Batch, Heads, KvIndex, KvLayout};
 
     let heads = Heads::new(32, 8, 16).unwrap();
     let kv = KvIndex::ragged(&[0, 3, 5], KvLayout::Nhd).unwrap();

@@ -330,11 +330,11 @@ mod tests {
         let c = by_key("decode_skew_b64_p16");
         let kv = c.kv_index().unwrap();
         let total = 4 * 512 + 60 * 32;
-        assert_eq!(kv.capacity, total);
+        assert_eq!(kv.capacity(), total);
         for (b, &l) in c.kv_lens.iter().enumerate() {
             assert_eq!(kv.kv_len(b), l);
         }
-        let mut pages = kv.indices.clone();
+        let mut pages = kv.indices().to_vec();
         assert_ne!(pages, (0..total as i32).collect::<Vec<_>>());
         pages.sort_unstable();
         assert_eq!(pages, (0..total as i32).collect::<Vec<_>>());
@@ -350,15 +350,15 @@ mod tests {
             ..by_key("decode_b64_l4096_p16")
         };
         let kv = c.kv_index().unwrap();
-        assert_eq!(kv.last_len, vec![1, 16, 1]);
-        assert_eq!(kv.indptr, vec![0, 2, 3, 4]);
+        assert_eq!(kv.last_len(), vec![1, 16, 1]);
+        assert_eq!(kv.indptr(), vec![0, 2, 3, 4]);
     }
 
     #[test]
     fn ragged_and_single_batches() {
         let c = by_key("prefill_ragged_b16_l1024_causal");
         let kv = c.kv_index().unwrap();
-        assert_eq!((kv.page_size, kv.capacity), (None, 16 * 1024));
+        assert_eq!((kv.page_size(), kv.capacity()), (None, 16 * 1024));
         assert_eq!(c.qo_indptr()[16], 16 * 1024);
         let s = by_key("prefill_single_s8192_causal");
         assert_eq!(s.kv_index().unwrap().kv_len(0), 8192);

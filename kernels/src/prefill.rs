@@ -37,7 +37,7 @@ pub(crate) fn wide_kv_tile(cfg: &KernelConfig) -> Option<KernelConfig> {
 }
 
 /// The query tile the kernel is built for: the plan's, or, when the config leaves it open (0),
-/// the one the plan picks for long prompts (ferrinfer_runtime::plan::cta_tile_q).
+/// the one the plan picks for long prompts (ferrinfer_runtime::attention::plan::cta_tile_q).
 pub(crate) fn tile_q(cfg: &KernelConfig) -> u32 {
     match cfg.cta_tile_q {
         16 | 64 | 128 => cfg.cta_tile_q,

@@ -10,7 +10,7 @@ use crate::{DType, HEAD_DIMS, KernelConfig, KernelKind, LaunchDims};
 pub struct VariantSource<'a> {
     /// Variant name, for comments and the program name.
     pub name: &'a str,
-    /// `struct Params { ... };` (from `ferrinfer_runtime::params::cuda_struct`).
+    /// `struct Params { ... };` (from `ferrinfer_runtime::variant::params::cuda_struct`).
     pub params_struct: &'a str,
     /// `struct Variant { ... };` (from `VariantSpec::cuda`).
     pub cuda: &'a str,

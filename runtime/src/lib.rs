@@ -19,7 +19,9 @@ pub mod ops;
 pub mod variant;
 
 pub use attention::batch::{Batch, Heads, KvIndex, KvLayout, indptr};
-pub use attention::wrappers::{BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, PlanConfig};
+pub use attention::wrappers::{
+    BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, PlanConfig, RunBuffers,
+};
 pub use device::{Backend, Buffer, Element};
 pub use error::{Error, Result};
 pub use ferrinfer_kernels::{DType, HEAD_DIMS, KernelConfig, KernelKind, wide_kv_tile};
@@ -35,7 +37,8 @@ pub mod prelude {
     pub use crate::attention::batch::{Batch, Heads, KvIndex, KvLayout};
     pub use crate::attention::single::Single;
     pub use crate::attention::wrappers::{
-        BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, PlanConfig,
+        BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, PlanConfig,
+        RunBuffers,
     };
     pub use crate::device::{Backend, Buffer};
     pub use crate::variant::Pos;

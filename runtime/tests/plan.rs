@@ -72,7 +72,7 @@ fn batch_of(heads: Heads, qo: &[u32], kv: &[u32], page: Option<u32>) -> Batch {
     };
     let b = Batch::new(heads, &qo_indptr, index).unwrap();
     for (i, (&q, &k)) in qo.iter().zip(kv).enumerate() {
-        assert_eq!((b.qo_len(i), b.kv.kv_len(i)), (q, k));
+        assert_eq!((b.qo_len(i), b.kv().kv_len(i)), (q, k));
     }
     b
 }
@@ -98,7 +98,7 @@ fn random_options(rng: &mut Rng) -> PlanOptions {
 
 /// Every property of the work list contract, for one plan.
 fn check(batch: &Batch, opts: &PlanOptions, list: &WorkList) {
-    let heads = batch.heads;
+    let heads = batch.heads();
     let g = heads.group_size();
     let tile = list.cta_tile_q;
     assert!([16, 64, 128].contains(&tile), "tile {tile}");
@@ -114,8 +114,11 @@ fn check(batch: &Batch, opts: &PlanOptions, list: &WorkList) {
     // Bounds, tile and chunk alignment, and longest first.
     for (e, w) in list.items.iter().enumerate() {
         let b = w.request as usize;
-        assert!(b < batch.batch() && w.kv_head < heads.num_kv_heads, "{w:?}");
-        let (packed, kv) = (batch.qo_len(b) * g, batch.kv.kv_len(b));
+        assert!(
+            b < batch.batch() && w.kv_head < heads.num_kv_heads(),
+            "{w:?}"
+        );
+        let (packed, kv) = (batch.qo_len(b) * g, batch.kv().kv_len(b));
         assert!(
             w.qo_tile_start < w.qo_tile_end && w.qo_tile_end <= packed,
             "{w:?}"
@@ -151,9 +154,9 @@ fn check_coverage(batch: &Batch, list: &WorkList) {
         by_head.entry((w.request, w.kv_head)).or_default().push(*w);
     }
     for b in 0..batch.batch() {
-        let packed = batch.qo_len(b) * batch.heads.group_size();
-        let kv = batch.kv.kv_len(b);
-        for h in 0..batch.heads.num_kv_heads {
+        let packed = batch.qo_len(b) * batch.heads().group_size();
+        let kv = batch.kv().kv_len(b);
+        for h in 0..batch.heads().num_kv_heads() {
             let items = by_head.remove(&(b as u32, h)).unwrap_or_default();
             if packed == 0 {
                 assert!(
@@ -200,7 +203,7 @@ fn check_coverage(batch: &Batch, list: &WorkList) {
 /// Merge lists: every partial row is written by the items of exactly one query row and appears in
 /// that row's list only; a split row's list covers its whole KV in order; unsplit rows have none.
 fn check_merge(batch: &Batch, list: &WorkList) {
-    let g = batch.heads.group_size();
+    let g = batch.heads().group_size();
     let total = batch.total_qo();
     assert_eq!(list.merge_indptr.len(), total + 1);
     assert_eq!(list.merge_indptr[0], 0);
@@ -249,7 +252,7 @@ fn check_merge(batch: &Batch, list: &WorkList) {
     );
 
     for (b, &is_split) in split.iter().enumerate() {
-        let first = batch.qo_indptr[b] as usize;
+        let first = batch.qo_indptr()[b] as usize;
         for i in 0..batch.qo_len(b) {
             let r = first + i as usize;
             let merged =
@@ -276,7 +279,7 @@ fn check_merge(batch: &Batch, list: &WorkList) {
             }
             assert_eq!(
                 next,
-                batch.kv.kv_len(b),
+                batch.kv().kv_len(b),
                 "row {r}: merge does not cover the KV"
             );
         }
@@ -318,8 +321,11 @@ fn random_batches_satisfy_the_contract() {
             "{ctx}: not deterministic"
         );
         if kind == KernelKind::Decode {
-            let packed = u64::from(batch.heads.group_size());
-            assert_eq!(list.cta_tile_q, cta_tile_q(packed, 1, batch.heads.head_dim));
+            let packed = u64::from(batch.heads().group_size());
+            assert_eq!(
+                list.cta_tile_q,
+                cta_tile_q(packed, 1, batch.heads().head_dim())
+            );
         } else if let Some(t) = opts.query_tile {
             assert_eq!(list.cta_tile_q, t, "{ctx}: the fixed query tile");
         }
@@ -349,7 +355,8 @@ fn random_batches_satisfy_the_contract() {
         match plan::plan(&batch, kind, &graph) {
             Ok(tight) => {
                 check(&batch, &graph, &tight);
-                let bound = Capacity::for_graph(&graph, batch.heads.num_qo_heads, 1 << 20).unwrap();
+                let bound =
+                    Capacity::for_graph(&graph, batch.heads().num_qo_heads(), 1 << 20).unwrap();
                 assert!(tight.partial_rows <= bound.partial_rows, "{ctx}");
                 round_trip(&tight, &graph);
             }

@@ -19,7 +19,7 @@ use crate::prelude::*;
 /// than slopes is refused before anything runs.
 ///
 /// ```
-/// use ferrinfer::attention::batch::{Batch, Heads, KvIndex, KvLayout};
+/// use ferrinfer::{Batch, Heads, KvIndex, KvLayout};
 /// use ferrinfer::attention::reference;
 /// use ferrinfer::variants::Alibi;
 ///

@@ -1,18 +1,24 @@
 //! The shape of one attention batch, on the host: heads, query rows per request, and the KV cache
 //! as block-sparse rows (BSR). Validation lives here, so every backend rejects the same bad input
 //! with the same message, and the addressing here is the one the kernels implement.
+//!
+//! The types are opaque: fields are private, constructors validate, and [`Batch::validate`] (which
+//! every plan, replan and run calls again) re-checks everything the kernels rely on, so no value
+//! that reaches a kernel was left unchecked.
 
 use crate::error::{Error, Result};
 
 /// Head counts and head dimension. Query heads are grouped over KV heads (GQA).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Heads {
-    pub num_qo_heads: u32,
-    pub num_kv_heads: u32,
-    pub head_dim: u32,
+    num_qo_heads: u32,
+    num_kv_heads: u32,
+    head_dim: u32,
 }
 
 impl Heads {
+    /// `num_qo_heads` query heads over `num_kv_heads` KV heads (a divisor), each `head_dim` wide
+    /// (even). Which head dims have kernels is the dispatcher's business.
     pub fn new(num_qo_heads: u32, num_kv_heads: u32, head_dim: u32) -> Result<Self> {
         let h = Heads {
             num_qo_heads,
@@ -22,9 +28,12 @@ impl Heads {
         h.validate()?;
         Ok(h)
     }
-    pub fn validate(&self) -> Result<()> {
+    fn validate(&self) -> Result<()> {
         if self.num_qo_heads == 0 || self.num_kv_heads == 0 {
-            return Err(Error::invalid("head counts must be at least 1"));
+            return Err(Error::invalid(format!(
+                "head counts must be at least 1, got num_qo_heads = {} and num_kv_heads = {}",
+                self.num_qo_heads, self.num_kv_heads
+            )));
         }
         if !self.num_qo_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::invalid(format!(
@@ -32,13 +41,25 @@ impl Heads {
                 self.num_qo_heads, self.num_kv_heads
             )));
         }
-        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) || self.head_dim > 1 << 16 {
             return Err(Error::invalid(format!(
-                "head_dim must be even and at least 2, got {}",
+                "head_dim must be even and in 2..=65536, got {}",
                 self.head_dim
             )));
         }
         Ok(())
+    }
+    /// Query heads.
+    pub fn num_qo_heads(&self) -> u32 {
+        self.num_qo_heads
+    }
+    /// KV heads.
+    pub fn num_kv_heads(&self) -> u32 {
+        self.num_kv_heads
+    }
+    /// Elements per head vector.
+    pub fn head_dim(&self) -> u32 {
+        self.head_dim
     }
     /// Query heads per KV head.
     pub fn group_size(&self) -> u32 {
@@ -59,28 +80,32 @@ pub enum KvLayout {
 /// Element strides of a KV buffer (K and V have the same shape).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvStrides {
+    /// Between consecutive blocks (pages); one token for a ragged cache.
     pub block: u64,
+    /// Between consecutive tokens of a block.
     pub token: u64,
+    /// Between consecutive KV heads.
     pub head: u64,
 }
 
 /// Where the keys and values of every request live: block-sparse rows.
 ///
 /// A paged cache is BSR with blocks of `page_size` tokens; a ragged cache is one block per request
-/// whose block id is the request's first token (so its "block stride" is one token).
+/// whose block id is the request's first token (so its "block stride" is one token). Built only by
+/// the validating constructors; read through the accessors.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KvIndex {
     /// `None` for a ragged cache.
-    pub page_size: Option<u32>,
+    page_size: Option<u32>,
     /// `[batch + 1]`: blocks of request `b` are `indices[indptr[b]..indptr[b + 1]]`.
-    pub indptr: Vec<i32>,
+    indptr: Vec<i32>,
     /// Block ids (pages), or first tokens for a ragged cache.
-    pub indices: Vec<i32>,
+    indices: Vec<i32>,
     /// `[batch]`: valid tokens in the last block of each request (0 for a request with no block).
-    pub last_len: Vec<i32>,
-    pub layout: KvLayout,
+    last_len: Vec<i32>,
+    layout: KvLayout,
     /// Pages in the cache buffer (paged), or tokens (ragged): bounds for `indices`.
-    pub capacity: u32,
+    capacity: u32,
 }
 
 impl KvIndex {
@@ -88,8 +113,15 @@ impl KvIndex {
     /// `[total_tokens, num_kv_heads, head_dim]` (NHD) or `[num_kv_heads, total_tokens, head_dim]` (HND).
     pub fn ragged(kv_indptr: &[i32], layout: KvLayout) -> Result<Self> {
         check_indptr("kv_indptr", kv_indptr)?;
+        let total = kv_indptr[kv_indptr.len() - 1];
+        Self::ragged_in(kv_indptr, total as u32, layout)
+    }
+
+    /// A ragged cache inside K and V buffers of `capacity_tokens` tokens (at least the last entry of
+    /// `kv_indptr`): the form a CUDA-graph plan needs, whose buffers and strides never change.
+    pub fn ragged_in(kv_indptr: &[i32], capacity_tokens: u32, layout: KvLayout) -> Result<Self> {
+        check_indptr("kv_indptr", kv_indptr)?;
         let batch = kv_indptr.len() - 1;
-        let total = *kv_indptr.last().unwrap_or(&0);
         let mut indptr = Vec::with_capacity(batch + 1);
         let mut indices = Vec::with_capacity(batch);
         let mut last_len = Vec::with_capacity(batch);
@@ -102,14 +134,16 @@ impl KvIndex {
             last_len.push(len);
             indptr.push(indices.len() as i32);
         }
-        Ok(KvIndex {
+        let kv = KvIndex {
             page_size: None,
             indptr,
             indices,
             last_len,
             layout,
-            capacity: total as u32,
-        })
+            capacity: capacity_tokens,
+        };
+        kv.validate()?;
+        Ok(kv)
     }
 
     /// A paged cache from the requests' lengths: request `b` holds `kv_lens[b]` tokens on the next
@@ -123,7 +157,7 @@ impl KvIndex {
         layout: KvLayout,
     ) -> Result<Self> {
         if page_size == 0 {
-            return Err(Error::invalid("page_size must be at least 1"));
+            return Err(Error::invalid("page_size must be at least 1, got 0"));
         }
         let counts: Vec<u32> = kv_lens.iter().map(|l| l.div_ceil(page_size)).collect();
         let needed: u64 = counts.iter().map(|&c| u64::from(c)).sum();
@@ -143,7 +177,8 @@ impl KvIndex {
                 }
             })
             .collect();
-        KvIndex::paged(page_size, &indptr(&counts), pages, &last, num_pages, layout)
+        let counts = checked_indptr("kv_lens (in pages)", &counts)?;
+        KvIndex::paged(page_size, &counts, pages, &last, num_pages, layout)
     }
 
     /// A paged cache of `num_pages` pages of `page_size` tokens; K and V are each
@@ -156,57 +191,142 @@ impl KvIndex {
         num_pages: u32,
         layout: KvLayout,
     ) -> Result<Self> {
-        if page_size == 0 {
-            return Err(Error::invalid("page_size must be at least 1"));
-        }
-        check_indptr("kv_indptr", indptr)?;
-        let batch = indptr.len() - 1;
-        if *indptr.last().unwrap_or(&0) as usize != indices.len() {
-            return Err(Error::invalid(format!(
-                "kv_indptr ends at {} but kv_indices has {} entries",
-                indptr[batch],
-                indices.len()
-            )));
-        }
-        if last_page_len.len() != batch {
-            return Err(Error::invalid(format!(
-                "kv_last_page_len has {} entries for a batch of {batch}",
-                last_page_len.len()
-            )));
-        }
-        for (i, &p) in indices.iter().enumerate() {
-            if p < 0 || p as u32 >= num_pages {
-                return Err(Error::invalid(format!(
-                    "kv_indices[{i}] = {p} is outside the cache's {num_pages} pages"
-                )));
-            }
-        }
-        for b in 0..batch {
-            let pages = indptr[b + 1] - indptr[b];
-            let last = last_page_len[b];
-            let ok = if pages == 0 {
-                last == 0
-            } else {
-                last >= 1 && last as u32 <= page_size
-            };
-            if !ok {
-                return Err(Error::invalid(format!(
-                    "kv_last_page_len[{b}] = {last} must be in 1..={page_size} (0 for a request with no page)"
-                )));
-            }
-        }
-        Ok(KvIndex {
+        let kv = KvIndex {
             page_size: Some(page_size),
             indptr: indptr.to_vec(),
             indices: indices.to_vec(),
             last_len: last_page_len.to_vec(),
             layout,
             capacity: num_pages,
-        })
+        };
+        kv.validate()?;
+        Ok(kv)
     }
 
+    /// Check every invariant the kernels rely on: the row pointer starts at 0, never decreases and
+    /// ends at the number of block ids; every block id is inside the cache; every last-block length
+    /// is in range; every request's length fits the kernels' 32-bit signed positions.
+    pub(crate) fn validate(&self) -> Result<()> {
+        check_indptr("kv_indptr", &self.indptr)?;
+        let batch = self.indptr.len() - 1;
+        if self.indptr[batch] as usize != self.indices.len() {
+            return Err(Error::invalid(format!(
+                "kv_indptr ends at {} but kv_indices has {} entries",
+                self.indptr[batch],
+                self.indices.len()
+            )));
+        }
+        if self.last_len.len() != batch {
+            return Err(Error::invalid(format!(
+                "kv_last_page_len has {} entries for a batch of {batch}",
+                self.last_len.len()
+            )));
+        }
+        if self.capacity == u32::MAX || self.capacity > i32::MAX as u32 {
+            return Err(Error::invalid(format!(
+                "the cache's capacity ({}) must be below 2^31 blocks",
+                self.capacity
+            )));
+        }
+        match self.page_size {
+            Some(0) => return Err(Error::invalid("page_size must be at least 1, got 0")),
+            Some(page) => {
+                for (i, &p) in self.indices.iter().enumerate() {
+                    if p < 0 || p as u32 >= self.capacity {
+                        return Err(Error::invalid(format!(
+                            "kv_indices[{i}] = {p} is outside the cache's {} pages",
+                            self.capacity
+                        )));
+                    }
+                }
+                for b in 0..batch {
+                    let pages = self.indptr[b + 1] - self.indptr[b];
+                    let last = self.last_len[b];
+                    let ok = if pages == 0 {
+                        last == 0
+                    } else {
+                        last >= 1 && last as u32 <= page
+                    };
+                    if !ok {
+                        return Err(Error::invalid(format!(
+                            "kv_last_page_len[{b}] = {last} must be in 1..={page} (0 for a \
+                             request with no page)"
+                        )));
+                    }
+                    let len =
+                        u64::from(pages as u32).saturating_sub(1) * u64::from(page) + last as u64;
+                    if len > i32::MAX as u64 {
+                        return Err(Error::invalid(format!(
+                            "request {b} has {len} KV tokens; at most 2^31 - 1 are supported"
+                        )));
+                    }
+                }
+            }
+            None => {
+                // One block per non-empty request: its first token, then its length.
+                let mut end = 0i64;
+                for b in 0..batch {
+                    let blocks = self.indptr[b + 1] - self.indptr[b];
+                    let len = self.last_len[b];
+                    let ok = match blocks {
+                        0 => len == 0,
+                        1 => len >= 1,
+                        _ => false,
+                    };
+                    if !ok {
+                        return Err(Error::invalid(format!(
+                            "ragged request {b} has {blocks} blocks of length {len}; a ragged \
+                             request is one block (or none when empty)"
+                        )));
+                    }
+                    if blocks == 1 {
+                        let first = i64::from(self.indices[self.indptr[b] as usize]);
+                        end = end.max(first + i64::from(len));
+                        if first < 0 {
+                            return Err(Error::invalid(format!(
+                                "ragged request {b} starts at token {first}"
+                            )));
+                        }
+                    }
+                }
+                if end > i64::from(self.capacity) {
+                    return Err(Error::invalid(format!(
+                        "the ragged requests reach token {end} but K and V hold {} tokens",
+                        self.capacity
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Requests.
     pub fn batch(&self) -> usize {
         self.indptr.len() - 1
+    }
+    /// Tokens per page, `None` for a ragged cache.
+    pub fn page_size(&self) -> Option<u32> {
+        self.page_size
+    }
+    /// `[batch + 1]`: the blocks of request `b` are `indices()[indptr()[b]..indptr()[b + 1]]`.
+    pub fn indptr(&self) -> &[i32] {
+        &self.indptr
+    }
+    /// Block ids (pages), or each non-empty request's first token for a ragged cache.
+    pub fn indices(&self) -> &[i32] {
+        &self.indices
+    }
+    /// `[batch]`: valid tokens in each request's last block (0 for a request with none).
+    pub fn last_len(&self) -> &[i32] {
+        &self.last_len
+    }
+    /// The token/head order of a block.
+    pub fn layout(&self) -> KvLayout {
+        self.layout
+    }
+    /// Pages of the cache (paged), or tokens of K and V (ragged).
+    pub fn capacity(&self) -> u32 {
+        self.capacity
     }
 
     /// KV tokens of request `b`.
@@ -267,51 +387,107 @@ impl KvIndex {
 }
 
 /// One batch: which query rows belong to which request, where their keys are, and the mask mode.
+/// Built only by the validating constructors; read through the accessors.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
-    pub heads: Heads,
+    heads: Heads,
     /// `[batch + 1]`: query rows of request `b` are `qo_indptr[b]..qo_indptr[b + 1]`.
-    pub qo_indptr: Vec<i32>,
-    pub kv: KvIndex,
-    /// Bottom-right aligned causal mask (query row `i` sees keys `0..=i + kv_len - qo_len`).
-    pub causal: bool,
-    /// Multiplies `q . k` before the logits hook; `1/sqrt(head_dim)` by default.
-    pub sm_scale: f32,
+    qo_indptr: Vec<i32>,
+    kv: KvIndex,
+    causal: bool,
+    sm_scale: f32,
 }
 
 impl Batch {
-    /// A validated batch with the default `sm_scale` and no causal mask.
+    /// A validated batch with the default `sm_scale` (`1/sqrt(head_dim)`) and no causal mask.
     pub fn new(heads: Heads, qo_indptr: &[i32], kv: KvIndex) -> Result<Self> {
-        heads.validate()?;
-        check_indptr("qo_indptr", qo_indptr)?;
-        if qo_indptr.len() != kv.indptr.len() {
-            return Err(Error::invalid(format!(
-                "qo_indptr describes {} requests but the KV index {}",
-                qo_indptr.len() - 1,
-                kv.batch()
-            )));
-        }
-        Ok(Batch {
+        let b = Batch {
             heads,
             qo_indptr: qo_indptr.to_vec(),
             kv,
             causal: false,
             sm_scale: 1.0 / (heads.head_dim as f32).sqrt(),
-        })
+        };
+        b.validate()?;
+        Ok(b)
     }
     /// One query row per request (decode).
     pub fn decode(heads: Heads, kv: KvIndex) -> Result<Self> {
         let qo: Vec<i32> = (0..=kv.batch() as i32).collect();
         Batch::new(heads, &qo, kv)
     }
+    /// With or without the bottom-right aligned causal mask (query row `i` of a request sees keys
+    /// `0..=i + kv_len - qo_len`).
     pub fn with_causal(mut self, causal: bool) -> Self {
         self.causal = causal;
         self
     }
-    pub fn with_sm_scale(mut self, sm_scale: f32) -> Self {
+    /// With this multiplier of `q . k` (applied before the logits hook); it must be finite.
+    pub fn with_sm_scale(mut self, sm_scale: f32) -> Result<Self> {
         self.sm_scale = sm_scale;
-        self
+        self.validate()?;
+        Ok(self)
     }
+
+    /// Re-check everything: heads, the query row pointer, the KV index, that both describe the same
+    /// requests, `sm_scale`, and that every count the kernels read fits their 32-bit signed fields
+    /// and every buffer size fits 64 bits. Every plan, replan and run calls it, on every backend.
+    pub fn validate(&self) -> Result<()> {
+        self.heads.validate()?;
+        check_indptr("qo_indptr", &self.qo_indptr)?;
+        self.kv.validate()?;
+        if self.qo_indptr.len() != self.kv.indptr.len() {
+            return Err(Error::invalid(format!(
+                "qo_indptr describes {} requests but the KV index {}",
+                self.qo_indptr.len() - 1,
+                self.kv.batch()
+            )));
+        }
+        if !self.sm_scale.is_finite() {
+            return Err(Error::invalid(format!(
+                "sm_scale must be finite, got {}",
+                self.sm_scale
+            )));
+        }
+        let h = &self.heads;
+        let q = u64::from(self.qo_indptr[self.batch()] as u32)
+            .checked_mul(u64::from(h.num_qo_heads))
+            .and_then(|x| x.checked_mul(u64::from(h.head_dim)));
+        let kv = u64::from(self.kv.capacity)
+            .checked_mul(u64::from(self.kv.page_size.unwrap_or(1)))
+            .and_then(|x| x.checked_mul(u64::from(h.num_kv_heads)))
+            .and_then(|x| x.checked_mul(u64::from(h.head_dim)));
+        // Bytes, at up to 4 per element, must fit the address space.
+        let fits = |n: Option<u64>| n.is_some_and(|x| x <= isize::MAX as u64 / 4);
+        if !fits(q) || !fits(kv) {
+            return Err(Error::invalid(
+                "the batch's q/o or K/V buffers would exceed the address space",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Head counts and dimension.
+    pub fn heads(&self) -> Heads {
+        self.heads
+    }
+    /// `[batch + 1]`: query rows of request `b` are `qo_indptr()[b]..qo_indptr()[b + 1]`.
+    pub fn qo_indptr(&self) -> &[i32] {
+        &self.qo_indptr
+    }
+    /// Where the keys and values are.
+    pub fn kv(&self) -> &KvIndex {
+        &self.kv
+    }
+    /// Whether the causal mask is on.
+    pub fn causal(&self) -> bool {
+        self.causal
+    }
+    /// The multiplier of `q . k`.
+    pub fn sm_scale(&self) -> f32 {
+        self.sm_scale
+    }
+    /// Requests.
     pub fn batch(&self) -> usize {
         self.qo_indptr.len() - 1
     }
@@ -319,6 +495,7 @@ impl Batch {
     pub fn total_qo(&self) -> usize {
         *self.qo_indptr.last().unwrap_or(&0) as usize
     }
+    /// Query rows of request `b`.
     pub fn qo_len(&self, b: usize) -> u32 {
         (self.qo_indptr[b + 1] - self.qo_indptr[b]) as u32
     }
@@ -333,18 +510,26 @@ impl Batch {
 
     /// Check buffer lengths against the batch (element counts).
     pub fn check_lengths(&self, q: usize, k: usize, v: usize, o: usize) -> Result<()> {
-        if !self.sm_scale.is_finite() {
-            return Err(Error::invalid("sm_scale must be finite"));
-        }
-        let want_q = self.q_len();
+        self.check_rows(self.total_qo(), q, k, v, o)
+    }
+
+    /// [`Batch::check_lengths`] for q and o buffers of `rows` query rows (a CUDA-graph plan's
+    /// buffers hold its capacity, not the batch).
+    pub(crate) fn check_rows(
+        &self,
+        rows: usize,
+        q: usize,
+        k: usize,
+        v: usize,
+        o: usize,
+    ) -> Result<()> {
+        let want_q = rows * self.heads.num_qo_heads as usize * self.heads.head_dim as usize;
         let want_kv = self.kv.buffer_len(&self.heads);
         for (name, got, want) in [("q", q, want_q), ("o", o, want_q)] {
             if got != want {
                 return Err(Error::invalid(format!(
-                    "{name} has {got} elements; [total_qo={}, num_qo_heads={}, head_dim={}] needs {want}",
-                    self.total_qo(),
-                    self.heads.num_qo_heads,
-                    self.heads.head_dim
+                    "{name} has {got} elements; [rows={rows}, num_qo_heads={}, head_dim={}] needs {want}",
+                    self.heads.num_qo_heads, self.heads.head_dim
                 )));
             }
         }
@@ -368,15 +553,24 @@ impl Batch {
 }
 
 /// The CSR row pointer of these lengths: `[0, l0, l0 + l1, ...]` (`qo_indptr`, ragged `kv_indptr`).
+///
+/// # Panics
+/// When the sum exceeds `i32::MAX` (no batch that large can be described).
 pub fn indptr(lens: &[u32]) -> Vec<i32> {
+    checked_indptr("lengths", lens).expect("lengths sum past i32::MAX")
+}
+
+fn checked_indptr(name: &str, lens: &[u32]) -> Result<Vec<i32>> {
     let mut out = Vec::with_capacity(lens.len() + 1);
     out.push(0i32);
-    let mut sum = 0i32;
+    let mut sum = 0i64;
     for &l in lens {
-        sum += l as i32;
-        out.push(sum);
+        sum += i64::from(l);
+        let s =
+            i32::try_from(sum).map_err(|_| Error::invalid(format!("{name} sum past i32::MAX")))?;
+        out.push(s);
     }
-    out
+    Ok(out)
 }
 
 fn check_indptr(name: &str, indptr: &[i32]) -> Result<()> {
@@ -428,8 +622,8 @@ mod tests {
     #[test]
     fn ragged_is_one_block_per_request() {
         let kv = KvIndex::ragged(&[0, 3, 3, 10], KvLayout::Nhd).unwrap();
-        assert_eq!(kv.indptr, vec![0, 1, 1, 2]);
-        assert_eq!(kv.indices, vec![0, 3]);
+        assert_eq!(kv.indptr(), [0, 1, 1, 2]);
+        assert_eq!(kv.indices(), [0, 3]);
         assert_eq!((kv.kv_len(0), kv.kv_len(1), kv.kv_len(2)), (3, 0, 7));
         assert_eq!(kv.offset(&heads(), 2, 2, 1), 5 * 16 + 8);
     }
@@ -486,5 +680,28 @@ mod tests {
         );
         let msg = b.check_lengths(1, 64, 64, 64).unwrap_err().to_string();
         assert!(msg.contains("q has 1 elements"), "{msg}");
+    }
+    #[test]
+    fn every_count_the_kernels_read_is_bounded() {
+        let nhd = KvLayout::Nhd;
+        // A ragged request reaching past its buffer, a request of 2^31 keys, a capacity of 2^31.
+        let e = KvIndex::ragged_in(&[0, 10], 9, nhd).unwrap_err();
+        assert!(
+            e.to_string().contains("reach token 10 but K and V hold 9"),
+            "{e}"
+        );
+        let big = vec![0; (1 << 16) + 1];
+        let e = KvIndex::paged(1 << 15, &[0, big.len() as i32], &big, &[1], 1, nhd).unwrap_err();
+        assert!(e.to_string().contains("KV tokens"), "{e}");
+        let e = KvIndex::paged(16, &[0, 0], &[], &[0], 1 << 31, nhd).unwrap_err();
+        assert!(e.to_string().contains("capacity"), "{e}");
+        assert!(Heads::new(8, 2, 1 << 20).is_err());
+        // q of 2^31 rows x 65536 heads x 65536 elements does not fit the address space.
+        let h = Heads::new(1 << 16, 1, 1 << 16).unwrap();
+        let kv = KvIndex::ragged(&[0, 1], nhd).unwrap();
+        let e = Batch::new(h, &[0, i32::MAX], kv).unwrap_err();
+        assert!(e.to_string().contains("address space"), "{e}");
+        let b = Batch::new(heads(), &[0, 1], KvIndex::ragged(&[0, 1], nhd).unwrap()).unwrap();
+        assert!(b.with_sm_scale(f32::INFINITY).is_err());
     }
 }

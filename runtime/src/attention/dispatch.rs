@@ -6,7 +6,8 @@ use std::sync::Arc;
 use ferrinfer_kernels::abi::AttnArgs;
 use ferrinfer_kernels::{DType, HEAD_DIMS, KernelConfig, KernelKind, VariantSource};
 
-use crate::device::gpu::{Gpu, Kernel, SmResources};
+use crate::attention::launch::{self, Kernel};
+use crate::device::gpu::{Gpu, SmResources};
 use crate::error::{Error, Result};
 use crate::jit::{Arch, CompiledKernel, Jit};
 use crate::variant::VariantSpec;
@@ -113,14 +114,14 @@ pub(crate) fn kernel(gpu: &Gpu, spec: &VariantSpec, cfg: &KernelConfig) -> Resul
     check_supported(cfg, arch)?;
     let wide = wide_instance(cfg, &gpu.sm_resources());
     // Keyed by what was asked for: the spill test runs once per process.
-    gpu.kernel(&key(spec, cfg, arch), || {
+    launch::load(gpu, &key(spec, cfg, arch), || {
         if let Some(w) = wide {
             let k = compile(spec, &w, arch)?;
             if k.stats.spill_stores == 0 && k.stats.spill_loads == 0 {
-                return Ok((k, Some(w)));
+                return Ok((k, w));
             }
         }
-        Ok((compile(spec, cfg, arch)?, Some(*cfg)))
+        Ok((compile(spec, cfg, arch)?, *cfg))
     })
 }
 

@@ -1,9 +1,17 @@
 //! Attention: the batch description (validated, opaque), the planner, the dispatcher, the plan/run
 //! wrappers, the single-request calls, and the CPU reference they are all tested against.
 
-pub mod batch;
+pub(crate) mod batch;
 pub mod dispatch;
+pub(crate) mod launch;
 pub mod plan;
 pub mod reference;
-pub mod single;
-pub mod wrappers;
+pub(crate) mod single;
+pub(crate) mod wrappers;
+
+pub use batch::{Batch, Heads, KvIndex, KvLayout, KvStrides, indptr};
+pub use single::Single;
+pub use wrappers::{
+    BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, PlanConfig,
+    RunBuffers, TENSOR_CORE_MIN_GROUP,
+};

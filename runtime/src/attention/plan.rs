@@ -250,10 +250,10 @@ pub fn cta_tile_q(packed_rows: u64, requests: u64, head_dim: u32) -> u32 {
 pub fn plan(batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Result<WorkList> {
     opts.validate()?;
     let reqs = requests(batch)?;
-    let heads = batch.heads;
+    let heads = batch.heads();
     let group = u64::from(heads.group_size());
-    let tile = choose_tile(&reqs, kind, opts, heads.group_size(), heads.head_dim);
-    let kv_heads = u64::from(heads.num_kv_heads);
+    let tile = choose_tile(&reqs, kind, opts, heads.group_size(), heads.head_dim());
+    let kv_heads = u64::from(heads.num_kv_heads());
     let count = |chunk: u32| kv_heads * count_tiles(&reqs, group, tile, chunk);
 
     let kv_chunk = match opts.fixed_kv_chunk {
@@ -282,16 +282,16 @@ struct Request {
 
 fn requests(batch: &Batch) -> Result<Vec<Request>> {
     let n = batch.batch();
-    if batch.kv.batch() != n {
+    if batch.kv().batch() != n {
         return Err(Error::invalid(format!(
             "qo_indptr describes {n} requests but the KV index {}",
-            batch.kv.batch()
+            batch.kv().batch()
         )));
     }
     to_i32_range(batch.total_qo() as u64, "total query rows")?;
     (0..n)
         .map(|b| {
-            let kv_len = batch.kv.kv_len(b);
+            let kv_len = batch.kv().kv_len(b);
             to_i32_range(u64::from(kv_len), "a request's KV length")?;
             Ok(Request {
                 qo_len: batch.qo_len(b),
@@ -306,13 +306,13 @@ fn requests(batch: &Batch) -> Result<Vec<Request>> {
 pub fn query_tile(batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Result<u32> {
     opts.validate()?;
     let reqs = requests(batch)?;
-    let heads = batch.heads;
+    let heads = batch.heads();
     Ok(choose_tile(
         &reqs,
         kind,
         opts,
         heads.group_size(),
-        heads.head_dim,
+        heads.head_dim(),
     ))
 }
 
@@ -391,7 +391,7 @@ fn build(
     kv_chunk: u32,
     graph_capacity: Option<u32>,
 ) -> Result<WorkList> {
-    let group = batch.heads.group_size();
+    let group = batch.heads().group_size();
     let mut items = Vec::new();
     let mut merge_indptr = Vec::with_capacity(batch.total_qo() + 1);
     let mut merge_index = Vec::new();
@@ -413,7 +413,7 @@ fn build(
             merge_indptr.push(merge_index.len() as u32);
         }
         let packed = r.qo_len * group;
-        for kv_head in 0..batch.heads.num_kv_heads {
+        for kv_head in 0..batch.heads().num_kv_heads() {
             for start in (0..packed).step_by(tile as usize) {
                 for c in 0..n {
                     items.push(WorkItem {

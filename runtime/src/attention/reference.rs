@@ -6,7 +6,7 @@
 
 use std::panic::AssertUnwindSafe;
 
-use crate::attention::batch::{Batch, KvIndex};
+use crate::attention::batch::Batch;
 use crate::device::dtype::{self, Element};
 use crate::error::{Error, Result};
 use crate::variant::params::check_coverage;
@@ -29,7 +29,7 @@ pub struct Reference {
 /// `q` is `[total_qo, num_qo_heads, head_dim]`; `k` and `v` are addressed by the batch's KV index.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] for:
+/// [`Error::InvalidInput`](crate::Error::InvalidInput) for:
 /// - every inconsistency between the batch and the buffers;
 /// - a parameter array shorter than the coverage its field states (`#[cover(qo_heads)]`...),
 ///   checked before any hook runs, as `run` does before a launch;
@@ -49,24 +49,24 @@ pub fn attention<V: Variant>(
     k: &[f32],
     v: &[f32],
 ) -> Result<Reference> {
-    check_structure(batch)?;
+    batch.validate()?;
     batch.check_lengths(q.len(), k.len(), v.len(), q.len())?;
     check_coverage(variant, batch)?;
     let name = V::SPEC.name;
-    let heads = batch.heads;
-    let d = heads.head_dim as usize;
+    let heads = batch.heads();
+    let d = heads.head_dim() as usize;
     let mut out = Reference {
         o: vec![0.0; batch.q_len()],
         lse: vec![0.0; batch.lse_len()],
     };
     for b in 0..batch.batch() {
-        for kv_head in 0..heads.num_kv_heads {
+        for kv_head in 0..heads.num_kv_heads() {
             let req = Request {
                 b,
                 kv_head,
                 qo_len: batch.qo_len(b),
-                kv_len: batch.kv.kv_len(b),
-                head_dim: heads.head_dim,
+                kv_len: batch.kv().kv_len(b),
+                head_dim: heads.head_dim(),
             };
             let kv = guarded(
                 name,
@@ -76,8 +76,8 @@ pub fn attention<V: Variant>(
             let group = heads.group_size();
             for h in kv_head * group..(kv_head + 1) * group {
                 for i in 0..req.qo_len {
-                    let row = batch.qo_indptr[b] as usize + i as usize;
-                    let at = row * heads.num_qo_heads as usize + h as usize;
+                    let row = batch.qo_indptr()[b] as usize + i as usize;
+                    let at = row * heads.num_qo_heads() as usize + h as usize;
                     let (o, lse) = guarded(
                         name,
                         || format!("request {b}, query row {i}, query head {h}"),
@@ -155,6 +155,37 @@ pub fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
     }
 }
 
+/// The worst [`rel_l2`] over the (request, query head) slices of `[total_qo, num_qo_heads,
+/// head_dim]` outputs of `batch`, with the request and head it occurs at: a bound on it holds for
+/// every request and head, so one wrong request cannot hide in a large batch. Requests with no
+/// query row have no slice. `(0.0, 0, 0)` for a batch without rows.
+pub fn worst_rel_l2(batch: &Batch, got: &[f32], want: &[f64]) -> (f64, usize, u32) {
+    let heads = batch.heads();
+    let (hq, d) = (heads.num_qo_heads() as usize, heads.head_dim() as usize);
+    if got.len() != want.len() || got.len() != batch.q_len() {
+        return (f64::INFINITY, 0, 0);
+    }
+    let mut worst = (0.0, 0, 0);
+    let (mut g, mut w) = (Vec::new(), Vec::new());
+    for b in 0..batch.batch() {
+        let rows = batch.qo_indptr()[b] as usize..batch.qo_indptr()[b + 1] as usize;
+        for h in 0..hq {
+            g.clear();
+            w.clear();
+            for r in rows.clone() {
+                let at = (r * hq + h) * d;
+                g.extend_from_slice(&got[at..at + d]);
+                w.extend_from_slice(&want[at..at + d]);
+            }
+            let err = rel_l2(&g, &w);
+            if !rows.is_empty() && err > worst.0 {
+                worst = (err, b, h as u32);
+            }
+        }
+    }
+    worst
+}
+
 /// Whether any element is NaN (GPU outputs are poisoned with NaN before a run).
 pub fn has_nan(xs: &[f32]) -> bool {
     xs.iter().any(|x| x.is_nan())
@@ -197,7 +228,7 @@ impl KvRows {
         let n = req.kv_len as usize * d;
         let (mut keys, mut values) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for j in 0..req.kv_len {
-            let off = batch.kv.offset(&batch.heads, req.b, j, req.kv_head);
+            let off = batch.kv().offset(&batch.heads(), req.b, j, req.kv_head);
             let key = &k[off..off + d];
             if V::SPEC.hooks.key {
                 let at = req.pos(0, j, 0);
@@ -238,12 +269,12 @@ fn row_attention<V: Variant>(
     };
     // The causal diagonal: queries are aligned to the end of the KV sequence.
     let last_visible = i64::from(i) + i64::from(req.kv_len) - i64::from(req.qo_len);
-    let sm_scale = f64::from(batch.sm_scale);
+    let sm_scale = f64::from(batch.sm_scale());
     // (key index, logit) of every visible key.
     let mut logits = Vec::with_capacity(req.kv_len as usize);
     for j in 0..req.kv_len {
         let at = req.pos(i, j, h);
-        if (batch.causal && i64::from(j) > last_visible) || (hooks.mask && !variant.mask(at)) {
+        if (batch.causal() && i64::from(j) > last_visible) || (hooks.mask && !variant.mask(at)) {
             continue;
         }
         let key = &kv.keys[j as usize * d..(j as usize + 1) * d];
@@ -309,72 +340,6 @@ fn softmax_rows<V: Variant>(
         *x /= z;
     }
     m + z.ln()
-}
-
-/// What the addressing relies on beyond buffer lengths. `Batch` and `KvIndex` have public fields,
-/// so a value edited after construction must be refused here rather than panic on an index.
-fn check_structure(batch: &Batch) -> Result<()> {
-    batch.heads.validate()?;
-    check_indptr("qo_indptr", &batch.qo_indptr)?;
-    let kv = &batch.kv;
-    check_indptr("kv.indptr", &kv.indptr)?;
-    if kv.indptr.len() != batch.qo_indptr.len() {
-        return Err(Error::invalid(format!(
-            "qo_indptr describes {} requests but the KV index {}",
-            batch.qo_indptr.len() - 1,
-            kv.indptr.len() - 1
-        )));
-    }
-    if *kv.indptr.last().unwrap_or(&0) as usize != kv.indices.len() {
-        return Err(Error::invalid(format!(
-            "kv.indptr ends at {} but kv.indices has {} entries",
-            kv.indptr.last().unwrap_or(&0),
-            kv.indices.len()
-        )));
-    }
-    if kv.last_len.len() != kv.batch() {
-        return Err(Error::invalid(format!(
-            "kv.last_len has {} entries for a batch of {}",
-            kv.last_len.len(),
-            kv.batch()
-        )));
-    }
-    (0..kv.batch()).try_for_each(|b| check_request(kv, b))
-}
-
-fn check_request(kv: &KvIndex, b: usize) -> Result<()> {
-    let blocks = &kv.indices[kv.indptr[b] as usize..kv.indptr[b + 1] as usize];
-    let last = kv.last_len[b];
-    let ok = match (kv.page_size, blocks) {
-        (_, []) => last == 0,
-        (Some(p), _) => {
-            (1..=p as i64).contains(&i64::from(last))
-                && blocks.iter().all(|&x| x >= 0 && (x as u32) < kv.capacity)
-        }
-        // A ragged request is one block: its first token, then `last` tokens in the buffer.
-        (None, &[first]) => {
-            last >= 1 && first >= 0 && i64::from(first) + i64::from(last) <= i64::from(kv.capacity)
-        }
-        (None, _) => false,
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
-            "KV index entry of request {b} is inconsistent: blocks {blocks:?}, last length {last}, \
-             capacity {}",
-            kv.capacity
-        )))
-    }
-}
-
-fn check_indptr(name: &str, indptr: &[i32]) -> Result<()> {
-    if indptr.len() < 2 || indptr[0] != 0 || indptr.windows(2).any(|w| w[1] < w[0]) {
-        return Err(Error::invalid(format!(
-            "{name} must start at 0, not decrease, and have at least 2 entries; got {indptr:?}"
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

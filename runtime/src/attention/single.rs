@@ -14,7 +14,7 @@ use crate::variant::Variant;
 ///
 /// ```
 /// use ferrinfer_runtime::prelude::*;
-/// use ferrinfer_runtime::single::Single;
+/// use ferrinfer_runtime::attention::Single;
 /// use ferrinfer_runtime::variant::Variant;
 /// # fn demo<V: Variant>(variant: &V) -> ferrinfer_runtime::Result<()> {
 /// let cpu = Backend::Cpu;
@@ -73,11 +73,11 @@ impl Single {
         o: &mut Buffer<T>,
         lse: Option<&mut Buffer<f32>>,
     ) -> Result<()> {
-        let qo_len = self.rows("q", q.len(), self.heads.num_qo_heads)?;
+        let qo_len = self.rows("q", q.len(), self.heads.num_qo_heads())?;
         let batch =
             Batch::new(self.heads, &[0, qo_len], self.kv(k.len())?)?.with_causal(self.causal);
         let batch = match self.sm_scale {
-            Some(s) => batch.with_sm_scale(s),
+            Some(s) => batch.with_sm_scale(s)?,
             None => batch,
         };
         BatchPrefill::plan(backend, batch)?.run(variant, q, k, v, o, lse)
@@ -96,14 +96,14 @@ impl Single {
         o: &mut Buffer<T>,
         lse: Option<&mut Buffer<f32>>,
     ) -> Result<()> {
-        if self.rows("q", q.len(), self.heads.num_qo_heads)? != 1 {
+        if self.rows("q", q.len(), self.heads.num_qo_heads())? != 1 {
             return Err(Error::invalid(format!(
                 "decode takes one query row: q has {} elements, [num_qo_heads={}, head_dim={}] \
                  needs {}",
                 q.len(),
-                self.heads.num_qo_heads,
-                self.heads.head_dim,
-                self.heads.num_qo_heads * self.heads.head_dim
+                self.heads.num_qo_heads(),
+                self.heads.head_dim(),
+                self.heads.num_qo_heads() * self.heads.head_dim()
             )));
         }
         BatchDecode::plan(backend, self.heads, self.kv(k.len())?, self.sm_scale)?
@@ -112,17 +112,17 @@ impl Single {
 
     /// A one-request ragged index over `k_len` elements.
     fn kv(&self, k_len: usize) -> Result<KvIndex> {
-        let kv_len = self.rows("k", k_len, self.heads.num_kv_heads)?;
+        let kv_len = self.rows("k", k_len, self.heads.num_kv_heads())?;
         KvIndex::ragged(&[0, kv_len], self.layout)
     }
 
     /// Rows of a `[rows, heads, head_dim]` buffer of `len` elements.
     fn rows(&self, name: &str, len: usize, heads: u32) -> Result<i32> {
-        let row = heads as usize * self.heads.head_dim as usize;
+        let row = heads as usize * self.heads.head_dim() as usize;
         if row == 0 || !len.is_multiple_of(row) {
             return Err(Error::invalid(format!(
                 "{name} has {len} elements, not a multiple of {heads} heads x head_dim {}",
-                self.heads.head_dim
+                self.heads.head_dim()
             )));
         }
         i32::try_from(len / row)

@@ -2,14 +2,24 @@
 //! validates the batch, schedules the work list and copies it and the page table to the device in
 //! one copy), then `run` for every layer with any variant (no host synchronisation, no allocation,
 //! so it can be captured in a CUDA graph).
+//!
+//! # Threading
+//!
+//! A plan is `Send + Sync`. `run` takes `&self` and may be called from several threads: the
+//! launches of one `run` (the attention kernel and, for a split KV, its merge pass, which share the
+//! plan's scratch buffers) are queued under a lock, on the device's one stream, so two runs never
+//! interleave. `replan` takes `&mut self`. A [`GraphRun`] owns its plan and buffers.
 
-use cudarc::driver::CudaSlice;
+use std::any::Any;
+use std::sync::Mutex;
+
+use cudarc::driver::{CudaGraph, CudaSlice};
 use ferrinfer_kernels::abi::AttnArgs;
 use ferrinfer_kernels::{KernelConfig, KernelKind};
 
 use crate::attention::batch::{Batch, Heads, KvIndex};
 use crate::attention::plan::{self, Capacity, PlanOptions, WorkList};
-use crate::attention::{dispatch, reference};
+use crate::attention::{dispatch, launch, reference};
 use crate::device::backend::{Backend, Buffer};
 use crate::device::dtype::Element;
 use crate::device::gpu::Gpu;
@@ -23,8 +33,12 @@ pub struct PlanConfig {
     /// Batch-invariant mode: split every request's KV into chunks of exactly this many tokens (a
     /// multiple of 16), so a request's result is the same bit for bit whatever it is batched with.
     pub fixed_kv_chunk: Option<u32>,
-    /// CUDA-graph mode: buffers sized once for these bounds; every later `replan` reuses them, so a
-    /// captured `run` stays valid.
+    /// CUDA-graph mode: scratch buffers sized once for these bounds; every later `replan` reuses
+    /// them, so a captured `run` stays valid. What a capture freezes (heads, causal, `sm_scale`,
+    /// the cache's page size, layout and capacity) is pinned by the first plan, and a `replan`
+    /// that changes it is refused. `run` then takes q and o (and the LSE) sized for
+    /// [`GraphCapacity::qo_rows`] rows, not for the batch. Capture with
+    /// [`BatchPrefill::capture`] / [`BatchDecode::capture`]. GPU backends only.
     pub graph: Option<GraphCapacity>,
     /// Which kernel runs [`BatchDecode`] (ignored by [`BatchPrefill`]).
     pub decode_kernel: DecodeKernel,
@@ -64,7 +78,8 @@ impl DecodeKernel {
     }
 }
 
-/// Bounds of every batch a CUDA-graph plan will hold.
+/// Bounds of every batch a CUDA-graph plan will hold. The query and output buffers of its `run` hold
+/// `qo_rows` rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GraphCapacity {
     /// Work items (the fixed grid): a few times the SM count is plenty.
@@ -129,12 +144,24 @@ impl BatchPrefill {
     ) -> Result<()> {
         self.planned.run(variant, q, k, v, o, lse)
     }
+    /// The batch of the last plan.
     pub fn batch(&self) -> &Batch {
         &self.planned.batch
     }
     /// The scheduled work list (GPU backends only).
     pub fn work_list(&self) -> Option<&WorkList> {
         self.planned.work.as_ref()
+    }
+    /// Run once, then record `run` into a CUDA graph that owns this plan, the variant and the
+    /// buffers for as long as it lives; re-plan through [`GraphRun::replan`] and replay with
+    /// [`GraphRun::launch`]. The plan must be in CUDA-graph mode ([`PlanConfig::graph`]) and the
+    /// buffers sized for its capacity.
+    pub fn capture<V: Variant, T: Element>(
+        self,
+        variant: V,
+        buffers: RunBuffers<T>,
+    ) -> Result<GraphRun<Self, T>> {
+        GraphRun::capture(self, variant, buffers, |p| &p.planned)
     }
 }
 
@@ -171,7 +198,7 @@ impl BatchDecode {
     }
     /// Plan another decode step into the same buffers (see [`BatchPrefill::replan`]).
     pub fn replan(&mut self, kv: KvIndex, sm_scale: Option<f32>) -> Result<()> {
-        let batch = decode_batch(self.planned.batch.heads, kv, sm_scale)?;
+        let batch = decode_batch(self.planned.batch.heads(), kv, sm_scale)?;
         self.planned.replan(batch)
     }
     /// See [`BatchPrefill::run`].
@@ -186,6 +213,7 @@ impl BatchDecode {
     ) -> Result<()> {
         self.planned.run(variant, q, k, v, o, lse)
     }
+    /// The batch of the last plan.
     pub fn batch(&self) -> &Batch {
         &self.planned.batch
     }
@@ -193,14 +221,149 @@ impl BatchDecode {
     pub fn work_list(&self) -> Option<&WorkList> {
         self.planned.work.as_ref()
     }
+    /// See [`BatchPrefill::capture`].
+    pub fn capture<V: Variant, T: Element>(
+        self,
+        variant: V,
+        buffers: RunBuffers<T>,
+    ) -> Result<GraphRun<Self, T>> {
+        GraphRun::capture(self, variant, buffers, |p| &p.planned)
+    }
+}
+
+/// The buffers of a captured `run`: `q` and `o` (and `lse`) sized for the plan's
+/// [`GraphCapacity::qo_rows`], `k` and `v` for its KV index.
+pub struct RunBuffers<T: Element> {
+    /// `[qo_rows, num_qo_heads, head_dim]`.
+    pub q: Buffer<T>,
+    /// The cache's keys.
+    pub k: Buffer<T>,
+    /// The cache's values.
+    pub v: Buffer<T>,
+    /// Same shape as `q`.
+    pub o: Buffer<T>,
+    /// `[qo_rows, num_qo_heads]`, when the LSE is wanted.
+    pub lse: Option<Buffer<f32>>,
+}
+
+/// Which input of a [`GraphRun`] to overwrite between replays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// The queries.
+    Q,
+    /// The keys.
+    K,
+    /// The values.
+    V,
+}
+
+/// A `run` recorded into a CUDA graph, together with everything the graph points at: the plan
+/// (its workspace and scratch buffers), the variant (its parameter arrays) and the buffers. Nothing
+/// it recorded can be dropped, moved or resized while it lives; a [`GraphRun::replan`] that would
+/// change what the recording froze is refused. Replay with [`GraphRun::launch`].
+///
+/// The buffers are reachable only read-only (`q()`, `o()`...) and through [`GraphRun::write`],
+/// which keeps their device addresses.
+pub struct GraphRun<P, T: Element> {
+    // Fields drop in order: the graph before what it points at.
+    graph: CudaGraph,
+    plan: P,
+    buffers: RunBuffers<T>,
+    _variant: Box<dyn Any + Send + Sync>,
+}
+
+impl<P, T: Element> GraphRun<P, T> {
+    fn capture<V: Variant>(
+        plan: P,
+        variant: V,
+        mut b: RunBuffers<T>,
+        planned: fn(&P) -> &Planned,
+    ) -> Result<Self> {
+        let p = planned(&plan);
+        let Backend::Cuda(gpu) = &p.backend else {
+            return Err(Error::unsupported(
+                "capture needs a GPU backend: the CPU backend has no CUDA graphs",
+            ));
+        };
+        if p.config.graph.is_none() {
+            return Err(Error::invalid(
+                "capture needs a plan made in CUDA-graph mode (PlanConfig::graph): a plan sized \
+                 for one batch would be outgrown by the next replan",
+            ));
+        }
+        // The first run compiles and loads the kernels and uploads parameter arrays, which a
+        // capture cannot do.
+        p.run(&variant, &b.q, &b.k, &b.v, &mut b.o, b.lse.as_mut())?;
+        let graph = gpu.capture(|| p.run(&variant, &b.q, &b.k, &b.v, &mut b.o, b.lse.as_mut()))?;
+        Ok(GraphRun {
+            graph,
+            plan,
+            buffers: b,
+            _variant: Box::new(variant),
+        })
+    }
+
+    /// Replay the recorded run on the plan's current batch. Asynchronous.
+    pub fn launch(&self) -> Result<()> {
+        // The recorded pointers are the workspace, scratch and buffers this value owns; the
+        // recorded sizes are pinned by replan (Planned::check_pinned) and the capacity.
+        Ok(self.graph.launch()?)
+    }
+    /// The plan (read-only: replan through [`GraphRun::replan`]).
+    pub fn plan(&self) -> &P {
+        &self.plan
+    }
+    /// Overwrite an input with `data` (its full length), keeping its device address.
+    pub fn write(&mut self, input: Input, data: &[T]) -> Result<()> {
+        let b = &mut self.buffers;
+        match input {
+            Input::Q => b.q.copy_from(data),
+            Input::K => b.k.copy_from(data),
+            Input::V => b.v.copy_from(data),
+        }
+    }
+    /// The queries.
+    pub fn q(&self) -> &Buffer<T> {
+        &self.buffers.q
+    }
+    /// The keys.
+    pub fn k(&self) -> &Buffer<T> {
+        &self.buffers.k
+    }
+    /// The values.
+    pub fn v(&self) -> &Buffer<T> {
+        &self.buffers.v
+    }
+    /// The output; rows past the batch's `total_qo` are not written.
+    pub fn o(&self) -> &Buffer<T> {
+        &self.buffers.o
+    }
+    /// The LSE, when captured with one.
+    pub fn lse(&self) -> Option<&Buffer<f32>> {
+        self.buffers.lse.as_ref()
+    }
+}
+
+impl<T: Element> GraphRun<BatchPrefill, T> {
+    /// Plan the next batch for the recorded run (see [`BatchPrefill::replan`]).
+    pub fn replan(&mut self, batch: Batch) -> Result<()> {
+        self.plan.replan(batch)
+    }
+}
+
+impl<T: Element> GraphRun<BatchDecode, T> {
+    /// Plan the next decode step for the recorded run (see [`BatchDecode::replan`]).
+    pub fn replan(&mut self, kv: KvIndex, sm_scale: Option<f32>) -> Result<()> {
+        self.plan.replan(kv, sm_scale)
+    }
 }
 
 fn decode_batch(heads: Heads, kv: KvIndex, sm_scale: Option<f32>) -> Result<Batch> {
-    let mut batch = Batch::decode(heads, kv)?;
-    if let Some(s) = sm_scale {
-        batch.sm_scale = s;
+    let batch = Batch::decode(heads, kv)?;
+    match sm_scale {
+        Some(s) => batch.with_sm_scale(s),
+        None => Ok(batch),
     }
-    Ok(batch)
 }
 
 /// Work items per SM that the KV-split search aims for.
@@ -276,16 +439,90 @@ struct DeviceState {
     partial_lse: CudaSlice<f32>,
 }
 
+/// What a CUDA graph freezes besides buffer addresses: the first graph-mode plan pins it, and a
+/// replan that differs is refused with the field's name.
+#[derive(Clone, Debug, PartialEq)]
+struct Pinned {
+    heads: Heads,
+    causal: bool,
+    sm_scale: f32,
+    page_size: Option<u32>,
+    layout: crate::attention::batch::KvLayout,
+    kv_capacity: u32,
+}
+
+impl Pinned {
+    fn of(b: &Batch) -> Self {
+        Pinned {
+            heads: b.heads(),
+            causal: b.causal(),
+            sm_scale: b.sm_scale(),
+            page_size: b.kv().page_size(),
+            layout: b.kv().layout(),
+            kv_capacity: b.kv().capacity(),
+        }
+    }
+    fn check(&self, b: &Batch) -> Result<()> {
+        let now = Pinned::of(b);
+        let differs = |field: &str, was: String, is: String| {
+            Err(Error::invalid(format!(
+                "a CUDA-graph plan cannot change {field} (captured with {was}, re-planned with \
+                 {is}): make a new plan and capture again"
+            )))
+        };
+        if now.heads != self.heads {
+            return differs(
+                "heads",
+                format!("{:?}", self.heads),
+                format!("{:?}", now.heads),
+            );
+        }
+        if now.causal != self.causal {
+            return differs("causal", self.causal.to_string(), now.causal.to_string());
+        }
+        if now.sm_scale.to_bits() != self.sm_scale.to_bits() {
+            return differs(
+                "sm_scale",
+                self.sm_scale.to_string(),
+                now.sm_scale.to_string(),
+            );
+        }
+        if now.page_size != self.page_size {
+            let s = |p: Option<u32>| p.map_or("ragged".to_string(), |p| p.to_string());
+            return differs("page_size", s(self.page_size), s(now.page_size));
+        }
+        if now.layout != self.layout {
+            return differs(
+                "layout",
+                format!("{:?}", self.layout),
+                format!("{:?}", now.layout),
+            );
+        }
+        if now.kv_capacity != self.kv_capacity {
+            return differs(
+                "the KV cache's capacity",
+                self.kv_capacity.to_string(),
+                now.kv_capacity.to_string(),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// What both wrappers share: the validated batch, its work list, and its device buffers.
-struct Planned {
+pub(crate) struct Planned {
     backend: Backend,
     kind: KernelKind,
     /// A batch decode (on either template).
     decode: bool,
     config: PlanConfig,
     batch: Batch,
+    /// Graph mode: what the first plan froze.
+    pinned: Option<Pinned>,
     work: Option<WorkList>,
     dev: Option<DeviceState>,
+    /// Held across the launches of one run: they share the scratch buffers.
+    launch: Mutex<()>,
 }
 
 impl Planned {
@@ -296,14 +533,28 @@ impl Planned {
         decode: bool,
         config: PlanConfig,
     ) -> Result<Self> {
+        if let Some(g) = &config.graph {
+            if backend.gpu().is_none() {
+                return Err(Error::unsupported(
+                    "CUDA-graph mode (PlanConfig::graph) needs a GPU backend",
+                ));
+            }
+            if g.work_items == 0 || g.batch == 0 {
+                return Err(Error::invalid(format!(
+                    "GraphCapacity needs at least one work item and one request, got {g:?}"
+                )));
+            }
+        }
         let mut p = Planned {
             backend: backend.clone(),
             kind,
             decode,
             config,
+            pinned: config.graph.map(|_| Pinned::of(&batch)),
             batch,
             work: None,
             dev: None,
+            launch: Mutex::new(()),
         };
         let batch = p.batch.clone();
         p.replan(batch)?;
@@ -317,8 +568,8 @@ impl Planned {
         // A decode on the prefill template: every request has one row, so the tile is the group's
         // whatever the batch (which keeps the batch-invariant mode invariant, too).
         if self.decode_rows() {
-            let h = &batch.heads;
-            o.query_tile = Some(plan::cta_tile_q(u64::from(h.group_size()), 1, h.head_dim));
+            let h = batch.heads();
+            o.query_tile = Some(plan::cta_tile_q(u64::from(h.group_size()), 1, h.head_dim()));
         }
         let tile = plan::query_tile(batch, self.kind, &o)?;
         o.ctas_per_sm = ctas_per_sm(gpu, &self.config_for(batch, tile));
@@ -331,19 +582,26 @@ impl Planned {
     }
 
     fn replan(&mut self, batch: Batch) -> Result<()> {
-        batch.heads.validate()?;
-        if batch.qo_indptr.len() != batch.kv.indptr.len() {
-            return Err(Error::invalid(
-                "qo_indptr and the KV index describe different batches",
-            ));
+        batch.validate()?;
+        if let Some(pinned) = &self.pinned {
+            pinned.check(&batch)?;
+        } else if self.dev.is_some() && batch.heads() != self.batch.heads() {
+            return Err(Error::invalid(format!(
+                "replan needs the heads of the first plan ({:?}), got {:?}",
+                self.batch.heads(),
+                batch.heads()
+            )));
         }
-        if self.dev.is_some() && batch.heads != self.batch.heads {
-            return Err(Error::invalid(
-                "replan needs the same heads as the first plan",
-            ));
-        }
-        if u32::try_from(batch.total_qo()).is_err() || batch.kv.capacity == u32::MAX {
-            return Err(Error::invalid("batch too large for 32-bit row indices"));
+        if let Some(g) = &self.config.graph
+            && (batch.total_qo() > g.qo_rows as usize || batch.batch() > g.batch as usize)
+        {
+            return Err(Error::invalid(format!(
+                "the batch has {} requests and {} query rows; the CUDA-graph capacity is {} and {}",
+                batch.batch(),
+                batch.total_qo(),
+                g.batch,
+                g.qo_rows
+            )));
         }
         let Backend::Cuda(gpu) = self.backend.clone() else {
             self.batch = batch;
@@ -356,7 +614,7 @@ impl Planned {
         let need = Sizes {
             plan: work.capacity(),
             batch: batch.batch(),
-            kv_blocks: batch.kv.indices.len(),
+            kv_blocks: batch.kv().indices().len(),
         };
         let sizes = match (&self.config.graph, &self.dev) {
             (Some(_), Some(dev)) if !dev.sizes.holds(&need) => {
@@ -366,7 +624,7 @@ impl Planned {
                 )));
             }
             (Some(g), None) => {
-                let cap = Capacity::for_graph(&opts, batch.heads.num_qo_heads, g.qo_rows)?;
+                let cap = Capacity::for_graph(&opts, batch.heads().num_qo_heads(), g.qo_rows)?;
                 let sizes = Sizes {
                     plan: cap,
                     batch: g.batch as usize,
@@ -383,15 +641,16 @@ impl Planned {
             _ => need,
         };
         if self.dev.as_ref().is_none_or(|d| !d.sizes.holds(&sizes)) {
-            self.dev = Some(allocate(&gpu, &opts, sizes, &batch.heads)?);
+            // Not in graph mode (its first allocation holds every later batch, checked above).
+            self.dev = Some(allocate(&gpu, &opts, sizes, &batch.heads())?);
         }
         let dev = self.dev.as_mut().expect("allocated above");
         let r = dev.regions;
         work.write(&mut dev.staging[..r.qo_indptr])?;
-        put_i32(&mut dev.staging, r.qo_indptr, &batch.qo_indptr);
-        put_i32(&mut dev.staging, r.kv_indptr, &batch.kv.indptr);
-        put_i32(&mut dev.staging, r.kv_indices, &batch.kv.indices);
-        put_i32(&mut dev.staging, r.kv_last_len, &batch.kv.last_len);
+        put_i32(&mut dev.staging, r.qo_indptr, batch.qo_indptr());
+        put_i32(&mut dev.staging, r.kv_indptr, batch.kv().indptr());
+        put_i32(&mut dev.staging, r.kv_indices, batch.kv().indices());
+        put_i32(&mut dev.staging, r.kv_last_len, batch.kv().last_len());
         // The one host-to-device copy of the plan.
         gpu.stream().memcpy_htod(&dev.staging, &mut dev.ws)?;
         self.work = Some(work);
@@ -402,7 +661,7 @@ impl Planned {
     fn config_for(&self, batch: &Batch, cta_tile_q: u32) -> KernelConfig {
         KernelConfig {
             kind: self.kind,
-            head_dim: batch.heads.head_dim,
+            head_dim: batch.heads().head_dim(),
             dtype: ferrinfer_kernels::DType::Bf16,
             cta_tile_q: match self.kind {
                 KernelKind::Prefill => cta_tile_q,
@@ -422,7 +681,15 @@ impl Planned {
         lse: Option<&mut Buffer<f32>>,
     ) -> Result<()> {
         let b = &self.batch;
-        b.check_lengths(q.len(), k.len(), v.len(), o.len())?;
+        // A graph's buffers hold its capacity, so that every replanned batch fits them.
+        let rows = match &self.config.graph {
+            Some(g) => g.qo_rows as usize,
+            None => b.total_qo(),
+        };
+        b.check_rows(rows, q.len(), k.len(), v.len(), o.len())?;
+        // A parameter array shorter than the heads (or requests) a hook indexes it by would trap
+        // the CUDA context.
+        params::check_coverage(variant, b)?;
         if let Some(l) = &lse {
             if !V::SPEC.softmax {
                 return Err(Error::unsupported(format!(
@@ -430,13 +697,12 @@ impl Planned {
                     V::SPEC.name
                 )));
             }
-            if l.len() != b.lse_len() {
+            let want = rows * b.heads().num_qo_heads() as usize;
+            if l.len() != want {
                 return Err(Error::invalid(format!(
-                    "lse has {} elements; [total_qo={}, num_qo_heads={}] needs {}",
+                    "lse has {} elements; [rows={rows}, num_qo_heads={}] needs {want}",
                     l.len(),
-                    b.total_qo(),
-                    b.heads.num_qo_heads,
-                    b.lse_len()
+                    b.heads().num_qo_heads(),
                 )));
             }
         }
@@ -492,15 +758,10 @@ impl Planned {
             ..self.config_for(b, work.cta_tile_q)
         };
         let kernel = dispatch::kernel(gpu, V::SPEC, &cfg)?;
-        let cfg = kernel.cfg.unwrap_or(cfg);
-        if graph && kernel.merge.is_none() {
-            return Err(Error::unsupported(format!(
-                "CUDA-graph mode needs a work-list kernel; {} makes its own grid",
-                cfg.name()
-            )));
-        }
-        let (hq, d) = (u64::from(b.heads.num_qo_heads), u64::from(b.heads.head_dim));
-        let s = b.kv.strides(&b.heads);
+        let cfg = kernel.cfg;
+        let heads = b.heads();
+        let (hq, d) = (u64::from(heads.num_qo_heads()), u64::from(heads.head_dim()));
+        let s = b.kv().strides(&heads);
         let ws = gpu.device_ptr(&dev.ws);
         let r = dev.regions;
         let args = AttnArgs {
@@ -528,22 +789,30 @@ impl Planned {
             kv_stride_h: s.head,
             batch: b.batch() as u32,
             total_qo: b.total_qo() as u32,
-            num_qo_heads: b.heads.num_qo_heads,
-            num_kv_heads: b.heads.num_kv_heads,
-            block_size: b.kv.page_size.unwrap_or(0),
-            causal: u32::from(b.causal),
-            sm_scale: b.sm_scale,
+            num_qo_heads: heads.num_qo_heads(),
+            num_kv_heads: heads.num_kv_heads(),
+            block_size: b.kv().page_size().unwrap_or(0),
+            causal: u32::from(b.causal()),
+            sm_scale: b.sm_scale(),
             num_items: work.padded_len,
         };
         let param_bytes = params::pack(variant, Some(gpu))?;
         let dims = ferrinfer_kernels::launch_dims(&cfg, &args);
-        gpu.launch_attention(&kernel.main, dims, args, &param_bytes)?;
+        // The main kernel writes the scratch partials the merge reads: no other run of this plan
+        // may queue between them.
+        let _launching = self.launch.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: q, k, v, o and lse are live buffers on this GPU whose lengths `run` checked
+        // against the batch (Batch::check_rows; a graph's against its capacity), and the batch
+        // passed Batch::validate in replan; the index arrays, work list and partials are this
+        // plan's workspace and scratch, sized by its capacity (Sizes::holds). All of them outlive
+        // the launch: the caller holds the buffers, the plan its scratch (a GraphRun owns both),
+        // and all work is ordered on the device's one stream.
+        unsafe { launch::launch(gpu, &kernel.main, dims, args, &param_bytes) }?;
         // In graph mode the merge always runs: a later replan may split what this one did not.
-        if let Some(merge) = &kernel.merge
-            && (work.is_split() || graph)
-        {
+        if work.is_split() || graph {
             let dims = ferrinfer_kernels::merge_launch_dims(&cfg, &args, dev.sizes.plan.qo_rows);
-            gpu.launch_attention(merge, dims, args, &param_bytes)?;
+            // SAFETY: as for the main launch, with the same arguments.
+            unsafe { launch::launch(gpu, &kernel.merge, dims, args, &param_bytes) }?;
         }
         Ok(())
     }
@@ -551,14 +820,14 @@ impl Planned {
 
 fn allocate(gpu: &Gpu, opts: &PlanOptions, sizes: Sizes, heads: &Heads) -> Result<DeviceState> {
     let regions = sizes.regions(opts);
-    let rows = sizes.plan.partial_rows as usize * heads.num_qo_heads as usize;
+    let rows = sizes.plan.partial_rows as usize * heads.num_qo_heads() as usize;
     let stream = gpu.stream();
     Ok(DeviceState {
         sizes,
         regions,
         staging: vec![0; regions.bytes],
         ws: stream.alloc_zeros::<u8>(regions.bytes)?,
-        partial_o: stream.alloc_zeros::<f32>((rows * heads.head_dim as usize).max(1))?,
+        partial_o: stream.alloc_zeros::<f32>((rows * heads.head_dim() as usize).max(1))?,
         partial_lse: stream.alloc_zeros::<f32>(rows.max(1))?,
     })
 }

@@ -21,14 +21,15 @@ impl Backend {
     /// GPU 0 when a CUDA driver and GPU are present, otherwise the CPU reference. The second value
     /// says why the GPU was not used, when it was not.
     pub fn auto() -> (Backend, Option<Error>) {
-        match Gpu::new(0) {
-            Ok(gpu) => (Backend::Cuda(Arc::new(gpu)), None),
+        match Gpu::get(0) {
+            Ok(gpu) => (Backend::Cuda(gpu), None),
             Err(e) => (Backend::Cpu, Some(e)),
         }
     }
-    /// CUDA device `ordinal`, or an error that says why not.
+    /// CUDA device `ordinal`, or an error that says why not. Every call for one ordinal returns the
+    /// same [`Gpu`] (one context and stream per device and process; see [`Gpu::get`]).
     pub fn cuda(ordinal: usize) -> Result<Backend> {
-        Ok(Backend::Cuda(Arc::new(Gpu::new(ordinal)?)))
+        Ok(Backend::Cuda(Gpu::get(ordinal)?))
     }
     /// A short description, e.g. `cuda:0 (sm_90a, 132 SMs)` or `cpu (reference)`.
     pub fn describe(&self) -> String {
@@ -51,11 +52,15 @@ impl Backend {
     /// Copy host data into a buffer on this backend.
     pub fn upload<T: Pod>(&self, data: &[T]) -> Result<Buffer<T>> {
         Ok(match self {
-            Backend::Cpu => Buffer::Host(data.to_vec()),
-            Backend::Cuda(g) => Buffer::Device {
-                len: data.len(),
-                slice: g.upload(data)?,
-                gpu: g.clone(),
+            Backend::Cpu => Buffer {
+                at: At::Host(data.to_vec()),
+            },
+            Backend::Cuda(g) => Buffer {
+                at: At::Device {
+                    len: data.len(),
+                    slice: g.upload(data)?,
+                    gpu: g.clone(),
+                },
             },
         })
     }
@@ -73,10 +78,18 @@ impl Backend {
 }
 
 /// A one-dimensional buffer on a backend. Shapes are given by the batch that uses it.
-pub enum Buffer<T: Pod> {
+///
+/// Opaque: made only by [`Backend::upload`] and [`Backend::filled`], so its length is always the
+/// length of its allocation, and a device buffer always belongs to the one [`Gpu`] of its ordinal.
+pub struct Buffer<T: Pod> {
+    at: At<T>,
+}
+
+enum At<T: Pod> {
     Host(Vec<T>),
     Device {
         slice: CudaSlice<T>,
+        /// Elements the caller asked for (a zero-length upload allocates one element).
         len: usize,
         gpu: Arc<Gpu>,
     },
@@ -85,13 +98,18 @@ pub enum Buffer<T: Pod> {
 impl<T: Pod> Buffer<T> {
     /// Elements in the buffer.
     pub fn len(&self) -> usize {
-        match self {
-            Buffer::Host(v) => v.len(),
-            Buffer::Device { len, .. } => *len,
+        match &self.at {
+            At::Host(v) => v.len(),
+            At::Device { len, .. } => *len,
         }
     }
+    /// Whether it holds no element.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// Whether it lives on a GPU.
+    pub fn is_device(&self) -> bool {
+        matches!(self.at, At::Device { .. })
     }
     /// Overwrite the buffer with `data` (same length), keeping its device address: what a CUDA
     /// graph that captured this buffer needs between replays.
@@ -103,9 +121,9 @@ impl<T: Pod> Buffer<T> {
                 self.len()
             )));
         }
-        match self {
-            Buffer::Host(v) => v.copy_from_slice(data),
-            Buffer::Device { slice, gpu, .. } => {
+        match &mut self.at {
+            At::Host(v) => v.copy_from_slice(data),
+            At::Device { slice, gpu, .. } => {
                 if !data.is_empty() {
                     gpu.stream().memcpy_htod(data, slice)?;
                 }
@@ -115,9 +133,9 @@ impl<T: Pod> Buffer<T> {
     }
     /// Copy to the host (waits for queued GPU work).
     pub fn to_vec(&self) -> Result<Vec<T>> {
-        match self {
-            Buffer::Host(v) => Ok(v.clone()),
-            Buffer::Device { slice, len, gpu } => {
+        match &self.at {
+            At::Host(v) => Ok(v.clone()),
+            At::Device { slice, len, gpu } => {
                 let mut v = gpu.download(slice)?;
                 v.truncate(*len);
                 Ok(v)
@@ -125,33 +143,33 @@ impl<T: Pod> Buffer<T> {
         }
     }
     pub(crate) fn host(&self) -> Result<&[T]> {
-        match self {
-            Buffer::Host(v) => Ok(v),
-            Buffer::Device { .. } => Err(Error::invalid(
+        match &self.at {
+            At::Host(v) => Ok(v),
+            At::Device { .. } => Err(Error::invalid(
                 "a GPU buffer was passed to the CPU backend; upload it with the same backend",
             )),
         }
     }
     pub(crate) fn host_mut(&mut self) -> Result<&mut Vec<T>> {
-        match self {
-            Buffer::Host(v) => Ok(v),
-            Buffer::Device { .. } => Err(Error::invalid(
+        match &mut self.at {
+            At::Host(v) => Ok(v),
+            At::Device { .. } => Err(Error::invalid(
                 "a GPU buffer was passed to the CPU backend; upload it with the same backend",
             )),
         }
     }
-    /// Device address, checking that the buffer lives on `gpu`.
+    /// Device address, checking that the buffer lives on `on`.
     pub(crate) fn device_ptr(&self, on: &Gpu) -> Result<u64> {
-        match self {
-            Buffer::Device { slice, gpu, .. } if gpu.ordinal() == on.ordinal() => {
+        match &self.at {
+            At::Device { slice, gpu, .. } if gpu.ordinal() == on.ordinal() => {
                 Ok(on.device_ptr(slice))
             }
-            Buffer::Device { gpu, .. } => Err(Error::invalid(format!(
+            At::Device { gpu, .. } => Err(Error::invalid(format!(
                 "a buffer of GPU {} was passed to GPU {}",
                 gpu.ordinal(),
                 on.ordinal()
             ))),
-            Buffer::Host(_) => Err(Error::invalid(
+            At::Host(_) => Err(Error::invalid(
                 "a host buffer was passed to the GPU backend; upload it with the same backend",
             )),
         }
@@ -160,10 +178,10 @@ impl<T: Pod> Buffer<T> {
 
 impl<T: Pod> std::fmt::Debug for Buffer<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Buffer::Host(v) => write!(f, "Buffer::Host(len {})", v.len()),
-            Buffer::Device { len, gpu, .. } => {
-                write!(f, "Buffer::Device(len {len}, gpu {})", gpu.ordinal())
+        match &self.at {
+            At::Host(v) => write!(f, "Buffer(host, len {})", v.len()),
+            At::Device { len, gpu, .. } => {
+                write!(f, "Buffer(cuda:{}, len {len})", gpu.ordinal())
             }
         }
     }

@@ -55,11 +55,6 @@ impl Element for half::bf16 {
 }
 
 /// Convert a slice to f32.
-pub fn to_f32<T: Element>(xs: &[T]) -> Vec<f32> {
+pub(crate) fn to_f32<T: Element>(xs: &[T]) -> Vec<f32> {
     xs.iter().map(|x| x.to_f32()).collect()
-}
-
-/// Convert f32 values to an element type (round to nearest).
-pub fn from_f32<T: Element>(xs: &[f32]) -> Vec<T> {
-    xs.iter().map(|&x| T::from_f32(x)).collect()
 }

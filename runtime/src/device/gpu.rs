@@ -1,20 +1,26 @@
-//! One CUDA device: its context and stream, its architecture, and the kernels loaded on it.
+//! One CUDA device: its context and stream, its architecture, the modules loaded on it, and the
+//! launch of any kernel. It knows nothing of attention: what a kernel is for is its caller's.
 
+use std::any::Any;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchArgs,
+    LaunchConfig, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
-use ferrinfer_kernels::abi::AttnArgs;
-use ferrinfer_kernels::{KernelConfig, LaunchDims};
+use ferrinfer_kernels::LaunchDims;
 
+use crate::device::arch::Arch;
 use crate::error::{Error, Result};
-use crate::jit::{Arch, CompiledKernel};
 
 /// A CUDA device with one stream on which all of ferrinfer's work is ordered.
+///
+/// One per device ordinal per process: [`Gpu::get`] (and `Backend::cuda`) hand out the same one,
+/// so every plan, buffer and op on a device shares its stream, and work that one call queues is
+/// ordered before the next call's. `Gpu` is `Send + Sync`; calls from several threads are safe and
+/// are ordered on the stream in the order they are made.
 pub struct Gpu {
     ordinal: usize,
     ctx: Arc<CudaContext>,
@@ -24,8 +30,8 @@ pub struct Gpu {
     /// Shared memory a block may opt in to.
     max_shared_bytes: u32,
     sm_resources: SmResources,
-    /// Kernels loaded on this device, by dispatch key.
-    loaded: Mutex<HashMap<String, Kernel>>,
+    /// Modules loaded on this device, by key: whatever their loader keeps (see [`Gpu::cached`]).
+    loaded: Mutex<HashMap<String, Box<dyn Any + Send>>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -34,7 +40,6 @@ impl std::fmt::Debug for Gpu {
     }
 }
 
-/// A loaded kernel instance: its entry, and the merge pass of split-KV work lists if it has one.
 /// The per-SM limits that decide how many CTAs of a kernel are resident at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SmResources {
@@ -72,35 +77,28 @@ impl SmResources {
     }
 }
 
-#[derive(Clone, Debug)]
-pub(crate) struct Kernel {
-    pub main: CudaFunction,
-    pub merge: Option<CudaFunction>,
-    /// The attention-template instance these come from (its launch geometry follows it); none
-    /// for other kernels (cascade).
-    pub cfg: Option<KernelConfig>,
-}
-
-/// Largest `struct Params` a variant may have, in bytes (kernel parameters are limited to 4 KiB).
-const MAX_PARAM_BYTES: usize = 1024;
-
-/// Packed `struct Params`, padded to a fixed size: the driver copies the kernel's declared size.
-#[repr(C, align(8))]
-struct ParamBlob([u8; MAX_PARAM_BYTES]);
-
-/// `AttnArgs` as a kernel argument passed by value.
-#[repr(transparent)]
-struct ArgsParam(AttnArgs);
-
-// SAFETY: both are plain bytes in C layout (AttnArgs is #[repr(C)] of integers and floats), which is
-// what DeviceRepr requires of a by-value kernel argument.
-unsafe impl DeviceRepr for ParamBlob {}
-// SAFETY: as above.
-unsafe impl DeviceRepr for ArgsParam {}
+/// The devices opened so far: weak, so the last user's drop releases the context.
+static OPEN: Mutex<Vec<(usize, Weak<Gpu>)>> = Mutex::new(Vec::new());
 
 impl Gpu {
-    /// Open device `ordinal`. Fails with [`Error::CudaUnavailable`] when there is no driver or GPU.
-    pub fn new(ordinal: usize) -> Result<Self> {
+    /// Device `ordinal`: the one `Gpu` of this process for it, opened on first use. Fails with
+    /// [`Error::CudaUnavailable`] when there is no driver or no such GPU.
+    pub fn get(ordinal: usize) -> Result<Arc<Gpu>> {
+        let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+        open.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(gpu) = open
+            .iter()
+            .find(|(o, _)| *o == ordinal)
+            .and_then(|(_, w)| w.upgrade())
+        {
+            return Ok(gpu);
+        }
+        let gpu = Arc::new(Gpu::open(ordinal)?);
+        open.push((ordinal, Arc::downgrade(&gpu)));
+        Ok(gpu)
+    }
+
+    fn open(ordinal: usize) -> Result<Self> {
         crate::device::toolkit::load_driver().map_err(|e| Error::CudaUnavailable(e.to_string()))?;
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| Error::CudaUnavailable(format!("cannot open GPU {ordinal}: {e}")))?;
@@ -175,7 +173,7 @@ impl Gpu {
     ///
     /// Everything `f` runs must have run once before (so its kernels are compiled and loaded and
     /// its parameter arrays uploaded): capture records launches, it cannot compile or allocate.
-    pub fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
+    pub(crate) fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
         self.stream.begin_capture(
             cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
         )?;
@@ -193,61 +191,66 @@ impl Gpu {
         ptr
     }
 
-    /// The loaded kernel for `key`, loading the CUBIN `compile()` returns on first use; for an
-    /// attention-template instance (the config it returns), with the unit's merge entry if any.
-    pub(crate) fn kernel(
+    /// What `load` makes of the module `key` (its loaded functions and whatever the caller keeps
+    /// with them), built on first use and kept for the life of this `Gpu`. `load` runs under the
+    /// cache's lock, so a kernel is compiled and loaded once however many threads ask.
+    pub(crate) fn cached<M: Clone + Send + 'static>(
         &self,
         key: &str,
-        compile: impl FnOnce() -> Result<(Arc<CompiledKernel>, Option<KernelConfig>)>,
-    ) -> Result<Kernel> {
+        load: impl FnOnce() -> Result<M>,
+    ) -> Result<M> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(k) = loaded.get(key) {
-            return Ok(k.clone());
+        if let Some(m) = loaded.get(key).and_then(|m| m.downcast_ref::<M>()) {
+            return Ok(m.clone());
         }
-        let (compiled, cfg) = compile()?;
-        let merge = cfg
-            .filter(KernelConfig::uses_work_list)
-            .map(|c| format!("ferrinfer_{}_merge", c.name()));
-        let module = self
-            .ctx
-            .load_module(Ptx::from_binary(compiled.cubin.clone()))
-            .map_err(|e| Error::Driver(format!("loading {key}: {e}")))?;
-        let function = |name: &str| -> Result<CudaFunction> {
-            let f = module
-                .load_function(name)
-                .map_err(|e| Error::Driver(format!("finding {name} in {key}: {e}")))?;
-            // Allow the opt-in shared memory now, so that no launch (nor a graph capture) has to.
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                self.max_shared_bytes as i32 - f.get_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
-                )?,
-            )?;
-            Ok(f)
-        };
-        let kernel = Kernel {
-            main: function(&compiled.entry)?,
-            merge: merge.as_deref().map(function).transpose()?,
-            cfg,
-        };
-        loaded.insert(key.to_string(), kernel.clone());
-        Ok(kernel)
+        let m = load()?;
+        loaded.insert(key.to_string(), Box::new(m.clone()));
+        Ok(m)
     }
 
-    /// Launch an attention kernel with its arguments and packed variant parameters.
-    pub(crate) fn launch_attention(
+    /// Load a CUBIN and find its functions `names` (in that order), each allowed the device's
+    /// opt-in shared memory now, so that no launch (nor a graph capture) has to. `what` names the
+    /// module in errors.
+    pub(crate) fn load(
         &self,
-        f: &CudaFunction,
+        what: &str,
+        cubin: &[u8],
+        names: &[&str],
+    ) -> Result<Vec<CudaFunction>> {
+        let module = self
+            .ctx
+            .load_module(Ptx::from_binary(cubin.to_vec()))
+            .map_err(|e| Error::Driver(format!("loading {what}: {e}")))?;
+        use cudarc::driver::sys::CUfunction_attribute as F;
+        names
+            .iter()
+            .map(|name| {
+                let f = module
+                    .load_function(name)
+                    .map_err(|e| Error::Driver(format!("finding {name} in {what}: {e}")))?;
+                let static_shared = f.get_attribute(F::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
+                f.set_attribute(
+                    F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    self.max_shared_bytes as i32 - static_shared,
+                )?;
+                Ok(f)
+            })
+            .collect()
+    }
+
+    /// Launch `f` with the arguments `push` adds, on this device's stream, after checking the
+    /// geometry against CUDA's and this device's limits.
+    ///
+    /// # Safety
+    /// The arguments must match the kernel's parameters in number, order and layout, and every
+    /// device address among them must point into memory that the kernel, with these dims, stays
+    /// inside of and that lives until the stream has run the launch.
+    pub(crate) unsafe fn launch<'a>(
+        &'a self,
+        f: &'a CudaFunction,
         dims: LaunchDims,
-        args: AttnArgs,
-        params: &[u8],
+        push: impl FnOnce(&mut LaunchArgs<'a>),
     ) -> Result<()> {
-        if params.len() > MAX_PARAM_BYTES {
-            return Err(Error::unsupported(format!(
-                "variant parameters take {} bytes; at most {MAX_PARAM_BYTES} are supported",
-                params.len()
-            )));
-        }
         let max_grid_yz = 65_535;
         if dims.grid[1] > max_grid_yz || dims.grid[2] > max_grid_yz || dims.grid[0] == 0 {
             return Err(Error::unsupported(format!(
@@ -261,20 +264,14 @@ impl Gpu {
                 dims.shared_bytes, self.max_shared_bytes
             )));
         }
-        let mut blob = ParamBlob([0; MAX_PARAM_BYTES]);
-        blob.0[..params.len()].copy_from_slice(params);
-        let args = ArgsParam(args);
         let cfg = LaunchConfig {
             grid_dim: (dims.grid[0], dims.grid[1], dims.grid[2]),
             block_dim: (dims.block[0], dims.block[1], dims.block[2]),
             shared_mem_bytes: dims.shared_bytes,
         };
         let mut launch = self.stream.launch_builder(f);
-        launch.arg(&args).arg(&blob);
-        // SAFETY: the kernel's signature is (AttnArgs, Params) by value, matching the two arguments;
-        // every pointer in `args` was taken from a live buffer whose length the caller validated
-        // against the batch (Batch::check_lengths), and the buffers outlive the launch because the
-        // caller holds them and all work is ordered on this one stream.
+        push(&mut launch);
+        // SAFETY: the caller's contract (above) is what cudarc's launch requires.
         unsafe { launch.launch(cfg) }?;
         Ok(())
     }

@@ -12,7 +12,7 @@
 //! (`kernels/cuda/merge_states.cuh`), asynchronous like every launch.
 //!
 //! ```
-//! use ferrinfer_runtime::cascade::{self, State, StateMut, StateShape};
+//! use ferrinfer_runtime::ops::cascade::{self, State, StateMut, StateShape};
 //! use ferrinfer_runtime::{Backend, prelude::bf16};
 //! # fn main() -> ferrinfer_runtime::Result<()> {
 //! let backend = Backend::Cpu;
@@ -43,7 +43,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DeviceRepr, PushKernelArg};
 use ferrinfer_kernels::{DType, MergeStatesArgs, TranslationUnit};
 
 use crate::device::backend::{Backend, Buffer};
@@ -505,21 +505,19 @@ fn launch<T: Element>(gpu: &Gpu, args: MergeStatesArgs) -> Result<()> {
         dtype.name(),
         arch.sm_name()
     );
-    let kernel = gpu.kernel(&key, || {
-        Ok((compile(Jit::global(), dtype, vec, arch)?, None))
+    let kernel = gpu.cached(&key, || {
+        let compiled = compile(Jit::global(), dtype, vec, arch)?;
+        let mut f = gpu.load(&key, &compiled.cubin, &[&compiled.entry])?;
+        Ok(f.remove(0))
     })?;
-    let cfg = LaunchConfig {
-        grid_dim: (dims.grid[0], dims.grid[1], dims.grid[2]),
-        block_dim: (dims.block[0], dims.block[1], dims.block[2]),
-        shared_mem_bytes: dims.shared_bytes,
-    };
     let param = ArgsParam(args);
-    let mut builder = gpu.stream().launch_builder(&kernel.main);
-    builder.arg(&param);
     // SAFETY: the kernel's signature is (MergeStatesArgs) by value, matching the one argument;
-    // every pointer in `args` was taken from a live buffer on this GPU whose length the caller
-    // checked against the shape (and the number of states), and the buffers outlive the launch
-    // because the caller holds them and all work is ordered on this one stream.
-    unsafe { builder.launch(cfg) }?;
-    Ok(())
+    // every pointer in `args` was taken from a live buffer on this GPU whose length `check`
+    // compared with the shape (and the number of states), and the buffers outlive the launch
+    // because the caller holds them and all work is ordered on the device's one stream.
+    unsafe {
+        gpu.launch(&kernel, dims, |l| {
+            l.arg(&param);
+        })
+    }
 }

@@ -94,9 +94,9 @@ impl Extent {
     pub fn size(self, batch: &Batch) -> u64 {
         match self {
             Extent::Batch => batch.batch() as u64,
-            Extent::QoHeads => u64::from(batch.heads.num_qo_heads),
-            Extent::KvHeads => u64::from(batch.heads.num_kv_heads),
-            Extent::HeadDim => u64::from(batch.heads.head_dim),
+            Extent::QoHeads => u64::from(batch.heads().num_qo_heads()),
+            Extent::KvHeads => u64::from(batch.heads().num_kv_heads()),
+            Extent::HeadDim => u64::from(batch.heads().head_dim()),
             Extent::Fixed(n) => u64::from(n),
         }
     }
