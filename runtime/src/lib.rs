@@ -22,7 +22,7 @@ pub use attention::batch::{Batch, Heads, KvIndex, KvLayout, indptr};
 pub use attention::wrappers::{BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, PlanConfig};
 pub use device::{Backend, Buffer, Element};
 pub use error::{Error, Result};
-pub use ferrinfer_kernels::{DType, HEAD_DIMS, KernelConfig, KernelKind, wide_kv_tile};
+pub use ferrinfer_kernels::{ArchClass, DType, HEAD_DIMS, KernelConfig, KernelKind, Tiles};
 pub use ops::cascade::{
     State, StateMut, StateShape, merge_state, merge_state_in_place, merge_states,
 };

@@ -205,9 +205,7 @@ impl Gpu {
             return Ok(k.clone());
         }
         let (compiled, cfg) = compile()?;
-        let merge = cfg
-            .filter(KernelConfig::uses_work_list)
-            .map(|c| format!("ferrinfer_{}_merge", c.name()));
+        let merge = cfg.map(|c| format!("ferrinfer_{}_merge", c.name()));
         let module = self
             .ctx
             .load_module(Ptx::from_binary(compiled.cubin.clone()))
