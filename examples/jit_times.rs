@@ -12,7 +12,7 @@ use ferrinfer::attention::dispatch;
 use ferrinfer::device::SmResources;
 use ferrinfer::jit::{Arch, Jit, JitConfig};
 use ferrinfer::variants::Standard;
-use ferrinfer::{DType, KernelConfig, KernelKind, Variant};
+use ferrinfer::{DType, KernelKind, Variant};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let arch = match std::env::args().nth(1).as_deref() {
@@ -32,19 +32,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{:<28} {:<8} {:>10} {:>10} {:>10}",
         "kernel", "arch", "cold s", "disk s", "memory s"
     );
-    let base = |kind| KernelConfig {
-        kind,
-        head_dim: 128,
-        dtype: DType::Bf16,
-        cta_tile_q: 0,
-        kv_tile: 0,
-    };
-    let prefill = base(KernelKind::Prefill);
+    let base = |kind| dispatch::config(arch, kind, 128, DType::Bf16);
+    let prefill = base(KernelKind::Prefill)?;
     // The 64-key instance, which the runtime tries first where two of it fit an SM (Hopper).
-    let wide = dispatch::wide_instance(&prefill, &SmResources::typical(arch)).into_iter();
+    let wide = dispatch::instances(arch, &SmResources::typical(arch))
+        .into_iter()
+        .filter(|c| c.head_dim_qk == 128 && c.dtype == DType::Bf16 && c.kv_tile == 64);
     for cfg in std::iter::once(prefill)
         .chain(wide)
-        .chain([base(KernelKind::Decode)])
+        .chain([base(KernelKind::Decode)?])
     {
         let spec = <Standard as Variant>::SPEC;
         let time = |j: &Jit| -> Result<f64, ferrinfer::Error> {

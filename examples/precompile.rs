@@ -41,7 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut jobs = Vec::new();
     for spec in ferrinfer::variants() {
-        for cfg in dispatch::instances(&sm) {
+        for cfg in dispatch::instances(arch, &sm) {
             jobs.push((spec, cfg));
         }
     }

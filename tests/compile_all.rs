@@ -20,8 +20,9 @@ fn nvrtc_compiles_every_builtin_kernel_instance() {
     let mut jobs = Vec::new();
     for arch in [Arch::new(8, 0), Arch::new(9, 0)] {
         for spec in &specs {
-            // The wide K/V tiles of a Hopper SM on both archs: the code must compile anywhere.
-            for cfg in dispatch::instances(&SmResources::typical(Arch::new(9, 0))) {
+            // Each arch's class, with the wide K/V tiles of a Hopper SM on both: the code must
+            // compile anywhere.
+            for cfg in dispatch::instances(arch, &SmResources::typical(Arch::new(9, 0))) {
                 jobs.push((*spec, cfg, arch));
             }
         }

@@ -12,7 +12,9 @@
 pub struct AttnArgs {
     /// `[total_qo, num_qo_heads, head_dim]`, element type of the instance.
     pub q: u64,
+    /// Keys, addressed through the block table below with the `kv_stride_*` strides.
     pub k: u64,
+    /// Values, laid out like `k`.
     pub v: u64,
     /// Same shape as `q`.
     pub o: u64,
@@ -26,29 +28,42 @@ pub struct AttnArgs {
     pub kv_indices: u64,
     /// `[batch]` i32.
     pub kv_last_len: u64,
-    /// The plan's workspace (int32 words, layout in ferrinfer_runtime::plan), or 0 for kernels
-    /// that make their own grid.
+    /// The plan's workspace (int32 words, layout in ferrinfer_runtime::plan): every attention
+    /// kernel reads its work list, and the merge pass its merge lists.
     pub work: u64,
     /// f32 `[partial_rows, num_qo_heads, head_dim]`: un-normalised outputs of split-KV items.
     pub partial_o: u64,
     /// f32 `[partial_rows, num_qo_heads]`: their LSEs.
     pub partial_lse: u64,
+    /// Elements between consecutive query rows of `q`.
     pub q_stride_n: u64,
+    /// Elements between consecutive heads of a query row.
     pub q_stride_h: u64,
+    /// Elements between consecutive rows of `o`.
     pub o_stride_n: u64,
+    /// Elements between consecutive heads of an output row.
     pub o_stride_h: u64,
+    /// Elements between consecutive blocks (pages) of `k` and `v`.
     pub kv_stride_block: u64,
+    /// Elements between consecutive tokens of a block.
     pub kv_stride_n: u64,
+    /// Elements between consecutive KV heads of a token.
     pub kv_stride_h: u64,
+    /// Requests.
     pub batch: u32,
+    /// Query rows of all requests.
     pub total_qo: u32,
+    /// Query heads.
     pub num_qo_heads: u32,
+    /// KV heads; each serves `num_qo_heads / num_kv_heads` query heads.
     pub num_kv_heads: u32,
+    /// Tokens per block (page), or 0 for a ragged cache.
     pub block_size: u32,
     /// 1 for the bottom-right aligned causal mask.
     pub causal: u32,
+    /// Scale of the logits `q . k` before the softmax (usually `1 / sqrt(head_dim)`).
     pub sm_scale: f32,
-    /// Work items in the grid (the plan's padded length), for work-list kernels.
+    /// Work items in the grid (the plan's padded length).
     pub num_items: u32,
 }
 

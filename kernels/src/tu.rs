@@ -2,9 +2,9 @@
 //! needs no include path), the variant's `struct Params` and `struct Variant`, and an `extern "C"`
 //! entry that instantiates the template. The text is deterministic: it is hashed into cache keys.
 
-use crate::abi::AttnArgs;
+use crate::attention::merge;
+use crate::config::{DType, KernelConfig};
 use crate::sources::Sources;
-use crate::{DType, HEAD_DIMS, KernelConfig, KernelKind, LaunchDims};
 
 /// The lowered variant, as the runtime hands it over.
 pub struct VariantSource<'a> {
@@ -26,31 +26,9 @@ pub struct TranslationUnit {
     /// The kernel to launch, e.g. `ferrinfer_prefill_hd128_bf16`; it takes
     /// `(const fi::AttnArgs args, const Params params)` by value.
     pub entry: String,
-    /// The merge kernel of split-KV work lists (same arguments), when the template has one.
+    /// The merge kernel of split-KV work lists (same arguments): every attention unit has one;
+    /// other units (merge_states) have none.
     pub merge_entry: Option<String>,
-}
-
-/// Where a kernel template lives and how its entry instantiates it. Each kernel kind describes
-/// its own in its module (prefill.rs, decode.rs); a new template plugs in there.
-pub(crate) struct Template {
-    /// The header that defines the kernel (it includes what it needs).
-    pub header: &'static str,
-    /// The device function called by the entry, e.g. `fi::prefill`.
-    pub function: &'static str,
-    /// Template arguments after `<Variant, Params, dtype, head_dim`, e.g. `, 128` for a tile.
-    pub extra_args: String,
-    /// C++ expression for `__launch_bounds__`, from the header's own constants.
-    pub max_threads: &'static str,
-    /// Whether the unit also has a `<entry>_merge` kernel (for kernels that read the plan's work
-    /// list and may split the KV; see merge.cuh).
-    pub merge: bool,
-}
-
-fn template(cfg: &KernelConfig) -> Template {
-    match cfg.kind {
-        KernelKind::Prefill => crate::prefill::template(cfg),
-        KernelKind::Decode => crate::decode::template(cfg),
-    }
 }
 
 pub(crate) fn cuda_dtype(dtype: DType) -> &'static str {
@@ -75,13 +53,8 @@ pub(crate) fn assemble(
     cfg: &KernelConfig,
     variant: &VariantSource<'_>,
 ) -> Result<TranslationUnit, String> {
-    if !HEAD_DIMS.contains(&cfg.head_dim) {
-        return Err(format!(
-            "no {} kernel for head_dim {} (instantiated: {HEAD_DIMS:?})",
-            cfg.kind.name(),
-            cfg.head_dim
-        ));
-    }
+    let family = cfg.kind.family();
+    family.check(cfg)?;
     if !variant.params_struct.contains("struct Params") {
         return Err(format!(
             "variant {}: params_struct does not define `struct Params`",
@@ -94,18 +67,6 @@ pub(crate) fn assemble(
             variant.name
         ));
     }
-    let kv_tiles: &[u32] = match cfg.kind {
-        KernelKind::Prefill => &[0, 32, 64],
-        KernelKind::Decode => &[0],
-    };
-    if !kv_tiles.contains(&cfg.kv_tile) {
-        return Err(format!(
-            "no {} kernel with a K/V tile of {} keys (possible: {kv_tiles:?})",
-            cfg.kind.name(),
-            cfg.kv_tile
-        ));
-    }
-    let t = template(cfg);
     let kernel = cfg.name();
     let entry = format!("ferrinfer_{kernel}");
     // Names go into `//` comments: one line each.
@@ -117,9 +78,9 @@ pub(crate) fn assemble(
          // and hooks, then the entry.\n"
     );
     let mut done = Vec::new();
-    // dsl.cuh first: the variant's code may call any of its helpers.
-    let merge_header = if t.merge { "merge.cuh" } else { "dsl.cuh" };
-    for root in ["dsl.cuh", t.header, merge_header] {
+    // dsl.cuh first: the variant's code may call any of its helpers; then the family's kernel and
+    // the merge pass every attention family has.
+    for root in ["dsl.cuh", family.header, "merge.cuh"] {
         inline_header(sources, root, &mut done, &mut Vec::new(), &mut source)?;
     }
     source.push_str("\n// ---- variant parameters ----\n");
@@ -131,28 +92,19 @@ pub(crate) fn assemble(
          extern \"C\" __global__ void __launch_bounds__({threads})\n\
          {entry}(const fi::AttnArgs args, const Params params) {{\n  \
          {function}<Variant, Params, {dtype}, {d}{extra}>(args, params);\n}}\n",
-        threads = t.max_threads,
-        function = t.function,
+        threads = (family.launch_bounds)(cfg),
+        function = family.function,
         dtype = cuda_dtype(cfg.dtype),
-        d = cfg.head_dim,
-        extra = t.extra_args,
+        d = cfg.head_dim_qk,
+        extra = (family.template_args)(cfg),
     ));
-    let merge_entry = t.merge.then(|| {
-        let merge = format!("{entry}_merge");
-        source.push_str(&format!(
-            "\nextern \"C\" __global__ void __launch_bounds__(fi::kMergeThreads)\n\
-             {merge}(const fi::AttnArgs args, const Params params) {{\n  \
-             fi::merge<Variant, Params, {dtype}, {d}>(args, params);\n}}\n",
-            dtype = cuda_dtype(cfg.dtype),
-            d = cfg.head_dim,
-        ));
-        merge
-    });
+    let (merge_entry, merge_text) = merge::entry(&entry, cfg);
+    source.push_str(&merge_text);
     Ok(TranslationUnit {
         name: format!("{variant_name}.{kernel}"),
         source,
         entry,
-        merge_entry,
+        merge_entry: Some(merge_entry),
     })
 }
 
@@ -214,22 +166,14 @@ pub(crate) fn inline_header(
     Ok(())
 }
 
-pub(crate) fn uses_work_list(cfg: &KernelConfig) -> bool {
-    template(cfg).merge
-}
-
-pub(crate) fn launch_dims(cfg: &KernelConfig, args: &AttnArgs) -> LaunchDims {
-    match cfg.kind {
-        KernelKind::Prefill => crate::prefill::launch_dims(cfg, args),
-        KernelKind::Decode => crate::decode::launch_dims(cfg, args),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::DECODE_MAX_WARPS;
-    use crate::prefill::PREFILL_WARPS;
+    use crate::abi::AttnArgs;
+    use crate::attention::decode::DECODE_MAX_WARPS;
+    use crate::attention::prefill::PREFILL_WARPS;
+    use crate::config::{ArchClass, HEAD_DIMS, KernelKind};
+    use crate::launch_dims;
 
     const PARAMS: &str = "struct Params {\n  float cap;\n};\n";
     const VARIANT: &str = "struct Variant {\n  static constexpr bool kSoftmax = true;\n  \
@@ -253,13 +197,7 @@ mod tests {
         for kind in KernelKind::ALL {
             for head_dim in HEAD_DIMS {
                 for dtype in DType::ALL {
-                    all.push(KernelConfig {
-                        kind,
-                        head_dim,
-                        dtype,
-                        cta_tile_q: 0,
-                        kv_tile: 0,
-                    });
+                    all.push(KernelConfig::new(kind, head_dim, dtype, ArchClass::Sm80));
                 }
             }
         }
@@ -323,13 +261,7 @@ mod tests {
 
     #[test]
     fn entry_instantiates_the_template() {
-        let cfg = KernelConfig {
-            kind: KernelKind::Decode,
-            head_dim: 256,
-            dtype: DType::Bf16,
-            cta_tile_q: 0,
-            kv_tile: 0,
-        };
+        let cfg = KernelConfig::new(KernelKind::Decode, 256, DType::Bf16, ArchClass::Sm80);
         let tu = translation_unit(&cfg, &variant()).unwrap();
         assert!(
             tu.source.contains(
@@ -344,22 +276,21 @@ mod tests {
 
     #[test]
     fn bad_inputs_are_refused() {
-        let cfg = KernelConfig {
-            kind: KernelKind::Prefill,
-            head_dim: 96,
-            dtype: DType::F16,
-            cta_tile_q: 0,
-            kv_tile: 0,
-        };
+        let cfg = KernelConfig::new(KernelKind::Prefill, 96, DType::F16, ArchClass::Sm80);
         assert!(
             translation_unit(&cfg, &variant())
                 .unwrap_err()
                 .contains("head_dim 96")
         );
-        let cfg = KernelConfig {
-            head_dim: 128,
-            ..cfg
-        };
+        let mla = cfg.with_head_dims(128, 64);
+        let e = translation_unit(&mla, &variant()).unwrap_err();
+        assert!(
+            e.contains("128 and 64") && e.contains("equal head dims"),
+            "{e}"
+        );
+        let cfg = cfg.with_head_dims(128, 128);
+        let e = translation_unit(&cfg.with_kv_dtype(DType::Bf16), &variant()).unwrap_err();
+        assert!(e.contains("bf16 KV cache for f16 queries"), "{e}");
         let no_params = VariantSource {
             params_struct: "",
             ..variant()
@@ -394,13 +325,7 @@ mod tests {
 
     #[test]
     fn kernel_dir_override_is_read() {
-        let cfg = KernelConfig {
-            kind: KernelKind::Prefill,
-            head_dim: 64,
-            dtype: DType::F16,
-            cta_tile_q: 0,
-            kv_tile: 0,
-        };
+        let cfg = KernelConfig::new(KernelKind::Prefill, 64, DType::F16, ArchClass::Sm80);
         let dir = header_dir("override");
         let same = assemble(&Sources::Dir(dir.clone()), &cfg, &variant()).unwrap();
         assert_eq!(same, translation_unit(&cfg, &variant()).unwrap());
@@ -421,13 +346,7 @@ mod tests {
 
     #[test]
     fn system_includes_and_cycles_are_refused() {
-        let cfg = KernelConfig {
-            kind: KernelKind::Prefill,
-            head_dim: 64,
-            dtype: DType::F16,
-            cta_tile_q: 0,
-            kv_tile: 0,
-        };
+        let cfg = KernelConfig::new(KernelKind::Prefill, 64, DType::F16, ArchClass::Sm80);
         let dir = header_dir("includes");
         let warp = Sources::BuiltIn.header("warp.cuh").unwrap();
         std::fs::write(
@@ -464,13 +383,11 @@ mod tests {
         for kind in KernelKind::ALL {
             for head_dim in HEAD_DIMS {
                 let cfg = KernelConfig {
-                    kind,
-                    head_dim,
-                    dtype: DType::Bf16,
                     cta_tile_q: if kind == KernelKind::Prefill { 64 } else { 0 },
-                    kv_tile: 0,
+                    ..KernelConfig::new(kind, head_dim, DType::Bf16, ArchClass::Sm80)
                 };
-                assert!(cfg.uses_work_list(), "{}", cfg.name());
+                let tu = translation_unit(&cfg, &variant()).unwrap();
+                assert_eq!(tu.merge_entry, Some(format!("{}_merge", tu.entry)));
                 let args = AttnArgs {
                     num_items: 300,
                     num_qo_heads: 32,

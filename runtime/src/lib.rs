@@ -24,7 +24,7 @@ pub use attention::wrappers::{
 };
 pub use device::{Backend, Buffer, Element};
 pub use error::{Error, Result};
-pub use ferrinfer_kernels::{DType, HEAD_DIMS, KernelConfig, KernelKind, wide_kv_tile};
+pub use ferrinfer_kernels::{ArchClass, DType, HEAD_DIMS, KernelConfig, KernelKind, Tiles};
 pub use ops::cascade::{
     State, StateMut, StateShape, merge_state, merge_state_in_place, merge_states,
 };

@@ -1,10 +1,10 @@
-//! The dispatcher: from (variant, kernel, head dim, dtype, arch) to a compiled, loaded kernel.
-//! Unsupported combinations are refused here with a message that says what is supported.
+//! The dispatcher: from (variant, kernel family, head dims, dtypes, arch, tiles) to a compiled,
+//! loaded kernel. Unsupported combinations are refused here with a message that says what is
+//! supported.
 
 use std::sync::Arc;
 
-use ferrinfer_kernels::abi::AttnArgs;
-use ferrinfer_kernels::{DType, HEAD_DIMS, KernelConfig, KernelKind, VariantSource};
+use ferrinfer_kernels::{ArchClass, DType, HEAD_DIMS, KernelConfig, KernelKind, VariantSource};
 
 use crate::attention::launch::{self, Kernel};
 use crate::device::gpu::{Gpu, SmResources};
@@ -13,60 +13,59 @@ use crate::jit::{Arch, CompiledKernel, Jit};
 use crate::variant::VariantSpec;
 use crate::variant::params::cuda_struct;
 
+/// The class of kernels a device of `arch` runs (sm_90 gets sm90a instances, every other arch from
+/// sm_80 on the sm80 ones); an error below sm_80.
+pub fn arch_class(arch: Arch) -> Result<ArchClass> {
+    ArchClass::of(arch.major, arch.minor).ok_or_else(|| {
+        Error::unsupported(format!(
+            "this GPU is {}; ferrinfer's kernels need sm_80 (Ampere) or newer",
+            arch.sm_name()
+        ))
+    })
+}
+
+/// The instance of family `kind` for `head_dim` and `dtype` on a device of `arch`, with the
+/// family's default tiles (a plan's [`ferrinfer_kernels::Tiles::config`] sets them).
+pub fn config(arch: Arch, kind: KernelKind, head_dim: u32, dtype: DType) -> Result<KernelConfig> {
+    Ok(KernelConfig::new(kind, head_dim, dtype, arch_class(arch)?))
+}
+
 /// Refuse what no kernel implements, before anything is compiled.
 pub fn check_supported(cfg: &KernelConfig, arch: Arch) -> Result<()> {
-    if !HEAD_DIMS.contains(&cfg.head_dim) {
+    if !HEAD_DIMS.contains(&cfg.head_dim_qk) {
         return Err(Error::unsupported(format!(
             "head_dim {} (kernels exist for head dims {HEAD_DIMS:?})",
-            cfg.head_dim
+            cfg.head_dim_qk
         )));
     }
-    if arch.major < 8 {
+    arch_class(arch)?;
+    if !cfg.arch.runs_on(arch.major, arch.minor) {
         return Err(Error::unsupported(format!(
-            "this GPU is {}; ferrinfer's kernels need sm_80 (Ampere) or newer",
+            "{} is built for {} devices; this one is {}",
+            cfg.name(),
+            cfg.arch.name(),
             arch.sm_name()
         )));
     }
-    Ok(())
+    cfg.kind
+        .family()
+        .check(cfg)
+        .map_err(|e| Error::unsupported(format!("{}: {e}", cfg.name())))
 }
 
-/// Every kernel instance (short of the variant) the runtime may load on a device with SMs like
-/// `sm`: each kind, query tile (prefill 16, 64, 128; decode none), head dim and dtype, plus the
-/// wide-K/V-tile instances that device runs ([`wide_instance`]). For filling caches ahead of time
-/// and for checking every instance compiles.
-pub fn instances(sm: &SmResources) -> Vec<KernelConfig> {
-    let mut out = Vec::new();
-    for kind in KernelKind::ALL {
-        let tiles: &[u32] = match kind {
-            KernelKind::Prefill => &[16, 64, 128],
-            KernelKind::Decode => &[0],
-        };
-        for head_dim in HEAD_DIMS {
-            for dtype in DType::ALL {
-                for &cta_tile_q in tiles {
-                    let cfg = KernelConfig {
-                        kind,
-                        head_dim,
-                        dtype,
-                        cta_tile_q,
-                        kv_tile: 0,
-                    };
-                    out.push(cfg);
-                    out.extend(wide_instance(&cfg, sm));
-                }
-            }
-        }
-    }
-    out
-}
-
-/// The wide-K/V-tile instance of `cfg` ([`ferrinfer_kernels::wide_kv_tile`]) that the runtime
-/// tries first on SMs like `sm`: where the template offers one and two CTAs of it are resident
-/// (with the most registers a variant may take; one CTA alone would hide no latency).
-pub fn wide_instance(cfg: &KernelConfig, sm: &SmResources) -> Option<KernelConfig> {
-    let wide = ferrinfer_kernels::wide_kv_tile(cfg)?;
-    let dims = ferrinfer_kernels::launch_dims(&wide, &AttnArgs::default());
-    (sm.resident_ctas(dims.block[0], dims.shared_bytes, 255) >= 2).then_some(wide)
+/// Every kernel instance (short of the variant) the runtime may load on a device of `arch` with
+/// SMs like `sm`: each family's instances (prefill: query tiles 16, 64, 128, and the wide K/V
+/// tile where its tile function would choose it; decode: one), for every head dim and dtype, of
+/// the device's arch class. For filling caches ahead of time and for checking every instance
+/// compiles. None below sm_80.
+pub fn instances(arch: Arch, sm: &SmResources) -> Vec<KernelConfig> {
+    let Ok(class) = arch_class(arch) else {
+        return Vec::new();
+    };
+    ferrinfer_kernels::FAMILIES
+        .iter()
+        .flat_map(|f| (f.instances)(class, sm))
+        .collect()
 }
 
 /// The dispatch key of an instance: variant (name and hash of its lowered CUDA), kernel, arch.
@@ -106,22 +105,26 @@ pub fn compile_with(
     jit.compile(&tu, arch)
 }
 
-/// The loaded kernel (and its merge pass, for work-list kernels) for this variant and config:
-/// the config's wide-K/V-tile instance ([`wide_instance`]) when the device runs one and the
-/// variant's instance of it does not spill, else the config's own.
-pub(crate) fn kernel(gpu: &Gpu, spec: &VariantSpec, cfg: &KernelConfig) -> Result<Kernel> {
+/// The loaded kernel and its merge pass for this variant and config, or for `fallback` when the
+/// variant's build of `cfg` spills registers (the wide K/V tile's fallback, from the plan's tiles).
+/// `cfg.arch` must be the device's class (see [`config`]).
+pub(crate) fn kernel(
+    gpu: &Gpu,
+    spec: &VariantSpec,
+    cfg: &KernelConfig,
+    fallback: Option<&KernelConfig>,
+) -> Result<Kernel> {
     let arch = gpu.arch();
     check_supported(cfg, arch)?;
-    let wide = wide_instance(cfg, &gpu.sm_resources());
     // Keyed by what was asked for: the spill test runs once per process.
     launch::load(gpu, &key(spec, cfg, arch), || {
-        if let Some(w) = wide {
-            let k = compile(spec, &w, arch)?;
-            if k.stats.spill_stores == 0 && k.stats.spill_loads == 0 {
-                return Ok((k, w));
+        let k = compile(spec, cfg, arch)?;
+        match fallback {
+            Some(f) if k.stats.spill_stores > 0 || k.stats.spill_loads > 0 => {
+                Ok((compile(spec, f, arch)?, *f))
             }
+            _ => Ok((k, *cfg)),
         }
-        Ok((compile(spec, cfg, arch)?, *cfg))
     })
 }
 
@@ -131,8 +134,8 @@ mod tests {
 
     #[test]
     fn instances_cover_every_tile_and_the_wide_ones_where_offered() {
-        let hopper = instances(&SmResources::typical(Arch::new(9, 0)));
-        let a100 = instances(&SmResources::typical(Arch::new(8, 0)));
+        let hopper = instances(Arch::new(9, 0), &SmResources::typical(Arch::new(9, 0)));
+        let a100 = instances(Arch::new(8, 0), &SmResources::typical(Arch::new(8, 0)));
         // Prefill 3 tiles x 3 head dims x 2 dtypes, decode 3 x 2, and on Hopper the 64-key
         // instances of the 128-row tile at head dim 128 (both dtypes).
         assert_eq!(a100.len(), 18 + 6);
@@ -141,23 +144,59 @@ mod tests {
             hopper
                 .iter()
                 .filter(|c| c.kv_tile == 64)
-                .all(|c| c.head_dim == 128)
+                .all(|c| c.head_dim_qk == 128)
         );
         let mut names: Vec<String> = hopper.iter().map(|c| c.name()).collect();
         names.sort();
         names.dedup();
         assert_eq!(names.len(), hopper.len(), "every instance has its own name");
+        // Each device gets the instances of its class.
+        assert!(hopper.iter().all(|c| c.arch == ArchClass::Sm90a));
+        assert!(a100.iter().all(|c| c.arch == ArchClass::Sm80));
+        for c in hopper.iter() {
+            check_supported(c, Arch::new(9, 0)).unwrap();
+            assert!(check_supported(c, Arch::new(8, 0)).is_err(), "{}", c.name());
+        }
         // Two CTAs of the 64-key instance (99.9 KB of shared memory each) fit a Hopper SM; an
         // A100 (164 KiB an SM) would hold one, so it keeps 32 keys.
-        let cfg = KernelConfig {
-            kind: KernelKind::Prefill,
-            head_dim: 128,
-            dtype: DType::Bf16,
-            cta_tile_q: 128,
-            kv_tile: 0,
+        let on = |arch| {
+            let sm = SmResources::typical(arch);
+            let tiles = (KernelKind::Prefill.family().tiles)(&ferrinfer_kernels::TileInput {
+                packed_rows: 8192 * 4,
+                requests: 1,
+                group_size: 4,
+                head_dim_qk: 128,
+                head_dim_vo: 128,
+                sm: Some(&sm),
+                batch_invariant: false,
+                one_row_per_request: false,
+                query_tile: Some(128),
+            });
+            tiles.fallback.map(|_| tiles.instance.kv_tile)
         };
-        let on = |arch| wide_instance(&cfg, &SmResources::typical(arch));
-        assert_eq!(on(Arch::new(9, 0)).map(|w| w.kv_tile), Some(64));
+        assert_eq!(on(Arch::new(9, 0)), Some(64));
         assert_eq!(on(Arch::new(8, 0)), None);
+    }
+
+    #[test]
+    fn unbuilt_shapes_are_refused_before_compiling() {
+        let cfg = config(Arch::new(8, 0), KernelKind::Decode, 128, DType::Bf16).unwrap();
+        check_supported(&cfg, Arch::new(8, 0)).unwrap();
+        let mla = cfg.with_head_dims(576, 512);
+        let e = check_supported(&mla, Arch::new(8, 0))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("576"), "{e}");
+        let e = check_supported(&cfg.with_head_dims(128, 64), Arch::new(8, 0))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("128 and 64"), "{e}");
+        let fp8ish = cfg.with_kv_dtype(DType::F16);
+        let e = check_supported(&fp8ish, Arch::new(8, 0))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("KV cache"), "{e}");
+        let e = config(Arch::new(7, 5), KernelKind::Decode, 128, DType::Bf16).unwrap_err();
+        assert!(e.to_string().contains("sm_80"), "{e}");
     }
 }

@@ -1,5 +1,6 @@
-//! The scheduler behind `plan()`: from the sequence lengths of a batch, pick the query tile and the
-//! KV split, and build a load-balanced work list that the kernels read from one workspace.
+//! The scheduler behind `plan()`: from the sequence lengths of a batch, ask the kernel family's tile
+//! function for its tiles (once; see `ferrinfer_kernels::attention::tiles`), pick the KV split, and
+//! build a load-balanced work list that the kernels read from one workspace.
 //!
 //! # The work list contract
 //!
@@ -36,9 +37,11 @@
 //! (fixed `padded_len`) they never move; kernels should still take every offset from the header,
 //! which a replayed graph reads afresh.
 
-use ferrinfer_kernels::KernelKind;
+use ferrinfer_kernels::attention::tiles;
+use ferrinfer_kernels::{Family, KernelKind, SmResidency, TileInput, Tiles};
 
 use crate::attention::batch::Batch;
+use crate::device::gpu::SmResources;
 use crate::error::{Error, Result};
 
 /// KV chunks start at multiples of this many tokens, so a kernel's KV tiles (multiples of 16 keys,
@@ -58,8 +61,12 @@ pub const NONE: u32 = u32::MAX;
 pub struct PlanOptions {
     /// Streaming multiprocessors of the device (132 on an H100 SXM).
     pub num_sms: u32,
-    /// CTAs of the attention kernel resident per SM (its occupancy).
+    /// Work items per SM the KV-split search aims for (the kernel's occupancy), when `sm` does not
+    /// describe the device; with `sm`, the family's tile function says it.
     pub ctas_per_sm: u32,
+    /// What one SM of the device offers: the tile function derives occupancy from it (and whether
+    /// the wide K/V tile pays).
+    pub sm: Option<SmResources>,
     /// Batch-invariant mode: split every request's KV into chunks of exactly this many tokens (a
     /// multiple of [`KV_CHUNK_ALIGN`]), whatever the rest of the batch, and use a query tile that
     /// depends only on the kernel kind and head dim, so a request's result never depends on who it
@@ -70,9 +77,11 @@ pub struct PlanOptions {
     /// items is an error.
     pub graph_capacity: Option<u32>,
     /// This query tile (16, 64 or 128 packed rows) instead of the one the batch suggests: a
-    /// caller that knows every request's shape (decode: one row each) fixes it, also for the
-    /// batch-invariant mode.
+    /// caller that knows every request's shape fixes it, also for the batch-invariant mode.
     pub query_tile: Option<u32>,
+    /// Every request has one query row (a decode step on the prefill template): the query tile
+    /// follows the group size whatever the batch.
+    pub one_row_per_request: bool,
 }
 
 impl PlanOptions {
@@ -82,9 +91,20 @@ impl PlanOptions {
         PlanOptions {
             num_sms,
             ctas_per_sm,
+            sm: None,
             fixed_kv_chunk: None,
             graph_capacity: None,
             query_tile: None,
+            one_row_per_request: false,
+        }
+    }
+
+    /// Options for a device of `num_sms` SMs like `sm`: the plan takes the occupancy of the tiles
+    /// it chooses from the family's tile function.
+    pub fn for_device(num_sms: u32, sm: SmResources) -> Self {
+        PlanOptions {
+            sm: Some(sm),
+            ..PlanOptions::new(num_sms, 1)
         }
     }
 
@@ -127,10 +147,19 @@ impl PlanOptions {
         Ok(())
     }
 
+    /// Work items per SM for `tiles`: the tile function's occupancy when the device's SMs are
+    /// described, else [`PlanOptions::ctas_per_sm`].
+    fn occupancy(&self, tiles: &Tiles) -> u32 {
+        match (self.sm, tiles.ctas_per_sm) {
+            (Some(_), Some(n)) => n,
+            _ => self.ctas_per_sm,
+        }
+    }
+
     /// Work items that fill the device once: one per resident CTA, and never more than a graph
     /// holds.
-    fn target_items(&self) -> u64 {
-        let wave = u64::from(self.num_sms) * u64::from(self.ctas_per_sm);
+    fn target_items(&self, tiles: &Tiles) -> u64 {
+        let wave = u64::from(self.num_sms) * u64::from(self.occupancy(tiles));
         self.graph_capacity.map_or(wave, |c| wave.min(u64::from(c)))
     }
 }
@@ -165,7 +194,10 @@ impl WorkItem {
 }
 
 /// The plan of one batch: tile sizes, the work list (longest first) and the merge lists.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// Two lists are equal when they schedule the same work, which is what a workspace holds:
+/// [`WorkList::tiles`], the record of the decision, is not compared.
+#[derive(Clone, Debug, Eq)]
 pub struct WorkList {
     /// The kernel template the list was planned for.
     pub kind: KernelKind,
@@ -188,6 +220,49 @@ pub struct WorkList {
     /// Requests in the batch (kernels that search `qo_indptr` take it from the header, since a
     /// CUDA-graph replay keeps the launch arguments of the capture).
     pub batch: u32,
+    /// Every tile parameter the family's tile function chose for this list, with its reasons
+    /// (its `Display` prints them for logs); `None` for a list read back from a workspace, which
+    /// holds only `cta_tile_q`.
+    pub tiles: Option<Tiles>,
+}
+
+impl PartialEq for WorkList {
+    fn eq(&self, other: &Self) -> bool {
+        // Every field but `tiles`, spelled out so that a new field is not forgotten.
+        let WorkList {
+            kind,
+            cta_tile_q,
+            kv_chunk,
+            items,
+            padded_len,
+            merge_indptr,
+            merge_index,
+            partial_rows,
+            batch,
+            tiles: _,
+        } = self;
+        (
+            kind,
+            cta_tile_q,
+            kv_chunk,
+            items,
+            padded_len,
+            merge_indptr,
+            merge_index,
+            partial_rows,
+            batch,
+        ) == (
+            &other.kind,
+            &other.cta_tile_q,
+            &other.kv_chunk,
+            &other.items,
+            &other.padded_len,
+            &other.merge_indptr,
+            &other.merge_index,
+            &other.partial_rows,
+            &other.batch,
+        )
+    }
 }
 
 /// The sizes a workspace is allocated for.
@@ -227,38 +302,28 @@ impl Capacity {
 }
 
 /// Query tile rows for a batch of `requests` non-empty requests with `packed_rows` packed query
-/// rows in all (query rows times group size), at head dim `head_dim`.
+/// rows in all (query rows times group size), at head dim `head_dim`: the rule the families' tile
+/// functions share ([`ferrinfer_kernels::attention::tiles::query_tile`] says why).
 pub fn cta_tile_q(packed_rows: u64, requests: u64, head_dim: u32) -> u32 {
-    let avg_at_most = |rows: u64| packed_rows <= rows * requests;
-    // 16 rows is one tensor-core MMA tile (m16), the least a CTA can hold: decode and short appends
-    // have a handful of packed rows, and a larger tile would be mostly padding.
-    if avg_at_most(16) {
-        return 16;
-    }
-    // 64 rows (4 warps x 16) already reuse each K/V tile loaded into shared memory four times
-    // over, and keep four times as many CTAs in the grid as 128 rows would for medium requests.
-    if avg_at_most(64) || head_dim >= 256 {
-        // At head dim 256 a 128-row f32 output accumulator (128 KiB) does not fit the registers.
-        return 64;
-    }
-    // Long prefills: 128 rows halve the K/V traffic per query row again, which is what it takes
-    // to be compute-bound rather than bandwidth-bound.
-    128
+    tiles::cta_tile_q(packed_rows, requests, head_dim)
 }
 
-/// Plan `batch` for kernel `kind` on a device described by `opts`.
+/// Plan `batch` for kernel family `kind` on a device described by `opts`: the family's tile
+/// function chooses the tiles once (recorded in [`WorkList::tiles`]), then the KV split is searched
+/// and the work list built.
 pub fn plan(batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Result<WorkList> {
     opts.validate()?;
     let reqs = requests(batch)?;
     let heads = batch.heads();
     let group = u64::from(heads.group_size());
-    let tile = choose_tile(&reqs, kind, opts, heads.group_size(), heads.head_dim());
+    let tiles = choose_tiles(&reqs, batch, kind, opts);
+    let tile = tiles.cta_tile_q;
     let kv_heads = u64::from(heads.num_kv_heads());
     let count = |chunk: u32| kv_heads * count_tiles(&reqs, group, tile, chunk);
 
     let kv_chunk = match opts.fixed_kv_chunk {
         Some(c) => c,
-        None => search_kv_chunk(&reqs, opts.target_items(), &count),
+        None => search_kv_chunk(&reqs, opts.target_items(&tiles), &count),
     };
     let needed = count(kv_chunk);
     if let Some(cap) = opts.graph_capacity
@@ -270,7 +335,7 @@ pub fn plan(batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Result<WorkL
         )));
     }
     to_i32_range(needed, "work items")?;
-    build(batch, &reqs, kind, tile, kv_chunk, opts.graph_capacity)
+    build(batch, &reqs, kind, tiles, kv_chunk, opts.graph_capacity)
 }
 
 /// One request's lengths.
@@ -301,39 +366,44 @@ fn requests(batch: &Batch) -> Result<Vec<Request>> {
         .collect()
 }
 
-/// The query tile [`plan`] uses for `batch`: what a caller needs to size the kernel's occupancy
-/// (and so [`PlanOptions::ctas_per_sm`]) before planning.
-pub fn query_tile(batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Result<u32> {
+/// The tiles [`plan`] chooses for `batch` (the family's tile function, once), for a caller that
+/// wants them without a plan.
+pub fn tiles(batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Result<Tiles> {
     opts.validate()?;
     let reqs = requests(batch)?;
-    let heads = batch.heads();
-    Ok(choose_tile(
-        &reqs,
-        kind,
-        opts,
-        heads.group_size(),
-        heads.head_dim(),
-    ))
+    Ok(choose_tiles(&reqs, batch, kind, opts))
 }
 
-fn choose_tile(reqs: &[Request], kind: KernelKind, opts: &PlanOptions, group: u32, hd: u32) -> u32 {
-    if let (KernelKind::Prefill, Some(t)) = (kind, opts.query_tile) {
-        return t;
-    }
-    match kind {
-        // A decode request has one query row: its packed rows are the group, whatever the batch.
-        KernelKind::Decode => cta_tile_q(u64::from(group), 1, hd),
-        // Batch-invariant: the tile may change the kernel's reduction order, so it must not depend
-        // on the other requests; take the one long prompts want.
-        KernelKind::Prefill if opts.fixed_kv_chunk.is_some() => cta_tile_q(u64::MAX, 1, hd),
-        KernelKind::Prefill => {
-            let live = reqs.iter().filter(|r| r.qo_len > 0);
-            let rows: u64 = live
-                .clone()
-                .map(|r| u64::from(r.qo_len) * u64::from(group))
-                .sum();
-            cta_tile_q(rows, live.count() as u64, hd)
-        }
+/// The query tile [`plan`] uses for `batch`: the `cta_tile_q` of [`tiles()`].
+pub fn query_tile(batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Result<u32> {
+    Ok(tiles(batch, kind, opts)?.cta_tile_q)
+}
+
+/// What the family's tile function needs of the batch and the options, and its answer.
+fn choose_tiles(reqs: &[Request], batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Tiles {
+    let heads = batch.heads();
+    let group = heads.group_size();
+    let live = reqs.iter().filter(|r| r.qo_len > 0);
+    let input = TileInput {
+        packed_rows: live
+            .clone()
+            .map(|r| u64::from(r.qo_len) * u64::from(group))
+            .sum(),
+        requests: live.count() as u64,
+        group_size: group,
+        head_dim_qk: heads.head_dim(),
+        head_dim_vo: heads.head_dim(),
+        sm: opts.sm.as_ref().map(|sm| sm as &dyn SmResidency),
+        batch_invariant: opts.fixed_kv_chunk.is_some(),
+        one_row_per_request: opts.one_row_per_request,
+        query_tile: opts.query_tile,
+    };
+    (kind.family().tiles)(&input)
+}
+
+impl SmResidency for SmResources {
+    fn resident_ctas(&self, threads: u32, shared_bytes: u32, registers_per_thread: u32) -> u32 {
+        SmResources::resident_ctas(self, threads, shared_bytes, registers_per_thread)
     }
 }
 
@@ -387,10 +457,11 @@ fn build(
     batch: &Batch,
     reqs: &[Request],
     kind: KernelKind,
-    tile: u32,
+    tiles: Tiles,
     kv_chunk: u32,
     graph_capacity: Option<u32>,
 ) -> Result<WorkList> {
+    let tile = tiles.cta_tile_q;
     let group = batch.heads().group_size();
     let mut items = Vec::new();
     let mut merge_indptr = Vec::with_capacity(batch.total_qo() + 1);
@@ -455,6 +526,7 @@ fn build(
         merge_index,
         partial_rows: partial_rows as u32,
         batch: batch.batch() as u32,
+        tiles: Some(tiles),
     })
 }
 
@@ -478,7 +550,7 @@ pub mod header {
     pub const MAGIC_WORD: usize = 0;
     /// [`VERSION`] of this layout.
     pub const VERSION_WORD: usize = 1;
-    /// 0 for prefill, 1 for decode.
+    /// The family's `Family::code` (0 for prefill, 1 for decode).
     pub const KIND: usize = 2;
     pub const CTA_TILE_Q: usize = 3;
     pub const KV_CHUNK: usize = 4;
@@ -706,11 +778,11 @@ impl WorkList {
         {
             return Err(bad("wrong magic number or version"));
         }
-        let kind = match head[header::KIND] {
-            0 => KernelKind::Prefill,
-            1 => KernelKind::Decode,
-            _ => return Err(bad("unknown kernel kind")),
-        };
+        let kind = u32::try_from(head[header::KIND])
+            .ok()
+            .and_then(Family::from_code)
+            .ok_or_else(|| bad("unknown kernel kind"))?
+            .kind;
         let count = |w: usize| usize::try_from(head[w]).map_err(|_| bad("negative count"));
         let (pad, valid_n) = (count(header::PADDED_LEN)?, count(header::NUM_VALID)?);
         let (total_qo, partial_rows) = (count(header::TOTAL_QO)?, count(header::PARTIAL_ROWS)?);
@@ -769,6 +841,7 @@ impl WorkList {
             merge_index: unsigned(arr(layout.merge_index, partial_rows)?),
             batch: count(header::BATCH)? as u32,
             partial_rows: partial_rows as u32,
+            tiles: None,
         })
     }
 }
@@ -785,10 +858,7 @@ const PADDING: WorkItem = WorkItem {
 };
 
 fn kind_code(kind: KernelKind) -> i32 {
-    match kind {
-        KernelKind::Prefill => 0,
-        KernelKind::Decode => 1,
-    }
+    kind.family().code as i32
 }
 
 /// A u32 as the int32 the kernels read; [`NONE`] becomes -1 (the only value above `i32::MAX` a
@@ -800,5 +870,53 @@ fn word(x: u32) -> i32 {
 fn put(ws: &mut [u8], at: usize, words: impl IntoIterator<Item = i32>) {
     for (k, w) in words.into_iter().enumerate() {
         ws[at + 4 * k..at + 4 * k + 4].copy_from_slice(&w.to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::batch::{Heads, KvIndex, KvLayout};
+    use crate::jit::Arch;
+
+    #[test]
+    fn the_plan_chooses_the_tiles_once_and_records_them() {
+        let hopper = PlanOptions::for_device(132, SmResources::typical(Arch::new(9, 0)));
+        let heads = Heads::new(32, 8, 128).unwrap();
+        let kv = KvIndex::ragged(&[0, 8192], KvLayout::Nhd).unwrap();
+        let prompt = Batch::new(heads, &[0, 8192], kv).unwrap();
+        let list = plan(&prompt, KernelKind::Prefill, &hopper).unwrap();
+        let t = list
+            .tiles
+            .as_ref()
+            .expect("a planned list records its tiles");
+        // The long-prompt tile with the wide K/V tile, two CTAs an SM.
+        assert_eq!((t.cta_tile_q, t.kv_tile, t.ctas_per_sm), (128, 64, Some(2)));
+        assert_eq!(list.cta_tile_q, t.cta_tile_q);
+        assert_eq!(t, &tiles(&prompt, KernelKind::Prefill, &hopper).unwrap());
+        assert!(t.to_string().contains("two CTAs of it fit this SM"), "{t}");
+        // The same schedule as an explicit occupancy of two.
+        let explicit = plan(&prompt, KernelKind::Prefill, &PlanOptions::new(132, 2)).unwrap();
+        assert_eq!(list, explicit);
+        assert_eq!(explicit.tiles.unwrap().ctas_per_sm, None);
+
+        // A decode step on the prefill template: the group's 16-row tile, one warp, six CTAs of
+        // 37.7 KB on a Hopper SM; on the decode template, two waves of its four.
+        let kv = KvIndex::ragged(&[0, 4096, 8192], KvLayout::Nhd).unwrap();
+        let step = Batch::decode(heads, kv).unwrap();
+        let rows = PlanOptions {
+            one_row_per_request: true,
+            ..hopper
+        };
+        let t = plan(&step, KernelKind::Prefill, &rows)
+            .unwrap()
+            .tiles
+            .unwrap();
+        assert_eq!((t.cta_tile_q, t.threads, t.ctas_per_sm), (16, 32, Some(6)));
+        let t = plan(&step, KernelKind::Decode, &hopper)
+            .unwrap()
+            .tiles
+            .unwrap();
+        assert_eq!((t.cta_tile_q, t.threads, t.ctas_per_sm), (16, 128, Some(8)));
     }
 }

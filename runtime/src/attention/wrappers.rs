@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use cudarc::driver::{CudaGraph, CudaSlice};
 use ferrinfer_kernels::abi::AttnArgs;
-use ferrinfer_kernels::{KernelConfig, KernelKind};
+use ferrinfer_kernels::{DType, KernelKind};
 
 use crate::attention::batch::{Batch, Heads, KvIndex};
 use crate::attention::plan::{self, Capacity, PlanOptions, WorkList};
@@ -366,23 +366,6 @@ fn decode_batch(heads: Heads, kv: KvIndex, sm_scale: Option<f32>) -> Result<Batc
     }
 }
 
-/// Work items per SM that the KV-split search aims for.
-/// Decode template: two waves of its 4 resident CTAs, so that a skewed batch (a few long requests
-/// among short ones) is cut into chunks short enough that the long requests do not finish last,
-/// alone on a few SMs.
-/// Prefill template: its resident CTAs, from the shared memory of the tile and, since the plan is
-/// made before any variant is known, the most registers a variant's instance may take (255).
-fn ctas_per_sm(gpu: &Gpu, cfg: &KernelConfig) -> u32 {
-    match cfg.kind {
-        KernelKind::Decode => 8,
-        KernelKind::Prefill => {
-            let dims = ferrinfer_kernels::launch_dims(cfg, &AttnArgs::default());
-            gpu.sm_resources()
-                .resident_ctas(dims.block[0], dims.shared_bytes, 255)
-        }
-    }
-}
-
 /// Byte offsets of the arrays in the device workspace: the plan's own layout first, then the index
 /// arrays of the batch, each region sized by the capacity so that it never moves.
 #[derive(Clone, Copy, Debug)]
@@ -561,19 +544,13 @@ impl Planned {
         Ok(p)
     }
 
-    fn options(&self, gpu: &Gpu, batch: &Batch) -> Result<PlanOptions> {
-        let mut o = PlanOptions::new(gpu.sm_count(), 1);
+    fn options(&self, gpu: &Gpu) -> PlanOptions {
+        let mut o = PlanOptions::for_device(gpu.sm_count(), gpu.sm_resources());
         o.fixed_kv_chunk = self.config.fixed_kv_chunk;
         o.graph_capacity = self.config.graph.map(|g| g.work_items);
-        // A decode on the prefill template: every request has one row, so the tile is the group's
-        // whatever the batch (which keeps the batch-invariant mode invariant, too).
-        if self.decode_rows() {
-            let h = batch.heads();
-            o.query_tile = Some(plan::cta_tile_q(u64::from(h.group_size()), 1, h.head_dim()));
-        }
-        let tile = plan::query_tile(batch, self.kind, &o)?;
-        o.ctas_per_sm = ctas_per_sm(gpu, &self.config_for(batch, tile));
-        Ok(o)
+        // A decode on the prefill template: the family's tile function sizes the tile by the group.
+        o.one_row_per_request = self.decode_rows();
+        o
     }
 
     /// Whether this is a decode planned on the prefill template.
@@ -608,8 +585,9 @@ impl Planned {
             return Ok(());
         };
         // Refuse unsupported head dims and archs at plan time, not at the first layer.
-        dispatch::check_supported(&self.config_for(&batch, 16), gpu.arch())?;
-        let opts = self.options(&gpu, &batch)?;
+        let cfg = dispatch::config(gpu.arch(), self.kind, batch.heads().head_dim(), DType::Bf16)?;
+        dispatch::check_supported(&cfg, gpu.arch())?;
+        let opts = self.options(&gpu);
         let work = plan::plan(&batch, self.kind, &opts)?;
         let need = Sizes {
             plan: work.capacity(),
@@ -656,19 +634,6 @@ impl Planned {
         self.work = Some(work);
         self.batch = batch;
         Ok(())
-    }
-
-    fn config_for(&self, batch: &Batch, cta_tile_q: u32) -> KernelConfig {
-        KernelConfig {
-            kind: self.kind,
-            head_dim: batch.heads().head_dim(),
-            dtype: ferrinfer_kernels::DType::Bf16,
-            cta_tile_q: match self.kind {
-                KernelKind::Prefill => cta_tile_q,
-                KernelKind::Decode => 0,
-            },
-            kv_tile: 0,
-        }
     }
 
     fn run<V: Variant, T: Element>(
@@ -753,13 +718,15 @@ impl Planned {
         if b.total_qo() == 0 && !graph {
             return Ok(());
         }
-        let cfg = KernelConfig {
-            dtype: T::DTYPE,
-            ..self.config_for(b, work.cta_tile_q)
-        };
-        let kernel = dispatch::kernel(gpu, V::SPEC, &cfg)?;
-        let cfg = kernel.cfg;
+        let tiles = work
+            .tiles
+            .as_ref()
+            .ok_or_else(|| Error::invalid("the work list holds no tile choice"))?;
         let heads = b.heads();
+        let base = dispatch::config(gpu.arch(), self.kind, heads.head_dim(), T::DTYPE)?;
+        let fallback = tiles.fallback_config(base);
+        let kernel = dispatch::kernel(gpu, V::SPEC, &tiles.config(base), fallback.as_ref())?;
+        let cfg = kernel.cfg;
         let (hq, d) = (u64::from(heads.num_qo_heads()), u64::from(heads.head_dim()));
         let s = b.kv().strides(&heads);
         let ws = gpu.device_ptr(&dev.ws);

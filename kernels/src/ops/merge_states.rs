@@ -2,9 +2,10 @@
 //! geometry. It merges attention states (output, natural-log LSE) computed over disjoint parts of
 //! one KV set.
 
+use crate::config::{DType, LaunchDims};
 use crate::sources::Sources;
+use crate::tu::TranslationUnit;
 use crate::tu::{cuda_dtype, inline_header};
-use crate::{DType, LaunchDims, TranslationUnit};
 
 /// Arguments of the merge kernel, passed by value; mirrors `fi::MergeStatesArgs`.
 ///

@@ -1,0 +1,420 @@
+//! The prefill (and append) family: its template, tile function, launch geometry and instances.
+//! Mirrors `PrefillShape` in `cuda/prefill.cuh`: one CTA per work item of the plan, one warp per
+//! 16 packed query rows (at most `kPrefillWarps`, except at head dim 256), two stages of K/V
+//! tiles of `kv_tile` keys and a table of their offsets.
+
+use super::Family;
+use super::tiles::{MAX_REGISTERS, SmResidency, TileInput, Tiles, query_tile};
+use crate::abi::AttnArgs;
+use crate::config::{ArchClass, HEAD_DIMS, InstanceTiles, KernelConfig, KernelKind, LaunchDims};
+
+/// The prefill row of [`super::FAMILIES`].
+pub const FAMILY: Family = Family {
+    kind: KernelKind::Prefill,
+    name: "prefill",
+    code: 0,
+    header: "prefill.cuh",
+    function: "fi::prefill",
+    template_args,
+    launch_bounds,
+    launch_dims,
+    head_dims: &HEAD_DIMS,
+    query_tiles: &[0, 16, 64, 128],
+    kv_tiles: &[0, 32, 64],
+    tiles,
+    instances,
+};
+
+/// Warps of a 64-row query tile; `kPrefillWarps` in prefill.cuh.
+pub(crate) const PREFILL_WARPS: u32 = 4;
+const WARP: u32 = 32;
+/// Shared bytes of the per-CTA scalars; `kPrefillCtaBytes` in prefill.cuh.
+const PREFILL_CTA_BYTES: u32 = 64;
+/// K/V tiles resident in shared memory; `PrefillShape::kStages`.
+const STAGES: u32 = 2;
+/// Bytes per element of q, k and v (f16 and bf16).
+const ELEMENT_BYTES: u32 = 2;
+
+/// The template's shape for a head dim and tiles: what `PrefillShape` derives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Shape {
+    tile_q: u32,
+    kv_tile: u32,
+    warps: u32,
+    shared_bytes: u32,
+}
+
+impl Shape {
+    fn new(head_dim: u32, tile_q: u32, kv_tile: u32) -> Self {
+        // One warp per 16 rows, capped at four (two 16-row blocks per warp then) except at head
+        // dim 256, where two blocks' f32 accumulators would not fit the registers.
+        let blocks = tile_q / 16;
+        let warps = if head_dim == 256 {
+            blocks
+        } else {
+            blocks.min(PREFILL_WARPS)
+        };
+        // The Q tile and `STAGES` K and V tiles, then two tiles' key byte offsets (u64) and block
+        // ids (i32), then `PrefillCta`.
+        let rows = tile_q + 2 * STAGES * kv_tile;
+        let table = 2 * kv_tile * (8 + 4) + PREFILL_CTA_BYTES;
+        Shape {
+            tile_q,
+            kv_tile,
+            warps,
+            shared_bytes: rows * head_dim * ELEMENT_BYTES + table,
+        }
+    }
+
+    /// The shape an instance is built with.
+    fn of(cfg: &KernelConfig) -> Self {
+        Shape::new(cfg.head_dim_qk, tile_q(cfg), kv_tile(cfg))
+    }
+}
+
+/// Keys per K/V shared-memory tile the template uses when the config leaves it open (0): 64 at
+/// head dim 64; above, 32, which keeps two stages of K and V and a 128-row Q tile in the shared
+/// memory of an sm_80 SM with room for a second CTA.
+fn default_kv_tile(head_dim: u32) -> u32 {
+    if head_dim >= 128 { 32 } else { 64 }
+}
+
+/// Keys per K/V shared-memory tile; `PrefillShape::kTileKv`.
+fn kv_tile(cfg: &KernelConfig) -> u32 {
+    match cfg.kv_tile {
+        0 => default_kv_tile(cfg.head_dim_qk),
+        k => k,
+    }
+}
+
+/// The query tile the kernel is built for: the plan's, or, when the config leaves it open (0),
+/// the one the plan picks for long prompts.
+fn tile_q(cfg: &KernelConfig) -> u32 {
+    match cfg.cta_tile_q {
+        16 | 64 | 128 => cfg.cta_tile_q,
+        _ if cfg.head_dim_qk >= 256 => 64,
+        _ => 128,
+    }
+}
+
+/// Keys of the wide K/V tile.
+const WIDE_KV_TILE: u32 = 64;
+
+/// Whether the template offers the wide K/V tile at this head dim and query tile: the 128-row
+/// tile at head dim 128 (half the per-tile softmax, rescale and barrier cost per key; +14-16% on
+/// an H200). Whether it pays is [`wide_kv_tile_pays`].
+fn offers_wide_kv_tile(head_dim: u32, tile_q: u32) -> bool {
+    head_dim == 128 && tile_q == 128
+}
+
+/// The same instance with the wide K/V tile, where the template offers one.
+pub(crate) fn wide_kv_tile(cfg: &KernelConfig) -> Option<KernelConfig> {
+    let offered = cfg.kind == KernelKind::Prefill
+        && cfg.kv_tile == 0
+        && offers_wide_kv_tile(cfg.head_dim_qk, tile_q(cfg));
+    offered.then_some(KernelConfig {
+        kv_tile: WIDE_KV_TILE,
+        ..*cfg
+    })
+}
+
+/// Whether two CTAs of the `wide` shape are resident on an SM like `sm` with the most registers a
+/// variant may take: one CTA alone would hide no latency, and the narrow tile then runs two.
+fn wide_kv_tile_pays(wide: &Shape, sm: &dyn SmResidency) -> bool {
+    sm.resident_ctas(wide.warps * WARP, wide.shared_bytes, MAX_REGISTERS) >= 2
+}
+
+/// The prefill tile function: every tile of a batch and why (see [`super::tiles`]).
+pub fn tiles(x: &TileInput<'_>) -> Tiles {
+    let hd = x.head_dim_qk;
+    let mut why = Vec::new();
+
+    // Query tile: rows of packed (query row, head of the group) pairs per CTA.
+    let cta_tile_q = if let Some(t) = x.query_tile {
+        why.push(format!("query tile {t}: fixed by the caller"));
+        t
+    } else if x.one_row_per_request {
+        let (t, reason) = query_tile(u64::from(x.group_size), 1, hd);
+        why.push(format!(
+            "query tile {t}: every request has one row, so its packed rows are the group ({}) \
+             whatever the batch (which keeps the batch-invariant mode invariant too); {reason}",
+            x.group_size
+        ));
+        t
+    } else if x.batch_invariant {
+        let (t, reason) = query_tile(u64::MAX, 1, hd);
+        why.push(format!(
+            "query tile {t}: batch-invariant, and the tile may change the reduction order, so it \
+             must not depend on the other requests: the long-prompt tile; {reason}"
+        ));
+        t
+    } else {
+        let (t, reason) = query_tile(x.packed_rows, x.requests, hd);
+        why.push(format!(
+            "query tile {t}: {} packed rows over {} requests; {reason}",
+            x.packed_rows, x.requests
+        ));
+        t
+    };
+
+    // K/V tile: the template's default, or the wide one where it pays on this device.
+    let narrow = Shape::new(hd, cta_tile_q, default_kv_tile(hd));
+    let with_kv = |kv_tile| InstanceTiles {
+        cta_tile_q,
+        kv_tile,
+    };
+    let (shape, instance, fallback) = if offers_wide_kv_tile(hd, cta_tile_q) {
+        let wide = Shape::new(hd, cta_tile_q, WIDE_KV_TILE);
+        match x.sm {
+            Some(sm) if wide_kv_tile_pays(&wide, sm) => {
+                why.push(format!(
+                    "K/V tile {WIDE_KV_TILE} keys: at head dim 128 with 128 query rows, \
+                     {WIDE_KV_TILE} keys halve the per-tile softmax, rescale and barrier cost per \
+                     key (+14-16% on an H200), and two CTAs of it fit this SM; registers are \
+                     tight, so a variant whose build spills runs the {}-key tile instead",
+                    narrow.kv_tile
+                ));
+                (wide, with_kv(WIDE_KV_TILE), Some(with_kv(0)))
+            }
+            sm => {
+                why.push(format!(
+                    "K/V tile {} keys: the {WIDE_KV_TILE}-key tile is offered here, but {}",
+                    narrow.kv_tile,
+                    if sm.is_some() {
+                        "two CTAs of it do not fit this SM (one alone would hide no latency)"
+                    } else {
+                        "no SM was described to tell whether two CTAs of it fit"
+                    }
+                ));
+                (narrow, with_kv(0), None)
+            }
+        }
+    } else {
+        why.push(format!(
+            "K/V tile {} keys: {}",
+            narrow.kv_tile,
+            if hd >= 128 {
+                "two stages of K and V and the Q tile stay within an sm_80 SM's shared memory"
+            } else {
+                "at head dim 64 a 64-key tile is as small in bytes as 32 keys of head dim 128"
+            }
+        ));
+        (narrow, with_kv(0), None)
+    };
+
+    why.push(format!(
+        "{} warps: one per 16 query rows, at most {PREFILL_WARPS} (two row blocks each) except \
+         at head dim 256, where two blocks' f32 accumulators would not fit the registers",
+        shape.warps
+    ));
+    why.push(format!(
+        "{STAGES} stages: the next K/V tile loads (cp.async) while this one is computed"
+    ));
+    let ctas_per_sm = x.sm.map(|sm| {
+        let n = sm.resident_ctas(shape.warps * WARP, shape.shared_bytes, MAX_REGISTERS);
+        why.push(format!(
+            "{n} CTAs per SM: resident with {} B of shared memory and {MAX_REGISTERS} registers \
+             a thread (the most a variant may take; the plan is made before the variant is known)",
+            shape.shared_bytes
+        ));
+        n
+    });
+    Tiles {
+        cta_tile_q,
+        kv_tile: shape.kv_tile,
+        threads: shape.warps * WARP,
+        stages: STAGES,
+        shared_bytes: shape.shared_bytes,
+        ctas_per_sm,
+        instance,
+        fallback,
+        reasons: why,
+    }
+}
+
+/// Each query tile (16, 64, 128) of each head dim and dtype, each followed by its wide-K/V-tile
+/// instance where the tile function would choose it on SMs like `sm`.
+fn instances(arch: ArchClass, sm: &dyn SmResidency) -> Vec<KernelConfig> {
+    FAMILY.each_instance(arch, &[16, 64, 128], |cfg| {
+        wide_kv_tile(cfg).filter(|w| wide_kv_tile_pays(&Shape::of(w), sm))
+    })
+}
+
+fn template_args(cfg: &KernelConfig) -> String {
+    format!(", {}, {}", tile_q(cfg), kv_tile(cfg))
+}
+
+fn launch_bounds(cfg: &KernelConfig) -> &'static str {
+    match Shape::of(cfg).warps {
+        1 => "32",
+        4 => "128",
+        _ => "256",
+    }
+}
+
+/// One CTA per work item (the plan's padded length); an empty work list still gets one CTA,
+/// which finds no valid item and returns (a zero grid would not launch).
+fn launch_dims(cfg: &KernelConfig, args: &AttnArgs) -> LaunchDims {
+    let s = Shape::of(cfg);
+    LaunchDims {
+        grid: [args.num_items.max(1), 1, 1],
+        block: [s.warps * WARP, 1, 1],
+        shared_bytes: s.shared_bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DType;
+
+    fn cfg(head_dim: u32, cta_tile_q: u32) -> KernelConfig {
+        KernelConfig::new(KernelKind::Prefill, head_dim, DType::Bf16, ArchClass::Sm80).with_tiles(
+            InstanceTiles {
+                cta_tile_q,
+                kv_tile: 0,
+            },
+        )
+    }
+
+    fn warps(cfg: &KernelConfig) -> u32 {
+        Shape::of(cfg).warps
+    }
+
+    #[test]
+    fn the_wide_kv_tile_is_offered_at_the_long_prompt_tile_of_head_dim_128() {
+        let wide = wide_kv_tile(&cfg(128, 128)).expect("offered");
+        assert_eq!(wide.kv_tile, 64);
+        assert_eq!(
+            launch_dims(&wide, &AttnArgs::default()).shared_bytes,
+            98304 + 1536 + 64
+        );
+        assert_eq!(wide.name(), "prefill_hd128_bf16_q128_k64");
+        assert!(wide_kv_tile(&cfg(128, 0)).is_some()); // 0: the long-prompt tile, 128
+        for other in [cfg(128, 64), cfg(64, 128), cfg(256, 64), wide] {
+            assert!(wide_kv_tile(&other).is_none(), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn geometry_follows_the_tile() {
+        let args = AttnArgs {
+            num_items: 300,
+            ..AttnArgs::default()
+        };
+        let d = launch_dims(&cfg(128, 128), &args);
+        assert_eq!(
+            (d.grid, d.block, d.shared_bytes),
+            ([300, 1, 1], [128, 1, 1], 65536 + 768 + 64)
+        );
+        let d = launch_dims(&cfg(128, 16), &args);
+        assert_eq!((d.block, d.shared_bytes), ([32, 1, 1], 36864 + 768 + 64));
+        let d = launch_dims(&cfg(64, 128), &args);
+        assert_eq!(d.shared_bytes, 49152 + 1536 + 64);
+        let d = launch_dims(&cfg(256, 128), &args);
+        assert_eq!((d.block, d.shared_bytes), ([256, 1, 1], 131072 + 768 + 64));
+        let d = launch_dims(&cfg(256, 0), &AttnArgs::default());
+        assert_eq!((d.grid, d.block), ([1, 1, 1], [128, 1, 1]));
+        for hd in crate::HEAD_DIMS {
+            for tile in [0, 16, 64, 128] {
+                let c = cfg(hd, tile);
+                assert_eq!(launch_bounds(&c), (warps(&c) * WARP).to_string());
+                assert_eq!(
+                    template_args(&c),
+                    format!(", {}, {}", tile_q(&c), kv_tile(&c))
+                );
+                // Within the opt-in shared memory of an sm_80 SM (163 KiB).
+                assert!(
+                    launch_dims(&cfg(hd, tile), &AttnArgs::default()).shared_bytes <= 163 * 1024
+                );
+            }
+        }
+    }
+
+    /// An SM with `shared` bytes of shared memory, 1 KiB reserved per CTA, 64 Ki registers.
+    struct Sm(u32);
+
+    impl SmResidency for Sm {
+        fn resident_ctas(&self, threads: u32, shared: u32, regs: u32) -> u32 {
+            let per_warp = (regs * 32).div_ceil(256) * 256;
+            let by_registers = 65_536 / (per_warp * threads.div_ceil(32)).max(1);
+            (self.0 / (shared + 1024)).min(by_registers).max(1)
+        }
+    }
+
+    fn input(packed_rows: u64, requests: u64, sm: Option<&dyn SmResidency>) -> TileInput<'_> {
+        TileInput {
+            packed_rows,
+            requests,
+            group_size: 4,
+            head_dim_qk: 128,
+            head_dim_vo: 128,
+            sm,
+            batch_invariant: false,
+            one_row_per_request: false,
+            query_tile: None,
+        }
+    }
+
+    #[test]
+    fn the_tile_function_reports_every_parameter_and_why() {
+        let hopper = Sm(228 * 1024);
+        let t = tiles(&input(8192 * 4, 1, Some(&hopper)));
+        assert_eq!(
+            (t.cta_tile_q, t.kv_tile, t.threads, t.stages),
+            (128, 64, 128, 2)
+        );
+        assert_eq!(t.shared_bytes, 98304 + 1536 + 64);
+        assert_eq!(t.ctas_per_sm, Some(2));
+        assert_eq!(
+            (t.instance, t.fallback),
+            (
+                InstanceTiles {
+                    cta_tile_q: 128,
+                    kv_tile: 64
+                },
+                Some(InstanceTiles {
+                    cta_tile_q: 128,
+                    kv_tile: 0
+                })
+            )
+        );
+        assert_eq!(t.reasons.len(), 5, "{t}");
+        // An A100 SM holds one CTA of the wide tile: it keeps 32 keys.
+        let a100 = Sm(164 * 1024);
+        let t = tiles(&input(8192 * 4, 1, Some(&a100)));
+        assert_eq!((t.kv_tile, t.fallback, t.ctas_per_sm), (32, None, Some(2)));
+        // Without an SM: no occupancy, the narrow tile.
+        let t = tiles(&input(8192 * 4, 1, None));
+        assert_eq!((t.kv_tile, t.ctas_per_sm), (32, None));
+        // Decode rows on tensor cores: the group's tile, whatever the batch.
+        let t = tiles(&TileInput {
+            one_row_per_request: true,
+            ..input(8192 * 4, 1, None)
+        });
+        assert_eq!((t.cta_tile_q, t.threads), (16, 32));
+        // Batch-invariant: the long-prompt tile; a caller's tile wins over both.
+        let t = tiles(&TileInput {
+            batch_invariant: true,
+            ..input(4, 1, None)
+        });
+        assert_eq!(t.cta_tile_q, 128);
+        let t = tiles(&TileInput {
+            batch_invariant: true,
+            query_tile: Some(64),
+            ..input(4, 1, None)
+        });
+        assert_eq!(t.cta_tile_q, 64);
+    }
+
+    #[test]
+    fn instances_add_the_wide_tile_where_two_ctas_fit() {
+        let hopper = instances(ArchClass::Sm90a, &Sm(228 * 1024));
+        let a100 = instances(ArchClass::Sm80, &Sm(164 * 1024));
+        assert_eq!((a100.len(), hopper.len()), (18, 20));
+        assert!(hopper.iter().all(|c| c.arch == ArchClass::Sm90a));
+        for c in hopper.iter().chain(&a100) {
+            assert_eq!(FAMILY.check(c), Ok(()), "{}", c.name());
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Kernels beside attention, one file per op: the arguments, the translation unit and the launch
+//! geometry of each.
+
+pub mod merge_states;
