@@ -11,7 +11,7 @@ const WARP: u32 = 32;
 
 pub(crate) fn template(_cfg: &KernelConfig) -> Template {
     Template {
-        header: "decode.cuh",
+        header: "attention/decode.cuh",
         function: "fi::decode",
         extra_args: String::new(),
         // Both bounds: four CTAs per SM is what the plan counts on (wrappers.rs ctas_per_sm).

@@ -1,7 +1,7 @@
 //! ferrinfer's CUDA kernel templates, and the code that assembles one NVRTC translation unit from a
 //! template, a lowered variant, a head dim and a dtype.
 //!
-//! The templates live in `cuda/*.cuh` and are compiled into this crate; `FERRINFER_KERNEL_DIR`
+//! The templates live in `cuda/<concept>/` and are compiled into this crate; `FERRINFER_KERNEL_DIR`
 //! points at a checkout's `kernels/cuda` to read them from disk instead while developing.
 
 pub mod abi;
@@ -11,6 +11,7 @@ mod merge_states;
 mod prefill;
 mod sources;
 mod tu;
+pub mod workspace;
 
 pub use merge::merge_launch_dims;
 pub use merge_states::{

@@ -59,7 +59,7 @@ fn warps(cfg: &KernelConfig) -> u32 {
 
 pub(crate) fn template(cfg: &KernelConfig) -> Template {
     Template {
-        header: "prefill.cuh",
+        header: "attention/prefill.cuh",
         function: "fi::prefill",
         extra_args: format!(", {}, {}", tile_q(cfg), kv_tile(cfg)),
         max_threads: match warps(cfg) {
