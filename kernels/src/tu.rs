@@ -144,7 +144,7 @@ pub(crate) fn assemble(
     let merge_entry = t.merge.then(|| {
         let merge = format!("{entry}_merge");
         source.push_str(&format!(
-            "\nextern \"C\" __global__ void __launch_bounds__(fi::kMergeThreads)\n\
+            "\nextern \"C\" __global__ void __launch_bounds__(fi::kMergeThreads, fi::kMergeMinCtas)\n\
              {merge}(const fi::AttnArgs args, const Params params) {{\n  \
              fi::merge<Variant, Params, {dtype}, {d}>(args, params);\n}}\n",
             dtype = cuda_dtype(cfg.dtype),

@@ -48,16 +48,18 @@ __device__ __forceinline__ RowEnd<kSoftmax> finish_partial(float m, float z) {
 // A final row: the variant's sink (a natural-log logit with no value, hook_sink) is added to the
 // denominator first. Empty (no visible key and no sink): o = 0, lse = -inf; with a sink and no key,
 // o = 0 and lse = the sink. The sink's rescale of the output is folded into `norm`.
+// With `add_sink` false it is finish_partial, for a kernel that takes both branches from one
+// call (prefill: computed once, ahead of its split test, the end costs fewer registers).
 template <class V, class P>
 __device__ __forceinline__ RowEnd<V::kSoftmax> finish_row(const P& p, float m, float z,
-                                                          const Pos& at) {
+                                                          const Pos& at, bool add_sink = true) {
   if constexpr (!V::kSoftmax) {
     return RowEnd<false>{1.0f, m, z};
   } else {
     float scale = 1.0f;
     if constexpr (V::kHasSink) {
       const float sink = hook_sink<V>(p, at) * kLog2e;
-      if (sink != -FI_INF) {
+      if (add_sink && sink != -FI_INF) {
         const float mn = fmaxf(m, sink);
         scale = exp2_approx(m - mn);
         z = z * scale + exp2_approx(sink - mn);

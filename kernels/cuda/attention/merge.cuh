@@ -4,8 +4,9 @@
 // then end the row as every family does (epilogue.cuh: sink in the denominator, normalise, output
 // hook, o and the LSE). Without softmax the partials are plain sums and are added up. Rows with an
 // empty list were written by their (unsplit) item.
-// Launch: grid (max_rows, ceil(num_qo_heads / warps)), block kMergeThreads (kernels/src/merge.rs);
-// one warp per (row, head), lane l holding elements l * D/32 .. (l + 1) * D/32.
+// Launch: grid (max_rows, ceil(num_qo_heads / warps)), block kMergeThreads (kernels/src/merge.rs),
+// at least kMergeMinCtas blocks per SM; one warp per (row, head), lane l holding elements
+// l * D/32 .. (l + 1) * D/32.
 #pragma once
 #include "core/abi.cuh"
 #include "core/math.cuh"
@@ -19,6 +20,10 @@
 namespace fi {
 
 constexpr unsigned kMergeThreads = 128;
+// Blocks per SM for full occupancy (2048 threads): the entry's __launch_bounds__ minimum, which
+// caps registers at 32 per thread. Left to itself ptxas unrolled the chunk loop at some head dims
+// (up to 40 registers, 75% occupancy) in a kernel that waits on memory.
+constexpr unsigned kMergeMinCtas = 16;
 
 // The request that owns global query row `row`.
 __device__ __forceinline__ unsigned merge_request(const int* qo_indptr, unsigned batch,
@@ -86,9 +91,6 @@ __device__ void merge(const AttnArgs& a, const P& p) {
       m = fmaxf(m, __fmul_rn(a.partial_lse[partial_at(a, index[k], h)], kLog2e));
     }
     if (m != -FI_INF) {
-      // One chunk at a time: unrolled, the loads in flight took 40 registers at head dim 256
-      // (32 otherwise), below full occupancy.
-      #pragma unroll 1
       for (int k = begin; k < end; ++k) {
         const unsigned long long prow = static_cast<unsigned long long>(index[k]);
         const float lse = a.partial_lse[partial_at(a, prow, h)];

@@ -452,9 +452,12 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
       if (w.qo_tile_start + row0 + mq * 16 + g + 8 * hf >= w.qo_tile_end) continue;
       const unsigned pr = row_of(mq, hf);
       const unsigned i = pr / group, h = kv_head * group + pr % group;
+      const Pos at{b, i, 0, h, kv_head, qo_len, kv.len, D};
+      // One end for both branches, and the LSE taken ahead of them: so written, ptxas keeps the
+      // 128-row tiles' registers and spills as they were before the shared epilogue.
+      const auto end = finish_row<V>(p, m[mq][hf], zz, at, !split);
+      const float lse = end.lse();
       if (!split) {
-        const Pos at{b, i, 0, h, kv_head, qo_len, kv.len, D};
-        const auto end = finish_row<V>(p, m[mq][hf], zz, at);
         T* dst = out_row<T>(a, qo_begin + i, h);
         #pragma unroll
         for (int nd = 0; nd < kMmaD; ++nd) {
@@ -463,9 +466,8 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
           const float x1 = out_elem<V>(p, o[mq][nd][2 * hf + 1], end, d + 1, at);
           *reinterpret_cast<unsigned*>(dst + d) = pack2<T>(x0, x1);
         }
-        if (t4 == 0) write_lse(a, qo_begin + i, h, end.lse());
+        if (t4 == 0) write_lse(a, qo_begin + i, h, lse);
       } else {
-        const auto end = finish_partial<V::kSoftmax>(m[mq][hf], zz);
         const unsigned long long prow = partial_row(w.partial, i);
         float* dst = partial_out<D>(a, prow, h);
         #pragma unroll
@@ -473,7 +475,7 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
           const float pair[2] = {o[mq][nd][2 * hf], o[mq][nd][2 * hf + 1]};
           store_partial<2>(dst + nd * 8 + 2 * t4, pair, end);
         }
-        if (t4 == 0) write_partial_lse<V::kSoftmax>(a, prow, h, end.lse());
+        if (t4 == 0) write_partial_lse<V::kSoftmax>(a, prow, h, lse);
       }
     }
   }
