@@ -1,7 +1,7 @@
 //! ferrinfer's CUDA kernel templates, and the code that assembles one NVRTC translation unit from a
 //! template, a lowered variant and a [`KernelConfig`].
 //!
-//! The templates live in `cuda/*.cuh` and are compiled into this crate; `FERRINFER_KERNEL_DIR`
+//! The templates live in `cuda/<concept>/` and are compiled into this crate; `FERRINFER_KERNEL_DIR`
 //! points at a checkout's `kernels/cuda` to read them from disk instead while developing.
 //!
 //! | module | what |
@@ -18,6 +18,7 @@ pub mod config;
 pub mod ops;
 mod sources;
 mod tu;
+pub mod workspace;
 
 pub use attention::merge::merge_launch_dims;
 pub use attention::tiles::{SmResidency, TileInput, Tiles};

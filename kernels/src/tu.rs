@@ -80,7 +80,7 @@ pub(crate) fn assemble(
     let mut done = Vec::new();
     // dsl.cuh first: the variant's code may call any of its helpers; then the family's kernel and
     // the merge pass every attention family has.
-    for root in ["dsl.cuh", family.header, "merge.cuh"] {
+    for root in ["variant/dsl.cuh", family.header, "attention/merge.cuh"] {
         inline_header(sources, root, &mut done, &mut Vec::new(), &mut source)?;
     }
     source.push_str("\n// ---- variant parameters ----\n");
@@ -230,25 +230,25 @@ mod tests {
             assert!(!s.contains("#pragma once"), "{}", cfg.name());
             let at = |marker: &str| s.find(marker).unwrap_or_else(|| panic!("{marker} missing"));
             for name in [
-                "abi.cuh",
-                "dsl.cuh",
-                "dtype.cuh",
-                "kv.cuh",
-                "hooks.cuh",
-                "merge.cuh",
+                "core/abi.cuh",
+                "variant/dsl.cuh",
+                "core/dtype.cuh",
+                "attention/kv.cuh",
+                "variant/hooks.cuh",
+                "attention/merge.cuh",
             ] {
                 let marker = format!("// ---- {name} ----");
                 assert_eq!(s.matches(&marker).count(), 1, "{name} in {}", cfg.name());
             }
             let (kernel, other) = match cfg.kind {
-                KernelKind::Prefill => ("prefill.cuh", "decode.cuh"),
-                KernelKind::Decode => ("decode.cuh", "prefill.cuh"),
+                KernelKind::Prefill => ("attention/prefill.cuh", "attention/decode.cuh"),
+                KernelKind::Decode => ("attention/decode.cuh", "attention/prefill.cuh"),
             };
             assert!(!s.contains(&format!("// ---- {other} ----")));
             // Each header follows the ones it includes; the variant follows every header.
-            assert!(at("// ---- abi.cuh ----") < at("// ---- kv.cuh ----"));
-            assert!(at("// ---- dsl.cuh ----") < at("// ---- hooks.cuh ----"));
-            assert!(at("// ---- hooks.cuh ----") < at(&format!("// ---- {kernel} ----")));
+            assert!(at("// ---- core/abi.cuh ----") < at("// ---- attention/kv.cuh ----"));
+            assert!(at("// ---- variant/dsl.cuh ----") < at("// ---- variant/hooks.cuh ----"));
+            assert!(at("// ---- variant/hooks.cuh ----") < at(&format!("// ---- {kernel} ----")));
             assert!(at(&format!("// ---- {kernel} ----")) < at("struct Params {"));
             assert!(at("struct Params {") < at("struct Variant {"));
             assert!(at("struct Variant {") < at("extern \"C\" __global__"));
@@ -318,6 +318,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         for name in crate::HEADER_NAMES {
+            std::fs::create_dir_all(dir.join(name).parent().unwrap()).unwrap();
             std::fs::write(dir.join(name), Sources::BuiltIn.header(name).unwrap()).unwrap();
         }
         dir
@@ -330,15 +331,15 @@ mod tests {
         let same = assemble(&Sources::Dir(dir.clone()), &cfg, &variant()).unwrap();
         assert_eq!(same, translation_unit(&cfg, &variant()).unwrap());
 
-        let edited = Sources::BuiltIn.header("warp.cuh").unwrap() + "// edited on disk\n";
-        std::fs::write(dir.join("warp.cuh"), edited).unwrap();
+        let edited = Sources::BuiltIn.header("core/warp.cuh").unwrap() + "// edited on disk\n";
+        std::fs::write(dir.join("core/warp.cuh"), edited).unwrap();
         let tu = assemble(&Sources::Dir(dir.clone()), &cfg, &variant()).unwrap();
         assert!(tu.source.contains("// edited on disk"));
 
-        std::fs::remove_file(dir.join("hooks.cuh")).unwrap();
+        std::fs::remove_file(dir.join("variant/hooks.cuh")).unwrap();
         let e = assemble(&Sources::Dir(dir.clone()), &cfg, &variant()).unwrap_err();
         assert!(
-            e.contains("hooks.cuh") && e.contains("FERRINFER_KERNEL_DIR"),
+            e.contains("variant/hooks.cuh") && e.contains("FERRINFER_KERNEL_DIR"),
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
@@ -348,23 +349,27 @@ mod tests {
     fn system_includes_and_cycles_are_refused() {
         let cfg = KernelConfig::new(KernelKind::Prefill, 64, DType::F16, ArchClass::Sm80);
         let dir = header_dir("includes");
-        let warp = Sources::BuiltIn.header("warp.cuh").unwrap();
+        let warp = Sources::BuiltIn.header("core/warp.cuh").unwrap();
         std::fs::write(
-            dir.join("warp.cuh"),
+            dir.join("core/warp.cuh"),
             format!("#include <cuda_fp16.h>\n{warp}"),
         )
         .unwrap();
         let e = assemble(&Sources::Dir(dir.clone()), &cfg, &variant()).unwrap_err();
-        assert!(e.contains("warp.cuh:1") && e.contains("cuda_fp16.h"), "{e}");
+        assert!(
+            e.contains("core/warp.cuh:1") && e.contains("cuda_fp16.h"),
+            "{e}"
+        );
 
         std::fs::write(
-            dir.join("warp.cuh"),
-            format!("#include \"prefill.cuh\"\n{warp}"),
+            dir.join("core/warp.cuh"),
+            format!("#include \"attention/prefill.cuh\"\n{warp}"),
         )
         .unwrap();
         let e = assemble(&Sources::Dir(dir.clone()), &cfg, &variant()).unwrap_err();
         assert!(
-            e.contains("warp.cuh -> prefill.cuh") || e.contains("include each other"),
+            e.contains("core/warp.cuh -> attention/prefill.cuh")
+                || e.contains("include each other"),
             "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
@@ -372,9 +377,9 @@ mod tests {
 
     #[test]
     fn block_sizes_match_the_headers() {
-        let prefill = Sources::BuiltIn.header("prefill.cuh").unwrap();
+        let prefill = Sources::BuiltIn.header("attention/prefill.cuh").unwrap();
         assert!(prefill.contains(&format!("kPrefillWarps = {PREFILL_WARPS};")));
-        let decode = Sources::BuiltIn.header("decode.cuh").unwrap();
+        let decode = Sources::BuiltIn.header("attention/decode.cuh").unwrap();
         assert!(decode.contains(&format!("kDecodeMaxWarps = {DECODE_MAX_WARPS};")));
     }
 

@@ -301,6 +301,7 @@ fn round_trip(list: &WorkList, opts: &PlanOptions) {
         .collect();
     let n = list.items.len();
     assert!(valid[..n].iter().all(|&v| v == 1) && valid[n..].iter().all(|&v| v == 0));
+    kernels_read_back(&ws, list);
 }
 
 #[test]
@@ -577,4 +578,73 @@ fn layout_is_aligned_and_ordered() {
     assert!(offs.windows(2).all(|w| w[0] < w[1]));
     assert_eq!(l.bytes, offs[9] + 16); // 12 bytes of merge_index, rounded up to 16
     assert_eq!(Layout::ARRAYS.len(), offs.len());
+}
+
+/// `static constexpr int <name> = <value>;` lines of struct `ns` of the generated workspace header.
+fn cuda_constants(text: &str, ns: &str) -> HashMap<String, i64> {
+    let start = text.find(&format!("struct {ns} {{")).unwrap();
+    let body = &text[start..start + text[start..].find('}').unwrap()];
+    body.lines()
+        .filter_map(|l| l.trim().strip_prefix("static constexpr int "))
+        .map(|l| {
+            let (name, value) = l.trim_end_matches(';').split_once(" = ").unwrap();
+            (name.to_string(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+/// Reads `ws` as the kernels do (attention/work.cuh, attention/merge.cuh), with every word index
+/// and array position taken from the CUDA header generated for them, not from the Rust constants
+/// the writer used: what the GPU sees is the plan.
+fn kernels_read_back(ws: &[u8], list: &WorkList) {
+    let text = ferrinfer_kernels::workspace::cuda_header();
+    let (words, arrays) = (
+        cuda_constants(&text, "ws_header"),
+        cuda_constants(&text, "ws_array"),
+    );
+    let word = |at: usize| i32::from_le_bytes(ws[at..at + 4].try_into().unwrap());
+    let head = |name: &str| word(4 * words[name] as usize);
+    assert_eq!(i64::from(head("kMagicWord")), words["kMagic"]);
+    assert_eq!(i64::from(head("kVersionWord")), words["kVersion"]);
+    // Word ws_header::kOffsets + ws_array::k<Array> holds the array's byte offset (work_array).
+    let array = |name: &str| word(4 * (words["kOffsets"] + arrays[name]) as usize) as usize;
+    let padded = head("kPaddedLen") as usize;
+    assert_eq!(padded, list.padded_len as usize);
+    let valid = array("kValid");
+    let fields = [
+        "kRequest",
+        "kKvHead",
+        "kQoTileStart",
+        "kQoTileEnd",
+        "kKvStart",
+        "kKvEnd",
+        "kPartial",
+    ]
+    .map(array);
+    for e in 0..padded {
+        assert_eq!(word(valid + 4 * e) != 0, e < list.items.len(), "entry {e}");
+        if let Some(w) = list.items.get(e) {
+            let want = [
+                w.request,
+                w.kv_head,
+                w.qo_tile_start,
+                w.qo_tile_end,
+                w.kv_start,
+                w.kv_end,
+                w.partial,
+            ];
+            for (k, (&at, want)) in fields.iter().zip(want).enumerate() {
+                assert_eq!(word(at + 4 * e) as u32, want, "entry {e}, field {k}");
+            }
+        }
+    }
+    assert_eq!(head("kTotalQo") as u32, list.total_qo());
+    assert_eq!(head("kBatch") as u32, list.batch);
+    let (indptr, index) = (array("kMergeIndptr"), array("kMergeIndex"));
+    for (r, &x) in list.merge_indptr.iter().enumerate() {
+        assert_eq!(word(indptr + 4 * r) as u32, x, "merge_indptr[{r}]");
+    }
+    for (k, &x) in list.merge_index.iter().enumerate() {
+        assert_eq!(word(index + 4 * k) as u32, x, "merge_index[{k}]");
+    }
 }

@@ -12,7 +12,7 @@ pub const FAMILY: Family = Family {
     kind: KernelKind::Decode,
     name: "decode",
     code: 1,
-    header: "decode.cuh",
+    header: "attention/decode.cuh",
     function: "fi::decode",
     template_args,
     launch_bounds,

@@ -12,7 +12,7 @@ pub(crate) const MERGE_THREADS: u32 = 128;
 pub(crate) fn entry(main_entry: &str, cfg: &KernelConfig) -> (String, String) {
     let name = format!("{main_entry}_merge");
     let text = format!(
-        "\nextern \"C\" __global__ void __launch_bounds__(fi::kMergeThreads)\n\
+        "\nextern \"C\" __global__ void __launch_bounds__(fi::kMergeThreads, fi::kMergeMinCtas)\n\
          {name}(const fi::AttnArgs args, const Params params) {{\n  \
          fi::merge<Variant, Params, {dtype}, {d}>(args, params);\n}}\n",
         dtype = cuda_dtype(cfg.dtype),

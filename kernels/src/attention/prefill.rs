@@ -13,7 +13,7 @@ pub const FAMILY: Family = Family {
     kind: KernelKind::Prefill,
     name: "prefill",
     code: 0,
-    header: "prefill.cuh",
+    header: "attention/prefill.cuh",
     function: "fi::prefill",
     template_args,
     launch_bounds,

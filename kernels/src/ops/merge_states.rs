@@ -83,7 +83,7 @@ fn assemble(sources: &Sources, dtype: DType, vec: u32) -> Result<TranslationUnit
     );
     inline_header(
         sources,
-        "merge_states.cuh",
+        "ops/merge_states.cuh",
         &mut Vec::new(),
         &mut Vec::new(),
         &mut source,
@@ -123,7 +123,7 @@ mod tests {
     fn args_size_matches_merge_states_cuh() {
         // 8 eight-byte fields and 4 four-byte fields; merge_states.cuh static_asserts the same.
         assert_eq!(std::mem::size_of::<MergeStatesArgs>(), 8 * 8 + 4 * 4);
-        let header = Sources::BuiltIn.header("merge_states.cuh").unwrap();
+        let header = Sources::BuiltIn.header("ops/merge_states.cuh").unwrap();
         assert!(header.contains("sizeof(MergeStatesArgs) == 8 * 8 + 4 * 4"));
         assert!(header.contains(&format!("kMergeStatesWarps = {WARPS};")));
     }
@@ -135,7 +135,12 @@ mod tests {
                 let tu = merge_states_unit(dtype, vec).unwrap();
                 assert_eq!(tu, merge_states_unit(dtype, vec).unwrap());
                 assert!(!tu.source.contains("#include") && !tu.source.contains("#pragma once"));
-                for name in ["dsl.cuh", "dtype.cuh", "warp.cuh", "merge_states.cuh"] {
+                for name in [
+                    "core/math.cuh",
+                    "core/dtype.cuh",
+                    "core/warp.cuh",
+                    "ops/merge_states.cuh",
+                ] {
                     let marker = format!("// ---- {name} ----");
                     assert_eq!(tu.source.matches(&marker).count(), 1, "{name}");
                 }

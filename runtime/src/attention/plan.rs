@@ -25,20 +25,19 @@
 //!
 //! # Workspace layout
 //!
-//! [`WorkList::write`] serialises the list into little-endian int32 words, for one host-to-device
-//! copy. Bytes `0..128` are the header ([`header`] names the word indices): a magic number, the
-//! format version, the kernel kind, `cta_tile_q`, `kv_chunk`, `padded_len`, the number of valid
-//! entries, `total_qo`, `partial_rows`, the byte offsets of the arrays, then the number of requests.
-//! The arrays follow in
-//! this order, each at the next multiple of 16 bytes: the seven item fields `request`, `kv_head`,
-//! `qo_tile_start`, `qo_tile_end`, `kv_start`, `kv_end`, `partial` (`-1` for none) and `valid`
-//! (1 or 0), each `[padded_len]`; then `merge_indptr` `[total_qo + 1]` and `merge_index`
-//! `[partial_rows]`. The item arrays' offsets depend only on `padded_len`, so in CUDA-graph mode
-//! (fixed `padded_len`) they never move; kernels should still take every offset from the header,
-//! which a replayed graph reads afresh.
+//! [`WorkList::write`] serialises the list for one host-to-device copy, in the format that
+//! [`ferrinfer_kernels::workspace`] defines next to the kernel ABI (re-exported here as [`header`]
+//! and [`Layout`]; its word indices and array positions are generated into the CUDA source from the
+//! same constants): a 128-byte header of int32 words, then the item arrays `[padded_len]` and the
+//! merge lists. The item arrays' offsets depend only on `padded_len`, so in CUDA-graph mode (fixed
+//! `padded_len`) they never move; the kernels still take every offset from the header, which a
+//! replayed graph reads afresh.
 
 use ferrinfer_kernels::attention::tiles;
-use ferrinfer_kernels::{Family, KernelKind, SmResidency, TileInput, Tiles};
+use ferrinfer_kernels::workspace::{kind_code, kind_from_code};
+use ferrinfer_kernels::{KernelKind, SmResidency, TileInput, Tiles};
+// The wire format lives with the kernels (see the module docs); the serialisation stays here.
+pub use ferrinfer_kernels::workspace::{Layout, header};
 
 use crate::attention::batch::Batch;
 use crate::device::gpu::SmResources;
@@ -544,131 +543,6 @@ fn to_i32_range(x: u64, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Word indices of the workspace header (each an int32).
-pub mod header {
-    /// `MAGIC`, to catch a workspace that was never written.
-    pub const MAGIC_WORD: usize = 0;
-    /// [`VERSION`] of this layout.
-    pub const VERSION_WORD: usize = 1;
-    /// The family's `Family::code` (0 for prefill, 1 for decode).
-    pub const KIND: usize = 2;
-    pub const CTA_TILE_Q: usize = 3;
-    pub const KV_CHUNK: usize = 4;
-    pub const PADDED_LEN: usize = 5;
-    /// Valid entries: the first `NUM_VALID` of `PADDED_LEN`.
-    pub const NUM_VALID: usize = 6;
-    pub const TOTAL_QO: usize = 7;
-    pub const PARTIAL_ROWS: usize = 8;
-    /// Requests in the batch; after the array offsets, at word 19.
-    pub const BATCH: usize = OFFSETS + 10;
-    /// Byte offsets of the arrays, in [`super::Layout::ARRAYS`] order, from here on.
-    pub const OFFSETS: usize = 9;
-    /// Header size in bytes; the first array starts here.
-    pub const BYTES: usize = 128;
-    /// "FIPL" read as a little-endian int32.
-    pub const MAGIC: i32 = i32::from_le_bytes(*b"FIPL");
-    /// Bumped whenever the layout changes.
-    pub const VERSION: i32 = 2;
-}
-
-/// Byte offsets of the workspace arrays (all int32), and the bytes they span.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Layout {
-    /// Offset of `request` `[padded_len]`; the item fields follow in [`Layout::ARRAYS`] order.
-    pub request: usize,
-    /// Offset of `kv_head`.
-    pub kv_head: usize,
-    /// Offset of `qo_tile_start`.
-    pub qo_tile_start: usize,
-    /// Offset of `qo_tile_end`.
-    pub qo_tile_end: usize,
-    /// Offset of `kv_start`.
-    pub kv_start: usize,
-    /// Offset of `kv_end`.
-    pub kv_end: usize,
-    /// `-1` ([`NONE`]) for an item that writes the output directly, and for padding.
-    pub partial: usize,
-    /// 1 for a real item, 0 for padding.
-    pub valid: usize,
-    /// `[total_qo + 1]`.
-    pub merge_indptr: usize,
-    /// `[partial_rows]`.
-    pub merge_index: usize,
-    /// Bytes from the start of the workspace to the end of the last array.
-    pub bytes: usize,
-}
-
-impl Layout {
-    /// Names of the arrays, in workspace order (the order of their offsets in the header).
-    pub const ARRAYS: [&str; 10] = [
-        "request",
-        "kv_head",
-        "qo_tile_start",
-        "qo_tile_end",
-        "kv_start",
-        "kv_end",
-        "partial",
-        "valid",
-        "merge_indptr",
-        "merge_index",
-    ];
-
-    /// The layout of a workspace of `padded_len` entries, `total_qo` query rows and
-    /// `partial_rows` partial rows.
-    pub fn new(padded_len: u32, total_qo: u32, partial_rows: u32) -> Self {
-        let lens = [padded_len as usize; 8]
-            .into_iter()
-            .chain([total_qo as usize + 1, partial_rows as usize]);
-        let mut offsets = [0usize; 10];
-        let mut at = header::BYTES;
-        for (slot, len) in offsets.iter_mut().zip(lens) {
-            *slot = at;
-            at = (at + 4 * len).next_multiple_of(16);
-        }
-        let [
-            request,
-            kv_head,
-            qo_tile_start,
-            qo_tile_end,
-            kv_start,
-            kv_end,
-            partial,
-            valid,
-            merge_indptr,
-            merge_index,
-        ] = offsets;
-        Layout {
-            request,
-            kv_head,
-            qo_tile_start,
-            qo_tile_end,
-            kv_start,
-            kv_end,
-            partial,
-            valid,
-            merge_indptr,
-            merge_index,
-            bytes: at,
-        }
-    }
-
-    /// The offsets in [`Layout::ARRAYS`] order.
-    pub fn offsets(&self) -> [usize; 10] {
-        [
-            self.request,
-            self.kv_head,
-            self.qo_tile_start,
-            self.qo_tile_end,
-            self.kv_start,
-            self.kv_end,
-            self.partial,
-            self.valid,
-            self.merge_indptr,
-            self.merge_index,
-        ]
-    }
-}
-
 /// Bytes a workspace needs to hold any plan within `capacity` made with `opts` (a graph plan always
 /// writes `graph_capacity` entries), so the caller can allocate it once.
 pub fn workspace_bytes(opts: &PlanOptions, capacity: &Capacity) -> usize {
@@ -778,16 +652,12 @@ impl WorkList {
         {
             return Err(bad("wrong magic number or version"));
         }
-        let kind = u32::try_from(head[header::KIND])
-            .ok()
-            .and_then(Family::from_code)
-            .ok_or_else(|| bad("unknown kernel kind"))?
-            .kind;
+        let kind = kind_from_code(head[header::KIND]).ok_or_else(|| bad("unknown kernel kind"))?;
         let count = |w: usize| usize::try_from(head[w]).map_err(|_| bad("negative count"));
         let (pad, valid_n) = (count(header::PADDED_LEN)?, count(header::NUM_VALID)?);
         let (total_qo, partial_rows) = (count(header::TOTAL_QO)?, count(header::PARTIAL_ROWS)?);
         let layout = Layout::new(pad as u32, total_qo as u32, partial_rows as u32);
-        let stored = &head[header::OFFSETS..header::OFFSETS + 10];
+        let stored = &head[header::OFFSETS..header::OFFSETS + Layout::ARRAYS.len()];
         if layout
             .offsets()
             .iter()
@@ -856,10 +726,6 @@ const PADDING: WorkItem = WorkItem {
     kv_end: 0,
     partial: NONE,
 };
-
-fn kind_code(kind: KernelKind) -> i32 {
-    kind.family().code as i32
-}
 
 /// A u32 as the int32 the kernels read; [`NONE`] becomes -1 (the only value above `i32::MAX` a
 /// plan holds).

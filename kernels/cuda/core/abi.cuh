@@ -13,7 +13,7 @@ struct AttnArgs {
   const int* kv_indptr;    // [batch + 1] BSR row pointers
   const int* kv_indices;   // block ids
   const int* kv_last_len;  // [batch]
-  const int* work;         // plan workspace (ferrinfer_runtime::plan), or null
+  const int* work;         // plan workspace (format: kernels/src/workspace.rs), or null
   float* partial_o;        // [partial_rows, num_qo_heads, head_dim] split-KV partial outputs
   float* partial_lse;      // [partial_rows, num_qo_heads]
   unsigned long long q_stride_n, q_stride_h;

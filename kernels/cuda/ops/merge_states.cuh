@@ -5,9 +5,9 @@
 // Mirrored by kernels/src/merge_states.rs.
 #pragma once
 
-#include "dsl.cuh"
-#include "dtype.cuh"
-#include "warp.cuh"
+#include "core/dtype.cuh"
+#include "core/math.cuh"
+#include "core/warp.cuh"
 
 namespace fi {
 

@@ -1,7 +1,9 @@
 // What lowered variant code may call: the position struct and the few helpers that give Rust's
-// semantics where plain C++ would differ (casts, min/max/abs on any scalar, checked indexing).
-// The lowering in macros/ emits only these names; keep the two in step.
+// semantics where plain C++ would differ (casts, min/max/abs on any scalar, checked indexing),
+// plus FI_INF and tanh_approx from core/math.cuh. The lowering in macros/ emits only these names;
+// keep the two in step.
 #pragma once
+#include "core/math.cuh"
 
 namespace fi {
 
@@ -10,15 +12,6 @@ struct Pos {
   unsigned batch, qo_pos, kv_pos, qo_head, kv_head, qo_len, kv_len, head_dim;
 };
 
-// There is no INFINITY macro without CUDA's headers; the bit pattern is exact.
-#define FI_INF __int_as_float(0x7f800000)
-
-// FastMath::tanh_approx: one MUFU.TANH (sm_75+), relative error at most 2^-10.987.
-__device__ __forceinline__ float tanh_approx(float x) {
-  float r;
-  asm("tanh.approx.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-}
 __device__ __forceinline__ float abs(float x) { return fabsf(x); }
 __device__ __forceinline__ int abs(int x) { return x < 0 ? -x : x; }
 __device__ __forceinline__ float min(float a, float b) { return fminf(a, b); }

@@ -3,7 +3,7 @@
 // ldmatrix reads) then fall on eight different 16-byte bank groups, so neither the cp.async
 // writes nor the ldmatrix reads conflict, with no padding.
 #pragma once
-#include "dtype.cuh"
+#include "core/dtype.cuh"
 
 namespace fi {
 

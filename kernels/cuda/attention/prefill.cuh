@@ -1,21 +1,25 @@
 // Prefill and append, FlashAttention-2 style for sm_80+ (it also serves Hopper until an FA3 path
 // exists). One CTA per work item of the plan: a tile of TILE_Q packed query rows (GQA heads packed
-// into the rows, see plan.rs) of one request and KV head, over one KV chunk. Q stays in shared
-// memory; K and V tiles of kTileKv keys stream through two stages with cp.async, so tile t + 1
-// loads during all of tile t (one barrier per tile); key offsets come from a per-tile table. S, O
-// live in registers as mma.sync m16n8k16 fragments (mma.cuh); the online softmax runs in base 2.
+// into the rows, see runtime/src/attention/plan.rs) of one request and KV head, over one KV chunk.
+// Q stays in shared memory; K and V tiles of kTileKv keys stream through two stages with cp.async,
+// so tile t + 1 loads during all of tile t (one barrier per tile); key offsets come from a
+// per-tile table. S, O live in registers as mma.sync m16n8k16 fragments (sm80/mma.cuh); the
+// online softmax runs in base 2, and rows end in attention/epilogue.cuh.
 // Launch: grid num_items, block PrefillShape::kThreads, dynamic shared PrefillShape::kSmemBytes
 // (kernels/src/prefill.rs mirrors these).
 #pragma once
-#include "abi.cuh"
-#include "cp_async.cuh"
-#include "dtype.cuh"
-#include "hooks.cuh"
-#include "kv.cuh"
-#include "mma.cuh"
-#include "work.cuh"
-#include "smem.cuh"
-#include "warp.cuh"
+#include "core/abi.cuh"
+#include "core/dtype.cuh"
+#include "core/math.cuh"
+#include "core/warp.cuh"
+#include "sm80/cp_async.cuh"
+#include "sm80/ldmatrix.cuh"
+#include "sm80/mma.cuh"
+#include "sm80/smem.cuh"
+#include "variant/hooks.cuh"
+#include "attention/epilogue.cuh"
+#include "attention/kv.cuh"
+#include "attention/work.cuh"
 
 namespace fi {
 
@@ -43,7 +47,7 @@ struct PrefillShape {
       (D == 256 || TILE_Q / 16 < int(kPrefillWarps)) ? TILE_Q / 16 : int(kPrefillWarps);
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kMmaQ = TILE_Q / (16 * kWarps);  // 16-row blocks per warp
-  // Keys per K/V tile (a multiple of 16, see plan.rs), chosen by kernels/src/prefill.rs: 64
+  // Keys per K/V tile (a multiple of 16, see the plan), chosen by kernels/src/prefill.rs: 64
   // halves the per-key cost of the softmax bookkeeping and barriers, but two 16-row blocks per
   // warp at head dim 128 then hold 128 f32 outputs and 64 scores per thread, which fits 255
   // registers only for variants with light hooks (the runtime keeps it when nothing spills).
@@ -66,9 +70,6 @@ struct PrefillShape {
   static_assert(kThreads % kChunks == 0 && kTileKv % kRowsPerCopy == 0, "whole rows per copy");
 };
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
 template <class V, class P, class T, int D, int TILE_Q, int TILE_KV>
 __device__ void prefill(const AttnArgs& a, const P& p) {
   using Sh = PrefillShape<D, TILE_Q, TILE_KV>;
@@ -80,7 +81,7 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   if (!w.valid) return;  // the whole CTA: padding of the work list
 
   // 1024-byte alignment: ldmatrix addresses step through the swizzled chunks of a row by XOR
-  // (see smem.cuh), which needs every tile to start at a multiple of its row bytes.
+  // (see sm80/smem.cuh), which needs every tile to start at a multiple of its row bytes.
   extern __shared__ __attribute__((aligned(1024))) unsigned char prefill_smem[];
   const unsigned smem = smem_addr(prefill_smem);
   const SmemTile<TILE_Q, D> sq{prefill_smem};
@@ -216,9 +217,9 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   const unsigned lane = lane_id(), warp = warp_id();
   const unsigned g = lane / 4, t4 = lane % 4;
   const unsigned row0 = warp * kMmaQ * 16;
-  // ldmatrix row addresses of this lane (see mma.cuh for which lane gives which row). Row r of a
-  // fragment is r % 8 = lane % 8 in every case, so chunk c sits at c ^ (lane % 8): stepping the
-  // logical chunk by 2n is an XOR of the address with 32n, and a step of 16 rows is an add.
+  // ldmatrix row addresses of this lane (sm80/ldmatrix.cuh says which lane gives which row). Row r
+  // of a fragment is r % 8 = lane % 8 in every case, so chunk c sits at c ^ (lane % 8): stepping
+  // the logical chunk by 2n is an XOR of the address with 32n, and a step of 16 rows is an add.
   const unsigned q_lane = smem + (row0 + lane % 16) * kRowBytes + ((lane / 16) ^ (lane % 8)) * 16;
   const unsigned k_lane = ((lane / 16) * 8 + lane % 8) * kRowBytes +
                           (((lane / 8) % 2) ^ (lane % 8)) * 16;
@@ -438,8 +439,8 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   }
   cp_async_wait<0>();
 
-  // Epilogue: unsplit items add the sink, normalise, apply the output hook and write o and lse;
-  // split items write their chunk's normalised partial and LSE for the merge (no sink, no hook).
+  // Epilogue (epilogue.cuh): unsplit items add the sink, normalise, apply the output hook and
+  // write o and lse; split items write their chunk's normalised partial and LSE for the merge.
   const bool split = w.partial >= 0;
   #pragma unroll
   for (int mq = 0; mq < kMmaQ; ++mq) {
@@ -452,43 +453,29 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
       const unsigned pr = row_of(mq, hf);
       const unsigned i = pr / group, h = kv_head * group + pr % group;
       const Pos at{b, i, 0, h, kv_head, qo_len, kv.len, D};
-      float mm = m[mq][hf], scale = 1.0f;
-      if constexpr (V::kSoftmax && V::kHasSink) {
-        const float sink = hook_sink<V>(p, at) * kLog2e;
-        if (!split && sink != -FI_INF) {
-          const float mn = fmaxf(mm, sink);
-          scale = exp2_approx(mm - mn);
-          zz = zz * scale + exp2_approx(sink - mn);
-          mm = mn;
-        }
-      }
-      const bool empty = V::kSoftmax && mm == -FI_INF;
-      const float norm = !V::kSoftmax ? 1.0f : empty ? 0.0f : scale / zz;
-      const float lse = !V::kSoftmax ? __int_as_float(0x7fc00000)
-                        : empty      ? -FI_INF
-                                     : (mm + log2f(zz)) * kLn2;
+      // One end for both branches, and the LSE taken ahead of them: so written, ptxas keeps the
+      // 128-row tiles' registers and spills as they were before the shared epilogue.
+      const auto end = finish_row<V>(p, m[mq][hf], zz, at, !split);
+      const float lse = end.lse();
       if (!split) {
-        T* dst = static_cast<T*>(a.o) + (qo_begin + i) * a.o_stride_n + h * a.o_stride_h;
+        T* dst = out_row<T>(a, qo_begin + i, h);
         #pragma unroll
         for (int nd = 0; nd < kMmaD; ++nd) {
           const unsigned d = nd * 8 + 2 * t4;
-          const float x0 = hook_output<V>(p, o[mq][nd][2 * hf] * norm, d, at);
-          const float x1 = hook_output<V>(p, o[mq][nd][2 * hf + 1] * norm, d + 1, at);
+          const float x0 = out_elem<V>(p, o[mq][nd][2 * hf], end, d, at);
+          const float x1 = out_elem<V>(p, o[mq][nd][2 * hf + 1], end, d + 1, at);
           *reinterpret_cast<unsigned*>(dst + d) = pack2<T>(x0, x1);
         }
-        if (a.lse != nullptr && t4 == 0) {
-          a.lse[static_cast<unsigned long long>(qo_begin + i) * a.num_qo_heads + h] = lse;
-        }
+        if (t4 == 0) write_lse(a, qo_begin + i, h, lse);
       } else {
-        const unsigned long long prow = static_cast<unsigned long long>(w.partial) + i;
-        float* dst = a.partial_o + (prow * a.num_qo_heads + h) * D;
+        const unsigned long long prow = partial_row(w.partial, i);
+        float* dst = partial_out<D>(a, prow, h);
         #pragma unroll
         for (int nd = 0; nd < kMmaD; ++nd) {
-          const unsigned d = nd * 8 + 2 * t4;
-          dst[d] = o[mq][nd][2 * hf] * norm;
-          dst[d + 1] = o[mq][nd][2 * hf + 1] * norm;
+          const float pair[2] = {o[mq][nd][2 * hf], o[mq][nd][2 * hf + 1]};
+          store_partial<2>(dst + nd * 8 + 2 * t4, pair, end);
         }
-        if (V::kSoftmax && t4 == 0) a.partial_lse[prow * a.num_qo_heads + h] = lse;
+        if (t4 == 0) write_partial_lse<V::kSoftmax>(a, prow, h, lse);
       }
     }
   }

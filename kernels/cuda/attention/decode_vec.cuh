@@ -1,7 +1,7 @@
 // 16-byte vectors of eight b16 elements: what one lane of the decode kernel loads, converts and
 // stores at a time (one LDS.128 / LDG.128 / STG.128), with a scalar fallback for unaligned data.
 #pragma once
-#include "dtype.cuh"
+#include "core/dtype.cuh"
 
 namespace fi {
 

@@ -1,7 +1,7 @@
 // Block-sparse-row addressing of the KV cache (paged or ragged), as AttnArgs describes it and
-// ferrinfer_runtime::batch::KvIndex::offset computes it on the host.
+// ferrinfer_runtime::attention::batch::KvIndex::offset computes it on the host.
 #pragma once
-#include "abi.cuh"
+#include "core/abi.cuh"
 
 namespace fi {
 

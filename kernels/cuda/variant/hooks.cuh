@@ -2,7 +2,7 @@
 // "keep" for the mask); `if constexpr` on the template parameter means a missing static function is
 // never named. Fast kernels must call these too, on every tile, so every hook is always honoured.
 #pragma once
-#include "dsl.cuh"
+#include "variant/dsl.cuh"
 
 namespace fi {
 

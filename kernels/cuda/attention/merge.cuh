@@ -1,31 +1,29 @@
-// Merge of split-KV partial results (the PARTIAL FORMAT of decode and prefill work items): for each
-// query row whose merge list (plan workspace: merge_indptr, merge_index) is not empty, combine the
-// chunks' normalised outputs by their LSEs (merge states), add the sink to the denominator,
-// normalise, apply the output hook, and write o and the LSE. Without softmax the partials are
-// plain sums and are added up. Rows with an empty list were written by their (unsplit) item.
-// Launch: grid (max_rows, ceil(num_qo_heads / warps)), block kMergeThreads (merge.rs); one warp
-// per (row, head), lane l holding elements l * D/32 .. (l + 1) * D/32.
+// Merge of split-KV partial results (the partial format of epilogue.cuh, written by decode and
+// prefill work items): for each query row whose merge list (plan workspace: merge_indptr,
+// merge_index) is not empty, combine the chunks' normalised outputs by their LSEs (merge states),
+// then end the row as every family does (epilogue.cuh: sink in the denominator, normalise, output
+// hook, o and the LSE). Without softmax the partials are plain sums and are added up. Rows with an
+// empty list were written by their (unsplit) item.
+// Launch: grid (max_rows, ceil(num_qo_heads / warps)), block kMergeThreads (kernels/src/merge.rs),
+// at least kMergeMinCtas blocks per SM; one warp per (row, head), lane l holding elements
+// l * D/32 .. (l + 1) * D/32.
 #pragma once
-#include "abi.cuh"
-#include "hooks.cuh"
-#include "kv.cuh"
-#include "work.cuh"
-#include "warp.cuh"
+#include "core/abi.cuh"
+#include "core/math.cuh"
+#include "core/warp.cuh"
+#include "variant/hooks.cuh"
+#include "attention/epilogue.cuh"
+#include "attention/kv.cuh"
+#include "attention/work.cuh"
+#include "attention/workspace.cuh"
 
 namespace fi {
 
 constexpr unsigned kMergeThreads = 128;
-
-// plan::header words and array positions the merge reads.
-constexpr int kMergeTotalQoWord = 7;
-constexpr int kMergeBatchWord = 19;
-constexpr int kMergeIndptrArray = 8;
-constexpr int kMergeIndexArray = 9;
-
-__device__ __forceinline__ const int* merge_array(const int* work, int array) {
-  return reinterpret_cast<const int*>(reinterpret_cast<const char*>(work) +
-                                      work[kWorkOffsets + array]);
-}
+// Blocks per SM for full occupancy (2048 threads): the entry's __launch_bounds__ minimum, which
+// caps registers at 32 per thread. Left to itself ptxas unrolled the chunk loop at some head dims
+// (up to 40 registers, 75% occupancy) in a kernel that waits on memory.
+constexpr unsigned kMergeMinCtas = 16;
 
 // The request that owns global query row `row`.
 __device__ __forceinline__ unsigned merge_request(const int* qo_indptr, unsigned batch,
@@ -70,64 +68,56 @@ __device__ void merge(const AttnArgs& a, const P& p) {
   const unsigned row = blockIdx.x;
   const unsigned h = blockIdx.y * (kMergeThreads / kWarpSize) + warp_id();
   if (work == nullptr || h >= a.num_qo_heads) return;  // no barrier in this kernel
-  if (row >= static_cast<unsigned>(work[kMergeTotalQoWord])) return;
-  const int* indptr = merge_array(work, kMergeIndptrArray);
+  if (row >= static_cast<unsigned>(work[ws_header::kTotalQo])) return;
+  const int* indptr = work_array(work, ws_array::kMergeIndptr);
   const int begin = indptr[row], end = indptr[row + 1];
   if (begin >= end) return;  // not split: its item wrote o and lse
-  const int* index = merge_array(work, kMergeIndexArray);
-  const unsigned long long heads = a.num_qo_heads;
+  const int* index = work_array(work, ws_array::kMergeIndex);
 
   // The batch from the workspace, not the args: a graph replay keeps the captured args.
-  const unsigned b = merge_request(a.qo_indptr, work[kMergeBatchWord], row);
+  const unsigned b = merge_request(a.qo_indptr, work[ws_header::kBatch], row);
   const unsigned qo_begin = static_cast<unsigned>(a.qo_indptr[b]);
   const unsigned qo_len = static_cast<unsigned>(a.qo_indptr[b + 1]) - qo_begin;
   const unsigned kv_head = h / (a.num_qo_heads / a.num_kv_heads);
   const Pos at{b, row - qo_begin, 0, h, kv_head, qo_len, kv_seq(a, b).len, D};
 
+  // The row's softmax state over all its chunks, in epilogue.cuh's terms: m in log2 units, z and
+  // acc relative to 2^m. A chunk's normalised output weighs 2^(its LSE in log2 units - m).
   const unsigned d0 = lane_id() * E;
   float acc[E] = {};
   float m = -FI_INF, z = 0.0f;
   if constexpr (V::kSoftmax) {
-    for (int k = begin; k < end; ++k) m = fmaxf(m, a.partial_lse[index[k] * heads + h]);
-    float sink = -FI_INF;
-    if constexpr (V::kHasSink) {
-      sink = hook_sink<V>(p, at);
-      m = fmaxf(m, sink);
+    for (int k = begin; k < end; ++k) {
+      m = fmaxf(m, __fmul_rn(a.partial_lse[partial_at(a, index[k], h)], kLog2e));
     }
     if (m != -FI_INF) {
       for (int k = begin; k < end; ++k) {
         const unsigned long long prow = static_cast<unsigned long long>(index[k]);
-        const float lse = a.partial_lse[prow * heads + h];
+        const float lse = a.partial_lse[partial_at(a, prow, h)];
         if (lse == -FI_INF) continue;  // an empty chunk: no weight (and its o is 0)
-        const float w = expf(lse - m);
+        // Rounded as m was (no FMA contraction): the largest chunk weighs exactly 1.
+        const float w = exp2_approx(__fmul_rn(lse, kLog2e) - m);
         z += w;
         float x[E];
-        merge_load<E>(a.partial_o + (prow * heads + h) * D + d0, x);
+        merge_load<E>(partial_out<D>(a, prow, h) + d0, x);
         #pragma unroll
         for (int e = 0; e < E; ++e) acc[e] += w * x[e];
       }
-      if (sink != -FI_INF) z += expf(sink - m);
-      #pragma unroll
-      for (int e = 0; e < E; ++e) acc[e] /= z;
     }
   } else {
     for (int k = begin; k < end; ++k) {
-      const unsigned long long prow = static_cast<unsigned long long>(index[k]);
       float x[E];
-      merge_load<E>(a.partial_o + (prow * heads + h) * D + d0, x);
+      merge_load<E>(partial_out<D>(a, static_cast<unsigned long long>(index[k]), h) + d0, x);
       #pragma unroll
       for (int e = 0; e < E; ++e) acc[e] += x[e];
     }
   }
 
-  T* o = static_cast<T*>(a.o) + row * a.o_stride_n + h * a.o_stride_h;
+  const auto fin = finish_row<V>(p, m, z, at);
+  T* o = out_row<T>(a, row, h);
   #pragma unroll
-  for (int e = 0; e < E; ++e) o[d0 + e] = from_f32<T>(hook_output<V>(p, acc[e], d0 + e, at));
-  if (a.lse != nullptr && lane_id() == 0) {
-    float lse = __int_as_float(0x7fc00000);  // no meaning without softmax
-    if constexpr (V::kSoftmax) lse = m == -FI_INF ? -FI_INF : m + logf(z);
-    a.lse[row * heads + h] = lse;
-  }
+  for (int e = 0; e < E; ++e) o[d0 + e] = from_f32<T>(out_elem<V>(p, acc[e], fin, d0 + e, at));
+  if (lane_id() == 0) write_lse(a, row, h, fin.lse());
 }
 
 }  // namespace fi

@@ -1,22 +1,25 @@
-// Batch decode over the plan's work list (ferrinfer_runtime::plan): one CTA per item = one request,
-// one KV head, a range of packed rows (the group's query heads of its query rows) and one KV chunk.
-// Each key and value of the chunk is read from memory once per item, whatever the group size,
-// through a kDecodeStages-deep cp.async pipeline of shared-memory tiles.
+// Batch decode over the plan's work list (ferrinfer_runtime::attention::plan): one CTA per item =
+// one request, one KV head, a range of packed rows (the group's query heads of its query rows) and
+// one KV chunk. Each key and value of the chunk is read from memory once per item, whatever the
+// group size, through a kDecodeStages-deep cp.async pipeline of shared-memory tiles.
 //
 // Thread layout: a worker is kLanes = D / 8 consecutive lanes, each holding 8 elements (16 bytes)
 // of a row. With `rows` packed rows in a pass, worker w takes row w % rows and every `ways`-th key
 // of each tile from w / rows on (ways = workers / rows); the ways merge in shared memory at the
 // end. More rows than workers (groups above 2048 / D, or several query rows) take several passes.
-// Launch: grid (num_items), block kDecodeThreads (decode.rs launch_dims); static shared memory.
+// Launch: grid (num_items), block kDecodeThreads (kernels/src/decode.rs launch_dims); static
+// shared memory.
 #pragma once
-#include "abi.cuh"
-#include "cp_async.cuh"
-#include "decode_vec.cuh"
-#include "hooks.cuh"
-#include "kv.cuh"
-#include "work.cuh"
-#include "causal.cuh"
-#include "warp.cuh"
+#include "core/abi.cuh"
+#include "core/math.cuh"
+#include "core/warp.cuh"
+#include "sm80/cp_async.cuh"
+#include "variant/hooks.cuh"
+#include "attention/causal.cuh"
+#include "attention/decode_vec.cuh"
+#include "attention/epilogue.cuh"
+#include "attention/kv.cuh"
+#include "attention/work.cuh"
 
 namespace fi {
 
@@ -24,12 +27,10 @@ constexpr unsigned kDecodeMaxWarps = 4;
 // Query rows per worker: K and V are converted once for all of them.
 constexpr unsigned kDecodeRows = 4;
 constexpr unsigned kDecodeThreads = kDecodeMaxWarps * kWarpSize;
-// CTAs per SM the plan counts on (wrappers.rs ctas_per_sm): caps registers at 64 per thread.
+// CTAs per SM the plan counts on (runtime wrappers.rs ctas_per_sm), a __launch_bounds__ minimum.
 constexpr unsigned kDecodeMinCtas = 4;  // 128 registers per thread
 // Tiles in flight: three loading while one is computed, 8 KiB each (K and V).
 constexpr unsigned kDecodeStages = 4;
-constexpr float kDecodeLog2e = 1.4426950408889634f;
-constexpr float kDecodeLn2 = 0.6931471805599453f;
 
 template <int D>
 struct DecodeShape {
@@ -40,13 +41,6 @@ struct DecodeShape {
   static constexpr unsigned kChunks = kTile * kLanes;
   static constexpr unsigned kCopies = kChunks / kDecodeThreads;
 };
-
-// ex2.approx: 2 ulp, and 2^-inf = 0, which is all the softmax needs.
-__device__ __forceinline__ float decode_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // Butterfly sums of two values over the L lanes of one worker (bitwise the same on each lane).
 template <unsigned L>
@@ -101,7 +95,7 @@ __device__ __forceinline__ float decode_logit(const P& p, float s, bool visible,
   }
   if constexpr (V::kHasLogits) {
     const float l = hook_logits<V>(p, s * sm_scale, at);
-    return V::kSoftmax ? l * kDecodeLog2e : l;
+    return V::kSoftmax ? l * kLog2e : l;
   } else {
     return s;
   }
@@ -136,13 +130,13 @@ struct DecodeState {
       const float mx = fmaxf(m, fmaxf(l0, l1));
       if (mx == -FI_INF) return;  // nothing with weight yet
       if (mx > m) {
-        const float scale = decode_exp2(m - mx);
+        const float scale = exp2_approx(m - mx);
         z *= scale;
         #pragma unroll
         for (int e = 0; e < 8; ++e) acc[e] *= scale;
         m = mx;
       }
-      const float w0 = decode_exp2(l0 - m), w1 = decode_exp2(l1 - m);
+      const float w0 = exp2_approx(l0 - m), w1 = exp2_approx(l1 - m);
       z += w0 + w1;
       #pragma unroll
       for (int e = 0; e < 8; ++e) acc[e] += w0 * v0[e] + w1 * v1[e];
@@ -157,7 +151,7 @@ struct DecodeState {
     if constexpr (kSoftmax) {
       const float mx = fmaxf(m, m2);
       if (mx == -FI_INF) return;
-      const float s1 = decode_exp2(m - mx), s2 = decode_exp2(m2 - mx);
+      const float s1 = exp2_approx(m - mx), s2 = exp2_approx(m2 - mx);
       z = z * s1 + z2 * s2;
       #pragma unroll
       for (int e = 0; e < 8; ++e) acc[e] = acc[e] * s1 + acc2[e] * s2;
@@ -174,55 +168,29 @@ struct DecodeSmem {
   Vec8 kv[kDecodeStages][2][DecodeShape<D>::kChunks];  // [stage][K, V][key * kLanes + lane]
 };
 
-// The result of one row: split items write the chunk's normalised output and LSE (no sink, no
-// output hook: merge.cuh does those); unsplit items finish the row and write o and lse.
+// The result of one row (epilogue.cuh): split items write the chunk's normalised output and LSE
+// (no sink, no output hook: merge.cuh adds those); unsplit items finish the row, write o and lse.
+// The state comes by value: by reference, ptxas took a register more in some instances.
 template <class V, class P, class T, int D>
 __device__ __forceinline__ void decode_write(const AttnArgs& a, const P& p, const WorkItem& it,
                                              unsigned qo_begin, unsigned c, const Pos& at,
                                              DecodeState<V::kSoftmax> st) {
-  const unsigned long long heads = a.num_qo_heads;
   const unsigned i = at.qo_pos, h = at.qo_head;
   if (it.partial >= 0) {
-    const unsigned long long prow = static_cast<unsigned long long>(it.partial) + i;
-    const bool empty = V::kSoftmax && st.m == -FI_INF;
-    const float inv = V::kSoftmax && !empty ? 1.0f / st.z : 1.0f;
-    float4* dst = reinterpret_cast<float4*>(a.partial_o + (prow * heads + h) * D + c * 8);
-    dst[0] = make_float4(empty ? 0.0f : st.acc[0] * inv, empty ? 0.0f : st.acc[1] * inv,
-                         empty ? 0.0f : st.acc[2] * inv, empty ? 0.0f : st.acc[3] * inv);
-    dst[1] = make_float4(empty ? 0.0f : st.acc[4] * inv, empty ? 0.0f : st.acc[5] * inv,
-                         empty ? 0.0f : st.acc[6] * inv, empty ? 0.0f : st.acc[7] * inv);
-    if (V::kSoftmax && c == 0) {
-      a.partial_lse[prow * heads + h] = empty ? -FI_INF : (st.m + log2f(st.z)) * kDecodeLn2;
-    }
+    const auto end = finish_partial<V::kSoftmax>(st.m, st.z);
+    const unsigned long long prow = partial_row(it.partial, i);
+    store_partial<8>(partial_out<D>(a, prow, h) + c * 8, st.acc, end);
+    if (c == 0) write_partial_lse<V::kSoftmax>(a, prow, h, end.lse());
     return;
   }
-  if constexpr (V::kSoftmax && V::kHasSink) {
-    const float s = hook_sink<V>(p, at) * kDecodeLog2e;
-    if (s != -FI_INF) {
-      const float mx = fmaxf(st.m, s);
-      const float scale = exp2f(st.m - mx);
-      st.z = st.z * scale + exp2f(s - mx);
-      #pragma unroll
-      for (int e = 0; e < 8; ++e) st.acc[e] *= scale;
-      st.m = mx;
-    }
-  }
-  const bool empty = V::kSoftmax && st.m == -FI_INF;
-  const float inv = V::kSoftmax && !empty ? 1.0f / st.z : 1.0f;
+  const auto end = finish_row<V>(p, st.m, st.z, at);
   float out[8];
   #pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    out[e] = hook_output<V>(p, empty ? 0.0f : st.acc[e] * inv, c * 8 + e, at);
-  }
+  for (int e = 0; e < 8; ++e) out[e] = out_elem<V>(p, st.acc[e], end, c * 8 + e, at);
   const unsigned long long row = qo_begin + i;
-  T* dst = static_cast<T*>(a.o) + row * a.o_stride_n + h * a.o_stride_h + c * 8;
   const bool vec = aligned16(a.o) && aligned8(a.o_stride_n) && aligned8(a.o_stride_h);
-  store8(dst, pack8<T>(out), vec);
-  if (a.lse != nullptr && c == 0) {
-    float lse = __int_as_float(0x7fc00000);  // no meaning without softmax
-    if constexpr (V::kSoftmax) lse = empty ? -FI_INF : (st.m + log2f(st.z)) * kDecodeLn2;
-    a.lse[row * heads + h] = lse;
-  }
+  store8(out_row<T>(a, row, h) + c * 8, pack8<T>(out), vec);
+  if (c == 0) write_lse(a, row, h, end.lse());
 }
 
 // Rows of a decode_tile instance rounded up to a power of two, so that 2 * it values (rows x two
@@ -371,7 +339,7 @@ __device__ __forceinline__ void decode_pass(const AttnArgs& a, const P& p, const
   unsigned row_end[kDecodeRows];
   const bool vec_q = aligned16(a.q) && aligned8(a.q_stride_n) && aligned8(a.q_stride_h);
   float scale = 1.0f;
-  if constexpr (!V::kHasLogits) scale = V::kSoftmax ? a.sm_scale * kDecodeLog2e : a.sm_scale;
+  if constexpr (!V::kHasLogits) scale = V::kSoftmax ? a.sm_scale * kLog2e : a.sm_scale;
   #pragma unroll
   for (unsigned r = 0; r < kDecodeRows; ++r) {
     const unsigned pr = p0 + r0 + (r < nr ? r : 0);
