@@ -241,7 +241,7 @@ fn gpu_one_device_one_stream_and_concurrent_runs_do_not_mix() {
     let mut rng = Rng::from_time();
     let seed = rng.seed();
     let heads = Heads::new(8, 2, 128).unwrap();
-    let num_pages = 1200;
+    let num_pages = 1600;
     let kv = paged(&[8000, 9000, 7000], 16, num_pages, &mut rng);
     let plan = BatchDecode::plan(&a, heads, kv.clone(), None).unwrap();
     assert!(

@@ -11,9 +11,9 @@
 //! interleave. `replan` takes `&mut self`. A [`GraphRun`] owns its plan and buffers.
 
 use std::any::Any;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaGraph, CudaSlice};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice};
 use ferrinfer_kernels::abi::AttnArgs;
 use ferrinfer_kernels::{DType, KernelKind};
 
@@ -267,6 +267,10 @@ pub enum Input {
 pub struct GraphRun<P, T: Element> {
     // Fields drop in order: the graph before what it points at.
     graph: CudaGraph,
+    gpu: Arc<Gpu>,
+    /// Order a replay after the work queued before it, and the work after it after the replay.
+    before: CudaEvent,
+    after: CudaEvent,
     plan: P,
     buffers: RunBuffers<T>,
     _variant: Box<dyn Any + Send + Sync>,
@@ -297,6 +301,9 @@ impl<P, T: Element> GraphRun<P, T> {
         let graph = gpu.capture(|| p.run(&variant, &b.q, &b.k, &b.v, &mut b.o, b.lse.as_mut()))?;
         Ok(GraphRun {
             graph,
+            gpu: gpu.clone(),
+            before: gpu.event()?,
+            after: gpu.event()?,
             plan,
             buffers: b,
             _variant: Box::new(variant),
@@ -306,8 +313,8 @@ impl<P, T: Element> GraphRun<P, T> {
     /// Replay the recorded run on the plan's current batch. Asynchronous.
     pub fn launch(&self) -> Result<()> {
         // The recorded pointers are the workspace, scratch and buffers this value owns; the
-        // recorded sizes are pinned by replan (Planned::check_pinned) and the capacity.
-        Ok(self.graph.launch()?)
+        // recorded sizes are pinned by replan (Pinned::check) and the capacity.
+        self.gpu.replay(&self.graph, &self.before, &self.after)
     }
     /// The plan (read-only: replan through [`GraphRun::replan`]).
     pub fn plan(&self) -> &P {

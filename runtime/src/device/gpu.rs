@@ -2,12 +2,13 @@
 //! launch of any kernel. It knows nothing of attention: what a kernel is for is its caller's.
 
 use std::any::Any;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchArgs,
-    LaunchConfig, ValidAsZeroBits,
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchArgs, LaunchConfig, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 use ferrinfer_kernels::LaunchDims;
@@ -17,6 +18,10 @@ use crate::error::{Error, Result};
 
 /// A CUDA device with one stream on which all of ferrinfer's work is ordered.
 ///
+/// CUDA graphs are recorded on a second, private stream, so that a capture on one thread neither
+/// absorbs nor is broken by work other threads queue meanwhile; a replay is ordered after the work
+/// queued on the main stream before it, and the work queued after it waits for it.
+///
 /// One per device ordinal per process: [`Gpu::get`] (and `Backend::cuda`) hand out the same one,
 /// so every plan, buffer and op on a device shares its stream, and work that one call queues is
 /// ordered before the next call's. `Gpu` is `Send + Sync`; calls from several threads are safe and
@@ -25,6 +30,10 @@ pub struct Gpu {
     ordinal: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// Where graphs are recorded and replayed (see [`Gpu::capture`]).
+    capture_stream: Arc<CudaStream>,
+    /// One capture at a time per device.
+    capturing: Mutex<()>,
     arch: Arch,
     sm_count: u32,
     /// Shared memory a block may opt in to.
@@ -77,6 +86,27 @@ impl SmResources {
     }
 }
 
+thread_local! {
+    /// The device this thread is recording a graph on, if any.
+    static CAPTURING: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Marks this thread as recording on a device until dropped (also on a panic).
+struct CaptureGuard;
+
+impl CaptureGuard {
+    fn set(ordinal: usize) -> Self {
+        CAPTURING.set(Some(ordinal));
+        CaptureGuard
+    }
+}
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        CAPTURING.set(None);
+    }
+}
+
 /// The devices opened so far: weak, so the last user's drop releases the context.
 static OPEN: Mutex<Vec<(usize, Weak<Gpu>)>> = Mutex::new(Vec::new());
 
@@ -107,6 +137,7 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         // A stream of our own: the legacy default stream cannot be captured into a CUDA graph.
         let stream = ctx.new_stream()?;
+        let capture_stream = ctx.new_stream()?;
         let (major, minor) = ctx.compute_capability()?;
         let sm_count = ctx.attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
@@ -123,6 +154,8 @@ impl Gpu {
             ordinal,
             ctx,
             stream,
+            capture_stream,
+            capturing: Mutex::new(()),
             arch: Arch::new(major as u32, minor as u32),
             sm_count,
             max_shared_bytes,
@@ -169,20 +202,61 @@ impl Gpu {
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.stream.synchronize()?)
     }
-    /// Record the work `f` queues on this GPU into a CUDA graph, to replay with `launch()`.
+    /// Record the kernels `f` launches through [`Gpu::launch`] on this thread into a CUDA graph,
+    /// on the private capture stream; replay it with [`Gpu::replay`].
     ///
     /// Everything `f` runs must have run once before (so its kernels are compiled and loaded and
     /// its parameter arrays uploaded): capture records launches, it cannot compile or allocate.
     pub(crate) fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
-        self.stream.begin_capture(
+        let _one = self.capturing.lock().unwrap_or_else(|p| p.into_inner());
+        // What was queued before (the warm-up run, buffer writes) precedes what is recorded.
+        self.capture_stream.join(&self.stream)?;
+        self.capture_stream.begin_capture(
             cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
         )?;
-        let recorded = f();
+        let recorded = {
+            let _on = CaptureGuard::set(self.ordinal);
+            f()
+        };
         let graph = self
-            .stream
+            .capture_stream
             .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))?;
         recorded?;
         graph.ok_or_else(|| Error::Driver("the captured graph is empty".into()))
+    }
+
+    /// Replay a graph recorded by [`Gpu::capture`]: after the work queued on this device so far,
+    /// and before the work queued after this call. `before` and `after` are the caller's events
+    /// (reused across replays).
+    pub(crate) fn replay(
+        &self,
+        graph: &CudaGraph,
+        before: &CudaEvent,
+        after: &CudaEvent,
+    ) -> Result<()> {
+        before.record(&self.stream)?;
+        self.capture_stream.wait(before)?;
+        graph.launch()?;
+        after.record(&self.capture_stream)?;
+        self.stream.wait(after)?;
+        Ok(())
+    }
+
+    /// An event for [`Gpu::replay`].
+    pub(crate) fn event(&self) -> Result<CudaEvent> {
+        use cudarc::driver::sys::CUevent_flags;
+        Ok(self
+            .ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))?)
+    }
+
+    /// The stream launches go to: the capture stream while this thread records on this device.
+    fn launch_stream(&self) -> &Arc<CudaStream> {
+        if CAPTURING.get() == Some(self.ordinal) {
+            &self.capture_stream
+        } else {
+            &self.stream
+        }
     }
 
     /// The raw device address of a buffer, for kernel argument structs.
@@ -269,7 +343,7 @@ impl Gpu {
             block_dim: (dims.block[0], dims.block[1], dims.block[2]),
             shared_mem_bytes: dims.shared_bytes,
         };
-        let mut launch = self.stream.launch_builder(f);
+        let mut launch = self.launch_stream().launch_builder(f);
         push(&mut launch);
         // SAFETY: the caller's contract (above) is what cudarc's launch requires.
         unsafe { launch.launch(cfg) }?;
