@@ -1,5 +1,5 @@
 //! Lowering: a checked variant to the CUDA text of `struct Variant`. Deterministic and readable;
-//! it calls only what `kernels/cuda/dsl.cuh` defines plus CUDA's float math functions.
+//! it calls only what `kernels/cuda/variant/dsl.cuh` defines plus CUDA's float math functions.
 //!
 //! Two things need care because C++ is not Rust: operator precedence (an operand is parenthesised
 //! unless it binds tighter in both languages) and scoping (C++ cannot redeclare a name in one scope,

@@ -1,5 +1,5 @@
 //! The decode family: its template, tile function, launch geometry and instances. Mirrors the
-//! constants of `cuda/decode.cuh`: one CTA of `kDecodeMaxWarps` warps per work item of the plan,
+//! constants of `cuda/attention/decode.cuh`: one CTA of `kDecodeMaxWarps` warps per work item of the plan,
 //! streaming K/V through a `kDecodeStages`-deep pipeline of `2048 / head_dim`-key tiles.
 
 use super::Family;

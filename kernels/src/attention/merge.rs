@@ -1,4 +1,4 @@
-//! The merge pass every attention family has (`cuda/merge.cuh`): it combines the partial results
+//! The merge pass every attention family has (`cuda/attention/merge.cuh`): it combines the partial results
 //! of split-KV work items into `o` and `lse`. Its entry and launch geometry.
 
 use crate::abi::AttnArgs;

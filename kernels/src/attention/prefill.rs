@@ -1,5 +1,5 @@
 //! The prefill (and append) family: its template, tile function, launch geometry and instances.
-//! Mirrors `PrefillShape` in `cuda/prefill.cuh`: one CTA per work item of the plan, one warp per
+//! Mirrors `PrefillShape` in `cuda/attention/prefill.cuh`: one CTA per work item of the plan, one warp per
 //! 16 packed query rows (at most `kPrefillWarps`, except at head dim 256), two stages of K/V
 //! tiles of `kv_tile` keys and a table of their offsets.
 

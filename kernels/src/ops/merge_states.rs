@@ -1,4 +1,4 @@
-//! The cascade merge kernel (`cuda/merge_states.cuh`): its arguments, translation unit and launch
+//! The cascade merge kernel (`cuda/ops/merge_states.cuh`): its arguments, translation unit and launch
 //! geometry. It merges attention states (output, natural-log LSE) computed over disjoint parts of
 //! one KV set.
 

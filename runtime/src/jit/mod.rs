@@ -9,8 +9,8 @@
 //! Because NVRTC's version is part of the key, even a disk hit needs libnvrtc to be loadable.
 
 pub mod cache;
-pub mod hash;
-pub mod nvrtc;
+pub(crate) mod hash;
+pub(crate) mod nvrtc;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

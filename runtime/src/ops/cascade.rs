@@ -9,7 +9,7 @@
 //! `v = 0`, `s = -inf`, never NaN.
 //!
 //! On the CPU the merge is plain Rust in f64; on a GPU it is one JIT-compiled kernel
-//! (`kernels/cuda/merge_states.cuh`), asynchronous like every launch.
+//! (`kernels/cuda/ops/merge_states.cuh`), asynchronous like every launch.
 //!
 //! ```
 //! use ferrinfer_runtime::ops::cascade::{self, State, StateMut, StateShape};
