@@ -59,37 +59,78 @@ pub fn attention<V: Variant>(
         o: vec![0.0; batch.q_len()],
         lse: vec![0.0; batch.lse_len()],
     };
-    for b in 0..batch.batch() {
-        for kv_head in 0..heads.num_kv_heads() {
-            let req = Request {
-                b,
-                kv_head,
-                qo_len: batch.qo_len(b),
-                kv_len: batch.kv().kv_len(b),
-                head_dim: heads.head_dim(),
-            };
-            let kv = guarded(
-                name,
-                || format!("request {b}, KV head {kv_head}"),
-                || KvRows::load(variant, batch, &req, k, v),
-            )?;
-            let group = heads.group_size();
-            for h in kv_head * group..(kv_head + 1) * group {
-                for i in 0..req.qo_len {
-                    let row = batch.qo_indptr()[b] as usize + i as usize;
-                    let at = row * heads.num_qo_heads() as usize + h as usize;
-                    let (o, lse) = guarded(
-                        name,
-                        || format!("request {b}, query row {i}, query head {h}"),
-                        || row_attention(variant, batch, &req, &kv, &q[at * d..(at + 1) * d], i, h),
-                    )?;
-                    out.o[at * d..(at + 1) * d].copy_from_slice(&o);
-                    out.lse[at] = lse;
-                }
+    // One job per (request, KV head): its rows of `o` and `lse` are its own, so jobs run on every
+    // core (the GPU tests' time is this function's) and their results are written back in order.
+    let jobs: Vec<(usize, u32)> = (0..batch.batch())
+        .flat_map(|b| (0..heads.num_kv_heads()).map(move |h| (b, h)))
+        .collect();
+    let job = |&(b, kv_head): &(usize, u32)| -> Result<Vec<(usize, Vec<f64>, f64)>> {
+        let req = Request {
+            b,
+            kv_head,
+            qo_len: batch.qo_len(b),
+            kv_len: batch.kv().kv_len(b),
+            head_dim: heads.head_dim(),
+        };
+        let kv = guarded(
+            name,
+            || format!("request {b}, KV head {kv_head}"),
+            || KvRows::load(variant, batch, &req, k, v),
+        )?;
+        let group = heads.group_size();
+        let mut rows = Vec::with_capacity((group * req.qo_len) as usize);
+        for h in kv_head * group..(kv_head + 1) * group {
+            for i in 0..req.qo_len {
+                let row = batch.qo_indptr()[b] as usize + i as usize;
+                let at = row * heads.num_qo_heads() as usize + h as usize;
+                let (o, lse) = guarded(
+                    name,
+                    || format!("request {b}, query row {i}, query head {h}"),
+                    || row_attention(variant, batch, &req, &kv, &q[at * d..(at + 1) * d], i, h),
+                )?;
+                rows.push((at, o, lse));
             }
+        }
+        Ok(rows)
+    };
+    for rows in in_parallel(&jobs, job) {
+        for (at, o, lse) in rows? {
+            out.o[at * d..(at + 1) * d].copy_from_slice(&o);
+            out.lse[at] = lse;
         }
     }
     Ok(out)
+}
+
+/// `f` of every job, in job order, spread over the machine's cores (inline for a single job).
+fn in_parallel<J: Sync, R: Send>(jobs: &[J], f: impl Fn(&J) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(jobs.len());
+    if threads <= 1 {
+        return jobs.iter().map(f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut done: Vec<(usize, R)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(job) = jobs.get(j) else { break mine };
+                        mine.push((j, f(job)));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    done.sort_by_key(|(j, _)| *j);
+    done.into_iter().map(|(_, r)| r).collect()
 }
 
 /// [`attention`] on f16 or bf16 buffers (converted to f32 first, exactly).
