@@ -28,6 +28,12 @@ mod vocab;
 ///
 /// Hooks (each optional): `query`, `key`, `logits`, `mask`, `output`, `sink`, and
 /// `const SOFTMAX: bool`. See the `ferrinfer` crate for their signatures and the accepted Rust.
+///
+/// Types may also be written in full: `core::primitive::f32` or `std::primitive::f32` (likewise
+/// `i32`, `u32`, `bool`, and in constants, `core::primitive::f32::MAX`); `ferrinfer::Pos`,
+/// `ferrinfer::prelude::Pos` or `ferrinfer::variant::Pos`; `&self` as `self: &Self`. A prefix may
+/// start with `::`. Other paths ending in these names are refused (the macro cannot see where
+/// they lead), with the accepted spellings in the error.
 #[proc_macro_attribute]
 pub fn attention_variant(attr: TokenStream, item: TokenStream) -> TokenStream {
     let original = TokenStream2::from(item.clone());
@@ -57,7 +63,10 @@ fn expand_variant(attr: TokenStream2, imp: &syn::ItemImpl) -> syn::Result<TokenS
 }
 
 /// Declares a variant's parameters: fields of type `f32`, `i32`, `u32`, `bool`, or
-/// `Array<f32 | i32 | u32>`, in a struct with named fields (or a unit struct). Implements
+/// `Array<f32 | i32 | u32>`, in a struct with named fields (or a unit struct); the scalars may be
+/// written `core::primitive::f32` or `std::primitive::f32`, and `Array` as `ferrinfer::Array`,
+/// `ferrinfer::prelude::Array` or `ferrinfer::variant::params::Array` (with or without a leading
+/// `::`). Implements
 /// `ferrinfer::AttentionParams`: the field layout and the packing of values for the device.
 ///
 /// # `#[cover(...)]`: what an array must cover

@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use syn::ext::IdentExt;
 use syn::{BinOp, Block, Expr, ExprIf, Lit, Pat, Stmt, Type, UnOp};
 
-use crate::check::{is_compound_assign, is_self, path_string};
+use crate::check::{is_compound_assign, is_self};
 use crate::parse::{Hook, VariantDef};
 use crate::vocab::{self, SigTy};
 
@@ -92,9 +92,15 @@ fn scalar(ty: SigTy) -> Option<Ty> {
     }
 }
 
+/// The scalar a type names, in any spelling `check` accepts (`f32`, `core::primitive::f32`...).
 fn type_named(ty: &Type) -> Option<(Ty, &'static str)> {
-    let Type::Path(p) = ty else { return None };
-    let ident = p.path.get_ident()?;
+    let vocab::TypeRef::Known(name, _) = vocab::type_ref(ty) else {
+        return None;
+    };
+    scalar_named(name)
+}
+
+fn scalar_named(name: &str) -> Option<(Ty, &'static str)> {
     [
         ("f32", Ty::F32, "float"),
         ("i32", Ty::I32, "int"),
@@ -102,7 +108,7 @@ fn type_named(ty: &Type) -> Option<(Ty, &'static str)> {
         ("bool", Ty::Bool, "bool"),
     ]
     .into_iter()
-    .find(|(r, _, _)| ident == r)
+    .find(|(r, _, _)| *r == name)
     .map(|(_, t, c)| (t, c))
 }
 
@@ -403,7 +409,7 @@ impl FnBody {
                 if let Some(local) = self.local_of(e) {
                     return Code::atom(local.cuda.clone());
                 }
-                let c = vocab::constant(&path_string(&p.path)).unwrap_or("/* unknown */");
+                let c = vocab::constant(&p.path).map_or("/* unknown */", |c| c.cuda);
                 Code::atom(c.to_string())
             }
             Expr::Field(f) => {
@@ -569,16 +575,9 @@ impl FnBody {
             },
             Expr::Path(p) => match self.local_of(e) {
                 Some(local) => local.ty,
-                None => {
-                    let path = path_string(&p.path);
-                    if path.starts_with("i32::") {
-                        Some(Ty::I32)
-                    } else if path.starts_with("u32::") {
-                        Some(Ty::U32)
-                    } else {
-                        Some(Ty::F32)
-                    }
-                }
+                None => vocab::constant(&p.path)
+                    .and_then(|c| scalar_named(c.ty))
+                    .map(|(t, _)| t),
             },
             // Pos fields are u32; parameter fields are not visible to this macro.
             Expr::Field(f) if !is_self(&f.base) => Some(Ty::U32),

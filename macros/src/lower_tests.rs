@@ -213,12 +213,17 @@ fn constants_are_exact() {
         ("f32::EPSILON", f32::EPSILON),
     ];
     for (path, value) in exact {
-        let text = crate::vocab::constant(path).unwrap();
+        let text = constant(path).unwrap();
         let parsed: f32 = text.trim_end_matches('f').parse().unwrap();
         assert_eq!(parsed.to_bits(), value.to_bits(), "{path}");
     }
-    assert_eq!(crate::vocab::constant("f32::MIN"), Some("(-3.4028235e38f)"));
-    assert_eq!(crate::vocab::constant("u32::MAX"), Some("4294967295u"));
+    assert_eq!(constant("f32::MIN"), Some("(-3.4028235e38f)"));
+    assert_eq!(constant("u32::MAX"), Some("4294967295u"));
+}
+
+/// The CUDA text of a constant path.
+fn constant(path: &str) -> Option<&'static str> {
+    crate::vocab::constant(&syn::parse_str(path).unwrap()).map(|c| c.cuda)
 }
 
 #[test]
@@ -334,5 +339,141 @@ fn statement_only_forms_are_rejected_as_values() {
     assert!(
         msgs.iter().any(|m| m.contains("parameters are read-only")),
         "{msgs:#?}"
+    );
+}
+
+#[test]
+fn qualified_paths_lower_like_the_short_ones() {
+    let short = lower_items(
+        "const SOFTMAX: bool = true;
+         fn logits(&self, s: f32, at: Pos) -> f32 {
+             let x: f32 = s * core::f32::consts::PI;
+             let n: u32 = at.qo_pos;
+             let k = at.kv_pos as i32 - i32::MAX;
+             if x > f32::MAX { f32::INFINITY } else { x + n as f32 + k as f32 + u32::MAX as f32 }
+         }
+         fn mask(&self, at: Pos) -> bool { let b: bool = at.kv_pos <= at.qo_pos; b }",
+    );
+    let spellings = [
+        (
+            "core::primitive::",
+            "ferrinfer::",
+            "core::f32::consts::",
+            "core::primitive::",
+        ),
+        (
+            "std::primitive::",
+            "::ferrinfer::",
+            "::std::f32::consts::",
+            "std::primitive::",
+        ),
+        (
+            "::core::primitive::",
+            "ferrinfer::prelude::",
+            "::core::f32::consts::",
+            "::core::primitive::",
+        ),
+        (
+            "::std::primitive::",
+            "::ferrinfer::variant::",
+            "std::f32::consts::",
+            "::std::primitive::",
+        ),
+    ];
+    for (ty, pos, consts, konst) in spellings {
+        let long = lower_items(&format!(
+            "const SOFTMAX: {ty}bool = true;
+             fn logits(self: &Self, s: {ty}f32, at: {pos}Pos) -> {ty}f32 {{
+                 let x: {ty}f32 = s * {consts}PI;
+                 let n: {ty}u32 = at.qo_pos;
+                 let k = at.kv_pos as {ty}i32 - {konst}i32::MAX;
+                 if x > {konst}f32::MAX {{ {konst}f32::INFINITY }} else {{ x + n as {ty}f32 + k as {ty}f32 + {konst}u32::MAX as {ty}f32 }}
+             }}
+             fn mask(&self, at: {pos}Pos) -> {ty}bool {{ let b: {ty}bool = at.kv_pos <= at.qo_pos; b }}"
+        ));
+        assert_eq!(long, short, "{ty} {pos} {consts} {konst}");
+    }
+}
+
+#[test]
+fn other_paths_to_the_dsl_types_are_refused_with_the_accepted_ones() {
+    let msgs = diagnostics(
+        "const SOFTMAX: my::bool = true;
+         fn logits(&self, s: crate::f32, at: ferrinfer_runtime::Pos) -> ::f32 {
+             let x: ::std::f32 = s;
+             x as foo::u32 as core::primitive::usize as f32
+         }",
+    );
+    assert_eq!(
+        msgs,
+        [
+            "unsupported path to `bool`: write `bool`, `core::primitive::bool`, `std::primitive::bool` (a prefix may start with `::`)",
+            "unsupported path to `f32`: write `f32`, `core::primitive::f32`, `std::primitive::f32` (a prefix may start with `::`)",
+            "unsupported path to `Pos`: write `Pos`, `ferrinfer::Pos`, `ferrinfer::prelude::Pos`, `ferrinfer::variant::Pos` (a prefix may start with `::`)",
+            "unsupported path to `f32`: write `f32`, `core::primitive::f32`, `std::primitive::f32` (a prefix may start with `::`)",
+            "unsupported path to `f32`: write `f32`, `core::primitive::f32`, `std::primitive::f32` (a prefix may start with `::`)",
+            // The outer cast is checked first.
+            "casts to `usize` are not supported: index arrays with u32 or i32 (`self.a[at.qo_head]`)",
+            "unsupported path to `u32`: write `u32`, `core::primitive::u32`, `std::primitive::u32` (a prefix may start with `::`)",
+        ]
+    );
+    // Constants: the legacy module constants and other crates' paths are not the DSL's.
+    for path in [
+        "core::f32::MAX",
+        "::f32::MAX",
+        "my::f32::MAX",
+        "core::primitive::f64::MAX",
+        "crate::f32::consts::PI",
+    ] {
+        assert_eq!(constant(path), None, "{path}");
+    }
+}
+
+#[test]
+fn one_mistake_gives_one_error() {
+    // A refused pattern binds its names as errors: they are not unknown further down.
+    let msgs = diagnostics(
+        "fn logits(&self, s: f32, at: Pos) -> f32 {
+             let [a, b] = self.pair;
+             let P { x, y: ref z } = self.p;
+             if let Some(c) = self.o { return c; }
+             let Some(d) = self.o else { return 0.0; };
+             let f = |v: f32| v * 2.0;
+             let g = f(s);
+             let h: f64 = s;
+             h.qo_pos + a[0] + b.len() as f32 + x + z + d + g + at.kv_pos as f32
+         }",
+    );
+    assert_eq!(
+        msgs,
+        [
+            "a `let` binds one name (`let x = ...;` or `let mut x = ...;`); patterns are not supported",
+            "a `let` binds one name (`let x = ...;` or `let mut x = ...;`); patterns are not supported",
+            "`if let` / `let` in an expression is not supported in a hook: use a plain `if`",
+            "`let ... else` is not supported in a hook",
+            "closures are not supported in a hook: compute the value inline",
+            "a local's type is f32, i32, u32 or bool",
+        ]
+    );
+    // Arguments refused by pattern, type or count; a name reported unknown once.
+    let msgs = diagnostics(
+        "fn logits(&self, (s, t): (f32, f32), mut at: Pos) -> f32 { at = at; s + t + at.qo_pos as f32 }
+         fn mask(&self, at: f32) -> bool { at.kv_pos == 0 }
+         fn output(&self, at: Pos) -> f32 { at.qo_pos as f32 }
+         fn sink(&self, _at: Pos) -> f32 { let x = nope; nope = 1.0; x + nope }",
+    );
+    assert_eq!(
+        msgs,
+        [
+            "wrong argument type: expected `f32`; the signature is `fn logits(&self, s: f32, at: Pos) -> f32`",
+            "a hook argument is a plain name (or `_`)",
+            "hook arguments are read-only: copy into a local (`let mut x = x;`)",
+            "wrong argument type: expected `Pos`; the signature is `fn mask(&self, at: Pos) -> bool`",
+            "wrong number of arguments: `output` takes 3 after `&self`, found 1; the signature is `fn output(&self, o: f32, i: u32, at: Pos) -> f32`",
+            &format!(
+                "unknown name `nope`: a hook sees its arguments, its locals, `self.<field>` and the constants {}",
+                crate::vocab::CONSTANT_LIST
+            ),
+        ]
     );
 }

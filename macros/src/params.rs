@@ -112,15 +112,15 @@ fn fields_of<'a>(fields: &[&'a syn::Field], errors: &mut Errors) -> Vec<Field<'a
             );
         }
         let kind = kind_of(&f.ty);
-        let cover = cover_of(f, &name, kind, errors);
+        let cover = cover_of(f, &name, kind.as_ref().ok().copied(), errors);
         match kind {
-            Some(kind) => out.push(Field {
+            Ok(kind) => out.push(Field {
                 ident,
                 name,
                 kind,
                 cover,
             }),
-            None => errors.at(&f.ty, TYPE_HELP),
+            Err((ty, message)) => errors.at(ty, message),
         }
     }
     // An array `a` also becomes a CUDA member `a_len`.
@@ -223,35 +223,35 @@ fn unknown_word(word: &str) -> String {
     }
 }
 
-fn scalar_name(ty: &Type) -> Option<&'static str> {
-    let Type::Path(p) = ty else { return None };
-    if p.qself.is_some() {
-        return None;
+/// The field's kind; `Err` with the refused type (the field's, or an array's element type) and the
+/// message.
+fn kind_of(ty: &Type) -> Result<Kind, (&Type, String)> {
+    let refused = |t| Err((t, TYPE_HELP.to_string()));
+    match vocab::type_ref(ty) {
+        vocab::TypeRef::Known("Array", PathArguments::AngleBracketed(args)) => {
+            match args.args.iter().collect::<Vec<_>>().as_slice() {
+                [GenericArgument::Type(elem)] => match scalar(elem)? {
+                    Some(s) if s != "bool" => Ok(Kind::Array(s)),
+                    _ => refused(ty),
+                },
+                _ => refused(ty),
+            }
+        }
+        vocab::TypeRef::Misspelled("Array") => Err((ty, vocab::spellings("Array"))),
+        _ => match scalar(ty)? {
+            Some(s) => Ok(Kind::Scalar(s)),
+            None => refused(ty),
+        },
     }
-    let ident = p.path.get_ident()?;
-    ["f32", "i32", "u32", "bool"]
-        .into_iter()
-        .find(|s| ident == s)
 }
 
-fn kind_of(ty: &Type) -> Option<Kind> {
-    if let Some(s) = scalar_name(ty) {
-        return Some(Kind::Scalar(s));
-    }
-    let Type::Path(p) = ty else { return None };
-    let last = p.path.segments.last()?;
-    if p.qself.is_some() || last.ident != "Array" {
-        return None;
-    }
-    let PathArguments::AngleBracketed(args) = &last.arguments else {
-        return None;
-    };
-    match args.args.iter().collect::<Vec<_>>().as_slice() {
-        [GenericArgument::Type(elem)] => match scalar_name(elem)? {
-            "bool" => None,
-            s => Some(Kind::Array(s)),
-        },
-        _ => None,
+/// The scalar `ty` names; `Err` for a scalar's name behind a path the DSL does not accept.
+fn scalar(ty: &Type) -> Result<Option<&'static str>, (&Type, String)> {
+    const SCALARS: [&str; 4] = ["f32", "i32", "u32", "bool"];
+    match vocab::type_ref(ty) {
+        vocab::TypeRef::Known(n, _) => Ok(SCALARS.into_iter().find(|s| *s == n)),
+        vocab::TypeRef::Misspelled(n) if SCALARS.contains(&n) => Err((ty, vocab::spellings(n))),
+        _ => Ok(None),
     }
 }
 

@@ -141,10 +141,17 @@ fn type_name(ty: &Type, report_generic: bool, errors: &mut Errors) -> String {
 const SOFTMAX_HELP: &str = "write `const SOFTMAX: bool = false;` (or `true`, the default)";
 
 fn softmax<'a>(c: &'a syn::ImplItemConst, errors: &mut Errors) -> Option<&'a syn::LitBool> {
-    let is_bool = matches!(&c.ty, Type::Path(p) if p.path.is_ident("bool"));
-    if !is_bool {
-        errors.at(&c.ty, format!("SOFTMAX must be a bool: {SOFTMAX_HELP}"));
-    }
+    let is_bool = match vocab::type_ref(&c.ty) {
+        vocab::TypeRef::Known("bool", _) => true,
+        vocab::TypeRef::Misspelled("bool") => {
+            errors.at(&c.ty, vocab::spellings("bool"));
+            false
+        }
+        _ => {
+            errors.at(&c.ty, format!("SOFTMAX must be a bool: {SOFTMAX_HELP}"));
+            false
+        }
+    };
     match &c.expr {
         Expr::Lit(l) => match &l.lit {
             Lit::Bool(b) => return is_bool.then_some(b),

@@ -225,14 +225,126 @@ pub const SCALARS: &[(&str, &str)] = &[
     ("bool", "bool"),
 ];
 
-/// A constant path the DSL accepts, and its exact CUDA spelling.
-pub fn constant(path: &str) -> Option<&'static str> {
-    // (name, whether it was under `core::f32::consts` / `std::f32::consts`)
-    let key = path
-        .strip_prefix("core::f32::consts::")
-        .or_else(|| path.strip_prefix("std::f32::consts::"))
-        .map(|c| (c, true))
-        .unwrap_or((path, false));
+/// The types the DSL knows by name, and the paths that may lead to each. A type is written as its
+/// name alone or behind one of these prefixes, which may start with `::` (`::core::primitive::f32`).
+/// Anything else ending in one of these names is refused with [`spellings`]: a path the macro cannot
+/// see through (`crate::Pos`, `my::f32`) may name another type.
+const PRIMITIVE: &[&str] = &["core::primitive", "std::primitive"];
+/// The facade's paths to `Pos` (its crate root, the prelude, and the module that defines it).
+const POS: &[&str] = &["ferrinfer", "ferrinfer::prelude", "ferrinfer::variant"];
+/// The facade's paths to `Array`.
+const ARRAY: &[&str] = &[
+    "ferrinfer",
+    "ferrinfer::prelude",
+    "ferrinfer::variant::params",
+];
+
+/// The accepted prefixes of a named type.
+fn prefixes(name: &str) -> Option<&'static [&'static str]> {
+    match name {
+        "f32" | "i32" | "u32" | "bool" | "usize" => Some(PRIMITIVE),
+        "Pos" => Some(POS),
+        "Array" => Some(ARRAY),
+        _ => None,
+    }
+}
+
+/// What a type written in a hook or a parameter struct names.
+pub enum TypeRef<'a> {
+    /// One of the DSL's names (`"f32"`, `"Pos"`, `"Array"`...) by an accepted spelling, with the
+    /// generic arguments of its last segment (only `Array` may have any).
+    Known(&'static str, &'a syn::PathArguments),
+    /// One of the DSL's names behind a path it does not accept: report [`spellings`].
+    Misspelled(&'static str),
+    /// Anything else.
+    Other,
+}
+
+/// Read a type: `f32`, `core::primitive::f32`, `::ferrinfer::Pos`, `Array<u32>`...
+pub fn type_ref(ty: &syn::Type) -> TypeRef<'_> {
+    let p = match ty {
+        syn::Type::Group(g) => return type_ref(&g.elem),
+        syn::Type::Paren(p) => return type_ref(&p.elem),
+        syn::Type::Path(p) if p.qself.is_none() => &p.path,
+        _ => return TypeRef::Other,
+    };
+    let segments: Vec<&syn::PathSegment> = p.segments.iter().collect();
+    let Some((last, init)) = segments.split_last() else {
+        return TypeRef::Other;
+    };
+    let Some(name) = ["f32", "i32", "u32", "bool", "usize", "Pos", "Array"]
+        .into_iter()
+        .find(|n| last.ident == n)
+    else {
+        return TypeRef::Other;
+    };
+    let prefix: Vec<String> = init.iter().map(|s| s.ident.to_string()).collect();
+    let plain = init.iter().all(|s| s.arguments.is_empty());
+    let accepted = match prefix.is_empty() {
+        // `::f32` would be a crate named `f32`.
+        true => p.leading_colon.is_none(),
+        false => prefixes(name).is_some_and(|ok| ok.contains(&prefix.join("::").as_str())),
+    };
+    if name != "Array" && !last.arguments.is_empty() {
+        return TypeRef::Other;
+    }
+    if accepted && plain {
+        TypeRef::Known(name, &last.arguments)
+    } else {
+        TypeRef::Misspelled(name)
+    }
+}
+
+/// The message for a known name behind a path the DSL does not accept.
+pub fn spellings(name: &str) -> String {
+    let ways: Vec<String> = std::iter::once(format!("`{name}`"))
+        .chain(
+            prefixes(name)
+                .unwrap_or_default()
+                .iter()
+                .map(|p| format!("`{p}::{name}`")),
+        )
+        .collect();
+    format!(
+        "unsupported path to `{name}`: write {} (a prefix may start with `::`)",
+        ways.join(", ")
+    )
+}
+
+/// A constant the DSL accepts: its exact CUDA spelling and its Rust type.
+pub struct Constant {
+    pub cuda: &'static str,
+    pub ty: &'static str,
+}
+
+/// The constant a path names: `f32::MAX` (also `core::primitive::f32::MAX`, `std::primitive::...`)
+/// or `core::f32::consts::PI` (also `std::`), each with or without a leading `::`.
+pub fn constant(path: &syn::Path) -> Option<Constant> {
+    if path.segments.iter().any(|s| !s.arguments.is_empty()) {
+        return None;
+    }
+    let segs: Vec<String> = path.segments.iter().map(|s| s.ident.to_string()).collect();
+    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    let full = matches!(segs.first(), Some(&("core" | "std")));
+    if path.leading_colon.is_some() && !full {
+        return None;
+    }
+    let key = match segs.as_slice() {
+        [_, "f32", "consts", c] if full => (*c, true),
+        [_, "primitive", ty, c] if full => return constant_of(ty, c),
+        [ty, c] => return constant_of(ty, c),
+        _ => return None,
+    };
+    constant_cuda(key).map(|cuda| Constant { cuda, ty: "f32" })
+}
+
+fn constant_of(ty: &str, c: &str) -> Option<Constant> {
+    let ty = ["f32", "i32", "u32"].into_iter().find(|t| *t == ty)?;
+    constant_cuda((&format!("{ty}::{c}"), false)).map(|cuda| Constant { cuda, ty })
+}
+
+/// The CUDA text of `(name, whether it was under core::f32::consts)`.
+fn constant_cuda(key: (&str, bool)) -> Option<&'static str> {
     // The literals are Rust's `{:e}` of each f32 (shortest form that reads back to the same bits).
     let cuda = match key {
         ("PI", true) => "3.1415927f",
