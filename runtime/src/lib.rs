@@ -7,7 +7,7 @@
 //! |---|---|
 //! | [`device`] | `Gpu` (context, stream, launches), `Backend`, `Buffer`, element types, `Arch`, CUDA discovery |
 //! | [`jit`] | NVRTC, the memory and disk caches |
-//! | [`variant`] | `Variant`, its parameters, the registry, `FastMath` |
+//! | [`variant`] | `Variant`, its parameters, the registry, `FastMath`, `check_variant` |
 //! | [`attention`] | `Batch`/`KvIndex`, plan, dispatch, the plan/run wrappers, single-request calls, the CPU reference |
 //! | [`ops`] | operations beside attention (cascade merging), one file per op |
 
@@ -16,6 +16,7 @@ pub mod device;
 pub mod error;
 pub mod jit;
 pub mod ops;
+mod parallel;
 pub mod variant;
 
 pub use attention::batch::{Batch, Heads, KvIndex, KvLayout, indptr};
@@ -28,6 +29,7 @@ pub use ferrinfer_kernels::{ArchClass, DType, HEAD_DIMS, KernelConfig, KernelKin
 pub use ops::cascade::{
     State, StateMut, StateShape, merge_state, merge_state_in_place, merge_states,
 };
+pub use variant::check::{CheckReport, CheckedInstance, check_variant, check_variant_with};
 pub use variant::fast_math::FastMath;
 pub use variant::params::{Array, AttentionParams};
 pub use variant::{Hooks, Pos, Variant, VariantSpec};

@@ -9,6 +9,7 @@ use std::panic::AssertUnwindSafe;
 use crate::attention::batch::Batch;
 use crate::device::dtype::{self, Element};
 use crate::error::{Error, Result};
+use crate::parallel;
 use crate::variant::params::check_coverage;
 use crate::variant::{Pos, Variant};
 
@@ -29,7 +30,7 @@ pub struct Reference {
 /// `q` is `[total_qo, num_qo_heads, head_dim]`; `k` and `v` are addressed by the batch's KV index.
 ///
 /// # Errors
-/// [`Error::InvalidInput`](crate::Error::InvalidInput) for:
+/// [`Error::InvalidInput`] for:
 /// - every inconsistency between the batch and the buffers;
 /// - a parameter array shorter than the coverage its field states (`#[cover(qo_heads)]`...),
 ///   checked before any hook runs, as `run` does before a launch;
@@ -93,44 +94,13 @@ pub fn attention<V: Variant>(
         }
         Ok(rows)
     };
-    for rows in in_parallel(&jobs, job) {
+    for rows in parallel::map(&jobs, usize::MAX, job) {
         for (at, o, lse) in rows? {
             out.o[at * d..(at + 1) * d].copy_from_slice(&o);
             out.lse[at] = lse;
         }
     }
     Ok(out)
-}
-
-/// `f` of every job, in job order, spread over the machine's cores (inline for a single job).
-fn in_parallel<J: Sync, R: Send>(jobs: &[J], f: impl Fn(&J) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(jobs.len());
-    if threads <= 1 {
-        return jobs.iter().map(f).collect();
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut done: Vec<(usize, R)> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut mine = Vec::new();
-                    loop {
-                        let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(job) = jobs.get(j) else { break mine };
-                        mine.push((j, f(job)));
-                    }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    });
-    done.sort_by_key(|(j, _)| *j);
-    done.into_iter().map(|(_, r)| r).collect()
 }
 
 /// [`attention`] on f16 or bf16 buffers (converted to f32 first, exactly).

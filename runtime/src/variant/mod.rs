@@ -1,6 +1,7 @@
 //! What an attention variant is: the hooks it may define, the position they see, and the static
 //! description (`VariantSpec`) that `#[attention_variant]` emits for the registry and the JIT.
 
+pub mod check;
 pub(crate) mod fast_math;
 pub mod params;
 

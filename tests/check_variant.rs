@@ -1,0 +1,199 @@
+//! `check_variant` compiles a variant with NVRTC into every kernel instance the runtime may load,
+//! for sm_80 and sm_90a, without a GPU: a built-in variant and one of another crate (this test is
+//! one) compile everywhere, and a variant whose CUDA only NVRTC refuses is reported with its name
+//! and every failing instance. Needs NVRTC (`CUDA_HOME`); without it these tests fail, never skip.
+
+use std::collections::BTreeSet;
+
+use ferrinfer::attention::dispatch;
+use ferrinfer::device::SmResources;
+use ferrinfer::jit::{Arch, Jit, JitConfig, Origin};
+use ferrinfer::prelude::*;
+use ferrinfer::variant::params::{ParamField, ParamType, ParamWriter};
+use ferrinfer::variants::SoftCap;
+use ferrinfer::{CheckReport, Error, Hooks, Variant, VariantSpec};
+
+/// A variant outside the `ferrinfer` crate: a sliding window with a per-head bias, an ALiBi-like
+/// slope and a switch, so that the parameter struct has every kind of field.
+#[derive(AttentionParams)]
+pub struct BiasedWindow {
+    pub slope: f32,
+    pub window: u32,
+    pub biased: bool,
+    #[cover(qo_heads)]
+    pub bias: Array<f32>,
+}
+
+#[attention_variant]
+impl BiasedWindow {
+    fn logits(&self, s: f32, at: Pos) -> f32 {
+        let distance = at.qo_pos as i32 + at.kv_len as i32 - at.qo_len as i32 - at.kv_pos as i32;
+        let s = s - self.slope * distance as f32;
+        if self.biased {
+            s + self.bias[at.qo_head]
+        } else {
+            s
+        }
+    }
+
+    fn mask(&self, at: Pos) -> bool {
+        let q_abs = at.qo_pos as i32 + at.kv_len as i32 - at.qo_len as i32;
+        let kv_pos = at.kv_pos as i32;
+        kv_pos > q_abs || q_abs - kv_pos < self.window as i32
+    }
+}
+
+/// Every (instance name, arch) the runtime may load: what a check must cover.
+fn every_instance() -> BTreeSet<(String, Arch)> {
+    [Arch::SM80, Arch::SM90]
+        .into_iter()
+        .flat_map(|arch| {
+            dispatch::instances(arch, &SmResources::typical(arch))
+                .into_iter()
+                .map(move |cfg| (cfg.name(), arch))
+        })
+        .collect()
+}
+
+/// A JIT with no disk cache, so that every instance really goes through NVRTC.
+fn memory_only() -> Jit {
+    Jit::new(JitConfig {
+        cache_dir: None,
+        ..JitConfig::default()
+    })
+}
+
+fn assert_covers_every_instance(report: &CheckReport, variant: &str) {
+    println!("{report}");
+    assert_eq!(report.variant, variant);
+    let checked: BTreeSet<_> = report
+        .instances
+        .iter()
+        .map(|i| (i.config.name(), i.arch))
+        .collect();
+    assert_eq!(checked.len(), report.instances.len(), "an instance twice");
+    assert_eq!(checked, every_instance());
+    for i in &report.instances {
+        assert_eq!(i.origin, Origin::Compiled, "{i}");
+        assert!(i.stats.registers > 0, "no ptxas report for {i}");
+    }
+    assert!(
+        report.to_string().starts_with(&format!(
+            "variant {variant}: all 50 kernel instances compile"
+        )),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_builtin_variant_compiles_for_every_instance() {
+    let jit = memory_only();
+    let report = ferrinfer::check_variant_with::<SoftCap>(&jit).unwrap_or_else(|e| panic!("{e}"));
+    assert_covers_every_instance(&report, "ferrinfer::variants::soft_cap::SoftCap");
+    // A second check is served by the JIT's memory cache.
+    let again = ferrinfer::check_variant_with::<SoftCap>(&jit).unwrap_or_else(|e| panic!("{e}"));
+    assert!(again.instances.iter().all(|i| i.origin == Origin::Memory));
+}
+
+#[test]
+fn a_variant_of_another_crate_compiles_for_every_instance() {
+    let report = ferrinfer::check_variant_with::<BiasedWindow>(&memory_only())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_covers_every_instance(&report, "check_variant::BiasedWindow");
+}
+
+/// A variant made by hand, as the macro would emit it, whose logits hook reads a field `Pos` does
+/// not have, on sm_90a only: C++ that only NVRTC sees, and fails on one arch class.
+struct BrokenOnHopper {
+    scale: f32,
+}
+
+impl AttentionParams for BrokenOnHopper {
+    const FIELDS: &'static [ParamField] = &[ParamField::new("scale", ParamType::F32)];
+    fn pack(&self, w: &mut ParamWriter<'_>) {
+        w.f32(self.scale);
+    }
+}
+
+impl Variant for BrokenOnHopper {
+    const SPEC: &'static VariantSpec = &VariantSpec {
+        name: "BrokenOnHopper",
+        module_path: module_path!(),
+        hooks: Hooks {
+            logits: true,
+            query: false,
+            key: false,
+            mask: false,
+            output: false,
+            sink: false,
+        },
+        softmax: true,
+        params: Self::FIELDS,
+        cuda: r#"// BrokenOnHopper: written by hand
+struct Variant {
+  static constexpr bool kSoftmax = true;
+  static constexpr bool kHasQuery = false;
+  static constexpr bool kHasKey = false;
+  static constexpr bool kHasLogits = true;
+  static constexpr bool kHasMask = false;
+  static constexpr bool kHasOutput = false;
+  static constexpr bool kHasSink = false;
+  __device__ __forceinline__ static float logits(const Params& self, float s, const fi::Pos& at) {
+#if __CUDA_ARCH__ >= 900
+    return s * self.scale + at.no_such_field;
+#else
+    return s * self.scale;
+#endif
+  }
+};
+"#,
+    };
+}
+
+#[test]
+fn a_variant_nvrtc_refuses_is_reported_with_every_failing_instance() {
+    // The CPU side is fine: only the CUDA is broken.
+    let v = BrokenOnHopper { scale: 2.0 };
+    assert_eq!(Variant::logits(&v, 1.5, Pos::default()), 1.5);
+
+    // Through the process-wide JIT, as a user's CI calls it (a failed compile stores nothing).
+    let e = ferrinfer::check_variant::<BrokenOnHopper>().unwrap_err();
+    let text = e.to_string();
+    println!("{text}");
+    let Error::Compile { kernel, log } = &e else {
+        panic!("expected a compile error, got {e}")
+    };
+    let hopper: Vec<String> = every_instance()
+        .into_iter()
+        .filter(|(_, arch)| *arch == Arch::SM90)
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(hopper.len(), 26);
+    assert_eq!(
+        kernel,
+        &format!(
+            "variant check_variant::BrokenOnHopper in {} of 50 kernel instances",
+            hopper.len()
+        )
+    );
+    // Each failing instance on a line of its own, named with its arch; nothing else.
+    let named: BTreeSet<&str> = log
+        .lines()
+        .filter(|l| !l.starts_with(' '))
+        .map(|l| {
+            l.split_once(" on sm_90a:")
+                .unwrap_or_else(|| panic!("{l}"))
+                .0
+        })
+        .collect();
+    assert_eq!(named, hopper.iter().map(String::as_str).collect());
+    // NVRTC's message, with the variant's name, at least once per distinct message.
+    assert!(log.contains("no_such_field"), "{log}");
+    assert!(log.contains("BrokenOnHopper."), "{log}");
+    // Printed in full once; the instances with the same message refer to the first.
+    let first = dispatch::instances(Arch::SM90, &SmResources::typical(Arch::SM90))[0].name();
+    let same = format!(": the same error as {first} on sm_90a");
+    assert!(log.lines().any(|l| l.ends_with(&same)), "{log}");
+    assert_eq!(log.matches("no_such_field\"").count(), 1, "{log}");
+    assert!(text.starts_with("NVRTC failed to compile variant check_variant::BrokenOnHopper"));
+}
