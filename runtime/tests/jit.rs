@@ -479,7 +479,12 @@ fn no_jit_serves_every_kernel_from_a_read_only_cache() {
         // Root: permission bits do not stop it. Run the check again as a user they do stop.
         use std::os::unix::process::CommandExt;
         let name = "no_jit_serves_every_kernel_from_a_read_only_cache";
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
+        let (exe, cuda_home) = stage_for_unprivileged();
+        let mut child = std::process::Command::new(&exe);
+        if let Some(home) = &cuda_home {
+            child.env("CUDA_HOME", home).env_remove("CUDA_PATH");
+        }
+        let out = child
             .args([name, "--exact", "--nocapture", "--test-threads=1"])
             .env(READ_ONLY_CACHE_VAR, &dir)
             .uid(UNPRIVILEGED)
@@ -496,6 +501,7 @@ fn no_jit_serves_every_kernel_from_a_read_only_cache() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        let _ = std::fs::remove_dir_all(exe.parent().unwrap());
         assert!(
             out.status.success() && text.contains("1 passed"),
             "as uid {UNPRIVILEGED}: {text}"
@@ -505,6 +511,42 @@ fn no_jit_serves_every_kernel_from_a_read_only_cache() {
     }
     set_read_only(&dir, false);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A copy of this test binary, and of the NVRTC libraries this process loaded, where
+/// `UNPRIVILEGED` can reach them whatever folder the checkout is in (a CI running as root may clone
+/// under /root, which no other user may enter). Returns the binary and, when NVRTC came from a
+/// CUDA root rather than the system loader, the copied root for the child's `CUDA_HOME`.
+fn stage_for_unprivileged() -> (PathBuf, Option<PathBuf>) {
+    let stage = temp_dir("unprivileged");
+    let exe = stage.join("jit-test");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    let home = toolkit::cuda_root().map(|root| {
+        let lib = ["lib64", "lib", "targets/x86_64-linux/lib"]
+            .map(|d| root.join(d))
+            .into_iter()
+            .find(|d| has_nvrtc(d))
+            .expect("NVRTC was loaded from this root");
+        let to = stage.join("cuda/lib64");
+        std::fs::create_dir_all(&to).unwrap();
+        for e in std::fs::read_dir(&lib).unwrap() {
+            let path = e.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            // NVRTC and its builtins; the `.alt` builds are not loaded.
+            if name.starts_with("libnvrtc") && !name.contains(".alt.") {
+                std::fs::copy(&path, to.join(&name)).unwrap();
+            }
+        }
+        stage.join("cuda")
+    });
+    (exe, home)
+}
+
+fn has_nvrtc(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|es| {
+        es.flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("libnvrtc.so"))
+    })
 }
 
 /// The `Error::CacheMiss` message of `jit` for `tu` on sm_80.
