@@ -408,12 +408,34 @@ impl Sizes {
             bytes,
         }
     }
+    /// The first size of `need` these do not hold: (what, needed, held).
+    fn short_of(&self, need: &Sizes) -> Option<(&'static str, usize, usize)> {
+        let p = |x: u32| x as usize;
+        [
+            ("work items", p(need.plan.items), p(self.plan.items)),
+            ("query rows", p(need.plan.qo_rows), p(self.plan.qo_rows)),
+            (
+                "partial rows",
+                p(need.plan.partial_rows),
+                p(self.plan.partial_rows),
+            ),
+            ("requests", need.batch, self.batch),
+            ("KV blocks", need.kv_blocks, self.kv_blocks),
+        ]
+        .into_iter()
+        .find(|&(_, want, have)| want > have)
+    }
     fn holds(&self, need: &Sizes) -> bool {
-        self.plan.items >= need.plan.items
-            && self.plan.qo_rows >= need.plan.qo_rows
-            && self.plan.partial_rows >= need.plan.partial_rows
-            && self.batch >= need.batch
-            && self.kv_blocks >= need.kv_blocks
+        self.short_of(need).is_none()
+    }
+    /// A CUDA-graph plan's sizes never grow: refuse a batch they do not hold, naming what overflows.
+    fn check_graph(&self, need: &Sizes) -> Result<()> {
+        match self.short_of(need) {
+            None => Ok(()),
+            Some((what, want, have)) => Err(Error::invalid(format!(
+                "the batch needs {want} {what} but the CUDA-graph capacity holds {have}"
+            ))),
+        }
     }
 }
 
@@ -576,17 +598,6 @@ impl Planned {
                 batch.heads()
             )));
         }
-        if let Some(g) = &self.config.graph
-            && (batch.total_qo() > g.qo_rows as usize || batch.batch() > g.batch as usize)
-        {
-            return Err(Error::invalid(format!(
-                "the batch has {} requests and {} query rows; the CUDA-graph capacity is {} and {}",
-                batch.batch(),
-                batch.total_qo(),
-                g.batch,
-                g.qo_rows
-            )));
-        }
         let Backend::Cuda(gpu) = self.backend.clone() else {
             self.batch = batch;
             return Ok(());
@@ -602,11 +613,9 @@ impl Planned {
             kv_blocks: batch.kv().indices().len(),
         };
         let sizes = match (&self.config.graph, &self.dev) {
-            (Some(_), Some(dev)) if !dev.sizes.holds(&need) => {
-                return Err(Error::invalid(format!(
-                    "the batch needs {need:?} but the CUDA-graph plan was sized for {:?}",
-                    dev.sizes
-                )));
+            (Some(_), Some(dev)) => {
+                dev.sizes.check_graph(&need)?;
+                dev.sizes
             }
             (Some(g), None) => {
                 let cap = Capacity::for_graph(&opts, batch.heads().num_qo_heads(), g.qo_rows)?;
@@ -615,11 +624,7 @@ impl Planned {
                     batch: g.batch as usize,
                     kv_blocks: g.kv_blocks as usize,
                 };
-                if !sizes.holds(&need) {
-                    return Err(Error::invalid(format!(
-                        "the batch needs {need:?} but the graph capacity is {sizes:?}"
-                    )));
-                }
+                sizes.check_graph(&need)?;
                 sizes
             }
             (_, Some(dev)) if dev.sizes.holds(&need) => dev.sizes,
