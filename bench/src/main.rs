@@ -1,5 +1,5 @@
-//! `ferrinfer-bench`: the standard configurations of DESIGN.md ("Benchmarks") through ferrinfer's
-//! public API, timed with CUDA events, printed as a table and written as the anchor's JSON.
+//! `ferrinfer-bench`: the standard configurations of DESIGN.md ("Benchmarks" and "Serving ops")
+//! through ferrinfer's public API, timed with CUDA events, printed as a table and written as the anchor's JSON.
 //!
 //!     ferrinfer-bench [--filter SUBSTR] [--json PATH]
 //!
@@ -9,6 +9,7 @@
 
 mod configs;
 mod inputs;
+mod ops;
 mod report;
 mod timing;
 
@@ -102,6 +103,13 @@ fn main() -> ExitCode {
                     on_gpu(&|b: &Backend| bench_config(b, &cfg, &key, DecodeKernel::CudaCores)),
                 );
             }
+        }
+    }
+
+    for case in ops::cases() {
+        if case.key.contains(&args.filter) {
+            let key = format!("{}@{}", case.key, ops::IMPL);
+            record(key, on_gpu(&|b: &Backend| ops::bench(b, &case)));
         }
     }
 

@@ -4,8 +4,7 @@
 
 use crate::config::{DType, LaunchDims};
 use crate::sources::Sources;
-use crate::tu::TranslationUnit;
-use crate::tu::{cuda_dtype, inline_header};
+use crate::tu::{TranslationUnit, cuda_dtype};
 
 /// Arguments of the merge kernel, passed by value; mirrors `fi::MergeStatesArgs`.
 ///
@@ -75,32 +74,24 @@ fn assemble(sources: &Sources, dtype: DType, vec: u32) -> Result<TranslationUnit
              {MERGE_STATES_VEC_WIDTHS:?})"
         ));
     }
-    let kernel = format!("merge_states_{}_v{vec}", dtype.name());
-    let entry = format!("ferrinfer_{kernel}");
-    let mut source = format!(
-        "// ferrinfer kernel {kernel}.\n\
-         // Assembled by ferrinfer-kernels: template headers, then the entry.\n"
-    );
-    inline_header(
+    super::assemble(
         sources,
+        &format!("merge_states_{}_v{vec}", dtype.name()),
         "ops/merge_states.cuh",
-        &mut Vec::new(),
-        &mut Vec::new(),
-        &mut source,
-    )?;
-    source.push_str(&format!(
-        "\n// ---- entry ----\n\
-         extern \"C\" __global__ void __launch_bounds__(fi::kMergeStatesWarps * fi::kWarpSize)\n\
-         {entry}(const fi::MergeStatesArgs args) {{\n  \
-         fi::merge_states<{dtype}, {vec}>(args);\n}}\n",
-        dtype = cuda_dtype(dtype),
-    ));
-    Ok(TranslationUnit {
-        name: kernel,
-        source,
-        entry,
-        merge_entry: None,
-    })
+        WARPS * WARP,
+        "fi::MergeStatesArgs",
+        &format!("fi::merge_states<{}, {vec}>(args);", cuda_dtype(dtype)),
+    )
+}
+
+/// Every instance: both dtypes x [`MERGE_STATES_VEC_WIDTHS`] (a row of [`super::OPS`]).
+pub fn all_units() -> Result<Vec<TranslationUnit>, String> {
+    let sources = Sources::from_env();
+    DType::ALL
+        .into_iter()
+        .flat_map(|d| MERGE_STATES_VEC_WIDTHS.map(|v| (d, v)))
+        .map(|(d, v)| assemble(&sources, d, v))
+        .collect()
 }
 
 /// One warp per (row, head), four warps per block; `None` when the grid would exceed CUDA's

@@ -43,7 +43,6 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{DeviceRepr, PushKernelArg};
 use ferrinfer_kernels::{DType, MergeStatesArgs, TranslationUnit};
 
 use crate::device::backend::{Backend, Buffer};
@@ -51,6 +50,7 @@ use crate::device::dtype::Element;
 use crate::device::gpu::Gpu;
 use crate::error::{Error, Result};
 use crate::jit::{Arch, CompiledKernel, Jit};
+use crate::ops::kernel;
 
 /// Elements per access the merge kernel is instantiated for (see [`compile`]).
 pub use ferrinfer_kernels::MERGE_STATES_VEC_WIDTHS as VEC_WIDTHS;
@@ -467,26 +467,14 @@ fn pair_args<T: Element>(
     })
 }
 
-/// `MergeStatesArgs` as a kernel argument passed by value.
-#[repr(transparent)]
-struct ArgsParam(MergeStatesArgs);
+// SAFETY: MergeStatesArgs is #[repr(C)] of u64 and u32 fields only (8 eight-byte then 4
+// four-byte fields, no padding), matching fi::MergeStatesArgs (its size is asserted on both sides).
+unsafe impl kernel::KernelArgs for MergeStatesArgs {}
 
-// SAFETY: MergeStatesArgs is #[repr(C)] of u64 and u32 fields only (plain bytes, no padding: 8
-// eight-byte then 4 four-byte fields), matching fi::MergeStatesArgs, which DeviceRepr requires of
-// a by-value kernel argument.
-unsafe impl DeviceRepr for ArgsParam {}
-
-/// Load (compiling on first use) and launch the merge kernel for `args` on the GPU's stream.
+/// Launch the merge kernel for `args` on the GPU's stream (compiling it on first use).
 fn launch<T: Element>(gpu: &Gpu, args: MergeStatesArgs) -> Result<()> {
     if args.rows == 0 {
         return Ok(());
-    }
-    let arch = gpu.arch();
-    if arch.major < 8 {
-        return Err(Error::unsupported(format!(
-            "this GPU is {}; ferrinfer's kernels need sm_80 (Ampere) or newer",
-            arch.sm_name()
-        )));
     }
     let dims = ferrinfer_kernels::merge_states_launch_dims(&args).ok_or_else(|| {
         Error::unsupported(format!(
@@ -500,24 +488,18 @@ fn launch<T: Element>(gpu: &Gpu, args: MergeStatesArgs) -> Result<()> {
         &[args.v_first, args.v_rest, args.v_out],
     );
     let dtype = T::DTYPE;
-    let key = format!(
-        "cascade/merge_states_{}_v{vec}/{}",
-        dtype.name(),
-        arch.sm_name()
-    );
-    let kernel = gpu.cached(&key, || {
-        let compiled = compile(Jit::global(), dtype, vec, arch)?;
-        let mut f = gpu.load(&key, &compiled.cubin, &[&compiled.entry])?;
-        Ok(f.remove(0))
-    })?;
-    let param = ArgsParam(args);
-    // SAFETY: the kernel's signature is (MergeStatesArgs) by value, matching the one argument;
-    // every pointer in `args` was taken from a live buffer on this GPU whose length `check`
-    // compared with the shape (and the number of states), and the buffers outlive the launch
-    // because the caller holds them and all work is ordered on the device's one stream.
+    let name = format!("merge_states_{}_v{vec}", dtype.name());
+    // SAFETY: the unit's entry takes (MergeStatesArgs) by value; every pointer in `args` was taken
+    // from a live buffer on this GPU whose length `check` compared with the shape (and the number
+    // of states), and the buffers outlive the launch because the caller holds them and all work is
+    // ordered on the device's one stream.
     unsafe {
-        gpu.launch(&kernel, dims, |l| {
-            l.arg(&param);
-        })
+        kernel::launch(
+            gpu,
+            &name,
+            || ferrinfer_kernels::merge_states_unit(dtype, vec),
+            dims,
+            args,
+        )
     }
 }
