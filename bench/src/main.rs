@@ -1,7 +1,7 @@
 //! `ferrinfer-bench`: the standard configurations of DESIGN.md ("Benchmarks" and "Serving ops")
 //! through ferrinfer's public API, timed with CUDA events, printed as a table and written as the anchor's JSON.
 //!
-//!     ferrinfer-bench [--filter SUBSTR] [--json PATH]
+//!     ferrinfer-bench [--filter SUBSTR[,SUBSTR...]] [--json PATH]
 //!
 //! Every configuration is planned once (not timed), warmed up (the first call includes the JIT
 //! compile, reported apart), then timed for about 200 ms; the median iteration is reported. A
@@ -28,17 +28,24 @@ use inputs::InputSet;
 use report::Row;
 use timing::{BenchResult, Timing};
 
-const USAGE: &str = "usage: ferrinfer-bench [--filter SUBSTR] [--json PATH]";
+const USAGE: &str = "usage: ferrinfer-bench [--filter SUBSTR[,SUBSTR...]] [--json PATH]";
 /// Elements of each buffer of the copy ceiling: 1024^3 bf16 (2 GiB), as the anchor copies.
 const COPY_ELEMS: usize = 1 << 30;
 
 /// Command-line options.
 #[derive(Debug, Default, PartialEq)]
 struct Args {
-    /// Run only the configurations whose key contains this.
+    /// Run only the configurations whose key contains one of these (comma-separated); all when
+    /// empty.
     filter: String,
     /// Where to write the JSON results.
     json: Option<PathBuf>,
+}
+
+impl Args {
+    fn selects(&self, key: &str) -> bool {
+        self.filter.split(',').any(|f| key.contains(f))
+    }
 }
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -89,7 +96,7 @@ fn main() -> ExitCode {
 
     record("copy@ferrinfer".into(), on_gpu(&bench_copy));
     for cfg in configs::standard() {
-        if cfg.key.contains(&args.filter) {
+        if args.selects(cfg.key) {
             let key = format!("{}@{}", cfg.key, report::IMPL);
             record(
                 key.clone(),
@@ -107,7 +114,7 @@ fn main() -> ExitCode {
     }
 
     for case in ops::cases() {
-        if case.key.contains(&args.filter) {
+        if args.selects(case.key) {
             let key = format!("{}@{}", case.key, ops::IMPL);
             record(key, on_gpu(&|b: &Backend| ops::bench(b, &case)));
         }
@@ -258,6 +265,12 @@ mod tests {
         assert_eq!(parse(&[]).unwrap(), Args::default());
         let a = parse(&["--json", "out.json", "--filter", "decode"]).unwrap();
         assert_eq!(a.filter, "decode");
+        assert!(a.selects("decode_b64") && !a.selects("prefill_single"));
+        let two = parse(&["--filter", "rmsnorm,sample_"]).unwrap();
+        assert!(
+            two.selects("rmsnorm_t2048") && two.selects("sample_top_p") && !two.selects("decode")
+        );
+        assert!(parse(&[]).unwrap().selects("anything"));
         assert_eq!(a.json, Some(PathBuf::from("out.json")));
         assert!(parse(&["--json"]).unwrap_err().contains("needs a value"));
         assert!(parse(&["--bogus"]).unwrap_err().contains("unknown"));
