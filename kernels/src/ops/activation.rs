@@ -149,7 +149,7 @@ mod tests {
                 for vec in ACT_VEC_WIDTHS {
                     let tu = act_unit(act, dtype, vec).unwrap();
                     assert!(!tu.source.contains("#include") && !tu.source.contains("#pragma once"));
-                    for name in ["core/dtype.cuh", "ops/activation.cuh"] {
+                    for name in ["core/dtype.cuh", "core/math.cuh", "ops/activation.cuh"] {
                         let marker = format!("// ---- {name} ----");
                         assert_eq!(tu.source.matches(&marker).count(), 1, "{name}");
                     }
