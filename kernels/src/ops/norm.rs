@@ -71,12 +71,15 @@ pub const NORM_VEC_WIDTHS: [u32; 4] = [8, 4, 2, 1];
 /// sum per warp).
 const MAX_THREADS: u32 = 1024;
 const WARP: u32 = 32;
-/// Packs a thread of the row reads, aimed for: several loads in flight per thread, and room to
-/// spare under the 8 packs a thread keeps in registers (`kNormItems` in norm.cuh), which hold
-/// rows of up to 64k elements at 16 bytes per access.
-const PACKS_PER_THREAD: u32 = 4;
+/// Packs each thread keeps in registers: `norm_items<VEC>()` in norm.cuh. The launch gives a row
+/// enough threads that each holds about this many, so a row of up to 1024 times as many packs is
+/// read once, and each thread has that many loads in flight. (The registers are allocated for all
+/// of them anyway: fewer threads per row with more packs each leaves room for more rows per SM.)
+fn items(vec: u32) -> u32 {
+    if vec >= 4 { 8 } else { 4 }
+}
 /// Threads a block aims for when rows are short, by putting several rows in one block.
-const BLOCK_THREADS: u32 = 256;
+const BLOCK_THREADS: u32 = 128;
 
 /// The widest access that divides `hidden` and to which every element pointer in `ptrs16` (of a
 /// 16-bit element type) and every f32 pointer in `ptrs32` is aligned.
@@ -139,13 +142,13 @@ pub fn all_units() -> Result<Vec<TranslationUnit>, String> {
 }
 
 /// The launch of a norm over `rows` rows of `hidden` elements at `vec` per access: each row gets
-/// a multiple of 32 threads (about [`PACKS_PER_THREAD`] packs each, at most 1024), and short rows
-/// share a block. `None` when the grid would exceed CUDA's limit of 2^31 - 1 blocks. Zero rows
+/// a multiple of 32 threads (about as many packs each as it keeps in registers, at most 1024), and
+/// short rows share a block. `None` when the grid would exceed CUDA's limit of 2^31 - 1 blocks. Zero rows
 /// still get one block (whose threads write nothing).
 pub fn norm_launch_dims(rows: u32, hidden: u32, vec: u32) -> Option<LaunchDims> {
     let packs = hidden.div_ceil(vec.max(1));
     let tx = packs
-        .div_ceil(PACKS_PER_THREAD)
+        .div_ceil(items(vec))
         .next_multiple_of(WARP)
         .clamp(WARP, MAX_THREADS);
     let ty = (BLOCK_THREADS / tx).max(1);
@@ -167,6 +170,8 @@ mod tests {
         let header = Sources::BuiltIn.header("ops/norm.cuh").unwrap();
         assert!(header.contains("sizeof(NormArgs) == 5 * 8 + 4 * 4"));
         assert!(header.contains(&format!("kNormMaxThreads = {MAX_THREADS};")));
+        assert!(header.contains("return VEC >= 4 ? 8 : 4;"));
+        assert_eq!((items(8), items(4), items(2), items(1)), (8, 8, 4, 4));
     }
 
     #[test]
@@ -211,14 +216,14 @@ mod tests {
 
     #[test]
     fn launch_covers_every_row_with_whole_warps() {
-        // 8192 bf16 at 8 per access: 1024 packs, 4 per thread.
+        // 8192 bf16 at 8 per access: 1024 packs, 8 per thread.
         let d = norm_launch_dims(2048, 8192, 8).unwrap();
-        assert_eq!((d.grid, d.block), ([2048, 1, 1], [256, 1, 1]));
-        // Short rows share a block: 8 rows of one warp each.
+        assert_eq!((d.grid, d.block), ([2048, 1, 1], [128, 1, 1]));
+        // Short rows share a block: 4 rows of one warp each.
         let d = norm_launch_dims(10, 128, 8).unwrap();
-        assert_eq!((d.grid, d.block), ([2, 1, 1], [32, 8, 1]));
-        // Odd sizes round up to a warp; huge rows cap at 1024 threads.
-        assert_eq!(norm_launch_dims(3, 129, 1).unwrap().block, [64, 4, 1]);
+        assert_eq!((d.grid, d.block), ([3, 1, 1], [32, 4, 1]));
+        // Odd sizes round up to a warp (4 narrow packs per thread); huge rows cap at 1024 threads.
+        assert_eq!(norm_launch_dims(3, 129, 1).unwrap().block, [64, 2, 1]);
         assert_eq!(norm_launch_dims(1, 1 << 20, 8).unwrap().block, [1024, 1, 1]);
         assert_eq!(norm_launch_dims(0, 64, 8).unwrap().grid, [1, 1, 1]);
         assert!(norm_launch_dims(u32::MAX, 1 << 20, 8).is_none());
