@@ -71,13 +71,20 @@ pub const NORM_VEC_WIDTHS: [u32; 4] = [8, 4, 2, 1];
 /// sum per warp).
 const MAX_THREADS: u32 = 1024;
 const WARP: u32 = 32;
-/// Packs each thread keeps in registers: `norm_items<VEC>()` in norm.cuh. The launch gives a row
-/// enough threads that each holds about this many, so a row of up to 1024 times as many packs is
-/// read once, and each thread has that many loads in flight. (The registers are allocated for all
-/// of them anyway: fewer threads per row with more packs each leaves room for more rows per SM.)
-fn items(vec: u32) -> u32 {
-    if vec >= 4 { 8 } else { 4 }
+/// Packs each thread keeps in registers: `norm_items<VEC, KIND>()` in norm.cuh (fewer for the
+/// fused kind, which holds x and residual packs at once, and for LayerNorm, whose f32 weights are
+/// wide). The launch gives a row enough threads that each holds about this many, so a row of up
+/// to 1024 times as many packs is read once, and each thread has that many loads in flight. (The
+/// registers are allocated for all of them anyway: fewer threads per row with more packs each
+/// leaves room for more rows per SM.)
+fn items(kind: NormKind, vec: u32) -> u32 {
+    match kind {
+        NormKind::Rms if vec >= 4 => 8,
+        NormKind::FusedAddRms if vec < 4 => 2,
+        _ => 4,
+    }
 }
+
 /// Threads a block aims for when rows are short, by putting several rows in one block.
 const BLOCK_THREADS: u32 = 128;
 
@@ -141,14 +148,14 @@ pub fn all_units() -> Result<Vec<TranslationUnit>, String> {
     Ok(units)
 }
 
-/// The launch of a norm over `rows` rows of `hidden` elements at `vec` per access: each row gets
+/// The launch of a `kind` norm over `rows` rows of `hidden` elements at `vec` per access: each row gets
 /// a multiple of 32 threads (about as many packs each as it keeps in registers, at most 1024), and
 /// short rows share a block. `None` when the grid would exceed CUDA's limit of 2^31 - 1 blocks. Zero rows
 /// still get one block (whose threads write nothing).
-pub fn norm_launch_dims(rows: u32, hidden: u32, vec: u32) -> Option<LaunchDims> {
+pub fn norm_launch_dims(kind: NormKind, rows: u32, hidden: u32, vec: u32) -> Option<LaunchDims> {
     let packs = hidden.div_ceil(vec.max(1));
     let tx = packs
-        .div_ceil(items(vec))
+        .div_ceil(items(kind, vec))
         .next_multiple_of(WARP)
         .clamp(WARP, MAX_THREADS);
     let ty = (BLOCK_THREADS / tx).max(1);
@@ -170,8 +177,23 @@ mod tests {
         let header = Sources::BuiltIn.header("ops/norm.cuh").unwrap();
         assert!(header.contains("sizeof(NormArgs) == 5 * 8 + 4 * 4"));
         assert!(header.contains(&format!("kNormMaxThreads = {MAX_THREADS};")));
-        assert!(header.contains("return VEC >= 4 ? 8 : 4;"));
-        assert_eq!((items(8), items(4), items(2), items(1)), (8, 8, 4, 4));
+        assert!(header.contains(
+            "return KIND == kNormRms ? (VEC >= 4 ? 8 : 4) : KIND == kNormFusedAddRms ? (VEC >= 4 ? 4 : 2) : 4;"
+        ));
+        let rms = NormKind::Rms;
+        assert_eq!(
+            (items(rms, 8), items(rms, 4), items(rms, 2), items(rms, 1)),
+            (8, 8, 4, 4)
+        );
+        assert_eq!(
+            (items(NormKind::Layer, 8), items(NormKind::Layer, 1)),
+            (4, 4)
+        );
+        let fused = NormKind::FusedAddRms;
+        assert_eq!(
+            (items(fused, 8), items(fused, 4), items(fused, 1)),
+            (4, 4, 2)
+        );
     }
 
     #[test]
@@ -216,22 +238,28 @@ mod tests {
 
     #[test]
     fn launch_covers_every_row_with_whole_warps() {
-        // 8192 bf16 at 8 per access: 1024 packs, 8 per thread.
-        let d = norm_launch_dims(2048, 8192, 8).unwrap();
+        let (rms, fused) = (NormKind::Rms, NormKind::FusedAddRms);
+        // 8192 bf16 at 8 per access: 1024 packs, 8 per thread (4 for the fused kind).
+        let d = norm_launch_dims(rms, 2048, 8192, 8).unwrap();
         assert_eq!((d.grid, d.block), ([2048, 1, 1], [128, 1, 1]));
+        let d = norm_launch_dims(fused, 2048, 8192, 8).unwrap();
+        assert_eq!((d.grid, d.block), ([2048, 1, 1], [256, 1, 1]));
         // Short rows share a block: 4 rows of one warp each.
-        let d = norm_launch_dims(10, 128, 8).unwrap();
+        let d = norm_launch_dims(rms, 10, 128, 8).unwrap();
         assert_eq!((d.grid, d.block), ([3, 1, 1], [32, 4, 1]));
         // Odd sizes round up to a warp (4 narrow packs per thread); huge rows cap at 1024 threads.
-        assert_eq!(norm_launch_dims(3, 129, 1).unwrap().block, [64, 2, 1]);
-        assert_eq!(norm_launch_dims(1, 1 << 20, 8).unwrap().block, [1024, 1, 1]);
-        assert_eq!(norm_launch_dims(0, 64, 8).unwrap().grid, [1, 1, 1]);
-        assert!(norm_launch_dims(u32::MAX, 1 << 20, 8).is_none());
-        for (rows, hidden, vec) in [(7, 1, 1), (100, 3000, 8), (5, 65536, 8), (9, 40000, 2)] {
-            let d = norm_launch_dims(rows, hidden, vec).unwrap();
-            let (tx, ty) = (d.block[0], d.block[1]);
-            assert!(tx.is_multiple_of(WARP) && tx * ty <= MAX_THREADS);
-            assert!(u64::from(d.grid[0]) * u64::from(ty) >= u64::from(rows));
+        assert_eq!(norm_launch_dims(rms, 3, 129, 1).unwrap().block, [64, 2, 1]);
+        let huge = norm_launch_dims(NormKind::Layer, 1, 1 << 20, 8).unwrap();
+        assert_eq!(huge.block, [1024, 1, 1]);
+        assert_eq!(norm_launch_dims(rms, 0, 64, 8).unwrap().grid, [1, 1, 1]);
+        assert!(norm_launch_dims(rms, u32::MAX, 1 << 20, 8).is_none());
+        for kind in NormKind::ALL {
+            for (rows, hidden, vec) in [(7, 1, 1), (100, 3000, 8), (5, 65536, 8), (9, 40000, 2)] {
+                let d = norm_launch_dims(kind, rows, hidden, vec).unwrap();
+                let (tx, ty) = (d.block[0], d.block[1]);
+                assert!(tx.is_multiple_of(WARP) && tx * ty <= MAX_THREADS);
+                assert!(u64::from(d.grid[0]) * u64::from(ty) >= u64::from(rows));
+            }
         }
     }
 }

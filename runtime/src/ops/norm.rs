@@ -451,7 +451,7 @@ fn launch<T: Element>(gpu: &Gpu, kind: NormKind, args: NormArgs) -> Result<()> {
             args.bias,
         ],
     );
-    let dims = norm_launch_dims(args.rows, args.hidden, vec).ok_or_else(|| {
+    let dims = norm_launch_dims(kind, args.rows, args.hidden, vec).ok_or_else(|| {
         Error::unsupported(format!(
             "{} of {} rows x {} exceeds CUDA's grid limit",
             kind.name(),
