@@ -138,6 +138,21 @@ pub fn silu_and_mul<T: Element>(
 
 /// `out = gelu(x[:, :d]) * x[:, d:]`, `gelu(v) = v / 2 * (1 + erf(v / sqrt 2))`. Errors as
 /// [`act_and_mul`].
+///
+/// ```
+/// use ferrinfer_runtime::ops::activation::{self, ActShape};
+/// use ferrinfer_runtime::{Backend, prelude::bf16};
+/// # fn main() -> ferrinfer_runtime::Result<()> {
+/// let backend = Backend::Cpu;
+/// // Two rows, d = 1: [gate, up] each.
+/// let shape = ActShape::new(2, 1)?;
+/// let x = backend.upload(&[0.0, 5.0, 8.0, 0.5].map(bf16::from_f32))?;
+/// let mut out = backend.filled(shape.output_len(), bf16::ZERO)?;
+/// activation::gelu_and_mul(&backend, shape, &x, &mut out)?;
+/// let out: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert_eq!(out, [0.0, 4.0]); // gelu(0) = 0; gelu(8) = 8 to bf16 precision
+/// # Ok(()) }
+/// ```
 pub fn gelu_and_mul<T: Element>(
     backend: &Backend,
     shape: ActShape,

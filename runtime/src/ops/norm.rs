@@ -124,6 +124,22 @@ pub fn rmsnorm<T: Element>(
 
 /// Gemma's RMSNorm: [`rmsnorm`] with the weight applied as `1 + weight` (the sum in f32).
 /// Errors as [`rmsnorm`].
+///
+/// ```
+/// use ferrinfer_runtime::ops::norm::{self, NormShape};
+/// use ferrinfer_runtime::{Backend, prelude::f16};
+/// # fn main() -> ferrinfer_runtime::Result<()> {
+/// let backend = Backend::Cpu;
+/// let shape = NormShape::new(1, 2)?;
+/// let x = backend.upload(&[3.0, -3.0].map(f16::from_f32))?;
+/// // A zero weight is the identity scale in Gemma's form.
+/// let w = backend.upload(&[0.0, 1.0].map(f16::from_f32))?;
+/// let mut out = backend.filled(2, f16::ZERO)?;
+/// norm::gemma_rmsnorm(&backend, shape, &x, &w, 0.0, &mut out)?;
+/// let out: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert_eq!(out, [1.0, -2.0]);
+/// # Ok(()) }
+/// ```
 pub fn gemma_rmsnorm<T: Element>(
     backend: &Backend,
     shape: NormShape,
@@ -178,6 +194,23 @@ pub fn gemma_fused_add_rmsnorm<T: Element>(
 /// variance; `gamma` and `beta` are f32 `[hidden]`. Asynchronous on a GPU.
 ///
 /// Errors as [`rmsnorm`].
+///
+/// ```
+/// use ferrinfer_runtime::ops::norm::{self, NormShape};
+/// use ferrinfer_runtime::{Backend, prelude::bf16};
+/// # fn main() -> ferrinfer_runtime::Result<()> {
+/// let backend = Backend::Cpu;
+/// let shape = NormShape::new(1, 4)?;
+/// // Mean 5, variance 1: the normalised row is [-1, 1, -1, 1].
+/// let x = backend.upload(&[4.0, 6.0, 4.0, 6.0].map(bf16::from_f32))?;
+/// let gamma = backend.upload(&[1.0, 1.0, 2.0, 2.0])?;
+/// let beta = backend.upload(&[0.0, 0.0, 0.0, 0.5])?;
+/// let mut out = backend.filled(4, bf16::ZERO)?;
+/// norm::layernorm(&backend, shape, &x, &gamma, &beta, 0.0, &mut out)?;
+/// let out: Vec<f32> = out.to_vec()?.iter().map(|v| v.to_f32()).collect();
+/// assert_eq!(out, [-1.0, 1.0, -2.0, 2.5]);
+/// # Ok(()) }
+/// ```
 pub fn layernorm<T: Element>(
     backend: &Backend,
     shape: NormShape,
