@@ -195,4 +195,41 @@ mod tests {
             assert!(l.grid[1] * l.block[1] >= rows);
         }
     }
+
+    /// The (row, pack) pairs each thread touches, walked as `fi::act_and_mul` walks them (pack
+    /// `bx * nx + tx` when below `d / vec`, rows from `by * ny + ty` in steps of `gy * ny`):
+    /// every one exactly once.
+    #[test]
+    fn every_pack_of_every_row_is_touched_exactly_once() {
+        for (rows, d, vec) in [
+            (1, 1, 1),
+            (70, 13, 1),
+            (5, 1000, 4),
+            (3, 14336, 8),
+            (9, 6, 2),
+        ] {
+            let l = act_launch_dims(rows, d, vec);
+            let packs = d / vec;
+            let mut seen = vec![0u8; (rows * packs) as usize];
+            for (bx, by) in (0..l.grid[0]).flat_map(|x| (0..l.grid[1]).map(move |y| (x, y))) {
+                for (tx, ty) in (0..l.block[0]).flat_map(|x| (0..l.block[1]).map(move |y| (x, y))) {
+                    let col = bx * l.block[0] + tx;
+                    if col >= packs {
+                        continue;
+                    }
+                    let step = (l.grid[1] * l.block[1]) as usize;
+                    for r in (by * l.block[1] + ty..rows).step_by(step) {
+                        seen[(r * packs + col) as usize] += 1;
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "rows {rows} d {d} vec {vec}");
+        }
+        // Past grid.y's limit: rows stepped over, still once each (65535 blocks of one row).
+        let l = act_launch_dims(70_000, 2049, 1);
+        assert_eq!((l.grid[1], l.block[1]), (MAX_GRID_Y, 1));
+        let step = l.grid[1] * l.block[1];
+        let per_thread = |first: u32| (first..70_000).step_by(step as usize).count();
+        assert_eq!(per_thread(0) + per_thread(MAX_GRID_Y - 1), 2 + 1);
+    }
 }

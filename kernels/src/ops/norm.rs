@@ -262,4 +262,47 @@ mod tests {
             }
         }
     }
+
+    /// The packs each thread of a launch touches, walked as `fi::norm` walks them (its first
+    /// `items` packs at `tx + k * nx`, the rest from `tx + items * nx` in steps of `nx`), for
+    /// rows past the end none: every (row, pack) of the tensor exactly once, nothing outside.
+    #[test]
+    fn every_pack_of_every_row_is_touched_exactly_once() {
+        for kind in NormKind::ALL {
+            for (rows, hidden, vec) in [
+                (1, 1, 1),
+                (7, 129, 1),
+                (5, 6, 2),
+                (9, 100, 4),
+                (3, 8192, 8),
+                (2, 100_000, 8),
+                (2, 40_004, 4),
+                (1, 20_002, 2),
+            ] {
+                let d = norm_launch_dims(kind, rows, hidden, vec).unwrap();
+                let (nx, ny) = (d.block[0], d.block[1]);
+                let packs = hidden / vec;
+                let mut seen = vec![0u8; (rows * packs) as usize];
+                for block in 0..d.grid[0] {
+                    for ty in 0..ny {
+                        let row = block * ny + ty;
+                        if row >= rows {
+                            continue;
+                        }
+                        for tx in 0..nx {
+                            let cached = (0..items(kind, vec)).map(|k| tx + k * nx);
+                            let rest = (tx + items(kind, vec) * nx..packs).step_by(nx as usize);
+                            for i in cached.filter(|&i| i < packs).chain(rest) {
+                                seen[(row * packs + i) as usize] += 1;
+                            }
+                        }
+                    }
+                }
+                assert!(
+                    seen.iter().all(|&n| n == 1),
+                    "{kind:?} rows {rows} hidden {hidden} vec {vec}"
+                );
+            }
+        }
+    }
 }
