@@ -2,8 +2,10 @@
 //! side by side. What their GPU halves share (argument passing, module cache, launch) is in
 //! `kernel`.
 
+pub mod activation;
 pub mod cascade;
 pub(crate) mod kernel;
+pub mod norm;
 
 use crate::error::{Error, Result};
 use ferrinfer_kernels::TranslationUnit;

@@ -1,0 +1,214 @@
+// Row norms over [rows, hidden]: RMSNorm, fused residual add + RMSNorm, LayerNorm. Gemma's (1 + w)
+// forms are the RMS kinds with weight_offset = 1 (the weight is applied as w + weight_offset).
+//
+// A row is handled by blockDim.x threads (a multiple of 32, so a warp never spans two rows),
+// blockDim.y rows per block. Each thread keeps its first norm_items<VEC, KIND>() packs of the row in
+// registers between the reduction and the write, so a row of up to blockDim.x * norm_items()
+// packs is read from memory once; the rest of a longer row is read again in the write pass (each
+// thread re-reads only what it read itself, so in-place updates need no barrier).
+// Mirrored by kernels/src/ops/norm.rs.
+#pragma once
+
+#include "core/dtype.cuh"
+#include "core/warp.cuh"
+
+namespace fi {
+
+struct NormArgs {
+  void* x;              // [rows, hidden]; fused add: overwritten with the normed row
+  void* residual;       // fused add: [rows, hidden], becomes residual + x (rounded to T)
+  const void* weight;   // [hidden]: T for the RMS kinds, f32 gamma for LayerNorm
+  const float* bias;    // LayerNorm: f32 beta [hidden]
+  void* out;            // RMSNorm, LayerNorm: [rows, hidden]
+  unsigned rows, hidden;
+  float eps, weight_offset;
+};
+static_assert(sizeof(NormArgs) == 5 * 8 + 4 * 4, "NormArgs must match kernels/src/ops/norm.rs");
+
+constexpr unsigned kNormRms = 0;
+constexpr unsigned kNormFusedAddRms = 1;
+constexpr unsigned kNormLayer = 2;
+constexpr unsigned kNormMaxThreads = 1024;
+
+template <class T, unsigned N>
+struct alignas(sizeof(T) * N) NormPack {
+  T x[N];
+};
+
+// Packs each thread keeps in registers, at most what fits under __launch_bounds__(1024) (64
+// registers) without spilling: RMS 8 (4 narrow), a row of up to 64k elements at 1024 threads read
+// once; fused add 4 (2 narrow), as it holds x and residual packs at once while it loads; LayerNorm
+// 4, as its f32 gamma and beta packs are twice as wide.
+template <unsigned VEC, unsigned KIND>
+__device__ constexpr unsigned norm_items() {
+  return KIND == kNormRms ? (VEC >= 4 ? 8 : 4) : KIND == kNormFusedAddRms ? (VEC >= 4 ? 4 : 2) : 4;
+}
+
+// Sum over the threads of this thread's row; every thread of the row gets the same bits (same
+// order everywhere). Block-uniform control flow: every thread of the block must call it.
+__device__ __forceinline__ float norm_row_sum(float v, float* partial) {
+  v = warp_sum(v);
+  const unsigned warps = blockDim.x / kWarpSize;
+  if (warps == 1) return v;
+  const unsigned base = threadIdx.y * warps;
+  if (lane_id() == 0) partial[base + warp_id()] = v;
+  __syncthreads();
+  float total = 0.0f;
+  for (unsigned w = 0; w < warps; ++w) total += partial[base + w];
+  __syncthreads();  // the next reduction reuses partial
+  return total;
+}
+
+template <class T, unsigned VEC>
+__device__ __forceinline__ NormPack<T, VEC> norm_pack(const void* base, unsigned long long e) {
+  return *reinterpret_cast<const NormPack<T, VEC>*>(static_cast<const T*>(base) + e);
+}
+
+template <class T, unsigned VEC>
+__device__ __forceinline__ void norm_put(void* base, unsigned long long e, const NormPack<T, VEC>& p) {
+  *reinterpret_cast<NormPack<T, VEC>*>(static_cast<T*>(base) + e) = p;
+}
+
+// residual + x, rounded to T: what the fused kind stores and normalises.
+template <class T, unsigned VEC>
+__device__ __forceinline__ NormPack<T, VEC> norm_add(const NormPack<T, VEC>& x,
+                                                     const NormPack<T, VEC>& r) {
+  NormPack<T, VEC> sum;
+#pragma unroll
+  for (unsigned j = 0; j < VEC; ++j) sum.x[j] = from_f32<T>(to_f32(x.x[j]) + to_f32(r.x[j]));
+  return sum;
+}
+
+template <class T, unsigned VEC>
+__device__ __forceinline__ float norm_pack_sum(const NormPack<T, VEC>& p, float shift, bool square) {
+  float s = 0.0f;
+#pragma unroll
+  for (unsigned j = 0; j < VEC; ++j) {
+    const float v = to_f32(p.x[j]) - shift;
+    s += square ? v * v : v;
+  }
+  return s;
+}
+
+// Pack c (in elements) of the output: (x - shift) * scale * (w + weight_offset) for the RMS kinds
+// (shift 0), (x - mean) * rstd * gamma + beta for LayerNorm. Loads only the weights.
+template <class T, unsigned VEC, unsigned KIND>
+__device__ __forceinline__ NormPack<T, VEC> norm_apply(const NormArgs& a, unsigned c,
+                                                       const NormPack<T, VEC>& p, float shift,
+                                                       float scale) {
+  NormPack<T, VEC> o;
+  if (KIND == kNormLayer) {
+    const NormPack<float, VEC> g = norm_pack<float, VEC>(a.weight, c);
+    const NormPack<float, VEC> b = norm_pack<float, VEC>(a.bias, c);
+#pragma unroll
+    for (unsigned j = 0; j < VEC; ++j) {
+      o.x[j] = from_f32<T>((to_f32(p.x[j]) - shift) * scale * g.x[j] + b.x[j]);
+    }
+  } else {
+    const NormPack<T, VEC> w = norm_pack<T, VEC>(a.weight, c);
+#pragma unroll
+    for (unsigned j = 0; j < VEC; ++j) {
+      o.x[j] = from_f32<T>(to_f32(p.x[j]) * scale * (to_f32(w.x[j]) + a.weight_offset));
+    }
+  }
+  return o;
+}
+
+// hidden must be a multiple of VEC and every pointer aligned to a pack (the host checks).
+//
+// Loads come before stores in each phase: the compiler may not move a load above a store that
+// might alias it, so interleaving them would leave one load in flight per thread at a time.
+template <class T, unsigned VEC, unsigned KIND>
+__device__ __forceinline__ void norm(const NormArgs& a) {
+  using P = NormPack<T, VEC>;
+  constexpr unsigned kItems = norm_items<VEC, KIND>();
+  constexpr bool kFused = KIND == kNormFusedAddRms;
+  __shared__ float partial[kNormMaxThreads / kWarpSize];
+  const unsigned long long row =
+      static_cast<unsigned long long>(blockIdx.x) * blockDim.y + threadIdx.y;
+  // Rows past the end still take part in every __syncthreads, with nothing to read or write.
+  const bool live = row < a.rows;
+  const unsigned packs = live ? a.hidden / VEC : 0;
+  const unsigned long long at = row * a.hidden;
+  const unsigned tx = threadIdx.x, nx = blockDim.x;
+  // Element offset of this thread's pack i, and whether cached pack k exists.
+  auto elem = [&](unsigned i) { return at + static_cast<unsigned long long>(i) * VEC; };
+  auto has = [&](unsigned k) { return tx + k * nx < packs; };
+
+  // Read: x (fused: x and residual, then store their rounded sum) into registers.
+  P cache[kItems];
+#pragma unroll
+  for (unsigned k = 0; k < kItems; ++k) {
+    if (has(k)) cache[k] = norm_pack<T, VEC>(a.x, elem(tx + k * nx));
+  }
+  if (kFused) {
+    P res[kItems];
+#pragma unroll
+    for (unsigned k = 0; k < kItems; ++k) {
+      if (has(k)) res[k] = norm_pack<T, VEC>(a.residual, elem(tx + k * nx));
+    }
+#pragma unroll
+    for (unsigned k = 0; k < kItems; ++k) {
+      if (has(k)) {
+        cache[k] = norm_add(cache[k], res[k]);
+        norm_put(a.residual, elem(tx + k * nx), cache[k]);
+      }
+    }
+  }
+  // First statistic: the sum of squares (RMS) or the sum (LayerNorm).
+  const bool square = KIND != kNormLayer;
+  float s = 0.0f;
+#pragma unroll
+  for (unsigned k = 0; k < kItems; ++k) {
+    if (has(k)) s += norm_pack_sum(cache[k], 0.0f, square);
+  }
+  // Past the registers (rows longer than they hold): one pack at a time.
+  for (unsigned i = tx + kItems * nx; i < packs; i += nx) {
+    P p = norm_pack<T, VEC>(a.x, elem(i));
+    if (kFused) {
+      p = norm_add(p, norm_pack<T, VEC>(a.residual, elem(i)));
+      norm_put(a.residual, elem(i), p);
+    }
+    s += norm_pack_sum(p, 0.0f, square);
+  }
+  s = norm_row_sum(s, partial);
+  const float inv_n = 1.0f / static_cast<float>(a.hidden);
+  // The fused kind normalises the residual it stored (this thread's own stores: no barrier).
+  const void* src = kFused ? a.residual : a.x;
+
+  float shift = 0.0f, scale;
+  if (KIND == kNormLayer) {
+    // Variance about the mean, a second pass over the registers (and memory past them): no
+    // cancellation of E[x^2] - E[x]^2 when the mean is large.
+    shift = s * inv_n;
+    float v = 0.0f;
+#pragma unroll
+    for (unsigned k = 0; k < kItems; ++k) {
+      if (has(k)) v += norm_pack_sum(cache[k], shift, true);
+    }
+    for (unsigned i = tx + kItems * nx; i < packs; i += nx) {
+      v += norm_pack_sum(norm_pack<T, VEC>(src, elem(i)), shift, true);
+    }
+    v = norm_row_sum(v, partial);
+    scale = rsqrtf(v * inv_n + a.eps);
+  } else {
+    scale = rsqrtf(s * inv_n + a.eps);
+  }
+
+  // Write: every cached output first (weight loads only), then the stores.
+  void* dst = kFused ? a.x : a.out;
+#pragma unroll
+  for (unsigned k = 0; k < kItems; ++k) {
+    if (has(k)) cache[k] = norm_apply<T, VEC, KIND>(a, (tx + k * nx) * VEC, cache[k], shift, scale);
+  }
+#pragma unroll
+  for (unsigned k = 0; k < kItems; ++k) {
+    if (has(k)) norm_put(dst, elem(tx + k * nx), cache[k]);
+  }
+  for (unsigned i = tx + kItems * nx; i < packs; i += nx) {
+    norm_put(dst, elem(i), norm_apply<T, VEC, KIND>(a, i * VEC, norm_pack<T, VEC>(src, elem(i)),
+                                                    shift, scale));
+  }
+}
+
+}  // namespace fi
