@@ -4,6 +4,7 @@
 
 pub mod cascade;
 pub(crate) mod kernel;
+pub mod sampling;
 
 use crate::error::{Error, Result};
 use ferrinfer_kernels::TranslationUnit;
