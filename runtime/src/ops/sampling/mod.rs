@@ -323,7 +323,12 @@ fn sample(
                 let v = shape.vocab as usize;
                 let p = RowParams::host(filter, temperature, row, shape.vocab)?;
                 let draws = RowDraws::new(seed, offset, row as u32);
-                out.push(sample_row_host(&x[row * v..(row + 1) * v], input, &p, &draws));
+                out.push(sample_row_host(
+                    &x[row * v..(row + 1) * v],
+                    input,
+                    &p,
+                    &draws,
+                ));
             }
             tokens.host_mut()?.copy_from_slice(&out);
             state.buffer_mut().host_mut()?[1] = offset.wrapping_add(1);
@@ -394,7 +399,9 @@ impl RowParams {
         vocab: u32,
     ) -> Result<Self> {
         let k = match filter.top_k {
-            Some(k) => k.host_value(row)?.clamp(1, vocab.min(i32::MAX as u32) as i32) as u32,
+            Some(k) => k
+                .host_value(row)?
+                .clamp(1, vocab.min(i32::MAX as u32) as i32) as u32,
             None => vocab,
         };
         let clamp01 = |p: f32, nan: f32| if p.is_nan() { nan } else { p.clamp(0.0, 1.0) };
@@ -497,11 +504,16 @@ fn sample_row_host(x: &[f32], input: SamplingInput, p: &RowParams, draws: &RowDr
 /// The race winner among the allowed tokens: the largest `w / -ln(u)`, ties to the lowest token.
 fn race(w: &[f64], allowed: &[bool], draws: &RowDraws) -> Option<usize> {
     let mut best: Option<(f64, usize)> = None;
+    let mut block = (u32::MAX, [0u32; 4]);
     for (t, (&w, &ok)) in w.iter().zip(allowed).enumerate() {
         if !ok || w <= 0.0 {
             continue;
         }
-        let key = w / -f64::from(draws.token_uniform(t as u32)).ln();
+        let group = (t / 4) as u32;
+        if block.0 != group {
+            block = (group, draws.block(group));
+        }
+        let key = w / -f64::from(philox_uniform(block.1[t % 4])).ln();
         if best.is_none_or(|(b, _)| key > b) {
             best = Some((key, t));
         }
@@ -530,15 +542,7 @@ fn launch(gpu: &Gpu, input: SamplingInput, args: SamplingArgs) -> Result<()> {
     // batch (read at r < batch), and that the state buffer holds its two words; every address
     // came from device_ptr on this GPU, and the buffers outlive the launch (the caller holds
     // them; work is ordered on the one stream).
-    unsafe {
-        kernel::launch(
-            gpu,
-            &name,
-            || kern::sampling_unit(input, vec),
-            dims,
-            args,
-        )
-    }
+    unsafe { kernel::launch(gpu, &name, || kern::sampling_unit(input, vec), dims, args) }
 }
 
 /// Add `add` to the state's offset on the device, after the draws that read it.

@@ -52,18 +52,16 @@ impl RowDraws {
     pub fn new(seed: u64, offset: u64, row: u32) -> Self {
         RowDraws { row, seed, offset }
     }
+    /// The four words of Philox group `g` (tokens `4 g .. 4 g + 4`).
+    pub fn block(&self, g: u32) -> [u32; 4] {
+        philox4x32_10(
+            [g, self.row, self.offset as u32, (self.offset >> 32) as u32],
+            [self.seed as u32, (self.seed >> 32) as u32],
+        )
+    }
     /// The 32-bit word of index `i` (token `i`, or `SCALAR_GROUPS * 4 + j` for scalar draw `j`).
     pub fn word(&self, i: u64) -> u32 {
-        let block = philox4x32_10(
-            [
-                (i / 4) as u32,
-                self.row,
-                self.offset as u32,
-                (self.offset >> 32) as u32,
-            ],
-            [self.seed as u32, (self.seed >> 32) as u32],
-        );
-        block[(i % 4) as usize]
+        self.block((i / 4) as u32)[(i % 4) as usize]
     }
     /// The uniform of token `t`.
     pub fn token_uniform(&self, t: u32) -> f32 {
@@ -102,7 +100,9 @@ impl SamplerState {
     pub fn read(&self) -> Result<(u64, u64)> {
         match self.state.to_vec()?[..] {
             [seed, offset] => Ok((seed, offset)),
-            _ => Err(Error::invalid("sampler state: the buffer lost its two words")),
+            _ => Err(Error::invalid(
+                "sampler state: the buffer lost its two words",
+            )),
         }
     }
     pub(crate) fn buffer(&self) -> &Buffer<u64> {
@@ -144,7 +144,10 @@ mod tests {
         for bits in [0u32, 1 << 9, 12345 << 9, u32::MAX] {
             let u = philox_uniform(bits);
             assert!(u > 0.0 && u < 1.0);
-            assert_eq!(f64::from(u), f64::from((bits >> 9) * 2 + 1) / f64::from(1u32 << 24));
+            assert_eq!(
+                f64::from(u),
+                f64::from((bits >> 9) * 2 + 1) / f64::from(1u32 << 24)
+            );
         }
     }
 
