@@ -55,9 +55,11 @@ struct alignas(4 * N) FloatPack {
 
 struct SamplingSmem {
   unsigned hist[kRadixBins];
+  float mass[kRadixBins];  // radix select by mass (top-p renormalisation)
   float f[kSamplingWarps];
   unsigned long long u[kSamplingWarps];
   unsigned pick[2];
+  float pick_mass;
 };
 
 // Unsigned keys in the order of the floats (no NaN here: values are canonical first).
@@ -185,54 +187,126 @@ __device__ __noinline__ void race_pass(const float* x, unsigned n, const RowValu
   sum = block_sum(s, sm);
 }
 
-// The k-th largest canonical value of the row (1 <= k <= n): count(v > t) < k <= count(v >= t).
-template <bool LOGITS, unsigned VEC>
-__device__ float kth_largest(const float* x, unsigned n, unsigned k, const RowValues<LOGITS>& rv,
-                             SamplingSmem& sm) {
+// A radix select over order-preserving keys of the canonical values (11 + 11 + 10 bits, shared
+// histograms), three passes over the row.
+//  - by count (MASS false): the k-th largest value t (1 <= k <= n): count(v > t) < k <= count(v >= t).
+//  - by mass (MASS true): the value t with mass(v > t) < target <= mass(v >= t), mass being the sum
+//    of weights; the largest value when target <= 0, the smallest when target exceeds the mass.
+//    The histogram sums are float atomics, so t can differ run to run where the mass above a value
+//    is within rounding of target.
+template <bool LOGITS, unsigned VEC, bool MASS>
+__device__ float radix_select(const float* x, unsigned n, unsigned k, float target,
+                              const RowValues<LOGITS>& rv, SamplingSmem& sm) {
   unsigned prefix = 0, mask = 0, remaining = k;
+  float want = target;
   for (unsigned pass = 0; pass < 3; ++pass) {
     const unsigned shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
     const unsigned bins = pass == 2 ? 1024 : 2048;
-    for (unsigned b = threadIdx.x; b < kRadixBins; b += kSamplingThreads) sm.hist[b] = 0;
+    for (unsigned b = threadIdx.x; b < kRadixBins; b += kSamplingThreads) {
+      sm.hist[b] = 0;
+      if (MASS) sm.mass[b] = 0.0f;
+    }
     __syncthreads();
     scan_row<VEC>(x, n, [&](unsigned, const FloatPack<VEC>& p) {
 #pragma unroll
       for (unsigned e = 0; e < VEC; ++e) {
-        const unsigned key = order_key(rv.value(p.x[e]));
-        if ((key & mask) == prefix) atomicAdd(&sm.hist[(key >> shift) & (bins - 1)], 1u);
+        const float v = rv.value(p.x[e]);
+        const unsigned key = order_key(v);
+        if ((key & mask) == prefix) {
+          const unsigned b = (key >> shift) & (bins - 1);
+          atomicAdd(&sm.hist[b], 1u);
+          if (MASS) atomicAdd(&sm.mass[b], rv.weight(v));
+        }
       }
     });
     __syncthreads();
     if (warp_id() == 0) {
       // Each lane owns bins/32 consecutive bins; a suffix scan over lanes finds the lane whose
-      // bins hold the remaining-th largest, and that lane walks its bins from the top.
+      // bins hold the crossing, and that lane walks its bins from the top.
       const unsigned per = bins / kWarpSize, lo = lane_id() * per;
       unsigned c = 0;
-      for (unsigned b = 0; b < per; ++b) c += sm.hist[lo + b];
+      float m = 0.0f;
+      for (unsigned b = 0; b < per; ++b) {
+        c += sm.hist[lo + b];
+        if (MASS) m += sm.mass[lo + b];
+      }
       unsigned s = c;
+      float ms = m;
       for (unsigned o = 1; o < kWarpSize; o *= 2) {
         const unsigned up = __shfl_down_sync(kFullMask, s, o);
-        if (lane_id() + o < kWarpSize) s += up;
+        const float upm = __shfl_down_sync(kFullMask, ms, o);
+        if (lane_id() + o < kWarpSize) {
+          s += up;
+          ms += upm;
+        }
       }
-      unsigned acc = s - c;
-      if (acc < remaining && remaining <= s) {
-        for (unsigned b = lo + per; b-- > lo;) {
-          const unsigned h = sm.hist[b];
-          if (acc + h >= remaining) {
-            sm.pick[0] = b;
-            sm.pick[1] = remaining - acc;
-            break;
+      if (!MASS) {
+        unsigned acc = s - c;
+        if (acc < remaining && remaining <= s) {
+          for (unsigned b = lo + per; b-- > lo;) {
+            const unsigned h = sm.hist[b];
+            if (acc + h >= remaining) {
+              sm.pick[0] = b;
+              sm.pick[1] = remaining - acc;
+              break;
+            }
+            acc += h;
           }
-          acc += h;
+        }
+      } else {
+        // The nonempty bin where the mass from the top reaches want (the top nonempty one when
+        // want <= 0). Lanes hold increasing bins, and the lanes' intervals (above, sum] of
+        // nonempty lanes tile the mass, so at most one lane holds it. None (want above the
+        // mass, by rounding): the lowest nonempty bin, keeping everything below as well.
+        const float above = ms - m;
+        const bool here = c > 0 && (want <= 0.0f || (above < want && want <= ms));
+        const unsigned holders = __ballot_sync(kFullMask, here);
+        const unsigned nonempty = __ballot_sync(kFullMask, c > 0);
+        if (holders != 0 && lane_id() == 31u - __clz(holders)) {
+          float acc = above;
+          unsigned last = lo;
+          float last_acc = acc;
+          bool found = false;
+          for (unsigned b = lo + per; b-- > lo;) {
+            if (sm.hist[b] == 0) continue;
+            if (want <= 0.0f || acc + sm.mass[b] >= want) {
+              sm.pick[0] = b;
+              sm.pick_mass = want - acc;
+              found = true;
+              break;
+            }
+            last = b;
+            last_acc = acc;
+            acc += sm.mass[b];
+          }
+          if (!found) {  // the walk's sums rounded below the lane's: its lowest nonempty bin
+            sm.pick[0] = last;
+            sm.pick_mass = want - last_acc;
+          }
+        } else if (holders == 0 && lane_id() == __ffs(nonempty) - 1) {
+          for (unsigned q = lo; q < lo + per; ++q) {
+            if (sm.hist[q] > 0) {
+              sm.pick[0] = q;
+              sm.pick_mass = FI_INF;
+              break;
+            }
+          }
         }
       }
     }
     __syncthreads();
     prefix |= sm.pick[0] << shift;
-    remaining = sm.pick[1];
+    if (MASS) want = sm.pick_mass;
+    else remaining = sm.pick[1];
     mask |= (bins - 1) << shift;
   }
   return order_value(prefix);
+}
+
+template <bool LOGITS, unsigned VEC>
+__device__ __forceinline__ float kth_largest(const float* x, unsigned n, unsigned k,
+                                             const RowValues<LOGITS>& rv, SamplingSmem& sm) {
+  return radix_select<LOGITS, VEC, false>(x, n, k, 0.0f, rv, sm);
 }
 
 template <bool LOGITS, unsigned VEC>
@@ -299,6 +373,190 @@ __device__ __forceinline__ void sample_row(const SamplingArgs& a, unsigned row) 
     if (round == kSamplingMaxRounds) j = race_token(top);
   }
   if (threadIdx.x == 0) a.out[row] = static_cast<int>(j);
+}
+
+// ---- Row transforms: softmax with temperature, top-k / top-p renormalisation, top-k masking ----
+
+struct RowTransformArgs {
+  const float* x;                // [batch, row_stride]
+  float* out;                    // [batch, row_stride]; may be x (each element is read, then written)
+  const int* top_k_arr;          // [batch] or null
+  const float* top_p_arr;        // [batch] or null
+  const float* temperature_arr;  // [batch] or null
+  unsigned long long row_stride;
+  unsigned batch, vocab;
+  int top_k;
+  float top_p, temperature;
+  unsigned pad;
+};
+static_assert(sizeof(RowTransformArgs) == 6 * 8 + 6 * 4, "RowTransformArgs must match sampling.rs");
+
+constexpr unsigned kSoftmax = 0, kTopKRenorm = 1, kTopPRenorm = 2, kTopKMask = 3;
+
+// out = f(x) for every element, read before written (so out may be x).
+template <unsigned VEC, class F>
+__device__ __forceinline__ void map_row(const float* x, float* out, unsigned n, F f) {
+  for (unsigned i = threadIdx.x * VEC; i < n; i += kSamplingThreads * VEC) {
+    FloatPack<VEC> p = *reinterpret_cast<const FloatPack<VEC>*>(x + i);
+#pragma unroll
+    for (unsigned e = 0; e < VEC; ++e) p.x[e] = f(p.x[e]);
+    *reinterpret_cast<FloatPack<VEC>*>(out + i) = p;
+  }
+}
+
+// Softmax: logits canonical as for sampling (NaN and +-inf count as -inf; a row without a finite
+// logit becomes zeros). Top-k / top-p renormalisation of probabilities: the kept weights over
+// their sum, 0 elsewhere (a row without positive weight becomes zeros). Top-k masking: logits
+// below the k-th largest become -inf (ties kept); NaN and +-inf become -inf.
+template <unsigned OP, unsigned VEC>
+__device__ __forceinline__ void transform_row(const RowTransformArgs& a, unsigned row) {
+  __shared__ SamplingSmem sm;
+  const unsigned n = a.vocab;
+  const float* x = a.x + row * a.row_stride;
+  float* out = a.out + row * a.row_stride;
+  constexpr bool kLogits = OP == kSoftmax || OP == kTopKMask;
+  RowValues<kLogits> rv{0.0f, 1.0f};
+  if constexpr (OP == kSoftmax) {
+    const float temp = a.temperature_arr ? a.temperature_arr[row] : a.temperature;
+    rv.inv_t = (temp > 0.0f && temp < FI_INF) ? fminf(1.0f / temp, 3.4028234e38f) : 1.0f;
+    float m = -FI_INF;
+    scan_row<VEC>(x, n, [&](unsigned, const FloatPack<VEC>& p) {
+#pragma unroll
+      for (unsigned e = 0; e < VEC; ++e) m = fmaxf(m, rv.value(p.x[e]));
+    });
+    rv.m = block_max(m, sm);
+    float z = 0.0f;
+    if (rv.m > -FI_INF) {
+      scan_row<VEC>(x, n, [&](unsigned, const FloatPack<VEC>& p) {
+#pragma unroll
+        for (unsigned e = 0; e < VEC; ++e) z += rv.weight(rv.value(p.x[e]));
+      });
+    }
+    z = block_sum(z, sm);
+    const float inv_z = z > 0.0f ? 1.0f / z : 0.0f;
+    map_row<VEC>(x, out, n, [&](float v) { return rv.weight(rv.value(v)) * inv_z; });
+  } else if constexpr (OP == kTopKMask) {
+    const int kk = a.top_k_arr ? a.top_k_arr[row] : a.top_k;
+    const unsigned k = kk < 1 ? 1u : (static_cast<unsigned>(kk) > n ? n : static_cast<unsigned>(kk));
+    const float t = k < n ? kth_largest<true, VEC>(x, n, k, rv, sm) : -FI_INF;
+    map_row<VEC>(x, out, n, [&](float v) {
+      const float c = rv.value(v);
+      return c >= t ? c : -FI_INF;
+    });
+  } else {
+    float t = 0.0f;
+    if constexpr (OP == kTopKRenorm) {
+      const int kk = a.top_k_arr ? a.top_k_arr[row] : a.top_k;
+      const unsigned k = kk < 1 ? 1u : (static_cast<unsigned>(kk) > n ? n : static_cast<unsigned>(kk));
+      if (k < n) t = kth_largest<false, VEC>(x, n, k, rv, sm);
+    } else {
+      const float pp = a.top_p_arr ? a.top_p_arr[row] : a.top_p;
+      const float p = pp != pp ? 1.0f : fminf(fmaxf(pp, 0.0f), 1.0f);
+      if (p < 1.0f) {
+        float total = 0.0f;
+        scan_row<VEC>(x, n, [&](unsigned, const FloatPack<VEC>& q) {
+#pragma unroll
+          for (unsigned e = 0; e < VEC; ++e) total += rv.value(q.x[e]);
+        });
+        total = block_sum(total, sm);
+        t = radix_select<false, VEC, true>(x, n, 0, p * total, rv, sm);
+      }
+    }
+    float kept = 0.0f;
+    scan_row<VEC>(x, n, [&](unsigned, const FloatPack<VEC>& q) {
+#pragma unroll
+      for (unsigned e = 0; e < VEC; ++e) {
+        const float v = rv.value(q.x[e]);
+        if (v >= t) kept += v;
+      }
+    });
+    kept = block_sum(kept, sm);
+    const float inv = kept > 0.0f ? 1.0f / kept : 0.0f;
+    map_row<VEC>(x, out, n, [&](float v) {
+      const float c = rv.value(v);
+      return c >= t ? c * inv : 0.0f;
+    });
+  }
+}
+
+// ---- Chain speculative sampling ----
+
+struct SpeculativeArgs {
+  const float* draft_probs;         // [batch, n, vocab]
+  const int* draft_ids;             // [batch, n]
+  const float* target_probs;        // [batch, n + 1, vocab]
+  int* out;                         // [batch, n + 1], -1 after the emitted token
+  int* accepted;                    // [batch]: draft tokens accepted
+  int* emitted;                     // [batch]: tokens written (accepted + 1)
+  const unsigned long long* state;  // {seed, offset}
+  unsigned batch, n, vocab, pad;
+};
+static_assert(sizeof(SpeculativeArgs) == 7 * 8 + 4 * 4, "SpeculativeArgs must match sampling.rs");
+
+// Draft token i (in order) is accepted when u_i p_draft < p_target (probability min(1, pt/pd)),
+// u_i the row's scalar draw i; an id outside the vocabulary is rejected. At the first rejection
+// the emitted token is drawn from max(0, p_target - p_draft) of that position (from p_target
+// when that has no mass); with all accepted, the bonus token from p_target of position n.
+// Probabilities canonical as for sampling. Thread 0 runs the tests (n is small); the block then
+// races over one row (two when the residual is needed).
+template <unsigned VEC>
+__device__ __forceinline__ void chain_speculative(const SpeculativeArgs& a, unsigned row) {
+  __shared__ SamplingSmem sm;
+  const unsigned n = a.n, V = a.vocab;
+  const RowRng rng = row_rng(a.state, row);
+  const unsigned long long vocab = V;
+  const float* draft = a.draft_probs + static_cast<unsigned long long>(row) * n * vocab;
+  const float* target = a.target_probs + static_cast<unsigned long long>(row) * (n + 1) * vocab;
+  int* out = a.out + static_cast<unsigned long long>(row) * (n + 1);
+  const RowValues<false> rv{0.0f, 1.0f};
+  if (threadIdx.x == 0) {
+    unsigned i = 0;
+    for (; i < n; ++i) {
+      const int d = a.draft_ids[static_cast<unsigned long long>(row) * n + i];
+      if (d < 0 || static_cast<unsigned>(d) >= V) break;
+      const float pd = rv.value(draft[i * vocab + d]);
+      const float pt = rv.value(target[i * vocab + d]);
+      const float u = philox_uniform(philox_word(rng.group(kPhiloxScalarGroups + (i >> 2)), i & 3));
+      if (!(u * pd < pt)) break;
+      out[i] = d;
+    }
+    sm.pick[0] = i;
+  }
+  __syncthreads();
+  const unsigned acc = sm.pick[0];
+  const float* t_row = target + acc * vocab;
+  const float* d_row = acc < n ? draft + acc * vocab : nullptr;
+  unsigned long long best = 0;
+  for (unsigned pass = d_row ? 0 : 1; pass < 2 && best == 0; ++pass) {
+    unsigned long long b = 0;
+    for (unsigned i = threadIdx.x * VEC; i < V; i += kSamplingThreads * VEC) {
+      const FloatPack<VEC> pt = *reinterpret_cast<const FloatPack<VEC>*>(t_row + i);
+      FloatPack<VEC> pd;
+#pragma unroll
+      for (unsigned e = 0; e < VEC; ++e) pd.x[e] = 0.0f;
+      if (pass == 0) pd = *reinterpret_cast<const FloatPack<VEC>*>(d_row + i);
+      Philox4 r;
+      bool have = false;
+#pragma unroll
+      for (unsigned e = 0; e < VEC; ++e) {
+        const float w = rv.value(pt.x[e]) - rv.value(pd.x[e]);
+        if (!(w > 0.0f)) continue;
+        const unsigned t = i + e;
+        if (!have) {
+          r = rng.group(t >> 2);
+          have = true;
+        }
+        b = max_u64(b, race_entry(race_key(w, philox_word(r, t & 3)), t));
+      }
+    }
+    best = block_max_u64(b, sm);
+  }
+  if (threadIdx.x == 0) {
+    out[acc] = best ? static_cast<int>(race_token(best)) : 0;
+    for (unsigned i = acc + 1; i <= n; ++i) out[i] = -1;
+    a.accepted[row] = static_cast<int>(acc);
+    a.emitted[row] = static_cast<int>(acc + 1);
+  }
 }
 
 }  // namespace fi
