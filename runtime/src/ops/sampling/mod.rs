@@ -44,6 +44,8 @@
 //! ```
 
 pub mod rng;
+pub mod speculative;
+pub mod transform;
 
 use ferrinfer_kernels::ops::sampling::{
     self as kern, FLAG_MIN_P, FLAG_TOP_K, FLAG_TOP_P, SamplingAdvanceArgs, SamplingArgs,
@@ -427,11 +429,23 @@ impl RowParams {
 /// The canonical value of an input element (as `fi::RowValues::value`).
 fn canonical(x: f32, input: SamplingInput) -> f32 {
     match input {
-        SamplingInput::Logits if x.is_finite() => x + 0.0,
-        SamplingInput::Logits => f32::NEG_INFINITY,
-        SamplingInput::Probs if x > 0.0 && x.is_finite() => x,
-        SamplingInput::Probs => 0.0,
+        SamplingInput::Logits => canonical_logit(x),
+        SamplingInput::Probs => canonical_prob(x),
     }
+}
+
+/// A logit as the kernels see it: NaN and +-inf are -inf, -0 is 0.
+fn canonical_logit(x: f32) -> f32 {
+    if x.is_finite() {
+        x + 0.0
+    } else {
+        f32::NEG_INFINITY
+    }
+}
+
+/// A probability as the kernels see it: NaN, negative and infinite are 0.
+fn canonical_prob(x: f32) -> f32 {
+    if x > 0.0 && x.is_finite() { x } else { 0.0 }
 }
 
 /// The CPU backend's draw for one row: the allowed set computed directly (sorting), weights in
