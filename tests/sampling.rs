@@ -1092,10 +1092,10 @@ mod speculative {
                     draft.extend_from_slice(&p);
                     target.extend_from_slice(&t);
                     ids.push(0);
+                    ids.extend(std::iter::repeat_n(1, n - 1));
                     for _ in 1..n {
                         draft.extend_from_slice(&p);
                         target.extend_from_slice(&p);
-                        ids.push(1);
                     }
                     target.extend_from_slice(&p);
                 }

@@ -205,7 +205,8 @@ fn row_host(
         let pd = canonical_prob(draft[acc * v + d as usize]);
         let pt = canonical_prob(target[acc * v + d as usize]);
         let u = philox_uniform(draws.word(u64::from(super::rng::SCALAR_GROUPS) * 4 + acc as u64));
-        if !(u * pd < pt) {
+        // Canonical values are never NaN, so this is the negation of the acceptance test.
+        if u * pd >= pt {
             break;
         }
         out[acc] = d;
