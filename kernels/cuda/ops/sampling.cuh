@@ -133,9 +133,17 @@ __device__ __forceinline__ unsigned philox_word(const Philox4& r, unsigned i) {
   return i == 0 ? r.x[0] : i == 1 ? r.x[1] : i == 2 ? r.x[2] : r.x[3];
 }
 
-// The race key of token t with weight w > 0.
-__device__ __forceinline__ float race_key(float w, unsigned word) {
-  return w / -logf(philox_uniform(word));
+// Enter token t of weight w > 0 and uniform word `word` into this thread's race entry `best`.
+// Since -log(u) >= 1 - u, the key w / -log(u) is at most w / (1 - u): when even that cannot beat
+// the thread's best key the logarithm is skipped (the thread visits tokens in increasing order, so
+// its best has the lower token and wins a tie; the margin covers the rounding of logf and the
+// products). The winner is exactly the one of computing every key.
+__device__ __forceinline__ void race_enter(unsigned long long& best, float w, unsigned word,
+                                           unsigned t) {
+  const float u = philox_uniform(word);
+  const float kbest = __uint_as_float(static_cast<unsigned>(best >> 32));
+  if (w * 1.000001f <= kbest * (1.0f - u)) return;
+  best = max_u64(best, race_entry(w / -logf(u), t));
 }
 
 // Canonical values and weights of one row.
@@ -179,7 +187,7 @@ __device__ __noinline__ void race_pass(const float* x, unsigned n, const RowValu
         r = rng.group(t >> 2);
         have = true;
       }
-      b = max_u64(b, race_entry(race_key(w, philox_word(r, t & 3)), t));
+      race_enter(b, w, philox_word(r, t & 3), t);
     }
   });
   best = block_max_u64(b, sm);
@@ -546,7 +554,7 @@ __device__ __forceinline__ void chain_speculative(const SpeculativeArgs& a, unsi
           r = rng.group(t >> 2);
           have = true;
         }
-        b = max_u64(b, race_entry(race_key(w, philox_word(r, t & 3)), t));
+        race_enter(b, w, philox_word(r, t & 3), t);
       }
     }
     best = block_max_u64(b, sm);
