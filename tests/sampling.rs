@@ -1229,3 +1229,156 @@ mod speculative {
         }
     }
 }
+
+// ---- The kernel's algorithms, mirrored in f64 ----
+
+/// The GPU finds the top-p winner by rejection with pivots (sampling.cuh): race within
+/// {w > pivot}; accept the winner j when the mass strictly above w_j is below p of the row's
+/// (or is 0), else pivot = w_j. Mirrored here, it draws exactly the CPU backend's token (the
+/// direct set) on every row, within few rounds.
+#[test]
+fn top_p_rejection_rounds_draw_the_direct_sets_token() {
+    let mut rng = Rng::from_time();
+    let seed = rng.seed();
+    let (vocab, batch) = (300usize, 400usize);
+    let mut worst = 0;
+    for p in [0.1f32, 0.5, 0.9, 0.99] {
+        let mut x = random_rows(&mut rng, batch / 2, vocab, false);
+        // Flat rows: the slowest case for rejection (the set shrinks by half per round).
+        x.extend((0..batch / 2 * vocab).map(|_| 1.0 + 1e-3 * rng.uniform()));
+        let s = rng.next_u64();
+        let mut state = SamplerState::new(&Backend::Cpu, s).unwrap();
+        let c = Case {
+            top_p: Some(p),
+            ..PLAIN
+        };
+        let tokens = draw(&Backend::Cpu, &mut state, &x, vocab as u32, &c).unwrap();
+        for (r, &t) in tokens.iter().enumerate() {
+            let w: Vec<f64> = x[r * vocab..(r + 1) * vocab]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            let draws = RowDraws::new(s, 0, r as u32);
+            let key = |i: usize| w[i] / -f64::from(draws.token_uniform(i as u32)).ln();
+            let race = |pivot: f64| {
+                (0..vocab)
+                    .filter(|&i| w[i] > pivot)
+                    .max_by(|&a, &b| key(a).total_cmp(&key(b)).then(b.cmp(&a)))
+            };
+            let target = f64::from(p) * w.iter().sum::<f64>();
+            let mut j = race(0.0).unwrap();
+            let mut rounds = 1;
+            loop {
+                let above: f64 = w.iter().filter(|&&v| v > w[j]).sum();
+                if above <= 0.0 || above < target {
+                    break;
+                }
+                j = race(w[j]).unwrap();
+                rounds += 1;
+            }
+            worst = worst.max(rounds);
+            assert_eq!(j as i32, t, "p {p} row {r} (seed {seed})");
+        }
+    }
+    assert!(worst < 40, "{worst} rounds (seed {seed})");
+}
+
+/// The kernel's radix select (11 + 11 + 10 bits of order-preserving keys, walking bins from the
+/// top) mirrored: by count it finds the k-th largest, by mass the top-p threshold.
+#[test]
+fn radix_select_finds_the_kth_largest_and_the_top_p_threshold() {
+    fn key(v: f32) -> u32 {
+        let b = v.to_bits();
+        if b & 0x8000_0000 != 0 {
+            !b
+        } else {
+            b | 0x8000_0000
+        }
+    }
+    fn value(k: u32) -> f32 {
+        f32::from_bits(if k & 0x8000_0000 != 0 {
+            k & 0x7fff_ffff
+        } else {
+            !k
+        })
+    }
+    /// By count (`mass` None) or by mass (weights = the values, `want` the target).
+    fn select(x: &[f32], k: usize, want: Option<f64>) -> f32 {
+        let (mut prefix, mut mask, mut remaining, mut want) = (0u32, 0u32, k, want);
+        for (shift, bins) in [(21u32, 2048u32), (10, 2048), (0, 1024)] {
+            let mut count = vec![0usize; bins as usize];
+            let mut mass = vec![0f64; bins as usize];
+            for &v in x {
+                let kk = key(v);
+                if kk & mask == prefix {
+                    let b = ((kk >> shift) & (bins - 1)) as usize;
+                    count[b] += 1;
+                    mass[b] += f64::from(v);
+                }
+            }
+            let mut acc_c = 0;
+            let mut acc_m = 0.0;
+            let mut pick = None;
+            let mut lowest = 0;
+            for b in (0..bins as usize).rev() {
+                if count[b] == 0 {
+                    continue;
+                }
+                lowest = b;
+                match want {
+                    None if acc_c + count[b] >= remaining => {
+                        pick = Some((b, remaining - acc_c, 0.0));
+                        break;
+                    }
+                    Some(w) if w <= 0.0 || acc_m + mass[b] >= w => {
+                        pick = Some((b, 0, w - acc_m));
+                        break;
+                    }
+                    _ => {}
+                }
+                acc_c += count[b];
+                acc_m += mass[b];
+            }
+            let (b, r, w) = pick.unwrap_or((lowest, 0, f64::INFINITY));
+            prefix |= (b as u32) << shift;
+            mask |= (bins - 1) << shift;
+            remaining = r;
+            want = want.map(|_| w);
+        }
+        value(prefix)
+    }
+    let mut rng = Rng::from_time();
+    let seed = rng.seed();
+    for vocab in [1usize, 5, 100, 3000] {
+        let mut x: Vec<f32> = random_rows(&mut rng, 1, vocab, true);
+        if vocab > 4 {
+            x[1] = x[0];
+            x[3] = -0.0;
+        }
+        let mut sorted = x.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        for k in [1, 2, vocab / 2 + 1, vocab] {
+            let k = k.clamp(1, vocab);
+            assert_eq!(select(&x, k, None), sorted[k - 1], "k {k} (seed {seed})");
+        }
+        let probs = random_rows(&mut rng, 1, vocab, false);
+        for p in [0.0f64, 0.3, 0.9, 0.999] {
+            let total: f64 = probs.iter().map(|&v| f64::from(v)).sum();
+            let t = select(&probs, 0, Some(p * total));
+            let above: f64 = probs
+                .iter()
+                .filter(|&&v| v > t)
+                .map(|&v| f64::from(v))
+                .sum();
+            let at_least: f64 = probs
+                .iter()
+                .filter(|&&v| v >= t)
+                .map(|&v| f64::from(v))
+                .sum();
+            assert!(
+                (above < p * total || above == 0.0) && at_least >= p * total,
+                "p {p} vocab {vocab}: t {t}, above {above}, at least {at_least} (seed {seed})"
+            );
+        }
+    }
+}
