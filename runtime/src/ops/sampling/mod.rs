@@ -474,9 +474,10 @@ fn sample_row_host(x: &[f32], input: SamplingInput, p: &RowParams, draws: &RowDr
     };
     // Top-k: values at least the k-th largest.
     let t_min = if (p.k as usize) < n {
-        let mut sorted = v.clone();
-        sorted.sort_by(|a, b| b.total_cmp(a));
-        sorted[p.k as usize - 1]
+        let mut scratch = v.clone();
+        *scratch
+            .select_nth_unstable_by(p.k as usize - 1, |a, b| b.total_cmp(a))
+            .1
     } else {
         f32::NEG_INFINITY
     };

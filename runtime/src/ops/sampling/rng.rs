@@ -9,15 +9,17 @@ use crate::error::{Error, Result};
 /// Philox4x32-10 of `counter` under `key` (Salmon et al., SC 2011): ten rounds, the key bumped by
 /// the Weyl constants between rounds. `kernels/cuda/ops/philox.cuh` computes the same words.
 pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    // Plain `as` arithmetic in u64 (no call per operation), so debug builds (the CPU tests) stay
+    // quick; every sum and product fits in 64 bits.
     let [mut c0, mut c1, mut c2, mut c3] = counter;
     let [mut k0, mut k1] = key;
     for round in 0..10 {
         if round > 0 {
-            k0 = k0.wrapping_add(0x9E37_79B9);
-            k1 = k1.wrapping_add(0xBB67_AE85);
+            k0 = (k0 as u64 + 0x9E37_79B9) as u32;
+            k1 = (k1 as u64 + 0xBB67_AE85) as u32;
         }
-        let p0 = u64::from(0xD251_1F53u32) * u64::from(c0);
-        let p1 = u64::from(0xCD9E_8D57u32) * u64::from(c2);
+        let p0 = 0xD251_1F53u64 * c0 as u64;
+        let p1 = 0xCD9E_8D57u64 * c2 as u64;
         (c0, c1, c2, c3) = (
             (p1 >> 32) as u32 ^ c1 ^ k0,
             p1 as u32,

@@ -244,8 +244,7 @@ fn transform_row_host(
     let n = x.len();
     let kth = |v: &[f32], k: usize| -> f32 {
         let mut s = v.to_vec();
-        s.sort_by(|a, b| b.total_cmp(a));
-        s[k - 1]
+        *s.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a)).1
     };
     let k = || -> Result<usize> {
         Ok(knobs
