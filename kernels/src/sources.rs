@@ -34,6 +34,8 @@ pub const HEADER_NAMES: &[&str] = &[
     "ops/merge_states.cuh",
     "ops/norm.cuh",
     "ops/activation.cuh",
+    "ops/philox.cuh",
+    "ops/sampling.cuh",
 ];
 
 /// `(name, text)` of each header file under `kernels/cuda`, embedded at build time.
@@ -65,6 +67,8 @@ const BUILT_IN: &[(&str, &str)] = built_in![
     "ops/merge_states.cuh",
     "ops/norm.cuh",
     "ops/activation.cuh",
+    "ops/philox.cuh",
+    "ops/sampling.cuh",
 ];
 
 /// Where header text comes from.

@@ -4,6 +4,7 @@
 
 mod activation;
 mod norm;
+mod sampling;
 
 use ferrinfer::prelude::*;
 
@@ -29,7 +30,7 @@ pub struct OpCase {
 }
 
 /// Every op group's cases, one row per file.
-const GROUPS: &[fn() -> Vec<OpCase>] = &[norm::cases, activation::cases];
+const GROUPS: &[fn() -> Vec<OpCase>] = &[norm::cases, activation::cases, sampling::cases];
 
 /// All cases, in table order.
 pub fn cases() -> Vec<OpCase> {

@@ -5,6 +5,7 @@
 pub mod activation;
 pub mod merge_states;
 pub mod norm;
+pub mod sampling;
 
 use crate::sources::Sources;
 use crate::tu::{TranslationUnit, inline_header};
@@ -16,6 +17,7 @@ pub const OPS: &[(&str, AllUnits)] = &[
     ("merge_states", merge_states::all_units),
     ("norm", norm::all_units),
     ("activation", activation::all_units),
+    ("sampling", sampling::all_units),
 ];
 
 /// An op file's function that assembles every instance's unit.

@@ -6,6 +6,7 @@ pub mod activation;
 pub mod cascade;
 pub(crate) mod kernel;
 pub mod norm;
+pub mod sampling;
 
 use crate::error::{Error, Result};
 use ferrinfer_kernels::TranslationUnit;
