@@ -32,6 +32,8 @@ pub const HEADER_NAMES: &[&str] = &[
     "attention/decode.cuh",
     "attention/merge.cuh",
     "ops/merge_states.cuh",
+    "ops/kv_append.cuh",
+    "ops/rope.cuh",
 ];
 
 /// `(name, text)` of each header file under `kernels/cuda`, embedded at build time.
@@ -61,6 +63,8 @@ const BUILT_IN: &[(&str, &str)] = built_in![
     "attention/decode.cuh",
     "attention/merge.cuh",
     "ops/merge_states.cuh",
+    "ops/kv_append.cuh",
+    "ops/rope.cuh",
 ];
 
 /// Where header text comes from.

@@ -3,6 +3,7 @@
 //! and builds its units with [`op_unit`].
 
 pub mod merge_states;
+pub mod rope;
 
 use crate::sources::Sources;
 use crate::tu::{TranslationUnit, inline_header};
@@ -10,7 +11,10 @@ use crate::tu::{TranslationUnit, inline_header};
 /// Every op instance, one row per op file: the op's name and a function that assembles the
 /// translation units of all its instances (each dtype, vector width, ...). CI hands every unit
 /// to NVRTC for sm_80 and sm_90a.
-pub const OPS: &[(&str, AllUnits)] = &[("merge_states", merge_states::all_units)];
+pub const OPS: &[(&str, AllUnits)] = &[
+    ("merge_states", merge_states::all_units),
+    ("rope", rope::all_units),
+];
 
 /// An op file's function that assembles every instance's unit.
 pub type AllUnits = fn() -> Result<Vec<TranslationUnit>, String>;
