@@ -4,6 +4,8 @@
 
 pub mod cascade;
 pub(crate) mod kernel;
+pub mod kv_append;
+pub mod rope;
 
 use crate::error::{Error, Result};
 use ferrinfer_kernels::TranslationUnit;
