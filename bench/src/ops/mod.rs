@@ -2,6 +2,9 @@
 //! cases. A case says its key, the bytes one call reads and writes (as the anchor counts them), and
 //! how to set up one input set; the driver here rotates input sets past L2 and times the calls.
 
+mod kv_append;
+mod rope;
+
 use ferrinfer::prelude::*;
 
 use crate::report::Row;
@@ -26,7 +29,7 @@ pub struct OpCase {
 }
 
 /// Every op group's cases, one row per file.
-const GROUPS: &[fn() -> Vec<OpCase>] = &[];
+const GROUPS: &[fn() -> Vec<OpCase>] = &[rope::cases, kv_append::cases];
 
 /// All cases, in table order.
 pub fn cases() -> Vec<OpCase> {
