@@ -23,7 +23,14 @@ struct Step {
 }
 
 impl Step {
-    fn paged(rng: &mut Rng, heads: Heads, page: u32, layout: KvLayout, lens: &[u32], new: &[u32]) -> Self {
+    fn paged(
+        rng: &mut Rng,
+        heads: Heads,
+        page: u32,
+        layout: KvLayout,
+        lens: &[u32],
+        new: &[u32],
+    ) -> Self {
         let counts: Vec<u32> = lens.iter().map(|l| l.div_ceil(page)).collect();
         let total: u32 = counts.iter().sum();
         let spare = 3;
@@ -68,7 +75,10 @@ impl Step {
     }
     /// Element offset of `(b, position j, head h)` by a naive walk of the blocks.
     fn naive_offset(&self, b: usize, j: u32, h: u32) -> usize {
-        let (hk, d) = (self.heads.num_kv_heads() as usize, self.heads.head_dim() as usize);
+        let (hk, d) = (
+            self.heads.num_kv_heads() as usize,
+            self.heads.head_dim() as usize,
+        );
         let h = h as usize;
         match self.kv.page_size() {
             Some(p) => {
@@ -101,7 +111,12 @@ impl Step {
         out
     }
     /// The cache `before` with each new token's K (through `turn`) at its slot.
-    fn expected<T: Copy>(&self, before: &[T], new: &[T], turn: impl Fn(usize, &[T]) -> Vec<T>) -> Vec<T> {
+    fn expected<T: Copy>(
+        &self,
+        before: &[T],
+        new: &[T],
+        turn: impl Fn(usize, &[T]) -> Vec<T>,
+    ) -> Vec<T> {
         let mut out = before.to_vec();
         let d = self.heads.head_dim() as usize;
         for (r, b, j) in self.new_tokens() {
@@ -139,8 +154,22 @@ fn steps(rng: &mut Rng) -> Vec<Step> {
             let heads = Heads::new(2 * hk, hk, d).unwrap();
             for page in [1, 3, 16] {
                 // Decode-like, prefill-like (all tokens new), and a request with nothing new.
-                out.push(Step::paged(rng, heads, page, layout, &[5, 17, 1, 33], &[1, 1, 1, 1]));
-                out.push(Step::paged(rng, heads, page, layout, &[7, 16, 2], &[7, 3, 0]));
+                out.push(Step::paged(
+                    rng,
+                    heads,
+                    page,
+                    layout,
+                    &[5, 17, 1, 33],
+                    &[1, 1, 1, 1],
+                ));
+                out.push(Step::paged(
+                    rng,
+                    heads,
+                    page,
+                    layout,
+                    &[7, 16, 2],
+                    &[7, 3, 0],
+                ));
             }
             out.push(Step::ragged(heads, layout, &[4, 9, 1], &[2, 9, 0]));
         }
@@ -160,11 +189,22 @@ fn cpu_plan<T: Element>() {
         for (r, _, j) in s.new_tokens() {
             assert_eq!(positions[r], j as i32, "{what}");
         }
-        let (k, v): (Vec<T>, Vec<T>) = (random(&mut rng, s.rows() * s.row()), random(&mut rng, s.rows() * s.row()));
+        let (k, v): (Vec<T>, Vec<T>) = (
+            random(&mut rng, s.rows() * s.row()),
+            random(&mut rng, s.rows() * s.row()),
+        );
         let before: Vec<T> = vec![nan(); s.kv.buffer_len(&s.heads)];
         let (nk, nv) = (cpu.upload(&k).unwrap(), cpu.upload(&v).unwrap());
         let (mut kc, mut vc) = (cpu.upload(&before).unwrap(), cpu.upload(&before).unwrap());
-        plan.run(&cpu, NewKv { k: &nk, v: &nv }, KvCacheMut { k: &mut kc, v: &mut vc }).unwrap();
+        plan.run(
+            &cpu,
+            NewKv { k: &nk, v: &nv },
+            KvCacheMut {
+                k: &mut kc,
+                v: &mut vc,
+            },
+        )
+        .unwrap();
         let want_k = s.expected(&before, &k, |_, x| x.to_vec());
         let want_v = s.expected(&before, &v, |_, x| x.to_vec());
         assert_eq!(same(&kc.to_vec().unwrap(), &want_k), None, "k: {what}");
@@ -188,9 +228,18 @@ fn replan_moves_the_plan_and_padded_rows_are_not_written() {
     let pages: Vec<i32> = s1.blocks.concat();
     let mut s2 = Step::paged(&mut rng, heads, 4, KvLayout::Nhd, &[6, 9], &[1, 1]);
     let mut pages2 = s1.blocks.clone();
-    let spare = (0..s1.kv.capacity() as i32).find(|p| !pages.contains(p)).unwrap();
+    let spare = (0..s1.kv.capacity() as i32)
+        .find(|p| !pages.contains(p))
+        .unwrap();
     pages2[1].push(spare); // request 1 grows onto a spare page
-    s2.kv = KvIndex::paged_from_lens(4, &[6, 9], &pages2.concat(), s1.kv.capacity(), KvLayout::Nhd).unwrap();
+    s2.kv = KvIndex::paged_from_lens(
+        4,
+        &[6, 9],
+        &pages2.concat(),
+        s1.kv.capacity(),
+        KvLayout::Nhd,
+    )
+    .unwrap();
     s2.blocks = pages2.clone();
     let mut plan = AppendPlan::new(&cpu, heads, &s1.kv, &s1.qo_indptr, 4).unwrap();
     plan.replan(&s2.kv, &s2.qo_indptr).unwrap();
@@ -200,18 +249,64 @@ fn replan_moves_the_plan_and_padded_rows_are_not_written() {
     let before = vec![nan::<bf16>(); s2.kv.buffer_len(&heads)];
     let (nk, nv) = (cpu.upload(&k).unwrap(), cpu.upload(&v).unwrap());
     let (mut kc, mut vc) = (cpu.upload(&before).unwrap(), cpu.upload(&before).unwrap());
-    plan.run(&cpu, NewKv { k: &nk, v: &nv }, KvCacheMut { k: &mut kc, v: &mut vc }).unwrap();
-    assert_eq!(same(&kc.to_vec().unwrap(), &s2.expected(&before, &k, |_, x| x.to_vec())), None);
-    assert_eq!(same(&vc.to_vec().unwrap(), &s2.expected(&before, &v, |_, x| x.to_vec())), None);
+    plan.run(
+        &cpu,
+        NewKv { k: &nk, v: &nv },
+        KvCacheMut {
+            k: &mut kc,
+            v: &mut vc,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        same(
+            &kc.to_vec().unwrap(),
+            &s2.expected(&before, &k, |_, x| x.to_vec())
+        ),
+        None
+    );
+    assert_eq!(
+        same(
+            &vc.to_vec().unwrap(),
+            &s2.expected(&before, &v, |_, x| x.to_vec())
+        ),
+        None
+    );
     // A cache of another geometry is refused.
-    let other = KvIndex::paged_from_lens(4, &[6, 9], &pages2.concat(), s1.kv.capacity() + 1, KvLayout::Nhd).unwrap();
-    assert!(plan.replan(&other, &s2.qo_indptr).unwrap_err().to_string().contains("replan"));
-    let hnd = KvIndex::paged_from_lens(4, &[6, 9], &pages2.concat(), s1.kv.capacity(), KvLayout::Hnd).unwrap();
+    let other = KvIndex::paged_from_lens(
+        4,
+        &[6, 9],
+        &pages2.concat(),
+        s1.kv.capacity() + 1,
+        KvLayout::Nhd,
+    )
+    .unwrap();
+    assert!(
+        plan.replan(&other, &s2.qo_indptr)
+            .unwrap_err()
+            .to_string()
+            .contains("replan")
+    );
+    let hnd = KvIndex::paged_from_lens(
+        4,
+        &[6, 9],
+        &pages2.concat(),
+        s1.kv.capacity(),
+        KvLayout::Hnd,
+    )
+    .unwrap();
     assert!(plan.replan(&hnd, &s2.qo_indptr).is_err());
 }
 
 /// The naive rotation of one token's heads at `pos` (NeoX or GPT-J, rotary dims `rd`), in f64.
-fn naive_turn(layout: RopeLayout, f: Frequencies, rd: u32, d: usize, pos: i64, x: &[f64]) -> Vec<f64> {
+fn naive_turn(
+    layout: RopeLayout,
+    f: Frequencies,
+    rd: u32,
+    d: usize,
+    pos: i64,
+    x: &[f64],
+) -> Vec<f64> {
     let mut out = x.to_vec();
     let half = rd as usize / 2;
     for h in 0..x.len() / d {
@@ -245,7 +340,11 @@ fn close<T: Element>(got: &[T], want: &[f64], tol: f64, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}");
     for (i, (g, &w)) in got.iter().zip(want).enumerate() {
         let g = f64::from(g.to_f32());
-        let ok = if w.is_nan() { g.is_nan() } else { (g - w).abs() <= tol * w.abs() + 1e-6 };
+        let ok = if w.is_nan() {
+            g.is_nan()
+        } else {
+            (g - w).abs() <= tol * w.abs() + 1e-6
+        };
         assert!(ok, "{what}: element {i} = {g}, want {w}");
     }
 }
@@ -263,19 +362,26 @@ fn fused<T: Element>(backend: &Backend, tol: f64) {
             let what = format!("{:?} {layout:?} rd {rd} {:?} (seed {seed})", T::DTYPE, s.kv);
             let plan = AppendPlan::new(backend, s.heads, &s.kv, &s.qo_indptr, 64).unwrap();
             let n = s.rows();
-            let (k, v): (Vec<T>, Vec<T>) = (random(&mut rng, n * s.row()), random(&mut rng, n * s.row()));
+            let (k, v): (Vec<T>, Vec<T>) =
+                (random(&mut rng, n * s.row()), random(&mut rng, n * s.row()));
             let q: Vec<T> = random(&mut rng, rope.q_len(n));
             let before: Vec<T> = vec![nan(); s.kv.buffer_len(&s.heads)];
             let (nk, nv) = (backend.upload(&k).unwrap(), backend.upload(&v).unwrap());
             let mut qb = backend.upload(&q).unwrap();
-            let (mut kc, mut vc) = (backend.upload(&before).unwrap(), backend.upload(&before).unwrap());
+            let (mut kc, mut vc) = (
+                backend.upload(&before).unwrap(),
+                backend.upload(&before).unwrap(),
+            );
             plan.run_with_rope(
                 backend,
                 &rope,
                 Angles::Computed(f),
                 &mut qb,
                 NewKv { k: &nk, v: &nv },
-                KvCacheMut { k: &mut kc, v: &mut vc },
+                KvCacheMut {
+                    k: &mut kc,
+                    v: &mut vc,
+                },
             )
             .unwrap();
             let pos: Vec<i64> = {
@@ -293,9 +399,18 @@ fn fused<T: Element>(backend: &Backend, tol: f64) {
             close(&qb.to_vec().unwrap(), &want_q, tol, &format!("q: {what}"));
             let before_f: Vec<f64> = vec![f64::NAN; before.len()];
             let kf = f64s(&k);
-            let want_k = s.expected(&before_f, &kf, |t, x| naive_turn(layout, f, rd, du, pos[t], x));
+            let want_k = s.expected(&before_f, &kf, |t, x| {
+                naive_turn(layout, f, rd, du, pos[t], x)
+            });
             close(&kc.to_vec().unwrap(), &want_k, tol, &format!("k: {what}"));
-            assert_eq!(same(&vc.to_vec().unwrap(), &s.expected(&before, &v, |_, x| x.to_vec())), None, "v: {what}");
+            assert_eq!(
+                same(
+                    &vc.to_vec().unwrap(),
+                    &s.expected(&before, &v, |_, x| x.to_vec())
+                ),
+                None,
+                "v: {what}"
+            );
         }
     }
 }
@@ -322,11 +437,30 @@ fn fused_positions_are_the_plans_and_match_plain_rope() {
     let (nk, nv) = (cpu.upload(&k).unwrap(), cpu.upload(&k).unwrap());
     let mut kc = cpu.filled(s.kv.buffer_len(&heads), bf16::ZERO).unwrap();
     let mut vc = cpu.filled(s.kv.buffer_len(&heads), bf16::ZERO).unwrap();
-    plan.run_with_rope(&cpu, &rope, f, &mut q1, NewKv { k: &nk, v: &nv }, KvCacheMut { k: &mut kc, v: &mut vc })
-        .unwrap();
+    plan.run_with_rope(
+        &cpu,
+        &rope,
+        f,
+        &mut q1,
+        NewKv { k: &nk, v: &nv },
+        KvCacheMut {
+            k: &mut kc,
+            v: &mut vc,
+        },
+    )
+    .unwrap();
     let (mut q2, mut k2) = (cpu.upload(&q).unwrap(), cpu.upload(&k).unwrap());
-    rope::apply_in_place(&cpu, &rope, f, Positions::PerToken(plan.positions()), QkMut { q: &mut q2, k: &mut k2 })
-        .unwrap();
+    rope::apply_in_place(
+        &cpu,
+        &rope,
+        f,
+        Positions::PerToken(plan.positions()),
+        QkMut {
+            q: &mut q2,
+            k: &mut k2,
+        },
+    )
+    .unwrap();
     assert_eq!(q1.to_vec().unwrap(), q2.to_vec().unwrap());
     assert_eq!(plan.positions().to_vec().unwrap(), vec![6, 7, 8, 1, 2]);
 }
@@ -355,17 +489,46 @@ fn table_of(s: &Step) -> Table {
     t
 }
 
-fn explicit<T: Element>(backend: &Backend, s: &Step, t: &Table, k: &[T], v: &[T], before: &[T]) -> ferrinfer::Result<(Vec<T>, Vec<T>)> {
+fn explicit<T: Element>(
+    backend: &Backend,
+    s: &Step,
+    t: &Table,
+    k: &[T],
+    v: &[T],
+    before: &[T],
+) -> ferrinfer::Result<(Vec<T>, Vec<T>)> {
     let up = |x: &[i32]| backend.upload(x).unwrap();
-    let (bi, pos, ip, ix, last) = (up(&t.batch_indices), up(&t.positions), up(&t.kv_indptr), up(&t.kv_indices), up(&t.last));
+    let (bi, pos, ip, ix, last) = (
+        up(&t.batch_indices),
+        up(&t.positions),
+        up(&t.kv_indptr),
+        up(&t.kv_indices),
+        up(&t.last),
+    );
     let (nk, nv) = (backend.upload(k).unwrap(), backend.upload(v).unwrap());
-    let (mut kc, mut vc) = (backend.upload(before).unwrap(), backend.upload(before).unwrap());
+    let (mut kc, mut vc) = (
+        backend.upload(before).unwrap(),
+        backend.upload(before).unwrap(),
+    );
     append_explicit(
         backend,
-        PagedCache { heads: s.heads, page_size: s.kv.page_size().unwrap(), layout: s.kv.layout() },
-        PageTable { batch_indices: &bi, positions: &pos, kv_indptr: &ip, kv_indices: &ix, kv_last_page_len: &last },
+        PagedCache {
+            heads: s.heads,
+            page_size: s.kv.page_size().unwrap(),
+            layout: s.kv.layout(),
+        },
+        PageTable {
+            batch_indices: &bi,
+            positions: &pos,
+            kv_indptr: &ip,
+            kv_indices: &ix,
+            kv_last_page_len: &last,
+        },
         NewKv { k: &nk, v: &nv },
-        KvCacheMut { k: &mut kc, v: &mut vc },
+        KvCacheMut {
+            k: &mut kc,
+            v: &mut vc,
+        },
     )?;
     Ok((kc.to_vec().unwrap(), vc.to_vec().unwrap()))
 }
@@ -374,16 +537,25 @@ fn explicit<T: Element>(backend: &Backend, s: &Step, t: &Table, k: &[T], v: &[T]
 fn cpu_explicit_page_table_matches_the_plan_and_refuses_bad_indices() {
     let cpu = Backend::Cpu;
     let mut rng = Rng::from_time();
-    for s in steps(&mut rng).iter().filter(|s| s.kv.page_size().is_some()) {
+    for s in steps(&mut rng)
+        .iter()
+        .filter(|s| s.kv.page_size().is_some())
+    {
         let t = table_of(s);
-        let (k, v): (Vec<bf16>, Vec<bf16>) = (random(&mut rng, s.rows() * s.row()), random(&mut rng, s.rows() * s.row()));
+        let (k, v): (Vec<bf16>, Vec<bf16>) = (
+            random(&mut rng, s.rows() * s.row()),
+            random(&mut rng, s.rows() * s.row()),
+        );
         let before = vec![nan::<bf16>(); s.kv.buffer_len(&s.heads)];
         let (kc, vc) = explicit(&cpu, s, &t, &k, &v, &before).unwrap();
         assert_eq!(same(&kc, &s.expected(&before, &k, |_, x| x.to_vec())), None);
         assert_eq!(same(&vc, &s.expected(&before, &v, |_, x| x.to_vec())), None);
         for (rows, bad) in bad_tables(s, &t) {
             let e = explicit(&cpu, s, &bad, &k, &v, &before).unwrap_err();
-            assert!(e.to_string().contains(&format!("new token {} ", rows[0])), "{e}");
+            assert!(
+                e.to_string().contains(&format!("new token {} ", rows[0])),
+                "{e}"
+            );
         }
     }
 }
@@ -401,7 +573,12 @@ fn bad_tables(s: &Step, t: &Table) -> Vec<(Vec<usize>, Table)> {
     let r = s.rows() - 1;
     let b = t.batch_indices[r] as usize;
     let len = s.lens[b] as i32;
-    for (batch, value) in [(true, s.lens.len() as i32), (true, -1), (false, len), (false, -1)] {
+    for (batch, value) in [
+        (true, s.lens.len() as i32),
+        (true, -1),
+        (false, len),
+        (false, -1),
+    ] {
         let mut x = clone(t);
         if batch {
             x.batch_indices[r] = value;
@@ -416,12 +593,24 @@ fn bad_tables(s: &Step, t: &Table) -> Vec<(Vec<usize>, Table)> {
     let page = page_of(t.positions[r] as u32);
     let mut x = clone(t);
     x.kv_indices[page] = s.kv.capacity() as i32;
-    let rows = s.new_tokens().iter().filter(|n| n.1 == b && page_of(n.2) == page).map(|n| n.0).collect();
+    let rows = s
+        .new_tokens()
+        .iter()
+        .filter(|n| n.1 == b && page_of(n.2) == page)
+        .map(|n| n.0)
+        .collect();
     out.push((rows, x));
     // A last-page length of 0: every new token of request b is bad.
     let mut x = clone(t);
     x.last[b] = 0;
-    out.push((s.new_tokens().iter().filter(|n| n.1 == b).map(|n| n.0).collect(), x));
+    out.push((
+        s.new_tokens()
+            .iter()
+            .filter(|n| n.1 == b)
+            .map(|n| n.0)
+            .collect(),
+        x,
+    ));
     out
 }
 
@@ -443,14 +632,24 @@ fn every_bad_plan_or_run_is_an_error_naming_it() {
     invalid(plan(&[1, 2, 3], 8), "qo_indptr[0] must be 0");
     invalid(plan(&[0, 2, 1], 8), "must not decrease");
     invalid(plan(&[0, 2, 3], 2), "capacity of 2");
-    invalid(plan(&[0, 4, 5], 8), "request 0 appends 4 tokens but holds only 3");
+    invalid(
+        plan(&[0, 4, 5], 8),
+        "request 0 appends 4 tokens but holds only 3",
+    );
     invalid(plan(&[0, 2, 3], u32::MAX), "capacity");
     let p = plan(&[0, 2, 3], 4).unwrap();
     let z = bf16::ONE;
     let run = |k: usize, v: usize, kc: usize, vc: usize| {
         let (nk, nv) = (cpu.filled(k, z).unwrap(), cpu.filled(v, z).unwrap());
         let (mut kc, mut vc) = (cpu.filled(kc, z).unwrap(), cpu.filled(vc, z).unwrap());
-        p.run(&cpu, NewKv { k: &nk, v: &nv }, KvCacheMut { k: &mut kc, v: &mut vc })
+        p.run(
+            &cpu,
+            NewKv { k: &nk, v: &nv },
+            KvCacheMut {
+                k: &mut kc,
+                v: &mut vc,
+            },
+        )
     };
     let c = s.kv.buffer_len(&heads);
     run(12, 12, c, c).unwrap();
@@ -469,7 +668,17 @@ fn every_bad_plan_or_run_is_an_error_naming_it() {
         let mut qb = cpu.filled(q, z).unwrap();
         let (nk, nv) = (cpu.filled(12, z).unwrap(), cpu.filled(12, z).unwrap());
         let (mut kc, mut vc) = (cpu.filled(c, z).unwrap(), cpu.filled(c, z).unwrap());
-        p.run_with_rope(&cpu, rope, f, &mut qb, NewKv { k: &nk, v: &nv }, KvCacheMut { k: &mut kc, v: &mut vc })
+        p.run_with_rope(
+            &cpu,
+            rope,
+            f,
+            &mut qb,
+            NewKv { k: &nk, v: &nv },
+            KvCacheMut {
+                k: &mut kc,
+                v: &mut vc,
+            },
+        )
     };
     invalid(fused(&rope, 48), "rope is for");
     invalid(fused(&good, 20), "q has 20 elements");
@@ -480,17 +689,59 @@ fn every_bad_plan_or_run_is_an_error_naming_it() {
     let (nk, nv) = (cpu.filled(12, z).unwrap(), cpu.filled(12, z).unwrap());
     let (mut kc, mut vc) = (cpu.filled(c, z).unwrap(), cpu.filled(c, z).unwrap());
     invalid(
-        p.run_with_rope(&cpu, &good, Angles::Cache(&table), &mut qb, NewKv { k: &nk, v: &nv }, KvCacheMut { k: &mut kc, v: &mut vc }),
+        p.run_with_rope(
+            &cpu,
+            &good,
+            Angles::Cache(&table),
+            &mut qb,
+            NewKv { k: &nk, v: &nv },
+            KvCacheMut {
+                k: &mut kc,
+                v: &mut vc,
+            },
+        ),
         "token 1 is at position 2",
     );
     // The explicit form's host checks.
     let t = table_of(&s);
     let (k, v) = (vec![z; 12], vec![z; 12]);
     let before = vec![z; c];
-    invalid(explicit(&cpu, &s, &Table { positions: vec![0; 2], ..table_of(&s) }, &k, &v, &before), "positions 2 entries for 3");
-    invalid(explicit(&cpu, &s, &Table { last: vec![1], ..table_of(&s) }, &k, &v, &before), "kv_last_page_len 1");
-    invalid(explicit(&cpu, &s, &t, &k, &v[..8], &before), "new k has 12 and v 8");
-    invalid(explicit(&cpu, &s, &t, &k, &v, &before[..c - 1]), "whole pages");
+    invalid(
+        explicit(
+            &cpu,
+            &s,
+            &Table {
+                positions: vec![0; 2],
+                ..table_of(&s)
+            },
+            &k,
+            &v,
+            &before,
+        ),
+        "positions 2 entries for 3",
+    );
+    invalid(
+        explicit(
+            &cpu,
+            &s,
+            &Table {
+                last: vec![1],
+                ..table_of(&s)
+            },
+            &k,
+            &v,
+            &before,
+        ),
+        "kv_last_page_len 1",
+    );
+    invalid(
+        explicit(&cpu, &s, &t, &k, &v[..8], &before),
+        "new k has 12 and v 8",
+    );
+    invalid(
+        explicit(&cpu, &s, &t, &k, &v, &before[..c - 1]),
+        "whole pages",
+    );
 }
 
 // ---- GPU ----
@@ -506,13 +757,38 @@ fn gpu_plan<T: Element>() {
     for s in steps(&mut rng) {
         let what = format!("{:?} {:?} (seed {seed})", T::DTYPE, s.kv);
         let plan = AppendPlan::new(&gpu, s.heads, &s.kv, &s.qo_indptr, 64).unwrap();
-        let (k, v): (Vec<T>, Vec<T>) = (random(&mut rng, s.rows() * s.row()), random(&mut rng, s.rows() * s.row()));
+        let (k, v): (Vec<T>, Vec<T>) = (
+            random(&mut rng, s.rows() * s.row()),
+            random(&mut rng, s.rows() * s.row()),
+        );
         let before: Vec<T> = vec![nan(); s.kv.buffer_len(&s.heads)];
         let (nk, nv) = (gpu.upload(&k).unwrap(), gpu.upload(&v).unwrap());
         let (mut kc, mut vc) = (gpu.upload(&before).unwrap(), gpu.upload(&before).unwrap());
-        plan.run(&gpu, NewKv { k: &nk, v: &nv }, KvCacheMut { k: &mut kc, v: &mut vc }).unwrap();
-        assert_eq!(same(&kc.to_vec().unwrap(), &s.expected(&before, &k, |_, x| x.to_vec())), None, "k: {what}");
-        assert_eq!(same(&vc.to_vec().unwrap(), &s.expected(&before, &v, |_, x| x.to_vec())), None, "v: {what}");
+        plan.run(
+            &gpu,
+            NewKv { k: &nk, v: &nv },
+            KvCacheMut {
+                k: &mut kc,
+                v: &mut vc,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            same(
+                &kc.to_vec().unwrap(),
+                &s.expected(&before, &k, |_, x| x.to_vec())
+            ),
+            None,
+            "k: {what}"
+        );
+        assert_eq!(
+            same(
+                &vc.to_vec().unwrap(),
+                &s.expected(&before, &v, |_, x| x.to_vec())
+            ),
+            None,
+            "v: {what}"
+        );
     }
 }
 
@@ -530,7 +806,7 @@ fn gpu_append_replan_reuses_buffers_and_skips_padded_rows() {
     let mut rng = Rng::from_time();
     let heads = Heads::new(32, 8, 128).unwrap();
     let lens1: Vec<u32> = (0..37).map(|_| 1 + rng.below(100) as u32).collect();
-    let s1 = Step::paged(&mut rng, heads, 16, KvLayout::Nhd, &lens1, &vec![1; 37]);
+    let s1 = Step::paged(&mut rng, heads, 16, KvLayout::Nhd, &lens1, &[1; 37]);
     let mut plan = AppendPlan::new(&gpu, heads, &s1.kv, &s1.qo_indptr, 64).unwrap();
     let before = vec![nan::<bf16>(); s1.kv.buffer_len(&heads)];
     let mut kc = gpu.upload(&before).unwrap();
@@ -545,14 +821,48 @@ fn gpu_append_replan_reuses_buffers_and_skips_padded_rows() {
         blocks.push(ids[at..at + c].to_vec());
         at += c;
     }
-    let kv2 = KvIndex::paged_from_lens(16, &lens1, &blocks.concat(), s1.kv.capacity(), KvLayout::Nhd).unwrap();
-    let s2 = Step { kv: kv2, blocks, ..s1 };
+    let kv2 = KvIndex::paged_from_lens(
+        16,
+        &lens1,
+        &blocks.concat(),
+        s1.kv.capacity(),
+        KvLayout::Nhd,
+    )
+    .unwrap();
+    let s2 = Step {
+        kv: kv2,
+        blocks,
+        ..s1
+    };
     plan.replan(&s2.kv, &s2.qo_indptr).unwrap();
-    let (k, v): (Vec<bf16>, Vec<bf16>) = (random(&mut rng, 40 * s2.row()), random(&mut rng, 40 * s2.row()));
+    let (k, v): (Vec<bf16>, Vec<bf16>) = (
+        random(&mut rng, 40 * s2.row()),
+        random(&mut rng, 40 * s2.row()),
+    );
     let (nk, nv) = (gpu.upload(&k).unwrap(), gpu.upload(&v).unwrap());
-    plan.run(&gpu, NewKv { k: &nk, v: &nv }, KvCacheMut { k: &mut kc, v: &mut vc }).unwrap();
-    assert_eq!(same(&kc.to_vec().unwrap(), &s2.expected(&before, &k, |_, x| x.to_vec())), None);
-    assert_eq!(same(&vc.to_vec().unwrap(), &s2.expected(&before, &v, |_, x| x.to_vec())), None);
+    plan.run(
+        &gpu,
+        NewKv { k: &nk, v: &nv },
+        KvCacheMut {
+            k: &mut kc,
+            v: &mut vc,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        same(
+            &kc.to_vec().unwrap(),
+            &s2.expected(&before, &k, |_, x| x.to_vec())
+        ),
+        None
+    );
+    assert_eq!(
+        same(
+            &vc.to_vec().unwrap(),
+            &s2.expected(&before, &v, |_, x| x.to_vec())
+        ),
+        None
+    );
 }
 
 #[test]
@@ -568,14 +878,28 @@ fn gpu_explicit<T: Element>() {
     let gpu = gpu();
     let mut rng = Rng::from_time();
     let seed = rng.seed();
-    for s in steps(&mut rng).iter().filter(|s| s.kv.page_size().is_some()) {
+    for s in steps(&mut rng)
+        .iter()
+        .filter(|s| s.kv.page_size().is_some())
+    {
         let what = format!("{:?} {:?} (seed {seed})", T::DTYPE, s.kv);
         let t = table_of(s);
-        let (k, v): (Vec<T>, Vec<T>) = (random(&mut rng, s.rows() * s.row()), random(&mut rng, s.rows() * s.row()));
+        let (k, v): (Vec<T>, Vec<T>) = (
+            random(&mut rng, s.rows() * s.row()),
+            random(&mut rng, s.rows() * s.row()),
+        );
         let before: Vec<T> = vec![nan(); s.kv.buffer_len(&s.heads)];
         let (kc, vc) = explicit(&gpu, s, &t, &k, &v, &before).unwrap();
-        assert_eq!(same(&kc, &s.expected(&before, &k, |_, x| x.to_vec())), None, "{what}");
-        assert_eq!(same(&vc, &s.expected(&before, &v, |_, x| x.to_vec())), None, "{what}");
+        assert_eq!(
+            same(&kc, &s.expected(&before, &k, |_, x| x.to_vec())),
+            None,
+            "{what}"
+        );
+        assert_eq!(
+            same(&vc, &s.expected(&before, &v, |_, x| x.to_vec())),
+            None,
+            "{what}"
+        );
         // One bad index: that token is skipped, every other one written, nothing else touched.
         for (bad_rows, bad) in bad_tables(s, &t) {
             let (kc, vc) = explicit(&gpu, s, &bad, &k, &v, &before).unwrap();
@@ -594,8 +918,16 @@ fn gpu_explicit<T: Element>() {
                 }
                 out
             };
-            assert_eq!(same(&kc, &skip(&k)), None, "k, bad rows {bad_rows:?}: {what}");
-            assert_eq!(same(&vc, &skip(&v)), None, "v, bad rows {bad_rows:?}: {what}");
+            assert_eq!(
+                same(&kc, &skip(&k)),
+                None,
+                "k, bad rows {bad_rows:?}: {what}"
+            );
+            assert_eq!(
+                same(&vc, &skip(&v)),
+                None,
+                "v, bad rows {bad_rows:?}: {what}"
+            );
         }
     }
 }
@@ -616,8 +948,19 @@ fn gpu_append_of_no_tokens_is_a_no_op() {
     let s = Step::paged(&mut rng, heads, 4, KvLayout::Nhd, &[3, 5], &[0, 0]);
     let plan = AppendPlan::new(&gpu, heads, &s.kv, &s.qo_indptr, 0).unwrap();
     let before = vec![nan::<bf16>(); s.kv.buffer_len(&heads)];
-    let (nk, nv) = (gpu.upload::<bf16>(&[]).unwrap(), gpu.upload::<bf16>(&[]).unwrap());
+    let (nk, nv) = (
+        gpu.upload::<bf16>(&[]).unwrap(),
+        gpu.upload::<bf16>(&[]).unwrap(),
+    );
     let (mut kc, mut vc) = (gpu.upload(&before).unwrap(), gpu.upload(&before).unwrap());
-    plan.run(&gpu, NewKv { k: &nk, v: &nv }, KvCacheMut { k: &mut kc, v: &mut vc }).unwrap();
+    plan.run(
+        &gpu,
+        NewKv { k: &nk, v: &nv },
+        KvCacheMut {
+            k: &mut kc,
+            v: &mut vc,
+        },
+    )
+    .unwrap();
     assert_eq!(same(&kc.to_vec().unwrap(), &before), None);
 }

@@ -64,7 +64,12 @@ fn naive(rope: &Rope, heads: u32, pos: &[Option<i64>], angles: &AngleFn, x: &[f6
         let cs = p.and_then(angles);
         for h in 0..heads as usize {
             let at = (t * heads as usize + h) * d;
-            naive_head(rope.layout(), cs.as_deref(), &x[at..at + d], &mut out[at..at + d]);
+            naive_head(
+                rope.layout(),
+                cs.as_deref(),
+                &x[at..at + d],
+                &mut out[at..at + d],
+            );
             if cs.is_none() {
                 out[at..at + rd].fill(f64::NAN);
             }
@@ -377,7 +382,10 @@ fn the_cos_sin_cache_gives_the_computed_rotation() {
             },
         )
         .unwrap_err();
-        assert!(e.to_string().contains("token 2") && e.to_string().contains("50"), "{e}");
+        assert!(
+            e.to_string().contains("token 2") && e.to_string().contains("50"),
+            "{e}"
+        );
     }
 }
 
@@ -404,7 +412,12 @@ fn every_bad_input_is_an_error_naming_it() {
     }
     let f = Frequencies::new(10_000.0).unwrap();
     for scale in [0.0, f32::NAN] {
-        assert!(f.with_scale(scale).unwrap_err().to_string().contains("scale"));
+        assert!(
+            f.with_scale(scale)
+                .unwrap_err()
+                .to_string()
+                .contains("scale")
+        );
     }
     let good = Llama31::default();
     for bad in [
@@ -425,7 +438,12 @@ fn every_bad_input_is_an_error_naming_it() {
             ..good
         },
     ] {
-        assert!(f.with_llama31(bad).unwrap_err().to_string().contains("Llama 3.1"));
+        assert!(
+            f.with_llama31(bad)
+                .unwrap_err()
+                .to_string()
+                .contains("Llama 3.1")
+        );
     }
 
     let cpu = Backend::Cpu;
@@ -449,8 +467,14 @@ fn every_bad_input_is_an_error_naming_it() {
     };
     invalid(run(3 * 16 + 1, 3 * 8, per_token, angles), "q has 49");
     invalid(run(3 * 16, 3 * 8 + 8, per_token, angles), "k has 32");
-    invalid(run(2 * 16, 2 * 8, per_token, angles), "positions has 3 entries for 2");
-    let (i, o) = (cpu.upload(&[0i32, 3]).unwrap(), cpu.upload(&[0i32, 0]).unwrap());
+    invalid(
+        run(2 * 16, 2 * 8, per_token, angles),
+        "positions has 3 entries for 2",
+    );
+    let (i, o) = (
+        cpu.upload(&[0i32, 3]).unwrap(),
+        cpu.upload(&[0i32, 0]).unwrap(),
+    );
     invalid(
         run(
             3 * 16,
@@ -471,8 +495,14 @@ fn every_bad_input_is_an_error_naming_it() {
         );
     }
     // Outputs of the wrong length.
-    let (q, k) = (cpu.filled(3 * 16, z).unwrap(), cpu.filled(3 * 8, z).unwrap());
-    let (mut qo, mut ko) = (cpu.filled(3 * 16, z).unwrap(), cpu.filled(3 * 8 - 1, z).unwrap());
+    let (q, k) = (
+        cpu.filled(3 * 16, z).unwrap(),
+        cpu.filled(3 * 8, z).unwrap(),
+    );
+    let (mut qo, mut ko) = (
+        cpu.filled(3 * 16, z).unwrap(),
+        cpu.filled(3 * 8 - 1, z).unwrap(),
+    );
     invalid(
         rope::apply(
             &cpu,
@@ -488,7 +518,13 @@ fn every_bad_input_is_an_error_naming_it() {
         "k_out has 23",
     );
     // An empty batch is fine.
-    run(0, 0, Positions::PerToken(&cpu.upload::<i32>(&[]).unwrap()), angles).unwrap();
+    run(
+        0,
+        0,
+        Positions::PerToken(&cpu.upload::<i32>(&[]).unwrap()),
+        angles,
+    )
+    .unwrap();
 }
 
 // ---- GPU ----
@@ -510,7 +546,11 @@ fn check_rows<T: Element>(got: &[T], want: &[f64], d: usize, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}");
     let got = ferrinfer_f32(got);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert_eq!(g.is_nan(), w.is_nan(), "{what}: element {i} = {g}, want {w}");
+        assert_eq!(
+            g.is_nan(),
+            w.is_nan(),
+            "{what}: element {i} = {g}, want {w}"
+        );
     }
     let keep = |xs: &[f32], ws: &[f64]| -> (Vec<f32>, Vec<f64>) {
         xs.iter()
@@ -528,13 +568,19 @@ fn check_rows<T: Element>(got: &[T], want: &[f64], d: usize, what: &str) {
             continue;
         }
         let err = rel_l2(&g, &w);
-        assert!(err <= tolerance::<T>(), "{what}: row {r}: relative L2 {err:.2e}");
+        assert!(
+            err <= tolerance::<T>(),
+            "{what}: row {r}: relative L2 {err:.2e}"
+        );
     }
 }
 
 fn gpu_case<T: Element>(rng: &mut Rng, s: &Setup, in_place: bool, max_pos: usize, seed: u64) {
     let (gpu, rope, n) = (gpu(), &s.rope, s.tokens);
-    let what = format!("{:?} {rope:?} n {n} in place {in_place} (seed {seed})", T::DTYPE);
+    let what = format!(
+        "{:?} {rope:?} n {n} in place {in_place} (seed {seed})",
+        T::DTYPE
+    );
     let h = rope.heads();
     let q: Vec<T> = random(rng, rope.q_len(n));
     let k: Vec<T> = random(rng, rope.k_len(n));
@@ -632,7 +678,10 @@ fn gpu_rope_is_accurate_at_large_positions() {
 fn gpu_rope_empty_batch_is_a_no_op() {
     let gpu = gpu();
     let rope = Rope::new(Heads::new(4, 2, 128).unwrap(), 128, RopeLayout::NeoX).unwrap();
-    let (mut q, mut k) = (gpu.upload::<bf16>(&[]).unwrap(), gpu.upload::<bf16>(&[]).unwrap());
+    let (mut q, mut k) = (
+        gpu.upload::<bf16>(&[]).unwrap(),
+        gpu.upload::<bf16>(&[]).unwrap(),
+    );
     let p = gpu.upload::<i32>(&[]).unwrap();
     rope::apply_in_place(
         &gpu,
@@ -670,7 +719,9 @@ fn gpu_cache_and_offsets<T: Element>() {
             let offsets = [5i32, 290, 0, -3];
             let pos: Vec<Option<i64>> = (0..n as i64)
                 .map(|t| {
-                    let b = indptr.windows(2).position(|w| i64::from(w[0]) <= t && t < i64::from(w[1]))?;
+                    let b = indptr
+                        .windows(2)
+                        .position(|w| i64::from(w[0]) <= t && t < i64::from(w[1]))?;
                     Some(i64::from(offsets[b]) + t - i64::from(indptr[b]))
                 })
                 .collect();

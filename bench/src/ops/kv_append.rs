@@ -93,6 +93,10 @@ fn setup(backend: &Backend, seed: u64, batch: usize, len: u32, new: u32) -> Benc
     Ok(Box::new(move || {
         let mut c = cache.borrow_mut();
         let (kc, vc) = &mut *c;
-        plan.run(&backend, NewKv { k: &k, v: &v }, KvCacheMut { k: kc, v: vc })
+        plan.run(
+            &backend,
+            NewKv { k: &k, v: &v },
+            KvCacheMut { k: kc, v: vc },
+        )
     }))
 }

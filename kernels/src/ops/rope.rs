@@ -129,7 +129,12 @@ pub fn rope_kernel_name(dtype: DType, vec: u32, gptj: bool) -> String {
     format!("rope_{}_v{vec}_{layout}", dtype.name())
 }
 
-fn assemble(sources: &Sources, dtype: DType, vec: u32, gptj: bool) -> Result<TranslationUnit, String> {
+fn assemble(
+    sources: &Sources,
+    dtype: DType,
+    vec: u32,
+    gptj: bool,
+) -> Result<TranslationUnit, String> {
     if !ROPE_VEC_WIDTHS.contains(&vec) {
         return Err(format!(
             "no rope kernel for {vec} pairs per chunk (instantiated: {ROPE_VEC_WIDTHS:?})"
@@ -216,7 +221,11 @@ mod tests {
         let tu = rope_unit(DType::Bf16, 8, true).unwrap();
         assert_eq!(tu.entry, "ferrinfer_rope_bf16_v8_gptj");
         assert!(tu.source.contains("fi::rope<fi::bf16, 8, true>(args);"));
-        assert!(rope_unit(DType::F16, 3, false).unwrap_err().contains("3 pairs"));
+        assert!(
+            rope_unit(DType::F16, 3, false)
+                .unwrap_err()
+                .contains("3 pairs")
+        );
     }
 
     #[test]

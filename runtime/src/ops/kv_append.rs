@@ -330,7 +330,10 @@ impl AppendPlan {
         let slots = self.slots.host()?;
         let (nk, nv) = (new.k.host()?, new.v.host()?);
         let (kc, vc) = (cache.k.host_mut()?, cache.v.host_mut()?);
-        let (hk, d) = (self.heads.num_kv_heads() as usize, self.heads.head_dim() as usize);
+        let (hk, d) = (
+            self.heads.num_kv_heads() as usize,
+            self.heads.head_dim() as usize,
+        );
         for t in 0..(rows.min(self.tokens) as usize) {
             let k = key(t, &nk[t * hk * d..][..hk * d])?;
             let v = &nv[t * hk * d..][..hk * d];
@@ -501,14 +504,22 @@ pub fn append_explicit<T: Element>(
             let (kc, vc) = (cache.k.host_mut()?, cache.v.host_mut()?);
             let d = d as usize;
             for t in 0..rows {
-                let slot = explicit_slot(bi[t], pos[t], indptr, indices, last, geometry.page_size, num_pages)
-                    .ok_or_else(|| {
-                        Error::invalid(format!(
-                            "kv append: new token {t} (request {}, position {}) is outside the \
+                let slot = explicit_slot(
+                    bi[t],
+                    pos[t],
+                    indptr,
+                    indices,
+                    last,
+                    geometry.page_size,
+                    num_pages,
+                )
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "kv append: new token {t} (request {}, position {}) is outside the \
                              page table or the cache",
-                            bi[t], pos[t]
-                        ))
-                    })?;
+                        bi[t], pos[t]
+                    ))
+                })?;
                 let at = slot.0 * page_stride + slot.1 * token_stride;
                 for h in 0..hk as usize {
                     let o = (at + h as u64 * head_stride) as usize;

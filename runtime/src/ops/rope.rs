@@ -174,10 +174,7 @@ impl Frequencies {
         match self.llama31 {
             None => (1.0, 0.0, 1.0),
             Some(l) => {
-                let (low, high) = (
-                    f64::from(l.low_freq_factor),
-                    f64::from(l.high_freq_factor),
-                );
+                let (low, high) = (f64::from(l.low_freq_factor), f64::from(l.high_freq_factor));
                 let a = f64::from(l.original_max_position)
                     / (2.0 * std::f64::consts::PI * (high - low));
                 (1.0 / f64::from(l.factor), a, -low / (high - low))
@@ -330,7 +327,16 @@ pub fn apply_in_place<T: Element>(
         Backend::Cpu => {
             let q = qk.q.host()?.to_vec();
             let k = qk.k.host()?.to_vec();
-            rotate_host(rope, angles, positions, tokens, &q, &k, qk.q.host_mut()?, qk.k.host_mut()?)
+            rotate_host(
+                rope,
+                angles,
+                positions,
+                tokens,
+                &q,
+                &k,
+                qk.q.host_mut()?,
+                qk.k.host_mut()?,
+            )
         }
         Backend::Cuda(gpu) => {
             let (q, k) = (qk.q.device_ptr(gpu)?, qk.k.device_ptr(gpu)?);
