@@ -20,6 +20,8 @@
 
 namespace fi {
 
+// Field order: 18 pointers and strides, 5 doubles from byte 144, 16 unsigned from byte 184 (the
+// Rust mirror's test checks those offsets).
 struct RopeArgs {
   const void* src[3];  // q [tokens, heads_q, head_dim], k, v alike
   void* dst[3];        // q out; k and v out (contiguous, or the cache per slot_mode); may equal src

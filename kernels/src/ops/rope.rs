@@ -194,8 +194,11 @@ mod tests {
     #[test]
     fn args_size_matches_rope_cuh() {
         assert_eq!(std::mem::size_of::<RopeArgs>(), 18 * 8 + 5 * 8 + 16 * 4);
+        assert_eq!(std::mem::offset_of!(RopeArgs, ln_theta), 18 * 8);
+        assert_eq!(std::mem::offset_of!(RopeArgs, tokens), 23 * 8);
         let header = Sources::BuiltIn.header("ops/rope.cuh").unwrap();
         assert!(header.contains("sizeof(RopeArgs) == 18 * 8 + 5 * 8 + 16 * 4"));
+        assert!(header.contains("5 doubles from byte 144, 16 unsigned from byte 184"));
         assert!(header.contains(&format!("kRopeThreads = {THREADS};")));
         let slots = Sources::BuiltIn.header("ops/kv_append.cuh").unwrap();
         for (name, v) in [

@@ -602,10 +602,9 @@ unsafe impl kernel::KernelArgs for RopeArgs {}
 /// Launch the RoPE kernel for `args` (NeoX or GPT-J pairs): picks the vector width from every
 /// pointer of the families present, and the heads per thread.
 pub(crate) fn launch<T: Element>(gpu: &Gpu, layout: RopeLayout, mut args: RopeArgs) -> Result<()> {
-    let ptrs: Vec<u64> = (0..3)
-        .filter(|&f| args.heads[f] > 0)
-        .flat_map(|f| [args.src[f], args.dst[f]])
-        .collect();
+    // An absent family's pointers do not count (0 is aligned to every width).
+    let live = |f: usize, p: u64| if args.heads[f] > 0 { p } else { 0 };
+    let ptrs: [u64; 6] = std::array::from_fn(|i| live(i / 2, [args.src, args.dst][i % 2][i / 2]));
     let vec = rope_vec_width(args.head_dim, args.rotary_dim, &ptrs);
     let chunks = rope_chunks(args.head_dim, args.rotary_dim, vec);
     let heads = args.heads.iter().map(|&h| u64::from(h)).sum::<u64>();
@@ -616,7 +615,13 @@ pub(crate) fn launch<T: Element>(gpu: &Gpu, layout: RopeLayout, mut args: RopeAr
     if args.tokens == 0 || chunks == 0 || heads == 0 {
         return Ok(());
     }
-    args.heads_per_thread = rope_heads_per_thread(args.tokens, chunks, heads, gpu.sm_count());
+    // Several heads per thread share one angle computation; a pure copy has none to share, and
+    // one head per thread keeps the most loads in flight.
+    args.heads_per_thread = if args.rotate_mask == 0 {
+        1
+    } else {
+        rope_heads_per_thread(args.tokens, chunks, heads, gpu.sm_count())
+    };
     let dims = rope_launch_dims(&args, vec).ok_or_else(|| {
         Error::unsupported(format!(
             "rope over {} tokens x {heads} heads exceeds CUDA's grid limit",
