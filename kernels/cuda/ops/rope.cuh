@@ -69,9 +69,9 @@ __device__ __forceinline__ bool rope_position(const RopeArgs& a, unsigned long l
   return true;
 }
 
-// cos and sin of pair j at position pos (computed, so any position is valid).
-__device__ __forceinline__ void rope_angle(const RopeArgs& a, unsigned j, double pos, float* c, float* s) {
-  double f = exp(-(2.0 * j / a.rotary_dim) * a.ln_theta);
+// cos and sin at position pos of the pair whose unscaled frequency is f = theta^(-2j / rotary_dim)
+// (computed, so any position is valid).
+__device__ __forceinline__ void rope_angle(const RopeArgs& a, double f, double pos, float* c, float* s) {
   // Llama 3.1: keep high frequencies, divide low ones by the factor, blend in between. Without it
   // the host sets smooth_a = 0, smooth_b = 1 (always keep).
   const double smooth = fmin(fmax(f * a.smooth_a + a.smooth_b, 0.0), 1.0);
@@ -119,6 +119,13 @@ __device__ __forceinline__ void rope(const RopeArgs& a) {
     bool valid = rope_position(a, t, &pos);
     if (valid && a.cos_sin != nullptr) valid = pos >= 0.0 && pos < static_cast<double>(a.max_position);
     const long long row = valid && a.cos_sin != nullptr ? static_cast<long long>(pos) : 0;
+    // Two exps per thread: f_j0, then each next pair's frequency is one step (theta^(-2/rd))
+    // down, a few ulp from its own exp.
+    double f = 0.0, step = 0.0;
+    if (valid && a.cos_sin == nullptr) {
+      f = exp(-(2.0 * j0 / a.rotary_dim) * a.ln_theta);
+      step = exp(-(2.0 / a.rotary_dim) * a.ln_theta);
+    }
 #pragma unroll
     for (unsigned e = 0; e < VEC; ++e) {
       if (!valid) {
@@ -128,7 +135,8 @@ __device__ __forceinline__ void rope(const RopeArgs& a) {
         c[e] = r[j0 + e];
         s[e] = r[half + j0 + e];
       } else {
-        rope_angle(a, j0 + e, pos, &c[e], &s[e]);
+        rope_angle(a, f, pos, &c[e], &s[e]);
+        f *= step;
       }
     }
   }
