@@ -6,9 +6,9 @@
 // how KV append and the fused RoPE + append reuse this kernel. Mirrored by kernels/src/ops/rope.rs.
 //
 // Angles: f_j = theta^(-2j / rotary_dim), optionally Llama 3.1-smoothed, divided by the linear scale,
-// all in f64 (one per thread and pair, shared by the thread's heads), then reduced modulo 2 pi in
-// f64 before an f32 sincosf: positions up to 2^31 keep an absolute angle error near 1e-7, where an
-// f32 product would be off by a whole radian. Or cos/sin read from an f32 cache
+// all in f64 (per thread and pair, shared by the thread's heads), then reduced modulo 2 pi in
+// f64 before an f32 sincosf: positions up to 2^31 keep an absolute angle error of a few 1e-6, where an
+// f32 product is off by 0.03 rad at 2^20 and by radians beyond. Or cos/sin read from an f32 cache
 // [max_position, rotary_dim] (cos of pair j at column j, sin at rotary_dim / 2 + j).
 // A token without a valid position (outside the cache, or no request of qo_indptr holds it) gets
 // NaN in its rotated dims, so the mistake shows; nothing is read or written out of bounds.

@@ -76,7 +76,8 @@ pub struct KvCacheMut<'a, T: Element> {
 /// e.g. a CUDA graph's padded batch): rows past [`AppendPlan::tokens`] are not written to the
 /// cache, and their queries (in [`AppendPlan::run_with_rope`]) turn as position 0. What a CUDA
 /// graph freezes is pinned: heads, the cache's layout, page size and size; a replan that changes
-/// them is refused. Not `Sync`-shared state: one step at a time.
+/// them is refused. Runs only read the plan (`&self`); a replan needs `&mut self`, so no run can
+/// overlap it on the host (on the device, the stream orders the replan's copy after queued runs).
 #[derive(Debug)]
 pub struct AppendPlan {
     heads: Heads,
