@@ -11,8 +11,8 @@
 //! token or as one offset per request ([`Positions`]).
 //!
 //! On the GPU, frequencies and angles are computed in f64 and reduced modulo 2 pi before an f32
-//! `sincosf`, so positions up to 2^31 stay accurate (an f32 product `pos * f` would be off by
-//! up to a radian at a million). Positions are device data the host cannot see without a
+//! `sincosf`, so positions up to 2^31 stay accurate (an f32 product `pos * f` is off by 0.03 rad
+//! at a million, radians beyond). Positions are device data the host cannot see without a
 //! synchronisation, so a token with no valid position (outside the cache, or in no request of
 //! `qo_indptr`) gets NaN in its rotated dims on the GPU, where the CPU backend returns an error
 //! naming the token. Nothing is read or written out of bounds either way.
