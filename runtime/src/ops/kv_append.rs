@@ -191,7 +191,12 @@ impl AppendPlan {
                     heads: [0, self.heads.num_kv_heads(), self.heads.num_kv_heads()],
                     ..self.args(gpu, rows)?
                 };
-                rope::launch::<T>(gpu, RopeLayout::NeoX, args)
+                // SAFETY: `check` made k and v `rows` rows, at most the capacity (the length of
+                // `slots`), and each cache exactly the planned KvIndex's buffer length; every
+                // slot `place` wrote is that KvIndex's offset of a valid (request, position), so
+                // slot + head * head stride + head_dim stays inside the cache, and rows past the
+                // step's tokens have slot u64::MAX, which the kernel skips.
+                unsafe { rope::launch::<T>(gpu, RopeLayout::NeoX, args) }
             }
         }
     }
@@ -273,7 +278,10 @@ impl AppendPlan {
                         ..base
                     }
                 };
-                rope::launch::<T>(gpu, rope.layout(), args)
+                // SAFETY: as in `run` for k, v and the cache; q was checked to hold `rows` rows
+                // of the rope's heads, the plan's positions hold `capacity >= rows` entries, and
+                // `rope_args` read the cos/sin cache's length.
+                unsafe { rope::launch::<T>(gpu, rope.layout(), args) }
             }
         }
     }
@@ -552,7 +560,12 @@ pub fn append_explicit<T: Element>(
                 num_kv_indices: table.kv_indices.len() as u32,
                 ..RopeArgs::default()
             };
-            rope::launch::<T>(gpu, RopeLayout::NeoX, args)
+            // SAFETY: k and v hold `rows` rows and the page-table arrays the lengths passed
+            // (batch_indices and positions `rows`, kv_indptr `batch + 1`, kv_last_page_len
+            // `batch`, kv_indices `num_kv_indices`), checked above; the caches hold `num_pages`
+            // whole pages; the kernel writes a token only after `explicit_slot` checked its
+            // request, position and page against those bounds.
+            unsafe { rope::launch::<T>(gpu, RopeLayout::NeoX, args) }
         }
     }
 }

@@ -341,7 +341,10 @@ pub fn apply_in_place<T: Element>(
         Backend::Cuda(gpu) => {
             let (q, k) = (qk.q.device_ptr(gpu)?, qk.k.device_ptr(gpu)?);
             let args = rope_args(gpu, rope, angles, positions, tokens, [q, k], [q, k])?;
-            launch::<T>(gpu, rope.layout, args)
+            // SAFETY: `check` tied q, k and the positions (or qo_indptr and offsets) to `tokens`
+            // and the heads, and the cache to `max_position` rows (`rope_args` reads its length);
+            // all are live buffers of this GPU held by the caller.
+            unsafe { launch::<T>(gpu, rope.layout, args) }
         }
     }
 }
@@ -381,7 +384,8 @@ pub fn apply<T: Element>(
             let src = [input.q.device_ptr(gpu)?, input.k.device_ptr(gpu)?];
             let dst = [out.q.device_ptr(gpu)?, out.k.device_ptr(gpu)?];
             let args = rope_args(gpu, rope, angles, positions, tokens, src, dst)?;
-            launch::<T>(gpu, rope.layout, args)
+            // SAFETY: as in `apply_in_place`, and the outputs' lengths equal the inputs'.
+            unsafe { launch::<T>(gpu, rope.layout, args) }
         }
     }
 }
@@ -601,7 +605,19 @@ unsafe impl kernel::KernelArgs for RopeArgs {}
 
 /// Launch the RoPE kernel for `args` (NeoX or GPT-J pairs): picks the vector width from every
 /// pointer of the families present, and the heads per thread.
-pub(crate) fn launch<T: Element>(gpu: &Gpu, layout: RopeLayout, mut args: RopeArgs) -> Result<()> {
+///
+/// # Safety
+/// Every pointer of `args` must be 0 or an address on this GPU of live memory that outlives the
+/// launch and holds what `args` says the kernel reads or writes there: each present family's
+/// source `[tokens, heads, head_dim]` and destination (the same, or for k and v a cache that
+/// holds every slot the slot mode can produce), `tokens` positions (or `batch + 1` indptr and
+/// `batch` offsets), `max_position` cos/sin rows, and the page-table arrays of their stated
+/// lengths.
+pub(crate) unsafe fn launch<T: Element>(
+    gpu: &Gpu,
+    layout: RopeLayout,
+    mut args: RopeArgs,
+) -> Result<()> {
     // An absent family's pointers do not count (0 is aligned to every width).
     let live = |f: usize, p: u64| if args.heads[f] > 0 { p } else { 0 };
     let ptrs: [u64; 6] = std::array::from_fn(|i| live(i / 2, [args.src, args.dst][i % 2][i / 2]));
@@ -630,12 +646,9 @@ pub(crate) fn launch<T: Element>(gpu: &Gpu, layout: RopeLayout, mut args: RopeAr
     })?;
     let (dtype, gptj) = (T::DTYPE, layout == RopeLayout::GptJ);
     let name = rope_kernel_name(dtype, vec, gptj);
-    // SAFETY: the entry takes (RopeArgs) by value. Every pointer comes from a live buffer on this
-    // GPU whose length the op's checks compared with the geometry in `args`: q and k (and their
-    // outputs) hold `tokens` rows of their heads; positions `tokens` entries; qo_indptr
-    // `batch + 1` and offsets `batch`; the cos/sin cache `max_position` rows, and the kernel reads
-    // a row only after checking the position against `max_position`; cache slots are checked by
-    // the kv_append op that sets them. Buffers outlive the launch: the caller holds them and all
-    // work is ordered on the device's one stream.
+    // SAFETY: the entry takes (RopeArgs) by value; this function's contract makes every pointer
+    // valid for what the kernel touches with these dims (one thread per (token, head group,
+    // chunk), inside `tokens` rows and `head_dim` dims), and the kernel reads a cos/sin row or a
+    // page-table entry only after checking it against `max_position` or the table's lengths.
     unsafe { kernel::launch(gpu, &name, || rope_unit(dtype, vec, gptj), dims, args) }
 }
