@@ -58,7 +58,7 @@ __device__ __forceinline__ bool rope_position(const RopeArgs& a, unsigned long l
   // The last request whose first token is at or before t (indptr may be garbage: still bounded).
   unsigned lo = 0, hi = a.batch;
   while (lo + 1 < hi) {
-    const unsigned mid = (lo + hi) / 2;
+    const unsigned mid = lo + (hi - lo) / 2;
     if (static_cast<long long>(a.indptr[mid]) <= static_cast<long long>(t)) lo = mid; else hi = mid;
   }
   const long long first = a.indptr[lo];
