@@ -36,6 +36,8 @@ pub const HEADER_NAMES: &[&str] = &[
     "ops/activation.cuh",
     "ops/philox.cuh",
     "ops/sampling.cuh",
+    "ops/kv_append.cuh",
+    "ops/rope.cuh",
 ];
 
 /// `(name, text)` of each header file under `kernels/cuda`, embedded at build time.
@@ -69,6 +71,8 @@ const BUILT_IN: &[(&str, &str)] = built_in![
     "ops/activation.cuh",
     "ops/philox.cuh",
     "ops/sampling.cuh",
+    "ops/kv_append.cuh",
+    "ops/rope.cuh",
 ];
 
 /// Where header text comes from.

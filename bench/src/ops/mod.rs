@@ -3,7 +3,9 @@
 //! how to set up one input set; the driver here rotates input sets past L2 and times the calls.
 
 mod activation;
+mod kv_append;
 mod norm;
+mod rope;
 mod sampling;
 
 use ferrinfer::prelude::*;
@@ -30,7 +32,13 @@ pub struct OpCase {
 }
 
 /// Every op group's cases, one row per file.
-const GROUPS: &[fn() -> Vec<OpCase>] = &[norm::cases, activation::cases, sampling::cases];
+const GROUPS: &[fn() -> Vec<OpCase>] = &[
+    norm::cases,
+    activation::cases,
+    sampling::cases,
+    rope::cases,
+    kv_append::cases,
+];
 
 /// All cases, in table order.
 pub fn cases() -> Vec<OpCase> {

@@ -5,6 +5,7 @@
 pub mod activation;
 pub mod merge_states;
 pub mod norm;
+pub mod rope;
 pub mod sampling;
 
 use crate::sources::Sources;
@@ -18,6 +19,7 @@ pub const OPS: &[(&str, AllUnits)] = &[
     ("norm", norm::all_units),
     ("activation", activation::all_units),
     ("sampling", sampling::all_units),
+    ("rope", rope::all_units),
 ];
 
 /// An op file's function that assembles every instance's unit.

@@ -5,7 +5,9 @@
 pub mod activation;
 pub mod cascade;
 pub(crate) mod kernel;
+pub mod kv_append;
 pub mod norm;
+pub mod rope;
 pub mod sampling;
 
 use crate::error::{Error, Result};

@@ -1,0 +1,654 @@
+//! Rotary position embedding (RoPE) on the queries and keys of a ragged batch.
+//!
+//! Pair `j` of the first `rotary_dim` dims of every head, `(x1, x2)`, turns by the angle
+//! `pos * f_j`: `(x1 cos - x2 sin, x2 cos + x1 sin)`. [`RopeLayout::NeoX`] pairs dim `j` with
+//! `j + rotary_dim / 2`, [`RopeLayout::GptJ`] dim `2j` with `2j + 1`. Dims past `rotary_dim` are
+//! copied (out of place) or left alone (in place).
+//!
+//! The angles are computed ([`Angles::Computed`]: `f_j = theta^(-2j / rotary_dim)`, optionally
+//! Llama 3.1-scaled, divided by a linear position scale) or read from a cos/sin cache
+//! ([`Angles::Cache`], FlashInfer's `apply_rope_with_cos_sin_cache` layout). Positions come per
+//! token or as one offset per request ([`Positions`]).
+//!
+//! On the GPU, frequencies and angles are computed in f64 and reduced modulo 2 pi before an f32
+//! `sincosf`, so positions up to 2^31 stay accurate (an f32 product `pos * f` is off by 0.03 rad
+//! at a million, radians beyond). Positions are device data the host cannot see without a
+//! synchronisation, so a token with no valid position (outside the cache, or in no request of
+//! `qo_indptr`) gets NaN in its rotated dims on the GPU, where the CPU backend returns an error
+//! naming the token. Nothing is read or written out of bounds either way.
+//!
+//! ```
+//! use ferrinfer_runtime::ops::rope::{self, Angles, Frequencies, Positions, QkMut, Rope, RopeLayout};
+//! use ferrinfer_runtime::{Backend, Heads, prelude::bf16};
+//! # fn main() -> ferrinfer_runtime::Result<()> {
+//! let backend = Backend::Cpu;
+//! // 2 tokens, 2 query heads over 1 KV head, head dim 4, all 4 dims rotated (NeoX).
+//! let rope = Rope::new(Heads::new(2, 1, 4)?, 4, RopeLayout::NeoX)?;
+//! let one = bf16::from_f32(1.0);
+//! let mut q = backend.upload(&vec![one; 2 * 2 * 4])?;
+//! let mut k = backend.upload(&vec![one; 2 * 4])?;
+//! let positions = backend.upload(&[0i32, 1])?;
+//! let freqs = Frequencies::new(10_000.0)?;
+//! rope::apply_in_place(&backend, &rope, Angles::Computed(freqs), Positions::PerToken(&positions),
+//!     QkMut { q: &mut q, k: &mut k })?;
+//! let k = k.to_vec()?;
+//! // Position 0 turns nothing; position 1 turns pair 0 (dims 0 and 2) by 1 radian.
+//! assert_eq!(k[0].to_f32(), 1.0);
+//! assert!((k[4].to_f32() - (1f32.cos() - 1f32.sin())).abs() < 1e-2);
+//! # Ok(()) }
+//! ```
+
+use ferrinfer_kernels::ops::rope::{
+    RopeArgs, SLOT_CONTIGUOUS, rope_chunks, rope_heads_per_thread, rope_kernel_name,
+    rope_launch_dims, rope_unit, rope_vec_width,
+};
+
+use crate::attention::batch::Heads;
+use crate::device::backend::{Backend, Buffer};
+use crate::device::dtype::Element;
+use crate::device::gpu::Gpu;
+use crate::error::{Error, Result};
+use crate::ops::kernel;
+
+/// Which dims form a rotated pair.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum RopeLayout {
+    /// Dim `j` with dim `j + rotary_dim / 2` (rotate halves; GPT-NeoX, Llama).
+    #[default]
+    NeoX,
+    /// Dim `2j` with dim `2j + 1` (interleaved pairs; GPT-J).
+    GptJ,
+}
+
+/// Llama 3.1's frequency scaling: frequencies whose wavelength `2 pi / f` is shorter than
+/// `original_max_position / high_freq_factor` are kept, those longer than
+/// `original_max_position / low_freq_factor` are divided by `factor`, and in between the two are
+/// blended with `smooth = (original_max_position / wavelength - low) / (high - low)`:
+/// `f' = (1 - smooth) f / factor + smooth f` (as in Llama 3.1 and FlashInfer).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Llama31 {
+    /// Divisor of the low frequencies (8 for Llama 3.1).
+    pub factor: f32,
+    /// Low-frequency factor (1).
+    pub low_freq_factor: f32,
+    /// High-frequency factor (4); above `low_freq_factor`.
+    pub high_freq_factor: f32,
+    /// Context length of the original training (8192).
+    pub original_max_position: u32,
+}
+
+impl Default for Llama31 {
+    /// Llama 3.1's values: factor 8, low 1, high 4, original context 8192.
+    fn default() -> Self {
+        Llama31 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position: 8192,
+        }
+    }
+}
+
+/// How the rotation frequencies are computed: `f_j = theta^(-2j / rotary_dim)`, Llama 3.1-scaled
+/// when asked, then divided by the linear position scale. Validated; built by [`Frequencies::new`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Frequencies {
+    theta: f32,
+    scale: f32,
+    llama31: Option<Llama31>,
+}
+
+impl Frequencies {
+    /// Base `theta` (finite, above 0; 10000 in most models), linear scale 1, no Llama 3.1 scaling.
+    pub fn new(theta: f32) -> Result<Self> {
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(Error::invalid(format!(
+                "rope: theta = {theta} must be finite and above 0"
+            )));
+        }
+        Ok(Frequencies {
+            theta,
+            scale: 1.0,
+            llama31: None,
+        })
+    }
+    /// Llama 3.1 as FlashInfer's `apply_llama31_rope` defaults it: theta 500000 and
+    /// [`Llama31::default`].
+    pub fn llama31() -> Self {
+        Frequencies {
+            theta: 5e5,
+            scale: 1.0,
+            llama31: Some(Llama31::default()),
+        }
+    }
+    /// Positions divided by `scale` (finite, above 0): linear position interpolation.
+    pub fn with_scale(mut self, scale: f32) -> Result<Self> {
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(Error::invalid(format!(
+                "rope: scale = {scale} must be finite and above 0"
+            )));
+        }
+        self.scale = scale;
+        Ok(self)
+    }
+    /// With Llama 3.1 frequency scaling `l`: every factor finite and above 0, `high_freq_factor`
+    /// above `low_freq_factor`, `original_max_position` at least 1.
+    pub fn with_llama31(mut self, l: Llama31) -> Result<Self> {
+        let positive = |x: f32| x.is_finite() && x > 0.0;
+        if !positive(l.factor)
+            || !positive(l.low_freq_factor)
+            || !positive(l.high_freq_factor)
+            || l.high_freq_factor <= l.low_freq_factor
+            || l.original_max_position == 0
+        {
+            return Err(Error::invalid(format!(
+                "rope: Llama 3.1 scaling {l:?} needs finite factors above 0, high_freq_factor \
+                 above low_freq_factor and original_max_position at least 1"
+            )));
+        }
+        self.llama31 = Some(l);
+        Ok(self)
+    }
+    /// Base theta.
+    pub fn theta(&self) -> f32 {
+        self.theta
+    }
+    /// Linear position scale.
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+    /// Llama 3.1 scaling, if any.
+    pub fn llama31_scaling(&self) -> Option<Llama31> {
+        self.llama31
+    }
+    /// Frequency (radians per position) of pair `j` of `rotary_dim` rotated dims, in f64.
+    pub fn frequency(&self, j: u32, rotary_dim: u32) -> f64 {
+        let f = f64::from(self.theta).powf(-2.0 * f64::from(j) / f64::from(rotary_dim));
+        let (rcp_factor, a, b) = self.smoothing();
+        let smooth = (f * a + b).clamp(0.0, 1.0);
+        ((1.0 - smooth) * f * rcp_factor + smooth * f) / f64::from(self.scale)
+    }
+    /// `(1 / factor, smooth_a, smooth_b)` with `smooth = clamp(f smooth_a + smooth_b, 0, 1)`;
+    /// `(1, 0, 1)` (keep every frequency) without Llama 3.1 scaling.
+    fn smoothing(&self) -> (f64, f64, f64) {
+        match self.llama31 {
+            None => (1.0, 0.0, 1.0),
+            Some(l) => {
+                let (low, high) = (f64::from(l.low_freq_factor), f64::from(l.high_freq_factor));
+                let a = f64::from(l.original_max_position)
+                    / (2.0 * std::f64::consts::PI * (high - low));
+                (1.0 / f64::from(l.factor), a, -low / (high - low))
+            }
+        }
+    }
+    /// The frequency fields of the kernel's arguments.
+    pub(crate) fn fill_args(&self, args: &mut RopeArgs) {
+        let (rcp_factor, smooth_a, smooth_b) = self.smoothing();
+        args.ln_theta = f64::from(self.theta).ln();
+        args.rcp_scale = 1.0 / f64::from(self.scale);
+        args.rcp_factor = rcp_factor;
+        args.smooth_a = smooth_a;
+        args.smooth_b = smooth_b;
+    }
+}
+
+/// Where the angles come from.
+#[derive(Clone, Copy, Debug)]
+pub enum Angles<'a> {
+    /// Computed from these frequencies (any i32 position is valid).
+    Computed(Frequencies),
+    /// An f32 table `[max_position, rotary_dim]`: row `pos` holds `cos(pos f_j)` at column `j` and
+    /// `sin(pos f_j)` at column `rotary_dim / 2 + j` (FlashInfer's `cos_sin_cache`). Positions
+    /// must be in `0..max_position`.
+    Cache(&'a Buffer<f32>),
+}
+
+/// The position of every token.
+#[derive(Clone, Copy, Debug)]
+pub enum Positions<'a> {
+    /// `[tokens]`: the position of each token.
+    PerToken(&'a Buffer<i32>),
+    /// Request `b` holds tokens `qo_indptr[b]..qo_indptr[b + 1]` (`[batch + 1]`, from 0 to the
+    /// token count, never decreasing) and token `t` of it is at `offsets[b] + t - qo_indptr[b]`
+    /// (`offsets` is `[batch]`).
+    Offsets {
+        /// `[batch + 1]` token ranges.
+        qo_indptr: &'a Buffer<i32>,
+        /// `[batch]` position of each request's first token.
+        offsets: &'a Buffer<i32>,
+    },
+}
+
+/// The geometry of a RoPE call: heads (q `[tokens, num_qo_heads, head_dim]`, k
+/// `[tokens, num_kv_heads, head_dim]`), rotated dims and layout. Validated; built by
+/// [`Rope::new`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Rope {
+    heads: Heads,
+    rotary_dim: u32,
+    layout: RopeLayout,
+}
+
+impl Rope {
+    /// RoPE on the first `rotary_dim` dims (even, 2..=head_dim) of every head.
+    pub fn new(heads: Heads, rotary_dim: u32, layout: RopeLayout) -> Result<Self> {
+        if rotary_dim < 2 || !rotary_dim.is_multiple_of(2) || rotary_dim > heads.head_dim() {
+            return Err(Error::invalid(format!(
+                "rope: rotary_dim = {rotary_dim} must be even and in 2..={} (head_dim)",
+                heads.head_dim()
+            )));
+        }
+        Ok(Rope {
+            heads,
+            rotary_dim,
+            layout,
+        })
+    }
+    /// Heads and head dim.
+    pub fn heads(&self) -> Heads {
+        self.heads
+    }
+    /// Rotated dims of each head.
+    pub fn rotary_dim(&self) -> u32 {
+        self.rotary_dim
+    }
+    /// Pair layout.
+    pub fn layout(&self) -> RopeLayout {
+        self.layout
+    }
+    /// Elements of q for `tokens` tokens.
+    pub fn q_len(&self, tokens: usize) -> usize {
+        tokens * (self.heads.num_qo_heads() * self.heads.head_dim()) as usize
+    }
+    /// Elements of k for `tokens` tokens.
+    pub fn k_len(&self, tokens: usize) -> usize {
+        tokens * (self.heads.num_kv_heads() * self.heads.head_dim()) as usize
+    }
+    /// Tokens of a q buffer of `q_len` elements, or an error naming it.
+    pub(crate) fn tokens(&self, name: &str, q_len: usize) -> Result<u32> {
+        let row = self.q_len(1);
+        if !q_len.is_multiple_of(row) || u32::try_from(q_len / row).is_err() {
+            return Err(Error::invalid(format!(
+                "rope: {name} has {q_len} elements, not a whole number of tokens of \
+                 num_qo_heads x head_dim = {row} (below 2^32 tokens)"
+            )));
+        }
+        Ok((q_len / row) as u32)
+    }
+    /// Rows of a cos/sin cache, or an error.
+    fn cache_rows(&self, cache: &Buffer<f32>) -> Result<u32> {
+        let rd = self.rotary_dim as usize;
+        if cache.is_empty()
+            || !cache.len().is_multiple_of(rd)
+            || u32::try_from(cache.len() / rd).is_err()
+        {
+            return Err(Error::invalid(format!(
+                "rope: cos_sin cache has {} elements; it must be [max_position, rotary_dim = {rd}] \
+                 with 1 to 2^32 - 1 positions",
+                cache.len()
+            )));
+        }
+        Ok((cache.len() / rd) as u32)
+    }
+}
+
+/// Queries and keys read by [`apply`].
+#[derive(Debug)]
+pub struct Qk<'a, T: Element> {
+    /// `[tokens, num_qo_heads, head_dim]`.
+    pub q: &'a Buffer<T>,
+    /// `[tokens, num_kv_heads, head_dim]`.
+    pub k: &'a Buffer<T>,
+}
+
+/// Queries and keys written by [`apply`] or turned in place by [`apply_in_place`].
+#[derive(Debug)]
+pub struct QkMut<'a, T: Element> {
+    /// `[tokens, num_qo_heads, head_dim]`.
+    pub q: &'a mut Buffer<T>,
+    /// `[tokens, num_kv_heads, head_dim]`.
+    pub k: &'a mut Buffer<T>,
+}
+
+/// Rotate `qk` in place (dims past `rotary_dim` untouched). Asynchronous on a GPU; no allocation.
+///
+/// Errors: a q, k or positions length that does not match (named), a bad cos/sin cache or
+/// `qo_indptr`/`offsets` length, a buffer of another backend; on the CPU backend also a position
+/// outside the cache or a `qo_indptr` that does not cover the tokens (the GPU writes NaN there).
+pub fn apply_in_place<T: Element>(
+    backend: &Backend,
+    rope: &Rope,
+    angles: Angles<'_>,
+    positions: Positions<'_>,
+    qk: QkMut<'_, T>,
+) -> Result<()> {
+    let tokens = check(rope, angles, positions, qk.q.len(), qk.k.len())?;
+    match backend {
+        Backend::Cpu => {
+            let q = qk.q.host()?.to_vec();
+            let k = qk.k.host()?.to_vec();
+            rotate_host(
+                rope,
+                angles,
+                positions,
+                tokens,
+                &q,
+                &k,
+                qk.q.host_mut()?,
+                qk.k.host_mut()?,
+            )
+        }
+        Backend::Cuda(gpu) => {
+            let (q, k) = (qk.q.device_ptr(gpu)?, qk.k.device_ptr(gpu)?);
+            let args = rope_args(gpu, rope, angles, positions, tokens, [q, k], [q, k])?;
+            // SAFETY: `check` tied q, k and the positions (or qo_indptr and offsets) to `tokens`
+            // and the heads, and the cache to `max_position` rows (`rope_args` reads its length);
+            // all are live buffers of this GPU held by the caller.
+            unsafe { launch::<T>(gpu, rope.layout, args) }
+        }
+    }
+}
+
+/// Rotate `input` into `out` (dims past `rotary_dim` copied). Asynchronous on a GPU; no
+/// allocation.
+///
+/// Errors as [`apply_in_place`], and an output whose length differs from its input's.
+pub fn apply<T: Element>(
+    backend: &Backend,
+    rope: &Rope,
+    angles: Angles<'_>,
+    positions: Positions<'_>,
+    input: Qk<'_, T>,
+    out: QkMut<'_, T>,
+) -> Result<()> {
+    let tokens = check(rope, angles, positions, input.q.len(), input.k.len())?;
+    for (name, got, want) in [
+        ("q_out", out.q.len(), input.q.len()),
+        ("k_out", out.k.len(), input.k.len()),
+    ] {
+        if got != want {
+            return Err(Error::invalid(format!(
+                "rope: {name} has {got} elements; its input has {want}"
+            )));
+        }
+    }
+    match backend {
+        Backend::Cpu => {
+            let (q, k) = (input.q.host()?, input.k.host()?);
+            let (q_out, k_out) = (out.q.host_mut()?, out.k.host_mut()?);
+            q_out.copy_from_slice(q);
+            k_out.copy_from_slice(k);
+            rotate_host(rope, angles, positions, tokens, q, k, q_out, k_out)
+        }
+        Backend::Cuda(gpu) => {
+            let src = [input.q.device_ptr(gpu)?, input.k.device_ptr(gpu)?];
+            let dst = [out.q.device_ptr(gpu)?, out.k.device_ptr(gpu)?];
+            let args = rope_args(gpu, rope, angles, positions, tokens, src, dst)?;
+            // SAFETY: as in `apply_in_place`, and the outputs' lengths equal the inputs'.
+            unsafe { launch::<T>(gpu, rope.layout, args) }
+        }
+    }
+}
+
+/// Check lengths; returns the token count.
+fn check(
+    rope: &Rope,
+    angles: Angles<'_>,
+    positions: Positions<'_>,
+    q_len: usize,
+    k_len: usize,
+) -> Result<u32> {
+    let tokens = rope.tokens("q", q_len)?;
+    if k_len != rope.k_len(tokens as usize) {
+        return Err(Error::invalid(format!(
+            "rope: k has {k_len} elements; {tokens} tokens of num_kv_heads x head_dim need {}",
+            rope.k_len(tokens as usize)
+        )));
+    }
+    if let Angles::Cache(cache) = angles {
+        rope.cache_rows(cache)?;
+    }
+    match positions {
+        Positions::PerToken(p) if p.len() != tokens as usize => Err(Error::invalid(format!(
+            "rope: positions has {} entries for {tokens} tokens",
+            p.len()
+        ))),
+        Positions::Offsets { qo_indptr, offsets }
+            if qo_indptr.len() != offsets.len() + 1 || (offsets.is_empty() && tokens > 0) =>
+        {
+            Err(Error::invalid(format!(
+                "rope: qo_indptr has {} entries and offsets {}; they must be [batch + 1] and \
+                 [batch], with a batch of at least 1 for {tokens} tokens",
+                qo_indptr.len(),
+                offsets.len()
+            )))
+        }
+        Positions::Offsets { offsets, .. } if u32::try_from(offsets.len()).is_err() => Err(
+            Error::invalid("rope: a batch of 2^32 requests or more is not supported"),
+        ),
+        _ => Ok(tokens),
+    }
+}
+
+/// cos and sin of every pair of one token, in f64, or an error naming the token.
+pub(crate) struct HostAngles<'a> {
+    rotary_dim: u32,
+    freqs: Option<Vec<f64>>,
+    cache: &'a [f32],
+}
+
+impl<'a> HostAngles<'a> {
+    pub(crate) fn new(rope: &Rope, angles: Angles<'a>) -> Result<Self> {
+        let half = rope.rotary_dim / 2;
+        Ok(match angles {
+            Angles::Computed(f) => HostAngles {
+                rotary_dim: rope.rotary_dim,
+                freqs: Some((0..half).map(|j| f.frequency(j, rope.rotary_dim)).collect()),
+                cache: &[],
+            },
+            Angles::Cache(c) => HostAngles {
+                rotary_dim: rope.rotary_dim,
+                freqs: None,
+                cache: c.host()?,
+            },
+        })
+    }
+    /// `(cos, sin)` of each pair at `pos` for token `t`.
+    pub(crate) fn at(&self, t: usize, pos: i64) -> Result<Vec<(f64, f64)>> {
+        match &self.freqs {
+            Some(f) => Ok(f
+                .iter()
+                .map(|&f| {
+                    let a = pos as f64 * f;
+                    (a.cos(), a.sin())
+                })
+                .collect()),
+            None => {
+                let rd = self.rotary_dim as usize;
+                let rows = self.cache.len() / rd;
+                if pos < 0 || pos as u64 >= rows as u64 {
+                    return Err(Error::invalid(format!(
+                        "rope: token {t} is at position {pos}, outside the cos/sin cache's \
+                         {rows} positions"
+                    )));
+                }
+                let row = &self.cache[pos as usize * rd..][..rd];
+                let (c, s) = row.split_at(rd / 2);
+                Ok(c.iter()
+                    .zip(s)
+                    .map(|(&c, &s)| (f64::from(c), f64::from(s)))
+                    .collect())
+            }
+        }
+    }
+}
+
+/// The position of every token on the host, or an error naming the first bad one.
+fn host_positions(positions: Positions<'_>, tokens: u32) -> Result<Vec<i64>> {
+    match positions {
+        Positions::PerToken(p) => Ok(p.host()?.iter().map(|&p| i64::from(p)).collect()),
+        Positions::Offsets { qo_indptr, offsets } => {
+            let (indptr, offsets) = (qo_indptr.host()?, offsets.host()?);
+            let batch = offsets.len();
+            let ok = indptr[0] == 0
+                && indptr.windows(2).all(|w| w[0] <= w[1])
+                && i64::from(indptr[batch]) == i64::from(tokens);
+            if !ok {
+                return Err(Error::invalid(format!(
+                    "rope: qo_indptr = {indptr:?} must start at 0, never decrease and end at the \
+                     {tokens} tokens"
+                )));
+            }
+            let mut out = Vec::with_capacity(tokens as usize);
+            for b in 0..batch {
+                for i in 0..indptr[b + 1] - indptr[b] {
+                    out.push(i64::from(offsets[b]) + i64::from(i));
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Turn the first `rotary_dim` dims of one head `x` by `cs` into `out` (f64, rounded at the end).
+pub(crate) fn rotate_head<T: Element>(
+    layout: RopeLayout,
+    cs: &[(f64, f64)],
+    x: &[T],
+    out: &mut [T],
+) {
+    let half = cs.len();
+    for (j, &(c, s)) in cs.iter().enumerate() {
+        let (i1, i2) = match layout {
+            RopeLayout::NeoX => (j, j + half),
+            RopeLayout::GptJ => (2 * j, 2 * j + 1),
+        };
+        let (x1, x2) = (f64::from(x[i1].to_f32()), f64::from(x[i2].to_f32()));
+        out[i1] = T::from_f32((x1 * c - x2 * s) as f32);
+        out[i2] = T::from_f32((x2 * c + x1 * s) as f32);
+    }
+}
+
+/// The CPU backend: rotate every head of q and k into `q_out` and `k_out` (which already hold
+/// the dims that are not rotated).
+#[allow(clippy::too_many_arguments)]
+fn rotate_host<T: Element>(
+    rope: &Rope,
+    angles: Angles<'_>,
+    positions: Positions<'_>,
+    tokens: u32,
+    q: &[T],
+    k: &[T],
+    q_out: &mut [T],
+    k_out: &mut [T],
+) -> Result<()> {
+    let host = HostAngles::new(rope, angles)?;
+    let pos = host_positions(positions, tokens)?;
+    let d = rope.heads.head_dim() as usize;
+    let (qt, kt) = (rope.q_len(1), rope.k_len(1));
+    for (t, &p) in pos.iter().enumerate() {
+        let cs = host.at(t, p)?;
+        for (x, out, row) in [(q, &mut *q_out, qt), (k, &mut *k_out, kt)] {
+            let (x, out) = (&x[t * row..][..row], &mut out[t * row..][..row]);
+            for (xh, oh) in x.chunks(d).zip(out.chunks_mut(d)) {
+                rotate_head(rope.layout, &cs, xh, oh);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The kernel's arguments for q and k of `tokens` tokens (`src`, `dst`: q then k), with the
+/// angle and position fields filled; k and v slots contiguous.
+pub(crate) fn rope_args(
+    gpu: &Gpu,
+    rope: &Rope,
+    angles: Angles<'_>,
+    positions: Positions<'_>,
+    tokens: u32,
+    src: [u64; 2],
+    dst: [u64; 2],
+) -> Result<RopeArgs> {
+    let mut args = RopeArgs {
+        src: [src[0], src[1], 0],
+        dst: [dst[0], dst[1], 0],
+        tokens,
+        heads: [rope.heads.num_qo_heads(), rope.heads.num_kv_heads(), 0],
+        head_dim: rope.heads.head_dim(),
+        rotary_dim: rope.rotary_dim,
+        rotate_mask: 0b11,
+        slot_mode: SLOT_CONTIGUOUS,
+        ..RopeArgs::default()
+    };
+    match angles {
+        Angles::Computed(f) => f.fill_args(&mut args),
+        Angles::Cache(cache) => {
+            args.max_position = rope.cache_rows(cache)?;
+            args.cos_sin = cache.device_ptr(gpu)?;
+        }
+    }
+    match positions {
+        Positions::PerToken(p) => args.positions = p.device_ptr(gpu)?,
+        Positions::Offsets { qo_indptr, offsets } => {
+            args.pos_mode = 1;
+            args.indptr = qo_indptr.device_ptr(gpu)?;
+            args.offsets = offsets.device_ptr(gpu)?;
+            args.batch = offsets.len() as u32;
+        }
+    }
+    Ok(args)
+}
+
+// SAFETY: RopeArgs is #[repr(C)] of u64, f64 and u32 fields only (18 eight-byte pointers and
+// strides, 5 f64, 16 u32: no padding), matching fi::RopeArgs (its size is asserted on both sides).
+unsafe impl kernel::KernelArgs for RopeArgs {}
+
+/// Launch the RoPE kernel for `args` (NeoX or GPT-J pairs): picks the vector width from every
+/// pointer of the families present, and the heads per thread.
+///
+/// # Safety
+/// Every pointer of `args` must be 0 or an address on this GPU of live memory that outlives the
+/// launch and holds what `args` says the kernel reads or writes there: each present family's
+/// source `[tokens, heads, head_dim]` and destination (the same, or for k and v a cache that
+/// holds every slot the slot mode can produce), `tokens` positions (or `batch + 1` indptr and
+/// `batch` offsets), `max_position` cos/sin rows, and the page-table arrays of their stated
+/// lengths.
+pub(crate) unsafe fn launch<T: Element>(
+    gpu: &Gpu,
+    layout: RopeLayout,
+    mut args: RopeArgs,
+) -> Result<()> {
+    // An absent family's pointers do not count (0 is aligned to every width).
+    let live = |f: usize, p: u64| if args.heads[f] > 0 { p } else { 0 };
+    let ptrs: [u64; 6] = std::array::from_fn(|i| live(i / 2, [args.src, args.dst][i % 2][i / 2]));
+    let vec = rope_vec_width(args.head_dim, args.rotary_dim, &ptrs);
+    let chunks = rope_chunks(args.head_dim, args.rotary_dim, vec);
+    let heads = args.heads.iter().map(|&h| u64::from(h)).sum::<u64>();
+    let heads = u32::try_from(heads)
+        .ok()
+        .filter(|&h| h < 1 << 31)
+        .ok_or_else(|| Error::unsupported(format!("rope over {heads} heads per token")))?;
+    if args.tokens == 0 || chunks == 0 || heads == 0 {
+        return Ok(());
+    }
+    // Several heads per thread share one angle computation; a pure copy has none to share, and
+    // one head per thread keeps the most loads in flight.
+    args.heads_per_thread = if args.rotate_mask == 0 {
+        1
+    } else {
+        rope_heads_per_thread(args.tokens, chunks, heads, gpu.sm_count())
+    };
+    let dims = rope_launch_dims(&args, vec).ok_or_else(|| {
+        Error::unsupported(format!(
+            "rope over {} tokens x {heads} heads exceeds CUDA's grid limit",
+            args.tokens
+        ))
+    })?;
+    let (dtype, gptj) = (T::DTYPE, layout == RopeLayout::GptJ);
+    let name = rope_kernel_name(dtype, vec, gptj);
+    // SAFETY: the entry takes (RopeArgs) by value; this function's contract makes every pointer
+    // valid for what the kernel touches with these dims (one thread per (token, head group,
+    // chunk), inside `tokens` rows and `head_dim` dims), and the kernel reads a cos/sin row or a
+    // page-table entry only after checking it against `max_position` or the table's lengths.
+    unsafe { kernel::launch(gpu, &name, || rope_unit(dtype, vec, gptj), dims, args) }
+}
