@@ -38,6 +38,7 @@ The cache directory defaults to $FERRINFER_CACHE_DIR, else $XDG_CACHE_HOME/ferri
 ~/.cache/ferrinfer.";
 
 /// The parsed command line.
+#[derive(Debug)]
 struct Args {
     command: String,
     cache_dir: Option<PathBuf>,

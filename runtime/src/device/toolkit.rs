@@ -432,7 +432,7 @@ pub fn driver_version() -> Option<(u32, u32)> {
         // cuDriverGetVersion needs no cuInit.
         let rc = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
         (rc == cudarc::driver::sys::CUresult::CUDA_SUCCESS && v > 0)
-            .then(|| (v as u32 / 1000, (v as u32 % 1000) / 10))
+            .then_some((v as u32 / 1000, (v as u32 % 1000) / 10))
     })
 }
 

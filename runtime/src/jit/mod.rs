@@ -360,16 +360,18 @@ impl Jit {
         if let Some(driver) = toolkit::driver_version() {
             toolkit::check_driver(driver, made_by).map_err(Error::CudaUnavailable)?;
         }
+        // "SoftCap.prefill_hd128_bf16_q64_sm90a" reads as "SoftCap prefill_hd128_bf16_q64_sm90a".
+        let shown = tu.name.replacen('.', " ", 1);
         if self.announce {
-            eprintln!("ferrinfer: compiling {} for {arch}...", tu.name);
+            eprintln!("ferrinfer: compiling {shown} for {arch}...");
         }
         let start = Instant::now();
         let out = nvrtc::compile(tu, &nvrtc::options(arch, &self.config.extra_options))?;
         let seconds = start.elapsed().as_secs_f64();
         if self.announce {
             eprintln!(
-                "ferrinfer: compiled {} for {arch} in {seconds:.2} s ({})",
-                tu.name, out.stats
+                "ferrinfer: compiled {shown} for {arch} in {seconds:.2} s ({})",
+                out.stats
             );
         }
         log::info!(
