@@ -133,7 +133,14 @@ pub fn cuda_include_dir() -> Option<PathBuf> {
         cuda_root()
             .and_then(|r| include(&r))
             .or_else(|| candidate_roots().iter().find_map(|r| include(r)))
-            .or_else(|| python_purelib().and_then(|p| include(&p.join("nvidia/cu13"))))
+            .or_else(|| {
+                // pip: CUDA 13's headers in nvidia/cu13, CUDA 12's (nvidia-cuda-runtime-cu12) in
+                // nvidia/cuda_runtime.
+                let purelib = python_purelib()?;
+                ["cu13", "cuda_runtime"]
+                    .iter()
+                    .find_map(|r| include(&purelib.join("nvidia").join(r)))
+            })
     })
     .clone()
 }
