@@ -336,12 +336,18 @@ impl Jit {
                 })
             }
             Err(miss) => {
-                let untrusted = !matches!(miss, Miss::NoFile | Miss::DirUnusable(_));
+                let untrusted = !matches!(
+                    miss,
+                    Miss::NoFile | Miss::DirUnusable(_) | Miss::OtherNvrtc { .. }
+                );
                 if self.config.compile && untrusted {
                     log::warn!(
                         "ignoring cache entry {}: {miss}; recompiling",
                         disk.path(key).display()
                     );
+                } else if let Miss::OtherNvrtc { .. } = miss {
+                    // A toolkit upgrade: expected, and the cache follows it.
+                    log::info!("{}: {miss}; recompiling", disk.path(key).display());
                 }
                 Err(miss)
             }
