@@ -246,6 +246,25 @@ impl fmt::Display for PrecompileReport {
 /// recompiled. Fails up front when `jit` may not compile (`FERRINFER_NO_JIT`) or has no writable
 /// disk cache (compiling into memory only would be lost); a kernel that fails is reported in
 /// [`PrecompileReport::failed`] and the others go on.
+///
+/// ```no_run
+/// use ferrinfer_runtime::jit::{Jit, JitConfig};
+/// use ferrinfer_runtime::{Arch, DType, Precompile};
+///
+/// let jit = Jit::new(JitConfig {
+///     cache_dir: Some("/srv/kernels".into()),
+///     ..JitConfig::default()
+/// });
+/// let what = Precompile::all()
+///     .archs(&[Arch::SM90])
+///     .head_dims(&[128])
+///     .dtypes(&[DType::Bf16]);
+/// let report = ferrinfer_runtime::precompile(&jit, &what, |done, total, name| {
+///     eprintln!("{done}/{total} {name}")
+/// })?;
+/// println!("{report}");
+/// # Ok::<(), ferrinfer_runtime::Error>(())
+/// ```
 pub fn precompile(
     jit: &Jit,
     what: &Precompile,
