@@ -387,10 +387,10 @@ pub fn not_found_message(tried: &[PathBuf]) -> String {
     msg
 }
 
-/// The oldest driver each CUDA major version needs for the CUBINs its NVRTC makes (Linux; from
-/// NVIDIA's CUDA release notes, table 3). CUBIN for a real arch needs no newer minor: CUDA's
-/// minor-version compatibility covers a whole major release.
-const DRIVER_FLOOR: [(u32, &str); 2] = [(12, "525.60.13"), (13, "580.65.06")];
+/// The oldest Linux driver ferrinfer runs on for each NVRTC major version: CUDA 12.4's for 12.x
+/// (ferrinfer's floor; CUBINs of any 12.x load there, by CUDA's minor-version compatibility) and
+/// CUDA 13.0's for 13.x (NVIDIA's CUDA release notes).
+const DRIVER_FLOOR: [(u32, &str); 2] = [(12, "550.54.14"), (13, "580.65.06")];
 
 /// Whether a driver of CUDA version `driver` (as `cuDriverGetVersion` reports it: 12040 is 12.4)
 /// can load CUBINs made by NVRTC `nvrtc`; `Err` is the explanation to show. The runtime also needs
@@ -422,8 +422,8 @@ pub fn check_driver(driver: (u32, u32), nvrtc: (u32, u32)) -> Result<(), String>
 
 fn driver_advice(driver: (u32, u32)) -> String {
     format!(
-        "Update the NVIDIA driver (CUDA 12.x needs Linux driver {} or newer, CUDA 13.x {}), or use \
-         an NVRTC no newer than CUDA {}.x",
+        "To fix: update the NVIDIA driver (CUDA 12.4 needs Linux driver {} or newer, CUDA 13.x {}), \
+         or use an NVRTC no newer than CUDA {}.x",
         DRIVER_FLOOR[0].1, DRIVER_FLOOR[1].1, driver.0
     )
 }
