@@ -198,6 +198,15 @@ fn discover_nvrtc() -> Result<NvrtcLibrary, String> {
     for group in [explicit, others] {
         let found = scan(&group, &mut tried);
         if let Some(lib) = pick(found, driver_major, &mut too_new, &mut failures) {
+            if !too_new.is_empty() {
+                // Most likely CUDA_HOME names a toolkit newer than the driver: say why it was passed over.
+                log::warn!(
+                    "NVRTC {} ({}) is used instead of {}, which is newer than this driver supports",
+                    lib.version.0,
+                    lib.path.display(),
+                    too_new.join(", ")
+                );
+            }
             return Ok(lib);
         }
     }
@@ -608,4 +617,63 @@ pub fn driver_not_found_message() -> String {
          LD_LIBRARY_PATH)",
         DRIVER_DIRS.join(", ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(major: u32) -> Found {
+        Found {
+            root: PathBuf::from(format!("/nonexistent/cuda-{major}")),
+            dir: PathBuf::from(format!("/nonexistent/cuda-{major}/lib64")),
+            major,
+        }
+    }
+
+    /// The directories `pick` tried to open, in order, and those it skipped as too new.
+    fn tried(driver_major: Option<u32>) -> (Vec<String>, Vec<String>) {
+        let (mut too_new, mut failures) = (Vec::new(), Vec::new());
+        let lib = pick(
+            vec![found(12), found(13)],
+            driver_major,
+            &mut too_new,
+            &mut failures,
+        );
+        assert!(lib.is_none(), "nothing to open under /nonexistent");
+        (failures, too_new)
+    }
+
+    #[test]
+    fn the_newest_nvrtc_the_driver_can_run_comes_first() {
+        let (opened, skipped) = tried(None);
+        assert_eq!(opened.len(), 2);
+        assert!(
+            opened[0].contains("cuda-13") && opened[1].contains("cuda-12"),
+            "{opened:?}"
+        );
+        assert!(skipped.is_empty());
+
+        let (opened, skipped) = tried(Some(12));
+        assert_eq!(opened.len(), 1);
+        assert!(opened[0].contains("cuda-12"), "{opened:?}");
+        assert_eq!(skipped, ["/nonexistent/cuda-13/lib64 (NVRTC 13)"]);
+
+        assert_eq!(tried(Some(13)).0.len(), 2);
+    }
+
+    #[test]
+    fn an_explicit_nvrtc_path_must_name_a_known_major() {
+        for bad in ["/x/libnvrtc.so.11", "/x/libcuda.so.1", "/x/libnvrtc.so"] {
+            let e = explicit_nvrtc(Path::new(bad)).err().unwrap();
+            assert!(
+                e.contains(bad) && e.contains("libnvrtc.so.12 or .13"),
+                "{e}"
+            );
+        }
+        let e = explicit_nvrtc(Path::new("/nonexistent/libnvrtc.so.12"))
+            .err()
+            .unwrap();
+        assert!(e.contains("no such file"), "{e}");
+    }
 }

@@ -96,25 +96,25 @@ pub fn version() -> Result<(i32, i32)> {
     Ok((major as i32, minor as i32))
 }
 
-type Program_ = *mut c_void;
+type RawProgram = *mut c_void;
 type Status = c_int;
 
 /// The NVRTC functions we call, with their C signatures (identical in CUDA 12 and 13).
 struct Api {
     create: unsafe extern "C" fn(
-        *mut Program_,
+        *mut RawProgram,
         *const c_char,
         *const c_char,
         c_int,
         *const *const c_char,
         *const *const c_char,
     ) -> Status,
-    compile: unsafe extern "C" fn(Program_, c_int, *const *const c_char) -> Status,
-    log_size: unsafe extern "C" fn(Program_, *mut usize) -> Status,
-    log: unsafe extern "C" fn(Program_, *mut c_char) -> Status,
-    cubin_size: unsafe extern "C" fn(Program_, *mut usize) -> Status,
-    cubin: unsafe extern "C" fn(Program_, *mut c_char) -> Status,
-    destroy: unsafe extern "C" fn(*mut Program_) -> Status,
+    compile: unsafe extern "C" fn(RawProgram, c_int, *const *const c_char) -> Status,
+    log_size: unsafe extern "C" fn(RawProgram, *mut usize) -> Status,
+    log: unsafe extern "C" fn(RawProgram, *mut c_char) -> Status,
+    cubin_size: unsafe extern "C" fn(RawProgram, *mut usize) -> Status,
+    cubin: unsafe extern "C" fn(RawProgram, *mut c_char) -> Status,
+    destroy: unsafe extern "C" fn(*mut RawProgram) -> Status,
     error_string: unsafe extern "C" fn(Status) -> *const c_char,
 }
 
@@ -185,7 +185,7 @@ pub fn compile(tu: &TranslationUnit, options: &[String]) -> Result<Output> {
     let option_ptrs: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
     let name = CString::new(tu.name.as_str())
         .map_err(|_| Error::invalid(format!("kernel name {:?} contains a NUL byte", tu.name)))?;
-    let mut raw: Program_ = std::ptr::null_mut();
+    let mut raw: RawProgram = std::ptr::null_mut();
     // SAFETY: `raw` is valid for writes; source and name are NUL-terminated and outlive the call;
     // no headers are passed (count 0, null arrays).
     let rc = unsafe {
@@ -243,7 +243,7 @@ impl Api {
 /// A live NVRTC program, destroyed on every path out of [`compile`].
 struct Program {
     api: &'static Api,
-    raw: Program_,
+    raw: RawProgram,
 }
 
 impl Program {
