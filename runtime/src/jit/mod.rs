@@ -6,7 +6,7 @@
 //! entry from another NVRTC than the one in use is recompiled, so the cache follows the toolkit;
 //! with `compile: false` (`FERRINFER_NO_JIT=1`) NVRTC is never loaded, and a miss of both caches
 //! is an error instead of a compile: the switch for production, where every kernel was compiled
-//! ahead of time into the disk cache (see [`precompile`]), on a machine that may have no NVRTC at
+//! ahead of time into the disk cache (see [`precompile()`]), on a machine that may have no NVRTC at
 //! all. That directory may be read-only (a container image): it is loaded from, and nothing is
 //! written to it. Either way, an entry the driver is too old to load is refused with an
 //! explanation (see [`crate::device::toolkit::check_driver`]).
