@@ -26,6 +26,7 @@ pub use attention::wrappers::{
 pub use device::{Backend, Buffer, Element};
 pub use error::{Error, Result};
 pub use ferrinfer_kernels::{ArchClass, DType, HEAD_DIMS, KernelConfig, KernelKind, Tiles};
+pub use jit::{Arch, Precompile, PrecompileReport, precompile};
 pub use ops::cascade::{
     State, StateMut, StateShape, merge_state, merge_state_in_place, merge_states,
 };

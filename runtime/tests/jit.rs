@@ -771,6 +771,7 @@ fn cache_entries_round_trip_and_reject_damage() {
             stack_frame: 8,
             shared_static: 512,
         },
+        nvrtc: (12, 4),
         log: "ptxas info".into(),
         cubin: (0..=255).collect(),
     };
@@ -872,4 +873,235 @@ fn gpu_driver_loads_and_runs_a_jit_cubin() {
             y[i]
         );
     }
+}
+
+/// Set, in a child run of this test binary, to the warm cache it must serve from with no NVRTC.
+const NO_NVRTC_CACHE_VAR: &str = "FERRINFER_TEST_NO_NVRTC_CACHE";
+
+/// This test binary again, running only `test` with `env` set and `CUDA_HOME`/`CUDA_PATH` unset.
+fn run_child(test: &str, env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env_remove("CUDA_HOME")
+        .env_remove("CUDA_PATH")
+        .env_remove("FERRINFER_QUIET");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Whether a library whose path contains `name` is mapped into this process.
+fn mapped(name: &str) -> bool {
+    std::fs::read_to_string("/proc/self/maps").is_ok_and(|m| m.contains(name))
+}
+
+#[test]
+fn no_jit_serves_a_warm_cache_with_no_nvrtc_at_all() {
+    if let Some(dir) = std::env::var_os(NO_NVRTC_CACHE_VAR) {
+        // The child: NVRTC is switched off (FERRINFER_NVRTC=none) and CUDA_HOME unset.
+        let err = toolkit::load_nvrtc().unwrap_err();
+        assert!(err.message().contains("FERRINFER_NVRTC=none"), "{err}");
+        let jit = Jit::new(JitConfig::from_lookup(|k| match k {
+            "FERRINFER_NO_JIT" => Some("1".into()),
+            "FERRINFER_CACHE_DIR" => Some(dir.to_string_lossy().into_owned()),
+            _ => None,
+        }));
+        assert!(!jit.config().compile);
+        for (tu, arch) in deployed_kernels() {
+            let k = jit
+                .compile(&tu, arch)
+                .unwrap_or_else(|e| panic!("{} for {arch} without NVRTC: {e}", tu.name));
+            assert_eq!(k.origin, Origin::Disk);
+            assert_cubin(&k);
+            assert!(
+                NVRTC_MAJORS_SEEN.contains(&k.nvrtc.0),
+                "the entry records its NVRTC: {:?}",
+                k.nvrtc
+            );
+        }
+        // A kernel that is not in the cache is a clear miss, not an NVRTC error.
+        match jit.compile(&saxpy_tu("no_nvrtc_absent"), Arch::SM80) {
+            Err(Error::CacheMiss(msg)) => assert!(msg.contains("no such file"), "{msg}"),
+            other => panic!("expected a cache miss, got {:?}", other.map(|k| k.origin)),
+        }
+        assert!(!mapped("libnvrtc"), "NVRTC was never loaded");
+        return;
+    }
+    let dir = temp_dir("no_nvrtc");
+    let fill = disk_jit(&dir, true);
+    for (tu, arch) in deployed_kernels() {
+        assert_eq!(fill.compile(&tu, arch).unwrap().origin, Origin::Compiled);
+    }
+    let (ok, stdout, stderr) = run_child(
+        "no_jit_serves_a_warm_cache_with_no_nvrtc_at_all",
+        &[
+            (NO_NVRTC_CACHE_VAR, dir.to_str().unwrap()),
+            ("FERRINFER_NVRTC", "none"),
+        ],
+    );
+    assert!(ok, "child failed:\n{stdout}\n{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The NVRTC major versions a cache entry may record.
+const NVRTC_MAJORS_SEEN: [u32; 2] = [12, 13];
+
+/// Set in a child run that compiles one kernel and prints nothing else on stderr.
+const ANNOUNCE_VAR: &str = "FERRINFER_TEST_ANNOUNCE";
+
+#[test]
+fn each_compile_is_announced_on_stderr_unless_quiet() {
+    if let Some(tag) = std::env::var_os(ANNOUNCE_VAR) {
+        let tu = saxpy_tu(&tag.to_string_lossy());
+        let jit = memory_jit();
+        assert_eq!(
+            jit.compile(&tu, Arch::SM80).unwrap().origin,
+            Origin::Compiled
+        );
+        assert_eq!(jit.compile(&tu, Arch::SM80).unwrap().origin, Origin::Memory);
+        return;
+    }
+    let test = "each_compile_is_announced_on_stderr_unless_quiet";
+    // The child has no CUDA_HOME: it is pointed at the NVRTC this process found.
+    let nvrtc = toolkit::nvrtc_library()
+        .unwrap()
+        .path()
+        .to_string_lossy()
+        .into_owned();
+    let (ok, stdout, stderr) = run_child(
+        test,
+        &[(ANNOUNCE_VAR, "loud"), ("FERRINFER_NVRTC", nvrtc.as_str())],
+    );
+    assert!(ok, "{stdout}\n{stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("ferrinfer:"))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "announced once, timed once, a memory hit is silent: {stderr}"
+    );
+    assert_eq!(lines[0], "ferrinfer: compiling saxpy_loud for sm_80...");
+    assert!(
+        lines[1].starts_with("ferrinfer: compiled saxpy_loud for sm_80 in ")
+            && lines[1].contains(" s (")
+            && lines[1].contains("registers"),
+        "{}",
+        lines[1]
+    );
+    let (ok, stdout, stderr) = run_child(
+        test,
+        &[
+            (ANNOUNCE_VAR, "quiet"),
+            ("FERRINFER_NVRTC", nvrtc.as_str()),
+            ("FERRINFER_QUIET", "1"),
+        ],
+    );
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(
+        !stderr.contains("ferrinfer:"),
+        "FERRINFER_QUIET=1: {stderr}"
+    );
+    assert_eq!(
+        memory_jit().announces(),
+        std::env::var_os("FERRINFER_QUIET").is_none_or(|v| v == "0")
+    );
+    assert!(!memory_jit().with_announce(false).announces());
+}
+
+#[test]
+fn the_driver_check_explains_what_to_do() {
+    assert_eq!(toolkit::check_driver((13, 0), (13, 0)), Ok(()));
+    assert_eq!(toolkit::check_driver((13, 0), (12, 4)), Ok(()));
+    assert_eq!(
+        toolkit::check_driver((12, 8), (12, 9)),
+        Ok(()),
+        "minor versions are compatible"
+    );
+    let too_new = toolkit::check_driver((12, 8), (13, 0)).unwrap_err();
+    for part in [
+        "NVRTC 13.0",
+        "CUDA 13.x",
+        "580.65.06",
+        "CUDA 12.8",
+        "update the driver",
+        "nvidia-cuda-nvrtc-cu12",
+    ] {
+        assert!(
+            too_new.contains(part),
+            "{part:?} is missing from: {too_new}"
+        );
+    }
+    let ancient = toolkit::check_driver((12, 2), (12, 2)).unwrap_err();
+    assert!(
+        ancient.contains("CUDA 12.2") && ancient.contains("CUDA 12.4"),
+        "{ancient}"
+    );
+}
+
+#[test]
+fn an_entry_from_another_nvrtc_is_recompiled_when_compiling_is_allowed() {
+    let dir = temp_dir("other_nvrtc");
+    let tu = saxpy_tu("other_nvrtc");
+    let jit = disk_jit(&dir, true);
+    let first = jit.compile(&tu, Arch::SM80).unwrap();
+    let path = jit.entry_path(&tu, Arch::SM80).unwrap().unwrap();
+    // Rewrite the entry as if NVRTC 12.0 had made it (when 12.0 is not the one in use).
+    let mut e = cache::decode_any(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(e.nvrtc, first.nvrtc);
+    e.nvrtc = if first.nvrtc == (12, 0) {
+        (12, 1)
+    } else {
+        (12, 0)
+    };
+    std::fs::write(&path, cache::encode(&e)).unwrap();
+    // Without JIT it is served as it is (no NVRTC to compare with is needed).
+    let served = disk_jit(&dir, false).compile(&tu, Arch::SM80).unwrap();
+    assert_eq!((served.origin, served.nvrtc), (Origin::Disk, e.nvrtc));
+    // With JIT the NVRTC in use recompiles it, and the cache follows.
+    let again = disk_jit(&dir, true).compile(&tu, Arch::SM80).unwrap();
+    assert_eq!((again.origin, again.nvrtc), (Origin::Compiled, first.nvrtc));
+    let stored = cache::decode_any(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(stored.nvrtc, first.nvrtc);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn listing_a_cache_checks_every_file() {
+    let dir = temp_dir("listing");
+    let jit = disk_jit(&dir, true);
+    for tag in ["list_a", "list_b"] {
+        jit.compile(&saxpy_tu(tag), Arch::SM80).unwrap();
+    }
+    let disk = cache::DiskCache::open(&dir).unwrap();
+    let listed = disk.entries().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().all(|l| l.entry.is_ok() && l.bytes > 0));
+    // A damaged file and a file under another kernel's name are both reported.
+    let a = &listed[0].path;
+    let b = &listed[1].path;
+    let mut bytes = std::fs::read(a).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(a, &bytes).unwrap();
+    std::fs::copy(b, dir.join("0123456789abcdef.cubin")).unwrap();
+    let listed = disk.entries().unwrap();
+    assert_eq!(listed.len(), 3);
+    let bad: Vec<String> = listed
+        .iter()
+        .filter_map(|l| l.entry.as_ref().err().map(|m| m.to_string()))
+        .collect();
+    assert_eq!(bad.len(), 2, "{bad:?}");
+    assert!(bad.iter().any(|m| m.contains("checksum")), "{bad:?}");
+    assert!(
+        bad.iter().any(|m| m.contains("different key text")),
+        "{bad:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -107,6 +107,30 @@ impl Drop for CaptureGuard {
     }
 }
 
+/// Refuse, before any work, a driver older than ferrinfer needs, or one too old for every NVRTC
+/// this process could compile with (when compiling is allowed; a `FERRINFER_NO_JIT` process loads
+/// no NVRTC, and each cache entry is checked against the driver when it is loaded instead).
+fn check_driver_up_front() -> Result<()> {
+    use crate::device::toolkit;
+    let Some(driver) = toolkit::driver_version() else {
+        return Ok(());
+    };
+    let nvrtc = if crate::jit::Jit::global().config().compile {
+        match toolkit::nvrtc_library() {
+            Ok(lib) => Some(lib.version()),
+            // Every NVRTC found is too new for this driver: say so now, not at the first compile.
+            Err(e) if e.message().contains(toolkit::TOO_NEW) => {
+                return Err(Error::CudaUnavailable(e.into_message()));
+            }
+            // No NVRTC at all: a warm disk cache may still serve every kernel.
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    toolkit::check_driver(driver, nvrtc.unwrap_or((12, 0))).map_err(Error::CudaUnavailable)
+}
+
 /// The devices opened so far: weak, so the last user's drop releases the context.
 static OPEN: Mutex<Vec<(usize, Weak<Gpu>)>> = Mutex::new(Vec::new());
 
@@ -130,6 +154,7 @@ impl Gpu {
 
     fn open(ordinal: usize) -> Result<Self> {
         crate::device::toolkit::load_driver().map_err(|e| Error::CudaUnavailable(e.to_string()))?;
+        check_driver_up_front()?;
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| Error::CudaUnavailable(format!("cannot open GPU {ordinal}: {e}")))?;
         // SAFETY: ferrinfer orders all of its work on the one stream below, so cudarc's per-buffer

@@ -2,7 +2,9 @@
 //!
 //! File layout (integers little-endian):
 //! `magic[8] | format u32 | key_len u32 | key | entry_len u32 | entry | stats 5 x u32 |
-//!  log_len u32 | log | payload_len u64 | checksum u64 | payload`.
+//!  nvrtc major u32 | nvrtc minor u32 | log_len u32 | log | payload_len u64 | checksum u64 | payload`.
+//! The key does not hold NVRTC's version, so a warm cache is found without loading NVRTC
+//! (`FERRINFER_NO_JIT=1` on a machine with none); the entry records which NVRTC made it.
 //! The full key text is stored so that a hash collision (or a stale file) is detected rather than
 //! trusted; the checksum (FNV-1a 64) covers every byte before it and the payload.
 //!
@@ -19,7 +21,7 @@ use crate::jit::hash::Fnv64;
 
 const MAGIC: &[u8; 8] = b"FRRCUBIN";
 /// Bump when the layout above (or the meaning of a key) changes; old files are then recompiled.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The default cache directory: `$FERRINFER_CACHE_DIR`, else `$XDG_CACHE_HOME/ferrinfer`, else
 /// `~/.cache/ferrinfer`. `lookup` reads an environment variable (a parameter, for tests).
@@ -48,6 +50,16 @@ pub enum Miss {
         /// The version in the file.
         found: u32,
     },
+    /// An intact entry compiled by another NVRTC than the one this process compiles with (only
+    /// checked when compiling is allowed: it is then recompiled).
+    OtherNvrtc {
+        /// The NVRTC version recorded in the entry.
+        found: (u32, u32),
+        /// The NVRTC version in use.
+        current: (u32, u32),
+    },
+    /// An intact entry whose NVRTC is newer than the driver can load; holds the explanation.
+    DriverTooOld(String),
     /// An intact file made for a different key text: a stale file copied under this name, or a
     /// collision of the 64-bit hash. Never trusted.
     KeyDiffers,
@@ -77,6 +89,12 @@ impl fmt::Display for Miss {
                 "the file is from another cache format version ({found}; this build reads version \
                  {FORMAT_VERSION})"
             ),
+            Miss::OtherNvrtc { found, current } => write!(
+                f,
+                "the entry was compiled by NVRTC {}.{}, and this process compiles with NVRTC {}.{}",
+                found.0, found.1, current.0, current.1
+            ),
+            Miss::DriverTooOld(why) => f.write_str(why),
             Miss::KeyDiffers => f.write_str(
                 "the file was made for a different key text (a stale file, or a collision of the \
                  64-bit hash), so it is not trusted",
@@ -94,6 +112,8 @@ pub struct Entry {
     pub entry: String,
     /// ptxas' numbers.
     pub stats: KernelStats,
+    /// The version of the NVRTC that compiled it, (major, minor).
+    pub nvrtc: (u32, u32),
     /// NVRTC's log at compile time.
     pub log: String,
     /// The CUBIN image.
@@ -118,6 +138,8 @@ pub fn encode(e: &Entry) -> Vec<u8> {
     ] {
         out.extend_from_slice(&n.to_le_bytes());
     }
+    out.extend_from_slice(&e.nvrtc.0.to_le_bytes());
+    out.extend_from_slice(&e.nvrtc.1.to_le_bytes());
     put_bytes(&mut out, e.log.as_bytes());
     out.extend_from_slice(&(e.cubin.len() as u64).to_le_bytes());
     let sum = checksum(&out, &e.cubin);
@@ -141,6 +163,15 @@ fn checksum(header: &[u8], payload: &[u8]) -> u64 {
 /// Parse and check an entry made for `expected_key`; `Err` says what is wrong with it
 /// ([`Miss::Corrupt`], [`Miss::OtherVersion`] or [`Miss::KeyDiffers`]).
 pub fn decode(bytes: &[u8], expected_key: &str) -> Result<Entry, Miss> {
+    let entry = decode_any(bytes)?;
+    if entry.key_text != expected_key {
+        return Err(Miss::KeyDiffers);
+    }
+    Ok(entry)
+}
+
+/// Parse and check an entry whatever its key (for listing and verifying a cache).
+pub fn decode_any(bytes: &[u8]) -> Result<Entry, Miss> {
     let mut r = Reader { bytes, pos: 0 };
     if r.take(8)? != MAGIC {
         return Err(corrupt("not a ferrinfer cache file: bad magic"));
@@ -150,9 +181,6 @@ pub fn decode(bytes: &[u8], expected_key: &str) -> Result<Entry, Miss> {
         return Err(Miss::OtherVersion { found: version });
     }
     let key_text = r.text()?;
-    if key_text != expected_key {
-        return Err(Miss::KeyDiffers);
-    }
     let entry = r.text()?;
     let stats = KernelStats {
         registers: r.u32()?,
@@ -161,6 +189,7 @@ pub fn decode(bytes: &[u8], expected_key: &str) -> Result<Entry, Miss> {
         stack_frame: r.u32()?,
         shared_static: r.u32()?,
     };
+    let nvrtc = (r.u32()?, r.u32()?);
     let log = r.text()?;
     let len = usize::try_from(r.u64()?).map_err(|_| corrupt("payload length overflows"))?;
     let header_end = r.pos;
@@ -176,6 +205,7 @@ pub fn decode(bytes: &[u8], expected_key: &str) -> Result<Entry, Miss> {
         key_text,
         entry,
         stats,
+        nvrtc,
         log,
         cubin: cubin.to_vec(),
     })
@@ -296,6 +326,48 @@ impl DiskCache {
             let _ = std::fs::remove_file(&tmp);
         }
         written
+    }
+}
+
+/// One file of a cache directory, as [`DiskCache::entries`] finds it.
+#[derive(Debug)]
+pub struct Listed {
+    /// The file.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// The entry, or why it cannot be trusted. A file whose name is not the hash of the key text
+    /// inside it is [`Miss::KeyDiffers`]: no lookup would ever find it under that name.
+    pub entry: Result<Entry, Miss>,
+}
+
+impl DiskCache {
+    /// Every `*.cubin` file of the directory, sorted by name, each decoded and checked (magic,
+    /// format, checksum, and its name against its key). Reads every file: for `list`/`verify`
+    /// tools, not for serving.
+    pub fn entries(&self) -> std::io::Result<Vec<Listed>> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "cubin") && p.is_file())
+            .collect();
+        paths.sort();
+        Ok(paths
+            .into_iter()
+            .map(|path| {
+                let read = std::fs::read(&path);
+                let bytes = read.as_ref().map_or(0, |b| b.len() as u64);
+                let entry = match read {
+                    Err(e) => Err(Miss::Unreadable(e.to_string())),
+                    Ok(b) => decode_any(&b).and_then(|e| {
+                        let named = path.file_stem().is_some_and(|s| {
+                            *s == *crate::jit::hash::hex(&[e.key_text.as_bytes()])
+                        });
+                        if named { Ok(e) } else { Err(Miss::KeyDiffers) }
+                    }),
+                };
+                Listed { path, bytes, entry }
+            })
+            .collect())
     }
 }
 

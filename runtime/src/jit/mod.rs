@@ -1,16 +1,24 @@
 //! The JIT: find CUDA, compile a translation unit with NVRTC, cache the result in memory and on disk.
 //!
-//! A lookup goes memory -> disk -> NVRTC. The key is a stable hash of everything that decides the
-//! CUBIN: the source, NVRTC's version, the options and the arch. With `compile: false`
-//! (`FERRINFER_NO_JIT=1`) a miss of both caches is an error instead of a compile: the switch for
-//! production, where every kernel was compiled ahead of time into the disk cache. That directory
-//! may be read-only (a container image): it is loaded from, and nothing is written to it.
+//! A lookup goes memory -> disk -> NVRTC. The key is a stable hash of what decides the CUBIN and
+//! is known without a compiler: the cache format, the arch, the options, the entry function and
+//! the source. Each disk entry records the NVRTC version that made it. With compiling allowed, an
+//! entry from another NVRTC than the one in use is recompiled, so the cache follows the toolkit;
+//! with `compile: false` (`FERRINFER_NO_JIT=1`) NVRTC is never loaded, and a miss of both caches
+//! is an error instead of a compile: the switch for production, where every kernel was compiled
+//! ahead of time into the disk cache (see [`precompile()`]), on a machine that may have no NVRTC at
+//! all. That directory may be read-only (a container image): it is loaded from, and nothing is
+//! written to it. Either way, an entry the driver is too old to load is refused with an
+//! explanation (see [`crate::device::toolkit::check_driver`]).
 //!
-//! Because NVRTC's version is part of the key, even a disk hit needs libnvrtc to be loadable.
+//! Each compile is announced on stderr before it starts and timed after it ends
+//! (`ferrinfer: compiling ...`), since a cold start can take seconds per kernel;
+//! `FERRINFER_QUIET=1` silences those lines (see [`Jit::with_announce`]).
 
 pub mod cache;
 pub(crate) mod hash;
 pub(crate) mod nvrtc;
+pub mod precompile;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,9 +29,22 @@ use std::time::Instant;
 use ferrinfer_kernels::TranslationUnit;
 
 pub use crate::device::Arch;
+use crate::device::toolkit;
 use crate::error::{Error, Result};
 use cache::{DiskCache, Miss};
 pub use nvrtc::KernelStats;
+pub use precompile::{Precompile, PrecompileReport, precompile};
+
+/// Whether an environment variable is set to something other than empty, `0`, `false`, `no` or
+/// `off`.
+fn env_flag(value: Option<String>) -> bool {
+    value.is_some_and(|v| {
+        !matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "" | "0" | "false" | "no" | "off"
+        )
+    })
+}
 
 /// How a [`Jit`] finds and makes kernels.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,12 +77,7 @@ impl JitConfig {
 
     /// As [`from_env`](Self::from_env), reading variables through `lookup`.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Self {
-        let no_jit = lookup("FERRINFER_NO_JIT").is_some_and(|v| {
-            !matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "" | "0" | "false" | "no" | "off"
-            )
-        });
+        let no_jit = env_flag(lookup("FERRINFER_NO_JIT"));
         JitConfig {
             cache_dir: cache::default_dir(&lookup),
             compile: !no_jit,
@@ -96,6 +112,8 @@ pub struct CompiledKernel {
     pub origin: Origin,
     /// Seconds spent compiling or loading it (0 for a memory hit).
     pub seconds: f64,
+    /// The version of the NVRTC that compiled it, (major, minor).
+    pub nvrtc: (u32, u32),
 }
 
 /// One memory-cache slot. Its own lock lets concurrent callers of one kernel wait for a single
@@ -111,6 +129,8 @@ pub struct Jit {
     memory: Mutex<HashMap<String, Slot>>,
     /// Whether a failed store was already logged as a warning (later ones go to debug).
     store_failure_logged: AtomicBool,
+    /// Whether compiles are announced on stderr.
+    announce: bool,
 }
 
 impl Jit {
@@ -155,7 +175,22 @@ impl Jit {
             disk,
             memory: Mutex::new(HashMap::new()),
             store_failure_logged: AtomicBool::new(false),
+            announce: !env_flag(std::env::var("FERRINFER_QUIET").ok()),
         }
+    }
+
+    /// Whether each NVRTC compile prints `ferrinfer: compiling <kernel> for <arch>...` on stderr
+    /// before it starts and `ferrinfer: compiled <kernel> for <arch> in <s> s (<stats>)` after.
+    /// On by default, off when `FERRINFER_QUIET` is set (to anything but `0`, `false`, `no`,
+    /// `off`). The `log` crate gets the same lines at info level either way.
+    pub fn with_announce(mut self, announce: bool) -> Jit {
+        self.announce = announce;
+        self
+    }
+
+    /// Whether compiles are announced on stderr (see [`with_announce`](Self::with_announce)).
+    pub fn announces(&self) -> bool {
+        self.announce
     }
 
     /// The configuration it was made with.
@@ -194,6 +229,12 @@ impl Jit {
         }
         let kernel = match self.load_from_disk(tu, arch, &key, &key_text) {
             Ok(k) => k,
+            Err(Miss::DriverTooOld(why)) if !self.config.compile => {
+                return Err(Error::CudaUnavailable(format!(
+                    "{} for {arch} from the kernel cache: {why}",
+                    tu.name
+                )));
+            }
             Err(miss) if !self.config.compile => {
                 return Err(Error::CacheMiss(self.miss_message(tu, arch, &key, &miss)));
             }
@@ -218,33 +259,23 @@ impl Jit {
                 tu.name
             );
         };
-        let nvrtc = nvrtc::version().map_or(String::new(), |(major, minor)| {
-            format!(" and NVRTC {major}.{minor}")
-        });
         format!(
             "{} for {arch} (key {key}): looked for {}: {miss}. To fix: fill the cache ahead of \
-             time with FERRINFER_NO_JIT unset, with the same ferrinfer build{nvrtc} as this \
-             process (both are part of the key), e.g. `FERRINFER_CACHE_DIR={} cargo run \
-             --release --example precompile`; or unset FERRINFER_NO_JIT to compile on demand",
+             time with FERRINFER_NO_JIT unset and the same ferrinfer build as this process (its \
+             kernel sources are part of the key), e.g. `FERRINFER_CACHE_DIR={} ferrinfer precompile` \
+             (the ferrinfer-cli crate), `ferrinfer::precompile(...)`, or `cargo run --release \
+             --example precompile`; or unset FERRINFER_NO_JIT to compile on demand",
             tu.name,
             cache::entry_path(dir, key).display(),
             dir.display(),
         )
     }
 
-    /// (hash, full key text). Includes NVRTC's version, so NVRTC must be loadable even for hits.
+    /// (hash, full key text). Needs no NVRTC: its version is recorded in the entry instead.
     fn key(&self, tu: &TranslationUnit, arch: Arch) -> Result<(String, String)> {
-        let (major, minor) = nvrtc::version().map_err(|e| match e {
-            Error::CudaUnavailable(m) if !self.config.compile => Error::CudaUnavailable(format!(
-                "JIT is off (FERRINFER_NO_JIT), but loading {} from the kernel cache still needs \
-                 NVRTC, whose version is part of every cache key: {m}",
-                tu.name
-            )),
-            e => e,
-        })?;
         let options = nvrtc::options(arch, &self.config.extra_options);
         let key_text = format!(
-            "ferrinfer cubin v{}\nnvrtc {major}.{minor}\narch {}\noptions {}\nentry {}\n{}",
+            "ferrinfer cubin v{}\narch {}\noptions {}\nentry {}\n{}",
             cache::FORMAT_VERSION,
             arch.sm_name(),
             options.join(" "),
@@ -252,6 +283,25 @@ impl Jit {
             tu.source
         );
         Ok((crate::jit::hash::hex(&[key_text.as_bytes()]), key_text))
+    }
+
+    /// Whether an entry made by NVRTC `made_by` may be served: the driver (when one is loadable)
+    /// must be new enough for it, and when compiling is allowed it must come from the NVRTC in
+    /// use (else it is recompiled with that one).
+    fn servable(&self, made_by: (u32, u32)) -> std::result::Result<(), Miss> {
+        if let Some(driver) = toolkit::driver_version() {
+            toolkit::check_driver(driver, made_by).map_err(Miss::DriverTooOld)?;
+        }
+        if self.config.compile
+            && let Ok(lib) = toolkit::nvrtc_library()
+            && lib.version() != made_by
+        {
+            return Err(Miss::OtherNvrtc {
+                found: made_by,
+                current: lib.version(),
+            });
+        }
+        Ok(())
     }
 
     /// The kernel from the disk cache, or why it is not there (logged when it will be recompiled).
@@ -264,7 +314,10 @@ impl Jit {
     ) -> std::result::Result<CompiledKernel, Miss> {
         let disk = self.disk.as_ref().map_err(Clone::clone)?;
         let start = Instant::now();
-        match disk.load(key, key_text) {
+        match disk
+            .load(key, key_text)
+            .and_then(|e| self.servable(e.nvrtc).map(|()| e))
+        {
             Ok(e) => {
                 let seconds = start.elapsed().as_secs_f64();
                 log::info!(
@@ -279,15 +332,22 @@ impl Jit {
                     log: e.log,
                     origin: Origin::Disk,
                     seconds,
+                    nvrtc: e.nvrtc,
                 })
             }
             Err(miss) => {
-                let untrusted = !matches!(miss, Miss::NoFile | Miss::DirUnusable(_));
+                let untrusted = !matches!(
+                    miss,
+                    Miss::NoFile | Miss::DirUnusable(_) | Miss::OtherNvrtc { .. }
+                );
                 if self.config.compile && untrusted {
                     log::warn!(
                         "ignoring cache entry {}: {miss}; recompiling",
                         disk.path(key).display()
                     );
+                } else if let Miss::OtherNvrtc { .. } = miss {
+                    // A toolkit upgrade: expected, and the cache follows it.
+                    log::info!("{}: {miss}; recompiling", disk.path(key).display());
                 }
                 Err(miss)
             }
@@ -301,12 +361,30 @@ impl Jit {
         key: &str,
         key_text: &str,
     ) -> Result<CompiledKernel> {
+        let made_by = nvrtc::version()?;
+        let made_by = (made_by.0 as u32, made_by.1 as u32);
+        if let Some(driver) = toolkit::driver_version() {
+            toolkit::check_driver(driver, made_by).map_err(Error::CudaUnavailable)?;
+        }
+        // "SoftCap.prefill_hd128_bf16_q64_sm90a" reads as "SoftCap prefill_hd128_bf16_q64_sm90a".
+        let shown = tu.name.replacen('.', " ", 1);
+        if self.announce {
+            eprintln!("ferrinfer: compiling {shown} for {arch}...");
+        }
         let start = Instant::now();
         let out = nvrtc::compile(tu, &nvrtc::options(arch, &self.config.extra_options))?;
         let seconds = start.elapsed().as_secs_f64();
+        if self.announce {
+            eprintln!(
+                "ferrinfer: compiled {shown} for {arch} in {seconds:.2} s ({})",
+                out.stats
+            );
+        }
         log::info!(
-            "compiled {} for {arch} in {seconds:.3} s: {}",
+            "compiled {} for {arch} in {seconds:.3} s with NVRTC {}.{}: {}",
             tu.name,
+            made_by.0,
+            made_by.1,
             out.stats
         );
         let kernel = CompiledKernel {
@@ -316,6 +394,7 @@ impl Jit {
             log: out.log,
             origin: Origin::Compiled,
             seconds,
+            nvrtc: made_by,
         };
         if let Ok(disk) = &self.disk
             && disk.read_only().is_none()
@@ -324,6 +403,7 @@ impl Jit {
                 key_text: key_text.to_string(),
                 entry: kernel.entry.clone(),
                 stats: kernel.stats,
+                nvrtc: kernel.nvrtc,
                 log: kernel.log.clone(),
                 cubin: kernel.cubin.clone(),
             };

@@ -1,10 +1,13 @@
 //! Compiling one translation unit to CUBIN with NVRTC, and reading ptxas' report of it.
+//!
+//! NVRTC is called through our own table of its C functions ([`Api`]), resolved in the library
+//! that [`toolkit::nvrtc_library`] picked (12.x or 13.x), not through cudarc: see the toolkit for
+//! why.
 
-use std::ffi::{CString, c_char, c_int};
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::fmt;
 use std::sync::OnceLock;
 
-use cudarc::nvrtc::{result, sys};
 use ferrinfer_kernels::TranslationUnit;
 
 use crate::device::{Arch, toolkit};
@@ -85,24 +88,60 @@ fn number_before(line: &str, unit: &str) -> Option<u32> {
     before.split_whitespace().last()?.parse().ok()
 }
 
-/// NVRTC's version, `(major, minor)`. Part of every cache key: a new NVRTC may generate other code.
+/// NVRTC's version, `(major, minor)`. Recorded in every cache entry: a new NVRTC may generate
+/// other code, and the driver must be new enough for it.
 pub fn version() -> Result<(i32, i32)> {
-    static VERSION: OnceLock<(i32, i32)> = OnceLock::new();
-    if let Some(v) = VERSION.get() {
-        return Ok(*v);
-    }
-    load_nvrtc()?;
-    let (mut major, mut minor): (c_int, c_int) = (0, 0);
-    // SAFETY: NVRTC is loaded (checked above) and both pointers are valid for writes.
-    unsafe { sys::nvrtcVersion(&mut major, &mut minor) }
-        .result()
-        .map_err(|e| Error::CudaUnavailable(format!("nvrtcVersion failed: {e:?}")))?;
-    Ok(*VERSION.get_or_init(|| (major, minor)))
+    let lib = toolkit::nvrtc_library().map_err(|e| Error::CudaUnavailable(e.into_message()))?;
+    let (major, minor) = lib.version();
+    Ok((major as i32, minor as i32))
 }
 
-/// Make NVRTC loadable, or say why not.
-fn load_nvrtc() -> Result<()> {
-    toolkit::load_nvrtc().map_err(|e| Error::CudaUnavailable(e.into_message()))
+type RawProgram = *mut c_void;
+type Status = c_int;
+
+/// The NVRTC functions we call, with their C signatures (identical in CUDA 12 and 13).
+struct Api {
+    create: unsafe extern "C" fn(
+        *mut RawProgram,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *const *const c_char,
+        *const *const c_char,
+    ) -> Status,
+    compile: unsafe extern "C" fn(RawProgram, c_int, *const *const c_char) -> Status,
+    log_size: unsafe extern "C" fn(RawProgram, *mut usize) -> Status,
+    log: unsafe extern "C" fn(RawProgram, *mut c_char) -> Status,
+    cubin_size: unsafe extern "C" fn(RawProgram, *mut usize) -> Status,
+    cubin: unsafe extern "C" fn(RawProgram, *mut c_char) -> Status,
+    destroy: unsafe extern "C" fn(*mut RawProgram) -> Status,
+    error_string: unsafe extern "C" fn(Status) -> *const c_char,
+}
+
+/// The table, resolved once.
+fn api() -> Result<&'static Api> {
+    static API: OnceLock<std::result::Result<Api, String>> = OnceLock::new();
+    API.get_or_init(|| {
+        let lib = toolkit::nvrtc_library().map_err(|e| e.into_message())?;
+        let resolve = || -> std::result::Result<Api, toolkit::Unavailable> {
+            // SAFETY: each type is the C signature of that function in nvrtc.h (CUDA 12 and 13).
+            unsafe {
+                Ok(Api {
+                    create: lib.symbol("nvrtcCreateProgram")?,
+                    compile: lib.symbol("nvrtcCompileProgram")?,
+                    log_size: lib.symbol("nvrtcGetProgramLogSize")?,
+                    log: lib.symbol("nvrtcGetProgramLog")?,
+                    cubin_size: lib.symbol("nvrtcGetCUBINSize")?,
+                    cubin: lib.symbol("nvrtcGetCUBIN")?,
+                    destroy: lib.symbol("nvrtcDestroyProgram")?,
+                    error_string: lib.symbol("nvrtcGetErrorString")?,
+                })
+            }
+        };
+        resolve().map_err(|e| e.into_message())
+    })
+    .as_ref()
+    .map_err(|m| Error::CudaUnavailable(m.clone()))
 }
 
 /// The full NVRTC option list for `arch`. No fast-math: variant hooks need accurate expf/tanhf.
@@ -129,62 +168,123 @@ pub struct Output {
 
 /// Compile `tu` with exactly `options` (see [`options`]) to CUBIN.
 pub fn compile(tu: &TranslationUnit, options: &[String]) -> Result<Output> {
-    load_nvrtc()?;
+    let api = api()?;
     let fail = |log: String| Error::Compile {
         kernel: tu.name.clone(),
         log,
     };
     let source = CString::new(tu.source.as_str())
         .map_err(|_| Error::invalid(format!("source of {} contains a NUL byte", tu.name)))?;
-    if let Some(bad) = options.iter().find(|o| o.contains('\0')) {
-        return Err(Error::invalid(format!(
-            "NVRTC option {bad:?} contains a NUL byte"
-        )));
-    }
+    let options = options
+        .iter()
+        .map(|o| {
+            CString::new(o.as_str())
+                .map_err(|_| Error::invalid(format!("NVRTC option {o:?} contains a NUL byte")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let option_ptrs: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
     let name = CString::new(tu.name.as_str())
         .map_err(|_| Error::invalid(format!("kernel name {:?} contains a NUL byte", tu.name)))?;
-    let program =
-        Program(result::create_program(&source, Some(&name)).map_err(|e| fail(format!("{e:?}")))?);
-    // SAFETY: the program is alive until `program` drops, after every use below.
-    let compiled = unsafe { result::compile_program(program.0, options) };
-    // SAFETY: as above.
-    let log = unsafe { result::get_program_log(program.0) }
-        .map(|chars| c_chars_to_string(&chars))
-        .unwrap_or_default();
-    if let Err(e) = compiled {
+    let mut raw: RawProgram = std::ptr::null_mut();
+    // SAFETY: `raw` is valid for writes; source and name are NUL-terminated and outlive the call;
+    // no headers are passed (count 0, null arrays).
+    let rc = unsafe {
+        (api.create)(
+            &mut raw,
+            source.as_ptr(),
+            name.as_ptr(),
+            0,
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(fail(format!("nvrtcCreateProgram: {}", api.describe(rc))));
+    }
+    let program = Program { api, raw };
+    // SAFETY: the program is alive until `program` drops, after every use below; the option
+    // pointers are NUL-terminated strings owned by `options`, alive across the call.
+    let compiled = unsafe {
+        (api.compile)(
+            program.raw,
+            option_ptrs.len() as c_int,
+            option_ptrs.as_ptr(),
+        )
+    };
+    let log = program.log();
+    if compiled != 0 {
         return Err(fail(format!(
             "{}{}",
             log.trim_end(),
-            error_context(&log, &tu.name, &tu.source, e)
+            error_context(&log, &tu.name, &tu.source, &api.describe(compiled))
         )));
     }
-    // SAFETY: as above; the program compiled successfully.
-    let cubin = unsafe { get_cubin(program.0) }
-        .map_err(|e| fail(format!("nvrtcGetCUBIN: {e:?}\n{log}")))?;
+    let cubin = program
+        .cubin()
+        .map_err(|rc| fail(format!("nvrtcGetCUBIN: {}\n{log}", api.describe(rc))))?;
     let stats = KernelStats::parse(&log, &tu.entry);
     Ok(Output { cubin, log, stats })
 }
 
-/// Destroys the NVRTC program on every path out of [`compile`].
-struct Program(sys::nvrtcProgram);
-
-impl Drop for Program {
-    fn drop(&mut self) {
-        // SAFETY: created by create_program and destroyed only here.
-        let _ = unsafe { result::destroy_program(self.0) };
+impl Api {
+    /// NVRTC's name for a status code.
+    fn describe(&self, rc: Status) -> String {
+        // SAFETY: nvrtcGetErrorString returns a static NUL-terminated string (or null).
+        let text = unsafe { (self.error_string)(rc) };
+        if text.is_null() {
+            return format!("NVRTC error {rc}");
+        }
+        // SAFETY: non-null, static and NUL-terminated (above).
+        let text = unsafe { CStr::from_ptr(text) };
+        format!("{} ({rc})", text.to_string_lossy())
     }
 }
 
-/// # Safety
-/// `prog` must be a live, successfully compiled program.
-unsafe fn get_cubin(prog: sys::nvrtcProgram) -> std::result::Result<Vec<u8>, result::NvrtcError> {
-    let mut size = 0usize;
-    // SAFETY: the caller guarantees `prog`; `size` is valid for writes.
-    unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }.result()?;
-    let mut cubin = vec![0u8; size];
-    // SAFETY: `cubin` has the `size` bytes NVRTC asked for.
-    unsafe { sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast::<c_char>()) }.result()?;
-    Ok(cubin)
+/// A live NVRTC program, destroyed on every path out of [`compile`].
+struct Program {
+    api: &'static Api,
+    raw: RawProgram,
+}
+
+impl Program {
+    /// The compile log (empty if NVRTC cannot give it).
+    fn log(&self) -> String {
+        let mut size = 0usize;
+        // SAFETY: `raw` is a live program; `size` is valid for writes.
+        if unsafe { (self.api.log_size)(self.raw, &mut size) } != 0 || size == 0 {
+            return String::new();
+        }
+        let mut chars = vec![0 as c_char; size];
+        // SAFETY: `chars` has the `size` bytes NVRTC asked for.
+        if unsafe { (self.api.log)(self.raw, chars.as_mut_ptr()) } != 0 {
+            return String::new();
+        }
+        c_chars_to_string(&chars)
+    }
+
+    /// The CUBIN of a successfully compiled program, or NVRTC's status code.
+    fn cubin(&self) -> std::result::Result<Vec<u8>, Status> {
+        let mut size = 0usize;
+        // SAFETY: `raw` is a live, compiled program; `size` is valid for writes.
+        let rc = unsafe { (self.api.cubin_size)(self.raw, &mut size) };
+        if rc != 0 {
+            return Err(rc);
+        }
+        let mut cubin = vec![0u8; size];
+        // SAFETY: `cubin` has the `size` bytes NVRTC asked for.
+        let rc = unsafe { (self.api.cubin)(self.raw, cubin.as_mut_ptr().cast::<c_char>()) };
+        if rc != 0 {
+            return Err(rc);
+        }
+        Ok(cubin)
+    }
+}
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: created by nvrtcCreateProgram and destroyed only here.
+        let _ = unsafe { (self.api.destroy)(&mut self.raw) };
+    }
 }
 
 fn c_chars_to_string(chars: &[c_char]) -> String {
@@ -198,8 +298,8 @@ fn c_chars_to_string(chars: &[c_char]) -> String {
 
 /// NVRTC's error code, then the source around each line the log blames (`name(LINE): error`):
 /// the translation unit is generated, so the user has no file to open.
-fn error_context(log: &str, name: &str, source: &str, err: result::NvrtcError) -> String {
-    let mut out = format!("\n({:?})", err.0);
+fn error_context(log: &str, name: &str, source: &str, err: &str) -> String {
+    let mut out = format!("\n({err})");
     let lines: Vec<&str> = source.lines().collect();
     let mut shown = Vec::new();
     for l in log.lines() {

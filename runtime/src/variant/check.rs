@@ -43,7 +43,8 @@ const MESSAGE_LINES: usize = 12;
 ///
 /// # Errors
 /// - [`Error::CudaUnavailable`] when NVRTC cannot be loaded; it says where it looked and how to
-///   install it (`pip install nvidia-cuda-nvrtc==13.0.88` is enough, no GPU or driver needed).
+///   install it (`pip install nvidia-cuda-nvrtc==13.0.88` or `nvidia-cuda-nvrtc-cu12==12.4.127` is
+///   enough, no GPU or driver needed). With `FERRINFER_NO_JIT=1` NVRTC is not needed.
 /// - [`Error::Compile`] when any instance fails: it names the variant and, for each failing
 ///   instance, its [`KernelConfig::name`] and arch, with the first lines of NVRTC's log (or the
 ///   dispatcher's refusal). The message is written for a person: print it with `{}`.
@@ -88,12 +89,17 @@ pub fn check_variant_with<V: Variant>(jit: &Jit) -> Result<CheckReport> {
 /// [`check_variant_with`] for a variant known by its spec, e.g. each one the registry lists.
 pub fn check_spec_with(jit: &Jit, spec: &VariantSpec) -> Result<CheckReport> {
     let variant = spec.qualified_name();
-    nvrtc::version().map_err(|e| match e {
-        Error::CudaUnavailable(m) => Error::CudaUnavailable(format!(
-            "checking that variant {variant} compiles needs NVRTC (but no GPU or driver): {m}"
-        )),
-        e => e,
-    })?;
+    // Without JIT the cache alone answers; NVRTC need not exist.
+    let needs_nvrtc = jit.config().compile;
+    needs_nvrtc
+        .then(nvrtc::version)
+        .transpose()
+        .map_err(|e| match e {
+            Error::CudaUnavailable(m) => Error::CudaUnavailable(format!(
+                "checking that variant {variant} compiles needs NVRTC (but no GPU or driver): {m}"
+            )),
+            e => e,
+        })?;
     let jobs: Vec<(KernelConfig, Arch)> = ARCHES
         .iter()
         .flat_map(|&arch| {
