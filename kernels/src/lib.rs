@@ -9,7 +9,7 @@
 //! | [`config`] | [`KernelConfig`] and its parts: [`KernelKind`], [`DType`], [`ArchClass`], tiles |
 //! | [`abi`] | the kernels' launch arguments, mirrored from `cuda/abi.cuh` |
 //! | [`attention`] | the family table ([`attention::FAMILIES`]), one file per family, tile functions |
-//! | [`ops`] | kernels beside attention (merge states), one file per op |
+//! | [`ops`] | kernels beside attention (merge states, norms, activations, RoPE and KV append, sampling), one file per op; [`ops::OPS`] lists every instance |
 //! | `tu` | assembling a translation unit: [`translation_unit`] |
 
 pub mod abi;

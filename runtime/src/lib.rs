@@ -9,7 +9,7 @@
 //! | [`jit`] | NVRTC, the memory and disk caches |
 //! | [`variant`] | `Variant`, its parameters, the registry, `FastMath`, `check_variant` |
 //! | [`attention`] | `Batch`/`KvIndex`, plan, dispatch, the plan/run wrappers, single-request calls, the CPU reference |
-//! | [`ops`] | operations beside attention (cascade merging), one file per op |
+//! | [`ops`] | the serving ops beside attention (norms, activations, RoPE, KV append, sampling, cascade merging), one file per op |
 
 pub mod attention;
 pub mod device;
