@@ -28,19 +28,6 @@ pub fn cases() -> Vec<OpCase> {
             set_bytes: (2 * T * HIDDEN + HIDDEN) * 2,
             setup: fused_add_rmsnorm,
         },
-        // Temporary: the same kernels with a block per row instead of the persistent grid.
-        OpCase {
-            key: "rmsnorm_t2048_h8192_rowgrid",
-            bytes: 2 * T * HIDDEN * 2 + HIDDEN * 2,
-            set_bytes: (2 * T * HIDDEN + HIDDEN) * 2,
-            setup: rmsnorm_rowgrid,
-        },
-        OpCase {
-            key: "fused_add_rmsnorm_t2048_h8192_rowgrid",
-            bytes: 4 * T * HIDDEN * 2 + HIDDEN * 2,
-            set_bytes: (2 * T * HIDDEN + HIDDEN) * 2,
-            setup: fused_add_rmsnorm_rowgrid,
-        },
     ]
 }
 
@@ -69,25 +56,5 @@ fn fused_add_rmsnorm(backend: &Backend, seed: u64) -> BenchResult<Call> {
     let backend = backend.clone();
     Ok(Box::new(move || {
         norm::fused_add_rmsnorm(&backend, shape, &mut x, &mut residual, &w, EPS)
-    }))
-}
-
-fn rmsnorm_rowgrid(backend: &Backend, seed: u64) -> BenchResult<Call> {
-    let mut call = rmsnorm(backend, seed)?;
-    Ok(Box::new(move || {
-        norm::set_row_grid_for_bench(true);
-        let r = call();
-        norm::set_row_grid_for_bench(false);
-        r
-    }))
-}
-
-fn fused_add_rmsnorm_rowgrid(backend: &Backend, seed: u64) -> BenchResult<Call> {
-    let mut call = fused_add_rmsnorm(backend, seed)?;
-    Ok(Box::new(move || {
-        norm::set_row_grid_for_bench(true);
-        let r = call();
-        norm::set_row_grid_for_bench(false);
-        r
     }))
 }

@@ -457,14 +457,6 @@ fn shape_args(shape: NormShape, eps: f32, weight_offset: f32) -> NormArgs {
 // padding, matching fi::NormArgs (its size is asserted on both sides).
 unsafe impl kernel::KernelArgs for NormArgs {}
 
-/// Measurement switch, not API (temporary, for one bench run): when set, launches give every
-/// group of rows its own block instead of the persistent grid of one resident wave.
-#[doc(hidden)]
-pub fn set_row_grid_for_bench(on: bool) {
-    ROW_GRID.store(on, std::sync::atomic::Ordering::Relaxed);
-}
-static ROW_GRID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
 /// Launch the `kind` kernel for `args` on the GPU's stream (compiling it on first use).
 fn launch<T: Element>(gpu: &Gpu, kind: NormKind, args: NormArgs) -> Result<()> {
     if args.rows == 0 {
