@@ -413,33 +413,52 @@ const GPU_HIDDEN: [u32; 16] = [
     1, 2, 6, 7, 12, 128, 129, 1000, 4096, 8192, 8193, 20002, 40000, 40004, 65537, 100000,
 ];
 const GPU_ROWS: [u32; 3] = [1, 5, 37];
+/// (rows, hidden) with more rows than one wave of the persistent grid holds on any GPU of up to
+/// 160 SMs, so blocks walk several rows (and pipeline the next one's loads): short rows many to a
+/// block, rows in registers (each vector width), rows longer than the registers.
+const GPU_MANY_ROWS: [(u32, u32); 9] = [
+    (9000, 7),
+    (9000, 129),
+    (6000, 1000),
+    (1000, 2002),
+    (1000, 4100),
+    (1500, 8192),
+    (1500, 8193),
+    (700, 40004),
+    (400, 100000),
+];
+
+/// Every GPU_HIDDEN x GPU_ROWS shape, then GPU_MANY_ROWS.
+fn gpu_shapes() -> impl Iterator<Item = (u32, u32)> {
+    GPU_HIDDEN
+        .into_iter()
+        .flat_map(|hidden| GPU_ROWS.map(|rows| (rows, hidden)))
+        .chain(GPU_MANY_ROWS)
+}
 
 fn gpu_rms<T: Element>(gemma: bool) {
     let gpu = gpu();
     let mut rng = Rng::from_time();
     let seed = rng.seed();
     let offset = if gemma { 1.0 } else { 0.0 };
-    for hidden in GPU_HIDDEN {
-        for rows in GPU_ROWS {
-            let shape = NormShape::new(rows, hidden).unwrap();
-            let what = format!(
-                "{:?} gemma {gemma} [{rows}, {hidden}] (seed {seed})",
-                T::DTYPE
-            );
-            let x = random::<T>(&mut rng, shape.elements());
-            let w = random::<T>(&mut rng, hidden as usize);
-            let want =
-                norm::rmsnorm_f64(shape, &f64s(&x), &f64s(&w), offset, f64::from(EPS)).unwrap();
-            let (xd, wd) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap());
-            let mut out = gpu.filled(shape.elements(), T::from_f32(f32::NAN)).unwrap();
-            if gemma {
-                norm::gemma_rmsnorm(&gpu, shape, &xd, &wd, EPS, &mut out).unwrap();
-            } else {
-                norm::rmsnorm(&gpu, shape, &xd, &wd, EPS, &mut out).unwrap();
-            }
-            assert_close(&out.to_vec().unwrap(), &want, hidden, &what);
-            assert_eq!(f32s(&xd.to_vec().unwrap()), f32s(&x), "{what}: x changed");
+    for (rows, hidden) in gpu_shapes() {
+        let shape = NormShape::new(rows, hidden).unwrap();
+        let what = format!(
+            "{:?} gemma {gemma} [{rows}, {hidden}] (seed {seed})",
+            T::DTYPE
+        );
+        let x = random::<T>(&mut rng, shape.elements());
+        let w = random::<T>(&mut rng, hidden as usize);
+        let want = norm::rmsnorm_f64(shape, &f64s(&x), &f64s(&w), offset, f64::from(EPS)).unwrap();
+        let (xd, wd) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap());
+        let mut out = gpu.filled(shape.elements(), T::from_f32(f32::NAN)).unwrap();
+        if gemma {
+            norm::gemma_rmsnorm(&gpu, shape, &xd, &wd, EPS, &mut out).unwrap();
+        } else {
+            norm::rmsnorm(&gpu, shape, &xd, &wd, EPS, &mut out).unwrap();
         }
+        assert_close(&out.to_vec().unwrap(), &want, hidden, &what);
+        assert_eq!(f32s(&xd.to_vec().unwrap()), f32s(&x), "{what}: x changed");
     }
 }
 
@@ -462,42 +481,40 @@ fn gpu_fused<T: Element>(gemma: bool) {
     let mut rng = Rng::from_time();
     let seed = rng.seed();
     let offset = if gemma { 1.0 } else { 0.0 };
-    for hidden in GPU_HIDDEN {
-        for rows in GPU_ROWS {
-            let shape = NormShape::new(rows, hidden).unwrap();
-            let what = format!(
-                "{:?} gemma {gemma} [{rows}, {hidden}] (seed {seed})",
-                T::DTYPE
-            );
-            let x = random::<T>(&mut rng, shape.elements());
-            let r = random::<T>(&mut rng, shape.elements());
-            let w = random::<T>(&mut rng, hidden as usize);
-            let (xd, rd, wd) = (
-                Backend::Cpu.upload(&x).unwrap(),
-                Backend::Cpu.upload(&r).unwrap(),
-                Backend::Cpu.upload(&w).unwrap(),
-            );
-            let (mut want_x, mut want_r) = (xd, rd);
-            norm::fused_add_rmsnorm(&Backend::Cpu, shape, &mut want_x, &mut want_r, &wd, EPS)
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
-            let want_r = want_r.to_vec().unwrap();
-            let want = norm::rmsnorm_f64(shape, &f64s(&want_r), &f64s(&w), offset, f64::from(EPS))
-                .unwrap();
-            let (mut xg, mut rg) = (gpu.upload(&x).unwrap(), gpu.upload(&r).unwrap());
-            let wg = gpu.upload(&w).unwrap();
-            if gemma {
-                norm::gemma_fused_add_rmsnorm(&gpu, shape, &mut xg, &mut rg, &wg, EPS).unwrap();
-            } else {
-                norm::fused_add_rmsnorm(&gpu, shape, &mut xg, &mut rg, &wg, EPS).unwrap();
-            }
-            // One f32 add rounded once, as the CPU rounds the exact sum: bit for bit.
-            assert_eq!(
-                f32s(&rg.to_vec().unwrap()),
-                f32s(&want_r),
-                "{what}: residual"
-            );
-            assert_close(&xg.to_vec().unwrap(), &want, hidden, &what);
+    for (rows, hidden) in gpu_shapes() {
+        let shape = NormShape::new(rows, hidden).unwrap();
+        let what = format!(
+            "{:?} gemma {gemma} [{rows}, {hidden}] (seed {seed})",
+            T::DTYPE
+        );
+        let x = random::<T>(&mut rng, shape.elements());
+        let r = random::<T>(&mut rng, shape.elements());
+        let w = random::<T>(&mut rng, hidden as usize);
+        let (xd, rd, wd) = (
+            Backend::Cpu.upload(&x).unwrap(),
+            Backend::Cpu.upload(&r).unwrap(),
+            Backend::Cpu.upload(&w).unwrap(),
+        );
+        let (mut want_x, mut want_r) = (xd, rd);
+        norm::fused_add_rmsnorm(&Backend::Cpu, shape, &mut want_x, &mut want_r, &wd, EPS)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let want_r = want_r.to_vec().unwrap();
+        let want =
+            norm::rmsnorm_f64(shape, &f64s(&want_r), &f64s(&w), offset, f64::from(EPS)).unwrap();
+        let (mut xg, mut rg) = (gpu.upload(&x).unwrap(), gpu.upload(&r).unwrap());
+        let wg = gpu.upload(&w).unwrap();
+        if gemma {
+            norm::gemma_fused_add_rmsnorm(&gpu, shape, &mut xg, &mut rg, &wg, EPS).unwrap();
+        } else {
+            norm::fused_add_rmsnorm(&gpu, shape, &mut xg, &mut rg, &wg, EPS).unwrap();
         }
+        // One f32 add rounded once, as the CPU rounds the exact sum: bit for bit.
+        assert_eq!(
+            f32s(&rg.to_vec().unwrap()),
+            f32s(&want_r),
+            "{what}: residual"
+        );
+        assert_close(&xg.to_vec().unwrap(), &want, hidden, &what);
     }
 }
 
@@ -519,24 +536,22 @@ fn gpu_layer<T: Element>() {
     let gpu = gpu();
     let mut rng = Rng::from_time();
     let seed = rng.seed();
-    for hidden in GPU_HIDDEN {
-        for rows in GPU_ROWS {
-            let shape = NormShape::new(rows, hidden).unwrap();
-            let what = format!("{:?} [{rows}, {hidden}] (seed {seed})", T::DTYPE);
-            let x: Vec<T> = (0..shape.elements())
-                .map(|_| T::from_f32(4.0 + rng.normal()))
-                .collect();
-            let g = rng.normal_vec(hidden as usize);
-            let b = rng.normal_vec(hidden as usize);
-            let to64 = |v: &[f32]| -> Vec<f64> { v.iter().map(|&e| f64::from(e)).collect() };
-            let want = norm::layernorm_f64(shape, &f64s(&x), &to64(&g), &to64(&b), f64::from(EPS))
-                .unwrap();
-            let xd = gpu.upload(&x).unwrap();
-            let (gd, bd) = (gpu.upload(&g).unwrap(), gpu.upload(&b).unwrap());
-            let mut out = gpu.filled(shape.elements(), T::from_f32(f32::NAN)).unwrap();
-            norm::layernorm(&gpu, shape, &xd, &gd, &bd, EPS, &mut out).unwrap();
-            assert_close(&out.to_vec().unwrap(), &want, hidden, &what);
-        }
+    for (rows, hidden) in gpu_shapes() {
+        let shape = NormShape::new(rows, hidden).unwrap();
+        let what = format!("{:?} [{rows}, {hidden}] (seed {seed})", T::DTYPE);
+        let x: Vec<T> = (0..shape.elements())
+            .map(|_| T::from_f32(4.0 + rng.normal()))
+            .collect();
+        let g = rng.normal_vec(hidden as usize);
+        let b = rng.normal_vec(hidden as usize);
+        let to64 = |v: &[f32]| -> Vec<f64> { v.iter().map(|&e| f64::from(e)).collect() };
+        let want =
+            norm::layernorm_f64(shape, &f64s(&x), &to64(&g), &to64(&b), f64::from(EPS)).unwrap();
+        let xd = gpu.upload(&x).unwrap();
+        let (gd, bd) = (gpu.upload(&g).unwrap(), gpu.upload(&b).unwrap());
+        let mut out = gpu.filled(shape.elements(), T::from_f32(f32::NAN)).unwrap();
+        norm::layernorm(&gpu, shape, &xd, &gd, &bd, EPS, &mut out).unwrap();
+        assert_close(&out.to_vec().unwrap(), &want, hidden, &what);
     }
 }
 

@@ -6,6 +6,11 @@
 // registers between the reduction and the write, so a row of up to blockDim.x * norm_items()
 // packs is read from memory once; the rest of a longer row is read again in the write pass (each
 // thread re-reads only what it read itself, so in-place updates need no barrier).
+//
+// The grid is persistent (about as many blocks as are resident at once) and a block walks its
+// rows in steps of gridDim.x * blockDim.y, software-pipelined: the next row's cached packs are
+// loaded before this row is reduced and stored, so loads stay in flight through the reduction and
+// the stores instead of every block of a wave waiting on memory in the same phase.
 // Mirrored by kernels/src/ops/norm.rs.
 #pragma once
 
@@ -35,13 +40,14 @@ struct alignas(sizeof(T) * N) NormPack {
   T x[N];
 };
 
-// Packs each thread keeps in registers, at most what fits under __launch_bounds__(1024) (64
-// registers) without spilling: RMS 8 (4 narrow), a row of up to 64k elements at 1024 threads read
-// once; fused add 4 (2 narrow), as it holds x and residual packs at once while it loads; LayerNorm
-// 4, as its f32 gamma and beta packs are twice as wide.
+// Packs each thread keeps in registers per row, twice over (this row and the next one's loads),
+// at most what fits under __launch_bounds__(1024) (64 registers) without spilling: RMS 4 (2
+// narrow), a row of up to 32k elements at 1024 threads read once; fused add 2 (1 narrow), as its
+// next row holds x and residual packs at once; LayerNorm 2, as its f32 gamma and beta packs are
+// twice as wide.
 template <unsigned VEC, unsigned KIND>
 __device__ constexpr unsigned norm_items() {
-  return KIND == kNormRms ? (VEC >= 4 ? 8 : 4) : KIND == kNormFusedAddRms ? (VEC >= 4 ? 4 : 2) : 4;
+  return KIND == kNormRms ? (VEC >= 4 ? 4 : 2) : KIND == kNormFusedAddRms ? (VEC >= 4 ? 2 : 1) : 2;
 }
 
 // Sum over the threads of this thread's row; every thread of the row gets the same bits (same
@@ -124,90 +130,117 @@ __device__ __forceinline__ void norm(const NormArgs& a) {
   constexpr unsigned kItems = norm_items<VEC, KIND>();
   constexpr bool kFused = KIND == kNormFusedAddRms;
   __shared__ float partial[kNormMaxThreads / kWarpSize];
-  const unsigned long long row =
-      static_cast<unsigned long long>(blockIdx.x) * blockDim.y + threadIdx.y;
-  // Rows past the end still take part in every __syncthreads, with nothing to read or write.
-  const bool live = row < a.rows;
-  const unsigned packs = live ? a.hidden / VEC : 0;
-  const unsigned long long at = row * a.hidden;
   const unsigned tx = threadIdx.x, nx = blockDim.x;
-  // Element offset of this thread's pack i, and whether cached pack k exists.
-  auto elem = [&](unsigned i) { return at + static_cast<unsigned long long>(i) * VEC; };
-  auto has = [&](unsigned k) { return tx + k * nx < packs; };
-
-  // Read: x (fused: x and residual, then store their rounded sum) into registers.
-  P cache[kItems];
-#pragma unroll
-  for (unsigned k = 0; k < kItems; ++k) {
-    if (has(k)) cache[k] = norm_pack<T, VEC>(a.x, elem(tx + k * nx));
-  }
-  if (kFused) {
-    P res[kItems];
+  const unsigned long long stride = static_cast<unsigned long long>(gridDim.x) * blockDim.y;
+  const unsigned all_packs = a.hidden / VEC;
+  // Pack i of row r, in elements; whether a row's cached pack k exists (rows past the end have
+  // none).
+  auto elem = [&](unsigned long long r, unsigned i) {
+    return r * a.hidden + static_cast<unsigned long long>(i) * VEC;
+  };
+  auto has_in = [&](unsigned long long r, unsigned k) {
+    return r < a.rows && tx + k * nx < all_packs;
+  };
+  // The cached packs of row r: x, and for the fused kind the residual.
+  auto load = [&](unsigned long long r, P (&xs)[kItems], P (&rs)[kItems]) {
 #pragma unroll
     for (unsigned k = 0; k < kItems; ++k) {
-      if (has(k)) res[k] = norm_pack<T, VEC>(a.residual, elem(tx + k * nx));
+      if (has_in(r, k)) xs[k] = norm_pack<T, VEC>(a.x, elem(r, tx + k * nx));
     }
+    if (kFused) {
+#pragma unroll
+      for (unsigned k = 0; k < kItems; ++k) {
+        if (has_in(r, k)) rs[k] = norm_pack<T, VEC>(a.residual, elem(r, tx + k * nx));
+      }
+    }
+  };
+
+  P cache[kItems], res[kItems];
+  const unsigned long long first = static_cast<unsigned long long>(blockIdx.x) * blockDim.y;
+  load(first + threadIdx.y, cache, res);
+  // Block-uniform trip count: rows past the end still take part in every __syncthreads, with
+  // nothing to read or write.
+  for (unsigned long long base = first; base < a.rows; base += stride) {
+    const unsigned long long row = base + threadIdx.y;
+    const unsigned packs = row < a.rows ? all_packs : 0;
+    auto has = [&](unsigned k) { return tx + k * nx < packs; };
+    // The next row's loads go out before this row's reduction and stores (another row: no
+    // aliasing even in place).
+    P next[kItems], next_res[kItems];
+    load(row + stride, next, next_res);
+
+    // Fused: store the rounded sum x + residual into the residual.
+    if (kFused) {
+#pragma unroll
+      for (unsigned k = 0; k < kItems; ++k) {
+        if (has(k)) {
+          cache[k] = norm_add(cache[k], res[k]);
+          norm_put(a.residual, elem(row, tx + k * nx), cache[k]);
+        }
+      }
+    }
+    // First statistic: the sum of squares (RMS) or the sum (LayerNorm).
+    const bool square = KIND != kNormLayer;
+    float s = 0.0f;
+#pragma unroll
+    for (unsigned k = 0; k < kItems; ++k) {
+      if (has(k)) s += norm_pack_sum(cache[k], 0.0f, square);
+    }
+    // Past the registers (rows longer than they hold): one pack at a time.
+    for (unsigned i = tx + kItems * nx; i < packs; i += nx) {
+      P p = norm_pack<T, VEC>(a.x, elem(row, i));
+      if (kFused) {
+        p = norm_add(p, norm_pack<T, VEC>(a.residual, elem(row, i)));
+        norm_put(a.residual, elem(row, i), p);
+      }
+      s += norm_pack_sum(p, 0.0f, square);
+    }
+    s = norm_row_sum(s, partial);
+    const float inv_n = 1.0f / static_cast<float>(a.hidden);
+    // The fused kind normalises the residual it stored (this thread's own stores: no barrier).
+    const void* src = kFused ? a.residual : a.x;
+
+    float shift = 0.0f, scale;
+    if (KIND == kNormLayer) {
+      // Variance about the mean, a second pass over the registers (and memory past them): no
+      // cancellation of E[x^2] - E[x]^2 when the mean is large.
+      shift = s * inv_n;
+      float v = 0.0f;
+#pragma unroll
+      for (unsigned k = 0; k < kItems; ++k) {
+        if (has(k)) v += norm_pack_sum(cache[k], shift, true);
+      }
+      for (unsigned i = tx + kItems * nx; i < packs; i += nx) {
+        v += norm_pack_sum(norm_pack<T, VEC>(src, elem(row, i)), shift, true);
+      }
+      v = norm_row_sum(v, partial);
+      scale = rsqrtf(v * inv_n + a.eps);
+    } else {
+      scale = rsqrtf(s * inv_n + a.eps);
+    }
+
+    // Write: every cached output first (weight loads only), then the stores.
+    void* dst = kFused ? a.x : a.out;
 #pragma unroll
     for (unsigned k = 0; k < kItems; ++k) {
       if (has(k)) {
-        cache[k] = norm_add(cache[k], res[k]);
-        norm_put(a.residual, elem(tx + k * nx), cache[k]);
+        cache[k] = norm_apply<T, VEC, KIND>(a, (tx + k * nx) * VEC, cache[k], shift, scale);
       }
     }
-  }
-  // First statistic: the sum of squares (RMS) or the sum (LayerNorm).
-  const bool square = KIND != kNormLayer;
-  float s = 0.0f;
-#pragma unroll
-  for (unsigned k = 0; k < kItems; ++k) {
-    if (has(k)) s += norm_pack_sum(cache[k], 0.0f, square);
-  }
-  // Past the registers (rows longer than they hold): one pack at a time.
-  for (unsigned i = tx + kItems * nx; i < packs; i += nx) {
-    P p = norm_pack<T, VEC>(a.x, elem(i));
-    if (kFused) {
-      p = norm_add(p, norm_pack<T, VEC>(a.residual, elem(i)));
-      norm_put(a.residual, elem(i), p);
-    }
-    s += norm_pack_sum(p, 0.0f, square);
-  }
-  s = norm_row_sum(s, partial);
-  const float inv_n = 1.0f / static_cast<float>(a.hidden);
-  // The fused kind normalises the residual it stored (this thread's own stores: no barrier).
-  const void* src = kFused ? a.residual : a.x;
-
-  float shift = 0.0f, scale;
-  if (KIND == kNormLayer) {
-    // Variance about the mean, a second pass over the registers (and memory past them): no
-    // cancellation of E[x^2] - E[x]^2 when the mean is large.
-    shift = s * inv_n;
-    float v = 0.0f;
 #pragma unroll
     for (unsigned k = 0; k < kItems; ++k) {
-      if (has(k)) v += norm_pack_sum(cache[k], shift, true);
+      if (has(k)) norm_put(dst, elem(row, tx + k * nx), cache[k]);
     }
     for (unsigned i = tx + kItems * nx; i < packs; i += nx) {
-      v += norm_pack_sum(norm_pack<T, VEC>(src, elem(i)), shift, true);
+      norm_put(dst, elem(row, i),
+               norm_apply<T, VEC, KIND>(a, i * VEC, norm_pack<T, VEC>(src, elem(row, i)), shift,
+                                        scale));
     }
-    v = norm_row_sum(v, partial);
-    scale = rsqrtf(v * inv_n + a.eps);
-  } else {
-    scale = rsqrtf(s * inv_n + a.eps);
-  }
-
-  // Write: every cached output first (weight loads only), then the stores.
-  void* dst = kFused ? a.x : a.out;
 #pragma unroll
-  for (unsigned k = 0; k < kItems; ++k) {
-    if (has(k)) cache[k] = norm_apply<T, VEC, KIND>(a, (tx + k * nx) * VEC, cache[k], shift, scale);
-  }
-#pragma unroll
-  for (unsigned k = 0; k < kItems; ++k) {
-    if (has(k)) norm_put(dst, elem(tx + k * nx), cache[k]);
-  }
-  for (unsigned i = tx + kItems * nx; i < packs; i += nx) {
-    norm_put(dst, elem(i), norm_apply<T, VEC, KIND>(a, i * VEC, norm_pack<T, VEC>(src, elem(i)),
-                                                    shift, scale));
+    for (unsigned k = 0; k < kItems; ++k) {
+      cache[k] = next[k];
+      if (kFused) res[k] = next_res[k];
+    }
   }
 }
 

@@ -71,22 +71,26 @@ pub const NORM_VEC_WIDTHS: [u32; 4] = [8, 4, 2, 1];
 /// sum per warp).
 const MAX_THREADS: u32 = 1024;
 const WARP: u32 = 32;
-/// Packs each thread keeps in registers: `norm_items<VEC, KIND>()` in norm.cuh (fewer for the
-/// fused kind, which holds x and residual packs at once, and for LayerNorm, whose f32 weights are
-/// wide). The launch gives a row enough threads that each holds about this many, so a row of up
-/// to 1024 times as many packs is read once, and each thread has that many loads in flight. (The
-/// registers are allocated for all of them anyway: fewer threads per row with more packs each
-/// leaves room for more rows per SM.)
+/// Packs each thread keeps in registers per row: `norm_items<VEC, KIND>()` in norm.cuh (it holds
+/// two rows' worth, this row and the next one's loads; fewer for the fused kind, which holds x and
+/// residual packs of the next row at once, and for LayerNorm, whose f32 weights are wide). The
+/// launch gives a row enough threads that each holds about this many, so a row of up to 1024
+/// times as many packs is read once, and each thread has that many loads in flight.
 fn items(kind: NormKind, vec: u32) -> u32 {
     match kind {
-        NormKind::Rms if vec >= 4 => 8,
-        NormKind::FusedAddRms if vec < 4 => 2,
-        _ => 4,
+        NormKind::Rms if vec >= 4 => 4,
+        NormKind::FusedAddRms if vec < 4 => 1,
+        _ => 2,
     }
 }
 
 /// Threads a block aims for when rows are short, by putting several rows in one block.
 const BLOCK_THREADS: u32 = 128;
+
+/// Threads resident on an SM at least: `__launch_bounds__(1024)` caps a thread at 64 registers, so
+/// 1024 threads fit in any SM's 64k. The persistent grid is this many threads per SM, so it is
+/// one wave.
+const RESIDENT_THREADS: u32 = 1024;
 
 /// The widest access that divides `hidden` and to which every element pointer in `ptrs16` (of a
 /// 16-bit element type) and every f32 pointer in `ptrs32` is aligned.
@@ -148,18 +152,29 @@ pub fn all_units() -> Result<Vec<TranslationUnit>, String> {
     Ok(units)
 }
 
-/// The launch of a `kind` norm over `rows` rows of `hidden` elements at `vec` per access: each row gets
-/// a multiple of 32 threads (about as many packs each as it keeps in registers, at most 1024), and
-/// short rows share a block. `None` when the grid would exceed CUDA's limit of 2^31 - 1 blocks. Zero rows
+/// The launch of a `kind` norm over `rows` rows of `hidden` elements at `vec` per access on a
+/// device of `sms` SMs: each row gets a multiple of 32 threads (about as many packs each as it
+/// keeps in registers, at most 1024), and short rows share a block. The grid is persistent: at
+/// most one resident wave of blocks (`RESIDENT_THREADS` per SM), each walking its rows in steps of
+/// the grid's rows. `None` when the grid would exceed CUDA's limit of 2^31 - 1 blocks. Zero rows
 /// still get one block (whose threads write nothing).
-pub fn norm_launch_dims(kind: NormKind, rows: u32, hidden: u32, vec: u32) -> Option<LaunchDims> {
+pub fn norm_launch_dims(
+    kind: NormKind,
+    rows: u32,
+    hidden: u32,
+    vec: u32,
+    sms: u32,
+) -> Option<LaunchDims> {
     let packs = hidden.div_ceil(vec.max(1));
     let tx = packs
         .div_ceil(items(kind, vec))
         .next_multiple_of(WARP)
         .clamp(WARP, MAX_THREADS);
     let ty = (BLOCK_THREADS / tx).max(1);
-    let blocks = rows.div_ceil(ty).max(1);
+    let wave = sms
+        .max(1)
+        .saturating_mul((RESIDENT_THREADS / (tx * ty)).max(1));
+    let blocks = rows.div_ceil(ty).clamp(1, wave);
     Some(LaunchDims {
         grid: [Some(blocks).filter(|&b| b < 1 << 31)?, 1, 1],
         block: [tx, ty, 1],
@@ -178,21 +193,21 @@ mod tests {
         assert!(header.contains("sizeof(NormArgs) == 5 * 8 + 4 * 4"));
         assert!(header.contains(&format!("kNormMaxThreads = {MAX_THREADS};")));
         assert!(header.contains(
-            "return KIND == kNormRms ? (VEC >= 4 ? 8 : 4) : KIND == kNormFusedAddRms ? (VEC >= 4 ? 4 : 2) : 4;"
+            "return KIND == kNormRms ? (VEC >= 4 ? 4 : 2) : KIND == kNormFusedAddRms ? (VEC >= 4 ? 2 : 1) : 2;"
         ));
         let rms = NormKind::Rms;
         assert_eq!(
             (items(rms, 8), items(rms, 4), items(rms, 2), items(rms, 1)),
-            (8, 8, 4, 4)
+            (4, 4, 2, 2)
         );
         assert_eq!(
             (items(NormKind::Layer, 8), items(NormKind::Layer, 1)),
-            (4, 4)
+            (2, 2)
         );
         let fused = NormKind::FusedAddRms;
         assert_eq!(
             (items(fused, 8), items(fused, 4), items(fused, 1)),
-            (4, 4, 2)
+            (2, 2, 1)
         );
     }
 
@@ -239,68 +254,84 @@ mod tests {
     #[test]
     fn launch_covers_every_row_with_whole_warps() {
         let (rms, fused) = (NormKind::Rms, NormKind::FusedAddRms);
-        // 8192 bf16 at 8 per access: 1024 packs, 8 per thread (4 for the fused kind).
-        let d = norm_launch_dims(rms, 2048, 8192, 8).unwrap();
-        assert_eq!((d.grid, d.block), ([2048, 1, 1], [128, 1, 1]));
-        let d = norm_launch_dims(fused, 2048, 8192, 8).unwrap();
-        assert_eq!((d.grid, d.block), ([2048, 1, 1], [256, 1, 1]));
+        // 8192 bf16 at 8 per access: 1024 packs, 4 per thread (2 for the fused kind); one wave of
+        // 1024 threads per SM on 132 SMs.
+        let d = norm_launch_dims(rms, 2048, 8192, 8, 132).unwrap();
+        assert_eq!((d.grid, d.block), ([528, 1, 1], [256, 1, 1]));
+        let d = norm_launch_dims(fused, 2048, 8192, 8, 132).unwrap();
+        assert_eq!((d.grid, d.block), ([264, 1, 1], [512, 1, 1]));
+        // Fewer rows than a wave: a block per row.
+        let d = norm_launch_dims(rms, 100, 8192, 8, 132).unwrap();
+        assert_eq!((d.grid, d.block), ([100, 1, 1], [256, 1, 1]));
         // Short rows share a block: 4 rows of one warp each.
-        let d = norm_launch_dims(rms, 10, 128, 8).unwrap();
+        let d = norm_launch_dims(rms, 10, 128, 8, 132).unwrap();
         assert_eq!((d.grid, d.block), ([3, 1, 1], [32, 4, 1]));
-        // Odd sizes round up to a warp (4 narrow packs per thread); huge rows cap at 1024 threads.
-        assert_eq!(norm_launch_dims(rms, 3, 129, 1).unwrap().block, [64, 2, 1]);
-        let huge = norm_launch_dims(NormKind::Layer, 1, 1 << 20, 8).unwrap();
-        assert_eq!(huge.block, [1024, 1, 1]);
-        assert_eq!(norm_launch_dims(rms, 0, 64, 8).unwrap().grid, [1, 1, 1]);
-        assert!(norm_launch_dims(rms, u32::MAX, 1 << 20, 8).is_none());
+        // Odd sizes round up to a warp (2 narrow packs per thread); huge rows cap at 1024 threads.
+        assert_eq!(
+            norm_launch_dims(rms, 3, 129, 1, 132).unwrap().block,
+            [96, 1, 1]
+        );
+        let huge = norm_launch_dims(NormKind::Layer, 1000, 1 << 20, 8, 132).unwrap();
+        assert_eq!((huge.grid, huge.block), ([132, 1, 1], [1024, 1, 1]));
+        assert_eq!(
+            norm_launch_dims(rms, 0, 64, 8, 132).unwrap().grid,
+            [1, 1, 1]
+        );
+        // No SM count (0) is taken as one SM.
+        assert_eq!(norm_launch_dims(rms, 50, 64, 8, 0).unwrap().grid, [8, 1, 1]);
+        assert!(norm_launch_dims(rms, u32::MAX, 1 << 20, 8, u32::MAX).is_none());
         for kind in NormKind::ALL {
             for (rows, hidden, vec) in [(7, 1, 1), (100, 3000, 8), (5, 65536, 8), (9, 40000, 2)] {
-                let d = norm_launch_dims(kind, rows, hidden, vec).unwrap();
+                let d = norm_launch_dims(kind, rows, hidden, vec, 132).unwrap();
                 let (tx, ty) = (d.block[0], d.block[1]);
                 assert!(tx.is_multiple_of(WARP) && tx * ty <= MAX_THREADS);
-                assert!(u64::from(d.grid[0]) * u64::from(ty) >= u64::from(rows));
+                assert!(d.grid[0] >= 1);
             }
         }
     }
 
-    /// The packs each thread of a launch touches, walked as `fi::norm` walks them (its first
-    /// `items` packs at `tx + k * nx`, the rest from `tx + items * nx` in steps of `nx`), for
-    /// rows past the end none: every (row, pack) of the tensor exactly once, nothing outside.
+    /// The packs each thread of a launch touches, walked as `fi::norm` walks them (rows from
+    /// `blockIdx.x * ny + ty` in steps of `gridDim.x * ny`; in each its first `items` packs at
+    /// `tx + k * nx`, the rest from `tx + items * nx` in steps of `nx`), for rows past the end
+    /// none: every (row, pack) of the tensor exactly once, nothing outside.
     #[test]
     fn every_pack_of_every_row_is_touched_exactly_once() {
         for kind in NormKind::ALL {
-            for (rows, hidden, vec) in [
-                (1, 1, 1),
-                (7, 129, 1),
-                (5, 6, 2),
-                (9, 100, 4),
-                (3, 8192, 8),
-                (2, 100_000, 8),
-                (2, 40_004, 4),
-                (1, 20_002, 2),
+            for (rows, hidden, vec, sms) in [
+                (1, 1, 1, 132),
+                (7, 129, 1, 1),
+                (5, 6, 2, 132),
+                (9, 100, 4, 1),
+                (300, 100, 4, 2),
+                (3, 8192, 8, 132),
+                (40, 8192, 8, 3),
+                (2, 100_000, 8, 132),
+                (5, 100_000, 8, 1),
+                (2, 40_004, 4, 132),
+                (1, 20_002, 2, 132),
             ] {
-                let d = norm_launch_dims(kind, rows, hidden, vec).unwrap();
+                let d = norm_launch_dims(kind, rows, hidden, vec, sms).unwrap();
                 let (nx, ny) = (d.block[0], d.block[1]);
                 let packs = hidden / vec;
                 let mut seen = vec![0u8; (rows * packs) as usize];
                 for block in 0..d.grid[0] {
                     for ty in 0..ny {
-                        let row = block * ny + ty;
-                        if row >= rows {
-                            continue;
-                        }
-                        for tx in 0..nx {
-                            let cached = (0..items(kind, vec)).map(|k| tx + k * nx);
-                            let rest = (tx + items(kind, vec) * nx..packs).step_by(nx as usize);
-                            for i in cached.filter(|&i| i < packs).chain(rest) {
-                                seen[(row * packs + i) as usize] += 1;
+                        let rows_of_thread =
+                            (block * ny + ty..rows).step_by((d.grid[0] * ny) as usize);
+                        for row in rows_of_thread {
+                            for tx in 0..nx {
+                                let cached = (0..items(kind, vec)).map(|k| tx + k * nx);
+                                let rest = (tx + items(kind, vec) * nx..packs).step_by(nx as usize);
+                                for i in cached.filter(|&i| i < packs).chain(rest) {
+                                    seen[(row * packs + i) as usize] += 1;
+                                }
                             }
                         }
                     }
                 }
                 assert!(
                     seen.iter().all(|&n| n == 1),
-                    "{kind:?} rows {rows} hidden {hidden} vec {vec}"
+                    "{kind:?} rows {rows} hidden {hidden} vec {vec} sms {sms}"
                 );
             }
         }

@@ -484,14 +484,15 @@ fn launch<T: Element>(gpu: &Gpu, kind: NormKind, args: NormArgs) -> Result<()> {
             args.bias,
         ],
     );
-    let dims = norm_launch_dims(kind, args.rows, args.hidden, vec).ok_or_else(|| {
-        Error::unsupported(format!(
-            "{} of {} rows x {} exceeds CUDA's grid limit",
-            kind.name(),
-            args.rows,
-            args.hidden
-        ))
-    })?;
+    let dims =
+        norm_launch_dims(kind, args.rows, args.hidden, vec, gpu.sm_count()).ok_or_else(|| {
+            Error::unsupported(format!(
+                "{} of {} rows x {} exceeds CUDA's grid limit",
+                kind.name(),
+                args.rows,
+                args.hidden
+            ))
+        })?;
     let dtype = T::DTYPE;
     let name = format!("{}_{}_v{vec}", kind.name(), dtype.name());
     // SAFETY: the unit's entry takes (NormArgs) by value. Every non-zero pointer in `args` was
