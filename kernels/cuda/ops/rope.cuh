@@ -6,9 +6,9 @@
 // how KV append and the fused RoPE + append reuse this kernel. Mirrored by kernels/src/ops/rope.rs.
 //
 // Angles: f_j = theta^(-2j / rotary_dim), optionally Llama 3.1-smoothed, divided by the linear scale,
-// all in f64 (per thread and pair, shared by the thread's heads), then reduced modulo 2 pi in
-// f64 before an f32 sincosf: positions up to 2^31 keep an absolute angle error of a few 1e-6, where an
-// f32 product is off by 0.03 rad at 2^20 and by radians beyond. Or cos/sin read from an f32 cache
+// all in f64 (once per block and pair, in shared memory), then pos * f_j reduced modulo 2 pi in f64
+// before an f32 sin and cos: positions up to 2^31 keep an absolute angle error of a few 1e-6, where
+// an f32 product is off by 0.03 rad at 2^20 and by radians beyond. Or cos/sin read from an f32 cache
 // [max_position, rotary_dim] (cos of pair j at column j, sin at rotary_dim / 2 + j).
 // A token without a valid position (outside the cache, or no request of qo_indptr holds it) gets
 // NaN in its rotated dims, so the mistake shows; nothing is read or written out of bounds.
@@ -69,20 +69,36 @@ __device__ __forceinline__ bool rope_position(const RopeArgs& a, unsigned long l
   return true;
 }
 
-// cos and sin at position pos of the pair whose unscaled frequency is f = theta^(-2j / rotary_dim)
-// (computed, so any position is valid).
-__device__ __forceinline__ void rope_angle(const RopeArgs& a, double f, double pos, float* c, float* s) {
-  // Llama 3.1: keep high frequencies, divide low ones by the factor, blend in between. Without it
-  // the host sets smooth_a = 0, smooth_b = 1 (always keep).
+// The frequency (radians per position) of pair j: theta^(-2j / rotary_dim), Llama 3.1-smoothed
+// (keep high frequencies, divide low ones by the factor, blend in between; without it the host
+// sets smooth_a = 0, smooth_b = 1: always keep), divided by the linear scale. It depends on j and
+// the config only, so a block computes each once (rope_frequencies), not each thread per token.
+__device__ __forceinline__ double rope_frequency(const RopeArgs& a, unsigned j) {
+  const double f = exp(-(2.0 * j / a.rotary_dim) * a.ln_theta);
   const double smooth = fmin(fmax(f * a.smooth_a + a.smooth_b, 0.0), 1.0);
-  f = (1.0 - smooth) * f * a.rcp_factor + smooth * f;
-  const double angle = pos * (f * a.rcp_scale);
+  return ((1.0 - smooth) * f * a.rcp_factor + smooth * f) * a.rcp_scale;
+}
+
+// Pairs whose frequencies a block keeps in shared memory (rotary_dim up to 512); a wider rotation
+// computes them per thread and pair instead.
+constexpr unsigned kRopeTable = 256;
+
+// cos and sin of pos * f, the angle reduced modulo 2 pi in f64 (any i32 position keeps an absolute
+// error of a few 1e-6); on the reduced angle (|r| <= pi) the hardware sin and cos are within
+// 2^-21.4 absolute, far below a 16-bit output's rounding.
+__device__ __forceinline__ void rope_angle(double f, double pos, float* c, float* s) {
+  const double angle = pos * f;
   // 2 pi as a double plus its remainder: angle - k 2pi stays exact to ~1e-16 relative.
   const double k = rint(angle * 0.15915494309189535);
   double r = fma(-k, 6.283185307179586, angle);
   r = fma(-k, 2.4492935982947064e-16, r);
-  sincosf(static_cast<float>(r), s, c);
+  __sincosf(static_cast<float>(r), s, c);
 }
+
+// Heads whose loads a thread issues before any of their stores: bytes in flight per thread, and
+// a store never holds back the next head's loads (each element has one owning thread, so the
+// order is free even in place).
+constexpr unsigned kRopeBatch = 4;
 
 // Thread (token, head group, chunk). Chunks below rotary_dim / (2 VEC) turn VEC pairs (two VEC
 // vectors); the rest copy one VEC vector of the dims past rotary_dim. The host picks VEC so that
@@ -94,11 +110,31 @@ __device__ __forceinline__ void rope(const RopeArgs& a) {
   const unsigned chunks = rot_chunks + (a.head_dim - a.rotary_dim) / VEC;
   const unsigned all_heads = a.heads[0] + a.heads[1] + a.heads[2];
   const unsigned groups = (all_heads + a.heads_per_thread - 1) / a.heads_per_thread;
+
+  // The block's frequencies, before any thread leaves (the condition is the same for the block).
+  __shared__ double freqs[kRopeTable];
+  const bool table = a.rotate_mask != 0 && a.cos_sin == nullptr && half <= kRopeTable;
+  if (table) {
+    for (unsigned j = threadIdx.x; j < half; j += blockDim.x) freqs[j] = rope_frequency(a, j);
+    __syncthreads();
+  }
+
   const unsigned long long item = static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (item >= static_cast<unsigned long long>(a.tokens) * groups * chunks) return;
-  const unsigned chunk = static_cast<unsigned>(item % chunks);
-  const unsigned group = static_cast<unsigned>((item / chunks) % groups);
-  const unsigned long long t = item / chunks / groups;
+  const unsigned long long per_token = static_cast<unsigned long long>(groups) * chunks;
+  if (item >= a.tokens * per_token) return;
+  // 32-bit division when it fits (always, in practice): a 64-bit one is a long software routine.
+  unsigned long long t;
+  unsigned rem;
+  if (((item | per_token) >> 32) == 0) {
+    const unsigned t32 = static_cast<unsigned>(item) / static_cast<unsigned>(per_token);
+    t = t32;
+    rem = static_cast<unsigned>(item) - t32 * static_cast<unsigned>(per_token);
+  } else {
+    t = item / per_token;
+    rem = static_cast<unsigned>(item - t * per_token);
+  }
+  const unsigned group = rem / chunks;
+  const unsigned chunk = rem - group * chunks;
 
   // Where this token's K and V go (head 0), or -1: skip them.
   long long slot = 0;
@@ -119,13 +155,6 @@ __device__ __forceinline__ void rope(const RopeArgs& a) {
     bool valid = rope_position(a, t, &pos);
     if (valid && a.cos_sin != nullptr) valid = pos >= 0.0 && pos < static_cast<double>(a.max_position);
     const long long row = valid && a.cos_sin != nullptr ? static_cast<long long>(pos) : 0;
-    // Two exps per thread: f_j0, then each next pair's frequency is one step (theta^(-2/rd))
-    // down, a few ulp from its own exp.
-    double f = 0.0, step = 0.0;
-    if (valid && a.cos_sin == nullptr) {
-      f = exp(-(2.0 * j0 / a.rotary_dim) * a.ln_theta);
-      step = exp(-(2.0 / a.rotary_dim) * a.ln_theta);
-    }
 #pragma unroll
     for (unsigned e = 0; e < VEC; ++e) {
       if (!valid) {
@@ -135,8 +164,7 @@ __device__ __forceinline__ void rope(const RopeArgs& a) {
         c[e] = r[j0 + e];
         s[e] = r[half + j0 + e];
       } else {
-        rope_angle(a, f, pos, &c[e], &s[e]);
-        f *= step;
+        rope_angle(table ? freqs[j0 + e] : rope_frequency(a, j0 + e), pos, &c[e], &s[e]);
       }
     }
   }
@@ -144,53 +172,65 @@ __device__ __forceinline__ void rope(const RopeArgs& a) {
   // The two vectors a rotating chunk owns, or the one a copying chunk owns.
   const unsigned d1 = rotating ? (GPTJ ? 2 * j0 : j0) : a.rotary_dim + (chunk - rot_chunks) * VEC;
   const unsigned d2 = GPTJ ? 2 * j0 + VEC : j0 + half;
-  const unsigned h_end = min(all_heads, (group + 1) * a.heads_per_thread);
-  for (unsigned h = group * a.heads_per_thread; h < h_end; ++h) {
-    const unsigned f = h < a.heads[0] ? 0 : h < a.heads[0] + a.heads[1] ? 1 : 2;
-    const unsigned i = h - (f == 0 ? 0 : f == 1 ? a.heads[0] : a.heads[0] + a.heads[1]);
-    const unsigned long long row = (t * a.heads[f] + i) * a.head_dim;
-    const T* src = static_cast<const T*>(a.src[f]) + row;
-    T* dst = static_cast<T*>(a.dst[f]);
-    if (f == 0 || a.slot_mode == kSlotContiguous) {
-      dst += row;
-    } else if (slot < 0) {
-      continue;
-    } else {
-      dst += static_cast<unsigned long long>(slot) + i * a.kv_head_stride;
-    }
-    if (!rotating) {
-      if (src != dst) {
-        *reinterpret_cast<RopeVec<T, VEC>*>(dst + d1) = *reinterpret_cast<const RopeVec<T, VEC>*>(src + d1);
-      }
-      continue;
-    }
-    const bool turn = (a.rotate_mask >> f) & 1;
-    if (!turn && src == dst) continue;
-    RopeVec<T, VEC> v1 = *reinterpret_cast<const RopeVec<T, VEC>*>(src + d1);
-    RopeVec<T, VEC> v2 = *reinterpret_cast<const RopeVec<T, VEC>*>(src + d2);
-    if (turn) {
-      // Pair e of the chunk: NeoX (v1[e], v2[e]); GPT-J elements 2e and 2e + 1 of v1 ++ v2.
-      float x[2 * VEC];
+  const unsigned h_begin = group * a.heads_per_thread;
+  const unsigned h_end = min(all_heads, h_begin + a.heads_per_thread);
+  for (unsigned h0 = h_begin; h0 < h_end; h0 += kRopeBatch) {
+    RopeVec<T, VEC> v1[kRopeBatch], v2[kRopeBatch];
+    T* out[kRopeBatch];
+    bool live[kRopeBatch], turn[kRopeBatch];
 #pragma unroll
-      for (unsigned e = 0; e < VEC; ++e) {
-        x[e] = to_f32(v1.x[e]);
-        x[VEC + e] = to_f32(v2.x[e]);
+    for (unsigned b = 0; b < kRopeBatch; ++b) {
+      const unsigned h = h0 + b;
+      live[b] = false;
+      turn[b] = false;
+      out[b] = nullptr;
+      if (h >= h_end) continue;
+      const unsigned f = h < a.heads[0] ? 0 : h < a.heads[0] + a.heads[1] ? 1 : 2;
+      const unsigned i = h - (f == 0 ? 0 : f == 1 ? a.heads[0] : a.heads[0] + a.heads[1]);
+      const unsigned long long row = (t * a.heads[f] + i) * a.head_dim;
+      const T* src = static_cast<const T*>(a.src[f]) + row;
+      T* dst = static_cast<T*>(a.dst[f]);
+      if (f == 0 || a.slot_mode == kSlotContiguous) {
+        dst += row;
+      } else if (slot < 0) {
+        continue;
+      } else {
+        dst += static_cast<unsigned long long>(slot) + i * a.kv_head_stride;
       }
-#pragma unroll
-      for (unsigned e = 0; e < VEC; ++e) {
-        const unsigned p1 = GPTJ ? 2 * e : e, p2 = GPTJ ? 2 * e + 1 : VEC + e;
-        const float x1 = x[p1], x2 = x[p2];
-        x[p1] = fmaf(x1, c[e], -x2 * s[e]);
-        x[p2] = fmaf(x2, c[e], x1 * s[e]);
-      }
-#pragma unroll
-      for (unsigned e = 0; e < VEC; ++e) {
-        v1.x[e] = from_f32<T>(x[e]);
-        v2.x[e] = from_f32<T>(x[VEC + e]);
-      }
+      turn[b] = rotating && ((a.rotate_mask >> f) & 1);
+      if (!turn[b] && src == dst) continue;
+      live[b] = true;
+      out[b] = dst;
+      v1[b] = *reinterpret_cast<const RopeVec<T, VEC>*>(src + d1);
+      if (rotating) v2[b] = *reinterpret_cast<const RopeVec<T, VEC>*>(src + d2);
     }
-    *reinterpret_cast<RopeVec<T, VEC>*>(dst + d1) = v1;
-    *reinterpret_cast<RopeVec<T, VEC>*>(dst + d2) = v2;
+#pragma unroll
+    for (unsigned b = 0; b < kRopeBatch; ++b) {
+      if (!live[b]) continue;
+      if (turn[b]) {
+        // Pair e of the chunk: NeoX (v1[e], v2[e]); GPT-J elements 2e and 2e + 1 of v1 ++ v2.
+        float x[2 * VEC];
+#pragma unroll
+        for (unsigned e = 0; e < VEC; ++e) {
+          x[e] = to_f32(v1[b].x[e]);
+          x[VEC + e] = to_f32(v2[b].x[e]);
+        }
+#pragma unroll
+        for (unsigned e = 0; e < VEC; ++e) {
+          const unsigned p1 = GPTJ ? 2 * e : e, p2 = GPTJ ? 2 * e + 1 : VEC + e;
+          const float x1 = x[p1], x2 = x[p2];
+          x[p1] = fmaf(x1, c[e], -x2 * s[e]);
+          x[p2] = fmaf(x2, c[e], x1 * s[e]);
+        }
+#pragma unroll
+        for (unsigned e = 0; e < VEC; ++e) {
+          v1[b].x[e] = from_f32<T>(x[e]);
+          v2[b].x[e] = from_f32<T>(x[VEC + e]);
+        }
+      }
+      *reinterpret_cast<RopeVec<T, VEC>*>(out[b] + d1) = v1[b];
+      if (rotating) *reinterpret_cast<RopeVec<T, VEC>*>(out[b] + d2) = v2[b];
+    }
   }
 }
 

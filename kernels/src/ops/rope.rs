@@ -95,6 +95,9 @@ pub const ROPE_VEC_WIDTHS: [u32; 4] = [8, 4, 2, 1];
 
 const THREADS: u32 = 128;
 
+/// Heads whose loads a thread issues before their stores (`kRopeBatch`).
+pub const ROPE_HEAD_BATCH: u32 = 4;
+
 /// The widest width that divides `rotary_dim / 2` and `head_dim` and to which every element
 /// pointer in `ptrs` (16-bit elements) is aligned.
 pub fn rope_vec_width(head_dim: u32, rotary_dim: u32, ptrs: &[u64]) -> u32 {
@@ -200,6 +203,7 @@ mod tests {
         assert!(header.contains("sizeof(RopeArgs) == 18 * 8 + 5 * 8 + 16 * 4"));
         assert!(header.contains("5 doubles from byte 144, 16 unsigned from byte 184"));
         assert!(header.contains(&format!("kRopeThreads = {THREADS};")));
+        assert!(header.contains(&format!("kRopeBatch = {ROPE_HEAD_BATCH};")));
         let slots = Sources::BuiltIn.header("ops/kv_append.cuh").unwrap();
         for (name, v) in [
             ("kSlotContiguous", SLOT_CONTIGUOUS),

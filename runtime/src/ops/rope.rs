@@ -39,7 +39,7 @@
 //! ```
 
 use ferrinfer_kernels::ops::rope::{
-    RopeArgs, SLOT_CONTIGUOUS, rope_chunks, rope_heads_per_thread, rope_kernel_name,
+    ROPE_HEAD_BATCH, RopeArgs, SLOT_CONTIGUOUS, rope_chunks, rope_heads_per_thread, rope_kernel_name,
     rope_launch_dims, rope_unit, rope_vec_width,
 };
 
@@ -631,12 +631,14 @@ pub(crate) unsafe fn launch<T: Element>(
     if args.tokens == 0 || chunks == 0 || heads == 0 {
         return Ok(());
     }
-    // Several heads per thread share one angle computation; a pure copy has none to share, and
-    // one head per thread keeps the most loads in flight.
+    // Several heads per thread share one angle computation and keep more loads in flight (the
+    // kernel issues up to ROPE_HEAD_BATCH heads' loads before their stores); a pure copy has no
+    // angle to share, so one batch per thread at most.
+    let per_thread = rope_heads_per_thread(args.tokens, chunks, heads, gpu.sm_count());
     args.heads_per_thread = if args.rotate_mask == 0 {
-        1
+        per_thread.min(ROPE_HEAD_BATCH)
     } else {
-        rope_heads_per_thread(args.tokens, chunks, heads, gpu.sm_count())
+        per_thread
     };
     let dims = rope_launch_dims(&args, vec).ok_or_else(|| {
         Error::unsupported(format!(
