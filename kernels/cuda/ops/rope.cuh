@@ -79,8 +79,8 @@ __device__ __forceinline__ double rope_frequency(const RopeArgs& a, unsigned j) 
   return ((1.0 - smooth) * f * a.rcp_factor + smooth * f) * a.rcp_scale;
 }
 
-// Pairs whose frequencies a block keeps in shared memory (rotary_dim up to 512); a wider rotation
-// computes them per thread and pair instead.
+// Pairs whose frequencies a block keeps in shared memory at a time (all of them for rotary_dim up
+// to 512).
 constexpr unsigned kRopeTable = 256;
 
 // cos and sin of pos * f, the angle reduced modulo 2 pi in f64 (any i32 position keeps an absolute
@@ -100,9 +100,94 @@ __device__ __forceinline__ void rope_angle(double f, double pos, float* c, float
 // order is free even in place).
 constexpr unsigned kRopeBatch = 4;
 
+// Up to kRopeBatch heads of one chunk between their loads and their stores.
+template <class T, unsigned VEC>
+struct RopeBatch {
+  RopeVec<T, VEC> v1[kRopeBatch], v2[kRopeBatch];  // v2: rotating chunks only
+  T* out[kRopeBatch];
+  bool live[kRopeBatch], turn[kRopeBatch];
+};
+
+// Where a thread's chunk is: token t, its heads [h_begin, h_end), its dims d1 (and d2).
+struct RopeChunk {
+  unsigned long long t;
+  long long slot;  // cache element offset of head 0 of t's K and V, or -1: skip them
+  unsigned h_begin, h_end, d1, d2;
+  bool rotating;
+};
+
+// Loads heads [h0, min(h0 + kRopeBatch, h_end)) of the chunk; a head with nothing to do (copied in
+// place, or K/V without a slot) stays not live.
+template <class T, unsigned VEC>
+__device__ __forceinline__ void rope_load(const RopeArgs& a, const RopeChunk& k, unsigned h0,
+                                          RopeBatch<T, VEC>& b) {
+#pragma unroll
+  for (unsigned n = 0; n < kRopeBatch; ++n) {
+    const unsigned h = h0 + n;
+    b.live[n] = false;
+    b.turn[n] = false;
+    b.out[n] = nullptr;
+    if (h >= k.h_end) continue;
+    const unsigned f = h < a.heads[0] ? 0 : h < a.heads[0] + a.heads[1] ? 1 : 2;
+    const unsigned i = h - (f == 0 ? 0 : f == 1 ? a.heads[0] : a.heads[0] + a.heads[1]);
+    const unsigned long long row = (k.t * a.heads[f] + i) * a.head_dim;
+    const T* src = static_cast<const T*>(a.src[f]) + row;
+    T* dst = static_cast<T*>(a.dst[f]);
+    if (f == 0 || a.slot_mode == kSlotContiguous) {
+      dst += row;
+    } else if (k.slot < 0) {
+      continue;
+    } else {
+      dst += static_cast<unsigned long long>(k.slot) + i * a.kv_head_stride;
+    }
+    b.turn[n] = k.rotating && ((a.rotate_mask >> f) & 1);
+    if (!b.turn[n] && src == dst) continue;
+    b.live[n] = true;
+    b.out[n] = dst;
+    b.v1[n] = *reinterpret_cast<const RopeVec<T, VEC>*>(src + k.d1);
+    if (k.rotating) b.v2[n] = *reinterpret_cast<const RopeVec<T, VEC>*>(src + k.d2);
+  }
+}
+
+// Turns the batch's rotated heads by (c, s) and stores every live head.
+template <class T, unsigned VEC, bool GPTJ>
+__device__ __forceinline__ void rope_store(const RopeChunk& k, const float (&c)[VEC], const float (&s)[VEC],
+                                           RopeBatch<T, VEC>& b) {
+#pragma unroll
+  for (unsigned n = 0; n < kRopeBatch; ++n) {
+    if (!b.live[n]) continue;
+    if (b.turn[n]) {
+      // Pair e of the chunk: NeoX (v1[e], v2[e]); GPT-J elements 2e and 2e + 1 of v1 ++ v2.
+      float x[2 * VEC];
+#pragma unroll
+      for (unsigned e = 0; e < VEC; ++e) {
+        x[e] = to_f32(b.v1[n].x[e]);
+        x[VEC + e] = to_f32(b.v2[n].x[e]);
+      }
+#pragma unroll
+      for (unsigned e = 0; e < VEC; ++e) {
+        const unsigned p1 = GPTJ ? 2 * e : e, p2 = GPTJ ? 2 * e + 1 : VEC + e;
+        const float x1 = x[p1], x2 = x[p2];
+        x[p1] = fmaf(x1, c[e], -x2 * s[e]);
+        x[p2] = fmaf(x2, c[e], x1 * s[e]);
+      }
+#pragma unroll
+      for (unsigned e = 0; e < VEC; ++e) {
+        b.v1[n].x[e] = from_f32<T>(x[e]);
+        b.v2[n].x[e] = from_f32<T>(x[VEC + e]);
+      }
+    }
+    *reinterpret_cast<RopeVec<T, VEC>*>(b.out[n] + k.d1) = b.v1[n];
+    if (k.rotating) *reinterpret_cast<RopeVec<T, VEC>*>(b.out[n] + k.d2) = b.v2[n];
+  }
+}
+
 // Thread (token, head group, chunk). Chunks below rotary_dim / (2 VEC) turn VEC pairs (two VEC
 // vectors); the rest copy one VEC vector of the dims past rotary_dim. The host picks VEC so that
 // VEC divides rotary_dim / 2 and head_dim and every pointer is aligned to VEC elements.
+// Order: the first batch's loads and the position are issued, then the block fills its frequency
+// table (the loads' latency hides the exps), then the angles, then the stores and any further
+// batches.
 template <class T, unsigned VEC, bool GPTJ>
 __device__ __forceinline__ void rope(const RopeArgs& a) {
   const unsigned half = a.rotary_dim / 2;
@@ -111,126 +196,83 @@ __device__ __forceinline__ void rope(const RopeArgs& a) {
   const unsigned all_heads = a.heads[0] + a.heads[1] + a.heads[2];
   const unsigned groups = (all_heads + a.heads_per_thread - 1) / a.heads_per_thread;
 
-  // The block's frequencies, before any thread leaves (the condition is the same for the block).
-  __shared__ double freqs[kRopeTable];
-  const bool table = a.rotate_mask != 0 && a.cos_sin == nullptr && half <= kRopeTable;
-  if (table) {
-    for (unsigned j = threadIdx.x; j < half; j += blockDim.x) freqs[j] = rope_frequency(a, j);
-    __syncthreads();
-  }
-
   const unsigned long long item = static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   const unsigned long long per_token = static_cast<unsigned long long>(groups) * chunks;
-  if (item >= a.tokens * per_token) return;
-  // 32-bit division when it fits (always, in practice): a 64-bit one is a long software routine.
-  unsigned long long t;
-  unsigned rem;
-  if (((item | per_token) >> 32) == 0) {
-    const unsigned t32 = static_cast<unsigned>(item) / static_cast<unsigned>(per_token);
-    t = t32;
-    rem = static_cast<unsigned>(item) - t32 * static_cast<unsigned>(per_token);
-  } else {
-    t = item / per_token;
-    rem = static_cast<unsigned>(item - t * per_token);
+  // A thread past the last item still reaches the block's barrier, with no heads.
+  const bool active = item < a.tokens * per_token;
+  RopeChunk k{0, 0, 0, 0, 0, 0, false};
+  unsigned j0 = 0;
+  if (active) {
+    // 32-bit division when it fits (always, in practice): a 64-bit one is a long software routine.
+    unsigned rem;
+    if (((item | per_token) >> 32) == 0) {
+      const unsigned t32 = static_cast<unsigned>(item) / static_cast<unsigned>(per_token);
+      k.t = t32;
+      rem = static_cast<unsigned>(item) - t32 * static_cast<unsigned>(per_token);
+    } else {
+      k.t = item / per_token;
+      rem = static_cast<unsigned>(item - k.t * per_token);
+    }
+    const unsigned group = rem / chunks;
+    const unsigned chunk = rem - group * chunks;
+    if (a.slot_mode == kSlotPlanned) {
+      k.slot = static_cast<long long>(a.slots[k.t]);
+    } else if (a.slot_mode == kSlotExplicit) {
+      const PageTable p{a.batch_indices, a.positions, a.kv_indptr, a.kv_indices, a.kv_last_page_len,
+                        a.batch, a.num_kv_indices, a.page_size, a.num_pages, a.kv_page_stride,
+                        a.kv_token_stride};
+      k.slot = explicit_slot(p, k.t);
+    }
+    k.rotating = chunk < rot_chunks;
+    j0 = chunk * VEC;
+    // The two vectors a rotating chunk owns, or the one a copying chunk owns.
+    k.d1 = k.rotating ? (GPTJ ? 2 * j0 : j0) : a.rotary_dim + (chunk - rot_chunks) * VEC;
+    k.d2 = GPTJ ? 2 * j0 + VEC : j0 + half;
+    k.h_begin = group * a.heads_per_thread;
+    k.h_end = min(all_heads, k.h_begin + a.heads_per_thread);
   }
-  const unsigned group = rem / chunks;
-  const unsigned chunk = rem - group * chunks;
+  RopeBatch<T, VEC> b;
+  rope_load(a, k, k.h_begin, b);
 
-  // Where this token's K and V go (head 0), or -1: skip them.
-  long long slot = 0;
-  if (a.slot_mode == kSlotPlanned) {
-    slot = static_cast<long long>(a.slots[t]);
-  } else if (a.slot_mode == kSlotExplicit) {
-    const PageTable p{a.batch_indices, a.positions, a.kv_indptr, a.kv_indices, a.kv_last_page_len,
-                      a.batch, a.num_kv_indices, a.page_size, a.num_pages, a.kv_page_stride,
-                      a.kv_token_stride};
-    slot = explicit_slot(p, t);
-  }
+  const bool angles = k.rotating && a.rotate_mask != 0;
+  double pos = 0.0;
+  bool valid = angles && rope_position(a, k.t, &pos);
+  if (valid && a.cos_sin != nullptr) valid = pos >= 0.0 && pos < static_cast<double>(a.max_position);
 
-  const bool rotating = chunk < rot_chunks;
-  const unsigned j0 = chunk * VEC;
   float c[VEC], s[VEC];
-  if (rotating && a.rotate_mask != 0) {
-    double pos = 0.0;
-    bool valid = rope_position(a, t, &pos);
-    if (valid && a.cos_sin != nullptr) valid = pos >= 0.0 && pos < static_cast<double>(a.max_position);
-    const long long row = valid && a.cos_sin != nullptr ? static_cast<long long>(pos) : 0;
+  if (a.rotate_mask != 0 && a.cos_sin == nullptr) {
+    // Computed angles: the block walks the pairs in windows of kRopeTable frequencies (one for
+    // rotary_dim up to 512); a thread's VEC pairs lie in one window (VEC divides kRopeTable).
+    // The loop is the same for the whole block, so every thread meets every barrier.
+    __shared__ double freqs[kRopeTable];
+    for (unsigned w = 0; w < half; w += kRopeTable) {
+      const unsigned n = min(kRopeTable, half - w);
+      if (w > 0) __syncthreads();  // everyone is done with the previous window
+      for (unsigned j = threadIdx.x; j < n; j += blockDim.x) freqs[j] = rope_frequency(a, w + j);
+      __syncthreads();
+      if (valid && j0 >= w && j0 < w + n) {
+#pragma unroll
+        for (unsigned e = 0; e < VEC; ++e) rope_angle(freqs[j0 - w + e], pos, &c[e], &s[e]);
+      }
+    }
+  }
+  if (!active) return;
+  if (angles && !valid) {
+#pragma unroll
+    for (unsigned e = 0; e < VEC; ++e) c[e] = s[e] = nan_f32();
+  } else if (angles && a.cos_sin != nullptr) {
+    const float* r = a.cos_sin + static_cast<long long>(pos) * a.rotary_dim;
 #pragma unroll
     for (unsigned e = 0; e < VEC; ++e) {
-      if (!valid) {
-        c[e] = s[e] = nan_f32();
-      } else if (a.cos_sin != nullptr) {
-        const float* r = a.cos_sin + row * a.rotary_dim;
-        c[e] = r[j0 + e];
-        s[e] = r[half + j0 + e];
-      } else {
-        rope_angle(table ? freqs[j0 + e] : rope_frequency(a, j0 + e), pos, &c[e], &s[e]);
-      }
+      c[e] = r[j0 + e];
+      s[e] = r[half + j0 + e];
     }
   }
 
-  // The two vectors a rotating chunk owns, or the one a copying chunk owns.
-  const unsigned d1 = rotating ? (GPTJ ? 2 * j0 : j0) : a.rotary_dim + (chunk - rot_chunks) * VEC;
-  const unsigned d2 = GPTJ ? 2 * j0 + VEC : j0 + half;
-  const unsigned h_begin = group * a.heads_per_thread;
-  const unsigned h_end = min(all_heads, h_begin + a.heads_per_thread);
-  for (unsigned h0 = h_begin; h0 < h_end; h0 += kRopeBatch) {
-    RopeVec<T, VEC> v1[kRopeBatch], v2[kRopeBatch];
-    T* out[kRopeBatch];
-    bool live[kRopeBatch], turn[kRopeBatch];
-#pragma unroll
-    for (unsigned b = 0; b < kRopeBatch; ++b) {
-      const unsigned h = h0 + b;
-      live[b] = false;
-      turn[b] = false;
-      out[b] = nullptr;
-      if (h >= h_end) continue;
-      const unsigned f = h < a.heads[0] ? 0 : h < a.heads[0] + a.heads[1] ? 1 : 2;
-      const unsigned i = h - (f == 0 ? 0 : f == 1 ? a.heads[0] : a.heads[0] + a.heads[1]);
-      const unsigned long long row = (t * a.heads[f] + i) * a.head_dim;
-      const T* src = static_cast<const T*>(a.src[f]) + row;
-      T* dst = static_cast<T*>(a.dst[f]);
-      if (f == 0 || a.slot_mode == kSlotContiguous) {
-        dst += row;
-      } else if (slot < 0) {
-        continue;
-      } else {
-        dst += static_cast<unsigned long long>(slot) + i * a.kv_head_stride;
-      }
-      turn[b] = rotating && ((a.rotate_mask >> f) & 1);
-      if (!turn[b] && src == dst) continue;
-      live[b] = true;
-      out[b] = dst;
-      v1[b] = *reinterpret_cast<const RopeVec<T, VEC>*>(src + d1);
-      if (rotating) v2[b] = *reinterpret_cast<const RopeVec<T, VEC>*>(src + d2);
-    }
-#pragma unroll
-    for (unsigned b = 0; b < kRopeBatch; ++b) {
-      if (!live[b]) continue;
-      if (turn[b]) {
-        // Pair e of the chunk: NeoX (v1[e], v2[e]); GPT-J elements 2e and 2e + 1 of v1 ++ v2.
-        float x[2 * VEC];
-#pragma unroll
-        for (unsigned e = 0; e < VEC; ++e) {
-          x[e] = to_f32(v1[b].x[e]);
-          x[VEC + e] = to_f32(v2[b].x[e]);
-        }
-#pragma unroll
-        for (unsigned e = 0; e < VEC; ++e) {
-          const unsigned p1 = GPTJ ? 2 * e : e, p2 = GPTJ ? 2 * e + 1 : VEC + e;
-          const float x1 = x[p1], x2 = x[p2];
-          x[p1] = fmaf(x1, c[e], -x2 * s[e]);
-          x[p2] = fmaf(x2, c[e], x1 * s[e]);
-        }
-#pragma unroll
-        for (unsigned e = 0; e < VEC; ++e) {
-          v1[b].x[e] = from_f32<T>(x[e]);
-          v2[b].x[e] = from_f32<T>(x[VEC + e]);
-        }
-      }
-      *reinterpret_cast<RopeVec<T, VEC>*>(out[b] + d1) = v1[b];
-      if (rotating) *reinterpret_cast<RopeVec<T, VEC>*>(out[b] + d2) = v2[b];
-    }
+  rope_store<T, VEC, GPTJ>(k, c, s, b);
+  for (unsigned h0 = k.h_begin + kRopeBatch; h0 < k.h_end; h0 += kRopeBatch) {
+    rope_load(a, k, h0, b);
+    rope_store<T, VEC, GPTJ>(k, c, s, b);
   }
 }
 
