@@ -119,8 +119,8 @@ struct RopeChunk {
 // Loads heads [h0, min(h0 + kRopeBatch, h_end)) of the chunk; a head with nothing to do (copied in
 // place, or K/V without a slot) stays not live.
 template <class T, unsigned VEC>
-__device__ __forceinline__ void rope_load(const RopeArgs& a, const RopeChunk& k, unsigned h0,
-                                          RopeBatch<T, VEC>& b) {
+__device__ __forceinline__ void rope_load(const RopeArgs& a, unsigned rotate_mask, const RopeChunk& k,
+                                          unsigned h0, RopeBatch<T, VEC>& b) {
 #pragma unroll
   for (unsigned n = 0; n < kRopeBatch; ++n) {
     const unsigned h = h0 + n;
@@ -140,7 +140,7 @@ __device__ __forceinline__ void rope_load(const RopeArgs& a, const RopeChunk& k,
     } else {
       dst += static_cast<unsigned long long>(k.slot) + i * a.kv_head_stride;
     }
-    b.turn[n] = k.rotating && ((a.rotate_mask >> f) & 1);
+    b.turn[n] = k.rotating && ((rotate_mask >> f) & 1);
     if (!b.turn[n] && src == dst) continue;
     b.live[n] = true;
     b.out[n] = dst;
@@ -185,11 +185,14 @@ __device__ __forceinline__ void rope_store(const RopeChunk& k, const float (&c)[
 // Thread (token, head group, chunk). Chunks below rotary_dim / (2 VEC) turn VEC pairs (two VEC
 // vectors); the rest copy one VEC vector of the dims past rotary_dim. The host picks VEC so that
 // VEC divides rotary_dim / 2 and head_dim and every pointer is aligned to VEC elements.
+// ROTATE = false is the lean copy instance for rotate_mask == 0 (KV append): no angle code at all,
+// so few registers and many threads in flight.
 // Order: the first batch's loads and the position are issued, then the block fills its frequency
 // table (the loads' latency hides the exps), then the angles, then the stores and any further
 // batches.
-template <class T, unsigned VEC, bool GPTJ>
+template <class T, unsigned VEC, bool GPTJ, bool ROTATE = true>
 __device__ __forceinline__ void rope(const RopeArgs& a) {
+  const unsigned rotate_mask = ROTATE ? a.rotate_mask : 0u;
   const unsigned half = a.rotary_dim / 2;
   const unsigned rot_chunks = half / VEC;
   const unsigned chunks = rot_chunks + (a.head_dim - a.rotary_dim) / VEC;
@@ -232,15 +235,15 @@ __device__ __forceinline__ void rope(const RopeArgs& a) {
     k.h_end = min(all_heads, k.h_begin + a.heads_per_thread);
   }
   RopeBatch<T, VEC> b;
-  rope_load(a, k, k.h_begin, b);
+  rope_load(a, rotate_mask, k, k.h_begin, b);
 
-  const bool angles = k.rotating && a.rotate_mask != 0;
+  const bool angles = k.rotating && rotate_mask != 0;
   double pos = 0.0;
   bool valid = angles && rope_position(a, k.t, &pos);
   if (valid && a.cos_sin != nullptr) valid = pos >= 0.0 && pos < static_cast<double>(a.max_position);
 
   float c[VEC], s[VEC];
-  if (a.rotate_mask != 0 && a.cos_sin == nullptr) {
+  if (rotate_mask != 0 && a.cos_sin == nullptr) {
     // Computed angles: the block walks the pairs in windows of kRopeTable frequencies (one for
     // rotary_dim up to 512); a thread's VEC pairs lie in one window (VEC divides kRopeTable).
     // The loop is the same for the whole block, so every thread meets every barrier.
@@ -271,7 +274,7 @@ __device__ __forceinline__ void rope(const RopeArgs& a) {
 
   rope_store<T, VEC, GPTJ>(k, c, s, b);
   for (unsigned h0 = k.h_begin + kRopeBatch; h0 < k.h_end; h0 += kRopeBatch) {
-    rope_load(a, k, h0, b);
+    rope_load(a, rotate_mask, k, h0, b);
     rope_store<T, VEC, GPTJ>(k, c, s, b);
   }
 }

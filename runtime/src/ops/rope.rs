@@ -39,8 +39,8 @@
 //! ```
 
 use ferrinfer_kernels::ops::rope::{
-    ROPE_HEAD_BATCH, RopeArgs, SLOT_CONTIGUOUS, rope_chunks, rope_heads_per_thread, rope_kernel_name,
-    rope_launch_dims, rope_unit, rope_vec_width,
+    ROPE_HEAD_BATCH, RopeArgs, SLOT_CONTIGUOUS, rope_chunks, rope_copy_kernel_name, rope_copy_unit,
+    rope_heads_per_thread, rope_kernel_name, rope_launch_dims, rope_unit, rope_vec_width,
 };
 
 use crate::attention::batch::Heads;
@@ -647,10 +647,29 @@ pub(crate) unsafe fn launch<T: Element>(
         ))
     })?;
     let (dtype, gptj) = (T::DTYPE, layout == RopeLayout::GptJ);
-    let name = rope_kernel_name(dtype, vec, gptj);
+    let copy = args.rotate_mask == 0;
+    let name = if copy {
+        rope_copy_kernel_name(dtype, vec)
+    } else {
+        rope_kernel_name(dtype, vec, gptj)
+    };
     // SAFETY: the entry takes (RopeArgs) by value; this function's contract makes every pointer
     // valid for what the kernel touches with these dims (one thread per (token, head group,
     // chunk), inside `tokens` rows and `head_dim` dims), and the kernel reads a cos/sin row or a
     // page-table entry only after checking it against `max_position` or the table's lengths.
-    unsafe { kernel::launch(gpu, &name, || rope_unit(dtype, vec, gptj), dims, args) }
+    unsafe {
+        kernel::launch(
+            gpu,
+            &name,
+            || {
+                if copy {
+                    rope_copy_unit(dtype, vec)
+                } else {
+                    rope_unit(dtype, vec, gptj)
+                }
+            },
+            dims,
+            args,
+        )
+    }
 }
