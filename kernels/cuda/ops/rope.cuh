@@ -133,19 +133,22 @@ __device__ __forceinline__ void rope_load(const RopeArgs& a, unsigned rotate_mas
     const unsigned long long row = (k.t * a.heads[f] + i) * a.head_dim;
     const T* src = static_cast<const T*>(a.src[f]) + row;
     T* dst = static_cast<T*>(a.dst[f]);
-    if (f == 0 || a.slot_mode == kSlotContiguous) {
-      dst += row;
-    } else if (k.slot < 0) {
-      continue;
-    } else {
-      dst += static_cast<unsigned long long>(k.slot) + i * a.kv_head_stride;
-    }
+    const bool cached = f != 0 && a.slot_mode != kSlotContiguous;
     b.turn[n] = k.rotating && ((rotate_mask >> f) & 1);
-    if (!b.turn[n] && src == dst) continue;
-    b.live[n] = true;
-    b.out[n] = dst;
+    if (!cached) {
+      dst += row;
+      if (!b.turn[n] && src == dst) continue;  // copied in place: nothing to do
+    }
+    // The source first: its loads do not wait for the slot (a load, or a page-table walk).
     b.v1[n] = *reinterpret_cast<const RopeVec<T, VEC>*>(src + k.d1);
     if (k.rotating) b.v2[n] = *reinterpret_cast<const RopeVec<T, VEC>*>(src + k.d2);
+    if (cached) {
+      if (k.slot < 0) continue;
+      dst += static_cast<unsigned long long>(k.slot) + i * a.kv_head_stride;
+      if (!b.turn[n] && src == dst) continue;
+    }
+    b.live[n] = true;
+    b.out[n] = dst;
   }
 }
 
@@ -185,17 +188,19 @@ __device__ __forceinline__ void rope_store(const RopeChunk& k, const float (&c)[
 // Thread (token, head group, chunk). Chunks below rotary_dim / (2 VEC) turn VEC pairs (two VEC
 // vectors); the rest copy one VEC vector of the dims past rotary_dim. The host picks VEC so that
 // VEC divides rotary_dim / 2 and head_dim and every pointer is aligned to VEC elements.
-// ROTATE = false is the lean copy instance for rotate_mask == 0 (KV append): no angle code at all,
-// so few registers and many threads in flight.
+// ROTATE = false is the lean copy instance for rotate_mask == 0 (KV append): whole heads in VEC
+// chunks, no angle code at all, so few registers and many threads in flight.
 // Order: the first batch's loads and the position are issued, then the block fills its frequency
 // table (the loads' latency hides the exps), then the angles, then the stores and any further
 // batches.
 template <class T, unsigned VEC, bool GPTJ, bool ROTATE = true>
 __device__ __forceinline__ void rope(const RopeArgs& a) {
+  // The copy instance copies whole heads: the host passes rotary_dim 0 with it.
   const unsigned rotate_mask = ROTATE ? a.rotate_mask : 0u;
-  const unsigned half = a.rotary_dim / 2;
+  const unsigned rotary_dim = ROTATE ? a.rotary_dim : 0u;
+  const unsigned half = rotary_dim / 2;
   const unsigned rot_chunks = half / VEC;
-  const unsigned chunks = rot_chunks + (a.head_dim - a.rotary_dim) / VEC;
+  const unsigned chunks = rot_chunks + (a.head_dim - rotary_dim) / VEC;
   const unsigned all_heads = a.heads[0] + a.heads[1] + a.heads[2];
   const unsigned groups = (all_heads + a.heads_per_thread - 1) / a.heads_per_thread;
 
@@ -229,7 +234,7 @@ __device__ __forceinline__ void rope(const RopeArgs& a) {
     k.rotating = chunk < rot_chunks;
     j0 = chunk * VEC;
     // The two vectors a rotating chunk owns, or the one a copying chunk owns.
-    k.d1 = k.rotating ? (GPTJ ? 2 * j0 : j0) : a.rotary_dim + (chunk - rot_chunks) * VEC;
+    k.d1 = k.rotating ? (GPTJ ? 2 * j0 : j0) : rotary_dim + (chunk - rot_chunks) * VEC;
     k.d2 = GPTJ ? 2 * j0 + VEC : j0 + half;
     k.h_begin = group * a.heads_per_thread;
     k.h_end = min(all_heads, k.h_begin + a.heads_per_thread);

@@ -618,6 +618,11 @@ pub(crate) unsafe fn launch<T: Element>(
     layout: RopeLayout,
     mut args: RopeArgs,
 ) -> Result<()> {
+    // Nothing rotated: the copy kernel moves whole heads, so rotary_dim plays no part (the same
+    // bytes move either way, in wider chunks).
+    if args.rotate_mask == 0 {
+        args.rotary_dim = 0;
+    }
     // An absent family's pointers do not count (0 is aligned to every width).
     let live = |f: usize, p: u64| if args.heads[f] > 0 { p } else { 0 };
     let ptrs: [u64; 6] = std::array::from_fn(|i| live(i / 2, [args.src, args.dst][i % 2][i / 2]));
