@@ -6,9 +6,9 @@
 // how KV append and the fused RoPE + append reuse this kernel. Mirrored by kernels/src/ops/rope.rs.
 //
 // Angles: f_j = theta^(-2j / rotary_dim), optionally Llama 3.1-smoothed, divided by the linear scale,
-// all in f64 (per thread and pair, shared by the thread's heads), then reduced modulo 2 pi in
-// f64 before an f32 sincosf: positions up to 2^31 keep an absolute angle error of a few 1e-6, where an
-// f32 product is off by 0.03 rad at 2^20 and by radians beyond. Or cos/sin read from an f32 cache
+// all in f64 (once per block and pair, in shared memory), then pos * f_j reduced modulo 2 pi in f64
+// before an f32 sin and cos: positions up to 2^31 keep an absolute angle error of a few 1e-6, where
+// an f32 product is off by 0.03 rad at 2^20 and by radians beyond. Or cos/sin read from an f32 cache
 // [max_position, rotary_dim] (cos of pair j at column j, sin at rotary_dim / 2 + j).
 // A token without a valid position (outside the cache, or no request of qo_indptr holds it) gets
 // NaN in its rotated dims, so the mistake shows; nothing is read or written out of bounds.
@@ -69,112 +69,104 @@ __device__ __forceinline__ bool rope_position(const RopeArgs& a, unsigned long l
   return true;
 }
 
-// cos and sin at position pos of the pair whose unscaled frequency is f = theta^(-2j / rotary_dim)
-// (computed, so any position is valid).
-__device__ __forceinline__ void rope_angle(const RopeArgs& a, double f, double pos, float* c, float* s) {
-  // Llama 3.1: keep high frequencies, divide low ones by the factor, blend in between. Without it
-  // the host sets smooth_a = 0, smooth_b = 1 (always keep).
+// The frequency (radians per position) of pair j: theta^(-2j / rotary_dim), Llama 3.1-smoothed
+// (keep high frequencies, divide low ones by the factor, blend in between; without it the host
+// sets smooth_a = 0, smooth_b = 1: always keep), divided by the linear scale. It depends on j and
+// the config only, so a block computes each once (rope_frequencies), not each thread per token.
+__device__ __forceinline__ double rope_frequency(const RopeArgs& a, unsigned j) {
+  const double f = exp(-(2.0 * j / a.rotary_dim) * a.ln_theta);
   const double smooth = fmin(fmax(f * a.smooth_a + a.smooth_b, 0.0), 1.0);
-  f = (1.0 - smooth) * f * a.rcp_factor + smooth * f;
-  const double angle = pos * (f * a.rcp_scale);
+  return ((1.0 - smooth) * f * a.rcp_factor + smooth * f) * a.rcp_scale;
+}
+
+// Pairs whose frequencies a block keeps in shared memory at a time (all of them for rotary_dim up
+// to 512).
+constexpr unsigned kRopeTable = 256;
+
+// cos and sin of pos * f, the angle reduced modulo 2 pi in f64 (any i32 position keeps an absolute
+// error of a few 1e-6); on the reduced angle (|r| <= pi) the hardware sin and cos are within
+// 2^-21.4 absolute, far below a 16-bit output's rounding.
+__device__ __forceinline__ void rope_angle(double f, double pos, float* c, float* s) {
+  const double angle = pos * f;
   // 2 pi as a double plus its remainder: angle - k 2pi stays exact to ~1e-16 relative.
   const double k = rint(angle * 0.15915494309189535);
   double r = fma(-k, 6.283185307179586, angle);
   r = fma(-k, 2.4492935982947064e-16, r);
-  sincosf(static_cast<float>(r), s, c);
+  __sincosf(static_cast<float>(r), s, c);
 }
 
-// Thread (token, head group, chunk). Chunks below rotary_dim / (2 VEC) turn VEC pairs (two VEC
-// vectors); the rest copy one VEC vector of the dims past rotary_dim. The host picks VEC so that
-// VEC divides rotary_dim / 2 and head_dim and every pointer is aligned to VEC elements.
-template <class T, unsigned VEC, bool GPTJ>
-__device__ __forceinline__ void rope(const RopeArgs& a) {
-  const unsigned half = a.rotary_dim / 2;
-  const unsigned rot_chunks = half / VEC;
-  const unsigned chunks = rot_chunks + (a.head_dim - a.rotary_dim) / VEC;
-  const unsigned all_heads = a.heads[0] + a.heads[1] + a.heads[2];
-  const unsigned groups = (all_heads + a.heads_per_thread - 1) / a.heads_per_thread;
-  const unsigned long long item = static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (item >= static_cast<unsigned long long>(a.tokens) * groups * chunks) return;
-  const unsigned chunk = static_cast<unsigned>(item % chunks);
-  const unsigned group = static_cast<unsigned>((item / chunks) % groups);
-  const unsigned long long t = item / chunks / groups;
+// Heads whose loads the copy instance issues before any of their stores: bytes in flight per
+// thread, and a store never holds back the next head's loads (each element has one owning thread,
+// so the order is free even in place). The rotating instances take one head at a time: on an H200
+// four at once (114 registers, 25% occupancy) ran slower than one (50 registers, 56%).
+constexpr unsigned kRopeBatch = 4;
 
-  // Where this token's K and V go (head 0), or -1: skip them.
-  long long slot = 0;
-  if (a.slot_mode == kSlotPlanned) {
-    slot = static_cast<long long>(a.slots[t]);
-  } else if (a.slot_mode == kSlotExplicit) {
-    const PageTable p{a.batch_indices, a.positions, a.kv_indptr, a.kv_indices, a.kv_last_page_len,
-                      a.batch, a.num_kv_indices, a.page_size, a.num_pages, a.kv_page_stride,
-                      a.kv_token_stride};
-    slot = explicit_slot(p, t);
-  }
+// Up to N heads of one chunk between their loads and their stores.
+template <class T, unsigned VEC, unsigned N>
+struct RopeBatch {
+  RopeVec<T, VEC> v1[N], v2[N];  // v2: rotating chunks only
+  T* out[N];
+  bool live[N], turn[N];
+};
 
-  const bool rotating = chunk < rot_chunks;
-  const unsigned j0 = chunk * VEC;
-  float c[VEC], s[VEC];
-  if (rotating && a.rotate_mask != 0) {
-    double pos = 0.0;
-    bool valid = rope_position(a, t, &pos);
-    if (valid && a.cos_sin != nullptr) valid = pos >= 0.0 && pos < static_cast<double>(a.max_position);
-    const long long row = valid && a.cos_sin != nullptr ? static_cast<long long>(pos) : 0;
-    // Two exps per thread: f_j0, then each next pair's frequency is one step (theta^(-2/rd))
-    // down, a few ulp from its own exp.
-    double f = 0.0, step = 0.0;
-    if (valid && a.cos_sin == nullptr) {
-      f = exp(-(2.0 * j0 / a.rotary_dim) * a.ln_theta);
-      step = exp(-(2.0 / a.rotary_dim) * a.ln_theta);
-    }
+// Where a thread's chunk is: token t, its heads [h_begin, h_end), its dims d1 (and d2).
+struct RopeChunk {
+  unsigned long long t;
+  long long slot;  // cache element offset of head 0 of t's K and V, or -1: skip them
+  unsigned h_begin, h_end, d1, d2;
+  bool rotating;
+};
+
+// Loads heads [h0, min(h0 + N, h_end)) of the chunk; a head with nothing to do (copied in place,
+// or K/V without a slot) stays not live.
+template <class T, unsigned VEC, unsigned N>
+__device__ __forceinline__ void rope_load(const RopeArgs& a, unsigned rotate_mask, const RopeChunk& k,
+                                          unsigned h0, RopeBatch<T, VEC, N>& b) {
 #pragma unroll
-    for (unsigned e = 0; e < VEC; ++e) {
-      if (!valid) {
-        c[e] = s[e] = nan_f32();
-      } else if (a.cos_sin != nullptr) {
-        const float* r = a.cos_sin + row * a.rotary_dim;
-        c[e] = r[j0 + e];
-        s[e] = r[half + j0 + e];
-      } else {
-        rope_angle(a, f, pos, &c[e], &s[e]);
-        f *= step;
-      }
-    }
-  }
-
-  // The two vectors a rotating chunk owns, or the one a copying chunk owns.
-  const unsigned d1 = rotating ? (GPTJ ? 2 * j0 : j0) : a.rotary_dim + (chunk - rot_chunks) * VEC;
-  const unsigned d2 = GPTJ ? 2 * j0 + VEC : j0 + half;
-  const unsigned h_end = min(all_heads, (group + 1) * a.heads_per_thread);
-  for (unsigned h = group * a.heads_per_thread; h < h_end; ++h) {
+  for (unsigned n = 0; n < N; ++n) {
+    const unsigned h = h0 + n;
+    b.live[n] = false;
+    b.turn[n] = false;
+    b.out[n] = nullptr;
+    if (h >= k.h_end) continue;
     const unsigned f = h < a.heads[0] ? 0 : h < a.heads[0] + a.heads[1] ? 1 : 2;
     const unsigned i = h - (f == 0 ? 0 : f == 1 ? a.heads[0] : a.heads[0] + a.heads[1]);
-    const unsigned long long row = (t * a.heads[f] + i) * a.head_dim;
+    const unsigned long long row = (k.t * a.heads[f] + i) * a.head_dim;
     const T* src = static_cast<const T*>(a.src[f]) + row;
     T* dst = static_cast<T*>(a.dst[f]);
-    if (f == 0 || a.slot_mode == kSlotContiguous) {
+    const bool cached = f != 0 && a.slot_mode != kSlotContiguous;
+    b.turn[n] = k.rotating && ((rotate_mask >> f) & 1);
+    if (!cached) {
       dst += row;
-    } else if (slot < 0) {
-      continue;
-    } else {
-      dst += static_cast<unsigned long long>(slot) + i * a.kv_head_stride;
+      if (!b.turn[n] && src == dst) continue;  // copied in place: nothing to do
     }
-    if (!rotating) {
-      if (src != dst) {
-        *reinterpret_cast<RopeVec<T, VEC>*>(dst + d1) = *reinterpret_cast<const RopeVec<T, VEC>*>(src + d1);
-      }
-      continue;
+    // The source first: its loads do not wait for the slot (a load, or a page-table walk).
+    b.v1[n] = *reinterpret_cast<const RopeVec<T, VEC>*>(src + k.d1);
+    if (k.rotating) b.v2[n] = *reinterpret_cast<const RopeVec<T, VEC>*>(src + k.d2);
+    if (cached) {
+      if (k.slot < 0) continue;
+      dst += static_cast<unsigned long long>(k.slot) + i * a.kv_head_stride;
+      if (!b.turn[n] && src == dst) continue;
     }
-    const bool turn = (a.rotate_mask >> f) & 1;
-    if (!turn && src == dst) continue;
-    RopeVec<T, VEC> v1 = *reinterpret_cast<const RopeVec<T, VEC>*>(src + d1);
-    RopeVec<T, VEC> v2 = *reinterpret_cast<const RopeVec<T, VEC>*>(src + d2);
-    if (turn) {
+    b.live[n] = true;
+    b.out[n] = dst;
+  }
+}
+
+// Turns the batch's rotated heads by (c, s) and stores every live head.
+template <class T, unsigned VEC, bool GPTJ, unsigned N>
+__device__ __forceinline__ void rope_store(const RopeChunk& k, const float (&c)[VEC], const float (&s)[VEC],
+                                           RopeBatch<T, VEC, N>& b) {
+#pragma unroll
+  for (unsigned n = 0; n < N; ++n) {
+    if (!b.live[n]) continue;
+    if (b.turn[n]) {
       // Pair e of the chunk: NeoX (v1[e], v2[e]); GPT-J elements 2e and 2e + 1 of v1 ++ v2.
       float x[2 * VEC];
 #pragma unroll
       for (unsigned e = 0; e < VEC; ++e) {
-        x[e] = to_f32(v1.x[e]);
-        x[VEC + e] = to_f32(v2.x[e]);
+        x[e] = to_f32(b.v1[n].x[e]);
+        x[VEC + e] = to_f32(b.v2[n].x[e]);
       }
 #pragma unroll
       for (unsigned e = 0; e < VEC; ++e) {
@@ -185,12 +177,109 @@ __device__ __forceinline__ void rope(const RopeArgs& a) {
       }
 #pragma unroll
       for (unsigned e = 0; e < VEC; ++e) {
-        v1.x[e] = from_f32<T>(x[e]);
-        v2.x[e] = from_f32<T>(x[VEC + e]);
+        b.v1[n].x[e] = from_f32<T>(x[e]);
+        b.v2[n].x[e] = from_f32<T>(x[VEC + e]);
       }
     }
-    *reinterpret_cast<RopeVec<T, VEC>*>(dst + d1) = v1;
-    *reinterpret_cast<RopeVec<T, VEC>*>(dst + d2) = v2;
+    *reinterpret_cast<RopeVec<T, VEC>*>(b.out[n] + k.d1) = b.v1[n];
+    if (k.rotating) *reinterpret_cast<RopeVec<T, VEC>*>(b.out[n] + k.d2) = b.v2[n];
+  }
+}
+
+// Thread (token, head group, chunk). Chunks below rotary_dim / (2 VEC) turn VEC pairs (two VEC
+// vectors); the rest copy one VEC vector of the dims past rotary_dim. The host picks VEC so that
+// VEC divides rotary_dim / 2 and head_dim and every pointer is aligned to VEC elements.
+// ROTATE = false is the lean copy instance for rotate_mask == 0 (KV append): whole heads in VEC
+// chunks, no angle code at all, so few registers and many threads in flight.
+// Order: the position's load is issued, the block fills its frequency table (hiding that latency),
+// then the angles, then each head (or batch of heads): loads, turn, stores.
+template <class T, unsigned VEC, bool GPTJ, bool ROTATE = true>
+__device__ __forceinline__ void rope(const RopeArgs& a) {
+  // The copy instance copies whole heads: the host passes rotary_dim 0 with it.
+  const unsigned rotate_mask = ROTATE ? a.rotate_mask : 0u;
+  const unsigned rotary_dim = ROTATE ? a.rotary_dim : 0u;
+  const unsigned half = rotary_dim / 2;
+  const unsigned rot_chunks = half / VEC;
+  const unsigned chunks = rot_chunks + (a.head_dim - rotary_dim) / VEC;
+  const unsigned all_heads = a.heads[0] + a.heads[1] + a.heads[2];
+  const unsigned groups = (all_heads + a.heads_per_thread - 1) / a.heads_per_thread;
+
+  const unsigned long long item = static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const unsigned long long per_token = static_cast<unsigned long long>(groups) * chunks;
+  // A thread past the last item still reaches the block's barrier, with no heads.
+  const bool active = item < a.tokens * per_token;
+  RopeChunk k{0, 0, 0, 0, 0, 0, false};
+  unsigned j0 = 0;
+  if (active) {
+    // 32-bit division when it fits (always, in practice): a 64-bit one is a long software routine.
+    unsigned rem;
+    if (((item | per_token) >> 32) == 0) {
+      const unsigned t32 = static_cast<unsigned>(item) / static_cast<unsigned>(per_token);
+      k.t = t32;
+      rem = static_cast<unsigned>(item) - t32 * static_cast<unsigned>(per_token);
+    } else {
+      k.t = item / per_token;
+      rem = static_cast<unsigned>(item - k.t * per_token);
+    }
+    const unsigned group = rem / chunks;
+    const unsigned chunk = rem - group * chunks;
+    if (a.slot_mode == kSlotPlanned) {
+      k.slot = static_cast<long long>(a.slots[k.t]);
+    } else if (a.slot_mode == kSlotExplicit) {
+      const PageTable p{a.batch_indices, a.positions, a.kv_indptr, a.kv_indices, a.kv_last_page_len,
+                        a.batch, a.num_kv_indices, a.page_size, a.num_pages, a.kv_page_stride,
+                        a.kv_token_stride};
+      k.slot = explicit_slot(p, k.t);
+    }
+    k.rotating = chunk < rot_chunks;
+    j0 = chunk * VEC;
+    // The two vectors a rotating chunk owns, or the one a copying chunk owns.
+    k.d1 = k.rotating ? (GPTJ ? 2 * j0 : j0) : rotary_dim + (chunk - rot_chunks) * VEC;
+    k.d2 = GPTJ ? 2 * j0 + VEC : j0 + half;
+    k.h_begin = group * a.heads_per_thread;
+    k.h_end = min(all_heads, k.h_begin + a.heads_per_thread);
+  }
+
+  const bool angles = k.rotating && rotate_mask != 0;
+  double pos = 0.0;
+  bool valid = angles && rope_position(a, k.t, &pos);
+  if (valid && a.cos_sin != nullptr) valid = pos >= 0.0 && pos < static_cast<double>(a.max_position);
+
+  float c[VEC], s[VEC];
+  if (rotate_mask != 0 && a.cos_sin == nullptr) {
+    // Computed angles: the block walks the pairs in windows of kRopeTable frequencies (one for
+    // rotary_dim up to 512); a thread's VEC pairs lie in one window (VEC divides kRopeTable).
+    // The loop is the same for the whole block, so every thread meets every barrier.
+    __shared__ double freqs[kRopeTable];
+    for (unsigned w = 0; w < half; w += kRopeTable) {
+      const unsigned n = min(kRopeTable, half - w);
+      if (w > 0) __syncthreads();  // everyone is done with the previous window
+      for (unsigned j = threadIdx.x; j < n; j += blockDim.x) freqs[j] = rope_frequency(a, w + j);
+      __syncthreads();
+      if (valid && j0 >= w && j0 < w + n) {
+#pragma unroll
+        for (unsigned e = 0; e < VEC; ++e) rope_angle(freqs[j0 - w + e], pos, &c[e], &s[e]);
+      }
+    }
+  }
+  if (!active) return;
+  if (angles && !valid) {
+#pragma unroll
+    for (unsigned e = 0; e < VEC; ++e) c[e] = s[e] = nan_f32();
+  } else if (angles && a.cos_sin != nullptr) {
+    const float* r = a.cos_sin + static_cast<long long>(pos) * a.rotary_dim;
+#pragma unroll
+    for (unsigned e = 0; e < VEC; ++e) {
+      c[e] = r[j0 + e];
+      s[e] = r[half + j0 + e];
+    }
+  }
+
+  constexpr unsigned N = ROTATE ? 1 : kRopeBatch;
+  RopeBatch<T, VEC, N> b;
+  for (unsigned h0 = k.h_begin; h0 < k.h_end; h0 += N) {
+    rope_load(a, rotate_mask, k, h0, b);
+    rope_store<T, VEC, GPTJ, N>(k, c, s, b);
   }
 }
 

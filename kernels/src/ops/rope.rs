@@ -95,6 +95,9 @@ pub const ROPE_VEC_WIDTHS: [u32; 4] = [8, 4, 2, 1];
 
 const THREADS: u32 = 128;
 
+/// Heads whose loads a thread issues before their stores (`kRopeBatch`).
+pub const ROPE_HEAD_BATCH: u32 = 4;
+
 /// The widest width that divides `rotary_dim / 2` and `head_dim` and to which every element
 /// pointer in `ptrs` (16-bit elements) is aligned.
 pub fn rope_vec_width(head_dim: u32, rotary_dim: u32, ptrs: &[u64]) -> u32 {
@@ -116,11 +119,23 @@ pub fn rope_heads_per_thread(tokens: u32, chunks: u32, heads: u32, sm_count: u32
     (units / target).clamp(1, u64::from(heads.clamp(1, 8))) as u32
 }
 
+/// The lean copy kernel for `rotate_mask == 0` (KV append): `dtype`, `vec` elements per chunk
+/// (one of [`ROPE_VEC_WIDTHS`]), no angle code (it copies whatever `rotate_mask` says); entry
+/// `ferrinfer_rope_<dtype>_v<vec>_copy(const fi::RopeArgs)`.
+pub fn rope_copy_unit(dtype: DType, vec: u32) -> Result<TranslationUnit, String> {
+    assemble(&Sources::from_env(), dtype, vec, None)
+}
+
+/// The instance name of [`rope_copy_unit`].
+pub fn rope_copy_kernel_name(dtype: DType, vec: u32) -> String {
+    format!("rope_{}_v{vec}_copy", dtype.name())
+}
+
 /// The kernel for `dtype`, `vec` pairs per chunk (one of [`ROPE_VEC_WIDTHS`]) and the GPT-J
 /// (interleaved) or NeoX (halves) layout: entry
 /// `ferrinfer_rope_<dtype>_v<vec>_<neox|gptj>(const fi::RopeArgs)`.
 pub fn rope_unit(dtype: DType, vec: u32, gptj: bool) -> Result<TranslationUnit, String> {
-    assemble(&Sources::from_env(), dtype, vec, gptj)
+    assemble(&Sources::from_env(), dtype, vec, Some(gptj))
 }
 
 /// The instance name of [`rope_unit`].
@@ -129,34 +144,49 @@ pub fn rope_kernel_name(dtype: DType, vec: u32, gptj: bool) -> String {
     format!("rope_{}_v{vec}_{layout}", dtype.name())
 }
 
+/// `gptj`: `Some(layout)` for the rotating kernel, `None` for the copy kernel.
 fn assemble(
     sources: &Sources,
     dtype: DType,
     vec: u32,
-    gptj: bool,
+    gptj: Option<bool>,
 ) -> Result<TranslationUnit, String> {
     if !ROPE_VEC_WIDTHS.contains(&vec) {
         return Err(format!(
             "no rope kernel for {vec} pairs per chunk (instantiated: {ROPE_VEC_WIDTHS:?})"
         ));
     }
+    let (name, body) = match gptj {
+        Some(gptj) => (
+            rope_kernel_name(dtype, vec, gptj),
+            format!("fi::rope<{}, {vec}, {gptj}>(args);", cuda_dtype(dtype)),
+        ),
+        None => (
+            rope_copy_kernel_name(dtype, vec),
+            format!(
+                "fi::rope<{}, {vec}, false, false>(args);",
+                cuda_dtype(dtype)
+            ),
+        ),
+    };
     super::assemble(
         sources,
-        &rope_kernel_name(dtype, vec, gptj),
+        &name,
         "ops/rope.cuh",
         THREADS,
         "fi::RopeArgs",
-        &format!("fi::rope<{}, {vec}, {gptj}>(args);", cuda_dtype(dtype)),
+        &body,
     )
 }
 
-/// Every instance: both dtypes x [`ROPE_VEC_WIDTHS`] x both layouts (a row of [`super::OPS`]).
+/// Every instance: both dtypes x [`ROPE_VEC_WIDTHS`] x (both layouts and the copy kernel) (a row
+/// of [`super::OPS`]).
 pub fn all_units() -> Result<Vec<TranslationUnit>, String> {
     let sources = Sources::from_env();
     let mut units = Vec::new();
     for dtype in DType::ALL {
         for vec in ROPE_VEC_WIDTHS {
-            for gptj in [false, true] {
+            for gptj in [Some(false), Some(true), None] {
                 units.push(assemble(&sources, dtype, vec, gptj)?);
             }
         }
@@ -200,6 +230,7 @@ mod tests {
         assert!(header.contains("sizeof(RopeArgs) == 18 * 8 + 5 * 8 + 16 * 4"));
         assert!(header.contains("5 doubles from byte 144, 16 unsigned from byte 184"));
         assert!(header.contains(&format!("kRopeThreads = {THREADS};")));
+        assert!(header.contains(&format!("kRopeBatch = {ROPE_HEAD_BATCH};")));
         let slots = Sources::BuiltIn.header("ops/kv_append.cuh").unwrap();
         for (name, v) in [
             ("kSlotContiguous", SLOT_CONTIGUOUS),
@@ -213,7 +244,7 @@ mod tests {
     #[test]
     fn every_instance_is_self_contained() {
         let units = all_units().unwrap();
-        assert_eq!(units.len(), 16);
+        assert_eq!(units.len(), 24);
         for tu in &units {
             assert!(!tu.source.contains("#include") && !tu.source.contains("#pragma once"));
             for name in ["core/dtype.cuh", "ops/kv_append.cuh", "ops/rope.cuh"] {
@@ -224,6 +255,12 @@ mod tests {
         let tu = rope_unit(DType::Bf16, 8, true).unwrap();
         assert_eq!(tu.entry, "ferrinfer_rope_bf16_v8_gptj");
         assert!(tu.source.contains("fi::rope<fi::bf16, 8, true>(args);"));
+        let copy = rope_copy_unit(DType::F16, 4).unwrap();
+        assert_eq!(copy.entry, "ferrinfer_rope_f16_v4_copy");
+        assert!(
+            copy.source
+                .contains("fi::rope<fi::f16, 4, false, false>(args);")
+        );
         assert!(
             rope_unit(DType::F16, 3, false)
                 .unwrap_err()

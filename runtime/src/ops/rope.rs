@@ -39,8 +39,8 @@
 //! ```
 
 use ferrinfer_kernels::ops::rope::{
-    RopeArgs, SLOT_CONTIGUOUS, rope_chunks, rope_heads_per_thread, rope_kernel_name,
-    rope_launch_dims, rope_unit, rope_vec_width,
+    ROPE_HEAD_BATCH, RopeArgs, SLOT_CONTIGUOUS, rope_chunks, rope_copy_kernel_name, rope_copy_unit,
+    rope_heads_per_thread, rope_kernel_name, rope_launch_dims, rope_unit, rope_vec_width,
 };
 
 use crate::attention::batch::Heads;
@@ -618,6 +618,11 @@ pub(crate) unsafe fn launch<T: Element>(
     layout: RopeLayout,
     mut args: RopeArgs,
 ) -> Result<()> {
+    // Nothing rotated: the copy kernel moves whole heads, so rotary_dim plays no part (the same
+    // bytes move either way, in wider chunks).
+    if args.rotate_mask == 0 {
+        args.rotary_dim = 0;
+    }
     // An absent family's pointers do not count (0 is aligned to every width).
     let live = |f: usize, p: u64| if args.heads[f] > 0 { p } else { 0 };
     let ptrs: [u64; 6] = std::array::from_fn(|i| live(i / 2, [args.src, args.dst][i % 2][i / 2]));
@@ -631,12 +636,14 @@ pub(crate) unsafe fn launch<T: Element>(
     if args.tokens == 0 || chunks == 0 || heads == 0 {
         return Ok(());
     }
-    // Several heads per thread share one angle computation; a pure copy has none to share, and
-    // one head per thread keeps the most loads in flight.
+    // Several heads per thread share one angle computation and keep more loads in flight (the
+    // kernel issues up to ROPE_HEAD_BATCH heads' loads before their stores); a pure copy has no
+    // angle to share, so one batch per thread at most.
+    let per_thread = rope_heads_per_thread(args.tokens, chunks, heads, gpu.sm_count());
     args.heads_per_thread = if args.rotate_mask == 0 {
-        1
+        per_thread.min(ROPE_HEAD_BATCH)
     } else {
-        rope_heads_per_thread(args.tokens, chunks, heads, gpu.sm_count())
+        per_thread
     };
     let dims = rope_launch_dims(&args, vec).ok_or_else(|| {
         Error::unsupported(format!(
@@ -645,10 +652,29 @@ pub(crate) unsafe fn launch<T: Element>(
         ))
     })?;
     let (dtype, gptj) = (T::DTYPE, layout == RopeLayout::GptJ);
-    let name = rope_kernel_name(dtype, vec, gptj);
+    let copy = args.rotate_mask == 0;
+    let name = if copy {
+        rope_copy_kernel_name(dtype, vec)
+    } else {
+        rope_kernel_name(dtype, vec, gptj)
+    };
     // SAFETY: the entry takes (RopeArgs) by value; this function's contract makes every pointer
     // valid for what the kernel touches with these dims (one thread per (token, head group,
     // chunk), inside `tokens` rows and `head_dim` dims), and the kernel reads a cos/sin row or a
     // page-table entry only after checking it against `max_position` or the table's lengths.
-    unsafe { kernel::launch(gpu, &name, || rope_unit(dtype, vec, gptj), dims, args) }
+    unsafe {
+        kernel::launch(
+            gpu,
+            &name,
+            || {
+                if copy {
+                    rope_copy_unit(dtype, vec)
+                } else {
+                    rope_unit(dtype, vec, gptj)
+                }
+            },
+            dims,
+            args,
+        )
+    }
 }
