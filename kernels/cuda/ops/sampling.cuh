@@ -45,6 +45,7 @@ static_assert(sizeof(SamplingArgs) == 8 * 8 + 8 * 4, "SamplingArgs must match ke
 constexpr unsigned kSamplingThreads = 512;
 constexpr unsigned kSamplingWarps = kSamplingThreads / kWarpSize;
 constexpr unsigned kSamplingMaxRounds = 64;
+constexpr unsigned kSamplingLoads = 4;  // packs in flight per thread in a pass over a row
 constexpr unsigned kSampleTopK = 1u, kSampleTopP = 2u, kSampleMinP = 4u;
 constexpr unsigned kRadixBins = 2048;
 
@@ -115,18 +116,46 @@ __device__ __forceinline__ float block_max(float x, SamplingSmem& sm) {
   return x;
 }
 
-// visit(t0, pack) for every VEC-aligned pack of the row, two loads in flight per thread.
+// visit(t0, pack) for every VEC-aligned pack of the row, in increasing t0 per thread. One block
+// streams a whole row, so memory latency, not bandwidth, bounds a pass: kSamplingLoads packs per
+// thread are loaded before any is visited (512 threads x 4 x 16 B = 32 KB in flight per SM).
+template <unsigned VEC>
+__device__ __forceinline__ FloatPack<VEC> load_pack(const float* p) {
+  return *reinterpret_cast<const FloatPack<VEC>*>(p);
+}
 template <unsigned VEC, class Visit>
 __device__ __forceinline__ void scan_row(const float* row, unsigned n, Visit visit) {
   constexpr unsigned kStep = kSamplingThreads * VEC;
   unsigned i = threadIdx.x * VEC;
-  for (; i + kStep < n; i += 2 * kStep) {
-    const FloatPack<VEC> a = *reinterpret_cast<const FloatPack<VEC>*>(row + i);
-    const FloatPack<VEC> b = *reinterpret_cast<const FloatPack<VEC>*>(row + i + kStep);
-    visit(i, a);
-    visit(i + kStep, b);
+  for (; i + (kSamplingLoads - 1) * kStep < n; i += kSamplingLoads * kStep) {
+    FloatPack<VEC> p[kSamplingLoads];
+#pragma unroll
+    for (unsigned u = 0; u < kSamplingLoads; ++u) p[u] = load_pack<VEC>(row + i + u * kStep);
+#pragma unroll
+    for (unsigned u = 0; u < kSamplingLoads; ++u) visit(i + u * kStep, p[u]);
   }
-  if (i < n) visit(i, *reinterpret_cast<const FloatPack<VEC>*>(row + i));
+  for (; i < n; i += kStep) visit(i, load_pack<VEC>(row + i));
+}
+
+// visit(t0, a, b) for the packs at t0 of rows a and b (zeros where b is null), as scan_row.
+template <unsigned VEC, class Visit>
+__device__ __forceinline__ void scan_rows(const float* a, const float* b, unsigned n, Visit visit) {
+  constexpr unsigned kStep = kSamplingThreads * VEC;
+  FloatPack<VEC> zero;
+#pragma unroll
+  for (unsigned e = 0; e < VEC; ++e) zero.x[e] = 0.0f;
+  unsigned i = threadIdx.x * VEC;
+  for (; i + (kSamplingLoads - 1) * kStep < n; i += kSamplingLoads * kStep) {
+    FloatPack<VEC> p[kSamplingLoads], q[kSamplingLoads];
+#pragma unroll
+    for (unsigned u = 0; u < kSamplingLoads; ++u) {
+      p[u] = load_pack<VEC>(a + i + u * kStep);
+      q[u] = b ? load_pack<VEC>(b + i + u * kStep) : zero;
+    }
+#pragma unroll
+    for (unsigned u = 0; u < kSamplingLoads; ++u) visit(i + u * kStep, p[u], q[u]);
+  }
+  for (; i < n; i += kStep) visit(i, load_pack<VEC>(a + i), b ? load_pack<VEC>(b + i) : zero);
 }
 
 __device__ __forceinline__ unsigned philox_word(const Philox4& r, unsigned i) {
@@ -537,26 +566,22 @@ __device__ __forceinline__ void chain_speculative(const SpeculativeArgs& a, unsi
   unsigned long long best = 0;
   for (unsigned pass = d_row ? 0 : 1; pass < 2 && best == 0; ++pass) {
     unsigned long long b = 0;
-    for (unsigned i = threadIdx.x * VEC; i < V; i += kSamplingThreads * VEC) {
-      const FloatPack<VEC> pt = *reinterpret_cast<const FloatPack<VEC>*>(t_row + i);
-      FloatPack<VEC> pd;
+    scan_rows<VEC>(t_row, pass == 0 ? d_row : nullptr, V,
+                   [&](unsigned i, const FloatPack<VEC>& pt, const FloatPack<VEC>& pd) {
+                     Philox4 r;
+                     bool have = false;
 #pragma unroll
-      for (unsigned e = 0; e < VEC; ++e) pd.x[e] = 0.0f;
-      if (pass == 0) pd = *reinterpret_cast<const FloatPack<VEC>*>(d_row + i);
-      Philox4 r;
-      bool have = false;
-#pragma unroll
-      for (unsigned e = 0; e < VEC; ++e) {
-        const float w = rv.value(pt.x[e]) - rv.value(pd.x[e]);
-        if (!(w > 0.0f)) continue;
-        const unsigned t = i + e;
-        if (!have) {
-          r = rng.group(t >> 2);
-          have = true;
-        }
-        race_enter(b, w, philox_word(r, t & 3), t);
-      }
-    }
+                     for (unsigned e = 0; e < VEC; ++e) {
+                       const float w = rv.value(pt.x[e]) - rv.value(pd.x[e]);
+                       if (!(w > 0.0f)) continue;
+                       const unsigned t = i + e;
+                       if (!have) {
+                         r = rng.group(t >> 2);
+                         have = true;
+                       }
+                       race_enter(b, w, philox_word(r, t & 3), t);
+                     }
+                   });
     best = block_max_u64(b, sm);
   }
   if (threadIdx.x == 0) {
