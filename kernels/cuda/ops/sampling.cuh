@@ -11,10 +11,12 @@
 //    pass races again within {w >= min_p W}.
 //  - top-p (after top-k): rejection with pivots. The set is upward closed (t is in it iff the mass
 //    strictly above w_t is < p times the mass S), so if the race winner j of {w > pivot} is not in
-//    it, nothing with w <= w_j is either: the next pivot is w_j. One pass per round both tests j
-//    (mass above w_j) and races within {w > w_j}. At most kSamplingMaxRounds rounds (each round
-//    drops at least half of the remaining candidates with probability >= 1/2, so 64 rounds are
-//    never reached in practice); past them the largest weight, always in the set, is returned.
+//    it, nothing with w <= w_j is either: the next pivot is w_j. One pass per round tests j (mass
+//    above w_j) and races within {w > L} for w_j and three higher bounds L at once (bracket_pass),
+//    so the pass that rejects j usually proves the next candidate in the set as well. At most
+//    kSamplingMaxRounds rounds (never reached in practice); past them the largest weight, always
+//    in the set, is returned.
+//  The race passes after the first run from the end of the row (scan_row_backward): L2 holds it.
 // Probabilities that are NaN, negative or infinite weigh 0; logits that are NaN or +-inf are -inf.
 // A row without a positive weight gives token 0. Mirrored by runtime/src/ops/sampling/mod.rs.
 #pragma once
@@ -45,6 +47,7 @@ static_assert(sizeof(SamplingArgs) == 8 * 8 + 8 * 4, "SamplingArgs must match ke
 constexpr unsigned kSamplingThreads = 512;
 constexpr unsigned kSamplingWarps = kSamplingThreads / kWarpSize;
 constexpr unsigned kSamplingMaxRounds = 64;
+constexpr unsigned kSamplingLoads = 4;  // packs in flight per thread in a pass over a row
 constexpr unsigned kSampleTopK = 1u, kSampleTopP = 2u, kSampleMinP = 4u;
 constexpr unsigned kRadixBins = 2048;
 
@@ -60,6 +63,8 @@ struct SamplingSmem {
   unsigned long long u[kSamplingWarps];
   unsigned pick[2];
   float pick_mass;
+  unsigned long long bracket_win[4];  // bracket_pass results (kBracket)
+  float bracket_mass[4];
 };
 
 // Unsigned keys in the order of the floats (no NaN here: values are canonical first).
@@ -115,18 +120,67 @@ __device__ __forceinline__ float block_max(float x, SamplingSmem& sm) {
   return x;
 }
 
-// visit(t0, pack) for every VEC-aligned pack of the row, two loads in flight per thread.
+// visit(t0, pack) for every VEC-aligned pack of the row, in increasing t0 per thread. One block
+// streams a whole row, so memory latency, not bandwidth, bounds a pass: kSamplingLoads packs per
+// thread are loaded before any is visited (512 threads x 4 x 16 B = 32 KB in flight per SM).
+template <unsigned VEC>
+__device__ __forceinline__ FloatPack<VEC> load_pack(const float* p) {
+  return *reinterpret_cast<const FloatPack<VEC>*>(p);
+}
 template <unsigned VEC, class Visit>
 __device__ __forceinline__ void scan_row(const float* row, unsigned n, Visit visit) {
   constexpr unsigned kStep = kSamplingThreads * VEC;
   unsigned i = threadIdx.x * VEC;
-  for (; i + kStep < n; i += 2 * kStep) {
-    const FloatPack<VEC> a = *reinterpret_cast<const FloatPack<VEC>*>(row + i);
-    const FloatPack<VEC> b = *reinterpret_cast<const FloatPack<VEC>*>(row + i + kStep);
-    visit(i, a);
-    visit(i + kStep, b);
+  for (; i + (kSamplingLoads - 1) * kStep < n; i += kSamplingLoads * kStep) {
+    FloatPack<VEC> p[kSamplingLoads];
+#pragma unroll
+    for (unsigned u = 0; u < kSamplingLoads; ++u) p[u] = load_pack<VEC>(row + i + u * kStep);
+#pragma unroll
+    for (unsigned u = 0; u < kSamplingLoads; ++u) visit(i + u * kStep, p[u]);
   }
-  if (i < n) visit(i, *reinterpret_cast<const FloatPack<VEC>*>(row + i));
+  for (; i < n; i += kStep) visit(i, load_pack<VEC>(row + i));
+}
+
+// scan_row from the end of the row: a pass that follows a forward one first meets the lines that
+// pass read last, which are the ones still in L2 (the batch's rows exceed it: a forward re-scan
+// would evict each line just before it is wanted). Visits in decreasing t0 per thread.
+template <unsigned VEC, class Visit>
+__device__ __forceinline__ void scan_row_backward(const float* row, unsigned n, Visit visit) {
+  constexpr unsigned kStep = kSamplingThreads * VEC;
+  const unsigned first = threadIdx.x * VEC;
+  if (first >= n) return;
+  unsigned m = (n - 1 - first) / kStep + 1;  // this thread's packs: first + q kStep for q < m
+  for (; m >= kSamplingLoads; m -= kSamplingLoads) {
+    FloatPack<VEC> p[kSamplingLoads];
+#pragma unroll
+    for (unsigned u = 0; u < kSamplingLoads; ++u) {
+      p[u] = load_pack<VEC>(row + first + (m - 1 - u) * kStep);
+    }
+#pragma unroll
+    for (unsigned u = 0; u < kSamplingLoads; ++u) visit(first + (m - 1 - u) * kStep, p[u]);
+  }
+  for (; m > 0; --m) visit(first + (m - 1) * kStep, load_pack<VEC>(row + first + (m - 1) * kStep));
+}
+
+// visit(t0, a, b) for the packs at t0 of rows a and b (zeros where b is null), as scan_row.
+template <unsigned VEC, class Visit>
+__device__ __forceinline__ void scan_rows(const float* a, const float* b, unsigned n, Visit visit) {
+  constexpr unsigned kStep = kSamplingThreads * VEC;
+  FloatPack<VEC> zero;
+#pragma unroll
+  for (unsigned e = 0; e < VEC; ++e) zero.x[e] = 0.0f;
+  unsigned i = threadIdx.x * VEC;
+  for (; i + (kSamplingLoads - 1) * kStep < n; i += kSamplingLoads * kStep) {
+    FloatPack<VEC> p[kSamplingLoads], q[kSamplingLoads];
+#pragma unroll
+    for (unsigned u = 0; u < kSamplingLoads; ++u) {
+      p[u] = load_pack<VEC>(a + i + u * kStep);
+      q[u] = b ? load_pack<VEC>(b + i + u * kStep) : zero;
+    }
+#pragma unroll
+    for (unsigned u = 0; u < kSamplingLoads; ++u) visit(i + u * kStep, p[u], q[u]);
+  }
+  for (; i < n; i += kStep) visit(i, load_pack<VEC>(a + i), b ? load_pack<VEC>(b + i) : zero);
 }
 
 __device__ __forceinline__ unsigned philox_word(const Philox4& r, unsigned i) {
@@ -193,6 +247,76 @@ __device__ __noinline__ void race_pass(const float* x, unsigned n, const RowValu
   best = block_max_u64(b, sm);
   top = block_max_u64(tp, sm);
   sum = block_sum(s, sm);
+}
+
+// Top-p with brackets: the race winner of any {w > L} with L below the set (mass(w > L) >= target)
+// is the draw when it lies in the set, and a token j is in it when some L' <= w_j has
+// mass(w > L') < target. One pass races within, and sums the mass above, kBracket nested lower
+// bounds at once: the candidate's weight (the pivot test) and thresholds spaced geometrically up to
+// a weight known to have less than the target above it. So a pass that rejects the candidate
+// usually also proves the next one in the set, and the slowest row of a batch needs a pass or two
+// more than its first race, where one pivot per pass needs several.
+constexpr unsigned kBracket = 4;
+struct Bracket {
+  float l[kBracket];  // increasing
+};
+
+template <bool LOGITS, unsigned VEC>
+__device__ __noinline__ void bracket_pass(const float* x, unsigned n, const RowValues<LOGITS> rv,
+                                          float t_min, const RowRng rng, const Bracket br,
+                                          SamplingSmem& sm) {
+  unsigned long long b[kBracket];
+  float s[kBracket];
+#pragma unroll
+  for (unsigned k = 0; k < kBracket; ++k) {
+    b[k] = 0;
+    s[k] = 0.0f;
+  }
+  scan_row_backward<VEC>(x, n, [&](unsigned t0, const FloatPack<VEC>& p) {
+    Philox4 r;
+    bool have = false;
+#pragma unroll
+    for (unsigned e = 0; e < VEC; ++e) {
+      const float v = rv.value(p.x[e]);
+      if (!(v >= t_min)) continue;
+      const float w = rv.weight(v);
+      if (!(w > br.l[0] && w > 0.0f)) continue;
+      // The sets holding the token are 0..k; the last has the smallest best, so when the token
+      // cannot beat that one it beats none (race_enter's bound, whose margin never skips a key
+      // equal to the best: the entries break ties by token in either scan direction).
+      unsigned long long least = b[0];
+#pragma unroll
+      for (unsigned k = 0; k < kBracket; ++k) {
+        if (w > br.l[k]) {
+          s[k] += w;
+          least = b[k];
+        }
+      }
+      const unsigned t = t0 + e;
+      if (!have) {
+        r = rng.group(t >> 2);
+        have = true;
+      }
+      const float u = philox_uniform(philox_word(r, t & 3));
+      const float kbest = __uint_as_float(static_cast<unsigned>(least >> 32));
+      if (w * 1.000001f <= kbest * (1.0f - u)) continue;
+      const unsigned long long entry = race_entry(w / -logf(u), t);
+#pragma unroll
+      for (unsigned k = 0; k < kBracket; ++k) {
+        if (w > br.l[k]) b[k] = max_u64(b[k], entry);
+      }
+    }
+  });
+#pragma unroll
+  for (unsigned k = 0; k < kBracket; ++k) {
+    const unsigned long long bk = block_max_u64(b[k], sm);
+    const float sk = block_sum(s[k], sm);
+    if (threadIdx.x == 0) {
+      sm.bracket_win[k] = bk;
+      sm.bracket_mass[k] = sk;
+    }
+  }
+  __syncthreads();
 }
 
 // A radix select over order-preserving keys of the canonical values (11 + 11 + 10 bits, shared
@@ -361,22 +485,47 @@ __device__ __forceinline__ void sample_row(const SamplingArgs& a, unsigned row) 
   if (best && min_p > 0.0f) {
     const float thr = min_p * __uint_as_float(static_cast<unsigned>(top >> 32));
     if (!(rv.weight(rv.value(x[j])) >= thr)) {
-      unsigned long long b2, t2;
-      float s2;
-      race_pass<LOGITS, VEC>(x, n, rv, t_min, rng, 0.0f, thr, b2, s2, t2, sm);
-      j = race_token(b2);  // the token of weight W is always in, so b2 != 0
+      // {w >= thr} is {w > the float below thr}; the other bounds are empty.
+      Bracket br;
+      br.l[0] = nextafterf(thr, 0.0f);
+#pragma unroll
+      for (unsigned k = 1; k < kBracket; ++k) br.l[k] = FI_INF;
+      bracket_pass<LOGITS, VEC>(x, n, rv, t_min, rng, br, sm);
+      j = race_token(sm.bracket_win[0]);  // the token of weight W is always in: a winner exists
     }
   }
   if (best && top_p < 1.0f) {
     const float target = top_p * mass;
+    // Invariant: j wins the race within {w > some L below the set}; hi is a weight with less than
+    // the target above it (the largest weight has none).
+    float hi = __uint_as_float(static_cast<unsigned>(top >> 32));
     unsigned round = 0;
     for (; round < kSamplingMaxRounds; ++round) {
       const float wj = rv.weight(rv.value(x[j]));
-      unsigned long long nb, nt;
-      float above;
-      race_pass<LOGITS, VEC>(x, n, rv, t_min, rng, wj, 0.0f, nb, above, nt, sm);
-      if (above <= 0.0f || above < target || nb == 0) break;
+      Bracket br;
+      br.l[0] = wj;
+      const float ratio = hi / wj;  // wj <= hi, both positive
+#pragma unroll
+      for (unsigned k = 1; k < kBracket; ++k) {
+        br.l[k] = fmaxf(wj * powf(ratio, static_cast<float>(k) / kBracket), br.l[k - 1]);
+      }
+      bracket_pass<LOGITS, VEC>(x, n, rv, t_min, rng, br, sm);
+      const float above = sm.bracket_mass[0];
+      if (above <= 0.0f || above < target) break;  // j is in the set
+      // j is out. The last bound with at least the target above it (bound 0 at least) races the
+      // next candidate; the bound after it (or hi) has less above it.
+      unsigned k = 0;
+#pragma unroll
+      for (unsigned q = 1; q < kBracket; ++q) {
+        if (sm.bracket_mass[q] > 0.0f && sm.bracket_mass[q] >= target) k = q;
+      }
+      const unsigned long long nb = sm.bracket_win[k];
+      if (nb == 0) break;  // nothing above (a rounding corner): keep j, as one pivot per pass does
+      if (k + 1 < kBracket) hi = br.l[k + 1];
       j = race_token(nb);
+      const float wc = rv.weight(rv.value(x[j]));
+      if (wc >= hi) break;  // at least hi: less than the target above it, in the set
+      __syncthreads();      // every thread has read the bracket results before the next pass
     }
     if (round == kSamplingMaxRounds) j = race_token(top);
   }
@@ -537,26 +686,22 @@ __device__ __forceinline__ void chain_speculative(const SpeculativeArgs& a, unsi
   unsigned long long best = 0;
   for (unsigned pass = d_row ? 0 : 1; pass < 2 && best == 0; ++pass) {
     unsigned long long b = 0;
-    for (unsigned i = threadIdx.x * VEC; i < V; i += kSamplingThreads * VEC) {
-      const FloatPack<VEC> pt = *reinterpret_cast<const FloatPack<VEC>*>(t_row + i);
-      FloatPack<VEC> pd;
+    scan_rows<VEC>(t_row, pass == 0 ? d_row : nullptr, V,
+                   [&](unsigned i, const FloatPack<VEC>& pt, const FloatPack<VEC>& pd) {
+                     Philox4 r;
+                     bool have = false;
 #pragma unroll
-      for (unsigned e = 0; e < VEC; ++e) pd.x[e] = 0.0f;
-      if (pass == 0) pd = *reinterpret_cast<const FloatPack<VEC>*>(d_row + i);
-      Philox4 r;
-      bool have = false;
-#pragma unroll
-      for (unsigned e = 0; e < VEC; ++e) {
-        const float w = rv.value(pt.x[e]) - rv.value(pd.x[e]);
-        if (!(w > 0.0f)) continue;
-        const unsigned t = i + e;
-        if (!have) {
-          r = rng.group(t >> 2);
-          have = true;
-        }
-        race_enter(b, w, philox_word(r, t & 3), t);
-      }
-    }
+                     for (unsigned e = 0; e < VEC; ++e) {
+                       const float w = rv.value(pt.x[e]) - rv.value(pd.x[e]);
+                       if (!(w > 0.0f)) continue;
+                       const unsigned t = i + e;
+                       if (!have) {
+                         r = rng.group(t >> 2);
+                         have = true;
+                       }
+                       race_enter(b, w, philox_word(r, t & 3), t);
+                     }
+                   });
     best = block_max_u64(b, sm);
   }
   if (threadIdx.x == 0) {

@@ -20,7 +20,8 @@
 //!
 //! On a GPU one block of 512 threads samples one row (`kernels/cuda/ops/sampling.cuh`): top-k by
 //! a three-pass radix select, the race in one pass, min-p in at most one more, top-p by rejection
-//! with pivots, one pass per round. The CPU backend computes the allowed sets directly (sorting)
+//! with pivots, one pass per round that also races within higher bounds (usually two passes in
+//! all). The CPU backend computes the allowed sets directly (sorting)
 //! in f64, with the same Philox uniforms: a CPU and a GPU run of one seed draw the same tokens,
 //! except where two keys, or a weight and a filter threshold, differ by about f32 rounding.
 //!
