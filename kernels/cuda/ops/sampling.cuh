@@ -264,7 +264,7 @@ struct Bracket {
 template <bool LOGITS, unsigned VEC>
 __device__ __noinline__ void bracket_pass(const float* x, unsigned n, const RowValues<LOGITS> rv,
                                           float t_min, const RowRng rng, const Bracket br,
-                                          SamplingSmem& sm) {
+                                          bool race, SamplingSmem& sm) {
   unsigned long long b[kBracket];
   float s[kBracket];
 #pragma unroll
@@ -292,6 +292,7 @@ __device__ __noinline__ void bracket_pass(const float* x, unsigned n, const RowV
           least = b[k];
         }
       }
+      if (!race) continue;  // masses only: no Philox
       const unsigned t = t0 + e;
       if (!have) {
         r = rng.group(t >> 2);
@@ -490,7 +491,7 @@ __device__ __forceinline__ void sample_row(const SamplingArgs& a, unsigned row) 
       br.l[0] = nextafterf(thr, 0.0f);
 #pragma unroll
       for (unsigned k = 1; k < kBracket; ++k) br.l[k] = FI_INF;
-      bracket_pass<LOGITS, VEC>(x, n, rv, t_min, rng, br, sm);
+      bracket_pass<LOGITS, VEC>(x, n, rv, t_min, rng, br, true, sm);
       j = race_token(sm.bracket_win[0]);  // the token of weight W is always in: a winner exists
     }
   }
@@ -509,9 +510,9 @@ __device__ __forceinline__ void sample_row(const SamplingArgs& a, unsigned row) 
       for (unsigned k = 1; k < kBracket; ++k) {
         br.l[k] = fmaxf(wj * powf(ratio, static_cast<float>(k) / kBracket), br.l[k - 1]);
       }
-      bracket_pass<LOGITS, VEC>(x, n, rv, t_min, rng, br, sm);
+      bracket_pass<LOGITS, VEC>(x, n, rv, t_min, rng, br, false, sm);  // masses only
       const float above = sm.bracket_mass[0];
-      if (above <= 0.0f || above < target) break;  // j is in the set
+      if (above <= 0.0f || above < target) break;  // j is in the set (most rows, first round)
       // j is out. The last bound with at least the target above it (bound 0 at least) races the
       // next candidate; the bound after it (or hi) has less above it.
       unsigned k = 0;
@@ -519,13 +520,19 @@ __device__ __forceinline__ void sample_row(const SamplingArgs& a, unsigned row) 
       for (unsigned q = 1; q < kBracket; ++q) {
         if (sm.bracket_mass[q] > 0.0f && sm.bracket_mass[q] >= target) k = q;
       }
-      const unsigned long long nb = sm.bracket_win[k];
-      if (nb == 0) break;  // nothing above (a rounding corner): keep j, as one pivot per pass does
+      Bracket rb;
+      rb.l[0] = br.l[k];
+#pragma unroll
+      for (unsigned q = 1; q < kBracket; ++q) rb.l[q] = FI_INF;
       if (k + 1 < kBracket) hi = br.l[k + 1];
+      __syncthreads();  // every thread has read the masses before the race pass writes its own
+      bracket_pass<LOGITS, VEC>(x, n, rv, t_min, rng, rb, true, sm);
+      const unsigned long long nb = sm.bracket_win[0];
+      if (nb == 0) break;  // nothing above (a rounding corner): keep j, as one pivot per pass does
       j = race_token(nb);
       const float wc = rv.weight(rv.value(x[j]));
       if (wc >= hi) break;  // at least hi: less than the target above it, in the set
-      __syncthreads();      // every thread has read the bracket results before the next pass
+      __syncthreads();      // every thread has read the race result before the next pass
     }
     if (round == kSamplingMaxRounds) j = race_token(top);
   }
@@ -654,7 +661,7 @@ static_assert(sizeof(SpeculativeArgs) == 7 * 8 + 4 * 4, "SpeculativeArgs must ma
 // u_i the row's scalar draw i; an id outside the vocabulary is rejected. At the first rejection
 // the emitted token is drawn from max(0, p_target - p_draft) of that position (from p_target
 // when that has no mass); with all accepted, the bonus token from p_target of position n.
-// Probabilities canonical as for sampling. Thread 0 runs the tests (n is small); the block then
+// Probabilities canonical as for sampling. Warp 0 runs the tests, a lane each; the block then
 // races over one row (two when the residual is needed).
 template <unsigned VEC>
 __device__ __forceinline__ void chain_speculative(const SpeculativeArgs& a, unsigned row) {
@@ -666,18 +673,33 @@ __device__ __forceinline__ void chain_speculative(const SpeculativeArgs& a, unsi
   const float* target = a.target_probs + static_cast<unsigned long long>(row) * (n + 1) * vocab;
   int* out = a.out + static_cast<unsigned long long>(row) * (n + 1);
   const RowValues<false> rv{0.0f, 1.0f};
-  if (threadIdx.x == 0) {
-    unsigned i = 0;
-    for (; i < n; ++i) {
-      const int d = a.draft_ids[static_cast<unsigned long long>(row) * n + i];
-      if (d < 0 || static_cast<unsigned>(d) >= V) break;
-      const float pd = rv.value(draft[i * vocab + d]);
-      const float pt = rv.value(target[i * vocab + d]);
-      const float u = philox_uniform(philox_word(rng.group(kPhiloxScalarGroups + (i >> 2)), i & 3));
-      if (!(u * pd < pt)) break;
-      out[i] = d;
+  if (warp_id() == 0) {
+    // Lane l tests draft token base + l (the tests are independent; only the first failure
+    // counts), so the block waits for one round of dependent loads, not n.
+    unsigned acc = n;
+    for (unsigned base = 0; base < n; base += kWarpSize) {
+      const unsigned i = base + lane_id();
+      bool pass = false;
+      int d = 0;
+      if (i < n) {
+        d = a.draft_ids[static_cast<unsigned long long>(row) * n + i];
+        if (d >= 0 && static_cast<unsigned>(d) < V) {
+          const float pd = rv.value(draft[i * vocab + d]);
+          const float pt = rv.value(target[i * vocab + d]);
+          const float u =
+              philox_uniform(philox_word(rng.group(kPhiloxScalarGroups + (i >> 2)), i & 3));
+          pass = u * pd < pt;
+        }
+      }
+      const unsigned fail = __ballot_sync(kFullMask, i < n && !pass);
+      const unsigned first = fail ? base + __ffs(fail) - 1 : n;
+      if (i < first && i < n) out[i] = d;
+      if (fail) {
+        acc = first;
+        break;
+      }
     }
-    sm.pick[0] = i;
+    if (lane_id() == 0) sm.pick[0] = acc;
   }
   __syncthreads();
   const unsigned acc = sm.pick[0];
