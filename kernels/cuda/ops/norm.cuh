@@ -50,19 +50,23 @@ __device__ constexpr unsigned norm_items() {
   return KIND == kNormRms ? (VEC >= 4 ? 4 : 2) : KIND == kNormFusedAddRms ? (VEC >= 4 ? 2 : 1) : 2;
 }
 
-// Sum over the threads of this thread's row; every thread of the row gets the same bits (same
-// order everywhere). Block-uniform control flow: every thread of the block must call it.
-__device__ __forceinline__ float norm_row_sum(float v, float* partial) {
+// Sum over the threads of this thread's row; every thread of the row gets the same bits (each
+// warp sums the same partials in the same lanes, and warp_sum is bitwise uniform). Block-uniform
+// control flow: every thread of the block must call it, with the same `phase`.
+//
+// `partial` holds two sets of per-warp partials and consecutive calls alternate between them
+// (`phase` flips), so one barrier per call suffices: a call writes the set that the call before
+// last read, and every thread has passed the previous call's barrier, i.e. finished that read.
+// The partials are summed across lanes (one shared load and a warp_sum), not in a serial loop.
+__device__ __forceinline__ float norm_row_sum(float v, float* partial, unsigned& phase) {
   v = warp_sum(v);
   const unsigned warps = blockDim.x / kWarpSize;
   if (warps == 1) return v;
-  const unsigned base = threadIdx.y * warps;
-  if (lane_id() == 0) partial[base + warp_id()] = v;
+  float* set = partial + phase * (kNormMaxThreads / kWarpSize) + threadIdx.y * warps;
+  phase ^= 1;
+  if (lane_id() == 0) set[warp_id()] = v;
   __syncthreads();
-  float total = 0.0f;
-  for (unsigned w = 0; w < warps; ++w) total += partial[base + w];
-  __syncthreads();  // the next reduction reuses partial
-  return total;
+  return warp_sum(lane_id() < warps ? set[lane_id()] : 0.0f);
 }
 
 template <class T, unsigned VEC>
@@ -96,6 +100,19 @@ __device__ __forceinline__ float norm_pack_sum(const NormPack<T, VEC>& p, float 
   return s;
 }
 
+// The RMS kinds' output pack: x * scale * (w + weight_offset).
+template <class T, unsigned VEC>
+__device__ __forceinline__ NormPack<T, VEC> norm_scale(const NormPack<T, VEC>& p,
+                                                       const NormPack<T, VEC>& w, float scale,
+                                                       float weight_offset) {
+  NormPack<T, VEC> o;
+#pragma unroll
+  for (unsigned j = 0; j < VEC; ++j) {
+    o.x[j] = from_f32<T>(to_f32(p.x[j]) * scale * (to_f32(w.x[j]) + weight_offset));
+  }
+  return o;
+}
+
 // Pack c (in elements) of the output: (x - shift) * scale * (w + weight_offset) for the RMS kinds
 // (shift 0), (x - mean) * rstd * gamma + beta for LayerNorm. Loads only the weights.
 template <class T, unsigned VEC, unsigned KIND>
@@ -111,11 +128,7 @@ __device__ __forceinline__ NormPack<T, VEC> norm_apply(const NormArgs& a, unsign
       o.x[j] = from_f32<T>((to_f32(p.x[j]) - shift) * scale * g.x[j] + b.x[j]);
     }
   } else {
-    const NormPack<T, VEC> w = norm_pack<T, VEC>(a.weight, c);
-#pragma unroll
-    for (unsigned j = 0; j < VEC; ++j) {
-      o.x[j] = from_f32<T>(to_f32(p.x[j]) * scale * (to_f32(w.x[j]) + a.weight_offset));
-    }
+    o = norm_scale(p, norm_pack<T, VEC>(a.weight, c), scale, a.weight_offset);
   }
   return o;
 }
@@ -129,14 +142,15 @@ __device__ __forceinline__ void norm(const NormArgs& a) {
   using P = NormPack<T, VEC>;
   constexpr unsigned kItems = norm_items<VEC, KIND>();
   constexpr bool kFused = KIND == kNormFusedAddRms;
-  __shared__ float partial[kNormMaxThreads / kWarpSize];
+  __shared__ float partial[2 * kNormMaxThreads / kWarpSize];
+  unsigned phase = 0;
   const unsigned tx = threadIdx.x, nx = blockDim.x;
   const unsigned long long stride = static_cast<unsigned long long>(gridDim.x) * blockDim.y;
   const unsigned all_packs = a.hidden / VEC;
   // Pack i of row r, in elements; whether a row's cached pack k exists (rows past the end have
   // none).
   auto elem = [&](unsigned long long r, unsigned i) {
-    return r * a.hidden + static_cast<unsigned long long>(i) * VEC;
+    return r * a.hidden + i * VEC;  // i * VEC < hidden: 32-bit
   };
   auto has_in = [&](unsigned long long r, unsigned k) {
     return r < a.rows && tx + k * nx < all_packs;
@@ -155,6 +169,17 @@ __device__ __forceinline__ void norm(const NormArgs& a) {
     }
   };
 
+  // The fused kind keeps its cached packs' weights in registers for all its rows (a pack's weight
+  // is the same in every row): the write pass then waits on no load after the reduction. It has
+  // the registers (2 packs per thread); RMS (4) and LayerNorm (f32, twice as wide) do not.
+  constexpr bool kKeepWeights = kFused;
+  P weights[kKeepWeights ? kItems : 1];
+  if (kKeepWeights) {
+#pragma unroll
+    for (unsigned k = 0; k < kItems; ++k) {
+      if (tx + k * nx < all_packs) weights[k] = norm_pack<T, VEC>(a.weight, (tx + k * nx) * VEC);
+    }
+  }
   P cache[kItems], res[kItems];
   const unsigned long long first = static_cast<unsigned long long>(blockIdx.x) * blockDim.y;
   load(first + threadIdx.y, cache, res);
@@ -195,7 +220,7 @@ __device__ __forceinline__ void norm(const NormArgs& a) {
       }
       s += norm_pack_sum(p, 0.0f, square);
     }
-    s = norm_row_sum(s, partial);
+    s = norm_row_sum(s, partial, phase);
     const float inv_n = 1.0f / static_cast<float>(a.hidden);
     // The fused kind normalises the residual it stored (this thread's own stores: no barrier).
     const void* src = kFused ? a.residual : a.x;
@@ -213,7 +238,7 @@ __device__ __forceinline__ void norm(const NormArgs& a) {
       for (unsigned i = tx + kItems * nx; i < packs; i += nx) {
         v += norm_pack_sum(norm_pack<T, VEC>(src, elem(row, i)), shift, true);
       }
-      v = norm_row_sum(v, partial);
+      v = norm_row_sum(v, partial, phase);
       scale = rsqrtf(v * inv_n + a.eps);
     } else {
       scale = rsqrtf(s * inv_n + a.eps);
@@ -224,7 +249,9 @@ __device__ __forceinline__ void norm(const NormArgs& a) {
 #pragma unroll
     for (unsigned k = 0; k < kItems; ++k) {
       if (has(k)) {
-        cache[k] = norm_apply<T, VEC, KIND>(a, (tx + k * nx) * VEC, cache[k], shift, scale);
+        cache[k] = kKeepWeights
+                       ? norm_scale(cache[k], weights[kKeepWeights ? k : 0], scale, a.weight_offset)
+                       : norm_apply<T, VEC, KIND>(a, (tx + k * nx) * VEC, cache[k], shift, scale);
       }
     }
 #pragma unroll
