@@ -639,8 +639,8 @@ pub(crate) unsafe fn launch<T: Element>(
     // Several heads per thread share one angle computation. The copy kernel always takes one
     // whole batch (ROPE_HEAD_BATCH heads' loads before their stores): its index math and slot
     // load are paid once per batch, and a small launch (decode: 256 tokens) is latency-bound, so
-    // fewer, fuller threads cost nothing there (v2's one head per thread ran 274 GB/s, v1's two
-    // vectors per thread 370).
+    // fewer, fuller threads cost nothing there once all of a batch's loads go out before the slot
+    // is needed (rope.cuh, rope_load; kernels/notes/ops.md has the H200 numbers).
     args.heads_per_thread = if args.rotate_mask == 0 {
         heads.min(ROPE_HEAD_BATCH)
     } else {
