@@ -117,38 +117,66 @@ struct RopeChunk {
   bool rotating;
 };
 
+// Where head h (of all families) of token t lies: its family f, its index i there, its source
+// row and its destination before any K/V slot (the contiguous row, or the cache's base).
+struct RopeHead {
+  const void* src;
+  void* dst;
+  unsigned i;
+  bool cached, turn;
+};
+
+template <class T>
+__device__ __forceinline__ RopeHead rope_head(const RopeArgs& a, unsigned rotate_mask, const RopeChunk& k,
+                                              unsigned h) {
+  const unsigned f = h < a.heads[0] ? 0 : h < a.heads[0] + a.heads[1] ? 1 : 2;
+  const unsigned i = h - (f == 0 ? 0 : f == 1 ? a.heads[0] : a.heads[0] + a.heads[1]);
+  const unsigned long long row = (k.t * a.heads[f] + i) * a.head_dim;
+  const bool cached = f != 0 && a.slot_mode != kSlotContiguous;
+  T* dst = static_cast<T*>(a.dst[f]);
+  return {static_cast<const T*>(a.src[f]) + row, cached ? dst : dst + row, i, cached,
+          k.rotating && ((rotate_mask >> f) & 1)};
+}
+
 // Loads heads [h0, min(h0 + N, h_end)) of the chunk; a head with nothing to do (copied in place,
-// or K/V without a slot) stays not live.
+// or K/V without a slot) stays not live. Two passes: every source load first, then the
+// destinations. Nothing before the last load waits on the slot (a load, or a page-table walk),
+// not even a branch. The one-pass form branched on the slot between head 0's load and head 1's
+// (in its PTX), so heads 1..3 waited a round trip for it: on an H200 decode at 4 heads per thread
+// ran 5.9 us cold vs 4.2 at one head.
 template <class T, unsigned VEC, unsigned N>
 __device__ __forceinline__ void rope_load(const RopeArgs& a, unsigned rotate_mask, const RopeChunk& k,
                                           unsigned h0, RopeBatch<T, VEC, N>& b) {
 #pragma unroll
   for (unsigned n = 0; n < N; ++n) {
-    const unsigned h = h0 + n;
     b.live[n] = false;
     b.turn[n] = false;
     b.out[n] = nullptr;
-    if (h >= k.h_end) continue;
-    const unsigned f = h < a.heads[0] ? 0 : h < a.heads[0] + a.heads[1] ? 1 : 2;
-    const unsigned i = h - (f == 0 ? 0 : f == 1 ? a.heads[0] : a.heads[0] + a.heads[1]);
-    const unsigned long long row = (k.t * a.heads[f] + i) * a.head_dim;
-    const T* src = static_cast<const T*>(a.src[f]) + row;
-    T* dst = static_cast<T*>(a.dst[f]);
-    const bool cached = f != 0 && a.slot_mode != kSlotContiguous;
-    b.turn[n] = k.rotating && ((rotate_mask >> f) & 1);
-    if (!cached) {
-      dst += row;
-      if (!b.turn[n] && src == dst) continue;  // copied in place: nothing to do
-    }
-    // The source first: its loads do not wait for the slot (a load, or a page-table walk).
+    if (h0 + n >= k.h_end) continue;
+    const RopeHead x = rope_head<T>(a, rotate_mask, k, h0 + n);
+    b.turn[n] = x.turn;
+    if (!x.cached && !x.turn && x.src == x.dst) continue;  // copied in place: nothing to do
+    const T* src = static_cast<const T*>(x.src);
     b.v1[n] = *reinterpret_cast<const RopeVec<T, VEC>*>(src + k.d1);
     if (k.rotating) b.v2[n] = *reinterpret_cast<const RopeVec<T, VEC>*>(src + k.d2);
-    if (cached) {
-      if (k.slot < 0) continue;
-      dst += static_cast<unsigned long long>(k.slot) + i * a.kv_head_stride;
-      if (!b.turn[n] && src == dst) continue;
-    }
     b.live[n] = true;
+  }
+#pragma unroll
+  for (unsigned n = 0; n < N; ++n) {
+    if (!b.live[n]) continue;
+    const RopeHead x = rope_head<T>(a, rotate_mask, k, h0 + n);
+    T* dst = static_cast<T*>(x.dst);
+    if (x.cached) {
+      if (k.slot < 0) {
+        b.live[n] = false;
+        continue;
+      }
+      dst += static_cast<unsigned long long>(k.slot) + x.i * a.kv_head_stride;
+      if (!x.turn && x.src == dst) {
+        b.live[n] = false;
+        continue;
+      }
+    }
     b.out[n] = dst;
   }
 }

@@ -636,14 +636,15 @@ pub(crate) unsafe fn launch<T: Element>(
     if args.tokens == 0 || chunks == 0 || heads == 0 {
         return Ok(());
     }
-    // Several heads per thread share one angle computation and keep more loads in flight (the
-    // kernel issues up to ROPE_HEAD_BATCH heads' loads before their stores); a pure copy has no
-    // angle to share, so one batch per thread at most.
-    let per_thread = rope_heads_per_thread(args.tokens, chunks, heads, gpu.sm_count());
+    // Several heads per thread share one angle computation. The copy kernel always takes one
+    // whole batch (ROPE_HEAD_BATCH heads' loads before their stores): its index math and slot
+    // load are paid once per batch, and a small launch (decode: 256 tokens) is latency-bound, so
+    // fewer, fuller threads cost nothing there once all of a batch's loads go out before the slot
+    // is needed (rope.cuh, rope_load; kernels/notes/ops.md has the H200 numbers).
     args.heads_per_thread = if args.rotate_mask == 0 {
-        per_thread.min(ROPE_HEAD_BATCH)
+        heads.min(ROPE_HEAD_BATCH)
     } else {
-        per_thread
+        rope_heads_per_thread(args.tokens, chunks, heads, gpu.sm_count())
     };
     let dims = rope_launch_dims(&args, vec).ok_or_else(|| {
         Error::unsupported(format!(
