@@ -14,9 +14,9 @@ fn includes(src: &Path) -> Vec<(PathBuf, usize, String, Option<String>)> {
             let mut rest = line;
             while let Some(at) = rest.find("{{#include ") {
                 let tail = &rest[at + "{{#include ".len()..];
-                let end = tail.find("}}").unwrap_or_else(|| {
-                    panic!("{}:{}: unclosed include", chapter.display(), n + 1)
-                });
+                let end = tail
+                    .find("}}")
+                    .unwrap_or_else(|| panic!("{}:{}: unclosed include", chapter.display(), n + 1));
                 let target = tail[..end].trim();
                 let (path, anchor) = match target.split_once(':') {
                     Some((p, a)) => (p.to_string(), Some(a.to_string())),
@@ -95,7 +95,10 @@ fn every_chapter_is_in_the_summary() {
     for chapter in chapters(&src) {
         let name = chapter.file_name().unwrap().to_str().unwrap();
         if name != "SUMMARY.md" {
-            assert!(summary.contains(&format!("({name})")), "{name} is not in SUMMARY.md");
+            assert!(
+                summary.contains(&format!("({name})")),
+                "{name} is not in SUMMARY.md"
+            );
         }
     }
 }
@@ -105,8 +108,16 @@ fn the_anchor_check_catches_missing_reversed_and_repeated_anchors() {
     let text = "// ANCHOR: a\nx\n// ANCHOR_END: a\n// ANCHOR_END: b\n// ANCHOR: b\n// ANCHOR: c\n";
     assert_eq!(anchor_lines(text, "a"), Ok((1, 3)));
     assert!(anchor_lines(text, "b").unwrap_err().contains("before"));
-    assert!(anchor_lines(text, "c").unwrap_err().contains("no `// ANCHOR_END: c`"));
-    assert!(anchor_lines(text, "z").unwrap_err().contains("no `// ANCHOR: z`"));
+    assert!(
+        anchor_lines(text, "c")
+            .unwrap_err()
+            .contains("no `// ANCHOR_END: c`")
+    );
+    assert!(
+        anchor_lines(text, "z")
+            .unwrap_err()
+            .contains("no `// ANCHOR: z`")
+    );
     let twice = "// ANCHOR: a\n// ANCHOR: a\n// ANCHOR_END: a\n";
     assert!(anchor_lines(twice, "a").unwrap_err().contains("2 times"));
 }

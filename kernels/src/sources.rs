@@ -9,45 +9,19 @@ use std::path::PathBuf;
 /// to read instead of the compiled-in ones, so templates can be edited without rebuilding.
 pub const KERNEL_DIR_VAR: &str = "FERRINFER_KERNEL_DIR";
 
-/// Names of the template headers (paths under `kernels/cuda`), in dependency order (each after the
-/// headers it includes). The generated workspace header is among them.
-pub const HEADER_NAMES: &[&str] = &[
-    "core/abi.cuh",
-    "core/math.cuh",
-    "core/dtype.cuh",
-    "core/warp.cuh",
-    "sm80/mma.cuh",
-    "sm80/ldmatrix.cuh",
-    "sm80/cp_async.cuh",
-    "sm80/smem.cuh",
-    "variant/dsl.cuh",
-    "variant/hooks.cuh",
-    crate::workspace::CUDA_HEADER,
-    "attention/kv.cuh",
-    "attention/work.cuh",
-    "attention/causal.cuh",
-    "attention/epilogue.cuh",
-    "attention/prefill.cuh",
-    "attention/decode_vec.cuh",
-    "attention/decode.cuh",
-    "attention/merge.cuh",
-    "ops/merge_states.cuh",
-    "ops/norm.cuh",
-    "ops/activation.cuh",
-    "ops/philox.cuh",
-    "ops/sampling.cuh",
-    "ops/kv_append.cuh",
-    "ops/rope.cuh",
-];
-
-/// `(name, text)` of each header file under `kernels/cuda`, embedded at build time.
-macro_rules! built_in {
+/// One list of the header files under `kernels/cuda`, in dependency order (each after the headers
+/// it includes), makes both tables: [`HEADER_NAMES`] and the embedded texts.
+macro_rules! headers {
     ($($name:literal),* $(,)?) => {
-        &[$(($name, include_str!(concat!("../cuda/", $name)))),*]
+        /// Names of the template headers (paths under `kernels/cuda`), in dependency order. The
+        /// generated workspace header comes first: it includes nothing.
+        pub const HEADER_NAMES: &[&str] = &[crate::workspace::CUDA_HEADER, $($name),*];
+        /// `(name, text)` of each header file, embedded at build time.
+        const BUILT_IN: &[(&str, &str)] = &[$(($name, include_str!(concat!("../cuda/", $name)))),*];
     };
 }
 
-const BUILT_IN: &[(&str, &str)] = built_in![
+headers![
     "core/abi.cuh",
     "core/math.cuh",
     "core/dtype.cuh",
