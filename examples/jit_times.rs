@@ -27,6 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             compile: true,
             extra_options: Vec::new(),
         })
+        .with_announce(false) // the table is the report
     };
     println!(
         "{:<28} {:<8} {:>10} {:>10} {:>10}",

@@ -20,12 +20,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let filter = args.next().unwrap_or_default();
     let cubin_dir = args.next().map(std::path::PathBuf::from);
-    // No disk cache: every line is a fresh NVRTC compile.
+    // No disk cache: every line is a fresh NVRTC compile. Quiet: the table is the report.
     let jit = Jit::new(JitConfig {
         cache_dir: None,
         compile: true,
         extra_options: Vec::new(),
-    });
+    })
+    .with_announce(false);
     println!("variant        kernel                   regs  spill st  spill ld  compile");
     for spec in ferrinfer::variants() {
         // With the wide K/V tiles a typical SM of the arch runs.
