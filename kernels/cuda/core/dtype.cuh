@@ -42,4 +42,11 @@ __device__ __forceinline__ bf16 from_f32<bf16>(float x) {
   return r;
 }
 
+// N elements moved as one access of sizeof(T) * N bytes (16 for eight 16-bit elements or four
+// floats) when the pointer is aligned to it: the vector type of every memory-bound kernel.
+template <class T, unsigned N>
+struct alignas(sizeof(T) * N) Pack {
+  T x[N];
+};
+
 }  // namespace fi

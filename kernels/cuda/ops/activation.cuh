@@ -22,11 +22,6 @@ constexpr unsigned kActSilu = 0;
 constexpr unsigned kActGelu = 1;
 constexpr unsigned kActGeluTanh = 2;
 
-template <class T, unsigned N>
-struct alignas(sizeof(T) * N) ActPack {
-  T x[N];
-};
-
 template <unsigned ACT>
 __device__ __forceinline__ float activate(float x) {
   if (ACT == kActSilu) {
@@ -46,7 +41,7 @@ __device__ __forceinline__ float activate(float x) {
 // d must be a multiple of VEC and both pointers aligned to a pack (the host checks).
 template <class T, unsigned VEC, unsigned ACT>
 __device__ __forceinline__ void act_and_mul(const ActArgs& a) {
-  using P = ActPack<T, VEC>;
+  using P = Pack<T, VEC>;
   const unsigned col = blockIdx.x * blockDim.x + threadIdx.x;
   if (col >= a.d / VEC) return;
   const T* x = static_cast<const T*>(a.x);

@@ -29,12 +29,6 @@ static_assert(sizeof(MergeStatesArgs) == 8 * 8 + 4 * 4,
 
 constexpr unsigned kMergeStatesWarps = 4;
 
-// N elements moved as one access of N * 2 bytes (16 for N = 8) when the pointer is aligned to it.
-template <class T, unsigned N>
-struct alignas(sizeof(T) * N) Pack {
-  T x[N];
-};
-
 template <class T>
 __device__ __forceinline__ const T* state_ptr(const T* first, const T* rest, unsigned k,
                                               unsigned long long state_stride,

@@ -35,11 +35,6 @@ constexpr unsigned kNormFusedAddRms = 1;
 constexpr unsigned kNormLayer = 2;
 constexpr unsigned kNormMaxThreads = 1024;
 
-template <class T, unsigned N>
-struct alignas(sizeof(T) * N) NormPack {
-  T x[N];
-};
-
 // Packs each thread keeps in registers per row, twice over (this row and the next one's loads),
 // at most what fits under __launch_bounds__(1024) (64 registers) without spilling: RMS 4 (2
 // narrow), a row of up to 32k elements at 1024 threads read once; fused add 2 (1 narrow), as its
@@ -70,27 +65,27 @@ __device__ __forceinline__ float norm_row_sum(float v, float* partial, unsigned&
 }
 
 template <class T, unsigned VEC>
-__device__ __forceinline__ NormPack<T, VEC> norm_pack(const void* base, unsigned long long e) {
-  return *reinterpret_cast<const NormPack<T, VEC>*>(static_cast<const T*>(base) + e);
+__device__ __forceinline__ Pack<T, VEC> norm_pack(const void* base, unsigned long long e) {
+  return *reinterpret_cast<const Pack<T, VEC>*>(static_cast<const T*>(base) + e);
 }
 
 template <class T, unsigned VEC>
-__device__ __forceinline__ void norm_put(void* base, unsigned long long e, const NormPack<T, VEC>& p) {
-  *reinterpret_cast<NormPack<T, VEC>*>(static_cast<T*>(base) + e) = p;
+__device__ __forceinline__ void norm_put(void* base, unsigned long long e, const Pack<T, VEC>& p) {
+  *reinterpret_cast<Pack<T, VEC>*>(static_cast<T*>(base) + e) = p;
 }
 
 // residual + x, rounded to T: what the fused kind stores and normalises.
 template <class T, unsigned VEC>
-__device__ __forceinline__ NormPack<T, VEC> norm_add(const NormPack<T, VEC>& x,
-                                                     const NormPack<T, VEC>& r) {
-  NormPack<T, VEC> sum;
+__device__ __forceinline__ Pack<T, VEC> norm_add(const Pack<T, VEC>& x,
+                                                 const Pack<T, VEC>& r) {
+  Pack<T, VEC> sum;
 #pragma unroll
   for (unsigned j = 0; j < VEC; ++j) sum.x[j] = from_f32<T>(to_f32(x.x[j]) + to_f32(r.x[j]));
   return sum;
 }
 
 template <class T, unsigned VEC>
-__device__ __forceinline__ float norm_pack_sum(const NormPack<T, VEC>& p, float shift, bool square) {
+__device__ __forceinline__ float norm_pack_sum(const Pack<T, VEC>& p, float shift, bool square) {
   float s = 0.0f;
 #pragma unroll
   for (unsigned j = 0; j < VEC; ++j) {
@@ -102,10 +97,10 @@ __device__ __forceinline__ float norm_pack_sum(const NormPack<T, VEC>& p, float 
 
 // The RMS kinds' output pack: x * scale * (w + weight_offset).
 template <class T, unsigned VEC>
-__device__ __forceinline__ NormPack<T, VEC> norm_scale(const NormPack<T, VEC>& p,
-                                                       const NormPack<T, VEC>& w, float scale,
-                                                       float weight_offset) {
-  NormPack<T, VEC> o;
+__device__ __forceinline__ Pack<T, VEC> norm_scale(const Pack<T, VEC>& p,
+                                                   const Pack<T, VEC>& w, float scale,
+                                                   float weight_offset) {
+  Pack<T, VEC> o;
 #pragma unroll
   for (unsigned j = 0; j < VEC; ++j) {
     o.x[j] = from_f32<T>(to_f32(p.x[j]) * scale * (to_f32(w.x[j]) + weight_offset));
@@ -116,13 +111,13 @@ __device__ __forceinline__ NormPack<T, VEC> norm_scale(const NormPack<T, VEC>& p
 // Pack c (in elements) of the output: (x - shift) * scale * (w + weight_offset) for the RMS kinds
 // (shift 0), (x - mean) * rstd * gamma + beta for LayerNorm. Loads only the weights.
 template <class T, unsigned VEC, unsigned KIND>
-__device__ __forceinline__ NormPack<T, VEC> norm_apply(const NormArgs& a, unsigned c,
-                                                       const NormPack<T, VEC>& p, float shift,
-                                                       float scale) {
-  NormPack<T, VEC> o;
+__device__ __forceinline__ Pack<T, VEC> norm_apply(const NormArgs& a, unsigned c,
+                                                   const Pack<T, VEC>& p, float shift,
+                                                   float scale) {
+  Pack<T, VEC> o;
   if (KIND == kNormLayer) {
-    const NormPack<float, VEC> g = norm_pack<float, VEC>(a.weight, c);
-    const NormPack<float, VEC> b = norm_pack<float, VEC>(a.bias, c);
+    const Pack<float, VEC> g = norm_pack<float, VEC>(a.weight, c);
+    const Pack<float, VEC> b = norm_pack<float, VEC>(a.bias, c);
 #pragma unroll
     for (unsigned j = 0; j < VEC; ++j) {
       o.x[j] = from_f32<T>((to_f32(p.x[j]) - shift) * scale * g.x[j] + b.x[j]);
@@ -139,7 +134,7 @@ __device__ __forceinline__ NormPack<T, VEC> norm_apply(const NormArgs& a, unsign
 // might alias it, so interleaving them would leave one load in flight per thread at a time.
 template <class T, unsigned VEC, unsigned KIND>
 __device__ __forceinline__ void norm(const NormArgs& a) {
-  using P = NormPack<T, VEC>;
+  using P = Pack<T, VEC>;
   constexpr unsigned kItems = norm_items<VEC, KIND>();
   constexpr bool kFused = KIND == kNormFusedAddRms;
   __shared__ float partial[2 * kNormMaxThreads / kWarpSize];

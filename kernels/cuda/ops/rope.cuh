@@ -44,11 +44,6 @@ static_assert(sizeof(RopeArgs) == 18 * 8 + 5 * 8 + 16 * 4, "RopeArgs must match 
 
 constexpr unsigned kRopeThreads = 128;
 
-template <class T, unsigned N>
-struct alignas(sizeof(T) * N) RopeVec {
-  T x[N];
-};
-
 // Position of token t, or false when it has none.
 __device__ __forceinline__ bool rope_position(const RopeArgs& a, unsigned long long t, double* pos) {
   if (a.pos_mode == 0) {
@@ -104,7 +99,7 @@ constexpr unsigned kRopeBatch = 4;
 // Up to N heads of one chunk between their loads and their stores.
 template <class T, unsigned VEC, unsigned N>
 struct RopeBatch {
-  RopeVec<T, VEC> v1[N], v2[N];  // v2: rotating chunks only
+  Pack<T, VEC> v1[N], v2[N];  // v2: rotating chunks only
   T* out[N];
   bool live[N], turn[N];
 };
@@ -157,8 +152,8 @@ __device__ __forceinline__ void rope_load(const RopeArgs& a, unsigned rotate_mas
     b.turn[n] = x.turn;
     if (!x.cached && !x.turn && x.src == x.dst) continue;  // copied in place: nothing to do
     const T* src = static_cast<const T*>(x.src);
-    b.v1[n] = *reinterpret_cast<const RopeVec<T, VEC>*>(src + k.d1);
-    if (k.rotating) b.v2[n] = *reinterpret_cast<const RopeVec<T, VEC>*>(src + k.d2);
+    b.v1[n] = *reinterpret_cast<const Pack<T, VEC>*>(src + k.d1);
+    if (k.rotating) b.v2[n] = *reinterpret_cast<const Pack<T, VEC>*>(src + k.d2);
     b.live[n] = true;
   }
 #pragma unroll
@@ -209,8 +204,8 @@ __device__ __forceinline__ void rope_store(const RopeChunk& k, const float (&c)[
         b.v2[n].x[e] = from_f32<T>(x[VEC + e]);
       }
     }
-    *reinterpret_cast<RopeVec<T, VEC>*>(b.out[n] + k.d1) = b.v1[n];
-    if (k.rotating) *reinterpret_cast<RopeVec<T, VEC>*>(b.out[n] + k.d2) = b.v2[n];
+    *reinterpret_cast<Pack<T, VEC>*>(b.out[n] + k.d1) = b.v1[n];
+    if (k.rotating) *reinterpret_cast<Pack<T, VEC>*>(b.out[n] + k.d2) = b.v2[n];
   }
 }
 

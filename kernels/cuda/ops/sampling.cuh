@@ -21,6 +21,7 @@
 // A row without a positive weight gives token 0. Mirrored by runtime/src/ops/sampling/mod.rs.
 #pragma once
 
+#include "core/dtype.cuh"
 #include "core/math.cuh"
 #include "core/warp.cuh"
 #include "ops/philox.cuh"
@@ -50,11 +51,6 @@ constexpr unsigned kSamplingMaxRounds = 64;
 constexpr unsigned kSamplingLoads = 4;  // packs in flight per thread in a pass over a row
 constexpr unsigned kSampleTopK = 1u, kSampleTopP = 2u, kSampleMinP = 4u;
 constexpr unsigned kRadixBins = 2048;
-
-template <unsigned N>
-struct alignas(4 * N) FloatPack {
-  float x[N];
-};
 
 struct SamplingSmem {
   unsigned hist[kRadixBins];
@@ -124,15 +120,15 @@ __device__ __forceinline__ float block_max(float x, SamplingSmem& sm) {
 // streams a whole row, so memory latency, not bandwidth, bounds a pass: kSamplingLoads packs per
 // thread are loaded before any is visited (512 threads x 4 x 16 B = 32 KB in flight per SM).
 template <unsigned VEC>
-__device__ __forceinline__ FloatPack<VEC> load_pack(const float* p) {
-  return *reinterpret_cast<const FloatPack<VEC>*>(p);
+__device__ __forceinline__ Pack<float, VEC> load_pack(const float* p) {
+  return *reinterpret_cast<const Pack<float, VEC>*>(p);
 }
 template <unsigned VEC, class Visit>
 __device__ __forceinline__ void scan_row(const float* row, unsigned n, Visit visit) {
   constexpr unsigned kStep = kSamplingThreads * VEC;
   unsigned i = threadIdx.x * VEC;
   for (; i + (kSamplingLoads - 1) * kStep < n; i += kSamplingLoads * kStep) {
-    FloatPack<VEC> p[kSamplingLoads];
+    Pack<float, VEC> p[kSamplingLoads];
 #pragma unroll
     for (unsigned u = 0; u < kSamplingLoads; ++u) p[u] = load_pack<VEC>(row + i + u * kStep);
 #pragma unroll
@@ -151,7 +147,7 @@ __device__ __forceinline__ void scan_row_backward(const float* row, unsigned n, 
   if (first >= n) return;
   unsigned m = (n - 1 - first) / kStep + 1;  // this thread's packs: first + q kStep for q < m
   for (; m >= kSamplingLoads; m -= kSamplingLoads) {
-    FloatPack<VEC> p[kSamplingLoads];
+    Pack<float, VEC> p[kSamplingLoads];
 #pragma unroll
     for (unsigned u = 0; u < kSamplingLoads; ++u) {
       p[u] = load_pack<VEC>(row + first + (m - 1 - u) * kStep);
@@ -166,12 +162,12 @@ __device__ __forceinline__ void scan_row_backward(const float* row, unsigned n, 
 template <unsigned VEC, class Visit>
 __device__ __forceinline__ void scan_rows(const float* a, const float* b, unsigned n, Visit visit) {
   constexpr unsigned kStep = kSamplingThreads * VEC;
-  FloatPack<VEC> zero;
+  Pack<float, VEC> zero;
 #pragma unroll
   for (unsigned e = 0; e < VEC; ++e) zero.x[e] = 0.0f;
   unsigned i = threadIdx.x * VEC;
   for (; i + (kSamplingLoads - 1) * kStep < n; i += kSamplingLoads * kStep) {
-    FloatPack<VEC> p[kSamplingLoads], q[kSamplingLoads];
+    Pack<float, VEC> p[kSamplingLoads], q[kSamplingLoads];
 #pragma unroll
     for (unsigned u = 0; u < kSamplingLoads; ++u) {
       p[u] = load_pack<VEC>(a + i + u * kStep);
@@ -224,7 +220,7 @@ __device__ __noinline__ void race_pass(const float* x, unsigned n, const RowValu
                                        unsigned long long& top, SamplingSmem& sm) {
   unsigned long long b = 0, tp = 0;
   float s = 0.0f;
-  scan_row<VEC>(x, n, [&](unsigned t0, const FloatPack<VEC>& p) {
+  scan_row<VEC>(x, n, [&](unsigned t0, const Pack<float, VEC>& p) {
     // VEC divides 4 and t0 is a multiple of VEC, so a pack lies in one Philox group.
     Philox4 r;
     bool have = false;
@@ -272,7 +268,7 @@ __device__ __noinline__ void bracket_pass(const float* x, unsigned n, const RowV
     b[k] = 0;
     s[k] = 0.0f;
   }
-  scan_row_backward<VEC>(x, n, [&](unsigned t0, const FloatPack<VEC>& p) {
+  scan_row_backward<VEC>(x, n, [&](unsigned t0, const Pack<float, VEC>& p) {
     Philox4 r;
     bool have = false;
 #pragma unroll
@@ -340,7 +336,7 @@ __device__ float radix_select(const float* x, unsigned n, unsigned k, float targ
       if (MASS) sm.mass[b] = 0.0f;
     }
     __syncthreads();
-    scan_row<VEC>(x, n, [&](unsigned, const FloatPack<VEC>& p) {
+    scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& p) {
 #pragma unroll
       for (unsigned e = 0; e < VEC; ++e) {
         const float v = rv.value(p.x[e]);
@@ -470,7 +466,7 @@ __device__ __forceinline__ void sample_row(const SamplingArgs& a, unsigned row) 
     const float temp = a.temperature_arr ? a.temperature_arr[row] : a.temperature;
     rv.inv_t = (temp > 0.0f && temp < FI_INF) ? fminf(1.0f / temp, 3.4028234e38f) : 1.0f;
     float m = -FI_INF;
-    scan_row<VEC>(x, n, [&](unsigned, const FloatPack<VEC>& p) {
+    scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& p) {
 #pragma unroll
       for (unsigned e = 0; e < VEC; ++e) m = fmaxf(m, rv.value(p.x[e]));
     });
@@ -561,10 +557,10 @@ constexpr unsigned kSoftmax = 0, kTopKRenorm = 1, kTopPRenorm = 2, kTopKMask = 3
 template <unsigned VEC, class F>
 __device__ __forceinline__ void map_row(const float* x, float* out, unsigned n, F f) {
   for (unsigned i = threadIdx.x * VEC; i < n; i += kSamplingThreads * VEC) {
-    FloatPack<VEC> p = *reinterpret_cast<const FloatPack<VEC>*>(x + i);
+    Pack<float, VEC> p = *reinterpret_cast<const Pack<float, VEC>*>(x + i);
 #pragma unroll
     for (unsigned e = 0; e < VEC; ++e) p.x[e] = f(p.x[e]);
-    *reinterpret_cast<FloatPack<VEC>*>(out + i) = p;
+    *reinterpret_cast<Pack<float, VEC>*>(out + i) = p;
   }
 }
 
@@ -584,14 +580,14 @@ __device__ __forceinline__ void transform_row(const RowTransformArgs& a, unsigne
     const float temp = a.temperature_arr ? a.temperature_arr[row] : a.temperature;
     rv.inv_t = (temp > 0.0f && temp < FI_INF) ? fminf(1.0f / temp, 3.4028234e38f) : 1.0f;
     float m = -FI_INF;
-    scan_row<VEC>(x, n, [&](unsigned, const FloatPack<VEC>& p) {
+    scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& p) {
 #pragma unroll
       for (unsigned e = 0; e < VEC; ++e) m = fmaxf(m, rv.value(p.x[e]));
     });
     rv.m = block_max(m, sm);
     float z = 0.0f;
     if (rv.m > -FI_INF) {
-      scan_row<VEC>(x, n, [&](unsigned, const FloatPack<VEC>& p) {
+      scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& p) {
 #pragma unroll
         for (unsigned e = 0; e < VEC; ++e) z += rv.weight(rv.value(p.x[e]));
       });
@@ -618,7 +614,7 @@ __device__ __forceinline__ void transform_row(const RowTransformArgs& a, unsigne
       const float p = pp != pp ? 1.0f : fminf(fmaxf(pp, 0.0f), 1.0f);
       if (p < 1.0f) {
         float total = 0.0f;
-        scan_row<VEC>(x, n, [&](unsigned, const FloatPack<VEC>& q) {
+        scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& q) {
 #pragma unroll
           for (unsigned e = 0; e < VEC; ++e) total += rv.value(q.x[e]);
         });
@@ -627,7 +623,7 @@ __device__ __forceinline__ void transform_row(const RowTransformArgs& a, unsigne
       }
     }
     float kept = 0.0f;
-    scan_row<VEC>(x, n, [&](unsigned, const FloatPack<VEC>& q) {
+    scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& q) {
 #pragma unroll
       for (unsigned e = 0; e < VEC; ++e) {
         const float v = rv.value(q.x[e]);
@@ -709,7 +705,7 @@ __device__ __forceinline__ void chain_speculative(const SpeculativeArgs& a, unsi
   for (unsigned pass = d_row ? 0 : 1; pass < 2 && best == 0; ++pass) {
     unsigned long long b = 0;
     scan_rows<VEC>(t_row, pass == 0 ? d_row : nullptr, V,
-                   [&](unsigned i, const FloatPack<VEC>& pt, const FloatPack<VEC>& pd) {
+                   [&](unsigned i, const Pack<float, VEC>& pt, const Pack<float, VEC>& pd) {
                      Philox4 r;
                      bool have = false;
 #pragma unroll
