@@ -4,9 +4,10 @@
 use cudarc::driver::{DeviceRepr, PushKernelArg};
 use ferrinfer_kernels::{LaunchDims, TranslationUnit};
 
+use crate::attention::dispatch;
 use crate::device::gpu::Gpu;
 use crate::error::{Error, Result};
-use crate::jit::{Arch, Jit};
+use crate::jit::Jit;
 
 /// An op's `#[repr(C)]` argument struct, passed to its kernel by value.
 ///
@@ -21,18 +22,6 @@ struct ByValue<A>(A);
 // SAFETY: KernelArgs promises plain bytes laid out as the CUDA struct, which is what DeviceRepr
 // asks of a by-value kernel argument.
 unsafe impl<A: KernelArgs> DeviceRepr for ByValue<A> {}
-
-/// The GPU's arch if ferrinfer's kernels run on it (sm_80 or newer), else a clear error.
-pub(crate) fn supported_arch(gpu: &Gpu) -> Result<Arch> {
-    let arch = gpu.arch();
-    if arch.major < 8 {
-        return Err(Error::unsupported(format!(
-            "this GPU is {}; ferrinfer's kernels need sm_80 (Ampere) or newer",
-            arch.sm_name()
-        )));
-    }
-    Ok(arch)
-}
 
 /// Load (compiling on first use, through the disk cache) the op kernel `name` and launch it with
 /// `args` on the GPU's stream. `unit` builds the translation unit and runs only when `name` is
@@ -49,7 +38,9 @@ pub(crate) unsafe fn launch<A: KernelArgs>(
     dims: LaunchDims,
     args: A,
 ) -> Result<()> {
-    let arch = supported_arch(gpu)?;
+    let arch = gpu.arch();
+    // The one arch check of every kernel (sm_80 or newer), with its message.
+    dispatch::arch_class(arch)?;
     let key = format!("ops/{name}/{}", arch.sm_name());
     let kernel = gpu.cached(&key, || {
         let tu = unit().map_err(|e| Error::unsupported(format!("op kernel {name}: {e}")))?;
