@@ -12,10 +12,10 @@
 //  - min-p: the largest weight W (probabilities: one load pass; logits: exp(0) = 1, the max pass
 //    of the softmax gives it), then the race within {w >= min_p W}.
 //  - top-p (after top-k): the set is upward closed (t is in it iff the mass strictly above w_t is
-//    below p times the mass S), i.e. {v >= T} for the value T with mass(v > T) < p S <= mass(v >= T):
-//    a three-pass radix select by mass finds T (exact integer bin masses, so a seed reproduces bit
-//    for bit), then the race within {v >= T}.
-// The race runs from the end of the row (scan_row_backward): a pass before it leaves that end in L2.
+//    below p times the mass S), i.e. {v >= T} for the value T with
+//    mass(v > T) < p S <= mass(v >= T): a three-pass radix select by mass finds T (exact integer
+//    bin masses, so a seed reproduces bit for bit), then the race within {v >= T}.
+// The race runs from the end of the row (backward): a pass before it leaves that end in L2.
 // Probabilities that are NaN, negative or infinite weigh 0; logits that are NaN or +-inf are -inf.
 // A row without a positive weight gives token 0. Mirrored by runtime/src/ops/sampling/mod.rs.
 #pragma once
@@ -337,11 +337,11 @@ __device__ __forceinline__ unsigned long long mass_units(float w, int scale) {
   const unsigned bits = __float_as_uint(w);
   return (bits & 0x7fffffu) | ((bits >> 23) ? 0x800000u : 0u);
 }
-// The mass of a bin whose values have the order key `key` above the bin's bits and `units` summed.
 // 2^e for -1022 <= e <= 1023, built from its bits (ldexp handles every range: many registers).
 __device__ __forceinline__ double pow2(int e) {
   return __longlong_as_double(static_cast<long long>(1023 + e) << 52);
 }
+// The mass of a bin whose values have the order key `key` above the bin's bits and `units` summed.
 template <bool LOGITS>
 __device__ __forceinline__ double bin_mass(unsigned key, unsigned long long units, int scale) {
   if (LOGITS) return static_cast<double>(units) * pow2(-scale);
@@ -371,8 +371,9 @@ __device__ __forceinline__ void shared_add_u64(unsigned long long* a, unsigned l
 //    0, the smallest when p S exceeds the mass by rounding. Bin masses are exact (mass_units) and
 //    summed in double in a fixed order, so t is the same on every run.
 template <bool LOGITS, unsigned VEC, bool MASS>
-__device__ __forceinline__ float radix_select(const float* x, unsigned n, unsigned k, float p, float v_min,
-                              const RowValues<LOGITS>& rv, SamplingSmem& sm) {
+__device__ __forceinline__ float radix_select(const float* x, unsigned n, unsigned k, float p,
+                                              float v_min, const RowValues<LOGITS>& rv,
+                                              SamplingSmem& sm) {
   unsigned prefix = 0, mask = 0, remaining = k;
   double want = 0.0;
   unsigned* hist = sm.radix.hist;
