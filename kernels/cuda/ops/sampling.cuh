@@ -3,20 +3,19 @@
 // The draw is an exponential race: token t with weight w_t > 0 gets E_t = -log(u_t) from Philox and
 // the key w_t / E_t; the largest key wins, with probability w_t / sum(w) (E_t / w_t are independent
 // exponentials of rate w_t). The keys are fixed per (call, row, token), so the winner within any
-// subset is the race restricted to that subset: filters cost passes over the row, never fresh
-// randomness, and a draw does not depend on how the row is split among threads.
+// subset is the race restricted to that subset: which tokens get a Philox draw does not change the
+// winner, only which are allowed. So every pass but the last only loads (finds the allowed set's
+// bounds), and the last races over the allowed tokens alone, compacted across the warp
+// (race_allowed): Philox, the costly part (10 rounds per 4 tokens), runs on full warps.
 //  - top-k: the k-th largest value t by a three-pass radix select over order-preserving keys of the
 //    values (11 + 11 + 10 bits, a shared histogram); the set is {v >= t} (ties at t are kept).
-//  - min-p: one pass for the race and the largest weight W; if the winner has w < min_p W, a second
-//    pass races again within {w >= min_p W}.
-//  - top-p (after top-k): rejection with pivots. The set is upward closed (t is in it iff the mass
-//    strictly above w_t is < p times the mass S), so if the race winner j of {w > pivot} is not in
-//    it, nothing with w <= w_j is either: the next pivot is w_j. One pass per round tests j (mass
-//    above w_j) and races within {w > L} for w_j and three higher bounds L at once (bracket_pass),
-//    so the pass that rejects j usually proves the next candidate in the set as well. At most
-//    kSamplingMaxRounds rounds (never reached in practice); past them the largest weight, always
-//    in the set, is returned.
-//  The race passes after the first run from the end of the row (scan_row_backward): L2 holds it.
+//  - min-p: the largest weight W (probabilities: one load pass; logits: exp(0) = 1, the max pass
+//    of the softmax gives it), then the race within {w >= min_p W}.
+//  - top-p (after top-k): the set is upward closed (t is in it iff the mass strictly above w_t is
+//    below p times the mass S), i.e. {v >= T} for the value T with
+//    mass(v > T) < p S <= mass(v >= T): a three-pass radix select by mass finds T (exact integer
+//    bin masses, so a seed reproduces bit for bit), then the race within {v >= T}.
+// The race runs from the end of the row (backward): a pass before it leaves that end in L2.
 // Probabilities that are NaN, negative or infinite weigh 0; logits that are NaN or +-inf are -inf.
 // A row without a positive weight gives token 0. Mirrored by runtime/src/ops/sampling/mod.rs.
 #pragma once
@@ -47,20 +46,29 @@ static_assert(sizeof(SamplingArgs) == 8 * 8 + 8 * 4, "SamplingArgs must match ke
 
 constexpr unsigned kSamplingThreads = 512;
 constexpr unsigned kSamplingWarps = kSamplingThreads / kWarpSize;
-constexpr unsigned kSamplingMaxRounds = 64;
 constexpr unsigned kSamplingLoads = 4;  // packs in flight per thread in a pass over a row
 constexpr unsigned kSampleTopK = 1u, kSampleTopP = 2u, kSampleMinP = 4u;
 constexpr unsigned kRadixBins = 2048;
 
+// race_allowed's per-warp queue of candidates (token, weight): fewer than 32 left over, plus fewer
+// than 32 from the packs that are queued (a warp with 32 candidates or more races in place).
+constexpr unsigned kRaceQueue = kWarpSize * 2;
+
 struct SamplingSmem {
-  unsigned hist[kRadixBins];
-  float mass[kRadixBins];  // radix select by mass (top-p renormalisation)
+  union {  // a radix select's histograms, or the race's queues (the race comes after the selects)
+    struct {
+      unsigned hist[kRadixBins];
+      unsigned long long mass[kRadixBins];  // radix select by mass: integer units (mass_units)
+    } radix;
+    struct {
+      unsigned t[kSamplingWarps][kRaceQueue];
+      float w[kSamplingWarps][kRaceQueue];
+    } queue;
+  };
   float f[kSamplingWarps];
   unsigned long long u[kSamplingWarps];
   unsigned pick[2];
-  float pick_mass;
-  unsigned long long bracket_win[4];  // bracket_pass results (kBracket)
-  float bracket_mass[4];
+  double pick_mass;
 };
 
 // Unsigned keys in the order of the floats (no NaN here: values are canonical first).
@@ -184,10 +192,10 @@ __device__ __forceinline__ unsigned philox_word(const Philox4& r, unsigned i) {
 }
 
 // Enter token t of weight w > 0 and uniform word `word` into this thread's race entry `best`.
-// Since -log(u) >= 1 - u, the key w / -log(u) is at most w / (1 - u): when even that cannot beat
-// the thread's best key the logarithm is skipped (the thread visits tokens in increasing order, so
-// its best has the lower token and wins a tie; the margin covers the rounding of logf and the
-// products). The winner is exactly the one of computing every key.
+// Since -log(u) >= 1 - u, the key w / -log(u) is at most w / (1 - u): when even that is strictly
+// below the thread's best key the logarithm is skipped (the margin covers the rounding of logf and
+// the products, so a key equal to the best, which might win the tie by token, is always entered).
+// The winner is exactly the one of computing every key, in any order of the tokens.
 __device__ __forceinline__ void race_enter(unsigned long long& best, float w, unsigned word,
                                            unsigned t) {
   const float u = philox_uniform(word);
@@ -210,141 +218,181 @@ struct RowValues {
   }
 };
 
-// Race over the tokens of the row with value >= t_min and weight w > w_gt, w >= w_ge (and w > 0);
-// also sums their weights and finds the largest (as a race entry of the weight). One instance
-// serves every pass, which keeps registers and compile time down.
-template <bool LOGITS, unsigned VEC>
-__device__ __noinline__ void race_pass(const float* x, unsigned n, const RowValues<LOGITS> rv,
-                                       float t_min, const RowRng rng, float w_gt, float w_ge,
-                                       unsigned long long& best, float& sum,
-                                       unsigned long long& top, SamplingSmem& sm) {
-  unsigned long long b = 0, tp = 0;
-  float s = 0.0f;
-  scan_row<VEC>(x, n, [&](unsigned t0, const Pack<float, VEC>& p) {
-    // VEC divides 4 and t0 is a multiple of VEC, so a pack lies in one Philox group.
-    Philox4 r;
-    bool have = false;
+// scan_row_backward with a warp-uniform trip count, for visitors that use warp collectives:
+// visit(t0, pack, valid), where lanes past their last pack get zeros and valid false.
+template <unsigned VEC, class Visit>
+__device__ __forceinline__ void scan_row_backward_warp(const float* row, unsigned n, Visit visit) {
+  constexpr unsigned kStep = kSamplingThreads * VEC;
+  const unsigned first = threadIdx.x * VEC;
+  const unsigned warp_first = warp_id() * kWarpSize * VEC;
+  if (warp_first >= n) return;  // the whole warp
+  const unsigned mine = first < n ? (n - 1 - first) / kStep + 1 : 0u;  // this thread's packs
+  unsigned m = (n - 1 - warp_first) / kStep + 1;                        // lane 0's: the most
+  Pack<float, VEC> zero;
 #pragma unroll
-    for (unsigned e = 0; e < VEC; ++e) {
-      const float v = rv.value(p.x[e]);
-      if (!(v >= t_min)) continue;
-      const float w = rv.weight(v);
-      if (!(w > w_gt && w >= w_ge && w > 0.0f)) continue;
-      const unsigned t = t0 + e;
-      s += w;
-      tp = max_u64(tp, race_entry(w, t));
-      if (!have) {
-        r = rng.group(t >> 2);
-        have = true;
-      }
-      race_enter(b, w, philox_word(r, t & 3), t);
+  for (unsigned e = 0; e < VEC; ++e) zero.x[e] = 0.0f;
+  for (; m >= kSamplingLoads; m -= kSamplingLoads) {
+    Pack<float, VEC> p[kSamplingLoads];
+#pragma unroll
+    for (unsigned u = 0; u < kSamplingLoads; ++u) {
+      const unsigned q = m - 1 - u;
+      p[u] = q < mine ? load_pack<VEC>(row + first + q * kStep) : zero;
     }
-  });
-  best = block_max_u64(b, sm);
-  top = block_max_u64(tp, sm);
-  sum = block_sum(s, sm);
+#pragma unroll
+    for (unsigned u = 0; u < kSamplingLoads; ++u) {
+      const unsigned q = m - 1 - u;
+      visit(first + q * kStep, p[u], q < mine);
+    }
+  }
+  for (; m > 0; --m) {
+    const unsigned q = m - 1;
+    visit(first + q * kStep, q < mine ? load_pack<VEC>(row + first + q * kStep) : zero, q < mine);
+  }
 }
 
-// Top-p with brackets: the race winner of any {w > L} with L below the set (mass(w > L) >= target)
-// is the draw when it lies in the set, and a token j is in it when some L' <= w_j has
-// mass(w > L') < target. One pass races within, and sums the mass above, kBracket nested lower
-// bounds at once: the candidate's weight (the pivot test) and thresholds spaced geometrically up to
-// a weight known to have less than the target above it. So a pass that rejects the candidate
-// usually also proves the next one in the set, and the slowest row of a batch needs a pass or two
-// more than its first race, where one pivot per pass needs several.
-constexpr unsigned kBracket = 4;
-struct Bracket {
-  float l[kBracket];  // increasing
-};
-
+// The race winner (a race entry; 0 when none) among the tokens with value >= v_min and weight
+// w >= w_min, w > 0: the last pass of every draw, the only one that draws Philox numbers.
+// A filtered set is sparse (min-p and top-k: tens to hundreds of tokens of 128K), and a lane with
+// one candidate would make its whole warp run Philox, so a warp whose packs hold fewer candidates
+// than lanes queues them (token, weight) in shared memory and runs Philox 32 at a time, a lane
+// per token. A warp with at least as many candidates as lanes races its packs in place, one Philox
+// per pack (a pack lies in one Philox group: VEC divides 4 and t0 is a multiple of VEC). Either
+// way every allowed token is entered once with its own key: the winner does not depend on the path.
 template <bool LOGITS, unsigned VEC>
-__device__ __noinline__ void bracket_pass(const float* x, unsigned n, const RowValues<LOGITS> rv,
-                                          float t_min, const RowRng rng, const Bracket br,
-                                          bool race, SamplingSmem& sm) {
-  unsigned long long b[kBracket];
-  float s[kBracket];
-#pragma unroll
-  for (unsigned k = 0; k < kBracket; ++k) {
-    b[k] = 0;
-    s[k] = 0.0f;
-  }
-  scan_row_backward<VEC>(x, n, [&](unsigned t0, const Pack<float, VEC>& p) {
-    Philox4 r;
-    bool have = false;
+__device__ __noinline__ unsigned long long race_allowed(const float* x, unsigned n,
+                                                        const RowValues<LOGITS> rv, float v_min,
+                                                        float w_min, const RowRng rng,
+                                                        SamplingSmem& sm) {
+  unsigned* qt = sm.queue.t[warp_id()];
+  float* qw = sm.queue.w[warp_id()];
+  const unsigned below = (1u << lane_id()) - 1u;  // the lanes before this one
+  unsigned long long b = 0;
+  unsigned count = 0;  // queued entries, the same in every lane
+  __syncthreads();     // the radix selects are done with the histograms the queues overlay
+  scan_row_backward_warp<VEC>(x, n, [&](unsigned t0, const Pack<float, VEC>& p, bool valid) {
+    float w[VEC];
+    unsigned mine = 0;  // bit e: token t0 + e is allowed
+    unsigned lanes[VEC];
+    unsigned total = 0;
 #pragma unroll
     for (unsigned e = 0; e < VEC; ++e) {
       const float v = rv.value(p.x[e]);
-      if (!(v >= t_min)) continue;
-      const float w = rv.weight(v);
-      if (!(w > br.l[0] && w > 0.0f)) continue;
-      // The sets holding the token are 0..k; the last has the smallest best, so when the token
-      // cannot beat that one it beats none (race_enter's bound, whose margin never skips a key
-      // equal to the best: the entries break ties by token in either scan direction).
-      unsigned long long least = b[0];
+      w[e] = v >= v_min ? rv.weight(v) : 0.0f;
+      const bool ok = valid && w[e] >= w_min && w[e] > 0.0f;
+      mine |= static_cast<unsigned>(ok) << e;
+      lanes[e] = __ballot_sync(kFullMask, ok);
+      total += __popc(lanes[e]);
+    }
+    if (total >= kWarpSize) {  // dense: in place, one Philox per pack
+      if (mine) {
+        const Philox4 r = rng.group(t0 >> 2);
 #pragma unroll
-      for (unsigned k = 0; k < kBracket; ++k) {
-        if (w > br.l[k]) {
-          s[k] += w;
-          least = b[k];
+        for (unsigned e = 0; e < VEC; ++e) {
+          if ((mine >> e) & 1u) race_enter(b, w[e], philox_word(r, (t0 + e) & 3), t0 + e);
         }
       }
-      if (!race) continue;  // masses only: no Philox
-      const unsigned t = t0 + e;
-      if (!have) {
-        r = rng.group(t >> 2);
-        have = true;
-      }
-      const float u = philox_uniform(philox_word(r, t & 3));
-      const float kbest = __uint_as_float(static_cast<unsigned>(least >> 32));
-      if (w * 1.000001f <= kbest * (1.0f - u)) continue;
-      const unsigned long long entry = race_entry(w / -logf(u), t);
+      return;
+    }
 #pragma unroll
-      for (unsigned k = 0; k < kBracket; ++k) {
-        if (w > br.l[k]) b[k] = max_u64(b[k], entry);
+    for (unsigned e = 0; e < VEC; ++e) {
+      if ((mine >> e) & 1u) {
+        const unsigned slot = count + __popc(lanes[e] & below);
+        qt[slot] = t0 + e;
+        qw[slot] = w[e];
       }
+      count += __popc(lanes[e]);
+    }
+    if (count >= kWarpSize) {
+      __syncwarp();  // the entries are written before other lanes read them
+      do {
+        count -= kWarpSize;
+        const unsigned t = qt[count + lane_id()];
+        race_enter(b, qw[count + lane_id()], philox_word(rng.group(t >> 2), t & 3), t);
+      } while (count >= kWarpSize);
+      __syncwarp();  // the slots are read before the next pack writes them again
     }
   });
-#pragma unroll
-  for (unsigned k = 0; k < kBracket; ++k) {
-    const unsigned long long bk = block_max_u64(b[k], sm);
-    const float sk = block_sum(s[k], sm);
-    if (threadIdx.x == 0) {
-      sm.bracket_win[k] = bk;
-      sm.bracket_mass[k] = sk;
-    }
+  __syncwarp();
+  if (lane_id() < count) {
+    const unsigned t = qt[lane_id()];
+    race_enter(b, qw[lane_id()], philox_word(rng.group(t >> 2), t & 3), t);
   }
-  __syncthreads();
+  return block_max_u64(b, sm);
 }
 
-// A radix select over order-preserving keys of the canonical values (11 + 11 + 10 bits, shared
-// histograms), three passes over the row.
+// A weight as integer mass units, so histogram sums are exact and independent of the order of the
+// atomics (a seed reproduces bit for bit). Probabilities: the significand, in units of the ulp of
+// the weight's binade; every bin of a radix pass holds one binade (the first pass's 11 bits hold
+// the exponent), so bin_mass scales a bin's sum by its own ulp: exact. Logits: weights are at most
+// exp(0) = 1, in units of 2^-scale, scale = 62 - bits(n) so that n of them fit in 63 bits (rounded:
+// at most 2^-46 per token at 128K tokens, against S >= 1).
+__device__ __forceinline__ int logit_mass_scale(unsigned n) { return 62 - (32 - __clz(n)); }
+template <bool LOGITS>
+__device__ __forceinline__ unsigned long long mass_units(float w, int scale) {
+  if (LOGITS) return __float2ull_rn(w * __int_as_float((127 + scale) << 23));  // w 2^scale
+  const unsigned bits = __float_as_uint(w);
+  return (bits & 0x7fffffu) | ((bits >> 23) ? 0x800000u : 0u);
+}
+// 2^e for -1022 <= e <= 1023, built from its bits (ldexp handles every range: many registers).
+__device__ __forceinline__ double pow2(int e) {
+  return __longlong_as_double(static_cast<long long>(1023 + e) << 52);
+}
+// The mass of a bin whose values have the order key `key` above the bin's bits and `units` summed.
+template <bool LOGITS>
+__device__ __forceinline__ double bin_mass(unsigned key, unsigned long long units, int scale) {
+  if (LOGITS) return static_cast<double>(units) * pow2(-scale);
+  const int e = static_cast<int>((key >> 23) & 0xffu);  // key of a value >= 0: its bits | 2^31
+  return static_cast<double>(units) * pow2((e > 0 ? e : 1) - 150);
+}
+
+// *a += v on shared memory. sm_80 has no native 64-bit shared atomic add (its emulation spilled in
+// the transforms): there, two 32-bit adds with the carry, exact in any order like the native one.
+__device__ __forceinline__ void shared_add_u64(unsigned long long* a, unsigned long long v) {
+#if __CUDA_ARCH__ >= 900
+  atomicAdd(a, v);
+#else
+  unsigned* w = reinterpret_cast<unsigned*>(a);  // little-endian: low word first
+  const unsigned lo = static_cast<unsigned>(v);
+  const unsigned old = atomicAdd(w, lo);
+  const unsigned hi = static_cast<unsigned>(v >> 32) + (old + lo < old ? 1u : 0u);
+  if (hi) atomicAdd(w + 1, hi);
+#endif
+}
+
+// A radix select over order-preserving keys of the canonical values >= v_min (11 + 11 + 10 bits,
+// shared histograms), three load passes over the row.
 //  - by count (MASS false): the k-th largest value t (1 <= k <= n): count(v > t) < k <= count(v >= t).
-//  - by mass (MASS true): the value t with mass(v > t) < target <= mass(v >= t), mass being the sum
-//    of weights; the largest value when target <= 0, the smallest when target exceeds the mass.
-//    The histogram sums are float atomics, so t can differ run to run where the mass above a value
-//    is within rounding of target.
+//  - by mass (MASS true): the value t with mass(v > t) < p S <= mass(v >= t), mass being the sum
+//    of weights and S the mass of all (from the first pass's bins); the largest value when p S is
+//    0, the smallest when p S exceeds the mass by rounding. Bin masses are exact (mass_units) and
+//    summed in double in a fixed order, so t is the same on every run.
 template <bool LOGITS, unsigned VEC, bool MASS>
-__device__ float radix_select(const float* x, unsigned n, unsigned k, float target,
-                              const RowValues<LOGITS>& rv, SamplingSmem& sm) {
+__device__ __forceinline__ float radix_select(const float* x, unsigned n, unsigned k, float p,
+                                              float v_min, const RowValues<LOGITS>& rv,
+                                              SamplingSmem& sm) {
   unsigned prefix = 0, mask = 0, remaining = k;
-  float want = target;
+  double want = 0.0;
+  unsigned* hist = sm.radix.hist;
+  unsigned long long* units = sm.radix.mass;
+  const int scale = logit_mass_scale(n);
   for (unsigned pass = 0; pass < 3; ++pass) {
     const unsigned shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
     const unsigned bins = pass == 2 ? 1024 : 2048;
+    __syncthreads();  // the previous pass's walk (or the previous user of sm.radix) is done
     for (unsigned b = threadIdx.x; b < kRadixBins; b += kSamplingThreads) {
-      sm.hist[b] = 0;
-      if (MASS) sm.mass[b] = 0.0f;
+      hist[b] = 0;
+      if (MASS) units[b] = 0;
     }
     __syncthreads();
-    scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& p) {
+    scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& q) {
 #pragma unroll
       for (unsigned e = 0; e < VEC; ++e) {
-        const float v = rv.value(p.x[e]);
+        const float v = rv.value(q.x[e]);
         const unsigned key = order_key(v);
-        if ((key & mask) == prefix) {
+        if ((key & mask) == prefix && v >= v_min) {
           const unsigned b = (key >> shift) & (bins - 1);
-          atomicAdd(&sm.hist[b], 1u);
-          if (MASS) atomicAdd(&sm.mass[b], rv.weight(v));
+          atomicAdd(&hist[b], 1u);
+          if (MASS) shared_add_u64(&units[b], mass_units<LOGITS>(rv.weight(v), scale));
         }
       }
     });
@@ -354,26 +402,27 @@ __device__ float radix_select(const float* x, unsigned n, unsigned k, float targ
       // bins hold the crossing, and that lane walks its bins from the top.
       const unsigned per = bins / kWarpSize, lo = lane_id() * per;
       unsigned c = 0;
-      float m = 0.0f;
+      double m = 0.0;
       for (unsigned b = 0; b < per; ++b) {
-        c += sm.hist[lo + b];
-        if (MASS) m += sm.mass[lo + b];
+        c += hist[lo + b];
+        if (MASS) m += bin_mass<LOGITS>(prefix | ((lo + b) << shift), units[lo + b], scale);
       }
       unsigned s = c;
-      float ms = m;
+      double ms = m;
       for (unsigned o = 1; o < kWarpSize; o *= 2) {
         const unsigned up = __shfl_down_sync(kFullMask, s, o);
-        const float upm = __shfl_down_sync(kFullMask, ms, o);
+        const double upm = __shfl_down_sync(kFullMask, ms, o);
         if (lane_id() + o < kWarpSize) {
           s += up;
           ms += upm;
         }
       }
+      if (MASS && pass == 0) want = static_cast<double>(p) * __shfl_sync(kFullMask, ms, 0);
       if (!MASS) {
         unsigned acc = s - c;
         if (acc < remaining && remaining <= s) {
           for (unsigned b = lo + per; b-- > lo;) {
-            const unsigned h = sm.hist[b];
+            const unsigned h = hist[b];
             if (acc + h >= remaining) {
               sm.pick[0] = b;
               sm.pick[1] = remaining - acc;
@@ -387,18 +436,19 @@ __device__ float radix_select(const float* x, unsigned n, unsigned k, float targ
         // want <= 0). Lanes hold increasing bins, and the lanes' intervals (above, sum] of
         // nonempty lanes tile the mass, so at most one lane holds it. None (want above the
         // mass, by rounding): the lowest nonempty bin, keeping everything below as well.
-        const float above = ms - m;
-        const bool here = c > 0 && (want <= 0.0f || (above < want && want <= ms));
+        const double above = ms - m;
+        const bool here = c > 0 && (want <= 0.0 || (above < want && want <= ms));
         const unsigned holders = __ballot_sync(kFullMask, here);
         const unsigned nonempty = __ballot_sync(kFullMask, c > 0);
         if (holders != 0 && lane_id() == 31u - __clz(holders)) {
-          float acc = above;
+          double acc = above;
           unsigned last = lo;
-          float last_acc = acc;
+          double last_acc = acc;
           bool found = false;
           for (unsigned b = lo + per; b-- > lo;) {
-            if (sm.hist[b] == 0) continue;
-            if (want <= 0.0f || acc + sm.mass[b] >= want) {
+            if (hist[b] == 0) continue;
+            const double mb = bin_mass<LOGITS>(prefix | (b << shift), units[b], scale);
+            if (want <= 0.0 || acc + mb >= want) {
               sm.pick[0] = b;
               sm.pick_mass = want - acc;
               found = true;
@@ -406,20 +456,23 @@ __device__ float radix_select(const float* x, unsigned n, unsigned k, float targ
             }
             last = b;
             last_acc = acc;
-            acc += sm.mass[b];
+            acc += mb;
           }
           if (!found) {  // the walk's sums rounded below the lane's: its lowest nonempty bin
             sm.pick[0] = last;
             sm.pick_mass = want - last_acc;
           }
-        } else if (holders == 0 && lane_id() == __ffs(nonempty) - 1) {
+        } else if (holders == 0 && nonempty != 0 && lane_id() == __ffs(nonempty) - 1) {
           for (unsigned q = lo; q < lo + per; ++q) {
-            if (sm.hist[q] > 0) {
+            if (hist[q] > 0) {
               sm.pick[0] = q;
               sm.pick_mass = FI_INF;
               break;
             }
           }
+        } else if (nonempty == 0 && lane_id() == 0) {  // nothing >= v_min: keep the prefix
+          sm.pick[0] = 0;
+          sm.pick_mass = want;
         }
       }
     }
@@ -435,7 +488,7 @@ __device__ float radix_select(const float* x, unsigned n, unsigned k, float targ
 template <bool LOGITS, unsigned VEC>
 __device__ __forceinline__ float kth_largest(const float* x, unsigned n, unsigned k,
                                              const RowValues<LOGITS>& rv, SamplingSmem& sm) {
-  return radix_select<LOGITS, VEC, false>(x, n, k, 0.0f, rv, sm);
+  return radix_select<LOGITS, VEC, false>(x, n, k, 0.0f, -FI_INF, rv, sm);
 }
 
 template <bool LOGITS, unsigned VEC>
@@ -474,64 +527,27 @@ __device__ __forceinline__ void sample_row(const SamplingArgs& a, unsigned row) 
   }
   const RowRng rng = row_rng(a.state, row);
   const float t_min = k < n ? kth_largest<LOGITS, VEC>(x, n, k, rv, sm) : -FI_INF;
-
-  unsigned long long best, top;
-  float mass;
-  race_pass<LOGITS, VEC>(x, n, rv, t_min, rng, 0.0f, 0.0f, best, mass, top, sm);
-  unsigned j = best ? race_token(best) : 0u;
-  if (best && min_p > 0.0f) {
-    const float thr = min_p * __uint_as_float(static_cast<unsigned>(top >> 32));
-    if (!(rv.weight(rv.value(x[j])) >= thr)) {
-      // {w >= thr} is {w > the float below thr}; the other bounds are empty.
-      Bracket br;
-      br.l[0] = nextafterf(thr, 0.0f);
+  // The allowed set is {v >= v_min, w >= w_min, w > 0}: load passes find the bounds, one race.
+  float v_min = t_min, w_min = 0.0f;
+  if (min_p > 0.0f) {
+    // The largest weight W (in the top-k set too: it keeps the largest). From logits it is
+    // exp(0) = 1 (or no weight is positive, and nothing races); probabilities need a pass.
+    float top = 1.0f;
+    if (!LOGITS) {
+      float m = 0.0f;
+      scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& p) {
 #pragma unroll
-      for (unsigned k = 1; k < kBracket; ++k) br.l[k] = FI_INF;
-      bracket_pass<LOGITS, VEC>(x, n, rv, t_min, rng, br, true, sm);
-      j = race_token(sm.bracket_win[0]);  // the token of weight W is always in: a winner exists
+        for (unsigned e = 0; e < VEC; ++e) m = fmaxf(m, rv.value(p.x[e]));
+      });
+      top = block_max(m, sm);
     }
+    w_min = min_p * top;
   }
-  if (best && top_p < 1.0f) {
-    const float target = top_p * mass;
-    // Invariant: j wins the race within {w > some L below the set}; hi is a weight with less than
-    // the target above it (the largest weight has none).
-    float hi = __uint_as_float(static_cast<unsigned>(top >> 32));
-    unsigned round = 0;
-    for (; round < kSamplingMaxRounds; ++round) {
-      const float wj = rv.weight(rv.value(x[j]));
-      Bracket br;
-      br.l[0] = wj;
-      const float ratio = hi / wj;  // wj <= hi, both positive
-#pragma unroll
-      for (unsigned k = 1; k < kBracket; ++k) {
-        br.l[k] = fmaxf(wj * powf(ratio, static_cast<float>(k) / kBracket), br.l[k - 1]);
-      }
-      bracket_pass<LOGITS, VEC>(x, n, rv, t_min, rng, br, false, sm);  // masses only
-      const float above = sm.bracket_mass[0];
-      if (above <= 0.0f || above < target) break;  // j is in the set (most rows, first round)
-      // j is out. The last bound with at least the target above it (bound 0 at least) races the
-      // next candidate; the bound after it (or hi) has less above it.
-      unsigned k = 0;
-#pragma unroll
-      for (unsigned q = 1; q < kBracket; ++q) {
-        if (sm.bracket_mass[q] > 0.0f && sm.bracket_mass[q] >= target) k = q;
-      }
-      Bracket rb;
-      rb.l[0] = br.l[k];
-#pragma unroll
-      for (unsigned q = 1; q < kBracket; ++q) rb.l[q] = FI_INF;
-      if (k + 1 < kBracket) hi = br.l[k + 1];
-      __syncthreads();  // every thread has read the masses before the race pass writes its own
-      bracket_pass<LOGITS, VEC>(x, n, rv, t_min, rng, rb, true, sm);
-      const unsigned long long nb = sm.bracket_win[0];
-      if (nb == 0) break;  // nothing above (a rounding corner): keep j, as one pivot per pass does
-      j = race_token(nb);
-      const float wc = rv.weight(rv.value(x[j]));
-      if (wc >= hi) break;  // at least hi: less than the target above it, in the set
-      __syncthreads();      // every thread has read the race result before the next pass
-    }
-    if (round == kSamplingMaxRounds) j = race_token(top);
+  if (top_p < 1.0f) {
+    v_min = fmaxf(v_min, radix_select<LOGITS, VEC, true>(x, n, 0, top_p, t_min, rv, sm));
   }
+  const unsigned long long best = race_allowed<LOGITS, VEC>(x, n, rv, v_min, w_min, rng, sm);
+  const unsigned j = best ? race_token(best) : 0u;
   if (threadIdx.x == 0) a.out[row] = static_cast<int>(j);
 }
 
@@ -612,15 +628,7 @@ __device__ __forceinline__ void transform_row(const RowTransformArgs& a, unsigne
     } else {
       const float pp = a.top_p_arr ? a.top_p_arr[row] : a.top_p;
       const float p = pp != pp ? 1.0f : fminf(fmaxf(pp, 0.0f), 1.0f);
-      if (p < 1.0f) {
-        float total = 0.0f;
-        scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& q) {
-#pragma unroll
-          for (unsigned e = 0; e < VEC; ++e) total += rv.value(q.x[e]);
-        });
-        total = block_sum(total, sm);
-        t = radix_select<false, VEC, true>(x, n, 0, p * total, rv, sm);
-      }
+      if (p < 1.0f) t = radix_select<false, VEC, true>(x, n, 0, p, -FI_INF, rv, sm);
     }
     float kept = 0.0f;
     scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& q) {

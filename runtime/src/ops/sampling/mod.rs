@@ -18,12 +18,13 @@
 //! them: k to `1..=vocab`, p NaN to 1 and otherwise to `[0, 1]` (0: only the largest weights),
 //! min-p NaN to 0 and otherwise to `[0, 1]`, a temperature that is not positive and finite to 1.
 //!
-//! On a GPU one block of 512 threads samples one row (`kernels/cuda/ops/sampling.cuh`): top-k by
-//! a three-pass radix select, the race in one pass, min-p in at most one more, top-p by rejection
-//! with pivots, one pass per round that also races within higher bounds (usually two passes in
-//! all). The CPU backend computes the allowed sets directly (sorting)
-//! in f64, with the same Philox uniforms: a CPU and a GPU run of one seed draw the same tokens,
-//! except where two keys, or a weight and a filter threshold, differ by about f32 rounding.
+//! On a GPU one block of 512 threads samples one row (`kernels/cuda/ops/sampling.cuh`): passes
+//! that only load find the allowed set's bounds (top-k: a three-pass radix select by count; min-p:
+//! the largest weight, one pass for probabilities; top-p: a three-pass radix select by mass), then
+//! one pass races over the allowed tokens alone, the only one that draws Philox numbers. The CPU
+//! backend computes the allowed sets directly (sorting) in f64, with the same Philox uniforms: a
+//! CPU and a GPU run of one seed draw the same tokens, except where two keys, or a weight and a
+//! filter threshold, differ by about f32 rounding.
 //!
 //! ```
 //! use ferrinfer_runtime::Backend;
