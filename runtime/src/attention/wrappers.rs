@@ -23,6 +23,7 @@ use crate::attention::{dispatch, launch, reference};
 use crate::device::backend::{Backend, Buffer};
 use crate::device::dtype::Element;
 use crate::device::gpu::Gpu;
+use crate::device::view::{Dst, Src};
 use crate::error::{Error, Result};
 use crate::variant::Variant;
 use crate::variant::params;
@@ -136,11 +137,11 @@ impl BatchPrefill {
     pub fn run<V: Variant, T: Element>(
         &self,
         variant: &V,
-        q: &Buffer<T>,
-        k: &Buffer<T>,
-        v: &Buffer<T>,
-        o: &mut Buffer<T>,
-        lse: Option<&mut Buffer<f32>>,
+        q: &dyn Src<T>,
+        k: &dyn Src<T>,
+        v: &dyn Src<T>,
+        o: &mut dyn Dst<T>,
+        lse: Option<&mut dyn Dst<f32>>,
     ) -> Result<()> {
         self.planned.run(variant, q, k, v, o, lse)
     }
@@ -205,11 +206,11 @@ impl BatchDecode {
     pub fn run<V: Variant, T: Element>(
         &self,
         variant: &V,
-        q: &Buffer<T>,
-        k: &Buffer<T>,
-        v: &Buffer<T>,
-        o: &mut Buffer<T>,
-        lse: Option<&mut Buffer<f32>>,
+        q: &dyn Src<T>,
+        k: &dyn Src<T>,
+        v: &dyn Src<T>,
+        o: &mut dyn Dst<T>,
+        lse: Option<&mut dyn Dst<f32>>,
     ) -> Result<()> {
         self.planned.run(variant, q, k, v, o, lse)
     }
@@ -297,8 +298,24 @@ impl<P, T: Element> GraphRun<P, T> {
         }
         // The first run compiles and loads the kernels and uploads parameter arrays, which a
         // capture cannot do.
-        p.run(&variant, &b.q, &b.k, &b.v, &mut b.o, b.lse.as_mut())?;
-        let graph = gpu.capture(|| p.run(&variant, &b.q, &b.k, &b.v, &mut b.o, b.lse.as_mut()))?;
+        p.run(
+            &variant,
+            &b.q,
+            &b.k,
+            &b.v,
+            &mut b.o,
+            b.lse.as_mut().map(|l| l as &mut dyn Dst<f32>),
+        )?;
+        let graph = gpu.capture(|| {
+            p.run(
+                &variant,
+                &b.q,
+                &b.k,
+                &b.v,
+                &mut b.o,
+                b.lse.as_mut().map(|l| l as &mut dyn Dst<f32>),
+            )
+        })?;
         Ok(GraphRun {
             graph,
             gpu: gpu.clone(),
@@ -651,11 +668,11 @@ impl Planned {
     fn run<V: Variant, T: Element>(
         &self,
         variant: &V,
-        q: &Buffer<T>,
-        k: &Buffer<T>,
-        v: &Buffer<T>,
-        o: &mut Buffer<T>,
-        lse: Option<&mut Buffer<f32>>,
+        q: &dyn Src<T>,
+        k: &dyn Src<T>,
+        v: &dyn Src<T>,
+        o: &mut dyn Dst<T>,
+        lse: Option<&mut dyn Dst<f32>>,
     ) -> Result<()> {
         let b = &self.batch;
         // A graph's buffers hold its capacity, so that every replanned batch fits them.
@@ -694,11 +711,11 @@ impl Planned {
     fn run_cpu<V: Variant, T: Element>(
         &self,
         variant: &V,
-        q: &Buffer<T>,
-        k: &Buffer<T>,
-        v: &Buffer<T>,
-        o: &mut Buffer<T>,
-        lse: Option<&mut Buffer<f32>>,
+        q: &dyn Src<T>,
+        k: &dyn Src<T>,
+        v: &dyn Src<T>,
+        o: &mut dyn Dst<T>,
+        lse: Option<&mut dyn Dst<f32>>,
     ) -> Result<()> {
         let r = reference::attention_typed(variant, &self.batch, q.host()?, k.host()?, v.host()?)?;
         for (dst, x) in o.host_mut()?.iter_mut().zip(&r.o) {
@@ -719,11 +736,11 @@ impl Planned {
         dev: &DeviceState,
         work: &WorkList,
         variant: &V,
-        q: &Buffer<T>,
-        k: &Buffer<T>,
-        v: &Buffer<T>,
-        o: &mut Buffer<T>,
-        lse: Option<&mut Buffer<f32>>,
+        q: &dyn Src<T>,
+        k: &dyn Src<T>,
+        v: &dyn Src<T>,
+        o: &mut dyn Dst<T>,
+        lse: Option<&mut dyn Dst<f32>>,
     ) -> Result<()> {
         let b = &self.batch;
         let graph = self.config.graph.is_some();

@@ -48,6 +48,7 @@ use ferrinfer_kernels::ops::rope::{RopeArgs, SLOT_EXPLICIT, SLOT_PLANNED};
 use crate::attention::batch::{Heads, KvIndex, KvLayout};
 use crate::device::backend::{Backend, Buffer};
 use crate::device::dtype::Element;
+use crate::device::view::{Dst, Src};
 use crate::error::{Error, Result};
 use crate::ops::rope::{self, Angles, HostAngles, Rope, RopeLayout};
 
@@ -55,18 +56,18 @@ use crate::ops::rope::{self, Angles, HostAngles, Rope, RopeLayout};
 #[derive(Debug)]
 pub struct NewKv<'a, T: Element> {
     /// Keys.
-    pub k: &'a Buffer<T>,
+    pub k: &'a dyn Src<T>,
     /// Values.
-    pub v: &'a Buffer<T>,
+    pub v: &'a dyn Src<T>,
 }
 
 /// The K and V caches written.
 #[derive(Debug)]
 pub struct KvCacheMut<'a, T: Element> {
     /// Keys.
-    pub k: &'a mut Buffer<T>,
+    pub k: &'a mut dyn Dst<T>,
     /// Values.
-    pub v: &'a mut Buffer<T>,
+    pub v: &'a mut dyn Dst<T>,
 }
 
 /// Where each new token of a step goes, computed and checked on the host and held on the backend.
@@ -213,7 +214,7 @@ impl AppendPlan {
         backend: &Backend,
         rope: &Rope,
         angles: Angles<'_>,
-        q: &mut Buffer<T>,
+        q: &mut dyn Dst<T>,
         new: NewKv<'_, T>,
         cache: KvCacheMut<'_, T>,
     ) -> Result<()> {
@@ -417,15 +418,15 @@ fn place(
 #[derive(Clone, Copy, Debug)]
 pub struct PageTable<'a> {
     /// `[rows]` request of each new token.
-    pub batch_indices: &'a Buffer<i32>,
+    pub batch_indices: &'a dyn Src<i32>,
     /// `[rows]` position of each new token in its request.
-    pub positions: &'a Buffer<i32>,
+    pub positions: &'a dyn Src<i32>,
     /// `[batch + 1]` page ranges.
-    pub kv_indptr: &'a Buffer<i32>,
+    pub kv_indptr: &'a dyn Src<i32>,
     /// Page ids.
-    pub kv_indices: &'a Buffer<i32>,
+    pub kv_indices: &'a dyn Src<i32>,
     /// `[batch]` tokens in each request's last page.
-    pub kv_last_page_len: &'a Buffer<i32>,
+    pub kv_last_page_len: &'a dyn Src<i32>,
 }
 
 /// The cache's geometry for [`append_explicit`].

@@ -48,9 +48,10 @@ use std::sync::Arc;
 use ferrinfer_kernels::ops::norm::{NormArgs, norm_launch_dims, norm_unit, norm_vec_width};
 use ferrinfer_kernels::{DType, TranslationUnit};
 
-use crate::device::backend::{Backend, Buffer};
+use crate::device::backend::Backend;
 use crate::device::dtype::Element;
 use crate::device::gpu::Gpu;
+use crate::device::view::{Dst, Src, put};
 use crate::error::{Error, Result};
 use crate::jit::{Arch, CompiledKernel, Jit};
 use crate::ops::kernel;
@@ -114,10 +115,10 @@ impl NormShape {
 pub fn rmsnorm<T: Element>(
     backend: &Backend,
     shape: NormShape,
-    x: &Buffer<T>,
-    weight: &Buffer<T>,
+    x: &dyn Src<T>,
+    weight: &dyn Src<T>,
     eps: f32,
-    out: &mut Buffer<T>,
+    out: &mut dyn Dst<T>,
 ) -> Result<()> {
     rms(backend, shape, x, weight, eps, 0.0, out, "rmsnorm")
 }
@@ -143,10 +144,10 @@ pub fn rmsnorm<T: Element>(
 pub fn gemma_rmsnorm<T: Element>(
     backend: &Backend,
     shape: NormShape,
-    x: &Buffer<T>,
-    weight: &Buffer<T>,
+    x: &dyn Src<T>,
+    weight: &dyn Src<T>,
     eps: f32,
-    out: &mut Buffer<T>,
+    out: &mut dyn Dst<T>,
 ) -> Result<()> {
     rms(backend, shape, x, weight, eps, 1.0, out, "gemma_rmsnorm")
 }
@@ -159,9 +160,9 @@ pub fn gemma_rmsnorm<T: Element>(
 pub fn fused_add_rmsnorm<T: Element>(
     backend: &Backend,
     shape: NormShape,
-    x: &mut Buffer<T>,
-    residual: &mut Buffer<T>,
-    weight: &Buffer<T>,
+    x: &mut dyn Dst<T>,
+    residual: &mut dyn Dst<T>,
+    weight: &dyn Src<T>,
     eps: f32,
 ) -> Result<()> {
     fused(
@@ -181,9 +182,9 @@ pub fn fused_add_rmsnorm<T: Element>(
 pub fn gemma_fused_add_rmsnorm<T: Element>(
     backend: &Backend,
     shape: NormShape,
-    x: &mut Buffer<T>,
-    residual: &mut Buffer<T>,
-    weight: &Buffer<T>,
+    x: &mut dyn Dst<T>,
+    residual: &mut dyn Dst<T>,
+    weight: &dyn Src<T>,
     eps: f32,
 ) -> Result<()> {
     let name = "gemma_fused_add_rmsnorm";
@@ -214,11 +215,11 @@ pub fn gemma_fused_add_rmsnorm<T: Element>(
 pub fn layernorm<T: Element>(
     backend: &Backend,
     shape: NormShape,
-    x: &Buffer<T>,
-    gamma: &Buffer<f32>,
-    beta: &Buffer<f32>,
+    x: &dyn Src<T>,
+    gamma: &dyn Src<f32>,
+    beta: &dyn Src<f32>,
     eps: f32,
-    out: &mut Buffer<T>,
+    out: &mut dyn Dst<T>,
 ) -> Result<()> {
     let op = "layernorm";
     check_eps(op, eps)?;
@@ -243,7 +244,7 @@ pub fn layernorm<T: Element>(
                     .collect::<Vec<_>>(),
                 f64::from(eps),
             )?;
-            *out.host_mut()? = round(&f);
+            put(out.host_mut()?, &(round(&f)))?;
             Ok(())
         }
         Backend::Cuda(gpu) => {
@@ -333,11 +334,11 @@ fn unit(kind: NormKind, dtype: DType, vec: u32) -> Result<TranslationUnit> {
 fn rms<T: Element>(
     backend: &Backend,
     shape: NormShape,
-    x: &Buffer<T>,
-    weight: &Buffer<T>,
+    x: &dyn Src<T>,
+    weight: &dyn Src<T>,
     eps: f32,
     weight_offset: f32,
-    out: &mut Buffer<T>,
+    out: &mut dyn Dst<T>,
     op: &str,
 ) -> Result<()> {
     check_eps(op, eps)?;
@@ -353,7 +354,7 @@ fn rms<T: Element>(
                 f64::from(weight_offset),
                 f64::from(eps),
             )?;
-            *out.host_mut()? = round(&f);
+            put(out.host_mut()?, &(round(&f)))?;
             Ok(())
         }
         Backend::Cuda(gpu) => {
@@ -372,9 +373,9 @@ fn rms<T: Element>(
 fn fused<T: Element>(
     backend: &Backend,
     shape: NormShape,
-    x: &mut Buffer<T>,
-    residual: &mut Buffer<T>,
-    weight: &Buffer<T>,
+    x: &mut dyn Dst<T>,
+    residual: &mut dyn Dst<T>,
+    weight: &dyn Src<T>,
     eps: f32,
     weight_offset: f32,
     op: &str,
@@ -400,8 +401,8 @@ fn fused<T: Element>(
                 f64::from(weight_offset),
                 f64::from(eps),
             )?;
-            *x.host_mut()? = round(&f);
-            *residual.host_mut()? = sum;
+            put(x.host_mut()?, &(round(&f)))?;
+            put(residual.host_mut()?, &sum)?;
             Ok(())
         }
         Backend::Cuda(gpu) => {
