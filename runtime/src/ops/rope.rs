@@ -626,7 +626,16 @@ pub(crate) unsafe fn launch<T: Element>(
     }
     // An absent family's pointers do not count (0 is aligned to every width).
     let live = |f: usize, p: u64| if args.heads[f] > 0 { p } else { 0 };
-    let ptrs: [u64; 6] = std::array::from_fn(|i| live(i / 2, [args.src, args.dst][i % 2][i / 2]));
+    let mut ptrs = [0u64; 9];
+    for (i, p) in ptrs.iter_mut().take(6).enumerate() {
+        *p = live(i / 2, [args.src, args.dst][i % 2][i / 2]);
+    }
+    // A cache's strides move a vector as its base does: caller-given ones (an interleaved or
+    // padded cache) may allow only a narrower vector than the pointers do.
+    let elem = size_of::<T>() as u64;
+    ptrs[6] = args.kv_page_stride * elem;
+    ptrs[7] = args.kv_token_stride * elem;
+    ptrs[8] = args.kv_head_stride * elem;
     let vec = rope_vec_width(args.head_dim, args.rotary_dim, &ptrs);
     let chunks = rope_chunks(args.head_dim, args.rotary_dim, vec);
     let heads = args.heads.iter().map(|&h| u64::from(h)).sum::<u64>();
