@@ -192,7 +192,8 @@ impl<'a, T: Pod> View<'a, T> {
     /// let gpu = backend.gpu().unwrap();
     /// let qkv = gpu.stream().alloc_zeros::<half::bf16>(1024)?;
     /// let q = View::device(&qkv, gpu)?;
-    /// let k = View::device(&qkv.slice(512..768), gpu)?;
+    /// let k_part = qkv.slice(512..768);
+    /// let k = View::device(&k_part, gpu)?;
     /// # let _ = (q, k); Ok(()) }
     /// ```
     pub fn device<S: DevicePtr<T>>(slice: &'a S, gpu: &Arc<Gpu>) -> Result<Self> {
