@@ -123,7 +123,8 @@ fn check<V: Variant, T: Element>(gpu: &Backend, variant: &V, case: &Case) {
         let mut od = gpu.filled(batch.q_len(), T::from_f32(f32::NAN)).unwrap();
         let with_lse = V::SPEC.softmax;
         let mut lsed = gpu.filled(batch.lse_len(), f32::NAN).unwrap();
-        let lse = if with_lse { Some(&mut lsed) } else { None };
+        let lse: Option<&mut dyn ferrinfer::Dst<f32>> =
+            if with_lse { Some(&mut lsed) } else { None };
         if let Some(decode_kernel) = kernel {
             let config = PlanConfig {
                 decode_kernel,

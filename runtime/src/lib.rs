@@ -23,7 +23,7 @@ pub use attention::batch::{Batch, Heads, KvIndex, KvLayout, indptr};
 pub use attention::wrappers::{
     BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, PlanConfig, RunBuffers,
 };
-pub use device::{Backend, Buffer, Element};
+pub use device::{Backend, Buffer, Dst, Element, Src, View, ViewMut};
 pub use error::{Error, Result};
 pub use ferrinfer_kernels::{ArchClass, DType, HEAD_DIMS, KernelConfig, KernelKind, Tiles};
 pub use jit::{Arch, Precompile, PrecompileReport, precompile};
@@ -43,7 +43,7 @@ pub mod prelude {
         BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, PlanConfig,
         RunBuffers,
     };
-    pub use crate::device::{Backend, Buffer};
+    pub use crate::device::{Backend, Buffer, Dst, Src, View, ViewMut};
     pub use crate::variant::Pos;
     pub use crate::variant::fast_math::FastMath;
     pub use crate::variant::params::Array;

@@ -77,8 +77,19 @@ pub enum KvLayout {
     Hnd,
 }
 
-/// Element strides of a KV buffer (K and V have the same shape).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Element strides of a KV buffer (K and V have the same shape). The dense strides of a layout
+/// are [`KvIndex::strides`]; others (an interleaved cache, padded pages) are given with
+/// [`KvIndex::with_strides`], which checks them against every batch that uses the index.
+///
+/// ```
+/// use ferrinfer_runtime::{Heads, KvIndex, KvLayout};
+/// let heads = Heads::new(8, 2, 64)?;
+/// let kv = KvIndex::paged_from_lens(16, &[20], &[3, 1], 4, KvLayout::Nhd)?;
+/// let s = kv.strides(&heads);
+/// assert_eq!((s.block, s.token, s.head), (16 * 2 * 64, 2 * 64, 64));
+/// # Ok::<(), ferrinfer_runtime::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KvStrides {
     /// Between consecutive blocks (pages); one token for a ragged cache.
     pub block: u64,
@@ -106,6 +117,8 @@ pub struct KvIndex {
     layout: KvLayout,
     /// Pages in the cache buffer (paged), or tokens (ragged): bounds for `indices`.
     capacity: u32,
+    /// Strides the caller gave; `None`: the layout's dense strides.
+    custom: Option<KvStrides>,
 }
 
 impl KvIndex {
@@ -141,6 +154,7 @@ impl KvIndex {
             last_len,
             layout,
             capacity: capacity_tokens,
+            custom: None,
         };
         kv.validate()?;
         Ok(kv)
@@ -198,9 +212,122 @@ impl KvIndex {
             last_len: last_page_len.to_vec(),
             layout,
             capacity: num_pages,
+            custom: None,
         };
         kv.validate()?;
         Ok(kv)
+    }
+
+    /// The same index over K and V with these element strides instead of the layout's dense
+    /// ones: K and V may then be views into larger tensors, such as one interleaved cache (see
+    /// [`KvIndex::interleaved`]). A ragged index takes `block == token` (a block id is a token).
+    /// Every batch that uses the index checks that no two (block, token, head, element) of the
+    /// cache share an element and that K and V hold the largest offset any block id below the
+    /// capacity reaches; the GPU also needs strides that are multiples of 8 elements.
+    ///
+    /// ```
+    /// use ferrinfer_runtime::{Heads, KvIndex, KvLayout, attention::KvStrides};
+    /// let heads = Heads::new(4, 2, 64)?;
+    /// // Pages padded to 2304 elements instead of 16 x 2 x 64 = 2048.
+    /// let kv = KvIndex::paged_from_lens(16, &[20], &[3, 1], 4, KvLayout::Nhd)?
+    ///     .with_strides(KvStrides { block: 2304, token: 128, head: 64 })?;
+    /// assert_eq!(kv.buffer_len(&heads), 3 * 2304 + 15 * 128 + 64 + 64);
+    /// # Ok::<(), ferrinfer_runtime::Error>(())
+    /// ```
+    pub fn with_strides(mut self, strides: KvStrides) -> Result<Self> {
+        if self.page_size.is_none() && strides.block != strides.token {
+            return Err(Error::invalid(format!(
+                "a ragged KV index takes block == token strides (a block id is a token), got \
+                 {strides:?}"
+            )));
+        }
+        self.custom = Some(strides);
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// The index over one interleaved cache `[num_pages, 2, page_size, num_kv_heads, head_dim]`
+    /// (NHD; `[num_pages, 2, num_kv_heads, page_size, head_dim]` for HND): K is page slot 0, V
+    /// slot 1, as vLLM and FlashInfer keep it. Pass the cache as K and the cache from element
+    /// [`KvIndex::interleaved_v_offset`] as V. Paged indices only.
+    ///
+    /// ```
+    /// use ferrinfer_runtime::{Heads, KvIndex, KvLayout, Src, View};
+    /// let heads = Heads::new(2, 1, 8)?;
+    /// let kv = KvIndex::paged_from_lens(4, &[6], &[2, 0], 3, KvLayout::Nhd)?.interleaved(&heads)?;
+    /// let cache = vec![0.0f32; 3 * 2 * 4 * 8];
+    /// let k = View::host(&cache);
+    /// let v = View::host(&cache).slice(kv.interleaved_v_offset(&heads)..)?;
+    /// assert!(k.len() >= kv.buffer_len(&heads) && v.len() >= kv.buffer_len(&heads));
+    /// # Ok::<(), ferrinfer_runtime::Error>(())
+    /// ```
+    pub fn interleaved(self, heads: &Heads) -> Result<Self> {
+        if self.page_size.is_none() {
+            return Err(Error::invalid(
+                "an interleaved K/V cache is paged; this KV index is ragged",
+            ));
+        }
+        let dense = KvIndex {
+            custom: None,
+            ..self.clone()
+        }
+        .strides(heads);
+        self.with_strides(KvStrides {
+            block: 2 * dense.block,
+            ..dense
+        })
+    }
+
+    /// Elements from K to V in an interleaved cache: one page of K.
+    ///
+    /// ```
+    /// use ferrinfer_runtime::{Heads, KvIndex, KvLayout};
+    /// let heads = Heads::new(2, 1, 8)?;
+    /// let kv = KvIndex::paged_from_lens(4, &[6], &[2, 0], 3, KvLayout::Nhd)?;
+    /// assert_eq!(kv.interleaved_v_offset(&heads), 4 * 8);
+    /// # Ok::<(), ferrinfer_runtime::Error>(())
+    /// ```
+    pub fn interleaved_v_offset(&self, heads: &Heads) -> usize {
+        self.page_size.unwrap_or(1) as usize
+            * heads.num_kv_heads() as usize
+            * heads.head_dim() as usize
+    }
+
+    /// Whether the strides are the caller's ([`KvIndex::with_strides`]), not the layout's.
+    pub fn has_custom_strides(&self) -> bool {
+        self.custom.is_some()
+    }
+
+    /// Check caller-given strides against the heads: no two elements of the cache alias, and the
+    /// extent fits the address space.
+    pub(crate) fn check_strides(&self, heads: &Heads) -> Result<()> {
+        let Some(s) = self.custom else {
+            return Ok(());
+        };
+        let (hk, d) = (u64::from(heads.num_kv_heads), u64::from(heads.head_dim));
+        let cap = u64::from(self.capacity);
+        let dims: Vec<(u64, u64)> = match self.page_size {
+            Some(p) => vec![
+                (1, d),
+                (s.token, u64::from(p)),
+                (s.head, hk),
+                (s.block, cap),
+            ],
+            None => vec![(1, d), (s.token, cap), (s.head, hk)],
+        };
+        if !disjoint(&dims) {
+            return Err(Error::invalid(format!(
+                "KV strides {s:?} make two elements of the cache alias (head_dim {d}, {hk} KV \
+                 heads, page size {:?}, capacity {cap})",
+                self.page_size
+            )));
+        }
+        if extent(&dims).is_none_or(|e| e > isize::MAX as u64 / 4) {
+            return Err(Error::invalid(format!(
+                "KV strides {s:?} reach past the address space"
+            )));
+        }
+        Ok(())
     }
 
     /// Check every invariant the kernels rely on: the row pointer starts at 0, never decreases and
@@ -339,8 +466,12 @@ impl KvIndex {
         }
     }
 
-    /// Element strides of K (and V) for these heads.
+    /// Element strides of K (and V) for these heads: the caller's ([`KvIndex::with_strides`]) or
+    /// the layout's dense ones.
     pub fn strides(&self, heads: &Heads) -> KvStrides {
+        if let Some(s) = self.custom {
+            return s;
+        }
         let (hk, d) = (u64::from(heads.num_kv_heads), u64::from(heads.head_dim));
         match (self.page_size, self.layout) {
             (Some(p), KvLayout::Nhd) => KvStrides {
@@ -366,8 +497,28 @@ impl KvIndex {
         }
     }
 
-    /// Elements K (and V) must have.
+    /// Elements K (and V) must have: exactly this many with dense strides, at least this many
+    /// (the largest offset reached, plus one head) with the caller's.
     pub fn buffer_len(&self, heads: &Heads) -> usize {
+        if let Some(s) = self.custom {
+            let (hk, d) = (u64::from(heads.num_kv_heads), u64::from(heads.head_dim));
+            let dims = match self.page_size {
+                Some(p) => [
+                    (1, d),
+                    (s.token, u64::from(p)),
+                    (s.head, hk),
+                    (s.block, u64::from(self.capacity)),
+                ],
+                None => [
+                    (1, d),
+                    (s.token, u64::from(self.capacity)),
+                    (s.head, hk),
+                    (0, 1),
+                ],
+            };
+            // check_strides (Batch::validate) bounded it by the address space.
+            return extent(&dims).unwrap_or(u64::MAX) as usize;
+        }
         let per_token = heads.num_kv_heads as usize * heads.head_dim as usize;
         self.capacity as usize * self.page_size.unwrap_or(1) as usize * per_token
     }
@@ -386,6 +537,90 @@ impl KvIndex {
     }
 }
 
+/// Element strides of q or o: between query rows and between heads of a row (a head's
+/// `head_dim` elements are contiguous). The dense layout `[rows, num_qo_heads, head_dim]` is
+/// [`QoStrides::dense`]; q inside a fused QKV projection `[tokens, (hq + 2 hk) * head_dim]` has
+/// row stride `(hq + 2 hk) * head_dim`. Set on a batch with [`Batch::with_qo_strides`].
+///
+/// ```
+/// use ferrinfer_runtime::{Heads, attention::QoStrides};
+/// let heads = Heads::new(8, 2, 64)?;
+/// assert_eq!(QoStrides::dense(&heads), QoStrides::new(8 * 64, 64));
+/// let in_qkv = QoStrides::new((8 + 2 * 2) * 64, 64);
+/// assert_eq!(in_qkv.row(), 768);
+/// # Ok::<(), ferrinfer_runtime::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct QoStrides {
+    row: u64,
+    head: u64,
+}
+
+impl QoStrides {
+    /// Strides between rows and between heads, in elements (checked against each batch).
+    pub fn new(row: u64, head: u64) -> Self {
+        QoStrides { row, head }
+    }
+    /// `[rows, num_qo_heads, head_dim]`.
+    pub fn dense(heads: &Heads) -> Self {
+        let d = u64::from(heads.head_dim);
+        QoStrides::new(u64::from(heads.num_qo_heads) * d, d)
+    }
+    /// Elements between consecutive query rows.
+    pub fn row(&self) -> u64 {
+        self.row
+    }
+    /// Elements between consecutive heads of a row.
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+    /// Element offset of head `h` of row `r`.
+    pub(crate) fn at(&self, r: usize, h: usize) -> usize {
+        (r as u64 * self.row + h as u64 * self.head) as usize
+    }
+    /// The (stride, extent) dims of `rows` rows.
+    fn dims(&self, heads: &Heads, rows: usize) -> [(u64, u64); 3] {
+        [
+            (1, u64::from(heads.head_dim)),
+            (self.head, u64::from(heads.num_qo_heads)),
+            (self.row, rows as u64),
+        ]
+    }
+}
+
+/// Whether no two index tuples of these (stride, extent) dims reach the same offset: sorted by
+/// stride, each stride clears the span of the ones below it (sufficient, and what every
+/// nested tensor layout meets).
+fn disjoint(dims: &[(u64, u64)]) -> bool {
+    let mut dims: Vec<(u64, u64)> = dims.iter().copied().filter(|&(_, n)| n > 1).collect();
+    dims.sort_unstable();
+    let mut span = 1u64;
+    for (stride, n) in dims {
+        if stride < span {
+            return false;
+        }
+        match (n - 1)
+            .checked_mul(stride)
+            .and_then(|x| x.checked_add(span))
+        {
+            Some(x) => span = x,
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Elements a tensor of these (stride, extent) dims spans: its largest offset plus one; 0 when
+/// an extent is 0; `None` past u64.
+fn extent(dims: &[(u64, u64)]) -> Option<u64> {
+    if dims.iter().any(|&(_, n)| n == 0) {
+        return Some(0);
+    }
+    dims.iter().try_fold(1u64, |acc, &(stride, n)| {
+        (n - 1).checked_mul(stride)?.checked_add(acc)
+    })
+}
+
 /// One batch: which query rows belong to which request, where their keys are, and the mask mode.
 /// Built only by the validating constructors; read through the accessors.
 #[derive(Clone, Debug, PartialEq)]
@@ -396,6 +631,9 @@ pub struct Batch {
     kv: KvIndex,
     causal: bool,
     sm_scale: f32,
+    /// `None`: dense.
+    q_strides: Option<QoStrides>,
+    o_strides: Option<QoStrides>,
 }
 
 impl Batch {
@@ -407,6 +645,8 @@ impl Batch {
             kv,
             causal: false,
             sm_scale: 1.0 / (heads.head_dim as f32).sqrt(),
+            q_strides: None,
+            o_strides: None,
         };
         b.validate()?;
         Ok(b)
@@ -429,6 +669,39 @@ impl Batch {
         Ok(self)
     }
 
+    /// With q and o read and written at these strides instead of densely, e.g. q inside a fused
+    /// QKV buffer or o into a wider tensor. q and o must then hold at least the largest offset a
+    /// row reaches plus one head (not exactly the dense size); o's rows and heads must not
+    /// overlap. On a GPU, strides must be multiples of 8 elements (16-byte vector loads).
+    ///
+    /// ```
+    /// use ferrinfer_runtime::{Batch, Heads, KvIndex, KvLayout, attention::QoStrides};
+    /// let heads = Heads::new(4, 2, 64)?;
+    /// let kv = KvIndex::ragged(&[0, 5], KvLayout::Nhd)?;
+    /// // q is the first 4 heads of each row of a fused [tokens, (4 + 2 + 2) * 64] QKV.
+    /// let batch = Batch::new(heads, &[0, 5], kv)?
+    ///     .with_qo_strides(QoStrides::new(8 * 64, 64), QoStrides::dense(&heads))?;
+    /// assert_eq!(batch.q_strides().row(), 512);
+    /// # Ok::<(), ferrinfer_runtime::Error>(())
+    /// ```
+    pub fn with_qo_strides(mut self, q: QoStrides, o: QoStrides) -> Result<Self> {
+        let dense = QoStrides::dense(&self.heads);
+        self.q_strides = (q != dense).then_some(q);
+        self.o_strides = (o != dense).then_some(o);
+        self.validate()?;
+        Ok(self)
+    }
+    /// Strides of q (dense unless [`Batch::with_qo_strides`] said otherwise).
+    pub fn q_strides(&self) -> QoStrides {
+        self.q_strides
+            .unwrap_or_else(|| QoStrides::dense(&self.heads))
+    }
+    /// Strides of o.
+    pub fn o_strides(&self) -> QoStrides {
+        self.o_strides
+            .unwrap_or_else(|| QoStrides::dense(&self.heads))
+    }
+
     /// Re-check everything: heads, the query row pointer, the KV index, that both describe the same
     /// requests, `sm_scale`, and that every count the kernels read fits their 32-bit signed fields
     /// and every buffer size fits 64 bits. Every plan, replan and run calls it, on every backend.
@@ -436,6 +709,7 @@ impl Batch {
         self.heads.validate()?;
         check_indptr("qo_indptr", &self.qo_indptr)?;
         self.kv.validate()?;
+        self.kv.check_strides(&self.heads)?;
         if self.qo_indptr.len() != self.kv.indptr.len() {
             return Err(Error::invalid(format!(
                 "qo_indptr describes {} requests but the KV index {}",
@@ -510,7 +784,7 @@ impl Batch {
 
     /// Check buffer lengths against the batch (element counts).
     pub fn check_lengths(&self, q: usize, k: usize, v: usize, o: usize) -> Result<()> {
-        self.check_rows(self.total_qo(), q, k, v, o)
+        self.check_rows(self.total_qo(), q, k, v, Some(o))
     }
 
     /// [`Batch::check_lengths`] for q and o buffers of `rows` query rows (a CUDA-graph plan's
@@ -521,22 +795,51 @@ impl Batch {
         q: usize,
         k: usize,
         v: usize,
-        o: usize,
+        o: Option<usize>,
     ) -> Result<()> {
-        let want_q = rows * self.heads.num_qo_heads as usize * self.heads.head_dim as usize;
-        let want_kv = self.kv.buffer_len(&self.heads);
-        for (name, got, want) in [("q", q, want_q), ("o", o, want_q)] {
-            if got != want {
-                return Err(Error::invalid(format!(
-                    "{name} has {got} elements; [rows={rows}, num_qo_heads={}, head_dim={}] needs {want}",
-                    self.heads.num_qo_heads, self.heads.head_dim
-                )));
+        let h = &self.heads;
+        let qo: [(&str, Option<usize>, Option<QoStrides>); 2] =
+            [("q", Some(q), self.q_strides), ("o", o, self.o_strides)];
+        for (name, got, strides) in qo {
+            let Some(got) = got else { continue };
+            match strides {
+                None => {
+                    let want = rows * h.num_qo_heads as usize * h.head_dim as usize;
+                    if got != want {
+                        return Err(Error::invalid(format!(
+                            "{name} has {got} elements; [rows={rows}, num_qo_heads={}, head_dim={}] needs {want}",
+                            h.num_qo_heads, h.head_dim
+                        )));
+                    }
+                }
+                Some(s) => {
+                    let dims = s.dims(h, rows);
+                    if name == "o" && !disjoint(&dims) {
+                        return Err(Error::invalid(format!(
+                            "o strides (row {}, head {}) make rows or heads of o overlap \
+                             ({rows} rows, {} heads of {})",
+                            s.row, s.head, h.num_qo_heads, h.head_dim
+                        )));
+                    }
+                    let want = extent(&dims).filter(|&e| e <= isize::MAX as u64 / 4);
+                    if want.is_none_or(|w| (got as u64) < w) {
+                        return Err(Error::invalid(format!(
+                            "{name} has {got} elements; {rows} rows at strides (row {}, head {}) \
+                             reach {}",
+                            s.row,
+                            s.head,
+                            want.map_or("past the address space".to_string(), |w| w.to_string())
+                        )));
+                    }
+                }
             }
         }
+        let want_kv = self.kv.buffer_len(&self.heads);
+        let custom = self.kv.custom.is_some();
         for (name, got) in [("k", k), ("v", v)] {
-            if got != want_kv {
+            if (custom && got < want_kv) || (!custom && got != want_kv) {
                 return Err(Error::invalid(format!(
-                    "{name} has {got} elements; the KV index ({} {}, {} KV heads, head_dim {}) needs {want_kv}",
+                    "{name} has {got} elements; the KV index ({} {}, {} KV heads, head_dim {}{}) needs {}{want_kv}",
                     self.kv.capacity,
                     if self.kv.page_size.is_some() {
                         "pages"
@@ -544,7 +847,9 @@ impl Batch {
                         "tokens"
                     },
                     self.heads.num_kv_heads,
-                    self.heads.head_dim
+                    self.heads.head_dim,
+                    if custom { ", its strides" } else { "" },
+                    if custom { "at least " } else { "" },
                 )));
             }
         }

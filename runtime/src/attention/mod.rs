@@ -9,7 +9,7 @@ pub mod reference;
 pub(crate) mod single;
 pub(crate) mod wrappers;
 
-pub use batch::{Batch, Heads, KvIndex, KvLayout, KvStrides, indptr};
+pub use batch::{Batch, Heads, KvIndex, KvLayout, KvStrides, QoStrides, indptr};
 pub use single::Single;
 pub use wrappers::{
     BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, PlanConfig,

@@ -27,7 +27,8 @@ pub struct Reference {
 /// Attention of `q` over the keys `k` and values `v` that `batch` describes, with the variant's
 /// hooks.
 ///
-/// `q` is `[total_qo, num_qo_heads, head_dim]`; `k` and `v` are addressed by the batch's KV index.
+/// `q` is `[total_qo, num_qo_heads, head_dim]` (or at the batch's q strides); `k` and `v` are
+/// addressed by the batch's KV index. The result is dense whatever the batch's o strides.
 ///
 /// # Errors
 /// [`Error::InvalidInput`] for:
@@ -51,7 +52,7 @@ pub fn attention<V: Variant>(
     v: &[f32],
 ) -> Result<Reference> {
     batch.validate()?;
-    batch.check_lengths(q.len(), k.len(), v.len(), q.len())?;
+    batch.check_rows(batch.total_qo(), q.len(), k.len(), v.len(), None)?;
     check_coverage(variant, batch)?;
     let name = V::SPEC.name;
     let heads = batch.heads();
@@ -84,10 +85,12 @@ pub fn attention<V: Variant>(
             for i in 0..req.qo_len {
                 let row = batch.qo_indptr()[b] as usize + i as usize;
                 let at = row * heads.num_qo_heads() as usize + h as usize;
+                // check_rows held q to its strides: every row and head is inside it.
+                let qa = batch.q_strides().at(row, h as usize);
                 let (o, lse) = guarded(
                     name,
                     || format!("request {b}, query row {i}, query head {h}"),
-                    || row_attention(variant, batch, &req, &kv, &q[at * d..(at + 1) * d], i, h),
+                    || row_attention(variant, batch, &req, &kv, &q[qa..qa + d], i, h),
                 )?;
                 rows.push((at, o, lse));
             }

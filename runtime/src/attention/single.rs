@@ -5,8 +5,9 @@
 
 use crate::attention::batch::{Batch, Heads, KvIndex, KvLayout};
 use crate::attention::wrappers::{BatchDecode, BatchPrefill};
-use crate::device::backend::{Backend, Buffer};
+use crate::device::backend::Backend;
 use crate::device::dtype::Element;
+use crate::device::view::{Dst, Src};
 use crate::error::{Error, Result};
 use crate::variant::Variant;
 
@@ -67,11 +68,11 @@ impl Single {
         &self,
         backend: &Backend,
         variant: &V,
-        q: &Buffer<T>,
-        k: &Buffer<T>,
-        v: &Buffer<T>,
-        o: &mut Buffer<T>,
-        lse: Option<&mut Buffer<f32>>,
+        q: &dyn Src<T>,
+        k: &dyn Src<T>,
+        v: &dyn Src<T>,
+        o: &mut dyn Dst<T>,
+        lse: Option<&mut dyn Dst<f32>>,
     ) -> Result<()> {
         let qo_len = self.rows("q", q.len(), self.heads.num_qo_heads())?;
         let batch =
@@ -90,11 +91,11 @@ impl Single {
         &self,
         backend: &Backend,
         variant: &V,
-        q: &Buffer<T>,
-        k: &Buffer<T>,
-        v: &Buffer<T>,
-        o: &mut Buffer<T>,
-        lse: Option<&mut Buffer<f32>>,
+        q: &dyn Src<T>,
+        k: &dyn Src<T>,
+        v: &dyn Src<T>,
+        o: &mut dyn Dst<T>,
+        lse: Option<&mut dyn Dst<f32>>,
     ) -> Result<()> {
         if self.rows("q", q.len(), self.heads.num_qo_heads())? != 1 {
             return Err(Error::invalid(format!(

@@ -17,12 +17,13 @@ use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice};
 use ferrinfer_kernels::abi::AttnArgs;
 use ferrinfer_kernels::{DType, KernelKind};
 
-use crate::attention::batch::{Batch, Heads, KvIndex};
+use crate::attention::batch::{Batch, Heads, KvIndex, KvStrides, QoStrides};
 use crate::attention::plan::{self, Capacity, PlanOptions, WorkList};
 use crate::attention::{dispatch, launch, reference};
 use crate::device::backend::{Backend, Buffer};
 use crate::device::dtype::Element;
 use crate::device::gpu::Gpu;
+use crate::device::view::{Dst, Src};
 use crate::error::{Error, Result};
 use crate::variant::Variant;
 use crate::variant::params;
@@ -136,11 +137,11 @@ impl BatchPrefill {
     pub fn run<V: Variant, T: Element>(
         &self,
         variant: &V,
-        q: &Buffer<T>,
-        k: &Buffer<T>,
-        v: &Buffer<T>,
-        o: &mut Buffer<T>,
-        lse: Option<&mut Buffer<f32>>,
+        q: &dyn Src<T>,
+        k: &dyn Src<T>,
+        v: &dyn Src<T>,
+        o: &mut dyn Dst<T>,
+        lse: Option<&mut dyn Dst<f32>>,
     ) -> Result<()> {
         self.planned.run(variant, q, k, v, o, lse)
     }
@@ -196,20 +197,55 @@ impl BatchDecode {
             planned: Planned::new(backend, batch, kind, true, config)?,
         })
     }
-    /// Plan another decode step into the same buffers (see [`BatchPrefill::replan`]).
+    /// [`BatchDecode::plan_with`] of a batch made by [`Batch::decode`] (one query row per
+    /// request), which may carry q and o strides ([`Batch::with_qo_strides`]).
+    ///
+    /// ```
+    /// use ferrinfer_runtime::prelude::*;
+    /// use ferrinfer_runtime::attention::QoStrides;
+    /// # fn demo<V: ferrinfer_runtime::variant::Variant>(v: &V) -> ferrinfer_runtime::Result<()> {
+    /// let heads = Heads::new(4, 1, 64)?;
+    /// let kv = KvIndex::ragged(&[0, 7, 9], KvLayout::Nhd)?;
+    /// // q inside a fused QKV [2, (4 + 1 + 1) * 64]; o dense.
+    /// let batch = Batch::decode(heads, kv)?
+    ///     .with_qo_strides(QoStrides::new(6 * 64, 64), QoStrides::dense(&heads))?;
+    /// let backend = Backend::Cpu;
+    /// let plan = BatchDecode::plan_batch(&backend, batch, PlanConfig::default())?;
+    /// let qkv = vec![bf16::from_f32(0.5); 2 * 6 * 64];
+    /// let kv_data = vec![bf16::from_f32(0.25); 9 * 64];
+    /// let mut o = vec![bf16::ZERO; 2 * 4 * 64];
+    /// plan.run(v, &View::host(&qkv), &View::host(&kv_data), &View::host(&kv_data),
+    ///          &mut ViewMut::host(&mut o), None)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn plan_batch(backend: &Backend, batch: Batch, config: PlanConfig) -> Result<Self> {
+        if batch.total_qo() != batch.batch() || (0..batch.batch()).any(|b| batch.qo_len(b) != 1) {
+            return Err(Error::invalid(
+                "BatchDecode::plan_batch takes one query row per request (Batch::decode)",
+            ));
+        }
+        let kind = config.decode_kernel.kind(&batch.heads());
+        Ok(BatchDecode {
+            planned: Planned::new(backend, batch, kind, true, config)?,
+        })
+    }
+    /// Plan another decode step into the same buffers (see [`BatchPrefill::replan`]). The q and
+    /// o strides of the first plan are kept.
     pub fn replan(&mut self, kv: KvIndex, sm_scale: Option<f32>) -> Result<()> {
-        let batch = decode_batch(self.planned.batch.heads(), kv, sm_scale)?;
+        let old = &self.planned.batch;
+        let batch = decode_batch(old.heads(), kv, sm_scale)?
+            .with_qo_strides(old.q_strides(), old.o_strides())?;
         self.planned.replan(batch)
     }
     /// See [`BatchPrefill::run`].
     pub fn run<V: Variant, T: Element>(
         &self,
         variant: &V,
-        q: &Buffer<T>,
-        k: &Buffer<T>,
-        v: &Buffer<T>,
-        o: &mut Buffer<T>,
-        lse: Option<&mut Buffer<f32>>,
+        q: &dyn Src<T>,
+        k: &dyn Src<T>,
+        v: &dyn Src<T>,
+        o: &mut dyn Dst<T>,
+        lse: Option<&mut dyn Dst<f32>>,
     ) -> Result<()> {
         self.planned.run(variant, q, k, v, o, lse)
     }
@@ -297,8 +333,24 @@ impl<P, T: Element> GraphRun<P, T> {
         }
         // The first run compiles and loads the kernels and uploads parameter arrays, which a
         // capture cannot do.
-        p.run(&variant, &b.q, &b.k, &b.v, &mut b.o, b.lse.as_mut())?;
-        let graph = gpu.capture(|| p.run(&variant, &b.q, &b.k, &b.v, &mut b.o, b.lse.as_mut()))?;
+        p.run(
+            &variant,
+            &b.q,
+            &b.k,
+            &b.v,
+            &mut b.o,
+            b.lse.as_mut().map(|l| l as &mut dyn Dst<f32>),
+        )?;
+        let graph = gpu.capture(|| {
+            p.run(
+                &variant,
+                &b.q,
+                &b.k,
+                &b.v,
+                &mut b.o,
+                b.lse.as_mut().map(|l| l as &mut dyn Dst<f32>),
+            )
+        })?;
         Ok(GraphRun {
             graph,
             gpu: gpu.clone(),
@@ -461,6 +513,8 @@ struct Pinned {
     page_size: Option<u32>,
     layout: crate::attention::batch::KvLayout,
     kv_capacity: u32,
+    /// Strides of K/V, q and o, in that order.
+    strides: (KvStrides, QoStrides, QoStrides),
 }
 
 impl Pinned {
@@ -472,6 +526,7 @@ impl Pinned {
             page_size: b.kv().page_size(),
             layout: b.kv().layout(),
             kv_capacity: b.kv().capacity(),
+            strides: (b.kv().strides(&b.heads()), b.q_strides(), b.o_strides()),
         }
     }
     fn check(&self, b: &Batch) -> Result<()> {
@@ -515,6 +570,13 @@ impl Pinned {
                 "the KV cache's capacity",
                 self.kv_capacity.to_string(),
                 now.kv_capacity.to_string(),
+            );
+        }
+        if now.strides != self.strides {
+            return differs(
+                "the K/V, q or o strides",
+                format!("{:?}", self.strides),
+                format!("{:?}", now.strides),
             );
         }
         Ok(())
@@ -651,11 +713,11 @@ impl Planned {
     fn run<V: Variant, T: Element>(
         &self,
         variant: &V,
-        q: &Buffer<T>,
-        k: &Buffer<T>,
-        v: &Buffer<T>,
-        o: &mut Buffer<T>,
-        lse: Option<&mut Buffer<f32>>,
+        q: &dyn Src<T>,
+        k: &dyn Src<T>,
+        v: &dyn Src<T>,
+        o: &mut dyn Dst<T>,
+        lse: Option<&mut dyn Dst<f32>>,
     ) -> Result<()> {
         let b = &self.batch;
         // A graph's buffers hold its capacity, so that every replanned batch fits them.
@@ -663,7 +725,7 @@ impl Planned {
             Some(g) => g.qo_rows as usize,
             None => b.total_qo(),
         };
-        b.check_rows(rows, q.len(), k.len(), v.len(), o.len())?;
+        b.check_rows(rows, q.len(), k.len(), v.len(), Some(o.len()))?;
         // A parameter array shorter than the heads (or requests) a hook indexes it by would trap
         // the CUDA context.
         params::check_coverage(variant, b)?;
@@ -694,15 +756,25 @@ impl Planned {
     fn run_cpu<V: Variant, T: Element>(
         &self,
         variant: &V,
-        q: &Buffer<T>,
-        k: &Buffer<T>,
-        v: &Buffer<T>,
-        o: &mut Buffer<T>,
-        lse: Option<&mut Buffer<f32>>,
+        q: &dyn Src<T>,
+        k: &dyn Src<T>,
+        v: &dyn Src<T>,
+        o: &mut dyn Dst<T>,
+        lse: Option<&mut dyn Dst<f32>>,
     ) -> Result<()> {
-        let r = reference::attention_typed(variant, &self.batch, q.host()?, k.host()?, v.host()?)?;
-        for (dst, x) in o.host_mut()?.iter_mut().zip(&r.o) {
-            *dst = T::from_f32(*x as f32);
+        let b = &self.batch;
+        let r = reference::attention_typed(variant, b, q.host()?, k.host()?, v.host()?)?;
+        let (hq, d) = (
+            b.heads().num_qo_heads() as usize,
+            b.heads().head_dim() as usize,
+        );
+        let (os, out) = (b.o_strides(), o.host_mut()?);
+        // `run` checked o against the strides (Batch::check_rows): every row and head fits.
+        for (i, row) in r.o.chunks(d).enumerate() {
+            let at = os.at(i / hq, i % hq);
+            for (dst, x) in out[at..at + d].iter_mut().zip(row) {
+                *dst = T::from_f32(*x as f32);
+            }
         }
         if let Some(l) = lse {
             for (dst, x) in l.host_mut()?.iter_mut().zip(&r.lse) {
@@ -719,11 +791,11 @@ impl Planned {
         dev: &DeviceState,
         work: &WorkList,
         variant: &V,
-        q: &Buffer<T>,
-        k: &Buffer<T>,
-        v: &Buffer<T>,
-        o: &mut Buffer<T>,
-        lse: Option<&mut Buffer<f32>>,
+        q: &dyn Src<T>,
+        k: &dyn Src<T>,
+        v: &dyn Src<T>,
+        o: &mut dyn Dst<T>,
+        lse: Option<&mut dyn Dst<f32>>,
     ) -> Result<()> {
         let b = &self.batch;
         let graph = self.config.graph.is_some();
@@ -739,15 +811,33 @@ impl Planned {
         let fallback = tiles.fallback_config(base);
         let kernel = dispatch::kernel(gpu, V::SPEC, &tiles.config(base), fallback.as_ref())?;
         let cfg = kernel.cfg;
-        let (hq, d) = (u64::from(heads.num_qo_heads()), u64::from(heads.head_dim()));
         let s = b.kv().strides(&heads);
+        let (qs, os) = (b.q_strides(), b.o_strides());
+        let (q, k, v, o) = (
+            q.device_ptr(gpu)?,
+            k.device_ptr(gpu)?,
+            v.device_ptr(gpu)?,
+            o.device_ptr(gpu)?,
+        );
+        check_vector_alignment(
+            [("q", q), ("k", k), ("v", v), ("o", o)],
+            [
+                ("q row", qs.row()),
+                ("q head", qs.head()),
+                ("o row", os.row()),
+                ("o head", os.head()),
+                ("KV block", s.block),
+                ("KV token", s.token),
+                ("KV head", s.head),
+            ],
+        )?;
         let ws = gpu.device_ptr(&dev.ws);
         let r = dev.regions;
         let args = AttnArgs {
-            q: q.device_ptr(gpu)?,
-            k: k.device_ptr(gpu)?,
-            v: v.device_ptr(gpu)?,
-            o: o.device_ptr(gpu)?,
+            q,
+            k,
+            v,
+            o,
             lse: match &lse {
                 Some(l) => l.device_ptr(gpu)?,
                 None => 0,
@@ -759,10 +849,10 @@ impl Planned {
             work: ws,
             partial_o: gpu.device_ptr(&dev.partial_o),
             partial_lse: gpu.device_ptr(&dev.partial_lse),
-            q_stride_n: hq * d,
-            q_stride_h: d,
-            o_stride_n: hq * d,
-            o_stride_h: d,
+            q_stride_n: qs.row(),
+            q_stride_h: qs.head(),
+            o_stride_n: os.row(),
+            o_stride_h: os.head(),
             kv_stride_block: s.block,
             kv_stride_n: s.token,
             kv_stride_h: s.head,
@@ -795,6 +885,29 @@ impl Planned {
         }
         Ok(())
     }
+}
+
+/// The attention kernels move q, K, V and o in 16-byte vectors (`cp.async` in the prefill
+/// template): every address must be 16-byte aligned and every stride a multiple of 8 elements.
+/// Refused here, so that no view or stride reaches a kernel as a misaligned access.
+fn check_vector_alignment(ptrs: [(&str, u64); 4], strides: [(&str, u64); 7]) -> Result<()> {
+    for (name, p) in ptrs {
+        if !p.is_multiple_of(16) {
+            return Err(Error::invalid(format!(
+                "{name} starts at device address {p:#x}; the attention kernels load 16-byte \
+                 vectors and need it 16-byte aligned (a view's offset a multiple of 8 elements)"
+            )));
+        }
+    }
+    for (name, st) in strides {
+        if !st.is_multiple_of(8) {
+            return Err(Error::invalid(format!(
+                "the {name} stride is {st} elements; the attention kernels load 16-byte vectors \
+                 and need strides that are multiples of 8 elements"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn allocate(gpu: &Gpu, opts: &PlanOptions, sizes: Sizes, heads: &Heads) -> Result<DeviceState> {

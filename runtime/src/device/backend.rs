@@ -158,6 +158,13 @@ impl<T: Pod> Buffer<T> {
             )),
         }
     }
+    /// The allocation and its GPU, for a device buffer (views are made from them).
+    pub(crate) fn device_parts(&self) -> Option<(&CudaSlice<T>, &Arc<Gpu>)> {
+        match &self.at {
+            At::Device { slice, gpu, .. } => Some((slice, gpu)),
+            At::Host(_) => None,
+        }
+    }
     /// Device address, checking that the buffer lives on `on`.
     pub(crate) fn device_ptr(&self, on: &Gpu) -> Result<u64> {
         match &self.at {

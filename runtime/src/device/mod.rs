@@ -7,8 +7,10 @@ pub(crate) mod backend;
 pub(crate) mod dtype;
 pub(crate) mod gpu;
 pub mod toolkit;
+pub(crate) mod view;
 
 pub use arch::Arch;
 pub use backend::{Backend, Buffer};
 pub use dtype::{Element, Pod};
 pub use gpu::{Gpu, SmResources};
+pub use view::{Dst, Src, View, ViewMut};

@@ -30,9 +30,10 @@ use std::sync::Arc;
 use ferrinfer_kernels::ops::activation::{ActArgs, act_launch_dims, act_unit, act_vec_width};
 use ferrinfer_kernels::{DType, TranslationUnit};
 
-use crate::device::backend::{Backend, Buffer};
+use crate::device::backend::Backend;
 use crate::device::dtype::Element;
 use crate::device::gpu::Gpu;
+use crate::device::view::{Dst, Src, put};
 use crate::error::{Error, Result};
 use crate::jit::{Arch, CompiledKernel, Jit};
 use crate::ops::kernel;
@@ -102,8 +103,8 @@ pub fn act_and_mul<T: Element>(
     backend: &Backend,
     act: Act,
     shape: ActShape,
-    x: &Buffer<T>,
-    out: &mut Buffer<T>,
+    x: &dyn Src<T>,
+    out: &mut dyn Dst<T>,
 ) -> Result<()> {
     check_len(act, "x", x.len(), shape.input_len(), shape)?;
     check_len(act, "out", out.len(), shape.output_len(), shape)?;
@@ -111,7 +112,10 @@ pub fn act_and_mul<T: Element>(
         Backend::Cpu => {
             let x: Vec<f64> = x.host()?.iter().map(|v| f64::from(v.to_f32())).collect();
             let f = act_and_mul_f64(act, shape, &x)?;
-            *out.host_mut()? = f.iter().map(|&v| T::from_f32(v as f32)).collect();
+            put(
+                out.host_mut()?,
+                &(f.iter().map(|&v| T::from_f32(v as f32)).collect::<Vec<_>>()),
+            )?;
             Ok(())
         }
         Backend::Cuda(gpu) => {
@@ -130,8 +134,8 @@ pub fn act_and_mul<T: Element>(
 pub fn silu_and_mul<T: Element>(
     backend: &Backend,
     shape: ActShape,
-    x: &Buffer<T>,
-    out: &mut Buffer<T>,
+    x: &dyn Src<T>,
+    out: &mut dyn Dst<T>,
 ) -> Result<()> {
     act_and_mul(backend, Act::Silu, shape, x, out)
 }
@@ -156,8 +160,8 @@ pub fn silu_and_mul<T: Element>(
 pub fn gelu_and_mul<T: Element>(
     backend: &Backend,
     shape: ActShape,
-    x: &Buffer<T>,
-    out: &mut Buffer<T>,
+    x: &dyn Src<T>,
+    out: &mut dyn Dst<T>,
 ) -> Result<()> {
     act_and_mul(backend, Act::Gelu, shape, x, out)
 }
@@ -168,8 +172,8 @@ pub fn gelu_and_mul<T: Element>(
 pub fn gelu_tanh_and_mul<T: Element>(
     backend: &Backend,
     shape: ActShape,
-    x: &Buffer<T>,
-    out: &mut Buffer<T>,
+    x: &dyn Src<T>,
+    out: &mut dyn Dst<T>,
 ) -> Result<()> {
     act_and_mul(backend, Act::GeluTanh, shape, x, out)
 }

@@ -45,9 +45,10 @@ use std::sync::Arc;
 
 use ferrinfer_kernels::{DType, MergeStatesArgs, TranslationUnit};
 
-use crate::device::backend::{Backend, Buffer};
+use crate::device::backend::Backend;
 use crate::device::dtype::Element;
 use crate::device::gpu::Gpu;
+use crate::device::view::{Dst, Src, put};
 use crate::error::{Error, Result};
 use crate::jit::{Arch, CompiledKernel, Jit};
 use crate::ops::kernel;
@@ -118,9 +119,9 @@ impl StateShape {
 #[derive(Debug)]
 pub struct State<'a, T: Element> {
     /// Outputs, each normalised within its part.
-    pub v: &'a Buffer<T>,
+    pub v: &'a dyn Src<T>,
     /// Natural-log LSEs; `-inf` marks an empty part.
-    pub s: &'a Buffer<f32>,
+    pub s: &'a dyn Src<f32>,
 }
 
 impl<T: Element> Clone for State<'_, T> {
@@ -132,7 +133,7 @@ impl<T: Element> Copy for State<'_, T> {}
 
 impl<'a, T: Element> State<'a, T> {
     /// The state with outputs `v` and LSEs `s`.
-    pub fn new(v: &'a Buffer<T>, s: &'a Buffer<f32>) -> Self {
+    pub fn new(v: &'a dyn Src<T>, s: &'a dyn Src<f32>) -> Self {
         State { v, s }
     }
 }
@@ -141,14 +142,14 @@ impl<'a, T: Element> State<'a, T> {
 #[derive(Debug)]
 pub struct StateMut<'a, T: Element> {
     /// Outputs.
-    pub v: &'a mut Buffer<T>,
+    pub v: &'a mut dyn Dst<T>,
     /// Natural-log LSEs.
-    pub s: &'a mut Buffer<f32>,
+    pub s: &'a mut dyn Dst<f32>,
 }
 
 impl<'a, T: Element> StateMut<'a, T> {
     /// The state with outputs `v` and LSEs `s`.
-    pub fn new(v: &'a mut Buffer<T>, s: &'a mut Buffer<f32>) -> Self {
+    pub fn new(v: &'a mut dyn Dst<T>, s: &'a mut dyn Dst<f32>) -> Self {
         StateMut { v, s }
     }
 }
@@ -171,8 +172,8 @@ pub fn merge_state<T: Element>(
     match backend {
         Backend::Cpu => {
             let (v, s) = merge_host(&Inputs::pair(shape, a, b)?)?;
-            *out.v.host_mut()? = v;
-            *out.s.host_mut()? = s;
+            put(out.v.host_mut()?, &v)?;
+            put(out.s.host_mut()?, &s)?;
             Ok(())
         }
         Backend::Cuda(gpu) => {
@@ -197,8 +198,8 @@ pub fn merge_state_in_place<T: Element>(
     match backend {
         Backend::Cpu => {
             let (v, s) = merge_host(&Inputs::pair(shape, State::new(a.v, a.s), b)?)?;
-            *a.v.host_mut()? = v;
-            *a.s.host_mut()? = s;
+            put(a.v.host_mut()?, &v)?;
+            put(a.s.host_mut()?, &s)?;
             Ok(())
         }
         Backend::Cuda(gpu) => {
@@ -229,8 +230,8 @@ pub fn merge_states<T: Element>(
     match backend {
         Backend::Cpu => {
             let (v, s) = merge_host(&Inputs::stacked(shape, num_states, states)?)?;
-            *out.v.host_mut()? = v;
-            *out.s.host_mut()? = s;
+            put(out.v.host_mut()?, &v)?;
+            put(out.s.host_mut()?, &s)?;
             Ok(())
         }
         Backend::Cuda(gpu) => {

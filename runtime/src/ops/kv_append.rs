@@ -45,9 +45,10 @@
 
 use ferrinfer_kernels::ops::rope::{RopeArgs, SLOT_EXPLICIT, SLOT_PLANNED};
 
-use crate::attention::batch::{Heads, KvIndex, KvLayout};
+use crate::attention::batch::{Heads, KvIndex, KvLayout, KvStrides};
 use crate::device::backend::{Backend, Buffer};
 use crate::device::dtype::Element;
+use crate::device::view::{Dst, Src};
 use crate::error::{Error, Result};
 use crate::ops::rope::{self, Angles, HostAngles, Rope, RopeLayout};
 
@@ -55,18 +56,18 @@ use crate::ops::rope::{self, Angles, HostAngles, Rope, RopeLayout};
 #[derive(Debug)]
 pub struct NewKv<'a, T: Element> {
     /// Keys.
-    pub k: &'a Buffer<T>,
+    pub k: &'a dyn Src<T>,
     /// Values.
-    pub v: &'a Buffer<T>,
+    pub v: &'a dyn Src<T>,
 }
 
 /// The K and V caches written.
 #[derive(Debug)]
 pub struct KvCacheMut<'a, T: Element> {
     /// Keys.
-    pub k: &'a mut Buffer<T>,
+    pub k: &'a mut dyn Dst<T>,
     /// Values.
-    pub v: &'a mut Buffer<T>,
+    pub v: &'a mut dyn Dst<T>,
 }
 
 /// Where each new token of a step goes, computed and checked on the host and held on the backend.
@@ -84,7 +85,9 @@ pub struct AppendPlan {
     layout: KvLayout,
     page_size: Option<u32>,
     cache_len: usize,
-    head_stride: u64,
+    /// The caller gave the cache's strides: caches may be longer than `cache_len`.
+    custom: bool,
+    strides: KvStrides,
     tokens: u32,
     capacity: u32,
     /// `[capacity]`: element offset of head 0 of each new token's slot; `u64::MAX` past `tokens`.
@@ -112,13 +115,15 @@ impl AppendPlan {
                 "kv append: capacity = {capacity} must be below 2^31"
             )));
         }
+        kv.check_strides(&heads)?;
         let (slots, positions) = place(heads, kv, qo_indptr, capacity)?;
         Ok(AppendPlan {
             heads,
             layout: kv.layout(),
             page_size: kv.page_size(),
             cache_len: kv.buffer_len(&heads),
-            head_stride: kv.strides(&heads).head,
+            custom: kv.has_custom_strides(),
+            strides: kv.strides(&heads),
             tokens: (qo_indptr[qo_indptr.len() - 1]) as u32,
             capacity,
             slots: backend.upload(&slots)?,
@@ -130,19 +135,24 @@ impl AppendPlan {
     /// and cache (layout, page size, size) as the plan was built for. Rewrites the plan's buffers
     /// in place (their addresses stay, so a captured CUDA graph stays valid); it waits for the copy.
     pub fn replan(&mut self, kv: &KvIndex, qo_indptr: &[i32]) -> Result<()> {
+        kv.check_strides(&self.heads)?;
         let cache_len = kv.buffer_len(&self.heads);
         if kv.layout() != self.layout
             || kv.page_size() != self.page_size
             || cache_len != self.cache_len
+            || kv.strides(&self.heads) != self.strides
         {
             return Err(Error::invalid(format!(
-                "kv append replan: the cache is {:?}, page size {:?}, {cache_len} elements; the \
-                 plan was built for {:?}, page size {:?}, {} elements",
+                "kv append replan: the cache is {:?}, page size {:?}, {cache_len} elements, \
+                 strides {:?}; the plan was built for {:?}, page size {:?}, {} elements, strides \
+                 {:?}",
                 kv.layout(),
                 kv.page_size(),
+                kv.strides(&self.heads),
                 self.layout,
                 self.page_size,
-                self.cache_len
+                self.cache_len,
+                self.strides
             )));
         }
         let (slots, positions) = place(self.heads, kv, qo_indptr, self.capacity)?;
@@ -201,6 +211,90 @@ impl AppendPlan {
         }
     }
 
+    /// [`AppendPlan::run`] into one interleaved cache (`[num_pages, 2, page_size, num_kv_heads,
+    /// head_dim]`, K then V in each page; HND swaps the middle two), for a plan built on
+    /// [`KvIndex::interleaved`]. Asynchronous on a GPU; no allocation.
+    ///
+    /// Errors as [`AppendPlan::run`], and a plan whose index is not interleaved.
+    ///
+    /// ```
+    /// use ferrinfer_runtime::ops::kv_append::{AppendPlan, NewKv};
+    /// use ferrinfer_runtime::{Backend, Heads, KvIndex, KvLayout, ViewMut, prelude::bf16};
+    /// # fn main() -> ferrinfer_runtime::Result<()> {
+    /// let backend = Backend::Cpu;
+    /// let heads = Heads::new(2, 1, 8)?;
+    /// // One request of 3 tokens on pages 1 and 0 (2 tokens each); it appends its last token.
+    /// let kv = KvIndex::paged_from_lens(2, &[3], &[1, 0], 2, KvLayout::Nhd)?.interleaved(&heads)?;
+    /// let plan = AppendPlan::new(&backend, heads, &kv, &[0, 1], 1)?;
+    /// let (k, v) = (backend.upload(&[bf16::ONE; 8])?, backend.upload(&[bf16::MAX; 8])?);
+    /// let mut cache = vec![bf16::ZERO; 2 * 2 * 2 * 8];
+    /// plan.run_interleaved(&backend, NewKv { k: &k, v: &v }, &mut ViewMut::host(&mut cache))?;
+    /// // Position 2 is slot 0 of page 0: K at element 0, V one page of K later.
+    /// assert_eq!((cache[0], cache[2 * 8]), (bf16::ONE, bf16::MAX));
+    /// # Ok(()) }
+    /// ```
+    pub fn run_interleaved<T: Element>(
+        &self,
+        backend: &Backend,
+        new: NewKv<'_, T>,
+        cache: &mut dyn Dst<T>,
+    ) -> Result<()> {
+        let rows = self.check_new(&new)?;
+        let v_off = self.interleaved_v_offset().ok_or_else(|| {
+            Error::invalid(format!(
+                "kv append: run_interleaved needs a plan built on KvIndex::interleaved; its \
+                 strides are {:?}",
+                self.strides
+            ))
+        })?;
+        // K reaches `cache_len`, V the same from `v_off`.
+        self.check_cache("cache", cache.len().saturating_sub(v_off))?;
+        match backend {
+            Backend::Cpu => {
+                let c = cache.host_mut()?;
+                self.write_slots(
+                    rows,
+                    &new,
+                    |_, k| Ok(k.to_vec()),
+                    |at, k, v| {
+                        c[at..at + k.len()].copy_from_slice(k);
+                        c[v_off + at..v_off + at + v.len()].copy_from_slice(v);
+                    },
+                )
+            }
+            Backend::Cuda(gpu) => {
+                let c = cache.device_ptr(gpu)?;
+                let args = RopeArgs {
+                    src: [0, new.k.device_ptr(gpu)?, new.v.device_ptr(gpu)?],
+                    dst: [0, c, c + (v_off * size_of::<T>()) as u64],
+                    heads: [0, self.heads.num_kv_heads(), self.heads.num_kv_heads()],
+                    ..self.args(gpu, rows)?
+                };
+                // SAFETY: as in `run`: `check_new` bounded the rows, the cache holds `v_off`
+                // plus the planned extent, so K's slots (from the cache's start) and V's (from
+                // `v_off`) stay inside it; the interleaved strides keep K's and V's elements
+                // apart (a page's K half is `v_off` elements and V follows it).
+                unsafe { rope::launch::<T>(gpu, RopeLayout::NeoX, args) }
+            }
+        }
+    }
+
+    /// Elements from K to V when the plan's strides are an interleaved cache's.
+    fn interleaved_v_offset(&self) -> Option<usize> {
+        let p = u64::from(self.page_size?);
+        let (hk, d) = (
+            u64::from(self.heads.num_kv_heads()),
+            u64::from(self.heads.head_dim()),
+        );
+        let (token, head) = match self.layout {
+            KvLayout::Nhd => (hk * d, d),
+            KvLayout::Hnd => (d, p * d),
+        };
+        let s = self.strides;
+        (s.block == 2 * p * hk * d && s.token == token && s.head == head)
+            .then_some((p * hk * d) as usize)
+    }
+
     /// [`AppendPlan::run`] that also turns the new keys by `rope` at their KV positions on the way
     /// into the cache, and `q` (`[rows, num_qo_heads, head_dim]`, the same rows) in place.
     /// Asynchronous on a GPU; no allocation.
@@ -213,7 +307,7 @@ impl AppendPlan {
         backend: &Backend,
         rope: &Rope,
         angles: Angles<'_>,
-        q: &mut Buffer<T>,
+        q: &mut dyn Dst<T>,
         new: NewKv<'_, T>,
         cache: KvCacheMut<'_, T>,
     ) -> Result<()> {
@@ -274,7 +368,9 @@ impl AppendPlan {
                     ..RopeArgs {
                         slot_mode: SLOT_PLANNED,
                         slots: self.slots.device_ptr(gpu)?,
-                        kv_head_stride: self.head_stride,
+                        kv_head_stride: self.strides.head,
+                        kv_page_stride: self.strides.block,
+                        kv_token_stride: self.strides.token,
                         ..base
                     }
                 };
@@ -288,6 +384,15 @@ impl AppendPlan {
 
     /// Check a run's buffers; returns its rows.
     fn check<T: Element>(&self, new: &NewKv<'_, T>, cache: &KvCacheMut<'_, T>) -> Result<u32> {
+        let rows = self.check_new(new)?;
+        for (name, len) in [("k_cache", cache.k.len()), ("v_cache", cache.v.len())] {
+            self.check_cache(name, len)?;
+        }
+        Ok(rows)
+    }
+
+    /// Check the new K and V; returns their rows.
+    fn check_new<T: Element>(&self, new: &NewKv<'_, T>) -> Result<u32> {
         let row = (self.heads.num_kv_heads() * self.heads.head_dim()) as usize;
         let rows = new.k.len() / row;
         if new.k.len() != new.v.len()
@@ -304,22 +409,29 @@ impl AppendPlan {
                 self.capacity
             )));
         }
-        for (name, len) in [("k_cache", cache.k.len()), ("v_cache", cache.v.len())] {
-            if len != self.cache_len {
-                return Err(Error::invalid(format!(
-                    "kv append: {name} has {len} elements; the plan's cache has {}",
-                    self.cache_len
-                )));
-            }
-        }
         Ok(rows as u32)
+    }
+
+    /// A cache of `len` elements: exactly the planned size, or at least it with custom strides.
+    fn check_cache(&self, name: &str, len: usize) -> Result<()> {
+        if (self.custom && len < self.cache_len) || (!self.custom && len != self.cache_len) {
+            return Err(Error::invalid(format!(
+                "kv append: {name} has {len} elements; the plan's cache has {}{}",
+                if self.custom { "at least " } else { "" },
+                self.cache_len
+            )));
+        }
+        Ok(())
     }
 
     /// The planned-slot fields of the kernel's arguments, nothing rotated.
     fn args(&self, gpu: &crate::device::gpu::Gpu, rows: u32) -> Result<RopeArgs> {
         Ok(RopeArgs {
             slots: self.slots.device_ptr(gpu)?,
-            kv_head_stride: self.head_stride,
+            kv_head_stride: self.strides.head,
+            // Unused by planned slots; `rope::launch` picks a vector width that they keep aligned.
+            kv_page_stride: self.strides.block,
+            kv_token_stride: self.strides.token,
             tokens: rows,
             head_dim: self.heads.head_dim(),
             slot_mode: SLOT_PLANNED,
@@ -336,9 +448,23 @@ impl AppendPlan {
         cache: KvCacheMut<'_, T>,
         key: impl Fn(usize, &[T]) -> Result<Vec<T>>,
     ) -> Result<()> {
+        let (kc, vc) = (cache.k.host_mut()?, cache.v.host_mut()?);
+        self.write_slots(rows, new, key, |at, k, v| {
+            kc[at..at + k.len()].copy_from_slice(k);
+            vc[at..at + v.len()].copy_from_slice(v);
+        })
+    }
+
+    /// Each planned token's K and V head rows with their slot offsets, to `put`.
+    fn write_slots<T: Element>(
+        &self,
+        rows: u32,
+        new: &NewKv<'_, T>,
+        key: impl Fn(usize, &[T]) -> Result<Vec<T>>,
+        mut put: impl FnMut(usize, &[T], &[T]),
+    ) -> Result<()> {
         let slots = self.slots.host()?;
         let (nk, nv) = (new.k.host()?, new.v.host()?);
-        let (kc, vc) = (cache.k.host_mut()?, cache.v.host_mut()?);
         let (hk, d) = (
             self.heads.num_kv_heads() as usize,
             self.heads.head_dim() as usize,
@@ -347,9 +473,8 @@ impl AppendPlan {
             let k = key(t, &nk[t * hk * d..][..hk * d])?;
             let v = &nv[t * hk * d..][..hk * d];
             for h in 0..hk {
-                let at = (slots[t] + h as u64 * self.head_stride) as usize;
-                kc[at..at + d].copy_from_slice(&k[h * d..][..d]);
-                vc[at..at + d].copy_from_slice(&v[h * d..][..d]);
+                let at = (slots[t] + h as u64 * self.strides.head) as usize;
+                put(at, &k[h * d..][..d], &v[h * d..][..d]);
             }
         }
         Ok(())
@@ -417,15 +542,15 @@ fn place(
 #[derive(Clone, Copy, Debug)]
 pub struct PageTable<'a> {
     /// `[rows]` request of each new token.
-    pub batch_indices: &'a Buffer<i32>,
+    pub batch_indices: &'a dyn Src<i32>,
     /// `[rows]` position of each new token in its request.
-    pub positions: &'a Buffer<i32>,
+    pub positions: &'a dyn Src<i32>,
     /// `[batch + 1]` page ranges.
-    pub kv_indptr: &'a Buffer<i32>,
+    pub kv_indptr: &'a dyn Src<i32>,
     /// Page ids.
-    pub kv_indices: &'a Buffer<i32>,
+    pub kv_indices: &'a dyn Src<i32>,
     /// `[batch]` tokens in each request's last page.
-    pub kv_last_page_len: &'a Buffer<i32>,
+    pub kv_last_page_len: &'a dyn Src<i32>,
 }
 
 /// The cache's geometry for [`append_explicit`].

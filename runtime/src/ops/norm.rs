@@ -50,9 +50,10 @@ use ferrinfer_kernels::ops::norm::{
 };
 use ferrinfer_kernels::{DType, TranslationUnit};
 
-use crate::device::backend::{Backend, Buffer};
+use crate::device::backend::Backend;
 use crate::device::dtype::Element;
 use crate::device::gpu::Gpu;
+use crate::device::view::{Dst, Src, put};
 use crate::error::{Error, Result};
 use crate::jit::{Arch, CompiledKernel, Jit};
 use crate::ops::kernel;
@@ -116,10 +117,10 @@ impl NormShape {
 pub fn rmsnorm<T: Element>(
     backend: &Backend,
     shape: NormShape,
-    x: &Buffer<T>,
-    weight: &Buffer<T>,
+    x: &dyn Src<T>,
+    weight: &dyn Src<T>,
     eps: f32,
-    out: &mut Buffer<T>,
+    out: &mut dyn Dst<T>,
 ) -> Result<()> {
     rms(backend, shape, x, weight, eps, 0.0, out, "rmsnorm")
 }
@@ -145,10 +146,10 @@ pub fn rmsnorm<T: Element>(
 pub fn gemma_rmsnorm<T: Element>(
     backend: &Backend,
     shape: NormShape,
-    x: &Buffer<T>,
-    weight: &Buffer<T>,
+    x: &dyn Src<T>,
+    weight: &dyn Src<T>,
     eps: f32,
-    out: &mut Buffer<T>,
+    out: &mut dyn Dst<T>,
 ) -> Result<()> {
     rms(backend, shape, x, weight, eps, 1.0, out, "gemma_rmsnorm")
 }
@@ -161,9 +162,9 @@ pub fn gemma_rmsnorm<T: Element>(
 pub fn fused_add_rmsnorm<T: Element>(
     backend: &Backend,
     shape: NormShape,
-    x: &mut Buffer<T>,
-    residual: &mut Buffer<T>,
-    weight: &Buffer<T>,
+    x: &mut dyn Dst<T>,
+    residual: &mut dyn Dst<T>,
+    weight: &dyn Src<T>,
     eps: f32,
 ) -> Result<()> {
     fused(
@@ -183,9 +184,9 @@ pub fn fused_add_rmsnorm<T: Element>(
 pub fn gemma_fused_add_rmsnorm<T: Element>(
     backend: &Backend,
     shape: NormShape,
-    x: &mut Buffer<T>,
-    residual: &mut Buffer<T>,
-    weight: &Buffer<T>,
+    x: &mut dyn Dst<T>,
+    residual: &mut dyn Dst<T>,
+    weight: &dyn Src<T>,
     eps: f32,
 ) -> Result<()> {
     let name = "gemma_fused_add_rmsnorm";
@@ -216,11 +217,11 @@ pub fn gemma_fused_add_rmsnorm<T: Element>(
 pub fn layernorm<T: Element>(
     backend: &Backend,
     shape: NormShape,
-    x: &Buffer<T>,
-    gamma: &Buffer<f32>,
-    beta: &Buffer<f32>,
+    x: &dyn Src<T>,
+    gamma: &dyn Src<f32>,
+    beta: &dyn Src<f32>,
     eps: f32,
-    out: &mut Buffer<T>,
+    out: &mut dyn Dst<T>,
 ) -> Result<()> {
     let op = "layernorm";
     check_eps(op, eps)?;
@@ -245,7 +246,7 @@ pub fn layernorm<T: Element>(
                     .collect::<Vec<_>>(),
                 f64::from(eps),
             )?;
-            *out.host_mut()? = round(&f);
+            put(out.host_mut()?, &(round(&f)))?;
             Ok(())
         }
         Backend::Cuda(gpu) => {
@@ -335,11 +336,11 @@ fn unit(kind: NormKind, dtype: DType, vec: u32) -> Result<TranslationUnit> {
 fn rms<T: Element>(
     backend: &Backend,
     shape: NormShape,
-    x: &Buffer<T>,
-    weight: &Buffer<T>,
+    x: &dyn Src<T>,
+    weight: &dyn Src<T>,
     eps: f32,
     weight_offset: f32,
-    out: &mut Buffer<T>,
+    out: &mut dyn Dst<T>,
     op: &str,
 ) -> Result<()> {
     check_eps(op, eps)?;
@@ -355,7 +356,7 @@ fn rms<T: Element>(
                 f64::from(weight_offset),
                 f64::from(eps),
             )?;
-            *out.host_mut()? = round(&f);
+            put(out.host_mut()?, &(round(&f)))?;
             Ok(())
         }
         Backend::Cuda(gpu) => {
@@ -374,9 +375,9 @@ fn rms<T: Element>(
 fn fused<T: Element>(
     backend: &Backend,
     shape: NormShape,
-    x: &mut Buffer<T>,
-    residual: &mut Buffer<T>,
-    weight: &Buffer<T>,
+    x: &mut dyn Dst<T>,
+    residual: &mut dyn Dst<T>,
+    weight: &dyn Src<T>,
     eps: f32,
     weight_offset: f32,
     op: &str,
@@ -402,8 +403,8 @@ fn fused<T: Element>(
                 f64::from(weight_offset),
                 f64::from(eps),
             )?;
-            *x.host_mut()? = round(&f);
-            *residual.host_mut()? = sum;
+            put(x.host_mut()?, &(round(&f)))?;
+            put(residual.host_mut()?, &sum)?;
             Ok(())
         }
         Backend::Cuda(gpu) => {

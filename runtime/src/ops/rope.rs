@@ -44,9 +44,10 @@ use ferrinfer_kernels::ops::rope::{
 };
 
 use crate::attention::batch::Heads;
-use crate::device::backend::{Backend, Buffer};
+use crate::device::backend::Backend;
 use crate::device::dtype::Element;
 use crate::device::gpu::Gpu;
+use crate::device::view::{Dst, Src};
 use crate::error::{Error, Result};
 use crate::ops::kernel;
 
@@ -200,22 +201,22 @@ pub enum Angles<'a> {
     /// An f32 table `[max_position, rotary_dim]`: row `pos` holds `cos(pos f_j)` at column `j` and
     /// `sin(pos f_j)` at column `rotary_dim / 2 + j` (FlashInfer's `cos_sin_cache`). Positions
     /// must be in `0..max_position`.
-    Cache(&'a Buffer<f32>),
+    Cache(&'a dyn Src<f32>),
 }
 
 /// The position of every token.
 #[derive(Clone, Copy, Debug)]
 pub enum Positions<'a> {
     /// `[tokens]`: the position of each token.
-    PerToken(&'a Buffer<i32>),
+    PerToken(&'a dyn Src<i32>),
     /// Request `b` holds tokens `qo_indptr[b]..qo_indptr[b + 1]` (`[batch + 1]`, from 0 to the
     /// token count, never decreasing) and token `t` of it is at `offsets[b] + t - qo_indptr[b]`
     /// (`offsets` is `[batch]`).
     Offsets {
         /// `[batch + 1]` token ranges.
-        qo_indptr: &'a Buffer<i32>,
+        qo_indptr: &'a dyn Src<i32>,
         /// `[batch]` position of each request's first token.
-        offsets: &'a Buffer<i32>,
+        offsets: &'a dyn Src<i32>,
     },
 }
 
@@ -276,7 +277,7 @@ impl Rope {
         Ok((q_len / row) as u32)
     }
     /// Rows of a cos/sin cache, or an error.
-    fn cache_rows(&self, cache: &Buffer<f32>) -> Result<u32> {
+    fn cache_rows(&self, cache: &dyn Src<f32>) -> Result<u32> {
         let rd = self.rotary_dim as usize;
         if cache.is_empty()
             || !cache.len().is_multiple_of(rd)
@@ -296,18 +297,18 @@ impl Rope {
 #[derive(Debug)]
 pub struct Qk<'a, T: Element> {
     /// `[tokens, num_qo_heads, head_dim]`.
-    pub q: &'a Buffer<T>,
+    pub q: &'a dyn Src<T>,
     /// `[tokens, num_kv_heads, head_dim]`.
-    pub k: &'a Buffer<T>,
+    pub k: &'a dyn Src<T>,
 }
 
 /// Queries and keys written by [`apply`] or turned in place by [`apply_in_place`].
 #[derive(Debug)]
 pub struct QkMut<'a, T: Element> {
     /// `[tokens, num_qo_heads, head_dim]`.
-    pub q: &'a mut Buffer<T>,
+    pub q: &'a mut dyn Dst<T>,
     /// `[tokens, num_kv_heads, head_dim]`.
-    pub k: &'a mut Buffer<T>,
+    pub k: &'a mut dyn Dst<T>,
 }
 
 /// Rotate `qk` in place (dims past `rotary_dim` untouched). Asynchronous on a GPU; no allocation.
@@ -625,7 +626,16 @@ pub(crate) unsafe fn launch<T: Element>(
     }
     // An absent family's pointers do not count (0 is aligned to every width).
     let live = |f: usize, p: u64| if args.heads[f] > 0 { p } else { 0 };
-    let ptrs: [u64; 6] = std::array::from_fn(|i| live(i / 2, [args.src, args.dst][i % 2][i / 2]));
+    let mut ptrs = [0u64; 9];
+    for (i, p) in ptrs.iter_mut().take(6).enumerate() {
+        *p = live(i / 2, [args.src, args.dst][i % 2][i / 2]);
+    }
+    // A cache's strides move a vector as its base does: caller-given ones (an interleaved or
+    // padded cache) may allow only a narrower vector than the pointers do.
+    let elem = size_of::<T>() as u64;
+    ptrs[6] = args.kv_page_stride * elem;
+    ptrs[7] = args.kv_token_stride * elem;
+    ptrs[8] = args.kv_head_stride * elem;
     let vec = rope_vec_width(args.head_dim, args.rotary_dim, &ptrs);
     let chunks = rope_chunks(args.head_dim, args.rotary_dim, vec);
     let heads = args.heads.iter().map(|&h| u64::from(h)).sum::<u64>();

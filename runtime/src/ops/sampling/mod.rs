@@ -54,9 +54,10 @@ use ferrinfer_kernels::ops::sampling::{
     SamplingInput,
 };
 
-use crate::device::backend::{Backend, Buffer};
+use crate::device::backend::Backend;
 use crate::device::dtype::Pod;
 use crate::device::gpu::Gpu;
+use crate::device::view::{Dst, Src};
 use crate::error::{Error, Result};
 use crate::ops::kernel;
 
@@ -111,7 +112,7 @@ pub enum Param<'a, T: Pod> {
     /// The same value for every request (checked on the host).
     All(T),
     /// One value per request (clamped by the kernel, see the module docs).
-    PerRequest(&'a Buffer<T>),
+    PerRequest(&'a dyn Src<T>),
 }
 
 impl<T: Pod> Clone for Param<'_, T> {
@@ -229,9 +230,9 @@ pub fn sample_from_probs(
     backend: &Backend,
     state: &mut SamplerState,
     shape: SampleShape,
-    probs: &Buffer<f32>,
+    probs: &dyn Src<f32>,
     filter: &Filter<'_>,
-    tokens: &mut Buffer<i32>,
+    tokens: &mut dyn Dst<i32>,
 ) -> Result<()> {
     sample(
         backend,
@@ -255,10 +256,10 @@ pub fn sample_from_logits(
     backend: &Backend,
     state: &mut SamplerState,
     shape: SampleShape,
-    logits: &Buffer<f32>,
+    logits: &dyn Src<f32>,
     temperature: Param<'_, f32>,
     filter: &Filter<'_>,
-    tokens: &mut Buffer<i32>,
+    tokens: &mut dyn Dst<i32>,
 ) -> Result<()> {
     temperature.check_len("temperature", shape.batch)?;
     if let Param::All(t) = temperature
@@ -286,10 +287,10 @@ fn sample(
     state: &mut SamplerState,
     shape: SampleShape,
     input: SamplingInput,
-    x: &Buffer<f32>,
+    x: &dyn Src<f32>,
     temperature: Param<'_, f32>,
     filter: &Filter<'_>,
-    tokens: &mut Buffer<i32>,
+    tokens: &mut dyn Dst<i32>,
 ) -> Result<()> {
     filter.validate(shape)?;
     let what = match input {

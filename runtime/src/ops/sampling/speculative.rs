@@ -43,8 +43,9 @@ use ferrinfer_kernels::ops::sampling::{self as kern, SpeculativeArgs};
 
 use super::rng::{RowDraws, SamplerState, philox_uniform};
 use super::{MAX_VOCAB, advance, canonical_prob};
-use crate::device::backend::{Backend, Buffer};
+use crate::device::backend::Backend;
 use crate::device::gpu::Gpu;
+use crate::device::view::{Dst, Src};
 use crate::error::{Error, Result};
 use crate::ops::kernel;
 
@@ -111,12 +112,12 @@ pub fn chain_speculative_sampling(
     backend: &Backend,
     state: &mut SamplerState,
     shape: SpecShape,
-    draft_probs: &Buffer<f32>,
-    draft_ids: &Buffer<i32>,
-    target_probs: &Buffer<f32>,
-    tokens: &mut Buffer<i32>,
-    accepted: &mut Buffer<i32>,
-    emitted: &mut Buffer<i32>,
+    draft_probs: &dyn Src<f32>,
+    draft_ids: &dyn Src<i32>,
+    target_probs: &dyn Src<f32>,
+    tokens: &mut dyn Dst<i32>,
+    accepted: &mut dyn Dst<i32>,
+    emitted: &mut dyn Dst<i32>,
 ) -> Result<()> {
     let (b, n, v) = (shape.batch as usize, shape.n as usize, shape.vocab as usize);
     for (name, got, want) in [

@@ -27,8 +27,9 @@
 use ferrinfer_kernels::ops::sampling::{self as kern, RowTransform, RowTransformArgs};
 
 use super::{Param, SampleShape, canonical_logit, canonical_prob};
-use crate::device::backend::{Backend, Buffer};
+use crate::device::backend::Backend;
 use crate::device::gpu::Gpu;
+use crate::device::view::{Dst, Src};
 use crate::error::{Error, Result};
 use crate::ops::kernel;
 
@@ -38,9 +39,9 @@ use crate::ops::kernel;
 pub fn softmax(
     backend: &Backend,
     shape: SampleShape,
-    logits: &Buffer<f32>,
+    logits: &dyn Src<f32>,
     temperature: Param<'_, f32>,
-    probs: &mut Buffer<f32>,
+    probs: &mut dyn Dst<f32>,
 ) -> Result<()> {
     temperature.check_len("temperature", shape.batch())?;
     if let Param::All(t) = temperature
@@ -68,9 +69,9 @@ pub fn softmax(
 pub fn top_k_renorm_probs(
     backend: &Backend,
     shape: SampleShape,
-    probs: &Buffer<f32>,
+    probs: &dyn Src<f32>,
     top_k: Param<'_, i32>,
-    out: &mut Buffer<f32>,
+    out: &mut dyn Dst<f32>,
 ) -> Result<()> {
     check_k(top_k, shape, "top_k_renorm_probs")?;
     run(
@@ -91,9 +92,9 @@ pub fn top_k_renorm_probs(
 pub fn top_p_renorm_probs(
     backend: &Backend,
     shape: SampleShape,
-    probs: &Buffer<f32>,
+    probs: &dyn Src<f32>,
     top_p: Param<'_, f32>,
-    out: &mut Buffer<f32>,
+    out: &mut dyn Dst<f32>,
 ) -> Result<()> {
     top_p.check_len("top_p", shape.batch())?;
     if let Param::All(p) = top_p
@@ -121,9 +122,9 @@ pub fn top_p_renorm_probs(
 pub fn top_k_mask_logits(
     backend: &Backend,
     shape: SampleShape,
-    logits: &Buffer<f32>,
+    logits: &dyn Src<f32>,
     top_k: Param<'_, i32>,
-    out: &mut Buffer<f32>,
+    out: &mut dyn Dst<f32>,
 ) -> Result<()> {
     check_k(top_k, shape, "top_k_mask_logits")?;
     run(
@@ -173,9 +174,9 @@ fn run(
     backend: &Backend,
     shape: SampleShape,
     op: RowTransform,
-    x: &Buffer<f32>,
+    x: &dyn Src<f32>,
     knobs: Knobs<'_>,
-    out: &mut Buffer<f32>,
+    out: &mut dyn Dst<f32>,
 ) -> Result<()> {
     for (name, len) in [("input", x.len()), ("out", out.len())] {
         if len != shape.len() {

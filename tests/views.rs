@@ -1,0 +1,530 @@
+//! Memory the caller owns: host and device views, q and o inside wider rows (a fused QKV), one
+//! interleaved K/V cache. Each strided run is compared with the dense run of the same data (bit
+//! for bit on the CPU) or with the CPU reference (GPU).
+
+use ferrinfer::attention::KvStrides;
+use ferrinfer::attention::{QoStrides, reference};
+use ferrinfer::ops::kv_append::{AppendPlan, KvCacheMut, NewKv};
+use ferrinfer::prelude::*;
+use ferrinfer::variants::Standard;
+use ferrinfer::{Element, indptr};
+use ferrinfer_testkit::Rng;
+
+/// One batch over a paged cache, its data dense and in the caller's layouts.
+struct Case<T> {
+    heads: Heads,
+    /// Dense batch (dense K/V, q and o).
+    dense: Batch,
+    /// The same batch over the interleaved cache, q in fused QKV rows, o in padded rows.
+    strided: Batch,
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    /// `[rows, (hq + 2 hk) * d]`, q first.
+    qkv: Vec<T>,
+    /// `[pages, 2, page]`: K then V of each page.
+    cache: Vec<T>,
+    o_row: usize,
+    rows: usize,
+}
+
+fn case<T: Element>(
+    rng: &mut Rng,
+    page: u32,
+    kv_lens: &[u32],
+    qo_lens: &[u32],
+    layout: KvLayout,
+) -> Case<T> {
+    let heads = Heads::new(8, 2, 64).unwrap();
+    let (hq, hk, d) = (8usize, 2usize, 64usize);
+    let used: u32 = kv_lens.iter().map(|l| l.div_ceil(page)).sum();
+    let pages = used + 3; // spare pages hold NaN: reading one fails the test
+    let mut ids: Vec<i32> = (0..pages as i32).collect();
+    rng.shuffle(&mut ids);
+    ids.truncate(used as usize);
+    let kv = KvIndex::paged_from_lens(page, kv_lens, &ids, pages, layout).unwrap();
+    let ps = page as usize * hk * d;
+    let mut k = vec![T::from_f32(f32::NAN); pages as usize * ps];
+    let mut v = k.clone();
+    for &p in &ids {
+        for e in 0..ps {
+            k[p as usize * ps + e] = T::from_f32(rng.normal());
+            v[p as usize * ps + e] = T::from_f32(rng.normal());
+        }
+    }
+    let mut cache = Vec::with_capacity(2 * k.len());
+    for p in 0..pages as usize {
+        cache.extend_from_slice(&k[p * ps..][..ps]);
+        cache.extend_from_slice(&v[p * ps..][..ps]);
+    }
+    let rows: u32 = qo_lens.iter().sum();
+    let rows = rows as usize;
+    let row = (hq + 2 * hk) * d;
+    let qkv: Vec<T> = (0..rows * row).map(|_| T::from_f32(rng.normal())).collect();
+    let q: Vec<T> = qkv.chunks(row).flat_map(|r| r[..hq * d].to_vec()).collect();
+    let dense = Batch::new(heads, &indptr(qo_lens), kv.clone())
+        .unwrap()
+        .with_causal(true);
+    let o_row = hq * d + 64;
+    let strided = Batch::new(heads, &indptr(qo_lens), kv.interleaved(&heads).unwrap())
+        .unwrap()
+        .with_causal(true)
+        .with_qo_strides(
+            QoStrides::new(row as u64, d as u64),
+            QoStrides::new(o_row as u64, d as u64),
+        )
+        .unwrap();
+    Case {
+        heads,
+        dense,
+        strided,
+        q,
+        k,
+        v,
+        qkv,
+        cache,
+        o_row,
+        rows,
+    }
+}
+
+impl<T: Element> Case<T> {
+    /// The dense rows of a padded o (and check that the padding was not written).
+    fn unpad(&self, o: &[T]) -> Vec<T> {
+        let w = self.heads.num_qo_heads() as usize * self.heads.head_dim() as usize;
+        for r in o.chunks(self.o_row) {
+            assert!(
+                r[w..].iter().all(|x| x.to_f32().is_nan()),
+                "o padding written"
+            );
+        }
+        o.chunks(self.o_row).flat_map(|r| r[..w].to_vec()).collect()
+    }
+    fn v_off(&self) -> usize {
+        self.strided.kv().interleaved_v_offset(&self.heads)
+    }
+}
+
+fn bits<T: Element>(xs: &[T]) -> Vec<u32> {
+    xs.iter().map(|x| x.to_f32().to_bits()).collect()
+}
+
+/// Prefill over the interleaved cache with q in fused rows and padded o, on the CPU through host
+/// views: bit for bit the dense run.
+#[test]
+fn strided_prefill_matches_dense_on_the_cpu() {
+    let mut rng = Rng::from_time();
+    let cpu = Backend::Cpu;
+    for layout in [KvLayout::Nhd, KvLayout::Hnd] {
+        for page in [1, 16] {
+            let c = case::<bf16>(&mut rng, page, &[37, 5, 70], &[9, 5, 1], layout);
+            let plan = BatchPrefill::plan(&cpu, c.dense.clone()).unwrap();
+            let (qb, kb, vb) = (
+                cpu.upload(&c.q).unwrap(),
+                cpu.upload(&c.k).unwrap(),
+                cpu.upload(&c.v).unwrap(),
+            );
+            let mut ob = cpu.filled(c.q.len(), bf16::NAN).unwrap();
+            plan.run(&Standard, &qb, &kb, &vb, &mut ob, None).unwrap();
+
+            let plan = BatchPrefill::plan(&cpu, c.strided.clone()).unwrap();
+            let mut o = vec![bf16::NAN; c.rows * c.o_row];
+            let v = View::host(&c.cache).slice(c.v_off()..).unwrap();
+            plan.run(
+                &Standard,
+                &View::host(&c.qkv),
+                &View::host(&c.cache),
+                &v,
+                &mut ViewMut::host(&mut o),
+                None,
+            )
+            .unwrap();
+            assert_eq!(
+                bits(&c.unpad(&o)),
+                bits(&ob.to_vec().unwrap()),
+                "{layout:?} page {page}"
+            );
+        }
+    }
+}
+
+/// Decode with `plan_batch`: q strided, interleaved cache, host views; equal to the dense run.
+#[test]
+fn strided_decode_matches_dense_on_the_cpu() {
+    let mut rng = Rng::from_time();
+    let cpu = Backend::Cpu;
+    let c = case::<f16>(&mut rng, 16, &[40, 1, 17], &[1, 1, 1], KvLayout::Nhd);
+    let plan = BatchDecode::plan(&cpu, c.heads, c.dense.kv().clone(), None).unwrap();
+    let mut want = vec![f16::NAN; c.q.len()];
+    plan.run(
+        &Standard,
+        &View::host(&c.q),
+        &View::host(&c.k),
+        &View::host(&c.v),
+        &mut ViewMut::host(&mut want),
+        None,
+    )
+    .unwrap();
+    let batch = Batch::decode(c.heads, c.strided.kv().clone())
+        .unwrap()
+        .with_qo_strides(c.strided.q_strides(), c.strided.o_strides())
+        .unwrap();
+    let plan = BatchDecode::plan_batch(&cpu, batch, PlanConfig::default()).unwrap();
+    let mut o = vec![f16::NAN; c.rows * c.o_row];
+    let cache = View::host(&c.cache);
+    plan.run(
+        &Standard,
+        &View::host(&c.qkv),
+        &cache,
+        &cache.slice(c.v_off()..).unwrap(),
+        &mut ViewMut::host(&mut o),
+        None,
+    )
+    .unwrap();
+    assert_eq!(bits(&c.unpad(&o)), bits(&want));
+    // A prefill batch is not a decode batch.
+    let e = BatchDecode::plan_batch(&cpu, c.dense.clone(), PlanConfig::default());
+    assert!(e.is_err() || c.dense.total_qo() == c.dense.batch());
+}
+
+/// Append into an interleaved cache equals appending into separate K and V caches.
+#[test]
+fn append_into_an_interleaved_cache() {
+    let mut rng = Rng::from_time();
+    let cpu = Backend::Cpu;
+    for layout in [KvLayout::Nhd, KvLayout::Hnd] {
+        let c = case::<bf16>(&mut rng, 4, &[9, 3], &[1, 1], layout);
+        let heads = c.heads;
+        let qo = [0, 2, 5];
+        let rows = 5 * 2 * 64;
+        let nk: Vec<bf16> = (0..rows).map(|_| bf16::from_f32(rng.normal())).collect();
+        let nv: Vec<bf16> = (0..rows).map(|_| bf16::from_f32(rng.normal())).collect();
+        let (nkb, nvb) = (cpu.upload(&nk).unwrap(), cpu.upload(&nv).unwrap());
+        let dense = AppendPlan::new(&cpu, heads, c.dense.kv(), &qo, 8).unwrap();
+        let (mut k, mut v) = (c.k.clone(), c.v.clone());
+        dense
+            .run(
+                &cpu,
+                NewKv { k: &nkb, v: &nvb },
+                KvCacheMut {
+                    k: &mut ViewMut::host(&mut k),
+                    v: &mut ViewMut::host(&mut v),
+                },
+            )
+            .unwrap();
+        let inter = AppendPlan::new(&cpu, heads, c.strided.kv(), &qo, 8).unwrap();
+        let mut cache = c.cache.clone();
+        inter
+            .run_interleaved(
+                &cpu,
+                NewKv { k: &nkb, v: &nvb },
+                &mut ViewMut::host(&mut cache),
+            )
+            .unwrap();
+        let ps = cache.len() / 2 / (c.k.len() / (4 * 2 * 64));
+        let (mut gk, mut gv) = (Vec::new(), Vec::new());
+        for p in cache.chunks(2 * ps) {
+            gk.extend_from_slice(&p[..ps]);
+            gv.extend_from_slice(&p[ps..]);
+        }
+        assert_eq!(bits(&gk), bits(&k), "{layout:?} K");
+        assert_eq!(bits(&gv), bits(&v), "{layout:?} V");
+        // A dense plan cannot write an interleaved cache.
+        let e = dense
+            .run_interleaved(
+                &cpu,
+                NewKv { k: &nkb, v: &nvb },
+                &mut ViewMut::host(&mut cache),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("KvIndex::interleaved"), "{e}");
+        // A cache one element short.
+        let n = cache.len() - 1;
+        let e = inter
+            .run_interleaved(
+                &cpu,
+                NewKv { k: &nkb, v: &nvb },
+                &mut ViewMut::host(&mut cache[..n]),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("at least"), "{e}");
+    }
+}
+
+/// Views work with the ops too (RMSNorm through a row of a wider tensor's slice).
+#[test]
+fn ops_take_views() {
+    use ferrinfer::ops::norm;
+    let cpu = Backend::Cpu;
+    let x: Vec<bf16> = (0..4 * 64)
+        .map(|i| bf16::from_f32(i as f32 / 50.0))
+        .collect();
+    let w = vec![bf16::ONE; 64];
+    let mut want = cpu.filled(2 * 64, bf16::ZERO).unwrap();
+    let xb = cpu.upload(&x[64..192]).unwrap();
+    let shape = norm::NormShape::new(2, 64).unwrap();
+    norm::rmsnorm(&cpu, shape, &xb, &cpu.upload(&w).unwrap(), 1e-6, &mut want).unwrap();
+    let mut got = vec![bf16::ZERO; 2 * 64];
+    let xv = View::host(&x).slice(64..192).unwrap();
+    norm::rmsnorm(
+        &cpu,
+        shape,
+        &xv,
+        &View::host(&w),
+        1e-6,
+        &mut ViewMut::host(&mut got),
+    )
+    .unwrap();
+    assert_eq!(bits(&got), bits(&want.to_vec().unwrap()));
+}
+
+/// Short views, overlapping o, aliasing K/V strides, misplaced views: clear errors.
+#[test]
+fn bad_views_and_strides_are_refused() {
+    let mut rng = Rng::from_time();
+    let cpu = Backend::Cpu;
+    let c = case::<bf16>(&mut rng, 16, &[20], &[4], KvLayout::Nhd);
+    let plan = BatchPrefill::plan(&cpu, c.strided.clone()).unwrap();
+    let mut o = vec![bf16::NAN; c.rows * c.o_row];
+    let cache = View::host(&c.cache);
+    let v = cache.slice(c.v_off()..).unwrap();
+    // q's extent ends with the last row's q heads (its K and V columns are not read).
+    let q_extent = (c.rows - 1) * 12 * 64 + 8 * 64;
+    assert!(View::host(&c.qkv[..q_extent]).len() < c.qkv.len());
+    let short_q = View::host(&c.qkv[..q_extent - 1]);
+    let err = |r: ferrinfer::Result<()>| r.unwrap_err().to_string();
+    let e = err(plan.run(
+        &Standard,
+        &short_q,
+        &cache,
+        &v,
+        &mut ViewMut::host(&mut o),
+        None,
+    ));
+    assert!(e.contains("q has") && e.contains("reach"), "{e}");
+    let short_v = cache.slice(c.v_off() + 1..).unwrap();
+    let e = err(plan.run(
+        &Standard,
+        &View::host(&c.qkv),
+        &cache,
+        &short_v,
+        &mut ViewMut::host(&mut o),
+        None,
+    ));
+    assert!(e.contains("v has") && e.contains("at least"), "{e}");
+    // o rows overlapping: row stride below a row of heads.
+    let e = c
+        .dense
+        .clone()
+        .with_qo_strides(QoStrides::dense(&c.heads), QoStrides::new(64, 64));
+    let e = BatchPrefill::plan(&cpu, e.unwrap())
+        .err()
+        .map(|e| e.to_string());
+    let e = e.unwrap_or_else(|| {
+        let plan = BatchPrefill::plan(
+            &cpu,
+            c.dense
+                .clone()
+                .with_qo_strides(QoStrides::dense(&c.heads), QoStrides::new(64, 64))
+                .unwrap(),
+        )
+        .unwrap();
+        let (q, k, vv) = (View::host(&c.q), View::host(&c.k), View::host(&c.v));
+        err(plan.run(&Standard, &q, &k, &vv, &mut ViewMut::host(&mut o), None))
+    });
+    assert!(e.contains("overlap"), "{e}");
+    // K/V strides whose heads alias, and a ragged index with block != token.
+    let kv = c
+        .dense
+        .kv()
+        .clone()
+        .with_strides(KvStrides {
+            block: 16 * 128,
+            token: 128,
+            head: 32,
+        })
+        .unwrap();
+    let e = Batch::new(c.heads, &[0, 4], kv).unwrap_err().to_string();
+    assert!(e.contains("alias"), "{e}");
+    let e = KvIndex::ragged(&[0, 5], KvLayout::Nhd)
+        .unwrap()
+        .with_strides(KvStrides {
+            block: 256,
+            token: 128,
+            head: 64,
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("block == token"), "{e}");
+    assert!(
+        KvIndex::ragged(&[0, 5], KvLayout::Nhd)
+            .unwrap()
+            .interleaved(&c.heads)
+            .is_err()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// GPU: device views of cudarc slices and raw pointers, compared with the CPU reference.
+
+fn tolerance<T: Element>() -> f64 {
+    if T::DTYPE == ferrinfer::DType::F16 {
+        2e-3
+    } else {
+        1e-2
+    }
+}
+
+/// Prefill (or decode) over the interleaved cache on the GPU with q in fused QKV rows (a device
+/// view of a `CudaSlice`), V a sub-view of the cache, o padded (a raw-pointer view when `raw`).
+fn gpu_strided<T: Element>(page: u32, decode: bool, layout: KvLayout, raw: bool) {
+    let backend = Backend::cuda(0).unwrap();
+    let gpu = backend.gpu().unwrap().clone();
+    let mut rng = Rng::from_time();
+    let seed = rng.seed();
+    let qo: &[u32] = if decode {
+        &[1, 1, 1, 1]
+    } else {
+        &[33, 1, 70, 7]
+    };
+    let c = case::<T>(&mut rng, page, &[300, 17, 129, 7], qo, layout);
+    let want = reference::attention_typed(&Standard, &c.dense, &c.q, &c.k, &c.v).unwrap();
+    let qkv = gpu.upload(&c.qkv).unwrap();
+    let cache = gpu.upload(&c.cache).unwrap();
+    let mut o = gpu
+        .upload(&vec![T::from_f32(f32::NAN); c.rows * c.o_row])
+        .unwrap();
+    let q = View::device(&qkv, &gpu).unwrap();
+    let k = View::device(&cache, &gpu).unwrap();
+    let v_part = cache.slice(c.v_off()..);
+    let v = View::device(&v_part, &gpu).unwrap();
+    {
+        let mut ov = if raw {
+            let ptr = gpu.device_ptr(&o);
+            // SAFETY: `o` is `rows * o_row` elements of this GPU, outlives the view, and nothing
+            // else touches it until the run below is synchronised.
+            unsafe { ViewMut::<T>::from_raw(ptr, c.rows * c.o_row, &gpu).unwrap() }
+        } else {
+            ViewMut::device(&mut o, &gpu).unwrap()
+        };
+        if decode {
+            let batch = Batch::decode(c.heads, c.strided.kv().clone())
+                .unwrap()
+                .with_qo_strides(c.strided.q_strides(), c.strided.o_strides())
+                .unwrap();
+            for kernel in [DecodeKernel::CudaCores, DecodeKernel::TensorCores] {
+                let config = PlanConfig {
+                    decode_kernel: kernel,
+                    ..PlanConfig::default()
+                };
+                let plan = BatchDecode::plan_batch(&backend, batch.clone(), config).unwrap();
+                plan.run(&Standard, &q, &k, &v, &mut ov, None).unwrap();
+            }
+        } else {
+            let plan = BatchPrefill::plan(&backend, c.strided.clone()).unwrap();
+            plan.run(&Standard, &q, &k, &v, &mut ov, None).unwrap();
+        }
+    }
+    backend.synchronize().unwrap();
+    let got: Vec<f32> = c
+        .unpad(&gpu.download(&o).unwrap())
+        .iter()
+        .map(|x| x.to_f32())
+        .collect();
+    assert!(!reference::has_nan(&got), "NaN in o (seed {seed})");
+    let (err, req, head) = reference::worst_rel_l2(&c.dense, &got, &want.o);
+    assert!(
+        err <= tolerance::<T>(),
+        "{:?} page {page} decode {decode} {layout:?}: {err:.2e} at request {req} head {head} \
+         (seed {seed})",
+        T::DTYPE
+    );
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_views_interleaved_prefill() {
+    for page in [1, 16] {
+        for layout in [KvLayout::Nhd, KvLayout::Hnd] {
+            gpu_strided::<bf16>(page, false, layout, false);
+            gpu_strided::<f16>(page, false, layout, true);
+        }
+    }
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_views_interleaved_decode() {
+    for page in [1, 16] {
+        for layout in [KvLayout::Nhd, KvLayout::Hnd] {
+            gpu_strided::<f16>(page, true, layout, false);
+            gpu_strided::<bf16>(page, true, layout, true);
+        }
+    }
+}
+
+/// Interleaved append on the GPU equals the CPU's, and misplaced or misaligned views are refused.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_views_append_and_errors() {
+    let backend = Backend::cuda(0).unwrap();
+    let gpu = backend.gpu().unwrap().clone();
+    let cpu = Backend::Cpu;
+    let mut rng = Rng::from_time();
+    for page in [1, 16] {
+        let c = case::<bf16>(&mut rng, page, &[40, 3], &[1, 1], KvLayout::Nhd);
+        let qo = [0, 5, 8];
+        let nk: Vec<bf16> = (0..8 * 128).map(|_| bf16::from_f32(rng.normal())).collect();
+        let nv: Vec<bf16> = (0..8 * 128).map(|_| bf16::from_f32(rng.normal())).collect();
+        let mut want = c.cache.clone();
+        let (nkc, nvc) = (cpu.upload(&nk).unwrap(), cpu.upload(&nv).unwrap());
+        AppendPlan::new(&cpu, c.heads, c.strided.kv(), &qo, 8)
+            .unwrap()
+            .run_interleaved(
+                &cpu,
+                NewKv { k: &nkc, v: &nvc },
+                &mut ViewMut::host(&mut want),
+            )
+            .unwrap();
+        let plan = AppendPlan::new(&backend, c.heads, c.strided.kv(), &qo, 8).unwrap();
+        let (nkd, nvd) = (gpu.upload(&nk).unwrap(), gpu.upload(&nv).unwrap());
+        let mut cache = gpu.upload(&c.cache).unwrap();
+        plan.run_interleaved(
+            &backend,
+            NewKv {
+                k: &View::device(&nkd, &gpu).unwrap(),
+                v: &View::device(&nvd, &gpu).unwrap(),
+            },
+            &mut ViewMut::device(&mut cache, &gpu).unwrap(),
+        )
+        .unwrap();
+        let got = gpu.download(&cache).unwrap();
+        assert_eq!(bits(&got), bits(&want), "page {page}");
+    }
+    // A host view on the GPU backend, and a q view 2 bytes off 16-byte alignment.
+    let c = case::<bf16>(&mut rng, 16, &[20], &[4], KvLayout::Nhd);
+    let plan = BatchPrefill::plan(&backend, c.dense.clone()).unwrap();
+    let (q, k, v) = (
+        gpu.upload(&c.q).unwrap(),
+        gpu.upload(&c.k).unwrap(),
+        gpu.upload(&c.v).unwrap(),
+    );
+    let mut o = gpu.upload(&c.q).unwrap();
+    let (kv, vv) = (
+        View::device(&k, &gpu).unwrap(),
+        View::device(&v, &gpu).unwrap(),
+    );
+    let mut ov = ViewMut::device(&mut o, &gpu).unwrap();
+    let e = plan
+        .run(&Standard, &View::host(&c.q), &kv, &vv, &mut ov, None)
+        .unwrap_err();
+    assert!(e.to_string().contains("host"), "{e}");
+    let big = gpu
+        .upload(&[c.q.clone(), vec![bf16::ZERO]].concat())
+        .unwrap();
+    let shifted = View::device(&big, &gpu).unwrap().slice(1..).unwrap();
+    let e = plan
+        .run(&Standard, &shifted, &kv, &vv, &mut ov, None)
+        .unwrap_err();
+    assert!(e.to_string().contains("16-byte"), "{e}");
+    let _ = q;
+}
