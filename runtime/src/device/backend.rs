@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 
 use crate::device::dtype::Pod;
 use crate::device::gpu::Gpu;
@@ -164,6 +164,50 @@ impl<T: Pod> Buffer<T> {
                 v.truncate(*len);
                 Ok(v)
             }
+        }
+    }
+    /// The device memory of a GPU buffer as a cudarc view of its `len()` elements (`None` for a
+    /// host buffer), for the caller's own cudarc work: a copy out of it, or its address for a
+    /// kernel of the caller's. Our buffers carry no cudarc events, so a copy through the view
+    /// records and waits on none, also inside a CUDA graph capture. Queue such work on the
+    /// backend's stream ([`Gpu::stream`]), or order your stream against it yourself.
+    ///
+    /// ```no_run
+    /// use ferrinfer_runtime::Backend;
+    /// use ferrinfer_runtime::cudarc::driver::CudaContext;
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let stream = CudaContext::new(0)?.new_stream()?;
+    /// let backend = Backend::on_stream(stream.clone())?;
+    /// let x = backend.upload(&[1.0f32, 2.0])?;
+    /// let back = stream.clone_dtoh(&x.cuda_view().expect("a GPU buffer"))?;
+    /// assert_eq!(back, [1.0, 2.0]);
+    /// # Ok(()) }
+    /// ```
+    pub fn cuda_view(&self) -> Option<CudaView<'_, T>> {
+        match &self.at {
+            At::Host(_) => None,
+            At::Device { slice, len, .. } => Some(slice.slice(..*len)),
+        }
+    }
+    /// [`Buffer::cuda_view`], writable: for a copy into the buffer on the caller's stream
+    /// (`stream.memcpy_htod(data, &mut view)`), which a CUDA graph can capture between two
+    /// buffers of ours. The view cannot move or resize the buffer.
+    ///
+    /// ```no_run
+    /// use ferrinfer_runtime::Backend;
+    /// use ferrinfer_runtime::cudarc::driver::CudaContext;
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let stream = CudaContext::new(0)?.new_stream()?;
+    /// let backend = Backend::on_stream(stream.clone())?;
+    /// let mut x = backend.filled(2, 0.0f32)?;
+    /// stream.memcpy_htod(&[3.0f32, 4.0], &mut x.cuda_view_mut().expect("a GPU buffer"))?;
+    /// assert_eq!(x.to_vec()?, [3.0, 4.0]);
+    /// # Ok(()) }
+    /// ```
+    pub fn cuda_view_mut(&mut self) -> Option<CudaViewMut<'_, T>> {
+        match &mut self.at {
+            At::Host(_) => None,
+            At::Device { slice, len, .. } => Some(slice.slice_mut(..*len)),
         }
     }
     pub(crate) fn host(&self) -> Result<&[T]> {
