@@ -264,6 +264,11 @@ pub enum Input {
 ///
 /// The buffers are reachable only read-only (`q()`, `o()`...) and through [`GraphRun::write`],
 /// which keeps their device addresses.
+///
+/// The graph is recorded on a private stream and each replay is ordered on the backend's stream:
+/// after the work queued there before [`GraphRun::launch`], before the work queued after it. On a
+/// caller's stream ([`Backend::on_stream`]) that is the caller's stream; to put a `run` into a
+/// graph of your own instead, capture the plan's `run` on your stream after one eager `run`.
 pub struct GraphRun<P, T: Element> {
     // Fields drop in order: the graph before what it points at.
     graph: CudaGraph,

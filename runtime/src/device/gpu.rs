@@ -132,6 +132,18 @@ impl Device {
 /// `Send + Sync`; calls from several threads are safe and are ordered on the stream in the order
 /// they are made.
 ///
+/// # Event tracking
+///
+/// cudarc can record an event on every use of a buffer and wait on it from other streams. Buffers
+/// of ours carry no such events: they are allocated through ferrinfer's own handle on the
+/// context, with tracking off, whatever the setting of the caller's handle (left as it is). So
+/// nothing we queue waits on an event recorded outside a capture, which CUDA refuses inside one.
+/// The price: a buffer is ordered only by the stream of the backend that made it, and a backend
+/// on another stream refuses it. Work of the caller's on our buffers
+/// ([`Buffer::cuda_view`](crate::Buffer::cuda_view)) must go on that stream too, or be ordered
+/// against it by the caller. Dropping a buffer or a plan frees it on its stream, after the work
+/// queued there; do not drop one while that stream is being captured.
+///
 /// ```no_run
 /// use ferrinfer_runtime::device::Gpu;
 /// # fn main() -> ferrinfer_runtime::Result<()> {
@@ -307,7 +319,7 @@ impl Gpu {
     /// `stream` must belong to the device's primary context (the one `CudaContext::new` opens,
     /// as candle does); another context is refused. The caller's context handle keeps its event
     /// tracking as it is: our buffers are allocated through our own handle, carry no events, and
-    /// may be used only with backends on this stream (see the [module documentation](self)).
+    /// may be used only with backends on this stream (see [`Gpu`], "Event tracking").
     /// A plan's or op's first call compiles and loads kernels and uploads parameter arrays: make
     /// it before capturing; inside a capture those are refused with an error.
     ///
