@@ -154,9 +154,8 @@ fn stream_of(backend: &Backend) -> BenchResult<&Arc<CudaStream>> {
 
 /// Device-to-device copy bandwidth (read plus write bytes): the ceiling for decode.
 fn bench_copy(backend: &Backend) -> BenchResult<Row> {
-    let gpu = backend.gpu().ok_or("not a CUDA backend")?;
     let stream = stream_of(backend)?;
-    let pattern = gpu.upload(&inputs::normal_bf16(1 << 24, 99))?;
+    let pattern = stream.clone_htod(&inputs::normal_bf16(1 << 24, 99))?;
     let mut src = stream.alloc_zeros::<bf16>(COPY_ELEMS)?;
     for start in (0..COPY_ELEMS).step_by(pattern.len()) {
         let end = (start + pattern.len()).min(COPY_ELEMS);

@@ -23,6 +23,15 @@ pub use attention::batch::{Batch, Heads, KvIndex, KvLayout, indptr};
 pub use attention::wrappers::{
     BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, PlanConfig, RunBuffers,
 };
+/// The cudarc ferrinfer is built on, for [`Backend::on_stream`] and [`device::Gpu::on_stream`]: a
+/// caller's stream must be a `CudaStream` of this very version.
+///
+/// ```no_run
+/// use ferrinfer_runtime::cudarc::driver::CudaContext;
+/// let stream = CudaContext::new(0).unwrap().new_stream().unwrap();
+/// let backend = ferrinfer_runtime::Backend::on_stream(stream).unwrap();
+/// ```
+pub use cudarc;
 pub use device::{Backend, Buffer, Dst, Element, Src, View, ViewMut};
 pub use error::{Error, Result};
 pub use ferrinfer_kernels::{ArchClass, DType, HEAD_DIMS, KernelConfig, KernelKind, Tiles};

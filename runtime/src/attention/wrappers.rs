@@ -7,13 +7,13 @@
 //!
 //! A plan is `Send + Sync`. `run` takes `&self` and may be called from several threads: the
 //! launches of one `run` (the attention kernel and, for a split KV, its merge pass, which share the
-//! plan's scratch buffers) are queued under a lock, on the device's one stream, so two runs never
-//! interleave. `replan` takes `&mut self`. A [`GraphRun`] owns its plan and buffers.
+//! plan's scratch buffers) are queued under a lock, on the backend's one stream (the caller's, for
+//! [`Backend::on_stream`]), so two runs never interleave. `replan` takes `&mut self`. A [`GraphRun`] owns its plan and buffers.
 
 use std::any::Any;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaStream};
 use ferrinfer_kernels::abi::AttnArgs;
 use ferrinfer_kernels::{DType, KernelKind};
 
@@ -300,6 +300,11 @@ pub enum Input {
 ///
 /// The buffers are reachable only read-only (`q()`, `o()`...) and through [`GraphRun::write`],
 /// which keeps their device addresses.
+///
+/// The graph is recorded on a private stream and each replay is ordered on the backend's stream:
+/// after the work queued there before [`GraphRun::launch`], before the work queued after it. On a
+/// caller's stream ([`Backend::on_stream`]) that is the caller's stream; to put a `run` into a
+/// graph of your own instead, capture the plan's `run` on your stream after one eager `run`.
 pub struct GraphRun<P, T: Element> {
     // Fields drop in order: the graph before what it points at.
     graph: CudaGraph,
@@ -501,6 +506,8 @@ struct DeviceState {
     ws: CudaSlice<u8>,
     partial_o: CudaSlice<f32>,
     partial_lse: CudaSlice<f32>,
+    /// A caller's stream, which the slices above are freed on: declared after them.
+    _stream: Option<Arc<CudaStream>>,
 }
 
 /// What a CUDA graph freezes besides buffer addresses: the first graph-mode plan pins it, and a
@@ -703,8 +710,9 @@ impl Planned {
         put_i32(&mut dev.staging, r.kv_indptr, batch.kv().indptr());
         put_i32(&mut dev.staging, r.kv_indices, batch.kv().indices());
         put_i32(&mut dev.staging, r.kv_last_len, batch.kv().last_len());
-        // The one host-to-device copy of the plan.
-        gpu.stream().memcpy_htod(&dev.staging, &mut dev.ws)?;
+        // The one host-to-device copy of the plan, on the backend's stream (refused inside a
+        // capture: a graph cannot hold a copy from pageable memory).
+        gpu.write(&mut dev.ws, &dev.staging)?;
         self.work = Some(work);
         self.batch = batch;
         Ok(())
@@ -875,7 +883,8 @@ impl Planned {
         // passed Batch::validate in replan; the index arrays, work list and partials are this
         // plan's workspace and scratch, sized by its capacity (Sizes::holds). All of them outlive
         // the launch: the caller holds the buffers, the plan its scratch (a GraphRun owns both),
-        // and all work is ordered on the device's one stream.
+        // and all work is ordered on the backend's one stream (Buffer::device_ptr refuses a
+        // buffer of another stream).
         unsafe { launch::launch(gpu, &kernel.main, dims, args, &param_bytes) }?;
         // In graph mode the merge always runs: a later replan may split what this one did not.
         if work.is_split() || graph {
@@ -913,14 +922,14 @@ fn check_vector_alignment(ptrs: [(&str, u64); 4], strides: [(&str, u64); 7]) -> 
 fn allocate(gpu: &Gpu, opts: &PlanOptions, sizes: Sizes, heads: &Heads) -> Result<DeviceState> {
     let regions = sizes.regions(opts);
     let rows = sizes.plan.partial_rows as usize * heads.num_qo_heads() as usize;
-    let stream = gpu.stream();
     Ok(DeviceState {
         sizes,
         regions,
         staging: vec![0; regions.bytes],
-        ws: stream.alloc_zeros::<u8>(regions.bytes)?,
-        partial_o: stream.alloc_zeros::<f32>((rows * heads.head_dim() as usize).max(1))?,
-        partial_lse: stream.alloc_zeros::<f32>(rows.max(1))?,
+        ws: gpu.zeros::<u8>(regions.bytes)?,
+        partial_o: gpu.zeros::<f32>(rows * heads.head_dim() as usize)?,
+        partial_lse: gpu.zeros::<f32>(rows)?,
+        _stream: gpu.keep_alive(),
     })
 }
 

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 
 use crate::device::dtype::Pod;
 use crate::device::gpu::Gpu;
@@ -31,15 +31,41 @@ impl Backend {
     pub fn cuda(ordinal: usize) -> Result<Backend> {
         Ok(Backend::Cuda(Gpu::get(ordinal)?))
     }
-    /// A short description, e.g. `cuda:0 (sm_90a, 132 SMs)` or `cpu (reference)`.
+    /// The GPU of a caller's cudarc `stream`, with all of ferrinfer's work (launches, copies,
+    /// allocations, plan uploads, [`Backend::synchronize`]) on that stream, so that it is
+    /// ordered with the caller's work on it and a CUDA graph the caller captures on it contains
+    /// ours. See [`Gpu::on_stream`] for what it needs of the stream and its context.
+    ///
+    /// ```no_run
+    /// use ferrinfer_runtime::Backend;
+    /// use ferrinfer_runtime::cudarc::driver::CudaContext;
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let ctx = CudaContext::new(0)?;
+    /// let stream = ctx.new_stream()?;
+    /// let backend = Backend::on_stream(stream.clone())?;
+    /// let x = backend.upload(&[1.0f32, 2.0, 3.0])?;
+    /// // The caller's own work on `stream` after this point sees `x` written.
+    /// stream.synchronize()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn on_stream(stream: Arc<CudaStream>) -> Result<Backend> {
+        Ok(Backend::Cuda(Gpu::on_stream(stream)?))
+    }
+    /// A short description, e.g. `cuda:0 (sm_90a, 132 SMs)`, `cuda:0 (sm_90a, 132 SMs, caller
+    /// stream)` or `cpu (reference)`.
     pub fn describe(&self) -> String {
         match self {
             Backend::Cpu => "cpu (reference)".to_string(),
             Backend::Cuda(g) => format!(
-                "cuda:{} ({}, {} SMs)",
+                "cuda:{} ({}, {} SMs{})",
                 g.ordinal(),
                 g.arch().sm_name(),
-                g.sm_count()
+                g.sm_count(),
+                if g.on_caller_stream() {
+                    ", caller stream"
+                } else {
+                    ""
+                }
             ),
         }
     }
@@ -80,7 +106,8 @@ impl Backend {
 /// A one-dimensional buffer on a backend. Shapes are given by the batch that uses it.
 ///
 /// Opaque: made only by [`Backend::upload`] and [`Backend::filled`], so its length is always the
-/// length of its allocation, and a device buffer always belongs to the one [`Gpu`] of its ordinal.
+/// length of its allocation, and a device buffer always belongs to the stream of the backend that
+/// made it (a backend on another stream refuses it).
 pub struct Buffer<T: Pod> {
     at: At<T>,
 }
@@ -91,6 +118,7 @@ enum At<T: Pod> {
         slice: CudaSlice<T>,
         /// Elements the caller asked for (a zero-length upload allocates one element).
         len: usize,
+        /// Declared after `slice`: the slice is freed on the stream this keeps alive.
         gpu: Arc<Gpu>,
     },
 }
@@ -123,11 +151,7 @@ impl<T: Pod> Buffer<T> {
         }
         match &mut self.at {
             At::Host(v) => v.copy_from_slice(data),
-            At::Device { slice, gpu, .. } => {
-                if !data.is_empty() {
-                    gpu.stream().memcpy_htod(data, slice)?;
-                }
-            }
+            At::Device { slice, gpu, .. } => gpu.write(slice, data)?,
         }
         Ok(())
     }
@@ -140,6 +164,50 @@ impl<T: Pod> Buffer<T> {
                 v.truncate(*len);
                 Ok(v)
             }
+        }
+    }
+    /// The device memory of a GPU buffer as a cudarc view of its `len()` elements (`None` for a
+    /// host buffer), for the caller's own cudarc work: a copy out of it, or its address for a
+    /// kernel of the caller's. Our buffers carry no cudarc events, so a copy through the view
+    /// records and waits on none, also inside a CUDA graph capture. Queue such work on the
+    /// backend's stream ([`Gpu::stream`]), or order your stream against it yourself.
+    ///
+    /// ```no_run
+    /// use ferrinfer_runtime::Backend;
+    /// use ferrinfer_runtime::cudarc::driver::CudaContext;
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let stream = CudaContext::new(0)?.new_stream()?;
+    /// let backend = Backend::on_stream(stream.clone())?;
+    /// let x = backend.upload(&[1.0f32, 2.0])?;
+    /// let back = stream.clone_dtoh(&x.cuda_view().expect("a GPU buffer"))?;
+    /// assert_eq!(back, [1.0, 2.0]);
+    /// # Ok(()) }
+    /// ```
+    pub fn cuda_view(&self) -> Option<CudaView<'_, T>> {
+        match &self.at {
+            At::Host(_) => None,
+            At::Device { slice, len, .. } => Some(slice.slice(..*len)),
+        }
+    }
+    /// [`Buffer::cuda_view`], writable: for a copy into the buffer on the caller's stream
+    /// (`stream.memcpy_htod(data, &mut view)`), which a CUDA graph can capture between two
+    /// buffers of ours. The view cannot move or resize the buffer.
+    ///
+    /// ```no_run
+    /// use ferrinfer_runtime::Backend;
+    /// use ferrinfer_runtime::cudarc::driver::CudaContext;
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let stream = CudaContext::new(0)?.new_stream()?;
+    /// let backend = Backend::on_stream(stream.clone())?;
+    /// let mut x = backend.filled(2, 0.0f32)?;
+    /// stream.memcpy_htod(&[3.0f32, 4.0], &mut x.cuda_view_mut().expect("a GPU buffer"))?;
+    /// assert_eq!(x.to_vec()?, [3.0, 4.0]);
+    /// # Ok(()) }
+    /// ```
+    pub fn cuda_view_mut(&mut self) -> Option<CudaViewMut<'_, T>> {
+        match &mut self.at {
+            At::Host(_) => None,
+            At::Device { slice, len, .. } => Some(slice.slice_mut(..*len)),
         }
     }
     pub(crate) fn host(&self) -> Result<&[T]> {
@@ -168,8 +236,12 @@ impl<T: Pod> Buffer<T> {
     /// Device address, checking that the buffer lives on `on`.
     pub(crate) fn device_ptr(&self, on: &Gpu) -> Result<u64> {
         match &self.at {
-            At::Device { slice, gpu, .. } if gpu.ordinal() == on.ordinal() => {
-                Ok(on.device_ptr(slice))
+            At::Device { slice, gpu, .. } if gpu.same_stream(on) => Ok(on.device_ptr(slice)),
+            At::Device { gpu, .. } if gpu.ordinal() == on.ordinal() => {
+                Err(Error::invalid(format!(
+                    "a buffer of {gpu:?} was passed to a backend on another stream ({on:?}): \
+                     nothing orders the two streams, so use a buffer of the same backend"
+                )))
             }
             At::Device { gpu, .. } => Err(Error::invalid(format!(
                 "a buffer of GPU {} was passed to GPU {}",

@@ -278,7 +278,7 @@ fn launch<T: Element>(gpu: &Gpu, act: Act, args: ActArgs) -> Result<()> {
     // buffers on this GPU whose lengths `check_len` compared with rows * 2d and rows * d;
     // `act_vec_width` made d a multiple of `vec` and both pointers aligned to a pack, and the
     // kernel touches only rows < args.rows and packs < d / vec of each half. The buffers outlive
-    // the launch: the caller holds them and all work is ordered on the device's one stream.
+    // the launch: the caller holds them and all work is ordered on the backend's one stream.
     unsafe { kernel::launch(gpu, &name, || act_unit(act, dtype, vec), dims, args) }
 }
 

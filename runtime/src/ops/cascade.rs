@@ -493,7 +493,7 @@ fn launch<T: Element>(gpu: &Gpu, args: MergeStatesArgs) -> Result<()> {
     // SAFETY: the unit's entry takes (MergeStatesArgs) by value; every pointer in `args` was taken
     // from a live buffer on this GPU whose length `check` compared with the shape (and the number
     // of states), and the buffers outlive the launch because the caller holds them and all work is
-    // ordered on the device's one stream.
+    // ordered on the backend's one stream.
     unsafe {
         kernel::launch(
             gpu,

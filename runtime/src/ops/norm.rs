@@ -516,6 +516,6 @@ fn launch<T: Element>(gpu: &Gpu, kind: NormKind, args: NormArgs) -> Result<()> {
     // (rows * hidden for x, residual and out; hidden for the weights), `norm_vec_width` made
     // hidden a multiple of `vec` and every pointer aligned to a pack, and the kernel touches only
     // rows < args.rows and packs < hidden / vec. The buffers outlive the launch: the caller holds
-    // them and all work is ordered on the device's one stream.
+    // them and all work is ordered on the backend's one stream.
     unsafe { kernel::launch(gpu, &name, || norm_unit(kind, dtype, vec), dims, args) }
 }

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaStream};
 
 use crate::attention::batch::Batch;
 use crate::device::gpu::Gpu;
@@ -320,7 +320,8 @@ impl ArrayElem for u32 {
 }
 
 /// A read-only array parameter (ALiBi slopes by head, a bit-packed mask...). Cheap to clone; its
-/// device copy is made on first use on each GPU and kept.
+/// device copy is made on first use on each backend's stream and kept (so a run that is captured
+/// into a CUDA graph must follow one that made the copy).
 #[derive(Clone)]
 pub struct Array<T: ArrayElem> {
     inner: Arc<ArrayInner<T>>,
@@ -328,7 +329,16 @@ pub struct Array<T: ArrayElem> {
 
 struct ArrayInner<T: ArrayElem> {
     host: Vec<T>,
-    device: Mutex<Vec<(usize, CudaSlice<T>)>>,
+    /// One copy per stream (`Gpu::stream_key`), used only on it, so that its upload and its free
+    /// are ordered with the launches that read it. The caller's stream a copy is freed on, if it
+    /// is one, is kept after it.
+    device: Mutex<Vec<DeviceCopy<T>>>,
+}
+
+struct DeviceCopy<T: ArrayElem> {
+    key: (usize, usize),
+    slice: CudaSlice<T>,
+    _stream: Option<Arc<CudaStream>>,
 }
 
 impl<T: ArrayElem> Array<T> {
@@ -352,12 +362,17 @@ impl<T: ArrayElem> Array<T> {
     }
     fn device_ptr(&self, gpu: &Gpu) -> Result<u64> {
         let mut copies = self.inner.device.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, s)) = copies.iter().find(|(o, _)| *o == gpu.ordinal()) {
-            return Ok(gpu.device_ptr(s));
+        let key = gpu.stream_key();
+        if let Some(c) = copies.iter().find(|c| c.key == key) {
+            return Ok(gpu.device_ptr(&c.slice));
         }
         let slice = gpu.upload(&self.inner.host)?;
         let ptr = gpu.device_ptr(&slice);
-        copies.push((gpu.ordinal(), slice));
+        copies.push(DeviceCopy {
+            key,
+            slice,
+            _stream: gpu.keep_alive(),
+        });
         Ok(ptr)
     }
 }
