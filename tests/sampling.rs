@@ -561,6 +561,47 @@ fn cpu_per_request_parameters_are_clamped() {
     per_request_parameters_are_clamped(&Backend::Cpu);
 }
 
+/// Near-flat rows with one largest weight and a tiny p keep only that token. A race halves a flat
+/// set per round on average, so on 128K tokens the GPU's top-p rejection often runs out of rounds
+/// and falls back to its radix select: both paths must give the largest token on every row.
+fn tiny_top_p_keeps_the_largest(backend: &Backend, vocab: usize, batch: usize) {
+    let mut rng = Rng::from_time();
+    let seed = rng.seed();
+    for logits in [false, true] {
+        let mut x = Vec::with_capacity(batch * vocab);
+        let mut top = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            let row: Vec<f32> = (0..vocab).map(|_| 1.0 + 0.01 * rng.uniform()).collect();
+            let t = (rng.next_u64() % vocab as u64) as usize;
+            let at = x.len() + t;
+            x.extend(row);
+            x[at] = 1.5;
+            top.push(t as i32);
+        }
+        if !logits {
+            for row in x.chunks_mut(vocab) {
+                let z: f32 = row.iter().sum();
+                row.iter_mut().for_each(|v| *v /= z);
+            }
+        }
+        let c = Case {
+            logits,
+            top_p: Some(1e-7),
+            ..PLAIN
+        };
+        let mut state = SamplerState::new(backend, rng.next_u64()).unwrap();
+        for call in 0..3 {
+            let got = draw(backend, &mut state, &x, vocab as u32, &c).unwrap();
+            assert_eq!(got, top, "logits {logits} call {call} (seed {seed})");
+        }
+    }
+}
+
+#[test]
+fn cpu_tiny_top_p_keeps_the_largest() {
+    tiny_top_p_keeps_the_largest(&Backend::Cpu, 5000, 3);
+}
+
 fn invalid(r: ferrinfer::Result<()>) -> String {
     match r {
         Err(Error::InvalidInput(m)) => m,
@@ -649,6 +690,13 @@ fn gpu_tokens_stay_in_the_allowed_set() {
     // Odd sizes (vector widths 1 and 2), a 16-byte multiple, and large vocabularies.
     tokens_stay_in_the_allowed_set(&gpu(), &[1, 7, 50, 301, 4096, 5003], 40);
     tokens_stay_in_the_allowed_set(&gpu(), &[128_256], 4);
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_tiny_top_p_keeps_the_largest() {
+    tiny_top_p_keeps_the_largest(&gpu(), 128_256, 32);
+    tiny_top_p_keeps_the_largest(&gpu(), 301, 64);
 }
 
 #[test]

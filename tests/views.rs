@@ -4,6 +4,7 @@
 
 use ferrinfer::attention::KvStrides;
 use ferrinfer::attention::{QoStrides, reference};
+use ferrinfer::cudarc::driver::DevicePtr;
 use ferrinfer::ops::kv_append::{AppendPlan, KvCacheMut, NewKv};
 use ferrinfer::prelude::*;
 use ferrinfer::variants::Standard;
@@ -388,10 +389,11 @@ fn gpu_strided<T: Element>(page: u32, decode: bool, layout: KvLayout, raw: bool)
     };
     let c = case::<T>(&mut rng, page, &[300, 17, 129, 7], qo, layout);
     let want = reference::attention_typed(&Standard, &c.dense, &c.q, &c.k, &c.v).unwrap();
-    let qkv = gpu.upload(&c.qkv).unwrap();
-    let cache = gpu.upload(&c.cache).unwrap();
+    let qkv = gpu.stream().clone_htod(&c.qkv).unwrap();
+    let cache = gpu.stream().clone_htod(&c.cache).unwrap();
     let mut o = gpu
-        .upload(&vec![T::from_f32(f32::NAN); c.rows * c.o_row])
+        .stream()
+        .clone_htod(&vec![T::from_f32(f32::NAN); c.rows * c.o_row])
         .unwrap();
     let q = View::device(&qkv, &gpu).unwrap();
     let k = View::device(&cache, &gpu).unwrap();
@@ -399,7 +401,7 @@ fn gpu_strided<T: Element>(page: u32, decode: bool, layout: KvLayout, raw: bool)
     let v = View::device(&v_part, &gpu).unwrap();
     {
         let mut ov = if raw {
-            let ptr = gpu.device_ptr(&o);
+            let ptr = o.device_ptr(gpu.stream()).0;
             // SAFETY: `o` is `rows * o_row` elements of this GPU, outlives the view, and nothing
             // else touches it until the run below is synchronised.
             unsafe { ViewMut::<T>::from_raw(ptr, c.rows * c.o_row, &gpu).unwrap() }
@@ -426,7 +428,7 @@ fn gpu_strided<T: Element>(page: u32, decode: bool, layout: KvLayout, raw: bool)
     }
     backend.synchronize().unwrap();
     let got: Vec<f32> = c
-        .unpad(&gpu.download(&o).unwrap())
+        .unpad(&gpu.stream().clone_dtoh(&o).unwrap())
         .iter()
         .map(|x| x.to_f32())
         .collect();
@@ -486,8 +488,11 @@ fn gpu_views_append_and_errors() {
             )
             .unwrap();
         let plan = AppendPlan::new(&backend, c.heads, c.strided.kv(), &qo, 8).unwrap();
-        let (nkd, nvd) = (gpu.upload(&nk).unwrap(), gpu.upload(&nv).unwrap());
-        let mut cache = gpu.upload(&c.cache).unwrap();
+        let (nkd, nvd) = (
+            gpu.stream().clone_htod(&nk).unwrap(),
+            gpu.stream().clone_htod(&nv).unwrap(),
+        );
+        let mut cache = gpu.stream().clone_htod(&c.cache).unwrap();
         plan.run_interleaved(
             &backend,
             NewKv {
@@ -497,18 +502,18 @@ fn gpu_views_append_and_errors() {
             &mut ViewMut::device(&mut cache, &gpu).unwrap(),
         )
         .unwrap();
-        let got = gpu.download(&cache).unwrap();
+        let got = gpu.stream().clone_dtoh(&cache).unwrap();
         assert_eq!(bits(&got), bits(&want), "page {page}");
     }
     // A host view on the GPU backend, and a q view 2 bytes off 16-byte alignment.
     let c = case::<bf16>(&mut rng, 16, &[20], &[4], KvLayout::Nhd);
     let plan = BatchPrefill::plan(&backend, c.dense.clone()).unwrap();
     let (q, k, v) = (
-        gpu.upload(&c.q).unwrap(),
-        gpu.upload(&c.k).unwrap(),
-        gpu.upload(&c.v).unwrap(),
+        gpu.stream().clone_htod(&c.q).unwrap(),
+        gpu.stream().clone_htod(&c.k).unwrap(),
+        gpu.stream().clone_htod(&c.v).unwrap(),
     );
-    let mut o = gpu.upload(&c.q).unwrap();
+    let mut o = gpu.stream().clone_htod(&c.q).unwrap();
     let (kv, vv) = (
         View::device(&k, &gpu).unwrap(),
         View::device(&v, &gpu).unwrap(),
@@ -519,7 +524,8 @@ fn gpu_views_append_and_errors() {
         .unwrap_err();
     assert!(e.to_string().contains("host"), "{e}");
     let big = gpu
-        .upload(&[c.q.clone(), vec![bf16::ZERO]].concat())
+        .stream()
+        .clone_htod(&[c.q.clone(), vec![bf16::ZERO]].concat())
         .unwrap();
     let shifted = View::device(&big, &gpu).unwrap().slice(1..).unwrap();
     let e = plan
