@@ -9,6 +9,10 @@ use ferrinfer::prelude::*;
 use ferrinfer::variants::Standard;
 use ferrinfer::{Element, indptr};
 use ferrinfer_testkit::Rng;
+use std::sync::Arc;
+
+use ferrinfer::cudarc::driver::{CudaSlice, DevicePtr};
+use ferrinfer::device::Gpu;
 
 /// One batch over a paged cache, its data dense and in the caller's layouts.
 struct Case<T> {
@@ -366,6 +370,21 @@ fn bad_views_and_strides_are_refused() {
 // ---------------------------------------------------------------------------------------------
 // GPU: device views of cudarc slices and raw pointers, compared with the CPU reference.
 
+/// A copy of `x` on the GPU, as the caller's cudarc code would make it.
+fn up<T: ferrinfer::device::Pod>(gpu: &Arc<Gpu>, x: &[T]) -> CudaSlice<T> {
+    gpu.stream().clone_htod(x).unwrap()
+}
+
+fn down<T: ferrinfer::device::Pod>(gpu: &Arc<Gpu>, x: &CudaSlice<T>) -> Vec<T> {
+    gpu.stream().clone_dtoh(x).unwrap()
+}
+
+/// The device address of `x` (for `View::from_raw`).
+fn raw_ptr<T>(gpu: &Arc<Gpu>, x: &CudaSlice<T>) -> u64 {
+    let (ptr, _sync) = x.device_ptr(gpu.stream());
+    ptr
+}
+
 fn tolerance<T: Element>() -> f64 {
     if T::DTYPE == ferrinfer::DType::F16 {
         2e-3
@@ -388,18 +407,16 @@ fn gpu_strided<T: Element>(page: u32, decode: bool, layout: KvLayout, raw: bool)
     };
     let c = case::<T>(&mut rng, page, &[300, 17, 129, 7], qo, layout);
     let want = reference::attention_typed(&Standard, &c.dense, &c.q, &c.k, &c.v).unwrap();
-    let qkv = gpu.upload(&c.qkv).unwrap();
-    let cache = gpu.upload(&c.cache).unwrap();
-    let mut o = gpu
-        .upload(&vec![T::from_f32(f32::NAN); c.rows * c.o_row])
-        .unwrap();
+    let qkv = up(&gpu, &c.qkv);
+    let cache = up(&gpu, &c.cache);
+    let mut o = up(&gpu, &vec![T::from_f32(f32::NAN); c.rows * c.o_row]);
     let q = View::device(&qkv, &gpu).unwrap();
     let k = View::device(&cache, &gpu).unwrap();
     let v_part = cache.slice(c.v_off()..);
     let v = View::device(&v_part, &gpu).unwrap();
     {
         let mut ov = if raw {
-            let ptr = gpu.device_ptr(&o);
+            let ptr = raw_ptr(&gpu, &o);
             // SAFETY: `o` is `rows * o_row` elements of this GPU, outlives the view, and nothing
             // else touches it until the run below is synchronised.
             unsafe { ViewMut::<T>::from_raw(ptr, c.rows * c.o_row, &gpu).unwrap() }
@@ -426,7 +443,7 @@ fn gpu_strided<T: Element>(page: u32, decode: bool, layout: KvLayout, raw: bool)
     }
     backend.synchronize().unwrap();
     let got: Vec<f32> = c
-        .unpad(&gpu.download(&o).unwrap())
+        .unpad(&down(&gpu, &o))
         .iter()
         .map(|x| x.to_f32())
         .collect();
@@ -486,8 +503,8 @@ fn gpu_views_append_and_errors() {
             )
             .unwrap();
         let plan = AppendPlan::new(&backend, c.heads, c.strided.kv(), &qo, 8).unwrap();
-        let (nkd, nvd) = (gpu.upload(&nk).unwrap(), gpu.upload(&nv).unwrap());
-        let mut cache = gpu.upload(&c.cache).unwrap();
+        let (nkd, nvd) = (up(&gpu, &nk), up(&gpu, &nv));
+        let mut cache = up(&gpu, &c.cache);
         plan.run_interleaved(
             &backend,
             NewKv {
@@ -497,18 +514,18 @@ fn gpu_views_append_and_errors() {
             &mut ViewMut::device(&mut cache, &gpu).unwrap(),
         )
         .unwrap();
-        let got = gpu.download(&cache).unwrap();
+        let got = down(&gpu, &cache);
         assert_eq!(bits(&got), bits(&want), "page {page}");
     }
     // A host view on the GPU backend, and a q view 2 bytes off 16-byte alignment.
     let c = case::<bf16>(&mut rng, 16, &[20], &[4], KvLayout::Nhd);
     let plan = BatchPrefill::plan(&backend, c.dense.clone()).unwrap();
     let (q, k, v) = (
-        gpu.upload(&c.q).unwrap(),
-        gpu.upload(&c.k).unwrap(),
-        gpu.upload(&c.v).unwrap(),
+        up(&gpu, &c.q),
+        up(&gpu, &c.k),
+        up(&gpu, &c.v),
     );
-    let mut o = gpu.upload(&c.q).unwrap();
+    let mut o = up(&gpu, &c.q);
     let (kv, vv) = (
         View::device(&k, &gpu).unwrap(),
         View::device(&v, &gpu).unwrap(),
@@ -518,9 +535,7 @@ fn gpu_views_append_and_errors() {
         .run(&Standard, &View::host(&c.q), &kv, &vv, &mut ov, None)
         .unwrap_err();
     assert!(e.to_string().contains("host"), "{e}");
-    let big = gpu
-        .upload(&[c.q.clone(), vec![bf16::ZERO]].concat())
-        .unwrap();
+    let big = up(&gpu, &[c.q.clone(), vec![bf16::ZERO]].concat());
     let shifted = View::device(&big, &gpu).unwrap().slice(1..).unwrap();
     let e = plan
         .run(&Standard, &shifted, &kv, &vv, &mut ov, None)

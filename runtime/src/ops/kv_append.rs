@@ -405,13 +405,24 @@ impl AppendPlan {
     /// Check the new K and V; returns their rows (those k holds, at its row stride).
     fn check_new<T: Element>(&self, new: &NewKv<'_, T>) -> Result<u32> {
         let row = u64::from(self.heads.num_kv_heads()) * u64::from(self.heads.head_dim());
+        let dense = self.rows.k == row && self.rows.v == row;
+        if dense && new.k.len() != new.v.len() {
+            return Err(Error::invalid(format!(
+                "kv append: new k has {} and v {} elements; both must be [rows, num_kv_heads x \
+                 head_dim = {row}] with {} to {} rows",
+                new.k.len(),
+                new.v.len(),
+                self.tokens,
+                self.capacity
+            )));
+        }
         let rows = rope::rows_held("kv append", "new k", new.k.len(), self.rows.k, row)?;
         rope::check_rows("kv append", "new v", new.v.len(), rows, self.rows.v, row)?;
         if rows < self.tokens || rows > self.capacity {
             return Err(Error::invalid(format!(
-                "kv append: new k and v hold {rows} rows of num_kv_heads x head_dim = {row}; the \
-                 plan takes {} to {} rows",
-                self.tokens, self.capacity
+                "kv append: new k and v hold {rows} rows of num_kv_heads x head_dim = {row} (at \
+                 row strides {} and {}); the plan takes them with {} to {} rows",
+                self.rows.k, self.rows.v, self.tokens, self.capacity
             )));
         }
         Ok(rows)
