@@ -1163,3 +1163,422 @@ fn bad_row_and_cache_strides_are_refused() {
         .unwrap_err();
     assert!(e.to_string().contains("one query row"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// GPU: the strided RoPE, appends and single calls against the CPU.
+
+/// Every element within a rounding of `want` (NaN where `want` is NaN, and only there).
+fn close<T: Element>(got: &[T], want: &[T], what: &str) {
+    let tol = if T::DTYPE == ferrinfer::DType::F16 {
+        2f32.powi(-9)
+    } else {
+        2f32.powi(-6)
+    };
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let (g, w) = (g.to_f32(), w.to_f32());
+        let ok = if w.is_nan() {
+            g.is_nan()
+        } else {
+            !g.is_nan() && (g - w).abs() <= tol * w.abs().max(1.0)
+        };
+        assert!(ok, "{what}: element {i} is {g}, the CPU's {w}");
+    }
+}
+
+/// A raw view of `len` elements of `x` from element `at` (q, k or v inside one fused buffer).
+///
+/// # Safety
+/// As `View::from_raw`: `at + len` within `x`, which outlives the view.
+unsafe fn raw_mut<T: Element>(
+    gpu: &Arc<Gpu>,
+    x: &CudaSlice<T>,
+    at: usize,
+    len: usize,
+) -> ViewMut<'static, T> {
+    let ptr = raw_ptr(gpu, x) + (at * size_of::<T>()) as u64;
+    // SAFETY: the caller's contract.
+    unsafe { ViewMut::from_raw(ptr, len, gpu).unwrap() }
+}
+
+fn gpu_rope<T: Element>() {
+    let backend = Backend::cuda(0).unwrap();
+    let gpu = backend.gpu().unwrap().clone();
+    let cpu = Backend::Cpu;
+    let mut rng = Rng::from_time();
+    let seed = rng.seed();
+    let heads = qkv_heads();
+    let (hq, hk, d) = QKV_HEADS;
+    let (tokens, row) = (33usize, (hq + 2 * hk) * d);
+    let qkv: Vec<T> = randv(&mut rng, tokens * row);
+    let pos: Vec<i32> = (0..tokens).map(|_| rng.below(100_000) as i32).collect();
+    let angles = Angles::Computed(Frequencies::new(1e4).unwrap());
+    let fused = RowStrides::fused_qkv(&heads);
+    for (rd, layout) in [(64, RopeLayout::NeoX), (48, RopeLayout::GptJ)] {
+        let dense = Rope::new(heads, rd, layout).unwrap();
+        let (mut q, mut k) = (
+            cols(&qkv, row, 0, hq * d, tokens),
+            cols(&qkv, row, hq * d, hk * d, tokens),
+        );
+        let p_cpu = cpu.upload(&pos).unwrap();
+        rope::apply_in_place(
+            &cpu,
+            &dense,
+            angles,
+            Positions::PerToken(&p_cpu),
+            QkMut {
+                q: &mut ViewMut::host(&mut q),
+                k: &mut ViewMut::host(&mut k),
+            },
+        )
+        .unwrap();
+        let p_gpu = backend.upload(&pos).unwrap();
+        // In place inside the fused QKV: q and k are raw views of one buffer.
+        let buf = up(&gpu, &qkv);
+        {
+            // SAFETY: both views lie inside `buf`, which outlives them; q's and k's elements are
+            // disjoint, so the kernel never writes what another thread reads.
+            let (mut qv, mut kv) = unsafe {
+                (
+                    raw_mut(&gpu, &buf, 0, tokens * row),
+                    raw_mut(&gpu, &buf, hq * d, tokens * row - hq * d),
+                )
+            };
+            let r = dense.with_row_strides(fused, fused).unwrap();
+            rope::apply_in_place(
+                &backend,
+                &r,
+                angles,
+                Positions::PerToken(&p_gpu),
+                QkMut {
+                    q: &mut qv,
+                    k: &mut kv,
+                },
+            )
+            .unwrap();
+        }
+        let got = down(&gpu, &buf);
+        let what = format!("{:?} in place rd {rd} (seed {seed})", T::DTYPE);
+        close(&cols(&got, row, 0, hq * d, tokens), &q, &what);
+        close(&cols(&got, row, hq * d, hk * d, tokens), &k, &what);
+        assert_eq!(
+            bits(&cols(&got, row, (hq + hk) * d, hk * d, tokens)),
+            bits(&cols(&qkv, row, (hq + hk) * d, hk * d, tokens))
+        );
+        // Out of place into rows whose strides allow only 8- and 4-byte vectors.
+        let out = RowStrides {
+            q: (hq * d + 4) as u64,
+            k: (hk * d + 2) as u64,
+            v: (hk * d) as u64,
+        };
+        let r = dense.with_row_strides(fused, out).unwrap();
+        let src = up(&gpu, &qkv);
+        let mut qo = up(&gpu, &vec![T::from_f32(f32::NAN); tokens * out.q as usize]);
+        let mut ko = up(&gpu, &vec![T::from_f32(f32::NAN); tokens * out.k as usize]);
+        {
+            let s = View::device(&src, &gpu).unwrap();
+            rope::apply(
+                &backend,
+                &r,
+                angles,
+                Positions::PerToken(&p_gpu),
+                Qk {
+                    q: &s,
+                    k: &s.slice(hq * d..).unwrap(),
+                },
+                QkMut {
+                    q: &mut ViewMut::device(&mut qo, &gpu).unwrap(),
+                    k: &mut ViewMut::device(&mut ko, &gpu).unwrap(),
+                },
+            )
+            .unwrap();
+        }
+        let what = format!("{:?} narrow strides rd {rd} (seed {seed})", T::DTYPE);
+        close(&down(&gpu, &qo), &pad(&q, hq * d, out.q as usize), &what);
+        close(&down(&gpu, &ko), &pad(&k, hk * d, out.k as usize), &what);
+    }
+}
+
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_views_rope_in_fused_qkv_and_narrow_rows() {
+    gpu_rope::<bf16>();
+    gpu_rope::<f16>();
+}
+
+/// Fused RoPE + append from a fused QKV into an interleaved cache, and the explicit appends into
+/// an interleaved and a padded cache: the GPU equals the CPU (the copies bit for bit).
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_views_appends_at_strides() {
+    let backend = Backend::cuda(0).unwrap();
+    let gpu = backend.gpu().unwrap().clone();
+    let cpu = Backend::Cpu;
+    let mut rng = Rng::from_time();
+    let seed = rng.seed();
+    let heads = qkv_heads();
+    let (hq, hk, d) = QKV_HEADS;
+    let row = (hq + 2 * hk) * d;
+    for (page, layout) in [(16, KvLayout::Nhd), (4, KvLayout::Hnd), (1, KvLayout::Nhd)] {
+        let (kv, qo, kc, vc) = append_step(&mut rng, page, layout);
+        let page_elems = page as usize * hk * d;
+        let rows = 8;
+        let qkv: Vec<bf16> = randv(&mut rng, rows * row);
+        let rope = Rope::new(heads, 64, RopeLayout::NeoX).unwrap();
+        let angles = Angles::Computed(Frequencies::llama31());
+        let ikv = kv.clone().interleaved(&heads).unwrap();
+        let fused = RowStrides::fused_qkv(&heads);
+        let cache0 = interleave(&kc, &vc, page_elems);
+        // CPU.
+        let plan = AppendPlan::new(&cpu, heads, &ikv, &qo, rows as u32)
+            .unwrap()
+            .with_row_strides(fused)
+            .unwrap();
+        let (mut q_want, mut c_want) = (qkv.clone(), cache0.clone());
+        let src = View::host(&qkv);
+        plan.run_with_rope_interleaved(
+            &cpu,
+            &rope,
+            angles,
+            &mut ViewMut::host(&mut q_want),
+            NewKv {
+                k: &src.slice(hq * d..).unwrap(),
+                v: &src.slice((hq + hk) * d..).unwrap(),
+            },
+            &mut ViewMut::host(&mut c_want),
+        )
+        .unwrap();
+        // GPU: q, k and v raw views of one fused buffer.
+        let plan = AppendPlan::new(&backend, heads, &ikv, &qo, rows as u32)
+            .unwrap()
+            .with_row_strides(fused)
+            .unwrap();
+        let buf = up(&gpu, &qkv);
+        let mut cache = up(&gpu, &cache0);
+        {
+            // SAFETY: all three lie inside `buf`, which outlives them; q is written, k and v
+            // only read, and their elements are disjoint from q's.
+            let (mut qv, kv_, vv) = unsafe {
+                (
+                    raw_mut(&gpu, &buf, 0, rows * row),
+                    raw_mut(&gpu, &buf, hq * d, rows * row - hq * d),
+                    raw_mut(&gpu, &buf, (hq + hk) * d, rows * row - (hq + hk) * d),
+                )
+            };
+            plan.run_with_rope_interleaved(
+                &backend,
+                &rope,
+                angles,
+                &mut qv,
+                NewKv { k: &kv_, v: &vv },
+                &mut ViewMut::device(&mut cache, &gpu).unwrap(),
+            )
+            .unwrap();
+        }
+        let what = format!("fused append page {page} {layout:?} (seed {seed})");
+        close(&down(&gpu, &buf), &q_want, &what);
+        close(&down(&gpu, &cache), &c_want, &what);
+
+        // Explicit appends: the page table of the same step.
+        let geometry = PagedCache {
+            heads,
+            page_size: page,
+            layout,
+        };
+        let (mut bi, mut pos) = (Vec::new(), Vec::new());
+        for b in 0..2 {
+            let n = qo[b + 1] - qo[b];
+            for i in 0..n {
+                bi.push(b as i32);
+                pos.push(kv.kv_len(b) as i32 - n + i);
+            }
+        }
+        // One token of a request past the batch: skipped on the GPU.
+        let mut with_bad = bi.clone();
+        with_bad.push(5); // request 5 of a batch of 2
+        pos.push(0);
+        let nk: Vec<bf16> = randv(&mut rng, 8 * hk * d);
+        let nv: Vec<bf16> = randv(&mut rng, 8 * hk * d);
+        // The CPU refuses the bad token, so its expectation comes from the 7 good ones.
+        let table_on = |b: &Backend| {
+            (
+                b.upload(&with_bad).unwrap(),
+                b.upload(&pos).unwrap(),
+                b.upload(kv.indptr()).unwrap(),
+                b.upload(kv.indices()).unwrap(),
+                b.upload(kv.last_len()).unwrap(),
+            )
+        };
+        let (c_bi, c_pos, c_ip, c_ix, c_ll) = table_on(&cpu);
+        let good = PageTable {
+            batch_indices: &View::of(&c_bi).slice(..7).unwrap(),
+            positions: &View::of(&c_pos).slice(..7).unwrap(),
+            kv_indptr: &c_ip,
+            kv_indices: &c_ix,
+            kv_last_page_len: &c_ll,
+        };
+        let (g_bi, g_pos, g_ip, g_ix, g_ll) = table_on(&backend);
+        let table = PageTable {
+            batch_indices: &g_bi,
+            positions: &g_pos,
+            kv_indptr: &g_ip,
+            kv_indices: &g_ix,
+            kv_last_page_len: &g_ll,
+        };
+        let (nk7, nv7) = (&nk[..7 * hk * d], &nv[..7 * hk * d]);
+        let mut want = cache0.clone();
+        kv_append::append_explicit_interleaved(
+            &cpu,
+            geometry,
+            good,
+            NewKv {
+                k: &View::host(nk7),
+                v: &View::host(nv7),
+            },
+            &mut ViewMut::host(&mut want),
+        )
+        .unwrap();
+        let (gk, gv) = (up(&gpu, &nk), up(&gpu, &nv));
+        let (gk, gv) = (
+            View::device(&gk, &gpu).unwrap(),
+            View::device(&gv, &gpu).unwrap(),
+        );
+        let mut cache = up(&gpu, &cache0);
+        kv_append::append_explicit_interleaved(
+            &backend,
+            geometry,
+            table,
+            NewKv { k: &gk, v: &gv },
+            &mut ViewMut::device(&mut cache, &gpu).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            bits(&down(&gpu, &cache)),
+            bits(&want),
+            "explicit interleaved page {page} {layout:?}"
+        );
+        // Padded pages.
+        let dense = kv.strides(&heads);
+        let strides = KvStrides {
+            block: dense.block + 64,
+            ..dense
+        };
+        let padded = |c: &[bf16]| pad(c, page_elems, page_elems + 64);
+        let (mut kw, mut vw) = (padded(&kc), padded(&vc));
+        kv_append::append_explicit_strided(
+            &cpu,
+            geometry,
+            strides,
+            good,
+            NewKv {
+                k: &View::host(nk7),
+                v: &View::host(nv7),
+            },
+            KvCacheMut {
+                k: &mut ViewMut::host(&mut kw),
+                v: &mut ViewMut::host(&mut vw),
+            },
+        )
+        .unwrap();
+        let (mut kd, mut vd) = (up(&gpu, &padded(&kc)), up(&gpu, &padded(&vc)));
+        kv_append::append_explicit_strided(
+            &backend,
+            geometry,
+            strides,
+            table,
+            NewKv { k: &gk, v: &gv },
+            KvCacheMut {
+                k: &mut ViewMut::device(&mut kd, &gpu).unwrap(),
+                v: &mut ViewMut::device(&mut vd, &gpu).unwrap(),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            bits(&down(&gpu, &kd)),
+            bits(&kw),
+            "explicit padded page {page} {layout:?}"
+        );
+        assert_eq!(
+            bits(&down(&gpu, &vd)),
+            bits(&vw),
+            "explicit padded page {page} {layout:?}"
+        );
+    }
+}
+
+/// Single prefill and decode with q in fused QKV rows, o padded and K/V interleaved per token,
+/// against the CPU reference.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_views_single_at_strides() {
+    let backend = Backend::cuda(0).unwrap();
+    let gpu = backend.gpu().unwrap().clone();
+    let mut rng = Rng::from_time();
+    let seed = rng.seed();
+    let heads = qkv_heads();
+    let (hq, hk, d) = QKV_HEADS;
+    let (row, o_row) = ((hq + 2 * hk) * d, hq * d + 64);
+    for (qo_len, kv_len) in [(77usize, 300usize), (1, 1000)] {
+        let qkv: Vec<bf16> = randv(&mut rng, qo_len * row);
+        let kvt: Vec<bf16> = randv(&mut rng, kv_len * 2 * hk * d);
+        let q = cols(&qkv, row, 0, hq * d, qo_len);
+        let (k, v) = (
+            cols(&kvt, 2 * hk * d, 0, hk * d, kv_len),
+            cols(&kvt, 2 * hk * d, hk * d, hk * d, kv_len),
+        );
+        let batch = Batch::new(
+            heads,
+            &[0, qo_len as i32],
+            KvIndex::ragged(&[0, kv_len as i32], KvLayout::Nhd).unwrap(),
+        )
+        .unwrap()
+        .with_causal(true);
+        let want = reference::attention_typed(&Standard, &batch, &q, &k, &v).unwrap();
+        let single = Single::new(heads)
+            .causal(true)
+            .qo_strides(
+                QoStrides::new(row as u64, d as u64),
+                QoStrides::new(o_row as u64, d as u64),
+            )
+            .kv_strides(KvStrides {
+                block: (2 * hk * d) as u64,
+                token: (2 * hk * d) as u64,
+                head: d as u64,
+            });
+        let (gq, gkv) = (up(&gpu, &qkv), up(&gpu, &kvt));
+        let mut o = up(&gpu, &vec![bf16::from_f32(f32::NAN); qo_len * o_row]);
+        {
+            let (qv, kv) = (
+                View::device(&gq, &gpu).unwrap(),
+                View::device(&gkv, &gpu).unwrap(),
+            );
+            let vv = kv.slice(hk * d..).unwrap();
+            let mut ov = ViewMut::device(&mut o, &gpu).unwrap();
+            if qo_len == 1 {
+                single
+                    .decode(&backend, &Standard, &qv, &kv, &vv, &mut ov, None)
+                    .unwrap();
+            } else {
+                single
+                    .prefill(&backend, &Standard, &qv, &kv, &vv, &mut ov, None)
+                    .unwrap();
+            }
+        }
+        let got = down(&gpu, &o);
+        assert!(
+            got.chunks(o_row)
+                .all(|r| r[hq * d..].iter().all(|x| x.to_f32().is_nan())),
+            "o padding written"
+        );
+        let got: Vec<f32> = cols(&got, o_row, 0, hq * d, qo_len)
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        assert!(!reference::has_nan(&got), "NaN in o (seed {seed})");
+        let (err, _, head) = reference::worst_rel_l2(&batch, &got, &want.o);
+        assert!(
+            err <= 1e-2,
+            "qo_len {qo_len}: {err:.2e} at head {head} (seed {seed})"
+        );
+    }
+}
