@@ -452,7 +452,7 @@ impl AppendPlan {
     ) -> Result<()> {
         match backend {
             Backend::Cpu => {
-                let key: Box<dyn Fn(usize, &[T]) -> Result<Vec<T>>> = match rope {
+                let key: Box<KeyFn<T>> = match rope {
                     None => Box::new(|_, k: &[T]| Ok(k.to_vec())),
                     Some((rope, angles, q)) => {
                         let cs = self.rotate_q_host(rope, angles, rows, q)?;
@@ -605,6 +605,12 @@ impl AppendPlan {
     }
 }
 
+/// What a host run does to a new key row (token index, row): copy it, or turn it.
+type KeyFn<'a, T> = dyn Fn(usize, &[T]) -> Result<Vec<T>> + 'a;
+
+/// Where a host append puts one head: (K's cache offset, its K, its V).
+type PutFn<'a, T> = dyn FnMut(usize, &[T], &[T]) + 'a;
+
 /// Where a run writes: K's cache and V's, or one interleaved cache (`v: None`) with V `v_off`
 /// elements after K.
 struct Target<'x, T: Element> {
@@ -727,7 +733,7 @@ pub fn append_explicit<T: Element>(
 ///
 /// ```
 /// use ferrinfer_runtime::ops::kv_append::{self, KvCacheMut, NewKv, PageTable, PagedCache};
-/// use ferrinfer_runtime::{Backend, Heads, KvLayout, ViewMut, attention::KvStrides};
+/// use ferrinfer_runtime::{Backend, Heads, KvLayout, ViewMut, attention::KvStrides, prelude::bf16};
 /// # fn main() -> ferrinfer_runtime::Result<()> {
 /// let cpu = Backend::Cpu;
 /// let heads = Heads::new(2, 1, 4)?;
@@ -739,12 +745,12 @@ pub fn append_explicit<T: Element>(
 ///     (cpu.upload(&[0i32, 2])?, cpu.upload(&[1i32, 0])?, cpu.upload(&[1i32])?);
 /// let table = PageTable { batch_indices: &bi, positions: &pos, kv_indptr: &indptr,
 ///     kv_indices: &indices, kv_last_page_len: &last };
-/// let (k, v) = (cpu.upload(&[1.0f32; 4])?, cpu.upload(&[2.0f32; 4])?);
-/// let (mut kc, mut vc) = (vec![0.0f32; 20], vec![0.0f32; 20]);
+/// let (k, v) = (cpu.upload(&[bf16::ONE; 4])?, cpu.upload(&[bf16::MAX; 4])?);
+/// let (mut kc, mut vc) = (vec![bf16::ZERO; 20], vec![bf16::ZERO; 20]);
 /// kv_append::append_explicit_strided(&cpu, geometry, strides, table, NewKv { k: &k, v: &v },
 ///     KvCacheMut { k: &mut ViewMut::host(&mut kc), v: &mut ViewMut::host(&mut vc) })?;
 /// // Position 2 is slot 0 of the request's second page, page 0.
-/// assert_eq!((kc[0], vc[3]), (1.0, 2.0));
+/// assert_eq!((kc[0], vc[3]), (bf16::ONE, bf16::MAX));
 /// # Ok(()) }
 /// ```
 pub fn append_explicit_strided<T: Element>(
@@ -771,7 +777,7 @@ pub fn append_explicit_strided<T: Element>(
 ///
 /// ```
 /// use ferrinfer_runtime::ops::kv_append::{self, NewKv, PageTable, PagedCache};
-/// use ferrinfer_runtime::{Backend, Heads, KvLayout, ViewMut};
+/// use ferrinfer_runtime::{Backend, Heads, KvLayout, ViewMut, prelude::bf16};
 /// # fn main() -> ferrinfer_runtime::Result<()> {
 /// let cpu = Backend::Cpu;
 /// let heads = Heads::new(2, 1, 4)?;
@@ -781,13 +787,13 @@ pub fn append_explicit_strided<T: Element>(
 ///     (cpu.upload(&[0i32, 1])?, cpu.upload(&[1i32])?, cpu.upload(&[2i32])?);
 /// let table = PageTable { batch_indices: &bi, positions: &pos, kv_indptr: &indptr,
 ///     kv_indices: &indices, kv_last_page_len: &last };
-/// let (k, v) = (cpu.upload(&[1.0f32; 4])?, cpu.upload(&[2.0f32; 4])?);
+/// let (k, v) = (cpu.upload(&[bf16::ONE; 4])?, cpu.upload(&[bf16::MAX; 4])?);
 /// // 2 pages of 2 x 2 tokens x 4 elements.
-/// let mut cache = vec![0.0f32; 2 * 2 * 2 * 4];
+/// let mut cache = vec![bf16::ZERO; 2 * 2 * 2 * 4];
 /// kv_append::append_explicit_interleaved(&cpu, geometry, table, NewKv { k: &k, v: &v },
 ///     &mut ViewMut::host(&mut cache))?;
 /// // Slot 1 of page 1: K at 16 + 4, V one page of K (8 elements) later.
-/// assert_eq!((cache[20], cache[28]), (1.0, 2.0));
+/// assert_eq!((cache[20], cache[28]), (bf16::ONE, bf16::MAX));
 /// # Ok(()) }
 /// ```
 pub fn append_explicit_interleaved<T: Element>(
@@ -935,7 +941,7 @@ fn explicit<T: Element>(
                 .collect::<Result<Vec<u64>>>()?;
             let d = d as usize;
             // Every (cache offset of K's head, its K row, its V row).
-            let each = |put: &mut dyn FnMut(usize, &[T], &[T])| {
+            let each = |put: &mut PutFn<T>| {
                 for (t, &at) in slots.iter().enumerate() {
                     for h in 0..hk as usize {
                         let o = (at + h as u64 * s.head) as usize;
