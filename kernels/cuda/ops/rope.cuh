@@ -20,11 +20,14 @@
 
 namespace fi {
 
-// Field order: 18 pointers and strides, 5 doubles from byte 144, 16 unsigned from byte 184 (the
+// Field order: 24 pointers and strides, 5 doubles from byte 192, 16 unsigned from byte 232 (the
 // Rust mirror's test checks those offsets).
 struct RopeArgs {
-  const void* src[3];  // q [tokens, heads_q, head_dim], k, v alike
-  void* dst[3];        // q out; k and v out (contiguous, or the cache per slot_mode); may equal src
+  const void* src[3];  // q: token t's heads at t * src_row[0], head_dim apart; k, v alike
+  void* dst[3];        // q out; k and v out (rows, or the cache per slot_mode); may equal src
+  // Elements between consecutive tokens of each source and row destination (heads_f * head_dim
+  // when dense; wider inside a fused QKV buffer). Unused for a cached K/V destination.
+  unsigned long long src_row[3], dst_row[3];
   const int* positions;  // [tokens] (pos_mode 0, and slot_mode 2's positions)
   const int* indptr;     // [batch + 1] (pos_mode 1): tokens of request b
   const int* offsets;    // [batch] (pos_mode 1): position of request b's first token
@@ -40,7 +43,7 @@ struct RopeArgs {
   // batch: requests of indptr (pos_mode 1) or of the page table (slot_mode 2); never both.
   unsigned batch, max_position, page_size, num_pages, num_kv_indices, heads_per_thread, pad;
 };
-static_assert(sizeof(RopeArgs) == 18 * 8 + 5 * 8 + 16 * 4, "RopeArgs must match kernels/src/ops/rope.rs");
+static_assert(sizeof(RopeArgs) == 24 * 8 + 5 * 8 + 16 * 4, "RopeArgs must match kernels/src/ops/rope.rs");
 
 constexpr unsigned kRopeThreads = 128;
 
@@ -113,7 +116,8 @@ struct RopeChunk {
 };
 
 // Where head h (of all families) of token t lies: its family f, its index i there, its source
-// row and its destination before any K/V slot (the contiguous row, or the cache's base).
+// (row t at the family's row stride) and its destination before any K/V slot (the row, or the
+// cache's base).
 struct RopeHead {
   const void* src;
   void* dst;
@@ -126,10 +130,11 @@ __device__ __forceinline__ RopeHead rope_head(const RopeArgs& a, unsigned rotate
                                               unsigned h) {
   const unsigned f = h < a.heads[0] ? 0 : h < a.heads[0] + a.heads[1] ? 1 : 2;
   const unsigned i = h - (f == 0 ? 0 : f == 1 ? a.heads[0] : a.heads[0] + a.heads[1]);
-  const unsigned long long row = (k.t * a.heads[f] + i) * a.head_dim;
+  const unsigned long long head = static_cast<unsigned long long>(i) * a.head_dim;
   const bool cached = f != 0 && a.slot_mode != kSlotContiguous;
   T* dst = static_cast<T*>(a.dst[f]);
-  return {static_cast<const T*>(a.src[f]) + row, cached ? dst : dst + row, i, cached,
+  return {static_cast<const T*>(a.src[f]) + k.t * a.src_row[f] + head,
+          cached ? dst : dst + k.t * a.dst_row[f] + head, i, cached,
           k.rotating && ((rotate_mask >> f) & 1)};
 }
 
@@ -211,7 +216,7 @@ __device__ __forceinline__ void rope_store(const RopeChunk& k, const float (&c)[
 
 // Thread (token, head group, chunk). Chunks below rotary_dim / (2 VEC) turn VEC pairs (two VEC
 // vectors); the rest copy one VEC vector of the dims past rotary_dim. The host picks VEC so that
-// VEC divides rotary_dim / 2 and head_dim and every pointer is aligned to VEC elements.
+// VEC divides rotary_dim / 2 and head_dim and every pointer and stride is aligned to VEC elements.
 // ROTATE = false is the lean copy instance for rotate_mask == 0 (KV append): whole heads in VEC
 // chunks, no angle code at all, so few registers and many threads in flight.
 // Order: the position's load is issued, the block fills its frequency table (hiding that latency),

@@ -12,11 +12,15 @@ use crate::tu::{TranslationUnit, cuda_dtype};
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct RopeArgs {
-    /// Sources `[tokens, heads[f], head_dim]` of each family.
+    /// Sources of each family: token `t`'s heads at `t * src_row[f]`, `head_dim` apart.
     pub src: [u64; 3],
-    /// Destinations: q contiguous; k and v contiguous or the cache (see `slot_mode`). May equal
-    /// `src` (in place).
+    /// Destinations: q in rows; k and v in rows or the cache (see `slot_mode`). May equal `src`
+    /// (in place).
     pub dst: [u64; 3],
+    /// Elements between consecutive tokens of each source (`heads[f] * head_dim` when dense).
+    pub src_row: [u64; 3],
+    /// Elements between consecutive tokens of each row destination (unused for a cached k or v).
+    pub dst_row: [u64; 3],
     /// `[tokens]` i32 positions (`pos_mode` 0, and the positions of `slot_mode` 2).
     pub positions: u64,
     /// `[batch + 1]` i32 token ranges of the requests (`pos_mode` 1).
@@ -223,12 +227,17 @@ mod tests {
 
     #[test]
     fn args_size_matches_rope_cuh() {
-        assert_eq!(std::mem::size_of::<RopeArgs>(), 18 * 8 + 5 * 8 + 16 * 4);
-        assert_eq!(std::mem::offset_of!(RopeArgs, ln_theta), 18 * 8);
-        assert_eq!(std::mem::offset_of!(RopeArgs, tokens), 23 * 8);
+        assert_eq!(std::mem::size_of::<RopeArgs>(), 24 * 8 + 5 * 8 + 16 * 4);
+        assert_eq!(std::mem::offset_of!(RopeArgs, src_row), 6 * 8);
+        assert_eq!(std::mem::offset_of!(RopeArgs, dst_row), 9 * 8);
+        assert_eq!(std::mem::offset_of!(RopeArgs, positions), 12 * 8);
+        assert_eq!(std::mem::offset_of!(RopeArgs, ln_theta), 24 * 8);
+        assert_eq!(std::mem::offset_of!(RopeArgs, tokens), 29 * 8);
         let header = Sources::BuiltIn.header("ops/rope.cuh").unwrap();
-        assert!(header.contains("sizeof(RopeArgs) == 18 * 8 + 5 * 8 + 16 * 4"));
-        assert!(header.contains("5 doubles from byte 144, 16 unsigned from byte 184"));
+        assert!(header.contains("sizeof(RopeArgs) == 24 * 8 + 5 * 8 + 16 * 4"));
+        assert!(header.contains("5 doubles from byte 192, 16 unsigned from byte 232"));
+        // The row strides follow the pointers, as in the header.
+        assert!(header.contains("unsigned long long src_row[3], dst_row[3];"));
         assert!(header.contains(&format!("kRopeThreads = {THREADS};")));
         assert!(header.contains(&format!("kRopeBatch = {ROPE_HEAD_BATCH};")));
         let slots = Sources::BuiltIn.header("ops/kv_append.cuh").unwrap();

@@ -591,7 +591,7 @@ impl QoStrides {
 /// Whether no two index tuples of these (stride, extent) dims reach the same offset: sorted by
 /// stride, each stride clears the span of the ones below it (sufficient, and what every
 /// nested tensor layout meets).
-fn disjoint(dims: &[(u64, u64)]) -> bool {
+pub(crate) fn disjoint(dims: &[(u64, u64)]) -> bool {
     let mut dims: Vec<(u64, u64)> = dims.iter().copied().filter(|&(_, n)| n > 1).collect();
     dims.sort_unstable();
     let mut span = 1u64;
@@ -612,7 +612,7 @@ fn disjoint(dims: &[(u64, u64)]) -> bool {
 
 /// Elements a tensor of these (stride, extent) dims spans: its largest offset plus one; 0 when
 /// an extent is 0; `None` past u64.
-fn extent(dims: &[(u64, u64)]) -> Option<u64> {
+pub(crate) fn extent(dims: &[(u64, u64)]) -> Option<u64> {
     if dims.iter().any(|&(_, n)| n == 0) {
         return Some(0);
     }

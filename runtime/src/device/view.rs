@@ -225,7 +225,8 @@ impl<'a, T: Pod> View<'a, T> {
     /// let backend = Backend::cuda(0)?;
     /// let gpu = backend.gpu().unwrap();
     /// let mem = gpu.stream().alloc_zeros::<f32>(64)?;
-    /// let ptr = gpu.device_ptr(&mem);
+    /// use ferrinfer_runtime::cudarc::driver::DevicePtr;
+    /// let (ptr, _sync) = mem.device_ptr(gpu.stream());
     /// // SAFETY: `mem` is 64 f32 of this GPU and outlives the view.
     /// let view = unsafe { View::<f32>::from_raw(ptr, 64, gpu)? };
     /// # let _ = view; Ok(()) }
@@ -408,8 +409,10 @@ impl<'a, T: Pod> ViewMut<'a, T> {
     /// let backend = Backend::cuda(0)?;
     /// let gpu = backend.gpu().unwrap();
     /// let mem = gpu.stream().alloc_zeros::<f32>(64)?;
+    /// use ferrinfer_runtime::cudarc::driver::DevicePtr;
+    /// let (ptr, _sync) = mem.device_ptr(gpu.stream());
     /// // SAFETY: `mem` is 64 f32 of this GPU, outlives the view and nothing else uses it.
-    /// let view = unsafe { ViewMut::<f32>::from_raw(gpu.device_ptr(&mem), 64, gpu)? };
+    /// let view = unsafe { ViewMut::<f32>::from_raw(ptr, 64, gpu)? };
     /// # let _ = view; Ok(()) }
     /// ```
     pub unsafe fn from_raw(ptr: u64, len: usize, gpu: &Arc<Gpu>) -> Result<Self> {

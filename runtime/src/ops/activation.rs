@@ -1,6 +1,9 @@
 //! Gated activations of an MLP: `out = act(x[:, :d]) * x[:, d:]` for `x` `[rows, 2 * d]` and
 //! `out` `[rows, d]`, with `act` SiLU ([`silu_and_mul`]), GELU with erf ([`gelu_and_mul`]) or
 //! GELU's tanh approximation ([`gelu_tanh_and_mul`]).
+//! Rows are dense: `x` is `[rows, 2 * d]` and `out` `[rows, d]` with no gaps between rows (a
+//! view of part of a larger tensor works when its rows are contiguous; rows at another stride
+//! need a copy).
 //!
 //! Any `d` and any number of rows (0 too). On the CPU each op is plain Rust in f64, rounded to the
 //! element type at the end; on a GPU it is one JIT-compiled kernel

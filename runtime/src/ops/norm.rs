@@ -11,6 +11,9 @@
 //! - [`layernorm`]: `out = (x - mean) / sqrt(var + eps) * gamma + beta`, the biased variance (as
 //!   PyTorch), gamma and beta in f32 (as FlashInfer takes them).
 //!
+//! Rows are dense: every buffer is `[rows, hidden]` with rows `hidden` elements apart (a view of
+//! part of a larger tensor works when its rows are contiguous; rows at another stride need a copy).
+//!
 //! Any hidden size and any number of rows (0 too). On the CPU each op is plain Rust in f64,
 //! rounded to the element type at the end; on a GPU it is one JIT-compiled kernel
 //! (`kernels/cuda/ops/norm.cuh`), asynchronous, with no allocation or host synchronisation in the

@@ -220,14 +220,148 @@ pub enum Positions<'a> {
     },
 }
 
+/// Elements between consecutive tokens of q, k and v (the heads of a token are contiguous,
+/// `head_dim` apart). Dense rows are [`RowStrides::dense`]; q, k and v inside one fused QKV
+/// projection `[tokens, (num_qo_heads + 2 num_kv_heads) * head_dim]` are
+/// [`RowStrides::fused_qkv`] (view k from element `num_qo_heads * head_dim` of the buffer, v
+/// from `(num_qo_heads + num_kv_heads) * head_dim`).
+///
+/// A buffer whose stride is its row width (dense) must hold exactly its rows; a wider stride
+/// needs at least `(rows - 1) * stride + row width` elements, and the op takes as many rows as
+/// q (or the new keys) holds whole.
+///
+/// ```
+/// use ferrinfer_runtime::{Heads, ops::rope::RowStrides};
+/// let heads = Heads::new(8, 2, 64)?;
+/// assert_eq!(RowStrides::dense(&heads), RowStrides { q: 8 * 64, k: 2 * 64, v: 2 * 64 });
+/// assert_eq!(RowStrides::fused_qkv(&heads).k, (8 + 2 + 2) * 64);
+/// # Ok::<(), ferrinfer_runtime::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RowStrides {
+    /// Between the tokens of q.
+    pub q: u64,
+    /// Between the tokens of k.
+    pub k: u64,
+    /// Between the tokens of v (KV append only).
+    pub v: u64,
+}
+
+impl RowStrides {
+    /// `[tokens, heads, head_dim]` for each of q, k and v.
+    ///
+    /// ```
+    /// use ferrinfer_runtime::{Heads, ops::rope::RowStrides};
+    /// assert_eq!(RowStrides::dense(&Heads::new(4, 1, 16)?).q, 64);
+    /// # Ok::<(), ferrinfer_runtime::Error>(())
+    /// ```
+    pub fn dense(heads: &Heads) -> Self {
+        let d = u64::from(heads.head_dim());
+        let kv = u64::from(heads.num_kv_heads()) * d;
+        RowStrides {
+            q: u64::from(heads.num_qo_heads()) * d,
+            k: kv,
+            v: kv,
+        }
+    }
+    /// q, k and v in the rows of one `[tokens, (num_qo_heads + 2 num_kv_heads) * head_dim]`
+    /// buffer.
+    ///
+    /// ```
+    /// use ferrinfer_runtime::{Heads, ops::rope::RowStrides};
+    /// let s = RowStrides::fused_qkv(&Heads::new(4, 1, 16)?);
+    /// assert_eq!((s.q, s.k, s.v), (96, 96, 96));
+    /// # Ok::<(), ferrinfer_runtime::Error>(())
+    /// ```
+    pub fn fused_qkv(heads: &Heads) -> Self {
+        let row = u64::from(heads.num_qo_heads() + 2 * heads.num_kv_heads())
+            * u64::from(heads.head_dim());
+        RowStrides {
+            q: row,
+            k: row,
+            v: row,
+        }
+    }
+    /// Refuse a stride below its row width (rows would overlap) or past the address space.
+    pub(crate) fn check(&self, op: &str, which: &str, heads: &Heads) -> Result<()> {
+        let d = u64::from(heads.head_dim());
+        for (name, stride, n) in [
+            ("q", self.q, heads.num_qo_heads()),
+            ("k", self.k, heads.num_kv_heads()),
+            ("v", self.v, heads.num_kv_heads()),
+        ] {
+            let width = u64::from(n) * d;
+            if stride < width || stride > isize::MAX as u64 / 8 {
+                return Err(Error::invalid(format!(
+                    "{op}: {which}{name} row stride {stride} must be at least its row of {n} heads                      x head_dim {d} = {width} (rows must not overlap) and below 2^60"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rows of `width` elements at `stride` a buffer of `len` elements holds: exactly `len / width`
+/// when dense (`stride == width`; an error unless whole), else the whole rows that fit.
+pub(crate) fn rows_held(op: &str, name: &str, len: usize, stride: u64, width: u64) -> Result<u32> {
+    let (len, width) = (len as u64, width.max(1));
+    let rows = if stride == width {
+        if !len.is_multiple_of(width) {
+            return Err(Error::invalid(format!(
+                "{op}: {name} has {len} elements, not a whole number of rows of {width}"
+            )));
+        }
+        len / width
+    } else if len < width {
+        0
+    } else {
+        (len - width) / stride.max(1) + 1
+    };
+    u32::try_from(rows)
+        .ok()
+        .filter(|&r| r < 1 << 31)
+        .ok_or_else(|| Error::invalid(format!("{op}: {name} holds 2^31 rows or more")))
+}
+
+/// Check that a buffer of `len` elements holds `rows` rows of `width` at `stride`: exactly
+/// `rows * width` when dense, at least `(rows - 1) * stride + width` otherwise.
+pub(crate) fn check_rows(
+    op: &str,
+    name: &str,
+    len: usize,
+    rows: u32,
+    stride: u64,
+    width: u64,
+) -> Result<()> {
+    let rows = u64::from(rows);
+    let (want, dense) = if stride == width {
+        (rows * width, true)
+    } else {
+        (
+            rows.saturating_sub(1) * stride + if rows > 0 { width } else { 0 },
+            false,
+        )
+    };
+    let len = len as u64;
+    if (dense && len != want) || (!dense && len < want) {
+        return Err(Error::invalid(format!(
+            "{op}: {name} has {len} elements; {rows} rows of {width} at row stride {stride} need              {}{want}",
+            if dense { "" } else { "at least " }
+        )));
+    }
+    Ok(())
+}
+
 /// The geometry of a RoPE call: heads (q `[tokens, num_qo_heads, head_dim]`, k
-/// `[tokens, num_kv_heads, head_dim]`), rotated dims and layout. Validated; built by
-/// [`Rope::new`].
+/// `[tokens, num_kv_heads, head_dim]`, or rows at [`RowStrides`]), rotated dims and layout.
+/// Validated; built by [`Rope::new`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Rope {
     heads: Heads,
     rotary_dim: u32,
     layout: RopeLayout,
+    input: RowStrides,
+    output: RowStrides,
 }
 
 impl Rope {
@@ -243,7 +377,38 @@ impl Rope {
             heads,
             rotary_dim,
             layout,
+            input: RowStrides::dense(&heads),
+            output: RowStrides::dense(&heads),
         })
+    }
+    /// With q and k read at `input` row strides and written at `output` ones (v's are not
+    /// used): e.g. q and k turned in place inside a fused QKV buffer (both
+    /// [`RowStrides::fused_qkv`]), or read from it into dense q and k. [`apply_in_place`] needs
+    /// `input == output`. Errors: a stride below its row width (rows would overlap).
+    ///
+    /// ```
+    /// use ferrinfer_runtime::ops::rope::{Rope, RopeLayout, RowStrides};
+    /// use ferrinfer_runtime::Heads;
+    /// let heads = Heads::new(4, 1, 16)?;
+    /// let fused = RowStrides::fused_qkv(&heads);
+    /// let rope = Rope::new(heads, 16, RopeLayout::NeoX)?.with_row_strides(fused, fused)?;
+    /// assert_eq!(rope.row_strides(), (fused, fused));
+    /// assert!(Rope::new(heads, 16, RopeLayout::NeoX)?
+    ///     .with_row_strides(RowStrides { q: 32, ..fused }, fused)
+    ///     .is_err());
+    /// # Ok::<(), ferrinfer_runtime::Error>(())
+    /// ```
+    pub fn with_row_strides(mut self, input: RowStrides, output: RowStrides) -> Result<Self> {
+        input.check("rope", "input ", &self.heads)?;
+        output.check("rope", "output ", &self.heads)?;
+        self.input = input;
+        self.output = output;
+        Ok(self)
+    }
+    /// Row strides of the inputs and of the outputs (dense unless
+    /// [`Rope::with_row_strides`] said otherwise).
+    pub fn row_strides(&self) -> (RowStrides, RowStrides) {
+        (self.input, self.output)
     }
     /// Heads and head dim.
     pub fn heads(&self) -> Heads {
@@ -265,16 +430,9 @@ impl Rope {
     pub fn k_len(&self, tokens: usize) -> usize {
         tokens * (self.heads.num_kv_heads() * self.heads.head_dim()) as usize
     }
-    /// Tokens of a q buffer of `q_len` elements, or an error naming it.
-    pub(crate) fn tokens(&self, name: &str, q_len: usize) -> Result<u32> {
-        let row = self.q_len(1);
-        if !q_len.is_multiple_of(row) || u32::try_from(q_len / row).is_err() {
-            return Err(Error::invalid(format!(
-                "rope: {name} has {q_len} elements, not a whole number of tokens of \
-                 num_qo_heads x head_dim = {row} (below 2^32 tokens)"
-            )));
-        }
-        Ok((q_len / row) as u32)
+    /// Row widths of q and k.
+    fn widths(&self) -> (u64, u64) {
+        (self.q_len(1) as u64, self.k_len(1) as u64)
     }
     /// Rows of a cos/sin cache, or an error.
     fn cache_rows(&self, cache: &dyn Src<f32>) -> Result<u32> {
@@ -323,6 +481,13 @@ pub fn apply_in_place<T: Element>(
     positions: Positions<'_>,
     qk: QkMut<'_, T>,
 ) -> Result<()> {
+    if rope.input != rope.output {
+        return Err(Error::invalid(format!(
+            "rope: apply_in_place writes q and k where it reads them, but the rope's input row \
+             strides {:?} differ from its output ones {:?}",
+            rope.input, rope.output
+        )));
+    }
     let tokens = check(rope, angles, positions, qk.q.len(), qk.k.len())?;
     match backend {
         Backend::Cpu => {
@@ -343,8 +508,9 @@ pub fn apply_in_place<T: Element>(
             let (q, k) = (qk.q.device_ptr(gpu)?, qk.k.device_ptr(gpu)?);
             let args = rope_args(gpu, rope, angles, positions, tokens, [q, k], [q, k])?;
             // SAFETY: `check` tied q, k and the positions (or qo_indptr and offsets) to `tokens`
-            // and the heads, and the cache to `max_position` rows (`rope_args` reads its length);
-            // all are live buffers of this GPU held by the caller.
+            // rows of the heads at the rope's row strides (which equal the output ones, checked
+            // above), and the cache to `max_position` rows (`rope_args` reads its length); all
+            // are live buffers of this GPU held by the caller.
             unsafe { launch::<T>(gpu, rope.layout, args) }
         }
     }
@@ -353,7 +519,8 @@ pub fn apply_in_place<T: Element>(
 /// Rotate `input` into `out` (dims past `rotary_dim` copied). Asynchronous on a GPU; no
 /// allocation.
 ///
-/// Errors as [`apply_in_place`], and an output whose length differs from its input's.
+/// Errors as [`apply_in_place`], and an output that does not hold the input's tokens at the
+/// output row strides.
 pub fn apply<T: Element>(
     backend: &Backend,
     rope: &Rope,
@@ -363,29 +530,21 @@ pub fn apply<T: Element>(
     out: QkMut<'_, T>,
 ) -> Result<()> {
     let tokens = check(rope, angles, positions, input.q.len(), input.k.len())?;
-    for (name, got, want) in [
-        ("q_out", out.q.len(), input.q.len()),
-        ("k_out", out.k.len(), input.k.len()),
-    ] {
-        if got != want {
-            return Err(Error::invalid(format!(
-                "rope: {name} has {got} elements; its input has {want}"
-            )));
-        }
-    }
+    let (wq, wk) = rope.widths();
+    check_rows("rope", "q_out", out.q.len(), tokens, rope.output.q, wq)?;
+    check_rows("rope", "k_out", out.k.len(), tokens, rope.output.k, wk)?;
     match backend {
         Backend::Cpu => {
             let (q, k) = (input.q.host()?, input.k.host()?);
             let (q_out, k_out) = (out.q.host_mut()?, out.k.host_mut()?);
-            q_out.copy_from_slice(q);
-            k_out.copy_from_slice(k);
             rotate_host(rope, angles, positions, tokens, q, k, q_out, k_out)
         }
         Backend::Cuda(gpu) => {
             let src = [input.q.device_ptr(gpu)?, input.k.device_ptr(gpu)?];
             let dst = [out.q.device_ptr(gpu)?, out.k.device_ptr(gpu)?];
             let args = rope_args(gpu, rope, angles, positions, tokens, src, dst)?;
-            // SAFETY: as in `apply_in_place`, and the outputs' lengths equal the inputs'.
+            // SAFETY: as in `apply_in_place`, and `check_rows` made the outputs hold `tokens`
+            // rows at the output row strides.
             unsafe { launch::<T>(gpu, rope.layout, args) }
         }
     }
@@ -399,13 +558,9 @@ fn check(
     q_len: usize,
     k_len: usize,
 ) -> Result<u32> {
-    let tokens = rope.tokens("q", q_len)?;
-    if k_len != rope.k_len(tokens as usize) {
-        return Err(Error::invalid(format!(
-            "rope: k has {k_len} elements; {tokens} tokens of num_kv_heads x head_dim need {}",
-            rope.k_len(tokens as usize)
-        )));
-    }
+    let (wq, wk) = rope.widths();
+    let tokens = rows_held("rope", "q", q_len, rope.input.q, wq)?;
+    check_rows("rope", "k", k_len, tokens, rope.input.k, wk)?;
     if let Angles::Cache(cache) = angles {
         rope.cache_rows(cache)?;
     }
@@ -530,8 +685,8 @@ pub(crate) fn rotate_head<T: Element>(
     }
 }
 
-/// The CPU backend: rotate every head of q and k into `q_out` and `k_out` (which already hold
-/// the dims that are not rotated).
+/// The CPU backend: every head of q and k (at the input row strides) into `q_out` and `k_out`
+/// (at the output ones), its first `rotary_dim` dims turned and the rest copied.
 #[allow(clippy::too_many_arguments)]
 fn rotate_host<T: Element>(
     rope: &Rope,
@@ -546,12 +701,18 @@ fn rotate_host<T: Element>(
     let host = HostAngles::new(rope, angles)?;
     let pos = host_positions(positions, tokens)?;
     let d = rope.heads.head_dim() as usize;
-    let (qt, kt) = (rope.q_len(1), rope.k_len(1));
+    let (i, o) = (rope.input, rope.output);
+    let mut families = [
+        (q, &mut *q_out, rope.heads.num_qo_heads(), i.q, o.q),
+        (k, &mut *k_out, rope.heads.num_kv_heads(), i.k, o.k),
+    ];
     for (t, &p) in pos.iter().enumerate() {
         let cs = host.at(t, p)?;
-        for (x, out, row) in [(q, &mut *q_out, qt), (k, &mut *k_out, kt)] {
-            let (x, out) = (&x[t * row..][..row], &mut out[t * row..][..row]);
-            for (xh, oh) in x.chunks(d).zip(out.chunks_mut(d)) {
+        for (x, out, heads, si, so) in families.iter_mut() {
+            for h in 0..*heads as usize {
+                let xh = &x[t * *si as usize + h * d..][..d];
+                let oh = &mut out[t * *so as usize + h * d..][..d];
+                oh.copy_from_slice(xh);
                 rotate_head(rope.layout, &cs, xh, oh);
             }
         }
@@ -559,8 +720,8 @@ fn rotate_host<T: Element>(
     Ok(())
 }
 
-/// The kernel's arguments for q and k of `tokens` tokens (`src`, `dst`: q then k), with the
-/// angle and position fields filled; k and v slots contiguous.
+/// The kernel's arguments for q and k of `tokens` tokens (`src`, `dst`: q then k, at the rope's
+/// row strides), with the angle and position fields filled; k and v slots in rows.
 pub(crate) fn rope_args(
     gpu: &Gpu,
     rope: &Rope,
@@ -573,6 +734,8 @@ pub(crate) fn rope_args(
     let mut args = RopeArgs {
         src: [src[0], src[1], 0],
         dst: [dst[0], dst[1], 0],
+        src_row: [rope.input.q, rope.input.k, 0],
+        dst_row: [rope.output.q, rope.output.k, 0],
         tokens,
         heads: [rope.heads.num_qo_heads(), rope.heads.num_kv_heads(), 0],
         head_dim: rope.heads.head_dim(),
@@ -600,7 +763,7 @@ pub(crate) fn rope_args(
     Ok(args)
 }
 
-// SAFETY: RopeArgs is #[repr(C)] of u64, f64 and u32 fields only (18 eight-byte pointers and
+// SAFETY: RopeArgs is #[repr(C)] of u64, f64 and u32 fields only (24 eight-byte pointers and
 // strides, 5 f64, 16 u32: no padding), matching fi::RopeArgs (its size is asserted on both sides).
 unsafe impl kernel::KernelArgs for RopeArgs {}
 
@@ -610,8 +773,9 @@ unsafe impl kernel::KernelArgs for RopeArgs {}
 /// # Safety
 /// Every pointer of `args` must be 0 or an address on this GPU of live memory that outlives the
 /// launch and holds what `args` says the kernel reads or writes there: each present family's
-/// source `[tokens, heads, head_dim]` and destination (the same, or for k and v a cache that
-/// holds every slot the slot mode can produce), `tokens` positions (or `batch + 1` indptr and
+/// source of `tokens` rows at `src_row` (0: dense `[tokens, heads, head_dim]`) and destination
+/// (the same at `dst_row`, or for k and v a cache that holds every slot the slot mode can
+/// produce), `tokens` positions (or `batch + 1` indptr and
 /// `batch` offsets), `max_position` cos/sin rows, and the page-table arrays of their stated
 /// lengths.
 pub(crate) unsafe fn launch<T: Element>(
@@ -624,18 +788,36 @@ pub(crate) unsafe fn launch<T: Element>(
     if args.rotate_mask == 0 {
         args.rotary_dim = 0;
     }
-    // An absent family's pointers do not count (0 is aligned to every width).
-    let live = |f: usize, p: u64| if args.heads[f] > 0 { p } else { 0 };
-    let mut ptrs = [0u64; 9];
-    for (i, p) in ptrs.iter_mut().take(6).enumerate() {
-        *p = live(i / 2, [args.src, args.dst][i % 2][i / 2]);
+    // A row stride of 0 means dense rows (`[tokens, heads, head_dim]`).
+    for f in 0..3 {
+        let dense = u64::from(args.heads[f]) * u64::from(args.head_dim);
+        for row in [&mut args.src_row[f], &mut args.dst_row[f]] {
+            if *row == 0 {
+                *row = dense;
+            }
+        }
     }
-    // A cache's strides move a vector as its base does: caller-given ones (an interleaved or
-    // padded cache) may allow only a narrower vector than the pointers do.
+    // An absent family's pointers do not count (0 is aligned to every width).
     let elem = size_of::<T>() as u64;
-    ptrs[6] = args.kv_page_stride * elem;
-    ptrs[7] = args.kv_token_stride * elem;
-    ptrs[8] = args.kv_head_stride * elem;
+    let live = |f: usize, p: u64| if args.heads[f] > 0 { p } else { 0 };
+    let mut ptrs = [0u64; 15];
+    for (i, p) in ptrs.iter_mut().take(12).enumerate() {
+        let (f, which) = (i % 3, i / 3);
+        *p = live(
+            f,
+            match which {
+                0 => args.src[f],
+                1 => args.dst[f],
+                2 => args.src_row[f] * elem,
+                _ => args.dst_row[f] * elem,
+            },
+        );
+    }
+    // Strides move a vector as its base does: caller-given ones (q in a fused QKV row, an
+    // interleaved or padded cache) may allow only a narrower vector than the pointers do.
+    ptrs[12] = args.kv_page_stride * elem;
+    ptrs[13] = args.kv_token_stride * elem;
+    ptrs[14] = args.kv_head_stride * elem;
     let vec = rope_vec_width(args.head_dim, args.rotary_dim, &ptrs);
     let chunks = rope_chunks(args.head_dim, args.rotary_dim, vec);
     let heads = args.heads.iter().map(|&h| u64::from(h)).sum::<u64>();
