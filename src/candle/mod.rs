@@ -104,12 +104,11 @@ pub fn backend(device: &Device) -> Result<Backend> {
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
-/// // A fused QKV [tokens, (8 + 2 + 2) * 64]; q is its first 8 heads.
-/// let qkv = Tensor::zeros((3, 12 * 64), DType::BF16, &Device::Cpu)?;
-/// let q = qkv.narrow(1, 0, 8 * 64)?.reshape((3, 8, 64));
-/// # let q = qkv.narrow(1, 0, 8 * 64)?.contiguous()?.reshape((3, 8, 64))?;
+/// // A fused QKV [tokens, 8 + 2 + 2 heads, 64]; q is its first 8 heads, with no copy.
+/// let qkv = Tensor::zeros((3, 12, 64), DType::BF16, &Device::Cpu)?;
+/// let q = qkv.narrow(1, 0, 8)?;
 /// let s = ferrinfer::candle::qo_strides(&q)?;
-/// assert_eq!((s.row(), s.head()), (8 * 64, 64));
+/// assert_eq!((s.row(), s.head()), (12 * 64, 64));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn qo_strides(t: &Tensor) -> Result<QoStrides> {
