@@ -16,8 +16,18 @@ pub(crate) fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidInput(msg.into())
 }
 
+/// What `CudaStorage::as_cuda_slice` needs of an element type (nothing without CUDA tensors).
+#[cfg(feature = "candle-cuda")]
+pub(crate) trait CudaElem: candle_core::cuda::CudaDType {}
+#[cfg(feature = "candle-cuda")]
+impl<T: candle_core::cuda::CudaDType> CudaElem for T {}
+#[cfg(not(feature = "candle-cuda"))]
+pub(crate) trait CudaElem {}
+#[cfg(not(feature = "candle-cuda"))]
+impl<T> CudaElem for T {}
+
 /// An element type a tensor may hold for ferrinfer: its candle dtype and its CPU storage.
-pub(crate) trait Elem: Pod {
+pub(crate) trait Elem: Pod + CudaElem {
     const DTYPE: DType;
     fn cpu(s: &CpuStorage) -> Option<&[Self]>;
     fn cpu_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
