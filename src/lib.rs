@@ -50,3 +50,6 @@ pub mod __private {
     pub use ferrinfer_runtime::variant::{Hooks, Pos, Variant, VariantEntry, VariantSpec};
     pub use inventory;
 }
+
+#[cfg(feature = "candle")]
+pub mod candle;
