@@ -16,7 +16,6 @@
 
 #include "core/dtype.cuh"
 #include "core/warp.cuh"
-#include "sm80/cp_async.cuh"
 
 namespace fi {
 
@@ -129,29 +128,12 @@ __device__ __forceinline__ Pack<T, VEC> norm_apply(const NormArgs& a, unsigned c
   return o;
 }
 
-// Dynamic shared memory of this launch, in bytes.
-__device__ __forceinline__ unsigned dynamic_smem_bytes() {
-  unsigned r;
-  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
-  return r;
-}
-
 // hidden must be a multiple of VEC and every pointer aligned to a pack (the host checks).
 //
 // Loads come before stores in each phase: the compiler may not move a load above a store that
 // might alias it, so interleaving them would leave one load in flight per thread at a time.
-template <class T, unsigned VEC>
-__device__ void norm_fused_staged(const NormArgs& a);
-
 template <class T, unsigned VEC, unsigned KIND>
 __device__ __forceinline__ void norm(const NormArgs& a) {
-  if constexpr (KIND == kNormFusedAddRms && sizeof(Pack<T, VEC>) == 16) {
-    // The host gives dynamic shared memory only for the staged form (norm_staged_bytes).
-    if (dynamic_smem_bytes() != 0) {
-      norm_fused_staged<T, VEC>(a);
-      return;
-    }
-  }
   using P = Pack<T, VEC>;
   constexpr unsigned kItems = norm_items<VEC, KIND>();
   constexpr bool kFused = KIND == kNormFusedAddRms;
@@ -282,92 +264,6 @@ __device__ __forceinline__ void norm(const NormArgs& a) {
       if (kFused) res[k] = next_res[k];
     }
   }
-}
-
-// Rows the staged fused kind keeps in flight ahead of the one it works on.
-constexpr unsigned kNormStagesAhead = 2;
-
-// The fused add + RMSNorm with the next kNormStagesAhead rows' x and residual packs copied into
-// shared memory by cp.async (16-byte packs; the host launches it only when a row fits in the
-// threads' registers and the stages fit kNormStagesAhead + 1 to a block, 2 blocks to an SM).
-// Registers hold one row, not two, and twice the bytes are in flight per thread: the register form
-// keeps one row ahead and its DRAM throughput stalls at about two thirds of peak with the rows'
-// serial latency exposed (kernels/notes/ops.md).
-//
-// A thread reads back only the slots it copied itself, so no barrier guards the stages: its own
-// cp.async.wait_group makes them visible, and a stage is refilled only after the registers it was
-// read into were consumed the iteration before.
-template <class T, unsigned VEC>
-__device__ void norm_fused_staged(const NormArgs& a) {
-  using P = Pack<T, VEC>;
-  constexpr unsigned kItems = norm_items<VEC, kNormFusedAddRms>();
-  constexpr unsigned kStages = kNormStagesAhead + 1;
-  extern __shared__ __align__(16) unsigned char norm_stage_bytes[];
-  P* stage = reinterpret_cast<P*>(norm_stage_bytes);
-  __shared__ float partial[2 * kNormMaxThreads / kWarpSize];
-  unsigned phase = 0;
-  const unsigned tx = threadIdx.x, nx = blockDim.x;
-  const unsigned nt = nx * blockDim.y, me = threadIdx.y * nx + tx;
-  const unsigned long long stride = static_cast<unsigned long long>(gridDim.x) * blockDim.y;
-  const unsigned all_packs = a.hidden / VEC;
-  auto elem = [&](unsigned long long r, unsigned i) { return r * a.hidden + i * VEC; };
-  // This thread's slot of pack k's x (which 0) or residual (1) in stage s.
-  auto slot = [&](unsigned s, unsigned k, unsigned which) {
-    return stage + ((s * kItems + k) * 2 + which) * nt + me;
-  };
-  // Copy row r's packs into stage s (zeros past the rows or the row's packs); one commit group.
-  auto issue = [&](unsigned long long r, unsigned s) {
-#pragma unroll
-    for (unsigned k = 0; k < kItems; ++k) {
-      const bool ok = r < a.rows && tx + k * nx < all_packs;
-      const unsigned long long e = ok ? elem(r, tx + k * nx) : 0;
-      cp_async_16(static_cast<unsigned>(__cvta_generic_to_shared(slot(s, k, 0))),
-                  static_cast<const T*>(a.x) + e, ok);
-      cp_async_16(static_cast<unsigned>(__cvta_generic_to_shared(slot(s, k, 1))),
-                  static_cast<const T*>(a.residual) + e, ok);
-    }
-    cp_async_commit();
-  };
-
-  const unsigned long long first =
-      static_cast<unsigned long long>(blockIdx.x) * blockDim.y + threadIdx.y;
-#pragma unroll
-  for (unsigned s = 0; s < kNormStagesAhead; ++s) issue(first + s * stride, s);
-  P weights[kItems];
-#pragma unroll
-  for (unsigned k = 0; k < kItems; ++k) {
-    if (tx + k * nx < all_packs) weights[k] = norm_pack<T, VEC>(a.weight, (tx + k * nx) * VEC);
-  }
-  unsigned s = 0;
-  // Block-uniform trip count (every thread takes part in each row's barrier).
-  for (unsigned long long row = first; row - threadIdx.y < a.rows; row += stride) {
-    issue(row + kNormStagesAhead * stride, s == 0 ? kStages - 1 : s - 1);
-    cp_async_wait<kNormStagesAhead>();
-    const unsigned packs = row < a.rows ? all_packs : 0;
-    auto has = [&](unsigned k) { return tx + k * nx < packs; };
-    P cache[kItems];
-    float sum = 0.0f;
-#pragma unroll
-    for (unsigned k = 0; k < kItems; ++k) {
-      if (has(k)) {
-        cache[k] = norm_add(*slot(s, k, 0), *slot(s, k, 1));
-        norm_put(a.residual, elem(row, tx + k * nx), cache[k]);
-        sum += norm_pack_sum(cache[k], 0.0f, true);
-      }
-    }
-    sum = norm_row_sum(sum, partial, phase);
-    const float scale = rsqrtf(sum * (1.0f / static_cast<float>(a.hidden)) + a.eps);
-#pragma unroll
-    for (unsigned k = 0; k < kItems; ++k) {
-      if (has(k)) cache[k] = norm_scale(cache[k], weights[k], scale, a.weight_offset);
-    }
-#pragma unroll
-    for (unsigned k = 0; k < kItems; ++k) {
-      if (has(k)) norm_put(a.x, elem(row, tx + k * nx), cache[k]);
-    }
-    s = s + 1 == kStages ? 0 : s + 1;
-  }
-  cp_async_wait<0>();
 }
 
 }  // namespace fi

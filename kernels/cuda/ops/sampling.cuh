@@ -12,11 +12,10 @@
 //  - min-p: the largest weight W (probabilities: one load pass; logits: exp(0) = 1, the max pass
 //    of the softmax gives it), then the race within {w >= min_p W}.
 //  - top-p (after top-k): the set N is upward closed (t is in it iff the mass strictly above w_t is
-//    below p times the mass S). Drawn by rejection (top_p_race): race, then race again above the
-//    winner while summing the mass there, until a winner's mass above is below p S; usually two
-//    passes, integer masses so a seed reproduces bit for bit. The top-p renormalisation (and the
-//    draw after many rejections) finds N's bound T, mass(v > T) < p S <= mass(v >= T), by a
-//    three-pass radix select by mass instead.
+//    below p times the mass S). Drawn by rejection over the race's best candidates (top_p_race):
+//    usually two passes, integer masses so a seed reproduces bit for bit. The top-p
+//    renormalisation (and the draw after many rejections) finds N's bound T,
+//    mass(v > T) < p S <= mass(v >= T), by a three-pass radix select by mass instead.
 // The race runs from the end of the row (backward): a pass before it leaves that end in L2.
 // Probabilities that are NaN, negative or infinite weigh 0; logits that are NaN or +-inf are -inf.
 // A row without a positive weight gives token 0. Mirrored by runtime/src/ops/sampling/mod.rs.
@@ -270,34 +269,15 @@ __device__ __forceinline__ void scan_row_backward_warp(const float* row, unsigne
 // per token. A warp with at least as many candidates as lanes races its packs in place, one Philox
 // per pack (a pack lies in one Philox group: VEC divides 4 and t0 is a multiple of VEC). Either
 // way every allowed token is entered once with its own key: the winner does not depend on the path.
-//
-// With `mass` (top-p's rounds, top_p_race) the race is further restricted to w > w_gt, and the
-// pass also sums, over the base set {v >= v_min, w >= w_min, w > 0}, its mass `s` and the mass `a`
-// of the raced part in integer units (mass_units_shift: exact in any order), and finds its largest
-// weight. One body for both uses (a uniform branch): a second instance doubled the compile time.
-struct RaceMass {
-  unsigned long long s, a;
-  float w_max;
-};
-// floor(w 2^shift) for a finite w > 0, from its bits (no double arithmetic in the race's loop).
-__device__ __forceinline__ unsigned long long mass_units_shift(float w, int shift) {
-  const unsigned bits = __float_as_uint(w), e = bits >> 23;
-  const unsigned long long mant = (bits & 0x7fffffu) | (e ? 0x800000u : 0u);
-  const int s = static_cast<int>(e ? e : 1u) - 150 + shift;
-  return s >= 0 ? mant << s : (s > -32 ? mant >> -s : 0ull);
-}
 template <bool LOGITS, unsigned VEC>
 __device__ __noinline__ unsigned long long race_allowed(const float* x, unsigned n,
                                                         const RowValues<LOGITS> rv, float v_min,
                                                         float w_min, const RowRng rng,
-                                                        SamplingSmem& sm, float w_gt = 0.0f,
-                                                        int unit_shift = 0,
-                                                        RaceMass* mass = nullptr) {
+                                                        SamplingSmem& sm) {
   unsigned* qt = sm.queue.t[warp_id()];
   float* qw = sm.queue.w[warp_id()];
   const unsigned below = (1u << lane_id()) - 1u;  // the lanes before this one
-  unsigned long long b = 0, ms = 0, ma = 0;
-  float w_max = 0.0f;
+  unsigned long long b = 0;
   unsigned count = 0;  // queued entries, the same in every lane
   __syncthreads();     // the radix selects are done with the histograms the queues overlay
   scan_row_backward_warp<VEC>(x, n, [&](unsigned t0, const Pack<float, VEC>& p, bool valid) {
@@ -309,14 +289,7 @@ __device__ __noinline__ unsigned long long race_allowed(const float* x, unsigned
     for (unsigned e = 0; e < VEC; ++e) {
       const float v = rv.value(p.x[e]);
       w[e] = v >= v_min ? rv.weight(v) : 0.0f;
-      const bool base = valid && w[e] >= w_min && w[e] > 0.0f;
-      const bool ok = base && w[e] > w_gt;
-      if (mass && base) {
-        const unsigned long long u = mass_units_shift(w[e], unit_shift);
-        w_max = fmaxf(w_max, w[e]);
-        ms += u;
-        if (ok) ma += u;
-      }
+      const bool ok = valid && w[e] >= w_min && w[e] > 0.0f;
       mine |= static_cast<unsigned>(ok) << e;
       lanes[e] = __ballot_sync(kFullMask, ok);
       total += __popc(lanes[e]);
@@ -355,11 +328,6 @@ __device__ __noinline__ unsigned long long race_allowed(const float* x, unsigned
     const unsigned t = qt[lane_id()];
     race_enter(b, qw[lane_id()], philox_word(rng.group(t >> 2), t & 3), t);
   }
-  if (mass) {
-    mass->s = block_sum_u64(ms, sm);
-    mass->a = block_sum_u64(ma, sm);
-    mass->w_max = block_max(w_max, sm);
-  }
   return block_max_u64(b, sm);
 }
 
@@ -390,7 +358,8 @@ __device__ __forceinline__ double bin_mass(unsigned key, unsigned long long unit
 
 // *a += v on shared memory, as two 32-bit adds with the carry (exact in any order): sm_80 has no
 // native 64-bit shared atomic add (its emulation spilled in the transforms), and on the H200
-// sm_90's took the top-p draw from 0.149 ms to 0.343 ms (b128, 128K vocabulary).
+// sm_90's made the radix select by mass 2.3x slower (top-p draw 0.343 ms against 0.149, b128 over
+// 128K tokens).
 __device__ __forceinline__ void shared_add_u64(unsigned long long* a, unsigned long long v) {
   unsigned* w = reinterpret_cast<unsigned*>(a);  // little-endian: low word first
   const unsigned lo = static_cast<unsigned>(v);
@@ -531,38 +500,146 @@ __device__ __forceinline__ float kth_largest(const float* x, unsigned n, unsigne
   return radix_select<LOGITS, VEC, false>(x, n, k, 0.0f, -FI_INF, rv, sm);
 }
 
-// Rounds of top_p_race before it falls back to the radix select by mass.
-constexpr unsigned kTopPRounds = 16;
+// ---- Top-p by rejection over the race's best candidates ----
+//
+// The race within the nucleus N (upward closed in w) is won by the best key of N; a race over any
+// superset B of N ranks its tokens by the same keys, so N's winner is the first of B's ranking that
+// lies in N, and t lies in N iff the mass strictly above w_t is below p S. One pass races over B
+// keeping the kTopPCandidates best entries; the next pass sums, over the base set, S and the mass
+// above each candidate: the first candidate (by key) whose mass above is below p S (or is 0: the
+// largest weights) wins. If none does, N lies above the heaviest candidate, and that same pass has
+// already raced over B' = {w > that weight}: its candidates are the next round's. Each candidate
+// fails with probability about 1 - p (its mass above is about uniform), so at p = 0.9 a row needs
+// two passes and all of a batch's 128 rows rarely more: the batch waits for its slowest row, which
+// one candidate per round made three or four passes. Masses are integers, floor(w 2^shift) with
+// the shift from the largest weight so the row's sum fits 63 bits: exact in any order, so a seed
+// reproduces bit for bit. After kTopPRounds rounds the radix select by mass bounds N instead.
+constexpr unsigned kTopPCandidates = 4;
+constexpr unsigned kTopPRounds = 8;
 
-// Top-p by rejection, with no histogram: the race over a set that holds the nucleus N wins inside
-// N exactly when its winner is in N (N is upward closed in w, and the race within a subset is the
-// same race), and the winner c is in N iff the mass strictly above w_c is below p S. So: race over
-// the base set; then each round races over {w > w_c} while summing that set's mass (the mass above
-// c) and S; c is accepted when the sum is below p S (or 0: the top weights), else the round's
-// winner is the next candidate. Usually two passes. Masses are integers, floor(w 2^k) with 2^k
-// chosen from the largest weight so that the row's sum fits in 63 bits: exact in any order, so a
-// seed reproduces bit for bit. After kTopPRounds rejections (a long tail of tiny candidates), the
-// radix select by mass finds the bound instead.
+struct TopPPass {
+  unsigned long long top[kTopPCandidates];  // race entries, best first; 0: none
+  unsigned long long s, above[kTopPCandidates];
+  float w_max;
+};
+
+// floor(w 2^shift) for a finite w > 0, from its bits (no double arithmetic in the loop).
+__device__ __forceinline__ unsigned long long mass_units_shift(float w, int shift) {
+  const unsigned bits = __float_as_uint(w), e = bits >> 23;
+  const unsigned long long mant = (bits & 0x7fffffu) | (e ? 0x800000u : 0u);
+  const int s = static_cast<int>(e ? e : 1u) - 150 + shift;
+  return s >= 0 ? mant << s : (s > -32 ? mant >> -s : 0ull);
+}
+
+// Insert entry x (larger than top[K - 1]) into the descending list `top`.
+__device__ __forceinline__ void top_insert(unsigned long long (&top)[kTopPCandidates],
+                                           unsigned long long x) {
+#pragma unroll
+  for (unsigned i = 0; i < kTopPCandidates; ++i) {
+    const unsigned long long y = top[i];
+    top[i] = x > y ? x : y;
+    x = x > y ? y : x;
+  }
+}
+
+// race_enter keeping the best kTopPCandidates entries (the logarithm skipped below the last).
+__device__ __forceinline__ void race_enter_top(unsigned long long (&top)[kTopPCandidates], float w,
+                                               unsigned word, unsigned t) {
+  const float u = philox_uniform(word);
+  const float kmin = __uint_as_float(static_cast<unsigned>(top[kTopPCandidates - 1] >> 32));
+  if (w * 1.000001f <= kmin * (1.0f - u)) return;
+  top_insert(top, race_entry(w / -logf(u), t));
+}
+
+// One pass: the race over {base, w > w_gt} keeping the best entries, and over the base set
+// {v >= v_min, w > 0} its mass and the mass above each pivot (pivots of +inf count nothing), in
+// units of 2^-shift, and its largest weight. Every allowed token gets its own key, in place, one
+// Philox per pack (the sets here are dense: top-p keeps most of a row).
+template <bool LOGITS, unsigned VEC>
+__device__ __noinline__ void top_p_pass(const float* x, unsigned n, const RowValues<LOGITS> rv,
+                                        float v_min, float w_gt, const float* pivot, int shift,
+                                        const RowRng rng, SamplingSmem& sm, TopPPass& out) {
+  unsigned long long top[kTopPCandidates], above[kTopPCandidates], s = 0;
+  float piv[kTopPCandidates], w_max = 0.0f;
+#pragma unroll
+  for (unsigned i = 0; i < kTopPCandidates; ++i) {
+    top[i] = 0;
+    above[i] = 0;
+    piv[i] = pivot[i];
+  }
+  __syncthreads();  // the previous pass's block reductions are done with sm
+  scan_row_backward<VEC>(x, n, [&](unsigned t0, const Pack<float, VEC>& p) {
+    float w[VEC];
+    bool any = false;
+#pragma unroll
+    for (unsigned e = 0; e < VEC; ++e) {
+      const float v = rv.value(p.x[e]);
+      w[e] = v >= v_min ? rv.weight(v) : 0.0f;
+      if (w[e] > 0.0f) {
+        const unsigned long long u = mass_units_shift(w[e], shift);
+        w_max = fmaxf(w_max, w[e]);
+        s += u;
+#pragma unroll
+        for (unsigned i = 0; i < kTopPCandidates; ++i) above[i] += w[e] > piv[i] ? u : 0ull;
+      }
+      any |= w[e] > w_gt && w[e] > 0.0f;
+    }
+    if (any) {
+      const Philox4 r = rng.group(t0 >> 2);
+#pragma unroll
+      for (unsigned e = 0; e < VEC; ++e) {
+        if (w[e] > w_gt && w[e] > 0.0f) race_enter_top(top, w[e], philox_word(r, (t0 + e) & 3), t0 + e);
+      }
+    }
+  });
+  out.s = block_sum_u64(s, sm);
+#pragma unroll
+  for (unsigned i = 0; i < kTopPCandidates; ++i) out.above[i] = block_sum_u64(above[i], sm);
+  out.w_max = block_max(w_max, sm);
+  // The block's best entries: the best head, popped from its (one) owner, kTopPCandidates times.
+#pragma unroll
+  for (unsigned i = 0; i < kTopPCandidates; ++i) {
+    const unsigned long long b = block_max_u64(top[0], sm);
+    out.top[i] = b;
+    if (b != 0 && top[0] == b) {
+#pragma unroll
+      for (unsigned j = 0; j + 1 < kTopPCandidates; ++j) top[j] = top[j + 1];
+      top[kTopPCandidates - 1] = 0;
+    }
+  }
+}
+
 template <bool LOGITS, unsigned VEC>
 __device__ __forceinline__ unsigned long long top_p_race(const float* x, unsigned n,
                                                          const RowValues<LOGITS>& rv, float v_min,
                                                          float top_p, const RowRng& rng,
                                                          SamplingSmem& sm) {
-  RaceMass m;
-  unsigned long long c = race_allowed<LOGITS, VEC>(x, n, rv, v_min, 0.0f, rng, sm, 0.0f, -200, &m);
-  if (!c) return 0;
+  float pivot[kTopPCandidates];
+#pragma unroll
+  for (unsigned i = 0; i < kTopPCandidates; ++i) pivot[i] = FI_INF;
+  TopPPass cur, next;
+  top_p_pass<LOGITS, VEC>(x, n, rv, v_min, 0.0f, pivot, -200, rng, sm, cur);
+  if (!cur.top[0]) return 0;
   // w_max < 2^(e + 1): units below 2^(62 - bits(n)), n of them below 2^62.
-  const int e = static_cast<int>((__float_as_uint(m.w_max) >> 23) & 0xffu) - 127;
-  const int unit_shift = 62 - (32 - __clz(n)) - (e + 1);
+  const int e = static_cast<int>((__float_as_uint(cur.w_max) >> 23) & 0xffu) - 127;
+  const int shift = 62 - (32 - __clz(n)) - (e + 1);
   for (unsigned round = 0; round < kTopPRounds; ++round) {
-    const float w_c = rv.weight(rv.value(x[race_token(c)]));
-    const unsigned long long next =
-        race_allowed<LOGITS, VEC>(x, n, rv, v_min, 0.0f, rng, sm, w_c, unit_shift, &m);
-    if (m.a == 0 || static_cast<double>(m.a) < static_cast<double>(top_p) *
-                                                   static_cast<double>(m.s)) {
-      return c;
+    float w_gt = 0.0f;
+#pragma unroll
+    for (unsigned i = 0; i < kTopPCandidates; ++i) {
+      pivot[i] = cur.top[i] ? rv.weight(rv.value(x[race_token(cur.top[i])])) : FI_INF;
+      if (cur.top[i]) w_gt = fmaxf(w_gt, pivot[i]);
     }
-    c = next;
+    top_p_pass<LOGITS, VEC>(x, n, rv, v_min, w_gt, pivot, shift, rng, sm, next);
+    const double want = static_cast<double>(top_p) * static_cast<double>(next.s);
+#pragma unroll
+    for (unsigned i = 0; i < kTopPCandidates; ++i) {
+      if (cur.top[i] && (next.above[i] == 0 || static_cast<double>(next.above[i]) < want)) {
+        return cur.top[i];
+      }
+    }
+    if (!next.top[0]) break;  // nothing above the candidates: rounding; let the radix decide
+    cur = next;
   }
   const float t = radix_select<LOGITS, VEC, true>(x, n, 0, top_p, v_min, rv, sm);
   return race_allowed<LOGITS, VEC>(x, n, rv, fmaxf(v_min, t), 0.0f, rng, sm);

@@ -182,43 +182,6 @@ pub fn norm_launch_dims(
     })
 }
 
-/// Rows the staged fused kind keeps in flight ahead of its current one: `kNormStagesAhead` in
-/// norm.cuh.
-const STAGES_AHEAD: u32 = 2;
-
-/// Bytes of one staged row slot per thread: an x and a residual pack of 16 bytes each.
-const STAGE_SLOT_BYTES: u32 = 2 * 16;
-
-/// Dynamic shared memory for the staged fused add + RMSNorm (norm.cuh, `norm_fused_staged`), or 0
-/// for the register form. Staged when the kind is the fused one with 16-byte packs (`vec` 8 of a
-/// 16-bit type), the row fits the threads' registers (no second pass over memory), and the
-/// `STAGES_AHEAD + 1` row stages of every block of the persistent wave fit the SM's
-/// `sm_shared_bytes` (each block also pays `reserved_per_block`); else 0 (an A100 runs a row of
-/// 8192 in the register form).
-pub fn norm_staged_bytes(
-    kind: NormKind,
-    dims: &LaunchDims,
-    hidden: u32,
-    vec: u32,
-    sm_shared_bytes: u32,
-    reserved_per_block: u32,
-) -> u32 {
-    let [tx, ty, _] = dims.block;
-    let packs = hidden / vec.max(1);
-    if kind != NormKind::FusedAddRms || vec != 8 || packs > items(kind, vec) * tx {
-        return 0;
-    }
-    let bytes = (STAGES_AHEAD + 1) * items(kind, vec) * STAGE_SLOT_BYTES * tx * ty;
-    let blocks_per_sm = (RESIDENT_THREADS / (tx * ty)).max(1);
-    // The static partial sums (2 sets of 32 floats) ride along.
-    let per_block = bytes + reserved_per_block + 2 * 32 * 4;
-    if blocks_per_sm.saturating_mul(per_block) <= sm_shared_bytes {
-        bytes
-    } else {
-        0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,27 +288,6 @@ mod tests {
                 assert!(d.grid[0] >= 1);
             }
         }
-    }
-
-    #[test]
-    fn staged_only_for_fused_rows_in_registers_that_fit_the_sm() {
-        let (fused, h200, a100) = (NormKind::FusedAddRms, 233_472, 167_936);
-        let staged = |kind, rows, hidden, vec, sm| {
-            let d = norm_launch_dims(kind, rows, hidden, vec, 132).unwrap();
-            norm_staged_bytes(kind, &d, hidden, vec, sm, 1024)
-        };
-        // 8192 bf16: 512 threads x 2 packs x (x, residual) x 16 B x 3 stages = 96 KiB a block, two
-        // blocks an SM: fits an H200's 228 KiB, not an A100's 164 KiB.
-        assert_eq!(staged(fused, 2048, 8192, 8, h200), 3 * 2 * 32 * 512);
-        assert_eq!(staged(fused, 2048, 8192, 8, a100), 0);
-        // 4096: 48 KiB a block, four blocks: 196 KiB + reserved.
-        assert_eq!(staged(fused, 2048, 4096, 8, h200), 3 * 2 * 32 * 256);
-        // Not 16-byte packs, another kind, or a row longer than the registers hold: unstaged.
-        assert_eq!(staged(fused, 2048, 8192, 4, h200), 0);
-        assert_eq!(staged(NormKind::Rms, 2048, 8192, 8, h200), 0);
-        assert_eq!(staged(fused, 64, 1 << 15, 8, h200), 0);
-        // Short rows share a block and its stages: 4 rows of 32 threads (hidden 256 at 8 a pack).
-        assert_eq!(staged(fused, 64, 256, 8, h200), 3 * 2 * 32 * 128);
     }
 
     /// The packs each thread of a launch touches, walked as `fi::norm` walks them (rows from

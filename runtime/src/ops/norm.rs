@@ -48,9 +48,7 @@
 
 use std::sync::Arc;
 
-use ferrinfer_kernels::ops::norm::{
-    NormArgs, norm_launch_dims, norm_staged_bytes, norm_unit, norm_vec_width,
-};
+use ferrinfer_kernels::ops::norm::{NormArgs, norm_launch_dims, norm_unit, norm_vec_width};
 use ferrinfer_kernels::{DType, TranslationUnit};
 
 use crate::device::backend::Backend;
@@ -490,7 +488,7 @@ fn launch<T: Element>(gpu: &Gpu, kind: NormKind, args: NormArgs) -> Result<()> {
             args.bias,
         ],
     );
-    let mut dims =
+    let dims =
         norm_launch_dims(kind, args.rows, args.hidden, vec, gpu.sm_count()).ok_or_else(|| {
             Error::unsupported(format!(
                 "{} of {} rows x {} exceeds CUDA's grid limit",
@@ -499,19 +497,6 @@ fn launch<T: Element>(gpu: &Gpu, kind: NormKind, args: NormArgs) -> Result<()> {
                 args.hidden
             ))
         })?;
-    let sm = gpu.sm_resources();
-    dims.shared_bytes = norm_staged_bytes(
-        kind,
-        &dims,
-        args.hidden,
-        vec,
-        sm.shared_bytes,
-        sm.reserved_shared_per_cta,
-    );
-    // TEMPORARY A/B knob for the staged fused kind (removed after the H200 measurement).
-    if std::env::var_os("FERRINFER_NORM_UNSTAGED").is_some() {
-        dims.shared_bytes = 0;
-    }
     let dtype = T::DTYPE;
     let name = format!("{}_{}_v{vec}", kind.name(), dtype.name());
     // SAFETY: the unit's entry takes (NormArgs) by value. Every non-zero pointer in `args` was

@@ -834,11 +834,7 @@ pub(crate) unsafe fn launch<T: Element>(
     // fewer, fuller threads cost nothing there once all of a batch's loads go out before the slot
     // is needed (rope.cuh, rope_load; kernels/notes/ops.md has the H200 numbers).
     args.heads_per_thread = if args.rotate_mask == 0 {
-        // TEMPORARY A/B knob (removed after the H200 measurement).
-        let knob = std::env::var("FERRINFER_ROPE_COPY_HEADS")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok());
-        heads.min(knob.unwrap_or(ROPE_HEAD_BATCH).clamp(1, ROPE_HEAD_BATCH))
+        heads.min(ROPE_HEAD_BATCH)
     } else {
         rope_heads_per_thread(args.tokens, chunks, heads, gpu.sm_count())
     };
