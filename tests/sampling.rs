@@ -561,9 +561,11 @@ fn cpu_per_request_parameters_are_clamped() {
     per_request_parameters_are_clamped(&Backend::Cpu);
 }
 
-/// Near-flat rows with one largest weight and a tiny p keep only that token. A race halves a flat
-/// set per round on average, so on 128K tokens the GPU's top-p rejection often runs out of rounds
-/// and falls back to its radix select: both paths must give the largest token on every row.
+/// Near-flat rows with one largest weight and a tiny p keep only that token: through the GPU's
+/// radix select by mass (top-p alone), and through its rejection over race candidates (top-p after
+/// a top-k of all but one token), which on 128K flat tokens shrinks the set about fivefold a round
+/// and so often runs out of rounds and falls back to the radix select: every path must give the
+/// largest token on every row.
 fn tiny_top_p_keeps_the_largest(backend: &Backend, vocab: usize, batch: usize) {
     let mut rng = Rng::from_time();
     let seed = rng.seed();
@@ -584,15 +586,18 @@ fn tiny_top_p_keeps_the_largest(backend: &Backend, vocab: usize, batch: usize) {
                 row.iter_mut().for_each(|v| *v /= z);
             }
         }
-        let c = Case {
-            logits,
-            top_p: Some(1e-7),
-            ..PLAIN
-        };
-        let mut state = SamplerState::new(backend, rng.next_u64()).unwrap();
-        for call in 0..3 {
-            let got = draw(backend, &mut state, &x, vocab as u32, &c).unwrap();
-            assert_eq!(got, top, "logits {logits} call {call} (seed {seed})");
+        for top_k in [None, Some(vocab as i32 - 1)] {
+            let c = Case {
+                logits,
+                top_k,
+                top_p: Some(1e-7),
+                ..PLAIN
+            };
+            let mut state = SamplerState::new(backend, rng.next_u64()).unwrap();
+            for call in 0..3 {
+                let got = draw(backend, &mut state, &x, vocab as u32, &c).unwrap();
+                assert_eq!(got, top, "{c:?} call {call} (seed {seed})");
+            }
         }
     }
 }

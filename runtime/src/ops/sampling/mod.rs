@@ -20,10 +20,11 @@
 //!
 //! On a GPU one block of 512 threads samples one row (`kernels/cuda/ops/sampling.cuh`): passes
 //! that only load find the allowed set's bounds (top-k: a three-pass radix select by count; min-p:
-//! the largest weight, one pass for probabilities), then one pass races over the allowed tokens
-//! alone, the only one that draws Philox numbers. Top-p draws by rejection: a race, then a race
-//! above the winner that also sums the mass there, until a winner's mass above is below `p` of
-//! the row's (usually two passes; integer masses, so a seed reproduces bit for bit). The CPU
+//! the largest weight, one pass for probabilities; top-p: a three-pass radix select by mass), then
+//! one pass races over the allowed tokens alone, the only one that draws Philox numbers. Top-p
+//! after top-k draws by rejection instead: a race keeping its best candidates, then a race above
+//! them that also sums the mass above each, until a candidate's mass above is below `p` of the
+//! row's (usually two passes; integer masses, so a seed reproduces bit for bit). The CPU
 //! backend computes the allowed sets directly (sorting) in f64, with the same Philox uniforms: a
 //! CPU and a GPU run of one seed draw the same tokens, except where two keys, or a weight and a
 //! filter threshold, differ by about f32 rounding.
