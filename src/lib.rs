@@ -48,5 +48,6 @@ pub mod __private {
         AttentionParams, Extent, ParamField, ParamType, ParamWriter,
     };
     pub use ferrinfer_runtime::variant::{Hooks, Pos, Variant, VariantEntry, VariantSpec};
+    pub use ferrinfer_runtime::variant::dsl;
     pub use inventory;
 }

@@ -2,8 +2,9 @@
 //! lowered to CUDA at build time.
 //!
 //! The attribute runs in four steps, one module each: `parse` reads the impl block into a
-//! `VariantDef`, `check` enforces the DSL (signatures and the accepted Rust subset), `lower`
-//! writes the CUDA `struct Variant`, `emit` writes the Rust. Every problem is collected in
+//! `VariantDef`, `check` enforces the DSL (signatures and the accepted Rust subset) and builds the
+//! typed IR of each hook (`ir`), `lower` prints that IR as the CUDA `struct Variant`, `emit`
+//! writes the Rust (the hooks' arithmetic rewritten to the DSL's numeric rules). Every problem is collected in
 //! `errors::Errors` and reported in one compile, with its span.
 //!
 //! Use these through the facade crate `ferrinfer` (its docs have the examples): the expansion
@@ -15,9 +16,12 @@ use proc_macro2::TokenStream as TokenStream2;
 mod check;
 mod emit;
 mod errors;
+mod ir;
 mod lower;
 #[cfg(test)]
 mod lower_tests;
+#[cfg(test)]
+mod diff_tests;
 mod params;
 mod parse;
 mod vocab;
@@ -56,9 +60,9 @@ pub fn attention_variant(attr: TokenStream, item: TokenStream) -> TokenStream {
 fn expand_variant(attr: TokenStream2, imp: &syn::ItemImpl) -> syn::Result<TokenStream2> {
     let mut errors = errors::Errors::default();
     let def = parse::variant(attr, imp, &mut errors);
-    check::variant(&def, &mut errors);
+    let funcs = check::variant(&def, &mut errors);
     errors.finish()?;
-    let cuda = lower::variant(&def);
+    let cuda = lower::variant(&def, &funcs);
     Ok(emit::variant(&def, &cuda))
 }
 
