@@ -19,7 +19,7 @@ use crate::vocab::{self, SigTy};
 
 /// Check every hook of the variant, and the rules that span hooks; returns the typed IR of the
 /// hooks (empty when any was refused: nothing is lowered then).
-pub fn variant(def: &VariantDef<'_>, errors: &mut Errors) -> Vec<ir::Func> {
+pub fn variant(def: &VariantDef<'_>, errors: &mut Errors) -> ir::Typed {
     let mut ok = Vec::new();
     for hook in &def.hooks {
         let before = errors.count();

@@ -927,12 +927,15 @@ fn pipeline(src: &str) -> Result<(Func, String), Vec<String>> {
         syn::parse_str(&format!("impl V {{ {src} }}")).map_err(|e| vec![e.to_string()])?;
     let mut errors = Errors::default();
     let def = parse::variant(Default::default(), &imp, &mut errors);
-    let mut funcs = check::variant(&def, &mut errors);
+    let mut typed = check::variant(&def, &mut errors);
     if let Err(e) = errors.finish() {
         return Err(e.into_iter().map(|e| e.to_string()).collect());
     }
-    let cuda = lower::variant(&def, &funcs);
-    Ok((funcs.remove(0), cuda))
+    if !typed.conflicts.is_empty() {
+        return Err(typed.conflicts);
+    }
+    let cuda = lower::variant(&def, &typed);
+    Ok((typed.funcs.remove(0), cuda))
 }
 
 /// Every `let` in the IR, in source order: (name, type).

@@ -9,9 +9,13 @@ use syn::visit_mut::VisitMut;
 use crate::parse::VariantDef;
 use crate::vocab::{self, SigTy};
 
-pub fn variant(def: &VariantDef<'_>, cuda: &str) -> TokenStream {
+/// `rewrite`: give the hooks the DSL's numeric rules (off when rustc is going to reject them).
+pub fn variant(def: &VariantDef<'_>, cuda: &str, rewrite: bool) -> TokenStream {
     let p = quote!(::ferrinfer::__private);
-    let item = numeric(def, &p);
+    let item = match rewrite {
+        true => numeric(def, &p),
+        false => def.item.clone(),
+    };
     let ty = def.self_ty();
     let name = &def.name;
     let flags = vocab::HOOKS.iter().map(|sig| {

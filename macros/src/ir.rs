@@ -226,8 +226,16 @@ pub enum Kind {
     If(Box<Expr>, Block, Block),
 }
 
+/// The typed hooks of a variant.
+pub struct Typed {
+    pub funcs: Vec<Func>,
+    /// Type conflicts: rustc rejects the variant, so its CUDA is never compiled; should it be,
+    /// the lowering makes it a compile error rather than code with guessed types.
+    pub conflicts: Vec<String>,
+}
+
 /// Build and type the hooks `check` accepted (`ok[i]` for `def.hooks[i]`), variant-wide.
-pub fn build(def: &VariantDef<'_>, ok: &[bool], errors: &mut Errors) -> Vec<Func> {
+pub fn build(def: &VariantDef<'_>, ok: &[bool], errors: &mut Errors) -> Typed {
     let mut b = Builder {
         errors,
         infer: Infer::default(),
@@ -236,13 +244,18 @@ pub fn build(def: &VariantDef<'_>, ok: &[bool], errors: &mut Errors) -> Vec<Func
         locals: Vec::new(),
         scopes: Vec::new(),
         failed: false,
+        conflicts: Vec::new(),
+        hook: "",
     };
     let mut funcs = Vec::new();
     for (hook, _) in def.hooks.iter().zip(ok).filter(|(_, ok)| **ok) {
         funcs.push(b.func(hook));
     }
     if b.failed {
-        return Vec::new();
+        return Typed {
+            funcs: Vec::new(),
+            conflicts: Vec::new(),
+        };
     }
     let mut r = Resolver {
         infer: &mut b.infer,
@@ -255,7 +268,10 @@ pub fn build(def: &VariantDef<'_>, ok: &[bool], errors: &mut Errors) -> Vec<Func
         }
         r.block(&mut f.body);
     }
-    funcs
+    Typed {
+        funcs,
+        conflicts: b.conflicts,
+    }
 }
 
 // ---- inference ---------------------------------------------------------------------------------
@@ -306,6 +322,10 @@ impl Infer {
         }
         let merged = merge(&self.slot[ra], &self.slot[rb]);
         self.parent[rb] = ra;
+        // An undecided float is reported at its literal.
+        if matches!(self.slot[rb], Slot::Float) && !matches!(self.slot[ra], Slot::Float) {
+            self.span[ra] = self.span[rb];
+        }
         match merged {
             Some(s) => {
                 self.slot[ra] = s;
@@ -364,6 +384,10 @@ struct Builder<'e> {
     scopes: Vec<Vec<(String, LocalId)>>,
     /// A construct `check` should have refused (a bug), reported: nothing is lowered.
     failed: bool,
+    /// Type conflicts (rustc reports them).
+    conflicts: Vec<String>,
+    /// The hook being built, for `conflicts`.
+    hook: &'static str,
 }
 
 /// A `Kind` with its type variable (the type is filled in by the resolver).
@@ -381,14 +405,13 @@ impl Builder<'_> {
     }
 
     /// `a` and `b` have one type; a conflict is reported once, at `at`.
-    fn same(&mut self, a: usize, b: usize, at: Span) {
+    /// `a` and `b` have one type. A conflict is rustc's to report (its message is the better
+    /// one, and one mistake gives one error): it is only recorded, and the lowering refuses to
+    /// compile, should rustc ever accept what this inference refused.
+    fn same(&mut self, a: usize, b: usize, _at: Span) {
         if let Err((x, y)) = self.infer.unify(a, b) {
-            self.errors.at_span(
-                at,
-                format!(
-                    "mismatched types in a hook: {x} and {y} (a hook converts only with `as`, e.g. `x as f32`)"
-                ),
-            );
+            self.conflicts
+                .push(format!("hook `{}`: {x} against {y}", self.hook));
         }
     }
 
@@ -422,6 +445,7 @@ impl Builder<'_> {
     }
 
     fn func(&mut self, hook: &Hook<'_>) -> Func {
+        self.hook = hook.sig.name;
         self.locals.clear();
         self.scopes = vec![Vec::new()];
         let mut args = Vec::new();
@@ -897,7 +921,7 @@ impl Resolver<'_> {
             Slot::Float => {
                 if !self.reported.contains(&root) {
                     self.reported.push(root);
-                    let span = self.infer.span[var];
+                    let span = self.infer.span[root];
                     self.errors.at_span(
                         span,
                         "the type of this float is not decided by its use, so Rust would make it an f64, which hooks do not have: write `f32` (`1.0f32`, `let x: f32 = ...`)",

@@ -60,10 +60,11 @@ pub fn attention_variant(attr: TokenStream, item: TokenStream) -> TokenStream {
 fn expand_variant(attr: TokenStream2, imp: &syn::ItemImpl) -> syn::Result<TokenStream2> {
     let mut errors = errors::Errors::default();
     let def = parse::variant(attr, imp, &mut errors);
-    let funcs = check::variant(&def, &mut errors);
+    let typed = check::variant(&def, &mut errors);
     errors.finish()?;
-    let cuda = lower::variant(&def, &funcs);
-    Ok(emit::variant(&def, &cuda))
+    let cuda = lower::variant(&def, &typed);
+    // With a type conflict rustc rejects the hooks: it does so best on the code as written.
+    Ok(emit::variant(&def, &cuda, typed.conflicts.is_empty()))
 }
 
 /// Declares a variant's parameters: fields of type `f32`, `i32`, `u32`, `bool`, or

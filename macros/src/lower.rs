@@ -13,12 +13,13 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
-use crate::ir::{BinOp, Block, Expr, Func, Kind, Scalar, Stmt, Ty};
+use crate::ir::{BinOp, Block, Expr, Func, Kind, Scalar, Stmt, Ty, Typed};
 use crate::parse::VariantDef;
 use crate::vocab;
 
 /// The CUDA `struct Variant` of a checked variant and its typed hooks.
-pub fn variant(def: &VariantDef<'_>, funcs: &[Func]) -> String {
+pub fn variant(def: &VariantDef<'_>, typed: &Typed) -> String {
+    let funcs = &typed.funcs;
     let mut s = format!(
         "// {}: lowered from Rust by #[attention_variant]\nstruct Variant {{\n",
         def.name
@@ -30,6 +31,14 @@ pub fn variant(def: &VariantDef<'_>, funcs: &[Func]) -> String {
             "  static constexpr bool kHas{} = {};",
             capitalized(sig.name),
             def.hook(sig.name).is_some()
+        );
+    }
+    for c in &typed.conflicts {
+        // rustc refuses such a variant; this line is for the day it would not.
+        let _ = writeln!(
+            s,
+            "  static_assert(false, \"#[attention_variant] could not type this variant ({}); please report it\");",
+            c.replace('`', "'")
         );
     }
     for sig in vocab::HOOKS {

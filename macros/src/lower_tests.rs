@@ -7,11 +7,11 @@ fn lower_items(items: &str) -> String {
     let imp: syn::ItemImpl = syn::parse_str(&format!("impl V {{ {items} }}")).unwrap();
     let mut errors = Errors::default();
     let def = parse::variant(Default::default(), &imp, &mut errors);
-    let funcs = check::variant(&def, &mut errors);
+    let typed = check::variant(&def, &mut errors);
     if let Err(e) = errors.finish() {
         panic!("{items}: {e}");
     }
-    lower::variant(&def, &funcs)
+    lower::variant(&def, &typed)
 }
 
 /// The lowered body of a `logits` hook (one line per statement, indentation removed).
@@ -564,12 +564,15 @@ fn types_the_lowering_cannot_know_are_errors_with_a_span() {
     let msgs = diagnostics("fn logits(&self, s: f32, at: Pos) -> f32 { let t = 0.5; s * (t as i32) as f32 }");
     assert_eq!(msgs.len(), 1, "{msgs:#?}");
     assert!(msgs[0].contains("Rust would make it an f64"), "{msgs:#?}");
-    // A mismatch is reported once (rustc explains it too), not at every later use.
-    let msgs = diagnostics(
-        "fn logits(&self, s: f32, at: Pos) -> f32 { let x = s + at.kv_pos; let y = x * 2.0; y + x }",
+    // A mismatch is rustc's to report (one mistake, one error); the CUDA of such a variant, never
+    // compiled since rustc refuses it, would not compile either.
+    let src = "fn logits(&self, s: f32, at: Pos) -> f32 { let x = s + at.kv_pos; let y = x * 2.0; y + x }";
+    assert_eq!(diagnostics(src), Vec::<String>::new());
+    assert!(
+        lower_items(src).contains("static_assert(false, \"#[attention_variant] could not type this variant (hook 'logits': 'f32' against 'u32'); please report it\");"),
+        "{}",
+        lower_items(src)
     );
-    assert_eq!(msgs.len(), 1, "{msgs:#?}");
-    assert!(msgs[0].starts_with("mismatched types in a hook: `f32` and `u32`"), "{msgs:#?}");
     // `at` is only usable through its fields.
     let msgs = diagnostics("fn logits(&self, s: f32, at: Pos) -> f32 { let p = at; s }");
     assert_eq!(msgs, ["`at` is only usable as `at.<field>` (e.g. `at.kv_pos`)"]);
