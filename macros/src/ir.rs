@@ -77,7 +77,6 @@ pub enum Ty {
     Elem(String),
 }
 
-
 pub type LocalId = usize;
 
 /// A checked, typed hook.
@@ -421,7 +420,10 @@ impl Builder<'_> {
             at,
             "ferrinfer-macros cannot lower this construct (a bug: please report it with this hook)",
         );
-        node(Kind::Bool(false), self.infer.var(Slot::Error, Span::call_site()))
+        node(
+            Kind::Bool(false),
+            self.infer.var(Slot::Error, Span::call_site()),
+        )
     }
 
     fn declare(&mut self, name: String, var: usize, mutable: bool) -> LocalId {

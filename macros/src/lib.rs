@@ -14,14 +14,14 @@ use proc_macro::TokenStream;
 use proc_macro2::TokenStream as TokenStream2;
 
 mod check;
+#[cfg(test)]
+mod diff_tests;
 mod emit;
 mod errors;
 mod ir;
 mod lower;
 #[cfg(test)]
 mod lower_tests;
-#[cfg(test)]
-mod diff_tests;
 mod params;
 mod parse;
 mod vocab;

@@ -409,7 +409,12 @@ fn binary(op: BinOp, ty: &Ty, l: Code, r: Code) -> Code {
         BinOp::Or => Prec::Or,
         _ => Prec::Cmp,
     };
-    let text = format!("{} {} {}", l.operand(prec, true), op.rust(), r.operand(prec, false));
+    let text = format!(
+        "{} {} {}",
+        l.operand(prec, true),
+        op.rust(),
+        r.operand(prec, false)
+    );
     // `&`, `|`, `^` on bool give an int in C++: back to bool, so `auto` and overloads see a bool.
     if ty == &Ty::Scalar(Scalar::Bool) && matches!(prec, Prec::BitAnd | Prec::BitXor | Prec::BitOr)
     {

@@ -561,7 +561,9 @@ fn integer_arithmetic_and_floats_follow_the_documented_rules() {
 
 #[test]
 fn types_the_lowering_cannot_know_are_errors_with_a_span() {
-    let msgs = diagnostics("fn logits(&self, s: f32, at: Pos) -> f32 { let t = 0.5; s * (t as i32) as f32 }");
+    let msgs = diagnostics(
+        "fn logits(&self, s: f32, at: Pos) -> f32 { let t = 0.5; s * (t as i32) as f32 }",
+    );
     assert_eq!(msgs.len(), 1, "{msgs:#?}");
     assert!(msgs[0].contains("Rust would make it an f64"), "{msgs:#?}");
     // A mismatch is rustc's to report (one mistake, one error); the CUDA of such a variant, never
@@ -575,5 +577,8 @@ fn types_the_lowering_cannot_know_are_errors_with_a_span() {
     );
     // `at` is only usable through its fields.
     let msgs = diagnostics("fn logits(&self, s: f32, at: Pos) -> f32 { let p = at; s }");
-    assert_eq!(msgs, ["`at` is only usable as `at.<field>` (e.g. `at.kv_pos`)"]);
+    assert_eq!(
+        msgs,
+        ["`at` is only usable as `at.<field>` (e.g. `at.kv_pos`)"]
+    );
 }

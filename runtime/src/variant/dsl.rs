@@ -55,7 +55,9 @@ pub trait Arith: Copy {
 ///
 /// assert_eq!(Signed::abs(i32::MIN), i32::MIN);
 /// ```
-#[diagnostic::on_unimplemented(message = "`-` and `abs()` in a hook work on `f32` and `i32`, not `{Self}`")]
+#[diagnostic::on_unimplemented(
+    message = "`-` and `abs()` in a hook work on `f32` and `i32`, not `{Self}`"
+)]
 pub trait Signed: Copy {
     /// `-a`
     fn neg(self) -> Self;
