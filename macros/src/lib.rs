@@ -33,6 +33,17 @@ mod vocab;
 /// Hooks (each optional): `query`, `key`, `logits`, `mask`, `output`, `sink`, and
 /// `const SOFTMAX: bool`. See the `ferrinfer` crate for their signatures and the accepted Rust.
 ///
+/// Types are inferred as rustc infers them (an unsuffixed `0` later assigned a `u32` is a `u32`),
+/// and the CUDA is written from those types. A float literal whose type nothing decides would be
+/// an `f64` in Rust: that is an error asking for `f32`.
+///
+/// Arithmetic has one meaning on the CPU and the GPU (the macro rewrites the hooks' operators to
+/// `ferrinfer::variant::dsl`, and the CUDA calls its twin, `variant/numeric.cuh`): integer `+ - *`,
+/// unary `-` and `abs` wrap; shifts take the amount modulo 32; `x / 0 == 0`, `x % 0 == x`,
+/// `i32::MIN / -1 == i32::MIN`; float-to-integer `as` saturates and maps NaN to 0; `min`/`max`
+/// are Rust's (NaN gives the other operand); f32 `+ - * /` are each rounded, never fused into a
+/// multiply-add. No hook panics on overflow, in debug builds either.
+///
 /// Types may also be written in full: `core::primitive::f32` or `std::primitive::f32` (likewise
 /// `i32`, `u32`, `bool`, and in constants, `core::primitive::f32::MAX`); `ferrinfer::Pos`,
 /// `ferrinfer::prelude::Pos` or `ferrinfer::variant::Pos`; `&self` as `self: &Self`. A prefix may
