@@ -44,6 +44,7 @@ pub fn variants() -> impl Iterator<Item = &'static VariantSpec> {
 /// What the macros expand to refers to these paths. Not a public API.
 #[doc(hidden)]
 pub mod __private {
+    pub use ferrinfer_runtime::variant::dsl;
     pub use ferrinfer_runtime::variant::params::{
         AttentionParams, Extent, ParamField, ParamType, ParamWriter,
     };

@@ -30,6 +30,7 @@ headers![
     "sm80/ldmatrix.cuh",
     "sm80/cp_async.cuh",
     "sm80/smem.cuh",
+    "variant/numeric.cuh",
     "variant/dsl.cuh",
     "variant/hooks.cuh",
     "attention/kv.cuh",

@@ -1,7 +1,7 @@
 //! The rules of the DSL: hook signatures, and the Rust subset a hook body may use (so that the
 //! lowering can always produce CUDA with Rust's meaning). Every rule reports, with its span, what is
-//! allowed instead. rustc type-checks the bodies anyway (the impl is re-emitted), so nothing here
-//! infers types.
+//! allowed instead. The hooks that pass are then typed by `ir::build` (types inferred as rustc
+//! does), which is what `lower` prints.
 //!
 //! One mistake gives one error. As rustc does with its error type, a name whose binding was refused
 //! (a destructuring `let`, an argument with a wrong type, a local whose value was refused, a name
@@ -13,15 +13,23 @@ use syn::spanned::Spanned;
 use syn::{BinOp, Block, Expr, FnArg, Lit, Pat, ReturnType, Stmt, Type, UnOp};
 
 use crate::errors::Errors;
+use crate::ir;
 use crate::parse::{Hook, VariantDef};
 use crate::vocab::{self, SigTy};
 
-/// Check every hook of the variant, and the rules that span hooks.
-pub fn variant(def: &VariantDef<'_>, errors: &mut Errors) {
+/// Check every hook of the variant, and the rules that span hooks; returns the typed IR of the
+/// hooks (empty when any was refused: nothing is lowered then).
+pub fn variant(def: &VariantDef<'_>, errors: &mut Errors) -> ir::Typed {
+    let mut ok = Vec::new();
     for hook in &def.hooks {
+        let before = errors.count();
         let args = signature(hook, errors);
         Body::new(args, errors).block(&hook.func.block, Place::Tail);
+        ok.push(errors.count() == before);
     }
+    // Types are inferred over the hooks that passed (a parameter's type is shared by all), so a
+    // refused hook does not hide a type error in another.
+    let funcs = ir::build(def, &ok, errors);
     if let (Some(lit), Some(sink)) = (def.softmax, def.hook("sink"))
         && !lit.value
     {
@@ -30,6 +38,7 @@ pub fn variant(def: &VariantDef<'_>, errors: &mut Errors) {
             "a sink needs softmax: it adds exp(sink) to the softmax denominator; remove `sink` or `const SOFTMAX: bool = false;`",
         );
     }
+    funcs
 }
 
 /// Whether `ty` is the DSL type `name` in an accepted spelling; a known name behind a path the DSL

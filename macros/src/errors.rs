@@ -8,6 +8,7 @@ use std::fmt::Display;
 #[derive(Default)]
 pub struct Errors {
     first: Option<syn::Error>,
+    count: usize,
 }
 
 impl Errors {
@@ -23,10 +24,16 @@ impl Errors {
 
     /// Record an error that is already built (e.g. one from `syn` parsing).
     pub fn push(&mut self, error: syn::Error) {
+        self.count += 1;
         match &mut self.first {
             Some(first) => first.combine(error),
             None => self.first = Some(error),
         }
+    }
+
+    /// How many problems were reported so far.
+    pub fn count(&self) -> usize {
+        self.count
     }
 
     /// `Ok` when nothing was reported, else every error combined.

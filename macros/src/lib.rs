@@ -2,8 +2,9 @@
 //! lowered to CUDA at build time.
 //!
 //! The attribute runs in four steps, one module each: `parse` reads the impl block into a
-//! `VariantDef`, `check` enforces the DSL (signatures and the accepted Rust subset), `lower`
-//! writes the CUDA `struct Variant`, `emit` writes the Rust. Every problem is collected in
+//! `VariantDef`, `check` enforces the DSL (signatures and the accepted Rust subset) and builds the
+//! typed IR of each hook (`ir`), `lower` prints that IR as the CUDA `struct Variant`, `emit`
+//! writes the Rust (the hooks' arithmetic rewritten to the DSL's numeric rules). Every problem is collected in
 //! `errors::Errors` and reported in one compile, with its span.
 //!
 //! Use these through the facade crate `ferrinfer` (its docs have the examples): the expansion
@@ -13,8 +14,11 @@ use proc_macro::TokenStream;
 use proc_macro2::TokenStream as TokenStream2;
 
 mod check;
+#[cfg(test)]
+mod diff_tests;
 mod emit;
 mod errors;
+mod ir;
 mod lower;
 #[cfg(test)]
 mod lower_tests;
@@ -28,6 +32,17 @@ mod vocab;
 ///
 /// Hooks (each optional): `query`, `key`, `logits`, `mask`, `output`, `sink`, and
 /// `const SOFTMAX: bool`. See the `ferrinfer` crate for their signatures and the accepted Rust.
+///
+/// Types are inferred as rustc infers them (an unsuffixed `0` later assigned a `u32` is a `u32`),
+/// and the CUDA is written from those types. A float literal whose type nothing decides would be
+/// an `f64` in Rust: that is an error asking for `f32`.
+///
+/// Arithmetic has one meaning on the CPU and the GPU (the macro rewrites the hooks' operators to
+/// `ferrinfer::variant::dsl`, and the CUDA calls its twin, `variant/numeric.cuh`): integer `+ - *`,
+/// unary `-` and `abs` wrap; shifts take the amount modulo 32; `x / 0 == 0`, `x % 0 == x`,
+/// `i32::MIN / -1 == i32::MIN`; float-to-integer `as` saturates and maps NaN to 0; `min`/`max`
+/// are Rust's (NaN gives the other operand); f32 `+ - * /` are each rounded, never fused into a
+/// multiply-add. No hook panics on overflow, in debug builds either.
 ///
 /// Types may also be written in full: `core::primitive::f32` or `std::primitive::f32` (likewise
 /// `i32`, `u32`, `bool`, and in constants, `core::primitive::f32::MAX`); `ferrinfer::Pos`,
@@ -56,10 +71,11 @@ pub fn attention_variant(attr: TokenStream, item: TokenStream) -> TokenStream {
 fn expand_variant(attr: TokenStream2, imp: &syn::ItemImpl) -> syn::Result<TokenStream2> {
     let mut errors = errors::Errors::default();
     let def = parse::variant(attr, imp, &mut errors);
-    check::variant(&def, &mut errors);
+    let typed = check::variant(&def, &mut errors);
     errors.finish()?;
-    let cuda = lower::variant(&def);
-    Ok(emit::variant(&def, &cuda))
+    let cuda = lower::variant(&def, &typed);
+    // With a type conflict rustc rejects the hooks: it does so best on the code as written.
+    Ok(emit::variant(&def, &cuda, typed.conflicts.is_empty()))
 }
 
 /// Declares a variant's parameters: fields of type `f32`, `i32`, `u32`, `bool`, or

@@ -1,24 +1,25 @@
-//! Lowering: a checked variant to the CUDA text of `struct Variant`. Deterministic and readable;
-//! it calls only what `kernels/cuda/variant/dsl.cuh` defines plus CUDA's float math functions.
+//! Lowering: the typed IR of a checked variant to the CUDA text of `struct Variant`. Deterministic,
+//! readable, and total: every IR node has one printing, so nothing that `check` accepted can fail
+//! here. It calls only what `kernels/cuda/variant/dsl.cuh` and `numeric.cuh` define plus CUDA's
+//! float math functions.
 //!
-//! Two things need care because C++ is not Rust: operator precedence (an operand is parenthesised
-//! unless it binds tighter in both languages) and scoping (C++ cannot redeclare a name in one scope,
-//! so every `let` gets a name unused so far in the function). A few literal and operator forms
-//! depend on the Rust type; where it is evident from the syntax it is used, else a `fi::` helper
-//! that is overloaded on the C++ type decides.
+//! Every node's type is known, so a literal is printed in its exact type and arithmetic calls the
+//! `fi::` helper of that type (`numeric.cuh` gives Rust's wrapping, shift, division and no-FMA
+//! rules). Two things still need care because C++ is not Rust: operator precedence (an operand of
+//! the operators kept as operators is parenthesised unless it binds tighter in both languages) and
+//! scoping (C++ cannot redeclare a name in one scope, so every `let` gets a name unused so far in
+//! the function).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
-use syn::ext::IdentExt;
-use syn::{BinOp, Block, Expr, ExprIf, Lit, Pat, Stmt, Type, UnOp};
+use crate::ir::{BinOp, Block, Expr, Func, Kind, Scalar, Stmt, Ty, Typed};
+use crate::parse::VariantDef;
+use crate::vocab;
 
-use crate::check::{is_compound_assign, is_self};
-use crate::parse::{Hook, VariantDef};
-use crate::vocab::{self, SigTy};
-
-/// The CUDA `struct Variant` of a checked variant.
-pub fn variant(def: &VariantDef<'_>) -> String {
+/// The CUDA `struct Variant` of a checked variant and its typed hooks.
+pub fn variant(def: &VariantDef<'_>, typed: &Typed) -> String {
+    let funcs = &typed.funcs;
     let mut s = format!(
         "// {}: lowered from Rust by #[attention_variant]\nstruct Variant {{\n",
         def.name
@@ -32,9 +33,17 @@ pub fn variant(def: &VariantDef<'_>) -> String {
             def.hook(sig.name).is_some()
         );
     }
+    for c in &typed.conflicts {
+        // rustc refuses such a variant; this line is for the day it would not.
+        let _ = writeln!(
+            s,
+            "  static_assert(false, \"#[attention_variant] could not type this variant ({}); please report it\");",
+            c.replace('`', "'")
+        );
+    }
     for sig in vocab::HOOKS {
-        if let Some(hook) = def.hook(sig.name) {
-            s.push_str(&function(hook));
+        if let Some(f) = funcs.iter().find(|f| f.sig.name == sig.name) {
+            s.push_str(&function(f));
         }
     }
     s.push_str("};\n");
@@ -48,68 +57,41 @@ fn capitalized(name: &str) -> String {
         .unwrap_or_default()
 }
 
-fn function(hook: &Hook<'_>) -> String {
-    let mut f = FnBody::default();
-    f.scopes.push(Vec::new());
+/// One hook as a static member function.
+pub fn function(func: &Func) -> String {
+    let mut f = FnBody {
+        func,
+        out: String::new(),
+        names: vec![String::new(); func.locals.len()],
+        used: BTreeSet::new(),
+    };
     let mut params = vec!["const Params& self".to_string()];
-    for (name, (ty, _)) in crate::parse::arg_names(hook.func)
-        .into_iter()
-        .zip(hook.sig.args)
-    {
-        match name {
-            Some(n) => {
-                let c = f.declare(&n, scalar(*ty));
+    for (id, (ty, _)) in func.args.iter().zip(func.sig.args) {
+        match id {
+            Some(id) => {
+                let c = f.declare(*id);
                 params.push(format!("{} {c}", ty.cuda_param()));
             }
             None => params.push(ty.cuda_param().to_string()),
         }
     }
-    f.block_body(&hook.func.block, 2, Mode::Return);
+    f.block_body(&func.body, 2, Mode::Return);
     format!(
         "  __device__ __forceinline__ static {} {}({}) {{\n{}  }}\n",
-        hook.sig.ret.cuda_param(),
-        hook.sig.name,
+        func.sig.ret.cuda_param(),
+        func.sig.name,
         params.join(", "),
         f.out
     )
 }
 
-/// The Rust scalar type of an expression, where the syntax shows it.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Ty {
-    F32,
-    I32,
-    U32,
-    Bool,
-}
-
-fn scalar(ty: SigTy) -> Option<Ty> {
+/// A type in CUDA. A parameter's type is the Params struct's, which the runtime generates.
+pub fn cuda_type(ty: &Ty) -> String {
     match ty {
-        SigTy::F32 => Some(Ty::F32),
-        SigTy::U32 => Some(Ty::U32),
-        SigTy::Bool => Some(Ty::Bool),
-        SigTy::Pos => None,
+        Ty::Scalar(s) => s.cuda().to_string(),
+        Ty::Field(f) => format!("decltype(Params::{f})"),
+        Ty::Elem(f) => format!("fi::elem_t<decltype(Params::{f})>"),
     }
-}
-
-/// The scalar a type names, in any spelling `check` accepts (`f32`, `core::primitive::f32`...).
-fn type_named(ty: &Type) -> Option<(Ty, &'static str)> {
-    let vocab::TypeRef::Known(name, _) = vocab::type_ref(ty) else {
-        return None;
-    };
-    scalar_named(name)
-}
-
-fn scalar_named(name: &str) -> Option<(Ty, &'static str)> {
-    [
-        ("f32", Ty::F32, "float"),
-        ("i32", Ty::I32, "int"),
-        ("u32", Ty::U32, "unsigned"),
-        ("bool", Ty::Bool, "bool"),
-    ]
-    .into_iter()
-    .find(|(r, _, _)| *r == name)
-    .map(|(_, t, c)| (t, c))
 }
 
 /// How a block's tail is used: discarded, or returned (function body, lambda body).
@@ -125,9 +107,6 @@ enum Prec {
     /// Names, literals, calls, and anything already parenthesised.
     Atom,
     Unary,
-    Mul,
-    Add,
-    Shift,
     BitAnd,
     BitXor,
     BitOr,
@@ -143,7 +122,7 @@ impl Prec {
     /// C++ ranks comparisons above the bitwise operators; everything else agrees with Rust.
     fn cxx_rank(self) -> u8 {
         match self {
-            Prec::Cmp => Prec::Shift as u8 + 1,
+            Prec::Cmp => Prec::Unary as u8 + 1,
             Prec::BitAnd | Prec::BitXor | Prec::BitOr => self as u8 + 1,
             other => other as u8,
         }
@@ -181,17 +160,12 @@ impl Code {
     }
 }
 
-struct Local {
-    rust: String,
-    cuda: String,
-    ty: Option<Ty>,
-}
-
 /// The lowering of one function body.
-#[derive(Default)]
-struct FnBody {
+struct FnBody<'f> {
+    func: &'f Func,
     out: String,
-    scopes: Vec<Vec<Local>>,
+    /// The CUDA name of each local, once declared.
+    names: Vec<String>,
     /// Every CUDA name declared so far in the function: never reused.
     used: BTreeSet<String>,
 }
@@ -200,17 +174,18 @@ fn pad(indent: usize) -> String {
     "  ".repeat(indent)
 }
 
-impl FnBody {
+impl FnBody<'_> {
     fn line(&mut self, indent: usize, text: &str) {
         let _ = writeln!(self.out, "{}{text}", pad(indent));
     }
 
-    /// Bind a Rust name to a fresh CUDA name: `x`, then `x_1`, `x_2`... (`float_` for keywords).
-    fn declare(&mut self, rust: &str, ty: Option<Ty>) -> String {
+    /// Give a local a fresh CUDA name: `x`, then `x_1`, `x_2`... (`float_` for keywords).
+    fn declare(&mut self, id: usize) -> String {
+        let rust = &self.func.locals[id].name;
         let base = if vocab::is_reserved_in_cuda(rust) {
             format!("{rust}_")
         } else {
-            rust.to_string()
+            rust.clone()
         };
         let mut cuda = base.clone();
         let mut n = 1;
@@ -219,406 +194,233 @@ impl FnBody {
             n += 1;
         }
         self.used.insert(cuda.clone());
-        self.scopes.last_mut().expect("a scope").push(Local {
-            rust: rust.to_string(),
-            cuda: cuda.clone(),
-            ty,
-        });
+        self.names[id] = cuda.clone();
         cuda
     }
 
-    fn lookup(&self, rust: &str) -> Option<&Local> {
-        self.scopes
-            .iter()
-            .rev()
-            .find_map(|s| s.iter().rev().find(|l| l.rust == rust))
-    }
-
-    fn local_of(&self, e: &Expr) -> Option<&Local> {
-        match e {
-            Expr::Path(p) => p
-                .path
-                .get_ident()
-                .and_then(|i| self.lookup(&i.unraw().to_string())),
-            _ => None,
-        }
-    }
-
-    /// The statements of a block at `indent`, in a new scope.
+    /// The statements of a block at `indent`.
     fn block_body(&mut self, block: &Block, indent: usize, mode: Mode) {
-        self.scopes.push(Vec::new());
-        let n = block.stmts.len();
-        for (k, stmt) in block.stmts.iter().enumerate() {
-            match stmt {
-                Stmt::Expr(e, None) if k + 1 == n && mode == Mode::Return => {
-                    self.return_stmt(e, indent)
-                }
-                Stmt::Local(local) => self.local(local, indent),
-                Stmt::Expr(e, _) => self.stmt(e, indent),
-                // Rejected by `check`.
-                Stmt::Item(_) | Stmt::Macro(_) => {}
+        for stmt in &block.stmts {
+            self.stmt(stmt, indent, mode);
+        }
+        if let Some(tail) = &block.tail {
+            match mode {
+                Mode::Return => self.return_tail(tail, indent),
+                Mode::Stmt => self.discard(tail, indent),
             }
         }
-        self.scopes.pop();
     }
 
-    fn local(&mut self, local: &syn::Local, indent: usize) {
-        let (pat, annotated) = match &local.pat {
-            Pat::Type(t) => (&*t.pat, type_named(&t.ty)),
-            p => (p, None),
-        };
-        let p = match pat {
-            Pat::Ident(p) => p,
-            Pat::Wild(_) => {
-                // `let _ = at;` only silences an unused argument in Rust: nothing to lower.
-                if let Some(init) = &local.init
-                    && !matches!(strip_group(&init.expr), Expr::Path(_))
-                {
-                    let value = self.expr(&init.expr, indent, None).text;
-                    self.line(indent, &format!("(void)({value});"));
-                }
-                return;
+    /// A statement; `mode` is that of the enclosing block, for the branches of an `if`.
+    fn stmt(&mut self, stmt: &Stmt, indent: usize, mode: Mode) {
+        match stmt {
+            Stmt::Let(id, init) => {
+                let local = &self.func.locals[*id];
+                let ty = cuda_type(&local.ty);
+                let mutable = local.mutable;
+                let value = init.as_ref().map(|e| self.expr(e, indent).text);
+                let name = self.declare(*id);
+                let line = match value {
+                    Some(v) if mutable => format!("{ty} {name} = {v};"),
+                    Some(v) => format!("const {ty} {name} = {v};"),
+                    None => format!("{ty} {name};"),
+                };
+                self.line(indent, &line);
             }
-            _ => return,
-        };
-        let mutable = p.mutability.is_some();
-        let expect = annotated.map(|(t, _)| t);
-        let init = local
-            .init
-            .as_ref()
-            .map(|i| (self.expr(&i.expr, indent, expect).text, self.ty_of(&i.expr)));
-        let ty = expect.or(init.as_ref().and_then(|(_, t)| *t));
-        let name = self.declare(&p.ident.unraw().to_string(), ty);
-        let cty = annotated.map_or("auto", |(_, c)| c);
-        let line = match init {
-            Some((value, _)) if mutable => format!("{cty} {name} = {value};"),
-            Some((value, _)) => format!("const {cty} {name} = {value};"),
-            None => format!("{cty} {name};"),
-        };
-        self.line(indent, &line);
-    }
-
-    /// An expression in statement position.
-    fn stmt(&mut self, e: &Expr, indent: usize) {
-        match e {
-            Expr::If(i) => self.if_stmt(i, indent, Mode::Stmt),
-            Expr::Block(b) => {
-                self.line(indent, "{");
-                self.block_body(&b.block, indent + 1, Mode::Stmt);
-                self.line(indent, "}");
-            }
-            Expr::Return(r) => self.return_value(r.expr.as_deref(), indent),
-            Expr::Assign(a) => {
-                let target = self.expr(&a.left, indent, None).text;
-                let ty = self.ty_of(&a.left);
-                let value = self.expr(&a.right, indent, ty).text;
+            Stmt::Discard(e) => self.discard(e, indent),
+            Stmt::Assign(id, op, value) => {
+                let target = self.names[*id].clone();
+                let value = match op {
+                    None => self.expr(value, indent).text,
+                    Some(op) => {
+                        let lhs = Code::atom(target.clone());
+                        let rhs = self.expr(value, indent);
+                        binary(*op, &self.func.locals[*id].ty, lhs, rhs).text
+                    }
+                };
                 self.line(indent, &format!("{target} = {value};"));
             }
-            Expr::Binary(b) if is_compound_assign(&b.op) => self.compound(b, indent),
-            Expr::Group(g) => self.stmt(&g.expr, indent),
-            other => {
-                let text = self.expr(other, indent, None).text;
-                self.line(indent, &format!("{text};"));
-            }
-        }
-    }
-
-    fn compound(&mut self, b: &syn::ExprBinary, indent: usize) {
-        let target = self.expr(&b.left, indent, None).text;
-        let ty = self.ty_of(&b.left);
-        let value = self.expr(&b.right, indent, ty);
-        let op = match b.op {
-            BinOp::AddAssign(_) => "+=",
-            BinOp::SubAssign(_) => "-=",
-            BinOp::MulAssign(_) => "*=",
-            BinOp::DivAssign(_) => "/=",
-            BinOp::BitXorAssign(_) => "^=",
-            BinOp::BitAndAssign(_) => "&=",
-            BinOp::BitOrAssign(_) => "|=",
-            BinOp::ShlAssign(_) => "<<=",
-            BinOp::ShrAssign(_) => ">>=",
-            _ => {
-                let lhs = Code::atom(target.clone());
-                let rem = remainder(ty, lhs, value);
-                self.line(indent, &format!("{target} = {};", rem.text));
-                return;
-            }
-        };
-        self.line(indent, &format!("{target} {op} {};", value.text));
-    }
-
-    /// The tail of a function or lambda body: returned.
-    fn return_stmt(&mut self, e: &Expr, indent: usize) {
-        match e {
-            Expr::If(i) if !is_simple_if(i) => self.if_stmt(i, indent, Mode::Return),
-            Expr::Return(r) => self.return_value(r.expr.as_deref(), indent),
-            Expr::Block(b) => {
-                self.line(indent, "{");
-                self.block_body(&b.block, indent + 1, Mode::Return);
+            Stmt::If(cond, then, els) => {
+                let cond = self.expr(cond, indent).text;
+                self.line(indent, &format!("if ({cond}) {{"));
+                self.block_body(then, indent + 1, Mode::Stmt);
+                if let Some(els) = els {
+                    self.line(indent, "} else {");
+                    self.block_body(els, indent + 1, Mode::Stmt);
+                }
                 self.line(indent, "}");
             }
-            Expr::Group(g) => self.return_stmt(&g.expr, indent),
-            other => self.return_value(Some(other), indent),
-        }
-    }
-
-    fn return_value(&mut self, e: Option<&Expr>, indent: usize) {
-        match e {
-            Some(e) => {
-                let text = self.expr(e, indent, None).text;
+            Stmt::Block(b) => {
+                self.line(indent, "{");
+                self.block_body(b, indent + 1, mode);
+                self.line(indent, "}");
+            }
+            Stmt::Return(e) => {
+                let text = self.expr(e, indent).text;
                 self.line(indent, &format!("return {text};"));
             }
-            None => self.line(indent, "return;"),
         }
     }
 
-    fn if_stmt(&mut self, first: &ExprIf, indent: usize, mode: Mode) {
-        let cond = self.expr(&first.cond, indent, None).text;
+    /// A value computed for nothing (`let _ = e;`): kept, so an out-of-range index still traps.
+    fn discard(&mut self, e: &Expr, indent: usize) {
+        if matches!(e.kind, Kind::Local(_)) {
+            return;
+        }
+        let text = self.expr(e, indent).text;
+        self.line(indent, &format!("(void)({text});"));
+    }
+
+    /// The value of a function or lambda body: returned.
+    fn return_tail(&mut self, e: &Expr, indent: usize) {
+        match &e.kind {
+            Kind::If(c, t, f) if !is_simple(t, f) => self.if_return(c, t, f, indent),
+            _ => {
+                let text = self.expr(e, indent).text;
+                self.line(indent, &format!("return {text};"));
+            }
+        }
+    }
+
+    /// An `if` whose branches return their values, with `else if` chains kept flat.
+    fn if_return(&mut self, cond: &Expr, then: &Block, els: &Block, indent: usize) {
+        let cond = self.expr(cond, indent).text;
         self.line(indent, &format!("if ({cond}) {{"));
-        let mut cur = first;
+        let (mut then, mut els) = (then, els);
         loop {
-            self.block_body(&cur.then_branch, indent + 1, mode);
-            let Some((_, els)) = &cur.else_branch else {
-                self.line(indent, "}");
-                return;
-            };
-            match strip_group(els) {
-                Expr::If(next) => {
-                    let cond = self.expr(&next.cond, indent, None).text;
-                    self.line(indent, &format!("}} else if ({cond}) {{"));
-                    cur = next;
+            self.block_body(then, indent + 1, Mode::Return);
+            match (&els.stmts[..], els.tail.as_deref().map(|e| &e.kind)) {
+                ([], Some(Kind::If(c, t, f))) if !is_simple(t, f) => {
+                    let c = self.expr(c, indent).text;
+                    self.line(indent, &format!("}} else if ({c}) {{"));
+                    (then, els) = (t, f);
                 }
-                Expr::Block(b) => {
+                _ => {
                     self.line(indent, "} else {");
-                    self.block_body(&b.block, indent + 1, mode);
+                    self.block_body(els, indent + 1, Mode::Return);
                     self.line(indent, "}");
                     return;
                 }
-                _ => return,
             }
         }
     }
 
-    /// An expression used as a value. `expect` is the Rust type the context gives it, if known (it
-    /// decides whether an unsuffixed integer literal is unsigned). `indent` is that of the
-    /// statement, for the body of a lambda.
-    fn expr(&mut self, e: &Expr, indent: usize, expect: Option<Ty>) -> Code {
-        match e {
-            Expr::Lit(l) => Code::atom(literal(&l.lit, expect)),
-            Expr::Path(p) => {
-                if let Some(local) = self.local_of(e) {
-                    return Code::atom(local.cuda.clone());
+    /// An expression used as a value; `indent` is that of the statement, for a lambda's body.
+    fn expr(&mut self, e: &Expr, indent: usize) -> Code {
+        match &e.kind {
+            Kind::Bool(b) => Code::atom(b.to_string()),
+            Kind::Int(v) => Code::atom(int_literal(*v, &e.ty)),
+            Kind::Float(v) => Code::atom(float_literal(*v)),
+            Kind::Local(id) => Code::atom(self.names[*id].clone()),
+            Kind::Pos(field) => {
+                let at = self
+                    .func
+                    .args
+                    .iter()
+                    .zip(self.func.sig.args)
+                    .find(|(_, (t, _))| *t == vocab::SigTy::Pos)
+                    .and_then(|(id, _)| *id)
+                    .map_or_else(|| "at".to_string(), |id| self.names[id].clone());
+                Code::atom(format!("{at}.{field}"))
+            }
+            Kind::Field(f) => Code::atom(format!("self.{f}")),
+            Kind::Index(f, i) => {
+                let index = self.expr(i, indent).text;
+                Code::atom(format!("fi::index(self.{f}, self.{f}_len, {index})"))
+            }
+            Kind::Len(f) => Code::atom(format!("self.{f}_len")),
+            Kind::Const(c) => Code::atom(c.to_string()),
+            // `-5` on i32: the literal itself (rustc folds it too, so `-2147483648` is fine).
+            Kind::Neg(x) if e.ty == Ty::Scalar(Scalar::I32) && matches!(x.kind, Kind::Int(_)) => {
+                let Kind::Int(v) = x.kind else { unreachable!() };
+                Code::atom(int_literal(u64::from(0u32.wrapping_sub(v as u32)), &e.ty))
+            }
+            Kind::Neg(x) => {
+                let operand = self.expr(x, indent);
+                match e.ty {
+                    Ty::Scalar(Scalar::F32) => unary("-", operand),
+                    _ => Code::atom(format!("fi::neg({})", operand.text)),
                 }
-                let c = vocab::constant(&p.path).map_or("/* unknown */", |c| c.cuda);
-                Code::atom(c.to_string())
             }
-            Expr::Field(f) => {
-                let base = if is_self(&f.base) {
-                    "self".to_string()
-                } else {
-                    self.expr(&f.base, indent, None).text
-                };
-                Code::atom(format!("{base}.{}", member(&f.member)))
+            // `!` is logical on bool and bitwise on integers; C++ splits the two.
+            Kind::Not(x) => {
+                let operand = self.expr(x, indent);
+                match e.ty {
+                    Ty::Scalar(Scalar::Bool) => unary("!", operand),
+                    Ty::Scalar(_) => unary("~", operand),
+                    _ => Code::atom(format!("fi::bit_not({})", operand.text)),
+                }
             }
-            Expr::Index(ix) => {
-                let field = match &*ix.expr {
-                    Expr::Field(f) => member(&f.member),
-                    _ => String::new(),
-                };
-                let index = self.expr(&ix.index, indent, None).text;
+            Kind::Binary(op, l, r) => {
+                let ty = l.ty.clone();
+                let (l, r) = (self.expr(l, indent), self.expr(r, indent));
+                binary(*op, &ty, l, r)
+            }
+            Kind::Cast(to, x) => {
+                let value = self.expr(x, indent).text;
+                Code::atom(format!("fi::as_{}({value})", to.rust()))
+            }
+            Kind::Call(m, args) => {
+                let parts: Vec<String> = args.iter().map(|a| self.expr(a, indent).text).collect();
+                Code::atom(format!("{}({})", m.cuda, parts.join(", ")))
+            }
+            Kind::If(c, t, f) if is_simple(t, f) => {
+                let cond = self.expr(c, indent).text;
+                let a = self.expr(t.tail.as_ref().expect("simple"), indent).text;
+                let b = self.expr(f.tail.as_ref().expect("simple"), indent).text;
+                Code::atom(format!("({cond} ? {a} : {b})"))
+            }
+            Kind::If(c, t, f) => {
+                // An if-else with statements, used as a value: an immediately invoked lambda
+                // (`check` keeps `return` out of it).
+                let outer = std::mem::take(&mut self.out);
+                self.if_return(c, t, f, indent + 1);
+                let body = std::mem::replace(&mut self.out, outer);
                 Code::atom(format!(
-                    "fi::index(self.{field}, self.{field}_len, {index})"
+                    "[&]() -> {} {{\n{body}{}}}()",
+                    cuda_type(&e.ty),
+                    pad(indent)
                 ))
             }
-            Expr::MethodCall(m) => self.method(m, indent, expect),
-            Expr::Binary(b) => self.binary(b, indent, expect),
-            Expr::Unary(u) => {
-                let ty = self.ty_of(&u.expr);
-                let operand = self.expr(&u.expr, indent, expect);
-                match u.op {
-                    UnOp::Neg(_) => unary("-", operand),
-                    // `!` is logical on bool and bitwise on integers; C++ splits the two.
-                    _ => match ty {
-                        Some(Ty::Bool) => unary("!", operand),
-                        Some(_) => unary("~", operand),
-                        None => Code::atom(format!("fi::bit_not({})", operand.text)),
-                    },
-                }
-            }
-            Expr::Cast(c) => {
-                let to = type_named(&c.ty).map_or("f32", |(t, _)| match t {
-                    Ty::I32 => "i32",
-                    Ty::U32 => "u32",
-                    _ => "f32",
-                });
-                let value = self.expr(&c.expr, indent, None).text;
-                Code::atom(format!("fi::as_{to}({value})"))
-            }
-            Expr::Paren(p) => self.expr(&p.expr, indent, expect),
-            Expr::Group(g) => self.expr(&g.expr, indent, expect),
-            Expr::If(i) if is_simple_if(i) => self.ternary(i, indent, expect),
-            Expr::If(i) => {
-                // An if-else with statements, used as a value: an immediately invoked lambda.
-                let outer = std::mem::take(&mut self.out);
-                self.if_stmt(i, indent + 1, Mode::Return);
-                let body = std::mem::replace(&mut self.out, outer);
-                Code::atom(format!("[&]() {{\n{body}{}}}()", pad(indent)))
-            }
-            // Rejected by `check`.
-            _ => Code::atom("/* unsupported */".to_string()),
         }
     }
+}
 
-    fn ternary(&mut self, i: &ExprIf, indent: usize, expect: Option<Ty>) -> Code {
-        let then = tail(&i.then_branch);
-        let els = i.else_branch.as_ref().map(|(_, e)| strip_group(e));
-        let els = match els {
-            Some(Expr::Block(b)) => tail(&b.block),
-            other => other,
-        };
-        let (Some(then), Some(els)) = (then, els) else {
-            return Code::atom("/* unsupported */".to_string());
-        };
-        let expect = expect.or(self.ty_of(then)).or(self.ty_of(els));
-        let cond = self.expr(&i.cond, indent, None).text;
-        let a = self.expr(then, indent, expect).text;
-        let b = self.expr(els, indent, expect).text;
-        Code::atom(format!("({cond} ? {a} : {b})"))
+/// A binary operator on operands of type `ty` (both sides have it, but for shifts).
+fn binary(op: BinOp, ty: &Ty, l: Code, r: Code) -> Code {
+    let helper = match op {
+        BinOp::Add => Some("add"),
+        BinOp::Sub => Some("sub"),
+        BinOp::Mul => Some("mul"),
+        BinOp::Div => Some("div"),
+        BinOp::Rem => Some("rem"),
+        BinOp::Shl => Some("shl"),
+        BinOp::Shr => Some("shr"),
+        _ => None,
+    };
+    if let Some(h) = helper {
+        return Code::atom(format!("fi::{h}({}, {})", l.text, r.text));
     }
-
-    fn method(&mut self, m: &syn::ExprMethodCall, indent: usize, expect: Option<Ty>) -> Code {
-        let name = m.method.unraw().to_string();
-        if name == "len" {
-            let field = match &*m.receiver {
-                Expr::Field(f) => member(&f.member),
-                _ => String::new(),
-            };
-            return Code::atom(format!("self.{field}_len"));
-        }
-        let cuda = vocab::method(&name).map_or("/* unknown */", |k| k.cuda);
-        // The only method whose result type is not its receiver's: both sides are u32.
-        let expect = if name == "is_multiple_of" {
-            Some(Ty::U32)
-        } else {
-            expect
-        };
-        // min/max: both sides have one type; an unsuffixed literal on one side takes the other's
-        // (so `fi::min(unsigned, 3u)` resolves, where `fi::min(unsigned, 3)` is ambiguous).
-        let arg_ty = m.args.first().and_then(|a| self.ty_of(a));
-        let recv_ty = self.ty_of(&m.receiver);
-        let recv = self.expr(&m.receiver, indent, expect.or(arg_ty)).text;
-        let mut parts = vec![recv];
-        for a in &m.args {
-            parts.push(self.expr(a, indent, expect.or(recv_ty)).text);
-        }
-        Code::atom(format!("{cuda}({})", parts.join(", ")))
+    let prec = match op {
+        BinOp::BitAnd => Prec::BitAnd,
+        BinOp::BitXor => Prec::BitXor,
+        BinOp::BitOr => Prec::BitOr,
+        BinOp::And => Prec::And,
+        BinOp::Or => Prec::Or,
+        _ => Prec::Cmp,
+    };
+    let text = format!(
+        "{} {} {}",
+        l.operand(prec, true),
+        op.rust(),
+        r.operand(prec, false)
+    );
+    // `&`, `|`, `^` on bool give an int in C++: back to bool, so `auto` and overloads see a bool.
+    if ty == &Ty::Scalar(Scalar::Bool) && matches!(prec, Prec::BitAnd | Prec::BitXor | Prec::BitOr)
+    {
+        return Code::atom(format!("static_cast<bool>({text})"));
     }
-
-    fn binary(&mut self, b: &syn::ExprBinary, indent: usize, expect: Option<Ty>) -> Code {
-        let (lt, rt) = (self.ty_of(&b.left), self.ty_of(&b.right));
-        let (op, prec) = match b.op {
-            BinOp::Add(_) => ("+", Prec::Add),
-            BinOp::Sub(_) => ("-", Prec::Add),
-            BinOp::Mul(_) => ("*", Prec::Mul),
-            BinOp::Div(_) => ("/", Prec::Mul),
-            BinOp::Rem(_) => ("%", Prec::Mul),
-            BinOp::BitAnd(_) => ("&", Prec::BitAnd),
-            BinOp::BitXor(_) => ("^", Prec::BitXor),
-            BinOp::BitOr(_) => ("|", Prec::BitOr),
-            BinOp::Shl(_) => ("<<", Prec::Shift),
-            BinOp::Shr(_) => (">>", Prec::Shift),
-            BinOp::Eq(_) => ("==", Prec::Cmp),
-            BinOp::Ne(_) => ("!=", Prec::Cmp),
-            BinOp::Lt(_) => ("<", Prec::Cmp),
-            BinOp::Le(_) => ("<=", Prec::Cmp),
-            BinOp::Gt(_) => (">", Prec::Cmp),
-            BinOp::Ge(_) => (">=", Prec::Cmp),
-            BinOp::And(_) => ("&&", Prec::And),
-            BinOp::Or(_) => ("||", Prec::Or),
-            _ => return Code::atom("/* unsupported */".to_string()),
-        };
-        // What each operand's unsuffixed literals should be.
-        let (le, re) = match prec {
-            Prec::Shift => (expect, rt),
-            Prec::Cmp => (rt, lt),
-            Prec::And | Prec::Or => (None, None),
-            _ => (expect.or(rt), expect.or(lt)),
-        };
-        let left = self.expr(&b.left, indent, le);
-        let right = self.expr(&b.right, indent, re);
-        if op == "%" {
-            return remainder(expect.or(lt).or(rt), left, right);
-        }
-        Code {
-            text: format!(
-                "{} {op} {}",
-                left.operand(prec, true),
-                right.operand(prec, false)
-            ),
-            prec,
-        }
-    }
-
-    /// The Rust type of `e`, where the syntax (and the declared locals) show it.
-    fn ty_of(&self, e: &Expr) -> Option<Ty> {
-        match e {
-            Expr::Lit(l) => match &l.lit {
-                Lit::Int(i) => match i.suffix() {
-                    "f32" => Some(Ty::F32),
-                    "u32" => Some(Ty::U32),
-                    "i32" => Some(Ty::I32),
-                    _ => None,
-                },
-                Lit::Float(_) => Some(Ty::F32),
-                Lit::Bool(_) => Some(Ty::Bool),
-                _ => None,
-            },
-            Expr::Path(p) => match self.local_of(e) {
-                Some(local) => local.ty,
-                None => vocab::constant(&p.path)
-                    .and_then(|c| scalar_named(c.ty))
-                    .map(|(t, _)| t),
-            },
-            // Pos fields are u32; parameter fields are not visible to this macro.
-            Expr::Field(f) if !is_self(&f.base) => Some(Ty::U32),
-            Expr::MethodCall(m) if m.method == "len" => Some(Ty::U32),
-            Expr::MethodCall(m) => match m.method.to_string().as_str() {
-                "abs" => self.ty_of(&m.receiver),
-                "is_multiple_of" => Some(Ty::Bool),
-                "min" | "max" => self
-                    .ty_of(&m.receiver)
-                    .or_else(|| m.args.first().and_then(|a| self.ty_of(a))),
-                _ => Some(Ty::F32),
-            },
-            Expr::Binary(b) => match b.op {
-                BinOp::Eq(_)
-                | BinOp::Ne(_)
-                | BinOp::Lt(_)
-                | BinOp::Le(_)
-                | BinOp::Gt(_)
-                | BinOp::Ge(_)
-                | BinOp::And(_)
-                | BinOp::Or(_) => Some(Ty::Bool),
-                BinOp::Shl(_) | BinOp::Shr(_) => self.ty_of(&b.left),
-                _ => self.ty_of(&b.left).or_else(|| self.ty_of(&b.right)),
-            },
-            Expr::Unary(u) => self.ty_of(&u.expr),
-            Expr::Cast(c) => type_named(&c.ty).map(|(t, _)| t),
-            Expr::Paren(p) => self.ty_of(&p.expr),
-            Expr::Group(g) => self.ty_of(&g.expr),
-            Expr::If(i) => tail(&i.then_branch)
-                .and_then(|t| self.ty_of(t))
-                .or_else(|| {
-                    i.else_branch
-                        .as_ref()
-                        .and_then(|(_, e)| match strip_group(e) {
-                            Expr::Block(b) => tail(&b.block).and_then(|t| self.ty_of(t)),
-                            other => self.ty_of(other),
-                        })
-                }),
-            _ => None,
-        }
-    }
+    Code { text, prec }
 }
 
 fn unary(op: &str, operand: Code) -> Code {
@@ -628,86 +430,40 @@ fn unary(op: &str, operand: Code) -> Code {
     }
 }
 
-/// Rust's `%`: truncated remainder on integers (C++ `%`), `fmodf` on f32 (C++ has no float `%`).
-fn remainder(ty: Option<Ty>, left: Code, right: Code) -> Code {
+/// An if-else whose branches are single values: it lowers to `?:`.
+fn is_simple(then: &Block, els: &Block) -> bool {
+    let simple = |b: &Block| b.stmts.is_empty() && b.tail.is_some();
+    simple(then) && simple(els)
+}
+
+/// An integer literal of type `ty`: `7` (i32), `7u` (u32), or converted to a parameter's type.
+fn int_literal(v: u64, ty: &Ty) -> String {
+    // A value above the type's range is a rustc error (deny-by-default `overflowing_literals`);
+    // where allowed it wraps, as here.
+    let bits = v as u32;
     match ty {
-        Some(Ty::F32) => Code::atom(format!("fmodf({}, {})", left.text, right.text)),
-        Some(_) => Code {
-            text: format!(
-                "{} % {}",
-                left.operand(Prec::Mul, true),
-                right.operand(Prec::Mul, false)
-            ),
-            prec: Prec::Mul,
+        Ty::Scalar(Scalar::I32) => match bits as i32 {
+            // -2147483648 would be a long long in C++ (the literal is positive, then negated).
+            i32::MIN => "(-2147483647 - 1)".to_string(),
+            i => i.to_string(),
         },
-        None => Code::atom(format!("fi::rem({}, {})", left.text, right.text)),
+        Ty::Scalar(Scalar::U32) => format!("{bits}u"),
+        // An integer literal is never f32 or bool in Rust (rustc refuses the variant).
+        Ty::Scalar(Scalar::F32) => float_literal(v as f32),
+        Ty::Scalar(Scalar::Bool) => (v != 0).to_string(),
+        other => format!("static_cast<{}>({bits}u)", cuda_type(other)),
     }
 }
 
-fn member(m: &syn::Member) -> String {
-    match m {
-        syn::Member::Named(i) => i.unraw().to_string(),
-        syn::Member::Unnamed(i) => i.index.to_string(),
+/// An f32 literal: Rust's shortest round-tripping digits, which C++ reads back to the same bits.
+fn float_literal(v: f32) -> String {
+    if v.is_infinite() {
+        return if v > 0.0 { "FI_INF" } else { "(-FI_INF)" }.to_string();
     }
-}
-
-fn strip_group(e: &Expr) -> &Expr {
-    match e {
-        Expr::Group(g) => strip_group(&g.expr),
-        other => other,
+    let s = format!("{v:?}");
+    if s.contains(['.', 'e', 'E']) {
+        format!("{s}f")
+    } else {
+        format!("{s}.0f")
     }
-}
-
-/// The block's value when it is nothing but a tail expression.
-fn tail(b: &Block) -> Option<&Expr> {
-    match b.stmts.as_slice() {
-        [Stmt::Expr(e, None)] => Some(strip_group(e)),
-        _ => None,
-    }
-}
-
-/// An if-else whose every branch is a single value (not a `return`): it lowers to `?:`.
-fn is_simple_if(i: &ExprIf) -> bool {
-    let simple_tail = |b: &Block| tail(b).is_some_and(|e| !matches!(e, Expr::Return(_)));
-    if !simple_tail(&i.then_branch) {
-        return false;
-    }
-    match i.else_branch.as_ref().map(|(_, e)| strip_group(e)) {
-        Some(Expr::Block(b)) => simple_tail(&b.block),
-        Some(Expr::If(next)) => is_simple_if(next),
-        _ => false,
-    }
-}
-
-/// A literal in CUDA: floats always with a point or exponent and `f`, unsigned with `u`.
-fn literal(lit: &Lit, expect: Option<Ty>) -> String {
-    match lit {
-        Lit::Int(i) if i.suffix() == "f32" => float_literal(i.base10_digits()),
-        Lit::Int(i) => {
-            let digits = i.base10_digits();
-            // Rust types an unsuffixed literal above i32::MAX as u32 (it cannot be an i32).
-            let big = digits.parse::<u64>().is_ok_and(|v| v > i32::MAX as u64);
-            let unsigned =
-                i.suffix() == "u32" || (i.suffix().is_empty() && (big || expect == Some(Ty::U32)));
-            if unsigned {
-                format!("{digits}u")
-            } else {
-                digits.to_string()
-            }
-        }
-        Lit::Float(f) => float_literal(f.base10_digits()),
-        Lit::Bool(b) => b.value.to_string(),
-        _ => "/* unsupported */".to_string(),
-    }
-}
-
-fn float_literal(digits: &str) -> String {
-    let mut s = digits.to_string();
-    if s.ends_with('.') {
-        s.push('0');
-    } else if !s.contains(['.', 'e', 'E']) {
-        s.push_str(".0");
-    }
-    s.push('f');
-    s
 }

@@ -7,11 +7,11 @@ fn lower_items(items: &str) -> String {
     let imp: syn::ItemImpl = syn::parse_str(&format!("impl V {{ {items} }}")).unwrap();
     let mut errors = Errors::default();
     let def = parse::variant(Default::default(), &imp, &mut errors);
-    check::variant(&def, &mut errors);
+    let typed = check::variant(&def, &mut errors);
     if let Err(e) = errors.finish() {
         panic!("{items}: {e}");
     }
-    lower::variant(&def)
+    lower::variant(&def, &typed)
 }
 
 /// The lowered body of a `logits` hook (one line per statement, indentation removed).
@@ -53,22 +53,22 @@ fn diagnostics(items: &str) -> Vec<String> {
 fn shadowing_gets_fresh_names() {
     assert_eq!(
         logits("let x = s; let x = x * 2.0; let x = x + 1.0; x"),
-        "const auto x = s;\nconst auto x_1 = x * 2.0f;\nconst auto x_2 = x_1 + 1.0f;\nreturn x_2;"
+        "const float x = s;\nconst float x_1 = fi::mul(x, 2.0f);\nconst float x_2 = fi::add(x_1, 1.0f);\nreturn x_2;"
     );
     // An argument is a name in the function's scope too.
     assert_eq!(
         logits("let s = s * 2.0; s"),
-        "const auto s_1 = s * 2.0f;\nreturn s_1;"
+        "const float s_1 = fi::mul(s, 2.0f);\nreturn s_1;"
     );
     // A name from an inner block is not reused after the block either.
     assert_eq!(
-        logits("let mut y = s; if s > 0.0 { let y = 1.0; let _ = y; } else { y = 2.0; } y"),
-        "auto y = s;\nif (s > 0.0f) {\n  const auto y_1 = 1.0f;\n} else {\n  y = 2.0f;\n}\nreturn y;"
+        logits("let mut y = s; if s > 0.0 { let y = 1.0f32; let _ = y; } else { y = 2.0; } y"),
+        "float y = s;\nif (s > 0.0f) {\n  const float y_1 = 1.0f;\n} else {\n  y = 2.0f;\n}\nreturn y;"
     );
     // The user's own `x_1` does not collide with a generated one.
     assert_eq!(
         logits("let x_1 = s; let x = s; let x = x + x_1; x"),
-        "const auto x_1 = s;\nconst auto x = s;\nconst auto x_2 = x + x_1;\nreturn x_2;"
+        "const float x_1 = s;\nconst float x = s;\nconst float x_2 = fi::add(x, x_1);\nreturn x_2;"
     );
 }
 
@@ -76,7 +76,7 @@ fn shadowing_gets_fresh_names() {
 fn cuda_keywords_and_our_names_are_suffixed() {
     assert_eq!(
         logits("let float = s; let expf = 2.0; float * expf"),
-        "const auto float_ = s;\nconst auto expf_ = 2.0f;\nreturn float_ * expf_;"
+        "const float float_ = s;\nconst float expf_ = 2.0f;\nreturn fi::mul(float_, expf_);"
     );
     let text = lower_items("fn mask(&self, int: Pos) -> bool { int.kv_pos <= int.qo_pos }");
     assert!(
@@ -95,36 +95,31 @@ fn let_forms() {
         logits(
             "let a: f32 = s; let mut b: u32 = 1; let mut c = 0.5; let d: i32; d = 3; b += 1; c *= a; c + (b + d as u32) as f32"
         ),
-        "const float a = s;\nunsigned b = 1u;\nauto c = 0.5f;\nint d;\nd = 3;\nb += 1u;\nc *= a;\nreturn c + fi::as_f32(b + fi::as_u32(d));"
+        "const float a = s;\nunsigned b = 1u;\nfloat c = 0.5f;\nint d;\nd = 3;\nb = fi::add(b, 1u);\nc = fi::mul(c, a);\nreturn fi::add(c, fi::as_f32(fi::add(b, fi::as_u32(d))));"
     );
 }
 
 #[test]
 fn parentheses_keep_rust_precedence() {
-    assert_eq!(expr("(s + 1.0) * 2.0"), "(s + 1.0f) * 2.0f");
-    assert_eq!(expr("s + 1.0 * 2.0"), "s + 1.0f * 2.0f");
-    assert_eq!(expr("s - (s - 1.0)"), "s - (s - 1.0f)");
-    assert_eq!(expr("s - s - 1.0"), "s - s - 1.0f");
-    assert_eq!(expr("s / (s * 2.0)"), "s / (s * 2.0f)");
+    // Arithmetic is a call of its `fi::` helper: the tree is the Rust one by construction.
+    assert_eq!(expr("(s + 1.0) * 2.0"), "fi::mul(fi::add(s, 1.0f), 2.0f)");
+    assert_eq!(expr("s + 1.0 * 2.0"), "fi::add(s, fi::mul(1.0f, 2.0f))");
+    assert_eq!(expr("s - s - 1.0"), "fi::sub(fi::sub(s, s), 1.0f)");
     // Method calls bind tighter than unary minus in Rust.
     assert_eq!(expr("-s.abs()"), "-fi::abs(s)");
     assert_eq!(expr("(-s).abs()"), "fi::abs(-s)");
     // `- -s` must not become the decrement operator.
     assert_eq!(expr("- -s"), "-(-s)");
-    assert_eq!(expr("-(s * 2.0)"), "-(s * 2.0f)");
+    assert_eq!(expr("-(s * 2.0)"), "-fi::mul(s, 2.0f)");
     // `as` binds tighter than `-` (binary) and looser than unary minus.
     assert_eq!(
         expr("-(at.qo_pos as i32) as f32"),
-        "fi::as_f32(-fi::as_i32(at.qo_pos))"
+        "fi::as_f32(fi::neg(fi::as_i32(at.qo_pos)))"
     );
     // Shifts are looser than `+` in both languages.
     assert_eq!(
         expr("(at.qo_pos << at.kv_pos + 1) as f32"),
-        "fi::as_f32(at.qo_pos << at.kv_pos + 1u)"
-    );
-    assert_eq!(
-        expr("((at.qo_pos << at.kv_pos) + 1) as f32"),
-        "fi::as_f32((at.qo_pos << at.kv_pos) + 1u)"
+        "fi::as_f32(fi::shl(at.qo_pos, fi::add(at.kv_pos, 1u)))"
     );
 }
 
@@ -152,38 +147,48 @@ fn not_and_remainder_follow_the_rust_type() {
     let text =
         lower_items("fn mask(&self, at: Pos) -> bool { let odd = at.kv_pos % 2 == 1; !odd }");
     assert!(
-        text.contains("const auto odd = at.kv_pos % 2u == 1u;"),
+        text.contains("const bool odd = fi::rem(at.kv_pos, 2u) == 1u;"),
         "{text}"
     );
     assert!(text.contains("return !odd;"), "{text}");
     assert_eq!(expr("(!at.kv_pos) as f32"), "fi::as_f32(~at.kv_pos)");
-    assert_eq!(expr("s % 2.0"), "fmodf(s, 2.0f)");
-    // A parameter's type is not visible to the macro: a helper overloaded in dsl.cuh decides.
+    assert_eq!(expr("s % 2.0"), "fi::rem(s, 2.0f)");
+    // A parameter's type nothing decides is the Params struct's: helpers are overloaded on it,
+    // and a literal takes it.
     assert_eq!(
         expr("(self.n % 3) as f32"),
-        "fi::as_f32(fi::rem(self.n, 3))"
+        "fi::as_f32(fi::rem(self.n, static_cast<decltype(Params::n)>(3u)))"
     );
     assert_eq!(expr("(!self.n) as f32"), "fi::as_f32(fi::bit_not(self.n))");
+    // ... unless something does: here, `s`.
+    assert_eq!(expr("s % self.m"), "fi::rem(s, self.m)");
     assert_eq!(
         logits("let mut t = s; t %= 2.0; t"),
-        "auto t = s;\nt = fmodf(t, 2.0f);\nreturn t;"
+        "float t = s;\nt = fi::rem(t, 2.0f);\nreturn t;"
     );
 }
 
 #[test]
 fn literals() {
     assert_eq!(expr("1.0"), "1.0f");
-    assert_eq!(expr("1e-3"), "1e-3f");
+    assert_eq!(expr("1e-3"), "0.001f");
+    assert_eq!(expr("1e-7"), "1e-7f");
     assert_eq!(expr("2f32"), "2.0f");
     assert_eq!(expr("1."), "1.0f");
     assert_eq!(expr("1_000.5_f32"), "1000.5f");
-    assert_eq!(expr("(3u32 + 1_000) as f32"), "fi::as_f32(3u + 1000u)");
-    assert_eq!(expr("(0xff + 1i32) as f32"), "fi::as_f32(255 + 1)");
-    // Above i32::MAX an unsuffixed literal can only be a u32.
+    assert_eq!(
+        expr("(3u32 + 1_000) as f32"),
+        "fi::as_f32(fi::add(3u, 1000u))"
+    );
+    assert_eq!(expr("(0xff + 1i32) as f32"), "fi::as_f32(fi::add(255, 1))");
+    // A parameter nothing else types: the literal is converted to its type.
     assert_eq!(
         expr("(self.n & 3_000_000_000) as f32"),
-        "fi::as_f32(self.n & 3000000000u)"
+        "fi::as_f32(self.n & static_cast<decltype(Params::n)>(3000000000u))"
     );
+    // Directly under `as`, an integer literal has the cast's type (as rustc types it).
+    assert_eq!(expr("(7 as u32) as f32"), "fi::as_f32(fi::as_u32(7u))");
+    assert_eq!(expr("-2147483648 as f32"), "fi::as_f32((-2147483647 - 1))");
     // Unsigned where the other side is known to be: `fi::min(unsigned, int)` would be ambiguous.
     assert_eq!(
         expr("at.kv_pos.min(5) as f32"),
@@ -196,8 +201,11 @@ fn literals() {
 fn constants_are_exact() {
     assert_eq!(expr("f32::NEG_INFINITY"), "(-FI_INF)");
     assert_eq!(expr("-f32::INFINITY"), "-FI_INF");
-    assert_eq!(expr("s * core::f32::consts::PI"), "s * 3.1415927f");
-    assert_eq!(expr("s * ::std::f32::consts::LN_2"), "s * 0.6931472f");
+    assert_eq!(expr("s * core::f32::consts::PI"), "fi::mul(s, 3.1415927f)");
+    assert_eq!(
+        expr("s * ::std::f32::consts::LN_2"),
+        "fi::mul(s, 0.6931472f)"
+    );
     let exact = [
         ("core::f32::consts::PI", std::f32::consts::PI),
         ("core::f32::consts::E", std::f32::consts::E),
@@ -239,17 +247,17 @@ fn if_expressions() {
     );
     assert_eq!(
         logits("let t = 2.0 * if s > 0.0 { s } else { -s }; t"),
-        "const auto t = 2.0f * (s > 0.0f ? s : -s);\nreturn t;"
+        "const float t = fi::mul(2.0f, (s > 0.0f ? s : -s));\nreturn t;"
     );
     // Branches with statements, used as a value: an immediately invoked lambda.
     assert_eq!(
         logits("let t = if s > 0.0 { let u = s * 2.0; u + 1.0 } else { s }; t * t"),
-        "const auto t = [&]() {\n  if (s > 0.0f) {\n    const auto u = s * 2.0f;\n    return u + 1.0f;\n  } else {\n    return s;\n  }\n}();\nreturn t * t;"
+        "const float t = [&]() -> float {\n  if (s > 0.0f) {\n    const float u = fi::mul(s, 2.0f);\n    return fi::add(u, 1.0f);\n  } else {\n    return s;\n  }\n}();\nreturn fi::mul(t, t);"
     );
     // The tail of the function with statements in a branch: an if statement that returns.
     assert_eq!(
         logits("if s > 0.0 { let u = s; u } else if s < 0.0 { return -s; } else { 0.0 }"),
-        "if (s > 0.0f) {\n  const auto u = s;\n  return u;\n} else if (s < 0.0f) {\n  return -s;\n} else {\n  return 0.0f;\n}"
+        "if (s > 0.0f) {\n  const float u = s;\n  return u;\n} else if (s < 0.0f) {\n  return -s;\n} else {\n  return 0.0f;\n}"
     );
     // Early return in statement position.
     assert_eq!(
@@ -262,7 +270,7 @@ fn if_expressions() {
 fn parameters_arrays_and_positions() {
     assert_eq!(
         expr("self.a[at.qo_head] * self.b"),
-        "fi::index(self.a, self.a_len, at.qo_head) * self.b"
+        "fi::mul(fi::index(self.a, self.a_len, at.qo_head), self.b)"
     );
     assert_eq!(expr("self.a.len() as f32"), "fi::as_f32(self.a_len)");
     assert_eq!(
@@ -475,5 +483,102 @@ fn one_mistake_gives_one_error() {
                 crate::vocab::CONSTANT_LIST
             ),
         ]
+    );
+}
+
+/// The lowered body of a `mask` hook (one line per statement, indentation removed).
+fn mask(body: &str) -> String {
+    let text = lower_items(&format!("fn mask(&self, at: Pos) -> bool {{ {body} }}"));
+    let start = text.find("const fi::Pos& at) {\n").unwrap() + 21;
+    let end = text.rfind("  }\n};").unwrap();
+    text[start..end]
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// Issue 8: each of these lowered to CUDA that computed something else than the Rust, or did not
+// compile (an ambiguous overload, found only by NVRTC on the GPU).
+
+#[test]
+fn a_literal_takes_the_type_of_a_later_assignment() {
+    // Was `auto h = 0;` (an int): `(h >> 28) < 8` kept every key on the GPU, none on the CPU.
+    assert_eq!(
+        mask("let mut h = 0; h = at.kv_pos * 2654435761; (h >> 28) < 8"),
+        "unsigned h = 0u;\nh = fi::mul(at.kv_pos, 2654435761u);\nreturn fi::shr(h, 28) < 8u;"
+    );
+    let text = lower_items(
+        "fn mask(&self, at: Pos) -> bool { let mut h = 0; if at.batch > 0 { h = at.kv_pos; } h > 3 }",
+    );
+    assert!(text.contains("unsigned h = 0u;"), "{text}");
+}
+
+#[test]
+fn min_max_and_if_have_one_type_on_both_sides() {
+    // Was `fi::min(self.limit, 4096)`: ambiguous between the unsigned and int overloads.
+    assert_eq!(
+        mask("at.kv_pos < self.limit.min(4096)"),
+        "return at.kv_pos < fi::min(self.limit, 4096u);"
+    );
+    // A parameter nothing else types keeps its own type; the literal is converted to it.
+    assert_eq!(
+        mask("self.limit.min(4096) > 0"),
+        "return fi::min(self.limit, static_cast<decltype(Params::limit)>(4096u)) > static_cast<decltype(Params::limit)>(0u);"
+    );
+    // Was `const auto x = 3;` then `fi::min(x, at.qo_pos)`: int against unsigned.
+    assert_eq!(
+        mask("let x = 3; at.kv_pos < x.min(at.qo_pos)"),
+        "const unsigned x = 3u;\nreturn at.kv_pos < fi::min(x, at.qo_pos);"
+    );
+    // Was `(c ? at.kv_pos : 0)`: a conditional of unsigned and int.
+    assert_eq!(
+        mask("let w = if at.batch > 0 { 0 } else { at.kv_pos }; w > 1"),
+        "const unsigned w = (at.batch > 0u ? 0u : at.kv_pos);\nreturn w > 1u;"
+    );
+}
+
+#[test]
+fn integer_arithmetic_and_floats_follow_the_documented_rules() {
+    // Wrapping, masked shifts, defined division: the fi:: helpers of numeric.cuh.
+    assert_eq!(
+        expr("((at.kv_pos as i32 + 1) / (at.qo_pos as i32 % 7) << 33) as f32"),
+        "fi::as_f32(fi::shl(fi::div(fi::add(fi::as_i32(at.kv_pos), 1), fi::rem(fi::as_i32(at.qo_pos), 7)), 33))"
+    );
+    // No multiply-add contraction: `s * a + b` is two rounded operations.
+    assert_eq!(expr("s * 0.5 + 1.0"), "fi::add(fi::mul(s, 0.5f), 1.0f)");
+    // `-` on i32 wraps (i32::MIN stays i32::MIN); a negative literal stays a literal.
+    assert_eq!(
+        expr("(-(at.kv_pos as i32) + -2147483648) as f32"),
+        "fi::as_f32(fi::add(fi::neg(fi::as_i32(at.kv_pos)), (-2147483647 - 1)))"
+    );
+    // `&` on bools stays a bool in C++.
+    assert_eq!(
+        mask("let b = (at.kv_pos > 1) & (at.qo_pos > 2); !b"),
+        "const bool b = static_cast<bool>((at.kv_pos > 1u) & (at.qo_pos > 2u));\nreturn !b;"
+    );
+}
+
+#[test]
+fn types_the_lowering_cannot_know_are_errors_with_a_span() {
+    let msgs = diagnostics(
+        "fn logits(&self, s: f32, at: Pos) -> f32 { let t = 0.5; s * (t as i32) as f32 }",
+    );
+    assert_eq!(msgs.len(), 1, "{msgs:#?}");
+    assert!(msgs[0].contains("Rust would make it an f64"), "{msgs:#?}");
+    // A mismatch is rustc's to report (one mistake, one error); the CUDA of such a variant, never
+    // compiled since rustc refuses it, would not compile either.
+    let src = "fn logits(&self, s: f32, at: Pos) -> f32 { let x = s + at.kv_pos; let y = x * 2.0; y + x }";
+    assert_eq!(diagnostics(src), Vec::<String>::new());
+    assert!(
+        lower_items(src).contains("static_assert(false, \"#[attention_variant] could not type this variant (hook 'logits': 'f32' against 'u32'); please report it\");"),
+        "{}",
+        lower_items(src)
+    );
+    // `at` is only usable through its fields.
+    let msgs = diagnostics("fn logits(&self, s: f32, at: Pos) -> f32 { let p = at; s }");
+    assert_eq!(
+        msgs,
+        ["`at` is only usable as `at.<field>` (e.g. `at.kv_pos`)"]
     );
 }

@@ -8,7 +8,7 @@ struct Variant {
   static constexpr bool kHasOutput = false;
   static constexpr bool kHasSink = false;
   __device__ __forceinline__ static float logits(const Params& self, float s, const fi::Pos& at) {
-    const auto q_abs = fi::as_f32(fi::as_i32(at.qo_pos) + fi::as_i32(at.kv_len) - fi::as_i32(at.qo_len));
-    return s + fi::index(self.slopes, self.slopes_len, at.qo_head) * (fi::as_f32(at.kv_pos) - q_abs);
+    const float q_abs = fi::as_f32(fi::sub(fi::add(fi::as_i32(at.qo_pos), fi::as_i32(at.kv_len)), fi::as_i32(at.qo_len)));
+    return fi::add(s, fi::mul(fi::index(self.slopes, self.slopes_len, at.qo_head), fi::sub(fi::as_f32(at.kv_pos), q_abs)));
   }
 };

@@ -8,6 +8,6 @@ struct Variant {
   static constexpr bool kHasOutput = false;
   static constexpr bool kHasSink = false;
   __device__ __forceinline__ static float logits(const Params& self, float s, const fi::Pos& at) {
-    return 1.0f / (1.0f + expf(-(s + self.bias)));
+    return fi::div(1.0f, fi::add(1.0f, expf(-fi::add(s, self.bias))));
   }
 };

@@ -8,8 +8,8 @@ struct Variant {
   static constexpr bool kHasOutput = false;
   static constexpr bool kHasSink = false;
   __device__ __forceinline__ static bool mask(const Params& self, const fi::Pos& at) {
-    const auto q_abs = fi::as_i32(at.qo_pos) + fi::as_i32(at.kv_len) - fi::as_i32(at.qo_len);
-    const auto kv_pos = fi::as_i32(at.kv_pos);
-    return kv_pos > q_abs || q_abs - kv_pos < fi::as_i32(self.window);
+    const int q_abs = fi::sub(fi::add(fi::as_i32(at.qo_pos), fi::as_i32(at.kv_len)), fi::as_i32(at.qo_len));
+    const int kv_pos = fi::as_i32(at.kv_pos);
+    return kv_pos > q_abs || fi::sub(q_abs, kv_pos) < fi::as_i32(self.window);
   }
 };

@@ -8,6 +8,6 @@ struct Variant {
   static constexpr bool kHasOutput = false;
   static constexpr bool kHasSink = false;
   __device__ __forceinline__ static float logits(const Params& self, float s, const fi::Pos& at) {
-    return self.cap * fi::tanh_approx(s * (1.0f / self.cap));
+    return fi::mul(self.cap, fi::tanh_approx(fi::mul(s, fi::div(1.0f, self.cap))));
   }
 };

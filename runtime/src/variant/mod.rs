@@ -2,6 +2,7 @@
 //! description (`VariantSpec`) that `#[attention_variant]` emits for the registry and the JIT.
 
 pub mod check;
+pub mod dsl;
 pub(crate) mod fast_math;
 pub mod params;
 
