@@ -1385,10 +1385,11 @@ fn gpu_lowered_hooks_compute_what_rust_computes() {
         .load_module(cudarc::nvrtc::Ptx::from_binary(kernel.cubin.clone()))
         .unwrap();
     let f = module.load_function("ferrinfer_dsl_diff").unwrap();
-    let d_in = gpu.upload(&words).unwrap();
+    let d_in = gpu.stream().clone_htod(&words).unwrap();
     // Poisoned, so a body that writes nothing cannot pass.
     let mut d_out = gpu
-        .upload(&vec![0xdead_beefu32; cases.len() * input.len()])
+        .stream()
+        .clone_htod(&vec![0xdead_beefu32; cases.len() * input.len()])
         .unwrap();
     let n = input.len() as i32;
     let stream = gpu.stream();
@@ -1400,7 +1401,7 @@ fn gpu_lowered_hooks_compute_what_rust_computes() {
     // `d_out` cases * n, which is what threads j < n read and write; both live past the sync.
     unsafe { launch.launch(LaunchConfig::for_num_elems(input.len() as u32)) }.unwrap();
     gpu.synchronize().unwrap();
-    let out = gpu.download(&d_out).unwrap();
+    let out = gpu.stream().clone_dtoh(&d_out).unwrap();
     let failures = compare(&cases, &input, seed, |k, j| out[k * input.len() + j]);
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
