@@ -1397,9 +1397,16 @@ fn gpu_lowered_hooks_compute_what_rust_computes() {
     launch.arg(&d_in);
     launch.arg(&mut d_out);
     launch.arg(&n);
+    // 128 threads a block: a kernel of hundreds of bodies holds more registers than 1024 threads
+    // of a block can have (LaunchConfig::for_num_elems's 1024 failed to launch on the H200).
+    let cfg = LaunchConfig {
+        grid_dim: ((input.len() as u32).div_ceil(128), 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
     // SAFETY: the kernel takes (const unsigned*, unsigned*, int); `d_in` holds n * W words and
     // `d_out` cases * n, which is what threads j < n read and write; both live past the sync.
-    unsafe { launch.launch(LaunchConfig::for_num_elems(input.len() as u32)) }.unwrap();
+    unsafe { launch.launch(cfg) }.unwrap();
     gpu.synchronize().unwrap();
     let out = gpu.stream().clone_dtoh(&d_out).unwrap();
     let failures = compare(&cases, &input, seed, |k, j| out[k * input.len() + j]);
