@@ -291,6 +291,12 @@ impl Gen {
                 }
                 6 => self.cast(ty, d),
                 7 => self.if_value(ty, d),
+                // Fused, and exact on every side (one rounding of the exact a * b + c).
+                8 if self.rng.below(2) == 0 => {
+                    let r = self.anchored(ty, d);
+                    let (b, c) = (self.expr(ty, d).src, self.expr(ty, d).src);
+                    G::fixed(format!("{r}.mul_add({b}, {c})"))
+                }
                 _ => self.leaf(ty),
             },
             Scalar::I32 | Scalar::U32 => match self.rng.below(10) {
@@ -830,6 +836,7 @@ fn method(name: &str, a: &[V]) -> V {
         ("max", [F(x), F(y)]) => F(x.max(*y)),
         ("is_multiple_of", [U(x), U(y)]) => B(x.is_multiple_of(*y)),
         ("powf", [F(x), F(y)]) => F(x.powf(*y)),
+        ("mul_add", [F(x), F(y), F(z)]) => F(x.mul_add(*y, *z)),
         (f, [F(x)]) => F(match f {
             "exp" => x.exp(),
             "exp2" => x.exp2(),

@@ -42,7 +42,8 @@ mod vocab;
 /// unary `-` and `abs` wrap; shifts take the amount modulo 32; `x / 0 == 0`, `x % 0 == x`,
 /// `i32::MIN / -1 == i32::MIN`; float-to-integer `as` saturates and maps NaN to 0; `min`/`max`
 /// are Rust's (NaN gives the other operand); f32 `+ - * /` are each rounded, never fused into a
-/// multiply-add. No hook panics on overflow, in debug builds either.
+/// multiply-add unless the hook asks for one with `a.mul_add(b, c)` (one rounding, `fmaf` on the
+/// GPU: the same bits on both sides). No hook panics on overflow, in debug builds either.
 ///
 /// Types may also be written in full: `core::primitive::f32` or `std::primitive::f32` (likewise
 /// `i32`, `u32`, `bool`, and in constants, `core::primitive::f32::MAX`); `ferrinfer::Pos`,

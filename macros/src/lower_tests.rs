@@ -582,3 +582,10 @@ fn types_the_lowering_cannot_know_are_errors_with_a_span() {
         ["`at` is only usable as `at.<field>` (e.g. `at.kv_pos`)"]
     );
 }
+
+#[test]
+fn only_mul_add_fuses() {
+    // `a * b + c` stays two roundings; `mul_add` is the one fused form, on both sides.
+    assert_eq!(expr("s * 2.0 + 1.0"), "fi::add(fi::mul(s, 2.0f), 1.0f)");
+    assert_eq!(expr("s.mul_add(2.0, 1.0)"), "fmaf(s, 2.0f, 1.0f)");
+}

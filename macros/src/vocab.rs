@@ -184,6 +184,13 @@ pub const METHODS: &[Method] = &[
         cuda: "powf",
         args: 1,
     },
+    // The one fused multiply-add, where a hook asks for it: `a.mul_add(b, c)` rounds once in Rust
+    // as `fmaf` does on the GPU (and in libm), so both sides agree; `a * b + c` is never fused.
+    Method {
+        rust: "mul_add",
+        cuda: "fmaf",
+        args: 2,
+    },
     Method {
         rust: "abs",
         cuda: "fi::abs",
