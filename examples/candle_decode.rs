@@ -14,6 +14,7 @@ use ferrinfer::prelude::*;
 use ferrinfer::variants::Standard;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // ANCHOR: backend
     let device = Device::cuda_if_available(0)?;
     let backend = fc::backend(&device)?;
     println!(
@@ -21,7 +22,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         device.location(),
         backend.describe()
     );
+    // ANCHOR_END: backend
 
+    // ANCHOR: cache
     // 32 query heads over 8 KV heads of dim 128; pages of 16 tokens, 64 pages.
     let (hq, hk, d, page) = (32, 8, 128, 16);
     let cache = PagedKvCache::new(
@@ -33,12 +36,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Two requests of 40 and 17 tokens after this step; the page table is the engine's.
     let kv = cache.paged_from_lens(&[40, 17], &[7, 3, 12, 9, 30])?;
     let positions = Tensor::new(&[39i32, 16], &device)?;
+    // ANCHOR_END: cache
 
     // The step's projections: q [2, hq, d], k and v [2, hk, d].
     let q = Tensor::randn(0f32, 1., (2, hq, d), &device)?.to_dtype(DType::BF16)?;
     let k = Tensor::randn(0f32, 1., (2, hk, d), &device)?.to_dtype(DType::BF16)?;
     let v = Tensor::randn(0f32, 1., (2, hk, d), &device)?.to_dtype(DType::BF16)?;
 
+    // ANCHOR: step
     // RoPE in place on q and k, then k and v into the cache at each request's last slot.
     let rope = Rope::new(heads, d as u32, RopeLayout::NeoX)?;
     fc::rope(&backend, &rope, Frequencies::llama31(), &positions, &q, &k)?;
@@ -49,6 +54,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let plan = BatchDecode::plan(&backend, heads, kv, None)?;
     let out = q.zeros_like()?;
     fc::batch_decode(&backend, &plan, &Standard, &q, &cache, &out)?;
+    // ANCHOR_END: step
 
     // Candle's next op on the same stream sees the result.
     let norms = out.to_dtype(DType::F32)?.sqr()?.sum((1, 2))?.sqrt()?;
