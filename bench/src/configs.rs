@@ -53,6 +53,8 @@ pub struct Config {
     pub causal: bool,
     /// Logits soft cap (the `SoftCap` variant), or 0 for `Standard`.
     pub soft_cap: f32,
+    /// Query heads and KV heads: (`H`, `HKV`) but for the head-grouping decode keys.
+    pub heads: (u32, u32),
 }
 
 /// Every 16th request is long (8192 tokens), the rest short (512): a skewed batch.
@@ -71,6 +73,16 @@ fn decode(key: &'static str, kv_lens: Vec<u32>, page: u32, soft_cap: f32) -> Con
         kv_lens,
         causal: false,
         soft_cap,
+        heads: (H, HKV),
+    }
+}
+
+/// 64 requests x 4096 tokens, page 16, with `hq` query heads over `hkv` KV heads (the anchor's
+/// `DECODE_GROUPS`).
+fn decode_group(key: &'static str, hq: u32, hkv: u32) -> Config {
+    Config {
+        heads: (hq, hkv),
+        ..decode(key, vec![4096; 64], 16, 0.0)
     }
 }
 
@@ -89,6 +101,7 @@ fn prefill(
         kv_lens: vec![kv; batch],
         causal,
         soft_cap,
+        heads: (H, HKV),
     }
 }
 
@@ -102,6 +115,9 @@ pub fn standard() -> Vec<Config> {
         decode("decode_b256_l2048_p16", vec![2048; 256], 16, 0.0),
         decode("decode_skew_b64_p16", skew_lengths(64), 16, 0.0),
         decode("decode_b64_l4096_p16_softcap30", vec![4096; 64], 16, 30.0),
+        decode_group("decode_mha_b64_l4096_p16", 32, 32),
+        decode_group("decode_gqa2_b64_l4096_p16", 32, 16),
+        decode_group("decode_gqa8_b64_l4096_p16", 64, 8),
         prefill(
             "prefill_single_s8192_causal",
             Single,
@@ -154,10 +170,10 @@ pub fn standard() -> Vec<Config> {
     ]
 }
 
-/// Bytes a decode step moves: K and V of every token, plus q and o.
-pub fn decode_bytes(kv_lens: &[u32]) -> u64 {
+/// Bytes a decode step moves with `(query heads, KV heads)`: K and V of every token, plus q and o.
+pub fn decode_bytes(kv_lens: &[u32], (hq, hk): (u32, u32)) -> u64 {
     let tokens: u64 = kv_lens.iter().map(|&l| u64::from(l)).sum();
-    let (h, hkv, d) = (u64::from(H), u64::from(HKV), u64::from(D));
+    let (h, hkv, d) = (u64::from(hq), u64::from(hk), u64::from(D));
     tokens * hkv * d * 2 * ELT + 2 * kv_lens.len() as u64 * h * d * ELT
 }
 
@@ -180,9 +196,9 @@ pub fn prefill_flops(qo_lens: &[u32], kv_lens: &[u32], causal: bool) -> u64 {
 }
 
 impl Config {
-    /// The head shape shared by every configuration.
+    /// The head shape: `H` query over `HKV` KV heads of `D`, or the grouping of its key.
     pub fn heads(&self) -> ferrinfer::Result<Heads> {
-        Heads::new(H, HKV, D)
+        Heads::new(self.heads.0, self.heads.1, D)
     }
 
     /// `qo_indptr` of the batch.
@@ -207,7 +223,10 @@ impl Config {
     /// The figure of merit and its unit for a run of `ms` milliseconds.
     pub fn metric(&self, ms: f64) -> (f64, &'static str) {
         match self.kind {
-            Kind::Decode => (decode_bytes(&self.kv_lens) as f64 / ms / 1e6, "GB/s"),
+            Kind::Decode => (
+                decode_bytes(&self.kv_lens, self.heads) as f64 / ms / 1e6,
+                "GB/s",
+            ),
             Kind::Prefill => (
                 prefill_flops(&self.qo_lens, &self.kv_lens, self.causal) as f64 / ms / 1e9,
                 "TFLOP/s",
@@ -219,8 +238,9 @@ impl Config {
     pub fn input_bytes(&self) -> ferrinfer::Result<u64> {
         let heads = self.heads()?;
         let kv = self.kv_index()?.buffer_len(&heads) as u64;
-        let q: u64 =
-            self.qo_lens.iter().map(|&l| u64::from(l)).sum::<u64>() * u64::from(H) * u64::from(D);
+        let q: u64 = self.qo_lens.iter().map(|&l| u64::from(l)).sum::<u64>()
+            * u64::from(self.heads.0)
+            * u64::from(D);
         Ok((2 * q + 2 * kv) * ELT)
     }
 }
@@ -245,6 +265,9 @@ mod tests {
                 "decode_b256_l2048_p16",
                 "decode_skew_b64_p16",
                 "decode_b64_l4096_p16_softcap30",
+                "decode_mha_b64_l4096_p16",
+                "decode_gqa2_b64_l4096_p16",
+                "decode_gqa8_b64_l4096_p16",
                 "prefill_single_s8192_causal",
                 "prefill_single_s8192_full",
                 "prefill_single_s8192_causal_softcap30",
@@ -294,9 +317,15 @@ mod tests {
     #[test]
     fn decode_bytes_by_hand() {
         // 64 * 4096 tokens * 8 heads * 128 * (K, V) * 2 bytes, plus q and o: 2 * 64 * 32 * 128 * 2.
-        assert_eq!(decode_bytes(&[4096; 64]), 1_073_741_824 + 1_048_576);
-        assert_eq!(decode_bytes(&[1]), 4096 + 16_384);
-        assert_eq!(decode_bytes(&skew_lengths(64)), 63_488 * 4096 + 64 * 16_384);
+        assert_eq!(
+            decode_bytes(&[4096; 64], (H, HKV)),
+            1_073_741_824 + 1_048_576
+        );
+        assert_eq!(decode_bytes(&[1], (H, HKV)), 4096 + 16_384);
+        assert_eq!(
+            decode_bytes(&skew_lengths(64), (H, HKV)),
+            63_488 * 4096 + 64 * 16_384
+        );
     }
 
     #[test]
@@ -340,6 +369,30 @@ mod tests {
         assert_eq!(pages, (0..total as i32).collect::<Vec<_>>());
         // The same page table every run.
         assert_eq!(kv, c.kv_index().unwrap());
+    }
+
+    #[test]
+    fn head_groupings_match_the_anchor() {
+        for (key, heads) in [
+            ("decode_mha_b64_l4096_p16", (32, 32)),
+            ("decode_gqa2_b64_l4096_p16", (32, 16)),
+            ("decode_gqa8_b64_l4096_p16", (64, 8)),
+            ("decode_b64_l4096_p16", (32, 8)),
+        ] {
+            let c = by_key(key);
+            assert_eq!(
+                (c.heads, c.kv_lens.len(), c.kind),
+                (heads, 64, Kind::Decode)
+            );
+            let h = c.heads().unwrap();
+            assert_eq!((h.num_qo_heads(), h.num_kv_heads()), heads);
+        }
+        // MHA reads four times the K/V of GQA 4: 64 x 4096 tokens x 32 heads x 128 x 2 x 2 B.
+        let mha = by_key("decode_mha_b64_l4096_p16");
+        assert_eq!(
+            decode_bytes(&mha.kv_lens, mha.heads),
+            4 * 1_073_741_824 + 1_048_576
+        );
     }
 
     #[test]

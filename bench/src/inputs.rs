@@ -6,7 +6,7 @@ use std::thread;
 use ferrinfer::prelude::*;
 use ferrinfer_testkit::Rng;
 
-use crate::configs::{Config, D, H};
+use crate::configs::{Config, D};
 use crate::timing::BenchResult;
 
 /// Elements each thread's generator fills; a fixed split keeps the data independent of core count.
@@ -54,7 +54,8 @@ impl InputSet {
     /// Random q, k and v (set `set` of the configuration), o filled with NaN so a kernel that
     /// writes nothing cannot pass unnoticed in a later check.
     pub fn upload(backend: &Backend, cfg: &Config, kv_len: usize, set: u64) -> BenchResult<Self> {
-        let q_len = cfg.qo_lens.iter().map(|&l| l as usize).sum::<usize>() * (H * D) as usize;
+        let q_len =
+            cfg.qo_lens.iter().map(|&l| l as usize).sum::<usize>() * (cfg.heads.0 * D) as usize;
         let seed = set * 4;
         Ok(InputSet {
             q: backend.upload(&normal_bf16(q_len, seed))?,
@@ -95,7 +96,10 @@ mod tests {
         let cfg = Config {
             qo_lens: vec![3, 2],
             kv_lens: vec![5, 4],
-            ..crate::configs::standard()[9].clone()
+            ..crate::configs::standard()
+                .into_iter()
+                .find(|c| c.key == "prefill_ragged_b16_l1024_causal")
+                .unwrap()
         };
         let kv = cfg.kv_index().unwrap().buffer_len(&cfg.heads().unwrap());
         let set = InputSet::upload(&Backend::Cpu, &cfg, kv, 1).unwrap();
