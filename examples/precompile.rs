@@ -9,6 +9,7 @@ use ferrinfer::jit::{Jit, JitConfig};
 use ferrinfer::{Arch, Backend, Precompile};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // ANCHOR: what
     let what = match std::env::args().nth(1).as_deref() {
         Some("sm_80") => Precompile::all().archs(&[Arch::SM80]),
         Some("sm_90a") => Precompile::all().archs(&[Arch::SM90]),
@@ -20,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Precompile::all().for_gpu(gpu.arch(), gpu.sm_resources())
         }
     };
+    // ANCHOR_END: what
+    // ANCHOR: compile
     // Compiling is the point, whatever FERRINFER_NO_JIT says; the cache is the environment's.
     let jit = Jit::new(JitConfig {
         compile: true,
@@ -30,6 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         eprintln!("[{done}/{total}] {name}");
     })?;
     println!("{report}");
+    // ANCHOR_END: compile
     if report.ok() {
         Ok(())
     } else {
