@@ -478,6 +478,7 @@ pub fn batch_prefill<V: Variant>(
 
 /// The plan/run wrappers [`attend`] runs.
 trait Plan {
+    fn backend(&self) -> &Backend;
     fn batch(&self) -> &Batch;
     fn run_on<T: Element>(
         &self,
@@ -492,6 +493,9 @@ trait Plan {
 macro_rules! plan {
     ($p:ty) => {
         impl Plan for $p {
+            fn backend(&self) -> &Backend {
+                <$p>::backend(self)
+            }
             fn batch(&self) -> &Batch {
                 <$p>::batch(self)
             }
@@ -519,6 +523,15 @@ fn attend<T: Elem + Element>(
     cache: &PagedKvCache,
     out: &Tensor,
 ) -> Result<()> {
+    // The plan launches on its own backend: another stream would run unordered with candle's.
+    if !plan.backend().same_stream(backend) {
+        return Err(invalid(format!(
+            "the plan was made on {} but the tensors are on {}: plan on \
+             ferrinfer::candle::backend(tensor.device())",
+            plan.backend().describe(),
+            backend.describe()
+        )));
+    }
     let batch = plan.batch();
     let heads = batch.heads();
     check::<T>(backend, "q", q)?;

@@ -145,6 +145,10 @@ impl BatchPrefill {
     ) -> Result<()> {
         self.planned.run(variant, q, k, v, o, lse)
     }
+    /// The backend the plan was made on: where `run` launches, in that backend's stream order.
+    pub fn backend(&self) -> &Backend {
+        &self.planned.backend
+    }
     /// The batch of the last plan.
     pub fn batch(&self) -> &Batch {
         &self.planned.batch
@@ -248,6 +252,10 @@ impl BatchDecode {
         lse: Option<&mut dyn Dst<f32>>,
     ) -> Result<()> {
         self.planned.run(variant, q, k, v, o, lse)
+    }
+    /// The backend the plan was made on: where `run` launches, in that backend's stream order.
+    pub fn backend(&self) -> &Backend {
+        &self.planned.backend
     }
     /// The batch of the last plan.
     pub fn batch(&self) -> &Batch {

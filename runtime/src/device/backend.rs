@@ -51,6 +51,21 @@ impl Backend {
     pub fn on_stream(stream: Arc<CudaStream>) -> Result<Backend> {
         Ok(Backend::Cuda(Gpu::on_stream(stream)?))
     }
+    /// Whether work queued on `self` and on `other` is ordered: both the CPU backend, or one
+    /// stream of one GPU (every `Backend::cuda(n)` of a process shares one; `on_stream` backends
+    /// share the caller's).
+    ///
+    /// ```
+    /// use ferrinfer_runtime::Backend;
+    /// assert!(Backend::Cpu.same_stream(&Backend::Cpu));
+    /// ```
+    pub fn same_stream(&self, other: &Backend) -> bool {
+        match (self, other) {
+            (Backend::Cpu, Backend::Cpu) => true,
+            (Backend::Cuda(a), Backend::Cuda(b)) => a.same_stream(b),
+            _ => false,
+        }
+    }
     /// A short description, e.g. `cuda:0 (sm_90a, 132 SMs)`, `cuda:0 (sm_90a, 132 SMs, caller
     /// stream)` or `cpu (reference)`.
     pub fn describe(&self) -> String {
