@@ -14,11 +14,10 @@ fn lower_items(items: &str) -> String {
     lower::variant(&def, &typed)
 }
 
-/// The lowered body of a `logits` hook (one line per statement, indentation removed).
-fn logits(body: &str) -> String {
-    let text = lower_items(&format!(
-        "fn logits(&self, s: f32, at: Pos) -> f32 {{ {body} }}"
-    ));
+/// The lowered body of the one hook `signature { body }` (one line per statement, indentation
+/// removed); the hook's last parameter must be `at: Pos`.
+fn hook_body(signature: &str, body: &str) -> String {
+    let text = lower_items(&format!("{signature} {{ {body} }}"));
     let start = text.find("const fi::Pos& at) {\n").unwrap() + 21;
     let end = text.rfind("  }\n};").unwrap();
     text[start..end]
@@ -26,6 +25,11 @@ fn logits(body: &str) -> String {
         .map(|l| l.strip_prefix("    ").unwrap_or(l))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The lowered body of a `logits` hook.
+fn logits(body: &str) -> String {
+    hook_body("fn logits(&self, s: f32, at: Pos) -> f32", body)
 }
 
 /// The lowered expression `e` (the returned value of a one-expression body).
@@ -486,16 +490,9 @@ fn one_mistake_gives_one_error() {
     );
 }
 
-/// The lowered body of a `mask` hook (one line per statement, indentation removed).
+/// The lowered body of a `mask` hook.
 fn mask(body: &str) -> String {
-    let text = lower_items(&format!("fn mask(&self, at: Pos) -> bool {{ {body} }}"));
-    let start = text.find("const fi::Pos& at) {\n").unwrap() + 21;
-    let end = text.rfind("  }\n};").unwrap();
-    text[start..end]
-        .lines()
-        .map(|l| l.strip_prefix("    ").unwrap_or(l))
-        .collect::<Vec<_>>()
-        .join("\n")
+    hook_body("fn mask(&self, at: Pos) -> bool", body)
 }
 
 // Issue 8: each of these lowered to CUDA that computed something else than the Rust, or did not
