@@ -102,13 +102,18 @@ fn main() -> ExitCode {
                 key.clone(),
                 on_gpu(&|b: &Backend| bench_config(b, &cfg, &key, DecodeKernel::Auto)),
             );
-            // Decode also on the kernel the default does not pick, for comparison.
+            // Decode also on each kernel forced, so Auto's choice can be checked against both.
             if cfg.kind == Kind::Decode {
-                let key = format!("{}@{}", cfg.key, report::IMPL_CUDA_CORES);
-                record(
-                    key.clone(),
-                    on_gpu(&|b: &Backend| bench_config(b, &cfg, &key, DecodeKernel::CudaCores)),
-                );
+                for (imp, kernel) in [
+                    (report::IMPL_CUDA_CORES, DecodeKernel::CudaCores),
+                    (report::IMPL_TENSOR_CORES, DecodeKernel::TensorCores),
+                ] {
+                    let key = format!("{}@{imp}", cfg.key);
+                    record(
+                        key.clone(),
+                        on_gpu(&|b: &Backend| bench_config(b, &cfg, &key, kernel)),
+                    );
+                }
             }
         }
     }

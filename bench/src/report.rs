@@ -8,6 +8,8 @@ pub const IMPL: &str = "ferrinfer-fa2";
 /// Decode on the CUDA-core template, which the default no longer picks at GQA 4
 /// (`<config>@ferrinfer-cuda-cores`).
 pub const IMPL_CUDA_CORES: &str = "ferrinfer-cuda-cores";
+/// The implementation name of decode rows forced onto the tensor-core (prefill template) kernel.
+pub const IMPL_TENSOR_CORES: &str = "ferrinfer-tensor-cores";
 
 /// One measured row.
 #[derive(Clone, Debug, PartialEq)]

@@ -15,7 +15,10 @@
 //    below p times the mass S), i.e. {v >= T} for the value T with mass(v > T) < p S <=
 //    mass(v >= T): a three-pass radix select by mass finds T (exact integer bin masses, so a seed
 //    reproduces bit for bit), then the race within {v >= T}. After top-k, whose set is small, the
-//    draw is by rejection over the race's best candidates instead (top_p_race: two passes).
+//    draw is by rejection over the race's best candidates instead (top_p_race: two passes). With
+//    no top-k, by rejection over proposals drawn by inverse CDF from the whole row (top_p_icdf:
+//    one pass, which also counts the select's first histograms; T only when a proposal lands in
+//    the boundary bin).
 // The race runs from the end of the row (backward): a pass before it leaves that end in L2.
 // Probabilities that are NaN, negative or infinite weigh 0; logits that are NaN or +-inf are -inf.
 // A row without a positive weight gives token 0. Mirrored by runtime/src/ops/sampling/mod.rs.
@@ -375,36 +378,48 @@ __device__ __forceinline__ void shared_add_u64(unsigned long long* a, unsigned l
 //    of weights and S the mass of all (from the first pass's bins); the largest value when p S is
 //    0, the smallest when p S exceeds the mass by rounding. Bin masses are exact (mass_units) and
 //    summed in double in a fixed order, so t is the same on every run.
+// Where a radix select stands between passes: the key bits chosen so far and what the next pass
+// still has to find (a count, or a mass). A select can stop after a pass and resume later.
+struct RadixState {
+  unsigned prefix, mask, remaining;
+  double want;
+};
+
+// Passes [first, last) of a radix select (see radix_select). With `filled`, the first of them
+// finds its histograms already counted (top_p_survey counts pass 0 while it reads the row).
 template <bool LOGITS, unsigned VEC, bool MASS>
-__device__ __forceinline__ float radix_select(const float* x, unsigned n, unsigned k, float p,
-                                              float v_min, const RowValues<LOGITS>& rv,
-                                              SamplingSmem& sm) {
-  unsigned prefix = 0, mask = 0, remaining = k;
-  double want = 0.0;
+__device__ __noinline__ void radix_passes(const float* x, unsigned n, float p, float v_min,
+                                          const RowValues<LOGITS> rv, SamplingSmem& sm,
+                                          RadixState& st, unsigned first, unsigned last,
+                                          bool filled) {
+  unsigned prefix = st.prefix, mask = st.mask, remaining = st.remaining;
+  double want = st.want;
   unsigned* hist = sm.radix.hist;
   unsigned long long* units = sm.radix.mass;
   const int scale = logit_mass_scale(n);
-  for (unsigned pass = 0; pass < 3; ++pass) {
+  for (unsigned pass = first; pass < last; ++pass) {
     const unsigned shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
     const unsigned bins = pass == 2 ? 1024 : 2048;
-    __syncthreads();  // the previous pass's walk (or the previous user of sm.radix) is done
-    for (unsigned b = threadIdx.x; b < kRadixBins; b += kSamplingThreads) {
-      hist[b] = 0;
-      if (MASS) units[b] = 0;
-    }
-    __syncthreads();
-    scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& q) {
-#pragma unroll
-      for (unsigned e = 0; e < VEC; ++e) {
-        const float v = rv.value(q.x[e]);
-        const unsigned key = order_key(v);
-        if ((key & mask) == prefix && v >= v_min) {
-          const unsigned b = (key >> shift) & (bins - 1);
-          atomicAdd(&hist[b], 1u);
-          if (MASS) shared_add_u64(&units[b], mass_units<LOGITS>(rv.weight(v), scale));
-        }
+    if (!(filled && pass == first)) {
+      __syncthreads();  // the previous pass's walk (or the previous user of sm.radix) is done
+      for (unsigned b = threadIdx.x; b < kRadixBins; b += kSamplingThreads) {
+        hist[b] = 0;
+        if (MASS) units[b] = 0;
       }
-    });
+      __syncthreads();
+      scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& q) {
+#pragma unroll
+        for (unsigned e = 0; e < VEC; ++e) {
+          const float v = rv.value(q.x[e]);
+          const unsigned key = order_key(v);
+          if ((key & mask) == prefix && v >= v_min) {
+            const unsigned b = (key >> shift) & (bins - 1);
+            atomicAdd(&hist[b], 1u);
+            if (MASS) shared_add_u64(&units[b], mass_units<LOGITS>(rv.weight(v), scale));
+          }
+        }
+      });
+    }
     __syncthreads();
     if (warp_id() == 0) {
       // Each lane owns bins/32 consecutive bins; a suffix scan over lanes finds the lane whose
@@ -491,13 +506,232 @@ __device__ __forceinline__ float radix_select(const float* x, unsigned n, unsign
     else remaining = sm.pick[1];
     mask |= (bins - 1) << shift;
   }
-  return order_value(prefix);
+  st = RadixState{prefix, mask, remaining, want};
+}
+
+template <bool LOGITS, unsigned VEC, bool MASS>
+__device__ __forceinline__ float radix_select(const float* x, unsigned n, unsigned k, float p,
+                                              float v_min, const RowValues<LOGITS>& rv,
+                                              SamplingSmem& sm) {
+  RadixState st{0u, 0u, k, 0.0};
+  radix_passes<LOGITS, VEC, MASS>(x, n, p, v_min, rv, sm, st, 0, 3, false);
+  return order_value(st.prefix);
 }
 
 template <bool LOGITS, unsigned VEC>
 __device__ __forceinline__ float kth_largest(const float* x, unsigned n, unsigned k,
                                              const RowValues<LOGITS>& rv, SamplingSmem& sm) {
   return radix_select<LOGITS, VEC, false>(x, n, k, 0.0f, -FI_INF, rv, sm);
+}
+
+// ---- Top-p over a whole row: proposals by inverse CDF, one load pass ----
+//
+// With no top-k the nucleus N = {v >= T} holds most of a row's mass, so tokens drawn from the
+// whole row (probability w / S) mostly land in it, and the first that does is a draw from N
+// (rejection sampling with i.i.d. proposals; after kIcdfRounds rounds of kIcdfDraws proposals
+// the race within N decides instead, still a draw from N). One pass (top_p_survey) counts the
+// radix select's first histograms and, per warp load of 32 packs (an entry), the sum of its
+// weights; the first pass's walk then gives the bin b* of the nucleus's boundary. A proposal
+// finds its entry in that table by a prefix sum and its token within the entry's one load, and
+// is in N when its bin is above b*, out when below; only a proposal in b* itself needs T, which
+// the select's two remaining passes give (about 1-2% of draws land there at p = 0.9). So a row
+// costs one load pass where the radix select and the race cost four. Sums are f32 per entry (a
+// fixed lane tree) and f64 over entries in a fixed order: a seed reproduces bit for bit.
+constexpr unsigned kIcdfDraws = 4;  // proposals a round, one warp each (one Philox group)
+constexpr unsigned kIcdfRounds = 8;
+constexpr unsigned kIcdfEntries = 4096;  // table capacity: rows up to 4096 x 32 x VEC tokens
+constexpr unsigned kIcdfPer = kIcdfEntries / kSamplingThreads;  // entries a thread sums
+
+struct IcdfSmem {
+  float entry[kIcdfEntries];        // weight sum of each warp load, in token order
+  double before[kSamplingThreads];  // mass of the entries before thread i's kIcdfPer
+  double total;
+  unsigned entries, last_group;  // valid entries; the last thread group with positive mass
+  unsigned cand[kIcdfDraws];
+  unsigned verdict[kIcdfDraws];  // kIcdfOut, kIcdfIn, or kIcdfBoundary (needs T)
+};
+constexpr unsigned kIcdfOut = 0, kIcdfIn = 1, kIcdfBoundary = 2;
+
+// Entry e holds tokens [e / W kStep + (e % W) 32 VEC, + 32 VEC), W the warps: warp e % W's packs
+// of step e / W, so entries in index order are in token order.
+template <unsigned VEC>
+__device__ __forceinline__ unsigned icdf_entry_start(unsigned e) {
+  return (e / kSamplingWarps) * (kSamplingThreads * VEC) + (e % kSamplingWarps) * (kWarpSize * VEC);
+}
+
+// One pass: the radix select's first histograms (as its pass 0 over every value) and the table.
+template <bool LOGITS, unsigned VEC>
+__device__ __noinline__ void top_p_survey(const float* x, unsigned n, const RowValues<LOGITS> rv,
+                                          SamplingSmem& sm, IcdfSmem& ic) {
+  unsigned* hist = sm.radix.hist;
+  unsigned long long* units = sm.radix.mass;
+  const int scale = logit_mass_scale(n);
+  __syncthreads();  // earlier users of sm.radix are done
+  for (unsigned b = threadIdx.x; b < kRadixBins; b += kSamplingThreads) {
+    hist[b] = 0;
+    units[b] = 0;
+  }
+  __syncthreads();
+  scan_row_backward_warp<VEC>(x, n, [&](unsigned t0, const Pack<float, VEC>& p, bool valid) {
+    float sum = 0.0f;
+#pragma unroll
+    for (unsigned e = 0; e < VEC; ++e) {
+      const float v = rv.value(p.x[e]);
+      const float w = rv.weight(v);
+      if (valid) {
+        const unsigned b = order_key(v) >> 21;
+        atomicAdd(&hist[b], 1u);
+        shared_add_u64(&units[b], mass_units<LOGITS>(w, scale));
+        sum += w;
+      }
+    }
+    for (unsigned o = kWarpSize / 2; o > 0; o /= 2) sum += __shfl_xor_sync(kFullMask, sum, o);
+    if (lane_id() == 0) ic.entry[(t0 / (kSamplingThreads * VEC)) * kSamplingWarps + warp_id()] = sum;
+  });
+  __syncthreads();
+  // The entries' exclusive prefix, kIcdfPer a thread, in a fixed order.
+  const unsigned entries = ic.entries;
+  double mine = 0.0;
+  for (unsigned i = 0; i < kIcdfPer; ++i) {
+    const unsigned e = threadIdx.x * kIcdfPer + i;
+    if (e < entries) mine += ic.entry[e];
+  }
+  double v = mine;
+  for (unsigned o = 1; o < kWarpSize; o *= 2) {
+    const double y = __shfl_up_sync(kFullMask, v, o);
+    if (lane_id() >= o) v += y;
+  }
+  if (lane_id() == kWarpSize - 1) sm.u[warp_id()] = static_cast<unsigned long long>(__double_as_longlong(v));
+  const unsigned last = __reduce_max_sync(kFullMask, mine > 0.0 ? threadIdx.x + 1 : 0u);
+  if (lane_id() == 0) sm.pick[0] = 0;
+  __syncthreads();
+  double before = 0.0, total = 0.0;
+  for (unsigned j = 0; j < kSamplingWarps; ++j) {
+    const double t = __longlong_as_double(static_cast<long long>(sm.u[j]));
+    if (j < warp_id()) before += t;
+    total += t;
+  }
+  ic.before[threadIdx.x] = before + (v - mine);
+  if (lane_id() == 0 && last) atomicMax(&sm.pick[0], last);
+  if (threadIdx.x == 0) ic.total = total;
+  __syncthreads();
+  if (threadIdx.x == 0) ic.last_group = sm.pick[0] ? sm.pick[0] - 1 : 0u;
+}
+
+// Warp d's proposal: the token where the running weight sum in token order reaches u S.
+template <bool LOGITS, unsigned VEC>
+__device__ __forceinline__ unsigned icdf_propose(const float* x, unsigned n,
+                                                 const RowValues<LOGITS>& rv, double target,
+                                                 const IcdfSmem& ic) {
+  // The last thread group whose mass before is below the target (its mass is then positive, but
+  // for rounding at the top: then the last group with positive mass).
+  unsigned lo = 0, hi = ic.last_group;
+  while (lo < hi) {
+    const unsigned mid = (lo + hi + 1) / 2;
+    if (ic.before[mid] < target) lo = mid;
+    else hi = mid - 1;
+  }
+  double acc = ic.before[lo];
+  unsigned e = 0xffffffffu, last_pos = 0xffffffffu;
+  for (unsigned i = 0; i < kIcdfPer; ++i) {
+    const unsigned c = lo * kIcdfPer + i;
+    if (c >= ic.entries || !(ic.entry[c] > 0.0f)) continue;
+    if (acc + ic.entry[c] >= target) {
+      e = c;
+      break;
+    }
+    acc += ic.entry[c];
+    last_pos = c;
+  }
+  if (e == 0xffffffffu) {  // rounding past the group's end: its last positive entry
+    e = last_pos;
+    acc -= ic.entry[e];
+  }
+  // Within the entry: a warp scan of the lanes' packs.
+  const unsigned t0 = icdf_entry_start<VEC>(e) + lane_id() * VEC;
+  float w[VEC];
+  float own = 0.0f;
+#pragma unroll
+  for (unsigned k = 0; k < VEC; ++k) {
+    w[k] = t0 + k < n ? rv.weight(rv.value(x[t0 + k])) : 0.0f;
+    own += w[k];
+  }
+  double incl = own;
+  for (unsigned o = 1; o < kWarpSize; o *= 2) {
+    const double y = __shfl_up_sync(kFullMask, incl, o);
+    if (lane_id() >= o) incl += y;
+  }
+  incl += acc;
+  const double excl = incl - own;
+  const bool here = own > 0.0f && excl < target && target <= incl;
+  const unsigned holders = __ballot_sync(kFullMask, here);
+  // Rounding past the entry's end: its last lane with weight.
+  const unsigned lane = holders ? __ffs(holders) - 1 : 31 - __clz(__ballot_sync(kFullMask, own > 0.0f));
+  unsigned t = 0;
+  if (lane_id() == lane) {
+    double c = excl;
+    t = 0xffffffffu;
+    unsigned last = t0;
+#pragma unroll
+    for (unsigned k = 0; k < VEC; ++k) {
+      if (w[k] > 0.0f) {
+        c += w[k];
+        last = t0 + k;
+        if (t == 0xffffffffu && c >= target) t = t0 + k;
+      }
+    }
+    if (t == 0xffffffffu) t = last;
+  }
+  return __shfl_sync(kFullMask, t, lane);
+}
+
+template <bool LOGITS, unsigned VEC>
+__device__ __noinline__ unsigned top_p_icdf(const float* x, unsigned n, const RowValues<LOGITS> rv,
+                                            float top_p, const RowRng rng, SamplingSmem& sm) {
+  __shared__ IcdfSmem ic;
+  if (threadIdx.x == 0) ic.entries = (n + kWarpSize * VEC - 1) / (kWarpSize * VEC);
+  top_p_survey<LOGITS, VEC>(x, n, rv, sm, ic);
+  if (!(ic.total > 0.0)) return 0;
+  RadixState st{0u, 0u, 0u, 0.0};
+  radix_passes<LOGITS, VEC, true>(x, n, top_p, -FI_INF, rv, sm, st, 0, 1, true);
+  const unsigned boundary = st.prefix >> 21;
+  bool have_t = false;
+  float t = 0.0f;
+  for (unsigned round = 0; round < kIcdfRounds; ++round) {
+    if (warp_id() < kIcdfDraws) {
+      const unsigned d = warp_id();
+      const float u = philox_uniform(philox_word(rng.group(kPhiloxScalarGroups + round), d));
+      const unsigned tok = icdf_propose<LOGITS, VEC>(x, n, rv, static_cast<double>(u) * ic.total, ic);
+      if (lane_id() == 0) {
+        const float v = rv.value(x[tok]);
+        const unsigned b = order_key(v) >> 21;
+        ic.cand[d] = tok;
+        ic.verdict[d] = have_t ? (v >= t ? kIcdfIn : kIcdfOut)
+                               : (b > boundary ? kIcdfIn : b < boundary ? kIcdfOut : kIcdfBoundary);
+      }
+    }
+    __syncthreads();
+    for (unsigned d = 0; d < kIcdfDraws; ++d) {  // in order: the first proposal in N wins
+      unsigned verdict = ic.verdict[d];
+      const unsigned tok = ic.cand[d];
+      if (verdict == kIcdfBoundary) {
+        if (!have_t) {  // block-uniform: every thread reads the same verdicts
+          radix_passes<LOGITS, VEC, true>(x, n, top_p, -FI_INF, rv, sm, st, 1, 3, false);
+          t = order_value(st.prefix);
+          have_t = true;
+        }
+        verdict = rv.value(x[tok]) >= t ? kIcdfIn : kIcdfOut;
+      }
+      if (verdict == kIcdfIn) return tok;
+    }
+    __syncthreads();  // every thread has read this round's proposals
+  }
+  if (!have_t) {
+    radix_passes<LOGITS, VEC, true>(x, n, top_p, -FI_INF, rv, sm, st, 1, 3, false);
+    t = order_value(st.prefix);
+  }
+  const unsigned long long best = race_allowed<LOGITS, VEC>(x, n, rv, t, 0.0f, rng, sm);
+  return best ? race_token(best) : 0u;
 }
 
 // ---- Top-p by rejection over the race's best candidates ----
@@ -704,6 +938,11 @@ __device__ __forceinline__ void sample_row(const SamplingArgs& a, unsigned row) 
   if (top_p < 1.0f && k < n) {
     const unsigned long long best = top_p_race<LOGITS, VEC>(x, n, rv, v_min, top_p, rng, sm);
     if (threadIdx.x == 0) a.out[row] = static_cast<int>(best ? race_token(best) : 0u);
+    return;
+  }
+  if (top_p < 1.0f && min_p == 0.0f && (n + kWarpSize * VEC - 1) / (kWarpSize * VEC) <= kIcdfEntries) {
+    const unsigned t = top_p_icdf<LOGITS, VEC>(x, n, rv, top_p, rng, sm);
+    if (threadIdx.x == 0) a.out[row] = static_cast<int>(t);
     return;
   }
   if (top_p < 1.0f) {

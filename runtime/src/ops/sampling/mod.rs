@@ -519,7 +519,56 @@ fn sample_row_host(x: &[f32], input: SamplingInput, p: &RowParams, draws: &RowDr
             g = end;
         }
     }
+    // Top-p over a whole row: the GPU's proposals (sampling.cuh, top_p_icdf) when its table holds
+    // the row (rows up to 128K tokens always; longer ones at a vector width the CPU assumes from
+    // the vocabulary, the GPU's from the row stride and the address).
+    let vec = [4, 2, 1].into_iter().find(|v| n % v == 0).unwrap_or(1);
+    if p.top_p < 1.0 && p.k as usize >= n && p.min_p <= 0.0 && n.div_ceil(32 * vec) <= ICDF_ENTRIES
+    {
+        if let Some(t) = top_p_proposals(&w, &allowed, draws) {
+            return t as i32;
+        }
+    }
     race(&w, &allowed, draws).map_or(0, |t| t as i32)
+}
+
+/// Proposals a round (`kIcdfDraws`), rounds before the race decides (`kIcdfRounds`), and the
+/// table's entries (`kIcdfEntries`) of the GPU's top-p over a whole row.
+const ICDF_DRAWS: usize = 4;
+const ICDF_ROUNDS: u32 = 8;
+const ICDF_ENTRIES: usize = 4096;
+
+/// The first of the GPU's proposals that lies in the nucleus (`allowed`): round `r` draws
+/// [`ICDF_DRAWS`] tokens from the whole row by inverse CDF (uniforms of Philox group
+/// `SCALAR_GROUPS + r`, each target `u S` found by the running sum in token order). `None` when
+/// every proposal misses (then the race within the nucleus decides, as on the GPU) or no weight
+/// is positive.
+fn top_p_proposals(w: &[f64], allowed: &[bool], draws: &RowDraws) -> Option<usize> {
+    let s: f64 = w.iter().filter(|&&x| x > 0.0).sum();
+    if !(s > 0.0) {
+        return None;
+    }
+    for round in 0..ICDF_ROUNDS {
+        let words = draws.block(rng::SCALAR_GROUPS + round);
+        for &word in &words[..ICDF_DRAWS] {
+            let target = f64::from(philox_uniform(word)) * s;
+            let (mut c, mut last) = (0.0, 0);
+            let t = w
+                .iter()
+                .enumerate()
+                .filter(|&(_, &x)| x > 0.0)
+                .find(|&(i, &x)| {
+                    c += x;
+                    last = i;
+                    c >= target
+                })
+                .map_or(last, |(i, _)| i);
+            if allowed[t] {
+                return Some(t);
+            }
+        }
+    }
+    None
 }
 
 /// The race winner among the allowed tokens: the largest `w / -ln(u)`, ties to the lowest token.
