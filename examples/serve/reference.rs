@@ -167,6 +167,7 @@ impl Reference {
 }
 
 /// Index of the largest value, and its margin over the second largest.
+#[allow(dead_code)] // used by tests/serve.rs
 pub fn argmax_margin(xs: &[f32]) -> (usize, f32) {
     let mut best = (0, f32::NEG_INFINITY);
     let mut second = f32::NEG_INFINITY;

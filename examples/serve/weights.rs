@@ -131,6 +131,7 @@ impl Weights {
     }
 
     /// Write the weights as [`Weights::load`] reads them.
+    #[allow(dead_code)] // used by tests/serve.rs
     pub fn save(&self, c: &Config, path: &Path) -> Result<(), String> {
         let (h, q, kv, i) = (c.hidden, c.q_dim(), c.kv_dim(), c.inter);
         let bytes = |xs: &[bf16]| -> Vec<u8> {
