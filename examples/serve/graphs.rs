@@ -5,8 +5,10 @@
 //! take token 0, are not appended to the cache (the append plan skips rows past its tokens), are
 //! not attended (the decode plan holds the real batch) and their samples are dropped.
 
-use ferrinfer::cudarc::driver::CudaGraph;
-use ferrinfer::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use ferrinfer::cudarc::driver::sys::{
+    CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode,
+};
+use ferrinfer::cudarc::driver::{CudaEvent, CudaGraph};
 use ferrinfer::ops::kv_append::AppendPlan;
 use ferrinfer::prelude::*;
 
@@ -29,6 +31,9 @@ pub struct Graphs {
     buckets: Vec<Bucket>,
     /// Replays so far (steps that did not capture).
     pub replays: usize,
+    /// When set, CUDA events recorded right around each replay (the timing mode's step time,
+    /// without the host's re-planning between steps).
+    pub replay_events: Option<Vec<(CudaEvent, CudaEvent)>>,
 }
 
 /// The bucket of a batch of `b`: the next power of two.
@@ -55,7 +60,23 @@ impl Graphs {
         if let Some(bk) = self.buckets.iter_mut().find(|bk| bk.size == size) {
             bk.plan.replan(inp.kv.clone(), None).map_err(fe)?;
             bk.append.replan(&inp.kv, inp.qo_indptr).map_err(fe)?;
+            let timed = self.replay_events.is_some();
+            let event = || {
+                m.exec
+                    .dev
+                    .as_ref()
+                    .map(|d| d.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)))
+            };
+            let start = if timed {
+                event().transpose().map_err(err("event"))?
+            } else {
+                None
+            };
             bk.graph.launch().map_err(err("graph launch"))?;
+            if let (Some(start), Some(ev)) = (start, self.replay_events.as_mut()) {
+                let end = event().transpose().map_err(err("event"))?.ok_or("no GPU")?;
+                ev.push((start, end));
+            }
             self.replays += 1;
             return m.tokens(b);
         }

@@ -312,7 +312,8 @@ fn timing(args: &Args, exec: Exec) -> Res<()> {
         Ok((kv, idx))
     };
     let mut graphs = Graphs::default();
-    let mut times = Vec::new();
+    graphs.replay_events = Some(Vec::new());
+    // Step 0 runs eagerly and captures; the rest replan and replay, timed around the replay.
     for s in 0..=args.steps {
         let (kv, _) = step_input(ctx_len + 1 + s)?;
         let inp = model::StepInput {
@@ -321,17 +322,14 @@ fn timing(args: &Args, exec: Exec) -> Res<()> {
             kv,
             params: &params,
         };
-        let start = stream
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(err("event"))?;
         graphs.step(&mut m, &inp)?;
-        let end = stream
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(err("event"))?;
-        // Step 0 captures; the rest replay (their replan and staging copies are inside the window).
-        if s > 0 {
-            times.push(f64::from(start.elapsed_ms(&end).map_err(err("elapsed"))?));
-        }
+    }
+    let mut times = Vec::new();
+    for (a, b) in graphs.replay_events.as_ref().ok_or("no events")? {
+        times.push(f64::from(a.elapsed_ms(b).map_err(err("elapsed"))?));
+    }
+    if times.is_empty() {
+        return Err("--steps must be at least 1 (step 0 captures)".into());
     }
     times.sort_by(f64::total_cmp);
     let step_ms = times[times.len() / 2];
