@@ -66,7 +66,7 @@ pub use shard::{KvShard, shard_kv};
 #[cfg(feature = "nccl")]
 pub use communicator::{Communicator, NcclId};
 #[cfg(feature = "nccl")]
-pub use decode::ContextParallelDecode;
+pub use decode::{ContextParallelDecode, ContextParallelGraph};
 #[cfg(feature = "nccl")]
 pub use library::{NcclLibrary, nccl_library};
 
