@@ -29,12 +29,15 @@ impl Case {
         let mut ids: Vec<i32> = (0..(used + spare) as i32).collect();
         rng.shuffle(&mut ids);
         let pages = &ids[..used as usize];
-        let kv =
-            KvIndex::paged_from_lens(page, lens, pages, used + spare, KvLayout::Nhd).unwrap();
+        let kv = KvIndex::paged_from_lens(page, lens, pages, used + spare, KvLayout::Nhd).unwrap();
         let len = kv.buffer_len(&heads);
         let per_page = len / (used + spare) as usize;
         let fill = |rng: &mut Rng| -> Vec<bf16> {
-            let mut x: Vec<bf16> = rng.normal_vec(len).into_iter().map(bf16::from_f32).collect();
+            let mut x: Vec<bf16> = rng
+                .normal_vec(len)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
             for &p in &ids[used as usize..] {
                 x[p as usize * per_page..(p as usize + 1) * per_page].fill(bf16::NAN);
             }
@@ -74,7 +77,10 @@ fn simulate<V: Variant>(variant: &V, case: &Case, world: usize) -> (Vec<bf16>, V
         let (mut o, mut s) = (ViewMut::host(o), ViewMut::host(s));
         plan.run(variant, &q, &k, &v, &mut o, Some(&mut s)).unwrap();
     }
-    let (mut o, mut lse) = (vec![bf16::NAN; shape.v_len()], vec![f32::NAN; shape.s_len()]);
+    let (mut o, mut lse) = (
+        vec![bf16::NAN; shape.v_len()],
+        vec![f32::NAN; shape.s_len()],
+    );
     merge_ranks(
         &cpu,
         shape,
@@ -94,12 +100,20 @@ fn f32s(xs: &[bf16]) -> Vec<f32> {
 /// (request, head) for o (bf16), 1e-4 absolute for the LSE (f32 merge of f64-exact parts).
 fn check_against_whole<V: Variant>(variant: &V, case: &Case, world: usize, what: &str) {
     let batch = Batch::decode(case.heads, case.kv.clone()).unwrap();
-    let want =
-        reference::attention(variant, &batch, &f32s(&case.q), &f32s(&case.k), &f32s(&case.v))
-            .unwrap();
+    let want = reference::attention(
+        variant,
+        &batch,
+        &f32s(&case.q),
+        &f32s(&case.k),
+        &f32s(&case.v),
+    )
+    .unwrap();
     let (o, lse) = simulate(variant, case, world);
     let (err, b, h) = worst_rel_l2(&batch, &f32s(&o), &want.o);
-    assert!(err <= 1e-2, "{what}, world {world}: rel L2 {err:e} at request {b} head {h}");
+    assert!(
+        err <= 1e-2,
+        "{what}, world {world}: rel L2 {err:e} at request {b} head {h}"
+    );
     for (i, (g, w)) in lse.iter().zip(&want.lse).enumerate() {
         let ok = (f64::from(*g) == *w) || (f64::from(*g) - w).abs() <= 1e-4 * w.abs().max(1.0);
         assert!(ok, "{what}, world {world}: lse[{i}] {g} vs {w}");
@@ -182,7 +196,8 @@ mod gpu {
         let shape = case.shape();
         let mut o = gpu.filled(shape.v_len(), bf16::NAN).unwrap();
         let mut lse = gpu.filled(shape.s_len(), f32::NAN).unwrap();
-        plan.run(&Standard, &q, &k, &v, &mut o, Some(&mut lse)).unwrap();
+        plan.run(&Standard, &q, &k, &v, &mut o, Some(&mut lse))
+            .unwrap();
         (f32s(&o.to_vec().unwrap()), lse.to_vec().unwrap())
     }
 
@@ -226,7 +241,8 @@ mod gpu {
             let shape = case.shape();
             let mut o = backend.filled(shape.v_len(), bf16::NAN).unwrap();
             let mut lse = backend.filled(shape.s_len(), f32::NAN).unwrap();
-            plan.run(&Standard, &q, &k, &v, &mut o, Some(&mut lse)).unwrap();
+            plan.run(&Standard, &q, &k, &v, &mut o, Some(&mut lse))
+                .unwrap();
             (f32s(&o.to_vec().unwrap()), lse.to_vec().unwrap())
         })
     }
@@ -237,7 +253,10 @@ mod gpu {
         let want_o: Vec<f64> = want_o.iter().map(|&x| f64::from(x)).collect();
         for (rank, (o, lse)) in got.iter().enumerate() {
             let (err, b, h) = worst_rel_l2(&batch, o, &want_o);
-            assert!(err <= 1e-2, "{what}, rank {rank}: rel L2 {err:e} at request {b} head {h}");
+            assert!(
+                err <= 1e-2,
+                "{what}, rank {rank}: rel L2 {err:e} at request {b} head {h}"
+            );
             for (i, (g, w)) in lse.iter().zip(&want_lse).enumerate() {
                 let ok = g == w || (g - w).abs() <= 1e-3 * w.abs().max(1.0);
                 assert!(ok, "{what}, rank {rank}: lse[{i}] {g} vs {w}");
@@ -258,7 +277,11 @@ mod gpu {
             let lens = [4000, 1, 0, 17, 2500, 33];
             let case = Case::new(&mut rng, heads, page, &lens);
             let got = cp_decode(&case, world);
-            compare(&case, &got, &format!("seed {seed}, page {page}, world {world}"));
+            compare(
+                &case,
+                &got,
+                &format!("seed {seed}, page {page}, world {world}"),
+            );
         }
     }
 
@@ -266,7 +289,12 @@ mod gpu {
     #[ignore = "requires a CUDA GPU"]
     fn gpu_context_parallel_world_size_one() {
         let mut rng = Rng::from_time();
-        let case = Case::new(&mut rng, Heads::new(32, 8, 128).unwrap(), 16, &[3000, 5, 700]);
+        let case = Case::new(
+            &mut rng,
+            Heads::new(32, 8, 128).unwrap(),
+            16,
+            &[3000, 5, 700],
+        );
         let got = cp_decode(&case, 1);
         compare(&case, &got, "world 1");
     }
@@ -298,15 +326,29 @@ mod gpu {
                 KvLayout::Nhd,
             )
             .unwrap();
-            Case { heads, kv, q: c.q.clone(), k, v }
+            Case {
+                heads,
+                kv,
+                q: c.q.clone(),
+                k,
+                v,
+            }
         };
         let (first, second) = (grow(&first), grow(&second));
-        let capacity = GraphCapacity { work_items: 1024, batch: 3, qo_rows: 3, kv_blocks: pages };
+        let capacity = GraphCapacity {
+            work_items: 1024,
+            batch: 3,
+            qo_rows: 3,
+            kv_blocks: pages,
+        };
         let got = on_ranks(world, |rank, comm| {
             let comm = Arc::new(comm);
             let backend = comm.backend().clone();
             let shard = |c: &Case| shard_kv(&c.kv, world).unwrap().swap_remove(rank).into_kv();
-            let config = PlanConfig { graph: Some(capacity), ..PlanConfig::default() };
+            let config = PlanConfig {
+                graph: Some(capacity),
+                ..PlanConfig::default()
+            };
             let plan =
                 ContextParallelDecode::<bf16>::plan(comm, heads, shard(&first), None, config)
                     .unwrap();

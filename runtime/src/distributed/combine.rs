@@ -44,7 +44,9 @@ pub fn merge_ranks<T: Element>(
 ) -> Result<()> {
     shape.validate()?;
     if world == 0 {
-        return Err(Error::invalid("merge_ranks: world must be at least 1, got 0"));
+        return Err(Error::invalid(
+            "merge_ranks: world must be at least 1, got 0",
+        ));
     }
     let w = world as usize;
     let lens = [
@@ -70,12 +72,13 @@ pub fn merge_ranks<T: Element>(
     }
     // Rank-major is the merge's stacked layout `[rows', states, heads', head_dim]` with one row
     // whose heads are all (row, head) pairs: state k then starts k * rows * num_heads heads in.
-    let pairs = u32::try_from(u64::from(shape.rows) * u64::from(shape.num_heads)).map_err(|_| {
-        Error::unsupported(format!(
-            "merge_ranks: {} rows x {} heads exceeds 2^32 - 1 (row, head) pairs",
-            shape.rows, shape.num_heads
-        ))
-    })?;
+    let pairs =
+        u32::try_from(u64::from(shape.rows) * u64::from(shape.num_heads)).map_err(|_| {
+            Error::unsupported(format!(
+                "merge_ranks: {} rows x {} heads exceeds 2^32 - 1 (row, head) pairs",
+                shape.rows, shape.num_heads
+            ))
+        })?;
     let fused = StateShape::new(1, pairs, shape.head_dim)?;
     cascade::merge_states(backend, fused, world, gathered, out)
 }
@@ -94,7 +97,9 @@ mod tests {
         let v: Vec<bf16> = (0..world * shape.v_len())
             .map(|i| bf16::from_f32((i as f32 * 0.37).sin()))
             .collect();
-        let mut s: Vec<f32> = (0..world * shape.s_len()).map(|i| (i as f32 * 1.3).cos()).collect();
+        let mut s: Vec<f32> = (0..world * shape.s_len())
+            .map(|i| (i as f32 * 1.3).cos())
+            .collect();
         s[shape.s_len() + 1] = f32::NEG_INFINITY;
         let (mut o, mut lse) = (vec![bf16::ZERO; shape.v_len()], vec![0f32; shape.s_len()]);
         merge_ranks(
@@ -113,7 +118,11 @@ mod tests {
             for k in 0..world {
                 let at = k * shape.s_len() + r * h;
                 ss.extend(s[at..at + h].iter().map(|&x| f64::from(x)));
-                sv.extend(v[at * d..(at + h) * d].iter().map(|&x| f64::from(x.to_f32())));
+                sv.extend(
+                    v[at * d..(at + h) * d]
+                        .iter()
+                        .map(|&x| f64::from(x.to_f32())),
+                );
             }
         }
         let (wo, wl) = cascade::merge_states_f64(shape, world as u32, &sv, &ss).unwrap();

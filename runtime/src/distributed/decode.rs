@@ -143,7 +143,11 @@ impl<T: Element> ContextParallelDecode<T> {
         let shape = self.shape()?;
         for (name, got, want) in [
             ("o", o.len(), shape.v_len()),
-            ("lse", lse.as_ref().map_or(shape.s_len(), |l| l.len()), shape.s_len()),
+            (
+                "lse",
+                lse.as_ref().map_or(shape.s_len(), |l| l.len()),
+                shape.s_len(),
+            ),
         ] {
             if got != want {
                 return Err(Error::invalid(format!(
@@ -151,19 +155,34 @@ impl<T: Element> ContextParallelDecode<T> {
                      num_qo_heads={}{}] needs {want}",
                     shape.rows,
                     shape.num_heads,
-                    if name == "o" { format!(", head_dim={}", shape.head_dim) } else { String::new() }
+                    if name == "o" {
+                        format!(", head_dim={}", shape.head_dim)
+                    } else {
+                        String::new()
+                    }
                 )));
             }
         }
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         let s = &mut *guard;
-        self.decode.run(variant, q, k, v, &mut s.o, Some(&mut s.lse))?;
+        self.decode
+            .run(variant, q, k, v, &mut s.o, Some(&mut s.lse))?;
         let gpu = self.comm.gpu();
         let ptr = |b: &dyn Access<T>| b.device_ptr(gpu);
         let ptr_f32 = |b: &dyn Access<f32>| b.device_ptr(gpu);
         let ops = [
-            (ptr(&s.o)?, ptr(&s.gathered_o)?, shape.v_len(), nccl_type::<T>()),
-            (ptr_f32(&s.lse)?, ptr_f32(&s.gathered_lse)?, shape.s_len(), NCCL_FLOAT32),
+            (
+                ptr(&s.o)?,
+                ptr(&s.gathered_o)?,
+                shape.v_len(),
+                nccl_type::<T>(),
+            ),
+            (
+                ptr_f32(&s.lse)?,
+                ptr_f32(&s.gathered_lse)?,
+                shape.s_len(),
+                NCCL_FLOAT32,
+            ),
         ];
         // SAFETY: the four buffers are this plan's scratch on the communicator's GPU
         // (device_ptr checked the device), sized at plan time: o and lse hold one rank's
@@ -252,7 +271,12 @@ impl<T: Element> ContextParallelDecode<T> {
         let send = backend.upload(&mine)?;
         let recv = backend.filled(mine.len() * self.comm.world(), 0i32)?;
         let gpu = self.comm.gpu();
-        let ops = [(send.device_ptr(gpu)?, recv.device_ptr(gpu)?, mine.len(), NCCL_INT32)];
+        let ops = [(
+            send.device_ptr(gpu)?,
+            recv.device_ptr(gpu)?,
+            mine.len(),
+            NCCL_INT32,
+        )];
         // SAFETY: both buffers are on the communicator's GPU (device_ptr checked), `send` holds
         // `mine.len()` and `recv` `world` times that; both live past the synchronisation below.
         unsafe { self.comm.all_gather(&ops)? };

@@ -23,8 +23,14 @@ const SONAME: &str = "libnccl.so.2";
 type GetUniqueId = unsafe extern "C" fn(*mut ncclUniqueId) -> c_int;
 type CommInitRank = unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int) -> c_int;
 type CommDestroy = unsafe extern "C" fn(ncclComm_t) -> c_int;
-type AllGather =
-    unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, ncclComm_t, cudaStream_t) -> c_int;
+type AllGather = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    c_int,
+    ncclComm_t,
+    cudaStream_t,
+) -> c_int;
 type GroupCall = unsafe extern "C" fn() -> c_int;
 type GetErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
 type GetVersion = unsafe extern "C" fn(*mut c_int) -> c_int;
@@ -77,7 +83,9 @@ impl NcclLibrary {
             // SAFETY: non-null, NUL-terminated and static, per NCCL's API.
             unsafe { CStr::from_ptr(msg) }.to_string_lossy()
         };
-        Err(Error::Driver(format!("NCCL {what} failed: {msg} (ncclResult {rc})")))
+        Err(Error::Driver(format!(
+            "NCCL {what} failed: {msg} (ncclResult {rc})"
+        )))
     }
 }
 
@@ -113,8 +121,15 @@ fn discover() -> std::result::Result<NcclLibrary, String> {
         }
     }
     let mut dirs = Vec::new();
-    let roots = [toolkit::env_path("CUDA_HOME"), toolkit::env_path("CUDA_PATH")];
-    for root in roots.into_iter().flatten().chain([PathBuf::from("/usr/local/cuda")]) {
+    let roots = [
+        toolkit::env_path("CUDA_HOME"),
+        toolkit::env_path("CUDA_PATH"),
+    ];
+    for root in roots
+        .into_iter()
+        .flatten()
+        .chain([PathBuf::from("/usr/local/cuda")])
+    {
         dirs.extend(toolkit::LIB_DIRS.map(|d| root.join(d)));
     }
     let mut sites = toolkit::site_patterns();
@@ -164,7 +179,11 @@ fn open(path: &Path) -> std::result::Result<NcclLibrary, String> {
     // SAFETY: ncclGetVersion writes one int through a valid pointer.
     let rc = unsafe { get_version(&mut code) };
     // NCCL 2.9+ encodes major * 10000 + minor * 100 + patch.
-    let version = ((code / 10000) as u32, (code % 10000 / 100) as u32, (code % 100) as u32);
+    let version = (
+        (code / 10000) as u32,
+        (code % 10000 / 100) as u32,
+        (code % 100) as u32,
+    );
     if rc != 0 || version.0 != 2 {
         return Err(format!(
             "{}: ncclGetVersion returned {rc} and {code}; NCCL 2.x is needed",

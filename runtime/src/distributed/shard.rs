@@ -150,7 +150,11 @@ mod tests {
                 assert_eq!(s.kv().kv_len(b), t.len() as u32);
                 for (j, pos) in t.clone().enumerate() {
                     let local = s.kv().offset(&heads, b, j as u32, 0);
-                    assert_eq!(local, kv.offset(&heads, b, pos, 0), "request {b} token {pos}");
+                    assert_eq!(
+                        local,
+                        kv.offset(&heads, b, pos, 0),
+                        "request {b} token {pos}"
+                    );
                 }
                 next = t.end;
             }
@@ -160,7 +164,11 @@ mod tests {
         if let Some(page) = kv.page_size() {
             for s in &shards[..world - 1] {
                 for b in 0..kv.batch() {
-                    assert!(s.tokens(b).len() as u32 % page == 0, "rank {} request {b}", s.rank());
+                    assert!(
+                        s.tokens(b).len() as u32 % page == 0,
+                        "rank {} request {b}",
+                        s.rank()
+                    );
                 }
             }
         }
@@ -188,6 +196,9 @@ mod tests {
     fn world_must_be_positive() {
         let kv = KvIndex::ragged(&[0, 3], KvLayout::Nhd).unwrap();
         let e = shard_kv(&kv, 0).unwrap_err().to_string();
-        assert!(e.contains("world must be in 1..=2^31-1 ranks, got 0"), "{e}");
+        assert!(
+            e.contains("world must be in 1..=2^31-1 ranks, got 0"),
+            "{e}"
+        );
     }
 }
