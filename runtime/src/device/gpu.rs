@@ -585,6 +585,7 @@ impl Gpu {
     }
 
     /// [`Gpu::launch_stream`], for work queued outside [`Gpu::launch`] (NCCL collectives).
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
     pub(crate) fn current_stream(&self) -> &Arc<CudaStream> {
         self.launch_stream()
     }
