@@ -70,7 +70,7 @@ impl NcclId {
 ///     let ranks: Vec<_> = (0..world)
 ///         .map(|rank| s.spawn(move || Communicator::new(&Backend::cuda(rank)?, &id, rank, world)))
 ///         .collect();
-///     ranks.into_iter().map(|r| r.join().unwrap()).collect()
+///     ranks.into_iter().map(|r| r.join().unwrap()).collect::<ferrinfer_runtime::Result<_>>()
 /// })?;
 /// assert_eq!(comms[1].rank(), 1);
 /// # Ok(()) }
