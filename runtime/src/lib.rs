@@ -9,10 +9,12 @@
 //! | [`jit`] | NVRTC, the memory and disk caches |
 //! | [`variant`] | `Variant`, its parameters, the registry, `FastMath`, `check_variant` |
 //! | [`attention`] | `Batch`/`KvIndex`, plan, dispatch, the plan/run wrappers, single-request calls, the CPU reference |
+//! | [`distributed`] | context parallelism: KV sharding, the cross-rank merge, NCCL communicators and the context-parallel decode (feature `nccl`) |
 //! | [`ops`] | the serving ops beside attention (norms, activations, RoPE, KV append, sampling, cascade merging), one file per op |
 
 pub mod attention;
 pub mod device;
+pub mod distributed;
 pub mod error;
 pub mod jit;
 pub mod ops;

@@ -293,6 +293,24 @@ impl KvIndex {
             * heads.head_dim() as usize
     }
 
+    /// An index over the same cache (page size, layout, capacity, strides) with these blocks:
+    /// the shards of [`crate::distributed::shard_kv`]. Validated like every constructor.
+    pub(crate) fn with_blocks(
+        &self,
+        indptr: Vec<i32>,
+        indices: Vec<i32>,
+        last_len: Vec<i32>,
+    ) -> Result<Self> {
+        let kv = KvIndex {
+            indptr,
+            indices,
+            last_len,
+            ..self.clone()
+        };
+        kv.validate()?;
+        Ok(kv)
+    }
+
     /// Whether the strides are the caller's ([`KvIndex::with_strides`]), not the layout's.
     pub fn has_custom_strides(&self) -> bool {
         self.custom.is_some()

@@ -584,6 +584,12 @@ impl Gpu {
             .new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))?)
     }
 
+    /// [`Gpu::launch_stream`], for work queued outside [`Gpu::launch`] (NCCL collectives).
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+    pub(crate) fn current_stream(&self) -> &Arc<CudaStream> {
+        self.launch_stream()
+    }
+
     /// The stream launches go to: the capture stream while this thread records on this `Gpu`.
     fn launch_stream(&self) -> &Arc<CudaStream> {
         if CAPTURING.get() == Some(self.id) {

@@ -45,7 +45,7 @@ impl fmt::Display for Unavailable {
 impl std::error::Error for Unavailable {}
 
 /// Library directories inside a CUDA root, in search order.
-const LIB_DIRS: [&str; 3] = ["lib64", "lib", "targets/x86_64-linux/lib"];
+pub(crate) const LIB_DIRS: [&str; 3] = ["lib64", "lib", "targets/x86_64-linux/lib"];
 
 /// The NVRTC major versions we accept, newest first. Our kernels include no CUDA header and use
 /// nothing newer than PTX ISA 8.0 (CUDA 12.0), so every release of these compiles them.
@@ -496,6 +496,14 @@ pub fn candidate_roots() -> Vec<PathBuf> {
 
 /// pip's CUDA roots in the usual package directories, as globs.
 fn pip_patterns() -> Vec<PathBuf> {
+    site_patterns()
+        .into_iter()
+        .flat_map(|s| PIP_ROOTS.map(|r| s.join("nvidia").join(r)))
+        .collect()
+}
+
+/// The usual Python package directories, as globs (`*` in a component).
+pub(crate) fn site_patterns() -> Vec<PathBuf> {
     let mut sites = Vec::new();
     if let Some(venv) = env_path("VIRTUAL_ENV") {
         sites.push(venv.join("lib/python3*/site-packages"));
@@ -511,19 +519,16 @@ fn pip_patterns() -> Vec<PathBuf> {
         sites.push(home.join(".pyenv/versions/*/lib/python3*/site-packages"));
     }
     sites
-        .into_iter()
-        .flat_map(|s| PIP_ROOTS.map(|r| s.join("nvidia").join(r)))
-        .collect()
 }
 
-fn env_path(key: &str) -> Option<PathBuf> {
+pub(crate) fn env_path(key: &str) -> Option<PathBuf> {
     std::env::var_os(key)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
 }
 
 /// Expand `*` in path components (one `*` per component), keeping existing directories only.
-fn expand(pattern: &Path) -> Vec<PathBuf> {
+pub(crate) fn expand(pattern: &Path) -> Vec<PathBuf> {
     let mut found = vec![PathBuf::new()];
     for comp in pattern.components() {
         let comp = comp.as_os_str().to_string_lossy();
@@ -553,7 +558,7 @@ fn expand(pattern: &Path) -> Vec<PathBuf> {
 }
 
 /// Ask `python3` where its packages go (covers conda, uv and other layouts we do not list).
-fn python_purelib() -> Option<PathBuf> {
+pub(crate) fn python_purelib() -> Option<PathBuf> {
     static PURELIB: OnceLock<Option<PathBuf>> = OnceLock::new();
     PURELIB
         .get_or_init(|| {

@@ -1,0 +1,375 @@
+//! Context parallelism. CPU: a simulated N-rank split (shard_kv, each rank's decode with the LSE
+//! on the CPU backend, merge_ranks: the code the GPU path runs) equals single-device decode over
+//! the whole context, for random batches; variants a shard cannot run are refused. GPU
+//! (`gpu_*`, feature `nccl`): every visible GPU a rank over NCCL, each rank's merged result
+//! against one-GPU decode of the whole context; world size 1; capture and replay.
+
+use ferrinfer::attention::reference::{self, worst_rel_l2};
+use ferrinfer::distributed::{check_shardable, merge_ranks, shard_kv};
+use ferrinfer::ops::cascade::{State, StateMut, StateShape};
+use ferrinfer::prelude::*;
+use ferrinfer::variant::Variant;
+use ferrinfer::variants::{Alibi, AttentionSink, FlashSigmoid, LlamaRope, SoftCap, Standard};
+use ferrinfer_testkit::Rng;
+
+/// A decode batch over a paged cache: shuffled page ids, spare pages of NaN (reading a page that
+/// is not the request's shows), random q/k/v rounded to bf16.
+struct Case {
+    heads: Heads,
+    kv: KvIndex,
+    q: Vec<bf16>,
+    k: Vec<bf16>,
+    v: Vec<bf16>,
+}
+
+impl Case {
+    fn new(rng: &mut Rng, heads: Heads, page: u32, lens: &[u32]) -> Case {
+        let used: u32 = lens.iter().map(|l| l.div_ceil(page)).sum();
+        let spare = 3;
+        let mut ids: Vec<i32> = (0..(used + spare) as i32).collect();
+        rng.shuffle(&mut ids);
+        let pages = &ids[..used as usize];
+        let kv = KvIndex::paged_from_lens(page, lens, pages, used + spare, KvLayout::Nhd).unwrap();
+        let len = kv.buffer_len(&heads);
+        let per_page = len / (used + spare) as usize;
+        let fill = |rng: &mut Rng| -> Vec<bf16> {
+            let mut x: Vec<bf16> = rng
+                .normal_vec(len)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            for &p in &ids[used as usize..] {
+                x[p as usize * per_page..(p as usize + 1) * per_page].fill(bf16::NAN);
+            }
+            x
+        };
+        let (k, v) = (fill(rng), fill(rng));
+        let q = rng
+            .normal_vec(lens.len() * (heads.num_qo_heads() * heads.head_dim()) as usize)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        Case { heads, kv, q, k, v }
+    }
+    fn shape(&self) -> StateShape {
+        let h = self.heads;
+        StateShape::new(self.kv.batch() as u32, h.num_qo_heads(), h.head_dim()).unwrap()
+    }
+}
+
+/// `world` simulated ranks on the CPU backend: each decodes its shard with the LSE into its slot
+/// of the rank-major gathered buffers (what NCCL's all-gather leaves), then merge_ranks.
+fn simulate<V: Variant>(variant: &V, case: &Case, world: usize) -> (Vec<bf16>, Vec<f32>) {
+    let cpu = Backend::Cpu;
+    let shape = case.shape();
+    let mut go = vec![bf16::NAN; world * shape.v_len()];
+    let mut gs = vec![f32::NAN; world * shape.s_len()];
+    let slots = go
+        .chunks_mut(shape.v_len())
+        .zip(gs.chunks_mut(shape.s_len()));
+    for (shard, (o, s)) in shard_kv(&case.kv, world).unwrap().into_iter().zip(slots) {
+        let plan = BatchDecode::plan(&cpu, case.heads, shard.into_kv(), None).unwrap();
+        let (q, k, v) = (
+            View::host(&case.q),
+            View::host(&case.k),
+            View::host(&case.v),
+        );
+        let (mut o, mut s) = (ViewMut::host(o), ViewMut::host(s));
+        plan.run(variant, &q, &k, &v, &mut o, Some(&mut s)).unwrap();
+    }
+    let (mut o, mut lse) = (
+        vec![bf16::NAN; shape.v_len()],
+        vec![f32::NAN; shape.s_len()],
+    );
+    merge_ranks(
+        &cpu,
+        shape,
+        world as u32,
+        State::new(&View::host(&go), &View::host(&gs)),
+        StateMut::new(&mut ViewMut::host(&mut o), &mut ViewMut::host(&mut lse)),
+    )
+    .unwrap();
+    (o, lse)
+}
+
+fn f32s(xs: &[bf16]) -> Vec<f32> {
+    xs.iter().map(|x| x.to_f32()).collect()
+}
+
+/// The merged result against the f64 reference of the whole batch: rel. L2 <= 1e-2 per
+/// (request, head) for o (bf16), 1e-4 absolute for the LSE (f32 merge of f64-exact parts).
+fn check_against_whole<V: Variant>(variant: &V, case: &Case, world: usize, what: &str) {
+    let batch = Batch::decode(case.heads, case.kv.clone()).unwrap();
+    let want = reference::attention(
+        variant,
+        &batch,
+        &f32s(&case.q),
+        &f32s(&case.k),
+        &f32s(&case.v),
+    )
+    .unwrap();
+    let (o, lse) = simulate(variant, case, world);
+    let (err, b, h) = worst_rel_l2(&batch, &f32s(&o), &want.o);
+    assert!(
+        err <= 1e-2,
+        "{what}, world {world}: rel L2 {err:e} at request {b} head {h}"
+    );
+    for (i, (g, w)) in lse.iter().zip(&want.lse).enumerate() {
+        let ok = (f64::from(*g) == *w) || (f64::from(*g) - w).abs() <= 1e-4 * w.abs().max(1.0);
+        assert!(ok, "{what}, world {world}: lse[{i}] {g} vs {w}");
+    }
+}
+
+#[test]
+fn simulated_ranks_equal_single_device_decode() {
+    let mut rng = Rng::from_time();
+    let seed = rng.seed();
+    // GQA 4 and 1, page sizes 1 and 16; lengths below one page, below N pages, empty, long.
+    for (heads, page) in [
+        (Heads::new(8, 2, 16).unwrap(), 16),
+        (Heads::new(4, 4, 8).unwrap(), 1),
+        (Heads::new(8, 2, 32).unwrap(), 1),
+    ] {
+        for _ in 0..3 {
+            let n = 1 + rng.below(5);
+            let mut lens: Vec<u32> = (0..n).map(|_| 1 + rng.below(150) as u32).collect();
+            lens.push(1 + rng.below(3) as u32); // fewer pages than ranks
+            lens.push(0); // no keys at all: o = 0, lse = -inf on every rank
+            rng.shuffle(&mut lens);
+            let case = Case::new(&mut rng, heads, page, &lens);
+            for world in 1..=4 {
+                let what = format!("seed {seed}, page {page}, {heads:?}, lens {lens:?}");
+                check_against_whole(&Standard, &case, world, &what);
+                check_against_whole(&SoftCap { cap: 5.0 }, &case, world, &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn variants_a_shard_cannot_run_are_refused() {
+    assert!(check_shardable(Standard::SPEC).is_ok());
+    assert!(check_shardable(SoftCap::SPEC).is_ok());
+    for (spec, why) in [
+        (Alibi::SPEC, "key position"),
+        (LlamaRope::SPEC, "key position"),
+        (AttentionSink::SPEC, "sink"),
+        (FlashSigmoid::SPEC, "no softmax"),
+    ] {
+        let e = check_shardable(spec).unwrap_err().to_string();
+        assert!(e.contains(why) && e.contains(spec.name), "{e}");
+    }
+}
+
+#[cfg(feature = "nccl")]
+mod gpu {
+    //! One thread per visible GPU, each a rank of one NCCL communicator.
+
+    use super::*;
+    use ferrinfer::distributed::{Communicator, ContextParallelDecode, NcclId};
+    use std::sync::Arc;
+
+    fn device_count() -> usize {
+        ferrinfer::cudarc::driver::CudaContext::device_count()
+            .expect("this test needs a CUDA driver") as usize
+    }
+
+    /// Every visible GPU as a rank (at least one); says so when it cannot test a real split.
+    fn world() -> usize {
+        let n = device_count();
+        assert!(n >= 1, "this test needs a CUDA GPU");
+        if n < 2 {
+            println!("only {n} GPU(s): ran world size {n}");
+        }
+        n
+    }
+
+    /// One-GPU decode of the whole context on GPU 0: the answer every rank must give.
+    fn single_gpu(case: &Case) -> (Vec<f32>, Vec<f32>) {
+        let gpu = Backend::cuda(0).unwrap();
+        let plan = BatchDecode::plan(&gpu, case.heads, case.kv.clone(), None).unwrap();
+        let (q, k, v) = (
+            gpu.upload(&case.q).unwrap(),
+            gpu.upload(&case.k).unwrap(),
+            gpu.upload(&case.v).unwrap(),
+        );
+        let shape = case.shape();
+        let mut o = gpu.filled(shape.v_len(), bf16::NAN).unwrap();
+        let mut lse = gpu.filled(shape.s_len(), f32::NAN).unwrap();
+        plan.run(&Standard, &q, &k, &v, &mut o, Some(&mut lse))
+            .unwrap();
+        (f32s(&o.to_vec().unwrap()), lse.to_vec().unwrap())
+    }
+
+    /// Run `f(rank, communicator)` on one thread per rank and collect what each returns.
+    fn on_ranks<R: Send>(world: usize, f: impl Fn(usize, Communicator) -> R + Sync) -> Vec<R> {
+        let id = NcclId::new().unwrap();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..world)
+                .map(|rank| {
+                    let f = &f;
+                    s.spawn(move || {
+                        let backend = Backend::cuda(rank).unwrap();
+                        let comm = Communicator::new(&backend, &id, rank, world).unwrap();
+                        f(rank, comm)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    /// Each rank uploads the whole cache and decodes its shard of it (page ids unchanged).
+    fn cp_decode(case: &Case, world: usize) -> Vec<(Vec<f32>, Vec<f32>)> {
+        on_ranks(world, |rank, comm| {
+            let comm = Arc::new(comm);
+            let shard = shard_kv(&case.kv, world).unwrap().swap_remove(rank);
+            let backend = comm.backend().clone();
+            let plan = ContextParallelDecode::<bf16>::plan(
+                comm,
+                case.heads,
+                shard.into_kv(),
+                None,
+                PlanConfig::default(),
+            )
+            .unwrap();
+            let (q, k, v) = (
+                backend.upload(&case.q).unwrap(),
+                backend.upload(&case.k).unwrap(),
+                backend.upload(&case.v).unwrap(),
+            );
+            let shape = case.shape();
+            let mut o = backend.filled(shape.v_len(), bf16::NAN).unwrap();
+            let mut lse = backend.filled(shape.s_len(), f32::NAN).unwrap();
+            plan.run(&Standard, &q, &k, &v, &mut o, Some(&mut lse))
+                .unwrap();
+            (f32s(&o.to_vec().unwrap()), lse.to_vec().unwrap())
+        })
+    }
+
+    fn compare(case: &Case, got: &[(Vec<f32>, Vec<f32>)], what: &str) {
+        let batch = Batch::decode(case.heads, case.kv.clone()).unwrap();
+        let (want_o, want_lse) = single_gpu(case);
+        let want_o: Vec<f64> = want_o.iter().map(|&x| f64::from(x)).collect();
+        for (rank, (o, lse)) in got.iter().enumerate() {
+            let (err, b, h) = worst_rel_l2(&batch, o, &want_o);
+            assert!(
+                err <= 1e-2,
+                "{what}, rank {rank}: rel L2 {err:e} at request {b} head {h}"
+            );
+            for (i, (g, w)) in lse.iter().zip(&want_lse).enumerate() {
+                let ok = g == w || (g - w).abs() <= 1e-3 * w.abs().max(1.0);
+                assert!(ok, "{what}, rank {rank}: lse[{i}] {g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "requires a CUDA GPU"]
+    fn gpu_context_parallel_decode_equals_one_gpu() {
+        let world = world();
+        let mut rng = Rng::from_time();
+        let seed = rng.seed();
+        for (heads, page) in [
+            (Heads::new(32, 8, 128).unwrap(), 16),
+            (Heads::new(8, 8, 64).unwrap(), 1),
+        ] {
+            let lens = [4000, 1, 0, 17, 2500, 33];
+            let case = Case::new(&mut rng, heads, page, &lens);
+            let got = cp_decode(&case, world);
+            compare(
+                &case,
+                &got,
+                &format!("seed {seed}, page {page}, world {world}"),
+            );
+        }
+    }
+
+    #[test]
+    #[ignore = "requires a CUDA GPU"]
+    fn gpu_context_parallel_world_size_one() {
+        let mut rng = Rng::from_time();
+        let case = Case::new(
+            &mut rng,
+            Heads::new(32, 8, 128).unwrap(),
+            16,
+            &[3000, 5, 700],
+        );
+        let got = cp_decode(&case, 1);
+        compare(&case, &got, "world 1");
+    }
+
+    /// A CUDA graph of `run` (decode, all-gather, merge) on each rank, replayed after a replan to
+    /// another batch of the same capacity, equals one-GPU decode of that batch.
+    #[test]
+    #[ignore = "requires a CUDA GPU"]
+    fn gpu_context_parallel_capture_and_replay() {
+        let world = world();
+        let mut rng = Rng::from_time();
+        let heads = Heads::new(32, 8, 128).unwrap();
+        let first = Case::new(&mut rng, heads, 16, &[900, 40, 7]);
+        let second = Case::new(&mut rng, heads, 16, &[50, 1200, 300]);
+        let pages = first.kv.capacity().max(second.kv.capacity());
+        // Both batches inside one cache of `pages` pages (the graph pins the cache's capacity).
+        let grow = |c: &Case| -> Case {
+            let len = |p: u32| p as usize * c.kv.buffer_len(&heads) / c.kv.capacity() as usize;
+            let mut k = c.k.clone();
+            let mut v = c.v.clone();
+            k.resize(len(pages), bf16::NAN);
+            v.resize(len(pages), bf16::NAN);
+            let kv = KvIndex::paged(
+                16,
+                c.kv.indptr(),
+                c.kv.indices(),
+                c.kv.last_len(),
+                pages,
+                KvLayout::Nhd,
+            )
+            .unwrap();
+            Case {
+                heads,
+                kv,
+                q: c.q.clone(),
+                k,
+                v,
+            }
+        };
+        let (first, second) = (grow(&first), grow(&second));
+        let capacity = GraphCapacity {
+            work_items: 1024,
+            batch: 3,
+            qo_rows: 3,
+            kv_blocks: pages,
+        };
+        let got = on_ranks(world, |rank, comm| {
+            let comm = Arc::new(comm);
+            let backend = comm.backend().clone();
+            let shard = |c: &Case| shard_kv(&c.kv, world).unwrap().swap_remove(rank).into_kv();
+            let config = PlanConfig {
+                graph: Some(capacity),
+                ..PlanConfig::default()
+            };
+            let plan =
+                ContextParallelDecode::<bf16>::plan(comm, heads, shard(&first), None, config)
+                    .unwrap();
+            let shape = first.shape();
+            let buffers = RunBuffers {
+                q: backend.upload(&first.q).unwrap(),
+                k: backend.upload(&first.k).unwrap(),
+                v: backend.upload(&first.v).unwrap(),
+                o: backend.filled(shape.v_len(), bf16::NAN).unwrap(),
+                lse: Some(backend.filled(shape.s_len(), f32::NAN).unwrap()),
+            };
+            let mut graph = plan.capture(Standard, buffers).unwrap();
+            graph.replan(shard(&second), None).unwrap();
+            graph.write(Input::Q, &second.q).unwrap();
+            graph.write(Input::K, &second.k).unwrap();
+            graph.write(Input::V, &second.v).unwrap();
+            graph.launch().unwrap();
+            let o = f32s(&graph.o().to_vec().unwrap());
+            let lse = graph.lse().unwrap().to_vec().unwrap();
+            (o, lse)
+        });
+        compare(&second, &got, &format!("replayed graph, world {world}"));
+    }
+}
