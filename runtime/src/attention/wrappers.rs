@@ -48,8 +48,8 @@ pub struct PlanConfig {
 /// The kernel template of a batch decode.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DecodeKernel {
-    /// Tensor cores when at least [`TENSOR_CORE_MIN_GROUP`] query heads share each KV head, CUDA
-    /// cores otherwise.
+    /// Tensor cores when at least [`TENSOR_CORE_MIN_GROUP`] query heads share each KV head (today
+    /// every group size, from measurements), CUDA cores otherwise.
     #[default]
     Auto,
     /// The decode template: CUDA-core dot products, the query heads of a KV head sharing its loads.
@@ -59,10 +59,21 @@ pub enum DecodeKernel {
     TensorCores,
 }
 
-/// Group size from which [`DecodeKernel::Auto`] takes tensor cores. At group 4 (H200, bf16,
-/// hd128, 64 x 4096 tokens) they stream K/V at 4297 GB/s against 2442 for the CUDA-core kernel,
-/// which is bound by instruction issue; below 4 the MMA tile is mostly padding.
-pub const TENSOR_CORE_MIN_GROUP: u32 = 4;
+/// Group size from which [`DecodeKernel::Auto`] takes tensor cores: every group, from the
+/// benchmark's decode rows with each kernel forced (H200, bf16, head dim 128, page 16, 64 x 4096
+/// tokens unless said, GB/s, one call on 2026-11-29 at commit 71bc392):
+///
+/// | query / KV heads | tensor cores | CUDA cores |
+/// |---|---|---|
+/// | 32 / 32 (MHA) | 4292 | 4144 |
+/// | 32 / 16 | 3512 | 3403 |
+/// | 32 / 8 | 4203 | 2432 |
+/// | 32 / 8, page size 1, 128 x 1024 | 3288 | 2331 |
+/// | 64 / 8 | 4204 | 1525 |
+///
+/// The CUDA-core kernel is bound by instruction issue from group 4 on, and below that the MMA
+/// tile's padding costs less than the CUDA-core kernel's dot products.
+pub const TENSOR_CORE_MIN_GROUP: u32 = 1;
 
 impl DecodeKernel {
     fn kind(self, heads: &Heads) -> KernelKind {
