@@ -5,7 +5,7 @@
 //! start (a barrier after a device sync) to every rank's end (a device sync, then a barrier).
 //!
 //! ```text
-//! ferrinfer-cp-decode [--world 2] [--tokens 1048576] [--batch 1,8] [--iters 50] [--json]
+//! ferrinfer-cp-decode [--world 2] [--tokens 1048576] [--batch 1,8] [--iters 50] [--json PATH]
 //! ```
 //! Build: `cargo build --release -p ferrinfer-bench --features nccl --bin ferrinfer-cp-decode`.
 
@@ -23,7 +23,7 @@ struct Args {
     tokens: u32,
     batches: Vec<u32>,
     iters: usize,
-    json: bool,
+    json: Option<std::path::PathBuf>,
 }
 
 fn args() -> Args {
@@ -32,7 +32,7 @@ fn args() -> Args {
         tokens: 1 << 20,
         batches: vec![1, 8],
         iters: 50,
-        json: false,
+        json: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -47,7 +47,7 @@ fn args() -> Args {
                     .map(|b| b.parse().expect("--batch 1,8"))
                     .collect()
             }
-            "--json" => a.json = true,
+            "--json" => a.json = Some(val().into()),
             other => panic!("unknown argument {other}; see the file's documentation"),
         }
     }
@@ -206,7 +206,14 @@ fn main() {
             }),
         );
     }
-    if a.json {
-        println!("{}", serde_json::Value::Object(json));
+    if let Some(path) = &a.json {
+        let text = serde_json::Value::Object(json).to_string();
+        match std::fs::write(path, text) {
+            Ok(()) => println!("wrote {}", path.display()),
+            Err(e) => {
+                eprintln!("cannot write {}: {e}", path.display());
+                std::process::exit(1);
+            }
+        }
     }
 }
