@@ -322,7 +322,20 @@ pub fn plan(batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Result<WorkL
 
     let kv_chunk = match opts.fixed_kv_chunk {
         Some(c) => c,
-        None => search_kv_chunk(&reqs, opts.target_items(&tiles), &count),
+        None => {
+            let chunk = search_kv_chunk(&reqs, opts.target_items(&tiles), &count);
+            let decode = kind == KernelKind::Decode || opts.one_row_per_request;
+            if decode && count(chunk) > opts.target_items(&tiles) {
+                balance_tail_wave(
+                    chunk,
+                    opts.target_items(&tiles),
+                    opts.graph_capacity,
+                    &count,
+                )
+            } else {
+                chunk
+            }
+        }
     };
     let needed = count(kv_chunk);
     if let Some(cap) = opts.graph_capacity
@@ -450,6 +463,56 @@ fn search_kv_chunk(reqs: &[Request], target: u64, count: &impl Fn(u32) -> u64) -
     }
     lo * KV_CHUNK_ALIGN
 }
+
+/// A decode over more items than one wave of CTAs: the chunk, `unsplit` or a split of it into up
+/// to [`MAX_TAIL_SPLIT`] pieces, whose last wave streams K/V the fastest. A decode CTA is bound by
+/// memory latency, so an SM saturates HBM with [`SATURATING_SHARE`] of its resident CTAs, and a
+/// last wave with fewer runs at their share of the bandwidth: a wave of n items costs as much as
+/// max(n, saturating) items. Measured on the H200 (tensor-core decode, 6 CTAs an SM, 792 a wave,
+/// bf16 hd128, 2026-11-29): 512 items in one wave 4203 GB/s; 2048 items (two waves and 464) 4282;
+/// 1024 items (one wave and 232, GQA 2 at b64 l4096 and page size 1 at b128 l1024) 3518 and 3288,
+/// which this model puts at 78% of full speed. Each split adds merge work, so a split must gain
+/// more than [`SPLIT_GAIN`].
+fn balance_tail_wave(
+    unsplit: u32,
+    wave: u64,
+    graph_capacity: Option<u32>,
+    count: &impl Fn(u32) -> u64,
+) -> u32 {
+    let saturating = (wave * SATURATING_SHARE.0)
+        .div_ceil(SATURATING_SHARE.1)
+        .max(1);
+    // Cost per item of work, in items of full-speed time: full waves, then the last one.
+    let cost = |items: u64| {
+        let (full, rest) = (items / wave, items % wave);
+        let time = full * wave + if rest > 0 { rest.max(saturating) } else { 0 };
+        time as f64 / items as f64
+    };
+    let mut best = (cost(count(unsplit)), unsplit);
+    for pieces in 2..=MAX_TAIL_SPLIT {
+        let chunk = unsplit.div_ceil(pieces).div_ceil(KV_CHUNK_ALIGN) * KV_CHUNK_ALIGN;
+        if chunk < MIN_KV_CHUNK {
+            break;
+        }
+        let items = count(chunk);
+        if graph_capacity.is_some_and(|c| items > u64::from(c)) {
+            break;
+        }
+        let c = cost(items) * SPLIT_GAIN;
+        if c < best.0 {
+            best = (c, chunk);
+        }
+    }
+    best.1
+}
+
+/// The share of an SM's resident decode CTAs that saturates its memory bandwidth (4 of 6; the
+/// measurements are at [`balance_tail_wave`]).
+const SATURATING_SHARE: (u64, u64) = (2, 3);
+/// Splits [`balance_tail_wave`] considers.
+const MAX_TAIL_SPLIT: u32 = 4;
+/// The gain a split must bring (its merge pass and partial states cost a few percent).
+const SPLIT_GAIN: f64 = 1.05;
 
 /// Lay out the items and the partial rows of a chosen tile and chunk.
 fn build(
@@ -784,5 +847,54 @@ mod tests {
             .tiles
             .unwrap();
         assert_eq!((t.cta_tile_q, t.threads, t.ctas_per_sm), (16, 128, Some(8)));
+    }
+
+    #[test]
+    fn a_decode_over_more_than_a_wave_splits_to_fill_its_last_wave() {
+        let hopper = PlanOptions::for_device(132, SmResources::typical(Arch::new(9, 0)));
+        let rows = PlanOptions {
+            one_row_per_request: true,
+            ..hopper
+        };
+        let decode = |q: u32, kv_heads: u32, b: usize, len: u32, page: u32| {
+            let heads = Heads::new(q, kv_heads, 128).unwrap();
+            let lens = vec![len; b];
+            let pages: u32 = lens.iter().map(|l| l.div_ceil(page)).sum();
+            let ids: Vec<i32> = (0..pages as i32).collect();
+            let kv = KvIndex::paged_from_lens(page, &lens, &ids, pages, KvLayout::Nhd).unwrap();
+            let list = plan(
+                &Batch::decode(heads, kv).unwrap(),
+                KernelKind::Prefill,
+                &rows,
+            )
+            .unwrap();
+            (list.kv_chunk, list.items.len())
+        };
+        // 792 CTAs a wave. GQA 4, b64: 512 items, one wave: unsplit.
+        assert_eq!(decode(32, 8, 64, 4096, 16), (4096, 512));
+        // GQA 2, b64: 1024 items leave a last wave of 232 (under 4 an SM): split in three.
+        assert_eq!(decode(32, 16, 64, 4096, 16), (1376, 3072));
+        // Page size 1, b128 l1024: the same.
+        assert_eq!(decode(32, 8, 128, 1024, 1), (352, 3072));
+        // MHA, b64: 2048 items, a last wave of 464 (3.5 an SM): the split would not pay.
+        assert_eq!(decode(32, 32, 64, 4096, 16), (4096, 2048));
+        // A graph capacity bounds the split.
+        let capped = PlanOptions {
+            graph_capacity: Some(2048),
+            ..rows
+        };
+        let heads = Heads::new(32, 16, 128).unwrap();
+        let kv = KvIndex::ragged(
+            &(0..=64).map(|i| i * 4096).collect::<Vec<_>>(),
+            KvLayout::Nhd,
+        )
+        .unwrap();
+        let list = plan(
+            &Batch::decode(heads, kv).unwrap(),
+            KernelKind::Prefill,
+            &capped,
+        )
+        .unwrap();
+        assert_eq!((list.kv_chunk, list.items.len()), (2048, 2048));
     }
 }
