@@ -522,12 +522,16 @@ fn sample_row_host(x: &[f32], input: SamplingInput, p: &RowParams, draws: &RowDr
     // Top-p over a whole row: the GPU's proposals (sampling.cuh, top_p_icdf) when its table holds
     // the row (rows up to 128K tokens always; longer ones at a vector width the CPU assumes from
     // the vocabulary, the GPU's from the row stride and the address).
-    let vec = [4, 2, 1].into_iter().find(|v| n % v == 0).unwrap_or(1);
-    if p.top_p < 1.0 && p.k as usize >= n && p.min_p <= 0.0 && n.div_ceil(32 * vec) <= ICDF_ENTRIES
+    let vec = [4, 2, 1]
+        .into_iter()
+        .find(|&v| n.is_multiple_of(v))
+        .unwrap_or(1);
+    let whole_row = p.top_p < 1.0 && p.k as usize >= n && p.min_p <= 0.0;
+    if whole_row
+        && n.div_ceil(32 * vec) <= ICDF_ENTRIES
+        && let Some(t) = top_p_proposals(&w, &allowed, draws)
     {
-        if let Some(t) = top_p_proposals(&w, &allowed, draws) {
-            return t as i32;
-        }
+        return t as i32;
     }
     race(&w, &allowed, draws).map_or(0, |t| t as i32)
 }
@@ -545,7 +549,7 @@ const ICDF_ENTRIES: usize = 4096;
 /// is positive.
 fn top_p_proposals(w: &[f64], allowed: &[bool], draws: &RowDraws) -> Option<usize> {
     let s: f64 = w.iter().filter(|&&x| x > 0.0).sum();
-    if !(s > 0.0) {
+    if s.is_nan() || s <= 0.0 {
         return None;
     }
     for round in 0..ICDF_ROUNDS {
