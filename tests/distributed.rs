@@ -2,7 +2,8 @@
 //! on the CPU backend, merge_ranks: the code the GPU path runs) equals single-device decode over
 //! the whole context, for random batches; variants a shard cannot run are refused. GPU
 //! (`gpu_*`, feature `nccl`): every visible GPU a rank over NCCL, each rank's merged result
-//! against one-GPU decode of the whole context; world size 1; capture and replay.
+//! against one-GPU decode of the whole context; world size 1; capture and replay; the in-place
+//! all-reduce (bf16, f32) against the host sum of every rank's input.
 
 use ferrinfer::attention::reference::{self, worst_rel_l2};
 use ferrinfer::distributed::{check_shardable, merge_ranks, shard_kv};
@@ -371,5 +372,121 @@ mod gpu {
             (o, lse)
         });
         compare(&second, &got, &format!("replayed graph, world {world}"));
+    }
+
+    /// Rank `r`'s input of the all-reduce test: normal values from (seed, rank), as `T`.
+    fn rank_input<T>(seed: u64, rank: usize, n: usize, conv: impl Fn(f32) -> T) -> Vec<T> {
+        Rng::new(seed ^ (rank as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .normal_vec(n)
+            .into_iter()
+            .map(conv)
+            .collect()
+    }
+
+    /// Every rank's result equals the f64 sum of the ranks' inputs within `tol` of the sum of
+    /// magnitudes (bf16 is summed by NCCL in bf16: one rounding per rank), and the ranks agree
+    /// bit for bit.
+    fn check_sums(got: &[Vec<f64>], inputs: &[Vec<f64>], tol: f64, what: &str) {
+        for (i, _) in inputs[0].iter().enumerate() {
+            let want: f64 = inputs.iter().map(|x| x[i]).sum();
+            let mag: f64 = inputs.iter().map(|x| x[i].abs()).sum();
+            for (rank, g) in got.iter().enumerate() {
+                assert!(
+                    (g[i] - want).abs() <= tol * mag + 1e-30 && g[i].is_finite(),
+                    "{what}: rank {rank} element {i}: {} vs {want}",
+                    g[i]
+                );
+                assert_eq!(
+                    g[i].to_bits(),
+                    got[0][i].to_bits(),
+                    "{what}: ranks differ at {i}"
+                );
+            }
+        }
+    }
+
+    fn all_reduce_case(world: usize) {
+        let seed = Rng::from_time().seed();
+        // Odd lengths: no multiple of a vector width or of a rank's chunk.
+        let (nb, nf) = (4096 * 3 + 7, 1001);
+        let got = on_ranks(world, |rank, comm| {
+            let backend = comm.backend().clone();
+            let mut b = backend
+                .upload(&rank_input(seed, rank, nb, bf16::from_f32))
+                .unwrap();
+            let mut f = backend.upload(&rank_input(seed, rank, nf, |x| x)).unwrap();
+            comm.all_reduce_sum(&mut b).unwrap();
+            comm.all_reduce_sum(&mut f).unwrap();
+            // A sub-range through a view: only its elements change.
+            let mut part = backend.upload(&[1.0f32; 8]).unwrap();
+            {
+                let gpu = backend.gpu().unwrap().clone();
+                let mut cuda = part.cuda_view_mut().unwrap();
+                let mut view = ViewMut::device(&mut cuda, &gpu).unwrap();
+                comm.all_reduce_sum(&mut view.slice_mut(2..5).unwrap())
+                    .unwrap();
+            }
+            // An empty buffer is a no-op; host memory is refused with the rank named.
+            comm.all_reduce_sum(&mut backend.upload::<f32>(&[]).unwrap())
+                .unwrap();
+            let mut host = [1.0f32; 4];
+            let e = comm
+                .all_reduce_sum(&mut ViewMut::host(&mut host))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("all_reduce_sum") && e.contains("rank"), "{e}");
+            (
+                b.to_vec().unwrap(),
+                f.to_vec().unwrap(),
+                part.to_vec().unwrap(),
+            )
+        });
+        let w = world as f32;
+        for (rank, (_, _, part)) in got.iter().enumerate() {
+            assert_eq!(
+                part,
+                &[1.0, 1.0, w, w, w, 1.0, 1.0, 1.0],
+                "rank {rank}: view"
+            );
+        }
+        let inputs_b: Vec<Vec<f64>> = (0..world)
+            .map(|r| {
+                rank_input(seed, r, nb, bf16::from_f32)
+                    .iter()
+                    .map(|x| f64::from(x.to_f32()))
+                    .collect()
+            })
+            .collect();
+        let inputs_f: Vec<Vec<f64>> = (0..world)
+            .map(|r| rank_input(seed, r, nf, f64::from))
+            .collect();
+        let got_b: Vec<Vec<f64>> = got
+            .iter()
+            .map(|g| g.0.iter().map(|x| f64::from(x.to_f32())).collect())
+            .collect();
+        let got_f: Vec<Vec<f64>> = got
+            .iter()
+            .map(|g| g.1.iter().map(|&x| f64::from(x)).collect())
+            .collect();
+        let what = format!("seed {seed}, world {world}");
+        check_sums(
+            &got_b,
+            &inputs_b,
+            world as f64 * 2f64.powi(-8),
+            &format!("bf16, {what}"),
+        );
+        check_sums(&got_f, &inputs_f, 1e-6, &format!("f32, {what}"));
+    }
+
+    #[test]
+    #[ignore = "requires a CUDA GPU"]
+    fn gpu_all_reduce_sum_equals_the_host_sum() {
+        all_reduce_case(world());
+    }
+
+    #[test]
+    #[ignore = "requires a CUDA GPU"]
+    fn gpu_all_reduce_sum_world_size_one() {
+        all_reduce_case(1);
     }
 }

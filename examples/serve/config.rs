@@ -93,8 +93,7 @@ impl Config {
     }
     /// This rank's slice of the model for `world`-way tensor parallelism: query and KV heads and
     /// MLP columns divided evenly (the weights of a rank are the matching rows of the column-split
-    /// projections and columns of the row-split ones). Only `world = 1` runs today.
-    #[allow(dead_code)] // the entry point of the tensor-parallel follow-up
+    /// projections and columns of the row-split ones: [`crate::weights::Weights::shard`]).
     pub fn shard(&self, rank: usize, world: usize) -> Result<Self, String> {
         if world == 0 || rank >= world {
             return Err(format!("rank {rank} of world {world}"));

@@ -6,6 +6,8 @@
 //!     cargo run --release --example serve -- --weights m.safetensors --config tiny
 //!     cargo run --release --example serve -- --config llama3-8b --batch 64 --context 4096 \
 //!         --steps 20 --chart serve.svg                          # GPU timing mode
+//!     cargo run --release --features nccl --example serve -- --tp 2 ...  # tensor parallel
+//!     cargo run --release --example serve -- --cpu --tp 2      # a simulated split on the CPU
 
 mod config;
 mod exec;
@@ -14,6 +16,7 @@ mod model;
 mod profile;
 mod reference;
 mod scheduler;
+mod tp;
 mod weights;
 
 use std::path::PathBuf;
@@ -26,10 +29,12 @@ use ferrinfer_testkit::Rng;
 use config::Config;
 use exec::{Exec, Res, err};
 use graphs::Graphs;
-use model::{Capacity, Model, SampleParams};
+use model::{Capacity, Model, Reduce, SampleParams};
 use scheduler::{Request, Scheduler};
+use tp::{Engine, Group, Place};
 use weights::Weights;
 
+#[derive(Clone)]
 struct Args {
     config: Config,
     weights: Option<PathBuf>,
@@ -40,6 +45,8 @@ struct Args {
     steps: usize,
     chart: Option<PathBuf>,
     no_graphs: bool,
+    /// Tensor-parallel ranks (one GPU each).
+    tp: usize,
 }
 
 fn parse() -> Res<Args> {
@@ -53,6 +60,7 @@ fn parse() -> Res<Args> {
         steps: 20,
         chart: None,
         no_graphs: false,
+        tp: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -68,17 +76,26 @@ fn parse() -> Res<Args> {
             "--steps" => a.steps = num(val()?)?,
             "--chart" => a.chart = Some(val()?.into()),
             "--no-graphs" => a.no_graphs = true,
+            "--tp" => a.tp = num(val()?)?,
             "-h" | "--help" => {
                 println!(
                     "serve [--config tiny|llama3-8b] [--weights FILE] [--seed N] [--cpu] \
-                     [--no-graphs]\n      [--batch B --context L --steps N [--chart OUT.svg]] \
-                     (timing mode, GPU)"
+                     [--no-graphs] [--tp N]\n      [--batch B --context L --steps N \
+                     [--chart OUT.svg]] (timing mode, GPU)\n  --tp N: tensor parallelism over \
+                     GPUs 0..N (build with --features nccl; with --cpu, a simulated split)"
                 );
                 std::process::exit(0);
             }
             _ => return Err(format!("unknown argument {flag} (--help lists them)")),
         }
     }
+    if a.tp == 0 {
+        return Err("--tp must be at least 1".into());
+    }
+    // Refused here, before any device is touched: heads and MLP must split evenly.
+    a.config
+        .shard(0, a.tp)
+        .map_err(|e| format!("--tp {}: {e}", a.tp))?;
     Ok(a)
 }
 
@@ -91,6 +108,9 @@ fn main() {
 
 fn run() -> Res<()> {
     let args = parse()?;
+    if args.tp > 1 {
+        return run_tp(args);
+    }
     let exec = if args.cpu {
         Exec::cpu()
     } else {
@@ -104,7 +124,7 @@ fn run() -> Res<()> {
     };
     println!("backend: {}", exec.backend.describe());
     if args.batch.is_some() {
-        return timing(&args, exec);
+        return timing(&args, 0, 1, exec, None);
     }
     if exec.dev.is_none() && args.config.name != "tiny" {
         return Err(format!(
@@ -112,24 +132,73 @@ fn run() -> Res<()> {
             args.config.name
         ));
     }
-    demo(&args, exec)
+    let w = weights(&args)?;
+    let on_gpu = exec.dev.is_some();
+    let m = Model::new(&args.config, exec, Some(&w), DEMO_CAP, args.seed)?;
+    let engine = Engine::One {
+        m: Box::new(m),
+        graphs: Graphs::default(),
+        use_graphs: !args.no_graphs,
+    };
+    demo(&args, engine, &w, on_gpu)
 }
 
+/// `--tp N`: N rank threads, GPU r for rank r (or N simulated ranks on the CPU with `--cpu`).
+fn run_tp(args: Args) -> Res<()> {
+    let world = args.tp;
+    let place = if args.cpu { Place::Cpu } else { Place::Gpu };
+    println!(
+        "backend: tensor parallel, {world} ranks on {}",
+        match place {
+            Place::Gpu => format!("GPUs 0..{world}, summed by NCCL"),
+            Place::Cpu => "the CPU backend, summed in host memory".into(),
+        }
+    );
+    if args.batch.is_some() {
+        if place == Place::Cpu {
+            return Err("the timing mode needs GPUs".into());
+        }
+        let a = args.clone();
+        let ranks = tp::spawn_ranks(world, place, move |rank, exec, reduce| {
+            timing(&a, rank, world, exec, reduce)
+        })?;
+        return tp::join(ranks).map(|_| ());
+    }
+    if place == Place::Cpu && args.config.name != "tiny" {
+        return Err(format!(
+            "the CPU backend runs the tiny config only, not {}",
+            args.config.name
+        ));
+    }
+    let w = weights(&args)?;
+    let group = Group::new(&args.config, world, place, Some(&w), DEMO_CAP, args.seed)?;
+    let engine = Engine::Tp {
+        group,
+        use_graphs: !args.no_graphs,
+    };
+    demo(&args, engine, &w, place == Place::Gpu)
+}
+
+/// The demo's weights: loaded, or random from the seed (the same full model for any `--tp`).
+fn weights(args: &Args) -> Res<Weights> {
+    match &args.weights {
+        Some(p) => Weights::load(&args.config, p),
+        None => Ok(Weights::random(&args.config, args.seed)),
+    }
+}
+
+/// The demo's cache and step sizes.
+const DEMO_CAP: Capacity = Capacity {
+    page_size: 16,
+    num_pages: 64,
+    max_tokens: 64,
+    max_batch: 8,
+};
+
 /// Continuous batching over a few requests arriving at different steps.
-fn demo(args: &Args, exec: Exec) -> Res<()> {
+fn demo(args: &Args, mut engine: Engine, w: &Weights, on_gpu: bool) -> Res<()> {
     let c = &args.config;
-    let w = match &args.weights {
-        Some(p) => Weights::load(c, p)?,
-        None => Weights::random(c, args.seed),
-    };
-    let on_gpu = exec.dev.is_some();
-    let cap = Capacity {
-        page_size: 16,
-        num_pages: 64,
-        max_tokens: 64,
-        max_batch: 8,
-    };
-    let mut m = Model::new(c, exec, Some(&w), cap, args.seed)?;
+    let cap = DEMO_CAP;
     let mut sched = Scheduler::new(
         cap.page_size,
         cap.num_pages,
@@ -174,7 +243,6 @@ fn demo(args: &Args, exec: Exec) -> Res<()> {
         ),
         (8, 3, 9, SampleParams::greedy()),
     ];
-    let mut graphs = Graphs::default();
     let (mut step, mut generated) = (0usize, 0usize);
     let start = Instant::now();
     let mut decode_ms = Vec::new();
@@ -202,11 +270,7 @@ fn demo(args: &Args, exec: Exec) -> Res<()> {
         };
         let inp = s.input();
         let t = Instant::now();
-        let tokens = if on_gpu && !args.no_graphs && inp.is_decode() {
-            graphs.step(&mut m, &inp)?
-        } else {
-            m.step(&inp)?
-        };
+        let tokens = engine.step(&inp)?;
         if inp.is_decode() {
             decode_ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
@@ -219,7 +283,7 @@ fn demo(args: &Args, exec: Exec) -> Res<()> {
             s.ids.iter().zip(&tokens).collect::<Vec<_>>()
         );
         if step == 0 {
-            check_first_step(&m, &w, &sched, &s)?;
+            check_first_step(&mut engine, c, w, &sched, &s)?;
         }
         for d in sched.finish(&s, &tokens) {
             generated += d.generated.len();
@@ -234,7 +298,7 @@ fn demo(args: &Args, exec: Exec) -> Res<()> {
          {} graph replays; pages all back: {}",
         generated as f64 / secs,
         decode_ms.get(decode_ms.len() / 2).copied().unwrap_or(0.0),
-        graphs.replays,
+        engine.replays(),
         sched.free_pages() == cap.num_pages as usize
     );
     if !on_gpu {
@@ -245,15 +309,21 @@ fn demo(args: &Args, exec: Exec) -> Res<()> {
 
 /// The first step's logits against the plain-Rust f32 model, for requests whose prompt is now
 /// cached.
-fn check_first_step(m: &Model, w: &Weights, sched: &Scheduler, s: &scheduler::Step) -> Res<()> {
-    let r = reference::Reference::new(&m.c, w);
-    let logits = m.logits(s.ids.len())?;
+fn check_first_step(
+    engine: &mut Engine,
+    c: &Config,
+    w: &Weights,
+    sched: &Scheduler,
+    s: &scheduler::Step,
+) -> Res<()> {
+    let r = reference::Reference::new(c, w);
+    let logits = engine.logits(s.ids.len())?;
     for (row, id) in s.ids.iter().enumerate() {
         let Some(seq) = sched.cached(*id) else {
             continue;
         };
         let want = r.logits(seq);
-        let got = &logits[row * m.c.vocab..(row + 1) * m.c.vocab];
+        let got = &logits[row * c.vocab..(row + 1) * c.vocab];
         println!(
             "           request {id}: logits vs the f32 reference, relative L2 error {:.2e}",
             reference::rel_l2(got, &want)
@@ -262,9 +332,20 @@ fn check_first_step(m: &Model, w: &Weights, sched: &Scheduler, s: &scheduler::St
     Ok(())
 }
 
-/// Decode-step timing at a given batch and context, against the bandwidth limit.
-fn timing(args: &Args, exec: Exec) -> Res<()> {
-    let c = &args.config;
+/// Decode-step timing at a given batch and context, against the bandwidth limit: rank `rank`
+/// of `world` (tensor parallelism; every rank runs the same steps, rank 0 prints). The limit is
+/// one GPU's: the bytes its shard reads.
+fn timing(
+    args: &Args,
+    rank: usize,
+    world: usize,
+    exec: Exec,
+    reduce: Option<Box<dyn Reduce>>,
+) -> Res<()> {
+    macro_rules! say {
+        ($($t:tt)*) => { if rank == 0 { println!($($t)*) } };
+    }
+    let c = &args.config.shard(rank, world)?;
     let dev = exec.dev.as_ref().ok_or("the timing mode needs a GPU")?;
     let stream = dev.stream.clone();
     let b = args.batch.unwrap_or(64);
@@ -272,11 +353,17 @@ fn timing(args: &Args, exec: Exec) -> Res<()> {
     let page = 16u32;
     let per_req = (ctx_len + args.steps + 2).div_ceil(page as usize);
     let num_pages = (b * per_req) as u32;
-    println!(
-        "timing: {} ({:.2} B params), batch {b}, context {ctx_len}: weights random on the device; \
-         the KV cache is filled with random values for the context (no prefill is run)",
+    say!(
+        "timing: {} ({:.2} B params), batch {b}, context {ctx_len}, TP {world}: weights random \
+         on the device{}; the KV cache is filled with random values for the context (no prefill \
+         is run)",
         c.name,
-        c.params() as f64 / 1e9
+        args.config.params() as f64 / 1e9,
+        if world > 1 {
+            " (filled per shard: not one model split, which timing does not need)"
+        } else {
+            ""
+        }
     );
     let cap = Capacity {
         page_size: page,
@@ -286,9 +373,10 @@ fn timing(args: &Args, exec: Exec) -> Res<()> {
     };
     let t = Instant::now();
     let mut m = Model::new(c, exec, None, cap, args.seed)?;
+    m.reduce = reduce;
     m.fill_cache_random(args.seed as u32)?;
     m.exec.sync()?;
-    println!("  setup {:.1} s", t.elapsed().as_secs_f64());
+    say!("  setup {:.1} s", t.elapsed().as_secs_f64());
     let mut rng = Rng::new(args.seed);
     let tokens: Vec<i32> = (0..b).map(|_| rng.below(c.vocab) as i32).collect();
     let qo: Vec<i32> = (0..=b as i32).collect();
@@ -333,21 +421,22 @@ fn timing(args: &Args, exec: Exec) -> Res<()> {
     }
     times.sort_by(f64::total_cmp);
     let step_ms = times[times.len() / 2];
-    // Bytes a decode step must read: every weight but the embedding table (b rows of it), and
-    // every cached K and V of every layer.
+    // Bytes a decode step must read on one GPU: every weight of its shard but the embedding
+    // table (b rows of it), and every cached K and V of its KV heads, of every layer.
     let weight_bytes = 2.0 * (c.params() - c.vocab * c.hidden) as f64;
     let kv_len = ctx_len + 1 + args.steps / 2;
     let kv_bytes = 2.0 * 2.0 * (b * kv_len * c.kv_dim() * c.layers) as f64;
     let bw = copy_bandwidth(&m)?;
     let limit_ms = (weight_bytes + kv_bytes) / bw * 1e3;
-    println!(
-        "  decode step (graph replay, median of {}): {step_ms:.3} ms, {:.0} tokens/s",
+    say!(
+        "  decode step (graph replay, median of {}): {step_ms:.3} ms, {:.0} tokens/s, TP {world}",
         times.len(),
         b as f64 / step_ms * 1e3
     );
-    println!(
-        "  bytes per step: weights {:.2} GB + KV {:.2} GB; copy bandwidth {:.0} GB/s (read + write) \
+    say!(
+        "  bytes per step{}: weights {:.2} GB + KV {:.2} GB; copy bandwidth {:.0} GB/s (read + write) \
          -> limit {limit_ms:.3} ms; ratio {:.3} (goal <= 1.25)",
+        if world > 1 { " per GPU" } else { "" },
         weight_bytes / 1e9,
         kv_bytes / 1e9,
         bw / 1e9,
@@ -361,7 +450,9 @@ fn timing(args: &Args, exec: Exec) -> Res<()> {
         kv,
         params: &params,
     };
-    m.prof.start();
+    if rank == 0 {
+        m.prof.start();
+    }
     let t0 = stream
         .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
         .map_err(err("event"))?;
@@ -370,6 +461,9 @@ fn timing(args: &Args, exec: Exec) -> Res<()> {
         .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
         .map_err(err("event"))?;
     m.prof.stop();
+    if rank != 0 {
+        return Ok(());
+    }
     let totals = m.prof.totals()?;
     println!(
         "  per-op breakdown (one eager step with events around each op, {:.3} ms wall on the stream):",
@@ -378,7 +472,7 @@ fn timing(args: &Args, exec: Exec) -> Res<()> {
     print!("{}", profile::table(&totals));
     if let Some(path) = &args.chart {
         let title = format!(
-            "{} decode step, batch {b}, context {ctx_len}: time per op",
+            "{} decode step, batch {b}, context {ctx_len}, TP {world}: time per op",
             c.name
         );
         std::fs::write(path, profile::svg(&totals, &title)).map_err(err("chart"))?;

@@ -1,7 +1,8 @@
 //! The Llama decoder on ferrinfer: weights and KV cache on the backend, and one step (any mix of
 //! prefill chunks and decode rows) queued op by op: embedding, per layer fused add + RMSNorm, the
 //! Q and KV GEMMs, RoPE fused into the KV append, batch prefill or decode, the output GEMM, fused
-//! add + RMSNorm, gate/up GEMM, SiLU-and-mul, down GEMM; then the final norm, the LM head and
+//! add + RMSNorm, gate/up GEMM, SiLU-and-mul, down GEMM (under tensor parallelism each of the
+//! two row-parallel GEMMs is followed by the ranks' all-reduce); then the final norm, the LM head and
 //! sampling with per-request parameters.
 
 use ferrinfer::ops::activation::{self, ActShape};
@@ -118,6 +119,16 @@ pub struct Model {
     sampler: SamplerState,
     append: Option<AppendPlan>,
     pub prof: Profiler,
+    /// Tensor parallelism: sums the row-parallel projections' partial outputs over the ranks
+    /// (after the attention output projection and after the down projection). `None`: one rank.
+    pub reduce: Option<Box<dyn Reduce>>,
+}
+
+/// The sum over ranks of a tensor-parallel model's partial hidden state, in place, queued on the
+/// rank's stream (so a CUDA graph captures it).
+pub trait Reduce {
+    /// Replace the first `n` elements of `x` by their sum over every rank.
+    fn sum(&self, ex: &Exec, x: &mut Mem<bf16>, n: usize) -> Res<()>;
 }
 
 /// Sizes of a [`Model`]'s cache and step buffers.
@@ -210,6 +221,7 @@ impl Model {
             sampler,
             append: None,
             prof: Profiler::default(),
+            reduce: None,
             exec,
         })
     }
@@ -352,6 +364,7 @@ impl Model {
             s,
             sampler,
             prof: p,
+            reduce,
             ..
         } = self;
         let (h, qd, kvd, inter, vocab) = (c.hidden, c.q_dim(), c.kv_dim(), c.inter, c.vocab);
@@ -418,6 +431,9 @@ impl Model {
             p.time(Op::Gemm, st, || {
                 ex.gemm(&s.o, &lw.wo, &mut s.x, (rows, h, qd))
             })?;
+            if let Some(r) = reduce {
+                p.time(Op::AllReduce, st, || r.sum(ex, &mut s.x, rows * h))?;
+            }
             add_norm(&mut s.x, &mut s.res, &lw.mlp_norm)?;
             p.time(Op::Gemm, st, || {
                 ex.gemm(&s.x, &lw.wgu, &mut s.gu, (rows, 2 * inter, h))
@@ -435,6 +451,9 @@ impl Model {
             p.time(Op::Gemm, st, || {
                 ex.gemm(&s.act, &lw.wdown, &mut s.x, (rows, h, inter))
             })?;
+            if let Some(r) = reduce {
+                p.time(Op::AllReduce, st, || r.sum(ex, &mut s.x, rows * h))?;
+            }
         }
         add_norm(&mut s.x, &mut s.res, final_norm)?;
         // Only each request's last row goes through the LM head.

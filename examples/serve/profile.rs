@@ -21,11 +21,13 @@ pub enum Op {
     Attention,
     Activation,
     Sampling,
+    /// The tensor-parallel sum of the hidden state across ranks.
+    AllReduce,
 }
 
 impl Op {
     /// Every class, in table order.
-    pub const ALL: [Op; 7] = [
+    pub const ALL: [Op; 8] = [
         Op::Gemm,
         Op::Attention,
         Op::Norm,
@@ -33,6 +35,7 @@ impl Op {
         Op::Activation,
         Op::Sampling,
         Op::Embed,
+        Op::AllReduce,
     ];
     /// Its name in the table.
     pub fn name(self) -> &'static str {
@@ -44,6 +47,7 @@ impl Op {
             Op::Attention => "attention",
             Op::Activation => "SiLU-and-mul",
             Op::Sampling => "sampling",
+            Op::AllReduce => "all-reduce (tensor parallel)",
         }
     }
 }

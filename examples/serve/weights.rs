@@ -80,6 +80,51 @@ impl Weights {
         }
     }
 
+    /// Rank `rank`'s part of `world`-way tensor parallelism, for the model of `c` (the full
+    /// config; [`Config::shard`] gives the rank's): the rank's query heads (rows of `wq`), its
+    /// KV heads (rows of the K half and of the V half of `wkv`), its MLP columns (rows of the
+    /// gate half and of the up half of `wgu`); the matching columns of the row-parallel `wo` and
+    /// `wdown`, whose partial products the ranks sum. Embedding, norms and LM head are whole on
+    /// every rank.
+    pub fn shard(&self, c: &Config, rank: usize, world: usize) -> Result<Self, String> {
+        let r = c.shard(rank, world)?;
+        let h = c.hidden;
+        // Rows `at..at + n` of a row-major `[_, h]` matrix.
+        let rows = |m: &[bf16], at: usize, n: usize| m[at * h..(at + n) * h].to_vec();
+        // Columns `at..at + n` of a row-major `[h, width]` matrix.
+        let cols = |m: &[bf16], width: usize, at: usize, n: usize| -> Vec<bf16> {
+            m.chunks_exact(width)
+                .flat_map(|row| row[at..at + n].iter().copied())
+                .collect()
+        };
+        let (qd, kvd, i) = (r.q_dim(), r.kv_dim(), r.inter);
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let mut wkv = rows(&l.wkv, rank * kvd, kvd);
+                wkv.extend(rows(&l.wkv, c.kv_dim() + rank * kvd, kvd));
+                let mut wgu = rows(&l.wgu, rank * i, i);
+                wgu.extend(rows(&l.wgu, c.inter + rank * i, i));
+                Layer {
+                    attn_norm: l.attn_norm.clone(),
+                    wq: rows(&l.wq, rank * qd, qd),
+                    wkv,
+                    wo: cols(&l.wo, c.q_dim(), rank * qd, qd),
+                    mlp_norm: l.mlp_norm.clone(),
+                    wgu,
+                    wdown: cols(&l.wdown, c.inter, rank * i, i),
+                }
+            })
+            .collect();
+        Ok(Weights {
+            embed: self.embed.clone(),
+            layers,
+            final_norm: self.final_norm.clone(),
+            lm_head: self.lm_head.clone(),
+        })
+    }
+
     /// Read a Llama checkpoint in one safetensors file (`model.embed_tokens.weight`,
     /// `model.layers.{i}.self_attn.{q,k,v,o}_proj.weight`, `...mlp.{gate,up,down}_proj.weight`,
     /// the two layer norms, `model.norm.weight`, `lm_head.weight`), bf16, shaped as `c` says.

@@ -6,9 +6,52 @@ use std::sync::{Arc, Mutex};
 use cudarc::nccl::sys::{ncclComm_t, ncclUniqueId};
 
 use crate::device::backend::Backend;
+use crate::device::dtype::Pod;
 use crate::device::gpu::Gpu;
+use crate::device::view::Dst;
 use crate::distributed::library::{NcclLibrary, nccl_library};
 use crate::error::{Error, Result};
+
+/// `ncclSum`, NCCL's `ncclRedOp_t` for a sum (stable across NCCL 2.x).
+const NCCL_SUM: i32 = 0;
+
+pub(crate) mod sealed {
+    /// NCCL's `ncclDataType_t` value of an element type (stable across NCCL 2.x).
+    pub trait NcclType {
+        const NCCL: i32;
+    }
+}
+
+/// An element type NCCL reduces: `f32`, `f64`, `half::f16`, `half::bf16`, `i32`, `i64`, `u8`.
+/// Sealed. bf16 and f16 are summed by NCCL in their own precision, rank by rank.
+///
+/// ```
+/// use ferrinfer_runtime::distributed::ReduceElement;
+/// fn reducible<T: ReduceElement>() {}
+/// reducible::<half::bf16>();
+/// reducible::<f32>();
+/// ```
+pub trait ReduceElement: Pod + sealed::NcclType {}
+
+macro_rules! reduce_element {
+    ($($t:ty => $code:expr),* $(,)?) => {$(
+        impl sealed::NcclType for $t {
+            const NCCL: i32 = $code;
+        }
+        impl ReduceElement for $t {}
+    )*};
+}
+// ncclUint8 1, ncclInt32 2, ncclInt64 4, ncclFloat16 6, ncclFloat32 7, ncclFloat64 8,
+// ncclBfloat16 9 (nccl.h).
+reduce_element!(
+    u8 => 1,
+    i32 => 2,
+    i64 => 4,
+    half::f16 => 6,
+    f32 => 7,
+    f64 => 8,
+    half::bf16 => 9,
+);
 
 /// The identity of one communicator, made once (by one rank) and given to every rank: to other
 /// threads by copy, to other processes as its 128 bytes ([`NcclId::to_bytes`] /
@@ -154,6 +197,76 @@ impl Communicator {
         }
     }
 
+    /// Sum `buf` over every rank, in place: afterwards each rank's `buf` holds the element-wise
+    /// sum of all ranks' (the same values on every rank). Collective: every rank calls it with
+    /// a buffer of the same length and type, in the same order as its other collectives.
+    ///
+    /// Asynchronous and capturable, as ferrinfer's ops: it is queued on the stream launches
+    /// currently go to (the backend's; the capture stream while this thread records a graph
+    /// with [`crate::GraphRun`] or the plans' `capture`; a caller's stream given to
+    /// [`Backend::on_stream`], captured by the caller), allocates nothing and waits for nothing.
+    /// A first, eager call sets up NCCL's connections, which a capture cannot do.
+    ///
+    /// Errors: `buf` on the host or on another GPU, a length whose bytes overflow, NCCL's own
+    /// failure (named). An empty `buf` is a no-op on every rank. NCCL cannot see the other
+    /// ranks' lengths: a rank passing another length hangs or reads past the shorter buffer's
+    /// peers, so keep the lengths in lockstep (as a tensor-parallel model does by construction).
+    ///
+    /// ```no_run
+    /// use ferrinfer_runtime::Backend;
+    /// use ferrinfer_runtime::distributed::{Communicator, NcclId};
+    /// # fn main() -> ferrinfer_runtime::Result<()> {
+    /// let (world, id) = (2, NcclId::new()?);
+    /// let sums: Vec<Vec<f32>> = std::thread::scope(|s| {
+    ///     let ranks: Vec<_> = (0..world)
+    ///         .map(|rank| {
+    ///             s.spawn(move || -> ferrinfer_runtime::Result<Vec<f32>> {
+    ///                 let backend = Backend::cuda(rank)?;
+    ///                 let comm = Communicator::new(&backend, &id, rank, world)?;
+    ///                 let mut x = backend.upload(&[rank as f32 + 1.0; 4])?;
+    ///                 comm.all_reduce_sum(&mut x)?;
+    ///                 x.to_vec() // waits for the stream
+    ///             })
+    ///         })
+    ///         .collect();
+    ///     ranks.into_iter().map(|r| r.join().unwrap()).collect::<ferrinfer_runtime::Result<_>>()
+    /// })?;
+    /// assert!(sums.iter().all(|x| x == &[3.0; 4])); // 1 + 2 on both ranks
+    /// # Ok(()) }
+    /// ```
+    pub fn all_reduce_sum<T: ReduceElement>(&self, buf: &mut dyn Dst<T>) -> Result<()> {
+        let count = checked_count::<T>(buf.len())?;
+        // Checks that the memory is on this communicator's GPU (an error for host memory).
+        let ptr = buf.device_ptr(self.gpu()).map_err(|e| {
+            Error::invalid(format!(
+                "Communicator::all_reduce_sum (rank {} of {}): {e}",
+                self.rank, self.world
+            ))
+        })?;
+        if count == 0 {
+            return Ok(());
+        }
+        let comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
+        let stream = self.gpu().current_stream().cu_stream() as _;
+        // SAFETY: `ptr` is device memory of this communicator's GPU holding `count` elements of
+        // T (device_ptr checked the device, `buf.len()` is its length), borrowed mutably for this
+        // call and, as every buffer of ferrinfer's ops, used afterwards only by work queued on
+        // the same stream; send and receive being one buffer is NCCL's in-place form; T's NCCL
+        // code comes from the sealed table above; the handle is live and used under its lock.
+        let rc = unsafe {
+            (self.lib.all_reduce)(
+                ptr as *const c_void,
+                ptr as *mut c_void,
+                count,
+                <T as sealed::NcclType>::NCCL,
+                NCCL_SUM,
+                *comm,
+                stream,
+            )
+        };
+        self.lib.check("ncclAllReduce", rc)
+    }
+
     /// All-gathers, grouped into one NCCL group, on the stream launches currently go to (the
     /// backend's, or the capture stream while this thread records a graph on it). Each entry is
     /// (send address, receive address, elements sent, NCCL data type); every receive buffer holds
@@ -194,6 +307,17 @@ impl Communicator {
     }
 }
 
+/// `len` elements of `T`, refused when their bytes do not fit an allocation (`isize::MAX`).
+fn checked_count<T>(len: usize) -> Result<usize> {
+    match len.checked_mul(std::mem::size_of::<T>()) {
+        Some(bytes) if bytes <= isize::MAX as usize => Ok(len),
+        _ => Err(Error::invalid(format!(
+            "Communicator::all_reduce_sum: {len} elements of {} bytes overflow an allocation",
+            std::mem::size_of::<T>()
+        ))),
+    }
+}
+
 impl Drop for Communicator {
     fn drop(&mut self) {
         let comm = *self.comm.get_mut().unwrap_or_else(|p| p.into_inner());
@@ -202,5 +326,34 @@ impl Drop for Communicator {
         if let Err(e) = self.lib.check("ncclCommDestroy", rc) {
             log::warn!("{e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sealed::NcclType;
+    use super::*;
+
+    /// The codes are nccl.h's `ncclDataType_t`; the context-parallel path names the same ones.
+    #[test]
+    fn nccl_type_codes_match_nccl_h() {
+        assert_eq!(<u8 as NcclType>::NCCL, 1);
+        assert_eq!(<i32 as NcclType>::NCCL, 2);
+        assert_eq!(<i64 as NcclType>::NCCL, 4);
+        assert_eq!(<half::f16 as NcclType>::NCCL, 6);
+        assert_eq!(<f32 as NcclType>::NCCL, 7);
+        assert_eq!(<f64 as NcclType>::NCCL, 8);
+        assert_eq!(<half::bf16 as NcclType>::NCCL, 9);
+        assert_eq!(NCCL_SUM, 0);
+    }
+
+    #[test]
+    fn counts_whose_bytes_overflow_are_refused() {
+        assert_eq!(checked_count::<half::bf16>(1 << 20).unwrap(), 1 << 20);
+        assert_eq!(checked_count::<f32>(0).unwrap(), 0);
+        let e = checked_count::<f32>(usize::MAX / 2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("overflow"), "{e}");
     }
 }

@@ -31,6 +31,15 @@ type AllGather = unsafe extern "C" fn(
     ncclComm_t,
     cudaStream_t,
 ) -> c_int;
+type AllReduce = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    c_int,
+    c_int,
+    ncclComm_t,
+    cudaStream_t,
+) -> c_int;
 type GroupCall = unsafe extern "C" fn() -> c_int;
 type GetErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
 type GetVersion = unsafe extern "C" fn(*mut c_int) -> c_int;
@@ -44,6 +53,7 @@ pub struct NcclLibrary {
     pub(crate) comm_init_rank: CommInitRank,
     pub(crate) comm_destroy: CommDestroy,
     pub(crate) all_gather: AllGather,
+    pub(crate) all_reduce: AllReduce,
     pub(crate) group_start: GroupCall,
     pub(crate) group_end: GroupCall,
     get_error_string: GetErrorString,
@@ -197,6 +207,7 @@ fn open(path: &Path) -> std::result::Result<NcclLibrary, String> {
         comm_init_rank: sym(&lib, path, "ncclCommInitRank")?,
         comm_destroy: sym(&lib, path, "ncclCommDestroy")?,
         all_gather: sym(&lib, path, "ncclAllGather")?,
+        all_reduce: sym(&lib, path, "ncclAllReduce")?,
         group_start: sym(&lib, path, "ncclGroupStart")?,
         group_end: sym(&lib, path, "ncclGroupEnd")?,
         get_error_string: sym(&lib, path, "ncclGetErrorString")?,

@@ -7,7 +7,7 @@
 //! | [`shard_kv`], [`KvShard`] | split a KV index by pages into per-rank indexes | nothing |
 //! | [`merge_ranks`] | merge the ranks' gathered (o, lse) with the cascade merge kernel | nothing |
 //! | [`check_shardable`] | whether a variant gives the same answer on shards | nothing |
-//! | `Communicator`, `NcclId` | an NCCL communicator per rank (libnccl found at run time) | feature `nccl` |
+//! | `Communicator`, `NcclId` | an NCCL communicator per rank (libnccl found at run time); its `all_reduce_sum` serves tensor parallelism | feature `nccl` |
 //! | `ContextParallelDecode` | plan/run decode on this rank's shard, all-gather, merge | feature `nccl` |
 //!
 //! What a shard supports: decode (one query row per request), where every rank's keys are all
@@ -64,7 +64,7 @@ pub use combine::merge_ranks;
 pub use shard::{KvShard, shard_kv};
 
 #[cfg(feature = "nccl")]
-pub use communicator::{Communicator, NcclId};
+pub use communicator::{Communicator, NcclId, ReduceElement};
 #[cfg(feature = "nccl")]
 pub use decode::{ContextParallelDecode, ContextParallelGraph};
 #[cfg(feature = "nccl")]
