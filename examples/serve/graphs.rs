@@ -42,6 +42,7 @@ pub fn bucket_of(b: usize) -> usize {
 }
 
 impl Graphs {
+    // ANCHOR: step
     /// Run a decode step through its bucket's graph (capturing it first if needed) and return
     /// the batch's tokens.
     pub fn step(&mut self, m: &mut Model, inp: &StepInput) -> Res<Vec<i32>> {
@@ -120,4 +121,5 @@ impl Graphs {
         });
         Ok(tokens)
     }
+    // ANCHOR_END: step
 }

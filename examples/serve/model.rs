@@ -341,6 +341,7 @@ impl Model {
         Ok(())
     }
 
+    // ANCHOR: forward
     /// Queue one step over `rows` rows (the step's tokens, then padding) and `batch` sampled rows,
     /// with the ids and parameters [`Model::stage`] wrote. No allocation and no host
     /// synchronisation: a CUDA graph can capture it.
@@ -484,4 +485,5 @@ impl Model {
             .map_err(fe)
         })
     }
+    // ANCHOR_END: forward
 }

@@ -131,6 +131,7 @@ impl Scheduler {
         true
     }
 
+    // ANCHOR: next
     /// The next step, or `None` when nothing is running. Decode rows first (requests whose prompt
     /// is cached), then prefill chunks in arrival order while the budget lasts.
     pub fn next(&mut self) -> Result<Option<Step>, String> {
@@ -203,6 +204,7 @@ impl Scheduler {
             ids: rows.iter().map(|r| self.live[r.0].req.id).collect(),
         }))
     }
+    // ANCHOR_END: next
 
     /// Take the step's sampled tokens: a request whose prompt is now cached gets its token;
     /// finished requests give their pages back and are returned.
