@@ -15,8 +15,8 @@
 //    below p times the mass S), i.e. {v >= T} for the value T with mass(v > T) < p S <=
 //    mass(v >= T): a three-pass radix select by mass finds T (exact integer bin masses, so a seed
 //    reproduces bit for bit), then the race within {v >= T}. After top-k, whose set is small, the
-//    draw is by rejection over the race's best candidates instead (top_p_race: two passes). With
-//    no top-k, by rejection over proposals drawn by inverse CDF from the whole row (top_p_icdf:
+//    draw is by rejection over the race's best candidates instead (top_p_race: two passes). From
+//    probabilities with no top-k, by rejection over proposals drawn by inverse CDF (top_p_icdf:
 //    one pass, which also counts the select's first histograms; T only when a proposal lands in
 //    the boundary bin).
 // The race runs from the end of the row (backward): a pass before it leaves that end in L2.
@@ -940,7 +940,10 @@ __device__ __forceinline__ void sample_row(const SamplingArgs& a, unsigned row) 
     if (threadIdx.x == 0) a.out[row] = static_cast<int>(best ? race_token(best) : 0u);
     return;
   }
-  if (top_p < 1.0f && min_p == 0.0f && (n + kWarpSize * VEC - 1) / (kWarpSize * VEC) <= kIcdfEntries) {
+  // From probabilities only: from logits the weights cost an exp per token in every pass, and
+  // the proposals' code in the logits kernel took its cold NVRTC compile past 3 s.
+  if (!LOGITS && top_p < 1.0f && min_p == 0.0f &&
+      (n + kWarpSize * VEC - 1) / (kWarpSize * VEC) <= kIcdfEntries) {
     const unsigned t = top_p_icdf<LOGITS, VEC>(x, n, rv, top_p, rng, sm);
     if (threadIdx.x == 0) a.out[row] = static_cast<int>(t);
     return;
