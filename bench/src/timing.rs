@@ -1,6 +1,9 @@
 //! GPU timing with CUDA events: the first call timed on the wall clock (it includes the JIT
 //! compile), a warm-up, then enough iterations for about [`TARGET_MS`], each between two events,
-//! and the median of those per-iteration times.
+//! and the median of those per-iteration times. Before each timed iteration the stream zeroes a
+//! [`FLUSH_BYTES`] buffer, as the anchor's `do_bench` does: it evicts L2, and it keeps the GPU
+//! busy while the host enqueues the iteration, so the events time the GPU's work alone and not
+//! the host's launch cost (which decides a call of a few microseconds).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,6 +25,8 @@ const MAX_ITERS: usize = 5000;
 /// The L2 size we guard against (H100 50 MB; H200 the same): smaller inputs get several copies.
 pub const L2_BYTES: u64 = 50 * 1000 * 1000;
 const MAX_SETS: usize = 16;
+/// Bytes zeroed before each timed iteration (`do_bench`'s cache-clearing buffer: 256 MB).
+pub const FLUSH_BYTES: usize = 256 * 1024 * 1024;
 
 /// The result of timing one closure.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -94,18 +99,20 @@ pub fn time_on_stream(
     let estimate_ms = f64::from(start.elapsed_ms(&end)?) / ESTIMATE as f64;
 
     let iters = iterations(estimate_ms, TARGET_MS);
-    let events = (0..=iters)
+    let mut flush = stream.alloc_zeros::<u8>(FLUSH_BYTES)?;
+    let events = (0..2 * iters)
         .map(|_| timed_event())
         .collect::<Result<Vec<_>, _>>()?;
-    events[0].record(stream)?;
-    for (i, e) in events[1..].iter().enumerate() {
+    for (i, pair) in events.chunks_exact(2).enumerate() {
+        stream.memset_zeros(&mut flush)?;
+        pair[0].record(stream)?;
         f(i)?;
-        e.record(stream)?;
+        pair[1].record(stream)?;
     }
     stream.synchronize()?;
     let times = events
-        .windows(2)
-        .map(|w| w[0].elapsed_ms(&w[1]).map(f64::from))
+        .chunks_exact(2)
+        .map(|pair| pair[0].elapsed_ms(&pair[1]).map(f64::from))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Timing {
         first_s,
