@@ -300,6 +300,39 @@ mod gpu {
         compare(&case, &got, "world 1");
     }
 
+    /// A rank whose plan fails (here: a non-finite sm_scale on the last rank) makes every rank's
+    /// plan fail with an error, and none waits for it in NCCL.
+    #[test]
+    #[ignore = "requires a CUDA GPU"]
+    fn gpu_context_parallel_a_failed_rank_fails_every_rank() {
+        let world = world();
+        let mut rng = Rng::from_time();
+        let case = Case::new(&mut rng, Heads::new(32, 8, 128).unwrap(), 16, &[700, 90]);
+        let errors = on_ranks(world, |rank, comm| {
+            let shard = shard_kv(&case.kv, world).unwrap().swap_remove(rank);
+            let scale = (rank + 1 == world).then_some(f32::NAN);
+            ContextParallelDecode::<bf16>::plan(
+                Arc::new(comm),
+                case.heads,
+                shard.into_kv(),
+                scale,
+                PlanConfig::default(),
+            )
+            .err()
+            .map(|e| e.to_string())
+        });
+        for (rank, e) in errors.iter().enumerate() {
+            let e = e
+                .as_deref()
+                .unwrap_or_else(|| panic!("rank {rank} planned"));
+            if rank + 1 == world {
+                assert!(e.contains("sm_scale"), "rank {rank}: {e}");
+            } else {
+                assert!(e.contains("could not plan"), "rank {rank}: {e}");
+            }
+        }
+    }
+
     /// A CUDA graph of `run` (decode, all-gather, merge) on each rank, replayed after a replan to
     /// another batch of the same capacity, equals one-GPU decode of that batch.
     #[test]

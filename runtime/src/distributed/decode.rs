@@ -35,7 +35,8 @@ const NCCL_BFLOAT16: i32 = 9;
 /// `plan`, `replan` and `run` are collective: every rank calls them, in the same order (each
 /// from its own thread or process). `plan` and `replan` check that the ranks agree on the
 /// request count, heads, `sm_scale` and element type (a host synchronisation), so a mismatch is
-/// an error on every rank rather than a hang. `run` allocates nothing and waits for nothing: it
+/// an error on every rank rather than a hang; a rank whose plan fails (bad input) still takes
+/// part in that check, and every rank's plan then fails too. `run` allocates nothing and waits for nothing: it
 /// queues the decode, the all-gather and the merge on the communicator's stream, so it can be
 /// captured in a CUDA graph ([`ContextParallelDecode::capture`], or on a caller's stream given to
 /// [`Backend::on_stream`] after one eager run).
@@ -93,25 +94,36 @@ impl<T: Element> ContextParallelDecode<T> {
         sm_scale: Option<f32>,
         config: PlanConfig,
     ) -> Result<Self> {
-        let decode = BatchDecode::plan_with(comm.backend(), heads, kv, sm_scale, config)?;
-        let rows = config
-            .graph
-            .map_or(decode.batch().batch(), |g| g.qo_rows as usize);
-        let scratch = Scratch::new(comm.backend(), comm.world(), rows, &heads)?;
-        let plan = ContextParallelDecode {
+        let local = BatchDecode::plan_with(comm.backend(), heads, kv, sm_scale, config).and_then(
+            |decode| {
+                let rows = config
+                    .graph
+                    .map_or(decode.batch().batch(), |g| g.qo_rows as usize);
+                let scratch = Scratch::new(comm.backend(), comm.world(), rows, &heads)?;
+                Ok((decode, rows, scratch))
+            },
+        );
+        // A rank whose plan failed still takes part in the agreement (saying so), so that no
+        // other rank waits for it in NCCL.
+        let (decode, rows, scratch) = agree::<T, _>(&comm, local, |(d, rows, _)| (d, *rows))?;
+        Ok(ContextParallelDecode {
             comm,
             decode,
             rows,
             graph_mode: config.graph.is_some(),
             scratch: Mutex::new(scratch),
-        };
-        plan.agree()?;
-        Ok(plan)
+        })
     }
 
     /// Plan the next decode step over this rank's new shard (collective). In CUDA-graph mode the
     /// buffers stay where they are, so a captured run replays the new step.
     pub fn replan(&mut self, kv: KvIndex, sm_scale: Option<f32>) -> Result<()> {
+        let local = self.replan_local(kv, sm_scale).map(|()| &*self);
+        // As in `plan`: a failed rank still takes part in the agreement.
+        agree::<T, _>(&self.comm, local, |p| (&p.decode, p.rows)).map(|_| ())
+    }
+
+    fn replan_local(&mut self, kv: KvIndex, sm_scale: Option<f32>) -> Result<()> {
         self.decode.replan(kv, sm_scale)?;
         if !self.graph_mode {
             let rows = self.decode.batch().batch();
@@ -122,7 +134,7 @@ impl<T: Element> ContextParallelDecode<T> {
                 self.rows = rows;
             }
         }
-        self.agree()
+        Ok(())
     }
 
     /// Attention of `q` over the whole context (every rank's shard) into `o`, and its LSE into
@@ -253,47 +265,66 @@ impl<T: Element> ContextParallelDecode<T> {
             .map_err(|_| Error::invalid(format!("{} query rows exceed u32", self.rows)))?;
         StateShape::new(rows, h.num_qo_heads(), h.head_dim())
     }
+}
 
-    /// Check that every rank planned the same rows, heads, `sm_scale` and element type: an
-    /// all-gather of those numbers and one synchronisation.
-    fn agree(&self) -> Result<()> {
-        let b = self.decode.batch();
-        let h = b.heads();
-        let mine = [
-            self.rows as i32,
-            h.num_qo_heads() as i32,
-            h.num_kv_heads() as i32,
-            h.head_dim() as i32,
-            b.sm_scale().to_bits() as i32,
-            nccl_type::<T>(),
-        ];
-        let backend = self.comm.backend();
-        let send = backend.upload(&mine)?;
-        let recv = backend.filled(mine.len() * self.comm.world(), 0i32)?;
-        let gpu = self.comm.gpu();
-        let ops = [(
-            send.device_ptr(gpu)?,
-            recv.device_ptr(gpu)?,
-            mine.len(),
-            NCCL_INT32,
-        )];
-        // SAFETY: both buffers are on the communicator's GPU (device_ptr checked), `send` holds
-        // `mine.len()` and `recv` `world` times that; both live past the synchronisation below.
-        unsafe { self.comm.all_gather(&ops)? };
-        backend.synchronize()?;
-        let all = recv.to_vec()?;
-        for (rank, theirs) in all.chunks(mine.len()).enumerate() {
-            if theirs != mine {
-                return Err(Error::invalid(format!(
-                    "ContextParallelDecode: rank {rank} planned [rows, qo heads, kv heads, head \
-                     dim, sm_scale bits, dtype] = {theirs:?}, rank {} {mine:?}; every rank must \
-                     plan the same requests and heads",
-                    self.comm.rank()
-                )));
-            }
+/// Check that every rank planned the same rows, heads, `sm_scale` and element type: an all-gather
+/// of those numbers and one synchronisation. A rank whose plan failed (`local` is its error)
+/// sends a marker instead, and every rank then fails: the failed one with its own error, the
+/// others naming it. `what` gives a plan's decode and query rows.
+fn agree<T: Element, P>(
+    comm: &Communicator,
+    local: Result<P>,
+    what: impl Fn(&P) -> (&BatchDecode, usize),
+) -> Result<P> {
+    const FAILED: i32 = -1;
+    let mine = match &local {
+        Ok(p) => {
+            let (decode, rows) = what(p);
+            let b = decode.batch();
+            let h = b.heads();
+            [
+                rows as i32,
+                h.num_qo_heads() as i32,
+                h.num_kv_heads() as i32,
+                h.head_dim() as i32,
+                b.sm_scale().to_bits() as i32,
+                nccl_type::<T>(),
+            ]
         }
-        Ok(())
+        Err(_) => [FAILED; 6],
+    };
+    let backend = comm.backend();
+    let send = backend.upload(&mine)?;
+    let recv = backend.filled(mine.len() * comm.world(), 0i32)?;
+    let gpu = comm.gpu();
+    let ops = [(
+        send.device_ptr(gpu)?,
+        recv.device_ptr(gpu)?,
+        mine.len(),
+        NCCL_INT32,
+    )];
+    // SAFETY: both buffers are on the communicator's GPU (device_ptr checked), `send` holds
+    // `mine.len()` and `recv` `world` times that; both live past the synchronisation below.
+    unsafe { comm.all_gather(&ops)? };
+    backend.synchronize()?;
+    let all = recv.to_vec()?;
+    let local = local?;
+    for (rank, theirs) in all.chunks(mine.len()).enumerate() {
+        if theirs == [FAILED; 6] {
+            return Err(Error::invalid(format!(
+                "ContextParallelDecode: rank {rank} could not plan this step (its error says why)"
+            )));
+        }
+        if theirs != mine {
+            return Err(Error::invalid(format!(
+                "ContextParallelDecode: rank {rank} planned [rows, qo heads, kv heads, head \
+                 dim, sm_scale bits, dtype] = {theirs:?}, rank {} {mine:?}; every rank must \
+                 plan the same requests and heads",
+                comm.rank()
+            )));
+        }
     }
+    Ok(local)
 }
 
 fn nccl_type<T: Element>() -> i32 {
