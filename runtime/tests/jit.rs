@@ -103,6 +103,89 @@ fn sm90a_accepts_hopper_only_instructions() {
     ));
 }
 
+/// The sm_90a vocabulary (kernels/cuda/sm90/: mbarriers, named barriers, TMA and bulk loads,
+/// wgmma from shared memory and from registers, warpgroup register budgets) passes NVRTC and
+/// ptxas for sm_90a, every form instantiated once, and is refused for sm_80. The FA3 template is
+/// built from these; until it exists nothing else compiles them.
+#[test]
+fn the_sm90_vocabulary_compiles_for_sm90a_only() {
+    let units = [
+        (
+            "sm90/tma.cuh",
+            128,
+            "fi::TensorMap*",
+            r#"__shared__ alignas(1024) unsigned short tile[64 * 64];
+  __shared__ alignas(8) unsigned long long bar;
+  if (threadIdx.x == 0) {
+    fi::mbar_init(&bar, 1);
+    fi::mbar_init_fence();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    fi::tma_prefetch(args);
+    fi::mbar_arrive_expect_tx(&bar, 3 * 8192 + 256);
+    fi::tma_load_2d(tile, args, &bar, 0, 64);
+    fi::tma_load_3d(tile, args + 1, &bar, 0, 64, 1);
+    fi::tma_load_4d(tile, args + 2, &bar, 0, 64, 1, 2);
+    fi::bulk_load(tile + 4096, args + 3, 256, &bar);
+  }
+  fi::mbar_wait(&bar, 0);
+  fi::named_sync(1, 128);
+  tile[threadIdx.x] += 1;
+  fi::fence_proxy_async();
+  fi::named_arrive(2, 128);
+  if (threadIdx.x == 0) fi::mbar_arrive(&bar);"#,
+        ),
+        (
+            "sm90/wgmma.cuh",
+            128,
+            "unsigned long long",
+            r#"__shared__ alignas(1024) unsigned short a_tile[64 * 16], b_tile[64 * 16];
+  float d[32];
+  for (int i = 0; i < 32; ++i) d[i] = 0.0f;
+  const unsigned long long da = fi::wgmma_desc(a_tile, 128, 256, 0);
+  const unsigned long long db = fi::wgmma_desc(b_tile, 128, 256, 1);
+  const unsigned a[4] = {threadIdx.x, 1u, 2u, 3u};
+  fi::wgmma_fence();
+  fi::wgmma_ss_64x64x16<true, 0>(d, da, db, false);
+  fi::wgmma_ss_64x64x16<false, 1>(d, da, db, true);
+  fi::wgmma_rs_64x64x16<true, 1>(d, a, db, true);
+  fi::wgmma_rs_64x64x16<false, 0>(d, a, db, true);
+  fi::wgmma_commit();
+  fi::wgmma_wait<0>();
+  fi::wgmma_hold(d);
+  float* out = reinterpret_cast<float*>(args);
+  for (int i = 0; i < 32; ++i) out[threadIdx.x * 32 + i] = d[i];"#,
+        ),
+        (
+            "sm90/warpgroup.cuh",
+            384,
+            "unsigned long long",
+            r#"if (fi::warpgroup_id() == 0) {
+    fi::regs_shrink<40>();
+  } else {
+    fi::regs_grow<232>();
+  }
+  reinterpret_cast<unsigned*>(args)[threadIdx.x] = fi::warpgroup_thread();"#,
+        ),
+    ];
+    for (header, threads, args, body) in units {
+        let name = header.replace(['/', '.'], "_");
+        let tu = ferrinfer_kernels::ops::op_unit(&name, header, threads, args, body).unwrap();
+        let k = memory_jit()
+            .compile(&tu, Arch::SM90)
+            .unwrap_or_else(|e| panic!("{header} for sm_90a: {e}"));
+        assert!(k.stats.registers > 0, "{header}: no ptxas report");
+        assert!(
+            matches!(
+                memory_jit().compile(&tu, Arch::SM80),
+                Err(Error::Compile { .. })
+            ),
+            "{header} compiled for sm_80"
+        );
+    }
+}
+
 #[test]
 fn a_new_jit_on_the_same_dir_hits_disk() {
     let dir = temp_dir("disk");

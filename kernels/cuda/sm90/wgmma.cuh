@@ -1,0 +1,106 @@
+// Warpgroup MMA (sm_90a): a 128-thread warpgroup multiplies a 64 x K tile of A by a K x N tile of
+// B into f32 accumulators spread over its threads, asynchronously. A comes from shared memory (a
+// matrix descriptor) or from registers; B always from shared memory. The calls are issued between
+// wgmma_fence() (the accumulators' earlier register writes are ordered before the MMA reads them)
+// and wgmma_commit(), and their results are read only after wgmma_wait<N>() has left at most N
+// groups in flight. The m64n64k16 shape is the vocabulary's unit: wider tiles are several of them
+// over column slices of B. Accumulator layout (thread t of the warpgroup, w = t / 32, l = t % 32):
+// d[i] is row 16 w + l / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (l % 4) + i % 2.
+#pragma once
+
+namespace fi {
+
+// A shared-memory matrix descriptor: the tile's start, the byte offsets between its 8-row core
+// matrices along the leading and the strided dimension, and its swizzle (0 none, 1 128-byte,
+// 2 64-byte, 3 32-byte), as the tile was written (by TMA with the same swizzle, or by threads).
+__device__ __forceinline__ unsigned long long wgmma_desc(const void* tile, unsigned lead_bytes,
+                                                         unsigned stride_bytes, unsigned swizzle) {
+  const unsigned long long addr = static_cast<unsigned>(__cvta_generic_to_shared(tile));
+  const unsigned long long lead = (lead_bytes & 0x3FFFFu) >> 4;
+  const unsigned long long stride = (stride_bytes & 0x3FFFFu) >> 4;
+  return ((addr & 0x3FFFFull) >> 4) | (lead << 16) | (stride << 32) |
+         (static_cast<unsigned long long>(swizzle & 3u) << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving reads or writes of the accumulators across an async MMA.
+__device__ __forceinline__ void wgmma_hold(float (&d)[32]) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+#define FI_WGMMA_D "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, "\
+  "%8, %9, %10, %11, %12, %13, %14, %15, "\
+  "%16, %17, %18, %19, %20, %21, %22, %23, "\
+  "%24, %25, %26, %27, %28, %29, %30, %31}"
+#define FI_WGMMA_D_ARGS \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), \
+  "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), \
+  "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), \
+  "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
+  "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+
+// d (+)= A B for A a 64 x 16 shared tile (descriptor a) and B a 16 x 64 shared tile (descriptor
+// b); d is overwritten when `accumulate` is false. TRANS_B: B is stored N-major (V of P V) rather
+// than K-major (K of Q K^T). BF16 picks bf16 inputs, else f16.
+template <bool BF16, int TRANS_B>
+__device__ __forceinline__ void wgmma_ss_64x64x16(float (&d)[32], unsigned long long a,
+                                                   unsigned long long b, bool accumulate) {
+  if constexpr (BF16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " FI_WGMMA_D
+        ", %32, %33, p, 1, 1, 0, %35;\n}\n"
+        : FI_WGMMA_D_ARGS
+        : "l"(a), "l"(b), "r"(static_cast<unsigned>(accumulate)), "n"(TRANS_B));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " FI_WGMMA_D
+        ", %32, %33, p, 1, 1, 0, %35;\n}\n"
+        : FI_WGMMA_D_ARGS
+        : "l"(a), "l"(b), "r"(static_cast<unsigned>(accumulate)), "n"(TRANS_B));
+  }
+}
+
+// The same with A from registers: four b16x2 registers a thread, the 64 x 16 tile laid out as an
+// accumulator's rows (so P, converted from S's accumulators, feeds P V without shared memory).
+template <bool BF16, int TRANS_B>
+__device__ __forceinline__ void wgmma_rs_64x64x16(float (&d)[32], const unsigned (&a)[4],
+                                                   unsigned long long b, bool accumulate) {
+  if constexpr (BF16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " FI_WGMMA_D
+        ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+        : FI_WGMMA_D_ARGS
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b),
+          "r"(static_cast<unsigned>(accumulate)), "n"(TRANS_B));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " FI_WGMMA_D
+        ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+        : FI_WGMMA_D_ARGS
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b),
+          "r"(static_cast<unsigned>(accumulate)), "n"(TRANS_B));
+  }
+}
+
+#undef FI_WGMMA_D
+#undef FI_WGMMA_D_ARGS
+
+}  // namespace fi
