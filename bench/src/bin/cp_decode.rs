@@ -78,18 +78,22 @@ fn cache(gpu: &Backend, lens: &[u32]) -> Cache {
     }
 }
 
+/// A decode step's q (ones) and o of `batch` rows on `backend`.
+fn q_and_o(backend: &Backend, batch: u32) -> (Buffer<bf16>, Buffer<bf16>) {
+    let n = batch as usize * heads().num_qo_heads() as usize * heads().head_dim() as usize;
+    (
+        backend.filled(n, bf16::ONE).unwrap(),
+        backend.filled(n, bf16::ZERO).unwrap(),
+    )
+}
+
 /// Milliseconds per decode step of `batch` requests of `tokens` on one GPU (plain BatchDecode).
 fn one_gpu(batch: u32, tokens: u32, iters: usize) -> f64 {
     let backend = Backend::cuda(0).unwrap();
     let gpu = backend.gpu().unwrap().clone();
     let c = cache(&backend, &vec![tokens; batch as usize]);
     let plan = BatchDecode::plan(&backend, heads(), c.kv.clone(), None).unwrap();
-    let q = backend
-        .filled(batch as usize * 32 * 128, bf16::ONE)
-        .unwrap();
-    let mut o = backend
-        .filled(batch as usize * 32 * 128, bf16::ZERO)
-        .unwrap();
+    let (q, mut o) = q_and_o(&backend, batch);
     let (k, v) = (
         View::device(&c.k, &gpu).unwrap(),
         View::device(&c.v, &gpu).unwrap(),
@@ -144,12 +148,7 @@ fn cp(world: usize, batch: u32, tokens: u32, iters: usize) -> f64 {
                         PlanConfig::default(),
                     )
                     .unwrap();
-                    let q = backend
-                        .filled(batch as usize * 32 * 128, bf16::ONE)
-                        .unwrap();
-                    let mut o = backend
-                        .filled(batch as usize * 32 * 128, bf16::ZERO)
-                        .unwrap();
+                    let (q, mut o) = q_and_o(&backend, batch);
                     let k = View::device(&c.k, &gpu).unwrap();
                     let v = View::device(&c.v, &gpu).unwrap();
                     let mut step = || plan.run(&Standard, &q, &k, &v, &mut o, None).unwrap();

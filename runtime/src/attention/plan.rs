@@ -323,15 +323,11 @@ pub fn plan(batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Result<WorkL
     let kv_chunk = match opts.fixed_kv_chunk {
         Some(c) => c,
         None => {
-            let chunk = search_kv_chunk(&reqs, opts.target_items(&tiles), &count);
+            let target = opts.target_items(&tiles);
+            let chunk = search_kv_chunk(&reqs, target, &count);
             let decode = kind == KernelKind::Decode || opts.one_row_per_request;
-            if decode && count(chunk) > opts.target_items(&tiles) {
-                balance_tail_wave(
-                    chunk,
-                    opts.target_items(&tiles),
-                    opts.graph_capacity,
-                    &count,
-                )
+            if decode && count(chunk) > target {
+                balance_tail_wave(chunk, target, opts.graph_capacity, &count)
             } else {
                 chunk
             }

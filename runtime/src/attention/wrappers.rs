@@ -355,17 +355,7 @@ impl<P, T: Element> GraphRun<P, T> {
                  for one batch would be outgrown by the next replan",
             ));
         }
-        // The first run compiles and loads the kernels and uploads parameter arrays, which a
-        // capture cannot do.
-        p.run(
-            &variant,
-            &b.q,
-            &b.k,
-            &b.v,
-            &mut b.o,
-            b.lse.as_mut().map(|l| l as &mut dyn Dst<f32>),
-        )?;
-        let graph = gpu.capture(|| {
+        let mut run = || {
             p.run(
                 &variant,
                 &b.q,
@@ -374,7 +364,11 @@ impl<P, T: Element> GraphRun<P, T> {
                 &mut b.o,
                 b.lse.as_mut().map(|l| l as &mut dyn Dst<f32>),
             )
-        })?;
+        };
+        // The first run compiles and loads the kernels and uploads parameter arrays, which a
+        // capture cannot do.
+        run()?;
+        let graph = gpu.capture(run)?;
         Ok(GraphRun {
             graph,
             gpu: gpu.clone(),

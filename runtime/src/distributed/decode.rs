@@ -233,12 +233,12 @@ impl<T: Element> ContextParallelDecode<T> {
         let b = &mut buffers;
         // The first run compiles and loads the kernels and sets up NCCL's connections, which a
         // capture cannot do.
-        fn lse(l: &mut Option<Buffer<f32>>) -> Option<&mut dyn Dst<f32>> {
-            l.as_mut().map(|l| l as &mut dyn Dst<f32>)
-        }
-        self.run(&variant, &b.q, &b.k, &b.v, &mut b.o, lse(&mut b.lse))?;
-        let graph =
-            gpu.capture(|| self.run(&variant, &b.q, &b.k, &b.v, &mut b.o, lse(&mut b.lse)))?;
+        let mut run = || {
+            let lse = b.lse.as_mut().map(|l| l as &mut dyn Dst<f32>);
+            self.run(&variant, &b.q, &b.k, &b.v, &mut b.o, lse)
+        };
+        run()?;
+        let graph = gpu.capture(run)?;
         Ok(ContextParallelGraph {
             graph,
             before: gpu.event()?,

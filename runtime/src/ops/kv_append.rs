@@ -222,11 +222,7 @@ impl AppendPlan {
         cache: KvCacheMut<'_, T>,
     ) -> Result<()> {
         let rows = self.check(&new, &cache)?;
-        let target = Target {
-            k: cache.k,
-            v: Some(cache.v),
-            v_off: 0,
-        };
+        let target = Target::from(cache);
         self.write(backend, rows, &new, target, None)
     }
 
@@ -283,11 +279,7 @@ impl AppendPlan {
     ) -> Result<()> {
         let rows = self.check(&new, &cache)?;
         self.check_rope(rope, rows, &*q)?;
-        let target = Target {
-            k: cache.k,
-            v: Some(cache.v),
-            v_off: 0,
-        };
+        let target = Target::from(cache);
         self.write(backend, rows, &new, target, Some((rope, angles, q)))
     }
 
@@ -349,11 +341,7 @@ impl AppendPlan {
         })?;
         // K reaches `cache_len`, V the same from `v_off`.
         self.check_cache("cache", cache.len().saturating_sub(v_off))?;
-        Ok(Target {
-            k: cache,
-            v: None,
-            v_off,
-        })
+        Ok(Target::interleaved(cache, v_off))
     }
 
     /// Elements from K to V when the plan's strides are an interleaved cache's.
@@ -619,6 +607,27 @@ struct Target<'x, T: Element> {
     v_off: usize,
 }
 
+impl<'x, T: Element> From<KvCacheMut<'x, T>> for Target<'x, T> {
+    fn from(cache: KvCacheMut<'x, T>) -> Self {
+        Target {
+            k: cache.k,
+            v: Some(cache.v),
+            v_off: 0,
+        }
+    }
+}
+
+impl<'x, T: Element> Target<'x, T> {
+    /// One interleaved cache, V `v_off` elements after K in each page.
+    fn interleaved(cache: &'x mut dyn Dst<T>, v_off: usize) -> Self {
+        Target {
+            k: cache,
+            v: None,
+            v_off,
+        }
+    }
+}
+
 /// Slots and positions of the new tokens (`capacity` entries each), checked.
 fn place(
     heads: Heads,
@@ -715,11 +724,7 @@ pub fn append_explicit<T: Element>(
     new: NewKv<'_, T>,
     cache: KvCacheMut<'_, T>,
 ) -> Result<()> {
-    let target = Target {
-        k: cache.k,
-        v: Some(cache.v),
-        v_off: 0,
-    };
+    let target = Target::from(cache);
     explicit(backend, geometry, None, table, new, target)
 }
 
@@ -761,11 +766,7 @@ pub fn append_explicit_strided<T: Element>(
     new: NewKv<'_, T>,
     cache: KvCacheMut<'_, T>,
 ) -> Result<()> {
-    let target = Target {
-        k: cache.k,
-        v: Some(cache.v),
-        v_off: 0,
-    };
+    let target = Target::from(cache);
     explicit(backend, geometry, Some(strides), table, new, target)
 }
 
@@ -825,11 +826,7 @@ pub fn append_explicit_interleaved<T: Element>(
         token,
         head,
     };
-    let target = Target {
-        k: cache,
-        v: None,
-        v_off: page as usize,
-    };
+    let target = Target::interleaved(cache, page as usize);
     explicit(backend, geometry, Some(strides), table, new, target)
 }
 

@@ -522,14 +522,16 @@ fn sample_row_host(x: &[f32], input: SamplingInput, p: &RowParams, draws: &RowDr
     // Top-p over a whole row of probabilities: the GPU's proposals (sampling.cuh, top_p_icdf)
     // when its table holds the row (rows up to 128K tokens always; longer ones at a vector width
     // the CPU assumes from the vocabulary, the GPU's from the row stride and the address).
-    let vec = [4, 2, 1]
-        .into_iter()
-        .find(|&v| n.is_multiple_of(v))
-        .unwrap_or(1);
     let whole_row =
         input == SamplingInput::Probs && p.top_p < 1.0 && p.k as usize >= n && p.min_p <= 0.0;
+    let vec = || {
+        [4, 2, 1]
+            .into_iter()
+            .find(|&v| n.is_multiple_of(v))
+            .unwrap_or(1)
+    };
     if whole_row
-        && n.div_ceil(32 * vec) <= ICDF_ENTRIES
+        && n.div_ceil(32 * vec()) <= ICDF_ENTRIES
         && let Some(t) = top_p_proposals(&w, &allowed, draws)
     {
         return t as i32;
