@@ -17,8 +17,8 @@
 //    reproduces bit for bit), then the race within {v >= T}. After top-k, whose set is small, the
 //    draw is by rejection over the race's best candidates instead (top_p_race: two passes). From
 //    probabilities with no top-k, by rejection over proposals drawn by inverse CDF (top_p_icdf:
-//    one pass, which also counts the select's first histograms; T only when a proposal lands in
-//    the boundary bin).
+//    one pass, which also counts the select's first histograms; a second pass only when a
+//    proposal lands in the boundary bin).
 // The race runs from the end of the row (backward): a pass before it leaves that end in L2.
 // Probabilities that are NaN, negative or infinite weigh 0; logits that are NaN or +-inf are -inf.
 // A row without a positive weight gives token 0. Mirrored by runtime/src/ops/sampling/mod.rs.
@@ -533,9 +533,11 @@ __device__ __forceinline__ float kth_largest(const float* x, unsigned n, unsigne
 // radix select's first histograms and, per warp load of 32 packs (an entry), the sum of its
 // weights; the first pass's walk then gives the bin b* of the nucleus's boundary. A proposal
 // finds its entry in that table by a prefix sum and its token within the entry's one load, and
-// is in N when its bin is above b*, out when below; only a proposal in b* itself needs T, which
-// the select's two remaining passes give (about 1-2% of draws land there at p = 0.9). So a row
-// costs one load pass where the radix select and the race cost four. Sums are f32 per entry (a
+// is in N when its bin is above b*, out when below; only a proposal in b* itself needs one more
+// pass (icdf_resolve; about 1.5% of draws land there at p = 0.9, so over a batch of 128 rows
+// most calls have such a row, and the batch waits for it: T by the select's two remaining
+// passes made that row's tail two passes, 0.102 ms a b128 call on the H200). So a row costs one
+// or two load passes where the radix select and the race cost four. Sums are f32 per entry (a
 // fixed lane tree) and f64 over entries in a fixed order: a seed reproduces bit for bit.
 constexpr unsigned kIcdfDraws = 4;  // proposals a round, one warp each (one Philox group)
 constexpr unsigned kIcdfRounds = 8;
@@ -548,7 +550,8 @@ struct IcdfSmem {
   double total;
   unsigned entries, last_group;  // valid entries; the last thread group with positive mass
   unsigned cand[kIcdfDraws];
-  unsigned verdict[kIcdfDraws];  // kIcdfOut, kIcdfIn, or kIcdfBoundary (needs T)
+  float value[kIcdfDraws];
+  unsigned verdict[kIcdfDraws];  // kIcdfOut, kIcdfIn, or kIcdfBoundary (icdf_resolve decides)
 };
 constexpr unsigned kIcdfOut = 0, kIcdfIn = 1, kIcdfBoundary = 2;
 
@@ -685,6 +688,46 @@ __device__ __forceinline__ unsigned icdf_propose(const float* x, unsigned n,
   return __shfl_sync(kFullMask, t, lane);
 }
 
+// One pass deciding this round's proposals in the boundary bin b* without T: after the select's
+// pass 0, `want` is the mass still to reach within b*, and v >= T exactly when the mass of b*'s
+// tokens strictly above v is below it (that mass and the select's later walks over b*'s sub-bins
+// are the same exact integer sums, all of one binade's ulp; `want` <= 0 keeps b*'s largest value
+// alone). One pass, where T takes the select's two remaining ones.
+template <bool LOGITS, unsigned VEC>
+__device__ __noinline__ void icdf_resolve(const float* x, unsigned n, const RowValues<LOGITS> rv,
+                                          unsigned boundary, double want, SamplingSmem& sm,
+                                          IcdfSmem& ic) {
+  const int scale = logit_mass_scale(n);
+  float cut[kIcdfDraws];
+  unsigned long long above[kIcdfDraws];
+#pragma unroll
+  for (unsigned d = 0; d < kIcdfDraws; ++d) {
+    cut[d] = ic.verdict[d] == kIcdfBoundary ? ic.value[d] : FI_INF;  // +inf: nothing is above
+    above[d] = 0;
+  }
+  scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& q) {
+#pragma unroll
+    for (unsigned e = 0; e < VEC; ++e) {
+      const float v = rv.value(q.x[e]);
+      if ((order_key(v) >> 21) != boundary) continue;
+      const unsigned long long u = mass_units<LOGITS>(rv.weight(v), scale);
+#pragma unroll
+      for (unsigned d = 0; d < kIcdfDraws; ++d) above[d] += v > cut[d] ? u : 0ull;
+    }
+  });
+#pragma unroll
+  for (unsigned d = 0; d < kIcdfDraws; ++d) above[d] = block_sum_u64(above[d], sm);
+  if (threadIdx.x == 0) {
+    for (unsigned d = 0; d < kIcdfDraws; ++d) {
+      if (ic.verdict[d] != kIcdfBoundary) continue;
+      const bool in = want > 0.0 ? bin_mass<LOGITS>(boundary << 21, above[d], scale) < want
+                                 : above[d] == 0;
+      ic.verdict[d] = in ? kIcdfIn : kIcdfOut;
+    }
+  }
+  __syncthreads();
+}
+
 template <bool LOGITS, unsigned VEC>
 __device__ __noinline__ unsigned top_p_icdf(const float* x, unsigned n, const RowValues<LOGITS> rv,
                                             float top_p, const RowRng rng, SamplingSmem& sm) {
@@ -695,8 +738,9 @@ __device__ __noinline__ unsigned top_p_icdf(const float* x, unsigned n, const Ro
   RadixState st{0u, 0u, 0u, 0.0};
   radix_passes<LOGITS, VEC, true>(x, n, top_p, -FI_INF, rv, sm, st, 0, 1, true);
   const unsigned boundary = st.prefix >> 21;
-  bool have_t = false;
-  float t = 0.0f;
+  // Boundary values already decided: N is upward closed, so a value at or above one found in is
+  // in, and one at or below one found out is out.
+  float in_from = FI_INF, out_to = -FI_INF;
   for (unsigned round = 0; round < kIcdfRounds; ++round) {
     if (warp_id() < kIcdfDraws) {
       const unsigned d = warp_id();
@@ -706,30 +750,31 @@ __device__ __noinline__ unsigned top_p_icdf(const float* x, unsigned n, const Ro
         const float v = rv.value(x[tok]);
         const unsigned b = order_key(v) >> 21;
         ic.cand[d] = tok;
-        ic.verdict[d] = have_t ? (v >= t ? kIcdfIn : kIcdfOut)
-                               : (b > boundary ? kIcdfIn : b < boundary ? kIcdfOut : kIcdfBoundary);
+        ic.value[d] = v;
+        ic.verdict[d] = b > boundary || v >= in_from ? kIcdfIn
+                        : b < boundary || v <= out_to ? kIcdfOut
+                                                      : kIcdfBoundary;
       }
     }
     __syncthreads();
-    for (unsigned d = 0; d < kIcdfDraws; ++d) {  // in order: the first proposal in N wins
-      unsigned verdict = ic.verdict[d];
-      const unsigned tok = ic.cand[d];
-      if (verdict == kIcdfBoundary) {
-        if (!have_t) {  // block-uniform: every thread reads the same verdicts
-          radix_passes<LOGITS, VEC, true>(x, n, top_p, -FI_INF, rv, sm, st, 1, 3, false);
-          t = order_value(st.prefix);
-          have_t = true;
-        }
-        verdict = rv.value(x[tok]) >= t ? kIcdfIn : kIcdfOut;
+    bool open = false;  // block-uniform: every thread reads the same verdicts
+    for (unsigned d = 0; d < kIcdfDraws; ++d) open = open || ic.verdict[d] == kIcdfBoundary;
+    if (open) {
+      icdf_resolve<LOGITS, VEC>(x, n, rv, boundary, st.want, sm, ic);
+      for (unsigned d = 0; d < kIcdfDraws; ++d) {
+        const float v = ic.value[d];
+        if ((order_key(v) >> 21) != boundary) continue;
+        if (ic.verdict[d] == kIcdfIn) in_from = fminf(in_from, v);
+        else out_to = fmaxf(out_to, v);
       }
-      if (verdict == kIcdfIn) return tok;
+    }
+    for (unsigned d = 0; d < kIcdfDraws; ++d) {  // in order: the first proposal in N wins
+      if (ic.verdict[d] == kIcdfIn) return ic.cand[d];
     }
     __syncthreads();  // every thread has read this round's proposals
   }
-  if (!have_t) {
-    radix_passes<LOGITS, VEC, true>(x, n, top_p, -FI_INF, rv, sm, st, 1, 3, false);
-    t = order_value(st.prefix);
-  }
+  radix_passes<LOGITS, VEC, true>(x, n, top_p, -FI_INF, rv, sm, st, 1, 3, false);
+  const float t = order_value(st.prefix);
   const unsigned long long best = race_allowed<LOGITS, VEC>(x, n, rv, t, 0.0f, rng, sm);
   return best ? race_token(best) : 0u;
 }
