@@ -265,8 +265,8 @@ fn zero_key_positions_change_nothing() {
     let case = Case::prefill(&mut rng, heads, 16, &lens, &[9, 5, 3, 64], true);
     let zero = case.kv.clone().with_key_positions(&[0; 4], &lens).unwrap();
     assert!(zero.has_key_positions() && !case.kv.has_key_positions());
-    for b in 0..4 {
-        assert_eq!((case.kv.key_offset(b), case.kv.key_total(b)), (0, lens[b]));
+    for (b, &len) in lens.iter().enumerate() {
+        assert_eq!((case.kv.key_offset(b), case.kv.key_total(b)), (0, len));
     }
     let (q, k, v) = (f32s(&case.q), f32s(&case.k), f32s(&case.v));
     let run = |variant: &dyn Fn(&Batch) -> reference::Reference| {
@@ -364,12 +364,148 @@ fn variants_a_shard_cannot_run_are_refused() {
     }
 }
 
+/// The worst rel. L2 of `o` per (request, head) and the LSE, against the f64 reference of
+/// `batch`: bf16 bounds.
+fn check_gpu_result<V: Variant>(
+    variant: &V,
+    case: &Case,
+    batch: &Batch,
+    got: &(Vec<f32>, Vec<f32>),
+    what: &str,
+) {
+    let want = reference::attention(
+        variant,
+        batch,
+        &f32s(&case.q),
+        &f32s(&case.k),
+        &f32s(&case.v),
+    )
+    .unwrap();
+    let (err, b, h) = worst_rel_l2(batch, &got.0, &want.o);
+    assert!(
+        err <= 1e-2,
+        "{what}: rel L2 {err:e} at request {b} head {h}"
+    );
+    for (i, (g, w)) in got.1.iter().zip(&want.lse).enumerate() {
+        let ok = f64::from(*g) == *w || (f64::from(*g) - w).abs() <= 1e-2 * w.abs().max(1.0);
+        assert!(ok, "{what}: lse[{i}] {g} vs {w}");
+    }
+}
+
+/// `batch` on GPU 0 with `config`, o and lse poisoned with NaN first: a prefill, or (one query
+/// row per request, `decode`) a decode.
+fn on_gpu<V: Variant>(
+    variant: &V,
+    case: &Case,
+    batch: Batch,
+    config: PlanConfig,
+    decode: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let gpu = Backend::cuda(0).unwrap();
+    let (q, k, v) = (
+        gpu.upload(&case.q).unwrap(),
+        gpu.upload(&case.k).unwrap(),
+        gpu.upload(&case.v).unwrap(),
+    );
+    let mut o = gpu.filled(batch.q_len(), bf16::NAN).unwrap();
+    let mut lse = gpu.filled(batch.lse_len(), f32::NAN).unwrap();
+    if decode {
+        let plan = BatchDecode::plan_batch(&gpu, batch, config).unwrap();
+        plan.run(variant, &q, &k, &v, &mut o, Some(&mut lse))
+            .unwrap();
+    } else {
+        let plan = BatchPrefill::plan_with(&gpu, batch, config).unwrap();
+        plan.run(variant, &q, &k, &v, &mut o, Some(&mut lse))
+            .unwrap();
+    }
+    (f32s(&o.to_vec().unwrap()), lse.to_vec().unwrap())
+}
+
+/// The prefill kernel (with and without a KV split, so the merge pass too) and both decode
+/// kernels, over a shard in the middle of its requests (key positions past 0), equal the CPU
+/// reference of that shard, for variants that read key positions in each hook; and key
+/// positions of 0 give the kernels' output without positions bit for bit. One GPU.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_key_positions_equal_the_reference() {
+    let mut rng = Rng::from_time();
+    let seed = rng.seed();
+    let heads = Heads::new(32, 8, 128).unwrap();
+    let lens = [3000, 40, 0, 900, 1];
+    let split = PlanConfig {
+        fixed_kv_chunk: Some(128),
+        ..PlanConfig::default()
+    };
+    let alibi = Alibi::new(32);
+    let rope = LlamaRope { theta: 1e4 };
+    let window = SlidingWindow { window: 300 };
+    for causal in [true, false] {
+        let case = Case::prefill(&mut rng, heads, 16, &lens, &[700, 40, 3, 128, 2], causal);
+        // Rank 1 of 3: keys from about a third of each request on.
+        let shard = shard_kv(&case.kv, 3).unwrap().swap_remove(1).into_kv();
+        assert!(shard.key_offset(0) > 0);
+        let batch = case.batch(shard);
+        for (name, config) in [("unsplit", PlanConfig::default()), ("split", split)] {
+            let what = format!("seed {seed}, causal {causal}, {name}");
+            let got = on_gpu(&Standard, &case, batch.clone(), config, false);
+            check_gpu_result(&Standard, &case, &batch, &got, &format!("Standard, {what}"));
+            let got = on_gpu(&alibi, &case, batch.clone(), config, false);
+            check_gpu_result(&alibi, &case, &batch, &got, &format!("Alibi, {what}"));
+            let got = on_gpu(&rope, &case, batch.clone(), config, false);
+            check_gpu_result(&rope, &case, &batch, &got, &format!("LlamaRope, {what}"));
+            let got = on_gpu(&window, &case, batch.clone(), config, false);
+            check_gpu_result(
+                &window,
+                &case,
+                &batch,
+                &got,
+                &format!("SlidingWindow, {what}"),
+            );
+        }
+        // Zero positions over whole requests: the same bits as no positions.
+        let zero = case.kv.clone().with_key_positions(&[0; 5], &lens).unwrap();
+        let a = on_gpu(&alibi, &case, case.batch(case.kv.clone()), split, false);
+        let b = on_gpu(&alibi, &case, case.batch(zero), split, false);
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.0), bits(&b.0), "causal {causal}: o");
+        assert_eq!(bits(&a.1), bits(&b.1), "causal {causal}: lse");
+    }
+    // Decode on both kernels over a middle shard.
+    let case = Case::new(&mut rng, heads, 16, &lens);
+    let shard = shard_kv(&case.kv, 3).unwrap().swap_remove(1).into_kv();
+    let batch = Batch::decode(heads, shard).unwrap();
+    for kernel in [DecodeKernel::CudaCores, DecodeKernel::TensorCores] {
+        for chunk in [None, Some(128)] {
+            let config = PlanConfig {
+                decode_kernel: kernel,
+                fixed_kv_chunk: chunk,
+                ..PlanConfig::default()
+            };
+            let what = format!("seed {seed}, decode {kernel:?}, chunk {chunk:?}");
+            let got = on_gpu(&alibi, &case, batch.clone(), config, true);
+            check_gpu_result(&alibi, &case, &batch, &got, &format!("Alibi, {what}"));
+            let got = on_gpu(&rope, &case, batch.clone(), config, true);
+            check_gpu_result(&rope, &case, &batch, &got, &format!("LlamaRope, {what}"));
+            let got = on_gpu(&window, &case, batch.clone(), config, true);
+            check_gpu_result(
+                &window,
+                &case,
+                &batch,
+                &got,
+                &format!("SlidingWindow, {what}"),
+            );
+        }
+    }
+}
+
 #[cfg(feature = "nccl")]
 mod gpu {
     //! One thread per visible GPU, each a rank of one NCCL communicator.
 
     use super::*;
-    use ferrinfer::distributed::{Communicator, ContextParallelDecode, NcclId};
+    use ferrinfer::distributed::{
+        Communicator, ContextParallelDecode, ContextParallelPrefill, NcclId,
+    };
     use std::sync::Arc;
 
     fn device_count() -> usize {
@@ -387,21 +523,10 @@ mod gpu {
         n
     }
 
-    /// One-GPU decode of the whole context on GPU 0: the answer every rank must give.
-    fn single_gpu(case: &Case) -> (Vec<f32>, Vec<f32>) {
-        let gpu = Backend::cuda(0).unwrap();
-        let plan = BatchDecode::plan(&gpu, case.heads, case.kv.clone(), None).unwrap();
-        let (q, k, v) = (
-            gpu.upload(&case.q).unwrap(),
-            gpu.upload(&case.k).unwrap(),
-            gpu.upload(&case.v).unwrap(),
-        );
-        let shape = case.shape();
-        let mut o = gpu.filled(shape.v_len(), bf16::NAN).unwrap();
-        let mut lse = gpu.filled(shape.s_len(), f32::NAN).unwrap();
-        plan.run(&Standard, &q, &k, &v, &mut o, Some(&mut lse))
-            .unwrap();
-        (f32s(&o.to_vec().unwrap()), lse.to_vec().unwrap())
+    /// One-GPU attention of the whole context on GPU 0: the answer every rank must give.
+    fn single_gpu<V: Variant>(variant: &V, case: &Case) -> (Vec<f32>, Vec<f32>) {
+        let batch = case.batch(case.kv.clone());
+        on_gpu(variant, case, batch, PlanConfig::default(), !case.prefill)
     }
 
     /// Run `f(rank, communicator)` on one thread per rank and collect what each returns.
@@ -450,9 +575,45 @@ mod gpu {
         })
     }
 
+    /// Each rank uploads the whole cache and prefills over its shard of it (page ids unchanged).
+    fn cp_prefill<V: Variant + Sync>(
+        variant: &V,
+        case: &Case,
+        world: usize,
+    ) -> Vec<(Vec<f32>, Vec<f32>)> {
+        on_ranks(world, |rank, comm| {
+            let comm = Arc::new(comm);
+            let shard = shard_kv(&case.kv, world).unwrap().swap_remove(rank);
+            let backend = comm.backend().clone();
+            let batch = case.batch(shard.into_kv());
+            let plan =
+                ContextParallelPrefill::<bf16>::plan(comm, batch, PlanConfig::default()).unwrap();
+            let (q, k, v) = (
+                backend.upload(&case.q).unwrap(),
+                backend.upload(&case.k).unwrap(),
+                backend.upload(&case.v).unwrap(),
+            );
+            let shape = case.shape();
+            let mut o = backend.filled(shape.v_len(), bf16::NAN).unwrap();
+            let mut lse = backend.filled(shape.s_len(), f32::NAN).unwrap();
+            plan.run(variant, &q, &k, &v, &mut o, Some(&mut lse))
+                .unwrap();
+            (f32s(&o.to_vec().unwrap()), lse.to_vec().unwrap())
+        })
+    }
+
     fn compare(case: &Case, got: &[(Vec<f32>, Vec<f32>)], what: &str) {
-        let batch = Batch::decode(case.heads, case.kv.clone()).unwrap();
-        let (want_o, want_lse) = single_gpu(case);
+        compare_with(&Standard, case, got, what)
+    }
+
+    fn compare_with<V: Variant>(
+        variant: &V,
+        case: &Case,
+        got: &[(Vec<f32>, Vec<f32>)],
+        what: &str,
+    ) {
+        let batch = case.batch(case.kv.clone());
+        let (want_o, want_lse) = single_gpu(variant, case);
         let want_o: Vec<f64> = want_o.iter().map(|&x| f64::from(x)).collect();
         for (rank, (o, lse)) in got.iter().enumerate() {
             let (err, b, h) = worst_rel_l2(&batch, o, &want_o);
@@ -565,6 +726,9 @@ mod gpu {
             Case {
                 heads,
                 kv,
+                qo: c.qo.clone(),
+                prefill: false,
+                causal: false,
                 q: c.q.clone(),
                 k,
                 v,
@@ -607,6 +771,166 @@ mod gpu {
             (o, lse)
         });
         compare(&second, &got, &format!("replayed graph, world {world}"));
+    }
+
+    /// Causal and full prefill (and append: fewer query rows than keys) with every visible GPU
+    /// a rank equals one-GPU prefill of the whole context, for a plain variant and one that
+    /// reads key positions; also checked against the f64 reference.
+    #[test]
+    #[ignore = "requires a CUDA GPU"]
+    fn gpu_context_parallel_prefill_equals_one_gpu() {
+        let world = world();
+        let mut rng = Rng::from_time();
+        let seed = rng.seed();
+        for (heads, page) in [
+            (Heads::new(32, 8, 128).unwrap(), 16),
+            (Heads::new(8, 8, 64).unwrap(), 1),
+        ] {
+            for causal in [true, false] {
+                let lens = [3000, 1, 0, 17, 1500, 33];
+                let qo = [600, 1, 2, 17, 1500, 40];
+                let case = Case::prefill(&mut rng, heads, page, &lens, &qo, causal);
+                let what = format!("seed {seed}, page {page}, causal {causal}, world {world}");
+                let got = cp_prefill(&Standard, &case, world);
+                compare_with(&Standard, &case, &got, &format!("Standard, {what}"));
+                let alibi = Alibi::new(heads.num_qo_heads());
+                let got = cp_prefill(&alibi, &case, world);
+                compare_with(&alibi, &case, &got, &format!("Alibi, {what}"));
+                let batch = case.batch(case.kv.clone());
+                check_gpu_result(&alibi, &case, &batch, &got[0], &format!("Alibi, {what}"));
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "requires a CUDA GPU"]
+    fn gpu_context_parallel_prefill_world_size_one() {
+        let mut rng = Rng::from_time();
+        let heads = Heads::new(32, 8, 128).unwrap();
+        let case = Case::prefill(&mut rng, heads, 16, &[3000, 5, 700], &[500, 5, 1], true);
+        let got = cp_prefill(&Standard, &case, 1);
+        compare(&case, &got, "prefill, world 1");
+    }
+
+    /// A shard without key positions is refused for a causal prefill over several ranks (its
+    /// diagonal would be the shard's), on every rank, before anything is queued.
+    #[test]
+    #[ignore = "requires a CUDA GPU"]
+    fn gpu_context_parallel_prefill_needs_key_positions() {
+        let world = world();
+        if world < 2 {
+            println!("only 1 GPU: a single rank needs no key positions; nothing to check");
+            return;
+        }
+        let mut rng = Rng::from_time();
+        let heads = Heads::new(32, 8, 128).unwrap();
+        let case = Case::prefill(&mut rng, heads, 16, &[700, 90], &[100, 90], true);
+        let errors = on_ranks(world, |rank, comm| {
+            let comm = Arc::new(comm);
+            let backend = comm.backend().clone();
+            let shard = shard_kv(&case.kv, world).unwrap().swap_remove(rank);
+            // The same blocks, without positions.
+            let kv = shard.kv();
+            let bare = KvIndex::paged(
+                16,
+                kv.indptr(),
+                kv.indices(),
+                kv.last_len(),
+                kv.capacity(),
+                KvLayout::Nhd,
+            )
+            .unwrap();
+            let plan =
+                ContextParallelPrefill::<bf16>::plan(comm, case.batch(bare), PlanConfig::default())
+                    .unwrap();
+            let (q, k, v) = (
+                backend.upload(&case.q).unwrap(),
+                backend.upload(&case.k).unwrap(),
+                backend.upload(&case.v).unwrap(),
+            );
+            let mut o = backend.filled(case.shape().v_len(), bf16::NAN).unwrap();
+            plan.run(&Standard, &q, &k, &v, &mut o, None)
+                .unwrap_err()
+                .to_string()
+        });
+        for (rank, e) in errors.iter().enumerate() {
+            assert!(
+                e.contains("causal mask") && e.contains("key positions"),
+                "rank {rank}: {e}"
+            );
+        }
+    }
+
+    /// A CUDA graph of the context-parallel prefill, replayed after a replan to another batch
+    /// of the same capacity, equals one-GPU prefill of that batch.
+    #[test]
+    #[ignore = "requires a CUDA GPU"]
+    fn gpu_context_parallel_prefill_capture_and_replay() {
+        let world = world();
+        let mut rng = Rng::from_time();
+        let heads = Heads::new(32, 8, 128).unwrap();
+        let pages = 200;
+        // Both batches in one cache of `pages` pages (the graph pins the capacity) and with the
+        // same query rows (the buffers are sized for the capacity's rows).
+        let make = |rng: &mut Rng, lens: &[u32], qo: &[u32]| {
+            let mut c = Case::prefill(rng, heads, 16, lens, qo, true);
+            let per_page = c.kv.buffer_len(&heads) / c.kv.capacity() as usize;
+            c.k.resize(pages as usize * per_page, bf16::NAN);
+            c.v.resize(pages as usize * per_page, bf16::NAN);
+            c.kv = KvIndex::paged(
+                16,
+                c.kv.indptr(),
+                c.kv.indices(),
+                c.kv.last_len(),
+                pages,
+                KvLayout::Nhd,
+            )
+            .unwrap();
+            c
+        };
+        let first = make(&mut rng, &[900, 40, 7], &[300, 40, 4]);
+        let second = make(&mut rng, &[50, 1200, 300], &[50, 200, 94]);
+        let capacity = GraphCapacity {
+            work_items: 2048,
+            batch: 3,
+            qo_rows: 344,
+            kv_blocks: pages,
+        };
+        let got = on_ranks(world, |rank, comm| {
+            let comm = Arc::new(comm);
+            let backend = comm.backend().clone();
+            let shard = |c: &Case| {
+                let kv = shard_kv(&c.kv, world).unwrap().swap_remove(rank).into_kv();
+                c.batch(kv)
+            };
+            let config = PlanConfig {
+                graph: Some(capacity),
+                ..PlanConfig::default()
+            };
+            let plan = ContextParallelPrefill::<bf16>::plan(comm, shard(&first), config).unwrap();
+            let shape = first.shape();
+            let buffers = RunBuffers {
+                q: backend.upload(&first.q).unwrap(),
+                k: backend.upload(&first.k).unwrap(),
+                v: backend.upload(&first.v).unwrap(),
+                o: backend.filled(shape.v_len(), bf16::NAN).unwrap(),
+                lse: Some(backend.filled(shape.s_len(), f32::NAN).unwrap()),
+            };
+            let mut graph = plan.capture(Standard, buffers).unwrap();
+            graph.replan(shard(&second)).unwrap();
+            graph.write(Input::Q, &second.q).unwrap();
+            graph.write(Input::K, &second.k).unwrap();
+            graph.write(Input::V, &second.v).unwrap();
+            graph.launch().unwrap();
+            let o = f32s(&graph.o().to_vec().unwrap());
+            let lse = graph.lse().unwrap().to_vec().unwrap();
+            (o, lse)
+        });
+        compare(
+            &second,
+            &got,
+            &format!("replayed prefill graph, world {world}"),
+        );
     }
 
     /// Rank `r`'s input of the all-reduce test: normal values from (seed, rank), as `T`.
