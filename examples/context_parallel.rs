@@ -1,8 +1,10 @@
-//! Context parallelism: a decode batch whose KV cache is sharded by pages over N ranks. Each rank
-//! decodes its shard with the LSE; the ranks' states are gathered rank-major and merged. Here the
-//! ranks are simulated on the CPU backend (the same sharding and merge code the GPU path runs),
-//! and the result is checked against decode over the whole cache. Built with `--features nccl`
-//! and run on a machine with GPUs, it also runs `ContextParallelDecode` with every GPU a rank.
+//! Context parallelism: a batch whose KV cache is sharded by pages over N ranks. Each rank
+//! decodes (or prefills) its shard with the LSE; the ranks' states are gathered rank-major and
+//! merged. Here the ranks are simulated on the CPU backend (the same sharding and merge code the
+//! GPU path runs), and the results are checked against attention over the whole cache: a decode
+//! step, then a causal prefill of new tokens at the end of each request. Built with
+//! `--features nccl` and run on a machine with GPUs, it also runs `ContextParallelDecode` and
+//! `ContextParallelPrefill` with every GPU a rank.
 //!
 //!     cargo run --example context_parallel [--features nccl]
 
@@ -82,8 +84,53 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     assert!(err <= 1e-2);
 
+    // ANCHOR: prefill
+    // A causal prefill: 40, 17 and 100 new query rows at the end of each request. Each shard
+    // knows where its keys sit (KvShard sets KvIndex::with_key_positions), so its causal mask is
+    // the whole request's; the states merge as for decode.
+    let qo = ferrinfer::attention::indptr(&[40, 17, 100]);
+    let rows = *qo.last().unwrap() as u32;
+    let pq = draw(rows as usize * 8 * 64);
+    let pshape = StateShape::new(rows, 8, 64)?;
+    let mut gathered_o = vec![bf16::ZERO; world * pshape.v_len()];
+    let mut gathered_lse = vec![0f32; world * pshape.s_len()];
+    let slots = gathered_o
+        .chunks_mut(pshape.v_len())
+        .zip(gathered_lse.chunks_mut(pshape.s_len()));
+    for (shard, (o, lse)) in shard_kv(&kv, world)?.into_iter().zip(slots) {
+        let batch = Batch::new(heads, &qo, shard.into_kv())?.with_causal(true);
+        let plan = BatchPrefill::plan(&cpu, batch)?;
+        plan.run(
+            &Standard,
+            &View::host(&pq),
+            &View::host(&k),
+            &View::host(&v),
+            &mut ViewMut::host(o),
+            Some(&mut ViewMut::host(lse)),
+        )?;
+    }
+    let (mut po, mut plse) = (vec![bf16::ZERO; pshape.v_len()], vec![0f32; pshape.s_len()]);
+    merge_ranks(
+        &cpu,
+        pshape,
+        world as u32,
+        State::new(&View::host(&gathered_o), &View::host(&gathered_lse)),
+        StateMut::new(&mut ViewMut::host(&mut po), &mut ViewMut::host(&mut plse)),
+    )?;
+    // ANCHOR_END: prefill
+    let pbatch = Batch::new(heads, &qo, kv.clone())?.with_causal(true);
+    let want = reference::attention(&Standard, &pbatch, &f32s(&pq), &f32s(&k), &f32s(&v))?;
+    let (err, b, h) = worst_rel_l2(&pbatch, &f32s(&po), &want.o);
+    println!(
+        "causal prefill, {world} simulated ranks vs the whole cache: worst rel. L2 {err:.2e} \
+         (request {b}, head {h})"
+    );
+    assert!(err <= 1e-2);
+
     #[cfg(feature = "nccl")]
     on_gpus(heads, &kv, &q, &k, &v, &f32s(&o))?;
+    #[cfg(feature = "nccl")]
+    prefill_on_gpus(&pbatch, &pq, &k, &v, &f32s(&po))?;
     Ok(())
 }
 
@@ -141,6 +188,62 @@ fn on_gpus(
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         println!("GPU rank {rank} of {world}: max |o - CPU merge| = {diff:.2e}");
+    }
+    Ok(())
+}
+
+/// Every visible GPU a rank: `ContextParallelPrefill` of a causal batch over NCCL, compared with
+/// the CPU merge.
+#[cfg(feature = "nccl")]
+fn prefill_on_gpus(
+    whole: &Batch,
+    q: &[bf16],
+    k: &[bf16],
+    v: &[bf16],
+    want: &[f32],
+) -> Result<(), Box<dyn std::error::Error>> {
+    use ferrinfer::distributed::{Communicator, ContextParallelPrefill, NcclId};
+    use std::sync::Arc;
+    let world = ferrinfer::cudarc::driver::CudaContext::device_count().unwrap_or(0) as usize;
+    if world == 0 {
+        println!("no GPU: skipped ContextParallelPrefill");
+        return Ok(());
+    }
+    // ANCHOR: nccl_prefill
+    let id = NcclId::new()?;
+    let outputs = std::thread::scope(|s| {
+        let ranks: Vec<_> = (0..world)
+            .map(|rank| {
+                s.spawn(move || -> ferrinfer::Result<Vec<bf16>> {
+                    let backend = Backend::cuda(rank)?;
+                    let comm = Arc::new(Communicator::new(&backend, &id, rank, world)?);
+                    // The same requests and query rows on every rank, over this rank's keys.
+                    let shard = shard_kv(whole.kv(), world)?.swap_remove(rank);
+                    let batch = Batch::new(whole.heads(), whole.qo_indptr(), shard.into_kv())?
+                        .with_causal(whole.causal());
+                    let plan =
+                        ContextParallelPrefill::<bf16>::plan(comm, batch, PlanConfig::default())?;
+                    let (q, k, v) = (backend.upload(q)?, backend.upload(k)?, backend.upload(v)?);
+                    let mut o = backend.filled(q.len(), bf16::ZERO)?;
+                    plan.run(&Standard, &q, &k, &v, &mut o, None)?;
+                    o.to_vec()
+                })
+            })
+            .collect();
+        ranks
+            .into_iter()
+            .map(|r| r.join().expect("rank thread"))
+            .collect::<Vec<_>>()
+    });
+    // ANCHOR_END: nccl_prefill
+    for (rank, o) in outputs.into_iter().enumerate() {
+        let o: Vec<f32> = o?.iter().map(|e| e.to_f32()).collect();
+        let diff = o
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        println!("GPU rank {rank} of {world}, prefill: max |o - CPU merge| = {diff:.2e}");
     }
     Ok(())
 }

@@ -182,7 +182,8 @@ struct StepMsg {
 }
 
 enum Cmd {
-    Step(StepMsg),
+    // Boxed: a step's message is much larger than the other command.
+    Step(Box<StepMsg>),
     /// The last step's logits of its first `b` requests.
     Logits(usize),
 }
@@ -328,13 +329,13 @@ impl Group {
     /// GPU) and return the tokens, which every rank must have sampled alike.
     pub fn step(&mut self, inp: &StepInput, graphs: bool) -> Res<Vec<i32>> {
         self.send(|| {
-            Cmd::Step(StepMsg {
+            Cmd::Step(Box::new(StepMsg {
                 tokens: inp.tokens.to_vec(),
                 qo_indptr: inp.qo_indptr.to_vec(),
                 kv: inp.kv.clone(),
                 params: inp.params.to_vec(),
                 graphs,
-            })
+            }))
         })?;
         let replies = self.collect()?;
         if let Some(Reply::Tokens(_, n)) = replies.first() {

@@ -6,7 +6,8 @@
 //! A workspace is little-endian int32 words. Bytes `0..`[`header::BYTES`] are the header
 //! ([`header`] names the word indices): a magic number, the format version, the kernel kind
 //! ([`kind_code`]), `cta_tile_q`, `kv_chunk`, `padded_len`, the number of valid entries,
-//! `total_qo`, `partial_rows`, the byte offsets of the arrays, then the number of requests. The
+//! `total_qo`, `partial_rows`, the byte offsets of the arrays, the number of requests, then the
+//! byte offset of the per-request key positions ([`header::KEY_POSITIONS`], 0 for none). The
 //! arrays follow in [`Layout::ARRAYS`] order, each at the next multiple of 16 bytes: the seven item
 //! fields `request`, `kv_head`, `qo_tile_start`, `qo_tile_end`, `kv_start`, `kv_end`, `partial`
 //! (`-1` for none) and `valid` (1 or 0), each `[padded_len]`; then `merge_indptr` `[total_qo + 1]`
@@ -40,12 +41,18 @@ pub mod header {
     pub const OFFSETS: usize = 9;
     /// Requests in the batch; after the array offsets, at word 19.
     pub const BATCH: usize = OFFSETS + super::Layout::ARRAYS.len();
+    /// Byte offset, from the start of the workspace, of `[batch][2]` int32 pairs `(offset,
+    /// total)`: request `b`'s keys `0..kv_len` sit at positions `offset..offset + kv_len` of a
+    /// request of `total` keys (a context-parallel shard). 0 when the batch gives none: every
+    /// request then starts at 0 and is whole (`total = kv_len`). Kernels read it once per CTA
+    /// (`key_positions` in attention/work.cuh), so a replayed graph follows a replan.
+    pub const KEY_POSITIONS: usize = BATCH + 1;
     /// Header size in bytes; the first array starts here.
     pub const BYTES: usize = 128;
     /// "FIPL" read as a little-endian int32.
     pub const MAGIC: i32 = i32::from_le_bytes(*b"FIPL");
     /// Bumped whenever the layout changes.
-    pub const VERSION: i32 = 2;
+    pub const VERSION: i32 = 3;
 }
 
 /// Byte offsets of the workspace arrays (all int32), and the bytes they span.
@@ -167,7 +174,7 @@ pub const CUDA_HEADER: &str = "attention/workspace.cuh";
 
 /// Every header word, by its name in [`header`]; [`cuda_header`] emits each as
 /// `fi::ws_header::k<Name>` (`PADDED_LEN` -> `kPaddedLen`), a static member of a struct.
-const HEADER_WORDS: [(&str, usize); 11] = [
+const HEADER_WORDS: [(&str, usize); 12] = [
     ("MAGIC_WORD", header::MAGIC_WORD),
     ("VERSION_WORD", header::VERSION_WORD),
     ("KIND", header::KIND),
@@ -179,6 +186,7 @@ const HEADER_WORDS: [(&str, usize); 11] = [
     ("PARTIAL_ROWS", header::PARTIAL_ROWS),
     ("OFFSETS", header::OFFSETS),
     ("BATCH", header::BATCH),
+    ("KEY_POSITIONS", header::KEY_POSITIONS),
 ];
 
 /// `PADDED_LEN` or `padded_len` -> `kPaddedLen`.
@@ -309,6 +317,7 @@ mod tests {
         assert!(words.contains("constexpr int kOffsets = 9;\n"));
         assert!(words.contains("constexpr int kTotalQo = 7;\n"));
         assert!(words.contains("constexpr int kBatch = 19;\n"));
+        assert!(words.contains("constexpr int kKeyPositions = 20;\n"));
         for (k, name) in Layout::ARRAYS.iter().enumerate() {
             let line = format!("static constexpr int {} = {k};\n", cuda_name(name));
             assert!(arrays.contains(&line), "{line} missing from\n{text}");

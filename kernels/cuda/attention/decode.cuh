@@ -247,7 +247,8 @@ __device__ __forceinline__ float decode_scatter(float (&x)[N], unsigned c, unsig
 template <int NR, class V, class P, class T, int D>
 __device__ __forceinline__ void decode_tile(const P& p, const Vec8* ks, const Vec8* vs,
                                             unsigned n, unsigned way, unsigned ways, unsigned c,
-                                            unsigned j0, const float (&q)[kDecodeRows][8],
+                                            unsigned j0, unsigned kv_off,
+                                            const float (&q)[kDecodeRows][8],
                                             const unsigned (&row_end)[kDecodeRows],
                                             const Pos (&at)[kDecodeRows], const Pos& at_k,
                                             float sm_scale, unsigned mask,
@@ -272,8 +273,8 @@ __device__ __forceinline__ void decode_tile(const P& p, const Vec8* ks, const Ve
     const unsigned u1 = u + ways;
     const bool two = u1 < n;
     Pos at_k0 = at_k, at_k1 = at_k;
-    at_k0.kv_pos = j0 + u;
-    at_k1.kv_pos = j0 + u1;
+    at_k0.kv_pos = kv_off + j0 + u;
+    at_k1.kv_pos = kv_off + j0 + u1;
     float k0[8], k1[8];
     decode_key<V, P, T, D>(p, ks, u, c, at_k0, k0);
     decode_key<V, P, T, D>(p, ks, two ? u1 : u, c, at_k1, k1);
@@ -295,7 +296,7 @@ __device__ __forceinline__ void decode_tile(const P& p, const Vec8* ks, const Ve
     unpack8<T>(vs[u * L + c], v0);
     if (two) unpack8<T>(vs[u1 * L + c], v1);
     const unsigned j = j0 + (second ? u1 : u);
-    at_mine.kv_pos = j;
+    at_mine.kv_pos = kv_off + j;
     const bool visible = (!second || two) && j < end_mine;
     const float logit = decode_logit<V>(p, sum, visible, at_mine, sm_scale);
     #pragma unroll
@@ -326,11 +327,14 @@ __device__ __forceinline__ void decode_pass(const AttnArgs& a, const P& p, const
   const unsigned r0 = rg * kDecodeRows;
   const unsigned nr = active ? min(kDecodeRows, rows - r0) : 0;
   const bool causal = a.causal != 0;
+  // Hooks see positions in the whole request; the diagonal follows them (work.cuh).
+  const KeyPositions kp = key_positions(a.work, b, kv.len);
+  const long long shift = kp.causal_shift(qo_len);
 
   // Keys of the chunk that some row of this pass can see.
   const unsigned i_last = (p0 + rows - 1) / group;
   const unsigned lo = it.kv_start;
-  const unsigned hi = min(it.kv_end, keys_end(causal, i_last, qo_len, kv.len));
+  const unsigned hi = min(it.kv_end, keys_end(causal, i_last, shift, kv.len));
   const unsigned tiles = hi > lo ? (hi - lo + S::kTile - 1) / S::kTile : 0;
 
   // Query rows, transformed and scaled so that q . k is the logit the accumulator wants.
@@ -344,8 +348,8 @@ __device__ __forceinline__ void decode_pass(const AttnArgs& a, const P& p, const
   for (unsigned r = 0; r < kDecodeRows; ++r) {
     const unsigned pr = p0 + r0 + (r < nr ? r : 0);
     const unsigned i = pr / group, h = kv_head * group + pr % group;
-    at[r] = Pos{b, i, 0, h, kv_head, qo_len, kv.len, D};
-    row_end[r] = keys_end(causal, i, qo_len, kv.len);
+    at[r] = Pos{b, i, 0, h, kv_head, qo_len, kp.total, D};
+    row_end[r] = keys_end(causal, i, shift, kv.len);
     #pragma unroll
     for (int e = 0; e < 8; ++e) q[r][e] = 0.0f;
     if (r < nr) {
@@ -364,7 +368,7 @@ __device__ __forceinline__ void decode_pass(const AttnArgs& a, const P& p, const
       for (int e = 0; e < 8; ++e) q[r][e] *= scale;
     }
   }
-  const Pos at_k{b, 0, 0, 0, kv_head, qo_len, kv.len, D};
+  const Pos at_k{b, 0, 0, 0, kv_head, qo_len, kp.total, D};
 
   // Copy side: thread tid copies chunk c of keys tid / L + x * kWorkers of every tile, K and V.
   const DecodePager pager = decode_pager(kv);
@@ -428,19 +432,19 @@ __device__ __forceinline__ void decode_pass(const AttnArgs& a, const P& p, const
     // nr is the same on all lanes of a worker, so each worker runs one instance.
     switch (nr) {
       case 1:
-        decode_tile<1, V, P, T, D>(p, ks, vs, n, way, ways, c, j0, q, row_end, at, at_k,
+        decode_tile<1, V, P, T, D>(p, ks, vs, n, way, ways, c, j0, kp.offset, q, row_end, at, at_k,
                                    a.sm_scale, mask, st);
         break;
       case 2:
-        decode_tile<2, V, P, T, D>(p, ks, vs, n, way, ways, c, j0, q, row_end, at, at_k,
+        decode_tile<2, V, P, T, D>(p, ks, vs, n, way, ways, c, j0, kp.offset, q, row_end, at, at_k,
                                    a.sm_scale, mask, st);
         break;
       case 3:
-        decode_tile<3, V, P, T, D>(p, ks, vs, n, way, ways, c, j0, q, row_end, at, at_k,
+        decode_tile<3, V, P, T, D>(p, ks, vs, n, way, ways, c, j0, kp.offset, q, row_end, at, at_k,
                                    a.sm_scale, mask, st);
         break;
       case 4:
-        decode_tile<4, V, P, T, D>(p, ks, vs, n, way, ways, c, j0, q, row_end, at, at_k,
+        decode_tile<4, V, P, T, D>(p, ks, vs, n, way, ways, c, j0, kp.offset, q, row_end, at, at_k,
                                    a.sm_scale, mask, st);
         break;
       default:

@@ -79,7 +79,8 @@ __device__ void merge(const AttnArgs& a, const P& p) {
   const unsigned qo_begin = static_cast<unsigned>(a.qo_indptr[b]);
   const unsigned qo_len = static_cast<unsigned>(a.qo_indptr[b + 1]) - qo_begin;
   const unsigned kv_head = h / (a.num_qo_heads / a.num_kv_heads);
-  const Pos at{b, row - qo_begin, 0, h, kv_head, qo_len, kv_seq(a, b).len, D};
+  const unsigned kv_total = key_positions(work, b, kv_seq(a, b).len).total;
+  const Pos at{b, row - qo_begin, 0, h, kv_head, qo_len, kv_total, D};
 
   // The row's softmax state over all its chunks, in epilogue.cuh's terms: m in log2 units, z and
   // acc relative to 2^m. A chunk's normalised output weighs 2^(its LSE in log2 units - m).

@@ -32,9 +32,10 @@ struct PrefillCta {
   KvSeq kv;
   unsigned kv_start, kv_stop, kv_head, request, qo_len;
   int shift;  // key j is causally visible to query row i iff j <= i + shift
+  unsigned kv_offset, kv_total;  // KeyPositions (work.cuh): what the key hook sees
 };
 // kernels/src/prefill.rs reserves this many bytes for it.
-constexpr int kPrefillCtaBytes = 64;
+constexpr int kPrefillCtaBytes = 72;
 static_assert(sizeof(PrefillCta) <= kPrefillCtaBytes, "PrefillCta must fit its reserved bytes");
 
 template <int D, int TILE_Q, int TILE_KV>
@@ -100,8 +101,10 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   const unsigned group = a.num_qo_heads / a.num_kv_heads;
   const KvSeq kv = kv_seq(a, b);
   const bool causal = a.causal != 0;
+  // Hooks see key j at position kp.offset + j of a request of kp.total keys (work.cuh).
+  const KeyPositions kp = key_positions(a.work, b, kv.len);
   // Key j is causally visible to query row i iff j <= i + shift.
-  const long long shift = static_cast<long long>(kv.len) - qo_len;
+  const long long shift = kp.causal_shift(qo_len);
 
   // Keys past the last row's diagonal are hidden from every row: those tiles are skipped.
   unsigned kv_stop = w.kv_end;
@@ -138,7 +141,8 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   cp_async_commit();
 
   if (threadIdx.x == 0) {
-    cta = PrefillCta{kv, w.kv_start, kv_stop, kv_head, b, qo_len, static_cast<int>(shift)};
+    cta = PrefillCta{kv, w.kv_start, kv_stop, kv_head, b, qo_len, static_cast<int>(shift),
+                     kp.offset, kp.total};
   }
   // Key offsets: one page lookup per key and tile (not per 16-byte chunk). The block ids of tile
   // t + 2 stream into shared memory with K/V(t + 1) (cp.async, no register waits on them); the
@@ -205,7 +209,7 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
     for (unsigned c = threadIdx.x; c < TILE_Q * (D / 2); c += kThreads) {
       const unsigned r = c / (D / 2), d = c % (D / 2), pr = packed(r);
       const unsigned i = pr / group, h = kv_head * group + pr % group;
-      const Pos at{b, i, 0, h, kv_head, qo_len, kv.len, D};
+      const Pos at{b, i, 0, h, kv_head, qo_len, kp.total, D};
       unsigned short* x = sq.elem(r, d);
       unsigned short* y = sq.elem(r, d + D / 2);
       const float xv = load_elem<T>(x), yv = load_elem<T>(y);
@@ -260,11 +264,11 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
     if constexpr (V::kHasKey) {
       const SmemTile<kTileKv, D> ks = sk(tile);
       const unsigned stop = cta.kv_stop, head = cta.kv_head, req = cta.request;
-      const unsigned rows = cta.qo_len, len = cta.kv.len;
+      const unsigned rows = cta.qo_len, len = cta.kv_total, off = cta.kv_offset;
       for (unsigned c = threadIdx.x; c < kTileKv * (D / 2); c += kThreads) {
         const unsigned r = c / (D / 2), d = c % (D / 2), j = j0 + r;
         if (j >= stop) continue;
-        const Pos at{req, 0, j, 0, head, rows, len, D};
+        const Pos at{req, 0, off + j, 0, head, rows, len, D};
         unsigned short* x = ks.elem(r, d);
         unsigned short* y = ks.elem(r, d + D / 2);
         const float xv = load_elem<T>(x), yv = load_elem<T>(y);
@@ -332,7 +336,7 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
             }
             const unsigned pr = row_of(mq, hf);
             const unsigned h = kv_head * group + pr % group;
-            const Pos at{b, pr / group, j, h, kv_head, qo_len, kv.len, D};
+            const Pos at{b, pr / group, kp.offset + j, h, kv_head, qo_len, kp.total, D};
             if constexpr (V::kHasMask) keep = keep && hook_mask<V>(p, at);
             if constexpr (V::kHasLogits) {
               if (keep) {
@@ -452,7 +456,7 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
       if (w.qo_tile_start + row0 + mq * 16 + g + 8 * hf >= w.qo_tile_end) continue;
       const unsigned pr = row_of(mq, hf);
       const unsigned i = pr / group, h = kv_head * group + pr % group;
-      const Pos at{b, i, 0, h, kv_head, qo_len, kv.len, D};
+      const Pos at{b, i, 0, h, kv_head, qo_len, kp.total, D};
       // One end for both branches, and the LSE taken ahead of them: so written, ptxas keeps the
       // 128-row tiles' registers and spills as they were before the shared epilogue.
       const auto end = finish_row<V>(p, m[mq][hf], zz, at, !split);

@@ -38,4 +38,27 @@ __device__ __forceinline__ WorkItem work_item(const int* work, unsigned idx) {
   return w;
 }
 
+// Where one request's keys sit in the whole request: key j (0..len) of the KV index is key
+// `offset + j` of a request of `total` keys, as on a context-parallel rank that holds a run of
+// each request's keys. Hooks see these positions (Pos::kv_pos, Pos::kv_len) and the causal
+// diagonal follows them. Without positions (header word 0) every request is whole: offset 0,
+// total len, the same numbers as before positions existed. Read once per CTA.
+struct KeyPositions {
+  unsigned offset, total;
+  // Key j is causally visible to query row i of qo_len rows, aligned to the end of the whole
+  // request, iff j <= i + causal_shift(qo_len).
+  __device__ __forceinline__ long long causal_shift(unsigned qo_len) const {
+    return static_cast<long long>(total) - qo_len - offset;
+  }
+};
+
+// The key positions of request `b`, whose KV index holds `len` keys of it.
+__device__ __forceinline__ KeyPositions key_positions(const int* work, unsigned b, unsigned len) {
+  const int at = work == nullptr ? 0 : work[ws_header::kKeyPositions];
+  if (at == 0) return KeyPositions{0u, len};
+  const int* pairs = reinterpret_cast<const int*>(reinterpret_cast<const char*>(work) + at);
+  // Validated on the host: 0 <= offset, offset + len <= total < 2^31.
+  return KeyPositions{static_cast<unsigned>(pairs[2 * b]), static_cast<unsigned>(pairs[2 * b + 1])};
+}
+
 }  // namespace fi

@@ -29,7 +29,7 @@ pub const FAMILY: Family = Family {
 pub(crate) const PREFILL_WARPS: u32 = 4;
 const WARP: u32 = 32;
 /// Shared bytes of the per-CTA scalars; `kPrefillCtaBytes` in prefill.cuh.
-const PREFILL_CTA_BYTES: u32 = 64;
+const PREFILL_CTA_BYTES: u32 = 72;
 /// K/V tiles resident in shared memory; `PrefillShape::kStages`.
 const STAGES: u32 = 2;
 /// Bytes per element of q, k and v (f16 and bf16).
@@ -287,7 +287,7 @@ mod tests {
         assert_eq!(wide.kv_tile, 64);
         assert_eq!(
             launch_dims(&wide, &AttnArgs::default()).shared_bytes,
-            98304 + 1536 + 64
+            98304 + 1536 + 72
         );
         assert_eq!(wide.name(), "prefill_hd128_bf16_q128_k64");
         assert!(wide_kv_tile(&cfg(128, 0)).is_some()); // 0: the long-prompt tile, 128
@@ -305,14 +305,14 @@ mod tests {
         let d = launch_dims(&cfg(128, 128), &args);
         assert_eq!(
             (d.grid, d.block, d.shared_bytes),
-            ([300, 1, 1], [128, 1, 1], 65536 + 768 + 64)
+            ([300, 1, 1], [128, 1, 1], 65536 + 768 + 72)
         );
         let d = launch_dims(&cfg(128, 16), &args);
-        assert_eq!((d.block, d.shared_bytes), ([32, 1, 1], 36864 + 768 + 64));
+        assert_eq!((d.block, d.shared_bytes), ([32, 1, 1], 36864 + 768 + 72));
         let d = launch_dims(&cfg(64, 128), &args);
-        assert_eq!(d.shared_bytes, 49152 + 1536 + 64);
+        assert_eq!(d.shared_bytes, 49152 + 1536 + 72);
         let d = launch_dims(&cfg(256, 128), &args);
-        assert_eq!((d.block, d.shared_bytes), ([256, 1, 1], 131072 + 768 + 64));
+        assert_eq!((d.block, d.shared_bytes), ([256, 1, 1], 131072 + 768 + 72));
         let d = launch_dims(&cfg(256, 0), &AttnArgs::default());
         assert_eq!((d.grid, d.block), ([1, 1, 1], [128, 1, 1]));
         for hd in crate::HEAD_DIMS {
@@ -364,7 +364,7 @@ mod tests {
             (t.cta_tile_q, t.kv_tile, t.threads, t.stages),
             (128, 64, 128, 2)
         );
-        assert_eq!(t.shared_bytes, 98304 + 1536 + 64);
+        assert_eq!(t.shared_bytes, 98304 + 1536 + 72);
         assert_eq!(t.ctas_per_sm, Some(2));
         assert_eq!(
             (t.instance, t.fallback),

@@ -119,6 +119,9 @@ pub struct KvIndex {
     capacity: u32,
     /// Strides the caller gave; `None`: the layout's dense strides.
     custom: Option<KvStrides>,
+    /// `[batch]` (first position, whole length) of each request's keys in its whole request
+    /// ([`KvIndex::with_key_positions`]); `None`: every request is whole.
+    positions: Option<Vec<[u32; 2]>>,
 }
 
 impl KvIndex {
@@ -155,6 +158,7 @@ impl KvIndex {
             layout,
             capacity: capacity_tokens,
             custom: None,
+            positions: None,
         };
         kv.validate()?;
         Ok(kv)
@@ -213,6 +217,7 @@ impl KvIndex {
             layout,
             capacity: num_pages,
             custom: None,
+            positions: None,
         };
         kv.validate()?;
         Ok(kv)
@@ -293,22 +298,93 @@ impl KvIndex {
             * heads.head_dim() as usize
     }
 
-    /// An index over the same cache (page size, layout, capacity, strides) with these blocks:
-    /// the shards of [`crate::distributed::shard_kv`]. Validated like every constructor.
+    /// An index over the same cache (page size, layout, capacity, strides) with these blocks
+    /// at these key positions: the shards of [`crate::distributed::shard_kv`]. Validated like
+    /// every constructor.
     pub(crate) fn with_blocks(
         &self,
         indptr: Vec<i32>,
         indices: Vec<i32>,
         last_len: Vec<i32>,
+        positions: Option<Vec<[u32; 2]>>,
     ) -> Result<Self> {
         let kv = KvIndex {
             indptr,
             indices,
             last_len,
+            positions,
             ..self.clone()
         };
         kv.validate()?;
         Ok(kv)
+    }
+
+    /// The same index with each request's keys placed in a longer request: the keys `0..kv_len(b)`
+    /// of request `b` are keys `offsets[b]..offsets[b] + kv_len(b)` of a request of `totals[b]`
+    /// keys, as on a rank of a context-parallel group that holds a run of every request's keys
+    /// ([`crate::distributed::shard_kv`] sets them). The causal mask is aligned to the end of the
+    /// whole request (query row `i` of `qo_len` rows sees the keys at positions up to
+    /// `i + totals[b] - qo_len`), and the hooks see whole-request positions (`Pos::kv_pos` is
+    /// `offsets[b] + j`, `Pos::kv_len` is `totals[b]`), so ALiBi, sliding windows and masks give
+    /// on a shard what they give on the whole request. Without positions every request starts at
+    /// 0 and is whole.
+    ///
+    /// Errors: slices whose length is not the batch, a run that ends past its total
+    /// (`offsets[b] + kv_len(b) > totals[b]`), or a total past 2^31 - 1.
+    ///
+    /// ```
+    /// use ferrinfer_runtime::{KvIndex, KvLayout};
+    /// // The last 8 keys of a 40-key request, stored as one ragged request of 8 tokens.
+    /// let kv = KvIndex::ragged(&[0, 8], KvLayout::Nhd)?.with_key_positions(&[32], &[40])?;
+    /// assert_eq!((kv.key_offset(0), kv.key_total(0), kv.kv_len(0)), (32, 40, 8));
+    /// let e = KvIndex::ragged(&[0, 8], KvLayout::Nhd)?.with_key_positions(&[33], &[40]);
+    /// assert!(e.unwrap_err().to_string().contains("past its request's 40 keys"));
+    /// # Ok::<(), ferrinfer_runtime::Error>(())
+    /// ```
+    pub fn with_key_positions(mut self, offsets: &[u32], totals: &[u32]) -> Result<Self> {
+        if offsets.len() != totals.len() {
+            return Err(Error::invalid(format!(
+                "with_key_positions: {} offsets but {} totals; give one of each per request",
+                offsets.len(),
+                totals.len()
+            )));
+        }
+        self.positions = Some(offsets.iter().zip(totals).map(|(&o, &t)| [o, t]).collect());
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Whether the index places its requests' keys in longer requests
+    /// ([`KvIndex::with_key_positions`]).
+    pub fn has_key_positions(&self) -> bool {
+        self.positions.is_some()
+    }
+
+    /// Position in its whole request of request `b`'s key 0: 0 unless
+    /// [`KvIndex::with_key_positions`] said otherwise.
+    ///
+    /// # Panics
+    /// When `b` is not below the batch size.
+    pub fn key_offset(&self, b: usize) -> u32 {
+        match &self.positions {
+            Some(p) => p[b][0],
+            None => {
+                assert!(b < self.batch(), "request {b} of {}", self.batch());
+                0
+            }
+        }
+    }
+
+    /// Keys of request `b`'s whole request: [`KvIndex::kv_len`] unless
+    /// [`KvIndex::with_key_positions`] said otherwise.
+    ///
+    /// # Panics
+    /// When `b` is not below the batch size.
+    pub fn key_total(&self, b: usize) -> u32 {
+        match &self.positions {
+            Some(p) => p[b][1],
+            None => self.kv_len(b),
+        }
     }
 
     /// Whether the strides are the caller's ([`KvIndex::with_strides`]), not the layout's.
@@ -438,6 +514,30 @@ impl KvIndex {
                     return Err(Error::invalid(format!(
                         "the ragged requests reach token {end} but K and V hold {} tokens",
                         self.capacity
+                    )));
+                }
+            }
+        }
+        if let Some(positions) = &self.positions {
+            if positions.len() != batch {
+                return Err(Error::invalid(format!(
+                    "key positions are given for {} requests but the KV index has {batch}",
+                    positions.len()
+                )));
+            }
+            for (b, &[offset, total]) in positions.iter().enumerate() {
+                let end = u64::from(offset) + u64::from(self.kv_len(b));
+                if end > u64::from(total) {
+                    return Err(Error::invalid(format!(
+                        "request {b}'s {} keys at position {offset} end at {end}, past its \
+                         request's {total} keys",
+                        self.kv_len(b)
+                    )));
+                }
+                if total > i32::MAX as u32 {
+                    return Err(Error::invalid(format!(
+                        "request {b} has a whole length of {total} keys; at most 2^31 - 1 are \
+                         supported"
                     )));
                 }
             }

@@ -39,7 +39,7 @@ use ferrinfer_kernels::{KernelKind, SmResidency, TileInput, Tiles};
 // The wire format lives with the kernels (see the module docs); the serialisation stays here.
 pub use ferrinfer_kernels::workspace::{Layout, header};
 
-use crate::attention::batch::Batch;
+use crate::attention::batch::{Batch, KvIndex};
 use crate::device::gpu::SmResources;
 use crate::error::{Error, Result};
 
@@ -773,6 +773,31 @@ impl WorkList {
             tiles: None,
         })
     }
+}
+
+/// Write `kv`'s key positions ([`KvIndex::with_key_positions`]) as `[batch][2]` int32 pairs
+/// `(offset, total)` at byte `at` of a workspace already written by [`WorkList::write`], and
+/// point its header's [`header::KEY_POSITIONS`] word at them; an index without positions leaves
+/// the word 0 (every request whole), which is what the kernels did before positions existed.
+pub fn write_key_positions(ws: &mut [u8], at: usize, kv: &KvIndex) -> Result<()> {
+    let word_at = 4 * header::KEY_POSITIONS;
+    if !kv.has_key_positions() {
+        put(ws, word_at, [0]);
+        return Ok(());
+    }
+    let batch = kv.batch();
+    if at == 0 || !at.is_multiple_of(8) || ws.len() < at + 8 * batch || at > i32::MAX as usize {
+        return Err(Error::invalid(format!(
+            "write_key_positions: {batch} pairs at byte {at} do not fit a {}-byte workspace \
+             (or the offset is 0 or not 8-byte aligned)",
+            ws.len()
+        )));
+    }
+    // with_key_positions validated every total below 2^31, and offsets end at or before them.
+    let pairs = (0..batch).flat_map(|b| [kv.key_offset(b) as i32, kv.key_total(b) as i32]);
+    put(ws, at, pairs);
+    put(ws, word_at, [at as i32]);
+    Ok(())
 }
 
 /// What padding entries hold: an empty item that writes nothing.

@@ -72,6 +72,8 @@ pub fn attention<V: Variant>(
             kv_head,
             qo_len: batch.qo_len(b),
             kv_len: batch.kv().kv_len(b),
+            kv_offset: batch.kv().key_offset(b),
+            kv_total: batch.kv().key_total(b),
             head_dim: heads.head_dim(),
         };
         let kv = guarded(
@@ -210,11 +212,17 @@ struct Request {
     b: usize,
     kv_head: u32,
     qo_len: u32,
+    /// Keys of the KV index: `kv_offset..kv_offset + kv_len` of the whole request's `kv_total`
+    /// (`KvIndex::with_key_positions`; 0 and `kv_len` without positions).
     kv_len: u32,
+    kv_offset: u32,
+    kv_total: u32,
     head_dim: u32,
 }
 
 impl Request {
+    /// What the hooks see of query row `qo_pos` and key position `kv_pos` (0 where there is no
+    /// key) of the whole request.
     fn pos(&self, qo_pos: u32, kv_pos: u32, qo_head: u32) -> Pos {
         Pos {
             batch: self.b as u32,
@@ -223,7 +231,7 @@ impl Request {
             qo_head,
             kv_head: self.kv_head,
             qo_len: self.qo_len,
-            kv_len: self.kv_len,
+            kv_len: self.kv_total,
             head_dim: self.head_dim,
         }
     }
@@ -245,7 +253,7 @@ impl KvRows {
             let off = batch.kv().offset(&batch.heads(), req.b, j, req.kv_head);
             let key = &k[off..off + d];
             if V::SPEC.hooks.key {
-                let at = req.pos(0, j, 0);
+                let at = req.pos(0, req.kv_offset + j, 0);
                 keys.extend(
                     (0..d).map(|e| {
                         f64::from(variant.key(key[e], key[(e + d / 2) % d], e as u32, at))
@@ -281,13 +289,15 @@ fn row_attention<V: Variant>(
     } else {
         q.iter().map(|&x| f64::from(x)).collect()
     };
-    // The causal diagonal: queries are aligned to the end of the KV sequence.
-    let last_visible = i64::from(i) + i64::from(req.kv_len) - i64::from(req.qo_len);
+    // The causal diagonal: queries are aligned to the end of the whole request, whose keys this
+    // index holds from position kv_offset on.
+    let last_visible =
+        i64::from(i) + i64::from(req.kv_total) - i64::from(req.qo_len) - i64::from(req.kv_offset);
     let sm_scale = f64::from(batch.sm_scale());
     // (key index, logit) of every visible key.
     let mut logits = Vec::with_capacity(req.kv_len as usize);
     for j in 0..req.kv_len {
-        let at = req.pos(i, j, h);
+        let at = req.pos(i, req.kv_offset + j, h);
         if (batch.causal() && i64::from(j) > last_visible) || (hooks.mask && !variant.mask(at)) {
             continue;
         }

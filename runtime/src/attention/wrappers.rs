@@ -451,6 +451,8 @@ struct Regions {
     kv_indptr: usize,
     kv_indices: usize,
     kv_last_len: usize,
+    /// `[batch][2]` key positions (offset, total), read through the header's `KEY_POSITIONS`.
+    kv_positions: usize,
     bytes: usize,
 }
 
@@ -469,12 +471,14 @@ impl Sizes {
         let kv_indptr = align(qo_indptr + 4 * (self.batch + 1));
         let kv_indices = align(kv_indptr + 4 * (self.batch + 1));
         let kv_last_len = align(kv_indices + 4 * self.kv_blocks.max(1));
-        let bytes = align(kv_last_len + 4 * self.batch.max(1));
+        let kv_positions = align(kv_last_len + 4 * self.batch.max(1));
+        let bytes = align(kv_positions + 8 * self.batch.max(1));
         Regions {
             qo_indptr,
             kv_indptr,
             kv_indices,
             kv_last_len,
+            kv_positions,
             bytes,
         }
     }
@@ -723,6 +727,7 @@ impl Planned {
         put_i32(&mut dev.staging, r.kv_indptr, batch.kv().indptr());
         put_i32(&mut dev.staging, r.kv_indices, batch.kv().indices());
         put_i32(&mut dev.staging, r.kv_last_len, batch.kv().last_len());
+        plan::write_key_positions(&mut dev.staging, r.kv_positions, batch.kv())?;
         // The one host-to-device copy of the plan, on the backend's stream (refused inside a
         // capture: a graph cannot hold a copy from pageable memory).
         gpu.write(&mut dev.ws, &dev.staging)?;

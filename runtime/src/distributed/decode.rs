@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaEvent, CudaGraph};
 use ferrinfer_kernels::DType;
 
-use crate::attention::batch::{Heads, KvIndex};
+use crate::attention::batch::{Batch, Heads, KvIndex};
 use crate::attention::wrappers::{BatchDecode, Input, PlanConfig, RunBuffers};
 use crate::device::backend::{Backend, Buffer};
 use crate::device::dtype::Element;
@@ -75,9 +75,9 @@ pub struct ContextParallelDecode<T: Element> {
 }
 
 /// This rank's state and every rank's, gathered; sized at plan time.
-struct Scratch<T: Element> {
-    o: Buffer<T>,
-    lse: Buffer<f32>,
+pub(super) struct Scratch<T: Element> {
+    pub(super) o: Buffer<T>,
+    pub(super) lse: Buffer<f32>,
     gathered_o: Buffer<T>,
     gathered_lse: Buffer<f32>,
     /// Where the merged LSE goes when the caller wants none.
@@ -105,7 +105,8 @@ impl<T: Element> ContextParallelDecode<T> {
         );
         // A rank whose plan failed still takes part in the agreement (saying so), so that no
         // other rank waits for it in NCCL.
-        let (decode, rows, scratch) = agree::<T, _>(&comm, local, |(d, rows, _)| (d, *rows))?;
+        let (decode, rows, scratch) =
+            agree::<T, _>(&comm, local, WHO, |(d, rows, _)| (d.batch(), *rows))?;
         Ok(ContextParallelDecode {
             comm,
             decode,
@@ -120,7 +121,7 @@ impl<T: Element> ContextParallelDecode<T> {
     pub fn replan(&mut self, kv: KvIndex, sm_scale: Option<f32>) -> Result<()> {
         let local = self.replan_local(kv, sm_scale).map(|()| &*self);
         // As in `plan`: a failed rank still takes part in the agreement.
-        agree::<T, _>(&self.comm, local, |p| (&p.decode, p.rows)).map(|_| ())
+        agree::<T, _>(&self.comm, local, WHO, |p| (p.decode.batch(), p.rows)).map(|_| ())
     }
 
     fn replan_local(&mut self, kv: KvIndex, sm_scale: Option<f32>) -> Result<()> {
@@ -152,67 +153,14 @@ impl<T: Element> ContextParallelDecode<T> {
         lse: Option<&mut dyn Dst<f32>>,
     ) -> Result<()> {
         check_shardable(V::SPEC)?;
-        let shape = self.shape()?;
-        for (name, got, want) in [
-            ("o", o.len(), shape.v_len()),
-            (
-                "lse",
-                lse.as_ref().map_or(shape.s_len(), |l| l.len()),
-                shape.s_len(),
-            ),
-        ] {
-            if got != want {
-                return Err(Error::invalid(format!(
-                    "ContextParallelDecode::run: {name} has {got} elements; [rows={}, \
-                     num_qo_heads={}{}] needs {want}",
-                    shape.rows,
-                    shape.num_heads,
-                    if name == "o" {
-                        format!(", head_dim={}", shape.head_dim)
-                    } else {
-                        String::new()
-                    }
-                )));
-            }
-        }
+        check_positions(V::SPEC, self.decode.batch(), self.comm.world(), false, WHO)?;
+        let shape = state_shape(self.decode.batch(), self.rows)?;
+        check_outputs(WHO, shape, o.len(), lse.as_ref().map(|l| l.len()))?;
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         let s = &mut *guard;
         self.decode
             .run(variant, q, k, v, &mut s.o, Some(&mut s.lse))?;
-        let gpu = self.comm.gpu();
-        let ptr = |b: &dyn Access<T>| b.device_ptr(gpu);
-        let ptr_f32 = |b: &dyn Access<f32>| b.device_ptr(gpu);
-        let ops = [
-            (
-                ptr(&s.o)?,
-                ptr(&s.gathered_o)?,
-                shape.v_len(),
-                nccl_type::<T>(),
-            ),
-            (
-                ptr_f32(&s.lse)?,
-                ptr_f32(&s.gathered_lse)?,
-                shape.s_len(),
-                NCCL_FLOAT32,
-            ),
-        ];
-        // SAFETY: the four buffers are this plan's scratch on the communicator's GPU
-        // (device_ptr checked the device), sized at plan time: o and lse hold one rank's
-        // v_len/s_len, the gathered ones `world` times that (Scratch::new); they are owned by
-        // `self`, and every later use of them (the next run, a replan) is queued after this
-        // collective on the same stream, as are the kernels of `run`.
-        unsafe { self.comm.all_gather(&ops)? };
-        let merged_lse: &mut dyn Dst<f32> = match lse {
-            Some(l) => l,
-            None => &mut s.merged_lse,
-        };
-        merge_ranks(
-            self.comm.backend(),
-            shape,
-            self.comm.world() as u32,
-            State::new(&s.gathered_o, &s.gathered_lse),
-            StateMut::new(o, merged_lse),
-        )
+        gather_merge(&self.comm, s, shape, o, lse)
     }
 
     /// Run once, then record `run` (decode, all-gather, merge) into a CUDA graph that owns this
@@ -222,31 +170,12 @@ impl<T: Element> ContextParallelDecode<T> {
     pub fn capture<V: Variant>(
         self,
         variant: V,
-        mut buffers: RunBuffers<T>,
+        buffers: RunBuffers<T>,
     ) -> Result<ContextParallelGraph<T>> {
-        if !self.graph_mode {
-            return Err(Error::invalid(
-                "capture needs a plan made in CUDA-graph mode (PlanConfig::graph)",
-            ));
-        }
-        let gpu = self.comm.gpu().clone();
-        let b = &mut buffers;
-        // The first run compiles and loads the kernels and sets up NCCL's connections, which a
-        // capture cannot do.
-        let mut run = || {
+        let (graph_mode, gpu) = (self.graph_mode, self.comm.gpu().clone());
+        ContextParallelGraph::record(self, graph_mode, gpu, variant, buffers, |p, v, b| {
             let lse = b.lse.as_mut().map(|l| l as &mut dyn Dst<f32>);
-            self.run(&variant, &b.q, &b.k, &b.v, &mut b.o, lse)
-        };
-        run()?;
-        let graph = gpu.capture(run)?;
-        Ok(ContextParallelGraph {
-            graph,
-            before: gpu.event()?,
-            after: gpu.event()?,
-            gpu,
-            plan: self,
-            buffers,
-            _variant: Box::new(variant),
+            p.run(v, &b.q, &b.k, &b.v, &mut b.o, lse)
         })
     }
 
@@ -258,30 +187,146 @@ impl<T: Element> ContextParallelDecode<T> {
     pub fn communicator(&self) -> &Arc<Communicator> {
         &self.comm
     }
-
-    fn shape(&self) -> Result<StateShape> {
-        let h = self.decode.batch().heads();
-        let rows = u32::try_from(self.rows)
-            .map_err(|_| Error::invalid(format!("{} query rows exceed u32", self.rows)))?;
-        StateShape::new(rows, h.num_qo_heads(), h.head_dim())
-    }
 }
 
-/// Check that every rank planned the same rows, heads, `sm_scale` and element type: an all-gather
-/// of those numbers and one synchronisation. A rank whose plan failed (`local` is its error)
-/// sends a marker instead, and every rank then fails: the failed one with its own error, the
-/// others naming it. `what` gives a plan's decode and query rows.
-fn agree<T: Element, P>(
+/// The name errors of the context-parallel decode start with.
+const WHO: &str = "ContextParallelDecode";
+
+/// The (o, lse) state shape of `rows` query rows of `batch`'s heads.
+pub(super) fn state_shape(batch: &Batch, rows: usize) -> Result<StateShape> {
+    let h = batch.heads();
+    let rows =
+        u32::try_from(rows).map_err(|_| Error::invalid(format!("{rows} query rows exceed u32")))?;
+    StateShape::new(rows, h.num_qo_heads(), h.head_dim())
+}
+
+/// Refuse what would give a wrong answer on a shard that does not say where its keys sit in
+/// their requests ([`KvIndex::with_key_positions`]): a variant that reads key positions, and
+/// (`causal`) a causal mask, whose diagonal depends on them. One rank holds the whole context.
+pub(super) fn check_positions(
+    spec: &crate::variant::VariantSpec,
+    batch: &Batch,
+    world: usize,
+    causal: bool,
+    who: &str,
+) -> Result<()> {
+    if world == 1 || batch.kv().has_key_positions() {
+        return Ok(());
+    }
+    let why = if causal {
+        "the causal mask"
+    } else if super::reads_positions(spec) {
+        "a hook of this variant"
+    } else {
+        return Ok(());
+    };
+    Err(Error::invalid(format!(
+        "{who}: {why} needs each request's key positions on this rank's shard; plan over a \
+         shard from shard_kv, or give them with KvIndex::with_key_positions"
+    )))
+}
+
+/// `o` (and `lse`, when given) must hold the merged state of `shape`.
+pub(super) fn check_outputs(
+    who: &str,
+    shape: StateShape,
+    o: usize,
+    lse: Option<usize>,
+) -> Result<()> {
+    for (name, got, want) in [
+        ("o", o, shape.v_len()),
+        ("lse", lse.unwrap_or(shape.s_len()), shape.s_len()),
+    ] {
+        if got != want {
+            return Err(Error::invalid(format!(
+                "{who}::run: {name} has {got} elements; [rows={}, num_qo_heads={}{}] needs {want}",
+                shape.rows,
+                shape.num_heads,
+                if name == "o" {
+                    format!(", head_dim={}", shape.head_dim)
+                } else {
+                    String::new()
+                }
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// All-gather this rank's (o, lse) from `s` over the ranks and merge them into `o` (and `lse`,
+/// else the scratch's), queued on the communicator's stream.
+pub(super) fn gather_merge<T: Element>(
+    comm: &Communicator,
+    s: &mut Scratch<T>,
+    shape: StateShape,
+    o: &mut dyn Dst<T>,
+    lse: Option<&mut dyn Dst<f32>>,
+) -> Result<()> {
+    let gpu = comm.gpu();
+    let ptr = |b: &dyn Access<T>| b.device_ptr(gpu);
+    let ptr_f32 = |b: &dyn Access<f32>| b.device_ptr(gpu);
+    // Scratch::new sized the buffers for `rows` rows; a shape of other rows would overrun them.
+    if s.o.len() != shape.v_len() || s.lse.len() != shape.s_len() {
+        return Err(Error::invalid(format!(
+            "context-parallel scratch holds {} rows' state, the run {}",
+            s.lse.len() / shape.num_heads.max(1) as usize,
+            shape.rows
+        )));
+    }
+    let ops = [
+        (
+            ptr(&s.o)?,
+            ptr(&s.gathered_o)?,
+            shape.v_len(),
+            nccl_type::<T>(),
+        ),
+        (
+            ptr_f32(&s.lse)?,
+            ptr_f32(&s.gathered_lse)?,
+            shape.s_len(),
+            NCCL_FLOAT32,
+        ),
+    ];
+    // SAFETY: the four buffers are a plan's scratch on the communicator's GPU (device_ptr
+    // checked the device): o and lse hold one rank's v_len/s_len (checked just above), the
+    // gathered ones `world` times that (Scratch::new); the plan owns them, and every later use
+    // of them (the next run, a replan) is queued after this collective on the same stream, as
+    // are the kernels of `run`.
+    unsafe { comm.all_gather(&ops)? };
+    let merged_lse: &mut dyn Dst<f32> = match lse {
+        Some(l) => l,
+        None => &mut s.merged_lse,
+    };
+    merge_ranks(
+        comm.backend(),
+        shape,
+        comm.world() as u32,
+        State::new(&s.gathered_o, &s.gathered_lse),
+        StateMut::new(o, merged_lse),
+    )
+}
+
+/// Check that every rank planned the same query rows, requests (`qo_indptr`), heads, causal
+/// mask, `sm_scale` and element type: an all-gather of those numbers and one synchronisation. A
+/// rank whose plan failed (`local` is its error) sends a marker instead, and every rank then
+/// fails: the failed one with its own error, the others naming it. `what` gives a plan's batch
+/// and query rows; `who` names the plan in errors.
+pub(super) fn agree<T: Element, P>(
     comm: &Communicator,
     local: Result<P>,
-    what: impl Fn(&P) -> (&BatchDecode, usize),
+    who: &str,
+    what: impl Fn(&P) -> (&Batch, usize),
 ) -> Result<P> {
     const FAILED: i32 = -1;
-    let mine = match &local {
+    const WORDS: usize = 8;
+    let mine: [i32; WORDS] = match &local {
         Ok(p) => {
-            let (decode, rows) = what(p);
-            let b = decode.batch();
+            let (b, rows) = what(p);
             let h = b.heads();
+            // FNV-1a of the query row pointer: the same requests with the same query rows.
+            let requests = b.qo_indptr().iter().fold(0x811c_9dc5u32, |h, &x| {
+                (h ^ x as u32).wrapping_mul(0x0100_0193)
+            });
             [
                 rows as i32,
                 h.num_qo_heads() as i32,
@@ -289,9 +334,12 @@ fn agree<T: Element, P>(
                 h.head_dim() as i32,
                 b.sm_scale().to_bits() as i32,
                 nccl_type::<T>(),
+                i32::from(b.causal()),
+                // Never the marker: the top bit is cleared.
+                (requests >> 1) as i32,
             ]
         }
-        Err(_) => [FAILED; 6],
+        Err(_) => [FAILED; WORDS],
     };
     let backend = comm.backend();
     let send = backend.upload(&mine)?;
@@ -310,15 +358,15 @@ fn agree<T: Element, P>(
     let all = recv.to_vec()?;
     let local = local?;
     for (rank, theirs) in all.chunks(mine.len()).enumerate() {
-        if theirs == [FAILED; 6] {
+        if theirs == [FAILED; WORDS] {
             return Err(Error::invalid(format!(
-                "ContextParallelDecode: rank {rank} could not plan this step (its error says why)"
+                "{who}: rank {rank} could not plan this step (its error says why)"
             )));
         }
         if theirs != mine {
             return Err(Error::invalid(format!(
-                "ContextParallelDecode: rank {rank} planned [rows, qo heads, kv heads, head \
-                 dim, sm_scale bits, dtype] = {theirs:?}, rank {} {mine:?}; every rank must \
+                "{who}: rank {rank} planned [rows, qo heads, kv heads, head dim, sm_scale bits, \
+                 dtype, causal, qo_indptr hash] = {theirs:?}, rank {} {mine:?}; every rank must \
                  plan the same requests and heads",
                 comm.rank()
             )));
@@ -327,7 +375,7 @@ fn agree<T: Element, P>(
     Ok(local)
 }
 
-fn nccl_type<T: Element>() -> i32 {
+pub(super) fn nccl_type<T: Element>() -> i32 {
     match T::DTYPE {
         DType::F16 => NCCL_FLOAT16,
         DType::Bf16 => NCCL_BFLOAT16,
@@ -335,7 +383,7 @@ fn nccl_type<T: Element>() -> i32 {
 }
 
 impl<T: Element> Scratch<T> {
-    fn new(backend: &Backend, world: usize, rows: usize, heads: &Heads) -> Result<Self> {
+    pub(super) fn new(backend: &Backend, world: usize, rows: usize, heads: &Heads) -> Result<Self> {
         let s = rows * heads.num_qo_heads() as usize;
         let v = s * heads.head_dim() as usize;
         // Rows no rank writes (past a graph plan's batch) merge as empty: o 0, lse -inf.
@@ -349,27 +397,61 @@ impl<T: Element> Scratch<T> {
     }
 }
 
-/// A context-parallel `run` recorded into a CUDA graph with everything it points at (see
-/// [`crate::GraphRun`], whose rules it follows). `launch` and `replan` are collective.
-pub struct ContextParallelGraph<T: Element> {
+/// A context-parallel `run` (of a [`ContextParallelDecode`], or of a
+/// [`super::ContextParallelPrefill`] as `ContextParallelGraph<T, ContextParallelPrefill<T>>`)
+/// recorded into a CUDA graph with everything it points at (see [`crate::GraphRun`], whose rules
+/// it follows). `launch` and `replan` are collective.
+pub struct ContextParallelGraph<T: Element, P = ContextParallelDecode<T>> {
     // Fields drop in order: the graph before what it points at.
     graph: CudaGraph,
     gpu: Arc<Gpu>,
     before: CudaEvent,
     after: CudaEvent,
-    plan: ContextParallelDecode<T>,
+    pub(super) plan: P,
     buffers: RunBuffers<T>,
     _variant: Box<dyn Any + Send + Sync>,
 }
 
 impl<T: Element> ContextParallelGraph<T> {
-    /// Replay the recorded run on the plan's current step. Asynchronous.
-    pub fn launch(&self) -> Result<()> {
-        self.gpu.replay(&self.graph, &self.before, &self.after)
-    }
     /// Plan the next step over this rank's new shard (see [`ContextParallelDecode::replan`]).
     pub fn replan(&mut self, kv: KvIndex, sm_scale: Option<f32>) -> Result<()> {
         self.plan.replan(kv, sm_scale)
+    }
+}
+
+impl<T: Element, P> ContextParallelGraph<T, P> {
+    /// Run `run` once (it compiles and loads the kernels and sets up NCCL's connections, which a
+    /// capture cannot do), then record it into a graph that owns the plan, variant and buffers.
+    pub(super) fn record<V: Variant>(
+        plan: P,
+        graph_mode: bool,
+        gpu: Arc<Gpu>,
+        variant: V,
+        mut buffers: RunBuffers<T>,
+        run: fn(&P, &V, &mut RunBuffers<T>) -> Result<()>,
+    ) -> Result<Self> {
+        if !graph_mode {
+            return Err(Error::invalid(
+                "capture needs a plan made in CUDA-graph mode (PlanConfig::graph)",
+            ));
+        }
+        let mut once = || run(&plan, &variant, &mut buffers);
+        once()?;
+        let graph = gpu.capture(once)?;
+        Ok(ContextParallelGraph {
+            graph,
+            before: gpu.event()?,
+            after: gpu.event()?,
+            gpu,
+            plan,
+            buffers,
+            _variant: Box::new(variant),
+        })
+    }
+
+    /// Replay the recorded run on the plan's current step. Asynchronous.
+    pub fn launch(&self) -> Result<()> {
+        self.gpu.replay(&self.graph, &self.before, &self.after)
     }
     /// Overwrite an input with `data` (its full length), keeping its device address.
     pub fn write(&mut self, input: Input, data: &[T]) -> Result<()> {
@@ -381,7 +463,7 @@ impl<T: Element> ContextParallelGraph<T> {
         }
     }
     /// The plan.
-    pub fn plan(&self) -> &ContextParallelDecode<T> {
+    pub fn plan(&self) -> &P {
         &self.plan
     }
     /// The merged output (rows past the batch hold unspecified values).

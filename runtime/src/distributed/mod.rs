@@ -9,19 +9,21 @@
 //! | [`check_shardable`] | whether a variant gives the same answer on shards | nothing |
 //! | `Communicator`, `NcclId` | an NCCL communicator per rank (libnccl found at run time); its `all_reduce_sum` serves tensor parallelism | feature `nccl` |
 //! | `ContextParallelDecode` | plan/run decode on this rank's shard, all-gather, merge | feature `nccl` |
+//! | `ContextParallelPrefill` | plan/run prefill (causal or not) on this rank's shard, all-gather, merge | feature `nccl` |
+//! | `ContextParallelGraph` | either of them captured in a CUDA graph | feature `nccl` |
 //!
-//! What a shard supports: decode (one query row per request), where every rank's keys are all
-//! visible to the query, so the causal mask has nothing to cut. A rank sees its keys at
-//! positions `0..` of its shard, not at their positions in the request, so variants whose hooks
-//! read a key position or the KV length (`Pos::kv_pos`, `Pos::kv_len`: ALiBi, sliding windows,
-//! fused RoPE, custom masks) would compute something else on a shard and are refused, as are
-//! attention sinks (each rank would add the sink), output transforms (they do not commute with
-//! the merge) and softmax-free variants (their states do not merge by LSE). Context-parallel
-//! prefill is not offered: its causal mask needs each shard's key offset, which the kernels do
-//! not take.
+//! A shard knows where its keys sit in their requests ([`crate::KvIndex::with_key_positions`],
+//! which [`shard_kv`] sets): the kernels and the CPU reference align the causal mask to the end
+//! of the whole request and show hooks whole-request positions (`Pos::kv_pos`, `Pos::kv_len`),
+//! so prefill with its causal mask, ALiBi, sliding windows, fused RoPE and custom masks give on
+//! each shard the part of what they give on the whole context, and the merge of the parts is the
+//! whole. What stays refused: attention sinks (each rank would add the sink), output transforms
+//! (they do not commute with the merge) and softmax-free variants (their states do not merge by
+//! LSE). Queries are replicated: every rank holds every request's whole `q`.
 //!
 //! The CPU side — shard, run each rank's plan with the LSE, [`merge_ranks`] — is the same code the
-//! GPU path runs, so a simulated N-rank split on the CPU backend is a faithful test of it:
+//! GPU path runs, so a simulated N-rank split on the CPU backend is a faithful test of it (here a
+//! decode; a prefill plans a [`crate::BatchPrefill`] over a `Batch` of the shard the same way):
 //!
 //! ```
 //! use ferrinfer_runtime::distributed::{merge_ranks, shard_kv};
@@ -59,6 +61,8 @@ mod communicator;
 mod decode;
 #[cfg(feature = "nccl")]
 mod library;
+#[cfg(feature = "nccl")]
+mod prefill;
 
 pub use combine::merge_ranks;
 pub use shard::{KvShard, shard_kv};
@@ -69,16 +73,16 @@ pub use communicator::{Communicator, NcclId, ReduceElement};
 pub use decode::{ContextParallelDecode, ContextParallelGraph};
 #[cfg(feature = "nccl")]
 pub use library::{NcclLibrary, nccl_library};
+#[cfg(feature = "nccl")]
+pub use prefill::ContextParallelPrefill;
 
 use crate::error::{Error, Result};
 use crate::variant::VariantSpec;
 
 /// Whether a variant computes on a KV shard what it computes on the whole context, so that the
 /// merge of the shards' states is the whole context's attention; an error that says which hook
-/// stands in the way otherwise (see the [module documentation](self)).
-///
-/// Hooks that read `kv_pos` or `kv_len` are found in the variant's lowered CUDA, which names
-/// every field of `Pos` a hook reads.
+/// stands in the way otherwise (see the [module documentation](self)). Hooks that read key
+/// positions are accepted: a shard with key positions shows them the whole request's.
 ///
 /// ```
 /// use ferrinfer_runtime::distributed::check_shardable;
@@ -102,11 +106,6 @@ pub fn check_shardable(spec: &VariantSpec) -> Result<()> {
         Some("its attention sink would be added once per rank")
     } else if spec.hooks.output {
         Some("its output hook does not commute with merging the ranks' outputs")
-    } else if spec.cuda.contains("kv_pos") || spec.cuda.contains("kv_len") {
-        Some(
-            "a hook reads a key position or the KV length (Pos::kv_pos / kv_len), which on a \
-             shard are the shard's, not the request's",
-        )
     } else {
         None
     };
@@ -117,4 +116,12 @@ pub fn check_shardable(spec: &VariantSpec) -> Result<()> {
         ))),
         None => Ok(()),
     }
+}
+
+/// Whether a hook of the variant reads a key position or the KV length (`Pos::kv_pos`,
+/// `Pos::kv_len`), which a shard gives right only with key positions: found in the variant's
+/// lowered CUDA, which names every field of `Pos` a hook reads.
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+pub(crate) fn reads_positions(spec: &VariantSpec) -> bool {
+    spec.cuda.contains("kv_pos") || spec.cuda.contains("kv_len")
 }

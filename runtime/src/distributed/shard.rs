@@ -9,9 +9,12 @@ use crate::attention::batch::KvIndex;
 use crate::error::{Error, Result};
 
 /// One rank's part of a KV index: the same requests (in the same order) with a contiguous run of
-/// each request's blocks, over the same cache (page ids and capacity unchanged). A request of
-/// fewer blocks than ranks leaves some ranks with none of it: their attention state for it is
-/// empty (LSE `-inf`) and merges to nothing.
+/// each request's blocks, over the same cache (page ids and capacity unchanged), at their key
+/// positions in the whole request ([`KvIndex::with_key_positions`]: offset `tokens(b).start`,
+/// total the request's length), so prefill's causal mask and position-reading hooks see on the
+/// shard what they see on the whole index. A request of fewer blocks than ranks leaves some
+/// ranks with none of it: their attention state for it is empty (LSE `-inf`) and merges to
+/// nothing.
 ///
 /// ```
 /// use ferrinfer_runtime::{KvIndex, KvLayout, distributed::shard_kv};
@@ -21,6 +24,7 @@ use crate::error::{Error, Result};
 /// assert_eq!(shards[0].kv().indices(), [7]);
 /// assert_eq!(shards[1].kv().indices(), [3, 5]);
 /// assert_eq!((shards[0].tokens(0), shards[1].tokens(0)), (0..16, 16..40));
+/// assert_eq!((shards[1].kv().key_offset(0), shards[1].kv().key_total(0)), (16, 40));
 /// # Ok::<(), ferrinfer_runtime::Error>(())
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,10 +127,17 @@ pub fn shard_kv(kv: &KvIndex, world: usize) -> Result<Vec<KvShard>> {
                 }
                 indptr.push(indices.len() as i32);
             }
+            // Each run's keys at their places in the whole request, so that the causal diagonal
+            // and position-reading hooks see what they see on one device.
+            let positions = tokens
+                .iter()
+                .enumerate()
+                .map(|(b, t)| [kv.key_offset(b) + t.start, kv.key_total(b)])
+                .collect();
             Ok(KvShard {
                 rank,
                 world,
-                kv: kv.with_blocks(indptr, indices, last_len)?,
+                kv: kv.with_blocks(indptr, indices, last_len, Some(positions))?,
                 tokens,
             })
         })
@@ -156,6 +167,8 @@ mod tests {
                         "request {b} token {pos}"
                     );
                 }
+                assert_eq!(s.kv().key_offset(b), t.start);
+                assert_eq!(s.kv().key_total(b), kv.kv_len(b));
                 next = t.end;
             }
             assert_eq!(next, kv.kv_len(b));
