@@ -385,6 +385,25 @@ struct RadixState {
   double want;
 };
 
+// Zeroes the histograms of a radix pass (the masses too for a select by mass).
+template <bool MASS>
+__device__ __forceinline__ void radix_clear(SamplingSmem& sm) {
+  __syncthreads();  // the previous pass's walk (or the previous user of sm.radix) is done
+  for (unsigned b = threadIdx.x; b < kRadixBins; b += kSamplingThreads) {
+    sm.radix.hist[b] = 0;
+    if (MASS) sm.radix.mass[b] = 0;
+  }
+  __syncthreads();
+}
+
+// Counts canonical value v, in bin b, into a radix pass's histograms (sm.radix).
+template <bool LOGITS, bool MASS>
+__device__ __forceinline__ void radix_count(unsigned* hist, unsigned long long* units, unsigned b,
+                                            const RowValues<LOGITS>& rv, float v, int scale) {
+  atomicAdd(&hist[b], 1u);
+  if (MASS) shared_add_u64(&units[b], mass_units<LOGITS>(rv.weight(v), scale));
+}
+
 // Passes [first, last) of a radix select (see radix_select). With `filled`, the first of them
 // finds its histograms already counted (top_p_survey counts pass 0 while it reads the row).
 template <bool LOGITS, unsigned VEC, bool MASS>
@@ -401,21 +420,14 @@ __device__ __noinline__ void radix_passes(const float* x, unsigned n, float p, f
     const unsigned shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
     const unsigned bins = pass == 2 ? 1024 : 2048;
     if (!(filled && pass == first)) {
-      __syncthreads();  // the previous pass's walk (or the previous user of sm.radix) is done
-      for (unsigned b = threadIdx.x; b < kRadixBins; b += kSamplingThreads) {
-        hist[b] = 0;
-        if (MASS) units[b] = 0;
-      }
-      __syncthreads();
+      radix_clear<MASS>(sm);
       scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& q) {
 #pragma unroll
         for (unsigned e = 0; e < VEC; ++e) {
           const float v = rv.value(q.x[e]);
           const unsigned key = order_key(v);
           if ((key & mask) == prefix && v >= v_min) {
-            const unsigned b = (key >> shift) & (bins - 1);
-            atomicAdd(&hist[b], 1u);
-            if (MASS) shared_add_u64(&units[b], mass_units<LOGITS>(rv.weight(v), scale));
+            radix_count<LOGITS, MASS>(hist, units, (key >> shift) & (bins - 1), rv, v, scale);
           }
         }
       });
@@ -566,12 +578,7 @@ __device__ __noinline__ void top_p_survey(const float* x, unsigned n, const RowV
   unsigned* hist = sm.radix.hist;
   unsigned long long* units = sm.radix.mass;
   const int scale = logit_mass_scale(n);
-  __syncthreads();  // earlier users of sm.radix are done
-  for (unsigned b = threadIdx.x; b < kRadixBins; b += kSamplingThreads) {
-    hist[b] = 0;
-    units[b] = 0;
-  }
-  __syncthreads();
+  radix_clear<true>(sm);
   scan_row_backward_warp<VEC>(x, n, [&](unsigned t0, const Pack<float, VEC>& p, bool valid) {
     float sum = 0.0f;
 #pragma unroll
@@ -579,9 +586,7 @@ __device__ __noinline__ void top_p_survey(const float* x, unsigned n, const RowV
       const float v = rv.value(p.x[e]);
       const float w = rv.weight(v);
       if (valid) {
-        const unsigned b = order_key(v) >> 21;
-        atomicAdd(&hist[b], 1u);
-        shared_add_u64(&units[b], mass_units<LOGITS>(w, scale));
+        radix_count<LOGITS, true>(hist, units, order_key(v) >> 21, rv, v, scale);  // pass 0
         sum += w;
       }
     }
@@ -697,6 +702,15 @@ __device__ __noinline__ unsigned top_p_icdf(const float* x, unsigned n, const Ro
   const unsigned boundary = st.prefix >> 21;
   bool have_t = false;
   float t = 0.0f;
+  // T from the select's two remaining passes, run once; block-uniform (they synchronise).
+  const auto bound = [&]() {
+    if (!have_t) {
+      radix_passes<LOGITS, VEC, true>(x, n, top_p, -FI_INF, rv, sm, st, 1, 3, false);
+      t = order_value(st.prefix);
+      have_t = true;
+    }
+    return t;
+  };
   for (unsigned round = 0; round < kIcdfRounds; ++round) {
     if (warp_id() < kIcdfDraws) {
       const unsigned d = warp_id();
@@ -714,23 +728,13 @@ __device__ __noinline__ unsigned top_p_icdf(const float* x, unsigned n, const Ro
     for (unsigned d = 0; d < kIcdfDraws; ++d) {  // in order: the first proposal in N wins
       unsigned verdict = ic.verdict[d];
       const unsigned tok = ic.cand[d];
-      if (verdict == kIcdfBoundary) {
-        if (!have_t) {  // block-uniform: every thread reads the same verdicts
-          radix_passes<LOGITS, VEC, true>(x, n, top_p, -FI_INF, rv, sm, st, 1, 3, false);
-          t = order_value(st.prefix);
-          have_t = true;
-        }
-        verdict = rv.value(x[tok]) >= t ? kIcdfIn : kIcdfOut;
-      }
+      // Block-uniform: every thread reads the same verdicts.
+      if (verdict == kIcdfBoundary) verdict = rv.value(x[tok]) >= bound() ? kIcdfIn : kIcdfOut;
       if (verdict == kIcdfIn) return tok;
     }
     __syncthreads();  // every thread has read this round's proposals
   }
-  if (!have_t) {
-    radix_passes<LOGITS, VEC, true>(x, n, top_p, -FI_INF, rv, sm, st, 1, 3, false);
-    t = order_value(st.prefix);
-  }
-  const unsigned long long best = race_allowed<LOGITS, VEC>(x, n, rv, t, 0.0f, rng, sm);
+  const unsigned long long best = race_allowed<LOGITS, VEC>(x, n, rv, bound(), 0.0f, rng, sm);
   return best ? race_token(best) : 0u;
 }
 
