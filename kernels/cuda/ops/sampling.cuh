@@ -232,6 +232,22 @@ struct RowValues {
   }
 };
 
+// A logit row's values at temperature `temp` (1 unless positive and finite): 1 / temp and the
+// largest value, from one load pass.
+template <bool LOGITS, unsigned VEC>
+__device__ __forceinline__ RowValues<LOGITS> logit_values(const float* x, unsigned n, float temp,
+                                                          SamplingSmem& sm) {
+  RowValues<LOGITS> rv{0.0f, 1.0f};
+  rv.inv_t = (temp > 0.0f && temp < FI_INF) ? fminf(1.0f / temp, 3.4028234e38f) : 1.0f;
+  float m = -FI_INF;
+  scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& p) {
+#pragma unroll
+    for (unsigned e = 0; e < VEC; ++e) m = fmaxf(m, rv.value(p.x[e]));
+  });
+  rv.m = block_max(m, sm);
+  return rv;
+}
+
 // scan_row_backward with a warp-uniform trip count, for visitors that use warp collectives:
 // visit(t0, pack, valid), where lanes past their last pack get zeros and valid false.
 template <unsigned VEC, class Visit>
@@ -909,13 +925,7 @@ __device__ __forceinline__ void sample_row(const SamplingArgs& a, unsigned row) 
   RowValues<LOGITS> rv{0.0f, 1.0f};
   if (LOGITS) {
     const float temp = a.temperature_arr ? a.temperature_arr[row] : a.temperature;
-    rv.inv_t = (temp > 0.0f && temp < FI_INF) ? fminf(1.0f / temp, 3.4028234e38f) : 1.0f;
-    float m = -FI_INF;
-    scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& p) {
-#pragma unroll
-      for (unsigned e = 0; e < VEC; ++e) m = fmaxf(m, rv.value(p.x[e]));
-    });
-    rv.m = block_max(m, sm);
+    rv = logit_values<LOGITS, VEC>(x, n, temp, sm);
   }
   const RowRng rng = row_rng(a.state, row);
   const float t_min = k < n ? kth_largest<LOGITS, VEC>(x, n, k, rv, sm) : -FI_INF;
@@ -1003,13 +1013,7 @@ __device__ __forceinline__ void transform_row(const RowTransformArgs& a, unsigne
   RowValues<kLogits> rv{0.0f, 1.0f};
   if constexpr (OP == kSoftmax) {
     const float temp = a.temperature_arr ? a.temperature_arr[row] : a.temperature;
-    rv.inv_t = (temp > 0.0f && temp < FI_INF) ? fminf(1.0f / temp, 3.4028234e38f) : 1.0f;
-    float m = -FI_INF;
-    scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& p) {
-#pragma unroll
-      for (unsigned e = 0; e < VEC; ++e) m = fmaxf(m, rv.value(p.x[e]));
-    });
-    rv.m = block_max(m, sm);
+    rv = logit_values<kLogits, VEC>(x, n, temp, sm);
     float z = 0.0f;
     if (rv.m > -FI_INF) {
       scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& p) {
