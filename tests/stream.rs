@@ -65,6 +65,18 @@ fn paged(lens: &[u32], rng: &mut Rng) -> (KvIndex, usize) {
     (kv, (num_pages * PAGE * 2 * 128) as usize)
 }
 
+/// A decode batch of [`DECODE_LENS`] over a paged cache (and that cache), random K and V.
+fn decode_case(rng: &mut Rng) -> (KvIndex, Batch, Vec<bf16>, Vec<bf16>) {
+    let (kv, cache) = paged(&DECODE_LENS, rng);
+    let batch = Batch::decode(heads(), kv.clone()).unwrap();
+    (
+        kv,
+        batch,
+        bf(rng.normal_vec(cache)),
+        bf(rng.normal_vec(cache)),
+    )
+}
+
 /// Our buffer of `n` NaN, then the caller's own copy of `data` into it on its stream.
 fn caller_writes(backend: &Backend, stream: &Arc<CudaStream>, data: &[bf16]) -> Buffer<bf16> {
     let mut b = backend.filled(data.len(), bf16::NAN).unwrap();
@@ -79,32 +91,48 @@ fn caller_reads(stream: &Arc<CudaStream>, b: &Buffer<bf16>) -> Vec<f32> {
     f32s(&stream.clone_dtoh(&b.cuda_view().unwrap()).unwrap())
 }
 
-fn assert_attention(batch: &Batch, got: &[f32], want: &[f64], what: &str) {
-    let (err, b, h) = worst_rel_l2(batch, got, want);
+/// Our q, K and V written by the caller on `stream`, and an o of NaN.
+fn caller_inputs(
+    backend: &Backend,
+    stream: &Arc<CudaStream>,
+    [q, k, v]: [&[bf16]; 3],
+) -> [Buffer<bf16>; 4] {
+    [
+        caller_writes(backend, stream, q),
+        caller_writes(backend, stream, k),
+        caller_writes(backend, stream, v),
+        backend.filled(q.len(), bf16::NAN).unwrap(),
+    ]
+}
+
+/// o as the caller reads it on `stream`, checked against the reference attention of `batch`.
+fn check_o(
+    stream: &Arc<CudaStream>,
+    o: &Buffer<bf16>,
+    batch: &Batch,
+    [q, k, v]: [&[bf16]; 3],
+    what: &str,
+) -> Vec<f32> {
+    let got = caller_reads(stream, o);
+    let want = reference::attention_typed(&Standard, batch, q, k, v).unwrap();
+    let (err, b, h) = worst_rel_l2(batch, &got, &want.o);
     assert!(
         err <= 1e-2,
         "{what}: request {b} head {h} relative L2 error {err:.2e}"
     );
+    got
 }
 
 /// A decode on `backend`: the caller writes q, K and V on `stream` and calls us at once, then reads
 /// o on `stream`.
 fn check_decode(backend: &Backend, stream: &Arc<CudaStream>, rng: &mut Rng, what: &str) {
-    let (kv, cache) = paged(&DECODE_LENS, rng);
-    let batch = Batch::decode(heads(), kv.clone()).unwrap();
-    let (k, v) = (bf(rng.normal_vec(cache)), bf(rng.normal_vec(cache)));
+    let (kv, batch, k, v) = decode_case(rng);
     let q = bf(rng.normal_vec(batch.q_len()));
-    let (qd, kd, vd) = (
-        caller_writes(backend, stream, &q),
-        caller_writes(backend, stream, &k),
-        caller_writes(backend, stream, &v),
-    );
-    let mut od = backend.filled(q.len(), bf16::NAN).unwrap();
+    let [qd, kd, vd, mut od] = caller_inputs(backend, stream, [&q, &k, &v]);
     let plan = BatchDecode::plan(backend, heads(), kv, None).unwrap();
     plan.run(&Standard, &qd, &kd, &vd, &mut od, None).unwrap();
-    let got = caller_reads(stream, &od);
-    let want = reference::attention_typed(&Standard, &batch, &q, &k, &v).unwrap();
-    assert_attention(&batch, &got, &want.o, &format!("decode {what}"));
+    let what = format!("decode {what}");
+    check_o(stream, &od, &batch, [&q, &k, &v], &what);
 }
 
 /// A causal prefill over a ragged cache, written and read as in [`check_decode`].
@@ -117,17 +145,11 @@ fn check_prefill(backend: &Backend, stream: &Arc<CudaStream>, rng: &mut Rng, wha
     let kv_elems = kv_lens.iter().sum::<u32>() as usize * 2 * 128;
     let (k, v) = (bf(rng.normal_vec(kv_elems)), bf(rng.normal_vec(kv_elems)));
     let q = bf(rng.normal_vec(batch.q_len()));
-    let (qd, kd, vd) = (
-        caller_writes(backend, stream, &q),
-        caller_writes(backend, stream, &k),
-        caller_writes(backend, stream, &v),
-    );
-    let mut od = backend.filled(q.len(), bf16::NAN).unwrap();
+    let [qd, kd, vd, mut od] = caller_inputs(backend, stream, [&q, &k, &v]);
     let plan = BatchPrefill::plan(backend, batch.clone()).unwrap();
     plan.run(&Standard, &qd, &kd, &vd, &mut od, None).unwrap();
-    let got = caller_reads(stream, &od);
-    let want = reference::attention_typed(&Standard, &batch, &q, &k, &v).unwrap();
-    assert_attention(&batch, &got, &want.o, &format!("prefill {what}"));
+    let what = format!("prefill {what}");
+    check_o(stream, &od, &batch, [&q, &k, &v], &what);
 }
 
 /// Every row of `got` against the f64 RMSNorm of `x` by `w`.
@@ -246,9 +268,7 @@ impl Step {
     }
     /// Check o, the normed rows and the tokens, all read on the caller's stream.
     fn check(&self, stream: &Arc<CudaStream>, batch: &Batch, q: &[bf16], k: &[bf16], v: &[bf16]) {
-        let got = caller_reads(stream, &self.o);
-        let want = reference::attention_typed(&Standard, batch, q, k, v).unwrap();
-        assert_attention(batch, &got, &want.o, "captured decode");
+        let got = check_o(stream, &self.o, batch, [q, k, v], "captured decode");
         // The norm read the o this replay wrote (as bf16), through the graph's order.
         let o = bf(got);
         let w = stream.clone_dtoh(&self.w.cuda_view().unwrap()).unwrap();
@@ -275,9 +295,7 @@ fn gpu_callers_capture_contains_our_work() {
     let backend = Backend::on_stream(stream.clone()).unwrap();
     let mut rng = Rng::from_time();
     let seed = rng.seed();
-    let (kv, cache) = paged(&DECODE_LENS, &mut rng);
-    let batch = Batch::decode(heads(), kv.clone()).unwrap();
-    let (k, v) = (bf(rng.normal_vec(cache)), bf(rng.normal_vec(cache)));
+    let (kv, batch, k, v) = decode_case(&mut rng);
     let n = batch.q_len();
     let rows = DECODE_LENS.len();
     let mut probs = vec![0.0f32; rows * VOCAB as usize];
@@ -362,9 +380,7 @@ fn gpu_graph_run_on_a_callers_stream() {
     let backend = Backend::on_stream(stream.clone()).unwrap();
     let mut rng = Rng::from_time();
     let seed = rng.seed();
-    let (kv, cache) = paged(&DECODE_LENS, &mut rng);
-    let batch = Batch::decode(heads(), kv.clone()).unwrap();
-    let (k, v) = (bf(rng.normal_vec(cache)), bf(rng.normal_vec(cache)));
+    let (kv, batch, k, v) = decode_case(&mut rng);
     let n = batch.q_len();
     let rows = DECODE_LENS.len() as u32;
     let pages = kv.indices().len() as u32;
@@ -391,14 +407,8 @@ fn gpu_graph_run_on_a_callers_stream() {
         graph.write(Input::Q, &q).unwrap();
         graph.launch().unwrap();
         // Read on the caller's stream right after the replay: ordered after it.
-        let got = caller_reads(&stream, graph.o());
-        let want = reference::attention_typed(&Standard, &batch, &q, &k, &v).unwrap();
-        assert_attention(
-            &batch,
-            &got,
-            &want.o,
-            &format!("GraphRun replay {replay} (seed {seed})"),
-        );
+        let what = format!("GraphRun replay {replay} (seed {seed})");
+        check_o(&stream, graph.o(), &batch, [&q, &k, &v], &what);
     }
 }
 
@@ -410,25 +420,16 @@ fn gpu_streams_of_one_device_share_loaded_modules() {
     let second = ctx.new_stream().unwrap();
     let mut rng = Rng::from_time();
     let seed = rng.seed();
+    let what = |name: &str| format!("{name} (seed {seed})");
     let a = Backend::on_stream(first.clone()).unwrap();
-    check_decode(&a, &first, &mut rng, &format!("first stream (seed {seed})"));
-    check_rmsnorm(&a, &first, &mut rng, &format!("first stream (seed {seed})"));
+    check_decode(&a, &first, &mut rng, &what("first stream"));
+    check_rmsnorm(&a, &first, &mut rng, &what("first stream"));
     let loaded = a.gpu().unwrap().modules_loaded();
     assert!(loaded >= 2, "{loaded} modules after a decode and a norm");
 
     let b = Backend::on_stream(second.clone()).unwrap();
-    check_decode(
-        &b,
-        &second,
-        &mut rng,
-        &format!("second stream (seed {seed})"),
-    );
-    check_rmsnorm(
-        &b,
-        &second,
-        &mut rng,
-        &format!("second stream (seed {seed})"),
-    );
+    check_decode(&b, &second, &mut rng, &what("second stream"));
+    check_rmsnorm(&b, &second, &mut rng, &what("second stream"));
     assert_eq!(
         b.gpu().unwrap().modules_loaded(),
         loaded,
@@ -437,12 +438,7 @@ fn gpu_streams_of_one_device_share_loaded_modules() {
     // The private stream of Backend::cuda shares them too.
     let own = Backend::cuda(0).unwrap();
     let own_stream = own.gpu().unwrap().stream().clone();
-    check_rmsnorm(
-        &own,
-        &own_stream,
-        &mut rng,
-        &format!("Backend::cuda (seed {seed})"),
-    );
+    check_rmsnorm(&own, &own_stream, &mut rng, &what("Backend::cuda"));
     assert_eq!(own.gpu().unwrap().modules_loaded(), loaded);
 
     // Nothing orders two streams: a buffer of one is refused by a backend on the other.

@@ -96,17 +96,21 @@ impl<T: Element> Case<T> {
     /// The dense rows of a padded o (and check that the padding was not written).
     fn unpad(&self, o: &[T]) -> Vec<T> {
         let w = self.heads.num_qo_heads() as usize * self.heads.head_dim() as usize;
-        for r in o.chunks(self.o_row) {
-            assert!(
-                r[w..].iter().all(|x| x.to_f32().is_nan()),
-                "o padding written"
-            );
-        }
+        assert_padding_nan(o, self.o_row, w);
         o.chunks(self.o_row).flat_map(|r| r[..w].to_vec()).collect()
     }
     fn v_off(&self) -> usize {
         self.strided.kv().interleaved_v_offset(&self.heads)
     }
+}
+
+/// Rows of `stride` elements whose columns past `width` are all still NaN (not written).
+fn assert_padding_nan<T: Element>(x: &[T], stride: usize, width: usize) {
+    assert!(
+        x.chunks(stride)
+            .all(|r| r[width..].iter().all(|x| x.to_f32().is_nan())),
+        "padding written"
+    );
 }
 
 fn bits<T: Element>(xs: &[T]) -> Vec<u32> {
@@ -370,6 +374,13 @@ fn bad_views_and_strides_are_refused() {
 // ---------------------------------------------------------------------------------------------
 // GPU: device views of cudarc slices and raw pointers, compared with the CPU reference.
 
+/// GPU 0's backend and its `Gpu`.
+fn cuda() -> (Backend, Arc<Gpu>) {
+    let backend = Backend::cuda(0).unwrap();
+    let gpu = backend.gpu().unwrap().clone();
+    (backend, gpu)
+}
+
 /// A copy of `x` on the GPU, as the caller's cudarc code would make it.
 fn up<T: ferrinfer::device::Pod>(gpu: &Arc<Gpu>, x: &[T]) -> CudaSlice<T> {
     gpu.stream().clone_htod(x).unwrap()
@@ -396,8 +407,7 @@ fn tolerance<T: Element>() -> f64 {
 /// Prefill (or decode) over the interleaved cache on the GPU with q in fused QKV rows (a device
 /// view of a `CudaSlice`), V a sub-view of the cache, o padded (a raw-pointer view when `raw`).
 fn gpu_strided<T: Element>(page: u32, decode: bool, layout: KvLayout, raw: bool) {
-    let backend = Backend::cuda(0).unwrap();
-    let gpu = backend.gpu().unwrap().clone();
+    let (backend, gpu) = cuda();
     let mut rng = Rng::from_time();
     let seed = rng.seed();
     let qo: &[u32] = if decode {
@@ -483,8 +493,7 @@ fn gpu_views_interleaved_decode() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gpu_views_append_and_errors() {
-    let backend = Backend::cuda(0).unwrap();
-    let gpu = backend.gpu().unwrap().clone();
+    let (backend, gpu) = cuda();
     let cpu = Backend::Cpu;
     let mut rng = Rng::from_time();
     for page in [1, 16] {
@@ -578,6 +587,34 @@ fn qkv_heads() -> Heads {
     Heads::new(8, 2, 64).unwrap()
 }
 
+/// q and k of the fused QKV rows `qkv` (one a position), turned in place by `rope` on the CPU:
+/// the dense run the strided ones are compared with.
+fn dense_rope<T: Element>(
+    rope: &Rope,
+    angles: Angles,
+    qkv: &[T],
+    positions: &Buffer<i32>,
+) -> (Vec<T>, Vec<T>) {
+    let (hq, hk, d) = QKV_HEADS;
+    let (tokens, row) = (positions.len(), (hq + 2 * hk) * d);
+    let (mut q, mut k) = (
+        cols(qkv, row, 0, hq * d, tokens),
+        cols(qkv, row, hq * d, hk * d, tokens),
+    );
+    rope::apply_in_place(
+        &Backend::Cpu,
+        rope,
+        angles,
+        Positions::PerToken(positions),
+        QkMut {
+            q: &mut ViewMut::host(&mut q),
+            k: &mut ViewMut::host(&mut k),
+        },
+    )
+    .unwrap();
+    (q, k)
+}
+
 /// RoPE in place on q and k in padded rows, and out of place from a fused QKV into dense and
 /// padded outputs: each equals the dense in-place run.
 #[test]
@@ -593,21 +630,7 @@ fn strided_rope_matches_dense_on_the_cpu() {
     for (rd, layout) in [(64, RopeLayout::NeoX), (32, RopeLayout::GptJ)] {
         let angles = Angles::Computed(Frequencies::new(1e4).unwrap());
         let dense = Rope::new(heads, rd, layout).unwrap();
-        let (mut q, mut k) = (
-            cols(&qkv, row, 0, hq * d, tokens),
-            cols(&qkv, row, hq * d, hk * d, tokens),
-        );
-        rope::apply_in_place(
-            &cpu,
-            &dense,
-            angles,
-            Positions::PerToken(&positions),
-            QkMut {
-                q: &mut ViewMut::host(&mut q),
-                k: &mut ViewMut::host(&mut k),
-            },
-        )
-        .unwrap();
+        let (q, k) = dense_rope(&dense, angles, &qkv, &positions);
         // In place, padded rows.
         let padded = RowStrides {
             q: (hq * d + 8) as u64,
@@ -634,10 +657,7 @@ fn strided_rope_matches_dense_on_the_cpu() {
         .unwrap();
         assert_eq!(bits(&cols(&qp, hq * d + 8, 0, hq * d, tokens)), bits(&q));
         assert_eq!(bits(&cols(&kp, hk * d + 24, 0, hk * d, tokens)), bits(&k));
-        assert!(
-            qp.chunks(hq * d + 8)
-                .all(|r| r[hq * d..].iter().all(|x| x.to_f32().is_nan()))
-        );
+        assert_padding_nan(&qp, hq * d + 8, hq * d);
         // Out of place, from the fused QKV (the views end at the buffer's end) into dense and
         // into padded outputs.
         let fused = RowStrides::fused_qkv(&heads);
@@ -703,6 +723,50 @@ fn append_step(
         }
     }
     (kv, vec![0, 4, 7], kc, vc)
+}
+
+/// The page table rows of [`append_step`]'s new tokens (the last of each request): each token's
+/// request and position.
+fn new_token_rows(kv: &KvIndex, qo: &[i32]) -> (Vec<i32>, Vec<i32>) {
+    let (mut bi, mut pos) = (Vec::new(), Vec::new());
+    for b in 0..qo.len() - 1 {
+        let n = qo[b + 1] - qo[b];
+        for i in 0..n {
+            bi.push(b as i32);
+            pos.push(kv.kv_len(b) as i32 - n + i);
+        }
+    }
+    (bi, pos)
+}
+
+/// A page table's arrays on one backend: the rows `bi` and `pos`, and `kv`'s pages.
+struct TableOn {
+    bi: Buffer<i32>,
+    pos: Buffer<i32>,
+    indptr: Buffer<i32>,
+    indices: Buffer<i32>,
+    last: Buffer<i32>,
+}
+
+impl TableOn {
+    fn new(b: &Backend, kv: &KvIndex, bi: &[i32], pos: &[i32]) -> Self {
+        TableOn {
+            bi: b.upload(bi).unwrap(),
+            pos: b.upload(pos).unwrap(),
+            indptr: b.upload(kv.indptr()).unwrap(),
+            indices: b.upload(kv.indices()).unwrap(),
+            last: b.upload(kv.last_len()).unwrap(),
+        }
+    }
+    fn table(&self) -> PageTable<'_> {
+        PageTable {
+            batch_indices: &self.bi,
+            positions: &self.pos,
+            kv_indptr: &self.indptr,
+            kv_indices: &self.indices,
+            kv_last_page_len: &self.last,
+        }
+    }
 }
 
 /// Fused RoPE + append with q, k and v in one fused QKV buffer into an interleaved cache:
@@ -797,35 +861,9 @@ fn explicit_append_at_strides_matches_dense() {
             page_size: page,
             layout,
         };
-        // The page table of `kv`, new tokens the last of each request.
-        let mut bi = Vec::new();
-        let mut pos = Vec::new();
-        for b in 0..2 {
-            let n = qo[b + 1] - qo[b];
-            for i in 0..n {
-                bi.push(b as i32);
-                pos.push((kv.kv_len(b) as i32) - n + i);
-            }
-        }
-        let (indptr, indices, last) = (
-            kv.indptr().to_vec(),
-            kv.indices().to_vec(),
-            kv.last_len().to_vec(),
-        );
-        let (bi, pos, indptr, indices, last) = (
-            cpu.upload(&bi).unwrap(),
-            cpu.upload(&pos).unwrap(),
-            cpu.upload(&indptr).unwrap(),
-            cpu.upload(&indices).unwrap(),
-            cpu.upload(&last).unwrap(),
-        );
-        let table = PageTable {
-            batch_indices: &bi,
-            positions: &pos,
-            kv_indptr: &indptr,
-            kv_indices: &indices,
-            kv_last_page_len: &last,
-        };
+        let (bi, pos) = new_token_rows(&kv, &qo);
+        let on_cpu = TableOn::new(&cpu, &kv, &bi, &pos);
+        let table = on_cpu.table();
         let (nk, nv): (Vec<bf16>, Vec<bf16>) =
             (randv(&mut rng, 7 * hk * d), randv(&mut rng, 7 * hk * d));
         let (mut kd, mut vd) = (kc.clone(), vc.clone());
@@ -889,6 +927,49 @@ fn explicit_append_at_strides_matches_dense() {
     }
 }
 
+/// One request's q, K and V in the caller's layouts (q in fused QKV rows `qkv`, K and V
+/// interleaved per token in `kvt`) and dense.
+struct SingleCase {
+    qkv: Vec<bf16>,
+    kvt: Vec<bf16>,
+    q: Vec<bf16>,
+    k: Vec<bf16>,
+    v: Vec<bf16>,
+}
+
+/// The o rows of the strided single calls: the q heads, then 64 elements of padding.
+const SINGLE_O_ROW: usize = QKV_HEADS.0 * QKV_HEADS.2 + 64;
+
+impl SingleCase {
+    fn new(rng: &mut Rng, qo_len: usize, kv_len: usize) -> Self {
+        let (hq, hk, d) = QKV_HEADS;
+        let row = (hq + 2 * hk) * d;
+        let qkv: Vec<bf16> = randv(rng, qo_len * row);
+        let kvt: Vec<bf16> = randv(rng, kv_len * 2 * hk * d);
+        let q = cols(&qkv, row, 0, hq * d, qo_len);
+        let (k, v) = (
+            cols(&kvt, 2 * hk * d, 0, hk * d, kv_len),
+            cols(&kvt, 2 * hk * d, hk * d, hk * d, kv_len),
+        );
+        SingleCase { qkv, kvt, q, k, v }
+    }
+
+    /// `single` at these layouts' strides, o in rows of [`SINGLE_O_ROW`].
+    fn strided(single: Single) -> Single {
+        let (hq, hk, d) = QKV_HEADS;
+        single
+            .qo_strides(
+                QoStrides::new(((hq + 2 * hk) * d) as u64, d as u64),
+                QoStrides::new(SINGLE_O_ROW as u64, d as u64),
+            )
+            .kv_strides(KvStrides {
+                block: (2 * hk * d) as u64,
+                token: (2 * hk * d) as u64,
+                head: d as u64,
+            })
+    }
+}
+
 /// Single-request prefill and decode with q in fused QKV rows, o padded and K/V interleaved per
 /// token: bit for bit the dense calls.
 #[test]
@@ -897,15 +978,9 @@ fn single_at_strides_matches_dense_on_the_cpu() {
     let mut rng = Rng::from_time();
     let heads = qkv_heads();
     let (hq, hk, d) = QKV_HEADS;
-    let (row, o_row) = ((hq + 2 * hk) * d, hq * d + 64);
+    let o_row = SINGLE_O_ROW;
     for (qo_len, kv_len) in [(9usize, 40usize), (1, 33)] {
-        let qkv: Vec<bf16> = randv(&mut rng, qo_len * row);
-        let kvt: Vec<bf16> = randv(&mut rng, kv_len * 2 * hk * d);
-        let q = cols(&qkv, row, 0, hq * d, qo_len);
-        let (k, v) = (
-            cols(&kvt, 2 * hk * d, 0, hk * d, kv_len),
-            cols(&kvt, 2 * hk * d, hk * d, hk * d, kv_len),
-        );
+        let SingleCase { qkv, kvt, q, k, v } = SingleCase::new(&mut rng, qo_len, kv_len);
         let mut od = vec![bf16::ZERO; qo_len * hq * d];
         let single = Single::new(heads).causal(true);
         let decode = qo_len == 1;
@@ -928,16 +1003,7 @@ fn single_at_strides_matches_dense_on_the_cpu() {
             &mut ViewMut::host(&mut od),
         )
         .unwrap();
-        let strided = single
-            .qo_strides(
-                QoStrides::new(row as u64, d as u64),
-                QoStrides::new(o_row as u64, d as u64),
-            )
-            .kv_strides(KvStrides {
-                block: (2 * hk * d) as u64,
-                token: (2 * hk * d) as u64,
-                head: d as u64,
-            });
+        let strided = SingleCase::strided(single);
         let mut op = vec![bf16::from_f32(f32::NAN); qo_len * o_row];
         let kview = View::host(&kvt);
         run(
@@ -953,10 +1019,7 @@ fn single_at_strides_matches_dense_on_the_cpu() {
             bits(&od),
             "qo_len {qo_len}"
         );
-        assert!(
-            op.chunks(o_row)
-                .all(|r| r[hq * d..].iter().all(|x| x.to_f32().is_nan()))
-        );
+        assert_padding_nan(&op, o_row, hq * d);
     }
 }
 
@@ -1202,8 +1265,7 @@ unsafe fn raw_mut<T: Element>(
 }
 
 fn gpu_rope<T: Element>() {
-    let backend = Backend::cuda(0).unwrap();
-    let gpu = backend.gpu().unwrap().clone();
+    let (backend, gpu) = cuda();
     let cpu = Backend::Cpu;
     let mut rng = Rng::from_time();
     let seed = rng.seed();
@@ -1216,22 +1278,7 @@ fn gpu_rope<T: Element>() {
     let fused = RowStrides::fused_qkv(&heads);
     for (rd, layout) in [(64, RopeLayout::NeoX), (48, RopeLayout::GptJ)] {
         let dense = Rope::new(heads, rd, layout).unwrap();
-        let (mut q, mut k) = (
-            cols(&qkv, row, 0, hq * d, tokens),
-            cols(&qkv, row, hq * d, hk * d, tokens),
-        );
-        let p_cpu = cpu.upload(&pos).unwrap();
-        rope::apply_in_place(
-            &cpu,
-            &dense,
-            angles,
-            Positions::PerToken(&p_cpu),
-            QkMut {
-                q: &mut ViewMut::host(&mut q),
-                k: &mut ViewMut::host(&mut k),
-            },
-        )
-        .unwrap();
+        let (q, k) = dense_rope(&dense, angles, &qkv, &cpu.upload(&pos).unwrap());
         let p_gpu = backend.upload(&pos).unwrap();
         // In place inside the fused QKV: q and k are raw views of one buffer.
         let buf = up(&gpu, &qkv);
@@ -1311,8 +1358,7 @@ fn gpu_views_rope_in_fused_qkv_and_narrow_rows() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gpu_views_appends_at_strides() {
-    let backend = Backend::cuda(0).unwrap();
-    let gpu = backend.gpu().unwrap().clone();
+    let (backend, gpu) = cuda();
     let cpu = Backend::Cpu;
     let mut rng = Rng::from_time();
     let seed = rng.seed();
@@ -1385,14 +1431,7 @@ fn gpu_views_appends_at_strides() {
             page_size: page,
             layout,
         };
-        let (mut bi, mut pos) = (Vec::new(), Vec::new());
-        for b in 0..2 {
-            let n = qo[b + 1] - qo[b];
-            for i in 0..n {
-                bi.push(b as i32);
-                pos.push(kv.kv_len(b) as i32 - n + i);
-            }
-        }
+        let (bi, mut pos) = new_token_rows(&kv, &qo);
         // One token of a request past the batch: skipped on the GPU.
         let mut with_bad = bi.clone();
         with_bad.push(5); // request 5 of a batch of 2
@@ -1400,31 +1439,14 @@ fn gpu_views_appends_at_strides() {
         let nk: Vec<bf16> = randv(&mut rng, 8 * hk * d);
         let nv: Vec<bf16> = randv(&mut rng, 8 * hk * d);
         // The CPU refuses the bad token, so its expectation comes from the 7 good ones.
-        let table_on = |b: &Backend| {
-            (
-                b.upload(&with_bad).unwrap(),
-                b.upload(&pos).unwrap(),
-                b.upload(kv.indptr()).unwrap(),
-                b.upload(kv.indices()).unwrap(),
-                b.upload(kv.last_len()).unwrap(),
-            )
-        };
-        let (c_bi, c_pos, c_ip, c_ix, c_ll) = table_on(&cpu);
+        let on_cpu = TableOn::new(&cpu, &kv, &with_bad, &pos);
         let good = PageTable {
-            batch_indices: &View::of(&c_bi).slice(..7).unwrap(),
-            positions: &View::of(&c_pos).slice(..7).unwrap(),
-            kv_indptr: &c_ip,
-            kv_indices: &c_ix,
-            kv_last_page_len: &c_ll,
+            batch_indices: &View::of(&on_cpu.bi).slice(..7).unwrap(),
+            positions: &View::of(&on_cpu.pos).slice(..7).unwrap(),
+            ..on_cpu.table()
         };
-        let (g_bi, g_pos, g_ip, g_ix, g_ll) = table_on(&backend);
-        let table = PageTable {
-            batch_indices: &g_bi,
-            positions: &g_pos,
-            kv_indptr: &g_ip,
-            kv_indices: &g_ix,
-            kv_last_page_len: &g_ll,
-        };
+        let on_gpu = TableOn::new(&backend, &kv, &with_bad, &pos);
+        let table = on_gpu.table();
         let (nk7, nv7) = (&nk[..7 * hk * d], &nv[..7 * hk * d]);
         let mut want = cache0.clone();
         kv_append::append_explicit_interleaved(
@@ -1511,21 +1533,14 @@ fn gpu_views_appends_at_strides() {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gpu_views_single_at_strides() {
-    let backend = Backend::cuda(0).unwrap();
-    let gpu = backend.gpu().unwrap().clone();
+    let (backend, gpu) = cuda();
     let mut rng = Rng::from_time();
     let seed = rng.seed();
     let heads = qkv_heads();
     let (hq, hk, d) = QKV_HEADS;
-    let (row, o_row) = ((hq + 2 * hk) * d, hq * d + 64);
+    let o_row = SINGLE_O_ROW;
     for (qo_len, kv_len) in [(77usize, 300usize), (1, 1000)] {
-        let qkv: Vec<bf16> = randv(&mut rng, qo_len * row);
-        let kvt: Vec<bf16> = randv(&mut rng, kv_len * 2 * hk * d);
-        let q = cols(&qkv, row, 0, hq * d, qo_len);
-        let (k, v) = (
-            cols(&kvt, 2 * hk * d, 0, hk * d, kv_len),
-            cols(&kvt, 2 * hk * d, hk * d, hk * d, kv_len),
-        );
+        let SingleCase { qkv, kvt, q, k, v } = SingleCase::new(&mut rng, qo_len, kv_len);
         let batch = Batch::new(
             heads,
             &[0, qo_len as i32],
@@ -1534,17 +1549,7 @@ fn gpu_views_single_at_strides() {
         .unwrap()
         .with_causal(true);
         let want = reference::attention_typed(&Standard, &batch, &q, &k, &v).unwrap();
-        let single = Single::new(heads)
-            .causal(true)
-            .qo_strides(
-                QoStrides::new(row as u64, d as u64),
-                QoStrides::new(o_row as u64, d as u64),
-            )
-            .kv_strides(KvStrides {
-                block: (2 * hk * d) as u64,
-                token: (2 * hk * d) as u64,
-                head: d as u64,
-            });
+        let single = SingleCase::strided(Single::new(heads).causal(true));
         let (gq, gkv) = (up(&gpu, &qkv), up(&gpu, &kvt));
         let mut o = up(&gpu, &vec![bf16::from_f32(f32::NAN); qo_len * o_row]);
         {
@@ -1565,11 +1570,7 @@ fn gpu_views_single_at_strides() {
             }
         }
         let got = down(&gpu, &o);
-        assert!(
-            got.chunks(o_row)
-                .all(|r| r[hq * d..].iter().all(|x| x.to_f32().is_nan())),
-            "o padding written"
-        );
+        assert_padding_nan(&got, o_row, hq * d);
         let got: Vec<f32> = cols(&got, o_row, 0, hq * d, qo_len)
             .iter()
             .map(|x| x.to_f32())

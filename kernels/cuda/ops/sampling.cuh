@@ -232,6 +232,22 @@ struct RowValues {
   }
 };
 
+// A logit row's values at temperature `temp` (1 unless positive and finite): 1 / temp and the
+// largest value, from one load pass.
+template <bool LOGITS, unsigned VEC>
+__device__ __forceinline__ RowValues<LOGITS> logit_values(const float* x, unsigned n, float temp,
+                                                          SamplingSmem& sm) {
+  RowValues<LOGITS> rv{0.0f, 1.0f};
+  rv.inv_t = (temp > 0.0f && temp < FI_INF) ? fminf(1.0f / temp, 3.4028234e38f) : 1.0f;
+  float m = -FI_INF;
+  scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& p) {
+#pragma unroll
+    for (unsigned e = 0; e < VEC; ++e) m = fmaxf(m, rv.value(p.x[e]));
+  });
+  rv.m = block_max(m, sm);
+  return rv;
+}
+
 // scan_row_backward with a warp-uniform trip count, for visitors that use warp collectives:
 // visit(t0, pack, valid), where lanes past their last pack get zeros and valid false.
 template <unsigned VEC, class Visit>
@@ -385,6 +401,25 @@ struct RadixState {
   double want;
 };
 
+// Zeroes the histograms of a radix pass (the masses too for a select by mass).
+template <bool MASS>
+__device__ __forceinline__ void radix_clear(SamplingSmem& sm) {
+  __syncthreads();  // the previous pass's walk (or the previous user of sm.radix) is done
+  for (unsigned b = threadIdx.x; b < kRadixBins; b += kSamplingThreads) {
+    sm.radix.hist[b] = 0;
+    if (MASS) sm.radix.mass[b] = 0;
+  }
+  __syncthreads();
+}
+
+// Counts canonical value v, in bin b, into a radix pass's histograms (sm.radix).
+template <bool LOGITS, bool MASS>
+__device__ __forceinline__ void radix_count(unsigned* hist, unsigned long long* units, unsigned b,
+                                            const RowValues<LOGITS>& rv, float v, int scale) {
+  atomicAdd(&hist[b], 1u);
+  if (MASS) shared_add_u64(&units[b], mass_units<LOGITS>(rv.weight(v), scale));
+}
+
 // Passes [first, last) of a radix select (see radix_select). With `filled`, the first of them
 // finds its histograms already counted (top_p_survey counts pass 0 while it reads the row).
 template <bool LOGITS, unsigned VEC, bool MASS>
@@ -401,21 +436,14 @@ __device__ __noinline__ void radix_passes(const float* x, unsigned n, float p, f
     const unsigned shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
     const unsigned bins = pass == 2 ? 1024 : 2048;
     if (!(filled && pass == first)) {
-      __syncthreads();  // the previous pass's walk (or the previous user of sm.radix) is done
-      for (unsigned b = threadIdx.x; b < kRadixBins; b += kSamplingThreads) {
-        hist[b] = 0;
-        if (MASS) units[b] = 0;
-      }
-      __syncthreads();
+      radix_clear<MASS>(sm);
       scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& q) {
 #pragma unroll
         for (unsigned e = 0; e < VEC; ++e) {
           const float v = rv.value(q.x[e]);
           const unsigned key = order_key(v);
           if ((key & mask) == prefix && v >= v_min) {
-            const unsigned b = (key >> shift) & (bins - 1);
-            atomicAdd(&hist[b], 1u);
-            if (MASS) shared_add_u64(&units[b], mass_units<LOGITS>(rv.weight(v), scale));
+            radix_count<LOGITS, MASS>(hist, units, (key >> shift) & (bins - 1), rv, v, scale);
           }
         }
       });
@@ -569,12 +597,7 @@ __device__ __noinline__ void top_p_survey(const float* x, unsigned n, const RowV
   unsigned* hist = sm.radix.hist;
   unsigned long long* units = sm.radix.mass;
   const int scale = logit_mass_scale(n);
-  __syncthreads();  // earlier users of sm.radix are done
-  for (unsigned b = threadIdx.x; b < kRadixBins; b += kSamplingThreads) {
-    hist[b] = 0;
-    units[b] = 0;
-  }
-  __syncthreads();
+  radix_clear<true>(sm);
   scan_row_backward_warp<VEC>(x, n, [&](unsigned t0, const Pack<float, VEC>& p, bool valid) {
     float sum = 0.0f;
 #pragma unroll
@@ -582,9 +605,7 @@ __device__ __noinline__ void top_p_survey(const float* x, unsigned n, const RowV
       const float v = rv.value(p.x[e]);
       const float w = rv.weight(v);
       if (valid) {
-        const unsigned b = order_key(v) >> 21;
-        atomicAdd(&hist[b], 1u);
-        shared_add_u64(&units[b], mass_units<LOGITS>(w, scale));
+        radix_count<LOGITS, true>(hist, units, order_key(v) >> 21, rv, v, scale);  // pass 0
         sum += w;
       }
     }
@@ -950,13 +971,7 @@ __device__ __forceinline__ void sample_row(const SamplingArgs& a, unsigned row) 
   RowValues<LOGITS> rv{0.0f, 1.0f};
   if (LOGITS) {
     const float temp = a.temperature_arr ? a.temperature_arr[row] : a.temperature;
-    rv.inv_t = (temp > 0.0f && temp < FI_INF) ? fminf(1.0f / temp, 3.4028234e38f) : 1.0f;
-    float m = -FI_INF;
-    scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& p) {
-#pragma unroll
-      for (unsigned e = 0; e < VEC; ++e) m = fmaxf(m, rv.value(p.x[e]));
-    });
-    rv.m = block_max(m, sm);
+    rv = logit_values<LOGITS, VEC>(x, n, temp, sm);
   }
   const RowRng rng = row_rng(a.state, row);
   const float t_min = k < n ? kth_largest<LOGITS, VEC>(x, n, k, rv, sm) : -FI_INF;
@@ -1044,13 +1059,7 @@ __device__ __forceinline__ void transform_row(const RowTransformArgs& a, unsigne
   RowValues<kLogits> rv{0.0f, 1.0f};
   if constexpr (OP == kSoftmax) {
     const float temp = a.temperature_arr ? a.temperature_arr[row] : a.temperature;
-    rv.inv_t = (temp > 0.0f && temp < FI_INF) ? fminf(1.0f / temp, 3.4028234e38f) : 1.0f;
-    float m = -FI_INF;
-    scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& p) {
-#pragma unroll
-      for (unsigned e = 0; e < VEC; ++e) m = fmaxf(m, rv.value(p.x[e]));
-    });
-    rv.m = block_max(m, sm);
+    rv = logit_values<kLogits, VEC>(x, n, temp, sm);
     float z = 0.0f;
     if (rv.m > -FI_INF) {
       scan_row<VEC>(x, n, [&](unsigned, const Pack<float, VEC>& p) {

@@ -8,7 +8,7 @@
 //! host view needs the CPU backend), exactly as they check a [`Buffer`].
 
 use std::fmt;
-use std::ops::{Bound, RangeBounds};
+use std::ops::{Bound, Deref, Range, RangeBounds};
 use std::sync::Arc;
 
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceSlice};
@@ -131,15 +131,116 @@ fn range(bounds: impl RangeBounds<usize>, len: usize) -> Result<(usize, usize)> 
     Ok((start, end))
 }
 
-fn device_ptr_on(place: &Place, on: &Gpu) -> Result<u64> {
-    match place {
-        Place::Device { ptr, gpu } if gpu.ordinal() == on.ordinal() => Ok(*ptr),
-        Place::Device { gpu, .. } => Err(Error::invalid(format!(
-            "a view of GPU {} was passed to GPU {}",
-            gpu.ordinal(),
-            on.ordinal()
-        ))),
-        Place::Host => Err(Error::invalid(HOST_ON_GPU)),
+/// Host elements a view holds: `&[T]` for a [`View`], `&mut [T]` for a [`ViewMut`].
+trait HostElems: Default + Deref {
+    /// The elements `r` (in range: the caller checked it).
+    fn cut(self, r: Range<usize>) -> Self;
+}
+impl<T> HostElems for &[T] {
+    fn cut(self, r: Range<usize>) -> Self {
+        &self[r]
+    }
+}
+impl<T> HostElems for &mut [T] {
+    fn cut(self, r: Range<usize>) -> Self {
+        &mut self[r]
+    }
+}
+
+/// What [`View`] and [`ViewMut`] are, either way they borrow the host elements: a length, a
+/// place, and the elements when the place is the host (empty on a device).
+#[derive(Clone)]
+struct Region<H> {
+    len: usize,
+    place: Place,
+    host: H,
+}
+
+impl<T: Pod, H: HostElems + Deref<Target = [T]>> Region<H> {
+    fn host(data: H) -> Self {
+        Region {
+            len: data.len(),
+            place: Place::Host,
+            host: data,
+        }
+    }
+
+    fn device(ptr: u64, len: usize, gpu: &Arc<Gpu>) -> Self {
+        Region {
+            len,
+            place: Place::Device {
+                ptr,
+                gpu: gpu.clone(),
+            },
+            host: H::default(),
+        }
+    }
+
+    /// `from_raw`: refuses a null or misaligned `ptr` (for a non-empty view) and a byte size past
+    /// `isize::MAX`.
+    fn raw(ptr: u64, len: usize, gpu: &Arc<Gpu>) -> Result<Self> {
+        check_raw::<T>(ptr, len)?;
+        Ok(Self::device(ptr, len, gpu))
+    }
+
+    /// The device memory of `buf`; `None` for a host buffer.
+    fn device_buffer(buf: &Buffer<T>) -> Option<Self> {
+        let (slice, gpu) = buf.device_parts()?;
+        let (ptr, _record) = slice.device_ptr(gpu.stream());
+        Some(Self::device(ptr, buf.len(), gpu))
+    }
+
+    /// The elements `bounds` of this region, checked against its length.
+    fn narrow(self, bounds: impl RangeBounds<usize>) -> Result<Self> {
+        let (start, end) = range(bounds, self.len)?;
+        let (place, host) = match self.place {
+            Place::Host => (Place::Host, self.host.cut(start..end)),
+            Place::Device { ptr, gpu } => (
+                Place::Device {
+                    // In range: `start` is inside a view whose byte size fits isize.
+                    ptr: ptr + (start * size_of::<T>()) as u64,
+                    gpu,
+                },
+                H::default(),
+            ),
+        };
+        Ok(Region {
+            len: end - start,
+            place,
+            host,
+        })
+    }
+
+    fn is_device(&self) -> bool {
+        matches!(self.place, Place::Device { .. })
+    }
+
+    fn elements(&self) -> Result<&[T]> {
+        match self.place {
+            Place::Host => Ok(&*self.host),
+            Place::Device { .. } => Err(Error::invalid(DEVICE_ON_CPU)),
+        }
+    }
+
+    fn device_ptr(&self, on: &Gpu) -> Result<u64> {
+        match &self.place {
+            Place::Device { ptr, gpu } if gpu.ordinal() == on.ordinal() => Ok(*ptr),
+            Place::Device { gpu, .. } => Err(Error::invalid(format!(
+                "a view of GPU {} was passed to GPU {}",
+                gpu.ordinal(),
+                on.ordinal()
+            ))),
+            Place::Host => Err(Error::invalid(HOST_ON_GPU)),
+        }
+    }
+
+    fn fmt(&self, name: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.place {
+            Place::Host => write!(f, "{name}(host, len {})", self.len),
+            Place::Device { gpu, .. } => {
+                write!(f, "{name}(cuda:{}, len {})", gpu.ordinal(), self.len)
+            }
+        }
     }
 }
 
@@ -161,11 +262,7 @@ fn device_ptr_on(place: &Place, on: &Gpu) -> Result<u64> {
 /// # Ok::<(), ferrinfer_runtime::Error>(())
 /// ```
 #[derive(Clone)]
-pub struct View<'a, T: Pod> {
-    len: usize,
-    place: Place,
-    host: &'a [T],
-}
+pub struct View<'a, T: Pod>(Region<&'a [T]>);
 
 impl<'a, T: Pod> View<'a, T> {
     /// A view of host memory, for the CPU backend.
@@ -175,11 +272,7 @@ impl<'a, T: Pod> View<'a, T> {
     /// assert_eq!(View::host(&[0u32; 5]).len(), 5);
     /// ```
     pub fn host(data: &'a [T]) -> Self {
-        View {
-            len: data.len(),
-            place: Place::Host,
-            host: data,
-        }
+        View(Region::host(data))
     }
 
     /// A view of a cudarc `CudaSlice`, `CudaView` or `CudaViewMut` that lives on `gpu` (the
@@ -199,14 +292,7 @@ impl<'a, T: Pod> View<'a, T> {
     pub fn device<S: DevicePtr<T>>(slice: &'a S, gpu: &Arc<Gpu>) -> Result<Self> {
         same_context(slice, gpu)?;
         let (ptr, _record) = slice.device_ptr(gpu.stream());
-        Ok(View {
-            len: slice.len(),
-            place: Place::Device {
-                ptr,
-                gpu: gpu.clone(),
-            },
-            host: &[],
-        })
+        Ok(View(Region::device(ptr, slice.len(), gpu)))
     }
 
     /// A view of `len` elements at device address `ptr` on `gpu`, such as a tensor of another
@@ -232,15 +318,7 @@ impl<'a, T: Pod> View<'a, T> {
     /// # let _ = view; Ok(()) }
     /// ```
     pub unsafe fn from_raw(ptr: u64, len: usize, gpu: &Arc<Gpu>) -> Result<Self> {
-        check_raw::<T>(ptr, len)?;
-        Ok(View {
-            len,
-            place: Place::Device {
-                ptr,
-                gpu: gpu.clone(),
-            },
-            host: &[],
-        })
+        Ok(View(Region::raw(ptr, len, gpu)?))
     }
 
     /// A view of a whole [`Buffer`].
@@ -252,18 +330,8 @@ impl<'a, T: Pod> View<'a, T> {
     /// # Ok::<(), ferrinfer_runtime::Error>(())
     /// ```
     pub fn of(buf: &'a Buffer<T>) -> Self {
-        match buf.device_parts() {
-            Some((slice, gpu)) => {
-                let (ptr, _record) = slice.device_ptr(gpu.stream());
-                View {
-                    len: buf.len(),
-                    place: Place::Device {
-                        ptr,
-                        gpu: gpu.clone(),
-                    },
-                    host: &[],
-                }
-            }
+        match Region::device_buffer(buf) {
+            Some(region) => View(region),
             None => View::host(buf.host().unwrap_or(&[])),
         }
     }
@@ -278,15 +346,7 @@ impl<'a, T: Pod> View<'a, T> {
     /// # Ok::<(), ferrinfer_runtime::Error>(())
     /// ```
     pub fn slice(&self, bounds: impl RangeBounds<usize>) -> Result<View<'a, T>> {
-        let (start, end) = range(bounds, self.len)?;
-        Ok(View {
-            len: end - start,
-            place: offset(&self.place, start, size_of::<T>()),
-            host: match self.place {
-                Place::Host => &self.host[start..end],
-                Place::Device { .. } => &[],
-            },
-        })
+        Ok(View(self.0.clone().narrow(bounds)?))
     }
 
     /// Whether the view is of device memory.
@@ -295,18 +355,7 @@ impl<'a, T: Pod> View<'a, T> {
     /// assert!(!ferrinfer_runtime::View::host(&[1u8]).is_device());
     /// ```
     pub fn is_device(&self) -> bool {
-        matches!(self.place, Place::Device { .. })
-    }
-}
-
-fn offset(place: &Place, start: usize, elem: usize) -> Place {
-    match place {
-        Place::Host => Place::Host,
-        Place::Device { ptr, gpu } => Place::Device {
-            // In range: `start` is inside a view whose byte size fits isize.
-            ptr: ptr + (start * elem) as u64,
-            gpu: gpu.clone(),
-        },
+        self.0.is_device()
     }
 }
 
@@ -328,17 +377,6 @@ fn check_raw<T>(ptr: u64, len: usize) -> Result<()> {
     Ok(())
 }
 
-impl<T: Pod> fmt::Debug for View<'_, T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.place {
-            Place::Host => write!(f, "View(host, len {})", self.len),
-            Place::Device { gpu, .. } => {
-                write!(f, "View(cuda:{}, len {})", gpu.ordinal(), self.len)
-            }
-        }
-    }
-}
-
 /// Memory the caller owns, written by an op: host elements or device memory of one [`Gpu`].
 /// The mutable twin of [`View`], with the same constructors.
 ///
@@ -349,11 +387,7 @@ impl<T: Pod> fmt::Debug for View<'_, T> {
 /// assert_eq!(view.slice_mut(4..)?.len(), 4);
 /// # Ok::<(), ferrinfer_runtime::Error>(())
 /// ```
-pub struct ViewMut<'a, T: Pod> {
-    len: usize,
-    place: Place,
-    host: &'a mut [T],
-}
+pub struct ViewMut<'a, T: Pod>(Region<&'a mut [T]>);
 
 impl<'a, T: Pod> ViewMut<'a, T> {
     /// A view of host memory, for the CPU backend.
@@ -363,11 +397,7 @@ impl<'a, T: Pod> ViewMut<'a, T> {
     /// assert_eq!(ViewMut::host(&mut [0u32; 5]).len(), 5);
     /// ```
     pub fn host(data: &'a mut [T]) -> Self {
-        ViewMut {
-            len: data.len(),
-            place: Place::Host,
-            host: data,
-        }
+        ViewMut(Region::host(data))
     }
 
     /// A view of a cudarc `CudaSlice` or `CudaViewMut` on `gpu`; see [`View::device`].
@@ -385,14 +415,7 @@ impl<'a, T: Pod> ViewMut<'a, T> {
         same_context(slice, gpu)?;
         let len = slice.len();
         let (ptr, _record) = slice.device_ptr_mut(gpu.stream());
-        Ok(ViewMut {
-            len,
-            place: Place::Device {
-                ptr,
-                gpu: gpu.clone(),
-            },
-            host: &mut [],
-        })
+        Ok(ViewMut(Region::device(ptr, len, gpu)))
     }
 
     /// A view of `len` elements at device address `ptr` on `gpu`; see [`View::from_raw`].
@@ -416,15 +439,7 @@ impl<'a, T: Pod> ViewMut<'a, T> {
     /// # let _ = view; Ok(()) }
     /// ```
     pub unsafe fn from_raw(ptr: u64, len: usize, gpu: &Arc<Gpu>) -> Result<Self> {
-        check_raw::<T>(ptr, len)?;
-        Ok(ViewMut {
-            len,
-            place: Place::Device {
-                ptr,
-                gpu: gpu.clone(),
-            },
-            host: &mut [],
-        })
+        Ok(ViewMut(Region::raw(ptr, len, gpu)?))
     }
 
     /// A mutable view of a whole [`Buffer`].
@@ -436,24 +451,9 @@ impl<'a, T: Pod> ViewMut<'a, T> {
     /// # Ok::<(), ferrinfer_runtime::Error>(())
     /// ```
     pub fn of(buf: &'a mut Buffer<T>) -> Self {
-        let len = buf.len();
-        let place = match buf.device_parts() {
-            Some((slice, gpu)) => {
-                let (ptr, _record) = slice.device_ptr(gpu.stream());
-                Place::Device {
-                    ptr,
-                    gpu: gpu.clone(),
-                }
-            }
-            None => Place::Host,
-        };
-        match place {
-            Place::Host => ViewMut::host(buf.host_mut().map(|v| &mut v[..]).unwrap_or(&mut [])),
-            place => ViewMut {
-                len,
-                place,
-                host: &mut [],
-            },
+        match Region::device_buffer(buf) {
+            Some(region) => ViewMut(region),
+            None => ViewMut::host(buf.host_mut().map(|v| &mut v[..]).unwrap_or(&mut [])),
         }
     }
 
@@ -465,15 +465,12 @@ impl<'a, T: Pod> ViewMut<'a, T> {
     /// assert!(ViewMut::host(&mut data).slice_mut(9..=10).is_err());
     /// ```
     pub fn slice_mut(&mut self, bounds: impl RangeBounds<usize>) -> Result<ViewMut<'_, T>> {
-        let (start, end) = range(bounds, self.len)?;
-        Ok(ViewMut {
-            len: end - start,
-            place: offset(&self.place, start, size_of::<T>()),
-            host: match self.place {
-                Place::Host => &mut self.host[start..end],
-                Place::Device { .. } => &mut [],
-            },
-        })
+        let whole = Region {
+            len: self.0.len,
+            place: self.0.place.clone(),
+            host: &mut *self.0.host,
+        };
+        Ok(ViewMut(whole.narrow(bounds)?))
     }
 
     /// A read-only view of the same elements.
@@ -484,11 +481,11 @@ impl<'a, T: Pod> ViewMut<'a, T> {
     /// assert_eq!(ViewMut::host(&mut data).as_view().len(), 3);
     /// ```
     pub fn as_view(&self) -> View<'_, T> {
-        View {
-            len: self.len,
-            place: self.place.clone(),
-            host: &*self.host,
-        }
+        View(Region {
+            len: self.0.len,
+            place: self.0.place.clone(),
+            host: &*self.0.host,
+        })
     }
 
     /// Whether the view is of device memory.
@@ -497,60 +494,42 @@ impl<'a, T: Pod> ViewMut<'a, T> {
     /// assert!(!ferrinfer_runtime::ViewMut::host(&mut [1u8]).is_device());
     /// ```
     pub fn is_device(&self) -> bool {
-        matches!(self.place, Place::Device { .. })
+        self.0.is_device()
     }
 }
 
-impl<T: Pod> fmt::Debug for ViewMut<'_, T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.place {
-            Place::Host => write!(f, "ViewMut(host, len {})", self.len),
-            Place::Device { gpu, .. } => {
-                write!(f, "ViewMut(cuda:{}, len {})", gpu.ordinal(), self.len)
+/// What [`View`] and [`ViewMut`] implement alike, from their [`Region`].
+macro_rules! view_traits {
+    ($view:ident) => {
+        impl<T: Pod> fmt::Debug for $view<'_, T> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(stringify!($view), f)
             }
         }
-    }
-}
-
-impl<T: Pod> Access<T> for View<'_, T> {
-    fn host(&self) -> Result<&[T]> {
-        match self.place {
-            Place::Host => Ok(self.host),
-            Place::Device { .. } => Err(Error::invalid(DEVICE_ON_CPU)),
+        impl<T: Pod> Access<T> for $view<'_, T> {
+            fn host(&self) -> Result<&[T]> {
+                self.0.elements()
+            }
+            fn device_ptr(&self, on: &Gpu) -> Result<u64> {
+                self.0.device_ptr(on)
+            }
         }
-    }
-    fn device_ptr(&self, on: &Gpu) -> Result<u64> {
-        device_ptr_on(&self.place, on)
-    }
-}
-impl<T: Pod> Src<T> for View<'_, T> {
-    fn len(&self) -> usize {
-        self.len
-    }
-}
-
-impl<T: Pod> Access<T> for ViewMut<'_, T> {
-    fn host(&self) -> Result<&[T]> {
-        match self.place {
-            Place::Host => Ok(self.host),
-            Place::Device { .. } => Err(Error::invalid(DEVICE_ON_CPU)),
+        impl<T: Pod> Src<T> for $view<'_, T> {
+            fn len(&self) -> usize {
+                self.0.len
+            }
         }
-    }
-    fn device_ptr(&self, on: &Gpu) -> Result<u64> {
-        device_ptr_on(&self.place, on)
-    }
+    };
 }
+view_traits!(View);
+view_traits!(ViewMut);
+
 impl<T: Pod> AccessMut<T> for ViewMut<'_, T> {
     fn host_mut(&mut self) -> Result<&mut [T]> {
-        match self.place {
-            Place::Host => Ok(self.host),
+        match self.0.place {
+            Place::Host => Ok(self.0.host),
             Place::Device { .. } => Err(Error::invalid(DEVICE_ON_CPU)),
         }
-    }
-}
-impl<T: Pod> Src<T> for ViewMut<'_, T> {
-    fn len(&self) -> usize {
-        self.len
     }
 }
 impl<T: Pod> Dst<T> for ViewMut<'_, T> {}
@@ -596,6 +575,11 @@ mod tests {
         assert!(e.contains("2..9 is outside a view of 5"), "{e}");
         let buf = Backend::Cpu.upload(&data).unwrap();
         assert_eq!(View::of(&buf).slice(4..).unwrap().host().unwrap(), &[5]);
+        assert_eq!(format!("{:?}", v.slice(1..).unwrap()), "View(host, len 4)");
+        assert_eq!(
+            format!("{:?}", ViewMut::host(&mut data)),
+            "ViewMut(host, len 5)"
+        );
     }
 
     #[test]
