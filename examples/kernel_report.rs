@@ -30,7 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("variant        kernel                   regs  spill st  spill ld  compile");
     for spec in ferrinfer::variants() {
         // With the wide K/V tiles a typical SM of the arch runs.
-        for cfg in dispatch::instances(arch, &SmResources::typical(arch)) {
+        for cfg in dispatch::instances_for(spec, arch, &SmResources::typical(arch)) {
             report(&jit, spec, &cfg, arch, &filter, cubin_dir.as_deref())?;
         }
     }

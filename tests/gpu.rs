@@ -85,8 +85,35 @@ fn poison_spare<T: Element>(batch: &Batch, kv: &mut [T]) {
     }
 }
 
-/// Run `variant` on the GPU and the CPU reference; assert they agree.
+/// Run `variant` on the GPU and the CPU reference; assert they agree. Decode runs on both of its
+/// kernels, prefill on FA2 and on FA3 where that exists (Hopper, head dim 128, 128-row tiles,
+/// no query or key hooks; elsewhere the FA3 run is refused and skipped).
 fn check<V: Variant, T: Element>(gpu: &Backend, variant: &V, case: &Case) {
+    let configs: Vec<PlanConfig> = if case.decode {
+        [DecodeKernel::CudaCores, DecodeKernel::TensorCores]
+            .map(|decode_kernel| PlanConfig {
+                decode_kernel,
+                ..PlanConfig::default()
+            })
+            .to_vec()
+    } else {
+        [PrefillKernel::Fa2, PrefillKernel::Fa3]
+            .map(|prefill_kernel| PlanConfig {
+                prefill_kernel,
+                ..PlanConfig::default()
+            })
+            .to_vec()
+    };
+    check_with::<V, T>(gpu, variant, case, &configs);
+}
+
+/// [`check`] on the given plan configs.
+fn check_with<V: Variant, T: Element>(
+    gpu: &Backend,
+    variant: &V,
+    case: &Case,
+    configs: &[PlanConfig],
+) {
     let mut rng = Rng::from_time();
     let seed = rng.seed();
     let kv = kv_index(case, &mut rng);
@@ -110,38 +137,31 @@ fn check<V: Variant, T: Element>(gpu: &Backend, variant: &V, case: &Case) {
         gpu.upload(&k).unwrap(),
         gpu.upload(&v).unwrap(),
     );
-    // Decode runs on both of its kernels; prefill on its one.
-    let kernels: &[Option<DecodeKernel>] = if case.decode {
-        &[
-            Some(DecodeKernel::CudaCores),
-            Some(DecodeKernel::TensorCores),
-        ]
-    } else {
-        &[None]
-    };
-    for &kernel in kernels {
+    for &config in configs {
+        // Unless FA3 is all a config asks for, an FA3 run the plan's instance has no form of is
+        // skipped (checked by `gpu_sm90_prefill`).
+        let optional_fa3 = configs.len() > 1 && config.prefill_kernel == PrefillKernel::Fa3;
         let mut od = gpu.filled(batch.q_len(), T::from_f32(f32::NAN)).unwrap();
         let with_lse = V::SPEC.softmax;
         let mut lsed = gpu.filled(batch.lse_len(), f32::NAN).unwrap();
         let lse: Option<&mut dyn ferrinfer::Dst<f32>> =
             if with_lse { Some(&mut lsed) } else { None };
-        if let Some(decode_kernel) = kernel {
-            let config = PlanConfig {
-                decode_kernel,
-                ..PlanConfig::default()
-            };
+        if case.decode {
             let plan =
                 BatchDecode::plan_with(gpu, case.heads, batch.kv().clone(), None, config).unwrap();
             plan.run(variant, &qd, &kd, &vd, &mut od, lse).unwrap();
         } else {
-            let plan = BatchPrefill::plan(gpu, batch.clone()).unwrap();
-            plan.run(variant, &qd, &kd, &vd, &mut od, lse).unwrap();
+            let plan = BatchPrefill::plan_with(gpu, batch.clone(), config).unwrap();
+            match plan.run(variant, &qd, &kd, &vd, &mut od, lse) {
+                Err(e) if optional_fa3 && e.to_string().contains("no FA3 instance") => continue,
+                r => r.unwrap(),
+            }
         }
         let got: Vec<f32> = od.to_vec().unwrap().iter().map(|x| x.to_f32()).collect();
         // Bounded per request and head: one wrong request cannot hide in a large batch.
         let (err, request, head) = worst_rel_l2(&batch, &got, &want.o);
         let what = format!(
-            "{} {:?} hd{} qo{:?} kv{:?} page {:?} {:?} causal {} decode {:?} (seed {seed})",
+            "{} {:?} hd{} qo{:?} kv{:?} page {:?} {:?} causal {} decode {} {:?} {:?} (seed {seed})",
             V::SPEC.name,
             T::DTYPE,
             case.heads.head_dim(),
@@ -150,7 +170,9 @@ fn check<V: Variant, T: Element>(gpu: &Backend, variant: &V, case: &Case) {
             case.page_size,
             case.layout,
             case.causal,
-            kernel
+            case.decode,
+            config.decode_kernel,
+            config.prefill_kernel
         );
         assert!(
             err <= tolerance::<T>(),
@@ -256,6 +278,93 @@ fn gpu_long_prompt_tiles() {
             check::<Alibi, bf16>(&gpu, &Alibi::new(8), &case);
         }
     }
+}
+
+/// The FA3 template forced (Hopper only): every variant it runs, over ragged and paged KV (page
+/// sizes 1 and 16), causal diagonals inside and across tiles, GQA 1, 4 and 8, rows that are not
+/// a multiple of the tile, an empty request and one with fewer keys than rows, and a batch large
+/// enough that the plan splits KV (partials and the merge). A variant with query or key hooks is
+/// refused on it with an error, and Auto runs it on FA2.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_sm90_prefill() {
+    let gpu = gpu();
+    if gpu.gpu().is_some_and(|g| g.arch().major != 9) {
+        println!("not a Hopper GPU: the FA3 template is sm_90a only, nothing to check");
+        return;
+    }
+    let fa3 = [PlanConfig {
+        prefill_kernel: PrefillKernel::Fa3,
+        ..PlanConfig::default()
+    }];
+    let mut n = 0;
+    for page_size in [None, Some(1), Some(16)] {
+        for causal in [true, false] {
+            for group in [1, 4, 8] {
+                n += 1;
+                let case = Case {
+                    heads: Heads::new(8, 8 / group, 128).unwrap(),
+                    qo_lens: vec![300, 129, 0, 64, 200],
+                    kv_lens: vec![700, 129, 50, 1000, 100],
+                    page_size,
+                    layout: if n % 2 == 0 {
+                        KvLayout::Nhd
+                    } else {
+                        KvLayout::Hnd
+                    },
+                    causal,
+                    decode: false,
+                };
+                check_with::<Standard, bf16>(&gpu, &Standard, &case, &fa3);
+                check_with::<SoftCap, f16>(&gpu, &SoftCap { cap: 5.0 }, &case, &fa3);
+                check_with::<Alibi, bf16>(&gpu, &Alibi::new(8), &case, &fa3);
+            }
+        }
+    }
+    let case = Case {
+        heads: Heads::new(32, 8, 128).unwrap(),
+        qo_lens: vec![1024, 3000],
+        kv_lens: vec![4096, 3000],
+        page_size: Some(16),
+        layout: KvLayout::Nhd,
+        causal: true,
+        decode: false,
+    };
+    check_with::<Standard, bf16>(&gpu, &Standard, &case, &fa3);
+    check_with::<SlidingWindow, f16>(&gpu, &SlidingWindow { window: 700 }, &case, &fa3);
+    let sinks: Vec<f32> = (0..32).map(|h| 0.25 * h as f32 - 2.0).collect();
+    let sink = AttentionSink {
+        sinks: Array::new(sinks),
+    };
+    check_with::<AttentionSink, bf16>(&gpu, &sink, &case, &fa3);
+    check_with::<FlashSigmoid, bf16>(&gpu, &FlashSigmoid { bias: -1.0 }, &case, &fa3);
+
+    // Query and key hooks: refused when forced, FA2 under Auto.
+    let batch = Batch::new(
+        Heads::new(8, 2, 128).unwrap(),
+        &[0, 256],
+        KvIndex::ragged(&[0, 256], KvLayout::Nhd).unwrap(),
+    )
+    .unwrap();
+    let plan = BatchPrefill::plan_with(&gpu, batch.clone(), fa3[0]).unwrap();
+    let q = gpu.filled(batch.q_len(), bf16::ONE).unwrap();
+    let kv = gpu
+        .filled(batch.kv().buffer_len(&batch.heads()), bf16::ONE)
+        .unwrap();
+    let mut o = gpu.filled(batch.q_len(), bf16::ZERO).unwrap();
+    let rope = LlamaRope { theta: 10_000.0 };
+    let e = plan.run(&rope, &q, &kv, &kv, &mut o, None).unwrap_err();
+    assert!(e.to_string().contains("query or key hooks"), "{e}");
+    let case = Case {
+        heads: Heads::new(8, 2, 128).unwrap(),
+        qo_lens: vec![300, 129],
+        kv_lens: vec![700, 129],
+        page_size: Some(16),
+        layout: KvLayout::Nhd,
+        causal: true,
+        decode: false,
+    };
+    check_with::<LlamaRope, bf16>(&gpu, &rope, &case, &[PlanConfig::default()]);
 }
 
 #[test]

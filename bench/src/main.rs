@@ -98,10 +98,30 @@ fn main() -> ExitCode {
     for cfg in configs::standard() {
         if args.selects(cfg.key) {
             let key = format!("{}@{}", cfg.key, report::IMPL);
+            // Prefill's default row runs FA2 forced, so the FA3 row beside it shows the change.
+            let kernels = PlanConfig {
+                prefill_kernel: PrefillKernel::Fa2,
+                ..PlanConfig::default()
+            };
             record(
                 key.clone(),
-                on_gpu(&|b: &Backend| bench_config(b, &cfg, &key, DecodeKernel::Auto)),
+                on_gpu(&|b: &Backend| bench_config(b, &cfg, &key, kernels)),
             );
+            if cfg.kind == Kind::Prefill
+                && backend
+                    .as_ref()
+                    .is_ok_and(|b| b.gpu().is_some_and(|g| g.arch().major == 9))
+            {
+                let key = format!("{}@{}", cfg.key, report::IMPL_FA3);
+                let kernels = PlanConfig {
+                    prefill_kernel: PrefillKernel::Fa3,
+                    ..PlanConfig::default()
+                };
+                record(
+                    key.clone(),
+                    on_gpu(&|b: &Backend| bench_config(b, &cfg, &key, kernels)),
+                );
+            }
             // Decode also on each kernel forced, so Auto's choice can be checked against both.
             if cfg.kind == Kind::Decode {
                 for (imp, kernel) in [
@@ -109,9 +129,13 @@ fn main() -> ExitCode {
                     (report::IMPL_TENSOR_CORES, DecodeKernel::TensorCores),
                 ] {
                     let key = format!("{}@{imp}", cfg.key);
+                    let kernels = PlanConfig {
+                        decode_kernel: kernel,
+                        ..PlanConfig::default()
+                    };
                     record(
                         key.clone(),
-                        on_gpu(&|b: &Backend| bench_config(b, &cfg, &key, kernel)),
+                        on_gpu(&|b: &Backend| bench_config(b, &cfg, &key, kernels)),
                     );
                 }
             }
@@ -189,20 +213,14 @@ enum Plan {
 }
 
 impl Plan {
-    fn new(backend: &Backend, cfg: &Config, decode_kernel: DecodeKernel) -> BenchResult<Self> {
+    fn new(backend: &Backend, cfg: &Config, config: PlanConfig) -> BenchResult<Self> {
         let heads = cfg.heads()?;
         let kv = cfg.kv_index()?;
         Ok(match cfg.kind {
-            Kind::Decode => {
-                let config = PlanConfig {
-                    decode_kernel,
-                    ..PlanConfig::default()
-                };
-                Plan::Decode(BatchDecode::plan_with(backend, heads, kv, None, config)?)
-            }
+            Kind::Decode => Plan::Decode(BatchDecode::plan_with(backend, heads, kv, None, config)?),
             Kind::Prefill => {
                 let batch = Batch::new(heads, &cfg.qo_indptr(), kv)?.with_causal(cfg.causal);
-                Plan::Prefill(BatchPrefill::plan(backend, batch)?)
+                Plan::Prefill(BatchPrefill::plan_with(backend, batch, config)?)
             }
         })
     }
@@ -220,7 +238,7 @@ fn bench_config(
     backend: &Backend,
     cfg: &Config,
     key: &str,
-    decode_kernel: DecodeKernel,
+    config: PlanConfig,
 ) -> BenchResult<Row> {
     let stream = stream_of(backend)?;
     let heads = cfg.heads()?;
@@ -229,7 +247,7 @@ fn bench_config(
     let mut inputs = (0..sets as u64)
         .map(|s| InputSet::upload(backend, cfg, kv_len, s))
         .collect::<BenchResult<Vec<_>>>()?;
-    let plan = Plan::new(backend, cfg, decode_kernel)?;
+    let plan = Plan::new(backend, cfg, config)?;
     backend.synchronize()?;
     let t = if cfg.soft_cap > 0.0 {
         time_variant(stream, &plan, &SoftCap { cap: cfg.soft_cap }, &mut inputs)?
@@ -290,7 +308,7 @@ mod tests {
     #[test]
     fn without_a_gpu_a_config_fails_cleanly() {
         let cfg = &configs::standard()[0];
-        assert!(bench_config(&Backend::Cpu, cfg, "k", DecodeKernel::Auto).is_err());
+        assert!(bench_config(&Backend::Cpu, cfg, "k", PlanConfig::default()).is_err());
         assert!(bench_copy(&Backend::Cpu).is_err());
     }
 }

@@ -10,6 +10,8 @@ pub const IMPL: &str = "ferrinfer-fa2";
 pub const IMPL_CUDA_CORES: &str = "ferrinfer-cuda-cores";
 /// The implementation name of decode rows forced onto the tensor-core (prefill template) kernel.
 pub const IMPL_TENSOR_CORES: &str = "ferrinfer-tensor-cores";
+/// Prefill rows on the sm_90a (FA3) template, beside the FA2 rows of [`IMPL`] (Hopper only).
+pub const IMPL_FA3: &str = "ferrinfer-fa3";
 
 /// One measured row.
 #[derive(Clone, Debug, PartialEq)]

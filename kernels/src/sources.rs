@@ -42,6 +42,7 @@ headers![
     "attention/causal.cuh",
     "attention/epilogue.cuh",
     "attention/prefill.cuh",
+    "attention/prefill_sm90.cuh",
     "attention/decode_vec.cuh",
     "attention/decode.cuh",
     "attention/merge.cuh",

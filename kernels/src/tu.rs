@@ -80,7 +80,11 @@ pub(crate) fn assemble(
     let mut done = Vec::new();
     // dsl.cuh first: the variant's code may call any of its helpers; then the family's kernel and
     // the merge pass every attention family has.
-    for root in ["variant/dsl.cuh", family.header, "attention/merge.cuh"] {
+    for root in [
+        "variant/dsl.cuh",
+        (family.header)(cfg),
+        "attention/merge.cuh",
+    ] {
         inline_header(sources, root, &mut done, &mut Vec::new(), &mut source)?;
     }
     source.push_str("\n// ---- variant parameters ----\n");
@@ -93,7 +97,7 @@ pub(crate) fn assemble(
          {entry}(const fi::AttnArgs args, const Params params) {{\n  \
          {function}<Variant, Params, {dtype}, {d}{extra}>(args, params);\n}}\n",
         threads = (family.launch_bounds)(cfg),
-        function = family.function,
+        function = (family.function)(cfg),
         dtype = cuda_dtype(cfg.dtype),
         d = cfg.head_dim_qk,
         extra = (family.template_args)(cfg),

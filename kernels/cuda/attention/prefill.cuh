@@ -17,6 +17,7 @@
 #include "sm80/mma.cuh"
 #include "sm80/smem.cuh"
 #include "variant/hooks.cuh"
+#include "attention/causal.cuh"
 #include "attention/epilogue.cuh"
 #include "attention/kv.cuh"
 #include "attention/work.cuh"
@@ -106,23 +107,9 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   // Key j is causally visible to query row i iff j <= i + shift.
   const long long shift = kp.causal_shift(qo_len);
 
-  // Keys past the last row's diagonal are hidden from every row: those tiles are skipped.
-  unsigned kv_stop = w.kv_end;
-  if (causal) {
-    const long long end = static_cast<long long>((w.qo_tile_end - 1) / group) + shift + 1;
-    if (end < static_cast<long long>(kv_stop)) {
-      kv_stop = end < static_cast<long long>(w.kv_start) ? w.kv_start : static_cast<unsigned>(end);
-    }
-  }
-  const unsigned num_tiles = (kv_stop - w.kv_start + kTileKv - 1) / kTileKv;
-  // Tiles before this one are interior: whole (not past kv_stop) and wholly at or below the first
-  // row's diagonal, so they need no causal mask or key bound.
-  unsigned first_masked = (kv_stop - w.kv_start) / kTileKv;
-  if (causal) {
-    const long long visible =
-        static_cast<long long>(w.qo_tile_start / group) + shift + 1 - w.kv_start;
-    first_masked = visible < 0 ? 0u : min(first_masked, static_cast<unsigned>(visible / kTileKv));
-  }
+  // The item's keys and its tiles that need a mask (causal.cuh).
+  const ItemKeys keys = item_keys(w, group, shift, causal, kTileKv);
+  const unsigned kv_stop = keys.stop, num_tiles = keys.tiles, first_masked = keys.first_masked;
 
   // Padding rows of a partial tile repeat the last real row: every hook sees a real position, and
   // their results are never written.

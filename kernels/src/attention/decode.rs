@@ -12,8 +12,8 @@ pub const FAMILY: Family = Family {
     kind: KernelKind::Decode,
     name: "decode",
     code: 1,
-    header: "attention/decode.cuh",
-    function: "fi::decode",
+    header: |_| "attention/decode.cuh",
+    function: |_| "fi::decode",
     template_args,
     launch_bounds,
     launch_dims,
@@ -21,6 +21,7 @@ pub const FAMILY: Family = Family {
     query_tiles: &[0],
     kv_tiles: &[0],
     tiles,
+    check_tiles: |_| Ok(()),
     instances,
 };
 

@@ -28,11 +28,12 @@ pub struct Family {
     pub name: &'static str,
     /// Its number in the plan workspace's header (the kernel kind word); unique in the table.
     pub code: u32,
-    /// The header that defines the kernel (it includes what it needs).
-    pub header: &'static str,
+    /// The header that defines the kernel of an instance (it includes what it needs): a family
+    /// may have one template per architecture class.
+    pub header: fn(&KernelConfig) -> &'static str,
     /// The device function the entry calls, e.g. `fi::prefill`, as
     /// `function<Variant, Params, dtype, head_dim{template_args}>(args, params)`.
-    pub function: &'static str,
+    pub function: fn(&KernelConfig) -> &'static str,
     /// Template arguments after `<Variant, Params, dtype, head_dim`, e.g. `, 128, 32` for tiles.
     pub template_args: fn(&KernelConfig) -> String,
     /// C++ arguments of `__launch_bounds__`, from the header's own constants where it has them.
@@ -47,6 +48,8 @@ pub struct Family {
     pub kv_tiles: &'static [u32],
     /// The tile function: every tile parameter of a batch, with its reasons.
     pub tiles: fn(&TileInput<'_>) -> Tiles,
+    /// Rules on an instance's tiles beyond the lists above (a tile some template alone has).
+    pub check_tiles: fn(&KernelConfig) -> Result<(), String>,
     /// Every instance a device of `arch` with SMs like the given one may load (short of the
     /// variant), for filling caches ahead of time and for checking every instance compiles.
     pub instances: fn(ArchClass, &dyn SmResidency) -> Vec<KernelConfig>,
@@ -105,7 +108,7 @@ impl Family {
                 cfg.kv_tile, self.kv_tiles
             ));
         }
-        Ok(())
+        (self.check_tiles)(cfg)
     }
 
     /// The family's instances of `tiles` (its [`Family::query_tiles`] choices, in order) for every

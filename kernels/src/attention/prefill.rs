@@ -1,7 +1,9 @@
-//! The prefill (and append) family: its template, tile function, launch geometry and instances.
+//! The prefill (and append) family: its templates, tile function, launch geometry and instances.
 //! Mirrors `PrefillShape` in `cuda/attention/prefill.cuh`: one CTA per work item of the plan, one warp per
 //! 16 packed query rows (at most `kPrefillWarps`, except at head dim 256), two stages of K/V
-//! tiles of `kv_tile` keys and a table of their offsets.
+//! tiles of `kv_tile` keys and a table of their offsets. On sm_90a the 128-row tile at head dim
+//! 128 also has an FA3 form (`cuda/attention/prefill_sm90.cuh`, `PrefillSm90Shape`): the
+//! instances with [`SM90_KV_TILE`]-key tiles, which [`sm90_form`] names.
 
 use super::Family;
 use super::tiles::{MAX_REGISTERS, SmResidency, TileInput, Tiles, query_tile};
@@ -13,15 +15,28 @@ pub const FAMILY: Family = Family {
     kind: KernelKind::Prefill,
     name: "prefill",
     code: 0,
-    header: "attention/prefill.cuh",
-    function: "fi::prefill",
+    header: |cfg| {
+        if is_sm90(cfg) {
+            "attention/prefill_sm90.cuh"
+        } else {
+            "attention/prefill.cuh"
+        }
+    },
+    function: |cfg| {
+        if is_sm90(cfg) {
+            "fi::prefill_sm90"
+        } else {
+            "fi::prefill"
+        }
+    },
     template_args,
     launch_bounds,
     launch_dims,
     head_dims: &HEAD_DIMS,
     query_tiles: &[0, 16, 64, 128],
-    kv_tiles: &[0, 32, 64],
+    kv_tiles: &[0, 32, 64, SM90_KV_TILE],
     tiles,
+    check_tiles,
     instances,
 };
 
@@ -34,6 +49,48 @@ const PREFILL_CTA_BYTES: u32 = 72;
 const STAGES: u32 = 2;
 /// Bytes per element of q, k and v (f16 and bf16).
 const ELEMENT_BYTES: u32 = 2;
+
+/// Keys per K/V tile of the sm_90a template (`PrefillSm90Shape::kTileKv`): an instance with this
+/// tile is that template's.
+pub const SM90_KV_TILE: u32 = 128;
+/// Threads of the sm_90a template: a producer warpgroup and two consumers of 64 rows.
+const SM90_THREADS: u32 = 384;
+/// mbarriers of the sm_90a template: Q, then each stage's full and empty.
+const SM90_BARRIERS: u32 = 1 + 2 * STAGES;
+
+fn is_sm90(cfg: &KernelConfig) -> bool {
+    cfg.kv_tile == SM90_KV_TILE
+}
+
+/// The sm_90a template's tile exists only in its one form.
+fn check_tiles(cfg: &KernelConfig) -> Result<(), String> {
+    if is_sm90(cfg) && sm90_form(cfg) != Some(*cfg) {
+        return Err(format!(
+            "the {SM90_KV_TILE}-key K/V tile is the sm_90a template's: 128-row query tiles at head \
+             dim 128 on sm_90a only (asked: {})",
+            cfg.name()
+        ));
+    }
+    Ok(())
+}
+
+/// The sm_90a (FA3) form of a prefill instance, where one exists: the 128-row tile at head dim
+/// 128 on sm_90a, same element types. It reads the same work list (128-row items) and writes
+/// the same results as the FA2 instance, for variants without query or key hooks (the runtime
+/// keeps those on FA2).
+pub fn sm90_form(cfg: &KernelConfig) -> Option<KernelConfig> {
+    let offered = cfg.kind == KernelKind::Prefill
+        && cfg.arch == ArchClass::Sm90a
+        && cfg.head_dim_qk == 128
+        && cfg.head_dim_vo == 128
+        && cfg.kv_dtype == cfg.dtype
+        && tile_q(cfg) == 128;
+    offered.then_some(KernelConfig {
+        cta_tile_q: 128,
+        kv_tile: SM90_KV_TILE,
+        ..*cfg
+    })
+}
 
 /// The template's shape for a head dim and tiles: what `PrefillShape` derives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,8 +123,25 @@ impl Shape {
         }
     }
 
+    /// The sm_90a template's shape (`PrefillSm90Shape`): the Q tile, two stages of K and V in
+    /// 128-byte-swizzled blocks, two tiles' key byte offsets (u64) and the mbarriers.
+    fn sm90(head_dim: u32) -> Self {
+        let rows = 128 + 2 * STAGES * SM90_KV_TILE;
+        Shape {
+            tile_q: 128,
+            kv_tile: SM90_KV_TILE,
+            warps: SM90_THREADS / WARP,
+            shared_bytes: rows * head_dim * ELEMENT_BYTES
+                + STAGES * SM90_KV_TILE * 8
+                + SM90_BARRIERS * 8,
+        }
+    }
+
     /// The shape an instance is built with.
     fn of(cfg: &KernelConfig) -> Self {
+        if is_sm90(cfg) {
+            return Shape::sm90(cfg.head_dim_qk);
+        }
         Shape::new(cfg.head_dim_qk, tile_q(cfg), kv_tile(cfg))
     }
 }
@@ -233,14 +307,25 @@ pub fn tiles(x: &TileInput<'_>) -> Tiles {
 }
 
 /// Each query tile (16, 64, 128) of each head dim and dtype, each followed by its wide-K/V-tile
-/// instance where the tile function would choose it on SMs like `sm`.
+/// instance where the tile function would choose it on SMs like `sm`, and on sm_90a by its FA3
+/// form where it has one.
 fn instances(arch: ArchClass, sm: &dyn SmResidency) -> Vec<KernelConfig> {
-    FAMILY.each_instance(arch, &[16, 64, 128], |cfg| {
+    let mut all = FAMILY.each_instance(arch, &[16, 64, 128], |cfg| {
         wide_kv_tile(cfg).filter(|w| wide_kv_tile_pays(&Shape::of(w), sm))
-    })
+    });
+    let sm90: Vec<_> = all
+        .iter()
+        .filter(|c| c.kv_tile == 0)
+        .filter_map(sm90_form)
+        .collect();
+    all.extend(sm90);
+    all
 }
 
 fn template_args(cfg: &KernelConfig) -> String {
+    if is_sm90(cfg) {
+        return String::new();
+    }
     format!(", {}, {}", tile_q(cfg), kv_tile(cfg))
 }
 
@@ -248,7 +333,9 @@ fn launch_bounds(cfg: &KernelConfig) -> &'static str {
     match Shape::of(cfg).warps {
         1 => "32",
         4 => "128",
-        _ => "256",
+        8 => "256",
+        // One CTA an SM: setmaxnreg moves registers within it (ptxas keeps it only then).
+        _ => "384, 1",
     }
 }
 
@@ -408,13 +495,57 @@ mod tests {
     }
 
     #[test]
-    fn instances_add_the_wide_tile_where_two_ctas_fit() {
+    fn instances_add_the_wide_tile_where_two_ctas_fit_and_the_fa3_form_on_hopper() {
         let hopper = instances(ArchClass::Sm90a, &Sm(228 * 1024));
         let a100 = instances(ArchClass::Sm80, &Sm(164 * 1024));
-        assert_eq!((a100.len(), hopper.len()), (18, 20));
+        // 18 FA2 tiles, the 64-key tile of both dtypes, and the FA3 form of both dtypes.
+        assert_eq!((a100.len(), hopper.len()), (18, 22));
         assert!(hopper.iter().all(|c| c.arch == ArchClass::Sm90a));
         for c in hopper.iter().chain(&a100) {
             assert_eq!(FAMILY.check(c), Ok(()), "{}", c.name());
         }
+        let fa3: Vec<_> = hopper.iter().filter(|c| is_sm90(c)).collect();
+        assert_eq!(fa3.len(), 2);
+        assert!(
+            fa3.iter()
+                .all(|c| c.head_dim_qk == 128 && c.cta_tile_q == 128)
+        );
+    }
+
+    #[test]
+    fn the_fa3_form_exists_on_hopper_at_head_dim_128_and_the_128_row_tile_only() {
+        let c = |hd, tile, arch| {
+            KernelConfig::new(KernelKind::Prefill, hd, DType::Bf16, arch).with_tiles(
+                InstanceTiles {
+                    cta_tile_q: tile,
+                    kv_tile: 64,
+                },
+            )
+        };
+        let fa3 = sm90_form(&c(128, 128, ArchClass::Sm90a)).unwrap();
+        assert_eq!(fa3.name(), "prefill_hd128_bf16_q128_k128_sm90a");
+        assert_eq!(sm90_form(&c(128, 0, ArchClass::Sm90a)), Some(fa3));
+        for other in [
+            c(128, 128, ArchClass::Sm80),
+            c(64, 128, ArchClass::Sm90a),
+            c(128, 64, ArchClass::Sm90a),
+        ] {
+            assert_eq!(sm90_form(&other), None, "{}", other.name());
+        }
+        let d = launch_dims(&fa3, &AttnArgs::default());
+        assert_eq!(
+            (d.block, d.shared_bytes),
+            ([384, 1, 1], 163_840 + 2048 + 40)
+        );
+        assert_eq!(launch_bounds(&fa3), "384, 1");
+        assert_eq!(template_args(&fa3), "");
+        assert_eq!((FAMILY.header)(&fa3), "attention/prefill_sm90.cuh");
+        assert_eq!((FAMILY.function)(&fa3), "fi::prefill_sm90");
+        // The 128-key tile is the FA3 form's alone.
+        let bad = KernelConfig {
+            arch: ArchClass::Sm80,
+            ..fa3
+        };
+        assert!(FAMILY.check(&bad).unwrap_err().contains("sm_90a"));
     }
 }

@@ -68,6 +68,31 @@ pub fn instances(arch: Arch, sm: &SmResources) -> Vec<KernelConfig> {
         .collect()
 }
 
+/// [`instances`] that `spec` can run: the sm_90a prefill template takes no query or key hooks
+/// (see [`supports`]).
+pub fn instances_for(spec: &VariantSpec, arch: Arch, sm: &SmResources) -> Vec<KernelConfig> {
+    instances(arch, sm)
+        .into_iter()
+        .filter(|cfg| supports(spec, cfg).is_ok())
+        .collect()
+}
+
+/// Whether instance `cfg` can run variant `spec`: the sm_90a prefill template applies the query
+/// and key hooks nowhere (they transform whole shared-memory tiles, which its producer never
+/// holds in registers), so variants with them run the FA2 template there.
+pub fn supports(spec: &VariantSpec, cfg: &KernelConfig) -> Result<()> {
+    let sm90 = ferrinfer_kernels::attention::prefill::sm90_form(cfg) == Some(*cfg);
+    if sm90 && (spec.hooks.query || spec.hooks.key) {
+        return Err(Error::unsupported(format!(
+            "{} (the sm_90a prefill template) does not run query or key hooks, which variant {} \
+             has; its FA2 instance does",
+            cfg.name(),
+            spec.name
+        )));
+    }
+    Ok(())
+}
+
 /// The dispatch key of an instance: variant (name and hash of its lowered CUDA), kernel, arch.
 pub fn key(spec: &VariantSpec, cfg: &KernelConfig, arch: Arch) -> String {
     format!(
@@ -92,6 +117,7 @@ pub fn compile_with(
     arch: Arch,
 ) -> Result<Arc<CompiledKernel>> {
     check_supported(cfg, arch)?;
+    supports(spec, cfg)?;
     let params = cuda_struct(spec.params);
     let tu = ferrinfer_kernels::translation_unit(
         cfg,
@@ -137,13 +163,13 @@ mod tests {
         let hopper = instances(Arch::new(9, 0), &SmResources::typical(Arch::new(9, 0)));
         let a100 = instances(Arch::new(8, 0), &SmResources::typical(Arch::new(8, 0)));
         // Prefill 3 tiles x 3 head dims x 2 dtypes, decode 3 x 2, and on Hopper the 64-key
-        // instances of the 128-row tile at head dim 128 (both dtypes).
+        // instances of the 128-row tile at head dim 128 and its FA3 form (both dtypes).
         assert_eq!(a100.len(), 18 + 6);
-        assert_eq!(hopper.len(), 18 + 6 + 2);
+        assert_eq!(hopper.len(), 18 + 6 + 2 + 2);
         assert!(
             hopper
                 .iter()
-                .filter(|c| c.kv_tile == 64)
+                .filter(|c| c.kv_tile >= 64)
                 .all(|c| c.head_dim_qk == 128)
         );
         let mut names: Vec<String> = hopper.iter().map(|c| c.name()).collect();

@@ -13,5 +13,5 @@ pub use batch::{Batch, Heads, KvIndex, KvLayout, KvStrides, QoStrides, indptr};
 pub use single::Single;
 pub use wrappers::{
     BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, PlanConfig,
-    RunBuffers, TENSOR_CORE_MIN_GROUP,
+    PrefillKernel, RunBuffers, TENSOR_CORE_MIN_GROUP,
 };

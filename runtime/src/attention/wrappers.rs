@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaStream};
 use ferrinfer_kernels::abi::AttnArgs;
-use ferrinfer_kernels::{DType, KernelKind};
+use ferrinfer_kernels::{DType, KernelConfig, KernelKind};
 
 use crate::attention::batch::{Batch, Heads, KvIndex, KvStrides, QoStrides};
 use crate::attention::plan::{self, Capacity, PlanOptions, WorkList};
@@ -25,8 +25,8 @@ use crate::device::dtype::Element;
 use crate::device::gpu::Gpu;
 use crate::device::view::{Dst, Src};
 use crate::error::{Error, Result};
-use crate::variant::Variant;
 use crate::variant::params;
+use crate::variant::{Variant, VariantSpec};
 
 /// How to plan.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -43,6 +43,62 @@ pub struct PlanConfig {
     pub graph: Option<GraphCapacity>,
     /// Which kernel runs [`BatchDecode`] (ignored by [`BatchPrefill`]).
     pub decode_kernel: DecodeKernel,
+    /// Which template runs [`BatchPrefill`]'s long-prompt tiles on Hopper (ignored by
+    /// [`BatchDecode`]).
+    pub prefill_kernel: PrefillKernel,
+}
+
+/// The template of a batch prefill's 128-row tiles.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PrefillKernel {
+    /// The faster template for the instance, from measurements: FA2 today. The FA3 template's
+    /// first version (H200, bf16, head dim 128, one call on 2026-11-30) runs at 0.59-0.77x of
+    /// FA2 (s8192 causal 231 against 307 TFLOP/s; `kernels/notes/fa3.md`), so Auto takes it
+    /// nowhere until a version beats FA2.
+    #[default]
+    Auto,
+    /// The FA2 template (mma.sync) everywhere.
+    Fa2,
+    /// The FA3 template (sm_90a: warpgroup MMAs, a producer warpgroup) where it exists for the
+    /// instance and the variant (Hopper, head dim 128, the 128-row tile, no query or key hooks);
+    /// running a plan it does not cover is an error.
+    Fa3,
+}
+
+/// Whether [`PrefillKernel::Auto`] takes the FA3 template where it exists (see its measurements).
+const AUTO_TAKES_FA3: bool = false;
+
+impl PrefillKernel {
+    /// The instance to run for the plan's `planned` one (and what to run if its build spills).
+    fn choose(
+        self,
+        spec: &VariantSpec,
+        planned: KernelConfig,
+        fallback: Option<KernelConfig>,
+    ) -> Result<(KernelConfig, Option<KernelConfig>)> {
+        let sm90 = ferrinfer_kernels::attention::prefill::sm90_form(&planned)
+            .filter(|c| dispatch::supports(spec, c).is_ok());
+        let auto = if AUTO_TAKES_FA3 {
+            PrefillKernel::Fa3
+        } else {
+            PrefillKernel::Fa2
+        };
+        let kernel = if self == PrefillKernel::Auto {
+            auto
+        } else {
+            self
+        };
+        match (kernel, sm90) {
+            (PrefillKernel::Fa2 | PrefillKernel::Auto, _) => Ok((planned, fallback)),
+            (PrefillKernel::Fa3, Some(f)) => Ok((f, Some(planned))),
+            (PrefillKernel::Fa3, None) => Err(Error::unsupported(format!(
+                "PrefillKernel::Fa3: no FA3 instance for {} with variant {} (it needs sm_90a, \
+                 head dim 128, the 128-row query tile and no query or key hooks)",
+                planned.name(),
+                spec.name
+            ))),
+        }
+    }
 }
 
 /// The kernel template of a batch decode.
@@ -834,8 +890,13 @@ impl Planned {
             .ok_or_else(|| Error::invalid("the work list holds no tile choice"))?;
         let heads = b.heads();
         let base = dispatch::config(gpu.arch(), self.kind, heads.head_dim(), T::DTYPE)?;
-        let fallback = tiles.fallback_config(base);
-        let kernel = dispatch::kernel(gpu, V::SPEC, &tiles.config(base), fallback.as_ref())?;
+        let (cfg, fallback) = if self.decode {
+            (tiles.config(base), tiles.fallback_config(base))
+        } else {
+            let kernel = self.config.prefill_kernel;
+            kernel.choose(V::SPEC, tiles.config(base), tiles.fallback_config(base))?
+        };
+        let kernel = dispatch::kernel(gpu, V::SPEC, &cfg, fallback.as_ref())?;
         let cfg = kernel.cfg;
         let s = b.kv().strides(&heads);
         let (qs, os) = (b.q_strides(), b.o_strides());
@@ -954,5 +1015,91 @@ fn allocate(gpu: &Gpu, opts: &PlanOptions, sizes: Sizes, heads: &Heads) -> Resul
 fn put_i32(buf: &mut [u8], at: usize, xs: &[i32]) {
     for (i, x) in xs.iter().enumerate() {
         buf[at + 4 * i..at + 4 * i + 4].copy_from_slice(&x.to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::variant::Hooks;
+    use ferrinfer_kernels::{ArchClass, InstanceTiles};
+
+    fn spec(query: bool) -> VariantSpec {
+        VariantSpec {
+            name: if query { "WithQuery" } else { "Plain" },
+            module_path: "tests",
+            hooks: Hooks {
+                query,
+                key: false,
+                logits: false,
+                mask: false,
+                output: false,
+                sink: false,
+            },
+            softmax: true,
+            params: &[],
+            cuda: "",
+        }
+    }
+
+    fn planned(arch: ArchClass, cta_tile_q: u32) -> KernelConfig {
+        KernelConfig::new(KernelKind::Prefill, 128, DType::Bf16, arch).with_tiles(InstanceTiles {
+            cta_tile_q,
+            kv_tile: 64,
+        })
+    }
+
+    #[test]
+    fn fa3_runs_where_it_exists_and_auto_follows_the_measurements() {
+        let long = planned(ArchClass::Sm90a, 128);
+        let narrow = Some(long.with_tiles(InstanceTiles {
+            cta_tile_q: 128,
+            kv_tile: 0,
+        }));
+        let (cfg, fallback) = PrefillKernel::Fa3
+            .choose(&spec(false), long, narrow)
+            .unwrap();
+        assert_eq!(cfg.name(), "prefill_hd128_bf16_q128_k128_sm90a");
+        assert_eq!(
+            fallback,
+            Some(long),
+            "a spilling FA3 build falls back to the planned FA2"
+        );
+        let auto = PrefillKernel::Auto
+            .choose(&spec(false), long, narrow)
+            .unwrap();
+        assert_eq!(auto.0.kv_tile == 128, AUTO_TAKES_FA3);
+        // Query hooks, another tile, another arch, or FA2 asked for: the planned instance.
+        for (kernel, s, c) in [
+            (PrefillKernel::Auto, spec(true), long),
+            (
+                PrefillKernel::Auto,
+                spec(false),
+                planned(ArchClass::Sm90a, 64),
+            ),
+            (
+                PrefillKernel::Auto,
+                spec(false),
+                planned(ArchClass::Sm80, 128),
+            ),
+            (PrefillKernel::Fa2, spec(false), long),
+        ] {
+            assert_eq!(kernel.choose(&s, c, narrow).unwrap(), (c, narrow));
+        }
+    }
+
+    #[test]
+    fn fa3_forced_where_it_does_not_exist_is_an_error() {
+        let long = planned(ArchClass::Sm90a, 128);
+        let e = PrefillKernel::Fa3
+            .choose(&spec(true), long, None)
+            .unwrap_err();
+        assert!(e.to_string().contains("query or key hooks"), "{e}");
+        let e = PrefillKernel::Fa3
+            .choose(&spec(false), planned(ArchClass::Sm80, 128), None)
+            .unwrap_err();
+        assert!(e.to_string().contains("sm_90a"), "{e}");
+        let (cfg, _) = PrefillKernel::Fa3.choose(&spec(false), long, None).unwrap();
+        assert_eq!(cfg.kv_tile, 128);
     }
 }

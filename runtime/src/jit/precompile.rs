@@ -132,7 +132,10 @@ impl Precompile {
         for &(arch, sm) in &self.archs {
             for spec in &specs {
                 let mut families = Vec::new();
-                for cfg in dispatch::instances(arch, &sm).into_iter().filter(keep) {
+                for cfg in dispatch::instances_for(spec, arch, &sm)
+                    .into_iter()
+                    .filter(keep)
+                {
                     if self.one_per_family {
                         if families.contains(&cfg.kind) {
                             continue;

@@ -103,7 +103,7 @@ pub fn check_spec_with(jit: &Jit, spec: &VariantSpec) -> Result<CheckReport> {
     let jobs: Vec<(KernelConfig, Arch)> = ARCHES
         .iter()
         .flat_map(|&arch| {
-            dispatch::instances(arch, &SmResources::typical(arch))
+            dispatch::instances_for(spec, arch, &SmResources::typical(arch))
                 .into_iter()
                 .map(move |cfg| (cfg, arch))
         })

@@ -1,0 +1,353 @@
+// Prefill and append, FlashAttention-3 style for sm_90a: the same work items, arguments and
+// results as attention/prefill.cuh (the plan's 128-row tiles), computed by warpgroup MMAs.
+// Three warpgroups a CTA: a producer that copies Q once and K/V tiles of 128 keys into two stages
+// (cp.async through the page table, then an mbarrier per stage), and two consumers of 64 query
+// rows each. A consumer computes S = Q K^T with both operands in shared memory, the online
+// softmax on S's accumulators, and O += P V with P from registers (S's accumulator layout is
+// the A operand's), then frees the stage. The producer gives registers to the consumers
+// (setmaxnreg). Variants with query or key hooks run the FA2 template (the dispatcher's choice).
+// Launch: grid num_items, block kThreads, dynamic shared kSmemBytes (kernels/src/attention/
+// prefill.rs mirrors these).
+#pragma once
+#include "core/abi.cuh"
+#include "core/dtype.cuh"
+#include "core/math.cuh"
+#include "core/warp.cuh"
+#include "sm80/cp_async.cuh"
+#include "sm80/mma.cuh"
+#include "sm90/barrier.cuh"
+#include "sm90/warpgroup.cuh"
+#include "sm90/wgmma.cuh"
+#include "variant/hooks.cuh"
+#include "attention/causal.cuh"
+#include "attention/epilogue.cuh"
+#include "attention/kv.cuh"
+#include "attention/work.cuh"
+
+namespace fi {
+
+// The FA3 template's shape at head dim D (128 only, for now).
+template <int D>
+struct PrefillSm90Shape {
+  static_assert(D == 128, "the sm90 prefill template is built for head dim 128");
+  static constexpr int kTileQ = 128;  // two consumer warpgroups of 64 rows
+  static constexpr int kTileKv = 128;
+  static constexpr int kStages = 2;
+  static constexpr int kThreads = 3 * kWarpgroupThreads;
+  // A row of a tile is D elements; a tile is stored as D / 64 column blocks of 64 elements (128
+  // bytes a row), each block rows x 128 bytes with the 128-byte swizzle: the 16-byte unit u of
+  // row r sits at unit u ^ (r % 8). That is the layout wgmma's descriptors read (swizzle mode 1).
+  static constexpr int kBlockCols = 64;
+  static constexpr int kQBytes = kTileQ * D * 2;
+  static constexpr int kKvBytes = kTileKv * D * 2;
+  static constexpr int kKAt = kQBytes;
+  static constexpr int kVAt = kKAt + kStages * kKvBytes;
+  static constexpr int kOffsetsAt = kVAt + kStages * kKvBytes;  // [kStages][kTileKv] u64
+  static constexpr int kBarriersAt = kOffsetsAt + kStages * kTileKv * 8;
+  static constexpr int kBarriers = 1 + 2 * kStages;  // Q full, then K/V full and empty per stage
+  static constexpr int kSmemBytes = kBarriersAt + kBarriers * 8;
+};
+
+// Byte offset of 16-byte unit u (of D / 8) of row r in a swizzled tile of `rows` rows.
+template <int D>
+__device__ __forceinline__ unsigned sw128_offset(unsigned rows, unsigned r, unsigned u) {
+  return (u / 8) * rows * 128 + r * 128 + (((u % 8) ^ (r % 8)) << 4);
+}
+
+// Producer register budget and the consumers': 128 x 40 + 256 x 232 = the 168 x 384 a CTA of
+// 384 threads starts with (65536 registers an SM, one CTA).
+constexpr unsigned kSm90ProducerRegs = 40, kSm90ConsumerRegs = 232;
+
+template <class V, class P, class T, int D>
+__device__ void prefill_sm90(const AttnArgs& a, const P& p) {
+  static_assert(!V::kHasQuery && !V::kHasKey,
+                "query and key hooks run on the FA2 template (the dispatcher picks it)");
+  using Sh = PrefillSm90Shape<D>;
+  constexpr int kTileQ = Sh::kTileQ, kTileKv = Sh::kTileKv;
+  constexpr bool kBf16 = kIsBf16<T>;
+
+  const WorkItem w = work_item(a.work, blockIdx.x);
+  if (!w.valid) return;  // the whole CTA: padding of the work list
+
+  extern __shared__ __attribute__((aligned(1024))) unsigned char sm90_smem[];
+  unsigned char* const sq = sm90_smem;
+  unsigned long long* const key_off =
+      reinterpret_cast<unsigned long long*>(sm90_smem + Sh::kOffsetsAt);
+  unsigned long long* const bars = reinterpret_cast<unsigned long long*>(sm90_smem + Sh::kBarriersAt);
+  unsigned long long* const q_full = bars;
+  auto full = [&](unsigned s) { return bars + 1 + s; };
+  auto empty = [&](unsigned s) { return bars + 1 + Sh::kStages + s; };
+  auto k_tile = [&](unsigned s) { return sm90_smem + Sh::kKAt + s * Sh::kKvBytes; };
+  auto v_tile = [&](unsigned s) { return sm90_smem + Sh::kVAt + s * Sh::kKvBytes; };
+
+  const unsigned b = w.request, kv_head = w.kv_head;
+  const unsigned qo_begin = static_cast<unsigned>(a.qo_indptr[b]);
+  const unsigned qo_len = static_cast<unsigned>(a.qo_indptr[b + 1]) - qo_begin;
+  const unsigned group = a.num_qo_heads / a.num_kv_heads;
+  const KvSeq kv = kv_seq(a, b);
+  const bool causal = a.causal != 0;
+  const KeyPositions kp = key_positions(a.work, b, kv.len);
+  const long long shift = kp.causal_shift(qo_len);
+  const ItemKeys keys = item_keys(w, group, shift, causal, kTileKv);
+  // Padding rows of a partial tile repeat the last real row (as in prefill.cuh).
+  auto packed = [&](unsigned r) { return min(w.qo_tile_start + r, w.qo_tile_end - 1); };
+
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, kWarpgroupThreads);
+    for (unsigned s = 0; s < Sh::kStages; ++s) {
+      mbar_init(full(s), kWarpgroupThreads);
+      mbar_init(empty(s), 2 * kWarpgroupThreads);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (warpgroup_id() == 0) {
+    // ---- Producer: every thread waits for its own copies, makes them visible to the async
+    // proxy (wgmma reads shared memory through it), then arrives on the stage's barrier.
+    regs_shrink<kSm90ProducerRegs>();
+    const unsigned pt = warpgroup_thread();
+    const T* q = static_cast<const T*>(a.q);
+    #pragma unroll 4
+    for (int it = 0; it < kTileQ * (D / 8) / kWarpgroupThreads; ++it) {
+      const unsigned c = it * kWarpgroupThreads + pt;
+      const unsigned r = c / (D / 8), u = c % (D / 8), pr = packed(r);
+      const unsigned i = pr / group, h = kv_head * group + pr % group;
+      cp_async_16(smem_u32(sq + sw128_offset<D>(kTileQ, r, u)),
+                  q + (qo_begin + i) * a.q_stride_n + h * a.q_stride_h + u * 8, true);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();
+    mbar_arrive(q_full);
+
+    const char* const k = static_cast<const char*>(a.k);
+    const char* const v = static_cast<const char*>(a.v);
+    // Each thread copies unit `u` of rows `r0 + 8 it`: 16 lanes cover one 256-byte row.
+    const unsigned u = pt % (D / 8), r0 = pt / (D / 8);
+    constexpr unsigned kRowsPerPass = kWarpgroupThreads / (D / 8);
+    for (unsigned t = 0; t < keys.tiles; ++t) {
+      const unsigned s = t % Sh::kStages;
+      if (t >= Sh::kStages) mbar_wait(empty(s), ((t / Sh::kStages) - 1) & 1);
+      // One page lookup a key: thread pt finds key pt's byte offset.
+      const unsigned j0 = w.kv_start + t * kTileKv;
+      const unsigned live = min(keys.stop - j0, static_cast<unsigned>(kTileKv));
+      key_off[s * kTileKv + pt] = pt < live ? kv.offset(j0 + pt, kv_head) * sizeof(T) : 0ull;
+      named_sync(1, kWarpgroupThreads);
+      unsigned char* const kt = k_tile(s);
+      unsigned char* const vt = v_tile(s);
+      #pragma unroll 4
+      for (unsigned it = 0; it < kTileKv / kRowsPerPass; ++it) {
+        const unsigned r = r0 + it * kRowsPerPass;
+        const unsigned long long off = key_off[s * kTileKv + r] + u * 16;
+        const unsigned at = sw128_offset<D>(kTileKv, r, u);
+        // Keys past the item's end are zero-filled: P is 0 there, and 0 * V must not be NaN.
+        cp_async_16(smem_u32(kt + at), k + off, r < live);
+        cp_async_16(smem_u32(vt + at), v + off, r < live);
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+      fence_proxy_async();
+      mbar_arrive(full(s));
+    }
+    return;
+  }
+
+  // ---- Consumers: warpgroup 1 takes rows 0-63 of the tile, warpgroup 2 rows 64-127.
+  regs_grow<kSm90ConsumerRegs>();
+  const unsigned cw = warpgroup_id() - 1, wt = warpgroup_thread();
+  const unsigned lane = wt % kWarpSize, t4 = lane % 4;
+  // This thread's two rows of the tile (accumulator layout, sm90/wgmma.cuh).
+  const unsigned row0 = cw * 64 + (wt / kWarpSize) * 16 + lane / 4;
+  auto row_of = [&](int hf) { return packed(row0 + 8 * hf); };
+
+  float o[D / 64][32];
+  float m[2] = {-FI_INF, -FI_INF}, z[2] = {0.0f, 0.0f};
+  #pragma unroll
+  for (int nd = 0; nd < D / 64; ++nd) {
+    #pragma unroll
+    for (int i = 0; i < 32; ++i) o[nd][i] = 0.0f;
+  }
+  const float qk_scale = (V::kHasLogits || !V::kSoftmax) ? a.sm_scale : a.sm_scale * kLog2e;
+  // Descriptors (128-byte swizzle): K-major tiles (Q, K) step 32 bytes a k16 slice inside a
+  // 128-byte block row and one block (rows x 128 bytes) every four slices; 8-row groups are
+  // 1024 bytes apart. V is N-major: 16 keys are two 8-row groups (2048 bytes), and the next 64
+  // columns are the next block.
+  auto k_major = [](const unsigned char* tile, unsigned rows, unsigned row, unsigned kk) {
+    return wgmma_desc(tile + (kk / 4) * rows * 128 + row * 128 + (kk % 4) * 32, 16, 1024, 1);
+  };
+  mbar_wait(q_full, 0);
+
+  for (unsigned t = 0; t < keys.tiles; ++t) {
+    const unsigned s = t % Sh::kStages;
+    const unsigned j0 = w.kv_start + t * kTileKv;
+    mbar_wait(full(s), (t / Sh::kStages) & 1);
+    const unsigned char* const kt = k_tile(s);
+    const unsigned char* const vt = v_tile(s);
+
+    // S = Q K^T: this warpgroup's 64 rows by the tile's 128 keys, two 64-key slices.
+    float sacc[kTileKv / 64][32];
+    #pragma unroll
+    for (int ns = 0; ns < kTileKv / 64; ++ns) {
+      #pragma unroll
+      for (int i = 0; i < 32; ++i) sacc[ns][i] = 0.0f;
+    }
+    wgmma_fence();
+    #pragma unroll
+    for (unsigned kk = 0; kk < D / 16; ++kk) {
+      const unsigned long long qd = k_major(sq, kTileQ, cw * 64, kk);
+      #pragma unroll
+      for (int ns = 0; ns < kTileKv / 64; ++ns) {
+        wgmma_ss_64x64x16<kBf16, 0>(sacc[ns], qd, k_major(kt, kTileKv, ns * 64, kk), true);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    #pragma unroll
+    for (int ns = 0; ns < kTileKv / 64; ++ns) wgmma_hold(sacc[ns]);
+
+    // Logits, masks and the online softmax, as prefill.cuh's non-folded path. Element i of a
+    // slice is row hf = (i / 2) % 2 of this thread, key 8 (i / 4) + 2 t4 + i % 2 of the slice.
+    const bool boundary = t >= keys.first_masked;
+    #pragma unroll
+    for (int ns = 0; ns < kTileKv / 64; ++ns) {
+      #pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int hf = (i / 2) % 2;
+        const unsigned j = j0 + ns * 64 + 8 * (i / 4) + 2 * t4 + (i % 2);
+        float x = sacc[ns][i] * qk_scale;
+        bool keep = true;
+        if (boundary) {
+          const long long diag = static_cast<long long>(row_of(hf) / group) + shift;
+          keep = (j < keys.stop) & (!causal | (static_cast<long long>(j) <= diag));
+        }
+        if constexpr (V::kHasMask || V::kHasLogits) {
+          const unsigned pr = row_of(hf);
+          const unsigned h = kv_head * group + pr % group;
+          const Pos at{b, pr / group, kp.offset + j, h, kv_head, qo_len, kp.total, D};
+          if constexpr (V::kHasMask) keep = keep && hook_mask<V>(p, at);
+          if constexpr (V::kHasLogits) {
+            if (keep) {
+              x = hook_logits<V>(p, x, at);
+              if constexpr (V::kSoftmax) x *= kLog2e;
+            }
+          }
+        }
+        if (boundary || V::kHasMask) x = keep ? x : (V::kSoftmax ? -FI_INF : 0.0f);
+        sacc[ns][i] = x;
+      }
+    }
+    if constexpr (V::kSoftmax) {
+      float scale[2];
+      bool grew = false;
+      #pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float mx = m[hf];
+        #pragma unroll
+        for (int ns = 0; ns < kTileKv / 64; ++ns) {
+          #pragma unroll
+          for (int q4 = 0; q4 < 8; ++q4) {
+            mx = fmaxf(mx, fmaxf(sacc[ns][4 * q4 + 2 * hf], sacc[ns][4 * q4 + 2 * hf + 1]));
+          }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
+        // While nothing is visible the max is -inf; 0 stands in so that no -inf - -inf appears.
+        const float base = mx == -FI_INF ? 0.0f : mx;
+        scale[hf] = exp2_approx(m[hf] - base);
+        grew = grew || mx != m[hf];
+        m[hf] = mx;
+        float sum = 0.0f;
+        #pragma unroll
+        for (int ns = 0; ns < kTileKv / 64; ++ns) {
+          #pragma unroll
+          for (int q4 = 0; q4 < 8; ++q4) {
+            #pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float& x = sacc[ns][4 * q4 + 2 * hf + e];
+              x = exp2_approx(x - base);
+              sum += x;
+            }
+          }
+        }
+        z[hf] = z[hf] * scale[hf] + sum;
+      }
+      if (__any_sync(kFullMask, grew)) {
+        #pragma unroll
+        for (int nd = 0; nd < D / 64; ++nd) {
+          #pragma unroll
+          for (int i = 0; i < 32; ++i) o[nd][i] *= scale[(i / 2) % 2];
+        }
+      }
+    }
+
+    // O += P V: P in registers as the A operand (S's accumulator layout is A's), 16 keys a
+    // step. P is converted before the fence: wgmma reads registers written before it.
+    unsigned pa[kTileKv / 16][4];
+    #pragma unroll
+    for (unsigned kb = 0; kb < kTileKv / 16; ++kb) {
+      const unsigned ns = kb / 4, e = 8 * (kb % 4);
+      #pragma unroll
+      for (unsigned r = 0; r < 4; ++r) pa[kb][r] = pack2<T>(sacc[ns][e + 2 * r], sacc[ns][e + 2 * r + 1]);
+    }
+    wgmma_fence();
+    #pragma unroll
+    for (unsigned kb = 0; kb < kTileKv / 16; ++kb) {
+      #pragma unroll
+      for (int nd = 0; nd < D / 64; ++nd) {
+        const unsigned long long vd =
+            wgmma_desc(vt + nd * kTileKv * 128 + kb * 2048, kTileKv * 128, 1024, 1);
+        wgmma_rs_64x64x16<kBf16, 1>(o[nd], pa[kb], vd, true);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    #pragma unroll
+    for (int nd = 0; nd < D / 64; ++nd) wgmma_hold(o[nd]);
+    mbar_arrive(empty(s));  // this warpgroup is done with the stage
+  }
+
+  // Epilogue (epilogue.cuh), as prefill.cuh: unsplit items write o and lse, split items their
+  // chunk's partial row and LSE.
+  const bool split = w.partial >= 0;
+  #pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float zz = z[hf];
+    zz += __shfl_xor_sync(kFullMask, zz, 1);
+    zz += __shfl_xor_sync(kFullMask, zz, 2);
+    if (w.qo_tile_start + row0 + 8 * hf >= w.qo_tile_end) continue;
+    const unsigned pr = row_of(hf);
+    const unsigned i = pr / group, h = kv_head * group + pr % group;
+    const Pos at{b, i, 0, h, kv_head, qo_len, kp.total, D};
+    const auto end = finish_row<V>(p, m[hf], zz, at, !split);
+    const float lse = end.lse();
+    if (!split) {
+      T* dst = out_row<T>(a, qo_begin + i, h);
+      #pragma unroll
+      for (int nd = 0; nd < D / 64; ++nd) {
+        #pragma unroll
+        for (int q4 = 0; q4 < 8; ++q4) {
+          const unsigned d = nd * 64 + 8 * q4 + 2 * t4;
+          const float x0 = out_elem<V>(p, o[nd][4 * q4 + 2 * hf], end, d, at);
+          const float x1 = out_elem<V>(p, o[nd][4 * q4 + 2 * hf + 1], end, d + 1, at);
+          *reinterpret_cast<unsigned*>(dst + d) = pack2<T>(x0, x1);
+        }
+      }
+      if (t4 == 0) write_lse(a, qo_begin + i, h, lse);
+    } else {
+      const unsigned long long prow = partial_row(w.partial, i);
+      float* dst = partial_out<D>(a, prow, h);
+      #pragma unroll
+      for (int nd = 0; nd < D / 64; ++nd) {
+        #pragma unroll
+        for (int q4 = 0; q4 < 8; ++q4) {
+          const float pair[2] = {o[nd][4 * q4 + 2 * hf], o[nd][4 * q4 + 2 * hf + 1]};
+          store_partial<2>(dst + nd * 64 + 8 * q4 + 2 * t4, pair, end);
+        }
+      }
+      if (t4 == 0) write_partial_lse<V::kSoftmax>(a, prow, h, lse);
+    }
+  }
+}
+
+}  // namespace fi
