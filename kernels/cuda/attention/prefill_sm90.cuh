@@ -1,11 +1,14 @@
 // Prefill and append, FlashAttention-3 style for sm_90a: the same work items, arguments and
 // results as attention/prefill.cuh (the plan's 128-row tiles), computed by warpgroup MMAs.
-// Three warpgroups a CTA: a producer that copies Q once and K/V tiles of 128 keys into two stages
-// (cp.async through the page table, then an mbarrier per stage), and two consumers of 64 query
-// rows each. A consumer computes S = Q K^T with both operands in shared memory, the online
-// softmax on S's accumulators, and O += P V with P from registers (S's accumulator layout is
-// the A operand's), then frees the stage. The producer gives registers to the consumers
-// (setmaxnreg). Variants with query or key hooks run the FA2 template (the dispatcher's choice).
+// Three warpgroups a CTA: a producer that copies Q once and K/V tiles of 128 keys into three
+// stages (cp.async through the page table; K and V each complete their own mbarrier, so
+// S = Q K^T starts while V still lands; two tiles in flight), and two consumers of 64 query rows
+// each. A consumer computes
+// S = Q K^T with both operands in shared memory (m64n128k16), the online softmax on S's
+// accumulators, and O += P V with P from registers (S's accumulator layout is the A operand's),
+// then frees the stage. The two consumers take turns issuing S (named barriers), so one's softmax
+// runs under the other's MMAs. The producer gives registers to the consumers (setmaxnreg).
+// Variants with query or key hooks run the FA2 template (the dispatcher's choice).
 // Launch: grid num_items, block kThreads, dynamic shared kSmemBytes (kernels/src/attention/
 // prefill.rs mirrors these).
 #pragma once
@@ -32,7 +35,7 @@ struct PrefillSm90Shape {
   static_assert(D == 128, "the sm90 prefill template is built for head dim 128");
   static constexpr int kTileQ = 128;  // two consumer warpgroups of 64 rows
   static constexpr int kTileKv = 128;
-  static constexpr int kStages = 2;
+  static constexpr int kStages = 3;
   static constexpr int kThreads = 3 * kWarpgroupThreads;
   // A row of a tile is D elements; a tile is stored as D / 64 column blocks of 64 elements (128
   // bytes a row), each block rows x 128 bytes with the 128-byte swizzle: the 16-byte unit u of
@@ -42,9 +45,12 @@ struct PrefillSm90Shape {
   static constexpr int kKvBytes = kTileKv * D * 2;
   static constexpr int kKAt = kQBytes;
   static constexpr int kVAt = kKAt + kStages * kKvBytes;
-  static constexpr int kOffsetsAt = kVAt + kStages * kKvBytes;  // [kStages][kTileKv] u64
-  static constexpr int kBarriersAt = kOffsetsAt + kStages * kTileKv * 8;
-  static constexpr int kBarriers = 1 + 2 * kStages;  // Q full, then K/V full and empty per stage
+  // Key byte offsets of the tile being issued, two slots (this tile's and the next's) so no
+  // barrier separates one tile's readers from the next tile's writers.
+  static constexpr int kOffsetSlots = 2;
+  static constexpr int kOffsetsAt = kVAt + kStages * kKvBytes;  // [kOffsetSlots][kTileKv] u64
+  static constexpr int kBarriersAt = kOffsetsAt + kOffsetSlots * kTileKv * 8;
+  static constexpr int kBarriers = 1 + 3 * kStages;  // Q full, then per stage K full, V full, empty
   static constexpr int kSmemBytes = kBarriersAt + kBarriers * 8;
 };
 
@@ -75,8 +81,9 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
       reinterpret_cast<unsigned long long*>(sm90_smem + Sh::kOffsetsAt);
   unsigned long long* const bars = reinterpret_cast<unsigned long long*>(sm90_smem + Sh::kBarriersAt);
   unsigned long long* const q_full = bars;
-  auto full = [&](unsigned s) { return bars + 1 + s; };
-  auto empty = [&](unsigned s) { return bars + 1 + Sh::kStages + s; };
+  auto k_full = [&](unsigned s) { return bars + 1 + s; };
+  auto v_full = [&](unsigned s) { return bars + 1 + Sh::kStages + s; };
+  auto empty = [&](unsigned s) { return bars + 1 + 2 * Sh::kStages + s; };
   auto k_tile = [&](unsigned s) { return sm90_smem + Sh::kKAt + s * Sh::kKvBytes; };
   auto v_tile = [&](unsigned s) { return sm90_smem + Sh::kVAt + s * Sh::kKvBytes; };
 
@@ -95,7 +102,8 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   if (threadIdx.x == 0) {
     mbar_init(q_full, kWarpgroupThreads);
     for (unsigned s = 0; s < Sh::kStages; ++s) {
-      mbar_init(full(s), kWarpgroupThreads);
+      mbar_init(k_full(s), kWarpgroupThreads);
+      mbar_init(v_full(s), kWarpgroupThreads);
       mbar_init(empty(s), 2 * kWarpgroupThreads);
     }
     mbar_init_fence();
@@ -104,7 +112,8 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
 
   if (warpgroup_id() == 0) {
     // ---- Producer: every thread waits for its own copies, makes them visible to the async
-    // proxy (wgmma reads shared memory through it), then arrives on the stage's barrier.
+    // proxy (wgmma reads shared memory through it), then arrives on the stage's barrier. A tile
+    // is signalled once the next one is issued, so two tiles' copies are in flight.
     regs_shrink<kSm90ProducerRegs>();
     const unsigned pt = warpgroup_thread();
     const T* q = static_cast<const T*>(a.q);
@@ -126,30 +135,48 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     // Each thread copies unit `u` of rows `r0 + 8 it`: 16 lanes cover one 256-byte row.
     const unsigned u = pt % (D / 8), r0 = pt / (D / 8);
     constexpr unsigned kRowsPerPass = kWarpgroupThreads / (D / 8);
+    // Tile t's copies are two groups (K, then V); behind them the next tile's two, unless t is
+    // the last. Wait for K, then for V, each made visible to wgmma and signalled.
+    auto signal = [&](unsigned t, bool last) {
+      if (last) {
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<3>();
+      }
+      fence_proxy_async();
+      mbar_arrive(k_full(t % Sh::kStages));
+      if (last) {
+        cp_async_wait<0>();
+      } else {
+        cp_async_wait<2>();
+      }
+      fence_proxy_async();
+      mbar_arrive(v_full(t % Sh::kStages));
+    };
     for (unsigned t = 0; t < keys.tiles; ++t) {
       const unsigned s = t % Sh::kStages;
       if (t >= Sh::kStages) mbar_wait(empty(s), ((t / Sh::kStages) - 1) & 1);
       // One page lookup a key: thread pt finds key pt's byte offset.
       const unsigned j0 = w.kv_start + t * kTileKv;
       const unsigned live = min(keys.stop - j0, static_cast<unsigned>(kTileKv));
-      key_off[s * kTileKv + pt] = pt < live ? kv.offset(j0 + pt, kv_head) * sizeof(T) : 0ull;
+      unsigned long long* const offs = key_off + (t % Sh::kOffsetSlots) * kTileKv;
+      offs[pt] = pt < live ? kv.offset(j0 + pt, kv_head) * sizeof(T) : 0ull;
       named_sync(1, kWarpgroupThreads);
-      unsigned char* const kt = k_tile(s);
-      unsigned char* const vt = v_tile(s);
-      #pragma unroll 4
-      for (unsigned it = 0; it < kTileKv / kRowsPerPass; ++it) {
-        const unsigned r = r0 + it * kRowsPerPass;
-        const unsigned long long off = key_off[s * kTileKv + r] + u * 16;
-        const unsigned at = sw128_offset<D>(kTileKv, r, u);
-        // Keys past the item's end are zero-filled: P is 0 there, and 0 * V must not be NaN.
-        cp_async_16(smem_u32(kt + at), k + off, r < live);
-        cp_async_16(smem_u32(vt + at), v + off, r < live);
-      }
-      cp_async_commit();
-      cp_async_wait<0>();
-      fence_proxy_async();
-      mbar_arrive(full(s));
+      // Keys past the item's end are zero-filled: P is 0 there, and 0 * V must not be NaN.
+      auto copy = [&](unsigned char* tile, const char* src) {
+        #pragma unroll 4
+        for (unsigned it = 0; it < kTileKv / kRowsPerPass; ++it) {
+          const unsigned r = r0 + it * kRowsPerPass;
+          cp_async_16(smem_u32(tile + sw128_offset<D>(kTileKv, r, u)), src + offs[r] + u * 16,
+                      r < live);
+        }
+        cp_async_commit();
+      };
+      copy(k_tile(s), k);
+      copy(v_tile(s), v);
+      if (t > 0) signal(t - 1, false);
     }
+    if (keys.tiles > 0) signal(keys.tiles - 1, true);
     return;
   }
 
@@ -161,61 +188,62 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   const unsigned row0 = cw * 64 + (wt / kWarpSize) * 16 + lane / 4;
   auto row_of = [&](int hf) { return packed(row0 + 8 * hf); };
 
-  float o[D / 64][32];
+  float o[D / 2];  // the m64n128 accumulator layout (sm90/wgmma.cuh): D = 128 columns
   float m[2] = {-FI_INF, -FI_INF}, z[2] = {0.0f, 0.0f};
   #pragma unroll
-  for (int nd = 0; nd < D / 64; ++nd) {
-    #pragma unroll
-    for (int i = 0; i < 32; ++i) o[nd][i] = 0.0f;
-  }
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
   const float qk_scale = (V::kHasLogits || !V::kSoftmax) ? a.sm_scale : a.sm_scale * kLog2e;
   // Descriptors (128-byte swizzle): K-major tiles (Q, K) step 32 bytes a k16 slice inside a
   // 128-byte block row and one block (rows x 128 bytes) every four slices; 8-row groups are
-  // 1024 bytes apart. V is N-major: 16 keys are two 8-row groups (2048 bytes), and the next 64
-  // columns are the next block.
+  // 1024 bytes apart. V is N-major: 16 keys are two 8-row groups (2048 bytes), and its second 64
+  // columns are the next block (the leading offset).
   auto k_major = [](const unsigned char* tile, unsigned rows, unsigned row, unsigned kk) {
     return wgmma_desc(tile + (kk / 4) * rows * 128 + row * 128 + (kk % 4) * 32, 16, 1024, 1);
   };
   mbar_wait(q_full, 0);
+  // Turns: the two consumers issue S = Q K^T alternately (named barriers 2 and 3, each
+  // completed by one consumer's sync and the other's arrival). Consumer 1 lets 0 go first.
+  const unsigned my_turn = 2 + cw, their_turn = 3 - cw;
+  if (cw == 1) named_arrive(2, 2 * kWarpgroupThreads);
 
   for (unsigned t = 0; t < keys.tiles; ++t) {
     const unsigned s = t % Sh::kStages;
+    const unsigned phase = (t / Sh::kStages) & 1;
     const unsigned j0 = w.kv_start + t * kTileKv;
-    mbar_wait(full(s), (t / Sh::kStages) & 1);
     const unsigned char* const kt = k_tile(s);
     const unsigned char* const vt = v_tile(s);
 
-    // S = Q K^T: this warpgroup's 64 rows by the tile's 128 keys, two 64-key slices.
-    float sacc[kTileKv / 64][32];
+    // S = Q K^T: this warpgroup's 64 rows by the tile's 128 keys.
+    float sacc[kTileKv / 2];
     #pragma unroll
-    for (int ns = 0; ns < kTileKv / 64; ++ns) {
-      #pragma unroll
-      for (int i = 0; i < 32; ++i) sacc[ns][i] = 0.0f;
-    }
+    for (int i = 0; i < kTileKv / 2; ++i) sacc[i] = 0.0f;
+    mbar_wait(k_full(s), phase);
+    named_sync(my_turn, 2 * kWarpgroupThreads);
     wgmma_fence();
     #pragma unroll
     for (unsigned kk = 0; kk < D / 16; ++kk) {
-      const unsigned long long qd = k_major(sq, kTileQ, cw * 64, kk);
-      #pragma unroll
-      for (int ns = 0; ns < kTileKv / 64; ++ns) {
-        wgmma_ss_64x64x16<kBf16, 0>(sacc[ns], qd, k_major(kt, kTileKv, ns * 64, kk), true);
-      }
+      wgmma_ss_64x128x16<kBf16, 0>(sacc, k_major(sq, kTileQ, cw * 64, kk),
+                                   k_major(kt, kTileKv, 0, kk), true);
     }
     wgmma_commit();
+    named_arrive(their_turn, 2 * kWarpgroupThreads);
     wgmma_wait<0>();
-    #pragma unroll
-    for (int ns = 0; ns < kTileKv / 64; ++ns) wgmma_hold(sacc[ns]);
+    wgmma_hold(sacc);
 
-    // Logits, masks and the online softmax, as prefill.cuh's non-folded path. Element i of a
-    // slice is row hf = (i / 2) % 2 of this thread, key 8 (i / 4) + 2 t4 + i % 2 of the slice.
-    const bool boundary = t >= keys.first_masked;
-    #pragma unroll
-    for (int ns = 0; ns < kTileKv / 64; ++ns) {
+    // Logits, masks and the online softmax, as prefill.cuh's: each call below passes constant
+    // flags, so each inlines to its own straight-line copy (a runtime test per element made the
+    // loop one branch an element: 2.4k instructions a tile, and instruction-fetch stalls).
+    // `boundary`: the tile crosses the item's end or a row's diagonal (interior tiles have no
+    // mask code; the variant's mask is on every tile). `fold`: without a logits hook the scores
+    // stay unscaled until the exponent, where s * qk_scale - m is one FFMA (the row max commutes
+    // with a positive scale). Element i is row hf = (i / 2) % 2 of this thread, key
+    // 8 (i / 4) + 2 t4 + i % 2 of the tile.
+    auto logits_softmax = [&](const bool fold, const bool boundary) {
       #pragma unroll
-      for (int i = 0; i < 32; ++i) {
+      for (int i = 0; i < kTileKv / 2; ++i) {
         const int hf = (i / 2) % 2;
-        const unsigned j = j0 + ns * 64 + 8 * (i / 4) + 2 * t4 + (i % 2);
-        float x = sacc[ns][i] * qk_scale;
+        const unsigned j = j0 + 8 * (i / 4) + 2 * t4 + (i % 2);
+        float x = fold ? sacc[i] : sacc[i] * qk_scale;
         bool keep = true;
         if (boundary) {
           const long long diag = static_cast<long long>(row_of(hf) / group) + shift;
@@ -234,51 +262,62 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
           }
         }
         if (boundary || V::kHasMask) x = keep ? x : (V::kSoftmax ? -FI_INF : 0.0f);
-        sacc[ns][i] = x;
+        sacc[i] = x;
       }
-    }
-    if constexpr (V::kSoftmax) {
-      float scale[2];
-      bool grew = false;
-      #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        float mx = m[hf];
+      if constexpr (V::kSoftmax) {
+        float scale[2];
+        bool grew = false;
         #pragma unroll
-        for (int ns = 0; ns < kTileKv / 64; ++ns) {
+        for (int hf = 0; hf < 2; ++hf) {
+          float mx = fold ? -FI_INF : m[hf];
           #pragma unroll
-          for (int q4 = 0; q4 < 8; ++q4) {
-            mx = fmaxf(mx, fmaxf(sacc[ns][4 * q4 + 2 * hf], sacc[ns][4 * q4 + 2 * hf + 1]));
+          for (int q4 = 0; q4 < kTileKv / 8; ++q4) {
+            mx = fmaxf(mx, fmaxf(sacc[4 * q4 + 2 * hf], sacc[4 * q4 + 2 * hf + 1]));
           }
-        }
-        mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
-        // While nothing is visible the max is -inf; 0 stands in so that no -inf - -inf appears.
-        const float base = mx == -FI_INF ? 0.0f : mx;
-        scale[hf] = exp2_approx(m[hf] - base);
-        grew = grew || mx != m[hf];
-        m[hf] = mx;
-        float sum = 0.0f;
-        #pragma unroll
-        for (int ns = 0; ns < kTileKv / 64; ++ns) {
+          mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
+          if (fold) mx = fmaxf(m[hf], mx * qk_scale);
+          // While nothing is visible the max is -inf; 0 stands in so no -inf - -inf appears.
+          const float base = mx == -FI_INF ? 0.0f : mx;
+          scale[hf] = exp2_approx(m[hf] - base);
+          grew = grew || mx != m[hf];
+          m[hf] = mx;
+          float sum = 0.0f;
           #pragma unroll
-          for (int q4 = 0; q4 < 8; ++q4) {
+          for (int q4 = 0; q4 < kTileKv / 8; ++q4) {
             #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              float& x = sacc[ns][4 * q4 + 2 * hf + e];
-              x = exp2_approx(x - base);
+              float& x = sacc[4 * q4 + 2 * hf + e];
+              x = exp2_approx(fold ? fmaf(x, qk_scale, -base) : x - base);
               sum += x;
             }
           }
+          z[hf] = z[hf] * scale[hf] + sum;
         }
-        z[hf] = z[hf] * scale[hf] + sum;
-      }
-      if (__any_sync(kFullMask, grew)) {
-        #pragma unroll
-        for (int nd = 0; nd < D / 64; ++nd) {
+        // Once the row maxima settle (most tiles of a long row), no output needs rescaling.
+        if (__any_sync(kFullMask, grew)) {
           #pragma unroll
-          for (int i = 0; i < 32; ++i) o[nd][i] *= scale[(i / 2) % 2];
+          for (int i = 0; i < D / 2; ++i) o[i] *= scale[(i / 2) % 2];
         }
       }
+    };
+    const bool boundary = t >= keys.first_masked;
+    if constexpr (!V::kHasLogits && V::kSoftmax) {
+      if (qk_scale > 0.0f) {
+        if (boundary) {
+          logits_softmax(true, true);
+        } else {
+          logits_softmax(true, false);
+        }
+      } else if (boundary) {
+        logits_softmax(false, true);
+      } else {
+        logits_softmax(false, false);
+      }
+    } else if (boundary) {
+      logits_softmax(false, true);
+    } else {
+      logits_softmax(false, false);
     }
 
     // O += P V: P in registers as the A operand (S's accumulator layout is A's), 16 keys a
@@ -286,24 +325,21 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     unsigned pa[kTileKv / 16][4];
     #pragma unroll
     for (unsigned kb = 0; kb < kTileKv / 16; ++kb) {
-      const unsigned ns = kb / 4, e = 8 * (kb % 4);
       #pragma unroll
-      for (unsigned r = 0; r < 4; ++r) pa[kb][r] = pack2<T>(sacc[ns][e + 2 * r], sacc[ns][e + 2 * r + 1]);
+      for (unsigned r = 0; r < 4; ++r) {
+        pa[kb][r] = pack2<T>(sacc[8 * kb + 2 * r], sacc[8 * kb + 2 * r + 1]);
+      }
     }
+    mbar_wait(v_full(s), phase);
     wgmma_fence();
     #pragma unroll
     for (unsigned kb = 0; kb < kTileKv / 16; ++kb) {
-      #pragma unroll
-      for (int nd = 0; nd < D / 64; ++nd) {
-        const unsigned long long vd =
-            wgmma_desc(vt + nd * kTileKv * 128 + kb * 2048, kTileKv * 128, 1024, 1);
-        wgmma_rs_64x64x16<kBf16, 1>(o[nd], pa[kb], vd, true);
-      }
+      wgmma_rs_64x128x16<kBf16, 1>(o, pa[kb], wgmma_desc(vt + kb * 2048, kTileKv * 128, 1024, 1),
+                                   true);
     }
     wgmma_commit();
     wgmma_wait<0>();
-    #pragma unroll
-    for (int nd = 0; nd < D / 64; ++nd) wgmma_hold(o[nd]);
+    wgmma_hold(o);
     mbar_arrive(empty(s));  // this warpgroup is done with the stage
   }
 
@@ -324,26 +360,20 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     if (!split) {
       T* dst = out_row<T>(a, qo_begin + i, h);
       #pragma unroll
-      for (int nd = 0; nd < D / 64; ++nd) {
-        #pragma unroll
-        for (int q4 = 0; q4 < 8; ++q4) {
-          const unsigned d = nd * 64 + 8 * q4 + 2 * t4;
-          const float x0 = out_elem<V>(p, o[nd][4 * q4 + 2 * hf], end, d, at);
-          const float x1 = out_elem<V>(p, o[nd][4 * q4 + 2 * hf + 1], end, d + 1, at);
-          *reinterpret_cast<unsigned*>(dst + d) = pack2<T>(x0, x1);
-        }
+      for (int q4 = 0; q4 < D / 8; ++q4) {
+        const unsigned d = 8 * q4 + 2 * t4;
+        const float x0 = out_elem<V>(p, o[4 * q4 + 2 * hf], end, d, at);
+        const float x1 = out_elem<V>(p, o[4 * q4 + 2 * hf + 1], end, d + 1, at);
+        *reinterpret_cast<unsigned*>(dst + d) = pack2<T>(x0, x1);
       }
       if (t4 == 0) write_lse(a, qo_begin + i, h, lse);
     } else {
       const unsigned long long prow = partial_row(w.partial, i);
       float* dst = partial_out<D>(a, prow, h);
       #pragma unroll
-      for (int nd = 0; nd < D / 64; ++nd) {
-        #pragma unroll
-        for (int q4 = 0; q4 < 8; ++q4) {
-          const float pair[2] = {o[nd][4 * q4 + 2 * hf], o[nd][4 * q4 + 2 * hf + 1]};
-          store_partial<2>(dst + nd * 64 + 8 * q4 + 2 * t4, pair, end);
-        }
+      for (int q4 = 0; q4 < D / 8; ++q4) {
+        const float pair[2] = {o[4 * q4 + 2 * hf], o[4 * q4 + 2 * hf + 1]};
+        store_partial<2>(dst + 8 * q4 + 2 * t4, pair, end);
       }
       if (t4 == 0) write_partial_lse<V::kSoftmax>(a, prow, h, lse);
     }

@@ -3,9 +3,11 @@
 // matrix descriptor) or from registers; B always from shared memory. The calls are issued between
 // wgmma_fence() (the accumulators' earlier register writes are ordered before the MMA reads them)
 // and wgmma_commit(), and their results are read only after wgmma_wait<N>() has left at most N
-// groups in flight. The m64n64k16 shape is the vocabulary's unit: wider tiles are several of them
-// over column slices of B. Accumulator layout (thread t of the warpgroup, w = t / 32, l = t % 32):
-// d[i] is row 16 w + l / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (l % 4) + i % 2.
+// groups in flight. Two shapes: m64n64k16 and m64n128k16 (the wider reads A once for twice the
+// columns: at n64 an SS MMA reads as many shared-memory bytes a cycle as the SM delivers).
+// Accumulator layout (thread t of the warpgroup, w = t / 32, l = t % 32), for either width:
+// d[i] is row 16 w + l / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (l % 4) + i % 2; so the n128
+// accumulators are the two n64 ones, columns 0-63 then 64-127.
 #pragma once
 
 namespace fi {
@@ -33,9 +35,17 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 // Keeps the compiler from moving reads or writes of the accumulators across an async MMA.
-__device__ __forceinline__ void wgmma_hold(float (&d)[32]) {
+template <int N>
+__device__ __forceinline__ void wgmma_hold(float (&d)[N]) {
 #pragma unroll
-  for (int i = 0; i < 32; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// The same for an A operand in registers: the MMA reads them after it is issued, so they must
+// stay live (not reused) until a wgmma_wait has seen it complete: hold them after that wait.
+template <int N>
+__device__ __forceinline__ void wgmma_hold(unsigned (&a)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(a[i])::"memory");
 }
 
 #define FI_WGMMA_D "{" \
@@ -100,7 +110,81 @@ __device__ __forceinline__ void wgmma_rs_64x64x16(float (&d)[32], const unsigned
   }
 }
 
+#define FI_WGMMA_D128 "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, "\
+  "%8, %9, %10, %11, %12, %13, %14, %15, "\
+  "%16, %17, %18, %19, %20, %21, %22, %23, "\
+  "%24, %25, %26, %27, %28, %29, %30, %31, "\
+  "%32, %33, %34, %35, %36, %37, %38, %39, "\
+  "%40, %41, %42, %43, %44, %45, %46, %47, "\
+  "%48, %49, %50, %51, %52, %53, %54, %55, "\
+  "%56, %57, %58, %59, %60, %61, %62, %63"\
+  "}"
+#define FI_WGMMA_D128_ARGS \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), \
+  "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), \
+  "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), \
+  "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
+  "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), \
+  "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), \
+  "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), \
+  "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), \
+  "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+
+// d (+)= A B at n128: A a 64 x 16 shared tile, B a 16 x 128 shared tile (as wgmma_ss_64x64x16).
+template <bool BF16, int TRANS_B>
+__device__ __forceinline__ void wgmma_ss_64x128x16(float (&d)[64], unsigned long long a,
+                                                    unsigned long long b, bool accumulate) {
+  if constexpr (BF16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " FI_WGMMA_D128
+        ", %64, %65, p, 1, 1, 0, %67;\n}\n"
+        : FI_WGMMA_D128_ARGS
+        : "l"(a), "l"(b), "r"(static_cast<unsigned>(accumulate)), "n"(TRANS_B));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " FI_WGMMA_D128
+        ", %64, %65, p, 1, 1, 0, %67;\n}\n"
+        : FI_WGMMA_D128_ARGS
+        : "l"(a), "l"(b), "r"(static_cast<unsigned>(accumulate)), "n"(TRANS_B));
+  }
+}
+
+// The same with A from registers (as wgmma_rs_64x64x16).
+template <bool BF16, int TRANS_B>
+__device__ __forceinline__ void wgmma_rs_64x128x16(float (&d)[64], const unsigned (&a)[4],
+                                                    unsigned long long b, bool accumulate) {
+  if constexpr (BF16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " FI_WGMMA_D128
+        ", {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
+        : FI_WGMMA_D128_ARGS
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b),
+          "r"(static_cast<unsigned>(accumulate)), "n"(TRANS_B));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " FI_WGMMA_D128
+        ", {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
+        : FI_WGMMA_D128_ARGS
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b),
+          "r"(static_cast<unsigned>(accumulate)), "n"(TRANS_B));
+  }
+}
+
 #undef FI_WGMMA_D
 #undef FI_WGMMA_D_ARGS
+#undef FI_WGMMA_D128
+#undef FI_WGMMA_D128_ARGS
 
 }  // namespace fi

@@ -55,8 +55,12 @@ const ELEMENT_BYTES: u32 = 2;
 pub const SM90_KV_TILE: u32 = 128;
 /// Threads of the sm_90a template: a producer warpgroup and two consumers of 64 rows.
 const SM90_THREADS: u32 = 384;
-/// mbarriers of the sm_90a template: Q, then each stage's full and empty.
-const SM90_BARRIERS: u32 = 1 + 2 * STAGES;
+/// K/V stages of the sm_90a template (`PrefillSm90Shape::kStages`): two tiles in flight.
+const SM90_STAGES: u32 = 3;
+/// Slots of its key offset table (`kOffsetSlots`).
+const SM90_OFFSET_SLOTS: u32 = 2;
+/// mbarriers of the sm_90a template: Q, then each stage's K full, V full and empty.
+const SM90_BARRIERS: u32 = 1 + 3 * SM90_STAGES;
 
 fn is_sm90(cfg: &KernelConfig) -> bool {
     cfg.kv_tile == SM90_KV_TILE
@@ -123,16 +127,16 @@ impl Shape {
         }
     }
 
-    /// The sm_90a template's shape (`PrefillSm90Shape`): the Q tile, two stages of K and V in
+    /// The sm_90a template's shape (`PrefillSm90Shape`): the Q tile, three stages of K and V in
     /// 128-byte-swizzled blocks, two tiles' key byte offsets (u64) and the mbarriers.
     fn sm90(head_dim: u32) -> Self {
-        let rows = 128 + 2 * STAGES * SM90_KV_TILE;
+        let rows = 128 + 2 * SM90_STAGES * SM90_KV_TILE;
         Shape {
             tile_q: 128,
             kv_tile: SM90_KV_TILE,
             warps: SM90_THREADS / WARP,
             shared_bytes: rows * head_dim * ELEMENT_BYTES
-                + STAGES * SM90_KV_TILE * 8
+                + SM90_OFFSET_SLOTS * SM90_KV_TILE * 8
                 + SM90_BARRIERS * 8,
         }
     }
@@ -535,7 +539,7 @@ mod tests {
         let d = launch_dims(&fa3, &AttnArgs::default());
         assert_eq!(
             (d.block, d.shared_bytes),
-            ([384, 1, 1], 163_840 + 2048 + 40)
+            ([384, 1, 1], 229_376 + 2048 + 80)
         );
         assert_eq!(launch_bounds(&fa3), "384, 1");
         assert_eq!(template_args(&fa3), "");

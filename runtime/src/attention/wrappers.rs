@@ -51,22 +51,31 @@ pub struct PlanConfig {
 /// The template of a batch prefill's 128-row tiles.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PrefillKernel {
-    /// The faster template for the instance, from measurements: FA2 today. The FA3 template's
-    /// first version (H200, bf16, head dim 128, one call on 2026-11-30) runs at 0.59-0.77x of
-    /// FA2 (s8192 causal 231 against 307 TFLOP/s; `kernels/notes/fa3.md`), so Auto takes it
-    /// nowhere until a version beats FA2.
+    /// The faster template for the instance, from measurements: FA3 where it exists (Hopper,
+    /// head dim 128, the 128-row tile, no query or key hooks), FA2 elsewhere. The benchmark's
+    /// prefill rows with each template forced (H200, bf16, head dim 128, 32/8 heads, TFLOP/s,
+    /// one call on 2026-11-30, FA3 v5 of `kernels/notes/fa3.md`):
+    ///
+    /// | config | FA2 | FA3 |
+    /// |---|---:|---:|
+    /// | one request, 8192 causal | 308 | 437 |
+    /// | one request, 8192 full | 350 | 474 |
+    /// | 8192 causal, soft-cap 30 | 268 | 367 |
+    /// | 16 x 1024 causal, ragged | 250 | 253 |
+    /// | 16 x 1024 causal, page 16 | 245 | 246 |
+    /// | 4 x 8192 causal, page 16 | 332 | 436 |
     #[default]
     Auto,
     /// The FA2 template (mma.sync) everywhere.
     Fa2,
     /// The FA3 template (sm_90a: warpgroup MMAs, a producer warpgroup) where it exists for the
-    /// instance and the variant (Hopper, head dim 128, the 128-row tile, no query or key hooks);
-    /// running a plan it does not cover is an error.
+    /// instance and the variant; running a plan it does not cover is an error.
     Fa3,
 }
 
-/// Whether [`PrefillKernel::Auto`] takes the FA3 template where it exists (see its measurements).
-const AUTO_TAKES_FA3: bool = false;
+/// Whether [`PrefillKernel::Auto`] takes the FA3 template where it exists (its docs have the
+/// measurements that decided it).
+const AUTO_TAKES_FA3: bool = true;
 
 impl PrefillKernel {
     /// The instance to run for the plan's `planned` one (and what to run if its build spills).
@@ -78,17 +87,8 @@ impl PrefillKernel {
     ) -> Result<(KernelConfig, Option<KernelConfig>)> {
         let sm90 = ferrinfer_kernels::attention::prefill::sm90_form(&planned)
             .filter(|c| dispatch::supports(spec, c).is_ok());
-        let auto = if AUTO_TAKES_FA3 {
-            PrefillKernel::Fa3
-        } else {
-            PrefillKernel::Fa2
-        };
-        let kernel = if self == PrefillKernel::Auto {
-            auto
-        } else {
-            self
-        };
-        match (kernel, sm90) {
+        match (self, sm90) {
+            (PrefillKernel::Auto, Some(f)) if AUTO_TAKES_FA3 => Ok((f, Some(planned))),
             (PrefillKernel::Fa2 | PrefillKernel::Auto, _) => Ok((planned, fallback)),
             (PrefillKernel::Fa3, Some(f)) => Ok((f, Some(planned))),
             (PrefillKernel::Fa3, None) => Err(Error::unsupported(format!(
