@@ -140,22 +140,22 @@ fn the_sm90_vocabulary_compiles_for_sm90a_only() {
             "sm90/wgmma.cuh",
             128,
             "unsigned long long",
-            r#"__shared__ alignas(1024) unsigned short a_tile[64 * 16], b_tile[64 * 16];
-  float d[32];
-  for (int i = 0; i < 32; ++i) d[i] = 0.0f;
+            r#"__shared__ alignas(1024) unsigned short a_tile[64 * 16], b_tile[128 * 16];
+  float d[64];
+  for (int i = 0; i < 64; ++i) d[i] = 0.0f;
   const unsigned long long da = fi::wgmma_desc(a_tile, 128, 256, 0);
   const unsigned long long db = fi::wgmma_desc(b_tile, 128, 256, 1);
   const unsigned a[4] = {threadIdx.x, 1u, 2u, 3u};
   fi::wgmma_fence();
-  fi::wgmma_ss_64x64x16<true, 0>(d, da, db, false);
-  fi::wgmma_ss_64x64x16<false, 1>(d, da, db, true);
-  fi::wgmma_rs_64x64x16<true, 1>(d, a, db, true);
-  fi::wgmma_rs_64x64x16<false, 0>(d, a, db, true);
+  fi::wgmma_ss_64x128x16<true, 0>(d, da, db, false);
+  fi::wgmma_ss_64x128x16<false, 1>(d, da, db, true);
+  fi::wgmma_rs_64x128x16<true, 1>(d, a, db, true);
+  fi::wgmma_rs_64x128x16<false, 0>(d, a, db, true);
   fi::wgmma_commit();
   fi::wgmma_wait<0>();
   fi::wgmma_hold(d);
   float* out = reinterpret_cast<float*>(args);
-  for (int i = 0; i < 32; ++i) out[threadIdx.x * 32 + i] = d[i];"#,
+  for (int i = 0; i < 64; ++i) out[threadIdx.x * 64 + i] = d[i];"#,
         ),
         (
             "sm90/warpgroup.cuh",

@@ -3,11 +3,10 @@
 // matrix descriptor) or from registers; B always from shared memory. The calls are issued between
 // wgmma_fence() (the accumulators' earlier register writes are ordered before the MMA reads them)
 // and wgmma_commit(), and their results are read only after wgmma_wait<N>() has left at most N
-// groups in flight. Two shapes: m64n64k16 and m64n128k16 (the wider reads A once for twice the
-// columns: at n64 an SS MMA reads as many shared-memory bytes a cycle as the SM delivers).
-// Accumulator layout (thread t of the warpgroup, w = t / 32, l = t % 32), for either width:
-// d[i] is row 16 w + l / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (l % 4) + i % 2; so the n128
-// accumulators are the two n64 ones, columns 0-63 then 64-127.
+// groups in flight. The unit is m64n128k16: at n64 an SS MMA reads as many shared-memory bytes a
+// cycle as the SM delivers, at n128 A is read once for twice the columns. Accumulator layout
+// (thread t of the warpgroup, w = t / 32, l = t % 32): d[i] is row 16 w + l / 4 + 8 ((i / 2) % 2),
+// column 8 (i / 4) + 2 (l % 4) + i % 2.
 #pragma once
 
 namespace fi {
@@ -48,68 +47,6 @@ __device__ __forceinline__ void wgmma_hold(unsigned (&a)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+r"(a[i])::"memory");
 }
 
-#define FI_WGMMA_D "{" \
-  "%0, %1, %2, %3, %4, %5, %6, %7, "\
-  "%8, %9, %10, %11, %12, %13, %14, %15, "\
-  "%16, %17, %18, %19, %20, %21, %22, %23, "\
-  "%24, %25, %26, %27, %28, %29, %30, %31}"
-#define FI_WGMMA_D_ARGS \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), \
-  "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), \
-  "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), \
-  "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
-  "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-
-// d (+)= A B for A a 64 x 16 shared tile (descriptor a) and B a 16 x 64 shared tile (descriptor
-// b); d is overwritten when `accumulate` is false. TRANS_B: B is stored N-major (V of P V) rather
-// than K-major (K of Q K^T). BF16 picks bf16 inputs, else f16.
-template <bool BF16, int TRANS_B>
-__device__ __forceinline__ void wgmma_ss_64x64x16(float (&d)[32], unsigned long long a,
-                                                   unsigned long long b, bool accumulate) {
-  if constexpr (BF16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " FI_WGMMA_D
-        ", %32, %33, p, 1, 1, 0, %35;\n}\n"
-        : FI_WGMMA_D_ARGS
-        : "l"(a), "l"(b), "r"(static_cast<unsigned>(accumulate)), "n"(TRANS_B));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " FI_WGMMA_D
-        ", %32, %33, p, 1, 1, 0, %35;\n}\n"
-        : FI_WGMMA_D_ARGS
-        : "l"(a), "l"(b), "r"(static_cast<unsigned>(accumulate)), "n"(TRANS_B));
-  }
-}
-
-// The same with A from registers: four b16x2 registers a thread, the 64 x 16 tile laid out as an
-// accumulator's rows (so P, converted from S's accumulators, feeds P V without shared memory).
-template <bool BF16, int TRANS_B>
-__device__ __forceinline__ void wgmma_rs_64x64x16(float (&d)[32], const unsigned (&a)[4],
-                                                   unsigned long long b, bool accumulate) {
-  if constexpr (BF16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " FI_WGMMA_D
-        ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
-        : FI_WGMMA_D_ARGS
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b),
-          "r"(static_cast<unsigned>(accumulate)), "n"(TRANS_B));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " FI_WGMMA_D
-        ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
-        : FI_WGMMA_D_ARGS
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b),
-          "r"(static_cast<unsigned>(accumulate)), "n"(TRANS_B));
-  }
-}
-
 #define FI_WGMMA_D128 "{" \
   "%0, %1, %2, %3, %4, %5, %6, %7, "\
   "%8, %9, %10, %11, %12, %13, %14, %15, "\
@@ -138,7 +75,9 @@ __device__ __forceinline__ void wgmma_rs_64x64x16(float (&d)[32], const unsigned
   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), \
   "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
 
-// d (+)= A B at n128: A a 64 x 16 shared tile, B a 16 x 128 shared tile (as wgmma_ss_64x64x16).
+// d (+)= A B for A a 64 x 16 shared tile (descriptor a) and B a 16 x 128 shared tile (descriptor
+// b); d is overwritten when `accumulate` is false. TRANS_B: B is stored N-major (V of P V) rather
+// than K-major (K of Q K^T). BF16 picks bf16 inputs, else f16.
 template <bool BF16, int TRANS_B>
 __device__ __forceinline__ void wgmma_ss_64x128x16(float (&d)[64], unsigned long long a,
                                                     unsigned long long b, bool accumulate) {
@@ -159,7 +98,8 @@ __device__ __forceinline__ void wgmma_ss_64x128x16(float (&d)[64], unsigned long
   }
 }
 
-// The same with A from registers (as wgmma_rs_64x64x16).
+// The same with A from registers: four b16x2 registers a thread, the 64 x 16 tile laid out as an
+// accumulator's rows (so P, converted from S's accumulators, feeds P V without shared memory).
 template <bool BF16, int TRANS_B>
 __device__ __forceinline__ void wgmma_rs_64x128x16(float (&d)[64], const unsigned (&a)[4],
                                                     unsigned long long b, bool accumulate) {
@@ -182,8 +122,6 @@ __device__ __forceinline__ void wgmma_rs_64x128x16(float (&d)[64], const unsigne
   }
 }
 
-#undef FI_WGMMA_D
-#undef FI_WGMMA_D_ARGS
 #undef FI_WGMMA_D128
 #undef FI_WGMMA_D128_ARGS
 
