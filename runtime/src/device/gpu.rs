@@ -121,7 +121,7 @@ impl Device {
 /// A CUDA device and the one stream on which a backend's work is ordered: a private stream
 /// ([`Gpu::get`]) or the caller's ([`Gpu::on_stream`]).
 ///
-/// CUDA graphs that [`Gpu::capture`] records go on a second, private stream, so that a capture on
+/// CUDA graphs that `Gpu::capture` records go on a second, private stream, so that a capture on
 /// one thread neither absorbs nor is broken by work other threads queue meanwhile; a replay is
 /// ordered after the work queued on the main stream before it, and the work queued after it waits
 /// for it.

@@ -60,9 +60,13 @@ mod communicator;
 #[cfg(feature = "nccl")]
 mod decode;
 #[cfg(feature = "nccl")]
+mod graph;
+#[cfg(feature = "nccl")]
 mod library;
 #[cfg(feature = "nccl")]
 mod prefill;
+#[cfg(feature = "nccl")]
+mod rank;
 
 pub use combine::merge_ranks;
 pub use shard::{KvShard, shard_kv};
@@ -70,7 +74,9 @@ pub use shard::{KvShard, shard_kv};
 #[cfg(feature = "nccl")]
 pub use communicator::{Communicator, NcclId, ReduceElement};
 #[cfg(feature = "nccl")]
-pub use decode::{ContextParallelDecode, ContextParallelGraph};
+pub use decode::ContextParallelDecode;
+#[cfg(feature = "nccl")]
+pub use graph::ContextParallelGraph;
 #[cfg(feature = "nccl")]
 pub use library::{NcclLibrary, nccl_library};
 #[cfg(feature = "nccl")]

@@ -11,8 +11,9 @@ use crate::device::dtype::Element;
 use crate::device::view::{Dst, Src};
 use crate::distributed::check_shardable;
 use crate::distributed::communicator::Communicator;
-use crate::distributed::decode::{
-    ContextParallelGraph, Scratch, agree, check_outputs, check_positions, gather_merge, state_shape,
+use crate::distributed::graph::ContextParallelGraph;
+use crate::distributed::rank::{
+    Scratch, agree, check_outputs, check_positions, gather_merge, state_shape,
 };
 use crate::error::Result;
 use crate::variant::Variant;
@@ -108,16 +109,16 @@ impl<T: Element> ContextParallelPrefill<T> {
 
     fn replan_local(&mut self, batch: Batch) -> Result<()> {
         self.prefill.replan(batch)?;
-        if !self.graph_mode {
-            let rows = self.prefill.batch().total_qo();
-            if rows != self.rows {
-                let heads = self.prefill.batch().heads();
-                *self.scratch.get_mut().unwrap_or_else(|p| p.into_inner()) =
-                    Scratch::new(self.comm.backend(), self.comm.world(), rows, &heads)?;
-                self.rows = rows;
-            }
-        }
-        Ok(())
+        let b = self.prefill.batch();
+        let (rows, heads) = (b.total_qo(), b.heads());
+        Scratch::fit(
+            &mut self.scratch,
+            &self.comm,
+            self.graph_mode,
+            rows,
+            &heads,
+            &mut self.rows,
+        )
     }
 
     /// Attention of `q` over the whole context (every rank's shard) into `o`, and its LSE into
