@@ -2,18 +2,15 @@
 //! all-gather of every rank's (o, lse), and [`super::merge_ranks`] into the caller's output, all on the
 //! backend's one stream, with nothing allocated or synchronised in `run`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::attention::batch::{Heads, KvIndex};
 use crate::attention::wrappers::{BatchDecode, PlanConfig, RunBuffers};
 use crate::device::dtype::Element;
 use crate::device::view::{Dst, Src};
-use crate::distributed::check_shardable;
 use crate::distributed::communicator::Communicator;
 use crate::distributed::graph::ContextParallelGraph;
-use crate::distributed::rank::{
-    Scratch, agree, check_outputs, check_positions, gather_merge, state_shape,
-};
+use crate::distributed::rank::Rank;
 use crate::error::Result;
 use crate::variant::Variant;
 
@@ -35,7 +32,7 @@ const WHO: &str = "ContextParallelDecode";
 /// [`crate::Backend::on_stream`] after one eager run).
 ///
 /// Variants whose result depends on where a key sits in the request are refused (see
-/// [`check_shardable`]). `q` is `[rows, num_qo_heads, head_dim]` and `o` the same, dense, where
+/// [`check_shardable`](super::check_shardable)). `q` is `[rows, num_qo_heads, head_dim]` and `o` the same, dense, where
 /// `rows` is the batch (or [`crate::GraphCapacity::qo_rows`] in CUDA-graph mode).
 ///
 /// ```no_run
@@ -58,13 +55,8 @@ const WHO: &str = "ContextParallelDecode";
 /// # Ok(()) }
 /// ```
 pub struct ContextParallelDecode<T: Element> {
-    comm: Arc<Communicator>,
+    rank: Rank<T>,
     decode: BatchDecode,
-    /// Query rows `run` takes: the batch, or the graph capacity.
-    rows: usize,
-    /// CUDA-graph mode: the scratch buffers never move.
-    graph_mode: bool,
-    scratch: Mutex<Scratch<T>>,
 }
 
 impl<T: Element> ContextParallelDecode<T> {
@@ -77,54 +69,25 @@ impl<T: Element> ContextParallelDecode<T> {
         sm_scale: Option<f32>,
         config: PlanConfig,
     ) -> Result<Self> {
-        let local = BatchDecode::plan_with(comm.backend(), heads, kv, sm_scale, config).and_then(
-            |decode| {
-                let rows = config
-                    .graph
-                    .map_or(decode.batch().batch(), |g| g.qo_rows as usize);
-                let scratch = Scratch::new(comm.backend(), comm.world(), rows, &heads)?;
-                Ok((decode, rows, scratch))
-            },
-        );
-        // A rank whose plan failed still takes part in the agreement (saying so), so that no
-        // other rank waits for it in NCCL.
-        let (decode, rows, scratch) =
-            agree::<T, _>(&comm, local, WHO, |(d, rows, _)| (d.batch(), *rows))?;
-        Ok(ContextParallelDecode {
-            comm,
-            decode,
-            rows,
-            graph_mode: config.graph.is_some(),
-            scratch: Mutex::new(scratch),
-        })
+        let local = BatchDecode::plan_with(comm.backend(), heads, kv, sm_scale, config);
+        let (decode, rank) = Rank::plan(comm, local, config.graph, BatchDecode::batch, WHO)?;
+        Ok(ContextParallelDecode { rank, decode })
     }
 
     /// Plan the next decode step over this rank's new shard (collective). In CUDA-graph mode the
     /// buffers stay where they are, so a captured run replays the new step.
     pub fn replan(&mut self, kv: KvIndex, sm_scale: Option<f32>) -> Result<()> {
-        let local = self.replan_local(kv, sm_scale).map(|()| &*self);
-        // As in `plan`: a failed rank still takes part in the agreement.
-        agree::<T, _>(&self.comm, local, WHO, |p| (p.decode.batch(), p.rows)).map(|_| ())
-    }
-
-    fn replan_local(&mut self, kv: KvIndex, sm_scale: Option<f32>) -> Result<()> {
-        self.decode.replan(kv, sm_scale)?;
-        let b = self.decode.batch();
-        let (rows, heads) = (b.batch(), b.heads());
-        Scratch::fit(
-            &mut self.scratch,
-            &self.comm,
-            self.graph_mode,
-            rows,
-            &heads,
-            &mut self.rows,
-        )
+        let local = self
+            .decode
+            .replan(kv, sm_scale)
+            .map(|()| self.decode.batch());
+        self.rank.replan(local, WHO)
     }
 
     /// Attention of `q` over the whole context (every rank's shard) into `o`, and its LSE into
     /// `lse` when given; `k` and `v` are this rank's cache. Collective and asynchronous.
     ///
-    /// Errors: a variant [`check_shardable`] refuses, buffers of the wrong length (named) or of
+    /// Errors: a variant [`check_shardable`](super::check_shardable) refuses, buffers of the wrong length (named) or of
     /// another device, and NCCL's failures.
     pub fn run<V: Variant>(
         &self,
@@ -135,15 +98,10 @@ impl<T: Element> ContextParallelDecode<T> {
         o: &mut dyn Dst<T>,
         lse: Option<&mut dyn Dst<f32>>,
     ) -> Result<()> {
-        check_shardable(V::SPEC)?;
-        check_positions(V::SPEC, self.decode.batch(), self.comm.world(), false, WHO)?;
-        let shape = state_shape(self.decode.batch(), self.rows)?;
-        check_outputs(WHO, shape, o.len(), lse.as_ref().map(|l| l.len()))?;
-        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        let s = &mut *guard;
-        self.decode
-            .run(variant, q, k, v, &mut s.o, Some(&mut s.lse))?;
-        gather_merge(&self.comm, s, shape, o, lse)
+        let batch = self.decode.batch();
+        self.rank.run::<V>(batch, false, o, lse, WHO, |so, slse| {
+            self.decode.run(variant, q, k, v, so, Some(slse))
+        })
     }
 
     /// Run once, then record `run` (decode, all-gather, merge) into a CUDA graph that owns this
@@ -155,7 +113,7 @@ impl<T: Element> ContextParallelDecode<T> {
         variant: V,
         buffers: RunBuffers<T>,
     ) -> Result<ContextParallelGraph<T>> {
-        let (graph_mode, gpu) = (self.graph_mode, self.comm.gpu().clone());
+        let (graph_mode, gpu) = (self.rank.graph_mode, self.rank.comm.gpu().clone());
         ContextParallelGraph::record(self, graph_mode, gpu, variant, buffers, |p, v, b| {
             let lse = b.lse.as_mut().map(|l| l as &mut dyn Dst<f32>);
             p.run(v, &b.q, &b.k, &b.v, &mut b.o, lse)
@@ -168,7 +126,7 @@ impl<T: Element> ContextParallelDecode<T> {
     }
     /// The communicator.
     pub fn communicator(&self) -> &Arc<Communicator> {
-        &self.comm
+        &self.rank.comm
     }
 }
 

@@ -3,18 +3,15 @@
 //! every rank's (o, lse), and [`super::merge_ranks`] into the caller's output, all on the
 //! backend's one stream, with nothing allocated or synchronised in `run`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::attention::batch::Batch;
 use crate::attention::wrappers::{BatchPrefill, PlanConfig, RunBuffers};
 use crate::device::dtype::Element;
 use crate::device::view::{Dst, Src};
-use crate::distributed::check_shardable;
 use crate::distributed::communicator::Communicator;
 use crate::distributed::graph::ContextParallelGraph;
-use crate::distributed::rank::{
-    Scratch, agree, check_outputs, check_positions, gather_merge, state_shape,
-};
+use crate::distributed::rank::Rank;
 use crate::error::Result;
 use crate::variant::Variant;
 
@@ -37,7 +34,7 @@ const WHO: &str = "ContextParallelPrefill";
 ///
 /// With more than one rank the shard must carry key positions when the batch is causal or the
 /// variant reads key positions (an error otherwise); variants whose states do not merge across
-/// ranks are refused (see [`check_shardable`]). `q` is `[rows, num_qo_heads, head_dim]` and `o`
+/// ranks are refused (see [`check_shardable`](super::check_shardable)). `q` is `[rows, num_qo_heads, head_dim]` and `o`
 /// the same, dense, where `rows` is the batch's `total_qo` (or [`crate::GraphCapacity::qo_rows`]
 /// in CUDA-graph mode).
 ///
@@ -63,13 +60,8 @@ const WHO: &str = "ContextParallelPrefill";
 /// # Ok(()) }
 /// ```
 pub struct ContextParallelPrefill<T: Element> {
-    comm: Arc<Communicator>,
+    rank: Rank<T>,
     prefill: BatchPrefill,
-    /// Query rows `run` takes: the batch's, or the graph capacity.
-    rows: usize,
-    /// CUDA-graph mode: the scratch buffers never move.
-    graph_mode: bool,
-    scratch: Mutex<Scratch<T>>,
 }
 
 impl<T: Element> ContextParallelPrefill<T> {
@@ -77,54 +69,22 @@ impl<T: Element> ContextParallelPrefill<T> {
     /// `config` as for [`BatchPrefill::plan_with`]; in CUDA-graph mode every rank must give the
     /// same capacity.
     pub fn plan(comm: Arc<Communicator>, batch: Batch, config: PlanConfig) -> Result<Self> {
-        let world = comm.world();
-        let heads = batch.heads();
-        let local = BatchPrefill::plan_with(comm.backend(), batch, config).and_then(|prefill| {
-            let rows = config
-                .graph
-                .map_or(prefill.batch().total_qo(), |g| g.qo_rows as usize);
-            let scratch = Scratch::new(comm.backend(), world, rows, &heads)?;
-            Ok((prefill, rows, scratch))
-        });
-        // A rank whose plan failed still takes part in the agreement (saying so), so that no
-        // other rank waits for it in NCCL.
-        let (prefill, rows, scratch) =
-            agree::<T, _>(&comm, local, WHO, |(p, rows, _)| (p.batch(), *rows))?;
-        Ok(ContextParallelPrefill {
-            comm,
-            prefill,
-            rows,
-            graph_mode: config.graph.is_some(),
-            scratch: Mutex::new(scratch),
-        })
+        let local = BatchPrefill::plan_with(comm.backend(), batch, config);
+        let (prefill, rank) = Rank::plan(comm, local, config.graph, BatchPrefill::batch, WHO)?;
+        Ok(ContextParallelPrefill { rank, prefill })
     }
 
     /// Plan the next batch over this rank's new shard (collective). In CUDA-graph mode the
     /// buffers stay where they are, so a captured run replays the new batch.
     pub fn replan(&mut self, batch: Batch) -> Result<()> {
-        let local = self.replan_local(batch).map(|()| &*self);
-        // As in `plan`: a failed rank still takes part in the agreement.
-        agree::<T, _>(&self.comm, local, WHO, |p| (p.prefill.batch(), p.rows)).map(|_| ())
-    }
-
-    fn replan_local(&mut self, batch: Batch) -> Result<()> {
-        self.prefill.replan(batch)?;
-        let b = self.prefill.batch();
-        let (rows, heads) = (b.total_qo(), b.heads());
-        Scratch::fit(
-            &mut self.scratch,
-            &self.comm,
-            self.graph_mode,
-            rows,
-            &heads,
-            &mut self.rows,
-        )
+        let local = self.prefill.replan(batch).map(|()| self.prefill.batch());
+        self.rank.replan(local, WHO)
     }
 
     /// Attention of `q` over the whole context (every rank's shard) into `o`, and its LSE into
     /// `lse` when given; `k` and `v` are this rank's cache. Collective and asynchronous.
     ///
-    /// Errors: a variant [`check_shardable`] refuses, a shard without key positions that needs
+    /// Errors: a variant [`check_shardable`](super::check_shardable) refuses, a shard without key positions that needs
     /// them (see above), buffers of the wrong length (named) or of another device, and NCCL's
     /// failures.
     pub fn run<V: Variant>(
@@ -136,16 +96,11 @@ impl<T: Element> ContextParallelPrefill<T> {
         o: &mut dyn Dst<T>,
         lse: Option<&mut dyn Dst<f32>>,
     ) -> Result<()> {
-        check_shardable(V::SPEC)?;
         let batch = self.prefill.batch();
-        check_positions(V::SPEC, batch, self.comm.world(), batch.causal(), WHO)?;
-        let shape = state_shape(batch, self.rows)?;
-        check_outputs(WHO, shape, o.len(), lse.as_ref().map(|l| l.len()))?;
-        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        let s = &mut *guard;
-        self.prefill
-            .run(variant, q, k, v, &mut s.o, Some(&mut s.lse))?;
-        gather_merge(&self.comm, s, shape, o, lse)
+        self.rank
+            .run::<V>(batch, batch.causal(), o, lse, WHO, |so, slse| {
+                self.prefill.run(variant, q, k, v, so, Some(slse))
+            })
     }
 
     /// Run once, then record `run` (prefill, all-gather, merge) into a CUDA graph that owns this
@@ -157,7 +112,7 @@ impl<T: Element> ContextParallelPrefill<T> {
         variant: V,
         buffers: RunBuffers<T>,
     ) -> Result<ContextParallelGraph<T, Self>> {
-        let (graph_mode, gpu) = (self.graph_mode, self.comm.gpu().clone());
+        let (graph_mode, gpu) = (self.rank.graph_mode, self.rank.comm.gpu().clone());
         ContextParallelGraph::record(self, graph_mode, gpu, variant, buffers, |p, v, b| {
             let lse = b.lse.as_mut().map(|l| l as &mut dyn Dst<f32>);
             p.run(v, &b.q, &b.k, &b.v, &mut b.o, lse)
@@ -170,7 +125,7 @@ impl<T: Element> ContextParallelPrefill<T> {
     }
     /// The communicator.
     pub fn communicator(&self) -> &Arc<Communicator> {
-        &self.comm
+        &self.rank.comm
     }
 }
 

@@ -1,20 +1,22 @@
-//! What every context-parallel plan does on its rank, whatever its attention: the scratch its
-//! state and the gathered states live in, the checks of a `run`'s outputs and shard, the ranks'
-//! agreement at plan time, and the NCCL all-gather and merge into the caller's output.
+//! What every context-parallel plan does on its rank, whatever its attention ([`Rank`]): the
+//! scratch its state and the gathered states live in, the checks of a `run`'s outputs and shard,
+//! the ranks' agreement at plan time, and the NCCL all-gather and merge into the caller's output.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ferrinfer_kernels::DType;
 
 use crate::attention::batch::{Batch, Heads};
+use crate::attention::wrappers::GraphCapacity;
 use crate::device::backend::{Backend, Buffer};
 use crate::device::dtype::Element;
 use crate::device::view::Dst;
 use crate::device::view::sealed::Access;
 use crate::distributed::communicator::Communicator;
-use crate::distributed::merge_ranks;
+use crate::distributed::{check_shardable, merge_ranks};
 use crate::error::{Error, Result};
 use crate::ops::cascade::{State, StateMut, StateShape};
+use crate::variant::Variant;
 
 /// NCCL's `ncclDataType_t` values (stable across NCCL 2.x).
 const NCCL_INT32: i32 = 2;
@@ -22,10 +24,93 @@ const NCCL_FLOAT16: i32 = 6;
 const NCCL_FLOAT32: i32 = 7;
 const NCCL_BFLOAT16: i32 = 9;
 
+/// A context-parallel plan's part beside its attention plan over the shard: the communicator,
+/// the scratch, and the query rows `run` takes. `ContextParallelDecode` and
+/// `ContextParallelPrefill` are each one of these and their plan.
+pub(super) struct Rank<T: Element> {
+    pub(super) comm: Arc<Communicator>,
+    /// Query rows `run` takes: the batch's, or the graph capacity.
+    rows: usize,
+    /// CUDA-graph mode: the scratch buffers never move.
+    pub(super) graph_mode: bool,
+    scratch: Mutex<Scratch<T>>,
+}
+
+impl<T: Element> Rank<T> {
+    /// The rank for this rank's attention plan `local` (over the batch `batch` gives) and the
+    /// ranks' agreement on it (collective). A rank whose plan failed still takes part in the
+    /// agreement (saying so), so that no other rank waits for it in NCCL.
+    pub(super) fn plan<P>(
+        comm: Arc<Communicator>,
+        local: Result<P>,
+        graph: Option<GraphCapacity>,
+        batch: impl Fn(&P) -> &Batch,
+        who: &str,
+    ) -> Result<(P, Self)> {
+        let local = local.and_then(|p| {
+            let b = batch(&p);
+            let rows = graph.map_or(b.total_qo(), |g| g.qo_rows as usize);
+            let scratch = Scratch::new(comm.backend(), comm.world(), rows, &b.heads())?;
+            Ok((p, rows, scratch))
+        });
+        let (p, rows, scratch) =
+            agree::<T, _>(&comm, local, who, |(p, rows, _)| (batch(p), *rows))?;
+        let rank = Rank {
+            comm,
+            rows,
+            graph_mode: graph.is_some(),
+            scratch: Mutex::new(scratch),
+        };
+        Ok((p, rank))
+    }
+
+    /// After this rank's replan (`local`: the new batch, or why not): the scratch fitted to it and
+    /// the ranks' agreement (collective; a failed rank takes part, as in `plan`).
+    pub(super) fn replan(&mut self, local: Result<&Batch>, who: &str) -> Result<()> {
+        let local = local.and_then(|b| {
+            let heads = b.heads();
+            let (comm, mode) = (&self.comm, self.graph_mode);
+            Scratch::fit(
+                &mut self.scratch,
+                comm,
+                mode,
+                b.total_qo(),
+                &heads,
+                &mut self.rows,
+            )?;
+            Ok(b)
+        });
+        let rows = self.rows;
+        agree::<T, _>(&self.comm, local, who, |b| (*b, rows)).map(|_| ())
+    }
+
+    /// A context-parallel `run` of `V` over `batch` (`causal`: whether its mask needs key
+    /// positions on a shard): the checks, then `local` (this rank's attention with the LSE into
+    /// the scratch state), the all-gather and the merge into `o` (and `lse`).
+    pub(super) fn run<V: Variant>(
+        &self,
+        batch: &Batch,
+        causal: bool,
+        o: &mut dyn Dst<T>,
+        lse: Option<&mut dyn Dst<f32>>,
+        who: &str,
+        local: impl FnOnce(&mut Buffer<T>, &mut Buffer<f32>) -> Result<()>,
+    ) -> Result<()> {
+        check_shardable(V::SPEC)?;
+        check_positions(V::SPEC, batch, self.comm.world(), causal, who)?;
+        let shape = state_shape(batch, self.rows)?;
+        check_outputs(who, shape, o.len(), lse.as_ref().map(|l| l.len()))?;
+        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &mut *guard;
+        local(&mut s.o, &mut s.lse)?;
+        gather_merge(&self.comm, s, shape, o, lse)
+    }
+}
+
 /// This rank's state and every rank's, gathered; sized at plan time.
-pub(super) struct Scratch<T: Element> {
-    pub(super) o: Buffer<T>,
-    pub(super) lse: Buffer<f32>,
+struct Scratch<T: Element> {
+    o: Buffer<T>,
+    lse: Buffer<f32>,
     gathered_o: Buffer<T>,
     gathered_lse: Buffer<f32>,
     /// Where the merged LSE goes when the caller wants none.
@@ -33,7 +118,7 @@ pub(super) struct Scratch<T: Element> {
 }
 
 /// The (o, lse) state shape of `rows` query rows of `batch`'s heads.
-pub(super) fn state_shape(batch: &Batch, rows: usize) -> Result<StateShape> {
+fn state_shape(batch: &Batch, rows: usize) -> Result<StateShape> {
     let h = batch.heads();
     let rows =
         u32::try_from(rows).map_err(|_| Error::invalid(format!("{rows} query rows exceed u32")))?;
@@ -43,7 +128,7 @@ pub(super) fn state_shape(batch: &Batch, rows: usize) -> Result<StateShape> {
 /// Refuse what would give a wrong answer on a shard that does not say where its keys sit in
 /// their requests ([`crate::KvIndex::with_key_positions`]): a variant that reads key positions, and
 /// (`causal`) a causal mask, whose diagonal depends on them. One rank holds the whole context.
-pub(super) fn check_positions(
+fn check_positions(
     spec: &crate::variant::VariantSpec,
     batch: &Batch,
     world: usize,
@@ -67,12 +152,7 @@ pub(super) fn check_positions(
 }
 
 /// `o` (and `lse`, when given) must hold the merged state of `shape`.
-pub(super) fn check_outputs(
-    who: &str,
-    shape: StateShape,
-    o: usize,
-    lse: Option<usize>,
-) -> Result<()> {
+fn check_outputs(who: &str, shape: StateShape, o: usize, lse: Option<usize>) -> Result<()> {
     for (name, got, want) in [
         ("o", o, shape.v_len()),
         ("lse", lse.unwrap_or(shape.s_len()), shape.s_len()),
@@ -95,7 +175,7 @@ pub(super) fn check_outputs(
 
 /// All-gather this rank's (o, lse) from `s` over the ranks and merge them into `o` (and `lse`,
 /// else the scratch's), queued on the communicator's stream.
-pub(super) fn gather_merge<T: Element>(
+fn gather_merge<T: Element>(
     comm: &Communicator,
     s: &mut Scratch<T>,
     shape: StateShape,
@@ -151,7 +231,7 @@ pub(super) fn gather_merge<T: Element>(
 /// rank whose plan failed (`local` is its error) sends a marker instead, and every rank then
 /// fails: the failed one with its own error, the others naming it. `what` gives a plan's batch
 /// and query rows; `who` names the plan in errors.
-pub(super) fn agree<T: Element, P>(
+fn agree<T: Element, P>(
     comm: &Communicator,
     local: Result<P>,
     who: &str,
@@ -223,7 +303,7 @@ pub(super) fn nccl_type<T: Element>() -> i32 {
 }
 
 impl<T: Element> Scratch<T> {
-    pub(super) fn new(backend: &Backend, world: usize, rows: usize, heads: &Heads) -> Result<Self> {
+    fn new(backend: &Backend, world: usize, rows: usize, heads: &Heads) -> Result<Self> {
         let s = rows * heads.num_qo_heads() as usize;
         let v = s * heads.head_dim() as usize;
         // Rows no rank writes (past a graph plan's batch) merge as empty: o 0, lse -inf.
@@ -238,7 +318,7 @@ impl<T: Element> Scratch<T> {
 
     /// Outside CUDA-graph mode (whose buffers never move), resized when the plan's query rows
     /// changed from `*current`, which then holds the new count.
-    pub(super) fn fit(
+    fn fit(
         scratch: &mut Mutex<Self>,
         comm: &Communicator,
         graph_mode: bool,
