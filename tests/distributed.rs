@@ -509,8 +509,7 @@ mod gpu {
     use std::sync::Arc;
 
     fn device_count() -> usize {
-        ferrinfer::cudarc::driver::CudaContext::device_count()
-            .expect("this test needs a CUDA driver") as usize
+        ferrinfer::device::Gpu::count().expect("this test needs a CUDA driver")
     }
 
     /// Every visible GPU as a rank (at least one); says so when it cannot test a real split.

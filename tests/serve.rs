@@ -505,8 +505,7 @@ mod gpu_tp {
 
     /// TP 2 when two GPUs are visible; TP 1 (through the same rank threads) otherwise, said so.
     fn world() -> usize {
-        let n = ferrinfer::cudarc::driver::CudaContext::device_count()
-            .expect("this test needs a CUDA driver") as usize;
+        let n = ferrinfer::device::Gpu::count().expect("this test needs a CUDA driver");
         assert!(n >= 1, "this test needs a CUDA GPU");
         if n < 2 {
             println!("only {n} GPU: ran TP 1 through the rank threads, not a real split");

@@ -174,7 +174,7 @@ fn cp(world: usize, batch: u32, tokens: u32, iters: usize) -> f64 {
 
 fn main() {
     let a = args();
-    let gpus = ferrinfer::cudarc::driver::CudaContext::device_count().unwrap_or(0) as usize;
+    let gpus = ferrinfer::device::Gpu::count().unwrap_or(0);
     if gpus < a.world {
         eprintln!(
             "only {gpus} GPU(s) visible; --world {} needs as many",

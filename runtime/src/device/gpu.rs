@@ -281,6 +281,22 @@ fn refuse_in_capture(what: &str, status: CUstreamCaptureStatus) -> Result<()> {
 }
 
 impl Gpu {
+    /// How many CUDA GPUs this process sees: [`Error::CudaUnavailable`] when no CUDA driver can
+    /// be loaded (cudarc's own count would panic there), 0 when the driver finds none.
+    ///
+    /// ```
+    /// use ferrinfer_runtime::device::Gpu;
+    /// match Gpu::count() {
+    ///     Ok(n) => println!("{n} GPU(s)"),
+    ///     Err(e) => println!("no CUDA: {e}"),
+    /// }
+    /// ```
+    pub fn count() -> Result<usize> {
+        crate::device::toolkit::load_driver().map_err(|e| Error::CudaUnavailable(e.to_string()))?;
+        // cuInit fails with "no device" on a machine with a driver and no GPU: none to count.
+        Ok(CudaContext::device_count().map_or(0, |n| n.max(0) as usize))
+    }
+
     /// Device `ordinal` on a private stream: the one such `Gpu` of this process for it, opened on
     /// first use. Fails with [`Error::CudaUnavailable`] when there is no driver or no such GPU.
     ///
