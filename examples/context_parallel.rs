@@ -128,122 +128,96 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     assert!(err <= 1e-2);
 
     #[cfg(feature = "nccl")]
-    on_gpus(heads, &kv, &q, &k, &v, &f32s(&o))?;
-    #[cfg(feature = "nccl")]
-    prefill_on_gpus(&pbatch, &pq, &k, &v, &f32s(&po))?;
+    {
+        use ferrinfer::distributed::{Communicator, ContextParallelDecode, ContextParallelPrefill};
+        use std::sync::Arc;
+        on_every_gpu("ContextParallelDecode", &f32s(&o), |rank, world, id| {
+            // ANCHOR: nccl
+            let backend = Backend::cuda(rank)?;
+            let comm = Arc::new(Communicator::new(&backend, id, rank, world)?);
+            let shard = shard_kv(&kv, world)?.swap_remove(rank);
+            let plan = ContextParallelDecode::<bf16>::plan(
+                comm,
+                heads,
+                shard.into_kv(),
+                None,
+                PlanConfig::default(),
+            )?;
+            let (q, k, v) = (
+                backend.upload(&q)?,
+                backend.upload(&k)?,
+                backend.upload(&v)?,
+            );
+            let mut o = backend.filled(q.len(), bf16::ZERO)?;
+            plan.run(&Standard, &q, &k, &v, &mut o, None)?;
+            o.to_vec()
+            // ANCHOR_END: nccl
+        })?;
+        on_every_gpu("ContextParallelPrefill", &f32s(&po), |rank, world, id| {
+            // ANCHOR: nccl_prefill
+            let backend = Backend::cuda(rank)?;
+            let comm = Arc::new(Communicator::new(&backend, id, rank, world)?);
+            // The same requests and query rows on every rank, over this rank's keys.
+            let shard = shard_kv(pbatch.kv(), world)?.swap_remove(rank);
+            let batch = Batch::new(heads, pbatch.qo_indptr(), shard.into_kv())?
+                .with_causal(pbatch.causal());
+            let plan = ContextParallelPrefill::<bf16>::plan(comm, batch, PlanConfig::default())?;
+            let (q, k, v) = (
+                backend.upload(&pq)?,
+                backend.upload(&k)?,
+                backend.upload(&v)?,
+            );
+            let mut o = backend.filled(q.len(), bf16::ZERO)?;
+            plan.run(&Standard, &q, &k, &v, &mut o, None)?;
+            o.to_vec()
+            // ANCHOR_END: nccl_prefill
+        })?;
+    }
     Ok(())
 }
 
-/// Every visible GPU a rank: `ContextParallelDecode` over NCCL, compared with the CPU merge.
+/// Every visible GPU a rank: `rank(rank, world, id)` on a thread each, all in one NCCL group,
+/// then each rank's largest difference from the CPU merge `want`.
 #[cfg(feature = "nccl")]
-fn on_gpus(
-    heads: Heads,
-    kv: &KvIndex,
-    q: &[bf16],
-    k: &[bf16],
-    v: &[bf16],
+fn on_every_gpu(
+    what: &str,
     want: &[f32],
+    rank: impl Fn(usize, usize, &ferrinfer::distributed::NcclId) -> ferrinfer::Result<Vec<bf16>> + Sync,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    use ferrinfer::distributed::{Communicator, ContextParallelDecode, NcclId};
-    use std::sync::Arc;
-    let world = ferrinfer::cudarc::driver::CudaContext::device_count().unwrap_or(0) as usize;
-    if world == 0 {
-        println!("no GPU: skipped ContextParallelDecode");
-        return Ok(());
-    }
-    // ANCHOR: nccl
-    let id = NcclId::new()?;
+    let world = match ferrinfer::device::Gpu::count() {
+        Ok(n) if n > 0 => n,
+        Ok(_) => {
+            println!("no GPU: skipped {what}");
+            return Ok(());
+        }
+        Err(e) => {
+            println!("skipped {what}: {e}");
+            return Ok(());
+        }
+    };
+    // ANCHOR: gpu_threads
+    let id = ferrinfer::distributed::NcclId::new()?;
     let outputs = std::thread::scope(|s| {
-        let ranks: Vec<_> = (0..world)
-            .map(|rank| {
-                s.spawn(move || -> ferrinfer::Result<Vec<bf16>> {
-                    let backend = Backend::cuda(rank)?;
-                    let comm = Arc::new(Communicator::new(&backend, &id, rank, world)?);
-                    let shard = shard_kv(kv, world)?.swap_remove(rank);
-                    let plan = ContextParallelDecode::<bf16>::plan(
-                        comm,
-                        heads,
-                        shard.into_kv(),
-                        None,
-                        PlanConfig::default(),
-                    )?;
-                    let (q, k, v) = (backend.upload(q)?, backend.upload(k)?, backend.upload(v)?);
-                    let mut o = backend.filled(q.len(), bf16::ZERO)?;
-                    plan.run(&Standard, &q, &k, &v, &mut o, None)?;
-                    o.to_vec()
-                })
+        let threads: Vec<_> = (0..world)
+            .map(|r| {
+                let (rank, id) = (&rank, &id);
+                s.spawn(move || rank(r, world, id))
             })
             .collect();
-        ranks
+        threads
             .into_iter()
-            .map(|r| r.join().expect("rank thread"))
+            .map(|t| t.join().expect("rank thread"))
             .collect::<Vec<_>>()
     });
-    // ANCHOR_END: nccl
-    for (rank, o) in outputs.into_iter().enumerate() {
+    // ANCHOR_END: gpu_threads
+    for (r, o) in outputs.into_iter().enumerate() {
         let o: Vec<f32> = o?.iter().map(|e| e.to_f32()).collect();
         let diff = o
             .iter()
             .zip(want)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        println!("GPU rank {rank} of {world}: max |o - CPU merge| = {diff:.2e}");
-    }
-    Ok(())
-}
-
-/// Every visible GPU a rank: `ContextParallelPrefill` of a causal batch over NCCL, compared with
-/// the CPU merge.
-#[cfg(feature = "nccl")]
-fn prefill_on_gpus(
-    whole: &Batch,
-    q: &[bf16],
-    k: &[bf16],
-    v: &[bf16],
-    want: &[f32],
-) -> Result<(), Box<dyn std::error::Error>> {
-    use ferrinfer::distributed::{Communicator, ContextParallelPrefill, NcclId};
-    use std::sync::Arc;
-    let world = ferrinfer::cudarc::driver::CudaContext::device_count().unwrap_or(0) as usize;
-    if world == 0 {
-        println!("no GPU: skipped ContextParallelPrefill");
-        return Ok(());
-    }
-    // ANCHOR: nccl_prefill
-    let id = NcclId::new()?;
-    let outputs = std::thread::scope(|s| {
-        let ranks: Vec<_> = (0..world)
-            .map(|rank| {
-                s.spawn(move || -> ferrinfer::Result<Vec<bf16>> {
-                    let backend = Backend::cuda(rank)?;
-                    let comm = Arc::new(Communicator::new(&backend, &id, rank, world)?);
-                    // The same requests and query rows on every rank, over this rank's keys.
-                    let shard = shard_kv(whole.kv(), world)?.swap_remove(rank);
-                    let batch = Batch::new(whole.heads(), whole.qo_indptr(), shard.into_kv())?
-                        .with_causal(whole.causal());
-                    let plan =
-                        ContextParallelPrefill::<bf16>::plan(comm, batch, PlanConfig::default())?;
-                    let (q, k, v) = (backend.upload(q)?, backend.upload(k)?, backend.upload(v)?);
-                    let mut o = backend.filled(q.len(), bf16::ZERO)?;
-                    plan.run(&Standard, &q, &k, &v, &mut o, None)?;
-                    o.to_vec()
-                })
-            })
-            .collect();
-        ranks
-            .into_iter()
-            .map(|r| r.join().expect("rank thread"))
-            .collect::<Vec<_>>()
-    });
-    // ANCHOR_END: nccl_prefill
-    for (rank, o) in outputs.into_iter().enumerate() {
-        let o: Vec<f32> = o?.iter().map(|e| e.to_f32()).collect();
-        let diff = o
-            .iter()
-            .zip(want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        println!("GPU rank {rank} of {world}, prefill: max |o - CPU merge| = {diff:.2e}");
+        println!("GPU rank {r} of {world}, {what}: max |o - CPU merge| = {diff:.2e}");
     }
     Ok(())
 }
