@@ -392,6 +392,25 @@ fn check_gpu_result<V: Variant>(
     }
 }
 
+/// [`on_gpu`], then [`check_gpu_result`] with the variant's name before `what`.
+fn check_on_gpu<V: Variant>(
+    variant: &V,
+    case: &Case,
+    batch: &Batch,
+    config: PlanConfig,
+    decode: bool,
+    what: &str,
+) {
+    let got = on_gpu(variant, case, batch.clone(), config, decode);
+    check_gpu_result(
+        variant,
+        case,
+        batch,
+        &got,
+        &format!("{}, {what}", V::SPEC.name),
+    );
+}
+
 /// `batch` on GPU 0 with `config`, o and lse poisoned with NaN first: a prefill, or (one query
 /// row per request, `decode`) a decode.
 fn on_gpu<V: Variant>(
@@ -447,20 +466,10 @@ fn gpu_key_positions_equal_the_reference() {
         let batch = case.batch(shard);
         for (name, config) in [("unsplit", PlanConfig::default()), ("split", split)] {
             let what = format!("seed {seed}, causal {causal}, {name}");
-            let got = on_gpu(&Standard, &case, batch.clone(), config, false);
-            check_gpu_result(&Standard, &case, &batch, &got, &format!("Standard, {what}"));
-            let got = on_gpu(&alibi, &case, batch.clone(), config, false);
-            check_gpu_result(&alibi, &case, &batch, &got, &format!("Alibi, {what}"));
-            let got = on_gpu(&rope, &case, batch.clone(), config, false);
-            check_gpu_result(&rope, &case, &batch, &got, &format!("LlamaRope, {what}"));
-            let got = on_gpu(&window, &case, batch.clone(), config, false);
-            check_gpu_result(
-                &window,
-                &case,
-                &batch,
-                &got,
-                &format!("SlidingWindow, {what}"),
-            );
+            check_on_gpu(&Standard, &case, &batch, config, false, &what);
+            check_on_gpu(&alibi, &case, &batch, config, false, &what);
+            check_on_gpu(&rope, &case, &batch, config, false, &what);
+            check_on_gpu(&window, &case, &batch, config, false, &what);
         }
         // Zero positions over whole requests: the same bits as no positions.
         let zero = case.kv.clone().with_key_positions(&[0; 5], &lens).unwrap();
@@ -482,18 +491,9 @@ fn gpu_key_positions_equal_the_reference() {
                 ..PlanConfig::default()
             };
             let what = format!("seed {seed}, decode {kernel:?}, chunk {chunk:?}");
-            let got = on_gpu(&alibi, &case, batch.clone(), config, true);
-            check_gpu_result(&alibi, &case, &batch, &got, &format!("Alibi, {what}"));
-            let got = on_gpu(&rope, &case, batch.clone(), config, true);
-            check_gpu_result(&rope, &case, &batch, &got, &format!("LlamaRope, {what}"));
-            let got = on_gpu(&window, &case, batch.clone(), config, true);
-            check_gpu_result(
-                &window,
-                &case,
-                &batch,
-                &got,
-                &format!("SlidingWindow, {what}"),
-            );
+            check_on_gpu(&alibi, &case, &batch, config, true, &what);
+            check_on_gpu(&rope, &case, &batch, config, true, &what);
+            check_on_gpu(&window, &case, &batch, config, true, &what);
         }
     }
 }
