@@ -357,6 +357,18 @@ pub struct RunBuffers<T: Element> {
     pub lse: Option<Buffer<f32>>,
 }
 
+impl<T: Element> RunBuffers<T> {
+    /// Overwrite `input` with `data` (its full length), keeping its device address: what a
+    /// captured graph reads on its next replay.
+    pub(crate) fn write(&mut self, input: Input, data: &[T]) -> Result<()> {
+        match input {
+            Input::Q => self.q.copy_from(data),
+            Input::K => self.k.copy_from(data),
+            Input::V => self.v.copy_from(data),
+        }
+    }
+}
+
 /// Which input of a [`GraphRun`] to overwrite between replays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Input {
@@ -448,12 +460,7 @@ impl<P, T: Element> GraphRun<P, T> {
     }
     /// Overwrite an input with `data` (its full length), keeping its device address.
     pub fn write(&mut self, input: Input, data: &[T]) -> Result<()> {
-        let b = &mut self.buffers;
-        match input {
-            Input::Q => b.q.copy_from(data),
-            Input::K => b.k.copy_from(data),
-            Input::V => b.v.copy_from(data),
-        }
+        self.buffers.write(input, data)
     }
     /// The queries.
     pub fn q(&self) -> &Buffer<T> {

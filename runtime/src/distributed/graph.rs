@@ -64,12 +64,7 @@ impl<T: Element, P> ContextParallelGraph<T, P> {
     }
     /// Overwrite an input with `data` (its full length), keeping its device address.
     pub fn write(&mut self, input: Input, data: &[T]) -> Result<()> {
-        let b = &mut self.buffers;
-        match input {
-            Input::Q => b.q.copy_from(data),
-            Input::K => b.k.copy_from(data),
-            Input::V => b.v.copy_from(data),
-        }
+        self.buffers.write(input, data)
     }
     /// The plan.
     pub fn plan(&self) -> &P {
