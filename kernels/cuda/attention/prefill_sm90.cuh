@@ -40,7 +40,6 @@ struct PrefillSm90Shape {
   // A row of a tile is D elements; a tile is stored as D / 64 column blocks of 64 elements (128
   // bytes a row), each block rows x 128 bytes with the 128-byte swizzle: the 16-byte unit u of
   // row r sits at unit u ^ (r % 8). That is the layout wgmma's descriptors read (swizzle mode 1).
-  static constexpr int kBlockCols = 64;
   static constexpr int kQBytes = kTileQ * D * 2;
   static constexpr int kKvBytes = kTileKv * D * 2;
   static constexpr int kKAt = kQBytes;
