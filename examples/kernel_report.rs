@@ -1,6 +1,7 @@
 //! Registers, spills and compile time of the kernel instances whose variant or kernel name
 //! contains a filter, as ptxas reports them through NVRTC: no GPU needed, only NVRTC. Use it to
-//! check that a new variant (or a template change) does not spill.
+//! check that a new variant (or a template change) does not spill. ptxas' warnings follow their
+//! kernel's line.
 //!
 //!     cargo run --release --example kernel_report [sm_80|sm_90a] [FILTER] [CUBIN_DIR]
 //!
@@ -61,5 +62,9 @@ fn report(
         "{line} {:>4} {:>7} B {:>7} B {:>6.2} s",
         k.stats.registers, k.stats.spill_stores, k.stats.spill_loads, k.seconds
     );
+    // ptxas' warnings (e.g. wgmma serialized: every MMA waited for at once) under the line.
+    for warning in k.log.lines().filter(|l| !l.contains("ptxas info")) {
+        println!("    {}", warning.trim());
+    }
     Ok(())
 }

@@ -205,30 +205,56 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   const unsigned my_turn = 2 + cw, their_turn = 3 - cw;
   if (cw == 1) named_arrive(2, 2 * kWarpgroupThreads);
 
-  for (unsigned t = 0; t < keys.tiles; ++t) {
-    const unsigned s = t % Sh::kStages;
-    const unsigned phase = (t / Sh::kStages) & 1;
-    const unsigned j0 = w.kv_start + t * kTileKv;
-    const unsigned char* const kt = k_tile(s);
-    const unsigned char* const vt = v_tile(s);
-
-    // S = Q K^T: this warpgroup's 64 rows by the tile's 128 keys.
-    float sacc[kTileKv / 2];
+  // P, bf16/f16 pairs in S's accumulator layout, which is the A operand's: 16 keys a step.
+  auto to_p = [](unsigned (&pa)[kTileKv / 16][4], const float (&sacc)[kTileKv / 2]) {
     #pragma unroll
-    for (int i = 0; i < kTileKv / 2; ++i) sacc[i] = 0.0f;
-    mbar_wait(k_full(s), phase);
-    named_sync(my_turn, 2 * kWarpgroupThreads);
-    wgmma_fence();
+    for (unsigned kb = 0; kb < kTileKv / 16; ++kb) {
+      #pragma unroll
+      for (unsigned r = 0; r < 4; ++r) {
+        pa[kb][r] = pack2<T>(sacc[8 * kb + 2 * r], sacc[8 * kb + 2 * r + 1]);
+      }
+    }
+  };
+  // O += P V for the tile in `vt` (inside a fence; P was converted before it), committed.
+  auto issue_pv = [&](const unsigned (&pa)[kTileKv / 16][4], const unsigned char* vt) {
+    #pragma unroll
+    for (unsigned kb = 0; kb < kTileKv / 16; ++kb) {
+      wgmma_rs_64x128x16<kBf16, 1>(o, pa[kb], wgmma_desc(vt + kb * 2048, kTileKv * 128, 1024, 1),
+                                   true);
+    }
+    wgmma_commit();
+  };
+
+  // Tile t's S is issued together with tile t - 1's P V (one turn), and the softmax of S(t) runs
+  // while P V(t - 1) still computes (FA3's intra-warpgroup overlap): P(t - 1) stays in registers
+  // until that MMA is waited for, and O is rescaled for tile t only after it. Tile 0 (S alone) and
+  // the last P V are peeled off the loop: ptxas keeps MMAs in flight across a wait only in
+  // straight-line pipelines (with the stages in branches it waits after every MMA).
+  unsigned pa[kTileKv / 16][4];
+  float sacc[kTileKv / 2];
+  float scale[2];
+  bool grew;
+  auto stage = [](unsigned t) { return t % Sh::kStages; };
+  auto phase = [](unsigned t) { return (t / Sh::kStages) & 1; };
+  // S = Q K^T: this warpgroup's 64 rows by tile t's 128 keys (inside the caller's fence).
+  auto issue_s = [&](unsigned t) {
+    const unsigned char* const kt = k_tile(stage(t));
     #pragma unroll
     for (unsigned kk = 0; kk < D / 16; ++kk) {
       wgmma_ss_64x128x16<kBf16, 0>(sacc, k_major(sq, kTileQ, cw * 64, kk),
                                    k_major(kt, kTileKv, 0, kk), true);
     }
     wgmma_commit();
-    named_arrive(their_turn, 2 * kWarpgroupThreads);
-    wgmma_wait<0>();
-    wgmma_hold(sacc);
-
+  };
+  auto zero_s = [&] {
+    #pragma unroll
+    for (int i = 0; i < kTileKv / 2; ++i) sacc[i] = 0.0f;
+  };
+  // The softmax of tile t on sacc; O's rescale is left in `scale` and `grew`.
+  auto softmax_tile = [&](unsigned t) {
+    const unsigned j0 = w.kv_start + t * kTileKv;
+    scale[0] = scale[1] = 1.0f;
+    grew = false;
     // Logits, masks and the online softmax, as prefill.cuh's: each call below passes constant
     // flags, so each inlines to its own straight-line copy (a runtime test per element made the
     // loop one branch an element: 2.4k instructions a tile, and instruction-fetch stalls).
@@ -236,7 +262,8 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     // mask code; the variant's mask is on every tile). `fold`: without a logits hook the scores
     // stay unscaled until the exponent, where s * qk_scale - m is one FFMA (the row max commutes
     // with a positive scale). Element i is row hf = (i / 2) % 2 of this thread, key
-    // 8 (i / 4) + 2 t4 + i % 2 of the tile.
+    // 8 (i / 4) + 2 t4 + i % 2 of the tile. It leaves O's rescale in `scale` (`grew`: any row's
+    // maximum moved), applied once P V(t - 1) is done.
     auto logits_softmax = [&](const bool fold, const bool boundary) {
       #pragma unroll
       for (int i = 0; i < kTileKv / 2; ++i) {
@@ -264,8 +291,6 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
         sacc[i] = x;
       }
       if constexpr (V::kSoftmax) {
-        float scale[2];
-        bool grew = false;
         #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           float mx = fold ? -FI_INF : m[hf];
@@ -293,11 +318,6 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
           }
           z[hf] = z[hf] * scale[hf] + sum;
         }
-        // Once the row maxima settle (most tiles of a long row), no output needs rescaling.
-        if (__any_sync(kFullMask, grew)) {
-          #pragma unroll
-          for (int i = 0; i < D / 2; ++i) o[i] *= scale[(i / 2) % 2];
-        }
       }
     };
     const bool boundary = t >= keys.first_masked;
@@ -318,28 +338,52 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     } else {
       logits_softmax(false, false);
     }
+  };
 
-    // O += P V: P in registers as the A operand (S's accumulator layout is A's), 16 keys a
-    // step. P is converted before the fence: wgmma reads registers written before it.
-    unsigned pa[kTileKv / 16][4];
-    #pragma unroll
-    for (unsigned kb = 0; kb < kTileKv / 16; ++kb) {
-      #pragma unroll
-      for (unsigned r = 0; r < 4; ++r) {
-        pa[kb][r] = pack2<T>(sacc[8 * kb + 2 * r], sacc[8 * kb + 2 * r + 1]);
-      }
-    }
-    mbar_wait(v_full(s), phase);
+  if (keys.tiles > 0) {
+    zero_s();
+    mbar_wait(k_full(0), 0);
+    named_sync(my_turn, 2 * kWarpgroupThreads);
     wgmma_fence();
-    #pragma unroll
-    for (unsigned kb = 0; kb < kTileKv / 16; ++kb) {
-      wgmma_rs_64x128x16<kBf16, 1>(o, pa[kb], wgmma_desc(vt + kb * 2048, kTileKv * 128, 1024, 1),
-                                   true);
-    }
-    wgmma_commit();
+    issue_s(0);
+    named_arrive(their_turn, 2 * kWarpgroupThreads);
+    wgmma_wait<0>();
+    wgmma_hold(sacc);
+    softmax_tile(0);  // O is still 0: nothing to rescale
+    to_p(pa, sacc);
+  }
+  for (unsigned t = 1; t < keys.tiles; ++t) {
+    zero_s();
+    mbar_wait(k_full(stage(t)), phase(t));
+    mbar_wait(v_full(stage(t - 1)), phase(t - 1));
+    named_sync(my_turn, 2 * kWarpgroupThreads);
+    wgmma_fence();
+    issue_s(t);
+    issue_pv(pa, v_tile(stage(t - 1)));
+    named_arrive(their_turn, 2 * kWarpgroupThreads);
+    wgmma_wait<1>();  // S(t) is done; P V(t - 1) may still run
+    wgmma_hold(sacc);
+    softmax_tile(t);
     wgmma_wait<0>();
     wgmma_hold(o);
-    mbar_arrive(empty(s));  // this warpgroup is done with the stage
+    wgmma_hold(pa);
+    mbar_arrive(empty(stage(t - 1)));  // this warpgroup is done with tile t - 1's stage
+    // Once the row maxima settle (most tiles of a long row), no output needs rescaling.
+    if (__any_sync(kFullMask, grew)) {
+      #pragma unroll
+      for (int i = 0; i < D / 2; ++i) o[i] *= scale[(i / 2) % 2];
+    }
+    to_p(pa, sacc);
+  }
+  if (keys.tiles > 0) {
+    const unsigned last = keys.tiles - 1;
+    mbar_wait(v_full(stage(last)), phase(last));
+    wgmma_fence();
+    issue_pv(pa, v_tile(stage(last)));
+    wgmma_wait<0>();
+    wgmma_hold(o);
+    wgmma_hold(pa);
+    mbar_arrive(empty(stage(last)));
   }
 
   // Epilogue (epilogue.cuh), as prefill.cuh: unsplit items write o and lse, split items their

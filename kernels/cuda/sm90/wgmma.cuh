@@ -46,6 +46,11 @@ __device__ __forceinline__ void wgmma_hold(unsigned (&a)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+r"(a[i])::"memory");
 }
+template <int N, int M>
+__device__ __forceinline__ void wgmma_hold(unsigned (&a)[N][M]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) wgmma_hold(a[i]);
+}
 
 #define FI_WGMMA_D128 "{" \
   "%0, %1, %2, %3, %4, %5, %6, %7, "\
