@@ -65,13 +65,16 @@ pub struct AttnArgs {
     pub sm_scale: f32,
     /// Work items in the grid (the plan's padded length).
     pub num_items: u32,
+    /// Streaming multiprocessors of the device (0: unknown): a persistent kernel's grid.
+    pub num_sms: u32,
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn size_matches_abi_cuh() {
-        // 19 eight-byte fields and 8 four-byte fields; abi.cuh static_asserts the same number.
-        assert_eq!(std::mem::size_of::<super::AttnArgs>(), 19 * 8 + 8 * 4);
+        // 19 eight-byte fields and 9 four-byte fields, padded to 8 bytes; abi.cuh static_asserts
+        // the same number.
+        assert_eq!(std::mem::size_of::<super::AttnArgs>(), 19 * 8 + 10 * 4);
     }
 }

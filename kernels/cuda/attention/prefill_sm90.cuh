@@ -1,16 +1,18 @@
 // Prefill and append, FlashAttention-3 style for sm_90a: the same work items, arguments and
 // results as attention/prefill.cuh (the plan's 128-row tiles), computed by warpgroup MMAs.
-// Three warpgroups a CTA: a producer that copies Q once and K/V tiles of 128 keys into three
-// stages (cp.async through the page table; K and V each complete their own mbarrier, so
-// S = Q K^T starts while V still lands; two tiles in flight), and two consumers of 64 query rows
-// each. A consumer computes
-// S = Q K^T with both operands in shared memory (m64n128k16), the online softmax on S's
-// accumulators, and O += P V with P from registers (S's accumulator layout is the A operand's),
-// then frees the stage. The two consumers take turns issuing S (named barriers), so one's softmax
-// runs under the other's MMAs. The producer gives registers to the consumers (setmaxnreg).
-// Variants with query or key hooks run the FA2 template (the dispatcher's choice).
-// Launch: grid num_items, block kThreads, dynamic shared kSmemBytes (kernels/src/attention/
-// prefill.rs mirrors these).
+// Persistent: a CTA takes items blockIdx.x, + gridDim.x, ... of the plan's list (longest first),
+// so one item's loads overlap the previous item's last tiles and epilogue.
+// Three warpgroups a CTA: a producer that copies each item's Q (two slots) and its K/V tiles of
+// 128 keys into two stages (cp.async through the page table; K and V each complete their own
+// mbarrier, so S = Q K^T starts while V still lands), and two consumers of 64 query rows each.
+// A consumer computes S = Q K^T with both operands in shared memory (m64n128k16), the online
+// softmax on S's accumulators, and O += P V with P from registers (S's accumulator layout is the
+// A operand's), then frees the stage. The two consumers take turns issuing their MMAs (named
+// barriers), so one's softmax runs under the other's MMAs. The producer gives registers to the
+// consumers (setmaxnreg). Variants with query or key hooks run the FA2 template (the
+// dispatcher's choice).
+// Launch: grid min(num_items, num_sms), block kThreads, dynamic shared kSmemBytes
+// (kernels/src/attention/prefill.rs mirrors these).
 #pragma once
 #include "core/abi.cuh"
 #include "core/dtype.cuh"
@@ -35,21 +37,23 @@ struct PrefillSm90Shape {
   static_assert(D == 128, "the sm90 prefill template is built for head dim 128");
   static constexpr int kTileQ = 128;  // two consumer warpgroups of 64 rows
   static constexpr int kTileKv = 128;
-  static constexpr int kStages = 3;
+  static constexpr int kStages = 2;
+  static constexpr int kQSlots = 2;  // the next item's Q lands while this item's is read
   static constexpr int kThreads = 3 * kWarpgroupThreads;
   // A row of a tile is D elements; a tile is stored as D / 64 column blocks of 64 elements (128
   // bytes a row), each block rows x 128 bytes with the 128-byte swizzle: the 16-byte unit u of
   // row r sits at unit u ^ (r % 8). That is the layout wgmma's descriptors read (swizzle mode 1).
   static constexpr int kQBytes = kTileQ * D * 2;
   static constexpr int kKvBytes = kTileKv * D * 2;
-  static constexpr int kKAt = kQBytes;
+  static constexpr int kKAt = kQSlots * kQBytes;
   static constexpr int kVAt = kKAt + kStages * kKvBytes;
   // Key byte offsets of the tile being issued, two slots (this tile's and the next's) so no
   // barrier separates one tile's readers from the next tile's writers.
   static constexpr int kOffsetSlots = 2;
   static constexpr int kOffsetsAt = kVAt + kStages * kKvBytes;  // [kOffsetSlots][kTileKv] u64
   static constexpr int kBarriersAt = kOffsetsAt + kOffsetSlots * kTileKv * 8;
-  static constexpr int kBarriers = 1 + 3 * kStages;  // Q full, then per stage K full, V full, empty
+  // Per Q slot full and empty, then per stage K full, V full and empty.
+  static constexpr int kBarriers = 2 * kQSlots + 3 * kStages;
   static constexpr int kSmemBytes = kBarriersAt + kBarriers * 8;
 };
 
@@ -71,35 +75,62 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   constexpr int kTileQ = Sh::kTileQ, kTileKv = Sh::kTileKv;
   constexpr bool kBf16 = kIsBf16<T>;
 
-  const WorkItem w = work_item(a.work, blockIdx.x);
-  if (!w.valid) return;  // the whole CTA: padding of the work list
+  // Items blockIdx.x, + gridDim.x, ... below the padded length; invalid ones (padding) are
+  // skipped by every thread alike.
+  const unsigned num_items = a.work == nullptr ? 0u : static_cast<unsigned>(a.work[ws_header::kPaddedLen]);
+  if (blockIdx.x >= num_items) return;  // the whole CTA
 
   extern __shared__ __attribute__((aligned(1024))) unsigned char sm90_smem[];
-  unsigned char* const sq = sm90_smem;
   unsigned long long* const key_off =
       reinterpret_cast<unsigned long long*>(sm90_smem + Sh::kOffsetsAt);
   unsigned long long* const bars = reinterpret_cast<unsigned long long*>(sm90_smem + Sh::kBarriersAt);
-  unsigned long long* const q_full = bars;
-  auto k_full = [&](unsigned s) { return bars + 1 + s; };
-  auto v_full = [&](unsigned s) { return bars + 1 + Sh::kStages + s; };
-  auto empty = [&](unsigned s) { return bars + 1 + 2 * Sh::kStages + s; };
+  auto q_full = [&](unsigned slot) { return bars + slot; };
+  auto q_empty = [&](unsigned slot) { return bars + Sh::kQSlots + slot; };
+  auto k_full = [&](unsigned s) { return bars + 2 * Sh::kQSlots + s; };
+  auto v_full = [&](unsigned s) { return bars + 2 * Sh::kQSlots + Sh::kStages + s; };
+  auto empty = [&](unsigned s) { return bars + 2 * Sh::kQSlots + 2 * Sh::kStages + s; };
+  auto q_tile = [&](unsigned slot) { return sm90_smem + slot * Sh::kQBytes; };
   auto k_tile = [&](unsigned s) { return sm90_smem + Sh::kKAt + s * Sh::kKvBytes; };
   auto v_tile = [&](unsigned s) { return sm90_smem + Sh::kVAt + s * Sh::kKvBytes; };
+  // K/V tiles and Q slots are counted over the CTA's items: tile g sits in stage g % kStages,
+  // the n-th valid item's Q in slot n % kQSlots; a barrier's phase is its use count's parity.
+  auto stage = [](unsigned g) { return g % Sh::kStages; };
+  auto phase = [](unsigned g) { return (g / Sh::kStages) & 1; };
 
-  const unsigned b = w.request, kv_head = w.kv_head;
-  const unsigned qo_begin = static_cast<unsigned>(a.qo_indptr[b]);
-  const unsigned qo_len = static_cast<unsigned>(a.qo_indptr[b + 1]) - qo_begin;
   const unsigned group = a.num_qo_heads / a.num_kv_heads;
-  const KvSeq kv = kv_seq(a, b);
   const bool causal = a.causal != 0;
-  const KeyPositions kp = key_positions(a.work, b, kv.len);
-  const long long shift = kp.causal_shift(qo_len);
-  const ItemKeys keys = item_keys(w, group, shift, causal, kTileKv);
+  // One item's request, keys and causal bound, as prefill.cuh reads them.
+  struct Item {
+    WorkItem w;
+    unsigned qo_begin, qo_len;
+    KvSeq kv;
+    KeyPositions kp;
+    long long shift;
+    ItemKeys keys;
+  };
+  auto item_at = [&](unsigned idx) {
+    Item it;
+    it.w = work_item(a.work, idx);
+    if (!it.w.valid) return it;
+    const unsigned b = it.w.request;
+    it.qo_begin = static_cast<unsigned>(a.qo_indptr[b]);
+    it.qo_len = static_cast<unsigned>(a.qo_indptr[b + 1]) - it.qo_begin;
+    it.kv = kv_seq(a, b);
+    it.kp = key_positions(a.work, b, it.kv.len);
+    it.shift = it.kp.causal_shift(it.qo_len);
+    it.keys = item_keys(it.w, group, it.shift, causal, kTileKv);
+    return it;
+  };
   // Padding rows of a partial tile repeat the last real row (as in prefill.cuh).
-  auto packed = [&](unsigned r) { return min(w.qo_tile_start + r, w.qo_tile_end - 1); };
+  auto packed = [](const WorkItem& w, unsigned r) {
+    return min(w.qo_tile_start + r, w.qo_tile_end - 1);
+  };
 
   if (threadIdx.x == 0) {
-    mbar_init(q_full, kWarpgroupThreads);
+    for (unsigned slot = 0; slot < Sh::kQSlots; ++slot) {
+      mbar_init(q_full(slot), kWarpgroupThreads);
+      mbar_init(q_empty(slot), 2 * kWarpgroupThreads);
+    }
     for (unsigned s = 0; s < Sh::kStages; ++s) {
       mbar_init(k_full(s), kWarpgroupThreads);
       mbar_init(v_full(s), kWarpgroupThreads);
@@ -111,71 +142,73 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
 
   if (warpgroup_id() == 0) {
     // ---- Producer: every thread waits for its own copies, makes them visible to the async
-    // proxy (wgmma reads shared memory through it), then arrives on the stage's barrier. A tile
-    // is signalled once the next one is issued, so two tiles' copies are in flight.
+    // proxy (wgmma reads shared memory through it), then arrives on the barrier.
     regs_shrink<kSm90ProducerRegs>();
     const unsigned pt = warpgroup_thread();
-    const T* q = static_cast<const T*>(a.q);
-    #pragma unroll 4
-    for (int it = 0; it < kTileQ * (D / 8) / kWarpgroupThreads; ++it) {
-      const unsigned c = it * kWarpgroupThreads + pt;
-      const unsigned r = c / (D / 8), u = c % (D / 8), pr = packed(r);
-      const unsigned i = pr / group, h = kv_head * group + pr % group;
-      cp_async_16(smem_u32(sq + sw128_offset<D>(kTileQ, r, u)),
-                  q + (qo_begin + i) * a.q_stride_n + h * a.q_stride_h + u * 8, true);
-    }
-    cp_async_commit();
-    cp_async_wait<0>();
-    fence_proxy_async();
-    mbar_arrive(q_full);
-
+    const T* const q = static_cast<const T*>(a.q);
     const char* const k = static_cast<const char*>(a.k);
     const char* const v = static_cast<const char*>(a.v);
     // Each thread copies unit `u` of rows `r0 + 8 it`: 16 lanes cover one 256-byte row.
     const unsigned u = pt % (D / 8), r0 = pt / (D / 8);
     constexpr unsigned kRowsPerPass = kWarpgroupThreads / (D / 8);
-    // Tile t's copies are two groups (K, then V); behind them the next tile's two, unless t is
-    // the last. Wait for K, then for V, each made visible to wgmma and signalled.
-    auto signal = [&](unsigned t, bool last) {
-      if (last) {
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<3>();
-      }
+    // Tile g's copies are two groups, K then V: wait for K, then for V, each made visible to
+    // wgmma and signalled. Signalling a tile only once the next is issued (two tiles in flight)
+    // would deadlock with two stages: the consumers free tile g - 1 only after S(g) is done.
+    auto signal = [&](unsigned g) {
+      cp_async_wait<1>();
       fence_proxy_async();
-      mbar_arrive(k_full(t % Sh::kStages));
-      if (last) {
-        cp_async_wait<0>();
-      } else {
-        cp_async_wait<2>();
-      }
+      mbar_arrive(k_full(stage(g)));
+      cp_async_wait<0>();
       fence_proxy_async();
-      mbar_arrive(v_full(t % Sh::kStages));
+      mbar_arrive(v_full(stage(g)));
     };
-    for (unsigned t = 0; t < keys.tiles; ++t) {
-      const unsigned s = t % Sh::kStages;
-      if (t >= Sh::kStages) mbar_wait(empty(s), ((t / Sh::kStages) - 1) & 1);
-      // One page lookup a key: thread pt finds key pt's byte offset.
-      const unsigned j0 = w.kv_start + t * kTileKv;
-      const unsigned live = min(keys.stop - j0, static_cast<unsigned>(kTileKv));
-      unsigned long long* const offs = key_off + (t % Sh::kOffsetSlots) * kTileKv;
-      offs[pt] = pt < live ? kv.offset(j0 + pt, kv_head) * sizeof(T) : 0ull;
-      named_sync(1, kWarpgroupThreads);
-      // Keys past the item's end are zero-filled: P is 0 there, and 0 * V must not be NaN.
-      auto copy = [&](unsigned char* tile, const char* src) {
-        #pragma unroll 4
-        for (unsigned it = 0; it < kTileKv / kRowsPerPass; ++it) {
-          const unsigned r = r0 + it * kRowsPerPass;
-          cp_async_16(smem_u32(tile + sw128_offset<D>(kTileKv, r, u)), src + offs[r] + u * 16,
-                      r < live);
-        }
-        cp_async_commit();
-      };
-      copy(k_tile(s), k);
-      copy(v_tile(s), v);
-      if (t > 0) signal(t - 1, false);
+    unsigned n = 0, g = 0;
+    for (unsigned idx = blockIdx.x; idx < num_items; idx += gridDim.x) {
+      const Item it = item_at(idx);
+      if (!it.w.valid) continue;
+      const WorkItem& w = it.w;
+      const unsigned slot = n % Sh::kQSlots;
+      if (n >= Sh::kQSlots) mbar_wait(q_empty(slot), ((n / Sh::kQSlots) - 1) & 1);
+      unsigned char* const sq = q_tile(slot);
+      #pragma unroll 4
+      for (int i = 0; i < kTileQ * (D / 8) / kWarpgroupThreads; ++i) {
+        const unsigned c = i * kWarpgroupThreads + pt;
+        const unsigned r = c / (D / 8), uq = c % (D / 8), pr = packed(w, r);
+        const unsigned row = pr / group, h = w.kv_head * group + pr % group;
+        cp_async_16(smem_u32(sq + sw128_offset<D>(kTileQ, r, uq)),
+                    q + (it.qo_begin + row) * a.q_stride_n + h * a.q_stride_h + uq * 8, true);
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+      fence_proxy_async();
+      mbar_arrive(q_full(slot));
+
+      for (unsigned t = 0; t < it.keys.tiles; ++t) {
+        const unsigned gt = g + t, s = stage(gt);
+        if (gt >= Sh::kStages) mbar_wait(empty(s), phase(gt - Sh::kStages));
+        // One page lookup a key: thread pt finds key pt's byte offset.
+        const unsigned j0 = w.kv_start + t * kTileKv;
+        const unsigned live = min(it.keys.stop - j0, static_cast<unsigned>(kTileKv));
+        unsigned long long* const offs = key_off + (gt % Sh::kOffsetSlots) * kTileKv;
+        offs[pt] = pt < live ? it.kv.offset(j0 + pt, w.kv_head) * sizeof(T) : 0ull;
+        named_sync(1, kWarpgroupThreads);
+        // Keys past the item's end are zero-filled: P is 0 there, and 0 * V must not be NaN.
+        auto copy = [&](unsigned char* tile, const char* src) {
+          #pragma unroll 4
+          for (unsigned i = 0; i < kTileKv / kRowsPerPass; ++i) {
+            const unsigned r = r0 + i * kRowsPerPass;
+            cp_async_16(smem_u32(tile + sw128_offset<D>(kTileKv, r, u)), src + offs[r] + u * 16,
+                        r < live);
+          }
+          cp_async_commit();
+        };
+        copy(k_tile(s), k);
+        copy(v_tile(s), v);
+        signal(gt);
+      }
+      g += it.keys.tiles;
+      ++n;
     }
-    if (keys.tiles > 0) signal(keys.tiles - 1, true);
     return;
   }
 
@@ -185,12 +218,6 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   const unsigned lane = wt % kWarpSize, t4 = lane % 4;
   // This thread's two rows of the tile (accumulator layout, sm90/wgmma.cuh).
   const unsigned row0 = cw * 64 + (wt / kWarpSize) * 16 + lane / 4;
-  auto row_of = [&](int hf) { return packed(row0 + 8 * hf); };
-
-  float o[D / 2];  // the m64n128 accumulator layout (sm90/wgmma.cuh): D = 128 columns
-  float m[2] = {-FI_INF, -FI_INF}, z[2] = {0.0f, 0.0f};
-  #pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
   const float qk_scale = (V::kHasLogits || !V::kSoftmax) ? a.sm_scale : a.sm_scale * kLog2e;
   // Descriptors (128-byte swizzle): K-major tiles (Q, K) step 32 bytes a k16 slice inside a
   // 128-byte block row and one block (rows x 128 bytes) every four slices; 8-row groups are
@@ -199,14 +226,19 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   auto k_major = [](const unsigned char* tile, unsigned rows, unsigned row, unsigned kk) {
     return wgmma_desc(tile + (kk / 4) * rows * 128 + row * 128 + (kk % 4) * 32, 16, 1024, 1);
   };
-  mbar_wait(q_full, 0);
-  // Turns: the two consumers issue S = Q K^T alternately (named barriers 2 and 3, each
+  // Turns: the two consumers issue their MMAs alternately (named barriers 2 and 3, each
   // completed by one consumer's sync and the other's arrival). Consumer 1 lets 0 go first.
   const unsigned my_turn = 2 + cw, their_turn = 3 - cw;
   if (cw == 1) named_arrive(2, 2 * kWarpgroupThreads);
 
+  float o[D / 2];  // the m64n128 accumulator layout (sm90/wgmma.cuh): D = 128 columns
+  float m[2], z[2];
+  unsigned pa[kTileKv / 16][4];
+  float sacc[kTileKv / 2];
+  float scale[2];
+  bool grew;
   // P, bf16/f16 pairs in S's accumulator layout, which is the A operand's: 16 keys a step.
-  auto to_p = [](unsigned (&pa)[kTileKv / 16][4], const float (&sacc)[kTileKv / 2]) {
+  auto to_p = [&] {
     #pragma unroll
     for (unsigned kb = 0; kb < kTileKv / 16; ++kb) {
       #pragma unroll
@@ -216,7 +248,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     }
   };
   // O += P V for the tile in `vt` (inside a fence; P was converted before it), committed.
-  auto issue_pv = [&](const unsigned (&pa)[kTileKv / 16][4], const unsigned char* vt) {
+  auto issue_pv = [&](const unsigned char* vt) {
     #pragma unroll
     for (unsigned kb = 0; kb < kTileKv / 16; ++kb) {
       wgmma_rs_64x128x16<kBf16, 1>(o, pa[kb], wgmma_desc(vt + kb * 2048, kTileKv * 128, 1024, 1),
@@ -224,21 +256,10 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     }
     wgmma_commit();
   };
-
-  // Tile t's S is issued together with tile t - 1's P V (one turn), and the softmax of S(t) runs
-  // while P V(t - 1) still computes (FA3's intra-warpgroup overlap): P(t - 1) stays in registers
-  // until that MMA is waited for, and O is rescaled for tile t only after it. Tile 0 (S alone) and
-  // the last P V are peeled off the loop: ptxas keeps MMAs in flight across a wait only in
-  // straight-line pipelines (with the stages in branches it waits after every MMA).
-  unsigned pa[kTileKv / 16][4];
-  float sacc[kTileKv / 2];
-  float scale[2];
-  bool grew;
-  auto stage = [](unsigned t) { return t % Sh::kStages; };
-  auto phase = [](unsigned t) { return (t / Sh::kStages) & 1; };
-  // S = Q K^T: this warpgroup's 64 rows by tile t's 128 keys (inside the caller's fence).
-  auto issue_s = [&](unsigned t) {
-    const unsigned char* const kt = k_tile(stage(t));
+  // S = Q K^T: this warpgroup's 64 rows of `sq` by the 128 keys of `kt` (inside a fence).
+  auto issue_s = [&](const unsigned char* sq, const unsigned char* kt) {
+    #pragma unroll
+    for (int i = 0; i < kTileKv / 2; ++i) sacc[i] = 0.0f;
     #pragma unroll
     for (unsigned kk = 0; kk < D / 16; ++kk) {
       wgmma_ss_64x128x16<kBf16, 0>(sacc, k_major(sq, kTileQ, cw * 64, kk),
@@ -246,179 +267,202 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     }
     wgmma_commit();
   };
-  auto zero_s = [&] {
+
+  unsigned n = 0, g = 0;
+  for (unsigned idx = blockIdx.x; idx < num_items; idx += gridDim.x) {
+    const Item it = item_at(idx);
+    if (!it.w.valid) continue;
+    const WorkItem& w = it.w;
+    const ItemKeys& keys = it.keys;
+    const unsigned b = w.request, kv_head = w.kv_head, qo_begin = it.qo_begin, qo_len = it.qo_len;
+    const KeyPositions& kp = it.kp;
+    const long long shift = it.shift;
+    auto row_of = [&](int hf) { return packed(w, row0 + 8 * hf); };
+    const unsigned slot = n % Sh::kQSlots;
+    const unsigned char* const sq = q_tile(slot);
+
     #pragma unroll
-    for (int i = 0; i < kTileKv / 2; ++i) sacc[i] = 0.0f;
-  };
-  // The softmax of tile t on sacc; O's rescale is left in `scale` and `grew`.
-  auto softmax_tile = [&](unsigned t) {
-    const unsigned j0 = w.kv_start + t * kTileKv;
-    scale[0] = scale[1] = 1.0f;
-    grew = false;
-    // Logits, masks and the online softmax, as prefill.cuh's: each call below passes constant
-    // flags, so each inlines to its own straight-line copy (a runtime test per element made the
-    // loop one branch an element: 2.4k instructions a tile, and instruction-fetch stalls).
-    // `boundary`: the tile crosses the item's end or a row's diagonal (interior tiles have no
-    // mask code; the variant's mask is on every tile). `fold`: without a logits hook the scores
-    // stay unscaled until the exponent, where s * qk_scale - m is one FFMA (the row max commutes
-    // with a positive scale). Element i is row hf = (i / 2) % 2 of this thread, key
-    // 8 (i / 4) + 2 t4 + i % 2 of the tile. It leaves O's rescale in `scale` (`grew`: any row's
-    // maximum moved), applied once P V(t - 1) is done.
-    auto logits_softmax = [&](const bool fold, const bool boundary) {
-      #pragma unroll
-      for (int i = 0; i < kTileKv / 2; ++i) {
-        const int hf = (i / 2) % 2;
-        const unsigned j = j0 + 8 * (i / 4) + 2 * t4 + (i % 2);
-        float x = fold ? sacc[i] : sacc[i] * qk_scale;
-        bool keep = true;
-        if (boundary) {
-          const long long diag = static_cast<long long>(row_of(hf) / group) + shift;
-          keep = (j < keys.stop) & (!causal | (static_cast<long long>(j) <= diag));
-        }
-        if constexpr (V::kHasMask || V::kHasLogits) {
-          const unsigned pr = row_of(hf);
-          const unsigned h = kv_head * group + pr % group;
-          const Pos at{b, pr / group, kp.offset + j, h, kv_head, qo_len, kp.total, D};
-          if constexpr (V::kHasMask) keep = keep && hook_mask<V>(p, at);
-          if constexpr (V::kHasLogits) {
-            if (keep) {
-              x = hook_logits<V>(p, x, at);
-              if constexpr (V::kSoftmax) x *= kLog2e;
-            }
-          }
-        }
-        if (boundary || V::kHasMask) x = keep ? x : (V::kSoftmax ? -FI_INF : 0.0f);
-        sacc[i] = x;
-      }
-      if constexpr (V::kSoftmax) {
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+    m[0] = m[1] = -FI_INF;
+    z[0] = z[1] = 0.0f;
+    // The softmax of tile t on sacc; O's rescale is left in `scale` and `grew`.
+    auto softmax_tile = [&](unsigned t) {
+      const unsigned j0 = w.kv_start + t * kTileKv;
+      scale[0] = scale[1] = 1.0f;
+      grew = false;
+      // Logits, masks and the online softmax, as prefill.cuh's: each call below passes constant
+      // flags, so each inlines to its own straight-line copy (a runtime test per element made the
+      // loop one branch an element: 2.4k instructions a tile, and instruction-fetch stalls).
+      // `boundary`: the tile crosses the item's end or a row's diagonal (interior tiles have no
+      // mask code; the variant's mask is on every tile). `fold`: without a logits hook the scores
+      // stay unscaled until the exponent, where s * qk_scale - m is one FFMA (the row max commutes
+      // with a positive scale). Element i is row hf = (i / 2) % 2 of this thread, key
+      // 8 (i / 4) + 2 t4 + i % 2 of the tile. It leaves O's rescale in `scale` (`grew`: any row's
+      // maximum moved), applied once P V(t - 1) is done.
+      auto logits_softmax = [&](const bool fold, const bool boundary) {
         #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          float mx = fold ? -FI_INF : m[hf];
-          #pragma unroll
-          for (int q4 = 0; q4 < kTileKv / 8; ++q4) {
-            mx = fmaxf(mx, fmaxf(sacc[4 * q4 + 2 * hf], sacc[4 * q4 + 2 * hf + 1]));
+        for (int i = 0; i < kTileKv / 2; ++i) {
+          const int hf = (i / 2) % 2;
+          const unsigned j = j0 + 8 * (i / 4) + 2 * t4 + (i % 2);
+          float x = fold ? sacc[i] : sacc[i] * qk_scale;
+          bool keep = true;
+          if (boundary) {
+            const long long diag = static_cast<long long>(row_of(hf) / group) + shift;
+            keep = (j < keys.stop) & (!causal | (static_cast<long long>(j) <= diag));
           }
-          mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
-          if (fold) mx = fmaxf(m[hf], mx * qk_scale);
-          // While nothing is visible the max is -inf; 0 stands in so no -inf - -inf appears.
-          const float base = mx == -FI_INF ? 0.0f : mx;
-          scale[hf] = exp2_approx(m[hf] - base);
-          grew = grew || mx != m[hf];
-          m[hf] = mx;
-          float sum = 0.0f;
-          #pragma unroll
-          for (int q4 = 0; q4 < kTileKv / 8; ++q4) {
-            #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float& x = sacc[4 * q4 + 2 * hf + e];
-              x = exp2_approx(fold ? fmaf(x, qk_scale, -base) : x - base);
-              sum += x;
+          if constexpr (V::kHasMask || V::kHasLogits) {
+            const unsigned pr = row_of(hf);
+            const unsigned h = kv_head * group + pr % group;
+            const Pos at{b, pr / group, kp.offset + j, h, kv_head, qo_len, kp.total, D};
+            if constexpr (V::kHasMask) keep = keep && hook_mask<V>(p, at);
+            if constexpr (V::kHasLogits) {
+              if (keep) {
+                x = hook_logits<V>(p, x, at);
+                if constexpr (V::kSoftmax) x *= kLog2e;
+              }
             }
           }
-          z[hf] = z[hf] * scale[hf] + sum;
+          if (boundary || V::kHasMask) x = keep ? x : (V::kSoftmax ? -FI_INF : 0.0f);
+          sacc[i] = x;
         }
-      }
-    };
-    const bool boundary = t >= keys.first_masked;
-    if constexpr (!V::kHasLogits && V::kSoftmax) {
-      if (qk_scale > 0.0f) {
-        if (boundary) {
-          logits_softmax(true, true);
+        if constexpr (V::kSoftmax) {
+          #pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            float mx = fold ? -FI_INF : m[hf];
+            #pragma unroll
+            for (int q4 = 0; q4 < kTileKv / 8; ++q4) {
+              mx = fmaxf(mx, fmaxf(sacc[4 * q4 + 2 * hf], sacc[4 * q4 + 2 * hf + 1]));
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
+            if (fold) mx = fmaxf(m[hf], mx * qk_scale);
+            // While nothing is visible the max is -inf; 0 stands in so no -inf - -inf appears.
+            const float base = mx == -FI_INF ? 0.0f : mx;
+            scale[hf] = exp2_approx(m[hf] - base);
+            grew = grew || mx != m[hf];
+            m[hf] = mx;
+            float sum = 0.0f;
+            #pragma unroll
+            for (int q4 = 0; q4 < kTileKv / 8; ++q4) {
+              #pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                float& x = sacc[4 * q4 + 2 * hf + e];
+                x = exp2_approx(fold ? fmaf(x, qk_scale, -base) : x - base);
+                sum += x;
+              }
+            }
+            z[hf] = z[hf] * scale[hf] + sum;
+          }
+        }
+      };
+      const bool boundary = t >= keys.first_masked;
+      if constexpr (!V::kHasLogits && V::kSoftmax) {
+        if (qk_scale > 0.0f) {
+          if (boundary) {
+            logits_softmax(true, true);
+          } else {
+            logits_softmax(true, false);
+          }
+        } else if (boundary) {
+          logits_softmax(false, true);
         } else {
-          logits_softmax(true, false);
+          logits_softmax(false, false);
         }
       } else if (boundary) {
         logits_softmax(false, true);
       } else {
         logits_softmax(false, false);
       }
-    } else if (boundary) {
-      logits_softmax(false, true);
-    } else {
-      logits_softmax(false, false);
-    }
-  };
+    };
 
-  if (keys.tiles > 0) {
-    zero_s();
-    mbar_wait(k_full(0), 0);
-    named_sync(my_turn, 2 * kWarpgroupThreads);
-    wgmma_fence();
-    issue_s(0);
-    named_arrive(their_turn, 2 * kWarpgroupThreads);
-    wgmma_wait<0>();
-    wgmma_hold(sacc);
-    softmax_tile(0);  // O is still 0: nothing to rescale
-    to_p(pa, sacc);
-  }
-  for (unsigned t = 1; t < keys.tiles; ++t) {
-    zero_s();
-    mbar_wait(k_full(stage(t)), phase(t));
-    mbar_wait(v_full(stage(t - 1)), phase(t - 1));
-    named_sync(my_turn, 2 * kWarpgroupThreads);
-    wgmma_fence();
-    issue_s(t);
-    issue_pv(pa, v_tile(stage(t - 1)));
-    named_arrive(their_turn, 2 * kWarpgroupThreads);
-    wgmma_wait<1>();  // S(t) is done; P V(t - 1) may still run
-    wgmma_hold(sacc);
-    softmax_tile(t);
-    wgmma_wait<0>();
-    wgmma_hold(o);
-    wgmma_hold(pa);
-    mbar_arrive(empty(stage(t - 1)));  // this warpgroup is done with tile t - 1's stage
-    // Once the row maxima settle (most tiles of a long row), no output needs rescaling.
-    if (__any_sync(kFullMask, grew)) {
-      #pragma unroll
-      for (int i = 0; i < D / 2; ++i) o[i] *= scale[(i / 2) % 2];
+    // Tile t's S is issued together with tile t - 1's P V (one turn), and the softmax of S(t)
+    // runs while P V(t - 1) still computes (FA3's intra-warpgroup overlap): P(t - 1) stays in
+    // registers until that MMA is waited for, and O is rescaled for tile t only after it. Tile 0
+    // (S alone) and the last P V are peeled off the loop: ptxas keeps MMAs in flight across a
+    // wait only in straight-line pipelines (with the stages in branches it waits after every MMA).
+    mbar_wait(q_full(slot), (n / Sh::kQSlots) & 1);
+    if (keys.tiles > 0) {
+      mbar_wait(k_full(stage(g)), phase(g));
+      named_sync(my_turn, 2 * kWarpgroupThreads);
+      wgmma_fence();
+      issue_s(sq, k_tile(stage(g)));
+      named_arrive(their_turn, 2 * kWarpgroupThreads);
+      wgmma_wait<0>();
+      wgmma_hold(sacc);
+      softmax_tile(0);  // O is still 0: nothing to rescale
+      to_p();
     }
-    to_p(pa, sacc);
-  }
-  if (keys.tiles > 0) {
-    const unsigned last = keys.tiles - 1;
-    mbar_wait(v_full(stage(last)), phase(last));
-    wgmma_fence();
-    issue_pv(pa, v_tile(stage(last)));
-    wgmma_wait<0>();
-    wgmma_hold(o);
-    wgmma_hold(pa);
-    mbar_arrive(empty(stage(last)));
-  }
+    for (unsigned t = 1; t < keys.tiles; ++t) {
+      const unsigned gt = g + t;
+      mbar_wait(k_full(stage(gt)), phase(gt));
+      mbar_wait(v_full(stage(gt - 1)), phase(gt - 1));
+      named_sync(my_turn, 2 * kWarpgroupThreads);
+      wgmma_fence();
+      issue_s(sq, k_tile(stage(gt)));
+      issue_pv(v_tile(stage(gt - 1)));
+      named_arrive(their_turn, 2 * kWarpgroupThreads);
+      wgmma_wait<1>();  // S(t) is done; P V(t - 1) may still run
+      wgmma_hold(sacc);
+      softmax_tile(t);
+      wgmma_wait<0>();
+      wgmma_hold(o);
+      wgmma_hold(pa);
+      mbar_arrive(empty(stage(gt - 1)));  // this warpgroup is done with tile t - 1's stage
+      // Once the row maxima settle (most tiles of a long row), no output needs rescaling.
+      if (__any_sync(kFullMask, grew)) {
+        #pragma unroll
+        for (int i = 0; i < D / 2; ++i) o[i] *= scale[(i / 2) % 2];
+      }
+      to_p();
+    }
+    if (keys.tiles > 0) {
+      const unsigned last = g + keys.tiles - 1;
+      mbar_wait(v_full(stage(last)), phase(last));
+      wgmma_fence();
+      issue_pv(v_tile(stage(last)));
+      wgmma_wait<0>();
+      wgmma_hold(o);
+      wgmma_hold(pa);
+      mbar_arrive(empty(stage(last)));
+    }
+    mbar_arrive(q_empty(slot));  // every S of the item is done: its Q slot is free
+    g += keys.tiles;
+    ++n;
 
-  // Epilogue (epilogue.cuh), as prefill.cuh: unsplit items write o and lse, split items their
-  // chunk's partial row and LSE.
-  const bool split = w.partial >= 0;
-  #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    float zz = z[hf];
-    zz += __shfl_xor_sync(kFullMask, zz, 1);
-    zz += __shfl_xor_sync(kFullMask, zz, 2);
-    if (w.qo_tile_start + row0 + 8 * hf >= w.qo_tile_end) continue;
-    const unsigned pr = row_of(hf);
-    const unsigned i = pr / group, h = kv_head * group + pr % group;
-    const Pos at{b, i, 0, h, kv_head, qo_len, kp.total, D};
-    const auto end = finish_row<V>(p, m[hf], zz, at, !split);
-    const float lse = end.lse();
-    if (!split) {
-      T* dst = out_row<T>(a, qo_begin + i, h);
-      #pragma unroll
-      for (int q4 = 0; q4 < D / 8; ++q4) {
-        const unsigned d = 8 * q4 + 2 * t4;
-        const float x0 = out_elem<V>(p, o[4 * q4 + 2 * hf], end, d, at);
-        const float x1 = out_elem<V>(p, o[4 * q4 + 2 * hf + 1], end, d + 1, at);
-        *reinterpret_cast<unsigned*>(dst + d) = pack2<T>(x0, x1);
+    // Epilogue (epilogue.cuh), as prefill.cuh: unsplit items write o and lse, split items their
+    // chunk's partial row and LSE.
+    const bool split = w.partial >= 0;
+    #pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float zz = z[hf];
+      zz += __shfl_xor_sync(kFullMask, zz, 1);
+      zz += __shfl_xor_sync(kFullMask, zz, 2);
+      if (w.qo_tile_start + row0 + 8 * hf >= w.qo_tile_end) continue;
+      const unsigned pr = row_of(hf);
+      const unsigned i = pr / group, h = kv_head * group + pr % group;
+      const Pos at{b, i, 0, h, kv_head, qo_len, kp.total, D};
+      const auto end = finish_row<V>(p, m[hf], zz, at, !split);
+      const float lse = end.lse();
+      if (!split) {
+        T* dst = out_row<T>(a, qo_begin + i, h);
+        #pragma unroll
+        for (int q4 = 0; q4 < D / 8; ++q4) {
+          const unsigned d = 8 * q4 + 2 * t4;
+          const float x0 = out_elem<V>(p, o[4 * q4 + 2 * hf], end, d, at);
+          const float x1 = out_elem<V>(p, o[4 * q4 + 2 * hf + 1], end, d + 1, at);
+          *reinterpret_cast<unsigned*>(dst + d) = pack2<T>(x0, x1);
+        }
+        if (t4 == 0) write_lse(a, qo_begin + i, h, lse);
+      } else {
+        const unsigned long long prow = partial_row(w.partial, i);
+        float* dst = partial_out<D>(a, prow, h);
+        #pragma unroll
+        for (int q4 = 0; q4 < D / 8; ++q4) {
+          const float pair[2] = {o[4 * q4 + 2 * hf], o[4 * q4 + 2 * hf + 1]};
+          store_partial<2>(dst + 8 * q4 + 2 * t4, pair, end);
+        }
+        if (t4 == 0) write_partial_lse<V::kSoftmax>(a, prow, h, lse);
       }
-      if (t4 == 0) write_lse(a, qo_begin + i, h, lse);
-    } else {
-      const unsigned long long prow = partial_row(w.partial, i);
-      float* dst = partial_out<D>(a, prow, h);
-      #pragma unroll
-      for (int q4 = 0; q4 < D / 8; ++q4) {
-        const float pair[2] = {o[4 * q4 + 2 * hf], o[4 * q4 + 2 * hf + 1]};
-        store_partial<2>(dst + 8 * q4 + 2 * t4, pair, end);
-      }
-      if (t4 == 0) write_partial_lse<V::kSoftmax>(a, prow, h, lse);
     }
   }
 }

@@ -24,7 +24,8 @@ struct AttnArgs {
   unsigned causal;
   float sm_scale;
   unsigned num_items;  // work items in the grid (the plan's padded length)
+  unsigned num_sms;    // SMs of the device (0: unknown): a persistent kernel's grid
 };
-static_assert(sizeof(AttnArgs) == 19 * 8 + 8 * 4, "AttnArgs must match kernels/src/abi.rs");
+static_assert(sizeof(AttnArgs) == 19 * 8 + 10 * 4, "AttnArgs must match kernels/src/abi.rs");
 
 }  // namespace fi

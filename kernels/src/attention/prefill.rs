@@ -55,12 +55,15 @@ const ELEMENT_BYTES: u32 = 2;
 pub const SM90_KV_TILE: u32 = 128;
 /// Threads of the sm_90a template: a producer warpgroup and two consumers of 64 rows.
 const SM90_THREADS: u32 = 384;
-/// K/V stages of the sm_90a template (`PrefillSm90Shape::kStages`): two tiles in flight.
-const SM90_STAGES: u32 = 3;
+/// K/V stages of the sm_90a template (`PrefillSm90Shape::kStages`).
+const SM90_STAGES: u32 = 2;
+/// Q tiles of the sm_90a template (`kQSlots`): the next item's Q lands while this one's is read.
+const SM90_Q_SLOTS: u32 = 2;
 /// Slots of its key offset table (`kOffsetSlots`).
 const SM90_OFFSET_SLOTS: u32 = 2;
-/// mbarriers of the sm_90a template: Q, then each stage's K full, V full and empty.
-const SM90_BARRIERS: u32 = 1 + 3 * SM90_STAGES;
+/// mbarriers of the sm_90a template: each Q slot's full and empty, then each stage's K full, V
+/// full and empty.
+const SM90_BARRIERS: u32 = 2 * SM90_Q_SLOTS + 3 * SM90_STAGES;
 
 fn is_sm90(cfg: &KernelConfig) -> bool {
     cfg.kv_tile == SM90_KV_TILE
@@ -127,10 +130,10 @@ impl Shape {
         }
     }
 
-    /// The sm_90a template's shape (`PrefillSm90Shape`): the Q tile, three stages of K and V in
+    /// The sm_90a template's shape (`PrefillSm90Shape`): the Q slots, the stages of K and V in
     /// 128-byte-swizzled blocks, two tiles' key byte offsets (u64) and the mbarriers.
     fn sm90(head_dim: u32) -> Self {
-        let rows = 128 + 2 * SM90_STAGES * SM90_KV_TILE;
+        let rows = SM90_Q_SLOTS * 128 + 2 * SM90_STAGES * SM90_KV_TILE;
         Shape {
             tile_q: 128,
             kv_tile: SM90_KV_TILE,
@@ -344,11 +347,18 @@ fn launch_bounds(cfg: &KernelConfig) -> &'static str {
 }
 
 /// One CTA per work item (the plan's padded length); an empty work list still gets one CTA,
-/// which finds no valid item and returns (a zero grid would not launch).
+/// which finds no valid item and returns (a zero grid would not launch). The sm_90a template is
+/// persistent: one CTA an SM (its shared memory allows no second), each taking every
+/// `grid`-th item.
 fn launch_dims(cfg: &KernelConfig, args: &AttnArgs) -> LaunchDims {
     let s = Shape::of(cfg);
+    let ctas = if is_sm90(cfg) && args.num_sms > 0 {
+        args.num_items.min(args.num_sms)
+    } else {
+        args.num_items
+    };
     LaunchDims {
-        grid: [args.num_items.max(1), 1, 1],
+        grid: [ctas.max(1), 1, 1],
         block: [s.warps * WARP, 1, 1],
         shared_bytes: s.shared_bytes,
     }
@@ -536,11 +546,24 @@ mod tests {
         ] {
             assert_eq!(sm90_form(&other), None, "{}", other.name());
         }
+        // Two Q slots and two stages of K and V (32 KiB each), the offsets, ten barriers.
         let d = launch_dims(&fa3, &AttnArgs::default());
         assert_eq!(
-            (d.block, d.shared_bytes),
-            ([384, 1, 1], 229_376 + 2048 + 80)
+            (d.grid, d.block, d.shared_bytes),
+            ([1, 1, 1], [384, 1, 1], 6 * 32_768 + 2048 + 80)
         );
+        // Persistent: at most one CTA an SM; without the SM count, one an item.
+        let args = |num_items, num_sms| AttnArgs {
+            num_items,
+            num_sms,
+            ..AttnArgs::default()
+        };
+        assert_eq!(launch_dims(&fa3, &args(300, 132)).grid, [132, 1, 1]);
+        assert_eq!(launch_dims(&fa3, &args(100, 132)).grid, [100, 1, 1]);
+        assert_eq!(launch_dims(&fa3, &args(300, 0)).grid, [300, 1, 1]);
+        // FA2 stays one CTA an item.
+        let fa2 = c(128, 128, ArchClass::Sm90a);
+        assert_eq!(launch_dims(&fa2, &args(300, 132)).grid, [300, 1, 1]);
         assert_eq!(launch_bounds(&fa3), "384, 1");
         assert_eq!(template_args(&fa3), "");
         assert_eq!((FAMILY.header)(&fa3), "attention/prefill_sm90.cuh");

@@ -958,6 +958,7 @@ impl Planned {
             causal: u32::from(b.causal()),
             sm_scale: b.sm_scale(),
             num_items: work.padded_len,
+            num_sms: gpu.sm_count(),
         };
         let param_bytes = params::pack(variant, Some(gpu))?;
         let dims = ferrinfer_kernels::launch_dims(&cfg, &args);
