@@ -52,8 +52,8 @@ struct PrefillSm90Shape {
   static constexpr int kOffsetSlots = 2;
   static constexpr int kOffsetsAt = kVAt + kStages * kKvBytes;  // [kOffsetSlots][kTileKv] u64
   static constexpr int kBarriersAt = kOffsetsAt + kOffsetSlots * kTileKv * 8;
-  // Per Q slot full and empty, then per stage K full, V full and empty.
-  static constexpr int kBarriers = 2 * kQSlots + 3 * kStages;
+  // Per Q slot full and empty, then per stage K full, V full, K empty and V empty.
+  static constexpr int kBarriers = 2 * kQSlots + 4 * kStages;
   static constexpr int kSmemBytes = kBarriersAt + kBarriers * 8;
 };
 
@@ -88,7 +88,9 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   auto q_empty = [&](unsigned slot) { return bars + Sh::kQSlots + slot; };
   auto k_full = [&](unsigned s) { return bars + 2 * Sh::kQSlots + s; };
   auto v_full = [&](unsigned s) { return bars + 2 * Sh::kQSlots + Sh::kStages + s; };
-  auto empty = [&](unsigned s) { return bars + 2 * Sh::kQSlots + 2 * Sh::kStages + s; };
+  // K is free once S is done, V once P V is: K's stage refills a tile earlier.
+  auto k_empty = [&](unsigned s) { return bars + 2 * Sh::kQSlots + 2 * Sh::kStages + s; };
+  auto v_empty = [&](unsigned s) { return bars + 2 * Sh::kQSlots + 3 * Sh::kStages + s; };
   auto q_tile = [&](unsigned slot) { return sm90_smem + slot * Sh::kQBytes; };
   auto k_tile = [&](unsigned s) { return sm90_smem + Sh::kKAt + s * Sh::kKvBytes; };
   auto v_tile = [&](unsigned s) { return sm90_smem + Sh::kVAt + s * Sh::kKvBytes; };
@@ -134,7 +136,8 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     for (unsigned s = 0; s < Sh::kStages; ++s) {
       mbar_init(k_full(s), kWarpgroupThreads);
       mbar_init(v_full(s), kWarpgroupThreads);
-      mbar_init(empty(s), 2 * kWarpgroupThreads);
+      mbar_init(k_empty(s), 2 * kWarpgroupThreads);
+      mbar_init(v_empty(s), 2 * kWarpgroupThreads);
     }
     mbar_init_fence();
   }
@@ -185,7 +188,6 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
 
       for (unsigned t = 0; t < it.keys.tiles; ++t) {
         const unsigned gt = g + t, s = stage(gt);
-        if (gt >= Sh::kStages) mbar_wait(empty(s), phase(gt - Sh::kStages));
         // One page lookup a key: thread pt finds key pt's byte offset.
         const unsigned j0 = w.kv_start + t * kTileKv;
         const unsigned live = min(it.keys.stop - j0, static_cast<unsigned>(kTileKv));
@@ -202,7 +204,9 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
           }
           cp_async_commit();
         };
+        if (gt >= Sh::kStages) mbar_wait(k_empty(s), phase(gt - Sh::kStages));
         copy(k_tile(s), k);
+        if (gt >= Sh::kStages) mbar_wait(v_empty(s), phase(gt - Sh::kStages));
         copy(v_tile(s), v);
         signal(gt);
       }
@@ -389,6 +393,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
       named_arrive(their_turn, 2 * kWarpgroupThreads);
       wgmma_wait<0>();
       wgmma_hold(sacc);
+      mbar_arrive(k_empty(stage(g)));
       softmax_tile(0);  // O is still 0: nothing to rescale
       to_p();
     }
@@ -403,11 +408,12 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
       named_arrive(their_turn, 2 * kWarpgroupThreads);
       wgmma_wait<1>();  // S(t) is done; P V(t - 1) may still run
       wgmma_hold(sacc);
+      mbar_arrive(k_empty(stage(gt)));
       softmax_tile(t);
       wgmma_wait<0>();
       wgmma_hold(o);
       wgmma_hold(pa);
-      mbar_arrive(empty(stage(gt - 1)));  // this warpgroup is done with tile t - 1's stage
+      mbar_arrive(v_empty(stage(gt - 1)));  // this warpgroup is done with V(t - 1)
       // Once the row maxima settle (most tiles of a long row), no output needs rescaling.
       if (__any_sync(kFullMask, grew)) {
         #pragma unroll
@@ -423,7 +429,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
       wgmma_wait<0>();
       wgmma_hold(o);
       wgmma_hold(pa);
-      mbar_arrive(empty(stage(last)));
+      mbar_arrive(v_empty(stage(last)));
     }
     mbar_arrive(q_empty(slot));  // every S of the item is done: its Q slot is free
     g += keys.tiles;

@@ -62,8 +62,8 @@ const SM90_Q_SLOTS: u32 = 2;
 /// Slots of its key offset table (`kOffsetSlots`).
 const SM90_OFFSET_SLOTS: u32 = 2;
 /// mbarriers of the sm_90a template: each Q slot's full and empty, then each stage's K full, V
-/// full and empty.
-const SM90_BARRIERS: u32 = 2 * SM90_Q_SLOTS + 3 * SM90_STAGES;
+/// full, K empty and V empty.
+const SM90_BARRIERS: u32 = 2 * SM90_Q_SLOTS + 4 * SM90_STAGES;
 
 fn is_sm90(cfg: &KernelConfig) -> bool {
     cfg.kv_tile == SM90_KV_TILE
@@ -546,11 +546,11 @@ mod tests {
         ] {
             assert_eq!(sm90_form(&other), None, "{}", other.name());
         }
-        // Two Q slots and two stages of K and V (32 KiB each), the offsets, ten barriers.
+        // Two Q slots and two stages of K and V (32 KiB each), the offsets, twelve barriers.
         let d = launch_dims(&fa3, &AttnArgs::default());
         assert_eq!(
             (d.grid, d.block, d.shared_bytes),
-            ([1, 1, 1], [384, 1, 1], 6 * 32_768 + 2048 + 80)
+            ([1, 1, 1], [384, 1, 1], 6 * 32_768 + 2048 + 96)
         );
         // Persistent: at most one CTA an SM; without the SM count, one an item.
         let args = |num_items, num_sms| AttnArgs {
