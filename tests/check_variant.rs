@@ -218,7 +218,11 @@ fn the_fa3_instances_spill_at_head_dims_64_and_256_only_where_they_do_at_128() {
             })
             .collect();
         if spec.hooks.query || spec.hooks.key {
-            assert!(fa3.is_empty(), "{}: FA3 runs no query or key hooks", spec.name);
+            assert!(
+                fa3.is_empty(),
+                "{}: FA3 runs no query or key hooks",
+                spec.name
+            );
             continue;
         }
         let spills: Vec<(u32, bool)> = fa3
@@ -233,7 +237,12 @@ fn the_fa3_instances_spill_at_head_dims_64_and_256_only_where_they_do_at_128() {
             .collect();
         let mut head_dims: Vec<u32> = spills.iter().map(|&(hd, _)| hd).collect();
         head_dims.sort();
-        assert_eq!(head_dims, [64, 128, 256], "{}: one bf16 FA3 instance a head dim", spec.name);
+        assert_eq!(
+            head_dims,
+            [64, 128, 256],
+            "{}: one bf16 FA3 instance a head dim",
+            spec.name
+        );
         let spills_at = |hd| spills.iter().any(|&(h, s)| h == hd && s);
         if !spills_at(128) {
             clean_at_128 += 1;
@@ -247,5 +256,8 @@ fn the_fa3_instances_spill_at_head_dims_64_and_256_only_where_they_do_at_128() {
             assert!(spills.iter().all(|&(_, s)| !s), "{spills:?}");
         }
     }
-    assert!(clean_at_128 >= 4, "most built-in variants are spill-free at head dim 128");
+    assert!(
+        clean_at_128 >= 4,
+        "most built-in variants are spill-free at head dim 128"
+    );
 }

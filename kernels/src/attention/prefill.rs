@@ -696,7 +696,10 @@ mod tests {
         assert_eq!(launch_dims(&fa3, &args(300, 132)).grid, [132, 1, 1]);
         assert_eq!(launch_dims(&fa3, &args(100, 132)).grid, [100, 1, 1]);
         assert_eq!(launch_dims(&fa3, &args(300, 0)).grid, [300, 1, 1]);
-        assert_eq!(launch_dims(&sm90a(128, 128, 0), &args(300, 132)).grid, [300, 1, 1]);
+        assert_eq!(
+            launch_dims(&sm90a(128, 128, 0), &args(300, 132)).grid,
+            [300, 1, 1]
+        );
         assert_eq!(sm90_form(&sm90a(96, 128, 0)), None);
         // FA2 keeps its tiles: 64 keys at head dims 64 and 128 is FA2's, 128 keys at head dim
         // 256 is nobody's.

@@ -167,7 +167,8 @@ mod tests {
         // 128-row tile at each head dim (both dtypes).
         assert_eq!(a100.len(), 18 + 6);
         assert_eq!(hopper.len(), 18 + 6 + 2 + 3 * 2);
-        let fa3 = |c: &&KernelConfig| ferrinfer_kernels::attention::prefill::sm90_form(c) == Some(**c);
+        let fa3 =
+            |c: &&KernelConfig| ferrinfer_kernels::attention::prefill::sm90_form(c) == Some(**c);
         assert_eq!(hopper.iter().filter(fa3).count(), 6);
         assert!(a100.iter().filter(fa3).count() == 0);
         assert!(
