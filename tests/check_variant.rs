@@ -80,7 +80,7 @@ fn assert_covers_every_instance(report: &CheckReport, variant: &str) {
     }
     assert!(
         report.to_string().starts_with(&format!(
-            "variant {variant}: all 52 kernel instances compile"
+            "variant {variant}: all 56 kernel instances compile"
         )),
         "{report}"
     );
@@ -169,11 +169,11 @@ fn a_variant_nvrtc_refuses_is_reported_with_every_failing_instance() {
         .filter(|(_, arch)| *arch == Arch::SM90)
         .map(|(name, _)| name)
         .collect();
-    assert_eq!(hopper.len(), 28);
+    assert_eq!(hopper.len(), 32);
     assert_eq!(
         kernel,
         &format!(
-            "variant check_variant::BrokenOnHopper in {} of 52 kernel instances",
+            "variant check_variant::BrokenOnHopper in {} of 56 kernel instances",
             hopper.len()
         )
     );
@@ -197,4 +197,67 @@ fn a_variant_nvrtc_refuses_is_reported_with_every_failing_instance() {
     assert!(log.lines().any(|l| l.ends_with(&same)), "{log}");
     assert_eq!(log.matches("no_such_field\"").count(), 1, "{log}");
     assert!(text.starts_with("NVRTC failed to compile variant check_variant::BrokenOnHopper"));
+}
+
+/// The FA3 template at head dims 64 (128-key tiles, P V by m64n64k16) and 256 (64-key tiles, O
+/// as two n128 accumulators) compiles for sm_90a, and spills no more often than at head dim 128:
+/// every built-in variant whose head-dim-128 build is spill-free is spill-free at 64 and 256
+/// too, and the standard variant is at all three. (A build that spills runs FA2 instead, see
+/// `dispatch`; today ALiBi, the attention sink and the custom mask spill at every head dim.)
+#[test]
+fn the_fa3_instances_spill_at_head_dims_64_and_256_only_where_they_do_at_128() {
+    let jit = memory_only();
+    let sm = SmResources::typical(Arch::SM90);
+    let mut clean_at_128 = 0;
+    for spec in ferrinfer::variants() {
+        let fa3: Vec<_> = dispatch::instances_for(spec, Arch::SM90, &sm)
+            .into_iter()
+            .filter(|c| {
+                ferrinfer_kernels::attention::prefill::sm90_form(c) == Some(*c)
+                    && c.dtype == ferrinfer::DType::Bf16
+            })
+            .collect();
+        if spec.hooks.query || spec.hooks.key {
+            assert!(
+                fa3.is_empty(),
+                "{}: FA3 runs no query or key hooks",
+                spec.name
+            );
+            continue;
+        }
+        let spills: Vec<(u32, bool)> = fa3
+            .iter()
+            .map(|cfg| {
+                let k = dispatch::compile_with(&jit, spec, cfg, Arch::SM90)
+                    .unwrap_or_else(|e| panic!("{} {}: {e}", spec.name, cfg.name()));
+                println!("{:<14} {:<36} {:?}", spec.name, cfg.name(), k.stats);
+                let s = k.stats;
+                (cfg.head_dim_qk, s.spill_stores + s.spill_loads > 0)
+            })
+            .collect();
+        let mut head_dims: Vec<u32> = spills.iter().map(|&(hd, _)| hd).collect();
+        head_dims.sort();
+        assert_eq!(
+            head_dims,
+            [64, 128, 256],
+            "{}: one bf16 FA3 instance a head dim",
+            spec.name
+        );
+        let spills_at = |hd| spills.iter().any(|&(h, s)| h == hd && s);
+        if !spills_at(128) {
+            clean_at_128 += 1;
+            assert!(
+                !spills_at(64) && !spills_at(256),
+                "{}: spill-free at head dim 128 but not at 64 or 256: {spills:?}",
+                spec.name
+            );
+        }
+        if spec.name == "Standard" {
+            assert!(spills.iter().all(|&(_, s)| !s), "{spills:?}");
+        }
+    }
+    assert!(
+        clean_at_128 >= 4,
+        "most built-in variants are spill-free at head dim 128"
+    );
 }

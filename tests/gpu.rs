@@ -86,8 +86,9 @@ fn poison_spare<T: Element>(batch: &Batch, kv: &mut [T]) {
 }
 
 /// Run `variant` on the GPU and the CPU reference; assert they agree. Decode runs on both of its
-/// kernels, prefill on FA2 and on FA3 where that exists (Hopper, head dim 128, 128-row tiles,
-/// no query or key hooks; elsewhere the FA3 run is refused and skipped).
+/// kernels, prefill on FA2 and on FA3 where that exists (Hopper, head dims 64, 128 and 256, no
+/// query or key hooks; forcing FA3 plans its 128-row tile; elsewhere the FA3 run is refused and
+/// skipped).
 fn check<V: Variant, T: Element>(gpu: &Backend, variant: &V, case: &Case) {
     let configs: Vec<PlanConfig> = if case.decode {
         [DecodeKernel::CudaCores, DecodeKernel::TensorCores]
@@ -283,8 +284,11 @@ fn gpu_long_prompt_tiles() {
 /// The FA3 template forced (Hopper only): every variant it runs, over ragged and paged KV (page
 /// sizes 1 and 16), causal diagonals inside and across tiles, GQA 1, 4 and 8, rows that are not
 /// a multiple of the tile, an empty request and one with fewer keys than rows, and a batch large
-/// enough that the plan splits KV (partials and the merge). A variant with query or key hooks is
-/// refused on it with an error, and Auto runs it on FA2.
+/// enough that the plan splits KV (partials and the merge). Head dim 128 takes every
+/// combination; 64 (128-key tiles, P V by m64n64k16) and 256 (64-key tiles, two stages, O as
+/// two n128 accumulators) take one group size per (page size, causal), cycling, and a split
+/// batch of few query rows over long KV. A variant with query or key hooks is refused on it with
+/// an error, and Auto runs it on FA2.
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gpu_sm90_prefill() {
@@ -298,12 +302,20 @@ fn gpu_sm90_prefill() {
         ..PlanConfig::default()
     }];
     let mut n = 0;
-    for page_size in [None, Some(1), Some(16)] {
-        for causal in [true, false] {
+    for head_dim in HEAD_DIMS {
+        for (pc, (page_size, causal)) in [None, Some(1), Some(16)]
+            .into_iter()
+            .flat_map(|p| [(p, true), (p, false)])
+            .enumerate()
+        {
             for group in [1, 4, 8] {
+                // Away from head dim 128, group sizes 1, 4, 8 in turn over (page size, causal).
+                if head_dim != 128 && group != [1, 4, 8][pc % 3] {
+                    continue;
+                }
                 n += 1;
                 let case = Case {
-                    heads: Heads::new(8, 8 / group, 128).unwrap(),
+                    heads: Heads::new(8, 8 / group, head_dim).unwrap(),
                     qo_lens: vec![300, 129, 0, 64, 200],
                     kv_lens: vec![700, 129, 50, 1000, 100],
                     page_size,
@@ -321,6 +333,7 @@ fn gpu_sm90_prefill() {
             }
         }
     }
+    assert_eq!(n, 18 + 2 * 6, "cases run");
     let case = Case {
         heads: Heads::new(32, 8, 128).unwrap(),
         qo_lens: vec![1024, 3000],
@@ -338,6 +351,28 @@ fn gpu_sm90_prefill() {
     };
     check_with::<AttentionSink, bf16>(&gpu, &sink, &case, &fa3);
     check_with::<FlashSigmoid, bf16>(&gpu, &FlashSigmoid { bias: -1.0 }, &case, &fa3);
+    // Head dims 64 and 256: few query rows over long KV, so the plan splits it (partials of
+    // head_dim floats and the merge), causal and not, with every hook kind.
+    for head_dim in [64, 256] {
+        for causal in [true, false] {
+            let case = Case {
+                heads: Heads::new(8, 2, head_dim).unwrap(),
+                qo_lens: vec![100, 37, 0],
+                kv_lens: vec![4000, 2500, 10],
+                page_size: Some(16),
+                layout: KvLayout::Nhd,
+                causal,
+                decode: false,
+            };
+            check_with::<Standard, bf16>(&gpu, &Standard, &case, &fa3);
+            check_with::<SlidingWindow, f16>(&gpu, &SlidingWindow { window: 700 }, &case, &fa3);
+            let sink = AttentionSink {
+                sinks: Array::new((0..8).map(|h| 0.5 * h as f32 - 2.0).collect()),
+            };
+            check_with::<AttentionSink, bf16>(&gpu, &sink, &case, &fa3);
+            check_with::<FlashSigmoid, f16>(&gpu, &FlashSigmoid { bias: -1.0 }, &case, &fa3);
+        }
+    }
 
     // Query and key hooks: refused when forced, FA2 under Auto.
     let batch = Batch::new(

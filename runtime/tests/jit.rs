@@ -106,7 +106,7 @@ fn sm90a_accepts_hopper_only_instructions() {
 /// The sm_90a vocabulary (kernels/cuda/sm90/: mbarriers, named barriers, TMA and bulk loads,
 /// wgmma from shared memory and from registers, warpgroup register budgets) passes NVRTC and
 /// ptxas for sm_90a, every form instantiated once, and is refused for sm_80. The FA3 template is
-/// built from these; until it exists nothing else compiles them.
+/// built from these (its instances compile in tests/check_variant.rs).
 #[test]
 fn the_sm90_vocabulary_compiles_for_sm90a_only() {
     let units = [
@@ -151,6 +151,11 @@ fn the_sm90_vocabulary_compiles_for_sm90a_only() {
   fi::wgmma_ss_64x128x16<false, 1>(d, da, db, true);
   fi::wgmma_rs_64x128x16<true, 1>(d, a, db, true);
   fi::wgmma_rs_64x128x16<false, 0>(d, a, db, true);
+  // The n64 units, into each half of d (the accumulator of columns 0-63, then 64-127).
+  fi::wgmma_ss_64x64x16<true, 0>(fi::wgmma_cols<0, 32>(d), da, db, true);
+  fi::wgmma_ss_64x64x16<false, 1>(fi::wgmma_cols<32, 32>(d), da, db, true);
+  fi::wgmma_rs_64x64x16<true, 1>(fi::wgmma_cols<0, 32>(d), a, db, true);
+  fi::wgmma_rs_64x64x16<false, 0>(fi::wgmma_cols<32, 32>(d), a, db, true);
   fi::wgmma_commit();
   fi::wgmma_wait<0>();
   fi::wgmma_hold(d);

@@ -2,12 +2,13 @@
 // results as attention/prefill.cuh (the plan's 128-row tiles), computed by warpgroup MMAs.
 // Persistent: a CTA takes items blockIdx.x, + gridDim.x, ... of the plan's list (longest first),
 // so one item's loads overlap the previous item's last tiles and epilogue.
-// Three warpgroups a CTA: a producer that copies each item's Q (two slots) and its K/V tiles of
-// 128 keys into two stages (cp.async through the page table; K and V each complete their own
-// mbarrier, so S = Q K^T starts while V still lands), and two consumers of 64 query rows each.
-// A consumer computes S = Q K^T with both operands in shared memory (m64n128k16), the online
-// softmax on S's accumulators, and O += P V with P from registers (S's accumulator layout is the
-// A operand's), then frees the stage. The two consumers take turns issuing their MMAs (named
+// Three warpgroups a CTA: a producer that copies each item's Q (into Q slots) and its K/V tiles
+// into two stages (cp.async through the page table; K and V each complete their own mbarrier, so
+// S = Q K^T starts while V still lands), and two consumers of 64 query rows each. A consumer
+// computes S = Q K^T with both operands in shared memory, the online softmax on S's
+// accumulators, and O += P V with P from registers (S's accumulator layout is the A operand's),
+// then frees the stage. Head dims 64, 128 and 256: the tile sizes per head dim are in
+// PrefillSm90Shape, the MMA shapes in sm90_qk / sm90_pv; the loops are the same. The two consumers take turns issuing their MMAs (named
 // barriers), so one's softmax runs under the other's MMAs. The producer gives registers to the
 // consumers (setmaxnreg). Variants with query or key hooks run the FA2 template (the
 // dispatcher's choice).
@@ -31,14 +32,21 @@
 
 namespace fi {
 
-// The FA3 template's shape at head dim D (128 only, for now).
+// The FA3 template's shape at head dim D. A consumer holds O (D / 2 floats a thread), S
+// (kTileKv / 2) and P (kTileKv / 4) in its 232 registers: at head dim 256, O is 128 floats, so
+// the K/V tile is 64 keys (S 32, P 16). Shared memory (227 KiB an SM): at 64 and 128, two Q
+// slots and two stages of 128-key K and V (96 and 192 KiB); at 256 the Q tile alone is 64 KiB,
+// so one Q slot and two stages of 64-key K and V (32 KiB each): 192 KiB (two slots: 256).
 template <int D>
 struct PrefillSm90Shape {
-  static_assert(D == 128, "the sm90 prefill template is built for head dim 128");
+  static_assert(D == 64 || D == 128 || D == 256,
+                "the sm90 prefill template is built for head dims 64, 128 and 256");
   static constexpr int kTileQ = 128;  // two consumer warpgroups of 64 rows
-  static constexpr int kTileKv = 128;
+  static constexpr int kTileKv = D == 256 ? 64 : 128;
   static constexpr int kStages = 2;
-  static constexpr int kQSlots = 2;  // the next item's Q lands while this item's is read
+  // With two slots the next item's Q lands while this item's is read; with one (head dim 256)
+  // it waits for both consumers to finish this item.
+  static constexpr int kQSlots = D == 256 ? 1 : 2;
   static constexpr int kThreads = 3 * kWarpgroupThreads;
   // A row of a tile is D elements; a tile is stored as D / 64 column blocks of 64 elements (128
   // bytes a row), each block rows x 128 bytes with the 128-byte swizzle: the 16-byte unit u of
@@ -63,8 +71,58 @@ __device__ __forceinline__ unsigned sw128_offset(unsigned rows, unsigned r, unsi
   return (u / 8) * rows * 128 + r * 128 + (((u % 8) ^ (r % 8)) << 4);
 }
 
+// Descriptor (128-byte swizzle) of 16-column slice kk of a K-major tile (Q or K) of `rows` rows,
+// from row `row`: slices step 32 bytes inside a 128-byte block row and one block (rows x 128
+// bytes) every four slices; 8-row groups are 1024 bytes apart.
+__device__ __forceinline__ unsigned long long sm90_k_major(const unsigned char* tile, unsigned rows,
+                                                           unsigned row, unsigned kk) {
+  return wgmma_desc(tile + (kk / 4) * rows * 128 + row * 128 + (kk % 4) * 32, 16, 1024, 1);
+}
+
+// S (+)= Q K^T for the 64 rows of Q from `row` (of a tile of TQ rows) against a K tile of KV
+// keys: D / 16 steps of 16 dims, each one MMA as wide as the tile (m64n128k16 for 128 keys,
+// m64n64k16 for 64).
+template <bool BF16, int D, int TQ, int KV>
+__device__ __forceinline__ void sm90_qk(float (&s)[KV / 2], const unsigned char* q, unsigned row,
+                                        const unsigned char* k) {
+  static_assert(KV == 64 || KV == 128, "K/V tiles of 64 or 128 keys");
+  #pragma unroll
+  for (unsigned kk = 0; kk < D / 16; ++kk) {
+    const unsigned long long a = sm90_k_major(q, TQ, row, kk), b = sm90_k_major(k, KV, 0, kk);
+    if constexpr (KV == 128) {
+      wgmma_ss_64x128x16<BF16, 0>(s, a, b, true);
+    } else {
+      wgmma_ss_64x64x16<BF16, 0>(s, a, b, true);
+    }
+  }
+}
+
+// O += P V for keys [16 kb, 16 kb + 16) of a V tile of KV keys, P (those 16 keys) from registers.
+// V is N-major: 16 keys are two 8-row groups (2048 bytes), and 64-column blocks are KV x 128
+// bytes apart (the leading offset), so an n128 MMA covers two blocks. Head dim 64 is one block
+// (m64n64k16), 128 one n128 MMA, 256 two: columns 0-127 (blocks 0-1) into O's first 64 floats,
+// 128-255 (blocks 2-3) into the next 64 (sm90/wgmma.cuh: wgmma_cols).
+template <bool BF16, int D, int KV>
+__device__ __forceinline__ void sm90_pv(float (&o)[D / 2], const unsigned (&p)[4],
+                                        const unsigned char* v, unsigned kb) {
+  constexpr unsigned kBlock = KV * 128;
+  const unsigned char* const at = v + kb * 2048;
+  if constexpr (D == 64) {
+    wgmma_rs_64x64x16<BF16, 1>(o, p, wgmma_desc(at, kBlock, 1024, 1), true);
+  } else {
+    static_assert(D == 128 || D == 256, "head dims 64, 128 and 256");
+    wgmma_rs_64x128x16<BF16, 1>(wgmma_cols<0, 64>(o), p, wgmma_desc(at, kBlock, 1024, 1), true);
+    if constexpr (D == 256) {
+      wgmma_rs_64x128x16<BF16, 1>(wgmma_cols<64, 64>(o), p,
+                                  wgmma_desc(at + 2 * kBlock, kBlock, 1024, 1), true);
+    }
+  }
+}
+
 // Producer register budget and the consumers': 128 x 40 + 256 x 232 = the 168 x 384 a CTA of
-// 384 threads starts with (65536 registers an SM, one CTA).
+// 384 threads starts with (65536 registers an SM, one CTA). setmaxnreg moves registers only
+// within those: 240 for the consumers needs a producer of 24 (FlashAttention-3's split, whose
+// producer is one TMA thread), where this cp.async producer spills (tried at head dim 256).
 constexpr unsigned kSm90ProducerRegs = 40, kSm90ConsumerRegs = 232;
 
 template <class V, class P, class T, int D>
@@ -151,7 +209,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     const T* const q = static_cast<const T*>(a.q);
     const char* const k = static_cast<const char*>(a.k);
     const char* const v = static_cast<const char*>(a.v);
-    // Each thread copies unit `u` of rows `r0 + 8 it`: 16 lanes cover one 256-byte row.
+    // Each thread copies unit `u` of rows `r0 + kRowsPerPass it`: D / 8 lanes cover one row.
     const unsigned u = pt % (D / 8), r0 = pt / (D / 8);
     constexpr unsigned kRowsPerPass = kWarpgroupThreads / (D / 8);
     // Tile g's copies are two groups, K then V: wait for K, then for V, each made visible to
@@ -188,11 +246,14 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
 
       for (unsigned t = 0; t < it.keys.tiles; ++t) {
         const unsigned gt = g + t, s = stage(gt);
-        // One page lookup a key: thread pt finds key pt's byte offset.
+        // One page lookup a key: thread pt finds key pt's byte offset (threads past a 64-key
+        // tile have none: the slot holds kTileKv entries; a constant test for 128 keys).
         const unsigned j0 = w.kv_start + t * kTileKv;
         const unsigned live = min(it.keys.stop - j0, static_cast<unsigned>(kTileKv));
         unsigned long long* const offs = key_off + (gt % Sh::kOffsetSlots) * kTileKv;
-        offs[pt] = pt < live ? it.kv.offset(j0 + pt, w.kv_head) * sizeof(T) : 0ull;
+        if (kTileKv >= static_cast<int>(kWarpgroupThreads) || pt < static_cast<unsigned>(kTileKv)) {
+          offs[pt] = pt < live ? it.kv.offset(j0 + pt, w.kv_head) * sizeof(T) : 0ull;
+        }
         named_sync(1, kWarpgroupThreads);
         // Keys past the item's end are zero-filled: P is 0 there, and 0 * V must not be NaN.
         auto copy = [&](unsigned char* tile, const char* src) {
@@ -223,19 +284,12 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   // This thread's two rows of the tile (accumulator layout, sm90/wgmma.cuh).
   const unsigned row0 = cw * 64 + (wt / kWarpSize) * 16 + lane / 4;
   const float qk_scale = (V::kHasLogits || !V::kSoftmax) ? a.sm_scale : a.sm_scale * kLog2e;
-  // Descriptors (128-byte swizzle): K-major tiles (Q, K) step 32 bytes a k16 slice inside a
-  // 128-byte block row and one block (rows x 128 bytes) every four slices; 8-row groups are
-  // 1024 bytes apart. V is N-major: 16 keys are two 8-row groups (2048 bytes), and its second 64
-  // columns are the next block (the leading offset).
-  auto k_major = [](const unsigned char* tile, unsigned rows, unsigned row, unsigned kk) {
-    return wgmma_desc(tile + (kk / 4) * rows * 128 + row * 128 + (kk % 4) * 32, 16, 1024, 1);
-  };
   // Turns: the two consumers issue their MMAs alternately (named barriers 2 and 3, each
   // completed by one consumer's sync and the other's arrival). Consumer 1 lets 0 go first.
   const unsigned my_turn = 2 + cw, their_turn = 3 - cw;
   if (cw == 1) named_arrive(2, 2 * kWarpgroupThreads);
 
-  float o[D / 2];  // the m64n128 accumulator layout (sm90/wgmma.cuh): D = 128 columns
+  float o[D / 2];  // the accumulator layout (sm90/wgmma.cuh) over D columns
   float m[2], z[2];
   unsigned pa[kTileKv / 16][4];
   float sacc[kTileKv / 2];
@@ -254,21 +308,14 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   // O += P V for the tile in `vt` (inside a fence; P was converted before it), committed.
   auto issue_pv = [&](const unsigned char* vt) {
     #pragma unroll
-    for (unsigned kb = 0; kb < kTileKv / 16; ++kb) {
-      wgmma_rs_64x128x16<kBf16, 1>(o, pa[kb], wgmma_desc(vt + kb * 2048, kTileKv * 128, 1024, 1),
-                                   true);
-    }
+    for (unsigned kb = 0; kb < kTileKv / 16; ++kb) sm90_pv<kBf16, D, kTileKv>(o, pa[kb], vt, kb);
     wgmma_commit();
   };
-  // S = Q K^T: this warpgroup's 64 rows of `sq` by the 128 keys of `kt` (inside a fence).
+  // S = Q K^T: this warpgroup's 64 rows of `sq` by the keys of `kt` (inside a fence).
   auto issue_s = [&](const unsigned char* sq, const unsigned char* kt) {
     #pragma unroll
     for (int i = 0; i < kTileKv / 2; ++i) sacc[i] = 0.0f;
-    #pragma unroll
-    for (unsigned kk = 0; kk < D / 16; ++kk) {
-      wgmma_ss_64x128x16<kBf16, 0>(sacc, k_major(sq, kTileQ, cw * 64, kk),
-                                   k_major(kt, kTileKv, 0, kk), true);
-    }
+    sm90_qk<kBf16, D, kTileQ, kTileKv>(sacc, sq, cw * 64, kt);
     wgmma_commit();
   };
 

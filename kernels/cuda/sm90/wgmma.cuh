@@ -3,10 +3,13 @@
 // matrix descriptor) or from registers; B always from shared memory. The calls are issued between
 // wgmma_fence() (the accumulators' earlier register writes are ordered before the MMA reads them)
 // and wgmma_commit(), and their results are read only after wgmma_wait<N>() has left at most N
-// groups in flight. The unit is m64n128k16: at n64 an SS MMA reads as many shared-memory bytes a
-// cycle as the SM delivers, at n128 A is read once for twice the columns. Accumulator layout
-// (thread t of the warpgroup, w = t / 32, l = t % 32): d[i] is row 16 w + l / 4 + 8 ((i / 2) % 2),
-// column 8 (i / 4) + 2 (l % 4) + i % 2.
+// groups in flight. Two shapes: m64n128k16, the usual unit (at n64 an SS MMA reads as many
+// shared-memory bytes a cycle as the SM delivers, at n128 A is read once for twice the columns),
+// and m64n64k16 where a tile is 64 wide (P V at head dim 64, Q K^T over 64-key tiles at head dim
+// 256). Accumulator layout (thread t of the warpgroup, w = t / 32, l = t % 32), for either width:
+// d[i] is row 16 w + l / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (l % 4) + i % 2. So a wider
+// accumulator is the narrower ones side by side: elements [64 c, 64 c + 64) of a flat array are
+// columns [128 c, 128 c + 128), the n128 accumulator `wgmma_cols<64 c, 64>` names.
 #pragma once
 
 namespace fi {
@@ -50,6 +53,75 @@ template <int N, int M>
 __device__ __forceinline__ void wgmma_hold(unsigned (&a)[N][M]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) wgmma_hold(a[i]);
+}
+
+// The n-wide slice of a flat accumulator that starts at element `At` (a multiple of N): an MMA
+// of width 2 N writes it (see the layout above), so O = P V at head dim 256 is two n128 MMAs
+// into one 128-float array.
+template <int At, int N, int M>
+__device__ __forceinline__ float (&wgmma_cols(float (&d)[M]))[N] {
+  static_assert(At % N == 0 && At + N <= M, "a whole accumulator inside the array");
+  return *reinterpret_cast<float(*)[N]>(d + At);
+}
+
+#define FI_WGMMA_D64 "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, "\
+  "%8, %9, %10, %11, %12, %13, %14, %15, "\
+  "%16, %17, %18, %19, %20, %21, %22, %23, "\
+  "%24, %25, %26, %27, %28, %29, %30, %31}"
+#define FI_WGMMA_D64_ARGS \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), \
+  "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), \
+  "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), \
+  "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
+  "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+
+// d (+)= A B for A a 64 x 16 shared tile (descriptor a) and B a 16 x 64 shared tile (descriptor
+// b), as wgmma_ss_64x128x16 at half the width.
+template <bool BF16, int TRANS_B>
+__device__ __forceinline__ void wgmma_ss_64x64x16(float (&d)[32], unsigned long long a,
+                                                   unsigned long long b, bool accumulate) {
+  if constexpr (BF16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " FI_WGMMA_D64
+        ", %32, %33, p, 1, 1, 0, %35;\n}\n"
+        : FI_WGMMA_D64_ARGS
+        : "l"(a), "l"(b), "r"(static_cast<unsigned>(accumulate)), "n"(TRANS_B));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " FI_WGMMA_D64
+        ", %32, %33, p, 1, 1, 0, %35;\n}\n"
+        : FI_WGMMA_D64_ARGS
+        : "l"(a), "l"(b), "r"(static_cast<unsigned>(accumulate)), "n"(TRANS_B));
+  }
+}
+
+// The same with A from registers (as wgmma_rs_64x128x16 at half the width).
+template <bool BF16, int TRANS_B>
+__device__ __forceinline__ void wgmma_rs_64x64x16(float (&d)[32], const unsigned (&a)[4],
+                                                   unsigned long long b, bool accumulate) {
+  if constexpr (BF16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " FI_WGMMA_D64
+        ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+        : FI_WGMMA_D64_ARGS
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b),
+          "r"(static_cast<unsigned>(accumulate)), "n"(TRANS_B));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " FI_WGMMA_D64
+        ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+        : FI_WGMMA_D64_ARGS
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b),
+          "r"(static_cast<unsigned>(accumulate)), "n"(TRANS_B));
+  }
 }
 
 #define FI_WGMMA_D128 "{" \
@@ -127,6 +199,8 @@ __device__ __forceinline__ void wgmma_rs_64x128x16(float (&d)[64], const unsigne
   }
 }
 
+#undef FI_WGMMA_D64
+#undef FI_WGMMA_D64_ARGS
 #undef FI_WGMMA_D128
 #undef FI_WGMMA_D128_ARGS
 

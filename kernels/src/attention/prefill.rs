@@ -1,9 +1,9 @@
 //! The prefill (and append) family: its templates, tile function, launch geometry and instances.
 //! Mirrors `PrefillShape` in `cuda/attention/prefill.cuh`: one CTA per work item of the plan, one warp per
 //! 16 packed query rows (at most `kPrefillWarps`, except at head dim 256), two stages of K/V
-//! tiles of `kv_tile` keys and a table of their offsets. On sm_90a the 128-row tile at head dim
-//! 128 also has an FA3 form (`cuda/attention/prefill_sm90.cuh`, `PrefillSm90Shape`): the
-//! instances with [`SM90_KV_TILE`]-key tiles, which [`sm90_form`] names.
+//! tiles of `kv_tile` keys and a table of their offsets. On sm_90a the 128-row tile also has an
+//! FA3 form at every head dim (`cuda/attention/prefill_sm90.cuh`, `PrefillSm90Shape`): the
+//! instances whose K/V tile is [`sm90_kv_tile`] of their head dim, which [`sm90_form`] names.
 
 use super::Family;
 use super::tiles::{MAX_REGISTERS, SmResidency, TileInput, Tiles, query_tile};
@@ -34,7 +34,9 @@ pub const FAMILY: Family = Family {
     launch_dims,
     head_dims: &HEAD_DIMS,
     query_tiles: &[0, 16, 64, 128],
-    kv_tiles: &[0, 32, 64, SM90_KV_TILE],
+    // 32 and 64 for FA2 (0: its default); 128 for FA3 at head dims 64 and 128 (at 256 its tile
+    // is 64, which FA2 leaves to it there: see `check_tiles`).
+    kv_tiles: &[0, 32, 64, 128],
     tiles,
     check_tiles,
     instances,
@@ -50,51 +52,110 @@ const STAGES: u32 = 2;
 /// Bytes per element of q, k and v (f16 and bf16).
 const ELEMENT_BYTES: u32 = 2;
 
-/// Keys per K/V tile of the sm_90a template (`PrefillSm90Shape::kTileKv`): an instance with this
-/// tile is that template's.
-pub const SM90_KV_TILE: u32 = 128;
-/// Threads of the sm_90a template: a producer warpgroup and two consumers of 64 rows.
-const SM90_THREADS: u32 = 384;
-/// K/V stages of the sm_90a template (`PrefillSm90Shape::kStages`).
-const SM90_STAGES: u32 = 2;
-/// Q tiles of the sm_90a template (`kQSlots`): the next item's Q lands while this one's is read.
-const SM90_Q_SLOTS: u32 = 2;
-/// Slots of its key offset table (`kOffsetSlots`).
-const SM90_OFFSET_SLOTS: u32 = 2;
-/// mbarriers of the sm_90a template: each Q slot's full and empty, then each stage's K full, V
-/// full, K empty and V empty.
-const SM90_BARRIERS: u32 = 2 * SM90_Q_SLOTS + 4 * SM90_STAGES;
-
-fn is_sm90(cfg: &KernelConfig) -> bool {
-    cfg.kv_tile == SM90_KV_TILE
+/// Keys per K/V tile of the sm_90a (FA3) template at a head dim (`PrefillSm90Shape::kTileKv`),
+/// `None` where it is not built. A consumer warpgroup holds O (head_dim / 2 f32 a thread), S
+/// (tile / 2) and P (tile / 4) in its 232 registers: 128 keys at head dims 64 and 128, 64 at 256
+/// (O alone is 128 floats there). A prefill instance whose K/V tile is this one is the FA3
+/// template's: FA2 uses 32 and 64 keys, and leaves 64 at head dim 256 to FA3 (two stages of 64
+/// keys beside a 128-row Q tile would not fit an sm_80 SM's shared memory).
+///
+/// ```
+/// use ferrinfer_kernels::attention::prefill::sm90_kv_tile;
+/// assert_eq!(sm90_kv_tile(64), Some(128));
+/// assert_eq!(sm90_kv_tile(128), Some(128));
+/// assert_eq!(sm90_kv_tile(256), Some(64));
+/// assert_eq!(sm90_kv_tile(96), None);
+/// ```
+pub const fn sm90_kv_tile(head_dim: u32) -> Option<u32> {
+    match head_dim {
+        64 | 128 => Some(128),
+        256 => Some(64),
+        _ => None,
+    }
 }
 
-/// The sm_90a template's tile exists only in its one form.
+/// K/V stages of the sm_90a template (`PrefillSm90Shape::kStages`).
+const SM90_STAGES: u32 = 2;
+
+/// Q tiles of the sm_90a template (`PrefillSm90Shape::kQSlots`): two, so the next item's Q lands
+/// while this one's is read, except at head dim 256, where a Q tile is 64 KiB and one slot with
+/// two stages of 64-key K and V (32 KiB each) fills the shared memory.
+const fn sm90_q_slots(head_dim: u32) -> u32 {
+    if head_dim == 256 { 1 } else { 2 }
+}
+
+/// Query rows of the sm_90a template's tile: two consumer warpgroups of 64 rows.
+const SM90_TILE_Q: u32 = 128;
+/// Threads of the sm_90a template: a producer warpgroup and two consumers of 64 rows.
+const SM90_THREADS: u32 = 384;
+/// Slots of its key offset table (`kOffsetSlots`).
+const SM90_OFFSET_SLOTS: u32 = 2;
+
+/// Whether `cfg` names the sm_90a template: its K/V tile is that template's at its head dim
+/// (`check_tiles` keeps FA2 off those tiles, so the name alone tells the templates apart).
+fn is_sm90(cfg: &KernelConfig) -> bool {
+    cfg.kv_tile != 0 && sm90_kv_tile(cfg.head_dim_qk) == Some(cfg.kv_tile)
+}
+
+/// The sm_90a template's tile exists only in its one form, and FA2 has 32- and 64-key tiles.
 fn check_tiles(cfg: &KernelConfig) -> Result<(), String> {
-    if is_sm90(cfg) && sm90_form(cfg) != Some(*cfg) {
+    if is_sm90(cfg) {
+        if sm90_form(cfg) != Some(*cfg) {
+            return Err(format!(
+                "the {}-key K/V tile at head dim {} is the sm_90a template's: 128-row query tiles \
+                 on sm_90a only (asked: {})",
+                cfg.kv_tile,
+                cfg.head_dim_qk,
+                cfg.name()
+            ));
+        }
+    } else if ![0, 32, 64].contains(&cfg.kv_tile) {
         return Err(format!(
-            "the {SM90_KV_TILE}-key K/V tile is the sm_90a template's: 128-row query tiles at head \
-             dim 128 on sm_90a only (asked: {})",
+            "no prefill kernel with a {}-key K/V tile at head dim {}: FA2 has 32 and 64 keys, and \
+             the sm_90a template {} (asked: {})",
+            cfg.kv_tile,
+            cfg.head_dim_qk,
+            match sm90_kv_tile(cfg.head_dim_qk) {
+                Some(k) => format!("{k} on sm_90a"),
+                None => "none at this head dim".to_string(),
+            },
             cfg.name()
         ));
     }
     Ok(())
 }
 
-/// The sm_90a (FA3) form of a prefill instance, where one exists: the 128-row tile at head dim
-/// 128 on sm_90a, same element types. It reads the same work list (128-row items) and writes
-/// the same results as the FA2 instance, for variants without query or key hooks (the runtime
-/// keeps those on FA2).
+/// The sm_90a (FA3) form of a prefill instance, where one exists: the 128-row tile on sm_90a at
+/// head dims 64, 128 and 256, same element types, with the K/V tile [`sm90_kv_tile`] gives. It
+/// reads the same work list (128-row items) and writes the same results as the FA2 instance,
+/// for variants without query or key hooks (the runtime keeps those on FA2). An FA3 instance is
+/// its own form.
+///
+/// ```
+/// use ferrinfer_kernels::attention::prefill::sm90_form;
+/// use ferrinfer_kernels::{ArchClass, DType, InstanceTiles, KernelConfig, KernelKind};
+///
+/// let tiles = InstanceTiles { cta_tile_q: 128, kv_tile: 0 };
+/// let fa2 = KernelConfig::new(KernelKind::Prefill, 256, DType::Bf16, ArchClass::Sm90a)
+///     .with_tiles(tiles);
+/// let fa3 = sm90_form(&fa2).unwrap();
+/// assert_eq!(fa3.name(), "prefill_hd256_bf16_q128_k64_sm90a");
+/// assert_eq!(sm90_form(&fa3), Some(fa3));
+/// // No FA3 form on sm_80, nor for a 64-row tile.
+/// assert_eq!(sm90_form(&KernelConfig { arch: ArchClass::Sm80, ..fa2 }), None);
+/// let short = fa2.with_tiles(InstanceTiles { cta_tile_q: 64, kv_tile: 0 });
+/// assert_eq!(sm90_form(&short), None);
+/// ```
 pub fn sm90_form(cfg: &KernelConfig) -> Option<KernelConfig> {
+    let kv_tile = sm90_kv_tile(cfg.head_dim_qk)?;
     let offered = cfg.kind == KernelKind::Prefill
         && cfg.arch == ArchClass::Sm90a
-        && cfg.head_dim_qk == 128
-        && cfg.head_dim_vo == 128
+        && cfg.head_dim_vo == cfg.head_dim_qk
         && cfg.kv_dtype == cfg.dtype
-        && tile_q(cfg) == 128;
+        && tile_q(cfg) == SM90_TILE_Q;
     offered.then_some(KernelConfig {
-        cta_tile_q: 128,
-        kv_tile: SM90_KV_TILE,
+        cta_tile_q: SM90_TILE_Q,
+        kv_tile,
         ..*cfg
     })
 }
@@ -130,24 +191,28 @@ impl Shape {
         }
     }
 
-    /// The sm_90a template's shape (`PrefillSm90Shape`): the Q slots, the stages of K and V in
-    /// 128-byte-swizzled blocks, two tiles' key byte offsets (u64) and the mbarriers.
-    fn sm90(head_dim: u32) -> Self {
-        let rows = SM90_Q_SLOTS * 128 + 2 * SM90_STAGES * SM90_KV_TILE;
+    /// The sm_90a template's shape (`PrefillSm90Shape`) at a head dim and its K/V tile
+    /// ([`sm90_kv_tile`]): the Q slots, the stages of K and V in 128-byte-swizzled blocks, two
+    /// tiles' key byte offsets (u64) and the mbarriers (each Q slot's full and empty, then each
+    /// stage's K full, V full, K empty and V empty).
+    fn sm90(head_dim: u32, kv_tile: u32) -> Self {
+        let q_slots = sm90_q_slots(head_dim);
+        let rows = q_slots * SM90_TILE_Q + 2 * SM90_STAGES * kv_tile;
+        let barriers = 2 * q_slots + 4 * SM90_STAGES;
         Shape {
-            tile_q: 128,
-            kv_tile: SM90_KV_TILE,
+            tile_q: SM90_TILE_Q,
+            kv_tile,
             warps: SM90_THREADS / WARP,
             shared_bytes: rows * head_dim * ELEMENT_BYTES
-                + SM90_OFFSET_SLOTS * SM90_KV_TILE * 8
-                + SM90_BARRIERS * 8,
+                + SM90_OFFSET_SLOTS * kv_tile * 8
+                + barriers * 8,
         }
     }
 
     /// The shape an instance is built with.
     fn of(cfg: &KernelConfig) -> Self {
         if is_sm90(cfg) {
-            return Shape::sm90(cfg.head_dim_qk);
+            return Shape::sm90(cfg.head_dim_qk, cfg.kv_tile);
         }
         Shape::new(cfg.head_dim_qk, tile_q(cfg), kv_tile(cfg))
     }
@@ -512,67 +577,137 @@ mod tests {
     fn instances_add_the_wide_tile_where_two_ctas_fit_and_the_fa3_form_on_hopper() {
         let hopper = instances(ArchClass::Sm90a, &Sm(228 * 1024));
         let a100 = instances(ArchClass::Sm80, &Sm(164 * 1024));
-        // 18 FA2 tiles, the 64-key tile of both dtypes, and the FA3 form of both dtypes.
-        assert_eq!((a100.len(), hopper.len()), (18, 22));
+        // 18 FA2 tiles, the 64-key tile of both dtypes, and the FA3 form of each head dim and
+        // dtype.
+        assert_eq!((a100.len(), hopper.len()), (18, 26));
         assert!(hopper.iter().all(|c| c.arch == ArchClass::Sm90a));
         for c in hopper.iter().chain(&a100) {
             assert_eq!(FAMILY.check(c), Ok(()), "{}", c.name());
         }
         let fa3: Vec<_> = hopper.iter().filter(|c| is_sm90(c)).collect();
-        assert_eq!(fa3.len(), 2);
-        assert!(
-            fa3.iter()
-                .all(|c| c.head_dim_qk == 128 && c.cta_tile_q == 128)
-        );
+        assert_eq!(fa3.len(), 6);
+        for hd in crate::HEAD_DIMS {
+            let at: Vec<_> = fa3.iter().filter(|c| c.head_dim_qk == hd).collect();
+            assert_eq!(at.len(), 2, "both dtypes at head dim {hd}");
+            assert!(at.iter().all(|c| c.cta_tile_q == 128
+                && Some(c.kv_tile) == sm90_kv_tile(hd)
+                && sm90_form(c) == Some(***c)));
+        }
+        // No FA2 instance is taken for the FA3 template, and every name is its own.
+        assert!(a100.iter().all(|c| !is_sm90(c)));
+        let mut names: Vec<_> = hopper.iter().map(|c| c.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), hopper.len());
+    }
+
+    fn sm90a(hd: u32, tile: u32, kv_tile: u32) -> KernelConfig {
+        KernelConfig::new(KernelKind::Prefill, hd, DType::Bf16, ArchClass::Sm90a).with_tiles(
+            InstanceTiles {
+                cta_tile_q: tile,
+                kv_tile,
+            },
+        )
     }
 
     #[test]
-    fn the_fa3_form_exists_on_hopper_at_head_dim_128_and_the_128_row_tile_only() {
-        let c = |hd, tile, arch| {
-            KernelConfig::new(KernelKind::Prefill, hd, DType::Bf16, arch).with_tiles(
-                InstanceTiles {
-                    cta_tile_q: tile,
-                    kv_tile: 64,
+    fn the_fa3_form_exists_on_hopper_at_the_128_row_tile_of_every_head_dim() {
+        // (head dim, name, K/V tile, shared bytes: Q and the stages of K and V, the two offset
+        // slots, the mbarriers).
+        // Two Q slots and two stages of 128-key K and V at head dims 64 and 128 (twelve
+        // barriers); at 256 one Q slot (64 KiB) and two stages of 64-key K and V (32 KiB each;
+        // ten).
+        let forms = [
+            (
+                64,
+                "prefill_hd64_bf16_q128_k128_sm90a",
+                128,
+                6 * 16_384 + 2048 + 96,
+            ),
+            (
+                128,
+                "prefill_hd128_bf16_q128_k128_sm90a",
+                128,
+                6 * 32_768 + 2048 + 96,
+            ),
+            (
+                256,
+                "prefill_hd256_bf16_q128_k64_sm90a",
+                64,
+                65_536 + 4 * 32_768 + 1024 + 80,
+            ),
+        ];
+        for (hd, name, kv_tile, shared) in forms {
+            let fa3 = sm90_form(&sm90a(hd, 128, 0)).unwrap();
+            assert_eq!(fa3.name(), name);
+            assert_eq!(fa3.kv_tile, kv_tile);
+            assert!(is_sm90(&fa3));
+            // From the tile left open where that means 128 rows (64 at head dim 256), from an
+            // FA2 K/V tile, and from itself.
+            let open = sm90_form(&sm90a(hd, 0, 0));
+            assert_eq!(open, (hd < 256).then_some(fa3));
+            assert_eq!(sm90_form(&sm90a(hd, 128, 32)), Some(fa3));
+            assert_eq!(sm90_form(&fa3), Some(fa3));
+            assert_eq!(FAMILY.check(&fa3), Ok(()));
+            let d = launch_dims(&fa3, &AttnArgs::default());
+            assert_eq!((d.block, d.shared_bytes), ([384, 1, 1], shared), "{name}");
+            // Within an H100/H200 SM's opt-in shared memory (227 KiB).
+            assert!(shared <= 227 * 1024, "{name}: {shared}");
+            assert_eq!(launch_bounds(&fa3), "384, 1");
+            assert_eq!(template_args(&fa3), "");
+            assert_eq!((FAMILY.header)(&fa3), "attention/prefill_sm90.cuh");
+            assert_eq!((FAMILY.function)(&fa3), "fi::prefill_sm90");
+            // Another arch, a shorter tile, unequal head dims or a K/V type: no form.
+            for other in [
+                KernelConfig {
+                    arch: ArchClass::Sm80,
+                    ..sm90a(hd, 128, 0)
                 },
-            )
-        };
-        let fa3 = sm90_form(&c(128, 128, ArchClass::Sm90a)).unwrap();
-        assert_eq!(fa3.name(), "prefill_hd128_bf16_q128_k128_sm90a");
-        assert_eq!(sm90_form(&c(128, 0, ArchClass::Sm90a)), Some(fa3));
-        for other in [
-            c(128, 128, ArchClass::Sm80),
-            c(64, 128, ArchClass::Sm90a),
-            c(128, 64, ArchClass::Sm90a),
-        ] {
-            assert_eq!(sm90_form(&other), None, "{}", other.name());
+                sm90a(hd, 64, 0),
+                sm90a(hd, 16, 0),
+                sm90a(hd, 128, 0).with_head_dims(hd, 128.min(hd / 2)),
+                sm90a(hd, 128, 0).with_kv_dtype(DType::F16),
+            ] {
+                assert_eq!(sm90_form(&other), None, "{}", other.name());
+            }
+            // The FA3 tile elsewhere is refused, naming the tile and the head dim.
+            for bad in [
+                KernelConfig {
+                    arch: ArchClass::Sm80,
+                    ..fa3
+                },
+                sm90a(hd, 64, kv_tile),
+            ] {
+                let e = FAMILY.check(&bad).unwrap_err();
+                assert!(
+                    e.contains("sm_90a") && e.contains(&format!("head dim {hd}")),
+                    "{e}"
+                );
+            }
         }
-        // Two Q slots and two stages of K and V (32 KiB each), the offsets, twelve barriers.
-        let d = launch_dims(&fa3, &AttnArgs::default());
-        assert_eq!(
-            (d.grid, d.block, d.shared_bytes),
-            ([1, 1, 1], [384, 1, 1], 6 * 32_768 + 2048 + 96)
-        );
-        // Persistent: at most one CTA an SM; without the SM count, one an item.
+        // Persistent: at most one CTA an SM; without the SM count, one an item. FA2 stays one CTA
+        // an item.
+        let fa3 = sm90_form(&sm90a(128, 128, 0)).unwrap();
         let args = |num_items, num_sms| AttnArgs {
             num_items,
             num_sms,
             ..AttnArgs::default()
         };
+        assert_eq!(launch_dims(&fa3, &AttnArgs::default()).grid, [1, 1, 1]);
         assert_eq!(launch_dims(&fa3, &args(300, 132)).grid, [132, 1, 1]);
         assert_eq!(launch_dims(&fa3, &args(100, 132)).grid, [100, 1, 1]);
         assert_eq!(launch_dims(&fa3, &args(300, 0)).grid, [300, 1, 1]);
-        // FA2 stays one CTA an item.
-        let fa2 = c(128, 128, ArchClass::Sm90a);
-        assert_eq!(launch_dims(&fa2, &args(300, 132)).grid, [300, 1, 1]);
-        assert_eq!(launch_bounds(&fa3), "384, 1");
-        assert_eq!(template_args(&fa3), "");
-        assert_eq!((FAMILY.header)(&fa3), "attention/prefill_sm90.cuh");
-        assert_eq!((FAMILY.function)(&fa3), "fi::prefill_sm90");
-        // The 128-key tile is the FA3 form's alone.
-        let bad = KernelConfig {
-            arch: ArchClass::Sm80,
-            ..fa3
-        };
-        assert!(FAMILY.check(&bad).unwrap_err().contains("sm_90a"));
+        assert_eq!(
+            launch_dims(&sm90a(128, 128, 0), &args(300, 132)).grid,
+            [300, 1, 1]
+        );
+        assert_eq!(sm90_form(&sm90a(96, 128, 0)), None);
+        // FA2 keeps its tiles: 64 keys at head dims 64 and 128 is FA2's, 128 keys at head dim
+        // 256 is nobody's.
+        assert!(!is_sm90(&sm90a(128, 128, 64)));
+        assert_eq!(FAMILY.check(&sm90a(128, 128, 64)), Ok(()));
+        assert_eq!(FAMILY.check(&sm90a(64, 64, 64)), Ok(()));
+        let e = FAMILY.check(&sm90a(256, 64, 128)).unwrap_err();
+        assert!(e.contains("128-key") && e.contains("64 on sm_90a"), "{e}");
     }
 }

@@ -163,13 +163,18 @@ mod tests {
         let hopper = instances(Arch::new(9, 0), &SmResources::typical(Arch::new(9, 0)));
         let a100 = instances(Arch::new(8, 0), &SmResources::typical(Arch::new(8, 0)));
         // Prefill 3 tiles x 3 head dims x 2 dtypes, decode 3 x 2, and on Hopper the 64-key
-        // instances of the 128-row tile at head dim 128 and its FA3 form (both dtypes).
+        // instances of the 128-row tile at head dim 128 (both dtypes) and the FA3 form of the
+        // 128-row tile at each head dim (both dtypes).
         assert_eq!(a100.len(), 18 + 6);
-        assert_eq!(hopper.len(), 18 + 6 + 2 + 2);
+        assert_eq!(hopper.len(), 18 + 6 + 2 + 3 * 2);
+        let fa3 =
+            |c: &&KernelConfig| ferrinfer_kernels::attention::prefill::sm90_form(c) == Some(**c);
+        assert_eq!(hopper.iter().filter(fa3).count(), 6);
+        assert!(a100.iter().filter(fa3).count() == 0);
         assert!(
             hopper
                 .iter()
-                .filter(|c| c.kv_tile >= 64)
+                .filter(|c| c.kv_tile >= 64 && !fa3(c))
                 .all(|c| c.head_dim_qk == 128)
         );
         let mut names: Vec<String> = hopper.iter().map(|c| c.name()).collect();

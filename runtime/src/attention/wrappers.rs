@@ -51,8 +51,9 @@ pub struct PlanConfig {
 /// The template of a batch prefill's 128-row tiles.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PrefillKernel {
-    /// The faster template for the instance, from measurements: FA3 where it exists (Hopper,
-    /// head dim 128, the 128-row tile, no query or key hooks), FA2 elsewhere. The benchmark's
+    /// The faster template for the instance, from measurements: FA3 where it exists and was
+    /// measured faster (Hopper, head dim 128, the 128-row tile, no query or key hooks), FA2
+    /// elsewhere (head dims 64 and 256 have FA3 instances, not yet measured). The benchmark's
     /// prefill rows with each template forced (H200, bf16, head dim 128, 32/8 heads, TFLOP/s,
     /// one call on 2026-11-30, FA3 v5 of `kernels/notes/fa3.md`):
     ///
@@ -68,14 +69,19 @@ pub enum PrefillKernel {
     Auto,
     /// The FA2 template (mma.sync) everywhere.
     Fa2,
-    /// The FA3 template (sm_90a: warpgroup MMAs, a producer warpgroup) where it exists for the
-    /// instance and the variant; running a plan it does not cover is an error.
+    /// The FA3 template (sm_90a: warpgroup MMAs, a producer warpgroup) at head dims 64, 128 and
+    /// 256. Its one query tile is 128 rows, so the plan takes that tile for every batch (FA2
+    /// would plan 16 or 64 rows for short requests, and 64 at head dim 256). Running a plan it
+    /// does not cover (another arch, a variant with query or key hooks) is an error.
     Fa3,
 }
 
-/// Whether [`PrefillKernel::Auto`] takes the FA3 template where it exists (its docs have the
-/// measurements that decided it).
-const AUTO_TAKES_FA3: bool = true;
+/// Whether [`PrefillKernel::Auto`] takes the FA3 template where it exists at `head_dim` (its
+/// docs have the measurements that decided it): at head dim 128, measured; 64 and 256 wait for
+/// their measurements.
+fn auto_takes_fa3(head_dim: u32) -> bool {
+    head_dim == 128
+}
 
 impl PrefillKernel {
     /// The instance to run for the plan's `planned` one (and what to run if its build spills).
@@ -88,18 +94,23 @@ impl PrefillKernel {
         let sm90 = ferrinfer_kernels::attention::prefill::sm90_form(&planned)
             .filter(|c| dispatch::supports(spec, c).is_ok());
         match (self, sm90) {
-            (PrefillKernel::Auto, Some(f)) if AUTO_TAKES_FA3 => Ok((f, Some(planned))),
+            (PrefillKernel::Auto, Some(f)) if auto_takes_fa3(f.head_dim_qk) => {
+                Ok((f, Some(planned)))
+            }
             (PrefillKernel::Fa2 | PrefillKernel::Auto, _) => Ok((planned, fallback)),
             (PrefillKernel::Fa3, Some(f)) => Ok((f, Some(planned))),
             (PrefillKernel::Fa3, None) => Err(Error::unsupported(format!(
                 "PrefillKernel::Fa3: no FA3 instance for {} with variant {} (it needs sm_90a, \
-                 head dim 128, the 128-row query tile and no query or key hooks)",
+                 head dim 64, 128 or 256, the 128-row query tile and no query or key hooks)",
                 planned.name(),
                 spec.name
             ))),
         }
     }
 }
+
+/// The FA3 template's query tile, which [`PrefillKernel::Fa3`] plans.
+const FA3_QUERY_TILE: u32 = 128;
 
 /// The kernel template of a batch decode.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -728,6 +739,9 @@ impl Planned {
         o.graph_capacity = self.config.graph.map(|g| g.work_items);
         // A decode on the prefill template: the family's tile function sizes the tile by the group.
         o.one_row_per_request = self.decode_rows();
+        if !self.decode && self.config.prefill_kernel == PrefillKernel::Fa3 {
+            o.query_tile = Some(FA3_QUERY_TILE);
+        }
         o
     }
 
@@ -1076,7 +1090,7 @@ mod tests {
         let auto = PrefillKernel::Auto
             .choose(&spec(false), long, narrow)
             .unwrap();
-        assert_eq!(auto.0.kv_tile == 128, AUTO_TAKES_FA3);
+        assert_eq!(auto.0.kv_tile == 128, auto_takes_fa3(128));
         // Query hooks, another tile, another arch, or FA2 asked for: the planned instance.
         for (kernel, s, c) in [
             (PrefillKernel::Auto, spec(true), long),
@@ -1109,5 +1123,39 @@ mod tests {
         assert!(e.to_string().contains("sm_90a"), "{e}");
         let (cfg, _) = PrefillKernel::Fa3.choose(&spec(false), long, None).unwrap();
         assert_eq!(cfg.kv_tile, 128);
+    }
+
+    #[test]
+    fn fa3_exists_at_head_dims_64_and_256_and_auto_waits_for_their_measurements() {
+        for (hd, name) in [
+            (64, "prefill_hd64_bf16_q128_k128_sm90a"),
+            (256, "prefill_hd256_bf16_q128_k64_sm90a"),
+        ] {
+            let planned = KernelConfig::new(KernelKind::Prefill, hd, DType::Bf16, ArchClass::Sm90a)
+                .with_tiles(InstanceTiles {
+                    cta_tile_q: FA3_QUERY_TILE,
+                    kv_tile: 0,
+                });
+            let (cfg, fallback) = PrefillKernel::Fa3
+                .choose(&spec(false), planned, None)
+                .unwrap();
+            assert_eq!((cfg.name().as_str(), fallback), (name, Some(planned)));
+            assert_eq!(
+                PrefillKernel::Auto
+                    .choose(&spec(false), planned, None)
+                    .unwrap(),
+                (planned, None),
+                "head dim {hd}: Auto keeps FA2 until FA3 is measured there"
+            );
+            // The tile FA2 plans at head dim 256 (64 rows) has no FA3 form.
+            let short = planned.with_tiles(InstanceTiles {
+                cta_tile_q: 64,
+                kv_tile: 0,
+            });
+            let e = PrefillKernel::Fa3
+                .choose(&spec(false), short, None)
+                .unwrap_err();
+            assert!(e.to_string().contains("head dim 64, 128 or 256"), "{e}");
+        }
     }
 }
