@@ -8,8 +8,9 @@
 // computes S = Q K^T with both operands in shared memory, the online softmax on S's
 // accumulators, and O += P V with P from registers (S's accumulator layout is the A operand's),
 // then frees the stage. Head dims 64, 128 and 256: the tile sizes per head dim are in
-// PrefillSm90Shape, the MMA shapes in sm90_qk / sm90_pv; the loops are the same. The two consumers take turns issuing their MMAs (named
-// barriers), so one's softmax runs under the other's MMAs. The producer gives registers to the
+// PrefillSm90Shape, the MMA shapes in sm90_qk / sm90_pv; the loops are the same. The two
+// consumers take turns issuing their MMAs (named barriers), so one's softmax runs under the
+// other's MMAs. The producer gives registers to the
 // consumers (setmaxnreg). Variants with query or key hooks run the FA2 template (the
 // dispatcher's choice).
 // Launch: grid min(num_items, num_sms), block kThreads, dynamic shared kSmemBytes
@@ -212,16 +213,13 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     // Each thread copies unit `u` of rows `r0 + kRowsPerPass it`: D / 8 lanes cover one row.
     const unsigned u = pt % (D / 8), r0 = pt / (D / 8);
     constexpr unsigned kRowsPerPass = kWarpgroupThreads / (D / 8);
-    // Tile g's copies are two groups, K then V: wait for K, then for V, each made visible to
-    // wgmma and signalled. Signalling a tile only once the next is issued (two tiles in flight)
-    // would deadlock with two stages: the consumers free tile g - 1 only after S(g) is done.
-    auto signal = [&](unsigned g) {
-      cp_async_wait<1>();
+    // Tile g's copies are two groups, K then V, each signalled (made visible to wgmma, then an
+    // arrival) once the group behind it is issued, so about one tile stays in flight: K(g - 1)
+    // after K(g) is issued, V(g - 1) after V(g). That order cannot deadlock with two stages:
+    // V(g) waits for P V(g - 2), which the consumers finish only once they have K(g - 1).
+    auto signal = [&](unsigned long long* bar) {
       fence_proxy_async();
-      mbar_arrive(k_full(stage(g)));
-      cp_async_wait<0>();
-      fence_proxy_async();
-      mbar_arrive(v_full(stage(g)));
+      mbar_arrive(bar);
     };
     unsigned n = 0, g = 0;
     for (unsigned idx = blockIdx.x; idx < num_items; idx += gridDim.x) {
@@ -267,9 +265,24 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
         };
         if (gt >= Sh::kStages) mbar_wait(k_empty(s), phase(gt - Sh::kStages));
         copy(k_tile(s), k);
+        if (t > 0) {
+          cp_async_wait<2>();  // K(g - 1); V(g - 1) and K(g) may still land
+          signal(k_full(stage(gt - 1)));
+        }
         if (gt >= Sh::kStages) mbar_wait(v_empty(s), phase(gt - Sh::kStages));
         copy(v_tile(s), v);
-        signal(gt);
+        if (t > 0) {
+          cp_async_wait<2>();  // V(g - 1)
+          signal(v_full(stage(gt - 1)));
+        }
+      }
+      // The item's last tile, before the next item's Q.
+      if (it.keys.tiles > 0) {
+        const unsigned last = g + it.keys.tiles - 1;
+        cp_async_wait<1>();
+        signal(k_full(stage(last)));
+        cp_async_wait<0>();
+        signal(v_full(stage(last)));
       }
       g += it.keys.tiles;
       ++n;
@@ -349,7 +362,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
       // stay unscaled until the exponent, where s * qk_scale - m is one FFMA (the row max commutes
       // with a positive scale). Element i is row hf = (i / 2) % 2 of this thread, key
       // 8 (i / 4) + 2 t4 + i % 2 of the tile. It leaves O's rescale in `scale` (`grew`: any row's
-      // maximum moved), applied once P V(t - 1) is done.
+      // maximum moved).
       auto logits_softmax = [&](const bool fold, const bool boundary) {
         #pragma unroll
         for (int i = 0; i < kTileKv / 2; ++i) {
@@ -426,57 +439,36 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
       }
     };
 
-    // Tile t's S is issued together with tile t - 1's P V (one turn), and the softmax of S(t)
-    // runs while P V(t - 1) still computes (FA3's intra-warpgroup overlap): P(t - 1) stays in
-    // registers until that MMA is waited for, and O is rescaled for tile t only after it. Tile 0
-    // (S alone) and the last P V are peeled off the loop: ptxas keeps MMAs in flight across a
-    // wait only in straight-line pipelines (with the stages in branches it waits after every MMA).
+    // S, its softmax, then P V, each tile; K's stage is freed once S is done. FA3's
+    // intra-warpgroup overlap (S(t) issued with P V(t - 1), the softmax of S(t) under P V(t - 1))
+    // measured slower here (kernels/notes/fa3.md, v8) and keeps P live across the softmax (spills
+    // with heavy hooks). If it comes back: ptxas keeps MMAs in flight across a wait only in
+    // straight-line pipelines (tile 0 and the last P V peeled; in branches it waits after every
+    // MMA).
     mbar_wait(q_full(slot), (n / Sh::kQSlots) & 1);
-    if (keys.tiles > 0) {
-      mbar_wait(k_full(stage(g)), phase(g));
-      named_sync(my_turn, 2 * kWarpgroupThreads);
-      wgmma_fence();
-      issue_s(sq, k_tile(stage(g)));
-      named_arrive(their_turn, 2 * kWarpgroupThreads);
-      wgmma_wait<0>();
-      wgmma_hold(sacc);
-      mbar_arrive(k_empty(stage(g)));
-      softmax_tile(0);  // O is still 0: nothing to rescale
-      to_p();
-    }
-    for (unsigned t = 1; t < keys.tiles; ++t) {
+    for (unsigned t = 0; t < keys.tiles; ++t) {
       const unsigned gt = g + t;
       mbar_wait(k_full(stage(gt)), phase(gt));
-      mbar_wait(v_full(stage(gt - 1)), phase(gt - 1));
       named_sync(my_turn, 2 * kWarpgroupThreads);
       wgmma_fence();
       issue_s(sq, k_tile(stage(gt)));
-      issue_pv(v_tile(stage(gt - 1)));
       named_arrive(their_turn, 2 * kWarpgroupThreads);
-      wgmma_wait<1>();  // S(t) is done; P V(t - 1) may still run
+      wgmma_wait<0>();
       wgmma_hold(sacc);
       mbar_arrive(k_empty(stage(gt)));
       softmax_tile(t);
-      wgmma_wait<0>();
-      wgmma_hold(o);
-      wgmma_hold(pa);
-      mbar_arrive(v_empty(stage(gt - 1)));  // this warpgroup is done with V(t - 1)
-      // Once the row maxima settle (most tiles of a long row), no output needs rescaling.
       if (__any_sync(kFullMask, grew)) {
         #pragma unroll
         for (int i = 0; i < D / 2; ++i) o[i] *= scale[(i / 2) % 2];
       }
       to_p();
-    }
-    if (keys.tiles > 0) {
-      const unsigned last = g + keys.tiles - 1;
-      mbar_wait(v_full(stage(last)), phase(last));
+      mbar_wait(v_full(stage(gt)), phase(gt));
       wgmma_fence();
-      issue_pv(v_tile(stage(last)));
+      issue_pv(v_tile(stage(gt)));
       wgmma_wait<0>();
       wgmma_hold(o);
       wgmma_hold(pa);
-      mbar_arrive(v_empty(stage(last)));
+      mbar_arrive(v_empty(stage(gt)));
     }
     mbar_arrive(q_empty(slot));  // every S of the item is done: its Q slot is free
     g += keys.tiles;
