@@ -44,10 +44,12 @@ struct PrefillSm90Shape {
                 "the sm90 prefill template is built for head dims 64, 128 and 256");
   static constexpr int kTileQ = 128;  // two consumer warpgroups of 64 rows
   static constexpr int kTileKv = D == 256 ? 64 : 128;
-  static constexpr int kStages = 2;
-  // With two slots the next item's Q lands while this item's is read; with one (head dim 256)
-  // it waits for both consumers to finish this item.
-  static constexpr int kQSlots = D == 256 ? 1 : 2;
+  // Three stages where they fit beside one Q tile (long rows gain more from the deeper K/V
+  // pipeline than from a second Q slot: kernels/notes/fa3.md, v9 and v10). With two Q slots
+  // (head dim 64) the next item's Q lands while this item's is read; with one it waits for both
+  // consumers to finish this item's S.
+  static constexpr int kStages = D == 256 ? 2 : 3;
+  static constexpr int kQSlots = D == 64 ? 2 : 1;
   static constexpr int kThreads = 3 * kWarpgroupThreads;
   // A row of a tile is D elements; a tile is stored as D / 64 column blocks of 64 elements (128
   // bytes a row), each block rows x 128 bytes with the 128-byte swizzle: the 16-byte unit u of
@@ -213,10 +215,9 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     // Each thread copies unit `u` of rows `r0 + kRowsPerPass it`: D / 8 lanes cover one row.
     const unsigned u = pt % (D / 8), r0 = pt / (D / 8);
     constexpr unsigned kRowsPerPass = kWarpgroupThreads / (D / 8);
-    // Tile g's copies are two groups, K then V, each signalled (made visible to wgmma, then an
-    // arrival) once the group behind it is issued, so about one tile stays in flight: K(g - 1)
-    // after K(g) is issued, V(g - 1) after V(g). That order cannot deadlock with two stages:
-    // V(g) waits for P V(g - 2), which the consumers finish only once they have K(g - 1).
+    // Tile g's copies are two groups, K then V. Tile g - 1 is signalled (made visible to wgmma,
+    // then an arrival) once tile g is issued, so about two tiles stay in flight. No deadlock: K(g)
+    // and V(g) wait for S(g - kStages) and P V(g - kStages), whose tile was signalled before.
     auto signal = [&](unsigned long long* bar) {
       fence_proxy_async();
       mbar_arrive(bar);
@@ -265,13 +266,11 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
         };
         if (gt >= Sh::kStages) mbar_wait(k_empty(s), phase(gt - Sh::kStages));
         copy(k_tile(s), k);
-        if (t > 0) {
-          cp_async_wait<2>();  // K(g - 1); V(g - 1) and K(g) may still land
-          signal(k_full(stage(gt - 1)));
-        }
         if (gt >= Sh::kStages) mbar_wait(v_empty(s), phase(gt - Sh::kStages));
         copy(v_tile(s), v);
         if (t > 0) {
+          cp_async_wait<3>();  // K(g - 1); V(g - 1), K(g) and V(g) may still land
+          signal(k_full(stage(gt - 1)));
           cp_async_wait<2>();  // V(g - 1)
           signal(v_full(stage(gt - 1)));
         }

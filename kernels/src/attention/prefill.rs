@@ -74,14 +74,17 @@ pub const fn sm90_kv_tile(head_dim: u32) -> Option<u32> {
     }
 }
 
-/// K/V stages of the sm_90a template (`PrefillSm90Shape::kStages`).
-const SM90_STAGES: u32 = 2;
+/// K/V stages of the sm_90a template (`PrefillSm90Shape::kStages`): three where they fit beside
+/// one Q tile, two at head dim 256 (a Q tile of 64 KiB and two stages of 64-key K and V, 32 KiB
+/// each, fill the shared memory).
+const fn sm90_stages(head_dim: u32) -> u32 {
+    if head_dim == 256 { 2 } else { 3 }
+}
 
-/// Q tiles of the sm_90a template (`PrefillSm90Shape::kQSlots`): two, so the next item's Q lands
-/// while this one's is read, except at head dim 256, where a Q tile is 64 KiB and one slot with
-/// two stages of 64-key K and V (32 KiB each) fills the shared memory.
+/// Q tiles of the sm_90a template (`PrefillSm90Shape::kQSlots`): two at head dim 64, so the next
+/// item's Q lands while this one's is read; one elsewhere (the third stage took its place).
 const fn sm90_q_slots(head_dim: u32) -> u32 {
-    if head_dim == 256 { 1 } else { 2 }
+    if head_dim == 64 { 2 } else { 1 }
 }
 
 /// Query rows of the sm_90a template's tile: two consumer warpgroups of 64 rows.
@@ -197,8 +200,9 @@ impl Shape {
     /// stage's K full, V full, K empty and V empty).
     fn sm90(head_dim: u32, kv_tile: u32) -> Self {
         let q_slots = sm90_q_slots(head_dim);
-        let rows = q_slots * SM90_TILE_Q + 2 * SM90_STAGES * kv_tile;
-        let barriers = 2 * q_slots + 4 * SM90_STAGES;
+        let stages = sm90_stages(head_dim);
+        let rows = q_slots * SM90_TILE_Q + 2 * stages * kv_tile;
+        let barriers = 2 * q_slots + 4 * stages;
         Shape {
             tile_q: SM90_TILE_Q,
             kv_tile,
@@ -614,21 +618,21 @@ mod tests {
     fn the_fa3_form_exists_on_hopper_at_the_128_row_tile_of_every_head_dim() {
         // (head dim, name, K/V tile, shared bytes: Q and the stages of K and V, the two offset
         // slots, the mbarriers).
-        // Two Q slots and two stages of 128-key K and V at head dims 64 and 128 (twelve
-        // barriers); at 256 one Q slot (64 KiB) and two stages of 64-key K and V (32 KiB each;
-        // ten).
+        // At head dim 64 two Q slots and three stages of 128-key K and V (sixteen barriers); at
+        // 128 one Q slot and three stages (fourteen); at 256 one Q slot (64 KiB) and two stages
+        // of 64-key K and V (32 KiB each; ten).
         let forms = [
             (
                 64,
                 "prefill_hd64_bf16_q128_k128_sm90a",
                 128,
-                6 * 16_384 + 2048 + 96,
+                8 * 16_384 + 2048 + 128,
             ),
             (
                 128,
                 "prefill_hd128_bf16_q128_k128_sm90a",
                 128,
-                6 * 32_768 + 2048 + 96,
+                7 * 32_768 + 2048 + 112,
             ),
             (
                 256,
