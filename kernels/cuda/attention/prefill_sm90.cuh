@@ -1,6 +1,6 @@
 // Prefill and append, FlashAttention-3 style for sm_90a: the same work items, arguments and
 // results as attention/prefill.cuh (the plan's 128-row tiles), computed by warpgroup MMAs.
-// Persistent: a CTA takes items blockIdx.x, + gridDim.x, ... of the plan's list (longest first),
+// Persistent: a CTA takes one item of each round of gridDim.x of the plan's longest-first list,
 // so one item's loads overlap the previous item's last tiles and epilogue.
 // Three warpgroups a CTA: a producer that copies each item's Q (into Q slots) and its K/V tiles
 // into two stages (cp.async through the page table; K and V each complete their own mbarrier, so
@@ -122,11 +122,16 @@ __device__ __forceinline__ void sm90_pv(float (&o)[D / 2], const unsigned (&p)[4
   }
 }
 
-// Producer register budget and the consumers': 128 x 40 + 256 x 232 = the 168 x 384 a CTA of
-// 384 threads starts with (65536 registers an SM, one CTA). setmaxnreg moves registers only
-// within those: 240 for the consumers needs a producer of 24 (FlashAttention-3's split, whose
-// producer is one TMA thread), where this cp.async producer spills (tried at head dim 256).
-constexpr unsigned kSm90ProducerRegs = 40, kSm90ConsumerRegs = 232;
+// Producer register budget and the consumers': 128 x 40 + 256 x 232 (or 56 + 2 x 224) = the
+// 168 x 384 a CTA of 384 threads starts with (65536 registers an SM, one CTA); setmaxnreg moves
+// registers only within those. At head dim 256 the producer, which keeps a tile's copies in
+// flight, spills at 40 (and a spilling build runs FA2), while the consumers' O, S and P fit 224;
+// at 64 and 128, 224 would spill ALiBi. 240 for the consumers would need a producer of 24
+// (FlashAttention-3's split, whose producer is one TMA thread).
+template <int D>
+constexpr unsigned kSm90ProducerRegs = D == 256 ? 56 : 40;
+template <int D>
+constexpr unsigned kSm90ConsumerRegs = D == 256 ? 224 : 232;
 
 template <class V, class P, class T, int D>
 __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
@@ -136,10 +141,15 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   constexpr int kTileQ = Sh::kTileQ, kTileKv = Sh::kTileKv;
   constexpr bool kBf16 = kIsBf16<T>;
 
-  // Items blockIdx.x, + gridDim.x, ... below the padded length; invalid ones (padding) are
-  // skipped by every thread alike.
+  // The CTA's items: one in each round of gridDim.x items of the list, every other round taken
+  // from the other end (a snake), so over the longest-first list each CTA gets about the same
+  // work (striding alone gives CTA 0 the longest item of every round). Indices past the padded
+  // length, and invalid items (padding), are skipped by every thread alike.
   const unsigned num_items = a.work == nullptr ? 0u : static_cast<unsigned>(a.work[ws_header::kPaddedLen]);
   if (blockIdx.x >= num_items) return;  // the whole CTA
+  auto item_index = [&](unsigned r) {
+    return r * gridDim.x + ((r & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
+  };
 
   extern __shared__ __attribute__((aligned(1024))) unsigned char sm90_smem[];
   unsigned long long* const key_off =
@@ -207,7 +217,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   if (warpgroup_id() == 0) {
     // ---- Producer: every thread waits for its own copies, makes them visible to the async
     // proxy (wgmma reads shared memory through it), then arrives on the barrier.
-    regs_shrink<kSm90ProducerRegs>();
+    regs_shrink<kSm90ProducerRegs<D>>();
     const unsigned pt = warpgroup_thread();
     const T* const q = static_cast<const T*>(a.q);
     const char* const k = static_cast<const char*>(a.k);
@@ -223,7 +233,9 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
       mbar_arrive(bar);
     };
     unsigned n = 0, g = 0;
-    for (unsigned idx = blockIdx.x; idx < num_items; idx += gridDim.x) {
+    for (unsigned r = 0; r * gridDim.x < num_items; ++r) {
+      const unsigned idx = item_index(r);
+      if (idx >= num_items) continue;
       const Item it = item_at(idx);
       if (!it.w.valid) continue;
       const WorkItem& w = it.w;
@@ -290,7 +302,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   }
 
   // ---- Consumers: warpgroup 1 takes rows 0-63 of the tile, warpgroup 2 rows 64-127.
-  regs_grow<kSm90ConsumerRegs>();
+  regs_grow<kSm90ConsumerRegs<D>>();
   const unsigned cw = warpgroup_id() - 1, wt = warpgroup_thread();
   const unsigned lane = wt % kWarpSize, t4 = lane % 4;
   // This thread's two rows of the tile (accumulator layout, sm90/wgmma.cuh).
@@ -332,7 +344,9 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   };
 
   unsigned n = 0, g = 0;
-  for (unsigned idx = blockIdx.x; idx < num_items; idx += gridDim.x) {
+  for (unsigned r = 0; r * gridDim.x < num_items; ++r) {
+    const unsigned idx = item_index(r);
+    if (idx >= num_items) continue;
     const Item it = item_at(idx);
     if (!it.w.valid) continue;
     const WorkItem& w = it.w;
