@@ -53,18 +53,21 @@ pub struct PlanConfig {
 pub enum PrefillKernel {
     /// The faster template for the instance, from measurements: FA3 where it exists and was
     /// measured faster (Hopper, head dim 128, the 128-row tile, no query or key hooks), FA2
-    /// elsewhere (head dims 64 and 256 have FA3 instances, not yet measured). The benchmark's
-    /// prefill rows with each template forced (H200, bf16, head dim 128, 32/8 heads, TFLOP/s,
-    /// one call on 2026-11-30, FA3 v5 of `kernels/notes/fa3.md`):
+    /// elsewhere (head dims 64 and 256 have FA3 instances, tested but not yet timed). The
+    /// benchmark's prefill rows with each template forced (H200, bf16, head dim 128, 32/8 heads,
+    /// TFLOP/s, one call on 2026-11-30, FA3 v11 of `kernels/notes/fa3.md`):
     ///
     /// | config | FA2 | FA3 |
     /// |---|---:|---:|
-    /// | one request, 8192 causal | 308 | 437 |
-    /// | one request, 8192 full | 350 | 474 |
-    /// | 8192 causal, soft-cap 30 | 268 | 367 |
-    /// | 16 x 1024 causal, ragged | 250 | 253 |
-    /// | 16 x 1024 causal, page 16 | 245 | 246 |
-    /// | 4 x 8192 causal, page 16 | 332 | 436 |
+    /// | one request, 8192 causal | 308 | 368 |
+    /// | one request, 8192 full | 347 | 453 |
+    /// | 8192 causal, soft-cap 30 | 269 | 312 |
+    /// | 16 x 1024 causal, ragged | 250 | 281 |
+    /// | 16 x 1024 causal, page 16 | 245 | 271 |
+    /// | 4 x 8192 causal, page 16 | 328 | 423 |
+    ///
+    /// A variant whose FA3 build spills registers runs FA2 (today the attention sink, and at
+    /// head dim 256 ALiBi and the custom mask too).
     #[default]
     Auto,
     /// The FA2 template (mma.sync) everywhere.
@@ -72,7 +75,8 @@ pub enum PrefillKernel {
     /// The FA3 template (sm_90a: warpgroup MMAs, a producer warpgroup) at head dims 64, 128 and
     /// 256. Its one query tile is 128 rows, so the plan takes that tile for every batch (FA2
     /// would plan 16 or 64 rows for short requests, and 64 at head dim 256). Running a plan it
-    /// does not cover (another arch, a variant with query or key hooks) is an error.
+    /// does not cover (another arch, a variant with query or key hooks) is an error; a variant
+    /// whose FA3 build spills registers runs the planned FA2 instance instead (as under `Auto`).
     Fa3,
 }
 
