@@ -1,17 +1,16 @@
 // Prefill and append, FlashAttention-3 style for sm_90a: the same work items, arguments and
 // results as attention/prefill.cuh (the plan's 128-row tiles), computed by warpgroup MMAs.
 // Persistent: a CTA takes one item of each round of gridDim.x of the plan's longest-first list,
-// so one item's loads overlap the previous item's last tiles and epilogue.
+// so the next item's K/V (and, with two Q slots, its Q) load during this item's last tiles.
 // Three warpgroups a CTA: a producer that copies each item's Q (into Q slots) and its K/V tiles
-// into two stages (cp.async through the page table; K and V each complete their own mbarrier, so
+// into stages (cp.async through the page table; K and V each complete their own mbarrier, so
 // S = Q K^T starts while V still lands), and two consumers of 64 query rows each. A consumer
 // computes S = Q K^T with both operands in shared memory, the online softmax on S's
 // accumulators, and O += P V with P from registers (S's accumulator layout is the A operand's),
 // then frees the stage. Head dims 64, 128 and 256: the tile sizes per head dim are in
 // PrefillSm90Shape, the MMA shapes in sm90_qk / sm90_pv; the loops are the same. The two
 // consumers take turns issuing their MMAs (named barriers), so one's softmax runs under the
-// other's MMAs. The producer gives registers to the
-// consumers (setmaxnreg). Variants with query or key hooks run the FA2 template (the
+// other's MMAs. The producer gives registers to the consumers (setmaxnreg). Variants with query or key hooks run the FA2 template (the
 // dispatcher's choice).
 // Launch: grid min(num_items, num_sms), block kThreads, dynamic shared kSmemBytes
 // (kernels/src/attention/prefill.rs mirrors these).
@@ -34,10 +33,10 @@
 namespace fi {
 
 // The FA3 template's shape at head dim D. A consumer holds O (D / 2 floats a thread), S
-// (kTileKv / 2) and P (kTileKv / 4) in its 232 registers: at head dim 256, O is 128 floats, so
-// the K/V tile is 64 keys (S 32, P 16). Shared memory (227 KiB an SM): at 64 and 128, two Q
-// slots and two stages of 128-key K and V (96 and 192 KiB); at 256 the Q tile alone is 64 KiB,
-// so one Q slot and two stages of 64-key K and V (32 KiB each): 192 KiB (two slots: 256).
+// (kTileKv / 2) and P (kTileKv / 4) in its registers: at head dim 256, O is 128 floats, so the
+// K/V tile is 64 keys (S 32, P 16). Shared memory (227 KiB an SM): at 64, two Q slots and three
+// stages of 128-key K and V (128 KiB); at 128, one Q slot and three stages (224 KiB); at 256 the
+// Q tile alone is 64 KiB, so one Q slot and two stages of 64-key K and V (32 KiB each): 192 KiB.
 template <int D>
 struct PrefillSm90Shape {
   static_assert(D == 64 || D == 128 || D == 256,
@@ -92,10 +91,11 @@ __device__ __forceinline__ void sm90_qk(float (&s)[KV / 2], const unsigned char*
   #pragma unroll
   for (unsigned kk = 0; kk < D / 16; ++kk) {
     const unsigned long long a = sm90_k_major(q, TQ, row, kk), b = sm90_k_major(k, KV, 0, kk);
+    // The first k-step overwrites S (no zeroing of the accumulators after the fence).
     if constexpr (KV == 128) {
-      wgmma_ss_64x128x16<BF16, 0>(s, a, b, true);
+      wgmma_ss_64x128x16<BF16, 0>(s, a, b, kk > 0);
     } else {
-      wgmma_ss_64x64x16<BF16, 0>(s, a, b, true);
+      wgmma_ss_64x64x16<BF16, 0>(s, a, b, kk > 0);
     }
   }
 }
@@ -225,9 +225,11 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     // Each thread copies unit `u` of rows `r0 + kRowsPerPass it`: D / 8 lanes cover one row.
     const unsigned u = pt % (D / 8), r0 = pt / (D / 8);
     constexpr unsigned kRowsPerPass = kWarpgroupThreads / (D / 8);
-    // Tile g's copies are two groups, K then V. Tile g - 1 is signalled (made visible to wgmma,
-    // then an arrival) once tile g is issued, so about two tiles stay in flight. No deadlock: K(g)
-    // and V(g) wait for S(g - kStages) and P V(g - kStages), whose tile was signalled before.
+    // Tile g's copies are two groups, K then V, each signalled (made visible to wgmma, then an
+    // arrival) once the group behind it is issued, so about a tile stays in flight: K(g - 1)
+    // after K(g) is issued, V(g - 1) after V(g). With two stages, signalling K(g - 1) only after
+    // V(g) (which waits for both consumers' P V(g - 2)) would make the consumers meet every tile.
+    // No deadlock: K(g) and V(g) wait for S(g - kStages) and P V(g - kStages), signalled before.
     auto signal = [&](unsigned long long* bar) {
       fence_proxy_async();
       mbar_arrive(bar);
@@ -278,11 +280,13 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
         };
         if (gt >= Sh::kStages) mbar_wait(k_empty(s), phase(gt - Sh::kStages));
         copy(k_tile(s), k);
+        if (t > 0) {
+          cp_async_wait<2>();  // K(g - 1); V(g - 1) and K(g) may still land
+          signal(k_full(stage(gt - 1)));
+        }
         if (gt >= Sh::kStages) mbar_wait(v_empty(s), phase(gt - Sh::kStages));
         copy(v_tile(s), v);
         if (t > 0) {
-          cp_async_wait<3>();  // K(g - 1); V(g - 1), K(g) and V(g) may still land
-          signal(k_full(stage(gt - 1)));
           cp_async_wait<2>();  // V(g - 1)
           signal(v_full(stage(gt - 1)));
         }
@@ -337,8 +341,6 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   };
   // S = Q K^T: this warpgroup's 64 rows of `sq` by the keys of `kt` (inside a fence).
   auto issue_s = [&](const unsigned char* sq, const unsigned char* kt) {
-    #pragma unroll
-    for (int i = 0; i < kTileKv / 2; ++i) sacc[i] = 0.0f;
     sm90_qk<kBf16, D, kTileQ, kTileKv>(sacc, sq, cw * 64, kt);
     wgmma_commit();
   };
@@ -476,6 +478,10 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
       }
       to_p();
       mbar_wait(v_full(stage(gt)), phase(gt));
+      // The rescaled O and the new P are written before the fence (the compiler may not sink
+      // register arithmetic past it on its own).
+      wgmma_hold(o);
+      wgmma_hold(pa);
       wgmma_fence();
       issue_pv(v_tile(stage(gt)));
       wgmma_wait<0>();

@@ -417,8 +417,8 @@ fn launch_bounds(cfg: &KernelConfig) -> &'static str {
 
 /// One CTA per work item (the plan's padded length); an empty work list still gets one CTA,
 /// which finds no valid item and returns (a zero grid would not launch). The sm_90a template is
-/// persistent: one CTA an SM (its shared memory allows no second), each taking every
-/// `grid`-th item.
+/// persistent: one CTA an SM (its shared memory allows no second), each taking one item of every
+/// `grid` of the list (a snake over the longest-first order).
 fn launch_dims(cfg: &KernelConfig, args: &AttnArgs) -> LaunchDims {
     let s = Shape::of(cfg);
     let ctas = if is_sm90(cfg) && args.num_sms > 0 {
