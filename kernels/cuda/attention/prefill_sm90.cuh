@@ -144,7 +144,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   // The CTA's items: one in each round of gridDim.x items of the list, every other round taken
   // from the other end (a snake), so over the longest-first list each CTA gets about the same
   // work (striding alone gives CTA 0 the longest item of every round). Indices past the padded
-  // length, and invalid items (padding), are skipped by every thread alike.
+  // length read as invalid items (work_item), as padding does: every thread skips them alike.
   const unsigned num_items = a.work == nullptr ? 0u : static_cast<unsigned>(a.work[ws_header::kPaddedLen]);
   if (blockIdx.x >= num_items) return;  // the whole CTA
   auto item_index = [&](unsigned r) {
@@ -236,9 +236,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     };
     unsigned n = 0, g = 0;
     for (unsigned r = 0; r * gridDim.x < num_items; ++r) {
-      const unsigned idx = item_index(r);
-      if (idx >= num_items) continue;
-      const Item it = item_at(idx);
+      const Item it = item_at(item_index(r));
       if (!it.w.valid) continue;
       const WorkItem& w = it.w;
       const unsigned slot = n % Sh::kQSlots;
@@ -347,9 +345,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
 
   unsigned n = 0, g = 0;
   for (unsigned r = 0; r * gridDim.x < num_items; ++r) {
-    const unsigned idx = item_index(r);
-    if (idx >= num_items) continue;
-    const Item it = item_at(idx);
+    const Item it = item_at(item_index(r));
     if (!it.w.valid) continue;
     const WorkItem& w = it.w;
     const ItemKeys& keys = it.keys;
