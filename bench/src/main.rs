@@ -95,50 +95,37 @@ fn main() -> ExitCode {
     };
 
     record("copy@ferrinfer".into(), on_gpu(&bench_copy));
+    let hopper = backend
+        .as_ref()
+        .is_ok_and(|b| b.gpu().is_some_and(|g| g.arch().major == 9));
     for cfg in configs::standard() {
-        if args.selects(cfg.key) {
-            let key = format!("{}@{}", cfg.key, report::IMPL);
-            // Prefill's default row runs FA2 forced, so the FA3 row beside it shows the change.
-            let kernels = PlanConfig {
-                prefill_kernel: PrefillKernel::Fa2,
-                ..PlanConfig::default()
-            };
+        if !args.selects(cfg.key) {
+            continue;
+        }
+        // Prefill's default row runs FA2 forced, so the FA3 row beside it shows the change;
+        // decode also runs on each kernel forced, so Auto's choice can be checked against both.
+        let prefill = |prefill_kernel| PlanConfig {
+            prefill_kernel,
+            ..PlanConfig::default()
+        };
+        let decode = |decode_kernel| PlanConfig {
+            decode_kernel,
+            ..PlanConfig::default()
+        };
+        let mut rows = vec![(report::IMPL, prefill(PrefillKernel::Fa2))];
+        if cfg.kind == Kind::Prefill && hopper {
+            rows.push((report::IMPL_FA3, prefill(PrefillKernel::Fa3)));
+        }
+        if cfg.kind == Kind::Decode {
+            rows.push((report::IMPL_CUDA_CORES, decode(DecodeKernel::CudaCores)));
+            rows.push((report::IMPL_TENSOR_CORES, decode(DecodeKernel::TensorCores)));
+        }
+        for (imp, kernels) in rows {
+            let key = format!("{}@{imp}", cfg.key);
             record(
                 key.clone(),
                 on_gpu(&|b: &Backend| bench_config(b, &cfg, &key, kernels)),
             );
-            if cfg.kind == Kind::Prefill
-                && backend
-                    .as_ref()
-                    .is_ok_and(|b| b.gpu().is_some_and(|g| g.arch().major == 9))
-            {
-                let key = format!("{}@{}", cfg.key, report::IMPL_FA3);
-                let kernels = PlanConfig {
-                    prefill_kernel: PrefillKernel::Fa3,
-                    ..PlanConfig::default()
-                };
-                record(
-                    key.clone(),
-                    on_gpu(&|b: &Backend| bench_config(b, &cfg, &key, kernels)),
-                );
-            }
-            // Decode also on each kernel forced, so Auto's choice can be checked against both.
-            if cfg.kind == Kind::Decode {
-                for (imp, kernel) in [
-                    (report::IMPL_CUDA_CORES, DecodeKernel::CudaCores),
-                    (report::IMPL_TENSOR_CORES, DecodeKernel::TensorCores),
-                ] {
-                    let key = format!("{}@{imp}", cfg.key);
-                    let kernels = PlanConfig {
-                        decode_kernel: kernel,
-                        ..PlanConfig::default()
-                    };
-                    record(
-                        key.clone(),
-                        on_gpu(&|b: &Backend| bench_config(b, &cfg, &key, kernels)),
-                    );
-                }
-            }
         }
     }
 
