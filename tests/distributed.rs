@@ -169,16 +169,21 @@ fn check_against_whole<V: Variant>(variant: &V, case: &Case, world: usize, what:
     }
 }
 
+/// The simulated tests' heads and page sizes: GQA 4 and 1, page sizes 16 and 1.
+fn shapes() -> [(Heads, u32); 3] {
+    [
+        (Heads::new(8, 2, 16).unwrap(), 16),
+        (Heads::new(4, 4, 8).unwrap(), 1),
+        (Heads::new(8, 2, 32).unwrap(), 1),
+    ]
+}
+
 #[test]
 fn simulated_ranks_equal_single_device_decode() {
     let mut rng = Rng::from_time();
     let seed = rng.seed();
     // GQA 4 and 1, page sizes 1 and 16; lengths below one page, below N pages, empty, long.
-    for (heads, page) in [
-        (Heads::new(8, 2, 16).unwrap(), 16),
-        (Heads::new(4, 4, 8).unwrap(), 1),
-        (Heads::new(8, 2, 32).unwrap(), 1),
-    ] {
+    for (heads, page) in shapes() {
         for _ in 0..3 {
             let n = 1 + rng.below(5);
             let mut lens: Vec<u32> = (0..n).map(|_| 1 + rng.below(150) as u32).collect();
@@ -202,11 +207,7 @@ fn simulated_ranks_equal_single_device_prefill() {
     // GQA 4 and 1, page sizes 1 and 16; causal and not; queries shorter than their context
     // (append), as long, and longer (rows that see no key under the causal mask); requests
     // shorter than N pages and empty ones.
-    for (heads, page) in [
-        (Heads::new(8, 2, 16).unwrap(), 16),
-        (Heads::new(4, 4, 8).unwrap(), 1),
-        (Heads::new(8, 2, 32).unwrap(), 1),
-    ] {
+    for (heads, page) in shapes() {
         for causal in [true, false] {
             let n = 1 + rng.below(4);
             let mut lens: Vec<u32> = (0..n).map(|_| 1 + rng.below(120) as u32).collect();
