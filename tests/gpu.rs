@@ -402,6 +402,59 @@ fn gpu_sm90_prefill() {
     check_with::<LlamaRope, bf16>(&gpu, &rope, &case, &[PlanConfig::default()]);
 }
 
+/// A plan run again computes every item again (Hopper only): more items than an H100/H200 has
+/// SMs, so each persistent FA3 CTA takes several, handing each over in a shared-memory slot that
+/// the next items reuse, over three runs of one plan.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_sm90_plan_runs_again() {
+    let gpu = gpu();
+    if gpu.gpu().is_some_and(|g| g.arch().major != 9) {
+        println!("not a Hopper GPU: the FA3 template is sm_90a only, nothing to check");
+        return;
+    }
+    let mut rng = Rng::from_time();
+    let seed = rng.seed();
+    let case = Case {
+        heads: Heads::new(16, 4, 128).unwrap(),
+        qo_lens: vec![1000, 1500, 0, 77],
+        kv_lens: vec![1200, 1500, 5, 77],
+        page_size: Some(16),
+        layout: KvLayout::Nhd,
+        causal: true,
+        decode: false,
+    };
+    let kv = kv_index(&case, &mut rng);
+    let batch = Batch::new(case.heads, &indptr(&case.qo_lens), kv)
+        .unwrap()
+        .with_causal(true);
+    let round = |xs: Vec<f32>| -> Vec<bf16> { xs.into_iter().map(bf16::from_f32).collect() };
+    let q = round(rng.normal_vec(batch.q_len()));
+    let k = round(rng.normal_vec(batch.kv().buffer_len(&batch.heads())));
+    let v = round(rng.normal_vec(batch.kv().buffer_len(&batch.heads())));
+    let want = reference::attention_typed(&Standard, &batch, &q, &k, &v).unwrap();
+    let (qd, kd, vd) = (
+        gpu.upload(&q).unwrap(),
+        gpu.upload(&k).unwrap(),
+        gpu.upload(&v).unwrap(),
+    );
+    let config = PlanConfig {
+        prefill_kernel: PrefillKernel::Fa3,
+        ..PlanConfig::default()
+    };
+    let plan = BatchPrefill::plan_with(&gpu, batch.clone(), config).unwrap();
+    for run in 0..3 {
+        let mut od = gpu.filled(batch.q_len(), bf16::NAN).unwrap();
+        plan.run(&Standard, &qd, &kd, &vd, &mut od, None).unwrap();
+        let got: Vec<f32> = od.to_vec().unwrap().iter().map(|x| x.to_f32()).collect();
+        let (err, request, head) = worst_rel_l2(&batch, &got, &want.o);
+        assert!(
+            err <= tolerance::<bf16>(),
+            "run {run}: relative L2 error {err:.2e} at request {request}, head {head} (seed {seed})"
+        );
+    }
+}
+
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gpu_standard() {

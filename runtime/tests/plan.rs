@@ -136,7 +136,7 @@ fn check(batch: &Batch, opts: &PlanOptions, list: &WorkList) {
         );
         if e > 0 {
             assert!(
-                list.items[e - 1].cost() >= w.cost(),
+                list.items[e - 1].cost_in(batch) >= w.cost_in(batch),
                 "not longest first at {e}"
             );
         }
@@ -442,6 +442,32 @@ fn small_batches_are_split_to_fill_the_device() {
         list.items.len()
     );
     check(&batch, &h100, &list);
+}
+
+/// One long causal prompt: its tiles all span the whole KV, but the last tile sees every key and
+/// the first only its own, so the list must run from the last tile to the first (the kernels
+/// hand items out in list order).
+#[test]
+fn a_causal_prompt_is_listed_from_its_longest_tile() {
+    let batch = batch_of(Heads::new(32, 8, 128).unwrap(), &[8192], &[8192], None).with_causal(true);
+    let list = plan::plan(&batch, KernelKind::Prefill, &PlanOptions::new(132, 1)).unwrap();
+    assert!(!list.is_split());
+    let (first, last) = (list.items[0], *list.items.last().unwrap());
+    let tile = list.cta_tile_q;
+    assert_eq!(
+        first.qo_tile_end,
+        8192 * 4,
+        "the tile of the last rows first"
+    );
+    assert_eq!(
+        (last.qo_tile_start, last.qo_tile_end),
+        (0, tile),
+        "the first rows last"
+    );
+    assert!(first.cost_in(&batch) > 16 * last.cost_in(&batch));
+    // Not causal, the same tiles cost alike.
+    let full = batch.clone().with_causal(false);
+    assert_eq!(first.cost_in(&full), last.cost_in(&full));
 }
 
 #[test]

@@ -1,7 +1,7 @@
 // Prefill and append, FlashAttention-3 style for sm_90a: the same work items, arguments and
 // results as attention/prefill.cuh (the plan's 128-row tiles), computed by warpgroup MMAs.
 // Persistent: a CTA takes one item of each round of gridDim.x of the plan's longest-first list,
-// so the next item's K/V (and, with two Q slots, its Q) load during this item's last tiles.
+// so the next item's Q and K/V load during this item's last tiles.
 // Three warpgroups a CTA: a producer that copies each item's Q (into Q slots) and its K/V tiles
 // into stages (cp.async through the page table; K and V each complete their own mbarrier, so
 // S = Q K^T starts while V still lands), and two consumers of 64 query rows each. A consumer
@@ -64,7 +64,15 @@ struct PrefillSm90Shape {
   static constexpr int kBarriersAt = kOffsetsAt + kOffsetSlots * kTileKv * 8;
   // Per Q slot full and empty, then per stage K full, V full, K empty and V empty.
   static constexpr int kBarriers = 2 * kQSlots + 4 * kStages;
-  static constexpr int kSmemBytes = kBarriersAt + kBarriers * 8;
+  // The items the producer hands out (prefill_sm90's Item, at most kItemBytes each), two slots
+  // more than Q slots: the producer writes item n's slot before it waits for item n's Q slot,
+  // which is safe once the consumers are past item n - kItemSlots + 1's last S (the wait of the
+  // producer's previous item); and the consumers read item n in place (no registers) to its end,
+  // since the slot is rewritten only after they are past item n + 1's last S.
+  static constexpr int kItemBytes = 128;
+  static constexpr int kItemSlots = kQSlots + 2;
+  static constexpr int kItemsAt = kBarriersAt + kBarriers * 8;
+  static constexpr int kSmemBytes = kItemsAt + kItemSlots * kItemBytes;
 };
 
 // Byte offset of 16-byte unit u (of D / 8) of row r in a swizzled tile of `rows` rows.
@@ -141,14 +149,15 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   constexpr int kTileQ = Sh::kTileQ, kTileKv = Sh::kTileKv;
   constexpr bool kBf16 = kIsBf16<T>;
 
-  // The CTA's items: one in each round of gridDim.x items of the list, every other round taken
-  // from the other end (a snake), so over the longest-first list each CTA gets about the same
-  // work (striding alone gives CTA 0 the longest item of every round). Indices past the padded
-  // length read as invalid items (work_item), as padding does: every thread skips them alike.
+  // The CTA's n-th item: one in each round of gridDim.x items of the plan's longest-first list,
+  // every other round from the far end (a snake), so each CTA gets about the same work. Indices
+  // only grow, and padding sits at the list's end, so the first invalid item (padding, or past
+  // the padded length) ends the CTA's items. Handing items out at run time from a counter in the
+  // workspace measured the same once the list was truly longest first (kernels/notes/fa3.md).
   const unsigned num_items = a.work == nullptr ? 0u : static_cast<unsigned>(a.work[ws_header::kPaddedLen]);
-  if (blockIdx.x >= num_items) return;  // the whole CTA
-  auto item_index = [&](unsigned r) {
-    return r * gridDim.x + ((r & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
+  if (blockIdx.x >= num_items) return;  // the whole CTA (an empty list still launches one)
+  auto item_index = [&](unsigned n) {
+    return n * gridDim.x + ((n & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
   };
 
   extern __shared__ __attribute__((aligned(1024))) unsigned char sm90_smem[];
@@ -165,6 +174,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   auto q_tile = [&](unsigned slot) { return sm90_smem + slot * Sh::kQBytes; };
   auto k_tile = [&](unsigned s) { return sm90_smem + Sh::kKAt + s * Sh::kKvBytes; };
   auto v_tile = [&](unsigned s) { return sm90_smem + Sh::kVAt + s * Sh::kKvBytes; };
+  unsigned char* const item_slots = sm90_smem + Sh::kItemsAt;
   // K/V tiles and Q slots are counted over the CTA's items: tile g sits in stage g % kStages,
   // the n-th valid item's Q in slot n % kQSlots; a barrier's phase is its use count's parity.
   auto stage = [](unsigned g) { return g % Sh::kStages; };
@@ -181,10 +191,10 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     long long shift;
     ItemKeys keys;
   };
-  auto item_at = [&](unsigned idx) {
-    Item it;
+  // Written in place (a shared-memory slot), field by field.
+  auto item_at = [&](Item& it, unsigned idx) {
     it.w = work_item(a.work, idx);
-    if (!it.w.valid) return it;
+    if (!it.w.valid) return;
     const unsigned b = it.w.request;
     it.qo_begin = static_cast<unsigned>(a.qo_indptr[b]);
     it.qo_len = static_cast<unsigned>(a.qo_indptr[b + 1]) - it.qo_begin;
@@ -192,7 +202,10 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     it.kp = key_positions(a.work, b, it.kv.len);
     it.shift = it.kp.causal_shift(it.qo_len);
     it.keys = item_keys(it.w, group, it.shift, causal, kTileKv);
-    return it;
+  };
+  static_assert(sizeof(Item) <= Sh::kItemBytes && alignof(Item) <= 8, "an Item fits its slot");
+  auto item_slot = [&](unsigned slot) {
+    return reinterpret_cast<Item*>(item_slots + slot * Sh::kItemBytes);
   };
   // Padding rows of a partial tile repeat the last real row (as in prefill.cuh).
   auto packed = [](const WorkItem& w, unsigned r) {
@@ -234,13 +247,24 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
       fence_proxy_async();
       mbar_arrive(bar);
     };
-    unsigned n = 0, g = 0;
-    for (unsigned r = 0; r * gridDim.x < num_items; ++r) {
-      const Item it = item_at(item_index(r));
-      if (!it.w.valid) continue;
-      const WorkItem& w = it.w;
+    // A counted loop (at most every item and the stop): ptxas allocates an unbounded one's
+    // consumers worse (ALiBi spilled 624 bytes).
+    unsigned g = 0;
+    for (unsigned n = 0; n <= num_items; ++n) {
       const unsigned slot = n % Sh::kQSlots;
+      // Thread 0 writes the CTA's n-th item (an invalid one is the stop) into its slot while
+      // the Q slot may still be busy (see kItemSlots), then hands it to the producer threads
+      // and, with the Q slot, to the consumers. All read it in place (40 registers hold no copy).
+      Item& it = *item_slot(n % Sh::kItemSlots);
+      if (pt == 0) item_at(it, item_index(n));
       if (n >= Sh::kQSlots) mbar_wait(q_empty(slot), ((n / Sh::kQSlots) - 1) & 1);
+      named_sync(1, kWarpgroupThreads);
+      const unsigned tiles = it.keys.tiles;
+      if (!it.w.valid) {
+        mbar_arrive(q_full(slot));  // the consumers' stop
+        break;
+      }
+      const WorkItem& w = it.w;
       unsigned char* const sq = q_tile(slot);
       #pragma unroll 4
       for (int i = 0; i < kTileQ * (D / 8) / kWarpgroupThreads; ++i) {
@@ -255,7 +279,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
       fence_proxy_async();
       mbar_arrive(q_full(slot));
 
-      for (unsigned t = 0; t < it.keys.tiles; ++t) {
+      for (unsigned t = 0; t < tiles; ++t) {
         const unsigned gt = g + t, s = stage(gt);
         // One page lookup a key: thread pt finds key pt's byte offset (threads past a 64-key
         // tile have none: the slot holds kTileKv entries; a constant test for 128 keys).
@@ -290,15 +314,14 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
         }
       }
       // The item's last tile, before the next item's Q.
-      if (it.keys.tiles > 0) {
-        const unsigned last = g + it.keys.tiles - 1;
+      if (tiles > 0) {
+        const unsigned last = g + tiles - 1;
         cp_async_wait<1>();
         signal(k_full(stage(last)));
         cp_async_wait<0>();
         signal(v_full(stage(last)));
       }
-      g += it.keys.tiles;
-      ++n;
+      g += tiles;
     }
     return;
   }
@@ -343,17 +366,18 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     wgmma_commit();
   };
 
-  unsigned n = 0, g = 0;
-  for (unsigned r = 0; r * gridDim.x < num_items; ++r) {
-    const Item it = item_at(item_index(r));
-    if (!it.w.valid) continue;
+  unsigned g = 0;
+  for (unsigned n = 0; n < num_items; ++n) {  // counted: see the producer's loop
+    const unsigned slot = n % Sh::kQSlots;
+    mbar_wait(q_full(slot), (n / Sh::kQSlots) & 1);
+    const Item& it = *item_slot(n % Sh::kItemSlots);  // read in place (see kItemSlots)
+    if (!it.w.valid) break;
     const WorkItem& w = it.w;
     const ItemKeys& keys = it.keys;
-    const unsigned b = w.request, kv_head = w.kv_head, qo_begin = it.qo_begin, qo_len = it.qo_len;
+    const unsigned &b = w.request, &kv_head = w.kv_head, &qo_begin = it.qo_begin, &qo_len = it.qo_len;
     const KeyPositions& kp = it.kp;
-    const long long shift = it.shift;
+    const long long& shift = it.shift;
     auto row_of = [&](int hf) { return packed(w, row0 + 8 * hf); };
-    const unsigned slot = n % Sh::kQSlots;
     const unsigned char* const sq = q_tile(slot);
 
     #pragma unroll
@@ -456,7 +480,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     // with heavy hooks). If it comes back: ptxas keeps MMAs in flight across a wait only in
     // straight-line pipelines (tile 0 and the last P V peeled; in branches it waits after every
     // MMA).
-    mbar_wait(q_full(slot), (n / Sh::kQSlots) & 1);
+    mbar_arrive_if(q_empty(slot), keys.tiles == 0);  // no S reads this Q
     for (unsigned t = 0; t < keys.tiles; ++t) {
       const unsigned gt = g + t;
       mbar_wait(k_full(stage(gt)), phase(gt));
@@ -467,6 +491,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
       wgmma_wait<0>();
       wgmma_hold(sacc);
       mbar_arrive(k_empty(stage(gt)));
+      mbar_arrive_if(q_empty(slot), t + 1 == keys.tiles);  // the item's last S: Q is free
       softmax_tile(t);
       if (__any_sync(kFullMask, grew)) {
         #pragma unroll
@@ -485,9 +510,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
       wgmma_hold(pa);
       mbar_arrive(v_empty(stage(gt)));
     }
-    mbar_arrive(q_empty(slot));  // every S of the item is done: its Q slot is free
     g += keys.tiles;
-    ++n;
 
     // Epilogue (epilogue.cuh), as prefill.cuh: unsplit items write o and lse, split items their
     // chunk's partial row and LSE.

@@ -37,6 +37,19 @@ __device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
 }
 
+// An arrival made only where `pred` holds, as one predicated instruction: no branch, so a
+// consumer's straight-line wgmma pipeline stays straight (ptxas serialises MMAs across branches).
+__device__ __forceinline__ void mbar_arrive_if(unsigned long long* bar, bool pred) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.u32 p, %1, 0;\n"
+      "@p mbarrier.arrive.shared::cta.b64 _, [%0];\n"
+      "}\n" ::"r"(smem_u32(bar)),
+      "r"(static_cast<unsigned>(pred))
+      : "memory");
+}
+
 // Waits until the barrier's phase of parity `phase` has completed (phases alternate 0, 1, 0, ...).
 __device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned phase) {
   asm volatile(

@@ -93,6 +93,9 @@ const SM90_TILE_Q: u32 = 128;
 const SM90_THREADS: u32 = 384;
 /// Slots of its key offset table (`kOffsetSlots`).
 const SM90_OFFSET_SLOTS: u32 = 2;
+/// Bytes a work item takes in shared memory (`kItemBytes`): the producer hands each item over
+/// with its Q, in two slots more than there are Q slots (`kItemSlots`).
+const SM90_ITEM_BYTES: u32 = 128;
 
 /// Whether `cfg` names the sm_90a template: its K/V tile is that template's at its head dim
 /// (`check_tiles` keeps FA2 off those tiles, so the name alone tells the templates apart).
@@ -196,8 +199,8 @@ impl Shape {
 
     /// The sm_90a template's shape (`PrefillSm90Shape`) at a head dim and its K/V tile
     /// ([`sm90_kv_tile`]): the Q slots, the stages of K and V in 128-byte-swizzled blocks, two
-    /// tiles' key byte offsets (u64) and the mbarriers (each Q slot's full and empty, then each
-    /// stage's K full, V full, K empty and V empty).
+    /// tiles' key byte offsets (u64), the mbarriers (each Q slot's full and empty, then each
+    /// stage's K full, V full, K empty and V empty) and the work item slots.
     fn sm90(head_dim: u32, kv_tile: u32) -> Self {
         let q_slots = sm90_q_slots(head_dim);
         let stages = sm90_stages(head_dim);
@@ -209,7 +212,8 @@ impl Shape {
             warps: SM90_THREADS / WARP,
             shared_bytes: rows * head_dim * ELEMENT_BYTES
                 + SM90_OFFSET_SLOTS * kv_tile * 8
-                + barriers * 8,
+                + barriers * 8
+                + (q_slots + 2) * SM90_ITEM_BYTES,
         }
     }
 
@@ -617,28 +621,28 @@ mod tests {
     #[test]
     fn the_fa3_form_exists_on_hopper_at_the_128_row_tile_of_every_head_dim() {
         // (head dim, name, K/V tile, shared bytes: Q and the stages of K and V, the two offset
-        // slots, the mbarriers).
-        // At head dim 64 two Q slots and three stages of 128-key K and V (sixteen barriers); at
-        // 128 one Q slot and three stages (fourteen); at 256 one Q slot (64 KiB) and two stages
-        // of 64-key K and V (32 KiB each; ten).
+        // slots, the mbarriers, the item slots of 128 bytes).
+        // At head dim 64 two Q slots and three stages of 128-key K and V (sixteen barriers, four
+        // item slots); at 128 one Q slot and three stages (fourteen, three); at 256 one Q slot
+        // (64 KiB) and two stages of 64-key K and V (32 KiB each; ten, three).
         let forms = [
             (
                 64,
                 "prefill_hd64_bf16_q128_k128_sm90a",
                 128,
-                8 * 16_384 + 2048 + 128,
+                8 * 16_384 + 2048 + 128 + 4 * 128,
             ),
             (
                 128,
                 "prefill_hd128_bf16_q128_k128_sm90a",
                 128,
-                7 * 32_768 + 2048 + 112,
+                7 * 32_768 + 2048 + 112 + 3 * 128,
             ),
             (
                 256,
                 "prefill_hd256_bf16_q128_k64_sm90a",
                 64,
-                65_536 + 4 * 32_768 + 1024 + 80,
+                65_536 + 4 * 32_768 + 1024 + 80 + 3 * 128,
             ),
         ];
         for (hd, name, kv_tile, shared) in forms {

@@ -184,11 +184,28 @@ pub struct WorkItem {
 }
 
 impl WorkItem {
-    /// The load-balancing cost: the kernel's time grows with the keys it streams and, more
-    /// weakly, with the query rows it holds.
-    pub fn cost(&self) -> u64 {
+    /// The load-balancing cost of this item of `batch`: the kernel's time grows with the keys it
+    /// streams and, more weakly, with the query rows it holds. In a causal batch a tile streams
+    /// only the keys up to its last row's diagonal (the kernels' bound), so the tiles of one long
+    /// prompt cost from one key tile to all of them.
+    pub fn cost_in(&self, batch: &Batch) -> u64 {
         2 * u64::from(self.qo_tile_end - self.qo_tile_start)
-            + u64::from(self.kv_end - self.kv_start)
+            + u64::from(self.visible_end(batch) - self.kv_start)
+    }
+
+    /// One past the last key the item streams: `kv_end`, or in a causal batch the key after its
+    /// last row's diagonal when that comes first (never before `kv_start`).
+    fn visible_end(&self, batch: &Batch) -> u32 {
+        if !batch.causal() || self.qo_tile_end == 0 {
+            return self.kv_end;
+        }
+        let (b, kv) = (self.request as usize, batch.kv());
+        let group = batch.heads().group_size();
+        // Key j is visible to row i iff j <= i + total - qo_len - offset (attention/work.cuh).
+        let shift =
+            i64::from(kv.key_total(b)) - i64::from(batch.qo_len(b)) - i64::from(kv.key_offset(b));
+        let end = i64::from((self.qo_tile_end - 1) / group) + shift + 1;
+        end.clamp(i64::from(self.kv_start), i64::from(self.kv_end)) as u32
     }
 }
 
@@ -562,11 +579,13 @@ fn build(
             }
         }
     }
-    // Longest first: the hardware hands CTAs out in grid order, so big items start early and small
-    // ones fill the gaps at the end. Ties keep a fixed order, so the same batch gives the same list.
+    // Longest first, by the keys each item really streams (`cost_in`: a causal tile's stop at its
+    // diagonal): the hardware hands CTAs out in grid order, and the persistent FA3 kernel deals
+    // the list out in rounds, so big items start early and small ones fill the gaps at the end.
+    // Ties keep a fixed order (request, head, rows), so the same batch gives the same list.
     items.sort_by_key(|w| {
         (
-            std::cmp::Reverse(w.cost()),
+            std::cmp::Reverse(w.cost_in(batch)),
             w.request,
             w.kv_head,
             w.qo_tile_start,

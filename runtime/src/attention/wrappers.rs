@@ -55,19 +55,20 @@ pub enum PrefillKernel {
     /// measured faster (Hopper, head dim 128, the 128-row tile, no query or key hooks), FA2
     /// elsewhere (head dims 64 and 256 have FA3 instances, tested but not yet timed). The
     /// benchmark's prefill rows with each template forced (H200, bf16, head dim 128, 32/8 heads,
-    /// TFLOP/s, one call on 2026-11-30, FA3 v11 of `kernels/notes/fa3.md`):
+    /// TFLOP/s, one call on 2026-11-30, FA3 v15 of `kernels/notes/fa3.md`):
     ///
     /// | config | FA2 | FA3 |
     /// |---|---:|---:|
-    /// | one request, 8192 causal | 308 | 368 |
-    /// | one request, 8192 full | 347 | 453 |
-    /// | 8192 causal, soft-cap 30 | 269 | 312 |
-    /// | 16 x 1024 causal, ragged | 250 | 281 |
-    /// | 16 x 1024 causal, page 16 | 245 | 271 |
-    /// | 4 x 8192 causal, page 16 | 328 | 423 |
+    /// | one request, 8192 causal | 344 | 450 |
+    /// | one request, 8192 full | 350 | 468 |
+    /// | 8192 causal, soft-cap 30 | 300 | 396 |
+    /// | 16 x 1024 causal, ragged | 256 | 282 |
+    /// | 16 x 1024 causal, page 16 | 250 | 264 |
+    /// | 4 x 8192 causal, page 16 | 336 | 418 |
+    /// | 16 x 256 appended to 4096, page 16 | 317 | 371 |
     ///
-    /// A variant whose FA3 build spills registers runs FA2 (today the attention sink, and at
-    /// head dim 256 ALiBi and the custom mask too).
+    /// A variant whose FA3 build spills registers runs FA2 (today the attention sink at head dims
+    /// 128 and 256, and the custom mask at 256).
     #[default]
     Auto,
     /// The FA2 template (mma.sync) everywhere.
