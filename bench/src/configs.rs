@@ -53,8 +53,12 @@ pub struct Config {
     pub causal: bool,
     /// Logits soft cap (the `SoftCap` variant), or 0 for `Standard`.
     pub soft_cap: f32,
+    /// Keys a query sees (the `SlidingWindow` variant, a mask hook), or 0 for `Standard`.
+    pub window: u32,
     /// Query heads and KV heads: (`H`, `HKV`) but for the head-grouping decode keys.
     pub heads: (u32, u32),
+    /// Head dimension: `D` but for the head-dim rows of [`ours_only`].
+    pub head_dim: u32,
 }
 
 /// Every 16th request is long (8192 tokens), the rest short (512): a skewed batch.
@@ -73,7 +77,9 @@ fn decode(key: &'static str, kv_lens: Vec<u32>, page: u32, soft_cap: f32) -> Con
         kv_lens,
         causal: false,
         soft_cap,
+        window: 0,
         heads: (H, HKV),
+        head_dim: D,
     }
 }
 
@@ -101,7 +107,9 @@ fn prefill(
         kv_lens: vec![kv; batch],
         causal,
         soft_cap,
+        window: 0,
         heads: (H, HKV),
+        head_dim: D,
     }
 }
 
@@ -170,6 +178,31 @@ pub fn standard() -> Vec<Config> {
     ]
 }
 
+/// Rows the anchor has no key for (issue 9): the long causal prompt under a mask hook whose
+/// window covers it (`SlidingWindow` of 8192: the visible pairs, and so the FLOPs, of
+/// `prefill_single_s8192_causal`, which it should stay within 15% of), and at head dims 64 and
+/// 256.
+pub fn ours_only() -> Vec<Config> {
+    let causal = || prefill("", Storage::Single, (1, 8192, 8192), true, 0.0);
+    vec![
+        Config {
+            key: "prefill_single_s8192_causal_window8192",
+            window: 8192,
+            ..causal()
+        },
+        Config {
+            key: "prefill_single_s8192_causal_hd64",
+            head_dim: 64,
+            ..causal()
+        },
+        Config {
+            key: "prefill_single_s8192_causal_hd256",
+            head_dim: 256,
+            ..causal()
+        },
+    ]
+}
+
 /// Bytes a decode step moves with `(query heads, KV heads)`: K and V of every token, plus q and o.
 pub fn decode_bytes(kv_lens: &[u32], (hq, hk): (u32, u32)) -> u64 {
     let tokens: u64 = kv_lens.iter().map(|&l| u64::from(l)).sum();
@@ -177,8 +210,9 @@ pub fn decode_bytes(kv_lens: &[u32], (hq, hk): (u32, u32)) -> u64 {
     tokens * hkv * d * 2 * ELT + 2 * kv_lens.len() as u64 * h * d * ELT
 }
 
-/// FLOPs of a prefill: `4 * H * D` per visible (q, k) pair; causal is bottom-right aligned.
-pub fn prefill_flops(qo_lens: &[u32], kv_lens: &[u32], causal: bool) -> u64 {
+/// FLOPs of a prefill at head dim `head_dim`: `4 * H * head_dim` per visible (q, k) pair;
+/// causal is bottom-right aligned.
+pub fn prefill_flops(qo_lens: &[u32], kv_lens: &[u32], causal: bool, head_dim: u32) -> u64 {
     let pairs: u64 = qo_lens
         .iter()
         .zip(kv_lens)
@@ -192,13 +226,14 @@ pub fn prefill_flops(qo_lens: &[u32], kv_lens: &[u32], causal: bool) -> u64 {
                 }
         })
         .sum();
-    4 * u64::from(H) * u64::from(D) * pairs
+    4 * u64::from(H) * u64::from(head_dim) * pairs
 }
 
 impl Config {
-    /// The head shape: `H` query over `HKV` KV heads of `D`, or the grouping of its key.
+    /// The head shape: `H` query over `HKV` KV heads of `D`, or the grouping or head dim of its
+    /// key.
     pub fn heads(&self) -> ferrinfer::Result<Heads> {
-        Heads::new(self.heads.0, self.heads.1, D)
+        Heads::new(self.heads.0, self.heads.1, self.head_dim)
     }
 
     /// `qo_indptr` of the batch.
@@ -228,7 +263,9 @@ impl Config {
                 "GB/s",
             ),
             Kind::Prefill => (
-                prefill_flops(&self.qo_lens, &self.kv_lens, self.causal) as f64 / ms / 1e9,
+                prefill_flops(&self.qo_lens, &self.kv_lens, self.causal, self.head_dim) as f64
+                    / ms
+                    / 1e9,
                 "TFLOP/s",
             ),
         }
@@ -240,7 +277,7 @@ impl Config {
         let kv = self.kv_index()?.buffer_len(&heads) as u64;
         let q: u64 = self.qo_lens.iter().map(|&l| u64::from(l)).sum::<u64>()
             * u64::from(self.heads.0)
-            * u64::from(D);
+            * u64::from(self.head_dim);
         Ok((2 * q + 2 * kv) * ELT)
     }
 }
@@ -331,15 +368,57 @@ mod tests {
     #[test]
     fn prefill_flops_by_hand() {
         // 4 * 32 * 128 = 16384 FLOPs per pair.
-        assert_eq!(prefill_flops(&[8192], &[8192], false), 1 << 40);
+        assert_eq!(prefill_flops(&[8192], &[8192], false, D), 1 << 40);
         // 8192^2 - 8192 * 8191 / 2 = 33_558_528 pairs.
-        assert_eq!(prefill_flops(&[8192], &[8192], true), 16_384 * 33_558_528);
+        assert_eq!(
+            prefill_flops(&[8192], &[8192], true, D),
+            16_384 * 33_558_528
+        );
         // 256 rows on 4096 keys: 256 * 4096 - 256 * 255 / 2 = 1_015_936 pairs per request.
         assert_eq!(
-            prefill_flops(&[256; 16], &[4096; 16], true),
+            prefill_flops(&[256; 16], &[4096; 16], true, D),
             16_384 * 16 * 1_015_936
         );
-        assert_eq!(prefill_flops(&[1], &[5], true), 16_384 * 5);
+        assert_eq!(prefill_flops(&[1], &[5], true, D), 16_384 * 5);
+        // Head dim 64 halves the FLOPs of a pair.
+        assert_eq!(prefill_flops(&[1], &[5], true, 64), 8_192 * 5);
+    }
+
+    #[test]
+    fn the_rows_only_ours_runs() {
+        let extra = ours_only();
+        let keys: Vec<&str> = extra.iter().map(|c| c.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "prefill_single_s8192_causal_window8192",
+                "prefill_single_s8192_causal_hd64",
+                "prefill_single_s8192_causal_hd256",
+            ]
+        );
+        assert!(standard().iter().all(|c| !keys.contains(&c.key)));
+        let causal = by_key("prefill_single_s8192_causal");
+        let window = &extra[0];
+        // The window covers the prompt: the same work as the causal row, under a mask hook.
+        assert_eq!((window.window, window.soft_cap), (8192, 0.0));
+        assert_eq!(window.metric(1.0), causal.metric(1.0));
+        assert_eq!(
+            (
+                window.qo_lens.clone(),
+                window.kv_lens.clone(),
+                window.causal
+            ),
+            (causal.qo_lens.clone(), causal.kv_lens.clone(), true)
+        );
+        for (c, hd) in extra[1..].iter().zip([64, 256]) {
+            assert_eq!((c.head_dim, c.heads().unwrap().head_dim()), (hd, hd));
+            assert_eq!(c.window, 0);
+            assert_eq!(
+                c.metric(1.0).0 * 128.0,
+                causal.metric(1.0).0 * f64::from(hd)
+            );
+        }
+        assert!(standard().iter().all(|c| c.head_dim == D && c.window == 0));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::thread;
 use ferrinfer::prelude::*;
 use ferrinfer_testkit::Rng;
 
-use crate::configs::{Config, D};
+use crate::configs::Config;
 use crate::timing::BenchResult;
 
 /// Elements each thread's generator fills; a fixed split keeps the data independent of core count.
@@ -54,8 +54,8 @@ impl InputSet {
     /// Random q, k and v (set `set` of the configuration), o filled with NaN so a kernel that
     /// writes nothing cannot pass unnoticed in a later check.
     pub fn upload(backend: &Backend, cfg: &Config, kv_len: usize, set: u64) -> BenchResult<Self> {
-        let q_len =
-            cfg.qo_lens.iter().map(|&l| l as usize).sum::<usize>() * (cfg.heads.0 * D) as usize;
+        let q_len = cfg.qo_lens.iter().map(|&l| l as usize).sum::<usize>()
+            * (cfg.heads.0 * cfg.head_dim) as usize;
         let seed = set * 4;
         Ok(InputSet {
             q: backend.upload(&normal_bf16(q_len, seed))?,

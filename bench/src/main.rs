@@ -21,7 +21,7 @@ use std::sync::Arc;
 use cudarc::driver::CudaStream;
 use ferrinfer::Variant;
 use ferrinfer::prelude::*;
-use ferrinfer::variants::{SoftCap, Standard};
+use ferrinfer::variants::{SlidingWindow, SoftCap, Standard};
 
 use configs::{Config, Kind};
 use inputs::InputSet;
@@ -98,7 +98,7 @@ fn main() -> ExitCode {
     let hopper = backend
         .as_ref()
         .is_ok_and(|b| b.gpu().is_some_and(|g| g.arch().major == 9));
-    for cfg in configs::standard() {
+    for cfg in configs::standard().into_iter().chain(configs::ours_only()) {
         if !args.selects(cfg.key) {
             continue;
         }
@@ -236,7 +236,10 @@ fn bench_config(
         .collect::<BenchResult<Vec<_>>>()?;
     let plan = Plan::new(backend, cfg, config)?;
     backend.synchronize()?;
-    let t = if cfg.soft_cap > 0.0 {
+    let t = if cfg.window > 0 {
+        let window = SlidingWindow { window: cfg.window };
+        time_variant(stream, &plan, &window, &mut inputs)?
+    } else if cfg.soft_cap > 0.0 {
         time_variant(stream, &plan, &SoftCap { cap: cfg.soft_cap }, &mut inputs)?
     } else {
         time_variant(stream, &plan, &Standard, &mut inputs)?
