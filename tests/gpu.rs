@@ -455,6 +455,40 @@ fn gpu_sm90_plan_runs_again() {
     }
 }
 
+/// Many items a CTA at every FA3 head dim (Hopper only): 32 KV heads over 40 short requests
+/// give about ten 128-row items to each of an H100/H200's persistent CTAs, so every Q slot and
+/// item slot is reused many times (head dim 64 has two Q slots), and one request with more
+/// query rows than keys gives items that see no key (the Q slot is freed before any S).
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_sm90_many_items_a_cta() {
+    let gpu = gpu();
+    if gpu.gpu().is_some_and(|g| g.arch().major != 9) {
+        println!("not a Hopper GPU: the FA3 template is sm_90a only, nothing to check");
+        return;
+    }
+    let fa3 = [PlanConfig {
+        prefill_kernel: PrefillKernel::Fa3,
+        ..PlanConfig::default()
+    }];
+    let mut qo_lens: Vec<u32> = (0..40).map(|i| 64 + (i * 37) % 65).collect();
+    let mut kv_lens: Vec<u32> = (0..40).map(|i| 64 + (i * 53) % 193).collect();
+    qo_lens.push(300);
+    kv_lens.push(100);
+    for head_dim in HEAD_DIMS {
+        let case = Case {
+            heads: Heads::new(32, 32, head_dim).unwrap(),
+            qo_lens: qo_lens.clone(),
+            kv_lens: kv_lens.clone(),
+            page_size: Some(16),
+            layout: KvLayout::Nhd,
+            causal: true,
+            decode: false,
+        };
+        check_with::<Standard, bf16>(&gpu, &Standard, &case, &fa3);
+    }
+}
+
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gpu_standard() {

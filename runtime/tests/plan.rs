@@ -464,10 +464,70 @@ fn a_causal_prompt_is_listed_from_its_longest_tile() {
         (0, tile),
         "the first rows last"
     );
-    assert!(first.cost_in(&batch) > 16 * last.cost_in(&batch));
+    // 128 packed rows are 32 query rows of 4 heads: the first tile sees keys 0..=31.
+    assert_eq!(first.cost_in(&batch), 2 * 128 + 8192);
+    assert_eq!(last.cost_in(&batch), 2 * 128 + 32);
     // Not causal, the same tiles cost alike.
     let full = batch.clone().with_causal(false);
     assert_eq!(first.cost_in(&full), last.cost_in(&full));
+
+    // A context-parallel shard: keys 1000..4999 of a 5000-key request, whose 100 query rows are
+    // its last (positions 4900..4999): row i sees local keys up to i + 3900.
+    let heads = Heads::new(32, 8, 128).unwrap();
+    let kv = KvIndex::ragged(&[0, 4000], KvLayout::Nhd)
+        .unwrap()
+        .with_key_positions(&[1000], &[5000])
+        .unwrap();
+    let shard = Batch::new(heads, &[0, 100], kv).unwrap().with_causal(true);
+    let list = plan::plan(&shard, KernelKind::Prefill, &PlanOptions::new(132, 1)).unwrap();
+    let tile = list.cta_tile_q;
+    // The plan may split these few rows' keys into chunks: every chunk of the first tile.
+    let tops: Vec<_> = list.items.iter().filter(|w| w.qo_tile_start == 0).collect();
+    assert!(tops.iter().any(|w| w.kv_end == 4000));
+    for top in tops {
+        let rows = top.qo_tile_end;
+        assert_eq!(rows, tile.min(400));
+        // Its last row is (rows - 1) / 4, which sees keys 0..=that + 3900.
+        let end = ((rows - 1) / 4 + 3901).clamp(top.kv_start, top.kv_end);
+        assert_eq!(
+            top.cost_in(&shard),
+            2 * u64::from(rows) + u64::from(end - top.kv_start),
+            "{top:?}"
+        );
+    }
+
+    // Split into 256-key chunks: a chunk wholly past a tile's diagonal streams nothing, and
+    // costs its rows alone. More query rows than keys: the first rows see no key at all.
+    let batch = batch_of(
+        Heads::new(8, 8, 128).unwrap(),
+        &[1024, 300],
+        &[1024, 200],
+        None,
+    )
+    .with_causal(true);
+    let opts = PlanOptions {
+        fixed_kv_chunk: Some(256),
+        ..PlanOptions::new(132, 1)
+    };
+    let list = plan::plan(&batch, KernelKind::Prefill, &opts).unwrap();
+    let tile = list.cta_tile_q;
+    let past = list
+        .items
+        .iter()
+        .find(|w| w.request == 0 && w.qo_tile_start == 0 && w.kv_start == 768)
+        .unwrap();
+    assert_eq!(past.cost_in(&batch), 2 * u64::from(tile));
+    // Request 1: 300 rows on 200 keys, bottom-right aligned: row i sees keys up to i - 100.
+    let blind = list
+        .items
+        .iter()
+        .find(|w| w.request == 1 && w.qo_tile_start == 0)
+        .unwrap();
+    let seen = (blind.qo_tile_end - 1).saturating_sub(100 - 1).min(200);
+    assert_eq!(
+        blind.cost_in(&batch),
+        2 * u64::from(blind.qo_tile_end) + u64::from(seen)
+    );
 }
 
 #[test]

@@ -259,11 +259,11 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
       if (pt == 0) item_at(it, item_index(n));
       if (n >= Sh::kQSlots) mbar_wait(q_empty(slot), ((n / Sh::kQSlots) - 1) & 1);
       named_sync(1, kWarpgroupThreads);
-      const unsigned tiles = it.keys.tiles;
       if (!it.w.valid) {
         mbar_arrive(q_full(slot));  // the consumers' stop
         break;
       }
+      const unsigned tiles = it.keys.tiles;
       const WorkItem& w = it.w;
       unsigned char* const sq = q_tile(slot);
       #pragma unroll 4

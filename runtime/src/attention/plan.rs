@@ -189,14 +189,15 @@ impl WorkItem {
     /// only the keys up to its last row's diagonal (the kernels' bound), so the tiles of one long
     /// prompt cost from one key tile to all of them.
     pub fn cost_in(&self, batch: &Batch) -> u64 {
-        2 * u64::from(self.qo_tile_end - self.qo_tile_start)
-            + u64::from(self.visible_end(batch) - self.kv_start)
+        2 * u64::from(self.qo_tile_end.saturating_sub(self.qo_tile_start))
+            + u64::from(self.visible_end(batch).saturating_sub(self.kv_start))
     }
 
     /// One past the last key the item streams: `kv_end`, or in a causal batch the key after its
-    /// last row's diagonal when that comes first (never before `kv_start`).
+    /// last row's diagonal when that comes first (never before `kv_start`). An item that is not
+    /// of `batch` (its request out of range) counts its whole key range.
     fn visible_end(&self, batch: &Batch) -> u32 {
-        if !batch.causal() || self.qo_tile_end == 0 {
+        if !batch.causal() || self.qo_tile_end == 0 || self.request as usize >= batch.batch() {
             return self.kv_end;
         }
         let (b, kv) = (self.request as usize, batch.kv());
@@ -205,7 +206,9 @@ impl WorkItem {
         let shift =
             i64::from(kv.key_total(b)) - i64::from(batch.qo_len(b)) - i64::from(kv.key_offset(b));
         let end = i64::from((self.qo_tile_end - 1) / group) + shift + 1;
-        end.clamp(i64::from(self.kv_start), i64::from(self.kv_end)) as u32
+        // max then min, not clamp: a hand-built item may have kv_start > kv_end.
+        end.max(i64::from(self.kv_start))
+            .min(i64::from(self.kv_end)) as u32
     }
 }
 
@@ -583,7 +586,7 @@ fn build(
     // diagonal): the hardware hands CTAs out in grid order, and the persistent FA3 kernel deals
     // the list out in rounds, so big items start early and small ones fill the gaps at the end.
     // Ties keep a fixed order (request, head, rows), so the same batch gives the same list.
-    items.sort_by_key(|w| {
+    items.sort_by_cached_key(|w| {
         (
             std::cmp::Reverse(w.cost_in(batch)),
             w.request,
