@@ -115,6 +115,17 @@ fn check_with<V: Variant, T: Element>(
     case: &Case,
     configs: &[PlanConfig],
 ) {
+    check_runs::<V, T>(gpu, variant, case, configs, 1);
+}
+
+/// [`check_with`], each config's plan run `runs` times, every run checked.
+fn check_runs<V: Variant, T: Element>(
+    gpu: &Backend,
+    variant: &V,
+    case: &Case,
+    configs: &[PlanConfig],
+    runs: usize,
+) {
     let mut rng = Rng::from_time();
     let seed = rng.seed();
     let kv = kv_index(case, &mut rng);
@@ -138,56 +149,63 @@ fn check_with<V: Variant, T: Element>(
         gpu.upload(&k).unwrap(),
         gpu.upload(&v).unwrap(),
     );
-    for &config in configs {
+    'configs: for &config in configs {
         // Unless FA3 is all a config asks for, an FA3 run the plan's instance has no form of is
         // skipped (checked by `gpu_sm90_prefill`).
         let optional_fa3 = configs.len() > 1 && config.prefill_kernel == PrefillKernel::Fa3;
-        let mut od = gpu.filled(batch.q_len(), T::from_f32(f32::NAN)).unwrap();
-        let with_lse = V::SPEC.softmax;
-        let mut lsed = gpu.filled(batch.lse_len(), f32::NAN).unwrap();
-        let lse: Option<&mut dyn ferrinfer::Dst<f32>> =
-            if with_lse { Some(&mut lsed) } else { None };
-        if case.decode {
-            let plan =
-                BatchDecode::plan_with(gpu, case.heads, batch.kv().clone(), None, config).unwrap();
-            plan.run(variant, &qd, &kd, &vd, &mut od, lse).unwrap();
-        } else {
-            let plan = BatchPrefill::plan_with(gpu, batch.clone(), config).unwrap();
-            match plan.run(variant, &qd, &kd, &vd, &mut od, lse) {
-                Err(e) if optional_fa3 && e.to_string().contains("no FA3 instance") => continue,
-                r => r.unwrap(),
+        let decode = case.decode.then(|| {
+            BatchDecode::plan_with(gpu, case.heads, batch.kv().clone(), None, config).unwrap()
+        });
+        let prefill =
+            (!case.decode).then(|| BatchPrefill::plan_with(gpu, batch.clone(), config).unwrap());
+        for run in 0..runs {
+            let mut od = gpu.filled(batch.q_len(), T::from_f32(f32::NAN)).unwrap();
+            let with_lse = V::SPEC.softmax;
+            let mut lsed = gpu.filled(batch.lse_len(), f32::NAN).unwrap();
+            let lse: Option<&mut dyn ferrinfer::Dst<f32>> =
+                if with_lse { Some(&mut lsed) } else { None };
+            if let Some(plan) = &decode {
+                plan.run(variant, &qd, &kd, &vd, &mut od, lse).unwrap();
+            } else if let Some(plan) = &prefill {
+                match plan.run(variant, &qd, &kd, &vd, &mut od, lse) {
+                    Err(e) if optional_fa3 && e.to_string().contains("no FA3 instance") => {
+                        continue 'configs;
+                    }
+                    r => r.unwrap(),
+                }
             }
-        }
-        let got: Vec<f32> = od.to_vec().unwrap().iter().map(|x| x.to_f32()).collect();
-        // Bounded per request and head: one wrong request cannot hide in a large batch.
-        let (err, request, head) = worst_rel_l2(&batch, &got, &want.o);
-        let what = format!(
-            "{} {:?} hd{} qo{:?} kv{:?} page {:?} {:?} causal {} decode {} {:?} {:?} (seed {seed})",
-            V::SPEC.name,
-            T::DTYPE,
-            case.heads.head_dim(),
-            case.qo_lens,
-            case.kv_lens,
-            case.page_size,
-            case.layout,
-            case.causal,
-            case.decode,
-            config.decode_kernel,
-            config.prefill_kernel
-        );
-        assert!(
-            err <= tolerance::<T>(),
-            "{what}: relative L2 error {err:.2e} at request {request}, head {head}"
-        );
-        if with_lse {
-            let got = lsed.to_vec().unwrap();
-            for (i, (g, w)) in got.iter().zip(&want.lse).enumerate() {
-                let ok = if w.is_infinite() {
-                    *g == *w as f32
-                } else {
-                    (f64::from(*g) - w).abs() <= 1e-2 * (1.0 + w.abs())
-                };
-                assert!(ok, "{what}: lse[{i}] = {g}, want {w}");
+            let got: Vec<f32> = od.to_vec().unwrap().iter().map(|x| x.to_f32()).collect();
+            // Bounded per request and head: one wrong request cannot hide in a large batch.
+            let (err, request, head) = worst_rel_l2(&batch, &got, &want.o);
+            let what = format!(
+                "{} {:?} hd{} qo{:?} kv{:?} page {:?} {:?} causal {} decode {} {:?} {:?} run {run} \
+             (seed {seed})",
+                V::SPEC.name,
+                T::DTYPE,
+                case.heads.head_dim(),
+                case.qo_lens,
+                case.kv_lens,
+                case.page_size,
+                case.layout,
+                case.causal,
+                case.decode,
+                config.decode_kernel,
+                config.prefill_kernel
+            );
+            assert!(
+                err <= tolerance::<T>(),
+                "{what}: relative L2 error {err:.2e} at request {request}, head {head}"
+            );
+            if with_lse {
+                let got = lsed.to_vec().unwrap();
+                for (i, (g, w)) in got.iter().zip(&want.lse).enumerate() {
+                    let ok = if w.is_infinite() {
+                        *g == *w as f32
+                    } else {
+                        (f64::from(*g) - w).abs() <= 1e-2 * (1.0 + w.abs())
+                    };
+                    assert!(ok, "{what}: lse[{i}] = {g}, want {w}");
+                }
             }
         }
     }
@@ -239,6 +257,23 @@ fn cases(head_dim: u32) -> Vec<Case> {
         }
     }
     out
+}
+
+/// True (and says so) when the GPU is not a Hopper: the FA3 template is sm_90a only.
+fn not_hopper(gpu: &Backend) -> bool {
+    let not = gpu.gpu().is_some_and(|g| g.arch().major != 9);
+    if not {
+        println!("not a Hopper GPU: the FA3 template is sm_90a only, nothing to check");
+    }
+    not
+}
+
+/// The FA3 template forced.
+fn fa3() -> PlanConfig {
+    PlanConfig {
+        prefill_kernel: PrefillKernel::Fa3,
+        ..PlanConfig::default()
+    }
 }
 
 fn gpu() -> Backend {
@@ -293,14 +328,10 @@ fn gpu_long_prompt_tiles() {
 #[ignore = "requires a CUDA GPU"]
 fn gpu_sm90_prefill() {
     let gpu = gpu();
-    if gpu.gpu().is_some_and(|g| g.arch().major != 9) {
-        println!("not a Hopper GPU: the FA3 template is sm_90a only, nothing to check");
+    if not_hopper(&gpu) {
         return;
     }
-    let fa3 = [PlanConfig {
-        prefill_kernel: PrefillKernel::Fa3,
-        ..PlanConfig::default()
-    }];
+    let fa3 = [fa3()];
     let mut n = 0;
     for head_dim in HEAD_DIMS {
         for (pc, (page_size, causal)) in [None, Some(1), Some(16)]
@@ -409,12 +440,9 @@ fn gpu_sm90_prefill() {
 #[ignore = "requires a CUDA GPU"]
 fn gpu_sm90_plan_runs_again() {
     let gpu = gpu();
-    if gpu.gpu().is_some_and(|g| g.arch().major != 9) {
-        println!("not a Hopper GPU: the FA3 template is sm_90a only, nothing to check");
+    if not_hopper(&gpu) {
         return;
     }
-    let mut rng = Rng::from_time();
-    let seed = rng.seed();
     let case = Case {
         heads: Heads::new(16, 4, 128).unwrap(),
         qo_lens: vec![1000, 1500, 0, 77],
@@ -424,35 +452,7 @@ fn gpu_sm90_plan_runs_again() {
         causal: true,
         decode: false,
     };
-    let kv = kv_index(&case, &mut rng);
-    let batch = Batch::new(case.heads, &indptr(&case.qo_lens), kv)
-        .unwrap()
-        .with_causal(true);
-    let round = |xs: Vec<f32>| -> Vec<bf16> { xs.into_iter().map(bf16::from_f32).collect() };
-    let q = round(rng.normal_vec(batch.q_len()));
-    let k = round(rng.normal_vec(batch.kv().buffer_len(&batch.heads())));
-    let v = round(rng.normal_vec(batch.kv().buffer_len(&batch.heads())));
-    let want = reference::attention_typed(&Standard, &batch, &q, &k, &v).unwrap();
-    let (qd, kd, vd) = (
-        gpu.upload(&q).unwrap(),
-        gpu.upload(&k).unwrap(),
-        gpu.upload(&v).unwrap(),
-    );
-    let config = PlanConfig {
-        prefill_kernel: PrefillKernel::Fa3,
-        ..PlanConfig::default()
-    };
-    let plan = BatchPrefill::plan_with(&gpu, batch.clone(), config).unwrap();
-    for run in 0..3 {
-        let mut od = gpu.filled(batch.q_len(), bf16::NAN).unwrap();
-        plan.run(&Standard, &qd, &kd, &vd, &mut od, None).unwrap();
-        let got: Vec<f32> = od.to_vec().unwrap().iter().map(|x| x.to_f32()).collect();
-        let (err, request, head) = worst_rel_l2(&batch, &got, &want.o);
-        assert!(
-            err <= tolerance::<bf16>(),
-            "run {run}: relative L2 error {err:.2e} at request {request}, head {head} (seed {seed})"
-        );
-    }
+    check_runs::<Standard, bf16>(&gpu, &Standard, &case, &[fa3()], 3);
 }
 
 /// Many items a CTA at every FA3 head dim (Hopper only): 32 KV heads over 40 short requests
@@ -463,14 +463,10 @@ fn gpu_sm90_plan_runs_again() {
 #[ignore = "requires a CUDA GPU"]
 fn gpu_sm90_many_items_a_cta() {
     let gpu = gpu();
-    if gpu.gpu().is_some_and(|g| g.arch().major != 9) {
-        println!("not a Hopper GPU: the FA3 template is sm_90a only, nothing to check");
+    if not_hopper(&gpu) {
         return;
     }
-    let fa3 = [PlanConfig {
-        prefill_kernel: PrefillKernel::Fa3,
-        ..PlanConfig::default()
-    }];
+    let fa3 = [fa3()];
     let mut qo_lens: Vec<u32> = (0..40).map(|i| 64 + (i * 37) % 65).collect();
     let mut kv_lens: Vec<u32> = (0..40).map(|i| 64 + (i * 53) % 193).collect();
     qo_lens.push(300);
