@@ -130,16 +130,29 @@ __device__ __forceinline__ void sm90_pv(float (&o)[D / 2], const unsigned (&p)[4
   }
 }
 
-// Producer register budget and the consumers': 128 x 40 + 256 x 232 (or 56 + 2 x 224) = the
-// 168 x 384 a CTA of 384 threads starts with (65536 registers an SM, one CTA); setmaxnreg moves
-// registers only within those. At head dim 256 the producer, which keeps a tile's copies in
-// flight, spills at 40 (and a spilling build runs FA2), while the consumers' O, S and P fit 224;
-// at 64 and 128, 224 would spill ALiBi. 240 for the consumers would need a producer of 24
-// (FlashAttention-3's split, whose producer is one TMA thread).
+// Producer register budget and the consumers': 128 x 40 + 256 x 232 = the 168 x 384 a CTA of 384
+// threads starts with (65536 registers an SM, one CTA); setmaxnreg moves registers only within
+// those. The producer holds no copy state across tiles (its arrivals are asynchronous), so 40
+// fit at every head dim; at 24, which would give the consumers 240 (FlashAttention-3's split,
+// whose producer is one TMA thread), this cp.async producer spills.
 template <int D>
-constexpr unsigned kSm90ProducerRegs = D == 256 ? 56 : 40;
+constexpr unsigned kSm90ProducerRegs = 40;
 template <int D>
-constexpr unsigned kSm90ConsumerRegs = D == 256 ? 224 : 232;
+constexpr unsigned kSm90ConsumerRegs = 232;
+
+// FI_SM90_OVERLAP: 1 (default) overlaps at head dim 64 only, 0 never, 2 at every head dim (a
+// measurement switch); the runtime defines 0 for a variant whose overlapping build spills.
+#ifndef FI_SM90_OVERLAP
+#define FI_SM90_OVERLAP 1
+#endif
+// Whether the consumers overlap a tile's softmax with the previous tile's P V (FA3's
+// intra-warpgroup overlap) or run S, softmax and P V in order. Measured (H200, v16,
+// kernels/notes/fa3.md): at head dim 64 the overlap gains 17% (its MMAs are half as long, so
+// the other consumer's turn hides only half a softmax); at 128 in order is 0-3% faster (the
+// turns already hide the softmax); at 256 (two stages, the producer's V(t + 1) waits for
+// P V(t - 1)) in order is 2% faster. The overlap also keeps P(t - 1) live across the softmax.
+template <class V, int D>
+constexpr bool kSm90Overlap = FI_SM90_OVERLAP == 2 || (FI_SM90_OVERLAP == 1 && D == 64);
 
 template <class V, class P, class T, int D>
 __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
@@ -214,7 +227,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
 
   if (threadIdx.x == 0) {
     for (unsigned slot = 0; slot < Sh::kQSlots; ++slot) {
-      mbar_init(q_full(slot), kWarpgroupThreads);
+      mbar_init(q_full(slot), 2 * kWarpgroupThreads);  // see the producer's Q
       mbar_init(q_empty(slot), 2 * kWarpgroupThreads);
     }
     for (unsigned s = 0; s < Sh::kStages; ++s) {
@@ -228,8 +241,9 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   __syncthreads();
 
   if (warpgroup_id() == 0) {
-    // ---- Producer: every thread waits for its own copies, makes them visible to the async
-    // proxy (wgmma reads shared memory through it), then arrives on the barrier.
+    // ---- Producer: every thread copies its share of each tile with cp.async and arrives on the
+    // tile's barrier once those copies land (mbar_arrive_on_copies), without waiting for them:
+    // it runs ahead until a stage is not yet free, so every free stage is in flight.
     regs_shrink<kSm90ProducerRegs<D>>();
     const unsigned pt = warpgroup_thread();
     const T* const q = static_cast<const T*>(a.q);
@@ -238,15 +252,6 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     // Each thread copies unit `u` of rows `r0 + kRowsPerPass it`: D / 8 lanes cover one row.
     const unsigned u = pt % (D / 8), r0 = pt / (D / 8);
     constexpr unsigned kRowsPerPass = kWarpgroupThreads / (D / 8);
-    // Tile g's copies are two groups, K then V, each signalled (made visible to wgmma, then an
-    // arrival) once the group behind it is issued, so about a tile stays in flight: K(g - 1)
-    // after K(g) is issued, V(g - 1) after V(g). With two stages, signalling K(g - 1) only after
-    // V(g) (which waits for both consumers' P V(g - 2)) would make the consumers meet every tile.
-    // No deadlock: K(g) and V(g) wait for S(g - kStages) and P V(g - kStages), signalled before.
-    auto signal = [&](unsigned long long* bar) {
-      fence_proxy_async();
-      mbar_arrive(bar);
-    };
     // A counted loop (at most every item and the stop): ptxas allocates an unbounded one's
     // consumers worse (ALiBi spilled 624 bytes).
     unsigned g = 0;
@@ -259,6 +264,9 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
       if (pt == 0) item_at(it, item_index(n));
       if (n >= Sh::kQSlots) mbar_wait(q_empty(slot), ((n / Sh::kQSlots) - 1) & 1);
       named_sync(1, kWarpgroupThreads);
+      // Q's barrier takes two arrivals a thread: a plain one, which releases the item to the
+      // consumers, and one when the thread's Q copies land. The stop has no copies.
+      mbar_arrive(q_full(slot));
       if (!it.w.valid) {
         mbar_arrive(q_full(slot));  // the consumers' stop
         break;
@@ -274,10 +282,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
         cp_async_16(smem_u32(sq + sw128_offset<D>(kTileQ, r, uq)),
                     q + (it.qo_begin + row) * a.q_stride_n + h * a.q_stride_h + uq * 8, true);
       }
-      cp_async_commit();
-      cp_async_wait<0>();
-      fence_proxy_async();
-      mbar_arrive(q_full(slot));
+      mbar_arrive_on_copies(q_full(slot));
 
       for (unsigned t = 0; t < tiles; ++t) {
         const unsigned gt = g + t, s = stage(gt);
@@ -298,31 +303,19 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
             cp_async_16(smem_u32(tile + sw128_offset<D>(kTileKv, r, u)), src + offs[r] + u * 16,
                         r < live);
           }
-          cp_async_commit();
         };
         if (gt >= Sh::kStages) mbar_wait(k_empty(s), phase(gt - Sh::kStages));
         copy(k_tile(s), k);
-        if (t > 0) {
-          cp_async_wait<2>();  // K(g - 1); V(g - 1) and K(g) may still land
-          signal(k_full(stage(gt - 1)));
-        }
+        mbar_arrive_on_copies(k_full(s));
         if (gt >= Sh::kStages) mbar_wait(v_empty(s), phase(gt - Sh::kStages));
         copy(v_tile(s), v);
-        if (t > 0) {
-          cp_async_wait<2>();  // V(g - 1)
-          signal(v_full(stage(gt - 1)));
-        }
-      }
-      // The item's last tile, before the next item's Q.
-      if (tiles > 0) {
-        const unsigned last = g + tiles - 1;
-        cp_async_wait<1>();
-        signal(k_full(stage(last)));
-        cp_async_wait<0>();
-        signal(v_full(stage(last)));
+        mbar_arrive_on_copies(v_full(s));
       }
       g += tiles;
     }
+    // The last copies land before the producer leaves (their arrivals are pending on it).
+    cp_async_commit();
+    cp_async_wait<0>();
     return;
   }
 
@@ -337,6 +330,14 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   // completed by one consumer's sync and the other's arrival). Consumer 1 lets 0 go first.
   const unsigned my_turn = 2 + cw, their_turn = 3 - cw;
   if (cw == 1) named_arrive(2, 2 * kWarpgroupThreads);
+
+  // The producer's cp.async stores reach shared memory through the generic proxy and wgmma
+  // reads it through the async proxy: each consumer thread orders the two once it has seen a
+  // tile's barrier complete.
+  auto wait_copies = [](unsigned long long* bar, unsigned parity) {
+    mbar_wait(bar, parity);
+    fence_proxy_async();
+  };
 
   float o[D / 2];  // the accumulator layout (sm90/wgmma.cuh) over D columns
   float m[2], z[2];
@@ -369,7 +370,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   unsigned g = 0;
   for (unsigned n = 0; n < num_items; ++n) {  // counted: see the producer's loop
     const unsigned slot = n % Sh::kQSlots;
-    mbar_wait(q_full(slot), (n / Sh::kQSlots) & 1);
+    wait_copies(q_full(slot), (n / Sh::kQSlots) & 1);
     const Item& it = *item_slot(n % Sh::kItemSlots);  // read in place (see kItemSlots)
     if (!it.w.valid) break;
     const WorkItem& w = it.w;
@@ -474,41 +475,96 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
       }
     };
 
-    // S, its softmax, then P V, each tile; K's stage is freed once S is done. FA3's
-    // intra-warpgroup overlap (S(t) issued with P V(t - 1), the softmax of S(t) under P V(t - 1))
-    // measured slower here (kernels/notes/fa3.md, v8) and keeps P live across the softmax (spills
-    // with heavy hooks). If it comes back: ptxas keeps MMAs in flight across a wait only in
-    // straight-line pipelines (tile 0 and the last P V peeled; in branches it waits after every
-    // MMA).
     mbar_arrive_if(q_empty(slot), keys.tiles == 0);  // no S reads this Q
-    for (unsigned t = 0; t < keys.tiles; ++t) {
-      const unsigned gt = g + t;
-      mbar_wait(k_full(stage(gt)), phase(gt));
-      named_sync(my_turn, 2 * kWarpgroupThreads);
-      wgmma_fence();
-      issue_s(sq, k_tile(stage(gt)));
-      named_arrive(their_turn, 2 * kWarpgroupThreads);
-      wgmma_wait<0>();
-      wgmma_hold(sacc);
-      mbar_arrive(k_empty(stage(gt)));
-      mbar_arrive_if(q_empty(slot), t + 1 == keys.tiles);  // the item's last S: Q is free
-      softmax_tile(t);
-      if (__any_sync(kFullMask, grew)) {
-        #pragma unroll
-        for (int i = 0; i < D / 2; ++i) o[i] *= scale[(i / 2) % 2];
+    if constexpr (kSm90Overlap<V, D>) {
+      // FA3's intra-warpgroup overlap: S(t) and P V(t - 1) are issued in one turn, S first, and
+      // the softmax of S(t) runs while P V(t - 1) computes; the other consumer's turn follows,
+      // so the tensor cores get both consumers' 2 x 2 MMAs back to back while each softmax hides
+      // under the other's. P(t - 1) stays in registers until its MMA is waited for; O is rescaled
+      // for tile t after it. Tile 0 (S alone) and the last P V are peeled off the loop: ptxas
+      // keeps MMAs in flight across a wait only in straight-line pipelines.
+      if (keys.tiles > 0) {
+        wait_copies(k_full(stage(g)), phase(g));
+        named_sync(my_turn, 2 * kWarpgroupThreads);
+        wgmma_fence();
+        issue_s(sq, k_tile(stage(g)));
+        named_arrive(their_turn, 2 * kWarpgroupThreads);
+        wgmma_wait<0>();
+        wgmma_hold(sacc);
+        mbar_arrive(k_empty(stage(g)));
+        mbar_arrive_if(q_empty(slot), keys.tiles == 1);
+        softmax_tile(0);  // O is still 0: nothing to rescale
+        to_p();
       }
-      to_p();
-      mbar_wait(v_full(stage(gt)), phase(gt));
-      // The rescaled O and the new P are written before the fence (the compiler may not sink
-      // register arithmetic past it on its own).
-      wgmma_hold(o);
-      wgmma_hold(pa);
-      wgmma_fence();
-      issue_pv(v_tile(stage(gt)));
-      wgmma_wait<0>();
-      wgmma_hold(o);
-      wgmma_hold(pa);
-      mbar_arrive(v_empty(stage(gt)));
+      for (unsigned t = 1; t < keys.tiles; ++t) {
+        const unsigned gt = g + t;
+        wait_copies(k_full(stage(gt)), phase(gt));
+        wait_copies(v_full(stage(gt - 1)), phase(gt - 1));
+        named_sync(my_turn, 2 * kWarpgroupThreads);
+        wgmma_hold(o);
+        wgmma_hold(pa);
+        wgmma_fence();
+        issue_s(sq, k_tile(stage(gt)));
+        issue_pv(v_tile(stage(gt - 1)));
+        named_arrive(their_turn, 2 * kWarpgroupThreads);
+        wgmma_wait<1>();  // S(t) is done; P V(t - 1) may still run
+        wgmma_hold(sacc);
+        mbar_arrive(k_empty(stage(gt)));
+        mbar_arrive_if(q_empty(slot), t + 1 == keys.tiles);  // the item's last S: Q is free
+        softmax_tile(t);
+        wgmma_wait<0>();
+        wgmma_hold(o);
+        wgmma_hold(pa);
+        mbar_arrive(v_empty(stage(gt - 1)));
+        if (__any_sync(kFullMask, grew)) {
+          #pragma unroll
+          for (int i = 0; i < D / 2; ++i) o[i] *= scale[(i / 2) % 2];
+        }
+        to_p();
+      }
+      if (keys.tiles > 0) {
+        const unsigned last = g + keys.tiles - 1;
+        wait_copies(v_full(stage(last)), phase(last));
+        wgmma_hold(o);
+        wgmma_hold(pa);
+        wgmma_fence();
+        issue_pv(v_tile(stage(last)));
+        wgmma_wait<0>();
+        wgmma_hold(o);
+        wgmma_hold(pa);
+        mbar_arrive(v_empty(stage(last)));
+      }
+    } else {
+      // S, its softmax, then P V, each tile; K's stage is freed once S is done.
+      for (unsigned t = 0; t < keys.tiles; ++t) {
+        const unsigned gt = g + t;
+        wait_copies(k_full(stage(gt)), phase(gt));
+        named_sync(my_turn, 2 * kWarpgroupThreads);
+        wgmma_fence();
+        issue_s(sq, k_tile(stage(gt)));
+        named_arrive(their_turn, 2 * kWarpgroupThreads);
+        wgmma_wait<0>();
+        wgmma_hold(sacc);
+        mbar_arrive(k_empty(stage(gt)));
+        mbar_arrive_if(q_empty(slot), t + 1 == keys.tiles);  // the item's last S: Q is free
+        softmax_tile(t);
+        if (__any_sync(kFullMask, grew)) {
+          #pragma unroll
+          for (int i = 0; i < D / 2; ++i) o[i] *= scale[(i / 2) % 2];
+        }
+        to_p();
+        wait_copies(v_full(stage(gt)), phase(gt));
+        // The rescaled O and the new P are written before the fence (the compiler may not sink
+        // register arithmetic past it on its own).
+        wgmma_hold(o);
+        wgmma_hold(pa);
+        wgmma_fence();
+        issue_pv(v_tile(stage(gt)));
+        wgmma_wait<0>();
+        wgmma_hold(o);
+        wgmma_hold(pa);
+        mbar_arrive(v_empty(stage(gt)));
+      }
     }
     g += keys.tiles;
 

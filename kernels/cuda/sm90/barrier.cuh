@@ -50,6 +50,15 @@ __device__ __forceinline__ void mbar_arrive_if(unsigned long long* bar, bool pre
       : "memory");
 }
 
+// An arrival made for this thread once every cp.async it issued before has landed; the thread
+// goes on at once (cp.async.mbarrier.arrive.noinc: the arrival counts toward the barrier's
+// count like a plain one). A producer keeps every free stage in flight this way, where waiting
+// for its own copies would hold it a tile behind.
+__device__ __forceinline__ void mbar_arrive_on_copies(unsigned long long* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar))
+               : "memory");
+}
+
 // Waits until the barrier's phase of parity `phase` has completed (phases alternate 0, 1, 0, ...).
 __device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned phase) {
   asm volatile(

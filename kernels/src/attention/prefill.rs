@@ -7,6 +7,7 @@
 
 use super::Family;
 use super::tiles::{MAX_REGISTERS, SmResidency, TileInput, Tiles, query_tile};
+use crate::TranslationUnit;
 use crate::abi::AttnArgs;
 use crate::config::{ArchClass, HEAD_DIMS, InstanceTiles, KernelConfig, KernelKind, LaunchDims};
 
@@ -164,6 +165,34 @@ pub fn sm90_form(cfg: &KernelConfig) -> Option<KernelConfig> {
         kv_tile,
         ..*cfg
     })
+}
+
+/// An FA3 translation unit with its consumers in order (S, softmax, P V each tile) instead of
+/// FA3's intra-warpgroup overlap (the softmax of tile t under P V of tile t - 1). The overlap
+/// keeps P live across the softmax: variants with heavy hooks (ALiBi, a custom mask, a sink)
+/// spill with it at head dims 64 and 128, and fit in order. The runtime builds this form when
+/// the overlapping build spills, and FA2 when this one spills too. Same kernel, launch and
+/// shared memory; only the source (and so the cache key) differs.
+///
+/// ```
+/// use ferrinfer_kernels::TranslationUnit;
+/// use ferrinfer_kernels::attention::prefill::sm90_in_order;
+///
+/// let tu = TranslationUnit {
+///     name: "V.prefill_hd128_bf16_q128_k128_sm90a".into(),
+///     source: "// kernel".into(),
+///     entry: "ferrinfer_prefill_hd128_bf16_q128_k128_sm90a".into(),
+///     merge_entry: None,
+/// };
+/// let in_order = sm90_in_order(&tu);
+/// assert!(in_order.source.starts_with("#define FI_SM90_OVERLAP 0\n"));
+/// assert_eq!((in_order.name, in_order.entry), (tu.name, tu.entry));
+/// ```
+pub fn sm90_in_order(tu: &TranslationUnit) -> TranslationUnit {
+    TranslationUnit {
+        source: format!("#define FI_SM90_OVERLAP 0\n{}", tu.source),
+        ..tu.clone()
+    }
 }
 
 /// The template's shape for a head dim and tiles: what `PrefillShape` derives.

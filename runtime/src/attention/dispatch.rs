@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use ferrinfer_kernels::attention::prefill::{sm90_form, sm90_in_order};
 use ferrinfer_kernels::{ArchClass, DType, HEAD_DIMS, KernelConfig, KernelKind, VariantSource};
 
 use crate::attention::launch::{self, Kernel};
@@ -81,7 +82,7 @@ pub fn instances_for(spec: &VariantSpec, arch: Arch, sm: &SmResources) -> Vec<Ke
 /// and key hooks nowhere (they transform whole shared-memory tiles, which its producer never
 /// holds in registers), so variants with them run the FA2 template there.
 pub fn supports(spec: &VariantSpec, cfg: &KernelConfig) -> Result<()> {
-    let sm90 = ferrinfer_kernels::attention::prefill::sm90_form(cfg) == Some(*cfg);
+    let sm90 = sm90_form(cfg) == Some(*cfg);
     if sm90 && (spec.hooks.query || spec.hooks.key) {
         return Err(Error::unsupported(format!(
             "{} (the sm_90a prefill template) does not run query or key hooks, which variant {} \
@@ -128,7 +129,17 @@ pub fn compile_with(
         },
     )
     .map_err(|e| Error::unsupported(format!("{} for {}: {e}", cfg.name(), spec.name)))?;
-    jit.compile(&tu, arch)
+    let k = jit.compile(&tu, arch)?;
+    // An FA3 build that spills with the consumers' overlap is rebuilt with them in order (heavy
+    // hooks fit then); [`kernel`] falls back to FA2 if that one spills too.
+    if spills(&k) && sm90_form(cfg) == Some(*cfg) {
+        return jit.compile(&sm90_in_order(&tu), arch);
+    }
+    Ok(k)
+}
+
+fn spills(k: &CompiledKernel) -> bool {
+    k.stats.spill_stores > 0 || k.stats.spill_loads > 0
 }
 
 /// The loaded kernel and its merge pass for this variant and config, or for `fallback` when the
@@ -146,9 +157,7 @@ pub(crate) fn kernel(
     launch::load(gpu, &key(spec, cfg, arch), || {
         let k = compile(spec, cfg, arch)?;
         match fallback {
-            Some(f) if k.stats.spill_stores > 0 || k.stats.spill_loads > 0 => {
-                Ok((compile(spec, f, arch)?, *f))
-            }
+            Some(f) if spills(&k) => Ok((compile(spec, f, arch)?, *f)),
             _ => Ok((k, *cfg)),
         }
     })
