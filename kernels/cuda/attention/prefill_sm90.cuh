@@ -81,24 +81,29 @@ __device__ __forceinline__ unsigned sw128_offset(unsigned rows, unsigned r, unsi
   return (u / 8) * rows * 128 + r * 128 + (((u % 8) ^ (r % 8)) << 4);
 }
 
-// Descriptor (128-byte swizzle) of 16-column slice kk of a K-major tile (Q or K) of `rows` rows,
-// from row `row`: slices step 32 bytes inside a 128-byte block row and one block (rows x 128
-// bytes) every four slices; 8-row groups are 1024 bytes apart.
-__device__ __forceinline__ unsigned long long sm90_k_major(const unsigned char* tile, unsigned rows,
-                                                           unsigned row, unsigned kk) {
-  return wgmma_desc(tile + (kk / 4) * rows * 128 + row * 128 + (kk % 4) * 32, 16, 1024, 1);
+// Descriptor (128-byte swizzle) of a K-major tile (Q or K) of `rows` rows from row `row`, and the
+// byte step to its 16-column slice kk: slices step 32 bytes inside a 128-byte block row and one
+// block (rows x 128 bytes) every four slices; 8-row groups are 1024 bytes apart.
+__device__ __forceinline__ unsigned long long sm90_k_major(const unsigned char* tile,
+                                                           unsigned row) {
+  return wgmma_desc(tile + row * 128, 16, 1024, 1);
+}
+__device__ __forceinline__ constexpr unsigned sm90_k_step(unsigned rows, unsigned kk) {
+  return (kk / 4) * rows * 128 + (kk % 4) * 32;
 }
 
 // S (+)= Q K^T for the 64 rows of Q from `row` (of a tile of TQ rows) against a K tile of KV
 // keys: D / 16 steps of 16 dims, each one MMA as wide as the tile (m64n128k16 for 128 keys,
-// m64n64k16 for 64).
+// m64n64k16 for 64). The descriptors are made once and stepped by constants.
 template <bool BF16, int D, int TQ, int KV>
 __device__ __forceinline__ void sm90_qk(float (&s)[KV / 2], const unsigned char* q, unsigned row,
                                         const unsigned char* k) {
   static_assert(KV == 64 || KV == 128, "K/V tiles of 64 or 128 keys");
+  const unsigned long long a0 = sm90_k_major(q, row), b0 = sm90_k_major(k, 0);
   #pragma unroll
   for (unsigned kk = 0; kk < D / 16; ++kk) {
-    const unsigned long long a = sm90_k_major(q, TQ, row, kk), b = sm90_k_major(k, KV, 0, kk);
+    const unsigned long long a = wgmma_desc_at(a0, sm90_k_step(TQ, kk));
+    const unsigned long long b = wgmma_desc_at(b0, sm90_k_step(KV, kk));
     // The first k-step overwrites S (no zeroing of the accumulators after the fence).
     if constexpr (KV == 128) {
       wgmma_ss_64x128x16<BF16, 0>(s, a, b, kk > 0);
@@ -108,24 +113,30 @@ __device__ __forceinline__ void sm90_qk(float (&s)[KV / 2], const unsigned char*
   }
 }
 
-// O += P V for keys [16 kb, 16 kb + 16) of a V tile of KV keys, P (those 16 keys) from registers.
-// V is N-major: 16 keys are two 8-row groups (2048 bytes), and 64-column blocks are KV x 128
-// bytes apart (the leading offset), so an n128 MMA covers two blocks. Head dim 64 is one block
-// (m64n64k16), 128 one n128 MMA, 256 two: columns 0-127 (blocks 0-1) into O's first 64 floats,
-// 128-255 (blocks 2-3) into the next 64 (sm90/wgmma.cuh: wgmma_cols).
+// The descriptor of a V tile of KV keys (N-major): 64-column blocks are KV x 128 bytes apart
+// (the leading offset), 8-key groups 1024 bytes.
+template <int KV>
+__device__ __forceinline__ unsigned long long sm90_v_desc(const unsigned char* v) {
+  return wgmma_desc(v, KV * 128, 1024, 1);
+}
+
+// O += P V for keys [16 kb, 16 kb + 16) of the V tile `v` (sm90_v_desc), P (those 16 keys) from
+// registers. 16 keys are two 8-row groups (2048 bytes), and an n128 MMA covers two 64-column
+// blocks. Head dim 64 is one block (m64n64k16), 128 one n128 MMA, 256 two: columns 0-127
+// (blocks 0-1) into O's first 64 floats, 128-255 (blocks 2-3) into the next 64
+// (sm90/wgmma.cuh: wgmma_cols).
 template <bool BF16, int D, int KV>
 __device__ __forceinline__ void sm90_pv(float (&o)[D / 2], const unsigned (&p)[4],
-                                        const unsigned char* v, unsigned kb) {
+                                        unsigned long long v, unsigned kb) {
   constexpr unsigned kBlock = KV * 128;
-  const unsigned char* const at = v + kb * 2048;
+  const unsigned long long at = wgmma_desc_at(v, kb * 2048);
   if constexpr (D == 64) {
-    wgmma_rs_64x64x16<BF16, 1>(o, p, wgmma_desc(at, kBlock, 1024, 1), true);
+    wgmma_rs_64x64x16<BF16, 1>(o, p, at, true);
   } else {
     static_assert(D == 128 || D == 256, "head dims 64, 128 and 256");
-    wgmma_rs_64x128x16<BF16, 1>(wgmma_cols<0, 64>(o), p, wgmma_desc(at, kBlock, 1024, 1), true);
+    wgmma_rs_64x128x16<BF16, 1>(wgmma_cols<0, 64>(o), p, at, true);
     if constexpr (D == 256) {
-      wgmma_rs_64x128x16<BF16, 1>(wgmma_cols<64, 64>(o), p,
-                                  wgmma_desc(at + 2 * kBlock, kBlock, 1024, 1), true);
+      wgmma_rs_64x128x16<BF16, 1>(wgmma_cols<64, 64>(o), p, wgmma_desc_at(at, 2 * kBlock), true);
     }
   }
 }
@@ -321,7 +332,9 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
 
   // ---- Consumers: warpgroup 1 takes rows 0-63 of the tile, warpgroup 2 rows 64-127.
   regs_grow<kSm90ConsumerRegs<D>>();
-  const unsigned cw = warpgroup_id() - 1, wt = warpgroup_thread();
+  // cw through a shuffle: ptxas then knows it is warp-uniform and keeps the MMA descriptors made
+  // from it in uniform registers (no per-MMA moves into them).
+  const unsigned cw = __shfl_sync(kFullMask, warpgroup_id() - 1, 0), wt = warpgroup_thread();
   const unsigned lane = wt % kWarpSize, t4 = lane % 4;
   // This thread's two rows of the tile (accumulator layout, sm90/wgmma.cuh).
   const unsigned row0 = cw * 64 + (wt / kWarpSize) * 16 + lane / 4;
@@ -357,8 +370,9 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
   };
   // O += P V for the tile in `vt` (inside a fence; P was converted before it), committed.
   auto issue_pv = [&](const unsigned char* vt) {
+    const unsigned long long vd = sm90_v_desc<kTileKv>(vt);
     #pragma unroll
-    for (unsigned kb = 0; kb < kTileKv / 16; ++kb) sm90_pv<kBf16, D, kTileKv>(o, pa[kb], vt, kb);
+    for (unsigned kb = 0; kb < kTileKv / 16; ++kb) sm90_pv<kBf16, D, kTileKv>(o, pa[kb], vd, kb);
     wgmma_commit();
   };
   // S = Q K^T: this warpgroup's 64 rows of `sq` by the keys of `kt` (inside a fence).

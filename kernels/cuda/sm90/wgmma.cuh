@@ -26,6 +26,19 @@ __device__ __forceinline__ unsigned long long wgmma_desc(const void* tile, unsig
          (static_cast<unsigned long long>(swizzle & 3u) << 62);
 }
 
+// The descriptor of the same layout `bytes` further on in shared memory. The start address is
+// bits 0-13 in 16-byte units and shared addresses stay below 2^18, so adding to the low word
+// never carries out of the field: one integer add a k-step instead of a new descriptor.
+__device__ __forceinline__ unsigned long long wgmma_desc_at(unsigned long long desc,
+                                                            unsigned bytes) {
+  const unsigned lo = static_cast<unsigned>(desc) + (bytes >> 4);
+  const unsigned hi = static_cast<unsigned>(desc >> 32);
+  unsigned long long out;
+  // Joined as two words, so the compiler does not carry a 64-bit add into the constant high word.
+  asm("mov.b64 %0, {%1, %2};\n" : "=l"(out) : "r"(lo), "r"(hi));
+  return out;
+}
+
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
