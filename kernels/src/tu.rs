@@ -24,9 +24,10 @@ pub struct TranslationUnit {
     /// The CUDA text.
     pub source: String,
     /// The kernel to launch, e.g. `ferrinfer_prefill_hd128_bf16`; it takes
-    /// `(const fi::AttnArgs args, const Params params)` by value.
+    /// `(const fi::AttnArgs args, const Params params)` by value (an FA3 form also its TMA maps,
+    /// `const __grid_constant__ fi::Sm90Kv maps`).
     pub entry: String,
-    /// The merge kernel of split-KV work lists (same arguments): every attention unit has one;
+    /// The merge kernel of split-KV work lists (`(args, params)`): every attention unit has one;
     /// other units (merge_states) have none.
     pub merge_entry: Option<String>,
 }
@@ -94,9 +95,11 @@ pub(crate) fn assemble(
     source.push_str(&format!(
         "\n// ---- entry ----\n\
          extern \"C\" __global__ void __launch_bounds__({threads})\n\
-         {entry}(const fi::AttnArgs args, const Params params) {{\n  \
-         {function}<Variant, Params, {dtype}, {d}{extra}>(args, params);\n}}\n",
+         {entry}(const fi::AttnArgs args, const Params params{decl}) {{\n  \
+         {function}<Variant, Params, {dtype}, {d}{extra}>(args, params{pass});\n}}\n",
         threads = (family.launch_bounds)(cfg),
+        decl = (family.entry_extra)(cfg).0,
+        pass = (family.entry_extra)(cfg).1,
         function = (family.function)(cfg),
         dtype = cuda_dtype(cfg.dtype),
         d = cfg.head_dim_qk,

@@ -22,6 +22,7 @@
 #include "sm80/cp_async.cuh"
 #include "sm80/mma.cuh"
 #include "sm90/barrier.cuh"
+#include "sm90/tma.cuh"
 #include "sm90/warpgroup.cuh"
 #include "sm90/wgmma.cuh"
 #include "variant/hooks.cuh"
@@ -31,6 +32,17 @@
 #include "attention/work.cuh"
 
 namespace fi {
+
+// The FA3 entry's third parameter (kernels/src/abi.rs: Sm90Kv): tensor maps of K and V as
+// [rows, kv heads, head dim] (a ragged cache, rows being tokens), boxes of 64 columns x 1 head x
+// kTileKv rows with the 128-byte swizzle, so one TMA copy writes one column block of a tile in
+// the layout wgmma reads. `tma` 0 (a paged cache, or strides TMA cannot take): every tile goes
+// through cp.async. Passed as a __grid_constant__ parameter: TMA reads the maps in place.
+struct Sm90Kv {
+  TensorMap k, v;
+  unsigned tma;
+};
+static_assert(sizeof(Sm90Kv) == 320, "Sm90Kv as kernels/src/abi.rs lays it out");
 
 // The FA3 template's shape at head dim D. A consumer holds O (D / 2 floats a thread), S
 // (kTileKv / 2) and P (kTileKv / 4) in its registers: at head dim 256, O is 128 floats, so the
@@ -166,7 +178,7 @@ template <class V, int D>
 constexpr bool kSm90Overlap = FI_SM90_OVERLAP == 2 || (FI_SM90_OVERLAP == 1 && D == 64);
 
 template <class V, class P, class T, int D>
-__device__ void prefill_sm90(const AttnArgs& a, const P& p) {
+__device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) {
   static_assert(!V::kHasQuery && !V::kHasKey,
                 "query and key hooks run on the FA2 template (the dispatcher picks it)");
   using Sh = PrefillSm90Shape<D>;
@@ -265,7 +277,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
     constexpr unsigned kRowsPerPass = kWarpgroupThreads / (D / 8);
     // A counted loop (at most every item and the stop): ptxas allocates an unbounded one's
     // consumers worse (ALiBi spilled 624 bytes).
-    unsigned g = 0;
+    unsigned g = 0, co = 0;  // K/V tiles issued, and those of them copied by cp.async
     for (unsigned n = 0; n <= num_items; ++n) {
       const unsigned slot = n % Sh::kQSlots;
       // Thread 0 writes the CTA's n-th item (an invalid one is the stop) into its slot while
@@ -297,25 +309,53 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
 
       for (unsigned t = 0; t < tiles; ++t) {
         const unsigned gt = g + t, s = stage(gt);
-        // One page lookup a key: thread pt finds key pt's byte offset (threads past a 64-key
-        // tile have none: the slot holds kTileKv entries; a constant test for 128 keys).
         const unsigned j0 = w.kv_start + t * kTileKv;
-        const unsigned live = min(it.keys.stop - j0, static_cast<unsigned>(kTileKv));
-        unsigned long long* const offs = key_off + (gt % Sh::kOffsetSlots) * kTileKv;
-        if (kTileKv >= static_cast<int>(kWarpgroupThreads) || pt < static_cast<unsigned>(kTileKv)) {
-          offs[pt] = pt < live ? it.kv.offset(j0 + pt, w.kv_head) * sizeof(T) : 0ull;
-        }
-        named_sync(1, kWarpgroupThreads);
-        // K and V rows in one loop: each key's offset is read once for both (the producer's
-        // instructions compete with the consumers' softmax for issue slots). Both stages are
-        // waited for first; K's arrival then also waits for V's copies, which land together.
-        // Keys past the item's end are zero-filled: P is 0 there, and 0 * V must not be NaN.
+        // Both stages free first (every thread: an arrival must not land in the phase before).
         if (gt >= Sh::kStages) {
           mbar_wait(k_empty(s), phase(gt - Sh::kStages));
           mbar_wait(v_empty(s), phase(gt - Sh::kStages));
         }
         unsigned char* const kt = k_tile(s);
         unsigned char* const vt = v_tile(s);
+        // A ragged tile that ends inside its request goes by TMA: thread 0 copies D / 64 column
+        // blocks of K and of V, each barrier expecting the tile's bytes; the other threads only
+        // arrive. Keys past the item's stop are real keys of the request, masked by the
+        // consumers. A tile crossing the request's end goes by cp.async, which zero-fills the
+        // keys past it (TMA would bring the next request's rows, or anything a buffer holds
+        // there, and 0 * NaN is NaN in P V).
+        if (maps.tma != 0 && j0 + kTileKv <= it.kv.len) {
+          if (pt == 0) {
+            const int row = it.kv.blocks[0] + static_cast<int>(j0);  // a ragged block id is its first token
+            const int head = static_cast<int>(w.kv_head);
+            mbar_arrive_expect_tx(k_full(s), Sh::kKvBytes);
+            #pragma unroll
+            for (int cb = 0; cb < D / 64; ++cb) {
+              tma_load_3d(kt + cb * kTileKv * 128, &maps.k, k_full(s), cb * 64, head, row);
+            }
+            mbar_arrive_expect_tx(v_full(s), Sh::kKvBytes);
+            #pragma unroll
+            for (int cb = 0; cb < D / 64; ++cb) {
+              tma_load_3d(vt + cb * kTileKv * 128, &maps.v, v_full(s), cb * 64, head, row);
+            }
+          } else {
+            mbar_arrive(k_full(s));
+            mbar_arrive(v_full(s));
+          }
+          continue;
+        }
+        // One page lookup a key: thread pt finds key pt's byte offset (threads past a 64-key
+        // tile have none: the slot holds kTileKv entries; a constant test for 128 keys).
+        const unsigned live = min(it.keys.stop - j0, static_cast<unsigned>(kTileKv));
+        // Slots by cp.async tile (TMA tiles have no barrier between them to separate readers).
+        unsigned long long* const offs = key_off + (co++ % Sh::kOffsetSlots) * kTileKv;
+        if (kTileKv >= static_cast<int>(kWarpgroupThreads) || pt < static_cast<unsigned>(kTileKv)) {
+          offs[pt] = pt < live ? it.kv.offset(j0 + pt, w.kv_head) * sizeof(T) : 0ull;
+        }
+        named_sync(1, kWarpgroupThreads);
+        // K and V rows in one loop: each key's offset is read once for both (the producer's
+        // instructions compete with the consumers' softmax for issue slots). K's arrival also
+        // waits for V's copies, which land together. Keys past the item's end are zero-filled:
+        // P is 0 there, and 0 * V must not be NaN.
         #pragma unroll 4
         for (unsigned i = 0; i < kTileKv / kRowsPerPass; ++i) {
           const unsigned r = r0 + i * kRowsPerPass;

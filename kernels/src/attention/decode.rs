@@ -15,6 +15,7 @@ pub const FAMILY: Family = Family {
     header: |_| "attention/decode.cuh",
     function: |_| "fi::decode",
     template_args,
+    entry_extra: |_| ("", ""),
     launch_bounds,
     launch_dims,
     head_dims: &HEAD_DIMS,

@@ -36,6 +36,9 @@ pub struct Family {
     pub function: fn(&KernelConfig) -> &'static str,
     /// Template arguments after `<Variant, Params, dtype, head_dim`, e.g. `, 128, 32` for tiles.
     pub template_args: fn(&KernelConfig) -> String,
+    /// Parameters the entry takes after `(args, params)` and hands on after them, as
+    /// (declarations, arguments); both empty for none. The FA3 form takes its TMA maps.
+    pub entry_extra: fn(&KernelConfig) -> (&'static str, &'static str),
     /// C++ arguments of `__launch_bounds__`, from the header's own constants where it has them.
     pub launch_bounds: fn(&KernelConfig) -> &'static str,
     /// The launch geometry the template expects for these arguments.

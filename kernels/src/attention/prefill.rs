@@ -31,6 +31,13 @@ pub const FAMILY: Family = Family {
         }
     },
     template_args,
+    entry_extra: |cfg| {
+        if is_sm90(cfg) {
+            (", const __grid_constant__ fi::Sm90Kv maps", ", maps")
+        } else {
+            ("", "")
+        }
+    },
     launch_bounds,
     launch_dims,
     head_dims: &HEAD_DIMS,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, DeviceRepr, PushKernelArg};
-use ferrinfer_kernels::abi::AttnArgs;
+use ferrinfer_kernels::abi::{AttnArgs, Sm90Kv};
 use ferrinfer_kernels::{KernelConfig, LaunchDims};
 
 use crate::device::Gpu;
@@ -46,11 +46,17 @@ struct ParamBlob([u8; MAX_PARAM_BYTES]);
 #[repr(transparent)]
 struct ArgsParam(AttnArgs);
 
+/// The FA3 entry's TMA maps, passed by value.
+#[repr(transparent)]
+struct MapsParam(Sm90Kv);
+
 // SAFETY: both are plain bytes in C layout (AttnArgs is #[repr(C)] of integers and floats), which is
 // what DeviceRepr requires of a by-value kernel argument.
 unsafe impl DeviceRepr for ParamBlob {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for ArgsParam {}
+// SAFETY: as above (Sm90Kv is #[repr(C, align(64))] of integers).
+unsafe impl DeviceRepr for MapsParam {}
 
 /// Launch `f` (an instance's entry or merge pass, signature `(AttnArgs, Params)` by value) with
 /// these arguments and packed variant parameters.
@@ -66,14 +72,7 @@ pub(crate) unsafe fn launch(
     args: AttnArgs,
     params: &[u8],
 ) -> Result<()> {
-    if params.len() > MAX_PARAM_BYTES {
-        return Err(Error::unsupported(format!(
-            "variant parameters take {} bytes; at most {MAX_PARAM_BYTES} are supported",
-            params.len()
-        )));
-    }
-    let mut blob = ParamBlob([0; MAX_PARAM_BYTES]);
-    blob.0[..params.len()].copy_from_slice(params);
+    let blob = blob(params)?;
     let args = ArgsParam(args);
     // SAFETY: the entries of every attention unit take (AttnArgs, Params) by value, these two in
     // this order (kernels::tu); the addresses are the caller's contract above.
@@ -82,4 +81,40 @@ pub(crate) unsafe fn launch(
             l.arg(&args).arg(&blob);
         })
     }
+}
+
+/// [`launch`] for an FA3 entry, which takes its TMA maps third.
+///
+/// # Safety
+/// As for [`launch`]; the maps, where `maps.tma` is 1, describe K and V of `args` within their
+/// buffers (`tma::ragged_shape` bounds the rows by the buffer's length).
+pub(crate) unsafe fn launch_sm90(
+    gpu: &Gpu,
+    f: &CudaFunction,
+    dims: LaunchDims,
+    args: AttnArgs,
+    params: &[u8],
+    maps: Sm90Kv,
+) -> Result<()> {
+    let blob = blob(params)?;
+    let (args, maps) = (ArgsParam(args), MapsParam(maps));
+    // SAFETY: FA3 entries take (AttnArgs, Params, Sm90Kv) by value, in this order (kernels::tu,
+    // the prefill family's entry_extra); the addresses are the caller's contract above.
+    unsafe {
+        gpu.launch(f, dims, |l| {
+            l.arg(&args).arg(&blob).arg(&maps);
+        })
+    }
+}
+
+fn blob(params: &[u8]) -> Result<ParamBlob> {
+    if params.len() > MAX_PARAM_BYTES {
+        return Err(Error::unsupported(format!(
+            "variant parameters take {} bytes; at most {MAX_PARAM_BYTES} are supported",
+            params.len()
+        )));
+    }
+    let mut blob = ParamBlob([0; MAX_PARAM_BYTES]);
+    blob.0[..params.len()].copy_from_slice(params);
+    Ok(blob)
 }

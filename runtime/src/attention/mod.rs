@@ -7,6 +7,7 @@ pub(crate) mod launch;
 pub mod plan;
 pub mod reference;
 pub(crate) mod single;
+pub(crate) mod tma;
 pub(crate) mod wrappers;
 
 pub use batch::{Batch, Heads, KvIndex, KvLayout, KvStrides, QoStrides, indptr};

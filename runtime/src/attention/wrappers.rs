@@ -19,7 +19,7 @@ use ferrinfer_kernels::{DType, KernelConfig, KernelKind};
 
 use crate::attention::batch::{Batch, Heads, KvIndex, KvStrides, QoStrides};
 use crate::attention::plan::{self, Capacity, PlanOptions, WorkList};
-use crate::attention::{dispatch, launch, reference};
+use crate::attention::{dispatch, launch, reference, tma};
 use crate::device::backend::{Backend, Buffer};
 use crate::device::dtype::Element;
 use crate::device::gpu::Gpu;
@@ -926,6 +926,7 @@ impl Planned {
         let cfg = kernel.cfg;
         let s = b.kv().strides(&heads);
         let (qs, os) = (b.q_strides(), b.o_strides());
+        let kv_elements = k.len().min(v.len()) as u64;
         let (q, k, v, o) = (
             q.device_ptr(gpu)?,
             k.device_ptr(gpu)?,
@@ -981,6 +982,20 @@ impl Planned {
         };
         let param_bytes = params::pack(variant, Some(gpu))?;
         let dims = ferrinfer_kernels::launch_dims(&cfg, &args);
+        // The FA3 form takes TMA maps of a ragged cache (or none: every tile by cp.async).
+        let maps = if ferrinfer_kernels::attention::prefill::sm90_form(&cfg) == Some(cfg) {
+            let shape = tma::ragged_shape(
+                b.kv().page_size(),
+                s,
+                heads.num_kv_heads(),
+                heads.head_dim(),
+                kv_elements,
+                cfg.kv_tile,
+            );
+            Some(tma::sm90_kv(k, v, shape, T::DTYPE)?)
+        } else {
+            None
+        };
         // The main kernel writes the scratch partials the merge reads: no other run of this plan
         // may queue between them.
         let _launching = self.launch.lock().unwrap_or_else(|p| p.into_inner());
@@ -990,8 +1005,16 @@ impl Planned {
         // plan's workspace and scratch, sized by its capacity (Sizes::holds). All of them outlive
         // the launch: the caller holds the buffers, the plan its scratch (a GraphRun owns both),
         // and all work is ordered on the backend's one stream (Buffer::device_ptr refuses a
-        // buffer of another stream).
-        unsafe { launch::launch(gpu, &kernel.main, dims, args, &param_bytes) }?;
+        // buffer of another stream). The TMA maps' rows end within K's and V's buffers
+        // (tma::ragged_shape bounds them by their lengths).
+        unsafe {
+            match maps {
+                Some(maps) => {
+                    launch::launch_sm90(gpu, &kernel.main, dims, args, &param_bytes, maps)
+                }
+                None => launch::launch(gpu, &kernel.main, dims, args, &param_bytes),
+            }
+        }?;
         // In graph mode the merge always runs: a later replan may split what this one did not.
         if work.is_split() || graph {
             let dims = ferrinfer_kernels::merge_launch_dims(&cfg, &args, dev.sizes.plan.qo_rows);
