@@ -325,6 +325,9 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
         // there, and 0 * NaN is NaN in P V).
         if (maps.tma != 0 && j0 + kTileKv <= it.kv.len) {
           if (pt == 0) {
+            // The stage may last have been written by cp.async (the generic proxy): order those
+            // writes before the async proxy's.
+            fence_proxy_async();
             const int row = it.kv.blocks[0] + static_cast<int>(j0);  // a ragged block id is its first token
             const int head = static_cast<int>(w.kv_head);
             mbar_arrive_expect_tx(k_full(s), Sh::kKvBytes);

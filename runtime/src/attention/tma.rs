@@ -63,17 +63,22 @@ pub(crate) fn ragged_shape(
     })
 }
 
+/// Set to `0` to copy every FA3 tile with cp.async (an A/B switch, and a way around a driver
+/// that refuses the maps).
+pub const TMA_VAR: &str = "FERRINFER_SM90_TMA";
+
 /// The entry's `Sm90Kv` for K and V at device addresses `k` and `v` (16-byte aligned, checked
-/// by the caller), or one with `tma` 0 where `shape` is `None`.
-pub(crate) fn sm90_kv(k: u64, v: u64, shape: Option<MapShape>, dtype: DType) -> Result<Sm90Kv> {
-    let Some(shape) = shape else {
-        return Ok(Sm90Kv::default());
+/// by the caller): `tma` 0 where `shape` is `None`, [`TMA_VAR`] is `0`, or the driver refuses
+/// a map (cp.async computes the same result, only slower).
+pub(crate) fn sm90_kv(k: u64, v: u64, shape: Option<MapShape>, dtype: DType) -> Sm90Kv {
+    let off = std::env::var(TMA_VAR).is_ok_and(|v| v.trim() == "0");
+    let (Some(shape), false) = (shape, off) else {
+        return Sm90Kv::default();
     };
-    Ok(Sm90Kv {
-        k: encode(k, &shape, dtype)?,
-        v: encode(v, &shape, dtype)?,
-        tma: 1,
-    })
+    match (encode(k, &shape, dtype), encode(v, &shape, dtype)) {
+        (Ok(k), Ok(v)) => Sm90Kv { k, v, tma: 1 },
+        _ => Sm90Kv::default(),
+    }
 }
 
 fn encode(ptr: u64, shape: &MapShape, dtype: DType) -> Result<[u64; 16]> {

@@ -983,7 +983,7 @@ impl Planned {
         let param_bytes = params::pack(variant, Some(gpu))?;
         let dims = ferrinfer_kernels::launch_dims(&cfg, &args);
         // The FA3 form takes TMA maps of a ragged cache (or none: every tile by cp.async).
-        let maps = if ferrinfer_kernels::attention::prefill::sm90_form(&cfg) == Some(cfg) {
+        let maps = if ferrinfer_kernels::attention::prefill::takes_sm90_maps(&cfg) {
             let shape = tma::ragged_shape(
                 b.kv().page_size(),
                 s,
@@ -992,7 +992,7 @@ impl Planned {
                 kv_elements,
                 cfg.kv_tile,
             );
-            Some(tma::sm90_kv(k, v, shape, T::DTYPE)?)
+            Some(tma::sm90_kv(k, v, shape, T::DTYPE))
         } else {
             None
         };
