@@ -71,24 +71,27 @@ pub struct AttnArgs {
 
 /// The FA3 entry's third argument (`Sm90Kv` in `cuda/attention/prefill_sm90.cuh`), passed by
 /// value as a `__grid_constant__` parameter: the TMA tensor maps of K and V (a driver
-/// `CUtensorMap` each, 128 opaque bytes), and `tma` 1 to copy a ragged cache's whole tiles with
-/// them (0: cp.async for every tile, as for a paged cache).
+/// `CUtensorMap` each, 128 opaque bytes), and `tma` 1 to copy the tiles that lie inside their
+/// request with them (0: cp.async for every tile).
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sm90Kv {
-    /// K's tensor map: `[rows, kv heads, head dim]`, boxes of 64 columns x 1 head x the K/V tile.
+    /// K's tensor map: `[rows, kv heads, head dim]` (ragged) or `[pages, slots, kv heads, head
+    /// dim]` (paged), boxes of 64 columns x 1 head x the rows of a copy.
     pub k: [u64; 16],
     /// V's tensor map, the same shape.
     pub v: [u64; 16],
-    /// 1: whole ragged tiles go by TMA; 0: the maps are unused.
+    /// 1: tiles inside their request go by TMA; 0: the maps are unused.
     pub tma: u32,
+    /// A paged cache's rows a copy (`min(page size, K/V tile)`); unused for a ragged cache.
+    pub rows_per_copy: u32,
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn sm90_kv_matches_prefill_sm90_cuh() {
-        // Two 64-byte-aligned 128-byte maps and a word, padded to the 64-byte alignment.
+        // Two 64-byte-aligned 128-byte maps and two words, padded to the 64-byte alignment.
         assert_eq!(std::mem::size_of::<super::Sm90Kv>(), 320);
         assert_eq!(std::mem::align_of::<super::Sm90Kv>(), 64);
     }

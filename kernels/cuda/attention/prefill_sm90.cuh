@@ -33,14 +33,16 @@
 
 namespace fi {
 
-// The FA3 entry's third parameter (kernels/src/abi.rs: Sm90Kv): tensor maps of K and V as
-// [rows, kv heads, head dim] (a ragged cache, rows being tokens), boxes of 64 columns x 1 head x
-// kTileKv rows with the 128-byte swizzle, so one TMA copy writes one column block of a tile in
-// the layout wgmma reads. `tma` 0 (a paged cache, or strides TMA cannot take): every tile goes
-// through cp.async. Passed as a __grid_constant__ parameter: TMA reads the maps in place.
+// The FA3 entry's third parameter (kernels/src/abi.rs: Sm90Kv): tensor maps of K and V, a ragged
+// cache as [rows, kv heads, head dim] with boxes of 64 columns x 1 head x kTileKv rows, a paged
+// one as [pages, page slots, kv heads, head dim] with boxes of 64 x 1 x rows_per_copy x 1 page;
+// the 128-byte swizzle, so one TMA copy writes (part of) one column block of a tile in the
+// layout wgmma reads. `tma` 0 (strides or page sizes TMA cannot take): every tile goes through
+// cp.async. Passed as a __grid_constant__ parameter: TMA reads the maps in place.
 struct Sm90Kv {
   TensorMap k, v;
   unsigned tma;
+  unsigned rows_per_copy;  // a paged cache's rows a copy: min(page size, kTileKv)
 };
 static_assert(sizeof(Sm90Kv) == 320, "Sm90Kv as kernels/src/abi.rs lays it out");
 
@@ -317,28 +319,41 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
         }
         unsigned char* const kt = k_tile(s);
         unsigned char* const vt = v_tile(s);
-        // A ragged tile that ends inside its request goes by TMA: thread 0 copies D / 64 column
-        // blocks of K and of V, each barrier expecting the tile's bytes; the other threads only
-        // arrive. Keys past the item's stop are real keys of the request, masked by the
-        // consumers. A tile crossing the request's end goes by cp.async, which zero-fills the
-        // keys past it (TMA would bring the next request's rows, or anything a buffer holds
-        // there, and 0 * NaN is NaN in P V).
+        // A tile that ends inside its request goes by TMA: thread 0 copies D / 64 column blocks
+        // of K and of V (a page at a time for a paged cache), each barrier expecting the tile's
+        // bytes; the other threads only arrive. Keys past the item's stop are real keys of the
+        // request, masked by the consumers. A tile crossing the request's end goes by cp.async,
+        // which zero-fills the keys past it (TMA would bring the next request's rows, a last
+        // page's unused slots or a buffer's tail, and 0 * NaN is NaN in P V).
         if (maps.tma != 0 && j0 + kTileKv <= it.kv.len) {
           if (pt == 0) {
             // The stage may last have been written by cp.async (the generic proxy): order those
             // writes before the async proxy's.
             fence_proxy_async();
-            const int row = it.kv.blocks[0] + static_cast<int>(j0);  // a ragged block id is its first token
             const int head = static_cast<int>(w.kv_head);
             mbar_arrive_expect_tx(k_full(s), Sh::kKvBytes);
-            #pragma unroll
-            for (int cb = 0; cb < D / 64; ++cb) {
-              tma_load_3d(kt + cb * kTileKv * 128, &maps.k, k_full(s), cb * 64, head, row);
-            }
             mbar_arrive_expect_tx(v_full(s), Sh::kKvBytes);
-            #pragma unroll
-            for (int cb = 0; cb < D / 64; ++cb) {
-              tma_load_3d(vt + cb * kTileKv * 128, &maps.v, v_full(s), cb * 64, head, row);
+            if (it.kv.block_size == 0) {
+              // A ragged block id is its first token: the tile is rows id + j0 on.
+              const int row = it.kv.blocks[0] + static_cast<int>(j0);
+              #pragma unroll
+              for (int cb = 0; cb < D / 64; ++cb) {
+                tma_load_3d(kt + cb * kTileKv * 128, &maps.k, k_full(s), cb * 64, head, row);
+                tma_load_3d(vt + cb * kTileKv * 128, &maps.v, v_full(s), cb * 64, head, row);
+              }
+            } else {
+              // A page (or a tile's share of one) a copy: rows_per_copy rows from slot j % page.
+              const unsigned per = maps.rows_per_copy, bs = it.kv.block_size;
+              for (unsigned r = 0; r < static_cast<unsigned>(kTileKv); r += per) {
+                const unsigned j = j0 + r;
+                const int page = it.kv.blocks[j / bs], slot = static_cast<int>(j % bs);
+                #pragma unroll
+                for (int cb = 0; cb < D / 64; ++cb) {
+                  const unsigned at = cb * kTileKv * 128 + r * 128;
+                  tma_load_4d(kt + at, &maps.k, k_full(s), cb * 64, head, slot, page);
+                  tma_load_4d(vt + at, &maps.v, v_full(s), cb * 64, head, slot, page);
+                }
+              }
             }
           } else {
             mbar_arrive(k_full(s));

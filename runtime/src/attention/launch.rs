@@ -87,7 +87,7 @@ pub(crate) unsafe fn launch(
 ///
 /// # Safety
 /// As for [`launch`]; the maps, where `maps.tma` is 1, describe K and V of `args` within their
-/// buffers (`tma::ragged_shape` bounds the rows by the buffer's length).
+/// buffers (`tma::shape` bounds the rows by the buffer's length).
 pub(crate) unsafe fn launch_sm90(
     gpu: &Gpu,
     f: &CudaFunction,

@@ -1,6 +1,6 @@
-//! The FA3 template's TMA maps of a ragged K/V cache (`Sm90Kv`): which caches they can describe,
-//! their shape, and their encoding by the driver. A tile that lies inside its request is then
-//! one TMA copy per 64 columns from one producer thread, where cp.async takes a copy per 16
+//! The FA3 template's TMA maps of a K/V cache (`Sm90Kv`): which caches they can describe, their
+//! shape, and their encoding by the driver. A tile that lies inside its request is then one TMA
+//! copy per 64 columns (and page) from one producer thread, where cp.async takes a copy per 16
 //! bytes from every producer thread (`kernels/notes/fa3.md`).
 
 use std::ffi::c_void;
@@ -18,20 +18,33 @@ const BOX_COLUMNS: u32 = 64;
 /// Bytes of an element (f16, bf16).
 const ELEMENT_BYTES: u64 = 2;
 
-/// K or V as TMA sees it: dims innermost first (head dim, KV heads, rows), the byte strides of
-/// the outer two, and the box one copy moves (64 columns, one head, a K/V tile of rows).
+/// K or V as TMA sees it: dims innermost first (head dim, KV heads, rows for a ragged cache;
+/// head dim, KV heads, page slots, pages for a paged one), the byte strides of the outer dims,
+/// and the box one copy moves (64 columns, one head, some rows, one page). `rank` entries of
+/// each are used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct MapShape {
-    pub dims: [u64; 3],
-    pub strides: [u64; 2],
-    pub boxes: [u32; 3],
+    pub rank: u32,
+    pub dims: [u64; 4],
+    pub strides: [u64; 3],
+    pub boxes: [u32; 4],
+}
+
+impl MapShape {
+    /// Rows a copy moves (the kernel's `rows_per_copy`).
+    pub fn rows_per_copy(&self) -> u32 {
+        self.boxes[2]
+    }
 }
 
 /// The maps' shape for a cache of `elements` elements (K's or V's buffer), or `None` where TMA
-/// cannot describe it and every tile goes through cp.async: a paged cache; a block stride other
-/// than the token stride (a ragged block id is then not a row); strides TMA refuses (multiples
-/// of 16 bytes below 2^40); a buffer shorter than one row; more rows than an `int` coordinate.
-pub(crate) fn ragged_shape(
+/// cannot describe it and every tile goes through cp.async: strides TMA refuses (multiples of 16
+/// bytes below 2^40); for a ragged cache, a block stride other than the token stride (a ragged
+/// block id is then not a row); for a paged one, a page size that is not a multiple of 8 (a copy
+/// must start 1024-byte aligned in the 128-byte swizzle) or that neither divides the K/V tile
+/// nor is divided by it; a buffer shorter than one row or page; more rows or pages than an
+/// `int` coordinate.
+pub(crate) fn shape(
     page_size: Option<u32>,
     s: KvStrides,
     num_kv_heads: u32,
@@ -39,28 +52,53 @@ pub(crate) fn ragged_shape(
     elements: u64,
     kv_tile: u32,
 ) -> Option<MapShape> {
-    if page_size.is_some() || s.block != s.token || !head_dim.is_multiple_of(BOX_COLUMNS) {
-        return None;
-    }
     let stride_ok = |st: u64| {
         let bytes = st * ELEMENT_BYTES;
         bytes.is_multiple_of(16) && bytes < (1 << 40) && st > 0
     };
-    if !stride_ok(s.token) || !stride_ok(s.head) {
+    if !head_dim.is_multiple_of(BOX_COLUMNS) || !stride_ok(s.token) || !stride_ok(s.head) {
         return None;
     }
-    // Rows whose every head lies in the buffer: the last one starts `token` before the end of
-    // the span of all heads of a row.
-    let span = u64::from(num_kv_heads - 1) * s.head + u64::from(head_dim);
-    let rows = elements.checked_sub(span)? / s.token + 1;
-    if rows > i32::MAX as u64 {
-        return None;
+    let heads_span = u64::from(num_kv_heads - 1) * s.head + u64::from(head_dim);
+    match page_size {
+        None => {
+            if s.block != s.token {
+                return None;
+            }
+            // Rows whose every head lies in the buffer.
+            let rows = elements.checked_sub(heads_span)? / s.token + 1;
+            (rows <= i32::MAX as u64).then_some(MapShape {
+                rank: 3,
+                dims: [u64::from(head_dim), u64::from(num_kv_heads), rows, 1],
+                strides: [s.head * ELEMENT_BYTES, s.token * ELEMENT_BYTES, 0],
+                boxes: [BOX_COLUMNS, 1, kv_tile, 1],
+            })
+        }
+        Some(page) => {
+            let fits = kv_tile.is_multiple_of(page) || page.is_multiple_of(kv_tile);
+            if !page.is_multiple_of(8) || !fits || !stride_ok(s.block) {
+                return None;
+            }
+            // Pages whose every slot and head lies in the buffer.
+            let span = heads_span + u64::from(page - 1) * s.token;
+            let pages = elements.checked_sub(span)? / s.block + 1;
+            (pages <= i32::MAX as u64).then_some(MapShape {
+                rank: 4,
+                dims: [
+                    u64::from(head_dim),
+                    u64::from(num_kv_heads),
+                    u64::from(page),
+                    pages,
+                ],
+                strides: [
+                    s.head * ELEMENT_BYTES,
+                    s.token * ELEMENT_BYTES,
+                    s.block * ELEMENT_BYTES,
+                ],
+                boxes: [BOX_COLUMNS, 1, page.min(kv_tile), 1],
+            })
+        }
     }
-    Some(MapShape {
-        dims: [u64::from(head_dim), u64::from(num_kv_heads), rows],
-        strides: [s.head * ELEMENT_BYTES, s.token * ELEMENT_BYTES],
-        boxes: [BOX_COLUMNS, 1, kv_tile],
-    })
 }
 
 /// Set to `0` to copy every FA3 tile with cp.async (an A/B switch, and a way around a driver
@@ -76,7 +114,12 @@ pub(crate) fn sm90_kv(k: u64, v: u64, shape: Option<MapShape>, dtype: DType) -> 
         return Sm90Kv::default();
     };
     match (encode(k, &shape, dtype), encode(v, &shape, dtype)) {
-        (Ok(k), Ok(v)) => Sm90Kv { k, v, tma: 1 },
+        (Ok(k), Ok(v)) => Sm90Kv {
+            k,
+            v,
+            tma: 1,
+            rows_per_copy: shape.rows_per_copy(),
+        },
         _ => Sm90Kv::default(),
     }
 }
@@ -86,17 +129,17 @@ fn encode(ptr: u64, shape: &MapShape, dtype: DType) -> Result<[u64; 16]> {
         DType::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
         DType::Bf16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
     };
-    let element_strides = [1u32; 3];
+    let element_strides = [1u32; 4];
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
-    // SAFETY: the array arguments are locals of the rank's length (3 dims, 2 strides, 3 boxes, 3
-    // element strides), `map` is a CUtensorMap the driver writes and nothing else; the global
-    // address is only recorded in the map, not dereferenced (ragged_shape bounded the rows by
-    // the buffer's length).
+    // SAFETY: the array arguments hold at least the rank's entries (4 dims, 3 strides, 4 boxes, 4
+    // element strides for a rank of 3 or 4), `map` is a CUtensorMap the driver writes and nothing
+    // else; the global address is only recorded in the map, not dereferenced (`shape` bounded the
+    // rows or pages by the buffer's length).
     let status = unsafe {
         sys::cuTensorMapEncodeTiled(
             map.as_mut_ptr(),
             data_type,
-            3,
+            shape.rank,
             ptr as *mut c_void,
             shape.dims.as_ptr(),
             shape.strides.as_ptr(),
@@ -121,9 +164,9 @@ fn encode(ptr: u64, shape: &MapShape, dtype: DType) -> Result<[u64; 16]> {
 mod tests {
     use super::*;
 
-    fn nhd(heads: u64, d: u64) -> KvStrides {
+    fn nhd(heads: u64, d: u64, page: u64) -> KvStrides {
         KvStrides {
-            block: heads * d,
+            block: page * heads * d,
             token: heads * d,
             head: d,
         }
@@ -132,12 +175,13 @@ mod tests {
     #[test]
     fn a_ragged_nhd_cache_is_rows_of_heads() {
         // 1000 tokens of 8 heads of 128.
-        let s = ragged_shape(None, nhd(8, 128), 8, 128, 1000 * 8 * 128, 128).unwrap();
-        assert_eq!(s.dims, [128, 8, 1000]);
-        assert_eq!(s.strides, [256, 8 * 256]);
-        assert_eq!(s.boxes, [64, 1, 128]);
+        let s = shape(None, nhd(8, 128, 1), 8, 128, 1000 * 8 * 128, 128).unwrap();
+        assert_eq!(s.rank, 3);
+        assert_eq!(&s.dims[..3], &[128, 8, 1000]);
+        assert_eq!(&s.strides[..2], &[256, 8 * 256]);
+        assert_eq!(&s.boxes[..3], &[64, 1, 128]);
         // A buffer one element short of the last row's last head drops that row.
-        let short = ragged_shape(None, nhd(8, 128), 8, 128, 1000 * 8 * 128 - 1, 128).unwrap();
+        let short = shape(None, nhd(8, 128, 1), 8, 128, 1000 * 8 * 128 - 1, 128).unwrap();
         assert_eq!(short.dims[2], 999);
     }
 
@@ -149,23 +193,39 @@ mod tests {
             token: 256,
             head: 4096 * 256,
         };
-        let shape = ragged_shape(None, s, 4, 256, 4 * 4096 * 256, 64).unwrap();
-        assert_eq!(shape.dims, [256, 4, 4096]);
-        assert_eq!(shape.strides, [4096 * 512, 512]);
-        assert_eq!(shape.boxes, [64, 1, 64]);
+        let shape = shape(None, s, 4, 256, 4 * 4096 * 256, 64).unwrap();
+        assert_eq!(&shape.dims[..3], &[256, 4, 4096]);
+        assert_eq!(&shape.strides[..2], &[4096 * 512, 512]);
+        assert_eq!(&shape.boxes[..3], &[64, 1, 64]);
+    }
+
+    #[test]
+    fn a_paged_cache_is_pages_of_slots() {
+        // 100 pages of 16 slots, 8 heads of 128, NHD: a copy is one page of one head.
+        let s = shape(Some(16), nhd(8, 128, 16), 8, 128, 100 * 16 * 8 * 128, 128).unwrap();
+        assert_eq!(s.rank, 4);
+        assert_eq!(s.dims, [128, 8, 16, 100]);
+        assert_eq!(s.strides, [256, 8 * 256, 16 * 8 * 256]);
+        assert_eq!(s.boxes, [64, 1, 16, 1]);
+        assert_eq!(s.rows_per_copy(), 16);
+        // HND pages of 256 slots at a 128-key tile: half a page a copy.
+        let hnd = KvStrides {
+            block: 4 * 256 * 128,
+            token: 128,
+            head: 256 * 128,
+        };
+        let s = shape(Some(256), hnd, 4, 128, 10 * 4 * 256 * 128, 128).unwrap();
+        assert_eq!(s.dims, [128, 4, 256, 10]);
+        assert_eq!(s.strides, [256 * 256, 256, 4 * 256 * 256]);
+        assert_eq!(s.rows_per_copy(), 128);
     }
 
     #[test]
     fn what_tma_cannot_describe_stays_on_cp_async() {
-        let s = nhd(8, 128);
-        assert_eq!(
-            ragged_shape(Some(16), s, 8, 128, 1 << 20, 128),
-            None,
-            "paged"
-        );
+        let s = nhd(8, 128, 1);
         let odd = KvStrides { block: 2048, ..s };
         assert_eq!(
-            ragged_shape(None, odd, 8, 128, 1 << 20, 128),
+            shape(None, odd, 8, 128, 1 << 20, 128),
             None,
             "block != token"
         );
@@ -175,14 +235,24 @@ mod tests {
             head: 128,
         };
         assert_eq!(
-            ragged_shape(None, narrow, 8, 128, 1 << 20, 128),
+            shape(None, narrow, 8, 128, 1 << 20, 128),
             None,
             "8-byte rows"
         );
+        assert_eq!(shape(None, s, 8, 128, 100, 128), None, "shorter than a row");
+        for page in [1, 4, 12, 24] {
+            let p = nhd(8, 128, u64::from(page));
+            assert_eq!(
+                shape(Some(page), p, 8, 128, 1 << 22, 128),
+                None,
+                "page {page}"
+            );
+        }
+        let p = nhd(8, 128, 16);
         assert_eq!(
-            ragged_shape(None, s, 8, 128, 100, 128),
+            shape(Some(16), p, 8, 128, 1000, 128),
             None,
-            "shorter than a row"
+            "shorter than a page"
         );
     }
 }

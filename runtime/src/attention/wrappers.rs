@@ -982,9 +982,9 @@ impl Planned {
         };
         let param_bytes = params::pack(variant, Some(gpu))?;
         let dims = ferrinfer_kernels::launch_dims(&cfg, &args);
-        // The FA3 form takes TMA maps of a ragged cache (or none: every tile by cp.async).
+        // The FA3 form takes TMA maps of the cache (or none: every tile by cp.async).
         let maps = if ferrinfer_kernels::attention::prefill::takes_sm90_maps(&cfg) {
-            let shape = tma::ragged_shape(
+            let shape = tma::shape(
                 b.kv().page_size(),
                 s,
                 heads.num_kv_heads(),
@@ -1006,7 +1006,7 @@ impl Planned {
         // the launch: the caller holds the buffers, the plan its scratch (a GraphRun owns both),
         // and all work is ordered on the backend's one stream (Buffer::device_ptr refuses a
         // buffer of another stream). The TMA maps' rows end within K's and V's buffers
-        // (tma::ragged_shape bounds them by their lengths).
+        // (tma::shape bounds them by their lengths).
         unsafe {
             match maps {
                 Some(maps) => {
