@@ -325,7 +325,10 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
         // request, masked by the consumers. A tile crossing the request's end goes by cp.async,
         // which zero-fills the keys past it (TMA would bring the next request's rows, a last
         // page's unused slots or a buffer's tail, and 0 * NaN is NaN in P V).
-        if (maps.tma != 0 && j0 + kTileKv <= it.kv.len) {
+        // A paged copy must start on a multiple of its rows (a split chunk may start at any
+        // multiple of 16 keys): else it would run past its page, where TMA zero-fills.
+        if (maps.tma != 0 && (it.kv.block_size == 0 || j0 % maps.rows_per_copy == 0) &&
+            j0 + kTileKv <= it.kv.len) {
           if (pt == 0) {
             // The stage may last have been written by cp.async (the generic proxy): order those
             // writes before the async proxy's.
