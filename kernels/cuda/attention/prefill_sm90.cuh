@@ -155,15 +155,16 @@ __device__ __forceinline__ void sm90_pv(float (&o)[D / 2], const unsigned (&p)[4
   }
 }
 
-// Producer register budget and the consumers': 128 x 40 + 256 x 232 = the 168 x 384 a CTA of 384
-// threads starts with (65536 registers an SM, one CTA); setmaxnreg moves registers only within
-// those. The producer holds no copy state across tiles (its arrivals are asynchronous), so 40
-// fit at every head dim; at 24, which would give the consumers 240 (FlashAttention-3's split,
-// whose producer is one TMA thread), this cp.async producer spills.
+// Producer register budget and the consumers': 128 x 40 + 256 x 232 (at head dim 256, 48 + 224)
+// = the 168 x 384 a CTA of 384 threads starts with (65536 registers an SM, one CTA); setmaxnreg
+// moves registers only within those. The producer holds no copy state across tiles (its arrivals
+// are asynchronous); at head dim 256 its TMA path (eight copies a page) spills 4 bytes at 40,
+// and the consumers' O, S and P fit 224 there. At 24, which would give the consumers 240
+// (FlashAttention-3's split, whose producer is one TMA thread), this producer spills.
 template <int D>
-constexpr unsigned kSm90ProducerRegs = 40;
+constexpr unsigned kSm90ProducerRegs = D == 256 ? 48 : 40;
 template <int D>
-constexpr unsigned kSm90ConsumerRegs = 232;
+constexpr unsigned kSm90ConsumerRegs = D == 256 ? 224 : 232;
 
 // FI_SM90_OVERLAP: 1 (default) overlaps at head dim 64 only, 0 never, 2 at every head dim (a
 // measurement switch); the runtime defines 0 for a variant whose overlapping build spills.
@@ -312,24 +313,30 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
       for (unsigned t = 0; t < tiles; ++t) {
         const unsigned gt = g + t, s = stage(gt);
         const unsigned j0 = w.kv_start + t * kTileKv;
-        // Both stages free first (every thread: an arrival must not land in the phase before).
-        if (gt >= Sh::kStages) {
-          mbar_wait(k_empty(s), phase(gt - Sh::kStages));
-          mbar_wait(v_empty(s), phase(gt - Sh::kStages));
-        }
         unsigned char* const kt = k_tile(s);
         unsigned char* const vt = v_tile(s);
-        // A tile that ends inside its request goes by TMA: thread 0 copies D / 64 column blocks
-        // of K and of V (a page at a time for a paged cache), each barrier expecting the tile's
-        // bytes; the other threads only arrive. Keys past the item's stop are real keys of the
-        // request, masked by the consumers. A tile crossing the request's end goes by cp.async,
-        // which zero-fills the keys past it (TMA would bring the next request's rows, a last
-        // page's unused slots or a buffer's tail, and 0 * NaN is NaN in P V).
-        // A paged copy must start on a multiple of its rows (a split chunk may start at any
-        // multiple of 16 keys): else it would run past its page, where TMA zero-fills.
+        // Both stages must be free before any arrival for this tile (it must not land in the
+        // phase before), and before the copies.
+        auto wait_stages = [&] {
+          if (gt >= Sh::kStages) {
+            mbar_wait(k_empty(s), phase(gt - Sh::kStages));
+            mbar_wait(v_empty(s), phase(gt - Sh::kStages));
+          }
+        };
+        // A tile that ends inside its request goes by TMA: thread 0 alone waits, copies D / 64
+        // column blocks of K and of V (a page at a time for a paged cache), each barrier
+        // expecting the tile's bytes, and arrives for all 128 producer threads; the others skip
+        // the tile (to the next cp.async tile's or item's named barrier, where thread 0 joins
+        // them). Keys past the item's stop are real keys of the request, masked by the
+        // consumers. A tile crossing the request's end goes by cp.async, which zero-fills the
+        // keys past it (TMA would bring the next request's rows, a last page's unused slots or
+        // a buffer's tail, and 0 * NaN is NaN in P V). A paged copy must also start on a
+        // multiple of its rows (a split chunk may start at any multiple of 16 keys): else it
+        // would run past its page, where TMA zero-fills.
         if (maps.tma != 0 && (it.kv.block_size == 0 || j0 % maps.rows_per_copy == 0) &&
             j0 + kTileKv <= it.kv.len) {
           if (pt == 0) {
+            wait_stages();
             // The stage may last have been written by cp.async (the generic proxy): order those
             // writes before the async proxy's.
             fence_proxy_async();
@@ -358,12 +365,12 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
                 }
               }
             }
-          } else {
-            mbar_arrive(k_full(s));
-            mbar_arrive(v_full(s));
+            mbar_arrive_n(k_full(s), kWarpgroupThreads - 1);
+            mbar_arrive_n(v_full(s), kWarpgroupThreads - 1);
           }
           continue;
         }
+        wait_stages();
         // One page lookup a key: thread pt finds key pt's byte offset (threads past a 64-key
         // tile have none: the slot holds kTileKv entries; a constant test for 128 keys).
         const unsigned live = min(it.keys.stop - j0, static_cast<unsigned>(kTileKv));

@@ -37,6 +37,12 @@ __device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
 }
 
+// `n` arrivals at once (one thread standing in for others that have nothing to signal).
+__device__ __forceinline__ void mbar_arrive_n(unsigned long long* bar, unsigned n) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(n)
+               : "memory");
+}
+
 // An arrival made only where `pred` holds, as one predicated instruction: no branch, so a
 // consumer's straight-line wgmma pipeline stays straight (ptxas serialises MMAs across branches).
 __device__ __forceinline__ void mbar_arrive_if(unsigned long long* bar, bool pred) {
