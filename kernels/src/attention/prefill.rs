@@ -62,8 +62,8 @@ const ELEMENT_BYTES: u32 = 2;
 
 /// Keys per K/V tile of the sm_90a (FA3) template at a head dim (`PrefillSm90Shape::kTileKv`),
 /// `None` where it is not built. A consumer warpgroup holds O (head_dim / 2 f32 a thread), S
-/// (tile / 2) and P (tile / 4) in its 232 registers (224 at 256): 128 keys at head dims 64 and 128, 64 at 256
-/// (O alone is 128 floats there). A prefill instance whose K/V tile is this one is the FA3
+/// (tile / 2) and P (tile / 4) in its 232 registers (224 at 256): 128 keys at head dims 64 and
+/// 128, 64 at 256 (O alone is 128 floats there). A prefill instance whose K/V tile is this one is the FA3
 /// template's: FA2 uses 32 and 64 keys, and leaves 64 at head dim 256 to FA3 (two stages of 64
 /// keys beside a 128-row Q tile would not fit an sm_80 SM's shared memory).
 ///
