@@ -316,7 +316,8 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
         unsigned char* const kt = k_tile(s);
         unsigned char* const vt = v_tile(s);
         // Both stages must be free before any arrival for this tile (it must not land in the
-        // phase before), and before the copies.
+        // phase before) and before the copies: thread 0 waits, and the others follow it through
+        // a named barrier (cp.async tiles) or skip the tile (TMA tiles).
         auto wait_stages = [&] {
           if (gt >= Sh::kStages) {
             mbar_wait(k_empty(s), phase(gt - Sh::kStages));
@@ -368,9 +369,11 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
             mbar_arrive_n(k_full(s), kWarpgroupThreads - 1);
             mbar_arrive_n(v_full(s), kWarpgroupThreads - 1);
           }
+          __syncwarp();  // warp 0 whole again before its next aligned barrier
           continue;
         }
-        wait_stages();
+        if (pt == 0) wait_stages();
+        __syncwarp();
         // One page lookup a key: thread pt finds key pt's byte offset (threads past a 64-key
         // tile have none: the slot holds kTileKv entries; a constant test for 128 keys).
         const unsigned live = min(it.keys.stop - j0, static_cast<unsigned>(kTileKv));
