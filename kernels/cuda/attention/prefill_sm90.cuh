@@ -3,8 +3,8 @@
 // Persistent: a CTA takes one item of each round of gridDim.x of the plan's longest-first list,
 // so the next item's Q and K/V load during this item's last tiles.
 // Three warpgroups a CTA: a producer that copies each item's Q (into Q slots) and its K/V tiles
-// into stages (cp.async through the page table; K and V each complete their own mbarrier, so
-// S = Q K^T starts while V still lands), and two consumers of 64 query rows each. A consumer
+// into stages (cp.async through the page table, K and V rows in one loop; K and V each have
+// their own empty mbarrier, freed after S and after P V), and two consumers of 64 query rows each. A consumer
 // computes S = Q K^T with both operands in shared memory, the online softmax on S's
 // accumulators, and O += P V with P from registers (S's accumulator layout is the A operand's),
 // then frees the stage. Head dims 64, 128 and 256: the tile sizes per head dim are in
@@ -306,20 +306,25 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p) {
           offs[pt] = pt < live ? it.kv.offset(j0 + pt, w.kv_head) * sizeof(T) : 0ull;
         }
         named_sync(1, kWarpgroupThreads);
+        // K and V rows in one loop: each key's offset is read once for both (the producer's
+        // instructions compete with the consumers' softmax for issue slots). Both stages are
+        // waited for first; K's arrival then also waits for V's copies, which land together.
         // Keys past the item's end are zero-filled: P is 0 there, and 0 * V must not be NaN.
-        auto copy = [&](unsigned char* tile, const char* src) {
-          #pragma unroll 4
-          for (unsigned i = 0; i < kTileKv / kRowsPerPass; ++i) {
-            const unsigned r = r0 + i * kRowsPerPass;
-            cp_async_16(smem_u32(tile + sw128_offset<D>(kTileKv, r, u)), src + offs[r] + u * 16,
-                        r < live);
-          }
-        };
-        if (gt >= Sh::kStages) mbar_wait(k_empty(s), phase(gt - Sh::kStages));
-        copy(k_tile(s), k);
+        if (gt >= Sh::kStages) {
+          mbar_wait(k_empty(s), phase(gt - Sh::kStages));
+          mbar_wait(v_empty(s), phase(gt - Sh::kStages));
+        }
+        unsigned char* const kt = k_tile(s);
+        unsigned char* const vt = v_tile(s);
+        #pragma unroll 4
+        for (unsigned i = 0; i < kTileKv / kRowsPerPass; ++i) {
+          const unsigned r = r0 + i * kRowsPerPass;
+          const unsigned long long o = offs[r] + u * 16;
+          const unsigned at = sw128_offset<D>(kTileKv, r, u);
+          cp_async_16(smem_u32(kt + at), k + o, r < live);
+          cp_async_16(smem_u32(vt + at), v + o, r < live);
+        }
         mbar_arrive_on_copies(k_full(s));
-        if (gt >= Sh::kStages) mbar_wait(v_empty(s), phase(gt - Sh::kStages));
-        copy(v_tile(s), v);
         mbar_arrive_on_copies(v_full(s));
       }
       g += tiles;
