@@ -443,22 +443,56 @@ fn gpu_sm90_plan_runs_again() {
     if not_hopper(&gpu) {
         return;
     }
-    let case = Case {
-        heads: Heads::new(16, 4, 128).unwrap(),
-        qo_lens: vec![1000, 1500, 0, 77],
-        kv_lens: vec![1200, 1500, 5, 77],
-        page_size: Some(16),
-        layout: KvLayout::Nhd,
-        causal: true,
-        decode: false,
-    };
-    check_runs::<Standard, bf16>(&gpu, &Standard, &case, &[fa3()], 3);
+    // Paged (cp.async) and ragged (whole tiles by TMA, each request's last tile by cp.async).
+    for page_size in [Some(16), None] {
+        let case = Case {
+            heads: Heads::new(16, 4, 128).unwrap(),
+            qo_lens: vec![1000, 1500, 0, 77],
+            kv_lens: vec![1200, 1500, 5, 77],
+            page_size,
+            layout: KvLayout::Nhd,
+            causal: true,
+            decode: false,
+        };
+        check_runs::<Standard, bf16>(&gpu, &Standard, &case, &[fa3()], 3);
+    }
+}
+
+/// FA3 over pages of 32, 64 and 256 keys with KV chunks of 144 and 160 (Hopper only): a chunk
+/// that starts inside a page must not be copied a page at a time from there (a TMA copy would
+/// run past its page, where it reads zeros), and one that starts on a page boundary may.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_sm90_pages_and_unaligned_chunks() {
+    let gpu = gpu();
+    if not_hopper(&gpu) {
+        return;
+    }
+    for page in [32, 64, 256] {
+        for chunk in [144, 160, 256] {
+            let config = PlanConfig {
+                fixed_kv_chunk: Some(chunk),
+                ..fa3()
+            };
+            let case = Case {
+                heads: Heads::new(16, 4, 128).unwrap(),
+                qo_lens: vec![200, 1, 77],
+                kv_lens: vec![1500, 700, 1030],
+                page_size: Some(page),
+                layout: KvLayout::Nhd,
+                causal: true,
+                decode: false,
+            };
+            check_with::<Standard, bf16>(&gpu, &Standard, &case, &[config]);
+        }
+    }
 }
 
 /// Many items a CTA at every FA3 head dim (Hopper only): 32 KV heads over 40 short requests
 /// give about ten 128-row items to each of an H100/H200's persistent CTAs, so every Q slot and
 /// item slot is reused many times (head dim 64 has two Q slots), and one request with more
-/// query rows than keys gives items that see no key (the Q slot is freed before any S).
+/// query rows than keys gives items that see no key (the Q slot is freed before any S). Over a
+/// paged cache and ragged ones, whose whole tiles go by TMA.
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gpu_sm90_many_items_a_cta() {
@@ -472,16 +506,23 @@ fn gpu_sm90_many_items_a_cta() {
     qo_lens.push(300);
     kv_lens.push(100);
     for head_dim in HEAD_DIMS {
-        let case = Case {
-            heads: Heads::new(32, 32, head_dim).unwrap(),
-            qo_lens: qo_lens.clone(),
-            kv_lens: kv_lens.clone(),
-            page_size: Some(16),
-            layout: KvLayout::Nhd,
-            causal: true,
-            decode: false,
-        };
-        check_with::<Standard, bf16>(&gpu, &Standard, &case, &fa3);
+        // Paged (cp.async), and ragged NHD and HND (TMA for whole tiles).
+        for (page_size, layout) in [
+            (Some(16), KvLayout::Nhd),
+            (None, KvLayout::Nhd),
+            (None, KvLayout::Hnd),
+        ] {
+            let case = Case {
+                heads: Heads::new(32, 32, head_dim).unwrap(),
+                qo_lens: qo_lens.clone(),
+                kv_lens: kv_lens.clone(),
+                page_size,
+                layout,
+                causal: true,
+                decode: false,
+            };
+            check_with::<Standard, bf16>(&gpu, &Standard, &case, &fa3);
+        }
     }
 }
 
