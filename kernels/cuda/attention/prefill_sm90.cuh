@@ -565,6 +565,39 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
       }
     };
 
+    // The steps both consumer orders share. S(gt) on its own, in this consumer's turn, waited
+    // for; K's stage is then free.
+    auto s_alone = [&](unsigned gt) {
+      wait_copies(k_full(stage(gt)), phase(gt));
+      named_sync(my_turn, 2 * kWarpgroupThreads);
+      wgmma_fence();
+      issue_s(sq, k_tile(stage(gt)));
+      named_arrive(their_turn, 2 * kWarpgroupThreads);
+      wgmma_wait<0>();
+      wgmma_hold(sacc);
+      mbar_arrive(k_empty(stage(gt)));
+    };
+    // O += P V(gt) on its own, waited for; V's stage is then free. The rescaled O and the new P
+    // are written before the fence (the compiler may not sink register arithmetic past it).
+    auto pv_alone = [&](unsigned gt) {
+      wait_copies(v_full(stage(gt)), phase(gt));
+      wgmma_hold(o);
+      wgmma_hold(pa);
+      wgmma_fence();
+      issue_pv(v_tile(stage(gt)));
+      wgmma_wait<0>();
+      wgmma_hold(o);
+      wgmma_hold(pa);
+      mbar_arrive(v_empty(stage(gt)));
+    };
+    // O to the new row maxima, where any moved (most tiles of a long row move none).
+    auto rescale_o = [&] {
+      if (__any_sync(kFullMask, grew)) {
+        #pragma unroll
+        for (int i = 0; i < D / 2; ++i) o[i] *= scale[(i / 2) % 2];
+      }
+    };
+
     mbar_arrive_if(q_empty(slot), keys.tiles == 0);  // no S reads this Q
     if constexpr (kSm90Overlap<V, D>) {
       // FA3's intra-warpgroup overlap: S(t) and P V(t - 1) are issued in one turn, S first, and
@@ -574,14 +607,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
       // for tile t after it. Tile 0 (S alone) and the last P V are peeled off the loop: ptxas
       // keeps MMAs in flight across a wait only in straight-line pipelines.
       if (keys.tiles > 0) {
-        wait_copies(k_full(stage(g)), phase(g));
-        named_sync(my_turn, 2 * kWarpgroupThreads);
-        wgmma_fence();
-        issue_s(sq, k_tile(stage(g)));
-        named_arrive(their_turn, 2 * kWarpgroupThreads);
-        wgmma_wait<0>();
-        wgmma_hold(sacc);
-        mbar_arrive(k_empty(stage(g)));
+        s_alone(g);
         mbar_arrive_if(q_empty(slot), keys.tiles == 1);
         softmax_tile(0);  // O is still 0: nothing to rescale
         to_p();
@@ -606,54 +632,19 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
         wgmma_hold(o);
         wgmma_hold(pa);
         mbar_arrive(v_empty(stage(gt - 1)));
-        if (__any_sync(kFullMask, grew)) {
-          #pragma unroll
-          for (int i = 0; i < D / 2; ++i) o[i] *= scale[(i / 2) % 2];
-        }
+        rescale_o();
         to_p();
       }
-      if (keys.tiles > 0) {
-        const unsigned last = g + keys.tiles - 1;
-        wait_copies(v_full(stage(last)), phase(last));
-        wgmma_hold(o);
-        wgmma_hold(pa);
-        wgmma_fence();
-        issue_pv(v_tile(stage(last)));
-        wgmma_wait<0>();
-        wgmma_hold(o);
-        wgmma_hold(pa);
-        mbar_arrive(v_empty(stage(last)));
-      }
+      if (keys.tiles > 0) pv_alone(g + keys.tiles - 1);
     } else {
       // S, its softmax, then P V, each tile; K's stage is freed once S is done.
       for (unsigned t = 0; t < keys.tiles; ++t) {
-        const unsigned gt = g + t;
-        wait_copies(k_full(stage(gt)), phase(gt));
-        named_sync(my_turn, 2 * kWarpgroupThreads);
-        wgmma_fence();
-        issue_s(sq, k_tile(stage(gt)));
-        named_arrive(their_turn, 2 * kWarpgroupThreads);
-        wgmma_wait<0>();
-        wgmma_hold(sacc);
-        mbar_arrive(k_empty(stage(gt)));
+        s_alone(g + t);
         mbar_arrive_if(q_empty(slot), t + 1 == keys.tiles);  // the item's last S: Q is free
         softmax_tile(t);
-        if (__any_sync(kFullMask, grew)) {
-          #pragma unroll
-          for (int i = 0; i < D / 2; ++i) o[i] *= scale[(i / 2) % 2];
-        }
+        rescale_o();
         to_p();
-        wait_copies(v_full(stage(gt)), phase(gt));
-        // The rescaled O and the new P are written before the fence (the compiler may not sink
-        // register arithmetic past it on its own).
-        wgmma_hold(o);
-        wgmma_hold(pa);
-        wgmma_fence();
-        issue_pv(v_tile(stage(gt)));
-        wgmma_wait<0>();
-        wgmma_hold(o);
-        wgmma_hold(pa);
-        mbar_arrive(v_empty(stage(gt)));
+        pv_alone(g + t);
       }
     }
     g += keys.tiles;
