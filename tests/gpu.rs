@@ -458,9 +458,10 @@ fn gpu_sm90_plan_runs_again() {
     }
 }
 
-/// FA3 over pages of 32, 64 and 256 keys with KV chunks of 144 and 160 (Hopper only): a chunk
-/// that starts inside a page must not be copied a page at a time from there (a TMA copy would
-/// run past its page, where it reads zeros), and one that starts on a page boundary may.
+/// FA3 over pages of 32 (cp.async), 64 and 256 keys (TMA) with KV chunks of 144 and 160 (Hopper
+/// only): a chunk that starts inside a page must not be copied a page at a time from there (a TMA
+/// copy would run past its page, where it reads zeros), and one that starts on a page boundary
+/// may.
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gpu_sm90_pages_and_unaligned_chunks() {
@@ -491,8 +492,8 @@ fn gpu_sm90_pages_and_unaligned_chunks() {
 /// Many items a CTA at every FA3 head dim (Hopper only): 32 KV heads over 40 short requests
 /// give about ten 128-row items to each of an H100/H200's persistent CTAs, so every Q slot and
 /// item slot is reused many times (head dim 64 has two Q slots), and one request with more
-/// query rows than keys gives items that see no key (the Q slot is freed before any S). Over a
-/// paged cache and ragged ones, whose whole tiles go by TMA.
+/// query rows than keys gives items that see no key (the Q slot is freed before any S). Over
+/// paged caches (pages of 16 by cp.async, of 64 by TMA) and ragged ones (TMA for whole tiles).
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gpu_sm90_many_items_a_cta() {
@@ -506,9 +507,9 @@ fn gpu_sm90_many_items_a_cta() {
     qo_lens.push(300);
     kv_lens.push(100);
     for head_dim in HEAD_DIMS {
-        // Paged (cp.async), and ragged NHD and HND (TMA for whole tiles).
         for (page_size, layout) in [
             (Some(16), KvLayout::Nhd),
+            (Some(64), KvLayout::Hnd),
             (None, KvLayout::Nhd),
             (None, KvLayout::Hnd),
         ] {

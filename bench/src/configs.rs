@@ -180,8 +180,8 @@ pub fn standard() -> Vec<Config> {
 
 /// Rows the anchor has no key for (issue 9): the long causal prompt under a mask hook whose
 /// window covers it (`SlidingWindow` of 8192: the visible pairs, and so the FLOPs, of
-/// `prefill_single_s8192_causal`, which it should stay within 15% of), and at head dims 64 and
-/// 256.
+/// `prefill_single_s8192_causal`, which it should stay within 15% of), at head dims 64 and
+/// 256, and over pages of 64 and 128 keys.
 pub fn ours_only() -> Vec<Config> {
     let causal = || prefill("", Storage::Single, (1, 8192, 8192), true, 0.0);
     vec![
@@ -200,6 +200,21 @@ pub fn ours_only() -> Vec<Config> {
             head_dim: 256,
             ..causal()
         },
+        // Pages FA3 copies by TMA (64 and more keys), beside the anchor's pages of 16 (cp.async).
+        prefill(
+            "prefill_paged_b16_l1024_p64_causal",
+            Storage::Paged(64),
+            (16, 1024, 1024),
+            true,
+            0.0,
+        ),
+        prefill(
+            "prefill_paged_b16_l1024_p128_causal",
+            Storage::Paged(128),
+            (16, 1024, 1024),
+            true,
+            0.0,
+        ),
     ]
 }
 
@@ -394,6 +409,8 @@ mod tests {
                 "prefill_single_s8192_causal_window8192",
                 "prefill_single_s8192_causal_hd64",
                 "prefill_single_s8192_causal_hd256",
+                "prefill_paged_b16_l1024_p64_causal",
+                "prefill_paged_b16_l1024_p128_causal",
             ]
         );
         assert!(standard().iter().all(|c| !keys.contains(&c.key)));
@@ -410,13 +427,19 @@ mod tests {
             ),
             (causal.qo_lens.clone(), causal.kv_lens.clone(), true)
         );
-        for (c, hd) in extra[1..].iter().zip([64, 256]) {
+        for (c, hd) in extra[1..3].iter().zip([64, 256]) {
             assert_eq!((c.head_dim, c.heads().unwrap().head_dim()), (hd, hd));
             assert_eq!(c.window, 0);
             assert_eq!(
                 c.metric(1.0).0 * 128.0,
                 causal.metric(1.0).0 * f64::from(hd)
             );
+        }
+        // The paged rows are the p16 row's work over larger pages.
+        let p16 = by_key("prefill_paged_b16_l1024_p16_causal");
+        for (c, page) in extra[3..].iter().zip([64, 128]) {
+            assert!(matches!(c.storage, Storage::Paged(p) if p == page));
+            assert_eq!(c.metric(1.0), p16.metric(1.0));
         }
         assert!(standard().iter().all(|c| c.head_dim == D && c.window == 0));
     }

@@ -17,6 +17,11 @@ use crate::error::{Error, Result};
 const BOX_COLUMNS: u32 = 64;
 /// Bytes of an element (f16, bf16).
 const ELEMENT_BYTES: u64 = 2;
+/// The smallest page whose tiles go by TMA. One thread issues a copy per page and 64 columns,
+/// each after a page-table load, where cp.async spreads the lookups over 128 threads: at page 16
+/// (16 copies a K tile at head dim 128) TMA lost to cp.async (H200, 2026-11-30 session 7 call A,
+/// TFLOP/s TMA / cp.async: paged b16 l1024 241 / 296, b4 l8192 366 / 452, append 351 / 443).
+const MIN_TMA_PAGE: u32 = 64;
 
 /// K or V as TMA sees it: dims innermost first (head dim, KV heads, rows for a ragged cache;
 /// head dim, KV heads, page slots, pages for a paged one), the byte strides of the outer dims,
@@ -40,9 +45,9 @@ impl MapShape {
 /// The maps' shape for a cache of `elements` elements (K's or V's buffer), or `None` where TMA
 /// cannot describe it and every tile goes through cp.async: strides TMA refuses (multiples of 16
 /// bytes below 2^40); for a ragged cache, a block stride other than the token stride (a ragged
-/// block id is then not a row); for a paged one, a page size that is not a multiple of 8 (a copy
-/// must start 1024-byte aligned in the 128-byte swizzle) or that neither divides the K/V tile
-/// nor is divided by it; a buffer shorter than one row or page; more rows or pages than an
+/// block id is then not a row); for a paged one, a page under [`MIN_TMA_PAGE`] or one that
+/// neither divides the K/V tile nor is divided by it (a copy must also start 1024-byte aligned in
+/// the 128-byte swizzle: a multiple of 8 rows); a buffer shorter than one row or page; more rows or pages than an
 /// `int` coordinate.
 pub(crate) fn shape(
     page_size: Option<u32>,
@@ -76,7 +81,7 @@ pub(crate) fn shape(
         }
         Some(page) => {
             let fits = kv_tile.is_multiple_of(page) || page.is_multiple_of(kv_tile);
-            if !page.is_multiple_of(8) || !fits || !stride_ok(s.block) {
+            if page < MIN_TMA_PAGE || !page.is_multiple_of(8) || !fits || !stride_ok(s.block) {
                 return None;
             }
             // Pages whose every slot and head lies in the buffer.
@@ -201,13 +206,13 @@ mod tests {
 
     #[test]
     fn a_paged_cache_is_pages_of_slots() {
-        // 100 pages of 16 slots, 8 heads of 128, NHD: a copy is one page of one head.
-        let s = shape(Some(16), nhd(8, 128, 16), 8, 128, 100 * 16 * 8 * 128, 128).unwrap();
+        // 100 pages of 64 slots, 8 heads of 128, NHD: a copy is one page of one head.
+        let s = shape(Some(64), nhd(8, 128, 64), 8, 128, 100 * 64 * 8 * 128, 128).unwrap();
         assert_eq!(s.rank, 4);
-        assert_eq!(s.dims, [128, 8, 16, 100]);
-        assert_eq!(s.strides, [256, 8 * 256, 16 * 8 * 256]);
-        assert_eq!(s.boxes, [64, 1, 16, 1]);
-        assert_eq!(s.rows_per_copy(), 16);
+        assert_eq!(s.dims, [128, 8, 64, 100]);
+        assert_eq!(s.strides, [256, 8 * 256, 64 * 8 * 256]);
+        assert_eq!(s.boxes, [64, 1, 64, 1]);
+        assert_eq!(s.rows_per_copy(), 64);
         // HND pages of 256 slots at a 128-key tile: half a page a copy.
         let hnd = KvStrides {
             block: 4 * 256 * 128,
@@ -240,7 +245,8 @@ mod tests {
             "8-byte rows"
         );
         assert_eq!(shape(None, s, 8, 128, 100, 128), None, "shorter than a row");
-        for page in [1, 4, 12, 24] {
+        // Pages TMA cannot start a copy in (not a multiple of 8), and small ones it is slower on.
+        for page in [1, 4, 12, 16, 24, 32, 48] {
             let p = nhd(8, 128, u64::from(page));
             assert_eq!(
                 shape(Some(page), p, 8, 128, 1 << 22, 128),
@@ -248,9 +254,9 @@ mod tests {
                 "page {page}"
             );
         }
-        let p = nhd(8, 128, 16);
+        let p = nhd(8, 128, 64);
         assert_eq!(
-            shape(Some(16), p, 8, 128, 1000, 128),
+            shape(Some(64), p, 8, 128, 1000, 128),
             None,
             "shorter than a page"
         );
