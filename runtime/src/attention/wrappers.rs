@@ -53,22 +53,22 @@ pub struct PlanConfig {
 pub enum PrefillKernel {
     /// The faster template for the instance, from measurements: FA3 where it exists and was
     /// measured faster (Hopper, head dims 64 and 128, the 128-row tile, no query or key hooks),
-    /// FA2 elsewhere. At head dim 256 FA3 is faster when forced (464 against 260 TFLOP/s on one
+    /// FA2 elsewhere. At head dim 256 FA3 is faster when forced (550 against 258 TFLOP/s on one
     /// causal 8192 prompt), but FA2 plans 64-row tiles there, which have no FA3 form. The
     /// benchmark's prefill rows with each template forced (H200, bf16, 32/8 heads, TFLOP/s, one
-    /// call on 2026-11-30, FA3 v17 of `kernels/notes/fa3.md`; head dim 128 unless named):
+    /// call on 2026-11-30, FA3 v18 of `kernels/notes/fa3.md`; head dim 128 unless named):
     ///
     /// | config | FA2 | FA3 |
     /// |---|---:|---:|
-    /// | one request, 8192 causal | 346 | 474 |
-    /// | one request, 8192 full | 350 | 490 |
-    /// | 8192 causal, soft-cap 30 | 302 | 403 |
-    /// | 16 x 1024 causal, ragged | 257 | 298 |
-    /// | 16 x 1024 causal, page 16 | 251 | 287 |
-    /// | 4 x 8192 causal, page 16 | 337 | 457 |
-    /// | 16 x 256 appended to 4096, page 16 | 321 | 443 |
-    /// | 8192 causal, head dim 64 | 267 | 373 |
-    /// | 8192 causal, head dim 256 | 260 | 464 |
+    /// | one request, 8192 causal | 345 | 514 |
+    /// | one request, 8192 full | 350 | 532 |
+    /// | 8192 causal, soft-cap 30 | 302 | 416 |
+    /// | 16 x 1024 causal, ragged | 259 | 329 |
+    /// | 16 x 1024 causal, page 16 | 254 | 296 |
+    /// | 4 x 8192 causal, page 16 | 337 | 452 |
+    /// | 16 x 256 appended to 4096, page 16 | 322 | 443 |
+    /// | 8192 causal, head dim 64 | 268 | 398 |
+    /// | 8192 causal, head dim 256 | 258 | 550 |
     ///
     /// A variant whose FA3 build spills registers is rebuilt with its consumers in order, and
     /// runs FA2 if that spills too (today the attention sink at head dims 128 and 256).
