@@ -1,7 +1,9 @@
 //! The prefill (and append) family: its templates, tile function, launch geometry and instances.
 //! Mirrors `PrefillShape` in `cuda/attention/prefill.cuh`: one CTA per work item of the plan, one warp per
 //! 16 packed query rows (at most `kPrefillWarps`, except at head dim 256), two stages of K/V
-//! tiles of `kv_tile` keys and a table of their offsets. On sm_90a the 128-row tile also has an
+//! tiles of `kv_tile` keys and a table of their offsets. The 16-row tile has
+//! `SHORT_TILE_KV_WARPS` warps along the keys instead: its K/V tile is that many `kv_tile`-key
+//! slices, one a warp, merged in shared memory at the end. On sm_90a the 128-row tile also has an
 //! FA3 form at every head dim (`cuda/attention/prefill_sm90.cuh`, `PrefillSm90Shape`): the
 //! instances whose K/V tile is [`sm90_kv_tile`] of their head dim, which [`sm90_form`] names.
 
@@ -45,6 +47,15 @@ pub const FAMILY: Family = Family {
 
 /// Warps of a 64-row query tile; `kPrefillWarps` in prefill.cuh.
 pub(crate) const PREFILL_WARPS: u32 = 4;
+/// Warps along the keys of the 16-row query tile (decode on tensor cores, prefill of very short
+/// requests), halved while their K/V stages would pass [`KV_WARPS_STAGE_BYTES`]; one at the other
+/// tiles. Each warp streams its own K/V-tile keys of the CTA's tile, so a CTA keeps this many
+/// times the bytes of one warp in flight. The template takes the count as `KV_WARPS` (see
+/// [`template_args`]), so this is the one place to try another (1, 2 or 4).
+const SHORT_TILE_KV_WARPS: u32 = 4;
+/// The K/V stages of a tile with warps along the keys stay within this, so that with the Q tile
+/// and the tables they fit an sm_80 SM's 163 KiB (head dim 256 gets half the warps).
+const KV_WARPS_STAGE_BYTES: u32 = 128 * 1024;
 const WARP: u32 = 32;
 /// Shared bytes of the per-CTA scalars; `kPrefillCtaBytes` in prefill.cuh.
 const PREFILL_CTA_BYTES: u32 = 72;
@@ -199,7 +210,11 @@ pub fn sm90_in_order(tu: &TranslationUnit) -> TranslationUnit {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Shape {
     tile_q: u32,
+    /// Keys of a warp's slice of a K/V tile (the whole tile with one warp along the keys).
     kv_tile: u32,
+    /// Warps along the keys: the CTA's K/V tile is `kv_warps * kv_tile` keys.
+    kv_warps: u32,
+    /// All warps of the CTA: along the rows times along the keys.
     warps: u32,
     shared_bytes: u32,
 }
@@ -209,21 +224,34 @@ impl Shape {
         // One warp per 16 rows, capped at four (two 16-row blocks per warp then) except at head
         // dim 256, where two blocks' f32 accumulators would not fit the registers.
         let blocks = tile_q / 16;
-        let warps = if head_dim == 256 {
+        let q_warps = if head_dim == 256 {
             blocks
         } else {
             blocks.min(PREFILL_WARPS)
         };
-        // The Q tile and `STAGES` K and V tiles, then two tiles' key byte offsets (u64) and block
-        // ids (i32), then `PrefillCta`.
-        let rows = tile_q + 2 * STAGES * kv_tile;
-        let table = 2 * kv_tile * (8 + 4) + PREFILL_CTA_BYTES;
+        let kv_warps = if tile_q == 16 {
+            short_tile_kv_warps(2 * kv_tile * head_dim * ELEMENT_BYTES)
+        } else {
+            1
+        };
+        // The Q tile and `STAGES` K and V tiles of the CTA, then two tiles' key byte offsets
+        // (u64) and block ids (i32), then `PrefillCta`. The merge of the warps along the keys
+        // reuses the K/V stages.
+        let cta_kv = kv_warps * kv_tile;
+        let rows = tile_q + 2 * STAGES * cta_kv;
+        let table = 2 * cta_kv * (8 + 4) + PREFILL_CTA_BYTES;
         Shape {
             tile_q,
             kv_tile,
-            warps,
+            kv_warps,
+            warps: q_warps * kv_warps,
             shared_bytes: rows * head_dim * ELEMENT_BYTES + table,
         }
+    }
+
+    /// Keys of the CTA's K/V tile (what one stage holds).
+    fn cta_kv_tile(&self) -> u32 {
+        self.kv_warps * self.kv_tile
     }
 
     /// The sm_90a template's shape (`PrefillSm90Shape`) at a head dim and its K/V tile
@@ -238,6 +266,7 @@ impl Shape {
         Shape {
             tile_q: SM90_TILE_Q,
             kv_tile,
+            kv_warps: 1,
             warps: SM90_THREADS / WARP,
             shared_bytes: rows * head_dim * ELEMENT_BYTES
                 + SM90_OFFSET_SLOTS * kv_tile * 8
@@ -253,6 +282,17 @@ impl Shape {
         }
         Shape::new(cfg.head_dim_qk, tile_q(cfg), kv_tile(cfg))
     }
+}
+
+/// Warps along the keys of a 16-row tile whose K and V tiles of one stage take `stage_bytes` a
+/// warp: [`SHORT_TILE_KV_WARPS`], halved while the stages pass [`KV_WARPS_STAGE_BYTES`]
+/// (`short_tile_kv_warps` in prefill.cuh).
+const fn short_tile_kv_warps(stage_bytes: u32) -> u32 {
+    let mut n = SHORT_TILE_KV_WARPS;
+    while n > 1 && STAGES * stage_bytes * n > KV_WARPS_STAGE_BYTES {
+        n /= 2;
+    }
+    n
 }
 
 /// Keys per K/V shared-memory tile the template uses when the config leaves it open (0): 64 at
@@ -385,11 +425,24 @@ pub fn tiles(x: &TileInput<'_>) -> Tiles {
         (narrow, with_kv(0), None)
     };
 
-    why.push(format!(
-        "{} warps: one per 16 query rows, at most {PREFILL_WARPS} (two row blocks each) except \
-         at head dim 256, where two blocks' f32 accumulators would not fit the registers",
-        shape.warps
-    ));
+    if shape.kv_warps > 1 {
+        why.push(format!(
+            "{} warps along the keys of the 16 rows: each computes S and the softmax over its own \
+             {} keys of every {}-key K/V tile, so a CTA keeps {} times the K/V bytes of one warp \
+             in flight; their states merge in shared memory at the end",
+            shape.kv_warps,
+            shape.kv_tile,
+            shape.cta_kv_tile(),
+            shape.kv_warps
+        ));
+    } else {
+        why.push(format!(
+            "{} warps: one per 16 query rows, at most {PREFILL_WARPS} (two row blocks each) \
+             except at head dim 256, where two blocks' f32 accumulators would not fit the \
+             registers",
+            shape.warps
+        ));
+    }
     why.push(format!(
         "{STAGES} stages: the next K/V tile loads (cp.async) while this one is computed"
     ));
@@ -404,7 +457,7 @@ pub fn tiles(x: &TileInput<'_>) -> Tiles {
     });
     Tiles {
         cta_tile_q,
-        kv_tile: shape.kv_tile,
+        kv_tile: shape.cta_kv_tile(),
         threads: shape.warps * WARP,
         stages: STAGES,
         shared_bytes: shape.shared_bytes,
@@ -431,15 +484,29 @@ fn instances(arch: ArchClass, sm: &dyn SmResidency) -> Vec<KernelConfig> {
     all
 }
 
+/// `TILE_Q, TILE_KV` of the FA2 template, then `KV_WARPS` where there are warps along the keys
+/// (the other instances keep the default, 1, and their source).
 fn template_args(cfg: &KernelConfig) -> String {
     if is_sm90(cfg) {
         return String::new();
     }
-    format!(", {}, {}", tile_q(cfg), kv_tile(cfg))
+    match Shape::of(cfg).kv_warps {
+        1 => format!(", {}, {}", tile_q(cfg), kv_tile(cfg)),
+        n => format!(", {}, {}, {n}", tile_q(cfg), kv_tile(cfg)),
+    }
 }
 
 fn launch_bounds(cfg: &KernelConfig) -> &'static str {
-    match Shape::of(cfg).warps {
+    let s = Shape::of(cfg);
+    if s.kv_warps > 1 {
+        // Warps along the keys: at most a few CTAs an SM fit their shared memory whatever the
+        // registers, and without the minimum of one CTA ptxas caps them at 96-128 and spills.
+        return match s.warps {
+            2 => "64, 1",
+            _ => "128, 1",
+        };
+    }
+    match s.warps {
         1 => "32",
         4 => "128",
         8 => "256",
@@ -510,8 +577,12 @@ mod tests {
             (d.grid, d.block, d.shared_bytes),
             ([300, 1, 1], [128, 1, 1], 65536 + 768 + 72)
         );
+        // The 16-row tile: four warps along the keys, two stages of four 32-key slices.
         let d = launch_dims(&cfg(128, 16), &args);
-        assert_eq!((d.block, d.shared_bytes), ([32, 1, 1], 36864 + 768 + 72));
+        assert_eq!(
+            (d.block, d.shared_bytes),
+            ([128, 1, 1], (16 + 2 * 2 * 128) * 256 + 2 * 128 * 12 + 72)
+        );
         let d = launch_dims(&cfg(64, 128), &args);
         assert_eq!(d.shared_bytes, 49152 + 1536 + 72);
         let d = launch_dims(&cfg(256, 128), &args);
@@ -521,10 +592,24 @@ mod tests {
         for hd in crate::HEAD_DIMS {
             for tile in [0, 16, 64, 128] {
                 let c = cfg(hd, tile);
-                assert_eq!(launch_bounds(&c), (warps(&c) * WARP).to_string());
+                // Warps along the keys only at the 16-row tile (with a minimum of one CTA, so
+                // that ptxas does not trade registers for occupancy); the others keep their
+                // source.
+                let s = Shape::of(&c);
+                let min_one = if s.kv_warps > 1 { ", 1" } else { "" };
+                assert_eq!(
+                    launch_bounds(&c),
+                    format!("{}{min_one}", warps(&c) * WARP)
+                );
+                assert_eq!(s.kv_warps > 1, tile_q(&c) == 16, "{}", c.name());
+                let extra = if s.kv_warps > 1 {
+                    format!(", {}", s.kv_warps)
+                } else {
+                    String::new()
+                };
                 assert_eq!(
                     template_args(&c),
-                    format!(", {}, {}", tile_q(&c), kv_tile(&c))
+                    format!(", {}, {}{extra}", tile_q(&c), kv_tile(&c))
                 );
                 // Within the opt-in shared memory of an sm_80 SM (163 KiB).
                 assert!(
@@ -532,6 +617,44 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_16_row_tile_has_warps_along_the_keys_within_the_stage_budget() {
+        // (head dim, warps along the keys, keys a warp, shared bytes): four warps where their two
+        // stages of K and V fit 128 KiB, two at head dim 256.
+        let shapes = [
+            (64, 4, 64, (16 + 4 * 256) * 128 + 2 * 256 * 12 + 72),
+            (128, 4, 32, (16 + 4 * 128) * 256 + 2 * 128 * 12 + 72),
+            (256, 2, 32, (16 + 4 * 64) * 512 + 2 * 64 * 12 + 72),
+        ];
+        for (hd, kv_warps, kv_tile, shared) in shapes {
+            let c = cfg(hd, 16);
+            let s = Shape::of(&c);
+            assert_eq!((s.kv_warps, s.kv_tile, s.warps), (kv_warps, kv_tile, kv_warps));
+            assert_eq!(s.cta_kv_tile(), kv_warps * kv_tile);
+            assert!(2 * STAGES * s.cta_kv_tile() * hd * ELEMENT_BYTES <= KV_WARPS_STAGE_BYTES);
+            assert_eq!(s.shared_bytes, shared, "head dim {hd}");
+            let d = launch_dims(&c, &AttnArgs::default());
+            assert_eq!((d.block, d.shared_bytes), ([kv_warps * WARP, 1, 1], shared));
+            assert_eq!(launch_bounds(&c), format!("{}, 1", kv_warps * WARP));
+            assert_eq!(template_args(&c), format!(", 16, {kv_tile}, {kv_warps}"));
+        }
+        // The longer tiles keep one warp along the keys and their template arguments.
+        for tile in [64, 128] {
+            let c = cfg(128, tile);
+            assert_eq!(Shape::of(&c).kv_warps, 1);
+            assert_eq!(template_args(&c), format!(", {tile}, 32"));
+        }
+        // A Hopper SM holds one CTA of the 16-row tile at every head dim (shared memory).
+        let hopper = Sm(228 * 1024);
+        let t = tiles(&TileInput {
+            one_row_per_request: true,
+            ..input(64 * 4, 64, Some(&hopper))
+        });
+        assert_eq!((t.cta_tile_q, t.kv_tile, t.threads), (16, 128, 128));
+        assert_eq!(t.ctas_per_sm, Some(1));
+        assert!(t.to_string().contains("4 warps along the keys"), "{t}");
     }
 
     /// An SM with `shared` bytes of shared memory, 1 KiB reserved per CTA, 64 Ki registers.
@@ -595,7 +718,7 @@ mod tests {
             one_row_per_request: true,
             ..input(8192 * 4, 1, None)
         });
-        assert_eq!((t.cta_tile_q, t.threads), (16, 32));
+        assert_eq!((t.cta_tile_q, t.threads, t.kv_tile), (16, 128, 128));
         // Batch-invariant: the long-prompt tile; a caller's tile wins over both.
         let t = tiles(&TileInput {
             batch_invariant: true,

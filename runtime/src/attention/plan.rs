@@ -884,8 +884,8 @@ mod tests {
         assert_eq!(list, explicit);
         assert_eq!(explicit.tiles.unwrap().ctas_per_sm, None);
 
-        // A decode step on the prefill template: the group's 16-row tile, one warp, six CTAs of
-        // 37.7 KB on a Hopper SM; on the decode template, two waves of its four.
+        // A decode step on the prefill template: the group's 16-row tile, four warps along the
+        // keys, one CTA of 138 KB on a Hopper SM; on the decode template, two waves of its four.
         let kv = KvIndex::ragged(&[0, 4096, 8192], KvLayout::Nhd).unwrap();
         let step = Batch::decode(heads, kv).unwrap();
         let rows = PlanOptions {
@@ -896,7 +896,8 @@ mod tests {
             .unwrap()
             .tiles
             .unwrap();
-        assert_eq!((t.cta_tile_q, t.threads, t.ctas_per_sm), (16, 32, Some(6)));
+        assert_eq!((t.cta_tile_q, t.threads, t.ctas_per_sm), (16, 128, Some(1)));
+        assert_eq!((t.kv_tile, t.shared_bytes), (128, 138_312));
         let t = plan(&step, KernelKind::Decode, &hopper)
             .unwrap()
             .tiles
@@ -906,12 +907,12 @@ mod tests {
 
     #[test]
     fn a_decode_over_more_than_a_wave_splits_to_fill_its_last_wave() {
-        let hopper = PlanOptions::for_device(132, SmResources::typical(Arch::new(9, 0)));
+        // Six CTAs an SM, as the one-warp 16-row tile ran when `balance_tail_wave` was measured.
         let rows = PlanOptions {
             one_row_per_request: true,
-            ..hopper
+            ..PlanOptions::new(132, 6)
         };
-        let decode = |q: u32, kv_heads: u32, b: usize, len: u32, page: u32| {
+        let decode = |rows: &PlanOptions, q: u32, kv_heads: u32, b: usize, len: u32, page: u32| {
             let heads = Heads::new(q, kv_heads, 128).unwrap();
             let lens = vec![len; b];
             let pages: u32 = lens.iter().map(|l| l.div_ceil(page)).sum();
@@ -920,19 +921,30 @@ mod tests {
             let list = plan(
                 &Batch::decode(heads, kv).unwrap(),
                 KernelKind::Prefill,
-                &rows,
+                rows,
             )
             .unwrap();
             (list.kv_chunk, list.items.len())
         };
         // 792 CTAs a wave. GQA 4, b64: 512 items, one wave: unsplit.
-        assert_eq!(decode(32, 8, 64, 4096, 16), (4096, 512));
+        assert_eq!(decode(&rows, 32, 8, 64, 4096, 16), (4096, 512));
         // GQA 2, b64: 1024 items leave a last wave of 232 (under 4 an SM): split in three.
-        assert_eq!(decode(32, 16, 64, 4096, 16), (1376, 3072));
+        assert_eq!(decode(&rows, 32, 16, 64, 4096, 16), (1376, 3072));
         // Page size 1, b128 l1024: the same.
-        assert_eq!(decode(32, 8, 128, 1024, 1), (352, 3072));
+        assert_eq!(decode(&rows, 32, 8, 128, 1024, 1), (352, 3072));
         // MHA, b64: 2048 items, a last wave of 464 (3.5 an SM): the split would not pay.
-        assert_eq!(decode(32, 32, 64, 4096, 16), (4096, 2048));
+        assert_eq!(decode(&rows, 32, 32, 64, 4096, 16), (4096, 2048));
+        // The occupancy follows the launch geometry: the 16-row tile with four warps along the
+        // keys is one CTA a Hopper SM, 132 a wave, and a last wave of at least 88 (2/3 of it)
+        // streams at full speed, so these batches stay unsplit.
+        let hopper = PlanOptions {
+            one_row_per_request: true,
+            ..PlanOptions::for_device(132, SmResources::typical(Arch::new(9, 0)))
+        };
+        assert_eq!(decode(&hopper, 32, 8, 64, 4096, 16), (4096, 512));
+        assert_eq!(decode(&hopper, 32, 16, 64, 4096, 16), (4096, 1024));
+        assert_eq!(decode(&hopper, 32, 8, 128, 1024, 1), (1024, 1024));
+        assert_eq!(decode(&hopper, 32, 32, 64, 4096, 16), (4096, 2048));
         // A graph capacity bounds the split.
         let capped = PlanOptions {
             graph_capacity: Some(2048),
