@@ -266,3 +266,43 @@ fn the_fa3_instances_keep_their_registers() {
     }
     assert_eq!(checked, 7, "the variants named above are built in");
 }
+
+/// The 16-row tile (decode on tensor cores, prefill of very short requests), whose warps along
+/// the keys merge in shared memory, compiles without spills for every built-in variant at every
+/// head dim, bf16, on sm_80 and sm_90a: nothing falls back from it, so a spill there would be
+/// paid by every decode step.
+#[test]
+fn the_16_row_tile_does_not_spill() {
+    let jit = memory_only();
+    let mut checked = 0;
+    for arch in [Arch::SM80, Arch::SM90] {
+        let sm = SmResources::typical(arch);
+        for spec in ferrinfer::variants() {
+            for cfg in dispatch::instances_for(spec, arch, &sm)
+                .into_iter()
+                .filter(|c| {
+                    c.kind == ferrinfer::KernelKind::Prefill
+                        && c.cta_tile_q == 16
+                        && c.dtype == ferrinfer::DType::Bf16
+                })
+            {
+                let k = dispatch::compile_with(&jit, spec, &cfg, arch)
+                    .unwrap_or_else(|e| panic!("{} {}: {e}", spec.name, cfg.name()));
+                let s = k.stats;
+                println!("{:<14} {:<36} {:?}", spec.name, cfg.name(), s);
+                assert_eq!(
+                    s.spill_stores + s.spill_loads,
+                    0,
+                    "{} {}: {s:?}",
+                    spec.name,
+                    cfg.name()
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(
+        checked >= 2 * 3 * 8,
+        "every built-in variant at every head dim: {checked}"
+    );
+}

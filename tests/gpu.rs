@@ -599,3 +599,85 @@ fn gpu_bad_input_is_an_error_not_a_crash() {
         .unwrap();
     assert!(o.to_vec().unwrap().iter().all(|x| x.is_finite()));
 }
+
+/// The 16-row tile, whose warps along the keys each take a slice of every K/V tile and merge
+/// their states in shared memory: short causal and full prefills (packed rows of at most 16 a
+/// request, so the plan takes that tile) and decode batches whose KV lengths end inside, on and
+/// past the edges of a warp's slice and of the CTA's tile, over ragged and paged KV, with a
+/// request of no keys, and a decode batch small enough that the plan splits KV at chunk edges
+/// that are not tile edges (partials and the merge). Every hook kind: logits (SoftCap), mask
+/// (SlidingWindow, CustomMask), query and key (LlamaRope), sink (AttentionSink), softmax off
+/// (FlashSigmoid).
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_short_tile_warps_along_the_keys() {
+    let gpu = gpu();
+    let mut rng = Rng::from_time();
+    let words: Vec<u32> = (0..1 << 15).map(|_| rng.next_u64() as u32).collect();
+    let mask = CustomMask {
+        bits: Array::new(words),
+        offsets: Array::new((0..8).map(|b| 1000 * b).collect::<Vec<u32>>()),
+    };
+    let sink = AttentionSink {
+        sinks: Array::new((0..8).map(|h| 0.5 * h as f32 - 1.0).collect::<Vec<f32>>()),
+    };
+    for hd in HEAD_DIMS {
+        let mut cases = Vec::new();
+        for (n, page_size) in [None, Some(1), Some(16)].into_iter().enumerate() {
+            for causal in [true, false] {
+                cases.push(Case {
+                    heads: Heads::new(8, 2, hd).unwrap(),
+                    qo_lens: vec![1, 3, 2, 4, 1, 2],
+                    kv_lens: vec![1, 31, 129, 600, 0, 257],
+                    page_size,
+                    layout: if n % 2 == 0 {
+                        KvLayout::Nhd
+                    } else {
+                        KvLayout::Hnd
+                    },
+                    causal,
+                    decode: false,
+                });
+            }
+            for kv_heads in [1, 2, 8] {
+                cases.push(Case {
+                    heads: Heads::new(8, kv_heads, hd).unwrap(),
+                    qo_lens: vec![1; 8],
+                    kv_lens: vec![32, 33, 63, 64, 127, 128, 129, 0],
+                    page_size: page_size.or(Some(16)),
+                    layout: KvLayout::Nhd,
+                    causal: false,
+                    decode: true,
+                });
+                // Few items: the plan splits the long requests.
+                cases.push(Case {
+                    heads: Heads::new(8, kv_heads, hd).unwrap(),
+                    qo_lens: vec![1; 3],
+                    kv_lens: vec![5000, 1100, 300],
+                    page_size: page_size.or(Some(16)),
+                    layout: KvLayout::Hnd,
+                    causal: false,
+                    decode: true,
+                });
+            }
+        }
+        for case in &cases {
+            if !case.decode {
+                // The case must plan the 16-row tile, or it does not test what it says.
+                let kv = kv_index(case, &mut rng);
+                let batch = Batch::new(case.heads, &indptr(&case.qo_lens), kv)
+                    .unwrap()
+                    .with_causal(case.causal);
+                let plan = BatchPrefill::plan_with(&gpu, batch, PlanConfig::default()).unwrap();
+                assert_eq!(plan.work_list().map(|l| l.cta_tile_q), Some(16));
+            }
+            check::<Standard, bf16>(&gpu, &Standard, case);
+            check::<SoftCap, f16>(&gpu, &SoftCap { cap: 5.0 }, case);
+            check::<SlidingWindow, bf16>(&gpu, &SlidingWindow { window: 12 }, case);
+            check::<CustomMask, bf16>(&gpu, &mask, case);
+            check::<LlamaRope, f16>(&gpu, &LlamaRope { theta: 10_000.0 }, case);
+            check::<AttentionSink, bf16>(&gpu, &sink, case);
+            check::<FlashSigmoid, bf16>(&gpu, &FlashSigmoid { bias: -1.0 }, case);
+        }
+    }
+}

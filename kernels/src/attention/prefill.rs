@@ -597,10 +597,7 @@ mod tests {
                 // source.
                 let s = Shape::of(&c);
                 let min_one = if s.kv_warps > 1 { ", 1" } else { "" };
-                assert_eq!(
-                    launch_bounds(&c),
-                    format!("{}{min_one}", warps(&c) * WARP)
-                );
+                assert_eq!(launch_bounds(&c), format!("{}{min_one}", warps(&c) * WARP));
                 assert_eq!(s.kv_warps > 1, tile_q(&c) == 16, "{}", c.name());
                 let extra = if s.kv_warps > 1 {
                     format!(", {}", s.kv_warps)
@@ -631,7 +628,10 @@ mod tests {
         for (hd, kv_warps, kv_tile, shared) in shapes {
             let c = cfg(hd, 16);
             let s = Shape::of(&c);
-            assert_eq!((s.kv_warps, s.kv_tile, s.warps), (kv_warps, kv_tile, kv_warps));
+            assert_eq!(
+                (s.kv_warps, s.kv_tile, s.warps),
+                (kv_warps, kv_tile, kv_warps)
+            );
             assert_eq!(s.cta_kv_tile(), kv_warps * kv_tile);
             assert!(2 * STAGES * s.cta_kv_tile() * hd * ELEMENT_BYTES <= KV_WARPS_STAGE_BYTES);
             assert_eq!(s.shared_bytes, shared, "head dim {hd}");
