@@ -178,8 +178,8 @@ fn check_runs<V: Variant, T: Element>(
             // Bounded per request and head: one wrong request cannot hide in a large batch.
             let (err, request, head) = worst_rel_l2(&batch, &got, &want.o);
             let what = format!(
-                "{} {:?} hd{} qo{:?} kv{:?} page {:?} {:?} causal {} decode {} {:?} {:?} run {run} \
-             (seed {seed})",
+                "{} {:?} hd{} qo{:?} kv{:?} page {:?} {:?} causal {} decode {} {:?} {:?} {:?} run \
+             {run} (seed {seed})",
                 V::SPEC.name,
                 T::DTYPE,
                 case.heads.head_dim(),
@@ -190,7 +190,8 @@ fn check_runs<V: Variant, T: Element>(
                 case.causal,
                 case.decode,
                 config.decode_kernel,
-                config.prefill_kernel
+                config.prefill_kernel,
+                config.kv_warps
             );
             assert!(
                 err <= tolerance::<T>(),
@@ -600,14 +601,14 @@ fn gpu_bad_input_is_an_error_not_a_crash() {
     assert!(o.to_vec().unwrap().iter().all(|x| x.is_finite()));
 }
 
-/// The 16-row tile, whose warps along the keys each take a slice of every K/V tile and merge
-/// their states in shared memory: short causal and full prefills (packed rows of at most 16 a
-/// request, so the plan takes that tile) and decode batches whose KV lengths end inside, on and
-/// past the edges of a warp's slice and of the CTA's tile, over ragged and paged KV, with a
-/// request of no keys, and a decode batch small enough that the plan splits KV at chunk edges
-/// that are not tile edges (partials and the merge). Every hook kind: logits (SoftCap), mask
-/// (SlidingWindow, CustomMask), query and key (LlamaRope), sink (AttentionSink), softmax off
-/// (FlashSigmoid).
+/// The 16-row tile in both its forms, one warp along the keys and two (each taking a slice of
+/// every K/V tile, their states merged in shared memory), forced in turn: short causal and full
+/// prefills (packed rows of at most 16 a request, so the plan takes that tile) and decode batches
+/// whose KV lengths end inside, on and past the edges of a warp's slice and of the CTA's tile,
+/// over ragged and paged KV, with a request of no keys, and a decode batch small enough that the
+/// plan splits KV at chunk edges that are not tile edges (partials and the merge). Every hook
+/// kind: logits (SoftCap), mask (SlidingWindow, CustomMask), query and key (LlamaRope), sink
+/// (AttentionSink), softmax off (FlashSigmoid).
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gpu_short_tile_warps_along_the_keys() {
@@ -662,22 +663,40 @@ fn gpu_short_tile_warps_along_the_keys() {
             }
         }
         for case in &cases {
-            if !case.decode {
-                // The case must plan the 16-row tile, or it does not test what it says.
-                let kv = kv_index(case, &mut rng);
-                let batch = Batch::new(case.heads, &indptr(&case.qo_lens), kv)
-                    .unwrap()
-                    .with_causal(case.causal);
-                let plan = BatchPrefill::plan_with(&gpu, batch, PlanConfig::default()).unwrap();
-                assert_eq!(plan.work_list().map(|l| l.cta_tile_q), Some(16));
+            // Decode on tensor cores (the 16-row tile), prefill on FA2, with each warp count.
+            let configs = [KvWarps::One, KvWarps::Two].map(|kv_warps| PlanConfig {
+                decode_kernel: DecodeKernel::TensorCores,
+                prefill_kernel: PrefillKernel::Fa2,
+                kv_warps,
+                ..PlanConfig::default()
+            });
+            // Each config must plan the 16-row tile with its warp count, or the case does not
+            // test what it says.
+            let kv = kv_index(case, &mut rng);
+            for (config, warps) in configs.iter().zip([0, 2]) {
+                let tiles = if case.decode {
+                    let plan = BatchDecode::plan_with(&gpu, case.heads, kv.clone(), None, *config);
+                    plan.unwrap().work_list().and_then(|l| l.tiles.clone())
+                } else {
+                    let batch = Batch::new(case.heads, &indptr(&case.qo_lens), kv.clone())
+                        .unwrap()
+                        .with_causal(case.causal);
+                    let plan = BatchPrefill::plan_with(&gpu, batch, *config).unwrap();
+                    plan.work_list().and_then(|l| l.tiles.clone())
+                };
+                let t = tiles.expect("a GPU plan records its tiles");
+                assert_eq!((t.cta_tile_q, t.instance.kv_warps), (16, warps), "{t}");
             }
-            check::<Standard, bf16>(&gpu, &Standard, case);
-            check::<SoftCap, f16>(&gpu, &SoftCap { cap: 5.0 }, case);
-            check::<SlidingWindow, bf16>(&gpu, &SlidingWindow { window: 12 }, case);
-            check::<CustomMask, bf16>(&gpu, &mask, case);
-            check::<LlamaRope, f16>(&gpu, &LlamaRope { theta: 10_000.0 }, case);
-            check::<AttentionSink, bf16>(&gpu, &sink, case);
-            check::<FlashSigmoid, bf16>(&gpu, &FlashSigmoid { bias: -1.0 }, case);
+            check_with::<Standard, bf16>(&gpu, &Standard, case, &configs);
+            check_with::<SoftCap, f16>(&gpu, &SoftCap { cap: 5.0 }, case, &configs);
+            let window = SlidingWindow { window: 12 };
+            check_with::<SlidingWindow, bf16>(&gpu, &window, case, &configs);
+            check_with::<CustomMask, bf16>(&gpu, &mask, case, &configs);
+            let rope = LlamaRope { theta: 10_000.0 };
+            check_with::<LlamaRope, f16>(&gpu, &rope, case, &configs);
+            check_with::<AttentionSink, bf16>(&gpu, &sink, case, &configs);
+            let sigmoid = FlashSigmoid { bias: -1.0 };
+            check_with::<FlashSigmoid, bf16>(&gpu, &sigmoid, case, &configs);
         }
     }
 }

@@ -5,11 +5,11 @@
 // so tile t + 1 loads during all of tile t (one barrier per tile); key offsets come from a
 // per-tile table. S, O live in registers as mma.sync m16n8k16 fragments (sm80/mma.cuh); the
 // online softmax runs in base 2, and rows end in attention/epilogue.cuh.
-// The 16-row tile (decode on tensor cores, prefill of very short requests) has warps along the
-// keys: its kKvWarps warps share the 16 rows, each computes S, the softmax and P V over its own
-// kTileKv keys of every CTA tile, and their (m, z, O) merge in shared memory at the end. So one
-// CTA keeps kKvWarps times the K/V bytes in flight of a one-warp CTA (FlashInfer's decode on
-// tensor cores does the same, with four warps).
+// The 16-row tile (decode on tensor cores, prefill of very short requests) may have two warps
+// along the keys (KV_WARPS, chosen per plan): they share the 16 rows, each computes S, the
+// softmax and P V over its own kTileKv keys of every CTA tile, and their (m, z, O) merge in
+// shared memory at the end. So one CTA keeps twice the K/V bytes in flight of a one-warp CTA
+// (FlashInfer's decode on tensor cores does the same, with four warps; four lost here).
 // Launch: grid num_items, block PrefillShape::kThreads, dynamic shared PrefillShape::kSmemBytes
 // (kernels/src/prefill.rs mirrors these).
 #pragma once
@@ -44,14 +44,14 @@ struct PrefillCta {
 constexpr int kPrefillCtaBytes = 72;
 static_assert(sizeof(PrefillCta) <= kPrefillCtaBytes, "PrefillCta must fit its reserved bytes");
 
-// KV_WARPS: warps along the keys, chosen by kernels/src/attention/prefill.rs (SHORT_TILE_KV_WARPS
-// at the 16-row tile, 1 elsewhere).
+// KV_WARPS: warps along the keys, 1 or (at the 16-row tile) 2; the plan picks the instance per
+// batch (kernels/src/attention/prefill.rs, `choose_kv_warps`).
 template <int D, int TILE_Q, int TILE_KV, int KV_WARPS = 1>
 struct PrefillShape {
   static_assert(TILE_Q == 16 || TILE_Q == 64 || TILE_Q == 128, "query tile of 16, 64 or 128 rows");
   static_assert(TILE_KV == 32 || TILE_KV == 64, "K/V tile of 32 or 64 keys (a warp's slice)");
-  static_assert(KV_WARPS == 1 || (TILE_Q == 16 && (KV_WARPS == 2 || KV_WARPS == 4)),
-                "warps along the keys: 2 or 4, at the 16-row tile only");
+  static_assert(KV_WARPS == 1 || (TILE_Q == 16 && KV_WARPS == 2),
+                "warps along the keys: 2, at the 16-row tile only");
   // One warp per 16 rows, at most kPrefillWarps; at head dim 256 a warp cannot hold two 16-row
   // output blocks (256 f32 registers), so a 128-row tile gets 8 warps instead.
   static constexpr int kQWarps =
