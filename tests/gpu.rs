@@ -178,8 +178,8 @@ fn check_runs<V: Variant, T: Element>(
             // Bounded per request and head: one wrong request cannot hide in a large batch.
             let (err, request, head) = worst_rel_l2(&batch, &got, &want.o);
             let what = format!(
-                "{} {:?} hd{} qo{:?} kv{:?} page {:?} {:?} causal {} decode {} {:?} {:?} run {run} \
-             (seed {seed})",
+                "{} {:?} hd{} qo{:?} kv{:?} page {:?} {:?} causal {} decode {} {:?} {:?} {:?} run \
+             {run} (seed {seed})",
                 V::SPEC.name,
                 T::DTYPE,
                 case.heads.head_dim(),
@@ -190,7 +190,8 @@ fn check_runs<V: Variant, T: Element>(
                 case.causal,
                 case.decode,
                 config.decode_kernel,
-                config.prefill_kernel
+                config.prefill_kernel,
+                config.kv_warps
             );
             assert!(
                 err <= tolerance::<T>(),
@@ -640,4 +641,104 @@ fn gpu_bad_input_is_an_error_not_a_crash() {
     plan.run(&Alibi::new(8), &q, &kv, &kv, &mut o, None)
         .unwrap();
     assert!(o.to_vec().unwrap().iter().all(|x| x.is_finite()));
+}
+
+/// The 16-row tile in both its forms, one warp along the keys and two (each taking a slice of
+/// every K/V tile, their states merged in shared memory), forced in turn: short causal and full
+/// prefills (packed rows of at most 16 a request, so the plan takes that tile) and decode batches
+/// whose KV lengths end inside, on and past the edges of a warp's slice and of the CTA's tile,
+/// over ragged and paged KV, with a request of no keys, and a decode batch small enough that the
+/// plan splits KV at chunk edges that are not tile edges (partials and the merge). Every hook
+/// kind: logits (SoftCap), mask (SlidingWindow, CustomMask), query and key (LlamaRope), sink
+/// (AttentionSink), softmax off (FlashSigmoid).
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_short_tile_warps_along_the_keys() {
+    let gpu = gpu();
+    let mut rng = Rng::from_time();
+    let words: Vec<u32> = (0..1 << 15).map(|_| rng.next_u64() as u32).collect();
+    let mask = CustomMask {
+        bits: Array::new(words),
+        offsets: Array::new((0..8).map(|b| 1000 * b).collect::<Vec<u32>>()),
+    };
+    let sink = AttentionSink {
+        sinks: Array::new((0..8).map(|h| 0.5 * h as f32 - 1.0).collect::<Vec<f32>>()),
+    };
+    for hd in HEAD_DIMS {
+        let mut cases = Vec::new();
+        for (n, page_size) in [None, Some(1), Some(16)].into_iter().enumerate() {
+            for causal in [true, false] {
+                cases.push(Case {
+                    heads: Heads::new(8, 2, hd).unwrap(),
+                    qo_lens: vec![1, 3, 2, 4, 1, 2],
+                    kv_lens: vec![1, 31, 129, 600, 0, 257],
+                    page_size,
+                    layout: if n % 2 == 0 {
+                        KvLayout::Nhd
+                    } else {
+                        KvLayout::Hnd
+                    },
+                    causal,
+                    decode: false,
+                });
+            }
+            for kv_heads in [1, 2, 8] {
+                cases.push(Case {
+                    heads: Heads::new(8, kv_heads, hd).unwrap(),
+                    qo_lens: vec![1; 8],
+                    kv_lens: vec![32, 33, 63, 64, 127, 128, 129, 0],
+                    page_size: page_size.or(Some(16)),
+                    layout: KvLayout::Nhd,
+                    causal: false,
+                    decode: true,
+                });
+                // Few items: the plan splits the long requests.
+                cases.push(Case {
+                    heads: Heads::new(8, kv_heads, hd).unwrap(),
+                    qo_lens: vec![1; 3],
+                    kv_lens: vec![5000, 1100, 300],
+                    page_size: page_size.or(Some(16)),
+                    layout: KvLayout::Hnd,
+                    causal: false,
+                    decode: true,
+                });
+            }
+        }
+        for case in &cases {
+            // Decode on tensor cores (the 16-row tile), prefill on FA2, with each warp count.
+            let configs = [KvWarps::One, KvWarps::Two].map(|kv_warps| PlanConfig {
+                decode_kernel: DecodeKernel::TensorCores,
+                prefill_kernel: PrefillKernel::Fa2,
+                kv_warps,
+                ..PlanConfig::default()
+            });
+            // Each config must plan the 16-row tile with its warp count, or the case does not
+            // test what it says.
+            let kv = kv_index(case, &mut rng);
+            for (config, warps) in configs.iter().zip([0, 2]) {
+                let tiles = if case.decode {
+                    let plan = BatchDecode::plan_with(&gpu, case.heads, kv.clone(), None, *config);
+                    plan.unwrap().work_list().and_then(|l| l.tiles.clone())
+                } else {
+                    let batch = Batch::new(case.heads, &indptr(&case.qo_lens), kv.clone())
+                        .unwrap()
+                        .with_causal(case.causal);
+                    let plan = BatchPrefill::plan_with(&gpu, batch, *config).unwrap();
+                    plan.work_list().and_then(|l| l.tiles.clone())
+                };
+                let t = tiles.expect("a GPU plan records its tiles");
+                assert_eq!((t.cta_tile_q, t.instance.kv_warps), (16, warps), "{t}");
+            }
+            check_with::<Standard, bf16>(&gpu, &Standard, case, &configs);
+            check_with::<SoftCap, f16>(&gpu, &SoftCap { cap: 5.0 }, case, &configs);
+            let window = SlidingWindow { window: 12 };
+            check_with::<SlidingWindow, bf16>(&gpu, &window, case, &configs);
+            check_with::<CustomMask, bf16>(&gpu, &mask, case, &configs);
+            let rope = LlamaRope { theta: 10_000.0 };
+            check_with::<LlamaRope, f16>(&gpu, &rope, case, &configs);
+            check_with::<AttentionSink, bf16>(&gpu, &sink, case, &configs);
+            let sigmoid = FlashSigmoid { bias: -1.0 };
+            check_with::<FlashSigmoid, bf16>(&gpu, &sigmoid, case, &configs);
+        }
+    }
 }

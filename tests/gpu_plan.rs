@@ -54,15 +54,16 @@ fn to_f32(xs: &[bf16]) -> Vec<f32> {
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gpu_cuda_graph_replays_a_replanned_batch() {
-    graph_replays_a_replanned_batch(DecodeKernel::CudaCores);
-    graph_replays_a_replanned_batch(DecodeKernel::TensorCores);
+    graph_replays_a_replanned_batch(DecodeKernel::CudaCores, KvWarps::Auto);
+    graph_replays_a_replanned_batch(DecodeKernel::TensorCores, KvWarps::Auto);
+    graph_replays_a_replanned_batch(DecodeKernel::TensorCores, KvWarps::Two);
 }
 
 /// A decode graph plan of 8 heads over 2 KV heads, hd128, page 16, in a cache of `num_pages`.
 fn graph_plan(
     gpu: &Backend,
     first: KvIndex,
-    decode_kernel: DecodeKernel,
+    (decode_kernel, kv_warps): (DecodeKernel, KvWarps),
     max_batch: u32,
     num_pages: u32,
 ) -> BatchDecode {
@@ -75,13 +76,14 @@ fn graph_plan(
     let config = PlanConfig {
         graph: Some(capacity),
         decode_kernel,
+        kv_warps,
         ..PlanConfig::default()
     };
     let heads = Heads::new(8, 2, 128).unwrap();
     BatchDecode::plan_with(gpu, heads, first, None, config).unwrap()
 }
 
-fn graph_replays_a_replanned_batch(decode_kernel: DecodeKernel) {
+fn graph_replays_a_replanned_batch(decode_kernel: DecodeKernel, kv_warps: KvWarps) {
     let gpu = gpu();
     let mut rng = Rng::from_time();
     let seed = rng.seed();
@@ -105,7 +107,8 @@ fn graph_replays_a_replanned_batch(decode_kernel: DecodeKernel) {
         &[5000, 33],
     ];
     let first = paged(steps[0], 16, num_pages, &mut rng);
-    let plan = graph_plan(&gpu, first, decode_kernel, max_batch, num_pages);
+    let kernel = (decode_kernel, kv_warps);
+    let plan = graph_plan(&gpu, first, kernel, max_batch, num_pages);
     let buffers = RunBuffers {
         q: gpu.filled(q_elems, bf16::NAN).unwrap(),
         k: gpu.upload(&k).unwrap(),
@@ -131,14 +134,14 @@ fn graph_replays_a_replanned_batch(decode_kernel: DecodeKernel) {
         {
             assert!(
                 *err <= 1e-2,
-                "{decode_kernel:?} step {step} request {b}: relative L2 error {err:.2e} (seed {seed})"
+                "{kernel:?} step {step} request {b}: relative L2 error {err:.2e} (seed {seed})"
             );
         }
         let lse = graph.lse().unwrap().to_vec().unwrap();
         for (i, (g, w)) in lse.iter().zip(&want.lse).enumerate() {
             assert!(
                 (f64::from(*g) - w).abs() <= 1e-2 * (1.0 + w.abs()),
-                "{decode_kernel:?} step {step} lse[{i}] = {g}, want {w} (seed {seed})"
+                "{kernel:?} step {step} lse[{i}] = {g}, want {w} (seed {seed})"
             );
         }
     }
@@ -160,7 +163,8 @@ fn gpu_cuda_graph_refuses_what_a_capture_froze() {
     let num_pages = 64;
     let kv = paged(&[40, 7], 16, num_pages, &mut rng);
     let heads = Heads::new(8, 2, 128).unwrap();
-    let mut plan = graph_plan(&gpu, kv.clone(), DecodeKernel::Auto, 4, num_pages);
+    let kernel = (DecodeKernel::Auto, KvWarps::Auto);
+    let mut plan = graph_plan(&gpu, kv.clone(), kernel, 4, num_pages);
     let err = |r: ferrinfer::Result<()>| r.unwrap_err().to_string();
     // sm_scale, page size and the cache's capacity were frozen by the first plan.
     let e = err(plan.replan(kv.clone(), Some(0.5)));
@@ -226,6 +230,56 @@ fn gpu_cuda_graph_refuses_what_a_capture_froze() {
     };
     let e = plain.capture(Standard, buffers).err().unwrap().to_string();
     assert!(e.contains("CUDA-graph mode"), "{e}");
+}
+
+/// A decode graph plan keeps the warps along the keys of its first plan (a captured kernel does
+/// not change), whichever the later batches would get alone: MHA at head dim 64, 64 requests
+/// (2048 work items, two waves of two-warp CTAs on any GPU of up to 341 SMs) against 2 (64).
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_cuda_graph_keeps_the_warps_along_the_keys_of_its_first_plan() {
+    let gpu = gpu();
+    let mut rng = Rng::from_time();
+    let heads = Heads::new(32, 32, 64).unwrap();
+    let num_pages = 64 * 7;
+    let many = || paged(&[100; 64], 16, num_pages, &mut Rng::new(1));
+    let few = paged(&[100; 2], 16, num_pages, &mut rng);
+    let warps = |plan: &BatchDecode| {
+        let list = plan.work_list().expect("a GPU plan has a work list");
+        let tiles = list.tiles.as_ref().expect("a plan records its tiles");
+        assert_eq!(tiles.cta_tile_q, 16);
+        tiles.instance.kv_warps.max(1)
+    };
+    // Alone, each batch gets its own count.
+    let alone = |kv: KvIndex| BatchDecode::plan(&gpu, heads, kv, None).unwrap();
+    assert_eq!((warps(&alone(many())), warps(&alone(few.clone()))), (2, 1));
+    // In graph mode the first plan's count holds.
+    let config = PlanConfig {
+        graph: Some(GraphCapacity {
+            work_items: 8192,
+            batch: 64,
+            qo_rows: 64,
+            kv_blocks: num_pages,
+        }),
+        ..PlanConfig::default()
+    };
+    let graph = |kv: KvIndex| BatchDecode::plan_with(&gpu, heads, kv, None, config).unwrap();
+    let mut from_many = graph(many());
+    from_many.replan(few.clone(), None).unwrap();
+    assert_eq!(warps(&from_many), 2);
+    let mut from_few = graph(few);
+    from_few.replan(many(), None).unwrap();
+    assert_eq!(warps(&from_few), 1);
+    // A caller's count wins over the pin.
+    let two = PlanConfig {
+        kv_warps: KvWarps::Two,
+        ..config
+    };
+    let mut forced =
+        BatchDecode::plan_with(&gpu, heads, paged(&[1], 16, num_pages, &mut rng), None, two)
+            .unwrap();
+    forced.replan(many(), None).unwrap();
+    assert_eq!(warps(&forced), 2);
 }
 
 #[test]

@@ -103,7 +103,8 @@ fn main() -> ExitCode {
             continue;
         }
         // Prefill's default row runs FA2 forced, so the FA3 row beside it shows the change;
-        // decode also runs on each kernel forced, so Auto's choice can be checked against both.
+        // decode also runs on each kernel forced, and on tensor cores with each count of warps
+        // along the keys forced, so Auto's choices can be checked against both.
         let prefill = |prefill_kernel| PlanConfig {
             prefill_kernel,
             ..PlanConfig::default()
@@ -119,6 +120,16 @@ fn main() -> ExitCode {
         if cfg.kind == Kind::Decode {
             rows.push((report::IMPL_CUDA_CORES, decode(DecodeKernel::CudaCores)));
             rows.push((report::IMPL_TENSOR_CORES, decode(DecodeKernel::TensorCores)));
+            for (imp, kv_warps) in [
+                (report::IMPL_KV_WARPS_1, KvWarps::One),
+                (report::IMPL_KV_WARPS_2, KvWarps::Two),
+            ] {
+                let config = PlanConfig {
+                    kv_warps,
+                    ..decode(DecodeKernel::TensorCores)
+                };
+                rows.push((imp, config));
+            }
         }
         for (imp, kernels) in rows {
             let key = format!("{}@{imp}", cfg.key);

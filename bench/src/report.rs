@@ -10,6 +10,10 @@ pub const IMPL: &str = "ferrinfer-fa2";
 pub const IMPL_CUDA_CORES: &str = "ferrinfer-cuda-cores";
 /// The implementation name of decode rows forced onto the tensor-core (prefill template) kernel.
 pub const IMPL_TENSOR_CORES: &str = "ferrinfer-tensor-cores";
+/// Decode rows on the tensor-core kernel with one warp along the keys of its 16-row tile forced.
+pub const IMPL_KV_WARPS_1: &str = "ferrinfer-kv-warps-1";
+/// Decode rows on the tensor-core kernel with two warps along the keys forced.
+pub const IMPL_KV_WARPS_2: &str = "ferrinfer-kv-warps-2";
 /// Prefill rows on the sm_90a (FA3) template, beside the FA2 rows of [`IMPL`] (Hopper only).
 pub const IMPL_FA3: &str = "ferrinfer-fa3";
 

@@ -117,6 +117,11 @@ pub struct KernelConfig {
     /// default (64 at head dim 64, 32 above), which the tile function chooses unless the wide
     /// tile pays (see [`crate::attention::prefill::tiles`]).
     pub kv_tile: u32,
+    /// Warps along the keys of the prefill template's 16-row tile: 0 for one (the template's
+    /// default, the only count of the other tiles), 2 for two, which stream their own halves of
+    /// every K/V tile and merge in shared memory. The plan picks it per batch (see
+    /// [`crate::attention::prefill::tiles`]).
+    pub kv_warps: u32,
 }
 
 impl KernelConfig {
@@ -132,6 +137,7 @@ impl KernelConfig {
             arch,
             cta_tile_q: 0,
             kv_tile: 0,
+            kv_warps: 0,
         }
     }
 
@@ -140,6 +146,7 @@ impl KernelConfig {
         KernelConfig {
             cta_tile_q: tiles.cta_tile_q,
             kv_tile: tiles.kv_tile,
+            kv_warps: tiles.kv_warps,
             ..self
         }
     }
@@ -163,13 +170,15 @@ impl KernelConfig {
         InstanceTiles {
             cta_tile_q: self.cta_tile_q,
             kv_tile: self.kv_tile,
+            kv_warps: self.kv_warps,
         }
     }
 
     /// Kernel name in entries, cache keys and logs, e.g. `prefill_hd128_bf16_q64` (sm80) or
     /// `prefill_hd128_bf16_q64_sm90a`. Each part beyond the family, head dim and dtype is named
     /// only where it differs from the plain case (unequal head dims `hd576x512`, a K/V type
-    /// `_kvf16`, tiles `_q64_k64`, a class other than sm80), so names of older fields stay.
+    /// `_kvf16`, tiles `_q64_k64`, warps along the keys `_kw2`, a class other than sm80), so
+    /// names of older fields stay.
     pub fn name(&self) -> String {
         let mut name = format!("{}_hd{}", self.kind.name(), self.head_dim_qk);
         if self.head_dim_vo != self.head_dim_qk {
@@ -185,6 +194,9 @@ impl KernelConfig {
         if self.kv_tile > 0 {
             name += &format!("_k{}", self.kv_tile);
         }
+        if self.kv_warps > 0 {
+            name += &format!("_kw{}", self.kv_warps);
+        }
         if self.arch != ArchClass::Sm80 {
             name += &format!("_{}", self.arch.name());
         }
@@ -199,6 +211,8 @@ pub struct InstanceTiles {
     pub cta_tile_q: u32,
     /// [`KernelConfig::kv_tile`].
     pub kv_tile: u32,
+    /// [`KernelConfig::kv_warps`].
+    pub kv_warps: u32,
 }
 
 /// How to launch an instance: grid, block and dynamic shared memory.
@@ -223,8 +237,16 @@ mod tests {
         let tiled = cfg.with_tiles(InstanceTiles {
             cta_tile_q: 64,
             kv_tile: 0,
+            kv_warps: 0,
         });
         assert_eq!(tiled.name(), "prefill_hd128_bf16_q64");
+        let short = cfg.with_tiles(InstanceTiles {
+            cta_tile_q: 16,
+            kv_tile: 0,
+            kv_warps: 2,
+        });
+        assert_eq!(short.name(), "prefill_hd128_bf16_q16_kw2");
+        assert_eq!(short.tiles().kv_warps, 2);
         let hopper = KernelConfig {
             arch: ArchClass::Sm90a,
             ..tiled

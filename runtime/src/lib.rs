@@ -23,7 +23,7 @@ pub mod variant;
 
 pub use attention::batch::{Batch, Heads, KvIndex, KvLayout, indptr};
 pub use attention::wrappers::{
-    BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, PlanConfig,
+    BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, KvWarps, PlanConfig,
     PrefillKernel, RunBuffers,
 };
 /// The cudarc ferrinfer is built on, for [`Backend::on_stream`] and [`device::Gpu::on_stream`]: a
@@ -52,8 +52,8 @@ pub mod prelude {
     pub use crate::attention::batch::{Batch, Heads, KvIndex, KvLayout};
     pub use crate::attention::single::Single;
     pub use crate::attention::wrappers::{
-        BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, PlanConfig,
-        PrefillKernel, RunBuffers,
+        BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, KvWarps,
+        PlanConfig, PrefillKernel, RunBuffers,
     };
     pub use crate::device::{Backend, Buffer, Dst, Src, View, ViewMut};
     pub use crate::variant::Pos;

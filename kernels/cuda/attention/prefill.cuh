@@ -1,10 +1,15 @@
 // Prefill and append, FlashAttention-2 style for sm_80+ (it also serves Hopper until an FA3 path
 // exists). One CTA per work item of the plan: a tile of TILE_Q packed query rows (GQA heads packed
 // into the rows, see runtime/src/attention/plan.rs) of one request and KV head, over one KV chunk.
-// Q stays in shared memory; K and V tiles of kTileKv keys stream through two stages with cp.async,
+// Q stays in shared memory; K and V tiles of kCtaKv keys stream through two stages with cp.async,
 // so tile t + 1 loads during all of tile t (one barrier per tile); key offsets come from a
 // per-tile table. S, O live in registers as mma.sync m16n8k16 fragments (sm80/mma.cuh); the
 // online softmax runs in base 2, and rows end in attention/epilogue.cuh.
+// The 16-row tile (decode on tensor cores, prefill of very short requests) may have two warps
+// along the keys (KV_WARPS, chosen per plan): they share the 16 rows, each computes S, the
+// softmax and P V over its own kTileKv keys of every CTA tile, and their (m, z, O) merge in
+// shared memory at the end. So one CTA keeps twice the K/V bytes in flight of a one-warp CTA
+// (FlashInfer's decode on tensor cores does the same, with four warps; four lost here).
 // Launch: grid num_items, block PrefillShape::kThreads, dynamic shared PrefillShape::kSmemBytes
 // (kernels/src/prefill.rs mirrors these).
 #pragma once
@@ -39,21 +44,29 @@ struct PrefillCta {
 constexpr int kPrefillCtaBytes = 72;
 static_assert(sizeof(PrefillCta) <= kPrefillCtaBytes, "PrefillCta must fit its reserved bytes");
 
-template <int D, int TILE_Q, int TILE_KV>
+// KV_WARPS: warps along the keys, 1 or (at the 16-row tile) 2; the plan picks the instance per
+// batch (kernels/src/attention/prefill.rs, `choose_kv_warps`).
+template <int D, int TILE_Q, int TILE_KV, int KV_WARPS = 1>
 struct PrefillShape {
   static_assert(TILE_Q == 16 || TILE_Q == 64 || TILE_Q == 128, "query tile of 16, 64 or 128 rows");
-  static_assert(TILE_KV == 32 || TILE_KV == 64, "K/V tile of 32 or 64 keys");
+  static_assert(TILE_KV == 32 || TILE_KV == 64, "K/V tile of 32 or 64 keys (a warp's slice)");
+  static_assert(KV_WARPS == 1 || (TILE_Q == 16 && KV_WARPS == 2),
+                "warps along the keys: 2, at the 16-row tile only");
   // One warp per 16 rows, at most kPrefillWarps; at head dim 256 a warp cannot hold two 16-row
   // output blocks (256 f32 registers), so a 128-row tile gets 8 warps instead.
-  static constexpr int kWarps =
+  static constexpr int kQWarps =
       (D == 256 || TILE_Q / 16 < int(kPrefillWarps)) ? TILE_Q / 16 : int(kPrefillWarps);
+  // Warps along the keys: warp w takes the rows of w / kKvWarps and key slice w % kKvWarps.
+  static constexpr int kKvWarps = KV_WARPS;
+  static constexpr int kWarps = kQWarps * kKvWarps;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kMmaQ = TILE_Q / (16 * kWarps);  // 16-row blocks per warp
+  static constexpr int kMmaQ = TILE_Q / (16 * kQWarps);  // 16-row blocks per warp
   // Keys per K/V tile (a multiple of 16, see the plan), chosen by kernels/src/prefill.rs: 64
   // halves the per-key cost of the softmax bookkeeping and barriers, but two 16-row blocks per
   // warp at head dim 128 then hold 128 f32 outputs and 64 scores per thread, which fits 255
   // registers only for variants with light hooks (the runtime keeps it when nothing spills).
-  static constexpr int kTileKv = TILE_KV;
+  static constexpr int kTileKv = TILE_KV;  // keys of a warp's slice
+  static constexpr int kCtaKv = kKvWarps * kTileKv;  // keys of the CTA's K/V tile
   static constexpr int kMmaKv = kTileKv / 8;  // 8-key blocks of S
   static constexpr int kMmaD = D / 8;  // 8-column blocks of O
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
@@ -62,20 +75,30 @@ struct PrefillShape {
   // Shared memory, in this order: the Q tile, kStages K tiles, kStages V tiles, the byte offsets
   // of two tiles' keys, the block ids of two tiles' keys, PrefillCta.
   static constexpr int kQBytes = TILE_Q * kRowBytes;
-  static constexpr int kKvBytes = kTileKv * kRowBytes;
+  static constexpr int kKvBytes = kCtaKv * kRowBytes;
   static constexpr int kOffsetsAt = kQBytes + 2 * kStages * kKvBytes;
-  static constexpr int kIdsAt = kOffsetsAt + 2 * kTileKv * 8;
-  static constexpr int kCtaAt = kIdsAt + 2 * kTileKv * 4;
+  static constexpr int kIdsAt = kOffsetsAt + 2 * kCtaKv * 8;
+  static constexpr int kCtaAt = kIdsAt + 2 * kCtaKv * 4;
   static constexpr int kSmemBytes = kCtaAt + kPrefillCtaBytes;
   // K/V copies: each thread always copies the same 16-byte chunk of kRowsPerCopy-apart rows.
   static constexpr int kRowsPerCopy = kThreads / kChunks;
-  static_assert(kThreads % kChunks == 0 && kTileKv % kRowsPerCopy == 0, "whole rows per copy");
+  static_assert(kThreads % kChunks == 0 && kCtaKv % kRowsPerCopy == 0, "whole rows per copy");
+  static_assert(TILE_Q * kChunks % kThreads == 0, "whole Q rows per copy");
+  // The merge of the warps along the keys, over the drained K/V stages: each warp's O (16 rows
+  // of D f32, rows kMergeStride floats apart: 8 more than D, so that a quad's float2 of 8 rows
+  // fall on distinct banks), then each warp's m and z of the 16 rows.
+  static constexpr int kMergeStride = D + 8;
+  static constexpr int kMergeBytes = kKvWarps * 16 * (kMergeStride + 2) * 4;
+  static_assert(kKvWarps == 1 || (kQWarps == 1 && kMmaQ == 1), "warps along the keys: 16 rows");
+  static_assert(kKvWarps == 1 || kMergeBytes <= 2 * kStages * kKvBytes, "merge in the stages");
+  static_assert((D / 8) % kKvWarps == 0, "each warp merges whole 8-column blocks");
 };
 
-template <class V, class P, class T, int D, int TILE_Q, int TILE_KV>
+template <class V, class P, class T, int D, int TILE_Q, int TILE_KV, int KV_WARPS = 1>
 __device__ void prefill(const AttnArgs& a, const P& p) {
-  using Sh = PrefillShape<D, TILE_Q, TILE_KV>;
-  constexpr int kTileKv = Sh::kTileKv, kMmaQ = Sh::kMmaQ, kMmaKv = Sh::kMmaKv;
+  using Sh = PrefillShape<D, TILE_Q, TILE_KV, KV_WARPS>;
+  constexpr int kTileKv = Sh::kTileKv, kCtaKv = Sh::kCtaKv, kKvWarps = Sh::kKvWarps;
+  constexpr int kMmaQ = Sh::kMmaQ, kMmaKv = Sh::kMmaKv;
   constexpr int kMmaD = Sh::kMmaD, kChunks = Sh::kChunks, kThreads = Sh::kThreads;
   constexpr int kRowBytes = Sh::kRowBytes, kKvBytes = Sh::kKvBytes;
 
@@ -89,7 +112,7 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   const SmemTile<TILE_Q, D> sq{prefill_smem};
   // K/V tile t lives in stage t % 2: K stages, then V stages (2 kKvBytes further on).
   unsigned char* const kv_smem = prefill_smem + Sh::kQBytes;
-  auto sk = [&](unsigned tile) { return SmemTile<kTileKv, D>{kv_smem + (tile % 2) * kKvBytes}; };
+  auto sk = [&](unsigned tile) { return SmemTile<kCtaKv, D>{kv_smem + (tile % 2) * kKvBytes}; };
   // Tile t's key byte offsets and block ids live in slot t % 2 of their tables.
   unsigned long long* const key_off =
       reinterpret_cast<unsigned long long*>(prefill_smem + Sh::kOffsetsAt);
@@ -108,7 +131,7 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   const long long shift = kp.causal_shift(qo_len);
 
   // The item's keys and its tiles that need a mask (causal.cuh).
-  const ItemKeys keys = item_keys(w, group, shift, causal, kTileKv);
+  const ItemKeys keys = item_keys(w, group, shift, causal, kCtaKv);
   const unsigned kv_stop = keys.stop, num_tiles = keys.tiles, first_masked = keys.first_masked;
 
   // Padding rows of a partial tile repeat the last real row: every hook sees a real position, and
@@ -135,14 +158,29 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   // t + 2 stream into shared memory with K/V(t + 1) (cp.async, no register waits on them); the
   // offsets of tile t + 2 are computed from them during tile t, and K/V(t + 1) copies are a table
   // read and an add. Keys at or past kv_stop get offset 0 (a valid address, never read).
-  // One warp per tile does the per-key work, a different one each tile.
-  auto key_warp = [&](unsigned tile) { return warp_id() == tile % Sh::kWarps; };
+  // One warp per tile does the per-key work, a different one each tile; with warps along the keys
+  // (a CTA tile of kKvWarps slices), every thread takes its keys.
+  auto key_warp = [&](unsigned tile) {
+    if constexpr (kKvWarps > 1) {
+      return true;
+    } else {
+      return warp_id() == tile % Sh::kWarps;
+    }
+  };
+  auto key_first = [&]() -> unsigned {
+    if constexpr (kKvWarps > 1) {
+      return threadIdx.x;
+    } else {
+      return lane_id();
+    }
+  };
+  constexpr unsigned kKeyStride = kKvWarps > 1 ? kThreads : kWarpSize;
   auto fetch_ids = [&](unsigned tile) {
     if (!key_warp(tile)) return;
-    const unsigned j0 = cta.kv_start + tile * kTileKv, stop = cta.kv_stop;
-    for (unsigned r = lane_id(); r < kTileKv; r += kWarpSize) {
+    const unsigned j0 = cta.kv_start + tile * kCtaKv, stop = cta.kv_stop;
+    for (unsigned r = key_first(); r < kCtaKv; r += kKeyStride) {
       const unsigned j = j0 + r;
-      cp_async_4(smem + Sh::kIdsAt + ((tile % 2) * kTileKv + r) * 4,
+      cp_async_4(smem + Sh::kIdsAt + ((tile % 2) * kCtaKv + r) * 4,
                  cta.kv.blocks + (j < stop ? cta.kv.block_of(j) : 0), j < stop);
     }
   };
@@ -151,32 +189,32 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
     if (!key_warp(tile)) return;
     const unsigned start = from_ids ? cta.kv_start : w.kv_start;
     const unsigned stop = from_ids ? cta.kv_stop : kv_stop;
-    const unsigned j0 = start + tile * kTileKv;
-    for (unsigned r = lane_id(); r < kTileKv; r += kWarpSize) {
+    const unsigned j0 = start + tile * kCtaKv;
+    for (unsigned r = key_first(); r < kCtaKv; r += kKeyStride) {
       const unsigned j = j0 + r;
       unsigned long long off = 0;
       if (j < stop) {
-        off = from_ids ? cta.kv.offset_in(key_ids[(tile % 2) * kTileKv + r], j, cta.kv_head)
+        off = from_ids ? cta.kv.offset_in(key_ids[(tile % 2) * kCtaKv + r], j, cta.kv_head)
                        : kv.offset(j, kv_head);
       }
-      key_off[(tile % 2) * kTileKv + r] = off * sizeof(T);
+      key_off[(tile % 2) * kCtaKv + r] = off * sizeof(T);
     }
   };
   // Each thread copies chunk `ch` of rows `r_copy + it * kRowsPerCopy` of K and V. Keys at or
   // past kv_stop are zero-filled: P is 0 there, and 0 * V must not be NaN.
   const unsigned ch = threadIdx.x % kChunks, r_copy = threadIdx.x / kChunks;
   auto load_kv = [&](unsigned tile, unsigned stop) {
-    const unsigned j0 = w.kv_start + tile * kTileKv;
-    const unsigned live_rows = min(stop - j0, static_cast<unsigned>(kTileKv));
-    const unsigned long long* const offs = key_off + (tile % 2) * kTileKv;
+    const unsigned j0 = w.kv_start + tile * kCtaKv;
+    const unsigned live_rows = min(stop - j0, static_cast<unsigned>(kCtaKv));
+    const unsigned long long* const offs = key_off + (tile % 2) * kCtaKv;
     const unsigned dst0 = smem + Sh::kQBytes + (tile % 2) * kKvBytes;
     const char* const k = static_cast<const char*>(a.k) + ch * 16;
     const char* const v = static_cast<const char*>(a.v) + ch * 16;
     #pragma unroll 4
-    for (int it = 0; it < kTileKv / Sh::kRowsPerCopy; ++it) {
+    for (int it = 0; it < kCtaKv / Sh::kRowsPerCopy; ++it) {
       const unsigned r = it * Sh::kRowsPerCopy + r_copy;
       const unsigned long long off = offs[r];
-      const unsigned dst = dst0 + SmemTile<kTileKv, D>::chunk_offset(r, ch);
+      const unsigned dst = dst0 + SmemTile<kCtaKv, D>::chunk_offset(r, ch);
       const bool live = r < live_rows;
       cp_async_16(dst, k + off, live);
       cp_async_16(dst + Sh::kStages * kKvBytes, v + off, live);
@@ -207,7 +245,9 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
 
   const unsigned lane = lane_id(), warp = warp_id();
   const unsigned g = lane / 4, t4 = lane % 4;
-  const unsigned row0 = warp * kMmaQ * 16;
+  // This warp's rows and, with warps along the keys, its slice of every K/V tile.
+  const unsigned row0 = (warp / kKvWarps) * kMmaQ * 16;
+  const unsigned kv_warp = warp % kKvWarps;
   // ldmatrix row addresses of this lane (sm80/ldmatrix.cuh says which lane gives which row). Row r
   // of a fragment is r % 8 = lane % 8 in every case, so chunk c sits at c ^ (lane % 8): stepping
   // the logical chunk by 2n is an XOR of the address with 32n, and a step of 16 rows is an add.
@@ -240,7 +280,7 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   const float qk_scale = (V::kHasLogits || !V::kSoftmax) ? a.sm_scale : a.sm_scale * kLog2e;
 
   for (unsigned tile = 0; tile < num_tiles; ++tile) {
-    const unsigned j0 = w.kv_start + tile * kTileKv;
+    const unsigned j0 = w.kv_start + tile * kCtaKv;
     cp_async_wait<0>();  // this tile's K and V (and tile + 2's ids) landed, issued a tile ago
     // Every warp is past tile - 1: its K/V stage and table slots are free for tile + 1 / + 2.
     __syncthreads();
@@ -249,10 +289,10 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
     cp_async_commit();
     if (tile + 2 < num_tiles) fill_offsets(tile + 2, true);
     if constexpr (V::kHasKey) {
-      const SmemTile<kTileKv, D> ks = sk(tile);
+      const SmemTile<kCtaKv, D> ks = sk(tile);
       const unsigned stop = cta.kv_stop, head = cta.kv_head, req = cta.request;
       const unsigned rows = cta.qo_len, len = cta.kv_total, off = cta.kv_offset;
-      for (unsigned c = threadIdx.x; c < kTileKv * (D / 2); c += kThreads) {
+      for (unsigned c = threadIdx.x; c < kCtaKv * (D / 2); c += kThreads) {
         const unsigned r = c / (D / 2), d = c % (D / 2), j = j0 + r;
         if (j >= stop) continue;
         const Pos at{req, 0, off + j, 0, head, rows, len, D};
@@ -264,8 +304,13 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
       }
       __syncthreads();
     }
-    const unsigned k_tile = smem + Sh::kQBytes + (tile % 2) * kKvBytes + k_lane;
-    const unsigned v_tile = smem + Sh::kQBytes + (Sh::kStages + tile % 2) * kKvBytes + v_lane;
+    // This warp's slice starts kv_warp * kTileKv rows (a multiple of 8: the swizzle is unchanged)
+    // into the CTA tile, at key jw.
+    const unsigned slice = kv_warp * kTileKv * kRowBytes;
+    const unsigned k_tile = smem + Sh::kQBytes + (tile % 2) * kKvBytes + slice + k_lane;
+    const unsigned v_tile =
+        smem + Sh::kQBytes + (Sh::kStages + tile % 2) * kKvBytes + slice + v_lane;
+    const unsigned jw = j0 + kv_warp * kTileKv;
 
     // S = Q K^T for this warp's rows and the tile's keys.
     float s[kMmaQ][kMmaKv][4];
@@ -312,7 +357,7 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
           #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int hf = e / 2;
-            const unsigned j = j0 + nb * 8 + 2 * t4 + (e & 1);
+            const unsigned j = jw + nb * 8 + 2 * t4 + (e & 1);
             float x = fold ? s[mq][nb][e] : s[mq][nb][e] * qk_scale;
             bool keep = true;
             if (boundary) {
@@ -430,43 +475,131 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   }
   cp_async_wait<0>();
 
-  // Epilogue (epilogue.cuh): unsplit items add the sink, normalise, apply the output hook and
-  // write o and lse; split items write their chunk's normalised partial and LSE for the merge.
-  const bool split = w.partial >= 0;
-  #pragma unroll
-  for (int mq = 0; mq < kMmaQ; ++mq) {
+  if constexpr (kKvWarps > 1) {
+    // Warps along the keys: each holds (m, z, O) of the 16 rows over its own key slices. Every
+    // thread's copies have landed (cp_async_wait<0> above, and the last tile issued none), and
+    // past this barrier no warp reads the K/V stages again: they take the warps' states.
+    __syncthreads();
+    constexpr int kStride = Sh::kMergeStride;
+    float* const mo = reinterpret_cast<float*>(kv_smem);  // [kKvWarps][16][kStride]
+    float* const mm = mo + kKvWarps * 16 * kStride;  // [kKvWarps][16]
+    float* const mz = mm + kKvWarps * 16;  // [kKvWarps][16]
     #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      float zz = z[mq][hf];
+      const unsigned r = g + 8 * hf;
+      // m is the same on the row's four threads; each holds a part of z.
+      float zz = z[0][hf];
       zz += __shfl_xor_sync(kFullMask, zz, 1);
       zz += __shfl_xor_sync(kFullMask, zz, 2);
-      if (w.qo_tile_start + row0 + mq * 16 + g + 8 * hf >= w.qo_tile_end) continue;
-      const unsigned pr = row_of(mq, hf);
+      if (t4 == 0) {
+        mm[kv_warp * 16 + r] = m[0][hf];
+        mz[kv_warp * 16 + r] = zz;
+      }
+      float* const row = mo + (kv_warp * 16 + r) * kStride + 2 * t4;
+      #pragma unroll
+      for (int nd = 0; nd < kMmaD; ++nd) {
+        *reinterpret_cast<float2*>(row + nd * 8) =
+            make_float2(o[0][nd][2 * hf], o[0][nd][2 * hf + 1]);
+      }
+    }
+    __syncthreads();
+    // Warp kv_warp merges and writes its kCols 8-column blocks of every row: rescaled to the
+    // largest m (softmax) or summed as they are (softmax off), then the epilogue (epilogue.cuh)
+    // once per row and element: sink, normalisation, output hook, o and lse; or a split item's
+    // partial and LSE.
+    constexpr int kCols = kMmaD / kKvWarps;
+    const unsigned col0 = kv_warp * kCols * 8 + 2 * t4;
+    const bool split = w.partial >= 0;
+    #pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const unsigned r = g + 8 * hf;
+      float mx = -FI_INF;
+      #pragma unroll
+      for (int k = 0; k < kKvWarps; ++k) mx = fmaxf(mx, mm[k * 16 + r]);
+      // While no warp saw a key the max is -inf; 0 stands in so that no -inf - -inf appears.
+      const float base = mx == -FI_INF ? 0.0f : mx;
+      float zz = 0.0f;
+      float acc[kCols][2];
+      #pragma unroll
+      for (int c = 0; c < kCols; ++c) acc[c][0] = acc[c][1] = 0.0f;
+      #pragma unroll
+      for (int k = 0; k < kKvWarps; ++k) {
+        float wt = 1.0f;
+        if constexpr (V::kSoftmax) {
+          wt = exp2_approx(mm[k * 16 + r] - base);
+          zz += mz[k * 16 + r] * wt;
+        }
+        const float* const row = mo + (k * 16 + r) * kStride + col0;
+        #pragma unroll
+        for (int c = 0; c < kCols; ++c) {
+          const float2 x = *reinterpret_cast<const float2*>(row + c * 8);
+          acc[c][0] = fmaf(wt, x.x, acc[c][0]);
+          acc[c][1] = fmaf(wt, x.y, acc[c][1]);
+        }
+      }
+      if (w.qo_tile_start + r >= w.qo_tile_end) continue;
+      const unsigned pr = packed(r);
       const unsigned i = pr / group, h = kv_head * group + pr % group;
       const Pos at{b, i, 0, h, kv_head, qo_len, kp.total, D};
-      // One end for both branches, and the LSE taken ahead of them: so written, ptxas keeps the
-      // 128-row tiles' registers and spills as they were before the shared epilogue.
-      const auto end = finish_row<V>(p, m[mq][hf], zz, at, !split);
+      const auto end = finish_row<V>(p, mx, zz, at, !split);
       const float lse = end.lse();
       if (!split) {
         T* dst = out_row<T>(a, qo_begin + i, h);
         #pragma unroll
-        for (int nd = 0; nd < kMmaD; ++nd) {
-          const unsigned d = nd * 8 + 2 * t4;
-          const float x0 = out_elem<V>(p, o[mq][nd][2 * hf], end, d, at);
-          const float x1 = out_elem<V>(p, o[mq][nd][2 * hf + 1], end, d + 1, at);
+        for (int c = 0; c < kCols; ++c) {
+          const unsigned d = col0 + c * 8;
+          const float x0 = out_elem<V>(p, acc[c][0], end, d, at);
+          const float x1 = out_elem<V>(p, acc[c][1], end, d + 1, at);
           *reinterpret_cast<unsigned*>(dst + d) = pack2<T>(x0, x1);
         }
-        if (t4 == 0) write_lse(a, qo_begin + i, h, lse);
+        if (kv_warp == 0 && t4 == 0) write_lse(a, qo_begin + i, h, lse);
       } else {
         const unsigned long long prow = partial_row(w.partial, i);
         float* dst = partial_out<D>(a, prow, h);
         #pragma unroll
-        for (int nd = 0; nd < kMmaD; ++nd) {
-          const float pair[2] = {o[mq][nd][2 * hf], o[mq][nd][2 * hf + 1]};
-          store_partial<2>(dst + nd * 8 + 2 * t4, pair, end);
+        for (int c = 0; c < kCols; ++c) store_partial<2>(dst + col0 + c * 8, acc[c], end);
+        if (kv_warp == 0 && t4 == 0) write_partial_lse<V::kSoftmax>(a, prow, h, lse);
+      }
+    }
+  } else {
+    // Epilogue (epilogue.cuh): unsplit items add the sink, normalise, apply the output hook and
+    // write o and lse; split items write their chunk's normalised partial and LSE for the merge.
+    const bool split = w.partial >= 0;
+    #pragma unroll
+    for (int mq = 0; mq < kMmaQ; ++mq) {
+      #pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float zz = z[mq][hf];
+        zz += __shfl_xor_sync(kFullMask, zz, 1);
+        zz += __shfl_xor_sync(kFullMask, zz, 2);
+        if (w.qo_tile_start + row0 + mq * 16 + g + 8 * hf >= w.qo_tile_end) continue;
+        const unsigned pr = row_of(mq, hf);
+        const unsigned i = pr / group, h = kv_head * group + pr % group;
+        const Pos at{b, i, 0, h, kv_head, qo_len, kp.total, D};
+        // One end for both branches, and the LSE taken ahead of them: so written, ptxas keeps the
+        // 128-row tiles' registers and spills as they were before the shared epilogue.
+        const auto end = finish_row<V>(p, m[mq][hf], zz, at, !split);
+        const float lse = end.lse();
+        if (!split) {
+          T* dst = out_row<T>(a, qo_begin + i, h);
+          #pragma unroll
+          for (int nd = 0; nd < kMmaD; ++nd) {
+            const unsigned d = nd * 8 + 2 * t4;
+            const float x0 = out_elem<V>(p, o[mq][nd][2 * hf], end, d, at);
+            const float x1 = out_elem<V>(p, o[mq][nd][2 * hf + 1], end, d + 1, at);
+            *reinterpret_cast<unsigned*>(dst + d) = pack2<T>(x0, x1);
+          }
+          if (t4 == 0) write_lse(a, qo_begin + i, h, lse);
+        } else {
+          const unsigned long long prow = partial_row(w.partial, i);
+          float* dst = partial_out<D>(a, prow, h);
+          #pragma unroll
+          for (int nd = 0; nd < kMmaD; ++nd) {
+            const float pair[2] = {o[mq][nd][2 * hf], o[mq][nd][2 * hf + 1]};
+            store_partial<2>(dst + nd * 8 + 2 * t4, pair, end);
+          }
+          if (t4 == 0) write_partial_lse<V::kSoftmax>(a, prow, h, lse);
         }
-        if (t4 == 0) write_partial_lse<V::kSoftmax>(a, prow, h, lse);
       }
     }
   }

@@ -21,6 +21,7 @@ pub const FAMILY: Family = Family {
     head_dims: &HEAD_DIMS,
     query_tiles: &[0],
     kv_tiles: &[0],
+    kv_warps: &[0],
     tiles,
     check_tiles: |_| Ok(()),
     instances,
@@ -76,7 +77,7 @@ pub fn tiles(x: &TileInput<'_>) -> Tiles {
 
 /// One instance per head dim and dtype: the kernel does not tile queries.
 fn instances(arch: ArchClass, _sm: &dyn SmResidency) -> Vec<KernelConfig> {
-    FAMILY.each_instance(arch, &[0], |_| None)
+    FAMILY.each_instance(arch, &[0], |_| Vec::new())
 }
 
 fn template_args(_cfg: &KernelConfig) -> String {
@@ -131,9 +132,12 @@ mod tests {
             head_dim_qk: 128,
             head_dim_vo: 128,
             sm: None,
+            num_sms: 132,
+            work_items: &|_| 1,
             batch_invariant: false,
             one_row_per_request: true,
             query_tile: Some(16),
+            kv_warps: Some(2),
         };
         let t = tiles(&x);
         assert_eq!((t.cta_tile_q, t.kv_tile, t.threads), (64, 16, 128));

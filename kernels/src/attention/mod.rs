@@ -49,6 +49,8 @@ pub struct Family {
     pub query_tiles: &'static [u32],
     /// Values of [`KernelConfig::kv_tile`] an instance may have (0: the family's default).
     pub kv_tiles: &'static [u32],
+    /// Values of [`KernelConfig::kv_warps`] an instance may have (0: one warp along the keys).
+    pub kv_warps: &'static [u32],
     /// The tile function: every tile parameter of a batch, with its reasons.
     pub tiles: fn(&TileInput<'_>) -> Tiles,
     /// Rules on an instance's tiles beyond the lists above (a tile some template alone has).
@@ -111,16 +113,23 @@ impl Family {
                 cfg.kv_tile, self.kv_tiles
             ));
         }
+        if !self.kv_warps.contains(&cfg.kv_warps) {
+            return Err(format!(
+                "no {name} kernel with {} warps along the keys (possible: {:?}, where 0 is one)",
+                cfg.kv_warps, self.kv_warps
+            ));
+        }
         (self.check_tiles)(cfg)
     }
 
     /// The family's instances of `tiles` (its [`Family::query_tiles`] choices, in order) for every
-    /// head dim and dtype, each followed by the extra instances `extra` adds (the wide K/V tile).
+    /// head dim and dtype, each followed by the extra instances `extra` adds (the wide K/V tile,
+    /// two warps along the keys).
     pub(crate) fn each_instance(
         &self,
         arch: ArchClass,
         tiles: &[u32],
-        extra: impl Fn(&KernelConfig) -> Option<KernelConfig>,
+        extra: impl Fn(&KernelConfig) -> Vec<KernelConfig>,
     ) -> Vec<KernelConfig> {
         let mut out = Vec::new();
         for &head_dim in self.head_dims {
@@ -130,6 +139,7 @@ impl Family {
                         crate::InstanceTiles {
                             cta_tile_q,
                             kv_tile: 0,
+                            kv_warps: 0,
                         },
                     );
                     out.push(cfg);
@@ -184,6 +194,13 @@ mod tests {
                 .check(&tiled)
                 .unwrap_err()
                 .contains("query tile of 64")
+        );
+        let warps = KernelConfig { kv_warps: 2, ..cfg };
+        assert!(
+            family
+                .check(&warps)
+                .unwrap_err()
+                .contains("2 warps along the keys")
         );
     }
 }

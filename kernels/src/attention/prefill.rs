@@ -1,7 +1,10 @@
 //! The prefill (and append) family: its templates, tile function, launch geometry and instances.
 //! Mirrors `PrefillShape` in `cuda/attention/prefill.cuh`: one CTA per work item of the plan, one warp per
 //! 16 packed query rows (at most `kPrefillWarps`, except at head dim 256), two stages of K/V
-//! tiles of `kv_tile` keys and a table of their offsets. On sm_90a the 128-row tile also has an
+//! tiles of `kv_tile` keys and a table of their offsets. The 16-row tile also has a form with two
+//! warps along the keys ([`KernelConfig::kv_warps`]): its K/V tile is two `kv_tile`-key slices,
+//! one a warp, merged in shared memory at the end; the plan picks one form or the other per batch
+//! (see [`tiles`]). On sm_90a the 128-row tile also has an
 //! FA3 form at every head dim (`cuda/attention/prefill_sm90.cuh`, `PrefillSm90Shape`): the
 //! instances whose K/V tile is [`sm90_kv_tile`] of their head dim, which [`sm90_form`] names.
 
@@ -45,6 +48,8 @@ pub const FAMILY: Family = Family {
     // 32 and 64 for FA2 (0: its default); 128 for FA3 at head dims 64 and 128 (at 256 its tile
     // is 64, which FA2 leaves to it there: see `check_tiles`).
     kv_tiles: &[0, 32, 64, 128],
+    // One warp along the keys (0), or two at the 16-row tile (see `check_tiles`).
+    kv_warps: &[0, SHORT_TILE_KV_WARPS],
     tiles,
     check_tiles,
     instances,
@@ -52,6 +57,14 @@ pub const FAMILY: Family = Family {
 
 /// Warps of a 64-row query tile; `kPrefillWarps` in prefill.cuh.
 pub(crate) const PREFILL_WARPS: u32 = 4;
+/// Warps along the keys of the 16-row query tile's second form (decode on tensor cores, prefill
+/// of very short requests): each streams its own `kv_tile` keys of the CTA's K/V tile, so a CTA
+/// keeps twice the bytes of one warp in flight. Four were measured too, and lost on every decode
+/// benchmark (one 138 KB CTA an H200 SM; kernels/notes/decode.md).
+const SHORT_TILE_KV_WARPS: u32 = 2;
+/// Two warps along the keys when the batch's grid, unsplit, is at least this many waves of
+/// two-warp CTAs (see [`choose_kv_warps`] for the measurements).
+const KV_WARPS_MIN_WAVES: u64 = 2;
 const WARP: u32 = 32;
 /// Shared bytes of the per-CTA scalars; `kPrefillCtaBytes` in prefill.cuh.
 const PREFILL_CTA_BYTES: u32 = 72;
@@ -117,8 +130,16 @@ fn is_sm90(cfg: &KernelConfig) -> bool {
     cfg.kv_tile != 0 && sm90_kv_tile(cfg.head_dim_qk) == Some(cfg.kv_tile)
 }
 
-/// The sm_90a template's tile exists only in its one form, and FA2 has 32- and 64-key tiles.
+/// The sm_90a template's tile exists only in its one form, FA2 has 32- and 64-key tiles, and
+/// warps along the keys exist at FA2's 16-row tile only.
 fn check_tiles(cfg: &KernelConfig) -> Result<(), String> {
+    if cfg.kv_warps > 1 && (is_sm90(cfg) || tile_q(cfg) != 16) {
+        return Err(format!(
+            "{} warps along the keys: the FA2 template's 16-row query tile only (asked: {})",
+            cfg.kv_warps,
+            cfg.name()
+        ));
+    }
     if is_sm90(cfg) {
         if sm90_form(cfg) != Some(*cfg) {
             return Err(format!(
@@ -155,7 +176,7 @@ fn check_tiles(cfg: &KernelConfig) -> Result<(), String> {
 /// use ferrinfer_kernels::attention::prefill::sm90_form;
 /// use ferrinfer_kernels::{ArchClass, DType, InstanceTiles, KernelConfig, KernelKind};
 ///
-/// let tiles = InstanceTiles { cta_tile_q: 128, kv_tile: 0 };
+/// let tiles = InstanceTiles { cta_tile_q: 128, ..InstanceTiles::default() };
 /// let fa2 = KernelConfig::new(KernelKind::Prefill, 256, DType::Bf16, ArchClass::Sm90a)
 ///     .with_tiles(tiles);
 /// let fa3 = sm90_form(&fa2).unwrap();
@@ -163,7 +184,7 @@ fn check_tiles(cfg: &KernelConfig) -> Result<(), String> {
 /// assert_eq!(sm90_form(&fa3), Some(fa3));
 /// // No FA3 form on sm_80, nor for a 64-row tile.
 /// assert_eq!(sm90_form(&KernelConfig { arch: ArchClass::Sm80, ..fa2 }), None);
-/// let short = fa2.with_tiles(InstanceTiles { cta_tile_q: 64, kv_tile: 0 });
+/// let short = fa2.with_tiles(InstanceTiles { cta_tile_q: 64, ..InstanceTiles::default() });
 /// assert_eq!(sm90_form(&short), None);
 /// ```
 pub fn sm90_form(cfg: &KernelConfig) -> Option<KernelConfig> {
@@ -212,31 +233,43 @@ pub fn sm90_in_order(tu: &TranslationUnit) -> TranslationUnit {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Shape {
     tile_q: u32,
+    /// Keys of a warp's slice of a K/V tile (the whole tile with one warp along the keys).
     kv_tile: u32,
+    /// Warps along the keys (1 or 2): the CTA's K/V tile is `kv_warps * kv_tile` keys.
+    kv_warps: u32,
+    /// All warps of the CTA: along the rows times along the keys.
     warps: u32,
     shared_bytes: u32,
 }
 
 impl Shape {
-    fn new(head_dim: u32, tile_q: u32, kv_tile: u32) -> Self {
+    fn new(head_dim: u32, tile_q: u32, kv_tile: u32, kv_warps: u32) -> Self {
         // One warp per 16 rows, capped at four (two 16-row blocks per warp then) except at head
         // dim 256, where two blocks' f32 accumulators would not fit the registers.
         let blocks = tile_q / 16;
-        let warps = if head_dim == 256 {
+        let q_warps = if head_dim == 256 {
             blocks
         } else {
             blocks.min(PREFILL_WARPS)
         };
-        // The Q tile and `STAGES` K and V tiles, then two tiles' key byte offsets (u64) and block
-        // ids (i32), then `PrefillCta`.
-        let rows = tile_q + 2 * STAGES * kv_tile;
-        let table = 2 * kv_tile * (8 + 4) + PREFILL_CTA_BYTES;
+        // The Q tile and `STAGES` K and V tiles of the CTA, then two tiles' key byte offsets
+        // (u64) and block ids (i32), then `PrefillCta`. The merge of the warps along the keys
+        // reuses the K/V stages.
+        let cta_kv = kv_warps * kv_tile;
+        let rows = tile_q + 2 * STAGES * cta_kv;
+        let table = 2 * cta_kv * (8 + 4) + PREFILL_CTA_BYTES;
         Shape {
             tile_q,
             kv_tile,
-            warps,
+            kv_warps,
+            warps: q_warps * kv_warps,
             shared_bytes: rows * head_dim * ELEMENT_BYTES + table,
         }
+    }
+
+    /// Keys of the CTA's K/V tile (what one stage holds).
+    fn cta_kv_tile(&self) -> u32 {
+        self.kv_warps * self.kv_tile
     }
 
     /// The sm_90a template's shape (`PrefillSm90Shape`) at a head dim and its K/V tile
@@ -251,6 +284,7 @@ impl Shape {
         Shape {
             tile_q: SM90_TILE_Q,
             kv_tile,
+            kv_warps: 1,
             warps: SM90_THREADS / WARP,
             shared_bytes: rows * head_dim * ELEMENT_BYTES
                 + SM90_OFFSET_SLOTS * kv_tile * 8
@@ -264,7 +298,12 @@ impl Shape {
         if is_sm90(cfg) {
             return Shape::sm90(cfg.head_dim_qk, cfg.kv_tile);
         }
-        Shape::new(cfg.head_dim_qk, tile_q(cfg), kv_tile(cfg))
+        Shape::new(
+            cfg.head_dim_qk,
+            tile_q(cfg),
+            kv_tile(cfg),
+            cfg.kv_warps.max(1),
+        )
     }
 }
 
@@ -320,6 +359,118 @@ fn wide_kv_tile_pays(wide: &Shape, sm: &dyn SmResidency) -> bool {
     sm.resident_ctas(wide.warps * WARP, wide.shared_bytes, MAX_REGISTERS) >= 2
 }
 
+/// The same instance with two warps along the keys, where the template offers them: FA2's
+/// 16-row tile.
+pub(crate) fn two_kv_warps(cfg: &KernelConfig) -> Option<KernelConfig> {
+    let offered =
+        cfg.kind == KernelKind::Prefill && cfg.kv_warps == 0 && tile_q(cfg) == 16 && !is_sm90(cfg);
+    offered.then_some(KernelConfig {
+        kv_warps: SHORT_TILE_KV_WARPS,
+        ..*cfg
+    })
+}
+
+/// CTAs of the 16-row tile at head dim `hd` an SM like `sm` holds with the most registers a
+/// variant may take: with one warp along the keys, and with two.
+fn short_tile_residency(hd: u32, sm: &dyn SmResidency) -> (u32, u32) {
+    let resident = |kv_warps| {
+        let s = Shape::new(hd, 16, default_kv_tile(hd), kv_warps);
+        sm.resident_ctas(s.warps * WARP, s.shared_bytes, MAX_REGISTERS)
+    };
+    (resident(1), resident(SHORT_TILE_KV_WARPS))
+}
+
+/// Whether an SM like `sm` holds as many warps along the keys (so as many keys in flight) in
+/// two-warp CTAs of the 16-row tile as in one-warp CTAs: true at head dims 64 and 128 (three
+/// CTAs of two warps against six of one on an H200, two against four on an A100), false at 256
+/// on Hopper (one of 141 KB against three of 75 KB).
+fn two_kv_warps_fit(hd: u32, sm: &dyn SmResidency) -> bool {
+    let (one, two) = short_tile_residency(hd, sm);
+    two * SHORT_TILE_KV_WARPS >= one
+}
+
+/// Warps along the keys of the 16-row tile for a batch (1 or 2), and why: two when the grid
+/// before any KV split is at least [`KV_WARPS_MIN_WAVES`] waves of two-warp CTAs, where the SM
+/// holds as many keys in flight with them ([`two_kv_warps_fit`]); one otherwise. Measured on an
+/// H200 (2026-11-30, one call a column, decode on tensor cores, bf16, head dim 128, 32 query and
+/// 8 KV heads unless said, page size 16, GB/s; one warp is six 37.7 KB CTAs an SM, 792 a wave,
+/// two warps three 71 KB CTAs, 396 a wave):
+///
+/// | batch | work items | one warp | two warps |
+/// |---|---:|---:|---:|
+/// | 64 x 4096, 32 / 32 heads (MHA) | 2048 | 4131-4142 | 4369 |
+/// | 256 x 2048 | 2048 | 4008 | 4043 |
+/// | 128 x 1024, page size 1 | 1024 | 3420 | 3535 |
+/// | 16 x 32768 | 128 | 4246 | 4262 |
+/// | 64 x 4096 | 512 | 4157 | 3971 |
+/// | 64, every 16th 8192 tokens, the rest 512 | 512 | 2821 | 2778 |
+///
+/// Both forms keep about the same K/V bytes in flight an SM (six CTAs of 32 keys, three of 64),
+/// so what differs is how the grid fills the device. Over several waves, half as many CTAs of
+/// twice the keys win (MHA +5.5%, page size 1 +3.4%; 2.6 and more waves of two-warp CTAs). Under
+/// two waves the coarser CTAs leave a last wave that one-warp CTAs would not have (512 items are
+/// one wave of one-warp CTAs and 1.3 of two-warp ones: -4.5%), and the plan's remedy, a KV split
+/// (`balance_tail_wave`), adds merge work (the skewed batch: -1.5%). The long-context batch (128
+/// items, split to fill the device either way) is a tie. Batch-invariant plans keep one warp: the
+/// count changes the order of the sums, so it must not depend on the batch. Not measured: other
+/// head dims, GQA 2 (1024 items, two warps by this rule), other GPUs.
+fn choose_kv_warps(x: &TileInput<'_>) -> (u32, String) {
+    if let Some(n) = x.kv_warps {
+        let n = if n > 1 { SHORT_TILE_KV_WARPS } else { 1 };
+        let s = if n > 1 { "s" } else { "" };
+        return (
+            n,
+            format!("{n} warp{s} along the keys: fixed by the caller"),
+        );
+    }
+    if x.batch_invariant {
+        return (
+            1,
+            "1 warp along the keys: batch-invariant, and the count changes the order of the \
+             sums, so it must not depend on the batch"
+                .to_string(),
+        );
+    }
+    let Some(sm) = x.sm else {
+        return (
+            1,
+            "1 warp along the keys: no SM was described to count the grid's waves".to_string(),
+        );
+    };
+    let (one, two) = short_tile_residency(x.head_dim_qk, sm);
+    if two * SHORT_TILE_KV_WARPS < one {
+        return (
+            1,
+            format!(
+                "1 warp along the keys: an SM holds {two} CTAs of {SHORT_TILE_KV_WARPS} warps \
+                 against {one} of one, fewer keys in flight"
+            ),
+        );
+    }
+    let wave = u64::from(x.num_sms) * u64::from(two);
+    let items = (x.work_items)(16);
+    if wave > 0 && items >= KV_WARPS_MIN_WAVES * wave {
+        (
+            SHORT_TILE_KV_WARPS,
+            format!(
+                "{SHORT_TILE_KV_WARPS} warps along the keys: {items} work items are at least \
+                 {KV_WARPS_MIN_WAVES} waves of {wave} two-warp CTAs ({two} an SM, as many keys \
+                 in flight as {one} one-warp CTAs), where half as many CTAs of twice the keys \
+                 stream faster"
+            ),
+        )
+    } else {
+        (
+            1,
+            format!(
+                "1 warp along the keys: {items} work items are under {KV_WARPS_MIN_WAVES} waves \
+                 of {wave} two-warp CTAs, and one-warp CTAs ({one} an SM) cut such a grid into \
+                 finer waves"
+            ),
+        )
+    }
+}
+
 /// The prefill tile function: every tile of a batch and why (see [`super::tiles`]).
 pub fn tiles(x: &TileInput<'_>) -> Tiles {
     let hd = x.head_dim_qk;
@@ -354,13 +505,14 @@ pub fn tiles(x: &TileInput<'_>) -> Tiles {
     };
 
     // K/V tile: the template's default, or the wide one where it pays on this device.
-    let narrow = Shape::new(hd, cta_tile_q, default_kv_tile(hd));
+    let narrow = Shape::new(hd, cta_tile_q, default_kv_tile(hd), 1);
     let with_kv = |kv_tile| InstanceTiles {
         cta_tile_q,
         kv_tile,
+        kv_warps: 0,
     };
     let (shape, instance, fallback) = if offers_wide_kv_tile(hd, cta_tile_q) {
-        let wide = Shape::new(hd, cta_tile_q, WIDE_KV_TILE);
+        let wide = Shape::new(hd, cta_tile_q, WIDE_KV_TILE, 1);
         match x.sm {
             Some(sm) if wide_kv_tile_pays(&wide, sm) => {
                 why.push(format!(
@@ -398,11 +550,46 @@ pub fn tiles(x: &TileInput<'_>) -> Tiles {
         (narrow, with_kv(0), None)
     };
 
-    why.push(format!(
-        "{} warps: one per 16 query rows, at most {PREFILL_WARPS} (two row blocks each) except \
-         at head dim 256, where two blocks' f32 accumulators would not fit the registers",
-        shape.warps
-    ));
+    // Warps along the keys: the 16-row tile has a one-warp and a two-warp form.
+    let (shape, instance, fallback) = match cta_tile_q {
+        16 => {
+            let (kv_warps, reason) = choose_kv_warps(x);
+            why.push(reason);
+            if kv_warps > 1 {
+                let two = Shape::new(hd, 16, narrow.kv_tile, kv_warps);
+                // A variant whose two-warp build spills runs the one-warp form.
+                (
+                    two,
+                    InstanceTiles {
+                        kv_warps,
+                        ..instance
+                    },
+                    Some(instance),
+                )
+            } else {
+                (shape, instance, fallback)
+            }
+        }
+        _ => (shape, instance, fallback),
+    };
+    if shape.kv_warps > 1 {
+        why.push(format!(
+            "{} warps along the keys of the 16 rows: each computes S and the softmax over its own \
+             {} keys of every {}-key K/V tile, so a CTA keeps {} times the K/V bytes of one warp \
+             in flight; their states merge in shared memory at the end",
+            shape.kv_warps,
+            shape.kv_tile,
+            shape.cta_kv_tile(),
+            shape.kv_warps
+        ));
+    } else {
+        why.push(format!(
+            "{} warps: one per 16 query rows, at most {PREFILL_WARPS} (two row blocks each) \
+             except at head dim 256, where two blocks' f32 accumulators would not fit the \
+             registers",
+            shape.warps
+        ));
+    }
     why.push(format!(
         "{STAGES} stages: the next K/V tile loads (cp.async) while this one is computed"
     ));
@@ -417,7 +604,7 @@ pub fn tiles(x: &TileInput<'_>) -> Tiles {
     });
     Tiles {
         cta_tile_q,
-        kv_tile: shape.kv_tile,
+        kv_tile: shape.cta_kv_tile(),
         threads: shape.warps * WARP,
         stages: STAGES,
         shared_bytes: shape.shared_bytes,
@@ -429,11 +616,13 @@ pub fn tiles(x: &TileInput<'_>) -> Tiles {
 }
 
 /// Each query tile (16, 64, 128) of each head dim and dtype, each followed by its wide-K/V-tile
-/// instance where the tile function would choose it on SMs like `sm`, and on sm_90a by its FA3
-/// form where it has one.
+/// or two-warp instance where the tile function may choose it on SMs like `sm`, and on sm_90a by
+/// its FA3 form where it has one.
 fn instances(arch: ArchClass, sm: &dyn SmResidency) -> Vec<KernelConfig> {
     let mut all = FAMILY.each_instance(arch, &[16, 64, 128], |cfg| {
-        wide_kv_tile(cfg).filter(|w| wide_kv_tile_pays(&Shape::of(w), sm))
+        let wide = wide_kv_tile(cfg).filter(|w| wide_kv_tile_pays(&Shape::of(w), sm));
+        let two = two_kv_warps(cfg).filter(|_| two_kv_warps_fit(cfg.head_dim_qk, sm));
+        wide.into_iter().chain(two).collect()
     });
     let sm90: Vec<_> = all
         .iter()
@@ -444,15 +633,27 @@ fn instances(arch: ArchClass, sm: &dyn SmResidency) -> Vec<KernelConfig> {
     all
 }
 
+/// `TILE_Q, TILE_KV` of the FA2 template, then `KV_WARPS` where there are two warps along the
+/// keys (the other instances keep the default, 1, and their source).
 fn template_args(cfg: &KernelConfig) -> String {
     if is_sm90(cfg) {
         return String::new();
     }
-    format!(", {}, {}", tile_q(cfg), kv_tile(cfg))
+    match Shape::of(cfg).kv_warps {
+        1 => format!(", {}, {}", tile_q(cfg), kv_tile(cfg)),
+        n => format!(", {}, {}, {n}", tile_q(cfg), kv_tile(cfg)),
+    }
 }
 
 fn launch_bounds(cfg: &KernelConfig) -> &'static str {
-    match Shape::of(cfg).warps {
+    let s = Shape::of(cfg);
+    if s.kv_warps > 1 {
+        // Two warps along the keys: at most three CTAs an SM fit their shared memory whatever
+        // the registers, so the bounds ask for one and leave ptxas every register (with the
+        // thread count alone it capped the four-warp form's at 96-128, and spilled).
+        return "64, 1";
+    }
+    match s.warps {
         1 => "32",
         4 => "128",
         8 => "256",
@@ -489,8 +690,14 @@ mod tests {
             InstanceTiles {
                 cta_tile_q,
                 kv_tile: 0,
+                kv_warps: 0,
             },
         )
+    }
+
+    /// The 16-row tile with two warps along the keys.
+    fn two(head_dim: u32) -> KernelConfig {
+        two_kv_warps(&cfg(head_dim, 16)).expect("offered at the 16-row tile")
     }
 
     fn warps(cfg: &KernelConfig) -> u32 {
@@ -523,8 +730,15 @@ mod tests {
             (d.grid, d.block, d.shared_bytes),
             ([300, 1, 1], [128, 1, 1], 65536 + 768 + 72)
         );
+        // The 16-row tile: one warp, two stages of 32 keys; with two warps along the keys, two
+        // stages of two 32-key slices.
         let d = launch_dims(&cfg(128, 16), &args);
         assert_eq!((d.block, d.shared_bytes), ([32, 1, 1], 36864 + 768 + 72));
+        let d = launch_dims(&two(128), &args);
+        assert_eq!(
+            (d.block, d.shared_bytes),
+            ([64, 1, 1], (16 + 2 * 2 * 64) * 256 + 2 * 64 * 12 + 72)
+        );
         let d = launch_dims(&cfg(64, 128), &args);
         assert_eq!(d.shared_bytes, 49152 + 1536 + 72);
         let d = launch_dims(&cfg(256, 128), &args);
@@ -533,18 +747,197 @@ mod tests {
         assert_eq!((d.grid, d.block), ([1, 1, 1], [128, 1, 1]));
         for hd in crate::HEAD_DIMS {
             for tile in [0, 16, 64, 128] {
+                // One warp along the keys: the launch bounds and template arguments of the
+                // template without them.
                 let c = cfg(hd, tile);
+                assert_eq!(Shape::of(&c).kv_warps, 1);
                 assert_eq!(launch_bounds(&c), (warps(&c) * WARP).to_string());
                 assert_eq!(
                     template_args(&c),
                     format!(", {}, {}", tile_q(&c), kv_tile(&c))
                 );
                 // Within the opt-in shared memory of an sm_80 SM (163 KiB).
-                assert!(
-                    launch_dims(&cfg(hd, tile), &AttnArgs::default()).shared_bytes <= 163 * 1024
-                );
+                assert!(launch_dims(&c, &AttnArgs::default()).shared_bytes <= 163 * 1024);
+                // Two warps: the 16-row tile only.
+                assert_eq!(two_kv_warps(&c).is_some(), tile == 16, "{}", c.name());
             }
+            let c = two(hd);
+            assert_eq!(launch_bounds(&c), "64, 1");
+            assert_eq!(template_args(&c), format!(", 16, {}, 2", kv_tile(&c)));
+            assert!(launch_dims(&c, &AttnArgs::default()).shared_bytes <= 163 * 1024);
         }
+    }
+
+    #[test]
+    fn the_16_row_tile_has_a_one_and_a_two_warp_form() {
+        // (head dim, keys a warp, shared bytes with one warp, with two): the Q tile, two stages
+        // of K and V of one or two slices, the offset and id tables, PrefillCta.
+        let shapes = [
+            (64, 64, (16 + 4 * 64) * 128 + 2 * 64 * 12 + 72, 70_728),
+            (128, 32, 37_704, (16 + 4 * 64) * 256 + 2 * 64 * 12 + 72),
+            (256, 32, 74_568, (16 + 4 * 64) * 512 + 2 * 64 * 12 + 72),
+        ];
+        for (hd, kv_tile, one_bytes, two_bytes) in shapes {
+            let one = Shape::of(&cfg(hd, 16));
+            assert_eq!((one.kv_warps, one.kv_tile, one.warps), (1, kv_tile, 1));
+            assert_eq!((one.cta_kv_tile(), one.shared_bytes), (kv_tile, one_bytes));
+            let c = two(hd);
+            assert_eq!(c.name(), format!("prefill_hd{hd}_bf16_q16_kw2"));
+            let s = Shape::of(&c);
+            assert_eq!((s.kv_warps, s.kv_tile, s.warps), (2, kv_tile, 2));
+            assert_eq!((s.cta_kv_tile(), s.shared_bytes), (2 * kv_tile, two_bytes));
+            assert_eq!(FAMILY.check(&c), Ok(()));
+            // The two-warp form has no two-warp form of its own.
+            assert_eq!(two_kv_warps(&c), None);
+        }
+        // Two warps elsewhere are refused, naming the tile; four do not exist.
+        for bad in [
+            KernelConfig {
+                kv_warps: 2,
+                ..cfg(128, 64)
+            },
+            KernelConfig {
+                kv_warps: 2,
+                ..sm90_form(&sm90a(128, 128, 0)).unwrap()
+            },
+        ] {
+            let e = FAMILY.check(&bad).unwrap_err();
+            assert!(e.contains("16-row query tile only"), "{e}");
+        }
+        let e = FAMILY
+            .check(&KernelConfig {
+                kv_warps: 4,
+                ..cfg(128, 16)
+            })
+            .unwrap_err();
+        assert!(e.contains("4 warps along the keys"), "{e}");
+        // Residency of the two forms: an H200 SM holds six one-warp CTAs or three two-warp ones
+        // at head dims 64 and 128 (as many warps), but at 256 three against one.
+        let hopper = Sm(228 * 1024);
+        assert_eq!(short_tile_residency(64, &hopper), (6, 3));
+        assert_eq!(short_tile_residency(128, &hopper), (6, 3));
+        assert_eq!(short_tile_residency(256, &hopper), (3, 1));
+        assert!(two_kv_warps_fit(128, &hopper) && !two_kv_warps_fit(256, &hopper));
+        let a100 = Sm(164 * 1024);
+        assert_eq!(short_tile_residency(128, &a100), (4, 2));
+        assert_eq!(short_tile_residency(256, &a100), (2, 1));
+    }
+
+    /// Tiles of a decode batch on an H200 (132 SMs like [`Sm`] of 228 KiB): `items` work items
+    /// at the 16-row tile, head dim `hd`.
+    fn decode_tiles(items: u64, hd: u32, change: impl Fn(&mut TileInput<'_>)) -> Tiles {
+        let hopper = Sm(228 * 1024);
+        let work_items = |tile: u32| {
+            assert_eq!(tile, 16, "asked only at the 16-row tile");
+            items
+        };
+        let mut x = TileInput {
+            one_row_per_request: true,
+            head_dim_qk: hd,
+            head_dim_vo: hd,
+            num_sms: 132,
+            work_items: &work_items,
+            ..input(4 * items, items, Some(&hopper))
+        };
+        change(&mut x);
+        tiles(&x)
+    }
+
+    #[test]
+    fn the_16_row_tile_takes_two_warps_along_the_keys_when_its_grid_is_several_waves() {
+        let one_warp = |t: &Tiles| {
+            (
+                t.cta_tile_q,
+                t.kv_tile,
+                t.threads,
+                t.shared_bytes,
+                t.ctas_per_sm,
+            ) == (16, 32, 32, 37_704, Some(6))
+                && t.instance.kv_warps == 0
+                && t.fallback.is_none()
+        };
+        let two_warps = |t: &Tiles| {
+            (
+                t.cta_tile_q,
+                t.kv_tile,
+                t.threads,
+                t.shared_bytes,
+                t.ctas_per_sm,
+            ) == (16, 64, 64, 71_240, Some(3))
+                && t.instance
+                    == InstanceTiles {
+                        cta_tile_q: 16,
+                        kv_tile: 0,
+                        kv_warps: 2,
+                    }
+                && t.fallback
+                    == Some(InstanceTiles {
+                        cta_tile_q: 16,
+                        kv_tile: 0,
+                        kv_warps: 0,
+                    })
+        };
+        // Two waves of two-warp CTAs on an H200 are 2 x 132 x 3 = 792 items. The measured
+        // batches (`choose_kv_warps`): MHA 64 x 4096 and 256 x 2048 (2048 items), page size 1
+        // 128 x 1024 (1024): two warps; 64 x 4096 and the skewed batch (512), 16 x 32768 (128):
+        // one.
+        for (items, two) in [
+            (2048, true),
+            (1024, true),
+            (792, true),
+            (791, false),
+            (512, false),
+            (128, false),
+        ] {
+            let t = decode_tiles(items, 128, |_| ());
+            assert!(
+                if two { two_warps(&t) } else { one_warp(&t) },
+                "{items}: {t}"
+            );
+            assert_eq!(t.reasons.len(), 6, "{t}");
+            let warps = if two {
+                "2 warps along the keys"
+            } else {
+                "1 warp along the keys"
+            };
+            assert!(t.to_string().contains(warps), "{t}");
+        }
+        // Head dim 64 likewise; at 256 an SM holds one two-warp CTA against three: one warp.
+        assert!(decode_tiles(2048, 64, |_| ()).instance.kv_warps == 2);
+        let t = decode_tiles(1 << 20, 256, |_| ());
+        assert_eq!(
+            (t.instance.kv_warps, t.threads, t.ctas_per_sm),
+            (0, 32, Some(3))
+        );
+        assert!(t.to_string().contains("fewer keys in flight"), "{t}");
+        // Batch-invariant, or no SM described: one warp, whatever the grid.
+        let t = decode_tiles(1 << 20, 128, |x| x.batch_invariant = true);
+        assert!(one_warp(&t), "{t}");
+        let t = decode_tiles(1 << 20, 128, |x| x.sm = None);
+        assert_eq!(
+            (t.instance.kv_warps, t.threads, t.ctas_per_sm),
+            (0, 32, None)
+        );
+        // A caller's count wins, also at head dim 256 and in batch-invariant mode.
+        assert!(two_warps(&decode_tiles(1, 128, |x| x.kv_warps = Some(2))));
+        assert!(one_warp(
+            &decode_tiles(1 << 20, 128, |x| x.kv_warps = Some(1))
+        ));
+        let t = decode_tiles(1, 256, |x| {
+            x.kv_warps = Some(2);
+            x.batch_invariant = true;
+        });
+        assert_eq!(
+            (t.instance.kv_warps, t.threads, t.ctas_per_sm),
+            (2, 64, Some(1))
+        );
+        assert!(t.to_string().contains("fixed by the caller"), "{t}");
+        // The longer tiles have one warp along the keys whatever the caller asks.
+        let t = tiles(&TileInput {
+            kv_warps: Some(2),
+            ..input(8192 * 4, 1, Some(&Sm(228 * 1024)))
+        });
+        assert_eq!((t.cta_tile_q, t.instance.kv_warps), (128, 0));
     }
 
     /// An SM with `shared` bytes of shared memory, 1 KiB reserved per CTA, 64 Ki registers.
@@ -566,9 +959,12 @@ mod tests {
             head_dim_qk: 128,
             head_dim_vo: 128,
             sm,
+            num_sms: 132,
+            work_items: &|_| 0,
             batch_invariant: false,
             one_row_per_request: false,
             query_tile: None,
+            kv_warps: None,
         }
     }
 
@@ -587,11 +983,13 @@ mod tests {
             (
                 InstanceTiles {
                     cta_tile_q: 128,
-                    kv_tile: 64
+                    kv_tile: 64,
+                    kv_warps: 0,
                 },
                 Some(InstanceTiles {
                     cta_tile_q: 128,
-                    kv_tile: 0
+                    kv_tile: 0,
+                    kv_warps: 0,
                 })
             )
         );
@@ -608,7 +1006,7 @@ mod tests {
             one_row_per_request: true,
             ..input(8192 * 4, 1, None)
         });
-        assert_eq!((t.cta_tile_q, t.threads), (16, 32));
+        assert_eq!((t.cta_tile_q, t.threads, t.kv_tile), (16, 32, 32));
         // Batch-invariant: the long-prompt tile; a caller's tile wins over both.
         let t = tiles(&TileInput {
             batch_invariant: true,
@@ -627,9 +1025,20 @@ mod tests {
     fn instances_add_the_wide_tile_where_two_ctas_fit_and_the_fa3_form_on_hopper() {
         let hopper = instances(ArchClass::Sm90a, &Sm(228 * 1024));
         let a100 = instances(ArchClass::Sm80, &Sm(164 * 1024));
-        // 18 FA2 tiles, the 64-key tile of both dtypes, and the FA3 form of each head dim and
-        // dtype.
-        assert_eq!((a100.len(), hopper.len()), (18, 26));
+        // 18 FA2 tiles, the two-warp 16-row tile where it keeps as many warps an SM (Hopper:
+        // head dims 64 and 128; A100: every head dim), the 64-key tile of both dtypes, and the
+        // FA3 form of each head dim and dtype.
+        assert_eq!((a100.len(), hopper.len()), (18 + 6, 18 + 4 + 2 + 6));
+        let kw2 = |c: &&KernelConfig| c.kv_warps == 2;
+        assert!(hopper.iter().filter(kw2).all(|c| c.head_dim_qk < 256));
+        assert_eq!(a100.iter().filter(kw2).count(), 6);
+        assert!(
+            hopper
+                .iter()
+                .chain(&a100)
+                .filter(kw2)
+                .all(|c| c.cta_tile_q == 16)
+        );
         assert!(hopper.iter().all(|c| c.arch == ArchClass::Sm90a));
         for c in hopper.iter().chain(&a100) {
             assert_eq!(FAMILY.check(c), Ok(()), "{}", c.name());
@@ -656,6 +1065,7 @@ mod tests {
             InstanceTiles {
                 cta_tile_q: tile,
                 kv_tile,
+                kv_warps: 0,
             },
         )
     }

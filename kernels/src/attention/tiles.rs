@@ -36,12 +36,20 @@ pub struct TileInput<'a> {
     /// The device's SMs, when known; without them the function cannot tell occupancy and keeps
     /// the choices that need none.
     pub sm: Option<&'a dyn SmResidency>,
+    /// SMs of the device: with `sm`, how many CTAs make a wave.
+    pub num_sms: u32,
+    /// Work items (CTAs) of the batch at a query tile of this many packed rows, every request's
+    /// keys in one chunk: the grid before any KV split.
+    pub work_items: &'a dyn Fn(u32) -> u64,
     /// Batch-invariant mode: no tile may depend on the other requests of the batch.
     pub batch_invariant: bool,
     /// Every request has one query row (a decode step on a query-tiling template).
     pub one_row_per_request: bool,
     /// A query tile the caller fixed (16, 64 or 128), for families that tile queries.
     pub query_tile: Option<u32>,
+    /// Warps along the keys the caller fixed (1 or 2), for the tiles that have a choice (the
+    /// prefill template's 16-row tile).
+    pub kv_warps: Option<u32>,
 }
 
 /// Every tile parameter of one plan, and why.

@@ -55,10 +55,10 @@ pub fn check_supported(cfg: &KernelConfig, arch: Arch) -> Result<()> {
 }
 
 /// Every kernel instance (short of the variant) the runtime may load on a device of `arch` with
-/// SMs like `sm`: each family's instances (prefill: query tiles 16, 64, 128, and the wide K/V
-/// tile where its tile function would choose it; decode: one), for every head dim and dtype, of
-/// the device's arch class. For filling caches ahead of time and for checking every instance
-/// compiles. None below sm_80.
+/// SMs like `sm`: each family's instances (prefill: query tiles 16, 64, 128, the wide K/V tile
+/// and the two-warp 16-row tile where its tile function may choose them; decode: one), for every
+/// head dim and dtype, of the device's arch class. For filling caches ahead of time and for
+/// checking every instance compiles. None below sm_80.
 pub fn instances(arch: Arch, sm: &SmResources) -> Vec<KernelConfig> {
     let Ok(class) = arch_class(arch) else {
         return Vec::new();
@@ -171,11 +171,18 @@ mod tests {
     fn instances_cover_every_tile_and_the_wide_ones_where_offered() {
         let hopper = instances(Arch::new(9, 0), &SmResources::typical(Arch::new(9, 0)));
         let a100 = instances(Arch::new(8, 0), &SmResources::typical(Arch::new(8, 0)));
-        // Prefill 3 tiles x 3 head dims x 2 dtypes, decode 3 x 2, and on Hopper the 64-key
-        // instances of the 128-row tile at head dim 128 (both dtypes) and the FA3 form of the
-        // 128-row tile at each head dim (both dtypes).
-        assert_eq!(a100.len(), 18 + 6);
-        assert_eq!(hopper.len(), 18 + 6 + 2 + 3 * 2);
+        // Prefill 3 tiles x 3 head dims x 2 dtypes, decode 3 x 2, the two-warp 16-row tile where
+        // an SM holds as many warps of it (A100: every head dim; Hopper: 64 and 128), and on
+        // Hopper the 64-key instances of the 128-row tile at head dim 128 (both dtypes) and the
+        // FA3 form of the 128-row tile at each head dim (both dtypes).
+        assert_eq!(a100.len(), 18 + 6 + 6);
+        assert_eq!(hopper.len(), 18 + 6 + 4 + 2 + 3 * 2);
+        assert!(
+            hopper
+                .iter()
+                .filter(|c| c.kv_warps == 2)
+                .all(|c| c.cta_tile_q == 16)
+        );
         let fa3 =
             |c: &&KernelConfig| ferrinfer_kernels::attention::prefill::sm90_form(c) == Some(**c);
         assert_eq!(hopper.iter().filter(fa3).count(), 6);
@@ -208,9 +215,12 @@ mod tests {
                 head_dim_qk: 128,
                 head_dim_vo: 128,
                 sm: Some(&sm),
+                num_sms: 132,
+                work_items: &|_| 1,
                 batch_invariant: false,
                 one_row_per_request: false,
                 query_tile: Some(128),
+                kv_warps: None,
             });
             tiles.fallback.map(|_| tiles.instance.kv_tile)
         };

@@ -13,6 +13,6 @@ pub(crate) mod wrappers;
 pub use batch::{Batch, Heads, KvIndex, KvLayout, KvStrides, QoStrides, indptr};
 pub use single::Single;
 pub use wrappers::{
-    BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, PlanConfig,
+    BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, KvWarps, PlanConfig,
     PrefillKernel, RunBuffers, TENSOR_CORE_MIN_GROUP,
 };

@@ -81,6 +81,10 @@ pub struct PlanOptions {
     /// Every request has one query row (a decode step on the prefill template): the query tile
     /// follows the group size whatever the batch.
     pub one_row_per_request: bool,
+    /// This many warps along the keys (1 or 2) at the prefill template's 16-row tile instead of
+    /// the count its tile function picks by the batch's grid: for benchmarks, and for a CUDA
+    /// graph, whose captured kernel a replan must not change.
+    pub kv_warps: Option<u32>,
 }
 
 impl PlanOptions {
@@ -95,6 +99,7 @@ impl PlanOptions {
             graph_capacity: None,
             query_tile: None,
             one_row_per_request: false,
+            kv_warps: None,
         }
     }
 
@@ -141,6 +146,13 @@ impl PlanOptions {
         {
             return Err(Error::invalid(format!(
                 "query_tile must be 16, 64 or 128 rows, got {t}"
+            )));
+        }
+        if let Some(n) = self.kv_warps
+            && ![1, 2].contains(&n)
+        {
+            return Err(Error::invalid(format!(
+                "kv_warps must be 1 or 2 warps along the keys, got {n}"
             )));
         }
         Ok(())
@@ -411,6 +423,9 @@ pub fn query_tile(batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Result
 fn choose_tiles(reqs: &[Request], batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Tiles {
     let heads = batch.heads();
     let group = heads.group_size();
+    // The grid before any split: every request's keys in one chunk.
+    let kv_heads = u64::from(heads.num_kv_heads());
+    let work_items = |tile: u32| kv_heads * count_tiles(reqs, u64::from(group), tile, u32::MAX);
     let live = reqs.iter().filter(|r| r.qo_len > 0);
     let input = TileInput {
         packed_rows: live
@@ -422,9 +437,12 @@ fn choose_tiles(reqs: &[Request], batch: &Batch, kind: KernelKind, opts: &PlanOp
         head_dim_qk: heads.head_dim(),
         head_dim_vo: heads.head_dim(),
         sm: opts.sm.as_ref().map(|sm| sm as &dyn SmResidency),
+        num_sms: opts.num_sms,
+        work_items: &work_items,
         batch_invariant: opts.fixed_kv_chunk.is_some(),
         one_row_per_request: opts.one_row_per_request,
         query_tile: opts.query_tile,
+        kv_warps: opts.kv_warps,
     };
     (kind.family().tiles)(&input)
 }
@@ -488,7 +506,10 @@ fn search_kv_chunk(reqs: &[Request], target: u64, count: &impl Fn(u32) -> u64) -
 /// bf16 hd128, 2026-11-29): 512 items in one wave 4203 GB/s; 2048 items (two waves and 464) 4282;
 /// 1024 items (one wave and 232, GQA 2 at b64 l4096 and page size 1 at b128 l1024) 3518 and 3288,
 /// which this model puts at 78% of full speed. Each split adds merge work, so a split must gain
-/// more than [`SPLIT_GAIN`].
+/// more than [`SPLIT_GAIN`]. `wave` counts CTAs of the instance the tile function chose (its
+/// `ctas_per_sm` from its real shared memory): six an SM for the one-warp 16-row tile on an H200,
+/// three for the two-warp one, whose 2048-item decodes this model splits in four (the two-warp
+/// build measured in kernels/notes/decode.md was planned with this model too).
 fn balance_tail_wave(
     unsplit: u32,
     wave: u64,
@@ -884,8 +905,9 @@ mod tests {
         assert_eq!(list, explicit);
         assert_eq!(explicit.tiles.unwrap().ctas_per_sm, None);
 
-        // A decode step on the prefill template: the group's 16-row tile, one warp, six CTAs of
-        // 37.7 KB on a Hopper SM; on the decode template, two waves of its four.
+        // A decode step on the prefill template: the group's 16-row tile, one warp along the keys
+        // for a grid this small, six CTAs of 37.7 KB on a Hopper SM; on the decode template, two
+        // waves of its four.
         let kv = KvIndex::ragged(&[0, 4096, 8192], KvLayout::Nhd).unwrap();
         let step = Batch::decode(heads, kv).unwrap();
         let rows = PlanOptions {
@@ -897,6 +919,10 @@ mod tests {
             .tiles
             .unwrap();
         assert_eq!((t.cta_tile_q, t.threads, t.ctas_per_sm), (16, 32, Some(6)));
+        assert_eq!(
+            (t.kv_tile, t.shared_bytes, t.instance.kv_warps),
+            (32, 37_704, 0)
+        );
         let t = plan(&step, KernelKind::Decode, &hopper)
             .unwrap()
             .tiles
@@ -906,12 +932,12 @@ mod tests {
 
     #[test]
     fn a_decode_over_more_than_a_wave_splits_to_fill_its_last_wave() {
-        let hopper = PlanOptions::for_device(132, SmResources::typical(Arch::new(9, 0)));
+        // Six CTAs an SM, as the one-warp 16-row tile ran when `balance_tail_wave` was measured.
         let rows = PlanOptions {
             one_row_per_request: true,
-            ..hopper
+            ..PlanOptions::new(132, 6)
         };
-        let decode = |q: u32, kv_heads: u32, b: usize, len: u32, page: u32| {
+        let decode = |rows: &PlanOptions, q: u32, kv_heads: u32, b: usize, len: u32, page: u32| {
             let heads = Heads::new(q, kv_heads, 128).unwrap();
             let lens = vec![len; b];
             let pages: u32 = lens.iter().map(|l| l.div_ceil(page)).sum();
@@ -920,19 +946,32 @@ mod tests {
             let list = plan(
                 &Batch::decode(heads, kv).unwrap(),
                 KernelKind::Prefill,
-                &rows,
+                rows,
             )
             .unwrap();
             (list.kv_chunk, list.items.len())
         };
         // 792 CTAs a wave. GQA 4, b64: 512 items, one wave: unsplit.
-        assert_eq!(decode(32, 8, 64, 4096, 16), (4096, 512));
+        assert_eq!(decode(&rows, 32, 8, 64, 4096, 16), (4096, 512));
         // GQA 2, b64: 1024 items leave a last wave of 232 (under 4 an SM): split in three.
-        assert_eq!(decode(32, 16, 64, 4096, 16), (1376, 3072));
+        assert_eq!(decode(&rows, 32, 16, 64, 4096, 16), (1376, 3072));
         // Page size 1, b128 l1024: the same.
-        assert_eq!(decode(32, 8, 128, 1024, 1), (352, 3072));
+        assert_eq!(decode(&rows, 32, 8, 128, 1024, 1), (352, 3072));
         // MHA, b64: 2048 items, a last wave of 464 (3.5 an SM): the split would not pay.
-        assert_eq!(decode(32, 32, 64, 4096, 16), (4096, 2048));
+        assert_eq!(decode(&rows, 32, 32, 64, 4096, 16), (4096, 2048));
+        // On a described Hopper SM the plan takes the occupancy of the instance it chose: one
+        // warp along the keys (six CTAs an SM) under two waves of two-warp CTAs, so GQA 4 b64
+        // plans as above; two warps (three an SM, 396 a wave) from 792 items, where the tail
+        // model then sees other waves: GQA 2 and page size 1 (1024 items, two waves and 232)
+        // stay unsplit, MHA's 2048 items (five waves and 68) split in four.
+        let hopper = PlanOptions {
+            one_row_per_request: true,
+            ..PlanOptions::for_device(132, SmResources::typical(Arch::new(9, 0)))
+        };
+        assert_eq!(decode(&hopper, 32, 8, 64, 4096, 16), (4096, 512));
+        assert_eq!(decode(&hopper, 32, 16, 64, 4096, 16), (4096, 1024));
+        assert_eq!(decode(&hopper, 32, 8, 128, 1024, 1), (1024, 1024));
+        assert_eq!(decode(&hopper, 32, 32, 64, 4096, 16), (1024, 8192));
         // A graph capacity bounds the split.
         let capped = PlanOptions {
             graph_capacity: Some(2048),
@@ -951,5 +990,133 @@ mod tests {
         )
         .unwrap();
         assert_eq!((list.kv_chunk, list.items.len()), (2048, 2048));
+    }
+
+    /// A decode step of `lens` tokens a request, in pages of `page`.
+    fn decode_step(q_heads: u32, kv_heads: u32, head_dim: u32, lens: &[u32], page: u32) -> Batch {
+        let heads = Heads::new(q_heads, kv_heads, head_dim).unwrap();
+        let pages: u32 = lens.iter().map(|l| l.div_ceil(page)).sum();
+        let ids: Vec<i32> = (0..pages as i32).collect();
+        let kv = KvIndex::paged_from_lens(page, lens, &ids, pages, KvLayout::Nhd).unwrap();
+        Batch::decode(heads, kv).unwrap()
+    }
+
+    #[test]
+    fn a_decode_takes_two_warps_along_the_keys_when_its_grid_is_several_waves() {
+        let hopper = PlanOptions {
+            one_row_per_request: true,
+            ..PlanOptions::for_device(132, SmResources::typical(Arch::new(9, 0)))
+        };
+        // (warps along the keys, CTAs an SM, KV chunk, work items) of a plan.
+        let shape = |batch: &Batch, opts: &PlanOptions| {
+            let list = plan(batch, KernelKind::Prefill, opts).unwrap();
+            let t = list.tiles.as_ref().unwrap();
+            assert_eq!(t.cta_tile_q, 16);
+            let warps = t.instance.kv_warps.max(1);
+            assert_eq!((t.threads, t.kv_tile), (32 * warps, 32 * warps));
+            (
+                warps,
+                t.ctas_per_sm.unwrap(),
+                list.kv_chunk,
+                list.items.len(),
+            )
+        };
+        // The benchmark's decode batches (bf16 in the measurements, head dim 128, page 16 unless
+        // said). Two waves of two-warp CTAs are 792 items.
+        let uniform = |b: usize, len: u32| vec![len; b];
+        let mut skewed = vec![512; 64];
+        for l in skewed.iter_mut().step_by(16) {
+            *l = 8192;
+        }
+        let cases = [
+            // GQA 4, 64 x 4096: 512 items, one wave of one-warp CTAs.
+            (
+                decode_step(32, 8, 128, &uniform(64, 4096), 16),
+                (1, 6, 4096, 512),
+            ),
+            // The skewed batch: 512 items, its long requests split in nine to fill the wave.
+            (decode_step(32, 8, 128, &skewed, 16), (1, 6, 912, 768)),
+            // 16 x 32768: 128 items, split to fill the wave.
+            (
+                decode_step(32, 8, 128, &uniform(16, 32768), 16),
+                (1, 6, 5472, 768),
+            ),
+            // MHA 64 x 4096 and GQA 4 256 x 2048: 2048 items; page size 1, 128 x 1024, and GQA 2
+            // 64 x 4096: 1024.
+            (
+                decode_step(32, 32, 128, &uniform(64, 4096), 16),
+                (2, 3, 1024, 8192),
+            ),
+            (
+                decode_step(32, 8, 128, &uniform(256, 2048), 16),
+                (2, 3, 512, 8192),
+            ),
+            (
+                decode_step(32, 8, 128, &uniform(128, 1024), 1),
+                (2, 3, 1024, 1024),
+            ),
+            (
+                decode_step(32, 16, 128, &uniform(64, 4096), 16),
+                (2, 3, 4096, 1024),
+            ),
+            // Head dim 256: an SM holds one two-warp CTA against three one-warp ones, so one
+            // warp, whose 396-CTA waves split the 2048 items in four.
+            (
+                decode_step(32, 32, 256, &uniform(64, 4096), 16),
+                (1, 3, 1024, 8192),
+            ),
+        ];
+        for (n, (batch, want)) in cases.iter().enumerate() {
+            assert_eq!(shape(batch, &hopper), *want, "case {n}");
+        }
+        let mha = &cases[3].0;
+        let gqa4 = &cases[0].0;
+        // Forced either way: the plan takes the forced instance's occupancy.
+        let force = |n| PlanOptions {
+            kv_warps: Some(n),
+            ..hopper
+        };
+        assert_eq!(shape(mha, &force(1)), (1, 6, 4096, 2048));
+        assert_eq!(shape(gqa4, &force(2)), (2, 3, 1376, 1536));
+        // Batch-invariant: one warp whatever the grid, unless forced.
+        let fixed = hopper.with_fixed_kv_chunk(1024);
+        assert_eq!(shape(mha, &fixed), (1, 6, 1024, 8192));
+        let fixed_two = PlanOptions {
+            kv_warps: Some(2),
+            ..fixed
+        };
+        assert_eq!(shape(mha, &fixed_two), (2, 3, 1024, 8192));
+        // Without a described SM, one warp and the caller's occupancy.
+        let plain = PlanOptions {
+            one_row_per_request: true,
+            ..PlanOptions::new(132, 6)
+        };
+        let t = plan(mha, KernelKind::Prefill, &plain)
+            .unwrap()
+            .tiles
+            .unwrap();
+        assert_eq!((t.instance.kv_warps, t.ctas_per_sm), (0, None));
+        // A short prefill on the 16-row tile follows the same rule: 128 requests of two query
+        // rows (eight packed rows, one tile) over 100 keys, 8 KV heads, are 1024 items.
+        let heads = Heads::new(32, 8, 128).unwrap();
+        let kv_indptr: Vec<i32> = (0..=128).map(|i| i * 100).collect();
+        let qo_indptr: Vec<i32> = (0..=128).map(|i| i * 2).collect();
+        let kv = KvIndex::ragged(&kv_indptr, KvLayout::Nhd).unwrap();
+        let short = Batch::new(heads, &qo_indptr, kv).unwrap();
+        let prefill = PlanOptions {
+            one_row_per_request: false,
+            ..hopper
+        };
+        let list = plan(&short, KernelKind::Prefill, &prefill).unwrap();
+        let t = list.tiles.unwrap();
+        assert_eq!(
+            (t.cta_tile_q, t.instance.kv_warps, list.items.len()),
+            (16, 2, 1024)
+        );
+        // Only 1 or 2 warps exist.
+        let e = plan(mha, KernelKind::Prefill, &force(4))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kv_warps must be 1 or 2"), "{e}");
     }
 }

@@ -46,6 +46,42 @@ pub struct PlanConfig {
     /// Which template runs [`BatchPrefill`]'s long-prompt tiles on Hopper (ignored by
     /// [`BatchDecode`]).
     pub prefill_kernel: PrefillKernel,
+    /// How many warps stream the keys of a work item on the 16-row tile, which runs
+    /// [`BatchDecode`] on tensor cores and the shortest prefills.
+    pub kv_warps: KvWarps,
+}
+
+/// Warps along the keys of the prefill template's 16-row tile (decode on tensor cores, prefill
+/// of requests of a few packed rows): one warp streams all of a work item's keys, or two stream
+/// their own halves of every K/V tile and merge their states in shared memory at the end. The
+/// other tiles have one form.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvWarps {
+    /// The plan's choice per batch, from measurements (H200, bf16, head dim 128, decode; the table
+    /// is at the tile function, `choose_kv_warps` in kernels/src/attention/prefill.rs): two when
+    /// the batch's work items, before any KV split, are at least two waves of two-warp CTAs and
+    /// the SM holds as many warps of them as of one-warp CTAs (MHA 64 x 4096, 2048 items: 4369
+    /// GB/s against 4131-4142; page size 1, 128 x 1024, 1024 items: 3535 against 3420), one
+    /// otherwise (GQA 4 64 x 4096, 512 items: 4157 against 3971 with two) and in batch-invariant
+    /// mode. In CUDA-graph mode the first plan's count holds for every replan, since a captured
+    /// kernel does not change.
+    #[default]
+    Auto,
+    /// One warp along the keys (six CTAs an H200 SM at head dim 128).
+    One,
+    /// Two warps along the keys (three CTAs an H200 SM at head dim 128).
+    Two,
+}
+
+impl KvWarps {
+    /// The count the caller fixed, if any.
+    fn fixed(self) -> Option<u32> {
+        match self {
+            KvWarps::Auto => None,
+            KvWarps::One => Some(1),
+            KvWarps::Two => Some(2),
+        }
+    }
 }
 
 /// The template of a batch prefill's 128-row tiles.
@@ -750,7 +786,20 @@ impl Planned {
         if !self.decode && self.config.prefill_kernel == PrefillKernel::Fa3 {
             o.query_tile = Some(FA3_QUERY_TILE);
         }
+        o.kv_warps = self
+            .config
+            .kv_warps
+            .fixed()
+            .or_else(|| self.graph_kv_warps());
         o
+    }
+
+    /// In CUDA-graph mode, the warps along the keys of the plan before: a captured run keeps its
+    /// kernel, so a replan keeps its count (and the occupancy the split was sized for).
+    fn graph_kv_warps(&self) -> Option<u32> {
+        self.config.graph?;
+        let tiles = self.work.as_ref()?.tiles.as_ref()?;
+        Some(tiles.instance.kv_warps.max(1))
     }
 
     /// Whether this is a decode planned on the prefill template.
@@ -1099,6 +1148,7 @@ mod tests {
         KernelConfig::new(KernelKind::Prefill, 128, DType::Bf16, arch).with_tiles(InstanceTiles {
             cta_tile_q,
             kv_tile: 64,
+            kv_warps: 0,
         })
     }
 
@@ -1108,6 +1158,7 @@ mod tests {
         let narrow = Some(long.with_tiles(InstanceTiles {
             cta_tile_q: 128,
             kv_tile: 0,
+            kv_warps: 0,
         }));
         let (cfg, fallback) = PrefillKernel::Fa3
             .choose(&spec(false), long, narrow)
@@ -1166,6 +1217,7 @@ mod tests {
                 .with_tiles(InstanceTiles {
                     cta_tile_q: FA3_QUERY_TILE,
                     kv_tile: 0,
+                    kv_warps: 0,
                 });
             let (cfg, fallback) = PrefillKernel::Fa3
                 .choose(&spec(false), planned, None)
@@ -1185,6 +1237,7 @@ mod tests {
             let short = planned.with_tiles(InstanceTiles {
                 cta_tile_q: 64,
                 kv_tile: 0,
+                kv_warps: 0,
             });
             let e = PrefillKernel::Fa3
                 .choose(&spec(false), short, None)

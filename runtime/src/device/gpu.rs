@@ -746,8 +746,10 @@ mod tests {
             reserved_shared_per_cta: 1024,
             registers: 65_536,
         };
-        // Prefill, 16-row tile, hd128: one warp, 37.7 KB -> shared memory allows 6.
-        assert_eq!(sm.resident_ctas(32, 37_696, 255), 6);
+        // The 16-row tile at hd128: one warp and 37.7 KB -> shared memory allows 6; two warps
+        // along the keys and 71 KB -> 3.
+        assert_eq!(sm.resident_ctas(32, 37_704, 255), 6);
+        assert_eq!(sm.resident_ctas(64, 71_240, 255), 3);
         // 128-row tile: four warps of 255 registers -> registers allow 2.
         assert_eq!(sm.resident_ctas(128, 66_368, 255), 2);
         // Registers round up per warp: 129 per thread takes 136 x 32 = 4352 a warp.
