@@ -166,19 +166,20 @@ constexpr unsigned kSm90ProducerRegs = D == 256 ? 48 : 40;
 template <int D>
 constexpr unsigned kSm90ConsumerRegs = D == 256 ? 224 : 232;
 
-// FI_SM90_OVERLAP: 1 (default) overlaps at head dim 64 only, 0 never, 2 at every head dim (a
-// measurement switch); the runtime defines 0 for a variant whose overlapping build spills.
+// FI_SM90_OVERLAP: 1 (default) overlaps at head dims 64 and 128, 0 never, 2 at every head dim
+// (a measurement switch); the runtime defines 0 for a variant whose overlapping build spills.
 #ifndef FI_SM90_OVERLAP
 #define FI_SM90_OVERLAP 1
 #endif
 // Whether the consumers overlap a tile's softmax with the previous tile's P V (FA3's
-// intra-warpgroup overlap) or run S, softmax and P V in order. Measured (H200, v16,
-// kernels/notes/fa3.md): at head dim 64 the overlap gains 17% (its MMAs are half as long, so
-// the other consumer's turn hides only half a softmax); at 128 in order is 0-3% faster (the
-// turns already hide the softmax); at 256 (two stages, the producer's V(t + 1) waits for
-// P V(t - 1)) in order is 2% faster. The overlap also keeps P(t - 1) live across the softmax.
+// intra-warpgroup overlap) or run S, softmax and P V in order. Measured (H200, kernels/notes/
+// fa3.md): at head dim 64 the overlap gains 17% (v16); at 128, once K and V came by TMA (v18),
+// 8-10% on single prompts (s8192 causal 565 vs 514 TFLOP/s), 1% ragged, -2-3% over pages of 16
+// (cp.async; v16 without TMA: 0-3% slower, the producer's copies then competed for issue slots);
+// at 256 (two stages, the producer's V(t + 1) waits for P V(t - 1)) 18% slower. The overlap
+// keeps P(t - 1) live across the softmax, so heavy hooks spill with it (then built in order).
 template <class V, int D>
-constexpr bool kSm90Overlap = FI_SM90_OVERLAP == 2 || (FI_SM90_OVERLAP == 1 && D == 64);
+constexpr bool kSm90Overlap = FI_SM90_OVERLAP == 2 || (FI_SM90_OVERLAP == 1 && D != 256);
 
 template <class V, class P, class T, int D>
 __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) {

@@ -129,6 +129,7 @@ mod tests {
             packed_rows: 1 << 20,
             requests: 1,
             group_size: 32,
+            page_size: None,
             head_dim_qk: 128,
             head_dim_vo: 128,
             sm: None,

@@ -62,9 +62,11 @@ pub(crate) const PREFILL_WARPS: u32 = 4;
 /// keeps twice the bytes of one warp in flight. Four were measured too, and lost on every decode
 /// benchmark (one 138 KB CTA an H200 SM; kernels/notes/decode.md).
 const SHORT_TILE_KV_WARPS: u32 = 2;
-/// Two warps along the keys when the batch's grid, unsplit, is at least this many waves of
+/// Two warps along the keys need the batch's grid, unsplit, to be at least this many waves of
 /// two-warp CTAs (see [`choose_kv_warps`] for the measurements).
 const KV_WARPS_MIN_WAVES: u64 = 2;
+/// ... and query heads per KV head at most this many (MHA), or pages of one key.
+const KV_WARPS_MAX_GROUP: u32 = 1;
 const WARP: u32 = 32;
 /// Shared bytes of the per-CTA scalars; `kPrefillCtaBytes` in prefill.cuh.
 const PREFILL_CTA_BYTES: u32 = 72;
@@ -389,31 +391,35 @@ fn two_kv_warps_fit(hd: u32, sm: &dyn SmResidency) -> bool {
     two * SHORT_TILE_KV_WARPS >= one
 }
 
-/// Warps along the keys of the 16-row tile for a batch (1 or 2), and why: two when the grid
-/// before any KV split is at least [`KV_WARPS_MIN_WAVES`] waves of two-warp CTAs, where the SM
-/// holds as many keys in flight with them ([`two_kv_warps_fit`]); one otherwise. Measured on an
-/// H200 (2026-11-30, one call a column, decode on tensor cores, bf16, head dim 128, 32 query and
-/// 8 KV heads unless said, page size 16, GB/s; one warp is six 37.7 KB CTAs an SM, 792 a wave,
-/// two warps three 71 KB CTAs, 396 a wave):
+/// Warps along the keys of the 16-row tile for a batch (1 or 2), and why: two for one query head
+/// a KV head (MHA, [`KV_WARPS_MAX_GROUP`]) or pages of one key, when the grid before any KV split
+/// is at least [`KV_WARPS_MIN_WAVES`] waves of two-warp CTAs and the SM holds as many keys in
+/// flight with them ([`two_kv_warps_fit`]); one otherwise. Measured on an H200 (2026-11-30,
+/// session 7, both counts forced in one call: call C, the group rows in call D; decode on tensor
+/// cores, bf16, head dim 128, 32 query and 8 KV heads unless said, page size 16, GB/s; one warp
+/// is six 37.7 KB CTAs an SM, 792 a wave, two warps three 71 KB CTAs, 396 a wave; FlashInfer's
+/// best of its two decode paths from call C):
 ///
-/// | batch | work items | one warp | two warps |
-/// |---|---:|---:|---:|
-/// | 64 x 4096, 32 / 32 heads (MHA) | 2048 | 4131-4142 | 4369 |
-/// | 256 x 2048 | 2048 | 4008 | 4043 |
-/// | 128 x 1024, page size 1 | 1024 | 3420 | 3535 |
-/// | 16 x 32768 | 128 | 4246 | 4262 |
-/// | 64 x 4096 | 512 | 4157 | 3971 |
-/// | 64, every 16th 8192 tokens, the rest 512 | 512 | 2821 | 2778 |
+/// | batch | work items | one warp | two warps | FlashInfer's best |
+/// |---|---:|---:|---:|---:|
+/// | 64 x 4096 | 512 | 4147 | 3965 | 4194 |
+/// | 256 x 2048 | 2048 | 4233 | 4041 | 4277 |
+/// | 128 x 1024, page size 1 | 1024 | 3419 | 3638 | 3574 |
+/// | 16 x 32768 | 128 | 4280 | 4296 | 4373 |
+/// | 64, every 16th 8192 tokens, the rest 512 | 512 | 2813 | 2744 | 2443 |
+/// | 64 x 4096, soft-cap 30 | 512 | 4143 | 3897 | 4198 |
+/// | 64 x 4096, 32 / 16 heads (GQA 2) | 1024 | 4304 | 4233 | 4375 |
+/// | 64 x 4096, 32 / 32 heads (MHA) | 2048 | 4323 | 4403 | 4494 |
 ///
-/// Both forms keep about the same K/V bytes in flight an SM (six CTAs of 32 keys, three of 64),
-/// so what differs is how the grid fills the device. Over several waves, half as many CTAs of
-/// twice the keys win (MHA +5.5%, page size 1 +3.4%; 2.6 and more waves of two-warp CTAs). Under
-/// two waves the coarser CTAs leave a last wave that one-warp CTAs would not have (512 items are
-/// one wave of one-warp CTAs and 1.3 of two-warp ones: -4.5%), and the plan's remedy, a KV split
-/// (`balance_tail_wave`), adds merge work (the skewed batch: -1.5%). The long-context batch (128
-/// items, split to fill the device either way) is a tie. Batch-invariant plans keep one warp: the
-/// count changes the order of the sums, so it must not depend on the batch. Not measured: other
-/// head dims, GQA 2 (1024 items, two warps by this rule), other GPUs.
+/// Both forms keep about the same K/V bytes in flight an SM (six CTAs of 32 keys, three of 64).
+/// With two or more rows of a group a tile and pages of 16, one warp wins at every size: two-warp
+/// CTAs cut a small grid into coarser waves (512 items: -4.4%) and a large one (2048 items,
+/// split in four by `balance_tail_wave`) into more merge work (-4.6%; GQA 2: -1.6%). With one key
+/// a page each key's page id is a dependent load, and with one row a tile (MHA) a CTA's stream
+/// carries the least work a key: there twice the keys a CTA stream faster (+6.4%, +1.8%). The
+/// long-context batch (128 items, split to fill the device either way) is a tie. Batch-invariant
+/// plans keep one warp: the count changes the order of the sums, so it must not depend on the
+/// batch. Not measured: pages of 2-8 keys, other head dims, other GPUs.
 fn choose_kv_warps(x: &TileInput<'_>) -> (u32, String) {
     if let Some(n) = x.kv_warps {
         let n = if n > 1 { SHORT_TILE_KV_WARPS } else { 1 };
@@ -444,6 +450,20 @@ fn choose_kv_warps(x: &TileInput<'_>) -> (u32, String) {
             format!(
                 "1 warp along the keys: an SM holds {two} CTAs of {SHORT_TILE_KV_WARPS} warps \
                  against {one} of one, fewer keys in flight"
+            ),
+        );
+    }
+    if x.group_size > KV_WARPS_MAX_GROUP && x.page_size != Some(1) {
+        return (
+            1,
+            format!(
+                "1 warp along the keys: {} query heads a KV head over {}, where one-warp CTAs \
+                 streamed faster at every batch size measured",
+                x.group_size,
+                x.page_size
+                    .map_or("a ragged cache".to_string(), |p| format!(
+                        "pages of {p} keys"
+                    ))
             ),
         );
     }
@@ -844,7 +864,7 @@ mod tests {
     }
 
     #[test]
-    fn the_16_row_tile_takes_two_warps_along_the_keys_when_its_grid_is_several_waves() {
+    fn the_16_row_tile_takes_two_warps_along_the_keys_for_small_groups_and_pages_over_waves() {
         let one_warp = |t: &Tiles| {
             (
                 t.cta_tile_q,
@@ -878,9 +898,9 @@ mod tests {
                     })
         };
         // Two waves of two-warp CTAs on an H200 are 2 x 132 x 3 = 792 items. The measured
-        // batches (`choose_kv_warps`): MHA 64 x 4096 and 256 x 2048 (2048 items), page size 1
-        // 128 x 1024 (1024): two warps; 64 x 4096 and the skewed batch (512), 16 x 32768 (128):
-        // one.
+        // batches (`choose_kv_warps`): MHA 64 x 4096 (2048 items) and page size 1 128 x 1024
+        // (1024): two warps; group 4 over pages of 16 at 2048, 512 and 128 items: one.
+        let mha = |x: &mut TileInput<'_>| x.group_size = 1;
         for (items, two) in [
             (2048, true),
             (1024, true),
@@ -889,7 +909,7 @@ mod tests {
             (512, false),
             (128, false),
         ] {
-            let t = decode_tiles(items, 128, |_| ());
+            let t = decode_tiles(items, 128, mha);
             assert!(
                 if two { two_warps(&t) } else { one_warp(&t) },
                 "{items}: {t}"
@@ -902,18 +922,44 @@ mod tests {
             };
             assert!(t.to_string().contains(warps), "{t}");
         }
+        // Pages of one key likewise; groups of 2 and more over larger pages or a ragged cache
+        // keep one warp at any size.
+        let group = |g: u32, page: Option<u32>| {
+            move |x: &mut TileInput<'_>| {
+                x.group_size = g;
+                x.page_size = page;
+            }
+        };
+        assert!(one_warp(&decode_tiles(1024, 128, group(2, Some(16)))));
+        assert!(two_warps(&decode_tiles(1024, 128, group(4, Some(1)))));
+        assert!(one_warp(&decode_tiles(512, 128, group(4, Some(1)))));
+        for page in [Some(16), Some(2), None] {
+            let t = decode_tiles(2048, 128, group(4, page));
+            assert!(one_warp(&t), "{t}");
+            assert!(
+                t.to_string().contains("one-warp CTAs streamed faster"),
+                "{t}"
+            );
+        }
+        assert!(one_warp(&decode_tiles(1 << 20, 128, group(8, Some(16)))));
         // Head dim 64 likewise; at 256 an SM holds one two-warp CTA against three: one warp.
-        assert!(decode_tiles(2048, 64, |_| ()).instance.kv_warps == 2);
-        let t = decode_tiles(1 << 20, 256, |_| ());
+        assert!(decode_tiles(2048, 64, mha).instance.kv_warps == 2);
+        let t = decode_tiles(1 << 20, 256, mha);
         assert_eq!(
             (t.instance.kv_warps, t.threads, t.ctas_per_sm),
             (0, 32, Some(3))
         );
         assert!(t.to_string().contains("fewer keys in flight"), "{t}");
         // Batch-invariant, or no SM described: one warp, whatever the grid.
-        let t = decode_tiles(1 << 20, 128, |x| x.batch_invariant = true);
+        let t = decode_tiles(1 << 20, 128, |x| {
+            x.group_size = 1;
+            x.batch_invariant = true;
+        });
         assert!(one_warp(&t), "{t}");
-        let t = decode_tiles(1 << 20, 128, |x| x.sm = None);
+        let t = decode_tiles(1 << 20, 128, |x| {
+            x.group_size = 1;
+            x.sm = None;
+        });
         assert_eq!(
             (t.instance.kv_warps, t.threads, t.ctas_per_sm),
             (0, 32, None)
@@ -956,6 +1002,7 @@ mod tests {
             packed_rows,
             requests,
             group_size: 4,
+            page_size: None,
             head_dim_qk: 128,
             head_dim_vo: 128,
             sm,

@@ -29,6 +29,8 @@ pub struct TileInput<'a> {
     pub requests: u64,
     /// Query heads per KV head.
     pub group_size: u32,
+    /// Keys per page of a paged KV cache (`None`: contiguous or ragged).
+    pub page_size: Option<u32>,
     /// Elements per query and key head.
     pub head_dim_qk: u32,
     /// Elements per value and output head.

@@ -212,6 +212,7 @@ mod tests {
                 packed_rows: 8192 * 4,
                 requests: 1,
                 group_size: 4,
+                page_size: None,
                 head_dim_qk: 128,
                 head_dim_vo: 128,
                 sm: Some(&sm),

@@ -434,6 +434,7 @@ fn choose_tiles(reqs: &[Request], batch: &Batch, kind: KernelKind, opts: &PlanOp
             .sum(),
         requests: live.count() as u64,
         group_size: group,
+        page_size: batch.kv().page_size(),
         head_dim_qk: heads.head_dim(),
         head_dim_vo: heads.head_dim(),
         sm: opts.sm.as_ref().map(|sm| sm as &dyn SmResidency),
@@ -960,16 +961,16 @@ mod tests {
         // MHA, b64: 2048 items, a last wave of 464 (3.5 an SM): the split would not pay.
         assert_eq!(decode(&rows, 32, 32, 64, 4096, 16), (4096, 2048));
         // On a described Hopper SM the plan takes the occupancy of the instance it chose: one
-        // warp along the keys (six CTAs an SM) under two waves of two-warp CTAs, so GQA 4 b64
-        // plans as above; two warps (three an SM, 396 a wave) from 792 items, where the tail
-        // model then sees other waves: GQA 2 and page size 1 (1024 items, two waves and 232)
-        // stay unsplit, MHA's 2048 items (five waves and 68) split in four.
+        // warp along the keys (six CTAs an SM) for GQA 4 and GQA 2 over pages of 16, which plan
+        // as above; two warps (three an SM, 396 a wave) for page size 1 and MHA, where the tail
+        // model then sees other waves: page size 1 (1024 items, two waves and 232) stays
+        // unsplit, MHA's 2048 items (five waves and 68) split in four.
         let hopper = PlanOptions {
             one_row_per_request: true,
             ..PlanOptions::for_device(132, SmResources::typical(Arch::new(9, 0)))
         };
         assert_eq!(decode(&hopper, 32, 8, 64, 4096, 16), (4096, 512));
-        assert_eq!(decode(&hopper, 32, 16, 64, 4096, 16), (4096, 1024));
+        assert_eq!(decode(&hopper, 32, 16, 64, 4096, 16), (1376, 3072));
         assert_eq!(decode(&hopper, 32, 8, 128, 1024, 1), (1024, 1024));
         assert_eq!(decode(&hopper, 32, 32, 64, 4096, 16), (1024, 8192));
         // A graph capacity bounds the split.
@@ -1002,7 +1003,7 @@ mod tests {
     }
 
     #[test]
-    fn a_decode_takes_two_warps_along_the_keys_when_its_grid_is_several_waves() {
+    fn a_decode_takes_two_warps_along_the_keys_for_small_groups_and_pages_over_waves() {
         let hopper = PlanOptions {
             one_row_per_request: true,
             ..PlanOptions::for_device(132, SmResources::typical(Arch::new(9, 0)))
@@ -1041,15 +1042,16 @@ mod tests {
                 decode_step(32, 8, 128, &uniform(16, 32768), 16),
                 (1, 6, 5472, 768),
             ),
-            // MHA 64 x 4096 and GQA 4 256 x 2048: 2048 items; page size 1, 128 x 1024, and GQA 2
-            // 64 x 4096: 1024.
+            // MHA 64 x 4096: 2048 items, two warps; GQA 4 256 x 2048, also 2048, keeps one (a
+            // group of 4 over pages of 16); page size 1, 128 x 1024 (1024 items): two; GQA 2
+            // 64 x 4096 (1024): one.
             (
                 decode_step(32, 32, 128, &uniform(64, 4096), 16),
                 (2, 3, 1024, 8192),
             ),
             (
                 decode_step(32, 8, 128, &uniform(256, 2048), 16),
-                (2, 3, 512, 8192),
+                (1, 6, 2048, 2048),
             ),
             (
                 decode_step(32, 8, 128, &uniform(128, 1024), 1),
@@ -1057,7 +1059,7 @@ mod tests {
             ),
             (
                 decode_step(32, 16, 128, &uniform(64, 4096), 16),
-                (2, 3, 4096, 1024),
+                (1, 6, 1376, 3072),
             ),
             // Head dim 256: an SM holds one two-warp CTA against three one-warp ones, so one
             // warp, whose 396-CTA waves split the 2048 items in four.
@@ -1097,8 +1099,9 @@ mod tests {
             .unwrap();
         assert_eq!((t.instance.kv_warps, t.ctas_per_sm), (0, None));
         // A short prefill on the 16-row tile follows the same rule: 128 requests of two query
-        // rows (eight packed rows, one tile) over 100 keys, 8 KV heads, are 1024 items.
-        let heads = Heads::new(32, 8, 128).unwrap();
+        // rows (two packed rows under MHA, one tile) over 100 keys, 32 KV heads, are 4096 items:
+        // two warps; at a group of 4 (8 KV heads, 1024 items), one.
+        let heads = Heads::new(32, 32, 128).unwrap();
         let kv_indptr: Vec<i32> = (0..=128).map(|i| i * 100).collect();
         let qo_indptr: Vec<i32> = (0..=128).map(|i| i * 2).collect();
         let kv = KvIndex::ragged(&kv_indptr, KvLayout::Nhd).unwrap();
@@ -1111,7 +1114,15 @@ mod tests {
         let t = list.tiles.unwrap();
         assert_eq!(
             (t.cta_tile_q, t.instance.kv_warps, list.items.len()),
-            (16, 2, 1024)
+            (16, 2, 4096)
+        );
+        let kv = KvIndex::ragged(&kv_indptr, KvLayout::Nhd).unwrap();
+        let gqa4 = Batch::new(Heads::new(32, 8, 128).unwrap(), &qo_indptr, kv).unwrap();
+        let list = plan(&gqa4, KernelKind::Prefill, &prefill).unwrap();
+        let t = list.tiles.unwrap();
+        assert_eq!(
+            (t.cta_tile_q, t.instance.kv_warps, list.items.len()),
+            (16, 0, 1024)
         );
         // Only 1 or 2 warps exist.
         let e = plan(mha, KernelKind::Prefill, &force(4))

@@ -57,14 +57,15 @@ pub struct PlanConfig {
 /// other tiles have one form.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvWarps {
-    /// The plan's choice per batch, from measurements (H200, bf16, head dim 128, decode; the table
-    /// is at the tile function, `choose_kv_warps` in kernels/src/attention/prefill.rs): two when
-    /// the batch's work items, before any KV split, are at least two waves of two-warp CTAs and
-    /// the SM holds as many warps of them as of one-warp CTAs (MHA 64 x 4096, 2048 items: 4369
-    /// GB/s against 4131-4142; page size 1, 128 x 1024, 1024 items: 3535 against 3420), one
-    /// otherwise (GQA 4 64 x 4096, 512 items: 4157 against 3971 with two) and in batch-invariant
-    /// mode. In CUDA-graph mode the first plan's count holds for every replan, since a captured
-    /// kernel does not change.
+    /// The plan's choice per batch, from measurements (H200, bf16, head dim 128, decode, both
+    /// counts in one call; the table is at the tile function, `choose_kv_warps` in
+    /// kernels/src/attention/prefill.rs): two for MHA (one query head a KV head) or pages of one
+    /// key, when the batch's work items, before any KV split, are at least two waves of two-warp
+    /// CTAs and the SM holds as many warps of them as of one-warp CTAs (MHA 64 x 4096: 4403 GB/s
+    /// against 4323; page size 1, 128 x 1024: 3638 against 3419); one otherwise (GQA 4 64 x 4096:
+    /// 4147 against 3965 with two; 256 x 2048: 4233 against 4041; GQA 2 64 x 4096: 4304 against
+    /// 4233) and in batch-invariant mode. In CUDA-graph mode the first plan's count holds for
+    /// every replan, since a captured kernel does not change.
     #[default]
     Auto,
     /// One warp along the keys (six CTAs an H200 SM at head dim 128).
@@ -89,22 +90,21 @@ impl KvWarps {
 pub enum PrefillKernel {
     /// The faster template for the instance, from measurements: FA3 where it exists and was
     /// measured faster (Hopper, head dims 64 and 128, the 128-row tile, no query or key hooks),
-    /// FA2 elsewhere. At head dim 256 FA3 is faster when forced (550 against 258 TFLOP/s on one
+    /// FA2 elsewhere. At head dim 256 FA3 is faster when forced (556 against 259 TFLOP/s on one
     /// causal 8192 prompt), but FA2 plans 64-row tiles there, which have no FA3 form. The
     /// benchmark's prefill rows with each template forced (H200, bf16, 32/8 heads, TFLOP/s, one
-    /// call on 2026-11-30, FA3 v18 of `kernels/notes/fa3.md`; head dim 128 unless named):
+    /// call on 2026-11-30, FA3 v19 of `kernels/notes/fa3.md`; head dim 128 unless named):
     ///
     /// | config | FA2 | FA3 |
     /// |---|---:|---:|
-    /// | one request, 8192 causal | 345 | 514 |
-    /// | one request, 8192 full | 350 | 532 |
-    /// | 8192 causal, soft-cap 30 | 302 | 416 |
-    /// | 16 x 1024 causal, ragged | 259 | 329 |
-    /// | 16 x 1024 causal, page 16 | 254 | 296 |
-    /// | 4 x 8192 causal, page 16 | 337 | 452 |
-    /// | 16 x 256 appended to 4096, page 16 | 322 | 443 |
-    /// | 8192 causal, head dim 64 | 268 | 398 |
-    /// | 8192 causal, head dim 256 | 258 | 550 |
+    /// | one request, 8192 causal | 345 | 561 |
+    /// | one request, 8192 full | 347 | 596 |
+    /// | 8192 causal, soft-cap 30 | 301 | 453 |
+    /// | 16 x 1024 causal, ragged | 257 | 342 |
+    /// | 16 x 1024 causal, page 16 | 252 | 288 |
+    /// | 16 x 256 appended to 4096, page 16 | 320 | 436 |
+    /// | 8192 causal, head dim 64 | 267 | 398 |
+    /// | 8192 causal, head dim 256 | 259 | 556 |
     ///
     /// A variant whose FA3 build spills registers is rebuilt with its consumers in order, and
     /// runs FA2 if that spills too (today the attention sink at head dims 128 and 256).
