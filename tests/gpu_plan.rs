@@ -232,6 +232,81 @@ fn gpu_cuda_graph_refuses_what_a_capture_froze() {
     assert!(e.contains("CUDA-graph mode"), "{e}");
 }
 
+/// A prefill graph plan keeps the query tile of its first plan: a captured kernel of 16 rows
+/// replayed on a replanned batch of long prompts (which alone would get 64- or 128-row tiles, and
+/// items of as many rows) must still write every row. Ragged cache, GQA 4, head dim 128, causal.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_cuda_graph_prefill_keeps_its_query_tile() {
+    let gpu = gpu();
+    let mut rng = Rng::from_time();
+    let seed = rng.seed();
+    let heads = Heads::new(8, 2, 128).unwrap();
+    let (max_rows, cache_tokens) = (600u32, 1200u32);
+    let k = bf(rng.normal_vec(cache_tokens as usize * 2 * 128));
+    let v = bf(rng.normal_vec(cache_tokens as usize * 2 * 128));
+    let q_elems = max_rows as usize * 8 * 128;
+    let batch = |qo: &[u32], kv: &[u32]| {
+        let cache = KvIndex::ragged_in(&indptr(kv), cache_tokens, KvLayout::Nhd).unwrap();
+        Batch::new(heads, &indptr(qo), cache)
+            .unwrap()
+            .with_causal(true)
+    };
+    let tile = |list: Option<&ferrinfer::attention::plan::WorkList>| {
+        list.and_then(|l| l.tiles.as_ref())
+            .expect("a GPU plan records its tiles")
+            .cta_tile_q
+    };
+    // (query rows, keys) a request: a short first batch (a 16-row tile), then long prompts.
+    let steps: [(&[u32], &[u32]); 3] = [
+        (&[2, 3], &[40, 90]),
+        (&[300, 250], &[300, 700]),
+        (&[1, 599], &[5, 600]),
+    ];
+    let long = batch(steps[1].0, steps[1].1);
+    let alone = BatchPrefill::plan(&gpu, long).unwrap();
+    assert!(
+        tile(alone.work_list()) > 16,
+        "the long batch alone takes a larger tile"
+    );
+    let config = PlanConfig {
+        graph: Some(GraphCapacity {
+            work_items: 2048,
+            batch: 4,
+            qo_rows: max_rows,
+            kv_blocks: 4,
+        }),
+        ..PlanConfig::default()
+    };
+    let plan = BatchPrefill::plan_with(&gpu, batch(steps[0].0, steps[0].1), config).unwrap();
+    assert_eq!(tile(plan.work_list()), 16);
+    let buffers = RunBuffers {
+        q: gpu.filled(q_elems, bf16::NAN).unwrap(),
+        k: gpu.upload(&k).unwrap(),
+        v: gpu.upload(&v).unwrap(),
+        o: gpu.filled(q_elems, bf16::NAN).unwrap(),
+        lse: None,
+    };
+    let mut graph = plan.capture(Standard, buffers).unwrap();
+    for (step, (qo, kv)) in steps.iter().enumerate() {
+        let b = batch(qo, kv);
+        graph.replan(b.clone()).unwrap();
+        assert_eq!(tile(graph.plan().work_list()), 16, "step {step}");
+        let rows = qo.iter().sum::<u32>() as usize * 8 * 128;
+        let mut q = bf(rng.normal_vec(rows));
+        q.resize(q_elems, bf16::NAN);
+        graph.write(Input::Q, &q).unwrap();
+        graph.launch().unwrap();
+        let got = to_f32(&graph.o().to_vec().unwrap()[..rows]);
+        let want = reference::attention_typed(&Standard, &b, &q[..rows], &k, &v).unwrap();
+        let err = rel_l2(&got, &want.o);
+        assert!(
+            err <= 1e-2,
+            "step {step}: relative L2 error {err:.2e} (seed {seed})"
+        );
+    }
+}
+
 /// A decode graph plan keeps the warps along the keys of its first plan (a captured kernel does
 /// not change), whichever the later batches would get alone: MHA at head dim 64, 64 requests
 /// (2048 work items, two waves of two-warp CTAs on any GPU of up to 341 SMs) against 2 (64).
@@ -270,16 +345,20 @@ fn gpu_cuda_graph_keeps_the_warps_along_the_keys_of_its_first_plan() {
     let mut from_few = graph(few);
     from_few.replan(many(), None).unwrap();
     assert_eq!(warps(&from_few), 1);
-    // A caller's count wins over the pin.
-    let two = PlanConfig {
-        kv_warps: KvWarps::Two,
+    // A caller's count holds in graph mode against the one `Auto` would pick, either way.
+    let fixed = |n: KvWarps| PlanConfig {
+        kv_warps: n,
         ..config
     };
-    let mut forced =
-        BatchDecode::plan_with(&gpu, heads, paged(&[1], 16, num_pages, &mut rng), None, two)
-            .unwrap();
-    forced.replan(many(), None).unwrap();
-    assert_eq!(warps(&forced), 2);
+    let mut one = BatchDecode::plan_with(&gpu, heads, many(), None, fixed(KvWarps::One)).unwrap();
+    assert_eq!(warps(&one), 1);
+    one.replan(many(), None).unwrap();
+    assert_eq!(warps(&one), 1);
+    let few = paged(&[1], 16, num_pages, &mut rng);
+    let mut two = BatchDecode::plan_with(&gpu, heads, few, None, fixed(KvWarps::Two)).unwrap();
+    assert_eq!(warps(&two), 2);
+    two.replan(many(), None).unwrap();
+    assert_eq!(warps(&two), 2);
 }
 
 #[test]

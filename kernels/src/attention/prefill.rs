@@ -373,11 +373,16 @@ pub(crate) fn two_kv_warps(cfg: &KernelConfig) -> Option<KernelConfig> {
 }
 
 /// CTAs of the 16-row tile at head dim `hd` an SM like `sm` holds with the most registers a
-/// variant may take: with one warp along the keys, and with two.
+/// variant may take: with one warp along the keys, and with two; 0 where one CTA does not fit
+/// (two warps at head dim 256 need 141 KB: more than an sm_86 or sm_89 SM has).
 fn short_tile_residency(hd: u32, sm: &dyn SmResidency) -> (u32, u32) {
     let resident = |kv_warps| {
         let s = Shape::new(hd, 16, default_kv_tile(hd), kv_warps);
-        sm.resident_ctas(s.warps * WARP, s.shared_bytes, MAX_REGISTERS)
+        if sm.fits(s.shared_bytes) {
+            sm.resident_ctas(s.warps * WARP, s.shared_bytes, MAX_REGISTERS)
+        } else {
+            0
+        }
     };
     (resident(1), resident(SHORT_TILE_KV_WARPS))
 }
@@ -388,7 +393,7 @@ fn short_tile_residency(hd: u32, sm: &dyn SmResidency) -> (u32, u32) {
 /// on Hopper (one of 141 KB against three of 75 KB).
 fn two_kv_warps_fit(hd: u32, sm: &dyn SmResidency) -> bool {
     let (one, two) = short_tile_residency(hd, sm);
-    two * SHORT_TILE_KV_WARPS >= one
+    two > 0 && two * SHORT_TILE_KV_WARPS >= one
 }
 
 /// Warps along the keys of the 16-row tile for a batch (1 or 2), and why: two for one query head
@@ -444,7 +449,7 @@ fn choose_kv_warps(x: &TileInput<'_>) -> (u32, String) {
         );
     };
     let (one, two) = short_tile_residency(x.head_dim_qk, sm);
-    if two * SHORT_TILE_KV_WARPS < one {
+    if two == 0 || two * SHORT_TILE_KV_WARPS < one {
         return (
             1,
             format!(
@@ -950,6 +955,24 @@ mod tests {
             (0, 32, Some(3))
         );
         assert!(t.to_string().contains("fewer keys in flight"), "{t}");
+        // An SM of 100 KiB (sm_86, sm_89) holds one one-warp CTA at 256 (75 KB) and no two-warp
+        // one (141 KB): one warp, not a CTA that cannot launch.
+        let small = Sm(100 * 1024);
+        let work_items = |_: u32| 1u64 << 20;
+        let t = tiles(&TileInput {
+            one_row_per_request: true,
+            head_dim_qk: 256,
+            head_dim_vo: 256,
+            num_sms: 132,
+            work_items: &work_items,
+            group_size: 1,
+            ..input(1 << 20, 1 << 20, Some(&small))
+        });
+        assert_eq!(
+            (t.instance.kv_warps, t.threads, t.ctas_per_sm),
+            (0, 32, Some(1))
+        );
+        assert!(t.to_string().contains("holds 0 CTAs of 2 warps"), "{t}");
         // Batch-invariant, or no SM described: one warp, whatever the grid.
         let t = decode_tiles(1 << 20, 128, |x| {
             x.group_size = 1;
@@ -994,6 +1017,9 @@ mod tests {
             let per_warp = (regs * 32).div_ceil(256) * 256;
             let by_registers = 65_536 / (per_warp * threads.div_ceil(32)).max(1);
             (self.0 / (shared + 1024)).min(by_registers).max(1)
+        }
+        fn fits(&self, shared: u32) -> bool {
+            shared + 1024 <= self.0
         }
     }
 

@@ -14,6 +14,9 @@ pub trait SmResidency {
     /// CTAs of `threads` threads using `shared_bytes` of dynamic shared memory that fit on one
     /// SM when every thread holds `registers_per_thread` registers (at least 1).
     fn resident_ctas(&self, threads: u32, shared_bytes: u32, registers_per_thread: u32) -> u32;
+    /// Whether one CTA using `shared_bytes` of dynamic shared memory fits an SM at all
+    /// (`resident_ctas` counts at least 1, so a choice between shapes asks this first).
+    fn fits(&self, shared_bytes: u32) -> bool;
 }
 
 /// Registers per thread a variant's instance may take (ptxas' limit). The plan is made before any

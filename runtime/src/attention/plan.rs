@@ -452,6 +452,9 @@ impl SmResidency for SmResources {
     fn resident_ctas(&self, threads: u32, shared_bytes: u32, registers_per_thread: u32) -> u32 {
         SmResources::resident_ctas(self, threads, shared_bytes, registers_per_thread)
     }
+    fn fits(&self, shared_bytes: u32) -> bool {
+        SmResources::fits(self, shared_bytes)
+    }
 }
 
 /// Chunks of a request of `kv_len` keys; a request with no key still has one (empty) chunk.

@@ -37,8 +37,10 @@ pub struct PlanConfig {
     /// CUDA-graph mode: scratch buffers sized once for these bounds; every later `replan` reuses
     /// them, so a captured `run` stays valid. What a capture freezes (heads, causal, `sm_scale`,
     /// the cache's page size, layout and capacity) is pinned by the first plan, and a `replan`
-    /// that changes it is refused. `run` then takes q and o (and the LSE) sized for
-    /// [`GraphCapacity::qo_rows`] rows, not for the batch. Capture with
+    /// that changes it is refused. The first plan's kernel instance holds too (its query tile and
+    /// warps along the keys): a later batch is cut into items of that tile, and one that needs
+    /// more items than [`GraphCapacity::work_items`] is refused. `run` then takes q and o (and
+    /// the LSE) sized for [`GraphCapacity::qo_rows`] rows, not for the batch. Capture with
     /// [`BatchPrefill::capture`] / [`BatchDecode::capture`]. GPU backends only.
     pub graph: Option<GraphCapacity>,
     /// Which kernel runs [`BatchDecode`] (ignored by [`BatchPrefill`]).
@@ -786,20 +788,23 @@ impl Planned {
         if !self.decode && self.config.prefill_kernel == PrefillKernel::Fa3 {
             o.query_tile = Some(FA3_QUERY_TILE);
         }
-        o.kv_warps = self
-            .config
-            .kv_warps
-            .fixed()
-            .or_else(|| self.graph_kv_warps());
+        // In CUDA-graph mode a replan keeps the plan before's query tile and warps along the keys
+        // (so, by induction, the first plan's instance): a captured run replays its kernel, and a
+        // kernel of 16 rows given items of 64 would leave their other rows unwritten. A batch
+        // that needs more items at that tile than the graph holds is refused (its capacity).
+        let pinned = self.graph_tiles();
+        if self.kind == KernelKind::Prefill {
+            o.query_tile = o.query_tile.or(pinned.map(|(q, _)| q));
+        }
+        o.kv_warps = self.config.kv_warps.fixed().or(pinned.map(|(_, w)| w));
         o
     }
 
-    /// In CUDA-graph mode, the warps along the keys of the plan before: a captured run keeps its
-    /// kernel, so a replan keeps its count (and the occupancy the split was sized for).
-    fn graph_kv_warps(&self) -> Option<u32> {
+    /// In CUDA-graph mode, the query tile and warps along the keys of the plan before.
+    fn graph_tiles(&self) -> Option<(u32, u32)> {
         self.config.graph?;
         let tiles = self.work.as_ref()?.tiles.as_ref()?;
-        Some(tiles.instance.kv_warps.max(1))
+        Some((tiles.cta_tile_q, tiles.instance.kv_warps.max(1)))
     }
 
     /// Whether this is a decode planned on the prefill template.

@@ -212,6 +212,11 @@ impl SmResources {
         let by_shared = self.shared_bytes / (shared_bytes + self.reserved_shared_per_cta).max(1);
         by_registers.min(by_shared).max(1)
     }
+    /// Whether one CTA using `shared_bytes` of dynamic shared memory fits an SM at all.
+    pub fn fits(&self, shared_bytes: u32) -> bool {
+        u64::from(shared_bytes) + u64::from(self.reserved_shared_per_cta)
+            <= u64::from(self.shared_bytes)
+    }
 }
 
 thread_local! {
@@ -754,7 +759,9 @@ mod tests {
         assert_eq!(sm.resident_ctas(128, 66_368, 255), 2);
         // Registers round up per warp: 129 per thread takes 136 x 32 = 4352 a warp.
         assert_eq!(sm.resident_ctas(128, 0, 129), 65_536 / (4 * 4352));
-        // Something always runs, if slowly.
+        // Something always runs, if slowly; whether it fits at all is `fits`.
         assert_eq!(sm.resident_ctas(1024, 300_000, 255), 1);
+        assert!(!sm.fits(300_000));
+        assert!(sm.fits(232_448) && !sm.fits(232_449));
     }
 }
