@@ -387,12 +387,12 @@ fn short_tile_residency(hd: u32, sm: &dyn SmResidency) -> (u32, u32) {
     (resident(1), resident(SHORT_TILE_KV_WARPS))
 }
 
-/// Whether an SM like `sm` holds as many warps along the keys (so as many keys in flight) in
-/// two-warp CTAs of the 16-row tile as in one-warp CTAs: true at head dims 64 and 128 (three
-/// CTAs of two warps against six of one on an H200, two against four on an A100), false at 256
-/// on Hopper (one of 141 KB against three of 75 KB).
-fn two_kv_warps_fit(hd: u32, sm: &dyn SmResidency) -> bool {
-    let (one, two) = short_tile_residency(hd, sm);
+/// Whether, by [`short_tile_residency`]'s `(one, two)`, an SM holds as many warps along the keys
+/// (so as many keys in flight) in two-warp CTAs of the 16-row tile as in one-warp CTAs: true at
+/// head dims 64 and 128 (three CTAs of two warps against six of one on an H200, two against four
+/// on an A100), false at 256 on Hopper (one of 141 KB against three of 75 KB) and where a
+/// two-warp CTA does not fit at all.
+fn two_kv_warps_fit((one, two): (u32, u32)) -> bool {
     two > 0 && two * SHORT_TILE_KV_WARPS >= one
 }
 
@@ -449,7 +449,7 @@ fn choose_kv_warps(x: &TileInput<'_>) -> (u32, String) {
         );
     };
     let (one, two) = short_tile_residency(x.head_dim_qk, sm);
-    if two == 0 || two * SHORT_TILE_KV_WARPS < one {
+    if !two_kv_warps_fit((one, two)) {
         return (
             1,
             format!(
@@ -646,7 +646,8 @@ pub fn tiles(x: &TileInput<'_>) -> Tiles {
 fn instances(arch: ArchClass, sm: &dyn SmResidency) -> Vec<KernelConfig> {
     let mut all = FAMILY.each_instance(arch, &[16, 64, 128], |cfg| {
         let wide = wide_kv_tile(cfg).filter(|w| wide_kv_tile_pays(&Shape::of(w), sm));
-        let two = two_kv_warps(cfg).filter(|_| two_kv_warps_fit(cfg.head_dim_qk, sm));
+        let two = two_kv_warps(cfg)
+            .filter(|_| two_kv_warps_fit(short_tile_residency(cfg.head_dim_qk, sm)));
         wide.into_iter().chain(two).collect()
     });
     let sm90: Vec<_> = all
@@ -842,7 +843,8 @@ mod tests {
         assert_eq!(short_tile_residency(64, &hopper), (6, 3));
         assert_eq!(short_tile_residency(128, &hopper), (6, 3));
         assert_eq!(short_tile_residency(256, &hopper), (3, 1));
-        assert!(two_kv_warps_fit(128, &hopper) && !two_kv_warps_fit(256, &hopper));
+        let fit = |hd| two_kv_warps_fit(short_tile_residency(hd, &hopper));
+        assert!(fit(128) && !fit(256));
         let a100 = Sm(164 * 1024);
         assert_eq!(short_tile_residency(128, &a100), (4, 2));
         assert_eq!(short_tile_residency(256, &a100), (2, 1));
