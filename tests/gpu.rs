@@ -528,6 +528,119 @@ fn gpu_sm90_many_items_a_cta() {
     }
 }
 
+/// FA3 at head dim 128 runs its consumers in order where K/V go through cp.async (pages of 16
+/// and 32, and of 12 keys, which TMA cannot copy) and overlapped where they go by TMA (ragged,
+/// pages of 64) (Hopper only). The cases alternate, so both builds are loaded at once, and each
+/// plan runs twice; ALiBi's overlapped build spills, so it runs in order under both. Then a CUDA
+/// graph over pages of 16, captured with the in-order build, replanned and replayed.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_sm90_in_order_where_kv_goes_by_cp_async() {
+    let gpu = gpu();
+    if not_hopper(&gpu) {
+        return;
+    }
+    let fa3 = [fa3()];
+    let heads = Heads::new(8, 2, 128).unwrap();
+    for (page_size, layout) in [
+        (Some(16), KvLayout::Nhd),
+        (None, KvLayout::Nhd),
+        (Some(32), KvLayout::Hnd),
+        (Some(64), KvLayout::Nhd),
+        (Some(12), KvLayout::Hnd),
+        (Some(16), KvLayout::Hnd),
+    ] {
+        for causal in [true, false] {
+            let case = Case {
+                heads,
+                qo_lens: vec![300, 129, 0, 64, 200],
+                kv_lens: vec![700, 129, 50, 1000, 100],
+                page_size,
+                layout,
+                causal,
+                decode: false,
+            };
+            check_runs::<Standard, bf16>(&gpu, &Standard, &case, &fa3, 2);
+            check_with::<SoftCap, f16>(&gpu, &SoftCap { cap: 5.0 }, &case, &fa3);
+            check_with::<Alibi, bf16>(&gpu, &Alibi::new(8), &case, &fa3);
+        }
+    }
+    // Few rows over long KV: the plan splits it (partials and the merge).
+    let split = Case {
+        heads,
+        qo_lens: vec![100, 37, 0],
+        kv_lens: vec![4000, 2500, 10],
+        page_size: Some(16),
+        layout: KvLayout::Nhd,
+        causal: true,
+        decode: false,
+    };
+    check_with::<Standard, bf16>(&gpu, &Standard, &split, &fa3);
+
+    // The graph: the batches share one cache of shuffled pages of 16.
+    let mut rng = Rng::from_time();
+    let seed = rng.seed();
+    let (num_pages, max_rows) = (200u32, 600u32);
+    let round = |xs: Vec<f32>| -> Vec<bf16> { xs.into_iter().map(bf16::from_f32).collect() };
+    let cache = num_pages as usize * 16 * 2 * 128;
+    let (k, v) = (round(rng.normal_vec(cache)), round(rng.normal_vec(cache)));
+    let mut ids: Vec<i32> = (0..num_pages as i32).collect();
+    rng.shuffle(&mut ids);
+    let batch = |qo: &[u32], kv: &[u32]| {
+        let pages: u32 = kv.iter().map(|l| l.div_ceil(16)).sum();
+        let index =
+            KvIndex::paged_from_lens(16, kv, &ids[..pages as usize], num_pages, KvLayout::Nhd)
+                .unwrap();
+        Batch::new(heads, &indptr(qo), index)
+            .unwrap()
+            .with_causal(true)
+    };
+    let steps: [(&[u32], &[u32]); 3] = [
+        (&[300, 129], &[700, 129]),
+        (&[1, 599], &[5, 1000]),
+        (&[200, 200, 200], &[1000, 300, 900]),
+    ];
+    let config = PlanConfig {
+        graph: Some(GraphCapacity {
+            work_items: 2048,
+            batch: 4,
+            qo_rows: max_rows,
+            kv_blocks: num_pages,
+        }),
+        ..fa3[0]
+    };
+    let q_elems = max_rows as usize * 8 * 128;
+    let plan = BatchPrefill::plan_with(&gpu, batch(steps[0].0, steps[0].1), config).unwrap();
+    let buffers = RunBuffers {
+        q: gpu.filled(q_elems, bf16::NAN).unwrap(),
+        k: gpu.upload(&k).unwrap(),
+        v: gpu.upload(&v).unwrap(),
+        o: gpu.filled(q_elems, bf16::NAN).unwrap(),
+        lse: None,
+    };
+    let mut graph = plan.capture(Standard, buffers).unwrap();
+    for (step, (qo, kv)) in steps.iter().enumerate() {
+        let b = batch(qo, kv);
+        graph.replan(b.clone()).unwrap();
+        let rows = b.q_len();
+        let mut q = round(rng.normal_vec(rows));
+        q.resize(q_elems, bf16::NAN);
+        graph.write(Input::Q, &q).unwrap();
+        graph.launch().unwrap();
+        let got: Vec<f32> = graph.o().to_vec().unwrap()[..rows]
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        let want = reference::attention_typed(&Standard, &b, &q[..rows], &k, &v).unwrap();
+        let (err, request, head) = worst_rel_l2(&b, &got, &want.o);
+        assert!(
+            err <= tolerance::<bf16>(),
+            "graph step {step}: relative L2 error {err:.2e} at request {request}, head {head} \
+             (seed {seed})"
+        );
+    }
+}
+
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gpu_standard() {

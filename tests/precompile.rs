@@ -125,3 +125,53 @@ fn refuses_what_cannot_work_and_names_it() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// On Hopper the FA3 instance at head dim 128 is precompiled with its consumers in order as well
+/// (what a launch whose K/V go through cp.async runs, e.g. over pages of 16), as a build of its
+/// own; head dims 64 and 256 have one build.
+#[test]
+fn hopper_gets_the_in_order_fa3_build_at_head_dim_128() {
+    let jobs = |hd| {
+        Precompile::all()
+            .variants(&["Standard"])
+            .head_dims(&[hd])
+            .dtypes(&[DType::Bf16])
+            .archs(&[Arch::SM90])
+            .ops(false)
+            .jobs()
+            .unwrap()
+    };
+    let fa3 = "Standard prefill_hd128_bf16_q128_k128_sm90a";
+    let in_order = format!("{fa3} in order");
+    let at_128 = jobs(128);
+    let find = |name: &str| {
+        at_128
+            .iter()
+            .find(|j| j.name == name)
+            .unwrap_or_else(|| panic!("no job {name}"))
+    };
+    for hd in [64, 256] {
+        assert!(
+            !jobs(hd).iter().any(|j| j.name.ends_with(" in order")),
+            "head dim {hd}"
+        );
+    }
+    let dir = temp_dir("in-order");
+    let jit = jit(&dir, true);
+    let (overlap, in_order) = (
+        find(fa3).compile(&jit).unwrap(),
+        find(&in_order).compile(&jit).unwrap(),
+    );
+    assert_eq!(
+        (overlap.origin, in_order.origin),
+        (
+            ferrinfer::jit::Origin::Compiled,
+            ferrinfer::jit::Origin::Compiled
+        ),
+        "two builds, neither a cache hit of the other"
+    );
+    assert_ne!(overlap.cubin, in_order.cubin);
+    assert_eq!(overlap.entry, in_order.entry);
+    assert_eq!(in_order.stats.spill_stores + in_order.stats.spill_loads, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -167,7 +167,8 @@ template <int D>
 constexpr unsigned kSm90ConsumerRegs = D == 256 ? 224 : 232;
 
 // FI_SM90_OVERLAP: 1 (default) overlaps at head dims 64 and 128, 0 never, 2 at every head dim
-// (a measurement switch); the runtime defines 0 for a variant whose overlapping build spills.
+// (a measurement switch); the runtime defines 0 for a variant whose overlapping build spills,
+// and at head dim 128 for a launch whose K/V all go through cp.async (no TMA maps).
 #ifndef FI_SM90_OVERLAP
 #define FI_SM90_OVERLAP 1
 #endif

@@ -203,11 +203,36 @@ pub fn sm90_form(cfg: &KernelConfig) -> Option<KernelConfig> {
     })
 }
 
+/// The consumers' loop of an FA3 build. Both loops read the same work list and maps, with the
+/// same launch and shared memory, and write the same results: only the source differs (and so
+/// every cache key).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Sm90Loop {
+    /// The template's default (`FI_SM90_OVERLAP 1`): FA3's intra-warpgroup overlap (the
+    /// softmax of tile t under P V of tile t - 1) where [`sm90_overlaps`], in order elsewhere.
+    #[default]
+    Default,
+    /// S, softmax and P V in order each tile, at every head dim ([`sm90_in_order`]).
+    InOrder,
+}
+
+/// Whether the template's default build overlaps at `head_dim` (`kSm90Overlap`): at 64 and
+/// 128; at 256 it is in order already, so [`Sm90Loop::InOrder`] changes nothing there.
+///
+/// ```
+/// use ferrinfer_kernels::attention::prefill::sm90_overlaps;
+/// assert!(sm90_overlaps(64) && sm90_overlaps(128) && !sm90_overlaps(256));
+/// ```
+pub const fn sm90_overlaps(head_dim: u32) -> bool {
+    matches!(head_dim, 64 | 128)
+}
+
 /// An FA3 translation unit with its consumers in order (S, softmax, P V each tile) instead of
 /// FA3's intra-warpgroup overlap (the softmax of tile t under P V of tile t - 1). The overlap
 /// keeps P live across the softmax: variants with heavy hooks (ALiBi, a custom mask, a sink)
 /// spill with it at head dims 64 and 128, and fit in order. The runtime builds this form when
-/// the overlapping build spills, and FA2 when this one spills too. Same kernel, launch and
+/// the overlapping build spills (and FA2 when this one spills too), and where the launch's K/V
+/// all go through cp.async at head dim 128 (the overlap lost there). Same kernel, launch and
 /// shared memory; only the source (and so the cache key) differs.
 ///
 /// ```

@@ -4,10 +4,11 @@
 
 use std::sync::Arc;
 
-use ferrinfer_kernels::attention::prefill::{sm90_form, sm90_in_order};
+use ferrinfer_kernels::attention::prefill::{Sm90Loop, sm90_form, sm90_in_order, sm90_overlaps};
 use ferrinfer_kernels::{ArchClass, DType, HEAD_DIMS, KernelConfig, KernelKind, VariantSource};
 
 use crate::attention::launch::{self, Kernel};
+use crate::attention::tma;
 use crate::device::gpu::{Gpu, SmResources};
 use crate::error::{Error, Result};
 use crate::jit::{Arch, CompiledKernel, Jit};
@@ -94,15 +95,44 @@ pub fn supports(spec: &VariantSpec, cfg: &KernelConfig) -> Result<()> {
     Ok(())
 }
 
-/// The dispatch key of an instance: variant (name and hash of its lowered CUDA), kernel, arch.
-pub fn key(spec: &VariantSpec, cfg: &KernelConfig, arch: Arch) -> String {
+/// The dispatch key of an instance: variant (name and hash of its lowered CUDA), kernel, the FA3
+/// consumers' loop where it is not the default (both builds may be loaded at once), arch.
+pub fn key(spec: &VariantSpec, cfg: &KernelConfig, lp: Sm90Loop, arch: Arch) -> String {
+    let lp = match loop_of(cfg, lp) {
+        Sm90Loop::Default => "",
+        Sm90Loop::InOrder => "/in-order",
+    };
     format!(
-        "{}#{:016x}/{}/{}",
+        "{}#{:016x}/{}{lp}/{}",
         spec.qualified_name(),
         spec.cuda_hash(),
         cfg.name(),
         arch.sm_name()
     )
+}
+
+/// `lp` where it changes `cfg`'s build: an FA3 instance at a head dim whose default overlaps.
+fn loop_of(cfg: &KernelConfig, lp: Sm90Loop) -> Sm90Loop {
+    let fa3 = sm90_form(cfg) == Some(*cfg);
+    if fa3 && sm90_overlaps(cfg.head_dim_qk) {
+        lp
+    } else {
+        Sm90Loop::Default
+    }
+}
+
+/// The consumers' loops the runtime may launch `cfg` with, unless `FERRINFER_SM90_OVERLAP` forces
+/// one: for an FA3 instance, the default and the one for a launch without TMA maps (in order at
+/// head dim 128); one build otherwise. [`crate::precompile()`] builds each.
+pub fn loops(cfg: &KernelConfig) -> Vec<Sm90Loop> {
+    let mut loops = vec![Sm90Loop::Default];
+    if sm90_form(cfg) == Some(*cfg) {
+        let without_tma = loop_of(cfg, tma::choose_loop(cfg.head_dim_qk, false, None));
+        if without_tma != Sm90Loop::Default {
+            loops.push(without_tma);
+        }
+    }
+    loops
 }
 
 /// Compile (or fetch from the global caches) one kernel instance. Needs NVRTC but no GPU.
@@ -117,6 +147,18 @@ pub fn compile_with(
     cfg: &KernelConfig,
     arch: Arch,
 ) -> Result<Arc<CompiledKernel>> {
+    compile_loop_with(jit, spec, cfg, Sm90Loop::Default, arch)
+}
+
+/// [`compile_with`] with the FA3 consumers' loop `lp` (see [`loops`]; other instances have one
+/// build and ignore it).
+pub fn compile_loop_with(
+    jit: &Jit,
+    spec: &VariantSpec,
+    cfg: &KernelConfig,
+    lp: Sm90Loop,
+    arch: Arch,
+) -> Result<Arc<CompiledKernel>> {
     check_supported(cfg, arch)?;
     supports(spec, cfg)?;
     let params = cuda_struct(spec.params);
@@ -129,6 +171,9 @@ pub fn compile_with(
         },
     )
     .map_err(|e| Error::unsupported(format!("{} for {}: {e}", cfg.name(), spec.name)))?;
+    if loop_of(cfg, lp) == Sm90Loop::InOrder {
+        return jit.compile(&sm90_in_order(&tu), arch);
+    }
     let k = jit.compile(&tu, arch)?;
     // An FA3 build that spills with the consumers' overlap is rebuilt with them in order (heavy
     // hooks fit then); [`kernel`] falls back to FA2 if that one spills too.
@@ -142,20 +187,21 @@ fn spills(k: &CompiledKernel) -> bool {
     k.stats.spill_stores > 0 || k.stats.spill_loads > 0
 }
 
-/// The loaded kernel and its merge pass for this variant and config, or for `fallback` when the
-/// variant's build of `cfg` spills registers (the wide K/V tile's fallback, from the plan's tiles).
-/// `cfg.arch` must be the device's class (see [`config`]).
+/// The loaded kernel and its merge pass for this variant, config and FA3 loop, or for `fallback`
+/// when the variant's build of `cfg` spills registers (the wide K/V tile's fallback, from the
+/// plan's tiles). `cfg.arch` must be the device's class (see [`config`]).
 pub(crate) fn kernel(
     gpu: &Gpu,
     spec: &VariantSpec,
     cfg: &KernelConfig,
+    lp: Sm90Loop,
     fallback: Option<&KernelConfig>,
 ) -> Result<Kernel> {
     let arch = gpu.arch();
     check_supported(cfg, arch)?;
     // Keyed by what was asked for: the spill test runs once per process.
-    launch::load(gpu, &key(spec, cfg, arch), || {
-        let k = compile(spec, cfg, arch)?;
+    launch::load(gpu, &key(spec, cfg, lp, arch), || {
+        let k = compile_loop_with(Jit::global(), spec, cfg, lp, arch)?;
         match fallback {
             Some(f) if spills(&k) => Ok((compile(spec, f, arch)?, *f)),
             _ => Ok((k, *cfg)),
@@ -227,6 +273,46 @@ mod tests {
         };
         assert_eq!(on(Arch::new(9, 0)), Some(64));
         assert_eq!(on(Arch::new(8, 0)), None);
+    }
+
+    #[test]
+    fn the_in_order_fa3_build_has_its_own_key_at_head_dim_128() {
+        let spec = VariantSpec {
+            name: "Plain",
+            module_path: "tests",
+            hooks: crate::variant::Hooks::default(),
+            softmax: true,
+            params: &[],
+            cuda: "",
+        };
+        let hopper = Arch::new(9, 0);
+        let fa3 = |hd| {
+            let cfg = config(hopper, KernelKind::Prefill, hd, DType::Bf16).unwrap();
+            let tiles = ferrinfer_kernels::InstanceTiles {
+                cta_tile_q: 128,
+                ..Default::default()
+            };
+            sm90_form(&cfg.with_tiles(tiles)).unwrap()
+        };
+        let key_of = |cfg: &KernelConfig, lp| key(&spec, cfg, lp, hopper);
+        // Head dim 128: both builds, each under its own key, so both can be loaded at once.
+        let c128 = fa3(128);
+        assert_eq!(loops(&c128), [Sm90Loop::Default, Sm90Loop::InOrder]);
+        assert_ne!(
+            key_of(&c128, Sm90Loop::InOrder),
+            key_of(&c128, Sm90Loop::Default)
+        );
+        assert!(key_of(&c128, Sm90Loop::InOrder).contains("/in-order"));
+        // Head dim 64 keeps the overlap; 256 and FA2 have one build, whatever is asked.
+        assert_eq!(loops(&fa3(64)), [Sm90Loop::Default]);
+        let fa2 = config(hopper, KernelKind::Prefill, 128, DType::Bf16).unwrap();
+        for one in [fa3(256), fa2] {
+            assert_eq!(loops(&one), [Sm90Loop::Default]);
+            assert_eq!(
+                key_of(&one, Sm90Loop::InOrder),
+                key_of(&one, Sm90Loop::Default)
+            );
+        }
     }
 
     #[test]

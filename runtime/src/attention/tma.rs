@@ -1,13 +1,16 @@
 //! The FA3 template's TMA maps of a K/V cache (`Sm90Kv`): which caches they can describe, their
 //! shape, and their encoding by the driver. A tile that lies inside its request is then one TMA
 //! copy per 64 columns (and page) from one producer thread, where cp.async takes a copy per 16
-//! bytes from every producer thread (`kernels/notes/fa3.md`).
+//! bytes from every producer thread (`kernels/notes/fa3.md`). Also the consumers' loop that
+//! suits a launch's maps ([`sm90_loop`]).
 
 use std::ffi::c_void;
+use std::sync::OnceLock;
 
 use cudarc::driver::sys;
 use ferrinfer_kernels::DType;
 use ferrinfer_kernels::abi::Sm90Kv;
+use ferrinfer_kernels::attention::prefill::{Sm90Loop, sm90_overlaps};
 
 use super::KvStrides;
 use crate::error::{Error, Result};
@@ -126,6 +129,47 @@ pub(crate) fn sm90_kv(k: u64, v: u64, shape: Option<MapShape>, dtype: DType) -> 
             rows_per_copy: shape.rows_per_copy(),
         },
         _ => Sm90Kv::default(),
+    }
+}
+
+/// Set to `0` to build the FA3 consumers in order at every head dim, `1` for the template's
+/// default loop (the overlap at head dims 64 and 128) whatever copies K and V: an A/B switch over
+/// [`sm90_loop`]'s choice. Read once per process; other values are ignored.
+pub const OVERLAP_VAR: &str = "FERRINFER_SM90_OVERLAP";
+
+/// The consumers' loop for an FA3 launch at `head_dim` with these maps: in order at head dim 128
+/// where no tile goes by TMA (`maps.tma` 0: a paged cache under [`MIN_TMA_PAGE`] or of pages TMA
+/// cannot copy, [`TMA_VAR`] `0`, a map the driver refused), the template's default otherwise;
+/// [`OVERLAP_VAR`] overrides. With cp.async the producer's per-row copies take issue slots from
+/// the consumers, and the overlap's register pressure and V held a tile longer no longer pay
+/// (H200, session 7 call C, TFLOP/s in order / overlapped: paged b16 l1024 p16 293 / 288, append
+/// q256 kv4096 p16 451 / 438); with TMA the overlap wins 9-10% (s8192 causal 565 / 514). At head
+/// dim 64 it won 14-17% on cp.async too (v16), and 256 is in order in the default build.
+///
+/// The maps and the build are chosen together for each launch, from the cache's page size and
+/// strides (which a CUDA-graph plan pins) and K's and V's buffers; a captured graph holds both.
+pub(crate) fn sm90_loop(head_dim: u32, maps: &Sm90Kv) -> Sm90Loop {
+    static FORCED: OnceLock<Option<bool>> = OnceLock::new();
+    let forced = *FORCED.get_or_init(|| forced_overlap(std::env::var(OVERLAP_VAR).ok()));
+    choose_loop(head_dim, maps.tma != 0, forced)
+}
+
+/// [`sm90_loop`] given whether tiles go by TMA and [`OVERLAP_VAR`]'s value (`Some(overlap)`).
+pub(crate) fn choose_loop(head_dim: u32, tma: bool, forced: Option<bool>) -> Sm90Loop {
+    let overlap = forced.unwrap_or(tma || head_dim != 128);
+    if overlap || !sm90_overlaps(head_dim) {
+        Sm90Loop::Default
+    } else {
+        Sm90Loop::InOrder
+    }
+}
+
+/// [`OVERLAP_VAR`]'s value: `Some(false)` for `0`, `Some(true)` for `1`, else `None`.
+fn forced_overlap(value: Option<String>) -> Option<bool> {
+    match value?.trim() {
+        "0" => Some(false),
+        "1" => Some(true),
+        _ => None,
     }
 }
 
@@ -260,5 +304,55 @@ mod tests {
             None,
             "shorter than a page"
         );
+    }
+
+    #[test]
+    fn fa3_runs_in_order_at_head_dim_128_where_kv_goes_by_cp_async() {
+        use Sm90Loop::{Default, InOrder};
+        // The loop for a cache of 8 NHD heads (`None`: ragged), as the launch derives it: the
+        // maps exist where `shape` describes the cache.
+        let chosen = |page: Option<u32>, head_dim: u32, forced: Option<bool>| {
+            let s = nhd(8, u64::from(head_dim), u64::from(page.unwrap_or(1)));
+            let kv_tile = ferrinfer_kernels::attention::prefill::sm90_kv_tile(head_dim).unwrap();
+            let tma = shape(page, s, 8, head_dim, 1 << 24, kv_tile).is_some();
+            choose_loop(head_dim, tma, forced)
+        };
+        // Pages of 16, 32 or 12 keys go by cp.async; in order at 128, where it was measured.
+        for page in [16, 32, 12] {
+            assert_eq!(chosen(Some(page), 128, None), InOrder, "page {page}");
+        }
+        // Ragged caches and pages of 64 or more go by TMA: the overlap.
+        for page in [None, Some(64), Some(128)] {
+            assert_eq!(chosen(page, 128, None), Default, "page {page:?}");
+        }
+        // Head dim 64 overlaps on cp.async too; 256 is in order in the default build.
+        assert_eq!(chosen(Some(16), 64, None), Default);
+        assert_eq!(chosen(Some(16), 256, None), Default);
+        // A map the driver refused, or FERRINFER_SM90_TMA=0: no TMA, in order.
+        assert_eq!(choose_loop(128, false, None), InOrder);
+        // FERRINFER_SM90_OVERLAP: 1 overlaps everywhere, 0 never (256 is its default build).
+        assert_eq!(chosen(Some(16), 128, Some(true)), Default);
+        assert_eq!(chosen(None, 128, Some(false)), InOrder);
+        assert_eq!(chosen(Some(16), 64, Some(false)), InOrder);
+        assert_eq!(chosen(None, 256, Some(false)), Default);
+        // The launch reads the maps' flag (and the variable, which this test does not set).
+        let forced = forced_overlap(std::env::var(OVERLAP_VAR).ok());
+        for tma in [0, 1] {
+            let maps = Sm90Kv {
+                tma,
+                ..Sm90Kv::default()
+            };
+            assert_eq!(sm90_loop(128, &maps), choose_loop(128, tma == 1, forced));
+        }
+    }
+
+    #[test]
+    fn the_overlap_switch_takes_0_and_1_and_ignores_the_rest() {
+        assert_eq!(forced_overlap(None), None);
+        assert_eq!(forced_overlap(Some("0".into())), Some(false));
+        assert_eq!(forced_overlap(Some(" 1\n".into())), Some(true));
+        for other in ["", "2", "yes", "off"] {
+            assert_eq!(forced_overlap(Some(other.into())), None, "{other:?}");
+        }
     }
 }

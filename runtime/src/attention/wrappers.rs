@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaStream};
 use ferrinfer_kernels::abi::AttnArgs;
+use ferrinfer_kernels::attention::prefill::{Sm90Loop, takes_sm90_maps};
 use ferrinfer_kernels::{DType, KernelConfig, KernelKind};
 
 use crate::attention::batch::{Batch, Heads, KvIndex, KvStrides, QoStrides};
@@ -109,7 +110,10 @@ pub enum PrefillKernel {
     /// | 8192 causal, head dim 256 | 259 | 556 |
     ///
     /// A variant whose FA3 build spills registers is rebuilt with its consumers in order, and
-    /// runs FA2 if that spills too (today the attention sink at head dims 128 and 256).
+    /// runs FA2 if that spills too (today the attention sink at head dims 128 and 256). At head
+    /// dim 128 a launch whose K/V all go through cp.async (pages under 64 keys or not a multiple
+    /// of 8, `FERRINFER_SM90_TMA=0`) runs the in-order build as well, where it measured 2-3%
+    /// faster; TMA caches run FA3's overlap (`FERRINFER_SM90_OVERLAP=0`/`1` forces either).
     #[default]
     Auto,
     /// The FA2 template (mma.sync) everywhere.
@@ -979,8 +983,6 @@ impl Planned {
             let kernel = self.config.prefill_kernel;
             kernel.choose(V::SPEC, tiles.config(base), tiles.fallback_config(base))?
         };
-        let kernel = dispatch::kernel(gpu, V::SPEC, &cfg, fallback.as_ref())?;
-        let cfg = kernel.cfg;
         let s = b.kv().strides(&heads);
         let (qs, os) = (b.q_strides(), b.o_strides());
         let kv_elements = k.len().min(v.len()) as u64;
@@ -1037,10 +1039,9 @@ impl Planned {
             num_items: work.padded_len,
             num_sms: gpu.sm_count(),
         };
-        let param_bytes = params::pack(variant, Some(gpu))?;
-        let dims = ferrinfer_kernels::launch_dims(&cfg, &args);
-        // The FA3 form takes TMA maps of the cache (or none: every tile by cp.async).
-        let maps = if ferrinfer_kernels::attention::prefill::takes_sm90_maps(&cfg) {
+        // The FA3 form takes TMA maps of the cache (or none: every tile by cp.async), and its
+        // consumers' loop follows them.
+        let maps = takes_sm90_maps(&cfg).then(|| {
             let shape = tma::shape(
                 b.kv().page_size(),
                 s,
@@ -1049,10 +1050,15 @@ impl Planned {
                 kv_elements,
                 cfg.kv_tile,
             );
-            Some(tma::sm90_kv(k, v, shape, T::DTYPE))
-        } else {
-            None
-        };
+            tma::sm90_kv(k, v, shape, T::DTYPE)
+        });
+        let lp = maps.map_or(Sm90Loop::Default, |m| tma::sm90_loop(heads.head_dim(), &m));
+        let kernel = dispatch::kernel(gpu, V::SPEC, &cfg, lp, fallback.as_ref())?;
+        let cfg = kernel.cfg;
+        // The FA2 fallback of a spilling FA3 build takes no maps.
+        let maps = maps.filter(|_| takes_sm90_maps(&cfg));
+        let param_bytes = params::pack(variant, Some(gpu))?;
+        let dims = ferrinfer_kernels::launch_dims(&cfg, &args);
         // The main kernel writes the scratch partials the merge reads: no other run of this plan
         // may queue between them.
         let _launching = self.launch.lock().unwrap_or_else(|p| p.into_inner());

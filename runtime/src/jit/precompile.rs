@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use ferrinfer_kernels::attention::prefill::Sm90Loop;
 use ferrinfer_kernels::{DType, KernelConfig, TranslationUnit};
 
 use super::{Jit, Origin};
@@ -142,11 +143,22 @@ impl Precompile {
                         }
                         families.push(cfg.kind);
                     }
-                    jobs.push(Job {
-                        name: format!("{} {}", spec.name, cfg.name()),
-                        kernel: Kernel::Attention(spec, cfg),
-                        arch,
-                    });
+                    // Each consumers' loop the runtime may pick for it (FA3 at head dim 128: also
+                    // in order, for caches whose K/V go through cp.async).
+                    for lp in dispatch::loops(&cfg) {
+                        let form = match lp {
+                            Sm90Loop::Default => "",
+                            Sm90Loop::InOrder => " in order",
+                        };
+                        jobs.push(Job {
+                            name: format!("{} {}{form}", spec.name, cfg.name()),
+                            kernel: Kernel::Attention(spec, cfg, lp),
+                            arch,
+                        });
+                        if self.one_per_family {
+                            break;
+                        }
+                    }
                 }
             }
             if self.ops {
@@ -186,8 +198,9 @@ pub struct Job {
 /// An attention instance of a variant, or an op's translation unit.
 #[derive(Clone, Debug)]
 pub enum Kernel {
-    /// A variant compiled into one attention kernel instance.
-    Attention(&'static VariantSpec, KernelConfig),
+    /// A variant compiled into one attention kernel instance, with the FA3 consumers' loop
+    /// (ignored by other instances).
+    Attention(&'static VariantSpec, KernelConfig, Sm90Loop),
     /// A serving op's kernel.
     Op(TranslationUnit),
 }
@@ -196,7 +209,9 @@ impl Job {
     /// Compile it (or find it in a cache) with `jit`.
     pub fn compile(&self, jit: &Jit) -> Result<std::sync::Arc<super::CompiledKernel>> {
         match &self.kernel {
-            Kernel::Attention(spec, cfg) => dispatch::compile_with(jit, spec, cfg, self.arch),
+            Kernel::Attention(spec, cfg, lp) => {
+                dispatch::compile_loop_with(jit, spec, cfg, *lp, self.arch)
+            }
             Kernel::Op(tu) => jit.compile(tu, self.arch),
         }
     }
