@@ -572,7 +572,9 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
         float zz = z[mq][hf];
         zz += __shfl_xor_sync(kFullMask, zz, 1);
         zz += __shfl_xor_sync(kFullMask, zz, 2);
-        if (w.qo_tile_start + row0 + mq * 16 + g + 8 * hf >= w.qo_tile_end) continue;
+        // Padding rows (which repeat the last real row) go through the shuffles of the store and
+        // write nothing.
+        const bool live = w.qo_tile_start + row0 + mq * 16 + g + 8 * hf < w.qo_tile_end;
         const unsigned pr = row_of(mq, hf);
         const unsigned i = pr / group, h = kv_head * group + pr % group;
         const Pos at{b, i, 0, h, kv_head, qo_len, kp.total, D};
@@ -581,16 +583,17 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
         const auto end = finish_row<V>(p, m[mq][hf], zz, at, !split);
         const float lse = end.lse();
         if (!split) {
-          T* dst = out_row<T>(a, qo_begin + i, h);
+          unsigned pairs[kMmaD];
           #pragma unroll
           for (int nd = 0; nd < kMmaD; ++nd) {
             const unsigned d = nd * 8 + 2 * t4;
             const float x0 = out_elem<V>(p, o[mq][nd][2 * hf], end, d, at);
             const float x1 = out_elem<V>(p, o[mq][nd][2 * hf + 1], end, d + 1, at);
-            *reinterpret_cast<unsigned*>(dst + d) = pack2<T>(x0, x1);
+            pairs[nd] = pack2<T>(x0, x1);
           }
-          if (t4 == 0) write_lse(a, qo_begin + i, h, lse);
-        } else {
+          store_row_by_quad<T, D>(out_row<T>(a, qo_begin + i, h), pairs, t4, live);
+          if (live && t4 == 0) write_lse(a, qo_begin + i, h, lse);
+        } else if (live) {
           const unsigned long long prow = partial_row(w.partial, i);
           float* dst = partial_out<D>(a, prow, h);
           #pragma unroll
