@@ -93,6 +93,7 @@ __device__ __forceinline__ T* out_row(const AttnArgs& a, unsigned long long row,
 template <class T, int D>
 __device__ __forceinline__ void store_row_by_quad(T* row, const unsigned (&pairs)[D / 8],
                                                   unsigned t4, bool live) {
+  static_assert(D % 32 == 0, "whole groups of four 8-column blocks");
   const bool up = (t4 & 2) != 0, odd = (t4 & 1) != 0;
   #pragma unroll
   for (int g = 0; g < D / 32; ++g) {

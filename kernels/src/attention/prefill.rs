@@ -204,8 +204,9 @@ pub fn sm90_form(cfg: &KernelConfig) -> Option<KernelConfig> {
 }
 
 /// The consumers' loop of an FA3 build. Both loops read the same work list and maps, with the
-/// same launch and shared memory, and write the same results: only the source differs (and so
-/// every cache key).
+/// same launch and shared memory, and compute the same attention (the GPU tests check each
+/// against the CPU reference; their sums may round differently): only the source differs (and
+/// so every cache key).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Sm90Loop {
     /// The template's default (`FI_SM90_OVERLAP 1`): FA3's intra-warpgroup overlap (the

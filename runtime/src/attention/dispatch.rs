@@ -121,15 +121,24 @@ fn loop_of(cfg: &KernelConfig, lp: Sm90Loop) -> Sm90Loop {
     }
 }
 
-/// The consumers' loops the runtime may launch `cfg` with, unless `FERRINFER_SM90_OVERLAP` forces
-/// one: for an FA3 instance, the default and the one for a launch without TMA maps (in order at
-/// head dim 128); one build otherwise. [`crate::precompile()`] builds each.
+/// The consumers' loops the runtime may launch `cfg` with, under this process's
+/// `FERRINFER_SM90_OVERLAP`: for an FA3 instance, the default and the one for a launch without
+/// TMA maps (in order at head dim 128), or what the variable forces; one build otherwise.
+/// [`crate::precompile()`] builds each, so a process that forces a loop precompiles that one too
+/// (with `FERRINFER_NO_JIT` it could not compile it later).
 pub fn loops(cfg: &KernelConfig) -> Vec<Sm90Loop> {
+    loops_with(cfg, tma::forced_overlap_setting())
+}
+
+/// [`loops`] given `FERRINFER_SM90_OVERLAP`'s value (`Some(overlap)`).
+fn loops_with(cfg: &KernelConfig, forced: Option<bool>) -> Vec<Sm90Loop> {
     let mut loops = vec![Sm90Loop::Default];
     if sm90_form(cfg) == Some(*cfg) {
-        let without_tma = loop_of(cfg, tma::choose_loop(cfg.head_dim_qk, false, None));
-        if without_tma != Sm90Loop::Default {
-            loops.push(without_tma);
+        for tma_tiles in [true, false] {
+            let lp = loop_of(cfg, tma::choose_loop(cfg.head_dim_qk, tma_tiles, forced));
+            if !loops.contains(&lp) {
+                loops.push(lp);
+            }
         }
     }
     loops
@@ -297,17 +306,27 @@ mod tests {
         let key_of = |cfg: &KernelConfig, lp| key(&spec, cfg, lp, hopper);
         // Head dim 128: both builds, each under its own key, so both can be loaded at once.
         let c128 = fa3(128);
-        assert_eq!(loops(&c128), [Sm90Loop::Default, Sm90Loop::InOrder]);
+        assert_eq!(
+            loops_with(&c128, None),
+            [Sm90Loop::Default, Sm90Loop::InOrder]
+        );
         assert_ne!(
             key_of(&c128, Sm90Loop::InOrder),
             key_of(&c128, Sm90Loop::Default)
         );
         assert!(key_of(&c128, Sm90Loop::InOrder).contains("/in-order"));
         // Head dim 64 keeps the overlap; 256 and FA2 have one build, whatever is asked.
-        assert_eq!(loops(&fa3(64)), [Sm90Loop::Default]);
+        assert_eq!(loops_with(&fa3(64), None), [Sm90Loop::Default]);
+        // Forced in order: head dim 64 gets its in-order build too; forced overlap: the default.
+        assert_eq!(
+            loops_with(&fa3(64), Some(false)),
+            [Sm90Loop::Default, Sm90Loop::InOrder]
+        );
+        assert_eq!(loops_with(&c128, Some(true)), [Sm90Loop::Default]);
         let fa2 = config(hopper, KernelKind::Prefill, 128, DType::Bf16).unwrap();
         for one in [fa3(256), fa2] {
-            assert_eq!(loops(&one), [Sm90Loop::Default]);
+            assert_eq!(loops_with(&one, Some(false)), [Sm90Loop::Default]);
+            assert_eq!(loops_with(&one, None), [Sm90Loop::Default]);
             assert_eq!(
                 key_of(&one, Sm90Loop::InOrder),
                 key_of(&one, Sm90Loop::Default)

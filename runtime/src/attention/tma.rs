@@ -149,9 +149,13 @@ pub const OVERLAP_VAR: &str = "FERRINFER_SM90_OVERLAP";
 /// The maps and the build are chosen together for each launch, from the cache's page size and
 /// strides (which a CUDA-graph plan pins) and K's and V's buffers; a captured graph holds both.
 pub(crate) fn sm90_loop(head_dim: u32, maps: &Sm90Kv) -> Sm90Loop {
+    choose_loop(head_dim, maps.tma != 0, forced_overlap_setting())
+}
+
+/// [`OVERLAP_VAR`] as this process read it (once): `Some(overlap)` where it forces a loop.
+pub(crate) fn forced_overlap_setting() -> Option<bool> {
     static FORCED: OnceLock<Option<bool>> = OnceLock::new();
-    let forced = *FORCED.get_or_init(|| forced_overlap(std::env::var(OVERLAP_VAR).ok()));
-    choose_loop(head_dim, maps.tma != 0, forced)
+    *FORCED.get_or_init(|| forced_overlap(std::env::var(OVERLAP_VAR).ok()))
 }
 
 /// [`sm90_loop`] given whether tiles go by TMA and [`OVERLAP_VAR`]'s value (`Some(overlap)`).
