@@ -13,7 +13,9 @@
 // its natural-log LSE (-inf for a chunk that sees no key, whose output is 0).
 #pragma once
 #include "core/abi.cuh"
+#include "core/dtype.cuh"
 #include "core/math.cuh"
+#include "core/warp.cuh"
 #include "variant/hooks.cuh"
 
 namespace fi {
@@ -83,9 +85,22 @@ __device__ __forceinline__ T* out_row(const AttnArgs& a, unsigned long long row,
   return static_cast<T*>(a.o) + row * a.o_stride_n + h * a.o_stride_h;
 }
 
+// Threads `lanes` apart trade two of their four registers: the upper thread (`upper`) gives its
+// lo pair for the lower one's hi pair. Selects, not a runtime index into an array, which would be
+// local memory.
+__device__ __forceinline__ void quad_trade(unsigned& lo0, unsigned& lo1, unsigned& hi0,
+                                           unsigned& hi1, bool upper, unsigned lanes) {
+  const unsigned r0 = __shfl_xor_sync(kFullMask, upper ? lo0 : hi0, lanes);
+  const unsigned r1 = __shfl_xor_sync(kFullMask, upper ? lo1 : hi1, lanes);
+  lo0 = upper ? r0 : lo0;
+  lo1 = upper ? r1 : lo1;
+  hi0 = upper ? hi0 : r0;
+  hi1 = upper ? hi1 : r1;
+}
+
 // One row of o from the four threads of a quad, in 16-byte stores. In the MMA accumulator layout
 // each thread of the row's quad holds two columns of every 8-column block (`pairs[b]`, packed);
-// a 4 x 4 transpose within the quad (two xor steps) leaves thread t4 all eight columns of blocks
+// a 4 x 4 transpose within the quad (two trades) leaves thread t4 all eight columns of blocks
 // 4 g + t4. A warp's store then writes 64 contiguous bytes of each of its 8 rows, where 4-byte
 // stores wrote 16: a quarter of the L2 write requests, whole sectors. Every lane of the warp
 // calls it (the shuffles); `live` says whether this quad's row is written. The runtime refuses an
@@ -94,25 +109,13 @@ template <class T, int D>
 __device__ __forceinline__ void store_row_by_quad(T* row, const unsigned (&pairs)[D / 8],
                                                   unsigned t4, bool live) {
   static_assert(D % 32 == 0, "whole groups of four 8-column blocks");
-  const bool up = (t4 & 2) != 0, odd = (t4 & 1) != 0;
   #pragma unroll
   for (int g = 0; g < D / 32; ++g) {
     unsigned x0 = pairs[4 * g], x1 = pairs[4 * g + 1], x2 = pairs[4 * g + 2], x3 = pairs[4 * g + 3];
     // With the thread two lanes over: the lower two trade their blocks 2-3 for the upper two's
-    // blocks 0-1. (Selects, not a runtime index into an array, which would be local memory.)
-    const unsigned a0 = __shfl_xor_sync(kFullMask, up ? x0 : x2, 2);
-    const unsigned a1 = __shfl_xor_sync(kFullMask, up ? x1 : x3, 2);
-    x0 = up ? a0 : x0;
-    x1 = up ? a1 : x1;
-    x2 = up ? x2 : a0;
-    x3 = up ? x3 : a1;
-    // With the neighbouring lane: even threads trade their 1 and 3 for the odd one's 0 and 2.
-    const unsigned b0 = __shfl_xor_sync(kFullMask, odd ? x0 : x1, 1);
-    const unsigned b1 = __shfl_xor_sync(kFullMask, odd ? x2 : x3, 1);
-    x0 = odd ? b0 : x0;
-    x2 = odd ? b1 : x2;
-    x1 = odd ? x1 : b0;
-    x3 = odd ? x3 : b1;
+    // blocks 0-1; then with the neighbouring lane: even threads trade 1 and 3 for its 0 and 2.
+    quad_trade(x0, x1, x2, x3, (t4 & 2) != 0, 2);
+    quad_trade(x0, x2, x1, x3, (t4 & 1) != 0, 1);
     if (live) *reinterpret_cast<uint4*>(row + 8 * (4 * g + t4)) = make_uint4(x0, x1, x2, x3);
   }
 }

@@ -42,6 +42,24 @@ __device__ __forceinline__ bf16 from_f32<bf16>(float x) {
   return r;
 }
 
+template <class T>
+constexpr bool kIsBf16 = false;
+template <>
+constexpr bool kIsBf16<bf16> = true;
+
+// {lo, hi} as one b16x2 register, rounded to nearest even, lo in the low half (the lower address
+// in memory, the lower column of an MMA fragment).
+template <class T>
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+  unsigned r;
+  if constexpr (kIsBf16<T>) {
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  } else {
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  }
+  return r;
+}
+
 // N elements moved as one access of sizeof(T) * N bytes (16 for eight 16-bit elements or four
 // floats) when the pointer is aligned to it: the vector type of every memory-bound kernel.
 template <class T, unsigned N>
