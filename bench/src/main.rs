@@ -1,7 +1,11 @@
 //! `ferrinfer-bench`: the standard configurations of DESIGN.md ("Benchmarks" and "Serving ops")
 //! through ferrinfer's public API, timed with CUDA events, printed as a table and written as the anchor's JSON.
 //!
-//!     ferrinfer-bench [--filter SUBSTR[,SUBSTR...]] [--json PATH]
+//!     ferrinfer-bench [--filter SUBSTR[,SUBSTR...]] [--json PATH] [--kv-chunks N[,N...]]
+//!
+//! `--kv-chunks` also times every selected decode configuration with its KV split forced to each
+//! chunk size (batch-invariant mode, tensor cores, rows `<key>@ferrinfer-chunk-N`): the curve the
+//! planner's split rule is fitted to.
 //!
 //! Every configuration is planned once (not timed), warmed up (the first call includes the JIT
 //! compile, reported apart), then timed for about 200 ms; the median iteration is reported. A
@@ -28,7 +32,8 @@ use inputs::InputSet;
 use report::Row;
 use timing::{BenchResult, Timing};
 
-const USAGE: &str = "usage: ferrinfer-bench [--filter SUBSTR[,SUBSTR...]] [--json PATH]";
+const USAGE: &str =
+    "usage: ferrinfer-bench [--filter SUBSTR[,SUBSTR...]] [--json PATH] [--kv-chunks N[,N...]]";
 /// Elements of each buffer of the copy ceiling: 1024^3 bf16 (2 GiB), as the anchor copies.
 const COPY_ELEMS: usize = 1 << 30;
 
@@ -40,6 +45,8 @@ struct Args {
     filter: String,
     /// Where to write the JSON results.
     json: Option<PathBuf>,
+    /// KV chunk sizes each decode configuration is also timed with (forced splits).
+    kv_chunks: Vec<u32>,
 }
 
 impl Args {
@@ -55,6 +62,13 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         match a.as_str() {
             "--filter" => args.filter = value()?,
             "--json" => args.json = Some(PathBuf::from(value()?)),
+            "--kv-chunks" => {
+                args.kv_chunks = value()?
+                    .split(',')
+                    .map(|n| n.trim().parse::<u32>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("--kv-chunks takes numbers: {e}"))?
+            }
             "-h" | "--help" => return Err(String::new()),
             _ => return Err(format!("unknown argument {a:?}")),
         }
@@ -113,13 +127,19 @@ fn main() -> ExitCode {
             decode_kernel,
             ..PlanConfig::default()
         };
-        let mut rows = vec![(report::IMPL, prefill(PrefillKernel::Fa2))];
+        let mut rows = vec![(report::IMPL.to_string(), prefill(PrefillKernel::Fa2))];
         if cfg.kind == Kind::Prefill && hopper {
-            rows.push((report::IMPL_FA3, prefill(PrefillKernel::Fa3)));
+            rows.push((report::IMPL_FA3.into(), prefill(PrefillKernel::Fa3)));
         }
         if cfg.kind == Kind::Decode {
-            rows.push((report::IMPL_CUDA_CORES, decode(DecodeKernel::CudaCores)));
-            rows.push((report::IMPL_TENSOR_CORES, decode(DecodeKernel::TensorCores)));
+            rows.push((
+                report::IMPL_CUDA_CORES.into(),
+                decode(DecodeKernel::CudaCores),
+            ));
+            rows.push((
+                report::IMPL_TENSOR_CORES.into(),
+                decode(DecodeKernel::TensorCores),
+            ));
             for (imp, kv_warps) in [
                 (report::IMPL_KV_WARPS_1, KvWarps::One),
                 (report::IMPL_KV_WARPS_2, KvWarps::Two),
@@ -128,7 +148,14 @@ fn main() -> ExitCode {
                     kv_warps,
                     ..decode(DecodeKernel::TensorCores)
                 };
-                rows.push((imp, config));
+                rows.push((imp.into(), config));
+            }
+            for &chunk in &args.kv_chunks {
+                let config = PlanConfig {
+                    fixed_kv_chunk: Some(chunk),
+                    ..decode(DecodeKernel::TensorCores)
+                };
+                rows.push((report::chunk_impl(chunk), config));
             }
         }
         for (imp, kernels) in rows {
@@ -298,6 +325,15 @@ mod tests {
         assert!(parse(&["--json"]).unwrap_err().contains("needs a value"));
         assert!(parse(&["--bogus"]).unwrap_err().contains("unknown"));
         assert!(parse(&["--help"]).is_err());
+        assert_eq!(
+            parse(&["--kv-chunks", "512, 1024"]).unwrap().kv_chunks,
+            [512, 1024]
+        );
+        assert!(
+            parse(&["--kv-chunks", "x"])
+                .unwrap_err()
+                .contains("numbers")
+        );
     }
 
     #[test]

@@ -14,6 +14,11 @@ pub const IMPL_TENSOR_CORES: &str = "ferrinfer-tensor-cores";
 pub const IMPL_KV_WARPS_1: &str = "ferrinfer-kv-warps-1";
 /// Decode rows on the tensor-core kernel with two warps along the keys forced.
 pub const IMPL_KV_WARPS_2: &str = "ferrinfer-kv-warps-2";
+/// The implementation name of a decode row with its KV split forced to `chunk` keys.
+pub fn chunk_impl(chunk: u32) -> String {
+    format!("ferrinfer-chunk-{chunk}")
+}
+
 /// Prefill rows on the sm_90a (FA3) template, beside the FA2 rows of [`IMPL`] (Hopper only).
 pub const IMPL_FA3: &str = "ferrinfer-fa3";
 
