@@ -12,6 +12,7 @@ use ferrinfer::prelude::*;
 use ferrinfer::variant::params::{ParamField, ParamType, ParamWriter};
 use ferrinfer::variants::SoftCap;
 use ferrinfer::{CheckReport, DType, Error, Hooks, KernelConfig, KernelKind, Variant, VariantSpec};
+use ferrinfer_kernels::attention::prefill::Sm90Loop;
 
 /// A variant outside the `ferrinfer` crate: a sliding window with a per-head bias, an ALiBi-like
 /// slope and a switch, so that the parameter struct has every kind of field.
@@ -43,15 +44,21 @@ impl BiasedWindow {
     }
 }
 
-/// Every (instance name, arch) the runtime may load: what a check must cover (the variants here
-/// have no query or key hooks, so the FA3 instances are theirs too).
-fn every_instance() -> BTreeSet<(String, Arch)> {
+/// Every (build name, arch) the runtime may load: each instance in each FA3 consumer loop it may
+/// be launched with (`dispatch::loops`), what a check must cover (the variants here have no query
+/// or key hooks, so the FA3 instances are theirs too).
+fn every_build() -> BTreeSet<(String, Arch)> {
     [Arch::SM80, Arch::SM90]
         .into_iter()
         .flat_map(|arch| {
             dispatch::instances(arch, &SmResources::typical(arch))
                 .into_iter()
-                .map(move |cfg| (cfg.name(), arch))
+                .flat_map(move |cfg| {
+                    dispatch::loops(&cfg).into_iter().map(move |lp| match lp {
+                        Sm90Loop::Default => (cfg.name(), arch),
+                        Sm90Loop::InOrder => (format!("{}/in-order", cfg.name()), arch),
+                    })
+                })
         })
         .collect()
 }
@@ -70,18 +77,27 @@ fn assert_covers_every_instance(report: &CheckReport, variant: &str) {
     let checked: BTreeSet<_> = report
         .instances
         .iter()
-        .map(|i| (i.config.name(), i.arch))
+        .map(|i| (i.name(), i.arch))
         .collect();
-    assert_eq!(checked.len(), report.instances.len(), "an instance twice");
-    assert_eq!(checked, every_instance());
+    assert_eq!(checked.len(), report.instances.len(), "a build twice");
+    assert_eq!(checked, every_build());
+    // Head dim 128's FA3 instances are also built in order (bf16 and f16).
+    let in_order = checked.iter().filter(|(n, _)| n.ends_with("/in-order"));
+    assert_eq!(in_order.count(), 2);
     for i in &report.instances {
-        assert_eq!(i.origin, Origin::Compiled, "{i}");
         assert!(i.stats.registers > 0, "no ptxas report for {i}");
+        // Every instance went through NVRTC. Its two FA3 builds may share one compile: where the
+        // overlapping build spills, the default loop is rebuilt in order, the in-order build.
+        let compiled = report
+            .instances
+            .iter()
+            .any(|j| j.config == i.config && j.arch == i.arch && j.origin == Origin::Compiled);
+        assert!(compiled, "{i}");
     }
     assert!(
-        report.to_string().starts_with(&format!(
-            "variant {variant}: all 66 kernel instances compile"
-        )),
+        report
+            .to_string()
+            .starts_with(&format!("variant {variant}: all 68 kernel builds compile")),
         "{report}"
     );
 }
@@ -164,16 +180,16 @@ fn a_variant_nvrtc_refuses_is_reported_with_every_failing_instance() {
     let Error::Compile { kernel, log } = &e else {
         panic!("expected a compile error, got {e}")
     };
-    let hopper: Vec<String> = every_instance()
+    let hopper: Vec<String> = every_build()
         .into_iter()
         .filter(|(_, arch)| *arch == Arch::SM90)
         .map(|(name, _)| name)
         .collect();
-    assert_eq!(hopper.len(), 36);
+    assert_eq!(hopper.len(), 38);
     assert_eq!(
         kernel,
         &format!(
-            "variant check_variant::BrokenOnHopper in {} of 66 kernel instances",
+            "variant check_variant::BrokenOnHopper in {} of 68 kernel builds",
             hopper.len()
         )
     );

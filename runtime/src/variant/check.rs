@@ -10,6 +10,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use ferrinfer_kernels::KernelConfig;
+use ferrinfer_kernels::attention::prefill::Sm90Loop;
 
 use crate::attention::dispatch;
 use crate::device::SmResources;
@@ -33,6 +34,9 @@ const MESSAGE_LINES: usize = 12;
 /// The instances are those of [`dispatch::instances`] for a typical SM
 /// ([`SmResources::typical`]) of sm_80 (the sm80 class: Ampere, Ada, Blackwell) and of sm_90
 /// (the sm90a class: Hopper): every kernel family, query tile and K/V tile, head dim and dtype.
+/// An FA3 instance is built in each consumer loop the runtime may launch it with
+/// ([`dispatch::loops`]: at head dim 128 also in order, for caches whose K/V go through
+/// cp.async), so the report has a line for each build.
 ///
 /// Kernels go through the process-wide JIT ([`Jit::global`]), so the disk cache of
 /// `FERRINFER_CACHE_DIR` (else `$XDG_CACHE_HOME/ferrinfer` or `~/.cache/ferrinfer`) keeps them: a
@@ -45,8 +49,8 @@ const MESSAGE_LINES: usize = 12;
 /// - [`Error::CudaUnavailable`] when NVRTC cannot be loaded; it says where it looked and how to
 ///   install it (`pip install nvidia-cuda-nvrtc==13.0.88` or `nvidia-cuda-nvrtc-cu12==12.4.127` is
 ///   enough, no GPU or driver needed). With `FERRINFER_NO_JIT=1` NVRTC is not needed.
-/// - [`Error::Compile`] when any instance fails: it names the variant and, for each failing
-///   instance, its [`KernelConfig::name`] and arch, with the first lines of NVRTC's log (or the
+/// - [`Error::Compile`] when any build fails: it names the variant and, for each failing build,
+///   its [`CheckedInstance::name`] and arch, with the first lines of NVRTC's log (or the
 ///   dispatcher's refusal). The message is written for a person: print it with `{}`.
 ///
 /// # Example
@@ -100,22 +104,26 @@ pub fn check_spec_with(jit: &Jit, spec: &VariantSpec) -> Result<CheckReport> {
             )),
             e => e,
         })?;
-    let jobs: Vec<(KernelConfig, Arch)> = ARCHES
+    let jobs: Vec<(KernelConfig, Arch, Sm90Loop)> = ARCHES
         .iter()
         .flat_map(|&arch| {
             dispatch::instances_for(spec, arch, &SmResources::typical(arch))
                 .into_iter()
-                .map(move |cfg| (cfg, arch))
+                .flat_map(move |cfg| {
+                    let loops = dispatch::loops(&cfg);
+                    loops.into_iter().map(move |lp| (cfg, arch, lp))
+                })
         })
         .collect();
     let results = compile_all(jit, spec, &jobs);
     let mut instances = Vec::with_capacity(jobs.len());
     let mut failures = Vec::new();
-    for (&(config, arch), result) in jobs.iter().zip(results) {
+    for (&(config, arch, sm90_loop), result) in jobs.iter().zip(results) {
         match result {
             Ok(k) => instances.push(CheckedInstance {
                 config,
                 arch,
+                sm90_loop,
                 stats: k.stats,
                 origin: k.origin,
                 seconds: k.seconds,
@@ -123,7 +131,7 @@ pub fn check_spec_with(jit: &Jit, spec: &VariantSpec) -> Result<CheckReport> {
             // Not the variant's fault, and the same for every instance: say it once.
             Err(e @ Error::CudaUnavailable(_)) => return Err(e),
             Err(error) => failures.push(Failure {
-                instance: config.name(),
+                instance: build_name(&config, sm90_loop),
                 arch,
                 error,
             }),
@@ -140,34 +148,44 @@ pub fn check_spec_with(jit: &Jit, spec: &VariantSpec) -> Result<CheckReport> {
 fn compile_all(
     jit: &Jit,
     spec: &VariantSpec,
-    jobs: &[(KernelConfig, Arch)],
+    jobs: &[(KernelConfig, Arch, Sm90Loop)],
 ) -> Vec<Result<Arc<CompiledKernel>>> {
-    parallel::map(jobs, MAX_THREADS, |(cfg, arch)| {
-        dispatch::compile_with(jit, spec, cfg, *arch)
+    parallel::map(jobs, MAX_THREADS, |(cfg, arch, lp)| {
+        dispatch::compile_loop_with(jit, spec, cfg, *lp, *arch)
     })
 }
 
-/// Every kernel instance of a variant compiled: what [`check_variant`] returns.
+/// A build's name: the instance's, with `/in-order` for an FA3 build of the in-order loop.
+fn build_name(config: &KernelConfig, lp: Sm90Loop) -> String {
+    match lp {
+        Sm90Loop::Default => config.name(),
+        Sm90Loop::InOrder => format!("{}/in-order", config.name()),
+    }
+}
+
+/// Every kernel build of a variant compiled: what [`check_variant`] returns.
 ///
-/// `Display` writes a summary line, then one line per instance with ptxas' numbers.
+/// `Display` writes a summary line, then one line per build with ptxas' numbers.
 #[derive(Clone, Debug)]
 pub struct CheckReport {
     /// The variant, as `module::path::Name`.
     pub variant: String,
-    /// Every instance, sm_80's then sm_90a's, each in the order of [`dispatch::instances`].
+    /// Every build, sm_80's then sm_90a's, each in the order of [`dispatch::instances`] (an
+    /// FA3 instance's loops one after the other, as [`dispatch::loops`] lists them).
     pub instances: Vec<CheckedInstance>,
 }
 
 impl CheckReport {
-    /// The instances whose build spills registers to local memory (slower; the dispatcher falls
-    /// back to the narrower K/V tile where the plan offers one).
+    /// The builds that spill registers to local memory (slower; the dispatcher rebuilds an
+    /// overlapping FA3 build in order, and falls back to the FA2 template or the narrower K/V
+    /// tile where the plan offers one).
     pub fn spilling(&self) -> impl Iterator<Item = &CheckedInstance> {
         self.instances
             .iter()
             .filter(|i| i.stats.spill_stores > 0 || i.stats.spill_loads > 0)
     }
 
-    /// How many instances were compiled for `arch`'s class.
+    /// How many builds were compiled for `arch`'s class.
     fn count(&self, arch: Arch) -> usize {
         self.instances.iter().filter(|i| i.arch == arch).count()
     }
@@ -181,7 +199,7 @@ impl fmt::Display for CheckReport {
             .collect();
         write!(
             f,
-            "variant {}: all {} kernel instances compile ({}); {} of them spill registers",
+            "variant {}: all {} kernel builds compile ({}); {} of them spill registers",
             self.variant,
             self.instances.len(),
             per_arch.join(", "),
@@ -194,19 +212,28 @@ impl fmt::Display for CheckReport {
     }
 }
 
-/// One kernel instance of a [`CheckReport`].
+/// One kernel build of a [`CheckReport`]: an instance, in one FA3 consumer loop.
 #[derive(Clone, Debug)]
 pub struct CheckedInstance {
     /// The instance; [`KernelConfig::name`] names it.
     pub config: KernelConfig,
     /// The architecture it was compiled for.
     pub arch: Arch,
+    /// The FA3 consumers' loop of this build ([`Sm90Loop::Default`] for every other instance).
+    pub sm90_loop: Sm90Loop,
     /// ptxas' numbers: registers, spills, stack, static shared memory.
     pub stats: KernelStats,
     /// Whether it came from NVRTC or from a cache.
     pub origin: Origin,
     /// Seconds spent compiling or loading it.
     pub seconds: f64,
+}
+
+impl CheckedInstance {
+    /// The build's name: [`KernelConfig::name`], with `/in-order` for the in-order FA3 build.
+    pub fn name(&self) -> String {
+        build_name(&self.config, self.sm90_loop)
+    }
 }
 
 impl fmt::Display for CheckedInstance {
@@ -218,9 +245,9 @@ impl fmt::Display for CheckedInstance {
         };
         write!(
             f,
-            "{:<34} {:<7} {:>3} registers, {:>4} B spill stores, {:>4} B spill loads \
+            "{:<43} {:<7} {:>3} registers, {:>4} B spill stores, {:>4} B spill loads \
              ({origin}, {:.2} s)",
-            self.config.name(),
+            self.name(),
             self.arch.sm_name(),
             self.stats.registers,
             self.stats.spill_stores,
@@ -230,9 +257,9 @@ impl fmt::Display for CheckedInstance {
     }
 }
 
-/// One instance that did not compile.
+/// One build that did not compile.
 struct Failure {
-    /// [`KernelConfig::name`].
+    /// [`CheckedInstance::name`].
     instance: String,
     arch: Arch,
     error: Error,
@@ -308,7 +335,7 @@ fn failure_error(variant: &str, total: usize, failures: &[Failure]) -> Error {
     }
     Error::Compile {
         kernel: format!(
-            "variant {variant} in {} of {total} kernel instances",
+            "variant {variant} in {} of {total} kernel builds",
             failures.len()
         ),
         log,
@@ -362,7 +389,7 @@ mod tests {
         let Error::Compile { kernel, log } = &e else {
             panic!("{e}")
         };
-        assert_eq!(kernel, "variant my_crate::Bad in 4 of 50 kernel instances");
+        assert_eq!(kernel, "variant my_crate::Bad in 4 of 50 kernel builds");
         let lines: Vec<&str> = log.lines().collect();
         assert_eq!(lines[0], "prefill_hd64_bf16_q16 on sm_80:");
         assert!(
@@ -381,17 +408,18 @@ mod tests {
         assert_eq!(lines[6 + MESSAGE_LINES], "    unsupported: not this one");
         assert!(
             e.to_string().starts_with(
-                "NVRTC failed to compile variant my_crate::Bad in 4 of 50 kernel instances:\n"
+                "NVRTC failed to compile variant my_crate::Bad in 4 of 50 kernel builds:\n"
             ),
             "{e}"
         );
     }
 
     #[test]
-    fn the_report_lists_every_instance() {
-        let instance = |kind, arch| CheckedInstance {
+    fn the_report_lists_every_build() {
+        let build = |kind, arch, sm90_loop| CheckedInstance {
             config: dispatch::config(arch, kind, 128, DType::Bf16).unwrap(),
             arch,
+            sm90_loop,
             stats: KernelStats {
                 registers: 96,
                 spill_stores: if arch == Arch::SM90 { 8 } else { 0 },
@@ -403,23 +431,30 @@ mod tests {
         let report = CheckReport {
             variant: "my_crate::V".into(),
             instances: vec![
-                instance(KernelKind::Prefill, Arch::SM80),
-                instance(KernelKind::Decode, Arch::SM80),
-                instance(KernelKind::Decode, Arch::SM90),
+                build(KernelKind::Prefill, Arch::SM80, Sm90Loop::Default),
+                build(KernelKind::Decode, Arch::SM80, Sm90Loop::Default),
+                build(KernelKind::Decode, Arch::SM90, Sm90Loop::Default),
+                build(KernelKind::Prefill, Arch::SM90, Sm90Loop::Default),
+                build(KernelKind::Prefill, Arch::SM90, Sm90Loop::InOrder),
             ],
         };
-        assert_eq!(report.spilling().count(), 1);
+        assert_eq!(report.spilling().count(), 3);
         let text = report.to_string();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "variant my_crate::V: all 3 kernel instances compile (2 for sm_80, 1 for sm_90a); \
-             1 of them spill registers"
+            "variant my_crate::V: all 5 kernel builds compile (2 for sm_80, 3 for sm_90a); \
+             3 of them spill registers"
         );
-        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines.len(), 6, "{text}");
         assert!(lines[3].contains("decode_hd128_bf16_sm90a"), "{text}");
         assert!(lines[3].contains("sm_90a"), "{text}");
         assert!(lines[3].contains("8 B spill stores"), "{text}");
+        // The in-order build of an instance is a line of its own, named apart.
+        let name = report.instances[3].name();
+        assert!(!name.ends_with("/in-order"), "{name}");
+        assert_eq!(report.instances[4].name(), format!("{name}/in-order"));
+        assert!(lines[5].contains(&format!("{name}/in-order ")), "{text}");
     }
 
     #[test]
