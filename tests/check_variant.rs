@@ -71,7 +71,9 @@ fn memory_only() -> Jit {
     })
 }
 
-fn assert_covers_every_instance(report: &CheckReport, variant: &str) {
+/// `all_compiled`: every build went through NVRTC, none reused another's compile (a variant whose
+/// overlapping FA3 builds do not spill, so each loop is a build of its own).
+fn assert_covers_every_instance(report: &CheckReport, variant: &str, all_compiled: bool) {
     println!("{report}");
     assert_eq!(report.variant, variant);
     let checked: BTreeSet<_> = report
@@ -80,33 +82,36 @@ fn assert_covers_every_instance(report: &CheckReport, variant: &str) {
         .map(|i| (i.name(), i.arch))
         .collect();
     assert_eq!(checked.len(), report.instances.len(), "a build twice");
+    // Head dim 128's FA3 instances are also built in order (every_build follows
+    // FERRINFER_SM90_OVERLAP, as the runtime does).
     assert_eq!(checked, every_build());
-    // Head dim 128's FA3 instances are also built in order (bf16 and f16).
-    let in_order = checked.iter().filter(|(n, _)| n.ends_with("/in-order"));
-    assert_eq!(in_order.count(), 2);
     for i in &report.instances {
         assert!(i.stats.registers > 0, "no ptxas report for {i}");
-        // Every instance went through NVRTC. Its two FA3 builds may share one compile: where the
-        // overlapping build spills, the default loop is rebuilt in order, the in-order build.
-        let compiled = report
-            .instances
-            .iter()
-            .any(|j| j.config == i.config && j.arch == i.arch && j.origin == Origin::Compiled);
-        assert!(compiled, "{i}");
+        if all_compiled {
+            assert_eq!(i.origin, Origin::Compiled, "{i}");
+        } else {
+            // Every instance went through NVRTC; its two FA3 builds may share one compile where
+            // the overlapping build spills (the default loop is then rebuilt in order).
+            let compiled = report
+                .instances
+                .iter()
+                .any(|j| j.config == i.config && j.arch == i.arch && j.origin == Origin::Compiled);
+            assert!(compiled, "{i}");
+        }
     }
-    assert!(
-        report
-            .to_string()
-            .starts_with(&format!("variant {variant}: all 68 kernel builds compile")),
-        "{report}"
+    let summary = format!(
+        "variant {variant}: all {} kernel builds compile",
+        every_build().len()
     );
+    assert!(report.to_string().starts_with(&summary), "{report}");
 }
 
 #[test]
 fn a_builtin_variant_compiles_for_every_instance() {
     let jit = memory_only();
     let report = ferrinfer::check_variant_with::<SoftCap>(&jit).unwrap_or_else(|e| panic!("{e}"));
-    assert_covers_every_instance(&report, "ferrinfer::variants::soft_cap::SoftCap");
+    // SoftCap's FA3 builds are spill-free in both loops (the_fa3_instances_keep_their_registers).
+    assert_covers_every_instance(&report, "ferrinfer::variants::soft_cap::SoftCap", true);
     // A second check is served by the JIT's memory cache.
     let again = ferrinfer::check_variant_with::<SoftCap>(&jit).unwrap_or_else(|e| panic!("{e}"));
     assert!(again.instances.iter().all(|i| i.origin == Origin::Memory));
@@ -116,7 +121,8 @@ fn a_builtin_variant_compiles_for_every_instance() {
 fn a_variant_of_another_crate_compiles_for_every_instance() {
     let report = ferrinfer::check_variant_with::<BiasedWindow>(&memory_only())
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_covers_every_instance(&report, "check_variant::BiasedWindow");
+    // Its overlapping head-dim-128 build spills, so the default loop is the in-order build.
+    assert_covers_every_instance(&report, "check_variant::BiasedWindow", false);
 }
 
 /// A variant made by hand, as the macro would emit it, whose logits hook reads a field `Pos` does
@@ -185,12 +191,12 @@ fn a_variant_nvrtc_refuses_is_reported_with_every_failing_instance() {
         .filter(|(_, arch)| *arch == Arch::SM90)
         .map(|(name, _)| name)
         .collect();
-    assert_eq!(hopper.len(), 38);
     assert_eq!(
         kernel,
         &format!(
-            "variant check_variant::BrokenOnHopper in {} of 68 kernel builds",
-            hopper.len()
+            "variant check_variant::BrokenOnHopper in {} of {} kernel builds",
+            hopper.len(),
+            every_build().len()
         )
     );
     // Each failing instance on a line of its own, named with its arch; nothing else.

@@ -5,7 +5,7 @@
 //!
 //! `--kv-chunks` also times every selected decode configuration with its KV split forced to each
 //! chunk size (batch-invariant mode, tensor cores, rows `<key>@ferrinfer-chunk-N`): the curve the
-//! planner's split rule is fitted to.
+//! planner's split rule is checked against.
 //!
 //! Every configuration is planned once (not timed), warmed up (the first call includes the JIT
 //! compile, reported apart), then timed for about 200 ms; the median iteration is reported. A
@@ -62,18 +62,31 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         match a.as_str() {
             "--filter" => args.filter = value()?,
             "--json" => args.json = Some(PathBuf::from(value()?)),
-            "--kv-chunks" => {
-                args.kv_chunks = value()?
-                    .split(',')
-                    .map(|n| n.trim().parse::<u32>())
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| format!("--kv-chunks takes numbers: {e}"))?
-            }
+            "--kv-chunks" => args.kv_chunks = kv_chunks(&value()?)?,
             "-h" | "--help" => return Err(String::new()),
             _ => return Err(format!("unknown argument {a:?}")),
         }
     }
     Ok(args)
+}
+
+/// `--kv-chunks`' list: positive multiples of 16 (what the batch-invariant mode takes), each once,
+/// in the order given.
+fn kv_chunks(list: &str) -> Result<Vec<u32>, String> {
+    let mut chunks = Vec::new();
+    for token in list.split(',').map(str::trim) {
+        let chunk = token
+            .parse::<u32>()
+            .ok()
+            .filter(|c| *c > 0 && c % 16 == 0)
+            .ok_or(format!(
+                "--kv-chunks takes positive multiples of 16, not {token:?}"
+            ))?;
+        if !chunks.contains(&chunk) {
+            chunks.push(chunk);
+        }
+    }
+    Ok(chunks)
 }
 
 fn main() -> ExitCode {
@@ -118,7 +131,8 @@ fn main() -> ExitCode {
         }
         // Prefill's default row runs FA2 forced, so the FA3 row beside it shows the change;
         // decode also runs on each kernel forced, and on tensor cores with each count of warps
-        // along the keys forced, so Auto's choices can be checked against both.
+        // along the keys forced, so Auto's choices can be checked against both, and with each
+        // `--kv-chunks` split forced, to check the plan's split against.
         let prefill = |prefill_kernel| PlanConfig {
             prefill_kernel,
             ..PlanConfig::default()
@@ -329,10 +343,18 @@ mod tests {
             parse(&["--kv-chunks", "512, 1024"]).unwrap().kv_chunks,
             [512, 1024]
         );
+        assert_eq!(
+            parse(&["--kv-chunks", "512,1024,512"]).unwrap().kv_chunks,
+            [512, 1024]
+        );
+        for bad in ["x", "0", "100", "512,,1024"] {
+            let e = parse(&["--kv-chunks", bad]).unwrap_err();
+            assert!(e.contains("multiples of 16"), "{bad}: {e}");
+        }
         assert!(
-            parse(&["--kv-chunks", "x"])
+            parse(&["--kv-chunks", "100"])
                 .unwrap_err()
-                .contains("numbers")
+                .contains("\"100\"")
         );
     }
 

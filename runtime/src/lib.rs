@@ -37,6 +37,7 @@ pub use attention::wrappers::{
 pub use cudarc;
 pub use device::{Backend, Buffer, Dst, Element, Src, View, ViewMut};
 pub use error::{Error, Result};
+pub use ferrinfer_kernels::attention::prefill::Sm90Loop;
 pub use ferrinfer_kernels::{ArchClass, DType, HEAD_DIMS, KernelConfig, KernelKind, Tiles};
 pub use jit::{Arch, Precompile, PrecompileReport, precompile};
 pub use ops::cascade::{

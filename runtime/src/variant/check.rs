@@ -1,5 +1,5 @@
-//! Checking a variant ahead of time: compile it with NVRTC into every kernel instance the runtime
-//! may load, on a machine without a GPU, and report every instance that fails at once.
+//! Checking a variant ahead of time: compile it with NVRTC into every kernel build the runtime
+//! may load, on a machine without a GPU, and report every build that fails at once.
 //!
 //! The macro type-checks a variant's Rust, but only NVRTC sees the CUDA it lowers to inside each
 //! kernel template. Without a check, a variant that NVRTC refuses (for one head dim, one dtype or
@@ -28,15 +28,16 @@ const MAX_THREADS: usize = 8;
 /// Lines of each distinct compiler message kept in the error.
 const MESSAGE_LINES: usize = 12;
 
-/// Compile variant `V` with NVRTC into every kernel instance the runtime may load, and return
-/// every instance that fails, not just the first. Needs NVRTC, not a GPU.
+/// Compile variant `V` with NVRTC into every kernel build the runtime may load, and return every
+/// build that fails, not just the first. Needs NVRTC, not a GPU.
 ///
 /// The instances are those of [`dispatch::instances`] for a typical SM
 /// ([`SmResources::typical`]) of sm_80 (the sm80 class: Ampere, Ada, Blackwell) and of sm_90
 /// (the sm90a class: Hopper): every kernel family, query tile and K/V tile, head dim and dtype.
 /// An FA3 instance is built in each consumer loop the runtime may launch it with
 /// ([`dispatch::loops`]: at head dim 128 also in order, for caches whose K/V go through
-/// cp.async), so the report has a line for each build.
+/// cp.async; `FERRINFER_SM90_OVERLAP` changes the set as it changes what the runtime launches),
+/// so the report has a line for each build.
 ///
 /// Kernels go through the process-wide JIT ([`Jit::global`]), so the disk cache of
 /// `FERRINFER_CACHE_DIR` (else `$XDG_CACHE_HOME/ferrinfer` or `~/.cache/ferrinfer`) keeps them: a
@@ -60,7 +61,7 @@ const MESSAGE_LINES: usize = 12;
 ///
 /// fn variant_compiles_for_every_instance<V: Variant>() {
 ///     match check_variant::<V>() {
-///         // One line per instance: registers and spills, for tuning.
+///         // One line per build: registers and spills, for tuning.
 ///         Ok(report) => println!("{report}"),
 ///         Err(e) => panic!("{e}"),
 ///     }
@@ -220,6 +221,8 @@ pub struct CheckedInstance {
     /// The architecture it was compiled for.
     pub arch: Arch,
     /// The FA3 consumers' loop of this build ([`Sm90Loop::Default`] for every other instance).
+    /// A `Default` build whose overlapping form spills is the in-order kernel: the runtime
+    /// rebuilds it so, and so does the check.
     pub sm90_loop: Sm90Loop,
     /// ptxas' numbers: registers, spills, stack, static shared memory.
     pub stats: KernelStats,
@@ -291,16 +294,17 @@ fn same_error_key(message: &str, instance: &str) -> String {
         key.push('\n');
     }
     if key.is_empty() {
-        message.replace(instance, "{instance}")
+        // A dispatcher's refusal names the instance, not the build (`/in-order`).
+        let kernel = instance.strip_suffix("/in-order").unwrap_or(instance);
+        message.replace(kernel, "{instance}")
     } else {
         key
     }
 }
 
-/// The error for `failures` out of `total` instances of `variant`: each failing instance on its
-/// own line; each distinct error (see [`same_error_key`]) in full once, the first
-/// [`MESSAGE_LINES`] lines of its message, and later instances with the same error refer to the
-/// first.
+/// The error for `failures` out of `total` builds of `variant`: each failing build on its own
+/// line; each distinct error (see [`same_error_key`]) in full once, the first [`MESSAGE_LINES`]
+/// lines of its message, and later builds with the same error refer to the first.
 fn failure_error(variant: &str, total: usize, failures: &[Failure]) -> Error {
     let mut log = String::new();
     let mut seen: Vec<(String, String)> = Vec::new();
@@ -455,6 +459,15 @@ mod tests {
         assert!(!name.ends_with("/in-order"), "{name}");
         assert_eq!(report.instances[4].name(), format!("{name}/in-order"));
         assert!(lines[5].contains(&format!("{name}/in-order ")), "{text}");
+    }
+
+    #[test]
+    fn an_in_order_build_refused_as_its_instance_is_the_same_error() {
+        let key = |message: &str, build: &str| same_error_key(message, build);
+        assert_eq!(
+            key("unsupported: prefill_a for V: no", "prefill_a/in-order"),
+            key("unsupported: prefill_b for V: no", "prefill_b")
+        );
     }
 
     #[test]
