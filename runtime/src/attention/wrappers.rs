@@ -114,7 +114,8 @@ pub enum PrefillKernel {
     /// dim 128 a launch whose K/V all go through cp.async (no TMA maps: pages under 64 keys, or
     /// that neither divide nor are divided by the K/V tile, strides TMA cannot take, a map the
     /// driver refused, `FERRINFER_SM90_TMA=0`) runs the in-order build as well, where it
-    /// measured 2-3% faster; TMA caches run FA3's overlap (`FERRINFER_SM90_OVERLAP=0`/`1` forces either).
+    /// measured 2-3% faster; TMA caches run FA3's overlap (`FERRINFER_SM90_OVERLAP=0`/`1`
+    /// forces either).
     #[default]
     Auto,
     /// The FA2 template (mma.sync) everywhere.

@@ -111,8 +111,9 @@ pub fn check_spec_with(jit: &Jit, spec: &VariantSpec) -> Result<CheckReport> {
             dispatch::instances_for(spec, arch, &SmResources::typical(arch))
                 .into_iter()
                 .flat_map(move |cfg| {
-                    let loops = dispatch::loops(&cfg);
-                    loops.into_iter().map(move |lp| (cfg, arch, lp))
+                    dispatch::loops(&cfg)
+                        .into_iter()
+                        .map(move |lp| (cfg, arch, lp))
                 })
         })
         .collect();
