@@ -301,14 +301,39 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
       }
       const unsigned tiles = it.keys.tiles;
       const WorkItem& w = it.w;
-      unsigned char* const sq = q_tile(slot);
-      #pragma unroll 4
-      for (int i = 0; i < kTileQ * (D / 8) / kWarpgroupThreads; ++i) {
-        const unsigned c = i * kWarpgroupThreads + pt;
-        const unsigned r = c / (D / 8), uq = c % (D / 8), pr = packed(w, r);
-        const unsigned row = pr / group, h = w.kv_head * group + pr % group;
-        cp_async_16(smem_u32(sq + sw128_offset<D>(kTileQ, r, uq)),
-                    q + (it.qo_begin + row) * a.q_stride_n + h * a.q_stride_h + uq * 8, true);
+      {
+        // Q: unit u of rows r0 + i kRowsPerPass. Packed row p is query row p / group of head
+        // p % group; a pass steps both by the same amounts (a head past the group carries into
+        // the row), so the source pointer steps by two constants: two divisions an item, not
+        // one a copy, and no item field read in the loop. The consumers wait on these copies at
+        // every item's start (ncu of the ragged row, kernels/notes/fa3.md, session 10). Padding
+        // rows of a partial tile read the thread's last real row; any real row will do, as
+        // they write nothing (the epilogue).
+        const unsigned last = w.qo_tile_end - 1;
+        unsigned pr = min(w.qo_tile_start + r0, last);
+        const unsigned row = pr / group, row_step = kRowsPerPass / group;
+        unsigned h = pr - row * group;
+        const unsigned head_step = kRowsPerPass - row_step * group;
+        // Strides times rows stay inside one buffer, far below 2^63: the signed steps are exact.
+        const long long sn = static_cast<long long>(a.q_stride_n);
+        const long long sh = static_cast<long long>(a.q_stride_h);
+        const T* src = q + (it.qo_begin + row) * sn + (w.kv_head * group + h) * sh + u * 8;
+        const long long step = row_step * sn + head_step * sh, carry = sn - group * sh;
+        unsigned char* const sq = q_tile(slot);
+        #pragma unroll 1
+        for (unsigned i = 0; i < kTileQ / kRowsPerPass; ++i) {
+          const unsigned at = sw128_offset<D>(kTileQ, r0 + i * kRowsPerPass, u);
+          cp_async_16(smem_u32(sq + at), src, true);
+          if (pr + kRowsPerPass <= last) {
+            pr += kRowsPerPass;
+            src += step;
+            h += head_step;
+            if (h >= group) {
+              h -= group;
+              src += carry;
+            }
+          }
+        }
       }
       mbar_arrive_on_copies(q_full(slot));
 

@@ -21,20 +21,42 @@ __device__ __forceinline__ const int* work_array(const int* work, int array) {
                                       work[ws_header::kOffsets + array]);
 }
 
-// Item `idx`, or an invalid one past the padded length (or without a workspace).
+// Word `word` of the workspace, loaded where it stands in the code: a volatile load, so that the
+// compiler neither sinks it under the bounds check below nor predicates it on that check. Every
+// header word exists, so the header's loads can all issue at once.
+__device__ __forceinline__ int header_word(const int* work, int word) {
+  int v;
+  asm volatile("ld.global.s32 %0, [%1];" : "=r"(v) : "l"(__cvta_generic_to_global(work + word)));
+  return v;
+}
+
+// Item `idx`, or an invalid one past the padded length (or without a workspace). Two rounds of
+// loads, not five: the header words (length and array offsets) side by side, then every field at
+// once, predicated on the bounds check rather than behind branches. A CTA's first K/V copy waits
+// on this chain (kernels/notes/decode.md, "Session 9").
 __device__ __forceinline__ WorkItem work_item(const int* work, unsigned idx) {
   WorkItem w{};
-  if (work == nullptr || idx >= static_cast<unsigned>(work[ws_header::kPaddedLen])) return w;
-  auto field = [&](int array) { return work_array(work, array)[idx]; };
-  w.valid = field(ws_array::kValid) != 0;
-  if (!w.valid) return w;
-  w.request = field(ws_array::kRequest);
-  w.kv_head = field(ws_array::kKvHead);
-  w.qo_tile_start = field(ws_array::kQoTileStart);
-  w.qo_tile_end = field(ws_array::kQoTileEnd);
-  w.kv_start = field(ws_array::kKvStart);
-  w.kv_end = field(ws_array::kKvEnd);
-  w.partial = field(ws_array::kPartial);
+  if (work == nullptr) return w;  // a launch argument: uniform, no load behind it
+  const unsigned padded = static_cast<unsigned>(header_word(work, ws_header::kPaddedLen));
+  int at[ws_array::kValid + 1];  // the item arrays' byte offsets, request .. valid
+  #pragma unroll
+  for (int k = 0; k <= ws_array::kValid; ++k) at[k] = header_word(work, ws_header::kOffsets + k);
+  const bool in = idx < padded;
+  int f[ws_array::kValid + 1];
+  #pragma unroll
+  for (int k = 0; k <= ws_array::kValid; ++k) {
+    const int* array = reinterpret_cast<const int*>(reinterpret_cast<const char*>(work) + at[k]);
+    f[k] = in ? array[idx] : 0;
+  }
+  w.valid = f[ws_array::kValid] != 0;
+  if (!w.valid) return WorkItem{};
+  w.request = f[ws_array::kRequest];
+  w.kv_head = f[ws_array::kKvHead];
+  w.qo_tile_start = f[ws_array::kQoTileStart];
+  w.qo_tile_end = f[ws_array::kQoTileEnd];
+  w.kv_start = f[ws_array::kKvStart];
+  w.kv_end = f[ws_array::kKvEnd];
+  w.partial = f[ws_array::kPartial];
   return w;
 }
 
