@@ -12,7 +12,6 @@ use ferrinfer::prelude::*;
 use ferrinfer::variant::params::{ParamField, ParamType, ParamWriter};
 use ferrinfer::variants::SoftCap;
 use ferrinfer::{CheckReport, DType, Error, Hooks, KernelConfig, KernelKind, Variant, VariantSpec};
-use ferrinfer_kernels::attention::prefill::Sm90Loop;
 
 /// A variant outside the `ferrinfer` crate: a sliding window with a per-head bias, an ALiBi-like
 /// slope and a switch, so that the parameter struct has every kind of field.
@@ -54,10 +53,9 @@ fn every_build() -> BTreeSet<(String, Arch)> {
             dispatch::instances(arch, &SmResources::typical(arch))
                 .into_iter()
                 .flat_map(move |cfg| {
-                    dispatch::loops(&cfg).into_iter().map(move |lp| match lp {
-                        Sm90Loop::Default => (cfg.name(), arch),
-                        Sm90Loop::InOrder => (format!("{}/in-order", cfg.name()), arch),
-                    })
+                    dispatch::loops(&cfg)
+                        .into_iter()
+                        .map(move |lp| (dispatch::build_name(&cfg, lp), arch))
                 })
         })
         .collect()

@@ -130,6 +130,24 @@ pub fn loops(cfg: &KernelConfig) -> Vec<Sm90Loop> {
     loops_with(cfg, tma::forced_overlap_setting())
 }
 
+/// A build's name: the instance's ([`KernelConfig::name`]), with `/in-order` for an FA3 build of
+/// the in-order loop. What [`crate::CheckReport`] lists for each of [`loops`]' builds.
+///
+/// ```
+/// use ferrinfer_runtime::attention::dispatch::build_name;
+/// use ferrinfer_runtime::{ArchClass, DType, KernelConfig, KernelKind, Sm90Loop};
+///
+/// let cfg = KernelConfig::new(KernelKind::Prefill, 128, DType::Bf16, ArchClass::Sm90a);
+/// assert_eq!(build_name(&cfg, Sm90Loop::Default), cfg.name());
+/// assert_eq!(build_name(&cfg, Sm90Loop::InOrder), format!("{}/in-order", cfg.name()));
+/// ```
+pub fn build_name(cfg: &KernelConfig, lp: Sm90Loop) -> String {
+    match lp {
+        Sm90Loop::Default => cfg.name(),
+        Sm90Loop::InOrder => format!("{}/in-order", cfg.name()),
+    }
+}
+
 /// [`loops`] given `FERRINFER_SM90_OVERLAP`'s value (`Some(overlap)`).
 fn loops_with(cfg: &KernelConfig, forced: Option<bool>) -> Vec<Sm90Loop> {
     let mut loops = vec![Sm90Loop::Default];

@@ -133,7 +133,7 @@ pub fn check_spec_with(jit: &Jit, spec: &VariantSpec) -> Result<CheckReport> {
             // Not the variant's fault, and the same for every instance: say it once.
             Err(e @ Error::CudaUnavailable(_)) => return Err(e),
             Err(error) => failures.push(Failure {
-                instance: build_name(&config, sm90_loop),
+                instance: dispatch::build_name(&config, sm90_loop),
                 arch,
                 error,
             }),
@@ -155,14 +155,6 @@ fn compile_all(
     parallel::map(jobs, MAX_THREADS, |(cfg, arch, lp)| {
         dispatch::compile_loop_with(jit, spec, cfg, *lp, *arch)
     })
-}
-
-/// A build's name: the instance's, with `/in-order` for an FA3 build of the in-order loop.
-fn build_name(config: &KernelConfig, lp: Sm90Loop) -> String {
-    match lp {
-        Sm90Loop::Default => config.name(),
-        Sm90Loop::InOrder => format!("{}/in-order", config.name()),
-    }
 }
 
 /// Every kernel build of a variant compiled: what [`check_variant`] returns.
@@ -236,7 +228,7 @@ pub struct CheckedInstance {
 impl CheckedInstance {
     /// The build's name: [`KernelConfig::name`], with `/in-order` for the in-order FA3 build.
     pub fn name(&self) -> String {
-        build_name(&self.config, self.sm90_loop)
+        dispatch::build_name(&self.config, self.sm90_loop)
     }
 }
 
