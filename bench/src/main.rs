@@ -17,6 +17,7 @@ mod ops;
 mod report;
 mod timing;
 
+use std::cell::RefCell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -172,12 +173,23 @@ fn main() -> ExitCode {
                 rows.push((report::chunk_impl(chunk), config));
             }
         }
+        // The inputs once for all the rows: the same data every row had from its seeds, without
+        // making and uploading it again (a decode cache is half a billion elements, seconds of
+        // host work a row on the device machine's 16 cores, where time is scarcest).
+        let inputs = backend
+            .as_ref()
+            .ok()
+            .map(|b| guarded(|| upload_inputs(b, &cfg).map(RefCell::new)));
         for (imp, kernels) in rows {
             let key = format!("{}@{imp}", cfg.key);
-            record(
-                key.clone(),
-                on_gpu(&|b: &Backend| bench_config(b, &cfg, &key, kernels)),
-            );
+            let result = match &inputs {
+                None => Err("no GPU (see the first line)".into()),
+                Some(Err(e)) => Err(format!("inputs: {e}").into()),
+                Some(Ok(sets)) => on_gpu(&|b: &Backend| {
+                    bench_config(b, &cfg, &key, kernels, &mut sets.borrow_mut())
+                }),
+            };
+            record(key.clone(), result);
         }
     }
 
@@ -205,7 +217,7 @@ fn main() -> ExitCode {
 }
 
 /// Run `f`, turning a panic into an error so that the other configurations still run.
-fn guarded(f: impl FnOnce() -> BenchResult<Row>) -> BenchResult<Row> {
+fn guarded<T>(f: impl FnOnce() -> BenchResult<T>) -> BenchResult<T> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
         let msg = p
             .downcast_ref::<String>()
@@ -272,29 +284,38 @@ impl Plan {
     }
 }
 
-/// Plan once, upload the input sets, and time the configuration with its variant.
+/// The configuration's input sets (enough copies that one set's reads miss L2), uploaded.
+fn upload_inputs(backend: &Backend, cfg: &Config) -> BenchResult<Vec<InputSet>> {
+    let heads = cfg.heads()?;
+    let kv_len = cfg.kv_index()?.buffer_len(&heads);
+    let sets = timing::input_sets(cfg.input_bytes()?);
+    (0..sets as u64)
+        .map(|s| InputSet::upload(backend, cfg, kv_len, s))
+        .collect()
+}
+
+/// Plan once and time the configuration with its variant on `inputs` (their outputs poisoned
+/// with NaN again first, as a fresh upload would leave them).
 fn bench_config(
     backend: &Backend,
     cfg: &Config,
     key: &str,
     config: PlanConfig,
+    inputs: &mut [InputSet],
 ) -> BenchResult<Row> {
     let stream = stream_of(backend)?;
-    let heads = cfg.heads()?;
-    let kv_len = cfg.kv_index()?.buffer_len(&heads);
-    let sets = timing::input_sets(cfg.input_bytes()?);
-    let mut inputs = (0..sets as u64)
-        .map(|s| InputSet::upload(backend, cfg, kv_len, s))
-        .collect::<BenchResult<Vec<_>>>()?;
+    for set in inputs.iter_mut() {
+        set.poison_output(backend)?;
+    }
     let plan = Plan::new(backend, cfg, config)?;
     backend.synchronize()?;
     let t = if cfg.window > 0 {
         let window = SlidingWindow { window: cfg.window };
-        time_variant(stream, &plan, &window, &mut inputs)?
+        time_variant(stream, &plan, &window, inputs)?
     } else if cfg.soft_cap > 0.0 {
-        time_variant(stream, &plan, &SoftCap { cap: cfg.soft_cap }, &mut inputs)?
+        time_variant(stream, &plan, &SoftCap { cap: cfg.soft_cap }, inputs)?
     } else {
-        time_variant(stream, &plan, &Standard, &mut inputs)?
+        time_variant(stream, &plan, &Standard, inputs)?
     };
     let (value, unit) = cfg.metric(t.median_ms);
     Ok(Row {
@@ -360,14 +381,14 @@ mod tests {
 
     #[test]
     fn panics_become_errors() {
-        let e = guarded(|| panic!("boom")).unwrap_err();
+        let e = guarded::<()>(|| panic!("boom")).unwrap_err();
         assert_eq!(e.to_string(), "panicked: boom");
     }
 
     #[test]
     fn without_a_gpu_a_config_fails_cleanly() {
         let cfg = &configs::standard()[0];
-        assert!(bench_config(&Backend::Cpu, cfg, "k", PlanConfig::default()).is_err());
+        assert!(bench_config(&Backend::Cpu, cfg, "k", PlanConfig::default(), &mut []).is_err());
         assert!(bench_copy(&Backend::Cpu).is_err());
     }
 }
