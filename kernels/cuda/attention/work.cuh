@@ -15,10 +15,14 @@ struct WorkItem {
   bool valid;
 };
 
+// The workspace's int32 words from byte offset `bytes` on (an array's start, from its header word).
+__device__ __forceinline__ const int* work_at(const int* work, int bytes) {
+  return reinterpret_cast<const int*>(reinterpret_cast<const char*>(work) + bytes);
+}
+
 // Array `array` (a ws_array position) of the workspace, at the byte offset its header word holds.
 __device__ __forceinline__ const int* work_array(const int* work, int array) {
-  return reinterpret_cast<const int*>(reinterpret_cast<const char*>(work) +
-                                      work[ws_header::kOffsets + array]);
+  return work_at(work, work[ws_header::kOffsets + array]);
 }
 
 // Word `word` of the workspace, loaded where it stands in the code: a volatile load, so that the
@@ -45,7 +49,7 @@ __device__ __forceinline__ WorkItem work_item(const int* work, unsigned idx) {
   int f[ws_array::kValid + 1];
   #pragma unroll
   for (int k = 0; k <= ws_array::kValid; ++k) {
-    const int* array = reinterpret_cast<const int*>(reinterpret_cast<const char*>(work) + at[k]);
+    const int* array = work_at(work, at[k]);
     f[k] = in ? array[idx] : 0;
   }
   w.valid = f[ws_array::kValid] != 0;
@@ -78,7 +82,7 @@ struct KeyPositions {
 __device__ __forceinline__ KeyPositions key_positions(const int* work, unsigned b, unsigned len) {
   const int at = work == nullptr ? 0 : work[ws_header::kKeyPositions];
   if (at == 0) return KeyPositions{0u, len};
-  const int* pairs = reinterpret_cast<const int*>(reinterpret_cast<const char*>(work) + at);
+  const int* pairs = work_at(work, at);
   // Validated on the host: 0 <= offset, offset + len <= total < 2^31.
   return KeyPositions{static_cast<unsigned>(pairs[2 * b]), static_cast<unsigned>(pairs[2 * b + 1])};
 }

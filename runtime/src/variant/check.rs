@@ -134,6 +134,7 @@ pub fn check_spec_with(jit: &Jit, spec: &VariantSpec) -> Result<CheckReport> {
             Err(e @ Error::CudaUnavailable(_)) => return Err(e),
             Err(error) => failures.push(Failure {
                 instance: dispatch::build_name(&config, sm90_loop),
+                kernel: config.name(),
                 arch,
                 error,
             }),
@@ -257,6 +258,8 @@ impl fmt::Display for CheckedInstance {
 struct Failure {
     /// [`CheckedInstance::name`].
     instance: String,
+    /// [`KernelConfig::name`]: what a dispatcher's refusal names (an in-order build's too).
+    kernel: String,
     arch: Arch,
     error: Error,
 }
@@ -273,8 +276,9 @@ impl Failure {
 
 /// What two failures must share to be "the same error": NVRTC's error lines (without the kernel's
 /// name and the line number in its translation unit, which differ between families) with the
-/// source line each quotes; the whole message for other errors.
-fn same_error_key(message: &str, instance: &str) -> String {
+/// source line each quotes; for other errors the whole message, with the kernel's name
+/// ([`Failure::kernel`]) taken out.
+fn same_error_key(message: &str, kernel: &str) -> String {
     let lines: Vec<&str> = message.lines().collect();
     let mut key = String::new();
     for (i, line) in lines.iter().enumerate() {
@@ -287,8 +291,6 @@ fn same_error_key(message: &str, instance: &str) -> String {
         key.push('\n');
     }
     if key.is_empty() {
-        // A dispatcher's refusal names the instance, not the build (`/in-order`).
-        let kernel = instance.strip_suffix("/in-order").unwrap_or(instance);
         message.replace(kernel, "{instance}")
     } else {
         key
@@ -304,7 +306,7 @@ fn failure_error(variant: &str, total: usize, failures: &[Failure]) -> Error {
     for f in failures {
         let at = format!("{} on {}", f.instance, f.arch.sm_name());
         let message = f.message();
-        let key = same_error_key(&message, &f.instance);
+        let key = same_error_key(&message, &f.kernel);
         if !log.is_empty() {
             log.push('\n');
         }
@@ -347,6 +349,7 @@ mod tests {
     fn failure(instance: &str, arch: Arch, log: &str) -> Failure {
         Failure {
             instance: instance.to_string(),
+            kernel: instance.to_string(),
             arch,
             error: Error::Compile {
                 kernel: format!("V.{instance}"),
@@ -378,6 +381,7 @@ mod tests {
                 ),
                 Failure {
                     instance: "decode_hd128_f16".into(),
+                    kernel: "decode_hd128_f16".into(),
                     arch: Arch::SM90,
                     error: Error::unsupported("not this one"),
                 },
@@ -456,10 +460,26 @@ mod tests {
 
     #[test]
     fn an_in_order_build_refused_as_its_instance_is_the_same_error() {
-        let key = |message: &str, build: &str| same_error_key(message, build);
-        assert_eq!(
-            key("unsupported: prefill_a for V: no", "prefill_a/in-order"),
-            key("unsupported: prefill_b for V: no", "prefill_b")
+        let refused = |build: &str, kernel: &str| Failure {
+            instance: build.into(),
+            kernel: kernel.into(),
+            arch: Arch::SM90,
+            error: Error::unsupported(format!("{kernel} for V: no")),
+        };
+        let e = failure_error(
+            "V",
+            2,
+            &[
+                refused("prefill_a/in-order", "prefill_a"),
+                refused("prefill_b", "prefill_b"),
+            ],
+        );
+        let Error::Compile { log, .. } = &e else {
+            panic!("{e}")
+        };
+        assert!(
+            log.ends_with("prefill_b on sm_90a: the same error as prefill_a/in-order on sm_90a"),
+            "{log}"
         );
     }
 
