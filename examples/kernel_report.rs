@@ -62,8 +62,13 @@ fn report(
         "{line} {:>4} {:>7} B {:>7} B {:>6.2} s",
         k.stats.registers, k.stats.spill_stores, k.stats.spill_loads, k.seconds
     );
-    // ptxas' warnings (e.g. wgmma serialized: every MMA waited for at once) under the line.
-    for warning in k.log.lines().filter(|l| !l.contains("ptxas info")) {
+    // ptxas' warnings under the line, and its "Potential Performance Loss" infos (C7515: wgmma
+    // serialized, every MMA waited for at once), which it prints as infos.
+    for warning in k
+        .log
+        .lines()
+        .filter(|l| !l.contains("ptxas info") || l.contains("Performance"))
+    {
         println!("    {}", warning.trim());
     }
     Ok(())

@@ -182,6 +182,21 @@ constexpr unsigned kSm90ConsumerRegs = D == 256 ? 224 : 232;
 template <class V, int D>
 constexpr bool kSm90Overlap = FI_SM90_OVERLAP == 2 || (FI_SM90_OVERLAP == 1 && D != 256);
 
+// FI_SM90_AHEAD: whether an overlapping consumer may issue the next item's first S before this
+// item's epilogue (where the next item's Q and first K tile have landed by the time this item's
+// last P V is issued; else the epilogue goes first), so the epilogue runs under that MMA: 1
+// (default) at head dim 128, 2 at 64 and 128, 0 never. Measured (H200, kernels/notes/fa3.md,
+// session 11): at 128 it seldom fires (one Q slot: the next Q is copied only after this item's
+// last S; 0 of 32,768 item ends on the ragged row), yet the build with it ran 1-2% faster in
+// four calls (s8192 causal and full, ragged), which the barrier alone did not reproduce; at 64
+// (two Q slots) it fires and lost 0.2-1.6%. Waiting for the next tile instead lost 4% on
+// short items.
+#ifndef FI_SM90_AHEAD
+#define FI_SM90_AHEAD 1
+#endif
+template <int D>
+constexpr bool kSm90Ahead = FI_SM90_AHEAD == 2 || (FI_SM90_AHEAD == 1 && D == 128);
+
 template <class V, class P, class T, int D>
 __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) {
   static_assert(!V::kHasQuery && !V::kHasKey,
@@ -484,7 +499,25 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
     wgmma_commit();
   };
 
+  // Whether item n + 1's first tile is ready, for the item-crossing S (FI_SM90_AHEAD): its Q and
+  // item published, the item valid with tiles, its first K tile (tile gn) landed. One answer for
+  // the warpgroup (its MMAs and turns are collective): each thread tests the barriers once, and
+  // any thread's success makes all wait (briefly) for them.
+  auto next_ready = [&](unsigned nn, unsigned gn) {
+    if (!kSm90Ahead<D> || nn >= num_items) return false;
+    const unsigned ns = nn % Sh::kQSlots, pq = (nn / Sh::kQSlots) & 1;
+    const bool seen = mbar_test(q_full(ns), pq) && mbar_test(k_full(stage(gn)), phase(gn));
+    if (!named_sync_any(4 + cw, kWarpgroupThreads, seen)) return false;
+    wait_copies(q_full(ns), pq);
+    const Item& next = *item_slot(nn % Sh::kItemSlots);
+    // A completed K barrier with an empty or stop item next belongs to a later item.
+    if (!next.w.valid || next.keys.tiles == 0) return false;
+    wait_copies(k_full(stage(gn)), phase(gn));
+    return true;
+  };
+
   unsigned g = 0;
+  bool ahead = false;  // S of this item's first tile issued and waited for under the last epilogue
   for (unsigned n = 0; n < num_items; ++n) {  // counted: see the producer's loop
     const unsigned slot = n % Sh::kQSlots;
     wait_copies(q_full(slot), (n / Sh::kQSlots) & 1);
@@ -625,6 +658,47 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
       }
     };
 
+    // Epilogue (epilogue.cuh), as prefill.cuh: unsplit items write o and lse, split items their
+    // chunk's partial row and LSE.
+    auto epilogue = [&] {
+      const bool split = w.partial >= 0;
+      #pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float zz = z[hf];
+        zz += __shfl_xor_sync(kFullMask, zz, 1);
+        zz += __shfl_xor_sync(kFullMask, zz, 2);
+        // Padding rows (which repeat the last real row) go through the shuffles of the store and
+        // write nothing.
+        const bool live = w.qo_tile_start + row0 + 8 * hf < w.qo_tile_end;
+        const unsigned pr = row_of(hf);
+        const unsigned i = pr / group, h = kv_head * group + pr % group;
+        const Pos at{b, i, 0, h, kv_head, qo_len, kp.total, D};
+        const auto end = finish_row<V>(p, m[hf], zz, at, !split);
+        const float lse = end.lse();
+        if (!split) {
+          unsigned pairs[D / 8];
+          #pragma unroll
+          for (int q4 = 0; q4 < D / 8; ++q4) {
+            const unsigned d = 8 * q4 + 2 * t4;
+            const float x0 = out_elem<V>(p, o[4 * q4 + 2 * hf], end, d, at);
+            const float x1 = out_elem<V>(p, o[4 * q4 + 2 * hf + 1], end, d + 1, at);
+            pairs[q4] = pack2<T>(x0, x1);
+          }
+          store_row_by_quad<T, D>(out_row<T>(a, qo_begin + i, h), pairs, t4, live);
+          if (live && t4 == 0) write_lse(a, qo_begin + i, h, lse);
+        } else if (live) {
+          const unsigned long long prow = partial_row(w.partial, i);
+          float* dst = partial_out<D>(a, prow, h);
+          #pragma unroll
+          for (int q4 = 0; q4 < D / 8; ++q4) {
+            const float pair[2] = {o[4 * q4 + 2 * hf], o[4 * q4 + 2 * hf + 1]};
+            store_partial<2>(dst + 8 * q4 + 2 * t4, pair, end);
+          }
+          if (t4 == 0) write_partial_lse<V::kSoftmax>(a, prow, h, lse);
+        }
+      }
+    };
+
     mbar_arrive_if(q_empty(slot), keys.tiles == 0);  // no S reads this Q
     if constexpr (kSm90Overlap<V, D>) {
       // FA3's intra-warpgroup overlap: S(t) and P V(t - 1) are issued in one turn, S first, and
@@ -634,7 +708,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
       // for tile t after it. Tile 0 (S alone) and the last P V are peeled off the loop: ptxas
       // keeps MMAs in flight across a wait only in straight-line pipelines.
       if (keys.tiles > 0) {
-        s_alone(g);
+        if (!ahead) s_alone(g);
         mbar_arrive_if(q_empty(slot), keys.tiles == 1);
         softmax_tile(0);  // O is still 0: nothing to rescale
         to_p();
@@ -662,7 +736,34 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
         rescale_o();
         to_p();
       }
-      if (keys.tiles > 0) pv_alone(g + keys.tiles - 1);
+      // The last P V; then, where item n + 1's first tile is ready, its S in the same turn, left
+      // running through this item's epilogue and waited for after it. P V and S then cost one
+      // turn, as s_alone's S alone: the turns stay in step whichever way each consumer went.
+      // Each path has its own epilogue: where the paths joined with S in flight, ptxas
+      // serialized every MMA of the kernel (S's registers are merged at the join, by copies).
+      const unsigned gl = g + keys.tiles - 1;
+      if (keys.tiles > 0) wait_copies(v_full(stage(gl)), phase(gl));
+      ahead = keys.tiles > 0 && next_ready(n + 1, gl + 1);
+      if (ahead) {
+        named_sync(my_turn, 2 * kWarpgroupThreads);
+        wgmma_hold(o);
+        wgmma_hold(pa);
+        wgmma_fence();
+        issue_pv(v_tile(stage(gl)));
+        issue_s(q_tile((n + 1) % Sh::kQSlots), k_tile(stage(gl + 1)));
+        named_arrive(their_turn, 2 * kWarpgroupThreads);
+        wgmma_wait<1>();
+        wgmma_hold(o);
+        wgmma_hold(pa);
+        mbar_arrive(v_empty(stage(gl)));
+        epilogue();
+        wgmma_wait<0>();
+        wgmma_hold(sacc);
+        mbar_arrive(k_empty(stage(gl + 1)));
+      } else {
+        if (keys.tiles > 0) pv_alone(gl);
+        epilogue();
+      }
     } else {
       // S, its softmax, then P V, each tile; K's stage is freed once S is done.
       for (unsigned t = 0; t < keys.tiles; ++t) {
@@ -673,47 +774,9 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
         to_p();
         pv_alone(g + t);
       }
+      epilogue();
     }
     g += keys.tiles;
-
-    // Epilogue (epilogue.cuh), as prefill.cuh: unsplit items write o and lse, split items their
-    // chunk's partial row and LSE.
-    const bool split = w.partial >= 0;
-    #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float zz = z[hf];
-      zz += __shfl_xor_sync(kFullMask, zz, 1);
-      zz += __shfl_xor_sync(kFullMask, zz, 2);
-      // Padding rows (which repeat the last real row) go through the shuffles of the store and
-      // write nothing.
-      const bool live = w.qo_tile_start + row0 + 8 * hf < w.qo_tile_end;
-      const unsigned pr = row_of(hf);
-      const unsigned i = pr / group, h = kv_head * group + pr % group;
-      const Pos at{b, i, 0, h, kv_head, qo_len, kp.total, D};
-      const auto end = finish_row<V>(p, m[hf], zz, at, !split);
-      const float lse = end.lse();
-      if (!split) {
-        unsigned pairs[D / 8];
-        #pragma unroll
-        for (int q4 = 0; q4 < D / 8; ++q4) {
-          const unsigned d = 8 * q4 + 2 * t4;
-          const float x0 = out_elem<V>(p, o[4 * q4 + 2 * hf], end, d, at);
-          const float x1 = out_elem<V>(p, o[4 * q4 + 2 * hf + 1], end, d + 1, at);
-          pairs[q4] = pack2<T>(x0, x1);
-        }
-        store_row_by_quad<T, D>(out_row<T>(a, qo_begin + i, h), pairs, t4, live);
-        if (live && t4 == 0) write_lse(a, qo_begin + i, h, lse);
-      } else if (live) {
-        const unsigned long long prow = partial_row(w.partial, i);
-        float* dst = partial_out<D>(a, prow, h);
-        #pragma unroll
-        for (int q4 = 0; q4 < D / 8; ++q4) {
-          const float pair[2] = {o[4 * q4 + 2 * hf], o[4 * q4 + 2 * hf + 1]};
-          store_partial<2>(dst + 8 * q4 + 2 * t4, pair, end);
-        }
-        if (t4 == 0) write_partial_lse<V::kSoftmax>(a, prow, h, lse);
-      }
-    }
   }
 }
 
