@@ -20,6 +20,22 @@ use ferrinfer::jit::cache::DiskCache;
 use ferrinfer::jit::{Jit, JitConfig, Origin, Precompile};
 use ferrinfer::{Arch, Backend, DType};
 
+/// `println!` for the commands' output. A reader that stops early (`ferrinfer list | head`,
+/// `grep -q`) is not an error: the rest of the output is dropped and the exit status still
+/// tells the command's result. Any other write failure (a full disk) ends the run with status 1.
+macro_rules! outln {
+    ($($arg:tt)*) => { out(format_args!($($arg)*)) };
+}
+
+fn out(line: std::fmt::Arguments) {
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{line}")
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("ferrinfer: writing to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
 const USAGE: &str = "\
 usage:
   ferrinfer precompile [--cache-dir DIR] [--arch sm_80|sm_90a|native]... [--variant NAME]...
@@ -109,11 +125,11 @@ fn main() -> ExitCode {
             let mut names: Vec<String> =
                 ferrinfer::variants().map(|s| s.qualified_name()).collect();
             names.sort();
-            println!("{}", names.join("\n"));
+            outln!("{}", names.join("\n"));
             Ok(())
         }
         "help" | "-h" | "--help" => {
-            println!("{USAGE}");
+            outln!("{USAGE}");
             Ok(())
         }
         other => Err(format!("unknown command {other}\n\n{USAGE}")),
@@ -189,7 +205,7 @@ fn precompile(args: &Args) -> Result<(), String> {
         ferrinfer::precompile(&jit, &what, |done, total, name| bar.show(done, total, name))
             .map_err(|e| e.to_string())?;
     bar.finish();
-    println!("{report}");
+    outln!("{report}");
     if report.ok() {
         Ok(())
     } else {
@@ -214,15 +230,19 @@ fn list(args: &Args) -> Result<(), String> {
                     .lines()
                     .find_map(|l| l.strip_prefix("arch "))
                     .unwrap_or("?");
-                println!(
+                outln!(
                     "{file}  {arch:<7} {:<44} nvrtc {}.{}  {:>3} regs  {:>8} B",
-                    e.entry, e.nvrtc.0, e.nvrtc.1, e.stats.registers, l.bytes
+                    e.entry,
+                    e.nvrtc.0,
+                    e.nvrtc.1,
+                    e.stats.registers,
+                    l.bytes
                 );
             }
-            Err(why) => println!("{file}  unusable: {why}"),
+            Err(why) => outln!("{file}  unusable: {why}"),
         }
     }
-    println!(
+    outln!(
         "{} entries, {:.1} MiB, in {}",
         entries.len(),
         total as f64 / (1 << 20) as f64,
@@ -260,9 +280,9 @@ fn verify(args: &Args) -> Result<(), String> {
         }
     }
     for line in bad.iter().chain(&missing) {
-        println!("{line}");
+        outln!("{line}");
     }
-    println!(
+    outln!(
         "{} files checked, {} unusable; {} of {} selected kernels present, in {}",
         entries.len(),
         bad.len(),
