@@ -742,8 +742,9 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
       // turn, as s_alone's S alone: the turns stay in step whichever way each consumer went.
       // Each path has its own epilogue: where the paths joined with S in flight, ptxas
       // serialized every MMA of the kernel (S's registers are merged at the join, by copies).
+      // (V's wait comes first only where the test is compiled in: pv_alone waits for it too.)
       const unsigned gl = g + keys.tiles - 1;
-      if (keys.tiles > 0) wait_copies(v_full(stage(gl)), phase(gl));
+      if (kSm90Ahead<D> && keys.tiles > 0) wait_copies(v_full(stage(gl)), phase(gl));
       ahead = keys.tiles > 0 && next_ready(n + 1, gl + 1);
       if (ahead) {
         named_sync(my_turn, 2 * kWarpgroupThreads);
