@@ -1222,11 +1222,145 @@ fn lowered_hooks_compute_what_rust_computes() {
     tu.push_str("  }\n");
     tu.push_str("  return 0;\n}\n");
 
-    let dir = std::env::temp_dir().join(format!("ferrinfer-diff-{}", std::process::id()));
+    let text = run_host(&tu, "diff");
+    let mut results = vec![vec![0u32; input.len()]; cases.len()];
+    let mut lines = text.lines();
+    for (j, _) in input.iter().enumerate() {
+        assert_eq!(lines.next(), Some(format!("input {j}").as_str()));
+        for row in results.iter_mut() {
+            row[j] = u32::from_str_radix(lines.next().unwrap(), 16).unwrap();
+        }
+    }
+    let failures = compare(&cases, &input, seed, |k, j| results[k][j]);
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// Logits hooks of the shapes the split (split.rs) looks for, and near misses: (body, whether
+/// `pre` is found, whether `post` is).
+const SPLIT_SHAPES: &[(&str, bool, bool)] = &[
+    ("self.pf * (s * (1.0 / self.pf)).tanh_approx()", true, true),
+    ("(s * (1.0 / self.pf)).tanh_approx() * self.pf", true, true),
+    ("s * self.pf", true, false),
+    ("self.pf * s", true, false),
+    ("(s * self.pf).exp() * (self.pf + 1.0)", true, true),
+    (
+        "let t = s * (self.pi as f32); let u = t.max(0.0); (self.pu as f32).sqrt() * u",
+        true,
+        true,
+    ),
+    ("let _ = at; -(s * self.pf)", true, false),
+    ("self.pf * (s * 2.0 + at.kv_pos as f32)", true, true),
+    ("(s * self.pf).mul_add(self.pf, 1.0) * 0.5", true, true),
+    ("s + (at.kv_pos as f32) * self.pf", false, false),
+    ("s * self.af[1] * self.pf", false, true),
+    ("self.af[0] * (s * self.pf)", true, false),
+    (
+        "if at.kv_pos > at.qo_pos { s * self.pf } else { -s }",
+        false,
+        false,
+    ),
+    (
+        "if self.pb { return s * self.pf; } self.pf * (at.qo_pos as f32)",
+        true,
+        false,
+    ),
+    ("let mut t = s; t = t * self.pf; self.pf * t", false, true),
+    ("self.pf * (s * s)", false, true),
+    (
+        "let k = self.pf * self.pf; k * (s * k).tanh_approx()",
+        false,
+        false,
+    ),
+];
+
+/// The split is exact: with the same values, `post * core(pre * s)` computes the operations of
+/// `logits(s)` (f32 products commute bit for bit), on the edge inputs and random ones. A scale
+/// that leaves the hook is found where the shape allows and not elsewhere.
+#[test]
+fn split_logits_compute_the_hook() {
+    let mut rng = Rng(12);
+    let input = inputs(&mut rng, 64);
+    let mut tu = String::from(PRELUDE);
+    for (k, (body, pre, post)) in SPLIT_SHAPES.iter().enumerate() {
+        let src = format!("fn logits(&self, s: f32, at: Pos) -> f32 {{ {body} }}");
+        let (_, cuda) = pipeline(&src).unwrap_or_else(|e| panic!("{body}: {e:?}"));
+        let found = |name: &str| {
+            !cuda.contains(&format!("{name}(const Params& self) {{\n    return 1.0f;"))
+        };
+        assert_eq!(
+            (found("logits_pre"), found("logits_post")),
+            (*pre, *post),
+            "{body}: (pre, post) found\n{cuda}"
+        );
+        tu.push_str(&cuda.replacen("struct Variant {", &format!("struct Variant_{k} {{"), 1));
+    }
+    tu.push_str(
+        "int main() {
+  static const float af[4] = {f_of(0x3fc00000u), f_of(0x80000000u), f_of(0x7fc00000u), f_of(0xff61b1e6u)};
+  static const int ai[4] = {-2147483647 - 1, -1, 0, 7};
+  static const unsigned au[4] = {0u, 1u, 32u, 4294967295u};
+",
+    );
+    for x in &input {
+        let _ = writeln!(
+            tu,
+            "  {{
+    Params self{{f_of({pf}u), {pi}, {pu}u, {pb}, af, 4u, ai, 4u, au, 4u}};
+    fi::Pos at{{{p0}u, {p1}u, {p2}u, {p3}u, {p4}u, {p5}u, {p6}u, {p7}u}};
+    const float s = f_of({s}u);",
+            pf = x.pf.to_bits(),
+            pi = x.pi,
+            pu = x.pu,
+            pb = x.pb,
+            p0 = x.pos[0],
+            p1 = x.pos[1],
+            p2 = x.pos[2],
+            p3 = x.pos[3],
+            p4 = x.pos[4],
+            p5 = x.pos[5],
+            p6 = x.pos[6],
+            p7 = x.pos[7],
+            s = x.o.to_bits(),
+        );
+        for k in 0..SPLIT_SHAPES.len() {
+            let _ = writeln!(
+                tu,
+                "    printf(\"%x %x\\n\", bits_of(Variant_{k}::logits(self, s, at)), \
+                 bits_of(Variant_{k}::logits_post(self) * \
+                 Variant_{k}::logits_core(self, Variant_{k}::logits_pre(self) * s, at)));"
+            );
+        }
+        tu.push_str("  }\n");
+    }
+    tu.push_str("  return 0;\n}\n");
+    let text = run_host(&tu, "split");
+    let mut lines = text.lines();
+    for (j, x) in input.iter().enumerate() {
+        for (body, _, _) in SPLIT_SHAPES {
+            let line = lines.next().unwrap();
+            let (hook, split) = line.split_once(' ').unwrap();
+            let (hook, split) = (
+                u32::from_str_radix(hook, 16).unwrap(),
+                u32::from_str_radix(split, 16).unwrap(),
+            );
+            assert!(
+                agree(Scalar::F32, hook, split),
+                "{body}, input {j} (s = {:?}, pf = {:?}): logits {hook:#x}, split {split:#x}",
+                x.o,
+                x.pf
+            );
+        }
+    }
+}
+
+/// Compile the host translation unit `tu` with g++ (as the lowering's C++ is checked: no
+/// contraction, UBSan on) and run it: its stdout.
+fn run_host(tu: &str, name: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("ferrinfer-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let cpp = dir.join("diff.cpp");
-    std::fs::write(&cpp, &tu).unwrap();
-    let exe = dir.join("diff");
+    let cpp = dir.join(format!("{name}.cpp"));
+    std::fs::write(&cpp, tu).unwrap();
+    let exe = dir.join(name);
     let include = concat!(env!("CARGO_MANIFEST_DIR"), "/../kernels/cuda");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
     let out = Command::new(&cxx)
@@ -1252,18 +1386,8 @@ fn lowered_hooks_compute_what_rust_computes() {
         "the host build failed (UBSan?):\n{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let text = String::from_utf8(run.stdout).unwrap();
-    let mut results = vec![vec![0u32; input.len()]; cases.len()];
-    let mut lines = text.lines();
-    for (j, _) in input.iter().enumerate() {
-        assert_eq!(lines.next(), Some(format!("input {j}").as_str()));
-        for row in results.iter_mut() {
-            row[j] = u32::from_str_radix(lines.next().unwrap(), 16).unwrap();
-        }
-    }
-    let failures = compare(&cases, &input, seed, |k, j| results[k][j]);
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    String::from_utf8(run.stdout).unwrap()
 }
 
 /// The headers the lowered code needs, inlined (NVRTC gets no include files from the runtime's

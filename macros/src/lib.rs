@@ -3,9 +3,10 @@
 //!
 //! The attribute runs in four steps, one module each: `parse` reads the impl block into a
 //! `VariantDef`, `check` enforces the DSL (signatures and the accepted Rust subset) and builds the
-//! typed IR of each hook (`ir`), `lower` prints that IR as the CUDA `struct Variant`, `emit`
-//! writes the Rust (the hooks' arithmetic rewritten to the DSL's numeric rules). Every problem is collected in
-//! `errors::Errors` and reported in one compile, with its span.
+//! typed IR of each hook (`ir`), `lower` prints that IR as the CUDA `struct Variant` (with the
+//! logits hook also split around its scales, found by `split`, for the prefill kernels to fold),
+//! `emit` writes the Rust (the hooks' arithmetic rewritten to the DSL's numeric rules). Every
+//! problem is collected in `errors::Errors` and reported in one compile, with its span.
 //!
 //! Use these through the facade crate `ferrinfer` (its docs have the examples): the expansion
 //! names `::ferrinfer::__private`.
@@ -24,6 +25,7 @@ mod lower;
 mod lower_tests;
 mod params;
 mod parse;
+mod split;
 mod vocab;
 
 /// Turns an inherent `impl` block of hooks into an attention variant: keeps the impl, implements

@@ -15,6 +15,7 @@ use std::fmt::Write as _;
 
 use crate::ir::{BinOp, Block, Expr, Func, Kind, Scalar, Stmt, Ty, Typed};
 use crate::parse::VariantDef;
+use crate::split::{self, Split};
 use crate::vocab;
 
 /// The CUDA `struct Variant` of a checked variant and its typed hooks.
@@ -44,10 +45,41 @@ pub fn variant(def: &VariantDef<'_>, typed: &Typed) -> String {
     for sig in vocab::HOOKS {
         if let Some(f) = funcs.iter().find(|f| f.sig.name == sig.name) {
             s.push_str(&function(f));
+            if sig.name == "logits" {
+                s.push_str(&logits_split(f));
+            }
         }
     }
     s.push_str("};\n");
     s
+}
+
+/// `logits_pre`, `logits_post` and `logits_core`: the logits hook as `post * core(pre * s)`
+/// (split.rs), for the prefill templates to fold their scales into.
+fn logits_split(func: &Func) -> String {
+    let split = split::split(func);
+    let scale = |name: &str, factor: Option<&Expr>| {
+        let value = match factor {
+            Some(e) => {
+                let mut f = FnBody::new(func, None);
+                f.expr(e, 2).text
+            }
+            None => "1.0f".to_string(),
+        };
+        format!(
+            "  __device__ __forceinline__ static float {name}(const Params& self) {{\n    \
+             return {value};\n  }}\n"
+        )
+    };
+    let mut out = scale("logits_pre", split.pre.map(|(_, k)| k));
+    out += &scale("logits_post", split.post.map(|(_, k, _)| k));
+    if split.pre.is_none() && split.post.is_none() {
+        out += "  __device__ __forceinline__ static float logits_core(const Params& self, float s, \
+                const fi::Pos& at) {\n    return logits(self, s, at);\n  }\n";
+    } else {
+        out += &function_as(func, "logits_core", Some(&split));
+    }
+    out
 }
 
 fn capitalized(name: &str) -> String {
@@ -59,12 +91,12 @@ fn capitalized(name: &str) -> String {
 
 /// One hook as a static member function.
 pub fn function(func: &Func) -> String {
-    let mut f = FnBody {
-        func,
-        out: String::new(),
-        names: vec![String::new(); func.locals.len()],
-        used: BTreeSet::new(),
-    };
+    function_as(func, func.sig.name, None)
+}
+
+/// A hook as the static member function `name`; with a split, its core (split.rs).
+fn function_as(func: &Func, name: &str, split: Option<&Split>) -> String {
+    let mut f = FnBody::new(func, split);
     let mut params = vec!["const Params& self".to_string()];
     for (id, (ty, _)) in func.args.iter().zip(func.sig.args) {
         match id {
@@ -77,9 +109,8 @@ pub fn function(func: &Func) -> String {
     }
     f.block_body(&func.body, 2, Mode::Return);
     format!(
-        "  __device__ __forceinline__ static {} {}({}) {{\n{}  }}\n",
+        "  __device__ __forceinline__ static {} {name}({}) {{\n{}  }}\n",
         func.sig.ret.cuda_param(),
-        func.sig.name,
         params.join(", "),
         f.out
     )
@@ -168,13 +199,25 @@ struct FnBody<'f> {
     names: Vec<String>,
     /// Every CUDA name declared so far in the function: never reused.
     used: BTreeSet<String>,
+    /// Lowering the core of a split logits hook: its scales are left out.
+    split: Option<&'f Split<'f>>,
 }
 
 fn pad(indent: usize) -> String {
     "  ".repeat(indent)
 }
 
-impl FnBody<'_> {
+impl<'f> FnBody<'f> {
+    fn new(func: &'f Func, split: Option<&'f Split<'f>>) -> Self {
+        FnBody {
+            func,
+            out: String::new(),
+            names: vec![String::new(); func.locals.len()],
+            used: BTreeSet::new(),
+            split,
+        }
+    }
+
     fn line(&mut self, indent: usize, text: &str) {
         let _ = writeln!(self.out, "{}{text}", pad(indent));
     }
@@ -273,6 +316,11 @@ impl FnBody<'_> {
 
     /// The value of a function or lambda body: returned.
     fn return_tail(&mut self, e: &Expr, indent: usize) {
+        if let Some((node, _, rest)) = self.split.and_then(|s| s.post.as_ref())
+            && std::ptr::eq(e, *node)
+        {
+            return self.return_tail(rest, indent);
+        }
         match &e.kind {
             Kind::If(c, t, f) if !is_simple(t, f) => self.if_return(c, t, f, indent),
             _ => {
@@ -307,6 +355,14 @@ impl FnBody<'_> {
 
     /// An expression used as a value; `indent` is that of the statement, for a lambda's body.
     fn expr(&mut self, e: &Expr, indent: usize) -> Code {
+        if let Some((node, factor)) = self.split.and_then(|s| s.pre.as_ref())
+            && std::ptr::eq(e, *node)
+            && let Kind::Binary(_, l, r) = &e.kind
+        {
+            // The core's argument is the product already.
+            let score = if std::ptr::eq(&**l, *factor) { r } else { l };
+            return self.expr(score, indent);
+        }
         match &e.kind {
             Kind::Bool(b) => Code::atom(b.to_string()),
             Kind::Int(v) => Code::atom(int_literal(*v, &e.ty)),

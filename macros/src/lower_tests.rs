@@ -19,7 +19,8 @@ fn lower_items(items: &str) -> String {
 fn hook_body(signature: &str, body: &str) -> String {
     let text = lower_items(&format!("{signature} {{ {body} }}"));
     let start = text.find("const fi::Pos& at) {\n").unwrap() + 21;
-    let end = text.rfind("  }\n};").unwrap();
+    // The hook's own body: a logits hook's split (logits_pre...) follows it.
+    let end = start + text[start..].find("\n  }\n").unwrap();
     text[start..end]
         .lines()
         .map(|l| l.strip_prefix("    ").unwrap_or(l))
@@ -585,4 +586,39 @@ fn only_mul_add_fuses() {
     // `a * b + c` stays two roundings; `mul_add` is the one fused form, on both sides.
     assert_eq!(expr("s * 2.0 + 1.0"), "fi::add(fi::mul(s, 2.0f), 1.0f)");
     assert_eq!(expr("s.mul_add(2.0, 1.0)"), "fmaf(s, 2.0f, 1.0f)");
+}
+
+#[test]
+fn logits_are_split_around_their_scales() {
+    let text = lower_items(
+        "fn logits(&self, s: f32, at: Pos) -> f32 {
+             let _ = at;
+             self.cap * (s * (1.0 / self.cap)).tanh_approx()
+         }",
+    );
+    let after =
+        |name: &str| text[text.find(name).unwrap_or_else(|| panic!("{text}"))..].to_string();
+    assert!(
+        after("static float logits_pre(const Params& self) {\n")
+            .contains("{\n    return fi::div(1.0f, self.cap);\n  }"),
+        "{text}"
+    );
+    assert!(
+        after("static float logits_post(const Params& self) {\n")
+            .contains("{\n    return self.cap;\n  }"),
+        "{text}"
+    );
+    assert!(
+        after("static float logits_core(const Params& self, float s, const fi::Pos& at) {\n")
+            .contains("{\n    return fi::tanh_approx(s);\n  }"),
+        "{text}"
+    );
+    // No split: the scales are 1 and the core is the hook.
+    let text = lower_items("fn logits(&self, s: f32, at: Pos) -> f32 { s + at.kv_pos as f32 }");
+    assert!(text.contains("static float logits_pre(const Params& self) {\n    return 1.0f;\n  }"));
+    assert!(text.contains("static float logits_post(const Params& self) {\n    return 1.0f;\n  }"));
+    assert!(text.contains(
+        "static float logits_core(const Params& self, float s, const fi::Pos& at) {\n    \
+         return logits(self, s, at);\n  }"
+    ));
 }

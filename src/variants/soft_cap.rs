@@ -20,8 +20,10 @@ pub struct SoftCap {
 impl SoftCap {
     /// `cap * tanh(s / cap)`, with the hardware tanh ([`FastMath::tanh_approx`], relative
     /// error 5e-4, as FlashAttention and FlashInfer cap logits), and dividing by multiplying with
-    /// `1 / cap`: the reciprocal depends only on the parameters, so the GPU computes it once per
-    /// kernel instead of one IEEE division per score.
+    /// `1 / cap`. Written as `post * f(pre * s)` with both scales from the parameters, it is split
+    /// by the macro: the prefill kernels take `1 / cap` once per kernel, fold it with `sm_scale`
+    /// and `cap` with `log2(e)`, and do one multiply and the tanh a score (the book's DSL
+    /// reference, "Scales the kernels fold").
     pub fn logits(&self, s: f32, at: Pos) -> f32 {
         let _ = at;
         self.cap * (s * (1.0 / self.cap)).tanh_approx()

@@ -10,4 +10,13 @@ struct Variant {
   __device__ __forceinline__ static float logits(const Params& self, float s, const fi::Pos& at) {
     return fi::div(1.0f, fi::add(1.0f, expf(-fi::add(s, self.bias))));
   }
+  __device__ __forceinline__ static float logits_pre(const Params& self) {
+    return 1.0f;
+  }
+  __device__ __forceinline__ static float logits_post(const Params& self) {
+    return 1.0f;
+  }
+  __device__ __forceinline__ static float logits_core(const Params& self, float s, const fi::Pos& at) {
+    return logits(self, s, at);
+  }
 };

@@ -276,8 +276,15 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
       z[mq][hf] = 0.0f;
     }
   }
-  // Without a logits hook, sm_scale and log2(e) fold into one multiply.
-  const float qk_scale = (V::kHasLogits || !V::kSoftmax) ? a.sm_scale : a.sm_scale * kLog2e;
+  // A score s enters the softmax as x = core(s * pre) (variant/hooks.cuh: the logits hook split
+  // around its scales; without a hook x = s), weighted 2^(x * post - max): sm_scale is in pre, or
+  // in post without a logits hook, and log2(e) in post. Taken once per kernel, not per score.
+  // The 16- and 64-row tiles run at 128 registers, where the split's two live scales spill
+  // (SoftCap, head dim 128, 16 rows: 32 B): they call the whole hook, scaled by sm_scale alone.
+  constexpr bool kSplit = V::kHasLogits && TILE_Q == 128;
+  const float pre = kSplit ? a.sm_scale * hook_logits_pre<V>(p) : a.sm_scale;
+  float post = !V::kHasLogits ? a.sm_scale : kSplit ? hook_logits_post<V>(p) : 1.0f;
+  if constexpr (V::kSoftmax) post *= kLog2e;
 
   for (unsigned tile = 0; tile < num_tiles; ++tile) {
     const unsigned j0 = w.kv_start + tile * kCtaKv;
@@ -346,9 +353,9 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
     // `boundary`: the tile crosses the chunk end or a row's diagonal, so the causal mask and the
     // key bound are tested (interior tiles have no mask code at all; the variant's mask is on
     // every tile, and called only for keys the others keep).
-    // `fold`: without a logits hook the logits stay unscaled until the exponent, where
-    // s * qk_scale - m is one FFMA (a masked -inf stays -inf). The row max commutes with the
-    // scale only when it is positive; otherwise the logits are scaled first.
+    // `fold`: x stays unscaled by post until the exponent, where x * post - m is one FFMA (a
+    // masked -inf stays -inf). The row max commutes with post only when it is positive; otherwise
+    // x is scaled first.
     auto logits_softmax = [&](const bool fold, const bool boundary) {
       #pragma unroll
       for (int mq = 0; mq < kMmaQ; ++mq) {
@@ -358,7 +365,8 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
           for (int e = 0; e < 4; ++e) {
             const int hf = e / 2;
             const unsigned j = jw + nb * 8 + 2 * t4 + (e & 1);
-            float x = fold ? s[mq][nb][e] : s[mq][nb][e] * qk_scale;
+            const float raw = s[mq][nb][e];
+            float x = V::kHasLogits ? raw * pre : fold ? raw : raw * post;
             bool keep = true;
             if (boundary) {
               // The row's last causally visible key (may be negative).
@@ -372,8 +380,8 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
             if constexpr (V::kHasMask) keep = keep && hook_mask<V>(p, at);
             if constexpr (V::kHasLogits) {
               if (keep) {
-                x = hook_logits<V>(p, x, at);
-                if constexpr (V::kSoftmax) x *= kLog2e;
+                x = kSplit ? hook_logits_core<V>(p, x, at) : hook_logits<V>(p, x, at);
+                if (!fold) x *= post;
               }
             }
             if (boundary || V::kHasMask) x = keep ? x : (V::kSoftmax ? -FI_INF : 0.0f);
@@ -396,7 +404,7 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
             }
             mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
-            if (fold) mx = fmaxf(m[mq][hf], mx * qk_scale);
+            if (fold) mx = fmaxf(m[mq][hf], mx * post);
             // While nothing is visible the max is -inf; 0 stands in so that no -inf - -inf appears.
             const float base = mx == -FI_INF ? 0.0f : mx;
             scale[mq][hf] = exp2_approx(m[mq][hf] - base);
@@ -407,7 +415,7 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
             for (int nb = 0; nb < kMmaKv; ++nb) {
               #pragma unroll
               for (int e = 2 * hf; e < 2 * hf + 2; ++e) {
-                s[mq][nb][e] = exp2_approx(fold ? fmaf(s[mq][nb][e], qk_scale, -base)
+                s[mq][nb][e] = exp2_approx(fold ? fmaf(s[mq][nb][e], post, -base)
                                                  : s[mq][nb][e] - base);
                 sum += s[mq][nb][e];
               }
@@ -431,9 +439,10 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
     };
     const bool boundary = tile >= first_masked;
     // Only the 128-row tile takes the folded copies: it was measured there (+1-3%), and the
-    // smaller tiles' 128-register allocations spill with both.
+    // smaller tiles' 128-register allocations spill with both. Not with a logits hook: its
+    // copies were not measured (the FA3 template folds those).
     if constexpr (!V::kHasLogits && V::kSoftmax && TILE_Q == 128) {
-      if (qk_scale > 0.0f) {
+      if (post > 0.0f) {
         if (boundary) {
           logits_softmax(true, true);
         } else {

@@ -457,7 +457,12 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
   const unsigned lane = wt % kWarpSize, t4 = lane % 4;
   // This thread's two rows of the tile (accumulator layout, sm90/wgmma.cuh).
   const unsigned row0 = cw * 64 + (wt / kWarpSize) * 16 + lane / 4;
-  const float qk_scale = (V::kHasLogits || !V::kSoftmax) ? a.sm_scale : a.sm_scale * kLog2e;
+  // A score s enters the softmax as x = core(s * pre) (variant/hooks.cuh: the logits hook split
+  // around its scales; without a hook x = s), weighted 2^(x * post - max): sm_scale is in pre, or
+  // in post without a logits hook, and log2(e) in post. Taken once per kernel, not per score.
+  const float pre = V::kHasLogits ? a.sm_scale * hook_logits_pre<V>(p) : 1.0f;
+  float post = V::kHasLogits ? hook_logits_post<V>(p) : a.sm_scale;
+  if constexpr (V::kSoftmax) post *= kLog2e;
   // Turns: the two consumers issue their MMAs alternately (named barriers 2 and 3, each
   // completed by one consumer's sync and the other's arrival). Consumer 1 lets 0 go first.
   const unsigned my_turn = 2 + cw, their_turn = 3 - cw;
@@ -545,9 +550,9 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
       // flags, so each inlines to its own straight-line copy (a runtime test per element made the
       // loop one branch an element: 2.4k instructions a tile, and instruction-fetch stalls).
       // `boundary`: the tile crosses the item's end or a row's diagonal (interior tiles have no
-      // mask code; the variant's mask is on every tile). `fold`: without a logits hook the scores
-      // stay unscaled until the exponent, where s * qk_scale - m is one FFMA (the row max commutes
-      // with a positive scale). Element i is row hf = (i / 2) % 2 of this thread, key
+      // mask code; the variant's mask is on every tile). `fold`: x stays unscaled by post until the
+      // exponent, where x * post - m is one FFMA (the row max commutes with a positive post; a
+      // masked -inf stays -inf). Element i is row hf = (i / 2) % 2 of this thread, key
       // 8 (i / 4) + 2 t4 + i % 2 of the tile. It leaves O's rescale in `scale` (`grew`: any row's
       // maximum moved).
       auto logits_softmax = [&](const bool fold, const bool boundary) {
@@ -555,7 +560,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
         for (int i = 0; i < kTileKv / 2; ++i) {
           const int hf = (i / 2) % 2;
           const unsigned j = j0 + 8 * (i / 4) + 2 * t4 + (i % 2);
-          float x = fold ? sacc[i] : sacc[i] * qk_scale;
+          float x = V::kHasLogits ? sacc[i] * pre : fold ? sacc[i] : sacc[i] * post;
           bool keep = true;
           if (boundary) {
             const long long diag = static_cast<long long>(row_of(hf) / group) + shift;
@@ -568,8 +573,8 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
             if constexpr (V::kHasMask) keep = keep && hook_mask<V>(p, at);
             if constexpr (V::kHasLogits) {
               if (keep) {
-                x = hook_logits<V>(p, x, at);
-                if constexpr (V::kSoftmax) x *= kLog2e;
+                x = hook_logits_core<V>(p, x, at);
+                if (!fold) x *= post;
               }
             }
           }
@@ -586,7 +591,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
             }
             mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
-            if (fold) mx = fmaxf(m[hf], mx * qk_scale);
+            if (fold) mx = fmaxf(m[hf], mx * post);
             // While nothing is visible the max is -inf; 0 stands in so no -inf - -inf appears.
             const float base = mx == -FI_INF ? 0.0f : mx;
             scale[hf] = exp2_approx(m[hf] - base);
@@ -598,7 +603,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
               #pragma unroll
               for (int e = 0; e < 2; ++e) {
                 float& x = sacc[4 * q4 + 2 * hf + e];
-                x = exp2_approx(fold ? fmaf(x, qk_scale, -base) : x - base);
+                x = exp2_approx(fold ? fmaf(x, post, -base) : x - base);
                 sum += x;
               }
             }
@@ -607,8 +612,8 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
         }
       };
       const bool boundary = t >= keys.first_masked;
-      if constexpr (!V::kHasLogits && V::kSoftmax) {
-        if (qk_scale > 0.0f) {
+      if constexpr (V::kSoftmax) {
+        if (post > 0.0f) {
           if (boundary) {
             logits_softmax(true, true);
           } else {
