@@ -17,7 +17,7 @@
 //! hold statements). With the same values, `post * core(pre * s)` computes the very operations
 //! of `logits(s)` (an f32 product is commutative, bit for bit): the differential test checks it.
 
-use crate::ir::{BinOp, Block, Expr, Func, Kind, LocalId, Scalar, Stmt, Ty};
+use crate::ir::{BinOp, Block, Expr, Func, Kind, Scalar, Stmt, Ty};
 
 /// Where the scales of a logits hook are; `None` where a scale is 1.
 pub struct Split<'f> {
@@ -31,19 +31,22 @@ pub struct Split<'f> {
 /// The split of a hook whose first argument is the score (the logits hook).
 pub fn split(func: &Func) -> Split<'_> {
     let score = func.args.first().copied().flatten();
-    let pre = score.and_then(|s| {
-        let mut uses = Uses {
-            local: s,
-            count: 0,
-            assigned: false,
-            product: None,
-        };
-        uses.block(&func.body);
-        (uses.count == 1 && !uses.assigned)
-            .then_some(uses.product)
-            .flatten()
+    let is_score = |e: &Expr| matches!(e.kind, Kind::Local(id) if Some(id) == score);
+    // One walk: any `return`, the score's reads and assignments, and its scaled product.
+    let (mut returns, mut reads, mut assigned, mut product) = (false, 0, false, None);
+    visit(&func.body, &mut |node| match node {
+        Node::Stmt(Stmt::Return(_)) => returns = true,
+        Node::Stmt(Stmt::Assign(id, _, _)) => assigned |= Some(*id) == score,
+        Node::Stmt(_) => {}
+        Node::Expr(e) => {
+            reads += usize::from(is_score(e));
+            if let Some((factor, _)) = scaled(e, is_score) {
+                product = Some((e, factor));
+            }
+        }
     });
-    let post = if returns(&func.body) {
+    let pre = product.filter(|_| reads == 1 && !assigned);
+    let post = if returns {
         None
     } else {
         func.body.tail.as_deref().and_then(|tail| {
@@ -91,84 +94,52 @@ fn params_only(e: &Expr) -> bool {
     }
 }
 
-/// Whether a block holds a `return` anywhere.
-fn returns(b: &Block) -> bool {
-    b.stmts.iter().any(|s| match s {
-        Stmt::Return(_) => true,
-        Stmt::Let(_, e) => e.as_ref().is_some_and(expr_returns),
-        Stmt::Discard(e) | Stmt::Assign(_, _, e) => expr_returns(e),
-        Stmt::If(c, t, f) => expr_returns(c) || returns(t) || f.as_ref().is_some_and(returns),
-        Stmt::Block(b) => returns(b),
-    }) || b.tail.as_deref().is_some_and(expr_returns)
+/// A statement or an expression of a hook body, as `visit` meets them.
+enum Node<'f> {
+    Stmt(&'f Stmt),
+    Expr(&'f Expr),
 }
 
-fn expr_returns(e: &Expr) -> bool {
+/// Calls `f` on every statement and expression of `b`, nested blocks included, parents first.
+fn visit<'f>(b: &'f Block, f: &mut impl FnMut(Node<'f>)) {
+    for s in &b.stmts {
+        f(Node::Stmt(s));
+        match s {
+            Stmt::Let(_, e) => {
+                if let Some(e) = e {
+                    visit_expr(e, f);
+                }
+            }
+            Stmt::Discard(e) | Stmt::Return(e) | Stmt::Assign(_, _, e) => visit_expr(e, f),
+            Stmt::If(c, t, els) => {
+                visit_expr(c, f);
+                visit(t, f);
+                if let Some(els) = els {
+                    visit(els, f);
+                }
+            }
+            Stmt::Block(b) => visit(b, f),
+        }
+    }
+    if let Some(t) = &b.tail {
+        visit_expr(t, f);
+    }
+}
+
+fn visit_expr<'f>(e: &'f Expr, f: &mut impl FnMut(Node<'f>)) {
+    f(Node::Expr(e));
     match &e.kind {
-        Kind::If(c, t, f) => expr_returns(c) || returns(t) || returns(f),
-        Kind::Neg(x) | Kind::Not(x) | Kind::Cast(_, x) | Kind::Index(_, x) => expr_returns(x),
-        Kind::Binary(_, l, r) => expr_returns(l) || expr_returns(r),
-        Kind::Call(_, args) => args.iter().any(expr_returns),
-        _ => false,
-    }
-}
-
-/// The uses of one local: how many reads, whether it is assigned, and the scaled product of the
-/// last read seen as an operand of one.
-struct Uses<'f> {
-    local: LocalId,
-    count: usize,
-    assigned: bool,
-    product: Option<(&'f Expr, &'f Expr)>,
-}
-
-impl<'f> Uses<'f> {
-    fn block(&mut self, b: &'f Block) {
-        for s in &b.stmts {
-            match s {
-                Stmt::Let(_, e) => {
-                    if let Some(e) = e {
-                        self.expr(e);
-                    }
-                }
-                Stmt::Discard(e) | Stmt::Return(e) => self.expr(e),
-                Stmt::Assign(id, _, e) => {
-                    self.assigned |= *id == self.local;
-                    self.expr(e);
-                }
-                Stmt::If(c, t, f) => {
-                    self.expr(c);
-                    self.block(t);
-                    if let Some(f) = f {
-                        self.block(f);
-                    }
-                }
-                Stmt::Block(b) => self.block(b),
-            }
+        Kind::Neg(x) | Kind::Not(x) | Kind::Cast(_, x) | Kind::Index(_, x) => visit_expr(x, f),
+        Kind::Binary(_, l, r) => {
+            visit_expr(l, f);
+            visit_expr(r, f);
         }
-        if let Some(t) = &b.tail {
-            self.expr(t);
+        Kind::Call(_, args) => args.iter().for_each(|a| visit_expr(a, f)),
+        Kind::If(c, t, els) => {
+            visit_expr(c, f);
+            visit(t, f);
+            visit(els, f);
         }
-    }
-
-    fn expr(&mut self, e: &'f Expr) {
-        let local = self.local;
-        if let Some((factor, _)) = scaled(e, |x| matches!(x.kind, Kind::Local(id) if id == local)) {
-            self.product = Some((e, factor));
-        }
-        match &e.kind {
-            Kind::Local(id) => self.count += usize::from(*id == local),
-            Kind::Neg(x) | Kind::Not(x) | Kind::Cast(_, x) | Kind::Index(_, x) => self.expr(x),
-            Kind::Binary(_, l, r) => {
-                self.expr(l);
-                self.expr(r);
-            }
-            Kind::Call(_, args) => args.iter().for_each(|a| self.expr(a)),
-            Kind::If(c, t, f) => {
-                self.expr(c);
-                self.block(t);
-                self.block(f);
-            }
-            _ => {}
-        }
+        _ => {}
     }
 }
