@@ -318,13 +318,13 @@ fn gpu_long_prompt_tiles() {
 }
 
 /// The FA3 template forced (Hopper only): every variant it runs, over ragged and paged KV (page
-/// sizes 1 and 16), causal diagonals inside and across tiles, GQA 1, 4 and 8, rows that are not
-/// a multiple of the tile, an empty request and one with fewer keys than rows, and a batch large
-/// enough that the plan splits KV (partials and the merge). Head dim 128 takes every
-/// combination; 64 (128-key tiles, P V by m64n64k16) and 256 (64-key tiles, two stages, O as
-/// two n128 accumulators) take one group size per (page size, causal), cycling, and a split
-/// batch of few query rows over long KV. A variant with query or key hooks is refused on it with
-/// an error, and Auto runs it on FA2.
+/// sizes 1 and 16), causal diagonals inside and across tiles, GQA 1, 4 and 8 (Q by TMA) and 3
+/// (Q by cp.async), rows that are not a multiple of the tile, an empty request and one with fewer
+/// keys than rows, and a batch large enough that the plan splits KV (partials and the merge).
+/// Head dim 128 takes every combination; 64 (128-key tiles, P V by m64n64k16) and 256 (64-key
+/// tiles, two stages, O as two n128 accumulators) take one group size per (page size, causal),
+/// cycling, and a split batch of few query rows over long KV. A variant with query or key hooks
+/// is refused on it with an error, and Auto runs it on FA2.
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gpu_sm90_prefill() {
@@ -366,6 +366,18 @@ fn gpu_sm90_prefill() {
         }
     }
     assert_eq!(n, 18 + 2 * 6, "cases run");
+    // A group of three does not divide the 128-row tile: a tile's packed rows start inside a
+    // query row, so Q goes by cp.async, not by TMA (whose boxes are whole query rows).
+    let case = Case {
+        heads: Heads::new(6, 2, 128).unwrap(),
+        qo_lens: vec![300, 129, 0, 64, 200],
+        kv_lens: vec![700, 129, 50, 1000, 100],
+        page_size: None,
+        layout: KvLayout::Nhd,
+        causal: true,
+        decode: false,
+    };
+    check_with::<Standard, bf16>(&gpu, &Standard, &case, &fa3);
     let case = Case {
         heads: Heads::new(32, 8, 128).unwrap(),
         qo_lens: vec![1024, 3000],

@@ -69,31 +69,37 @@ pub struct AttnArgs {
     pub num_sms: u32,
 }
 
-/// The FA3 entry's third argument (`Sm90Kv` in `cuda/attention/prefill_sm90.cuh`), passed by
-/// value as a `__grid_constant__` parameter: the TMA tensor maps of K and V (a driver
-/// `CUtensorMap` each, 128 opaque bytes), and `tma` 1 to copy the tiles that lie inside their
-/// request with them (0: cp.async for every tile).
+/// The FA3 entry's third argument (`Sm90Maps` in `cuda/attention/prefill_sm90.cuh`), passed by
+/// value as a `__grid_constant__` parameter: the TMA tensor maps of K, V and Q (a driver
+/// `CUtensorMap` each, 128 opaque bytes), `tma` 1 to copy the K/V tiles that lie inside their
+/// request with them (0: cp.async for every tile), and `q_tma` 1 to copy Q tiles with Q's map
+/// (0: cp.async).
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Sm90Kv {
+pub struct Sm90Maps {
     /// K's tensor map: `[rows, kv heads, head dim]` (ragged) or `[pages, slots, kv heads, head
     /// dim]` (paged), boxes of 64 columns x 1 head x the rows of a copy.
     pub k: [u64; 16],
     /// V's tensor map, the same shape.
     pub v: [u64; 16],
-    /// 1: tiles inside their request go by TMA; 0: the maps are unused.
+    /// Q's tensor map: `[query rows, qo heads, head dim]`, boxes of 64 columns x the GQA group's
+    /// heads x `128 / group` rows (one column block of a tile's packed rows).
+    pub q: [u64; 16],
+    /// 1: K/V tiles inside their request go by TMA; 0: `k` and `v` are unused.
     pub tma: u32,
     /// A paged cache's rows a copy (`min(page size, K/V tile)`); unused for a ragged cache.
     pub rows_per_copy: u32,
+    /// 1: Q tiles go by TMA; 0: `q` is unused.
+    pub q_tma: u32,
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn sm90_kv_matches_prefill_sm90_cuh() {
-        // Two 64-byte-aligned 128-byte maps and two words, padded to the 64-byte alignment.
-        assert_eq!(std::mem::size_of::<super::Sm90Kv>(), 320);
-        assert_eq!(std::mem::align_of::<super::Sm90Kv>(), 64);
+    fn sm90_maps_matches_prefill_sm90_cuh() {
+        // Three 64-byte-aligned 128-byte maps and three words, padded to the 64-byte alignment.
+        assert_eq!(std::mem::size_of::<super::Sm90Maps>(), 448);
+        assert_eq!(std::mem::align_of::<super::Sm90Maps>(), 64);
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub struct TranslationUnit {
     pub source: String,
     /// The kernel to launch, e.g. `ferrinfer_prefill_hd128_bf16`; it takes
     /// `(const fi::AttnArgs args, const Params params)` by value (an FA3 form also its TMA maps,
-    /// `const __grid_constant__ fi::Sm90Kv maps`).
+    /// `const __grid_constant__ fi::Sm90Maps maps`).
     pub entry: String,
     /// The merge kernel of split-KV work lists (`(args, params)`): every attention unit has one;
     /// other units (merge_states) have none.

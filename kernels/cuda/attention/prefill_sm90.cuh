@@ -2,9 +2,10 @@
 // results as attention/prefill.cuh (the plan's 128-row tiles), computed by warpgroup MMAs.
 // Persistent: a CTA takes one item of each round of gridDim.x of the plan's longest-first list,
 // so the next item's Q and K/V load during this item's last tiles.
-// Three warpgroups a CTA: a producer that copies each item's Q (into Q slots) and its K/V tiles
-// into stages (cp.async through the page table, K and V rows in one loop; K and V each have
-// their own empty mbarrier, freed after S and after P V), and two consumers of 64 query rows each. A consumer
+// Three warpgroups a CTA: a producer that copies each item's Q (into Q slots; by TMA where the
+// launch has a Q map) and its K/V tiles into stages (by TMA inside a request, else cp.async
+// through the page table, K and V rows in one loop; K and V each have their own empty mbarrier,
+// freed after S and after P V), and two consumers of 64 query rows each. A consumer
 // computes S = Q K^T with both operands in shared memory, the online softmax on S's
 // accumulators, and O += P V with P from registers (S's accumulator layout is the A operand's),
 // then frees the stage. Head dims 64, 128 and 256: the tile sizes per head dim are in
@@ -34,18 +35,23 @@
 
 namespace fi {
 
-// The FA3 entry's third parameter (kernels/src/abi.rs: Sm90Kv): tensor maps of K and V, a ragged
+// The FA3 entry's third parameter (kernels/src/abi.rs: Sm90Maps): tensor maps of K and V, a ragged
 // cache as [rows, kv heads, head dim] with boxes of 64 columns x 1 head x kTileKv rows, a paged
 // one as [pages, page slots, kv heads, head dim] with boxes of 64 x 1 x rows_per_copy x 1 page;
 // the 128-byte swizzle, so one TMA copy writes (part of) one column block of a tile in the
 // layout wgmma reads. `tma` 0 (strides or page sizes TMA cannot take): every tile goes through
-// cp.async. Passed as a __grid_constant__ parameter: TMA reads the maps in place.
-struct Sm90Kv {
-  TensorMap k, v;
+// cp.async. Q's map is [query rows, qo heads, head dim] with boxes of 64 columns x group heads x
+// kTileQ / group rows: a box lands as the tile's packed rows (row r: query row r / group, head
+// r % group), one column block a copy; `q_tma` 0 (a group that does not divide kTileQ, strides
+// TMA cannot take): Q goes through cp.async. Passed as a __grid_constant__ parameter: TMA reads
+// the maps in place.
+struct Sm90Maps {
+  TensorMap k, v, q;
   unsigned tma;
   unsigned rows_per_copy;  // a paged cache's rows a copy: min(page size, kTileKv)
+  unsigned q_tma;
 };
-static_assert(sizeof(Sm90Kv) == 320, "Sm90Kv as kernels/src/abi.rs lays it out");
+static_assert(sizeof(Sm90Maps) == 448, "Sm90Maps as kernels/src/abi.rs lays it out");
 
 // The FA3 template's shape at head dim D. A consumer holds O (D / 2 floats a thread), S
 // (kTileKv / 2) and P (kTileKv / 4) in its registers: at head dim 256, O is 128 floats, so the
@@ -198,8 +204,15 @@ constexpr bool kSm90Overlap = FI_SM90_OVERLAP == 2 || (FI_SM90_OVERLAP == 1 && D
 template <int D>
 constexpr bool kSm90Ahead = FI_SM90_AHEAD == 2 || (FI_SM90_AHEAD == 1 && D == 128);
 
+// FI_SM90_Q_TMA: 1 (default) copies Q by TMA where the launch has a Q map (maps.q_tma), one
+// instruction a column block from one producer thread; 0 always by cp.async, 16 copies of 16
+// bytes from each producer thread (an A/B switch).
+#ifndef FI_SM90_Q_TMA
+#define FI_SM90_Q_TMA 1
+#endif
+
 template <class V, class P, class T, int D>
-__device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) {
+__device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps) {
   static_assert(!V::kHasQuery && !V::kHasKey,
                 "query and key hooks run on the FA2 template (the dispatcher picks it)");
   using Sh = PrefillSm90Shape<D>;
@@ -317,7 +330,27 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
       }
       const unsigned tiles = it.keys.tiles;
       const WorkItem& w = it.w;
-      {
+      if (FI_SM90_Q_TMA && maps.q_tma != 0) {
+        // Q by TMA: thread 0 copies the tile's D / 64 column blocks, each one box of kTileQ /
+        // group query rows of the KV head's group of heads, and arrives for all 128 threads.
+        // The tile's packed rows start at query row qo_tile_start / group (the group divides
+        // kTileQ). Rows past the request read the next request's rows (or zeros past the
+        // buffer): padding rows, which write nothing (the epilogue).
+        if (pt == 0) {
+          unsigned char* const sq = q_tile(slot);
+          // The slot may last have been written by cp.async (see the K/V tiles below).
+          fence_proxy_async();
+          mbar_arrive_expect_tx(q_full(slot), Sh::kQBytes);
+          const int head = static_cast<int>(w.kv_head * group);
+          const int row = static_cast<int>(it.qo_begin + w.qo_tile_start / group);
+          #pragma unroll
+          for (int cb = 0; cb < D / 64; ++cb) {
+            tma_load_3d(sq + cb * kTileQ * 128, &maps.q, q_full(slot), cb * 64, head, row);
+          }
+          mbar_arrive_n(q_full(slot), kWarpgroupThreads - 1);
+        }
+        __syncwarp();
+      } else {
         // Q: unit u of rows r0 + i kRowsPerPass. Packed row p is query row p / group of head
         // p % group; a pass steps both by the same amounts (a head past the group carries into
         // the row), so the source pointer steps by two constants: two divisions an item, not
@@ -350,8 +383,8 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
             }
           }
         }
+        mbar_arrive_on_copies(q_full(slot));
       }
-      mbar_arrive_on_copies(q_full(slot));
 
       for (unsigned t = 0; t < tiles; ++t) {
         const unsigned gt = g + t, s = stage(gt);
@@ -679,8 +712,8 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
         const unsigned pr = row_of(hf);
         const unsigned i = pr / group, h = kv_head * group + pr % group;
         const Pos at{b, i, 0, h, kv_head, qo_len, kp.total, D};
+        // The LSE is taken only where it is written (a log2 and its special cases a row).
         const auto end = finish_row<V>(p, m[hf], zz, at, !split);
-        const float lse = end.lse();
         if (!split) {
           unsigned pairs[D / 8];
           #pragma unroll
@@ -691,7 +724,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
             pairs[q4] = pack2<T>(x0, x1);
           }
           store_row_by_quad<T, D>(out_row<T>(a, qo_begin + i, h), pairs, t4, live);
-          if (live && t4 == 0) write_lse(a, qo_begin + i, h, lse);
+          if (live && t4 == 0 && a.lse != nullptr) write_lse(a, qo_begin + i, h, end.lse());
         } else if (live) {
           const unsigned long long prow = partial_row(w.partial, i);
           float* dst = partial_out<D>(a, prow, h);
@@ -700,7 +733,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Kv& maps) 
             const float pair[2] = {o[4 * q4 + 2 * hf], o[4 * q4 + 2 * hf + 1]};
             store_partial<2>(dst + 8 * q4 + 2 * t4, pair, end);
           }
-          if (t4 == 0) write_partial_lse<V::kSoftmax>(a, prow, h, lse);
+          if (t4 == 0) write_partial_lse<V::kSoftmax>(a, prow, h, end.lse());
         }
       }
     };

@@ -36,7 +36,7 @@ pub const FAMILY: Family = Family {
     template_args,
     entry_extra: |cfg| {
         if takes_sm90_maps(cfg) {
-            (", const __grid_constant__ fi::Sm90Kv maps", ", maps")
+            (", const __grid_constant__ fi::Sm90Maps maps", ", maps")
         } else {
             ("", "")
         }
@@ -122,7 +122,7 @@ const SM90_ITEM_BYTES: u32 = 128;
 
 /// Whether `cfg` names the sm_90a template: its K/V tile is that template's at its head dim
 /// (`check_tiles` keeps FA2 off those tiles, so the name alone tells the templates apart).
-/// Whether an instance is the FA3 form, whose entry takes the TMA maps (`abi::Sm90Kv`) third:
+/// Whether an instance is the FA3 form, whose entry takes the TMA maps (`abi::Sm90Maps`) third:
 /// the runtime launches it so.
 pub fn takes_sm90_maps(cfg: &KernelConfig) -> bool {
     is_sm90(cfg)

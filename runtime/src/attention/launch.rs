@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, DeviceRepr, PushKernelArg};
-use ferrinfer_kernels::abi::{AttnArgs, Sm90Kv};
+use ferrinfer_kernels::abi::{AttnArgs, Sm90Maps};
 use ferrinfer_kernels::{KernelConfig, LaunchDims};
 
 use crate::device::Gpu;
@@ -48,14 +48,14 @@ struct ArgsParam(AttnArgs);
 
 /// The FA3 entry's TMA maps, passed by value.
 #[repr(transparent)]
-struct MapsParam(Sm90Kv);
+struct MapsParam(Sm90Maps);
 
 // SAFETY: both are plain bytes in C layout (AttnArgs is #[repr(C)] of integers and floats), which is
 // what DeviceRepr requires of a by-value kernel argument.
 unsafe impl DeviceRepr for ParamBlob {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for ArgsParam {}
-// SAFETY: as above (Sm90Kv is #[repr(C, align(64))] of integers).
+// SAFETY: as above (Sm90Maps is #[repr(C, align(64))] of integers).
 unsafe impl DeviceRepr for MapsParam {}
 
 /// Launch `f` (an instance's entry or merge pass, signature `(AttnArgs, Params)` by value) with
@@ -94,11 +94,11 @@ pub(crate) unsafe fn launch_sm90(
     dims: LaunchDims,
     args: AttnArgs,
     params: &[u8],
-    maps: Sm90Kv,
+    maps: Sm90Maps,
 ) -> Result<()> {
     let blob = blob(params)?;
     let (args, maps) = (ArgsParam(args), MapsParam(maps));
-    // SAFETY: FA3 entries take (AttnArgs, Params, Sm90Kv) by value, in this order (kernels::tu,
+    // SAFETY: FA3 entries take (AttnArgs, Params, Sm90Maps) by value, in this order (kernels::tu,
     // the prefill family's entry_extra); the addresses are the caller's contract above.
     unsafe {
         gpu.launch(f, dims, |l| {

@@ -1,15 +1,15 @@
-//! The FA3 template's TMA maps of a K/V cache (`Sm90Kv`): which caches they can describe, their
-//! shape, and their encoding by the driver. A tile that lies inside its request is then one TMA
-//! copy per 64 columns (and page) from one producer thread, where cp.async takes a copy per 16
-//! bytes from every producer thread (`kernels/notes/fa3.md`). Also the consumers' loop that
-//! suits a launch's maps ([`sm90_loop`]).
+//! The FA3 template's TMA maps (`Sm90Maps`) of a K/V cache and of Q: which caches and queries
+//! they can describe, their shape, and their encoding by the driver. A tile that lies inside its
+//! request is then one TMA copy per 64 columns (and page) from one producer thread, where
+//! cp.async takes a copy per 16 bytes from every producer thread (`kernels/notes/fa3.md`). Also
+//! the consumers' loop that suits a launch's maps ([`sm90_loop`]).
 
 use std::ffi::c_void;
 use std::sync::OnceLock;
 
 use cudarc::driver::sys;
 use ferrinfer_kernels::DType;
-use ferrinfer_kernels::abi::Sm90Kv;
+use ferrinfer_kernels::abi::Sm90Maps;
 use ferrinfer_kernels::attention::prefill::{Sm90Loop, sm90_overlaps};
 
 use super::KvStrides;
@@ -109,27 +109,84 @@ pub(crate) fn shape(
     }
 }
 
-/// Set to `0` to copy every FA3 tile with cp.async (an A/B switch, and a way around a driver
-/// that refuses the maps).
+/// Q's map shape for the FA3 template's tiles of `tile_q` packed rows (packed row r of a KV head:
+/// query row r / group, qo head r % group of the head's group): dims head dim, qo heads, query
+/// rows; a box of 64 columns x `group` heads x `tile_q / group` rows, which lands as one column
+/// block of a tile's packed rows in order. `None` (Q then goes by cp.async) where the group does
+/// not divide the tile (a tile would not start on a query row), where a stride is not what TMA
+/// takes, or where the buffer is shorter than one row. Rows are bounded by the buffer, not the
+/// batch, so a CUDA graph's map holds for every batch its buffer takes.
+pub(crate) fn q_shape(
+    row_stride: u64,
+    head_stride: u64,
+    num_qo_heads: u32,
+    group: u32,
+    head_dim: u32,
+    elements: u64,
+    tile_q: u32,
+) -> Option<MapShape> {
+    let stride_ok = |st: u64| {
+        let bytes = st * ELEMENT_BYTES;
+        bytes.is_multiple_of(16) && bytes < (1 << 40) && st > 0
+    };
+    let fits = group > 0 && tile_q.is_multiple_of(group) && tile_q / group <= 256;
+    if !fits || !head_dim.is_multiple_of(BOX_COLUMNS) || !stride_ok(row_stride) {
+        return None;
+    }
+    // A single head never steps by its stride, so any valid one stands in for it.
+    let head_stride = if num_qo_heads > 1 {
+        head_stride
+    } else {
+        u64::from(head_dim)
+    };
+    if !stride_ok(head_stride) {
+        return None;
+    }
+    let heads_span = u64::from(num_qo_heads - 1) * head_stride + u64::from(head_dim);
+    let rows = elements.checked_sub(heads_span)? / row_stride + 1;
+    (rows <= i32::MAX as u64).then_some(MapShape {
+        rank: 3,
+        dims: [u64::from(head_dim), u64::from(num_qo_heads), rows, 1],
+        strides: [head_stride * ELEMENT_BYTES, row_stride * ELEMENT_BYTES, 0],
+        boxes: [BOX_COLUMNS, group, tile_q / group, 1],
+    })
+}
+
+/// Set to `0` to copy every FA3 tile (K, V and Q) with cp.async (an A/B switch, and a way around
+/// a driver that refuses the maps).
 pub const TMA_VAR: &str = "FERRINFER_SM90_TMA";
 
-/// The entry's `Sm90Kv` for K and V at device addresses `k` and `v` (16-byte aligned, checked
-/// by the caller): `tma` 0 where `shape` is `None`, [`TMA_VAR`] is `0`, or the driver refuses
-/// a map (cp.async computes the same result, only slower).
-pub(crate) fn sm90_kv(k: u64, v: u64, shape: Option<MapShape>, dtype: DType) -> Sm90Kv {
-    let off = std::env::var(TMA_VAR).is_ok_and(|v| v.trim() == "0");
-    let (Some(shape), false) = (shape, off) else {
-        return Sm90Kv::default();
-    };
-    match (encode(k, &shape, dtype), encode(v, &shape, dtype)) {
-        (Ok(k), Ok(v)) => Sm90Kv {
-            k,
-            v,
-            tma: 1,
-            rows_per_copy: shape.rows_per_copy(),
-        },
-        _ => Sm90Kv::default(),
+/// The entry's `Sm90Maps` for K and V at device addresses `k` and `v` and Q at `q` (16-byte
+/// aligned, checked by the caller): `tma` 0 where `kv` is `None`, `q_tma` 0 where `q_map` is
+/// `None`, both 0 where [`TMA_VAR`] is `0`, and either where the driver refuses its map (cp.async
+/// computes the same result, only slower).
+pub(crate) fn sm90_maps(
+    k: u64,
+    v: u64,
+    kv: Option<MapShape>,
+    q: u64,
+    q_map: Option<MapShape>,
+    dtype: DType,
+) -> Sm90Maps {
+    if std::env::var(TMA_VAR).is_ok_and(|v| v.trim() == "0") {
+        return Sm90Maps::default();
     }
+    let mut maps = Sm90Maps::default();
+    if let Some(shape) = kv
+        && let (Ok(km), Ok(vm)) = (encode(k, &shape, dtype), encode(v, &shape, dtype))
+    {
+        maps.k = km;
+        maps.v = vm;
+        maps.tma = 1;
+        maps.rows_per_copy = shape.rows_per_copy();
+    }
+    if let Some(shape) = q_map
+        && let Ok(qm) = encode(q, &shape, dtype)
+    {
+        maps.q = qm;
+        maps.q_tma = 1;
+    }
+    maps
 }
 
 /// Set to `0` to build the FA3 consumers in order at every head dim, `1` for the template's
@@ -148,7 +205,7 @@ pub const OVERLAP_VAR: &str = "FERRINFER_SM90_OVERLAP";
 ///
 /// The maps and the build are chosen together for each launch, from the cache's page size and
 /// strides (which a CUDA-graph plan pins) and K's and V's buffers; a captured graph holds both.
-pub(crate) fn sm90_loop(head_dim: u32, maps: &Sm90Kv) -> Sm90Loop {
+pub(crate) fn sm90_loop(head_dim: u32, maps: &Sm90Maps) -> Sm90Loop {
     choose_loop(head_dim, maps.tma != 0, forced_overlap_setting())
 }
 
@@ -206,7 +263,7 @@ fn encode(ptr: u64, shape: &MapShape, dtype: DType) -> Result<[u64; 16]> {
     };
     if status != sys::CUresult::CUDA_SUCCESS {
         return Err(Error::Driver(format!(
-            "cuTensorMapEncodeTiled failed ({status:?}) for a K/V map of {shape:?}"
+            "cuTensorMapEncodeTiled failed ({status:?}) for a map of {shape:?}"
         )));
     }
     // SAFETY: the driver wrote the map (CUDA_SUCCESS); it was zeroed before in any case.
@@ -311,6 +368,67 @@ mod tests {
     }
 
     #[test]
+    fn a_q_box_is_a_tiles_packed_rows() {
+        // 1000 rows of 32 heads of 128 (NHD), GQA 4: a box is 32 rows of 4 heads, which land as
+        // the tile's 128 packed rows (row r: query row r / 4, head r % 4).
+        let s = q_shape(32 * 128, 128, 32, 4, 128, 1000 * 32 * 128, 128).unwrap();
+        assert_eq!(s.rank, 3);
+        assert_eq!(&s.dims[..3], &[128, 32, 1000]);
+        assert_eq!(&s.strides[..2], &[256, 32 * 256]);
+        assert_eq!(&s.boxes[..3], &[64, 4, 32]);
+        // MHA: a box is 128 rows of one head; GQA 8 at head dim 64: 16 rows of 8 heads.
+        let mha = q_shape(8 * 128, 128, 8, 1, 128, 10 * 8 * 128, 128).unwrap();
+        assert_eq!(&mha.boxes[..3], &[64, 1, 128]);
+        let g8 = q_shape(8 * 64, 64, 8, 8, 64, 10 * 8 * 64, 128).unwrap();
+        assert_eq!(&g8.boxes[..3], &[64, 8, 16]);
+        // HND (heads outermost, 4096 rows a head), and a buffer one element short of the last
+        // row's last head, which drops that row.
+        let hnd = q_shape(128, 4096 * 128, 8, 2, 128, 8 * 4096 * 128, 128).unwrap();
+        assert_eq!(&hnd.dims[..3], &[128, 8, 4096]);
+        assert_eq!(&hnd.strides[..2], &[4096 * 256, 256]);
+        let short = q_shape(32 * 128, 128, 32, 4, 128, 1000 * 32 * 128 - 1, 128).unwrap();
+        assert_eq!(short.dims[2], 999);
+        // One head: its stride is never stepped, so an odd one does not matter.
+        let one = q_shape(128, 1, 1, 1, 128, 100 * 128, 128).unwrap();
+        assert_eq!(&one.strides[..2], &[256, 256]);
+    }
+
+    #[test]
+    fn a_q_tma_cannot_describe_goes_by_cp_async() {
+        // Groups that do not divide the 128-row tile: a tile would start inside a query row.
+        for group in [3, 5, 6, 12, 256] {
+            let heads = 2 * group;
+            let q = q_shape(u64::from(heads) * 128, 128, heads, group, 128, 1 << 24, 128);
+            assert_eq!(q, None, "group {group}");
+        }
+        assert_eq!(
+            q_shape(32 * 128, 128, 32, 0, 128, 1 << 24, 128),
+            None,
+            "no group"
+        );
+        assert_eq!(
+            q_shape(32 * 128 + 4, 128, 32, 4, 128, 1 << 24, 128),
+            None,
+            "8-byte rows"
+        );
+        assert_eq!(
+            q_shape(32 * 128, 132, 32, 4, 128, 1 << 24, 128),
+            None,
+            "8-byte heads"
+        );
+        assert_eq!(
+            q_shape(32 * 96, 96, 32, 4, 96, 1 << 24, 128),
+            None,
+            "head dim 96"
+        );
+        assert_eq!(
+            q_shape(32 * 128, 128, 32, 4, 128, 100, 128),
+            None,
+            "shorter than a row"
+        );
+    }
+
+    #[test]
     fn fa3_runs_in_order_at_head_dim_128_where_kv_goes_by_cp_async() {
         use Sm90Loop::{Default, InOrder};
         // The loop for a cache of 8 NHD heads (`None`: ragged), as the launch derives it: the
@@ -342,9 +460,9 @@ mod tests {
         // The launch reads the maps' flag (and the variable, which this test does not set).
         let forced = forced_overlap(std::env::var(OVERLAP_VAR).ok());
         for tma in [0, 1] {
-            let maps = Sm90Kv {
+            let maps = Sm90Maps {
                 tma,
-                ..Sm90Kv::default()
+                ..Sm90Maps::default()
             };
             assert_eq!(sm90_loop(128, &maps), choose_loop(128, tma == 1, forced));
         }

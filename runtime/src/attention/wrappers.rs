@@ -988,6 +988,7 @@ impl Planned {
         let s = b.kv().strides(&heads);
         let (qs, os) = (b.q_strides(), b.o_strides());
         let kv_elements = k.len().min(v.len()) as u64;
+        let q_elements = q.len() as u64;
         let (q, k, v, o) = (
             q.device_ptr(gpu)?,
             k.device_ptr(gpu)?,
@@ -1041,10 +1042,10 @@ impl Planned {
             num_items: work.padded_len,
             num_sms: gpu.sm_count(),
         };
-        // The FA3 form takes TMA maps of the cache (or none: every tile by cp.async), and its
-        // consumers' loop follows them.
+        // The FA3 form takes TMA maps of the cache and of Q (or none: those tiles by cp.async),
+        // and its consumers' loop follows the cache's.
         let maps = takes_sm90_maps(&cfg).then(|| {
-            let shape = tma::shape(
+            let kv_shape = tma::shape(
                 b.kv().page_size(),
                 s,
                 heads.num_kv_heads(),
@@ -1052,7 +1053,16 @@ impl Planned {
                 kv_elements,
                 cfg.kv_tile,
             );
-            tma::sm90_kv(k, v, shape, T::DTYPE)
+            let q_shape = tma::q_shape(
+                qs.row(),
+                qs.head(),
+                heads.num_qo_heads(),
+                heads.num_qo_heads() / heads.num_kv_heads(),
+                heads.head_dim(),
+                q_elements,
+                cfg.cta_tile_q,
+            );
+            tma::sm90_maps(k, v, kv_shape, q, q_shape, T::DTYPE)
         });
         let lp = maps.map_or(Sm90Loop::Default, |m| tma::sm90_loop(heads.head_dim(), &m));
         let kernel = dispatch::kernel(gpu, V::SPEC, &cfg, lp, fallback.as_ref())?;
@@ -1070,8 +1080,8 @@ impl Planned {
         // plan's workspace and scratch, sized by its capacity (Sizes::holds). All of them outlive
         // the launch: the caller holds the buffers, the plan its scratch (a GraphRun owns both),
         // and all work is ordered on the backend's one stream (Buffer::device_ptr refuses a
-        // buffer of another stream). The TMA maps' rows end within K's and V's buffers
-        // (tma::shape bounds them by their lengths).
+        // buffer of another stream). The TMA maps' rows end within K's, V's and Q's buffers
+        // (tma::shape and tma::q_shape bound them by their lengths).
         unsafe {
             match maps {
                 Some(maps) => {
