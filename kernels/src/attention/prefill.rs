@@ -422,10 +422,12 @@ fn two_kv_warps_fit((one, two): (u32, u32)) -> bool {
     two > 0 && two * SHORT_TILE_KV_WARPS >= one
 }
 
-/// Warps along the keys of the 16-row tile for a batch (1 or 2), and why: two for one query head
-/// a KV head (MHA, [`KV_WARPS_MAX_GROUP`]) or pages of one key, when the grid before any KV split
-/// is at least [`KV_WARPS_MIN_WAVES`] waves of two-warp CTAs and the SM holds as many keys in
-/// flight with them ([`two_kv_warps_fit`]); one otherwise. Measured on an H200 (2026-11-30,
+/// Warps along the keys of the 16-row tile for a batch (1 or 2), and why, where the SM holds as
+/// many keys in flight in two-warp CTAs ([`two_kv_warps_fit`]): two where the grid before any KV
+/// split is under one wave of two-warp CTAs (few long requests, which the plan splits to fill
+/// the device whichever count runs); else two for one query head a KV head (MHA,
+/// [`KV_WARPS_MAX_GROUP`]) or pages of one key, when that grid is at least
+/// [`KV_WARPS_MIN_WAVES`] waves of two-warp CTAs; one otherwise. Measured on an H200 (2026-11-30,
 /// session 7, both counts forced in one call: call C, the group rows in call D; decode on tensor
 /// cores, bf16, head dim 128, 32 query and 8 KV heads unless said, page size 16, GB/s; one warp
 /// is six 37.7 KB CTAs an SM, 792 a wave, two warps three 71 KB CTAs, 396 a wave; FlashInfer's
@@ -448,9 +450,13 @@ fn two_kv_warps_fit((one, two): (u32, u32)) -> bool {
 /// split in four by `balance_tail_wave`) into more merge work (-4.6%; GQA 2: -1.6%). With one key
 /// a page each key's page id is a dependent load, and with one row a tile (MHA) a CTA's stream
 /// carries the least work a key: there twice the keys a CTA stream faster (+6.4%, +1.8%). The
-/// long-context batch (128 items, split to fill the device either way) is a tie. Batch-invariant
-/// plans keep one warp: the count changes the order of the sums, so it must not depend on the
-/// batch. Not measured: pages of 2-8 keys, other head dims, other GPUs.
+/// long-context batch (128 items, under a wave of either form, split to fill the device either
+/// way) measured a tie in that call, and two warps ahead in the five calls since (GB/s, two /
+/// one, forced rows beside FlashInfer's best: session 10, three calls: 4237 / 4203, 4242 / 4196,
+/// 4250 / 4208; session 13 (2026-12-01), two calls: 4318 / 4291, 4349 / 4294, against 4363 and
+/// 4360): +0.6 to +1.3%. Batch-invariant plans keep one warp: the count changes the order of the
+/// sums, so it must not depend on the batch. Not measured: pages of 2-8 keys, other head dims,
+/// other GPUs, a batch of under 16 long requests.
 fn choose_kv_warps(x: &TileInput<'_>) -> (u32, String) {
     if let Some(n) = x.kv_warps {
         let n = if n > 1 { SHORT_TILE_KV_WARPS } else { 1 };
@@ -484,6 +490,18 @@ fn choose_kv_warps(x: &TileInput<'_>) -> (u32, String) {
             ),
         );
     }
+    let wave = u64::from(x.num_sms) * u64::from(two);
+    let items = (x.work_items)(16);
+    if wave > 0 && items < wave {
+        return (
+            SHORT_TILE_KV_WARPS,
+            format!(
+                "{SHORT_TILE_KV_WARPS} warps along the keys: {items} work items are under a wave \
+                 of {wave} two-warp CTAs ({two} an SM), so the plan splits the keys to fill the \
+                 device whichever count runs, and twice the keys a CTA stream faster"
+            ),
+        );
+    }
     if x.group_size > KV_WARPS_MAX_GROUP && x.page_size != Some(1) {
         return (
             1,
@@ -498,9 +516,7 @@ fn choose_kv_warps(x: &TileInput<'_>) -> (u32, String) {
             ),
         );
     }
-    let wave = u64::from(x.num_sms) * u64::from(two);
-    let items = (x.work_items)(16);
-    if wave > 0 && items >= KV_WARPS_MIN_WAVES * wave {
+    if items >= KV_WARPS_MIN_WAVES * wave {
         (
             SHORT_TILE_KV_WARPS,
             format!(
@@ -930,9 +946,10 @@ mod tests {
                         kv_warps: 0,
                     })
         };
-        // Two waves of two-warp CTAs on an H200 are 2 x 132 x 3 = 792 items. The measured
+        // A wave of two-warp CTAs on an H200 is 132 x 3 = 396 items, two are 792. The measured
         // batches (`choose_kv_warps`): MHA 64 x 4096 (2048 items) and page size 1 128 x 1024
-        // (1024): two warps; group 4 over pages of 16 at 2048, 512 and 128 items: one.
+        // (1024): two warps; group 4 over pages of 16 at 2048 and 512 items: one; at 128 items
+        // (16 x 32768, under a wave): two.
         let mha = |x: &mut TileInput<'_>| x.group_size = 1;
         for (items, two) in [
             (2048, true),
@@ -940,7 +957,9 @@ mod tests {
             (792, true),
             (791, false),
             (512, false),
-            (128, false),
+            (396, false),
+            (395, true),
+            (128, true),
         ] {
             let t = decode_tiles(items, 128, mha);
             assert!(
@@ -975,6 +994,13 @@ mod tests {
             );
         }
         assert!(one_warp(&decode_tiles(1 << 20, 128, group(8, Some(16)))));
+        // Under a wave of two-warp CTAs the plan splits the keys either way: two, at any group.
+        for g in [2, 4, 8] {
+            let t = decode_tiles(128, 128, group(g, Some(16)));
+            assert!(two_warps(&t), "{t}");
+            assert!(t.to_string().contains("under a wave of 396"), "{t}");
+        }
+        assert!(one_warp(&decode_tiles(396, 128, group(4, None))));
         // Head dim 64 likewise; at 256 an SM holds one two-warp CTA against three: one warp.
         assert!(decode_tiles(2048, 64, mha).instance.kv_warps == 2);
         let t = decode_tiles(1 << 20, 256, mha);

@@ -909,9 +909,9 @@ mod tests {
         assert_eq!(list, explicit);
         assert_eq!(explicit.tiles.unwrap().ctas_per_sm, None);
 
-        // A decode step on the prefill template: the group's 16-row tile, one warp along the keys
-        // for a grid this small, six CTAs of 37.7 KB on a Hopper SM; on the decode template, two
-        // waves of its four.
+        // A decode step on the prefill template: the group's 16-row tile, two warps along the keys
+        // for a grid this small (under a wave, split to fill the device), three CTAs of 71 KB on
+        // a Hopper SM; on the decode template, two waves of its four.
         let kv = KvIndex::ragged(&[0, 4096, 8192], KvLayout::Nhd).unwrap();
         let step = Batch::decode(heads, kv).unwrap();
         let rows = PlanOptions {
@@ -922,10 +922,10 @@ mod tests {
             .unwrap()
             .tiles
             .unwrap();
-        assert_eq!((t.cta_tile_q, t.threads, t.ctas_per_sm), (16, 32, Some(6)));
+        assert_eq!((t.cta_tile_q, t.threads, t.ctas_per_sm), (16, 64, Some(3)));
         assert_eq!(
             (t.kv_tile, t.shared_bytes, t.instance.kv_warps),
-            (32, 37_704, 0)
+            (64, 71_240, 2)
         );
         let t = plan(&step, KernelKind::Decode, &hopper)
             .unwrap()
@@ -1040,10 +1040,11 @@ mod tests {
             ),
             // The skewed batch: 512 items, its long requests split in nine to fill the wave.
             (decode_step(32, 8, 128, &skewed, 16), (1, 6, 912, 768)),
-            // 16 x 32768: 128 items, split to fill the wave.
+            // 16 x 32768: 128 items, under a wave of two-warp CTAs: two warps, split to fill the
+            // wave (384 of 396).
             (
                 decode_step(32, 8, 128, &uniform(16, 32768), 16),
-                (1, 6, 5472, 768),
+                (2, 3, 10928, 384),
             ),
             // MHA 64 x 4096: 2048 items, two warps; GQA 4 256 x 2048, also 2048, keeps one (a
             // group of 4 over pages of 16); page size 1, 128 x 1024 (1024 items): two; GQA 2

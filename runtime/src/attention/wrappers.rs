@@ -62,13 +62,15 @@ pub struct PlanConfig {
 pub enum KvWarps {
     /// The plan's choice per batch, from measurements (H200, bf16, head dim 128, decode, both
     /// counts in one call; the table is at the tile function, `choose_kv_warps` in
-    /// kernels/src/attention/prefill.rs): two for MHA (one query head a KV head) or pages of one
-    /// key, when the batch's work items, before any KV split, are at least two waves of two-warp
-    /// CTAs and the SM holds as many warps of them as of one-warp CTAs (MHA 64 x 4096: 4403 GB/s
-    /// against 4323; page size 1, 128 x 1024: 3638 against 3419); one otherwise (GQA 4 64 x 4096:
-    /// 4147 against 3965 with two; 256 x 2048: 4233 against 4041; GQA 2 64 x 4096: 4304 against
-    /// 4233) and in batch-invariant mode. In CUDA-graph mode the first plan's count holds for
-    /// every replan, since a captured kernel does not change.
+    /// kernels/src/attention/prefill.rs), where the SM holds as many warps of two-warp CTAs as
+    /// of one-warp CTAs: two where the batch's work items, before any KV split, are under one
+    /// wave of two-warp CTAs (few long requests, split to fill the device either way: 16 x
+    /// 32768, 4349 GB/s against 4294); two for MHA (one query head a KV head) or pages of one
+    /// key when they are at least two waves (MHA 64 x 4096: 4403 against 4323; page size 1, 128
+    /// x 1024: 3638 against 3419); one otherwise (GQA 4 64 x 4096: 4147 against 3965 with two;
+    /// 256 x 2048: 4233 against 4041; GQA 2 64 x 4096: 4304 against 4233) and in batch-invariant
+    /// mode. In CUDA-graph mode the first plan's count holds for every replan, since a captured
+    /// kernel does not change.
     #[default]
     Auto,
     /// One warp along the keys (six CTAs an H200 SM at head dim 128).
