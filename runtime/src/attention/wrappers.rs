@@ -95,29 +95,29 @@ impl KvWarps {
 pub enum PrefillKernel {
     /// The faster template for the instance, from measurements: FA3 where it exists and was
     /// measured faster (Hopper, head dims 64 and 128, the 128-row tile, no query or key hooks),
-    /// FA2 elsewhere. At head dim 256 FA3 is faster when forced (556 against 259 TFLOP/s on one
+    /// FA2 elsewhere. At head dim 256 FA3 is faster when forced (571 against 262 TFLOP/s on one
     /// causal 8192 prompt), but FA2 plans 64-row tiles there, which have no FA3 form. The
     /// benchmark's prefill rows with each template forced (H200, bf16, 32/8 heads, TFLOP/s, one
-    /// call on 2026-11-30, FA3 v19 of `kernels/notes/fa3.md`; head dim 128 unless named):
+    /// call on 2026-12-01, FA3 v27 of `kernels/notes/fa3.md`; head dim 128 unless named):
     ///
     /// | config | FA2 | FA3 |
     /// |---|---:|---:|
-    /// | one request, 8192 causal | 345 | 561 |
-    /// | one request, 8192 full | 347 | 596 |
-    /// | 8192 causal, soft-cap 30 | 301 | 453 |
-    /// | 16 x 1024 causal, ragged | 257 | 342 |
-    /// | 16 x 1024 causal, page 16 | 252 | 288 |
-    /// | 16 x 256 appended to 4096, page 16 | 320 | 436 |
-    /// | 8192 causal, head dim 64 | 267 | 398 |
-    /// | 8192 causal, head dim 256 | 259 | 556 |
+    /// | one request, 8192 causal | 350 | 589 |
+    /// | one request, 8192 full | 353 | 617 |
+    /// | 8192 causal, soft-cap 30 | 322 | 502 |
+    /// | 16 x 1024 causal, ragged | 268 | 397 |
+    /// | 16 x 1024 causal, page 16 | 262 | 365 |
+    /// | 16 x 256 appended to 4096, page 16 | 323 | 485 |
+    /// | 8192 causal, head dim 64 | 268 | 413 |
+    /// | 8192 causal, head dim 256 | 262 | 571 |
     ///
     /// A variant whose FA3 build spills registers is rebuilt with its consumers in order, and
     /// runs FA2 if that spills too (today the attention sink at head dims 128 and 256). At head
     /// dim 128 a launch whose K/V all go through cp.async (no TMA maps: pages under 64 keys, or
     /// that neither divide nor are divided by the K/V tile, strides TMA cannot take, a map the
     /// driver refused, `FERRINFER_SM90_TMA=0`) runs the in-order build as well, where it
-    /// measured 2-3% faster; TMA caches run FA3's overlap (`FERRINFER_SM90_OVERLAP=0`/`1`
-    /// forces either).
+    /// measured 2-4% faster (2026-12-01: pages of 16, 358 against 343); TMA caches run FA3's
+    /// overlap (`FERRINFER_SM90_OVERLAP=0`/`1` forces either).
     #[default]
     Auto,
     /// The FA2 template (mma.sync) everywhere.

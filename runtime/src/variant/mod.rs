@@ -79,6 +79,10 @@ pub struct VariantSpec {
     /// (checked before any hook runs, on every backend).
     pub params: &'static [ParamField],
     /// The lowered hooks: a CUDA `struct Variant` whose static device functions take `const Params&`.
+    /// Beside `logits`, the macro also writes `logits_pre`, `logits_post` and `logits_core` (the
+    /// hook split around its scales, `post * core(pre * s)`, which the prefill templates fold
+    /// into their own scales; kernels/cuda/variant/hooks.cuh). A struct written by hand may omit
+    /// those three: the templates then call `logits` whole.
     pub cuda: &'static str,
 }
 
