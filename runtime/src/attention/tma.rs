@@ -45,6 +45,34 @@ impl MapShape {
     }
 }
 
+/// Whether TMA takes `st` (elements) as a stride: a multiple of 16 bytes, under 2^40, not 0.
+fn stride_ok(st: u64) -> bool {
+    let bytes = st * ELEMENT_BYTES;
+    bytes.is_multiple_of(16) && bytes < (1 << 40) && st > 0
+}
+
+/// A rank-3 map of rows of `heads` heads of `head_dim` (dims head dim, heads, rows) with a box of
+/// 64 columns x `box_heads` x `box_rows`: a ragged K/V cache, or Q. Its rows are those whose every
+/// head lies in the buffer of `elements`; `None` where not one does or there are more than an
+/// `int` coordinate.
+fn rows_of_heads(
+    head_dim: u32,
+    heads: u32,
+    head_stride: u64,
+    row_stride: u64,
+    elements: u64,
+    (box_heads, box_rows): (u32, u32),
+) -> Option<MapShape> {
+    let heads_span = u64::from(heads - 1) * head_stride + u64::from(head_dim);
+    let rows = elements.checked_sub(heads_span)? / row_stride + 1;
+    (rows <= i32::MAX as u64).then_some(MapShape {
+        rank: 3,
+        dims: [u64::from(head_dim), u64::from(heads), rows, 1],
+        strides: [head_stride * ELEMENT_BYTES, row_stride * ELEMENT_BYTES, 0],
+        boxes: [BOX_COLUMNS, box_heads, box_rows, 1],
+    })
+}
+
 /// The maps' shape for a cache of `elements` elements (K's or V's buffer), or `None` where TMA
 /// cannot describe it and every tile goes through cp.async: strides TMA refuses (multiples of 16
 /// bytes below 2^40); for a ragged cache, a block stride other than the token stride (a ragged
@@ -60,27 +88,22 @@ pub(crate) fn shape(
     elements: u64,
     kv_tile: u32,
 ) -> Option<MapShape> {
-    let stride_ok = |st: u64| {
-        let bytes = st * ELEMENT_BYTES;
-        bytes.is_multiple_of(16) && bytes < (1 << 40) && st > 0
-    };
     if !head_dim.is_multiple_of(BOX_COLUMNS) || !stride_ok(s.token) || !stride_ok(s.head) {
         return None;
     }
-    let heads_span = u64::from(num_kv_heads - 1) * s.head + u64::from(head_dim);
     match page_size {
         None => {
             if s.block != s.token {
                 return None;
             }
-            // Rows whose every head lies in the buffer.
-            let rows = elements.checked_sub(heads_span)? / s.token + 1;
-            (rows <= i32::MAX as u64).then_some(MapShape {
-                rank: 3,
-                dims: [u64::from(head_dim), u64::from(num_kv_heads), rows, 1],
-                strides: [s.head * ELEMENT_BYTES, s.token * ELEMENT_BYTES, 0],
-                boxes: [BOX_COLUMNS, 1, kv_tile, 1],
-            })
+            rows_of_heads(
+                head_dim,
+                num_kv_heads,
+                s.head,
+                s.token,
+                elements,
+                (1, kv_tile),
+            )
         }
         Some(page) => {
             let fits = kv_tile.is_multiple_of(page) || page.is_multiple_of(kv_tile);
@@ -88,6 +111,7 @@ pub(crate) fn shape(
                 return None;
             }
             // Pages whose every slot and head lies in the buffer.
+            let heads_span = u64::from(num_kv_heads - 1) * s.head + u64::from(head_dim);
             let span = heads_span + u64::from(page - 1) * s.token;
             let pages = elements.checked_sub(span)? / s.block + 1;
             (pages <= i32::MAX as u64).then_some(MapShape {
@@ -125,10 +149,6 @@ pub(crate) fn q_shape(
     elements: u64,
     tile_q: u32,
 ) -> Option<MapShape> {
-    let stride_ok = |st: u64| {
-        let bytes = st * ELEMENT_BYTES;
-        bytes.is_multiple_of(16) && bytes < (1 << 40) && st > 0
-    };
     let fits = group > 0 && tile_q.is_multiple_of(group) && tile_q / group <= 256;
     if !fits || !head_dim.is_multiple_of(BOX_COLUMNS) || !stride_ok(row_stride) {
         return None;
@@ -142,14 +162,15 @@ pub(crate) fn q_shape(
     if !stride_ok(head_stride) {
         return None;
     }
-    let heads_span = u64::from(num_qo_heads - 1) * head_stride + u64::from(head_dim);
-    let rows = elements.checked_sub(heads_span)? / row_stride + 1;
-    (rows <= i32::MAX as u64).then_some(MapShape {
-        rank: 3,
-        dims: [u64::from(head_dim), u64::from(num_qo_heads), rows, 1],
-        strides: [head_stride * ELEMENT_BYTES, row_stride * ELEMENT_BYTES, 0],
-        boxes: [BOX_COLUMNS, group, tile_q / group, 1],
-    })
+    let rows = tile_q / group;
+    rows_of_heads(
+        head_dim,
+        num_qo_heads,
+        head_stride,
+        row_stride,
+        elements,
+        (group, rows),
+    )
 }
 
 /// Set to `0` to copy every FA3 tile (K, V and Q) with cp.async (an A/B switch, and a way around

@@ -1059,7 +1059,7 @@ impl Planned {
                 qs.row(),
                 qs.head(),
                 heads.num_qo_heads(),
-                heads.num_qo_heads() / heads.num_kv_heads(),
+                heads.group_size(),
                 heads.head_dim(),
                 q_elements,
                 cfg.cta_tile_q,
