@@ -35,6 +35,7 @@ headers![
     "sm90/wgmma.cuh",
     "sm90/warpgroup.cuh",
     "variant/numeric.cuh",
+    "variant/tile.cuh",
     "variant/dsl.cuh",
     "variant/hooks.cuh",
     "attention/kv.cuh",

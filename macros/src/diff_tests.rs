@@ -1353,6 +1353,204 @@ fn split_logits_compute_the_hook() {
     }
 }
 
+/// A mask whose verdict on a tile is known. Query and key lengths are 1000.
+struct Verdict {
+    body: &'static str,
+    /// `self.pu`.
+    pu: u32,
+    /// The tile's query positions and keys, first and last.
+    q: [u32; 2],
+    kv: [u32; 2],
+    /// `mask_tile`'s answer: 0 none, 1 all, 2 some.
+    want: u32,
+}
+
+const fn verdict(body: &'static str, pu: u32, q: [u32; 2], kv: [u32; 2], want: u32) -> Verdict {
+    Verdict {
+        body,
+        pu,
+        q,
+        kv,
+        want,
+    }
+}
+
+const TILE_VERDICTS: &[Verdict] = &[
+    // A sliding window of 100 keys (SlidingWindow's body).
+    verdict(WINDOW, 100, [200, 215], [128, 191], 1),
+    verdict(WINDOW, 100, [200, 215], [0, 63], 0),
+    verdict(WINDOW, 100, [200, 215], [100, 163], 2),
+    verdict(WINDOW, 100, [200, 215], [216, 300], 1),
+    // Chunks of 64 positions.
+    verdict(CHUNK, 64, [64, 79], [64, 127], 1),
+    verdict(CHUNK, 64, [64, 79], [128, 191], 0),
+    verdict(CHUNK, 64, [60, 79], [64, 127], 2),
+    // A prefix seen by every query, then causal.
+    verdict(PREFIX, 256, [300, 315], [0, 255], 1),
+    verdict(PREFIX, 256, [300, 315], [256, 299], 1),
+    verdict(PREFIX, 256, [300, 315], [316, 400], 0),
+    // No interval form: "some" (no mask_tile).
+    verdict("at.kv_pos % 2 == 0", 0, [0, 0], [4, 4], 2),
+    // Wraps in u32 at this tile: "some", never a wrong verdict.
+    verdict("at.kv_pos + self.pu > 10", 4294967295, [0, 0], [0, 3], 2),
+];
+
+const CHUNK: &str = "at.qo_pos / self.pu == at.kv_pos / self.pu";
+const PREFIX: &str = "at.kv_pos < self.pu || at.kv_pos <= at.qo_pos";
+const WINDOW: &str = "let q_abs = at.qo_pos as i32 + at.kv_len as i32 - at.qo_len as i32; \
+                      let kv_pos = at.kv_pos as i32; \
+                      kv_pos > q_abs || q_abs - kv_pos < self.pu as i32";
+
+/// `mask_tile` (tile.rs, variant/tile.cuh) bounds the mask: on random tiles of random generated
+/// masks, a tile it says the mask keeps whole (or drops whole) is kept (dropped) at each of its
+/// positions by the lowered mask itself (which the test above checks against Rust), with UBSan
+/// watching the interval arithmetic; it decides a share of the tiles where the mask is uniform;
+/// and it gives the expected verdicts on the masks above.
+#[test]
+fn mask_tile_bounds_the_mask() {
+    let bodies = env_usize("FERRINFER_DIFF_BODIES", 2000);
+    let seed = env_usize("FERRINFER_DIFF_SEED", 8) as u64 + 1;
+    let cases: Vec<Case> = generate(seed, bodies, false)
+        .into_iter()
+        .filter(|c| c.cuda.contains("mask_tile("))
+        .collect();
+    assert!(
+        cases.len() >= bodies / 20,
+        "{} masks with a mask_tile",
+        cases.len()
+    );
+    let mut rng = Rng(seed);
+    let input = inputs(&mut rng, 32);
+    let mut tu = String::from(PRELUDE);
+    tu.push_str(&variants(&cases));
+    for (k, v) in TILE_VERDICTS.iter().enumerate() {
+        let src = format!("fn mask(&self, at: Pos) -> bool {{ {} }}", v.body);
+        let (_, cuda) = pipeline(&src).unwrap_or_else(|e| panic!("{}: {e:?}", v.body));
+        tu.push_str(&cuda.replacen("struct Variant {", &format!("struct Fixed_{k} {{"), 1));
+    }
+    tu.push_str(
+        "static const float af[4] = {f_of(0x3fc00000u), f_of(0x80000000u), f_of(0x7fc00000u), f_of(0xff61b1e6u)};
+static const int ai[4] = {-2147483647 - 1, -1, 0, 7};
+static const unsigned au[4] = {0u, 1u, 32u, 4294967295u};
+// mask_tile's verdict, or 2 (some) without one, as variant/hooks.cuh's mask_keeps_tile takes it.
+template <class V, class = void>
+struct HasTile { static constexpr bool value = false; };
+template <class V>
+struct HasTile<V, decltype(void(&V::mask_tile))> { static constexpr bool value = true; };
+template <class V>
+static int verdict(const Params& self, const fi::PosRange& at) {
+  if constexpr (HasTile<V>::value) {
+    return V::mask_tile(self, at);
+  } else {
+    return 2;
+  }
+}
+// Prints the verdict on the tile from pos (query positions, keys, heads `w` wide), and whether
+// some position of it keeps and some drops.
+template <class V>
+static void tile(const Params& self, const unsigned* pos, const unsigned* w) {
+  fi::PosRange at{fi::iv_point(pos[0]), fi::iv_span(pos[1], pos[1] + w[0]),
+                  fi::iv_span(pos[2], pos[2] + w[1]), fi::iv_span(pos[3], pos[3] + w[2]),
+                  fi::iv_point(pos[4]), fi::iv_point(pos[5]), fi::iv_point(pos[6]),
+                  fi::iv_point(pos[7])};
+  bool kept = false, dropped = false;
+  for (unsigned q = 0; q <= w[0]; ++q)
+    for (unsigned k = 0; k <= w[1]; ++k)
+      for (unsigned h = 0; h <= w[2]; ++h) {
+        const fi::Pos p{pos[0], pos[1] + q, pos[2] + k, pos[3] + h, pos[4], pos[5], pos[6], pos[7]};
+        (V::mask(self, p) ? kept : dropped) = true;
+      }
+  printf(\"%d %d %d\\n\", verdict<V>(self, at), kept, dropped);
+}
+int main() {
+",
+    );
+    for (k, Verdict { pu, q, kv, .. }) in TILE_VERDICTS.iter().enumerate() {
+        let _ = writeln!(
+            tu,
+            "  {{ const Params self{{0.0f, 0, {pu}u, false, af, 4u, ai, 4u, au, 4u}};
+    const unsigned pos[8] = {{0u, {}u, {}u, 0u, 0u, 1000u, 1000u, 128u}};
+    const unsigned w[3] = {{{}u, {}u, 0u}};
+    tile<Fixed_{k}>(self, pos, w); }}",
+            q[0],
+            kv[0],
+            q[1] - q[0],
+            kv[1] - kv[0]
+        );
+    }
+    for x in &input {
+        // Tiles up to 4 x 8 x 2 positions, ending at or before u32::MAX.
+        let w = [
+            rng.below(4) as u32,
+            rng.below(8) as u32,
+            rng.below(2) as u32,
+        ];
+        let mut pos = x.pos;
+        for (p, w) in pos[1..4].iter_mut().zip(w) {
+            *p = (*p).min(u32::MAX - w);
+        }
+        let _ = writeln!(
+            tu,
+            "  {{ const Params self{{f_of({}u), static_cast<int>({}u), {}u, {}, af, 4u, ai, 4u, au, 4u}};
+    const unsigned pos[8] = {{{}}};
+    const unsigned w[3] = {{{}u, {}u, {}u}};",
+            x.pf.to_bits(),
+            x.pi as u32,
+            x.pu,
+            x.pb,
+            pos.map(|p| format!("{p}u")).join(", "),
+            w[0],
+            w[1],
+            w[2]
+        );
+        for k in 0..cases.len() {
+            let _ = writeln!(tu, "    tile<Variant_{k}>(self, pos, w);");
+        }
+        tu.push_str("  }\n");
+    }
+    tu.push_str("  return 0;\n}\n");
+
+    let text = run_host(&tu, "tile");
+    let mut lines = text.lines().map(|l| {
+        let v: Vec<u32> = l.split(' ').map(|x| x.parse().unwrap()).collect();
+        (v[0], v[1] == 1, v[2] == 1)
+    });
+    for v in TILE_VERDICTS {
+        let (got, ..) = lines.next().unwrap();
+        assert_eq!(
+            got, v.want,
+            "{} (pu {}) on queries {:?}, keys {:?}",
+            v.body, v.pu, v.q, v.kv
+        );
+    }
+    let (mut uniform, mut decided) = (0, 0);
+    for j in 0..input.len() {
+        for c in &cases {
+            let (verdict, kept, dropped) = lines.next().unwrap();
+            assert!(
+                (verdict != 1 || !dropped) && (verdict != 0 || !kept),
+                "input {j}: mask_tile says {verdict}, but the mask keeps ({kept}) and drops \
+                 ({dropped}) on the tile\n{}\n{}",
+                c.src,
+                c.cuda
+            );
+            uniform += usize::from(kept != dropped);
+            decided += usize::from(verdict != 2);
+        }
+    }
+    assert!(lines.next().is_none());
+    // Generated masks are mostly of positions with `%`, bit operations and floats; still, some
+    // share of the uniform tiles is decided (else the analysis would be "some" everywhere).
+    assert!(
+        decided * 4 >= uniform,
+        "{decided} of {uniform} uniform tiles decided"
+    );
+    eprintln!(
+        "{} masks: {decided} of {uniform} uniform tiles decided",
+        cases.len()
+    );
+}
+
 /// Compile the host translation unit `tu` with g++ (as the lowering's C++ is checked: no
 /// contraction, UBSan on) and run it: its stdout.
 fn run_host(tu: &str, name: &str) -> String {
@@ -1394,7 +1592,12 @@ fn run_host(tu: &str, name: &str) -> String {
 /// `compile`: the kernels crate inlines them the same way).
 fn dsl_headers() -> String {
     let mut s = String::new();
-    for h in ["core/math.cuh", "variant/numeric.cuh", "variant/dsl.cuh"] {
+    for h in [
+        "core/math.cuh",
+        "variant/numeric.cuh",
+        "variant/tile.cuh",
+        "variant/dsl.cuh",
+    ] {
         let text = ferrinfer_kernels::header(h).unwrap_or_else(|e| panic!("{h}: {e}"));
         for line in text.lines() {
             if !line.starts_with("#include") && !line.starts_with("#pragma once") {

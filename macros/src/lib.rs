@@ -26,6 +26,7 @@ mod lower_tests;
 mod params;
 mod parse;
 mod split;
+mod tile;
 mod vocab;
 
 /// Turns an inherent `impl` block of hooks into an attention variant: keeps the impl, implements

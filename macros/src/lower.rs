@@ -16,6 +16,7 @@ use std::fmt::Write as _;
 use crate::ir::{BinOp, Block, Expr, Func, Kind, Scalar, Stmt, Ty, Typed};
 use crate::parse::VariantDef;
 use crate::split::{self, Split};
+use crate::tile;
 use crate::vocab;
 
 /// The CUDA `struct Variant` of a checked variant and its typed hooks.
@@ -47,6 +48,11 @@ pub fn variant(def: &VariantDef<'_>, typed: &Typed) -> String {
             s.push_str(&function(f));
             if sig.name == "logits" {
                 s.push_str(&logits_split(f));
+            }
+            if sig.name == "mask"
+                && let Some(tile) = tile::mask_tile(f)
+            {
+                s.push_str(&tile);
             }
         }
     }
@@ -87,6 +93,11 @@ fn capitalized(name: &str) -> String {
     c.next()
         .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
         .unwrap_or_default()
+}
+
+/// The CUDA text of `e`, an expression of `func` that reads no local (tile.rs's exact parts).
+pub fn exact(func: &Func, e: &Expr) -> String {
+    FnBody::new(func, None).expr(e, 2).text
 }
 
 /// One hook as a static member function.

@@ -622,3 +622,40 @@ fn logits_are_split_around_their_scales() {
          return logits(self, s, at);\n  }"
     ));
 }
+
+/// The mask over a tile (tile.rs): intervals for integers, three values for booleans, exact
+/// values for parameter-only parts; no `mask_tile` for a body with an assignment, a `return` or
+/// an `if` with statements, or whose verdict is "some" on every tile.
+#[test]
+fn mask_tile_follows_the_body() {
+    let text = lower_items(
+        "fn mask(&self, at: Pos) -> bool {
+             let q = at.qo_pos as i32 + at.kv_len as i32 - at.qo_len as i32;
+             let k = at.kv_pos as i32;
+             k > q || q - k < self.window as i32 && at.kv_pos % 2 == 0
+         }",
+    );
+    let tile = &text[text
+        .find("static fi::Tri mask_tile(const Params& self, const fi::PosRange& at) {\n")
+        .unwrap_or_else(|| panic!("{text}"))..];
+    assert!(
+        tile.contains(
+            "    const fi::Iv r1 = fi::iv_sub<int>(fi::iv_add<int>(fi::iv_cast<int>(at.qo_pos), \
+             fi::iv_cast<int>(at.kv_len)), fi::iv_cast<int>(at.qo_len));\n    \
+             const fi::Iv r2 = fi::iv_cast<int>(at.kv_pos);\n    \
+             return fi::tri_or(fi::iv_gt(r2, r1), fi::tri_and(fi::iv_lt(fi::iv_sub<int>(r1, r2), \
+             fi::iv_point(fi::as_i32(self.window))), fi::kSome));\n  }"
+        ),
+        "{tile}"
+    );
+    for body in [
+        "let mut k = at.kv_pos; k = k + 1; k > at.qo_pos",
+        "if at.kv_pos > 3 { return true; } at.qo_pos > 2",
+        "let k = if at.kv_pos > 3 { let t = at.kv_pos; t } else { 0 }; k > at.qo_pos",
+        // "Some" on every tile.
+        "let bit = at.qo_pos * at.kv_len + at.kv_pos; (self.bits[bit >> 5] >> (bit & 31)) & 1 == 1",
+    ] {
+        let text = lower_items(&format!("fn mask(&self, at: Pos) -> bool {{ {body} }}"));
+        assert!(!text.contains("mask_tile"), "{body}:\n{text}");
+    }
+}

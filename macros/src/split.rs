@@ -79,7 +79,7 @@ fn scaled(e: &Expr, other: impl Fn(&Expr) -> bool) -> Option<(&Expr, &Expr)> {
 
 /// An expression of parameters and constants only: the same value wherever the hook runs, and
 /// safe to compute where it would not (no array element, nothing that traps).
-fn params_only(e: &Expr) -> bool {
+pub fn params_only(e: &Expr) -> bool {
     match &e.kind {
         Kind::Bool(_)
         | Kind::Int(_)

@@ -12,4 +12,9 @@ struct Variant {
     const int kv_pos = fi::as_i32(at.kv_pos);
     return kv_pos > q_abs || fi::sub(q_abs, kv_pos) < fi::as_i32(self.window);
   }
+  __device__ __forceinline__ static fi::Tri mask_tile(const Params& self, const fi::PosRange& at) {
+    const fi::Iv r1 = fi::iv_sub<int>(fi::iv_add<int>(fi::iv_cast<int>(at.qo_pos), fi::iv_cast<int>(at.kv_len)), fi::iv_cast<int>(at.qo_len));
+    const fi::Iv r2 = fi::iv_cast<int>(at.kv_pos);
+    return fi::tri_or(fi::iv_gt(r2, r1), fi::iv_lt(fi::iv_sub<int>(r1, r2), fi::iv_point(fi::as_i32(self.window))));
+  }
 };

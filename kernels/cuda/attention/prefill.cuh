@@ -285,6 +285,10 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   const float pre = kSplit ? a.sm_scale * hook_logits_pre<V>(p) : a.sm_scale;
   float post = !V::kHasLogits ? a.sm_scale : kSplit ? hook_logits_post<V>(p) : 1.0f;
   if constexpr (V::kSoftmax) post *= kLog2e;
+  // The 128-row tile runs the variant's mask only on tiles mask_keeps_tile does not clear; the
+  // smaller tiles (128 registers, where its bounds spill 16 B) on every tile.
+  constexpr bool kMaskEveryTile = V::kHasMask && TILE_Q != 128;
+  unsigned kept_chunk = ~0u, kept_tiles = 0;  // mask_keeps_tiles of tiles 32 kept_chunk...
 
   for (unsigned tile = 0; tile < num_tiles; ++tile) {
     const unsigned j0 = w.kv_start + tile * kCtaKv;
@@ -350,9 +354,10 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
 
     // Logits (base 2 with softmax), masks and the online softmax. Each call below passes constant
     // flags, so each inlines to its own specialisation:
-    // `boundary`: the tile crosses the chunk end or a row's diagonal, so the causal mask and the
-    // key bound are tested (interior tiles have no mask code at all; the variant's mask is on
-    // every tile, and called only for keys the others keep).
+    // `boundary`: the tile crosses the chunk end or a row's diagonal, or the variant's mask may
+    // cut this warp's part of it, so the causal mask, the key bound and the variant's mask are
+    // tested (interior tiles have no mask code at all; the variant's mask is called only for keys
+    // the others keep).
     // `fold`: x stays unscaled by post until the exponent, where x * post - m is one FFMA (a
     // masked -inf stays -inf). The row max commutes with post only when it is positive; otherwise
     // x is scaled first.
@@ -377,14 +382,16 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
             const unsigned pr = row_of(mq, hf);
             const unsigned h = kv_head * group + pr % group;
             const Pos at{b, pr / group, kp.offset + j, h, kv_head, qo_len, kp.total, D};
-            if constexpr (V::kHasMask) keep = keep && hook_mask<V>(p, at);
+            if constexpr (V::kHasMask) {
+              if (boundary || kMaskEveryTile) keep = keep && hook_mask<V>(p, at);
+            }
             if constexpr (V::kHasLogits) {
               if (keep) {
                 x = kSplit ? hook_logits_core<V>(p, x, at) : hook_logits<V>(p, x, at);
                 if (!fold) x *= post;
               }
             }
-            if (boundary || V::kHasMask) x = keep ? x : (V::kSoftmax ? -FI_INF : 0.0f);
+            if (boundary || kMaskEveryTile) x = keep ? x : (V::kSoftmax ? -FI_INF : 0.0f);
             s[mq][nb][e] = x;
           }
         }
@@ -437,7 +444,21 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
         }
       }
     };
-    const bool boundary = tile >= first_masked;
+    // The variant's mask runs per score on the warp's tiles it may cut, and on no others (on
+    // every tile with kMaskEveryTile); the warp finds which, 32 tiles at a time.
+    bool boundary = tile >= first_masked;
+    if constexpr (kMaskTile<V> && !kMaskEveryTile) {
+      if (tile / 32 != kept_chunk) {
+        kept_chunk = tile / 32;
+        kept_tiles = mask_keeps_tiles<V>(
+            p, b, packed(row0), packed(row0 + kMmaQ * 16 - 1), group, kv_head,
+            kp.offset + w.kv_start + kept_chunk * 32 * kCtaKv + kv_warp * kTileKv, kCtaKv,
+            kTileKv, qo_len, kp.total, D);
+      }
+      boundary = boundary || !((kept_tiles >> (tile % 32)) & 1u);
+    } else if constexpr (V::kHasMask && !kMaskEveryTile) {
+      boundary = true;
+    }
     // Only the 128-row tile takes the folded copies: it was measured there (+1-3%), and the
     // smaller tiles' 128-register allocations spill with both. Not with a logits hook: its
     // copies were not measured (the FA3 template folds those).

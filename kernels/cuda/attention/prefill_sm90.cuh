@@ -568,6 +568,10 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
     const KeyPositions& kp = it.kp;
     const long long& shift = it.shift;
     auto row_of = [&](int hf) { return packed(w, row0 + 8 * hf); };
+    // This warp's first and last packed rows, and which of 32 tiles (kept_chunk's) the
+    // variant's mask keeps whole (mask_keeps_tiles).
+    const unsigned warp_rows[2] = {packed(w, row0 - lane / 4), packed(w, row0 - lane / 4 + 15)};
+    unsigned kept_chunk = ~0u, kept_tiles = 0;
     const unsigned char* const sq = q_tile(slot);
 
     #pragma unroll
@@ -582,8 +586,8 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
       // Logits, masks and the online softmax, as prefill.cuh's: each call below passes constant
       // flags, so each inlines to its own straight-line copy (a runtime test per element made the
       // loop one branch an element: 2.4k instructions a tile, and instruction-fetch stalls).
-      // `boundary`: the tile crosses the item's end or a row's diagonal (interior tiles have no
-      // mask code; the variant's mask is on every tile). `fold`: x stays unscaled by post until the
+      // `boundary`: the tile crosses the item's end or a row's diagonal, or the variant's mask
+      // may cut it (interior tiles have no mask code). `fold`: x stays unscaled by post until the
       // exponent, where x * post - m is one FFMA (the row max commutes with a positive post; a
       // masked -inf stays -inf). Element i is row hf = (i / 2) % 2 of this thread, key
       // 8 (i / 4) + 2 t4 + i % 2 of the tile. It leaves O's rescale in `scale` (`grew`: any row's
@@ -603,7 +607,9 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
             const unsigned pr = row_of(hf);
             const unsigned h = kv_head * group + pr % group;
             const Pos at{b, pr / group, kp.offset + j, h, kv_head, qo_len, kp.total, D};
-            if constexpr (V::kHasMask) keep = keep && hook_mask<V>(p, at);
+            if constexpr (V::kHasMask) {
+              if (boundary) keep = keep && hook_mask<V>(p, at);
+            }
             if constexpr (V::kHasLogits) {
               if (keep) {
                 x = hook_logits_core<V>(p, x, at);
@@ -611,7 +617,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
               }
             }
           }
-          if (boundary || V::kHasMask) x = keep ? x : (V::kSoftmax ? -FI_INF : 0.0f);
+          if (boundary) x = keep ? x : (V::kSoftmax ? -FI_INF : 0.0f);
           sacc[i] = x;
         }
         if constexpr (V::kSoftmax) {
@@ -644,7 +650,20 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
           }
         }
       };
-      const bool boundary = t >= keys.first_masked;
+      // The variant's mask runs per score on the tiles it may cut (with the causal and end
+      // checks), and on no others; the warp finds which, 32 tiles at a time.
+      bool boundary = t >= keys.first_masked;
+      if constexpr (kMaskTile<V>) {
+        if (t / 32 != kept_chunk) {
+          kept_chunk = t / 32;
+          kept_tiles = mask_keeps_tiles<V>(p, b, warp_rows[0], warp_rows[1], group, kv_head,
+                                           kp.offset + w.kv_start + kept_chunk * 32 * kTileKv,
+                                           kTileKv, kTileKv, qo_len, kp.total, D);
+        }
+        boundary = boundary || !((kept_tiles >> (t % 32)) & 1u);
+      } else if constexpr (V::kHasMask) {
+        boundary = true;
+      }
       if constexpr (V::kSoftmax) {
         if (post > 0.0f) {
           if (boundary) {

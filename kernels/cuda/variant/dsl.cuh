@@ -1,11 +1,13 @@
 // What lowered variant code may call: the position struct and the few helpers that give Rust's
 // semantics where plain C++ would differ (arithmetic in variant/numeric.cuh; casts, min/max/abs on
-// any scalar, checked indexing here), plus FI_INF and tanh_approx from core/math.cuh. The lowering
-// in macros/ emits only these names; keep the two in step. Compiles for the host too (the
-// differential test of the lowering), as numeric.cuh says.
+// any scalar, checked indexing here; the interval arithmetic of `mask_tile` in variant/tile.cuh),
+// plus FI_INF and tanh_approx from core/math.cuh. The lowering in macros/ emits only these names;
+// keep the two in step. Compiles for the host too (the differential test of the lowering), as
+// numeric.cuh says.
 #pragma once
 #include "core/math.cuh"
 #include "variant/numeric.cuh"
+#include "variant/tile.cuh"
 
 namespace fi {
 

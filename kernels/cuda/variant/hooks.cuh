@@ -1,6 +1,7 @@
 // The only place kernels touch a variant. A hook the variant does not define is the identity (or
 // "keep" for the mask); `if constexpr` on the template parameter means a missing static function is
-// never named. Fast kernels must call these too, on every tile, so every hook is always honoured.
+// never named. Fast kernels must call these too, on every tile (the mask on every tile that
+// mask_keeps_tile does not prove whole), so every hook is always honoured.
 #pragma once
 #include "variant/dsl.cuh"
 
@@ -81,6 +82,52 @@ __device__ __forceinline__ bool hook_mask(const P& p, const Pos& at) {
   } else {
     return true;
   }
+}
+
+// Whether the variant's mask keeps every score of a tile: packed query rows [row_lo, row_hi] (row
+// r is query position r / group of head kv_head * group + r % group) against key positions
+// [kv_lo, kv_hi]. Always without a mask; never where #[attention_variant] gave no `mask_tile`
+// (a hand-written variant, or a body its tile.rs does not analyse), so such a mask runs on every
+// score. The templates evaluate the mask per score only on tiles this does not clear.
+template <class V, class = void>
+constexpr bool kMaskTile = false;
+template <class V>
+constexpr bool kMaskTile<V, decltype(void(&V::mask_tile))> = true;
+
+template <class V, class P>
+__device__ __forceinline__ bool mask_keeps_tile(const P& p, unsigned b, unsigned row_lo,
+                                                unsigned row_hi, unsigned group, unsigned kv_head,
+                                                unsigned kv_lo, unsigned kv_hi, unsigned qo_len,
+                                                unsigned kv_len, unsigned head_dim) {
+  if constexpr (!V::kHasMask) {
+    return true;
+  } else if constexpr (!kMaskTile<V>) {
+    return false;
+  } else {
+    const unsigned q_lo = row_lo / group, q_hi = row_hi / group, h0 = kv_head * group;
+    // Rows of one query position hold heads row_lo % group to row_hi % group; of several, all.
+    const Iv heads = q_lo == q_hi ? iv_span(h0 + row_lo % group, h0 + row_hi % group)
+                                  : iv_span(h0, h0 + group - 1);
+    const PosRange at{iv_point(b),      iv_span(q_lo, q_hi),   iv_span(kv_lo, kv_hi),
+                      heads,            iv_point(kv_head),     iv_point(qo_len),
+                      iv_point(kv_len), iv_point(head_dim)};
+    return V::mask_tile(p, at) == kAll;
+  }
+}
+
+// mask_keeps_tile for 32 K/V tiles at once, one a lane (a call per 32 tiles, so the interval
+// arithmetic and its branches cost a few instructions a tile): bit i for the tile of keys
+// [kv0 + i * step, + tile_kv), against the warp's packed rows [row_lo, row_hi]. Call from a whole
+// warp, with the same arguments on every lane.
+template <class V, class P>
+__device__ __forceinline__ unsigned mask_keeps_tiles(const P& p, unsigned b, unsigned row_lo,
+                                                     unsigned row_hi, unsigned group,
+                                                     unsigned kv_head, unsigned kv0, unsigned step,
+                                                     unsigned tile_kv, unsigned qo_len,
+                                                     unsigned kv_len, unsigned head_dim) {
+  const unsigned lo = kv0 + (threadIdx.x % 32) * step;
+  return __ballot_sync(0xffffffffu, mask_keeps_tile<V>(p, b, row_lo, row_hi, group, kv_head, lo,
+                                                       lo + tile_kv - 1, qo_len, kv_len, head_dim));
 }
 
 template <class V, class P>
