@@ -81,8 +81,12 @@ pub struct VariantSpec {
     /// The lowered hooks: a CUDA `struct Variant` whose static device functions take `const Params&`.
     /// Beside `logits`, the macro also writes `logits_pre`, `logits_post` and `logits_core` (the
     /// hook split around its scales, `post * core(pre * s)`, which the prefill templates fold
-    /// into their own scales; kernels/cuda/variant/hooks.cuh). A struct written by hand may omit
-    /// those three: the templates then call `logits` whole.
+    /// into their own scales; kernels/cuda/variant/hooks.cuh), and beside `mask` a
+    /// `mask_tile(const Params&, const fi::PosRange&) -> fi::Tri` (the mask over a tile's
+    /// positions by interval arithmetic, kernels/cuda/variant/tile.cuh), where the body allows.
+    /// A struct written by hand may omit all four: the templates then call `logits` whole and
+    /// the mask on every tile. A hand-written `mask_tile` must be sound: `fi::kAll` only where
+    /// `mask` keeps every position of the range (the templates then skip `mask` there).
     pub cuda: &'static str,
 }
 
