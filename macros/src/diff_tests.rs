@@ -1551,6 +1551,57 @@ int main() {
     );
 }
 
+/// `mask_keeps_tile` (variant/hooks.cuh) hands `mask_tile` ranges that hold every position of a
+/// warp's rows: on row spans of every length within and across query positions, for groups of 1
+/// to 8 heads, each packed row's query position and head lie in the range it builds (and the
+/// range is no wider than the rows' span where they share a query position).
+#[test]
+fn mask_keeps_tile_covers_the_rows() {
+    let tu = r#"
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#define __device__
+#define __forceinline__ inline
+static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+struct { unsigned x; } threadIdx;
+static unsigned __ballot_sync(unsigned, bool b) { return b; }
+#include "variant/hooks.cuh"
+struct Params {};
+static fi::PosRange seen;
+// A variant whose mask_tile records its ranges.
+struct Probe {
+  static constexpr bool kHasMask = true;
+  static fi::Tri mask_tile(const Params&, const fi::PosRange& at) { seen = at; return fi::kAll; }
+};
+static bool in(const fi::Iv& r, long long v) { return r.known && r.lo <= v && v <= r.hi; }
+int main() {
+  int bad = 0, cases = 0;
+  for (unsigned group = 1; group <= 8; ++group)
+    for (unsigned lo = 0; lo < 40; ++lo)
+      for (unsigned hi = lo; hi < lo + 20; ++hi) {
+        const unsigned kv_head = 3;
+        fi::mask_keeps_tile<Probe>(Params{}, 7, lo, hi, group, kv_head, 100, 163, 50, 60, 128);
+        ++cases;
+        bool ok = in(seen.batch, 7) && in(seen.kv_pos, 100) && in(seen.kv_pos, 163) &&
+                  in(seen.kv_head, kv_head) && in(seen.qo_len, 50) && in(seen.kv_len, 60) &&
+                  in(seen.head_dim, 128);
+        for (unsigned r = lo; r <= hi; ++r) {
+          ok = ok && in(seen.qo_pos, r / group) && in(seen.qo_head, kv_head * group + r % group);
+        }
+        if (lo / group == hi / group) {
+          ok = ok && seen.qo_head.hi - seen.qo_head.lo == hi - lo;
+        }
+        if (!ok && bad++ < 5) printf("group %u rows %u..%u\n", group, lo, hi);
+      }
+  printf("%d of %d\n", bad, cases);
+  return 0;
+}
+"#;
+    let out = run_host(tu, "rows");
+    assert!(out.trim_end().ends_with("0 of 6400"), "{out}");
+}
+
 /// Compile the host translation unit `tu` with g++ (as the lowering's C++ is checked: no
 /// contraction, UBSan on) and run it: its stdout.
 fn run_host(tu: &str, name: &str) -> String {
