@@ -1389,12 +1389,31 @@ const TILE_VERDICTS: &[Verdict] = &[
     verdict(PREFIX, 256, [300, 315], [0, 255], 1),
     verdict(PREFIX, 256, [300, 315], [256, 299], 1),
     verdict(PREFIX, 256, [300, 315], [316, 400], 0),
+    // An early return (attention sinks before a window).
+    verdict(SINK, 4, [200, 215], [0, 3], 1),
+    verdict(SINK, 4, [200, 215], [4, 63], 0),
+    verdict(SINK, 4, [200, 215], [160, 191], 1),
+    verdict(SINK, 4, [200, 215], [0, 63], 2),
+    // An element read where its index is one value in range (`au[2]` is 32).
+    verdict("at.kv_pos < self.au[2]", 0, [0, 0], [0, 31], 1),
+    verdict("at.kv_pos < self.au[2]", 0, [0, 0], [32, 40], 0),
+    // An index that may be out of range: "some", though the other operand decides (the hook
+    // must run, and trap, where it would).
+    verdict(
+        "at.kv_pos < 100 || self.au[at.kv_pos] > 0",
+        0,
+        [0, 0],
+        [0, 10],
+        2,
+    ),
     // No interval form: "some" (no mask_tile).
     verdict("at.kv_pos % 2 == 0", 0, [0, 0], [4, 4], 2),
     // Wraps in u32 at this tile: "some", never a wrong verdict.
     verdict("at.kv_pos + self.pu > 10", 4294967295, [0, 0], [0, 3], 2),
 ];
 
+const SINK: &str = "if at.kv_pos < self.pu { return true; } \
+                    let q = at.qo_pos as i32; q - (at.kv_pos as i32) < 64";
 const CHUNK: &str = "at.qo_pos / self.pu == at.kv_pos / self.pu";
 const PREFIX: &str = "at.kv_pos < self.pu || at.kv_pos <= at.qo_pos";
 const WINDOW: &str = "let q_abs = at.qo_pos as i32 + at.kv_len as i32 - at.qo_len as i32; \

@@ -624,8 +624,8 @@ fn logits_are_split_around_their_scales() {
 }
 
 /// The mask over a tile (tile.rs): intervals for integers, three values for booleans, exact
-/// values for parameter-only parts; no `mask_tile` for a body with an assignment, a `return` or
-/// an `if` with statements, or whose verdict is "some" on every tile.
+/// values for parameter-only parts, both ways of an early `return`, checked array reads; no
+/// `mask_tile` for a body with an assignment, or whose verdict is "some" on every tile.
 #[test]
 fn mask_tile_follows_the_body() {
     let text = lower_items(
@@ -648,14 +648,37 @@ fn mask_tile_follows_the_body() {
         ),
         "{tile}"
     );
+    let tile_of = |body: &str| {
+        let text = lower_items(&format!("fn mask(&self, at: Pos) -> bool {{ {body} }}"));
+        text.find("mask_tile(").map(|at| text[at..].to_string())
+    };
+    // An early return: both ways joined by the condition.
+    let tile = tile_of(
+        "if at.kv_pos < self.sink { return true; } \
+         let k = at.kv_pos as i32; at.qo_pos as i32 - k < self.window",
+    )
+    .unwrap();
+    assert!(
+        tile.contains(
+            "return fi::tri_if(fi::iv_lt(at.kv_pos, fi::iv_point(self.sink)), fi::kAll, "
+        ),
+        "{tile}"
+    );
+    // An element read: its index checked (a possible trap makes the verdict "some").
+    let tile = tile_of("at.kv_pos < self.limits[at.batch]").unwrap();
+    assert!(
+        tile.contains(
+            "    bool ok = true;\n    const fi::Iv c0 = fi::iv_index(self.limits_len, at.batch, ok);\n    \
+             return ok ? fi::iv_lt(at.kv_pos, fi::iv_element(self.limits, c0)) : fi::kSome;"
+        ),
+        "{tile}"
+    );
     for body in [
         "let mut k = at.kv_pos; k = k + 1; k > at.qo_pos",
-        "if at.kv_pos > 3 { return true; } at.qo_pos > 2",
-        "let k = if at.kv_pos > 3 { let t = at.kv_pos; t } else { 0 }; k > at.qo_pos",
+        "let k: u32; k = at.kv_pos; k > at.qo_pos",
         // "Some" on every tile.
         "let bit = at.qo_pos * at.kv_len + at.kv_pos; (self.bits[bit >> 5] >> (bit & 31)) & 1 == 1",
     ] {
-        let text = lower_items(&format!("fn mask(&self, at: Pos) -> bool {{ {body} }}"));
-        assert!(!text.contains("mask_tile"), "{body}:\n{text}");
+        assert!(tile_of(body).is_none(), "{body}");
     }
 }

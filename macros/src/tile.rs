@@ -10,19 +10,24 @@
 //! ("any" where an operation could wrap or has no monotone form: `%`, bit operations, shifts,
 //! floats of a position), every boolean a three-valued `kAll`/`kNone`/`kSome` with Kleene's `&&`,
 //! `||` and `!`. A sub-expression of parameters and constants alone has one value on the tile and
-//! is computed as the hook computes it (split.rs's `params_only`, which leaves out array elements:
-//! an index out of range traps, and the hook might not have read it).
+//! is computed as the hook computes it (split.rs's `params_only`, which leaves out array
+//! elements). Both branches of an `if` (a value, or a statement that may `return`) are evaluated
+//! and joined where the condition is not decided. An array element is read only where its index
+//! is one value on the tile and in range; an index that may be out of range makes the verdict
+//! "some", so the hook runs per score there and traps as it would (a skipped score must not hide
+//! an error the hook would raise).
 //!
-//! Only a body of `let`s with values and a tail is analysed (no assignment can then change a
-//! local, no `return` can leave early); another body gets no `mask_tile`, and the templates
-//! evaluate its mask on every score of every tile.
+//! A body with an assignment (which could change a local between its uses) gets no
+//! `mask_tile`, nor one whose verdict is "some" on every tile; the templates evaluate such a
+//! mask on every score of every tile.
 
 use std::fmt::Write as _;
 
-use crate::ir::{BinOp, Expr, Func, Kind, Scalar, Stmt, Ty};
+use crate::ir::{BinOp, Block, Expr, Func, Kind, Scalar, Stmt, Ty};
 use crate::{lower, split};
 
 /// What an expression lowers to over a tile.
+#[derive(Clone)]
 enum Val {
     /// An interval (`fi::Iv`) of an i32 or u32 expression.
     Int(String),
@@ -37,40 +42,36 @@ pub fn mask_tile(func: &Func) -> Option<String> {
     let mut t = Tile {
         func,
         locals: Vec::new(),
+        out: String::new(),
+        checks: 0,
     };
-    let mut out = String::new();
-    for stmt in &func.body.stmts {
-        let Stmt::Let(id, Some(init)) = stmt else {
-            return None;
-        };
-        let v = t.expr(init)?;
-        let v = match v {
-            // A local known to be unknown is used as such, so the folding below sees it.
-            Val::Int(text) if text == ANY => Val::Int(text),
-            Val::Bool(text) if text == SOME => Val::Bool(text),
-            Val::Int(text) => {
-                let _ = writeln!(out, "    const fi::Iv r{id} = {text};");
-                Val::Int(format!("r{id}"))
-            }
-            Val::Bool(text) => {
-                let _ = writeln!(out, "    const fi::Tri r{id} = {text};");
-                Val::Bool(format!("r{id}"))
-            }
-            Val::Opaque => Val::Opaque,
-        };
-        t.locals.push((*id, v));
-    }
-    let Val::Bool(tail) = t.expr(func.body.tail.as_deref()?)? else {
+    let Val::Bool(verdict) = t.seq(&func.body.stmts, End::Tail(func.body.tail.as_deref()?))? else {
         return None;
     };
     // A mask whose verdict is "some" on every tile (CustomMask's bits) gets no function.
-    if tail == SOME {
+    if verdict == SOME {
         return None;
     }
+    let (ok, verdict) = match t.checks {
+        0 => ("", verdict),
+        _ => (
+            "    bool ok = true;\n",
+            format!("ok ? {verdict} : fi::kSome"),
+        ),
+    };
     Some(format!(
         "  __device__ __forceinline__ static fi::Tri mask_tile(const Params& self, \
-         const fi::PosRange& at) {{\n{out}    return {tail};\n  }}\n"
+         const fi::PosRange& at) {{\n{ok}{}    return {verdict};\n  }}\n",
+        t.out
     ))
+}
+
+/// Where a run of statements ends when none returns: the body's tail, or (a block in statement
+/// position, such as a branch of an `if`) its discarded tail and then what follows the block,
+/// already lowered.
+enum End<'e> {
+    Tail(&'e Expr),
+    Then(Option<&'e Expr>, Val),
 }
 
 /// Nothing known of an integer, of a boolean: folded through the operations, so a mask that
@@ -109,11 +110,84 @@ struct Tile<'f> {
     func: &'f Func,
     /// What each local declared so far lowers to.
     locals: Vec<(usize, Val)>,
+    /// The function's declarations so far.
+    out: String,
+    /// Array indexes checked so far (the function then declares `ok`).
+    checks: usize,
 }
 
 impl Tile<'_> {
-    /// `None` only for a construct outside the analysed shape (an `if` with statements).
-    fn expr(&self, e: &Expr) -> Option<Val> {
+    /// The value of `stmts` ending in `end`: `None` for a statement outside the analysed shape
+    /// (an assignment, a `let` without a value).
+    fn seq(&mut self, stmts: &[Stmt], end: End<'_>) -> Option<Val> {
+        for (i, stmt) in stmts.iter().enumerate() {
+            match stmt {
+                Stmt::Let(id, Some(init)) => {
+                    let v = self.expr(init)?;
+                    self.declare(*id, v);
+                }
+                // Evaluated for its index checks only.
+                Stmt::Discard(e) => {
+                    self.expr(e)?;
+                }
+                Stmt::Return(e) => return self.expr(e),
+                Stmt::If(c, then, els) => {
+                    let c = self.expr(c)?;
+                    let rest = self.seq(&stmts[i + 1..], end)?;
+                    let a = self.branch(then, rest.clone())?;
+                    let b = match els {
+                        Some(els) => self.branch(els, rest)?,
+                        None => rest,
+                    };
+                    return Some(select(&c, a, b));
+                }
+                Stmt::Block(b) => {
+                    let rest = self.seq(&stmts[i + 1..], end)?;
+                    return self.branch(b, rest);
+                }
+                Stmt::Let(_, None) | Stmt::Assign(..) => return None,
+            }
+        }
+        match end {
+            End::Tail(e) => self.expr(e),
+            End::Then(discarded, v) => {
+                if let Some(e) = discarded {
+                    self.expr(e)?; // for its index checks
+                }
+                Some(v)
+            }
+        }
+    }
+
+    /// A block in statement position followed by `then`.
+    fn branch(&mut self, b: &Block, then: Val) -> Option<Val> {
+        self.seq(&b.stmts, End::Then(b.tail.as_deref(), then))
+    }
+
+    /// Local `id` is `v`: declared, unless it is known to be unknown (then used as such, so the
+    /// folding sees it).
+    fn declare(&mut self, id: usize, v: Val) {
+        let v = match v {
+            Val::Int(text) if text == ANY => Val::Int(text),
+            Val::Bool(text) if text == SOME => Val::Bool(text),
+            Val::Int(text) => {
+                let _ = writeln!(self.out, "    const fi::Iv r{id} = {text};");
+                Val::Int(format!("r{id}"))
+            }
+            Val::Bool(text) => {
+                let _ = writeln!(self.out, "    const fi::Tri r{id} = {text};");
+                Val::Bool(format!("r{id}"))
+            }
+            Val::Opaque => Val::Opaque,
+        };
+        self.locals.push((id, v));
+    }
+
+    /// `None` only for a construct outside the analysed shape (see `seq`).
+    fn expr(&mut self, e: &Expr) -> Option<Val> {
+        if let Kind::Bool(b) = e.kind {
+            return Some(Val::Bool(if b { "fi::kAll" } else { "fi::kNone" }.into()));
+        }
         if split::params_only(e) {
             let exact = lower::exact(self.func, e);
             return Some(match &e.ty {
@@ -178,28 +252,52 @@ impl Tile<'_> {
                     _ => any(&e.ty),
                 }
             }
+            // An `if` as a value (`check` keeps `return` out of its blocks).
             Kind::If(c, then, els) => {
-                let (Some(a), Some(b)) = (then.tail.as_deref(), els.tail.as_deref()) else {
-                    return None;
+                let c = self.expr(c)?;
+                let mut value = |b: &Block| match b.tail.as_deref() {
+                    Some(tail) => self.seq(&b.stmts, End::Tail(tail)),
+                    None => Some(any(&e.ty)),
                 };
-                if !then.stmts.is_empty() || !els.stmts.is_empty() {
-                    return None;
-                }
-                let (c, a, b) = (self.expr(c)?, self.expr(a)?, self.expr(b)?);
-                match (tri(&c), &a, &b) {
-                    (Some(c), Val::Int(a), Val::Int(b)) => {
-                        Val::Int(call("iv_if", &[&c, a, b], ANY))
-                    }
-                    (Some(_), Val::Bool(a), Val::Bool(b)) if a == SOME && b == SOME => any(&e.ty),
-                    (Some(c), Val::Bool(a), Val::Bool(b)) => {
-                        Val::Bool(format!("fi::tri_if({c}, {a}, {b})"))
-                    }
-                    _ => any(&e.ty),
+                let (a, b) = (value(then)?, value(els)?);
+                select(&c, a, b)
+            }
+            Kind::Index(field, i) => {
+                // Where the index may be out of range the hook may trap, so the verdict is
+                // "some" (`ok`); the check is a statement, so no folding drops it. The element
+                // is read where the index is one value.
+                let index = match self.expr(i)? {
+                    Val::Int(index) => index,
+                    _ => ANY.to_string(),
+                };
+                let n = self.checks;
+                self.checks += 1;
+                let _ = writeln!(
+                    self.out,
+                    "    const fi::Iv c{n} = fi::iv_index(self.{field}_len, {index}, ok);"
+                );
+                match int_type(&e.ty) {
+                    Some(_) => Val::Int(format!("fi::iv_element(self.{field}, c{n})")),
+                    None => any(&e.ty),
                 }
             }
-            // Array elements with a position in the index, and what `params_only` took above.
+            // What `params_only` took above.
             _ => any(&e.ty),
         })
+    }
+}
+
+/// `if c { a } else { b }` over a tile: either branch where c is decided, else both joined.
+fn select(c: &Val, a: Val, b: Val) -> Val {
+    match (c, a, b) {
+        (Val::Bool(c), Val::Int(a), Val::Int(b)) => Val::Int(call("iv_if", &[c, &a, &b], ANY)),
+        (Val::Bool(_), Val::Bool(a), Val::Bool(b)) if a == SOME && b == SOME => Val::Bool(a),
+        (Val::Bool(c), Val::Bool(a), Val::Bool(b)) => {
+            Val::Bool(format!("fi::tri_if({c}, {a}, {b})"))
+        }
+        (_, Val::Int(_), _) => Val::Int(ANY.into()),
+        (_, Val::Bool(_), _) => Val::Bool(SOME.into()),
+        _ => Val::Opaque,
     }
 }
 

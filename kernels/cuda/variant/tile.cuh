@@ -127,6 +127,19 @@ __device__ __forceinline__ Tri tri_eq(Tri a, Tri b) {
 }
 __device__ __forceinline__ Tri tri_ne(Tri a, Tri b) { return tri_not(tri_eq(a, b)); }
 
+// `self.array[i]` over a tile: the index where every value of it is in range (else ok turns false:
+// the hook may trap there, so it must run per score), and the element where the index is one
+// value.
+__device__ __forceinline__ Iv iv_index(unsigned len, Iv i, bool& ok) {
+  const bool in = i.known && i.lo >= 0 && i.hi < static_cast<long long>(len);
+  ok = ok && in;
+  return in ? i : iv_any();
+}
+template <class T>
+__device__ __forceinline__ Iv iv_element(const T* data, Iv i) {
+  return i.known && i.lo == i.hi ? iv_point(data[i.lo]) : iv_any();
+}
+
 // `if c { a } else { b }` over a tile: where c differs, either branch's values.
 __device__ __forceinline__ Iv iv_if(Tri c, Iv a, Iv b) {
   if (c == kAll) return a;
