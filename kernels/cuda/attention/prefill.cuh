@@ -288,7 +288,7 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   // The 128-row tile runs the variant's mask only on tiles mask_keeps_tile does not clear; the
   // smaller tiles (128 registers, where its bounds spill 16 B) on every tile.
   constexpr bool kMaskEveryTile = V::kHasMask && TILE_Q != 128;
-  unsigned kept_chunk = ~0u, kept_tiles = 0;  // mask_keeps_tiles of tiles 32 kept_chunk...
+  MaskCuts<V> cuts;  // the tiles the variant's mask may cut, for this warp's rows and keys
 
   for (unsigned tile = 0; tile < num_tiles; ++tile) {
     const unsigned j0 = w.kv_start + tile * kCtaKv;
@@ -445,20 +445,14 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
       }
     };
     // The variant's mask runs per score on the warp's tiles it may cut, and on no others (on
-    // every tile with kMaskEveryTile); the warp finds which, 32 tiles at a time.
-    bool boundary = tile >= first_masked;
-    if constexpr (kMaskTile<V> && !kMaskEveryTile) {
-      if (tile / 32 != kept_chunk) {
-        kept_chunk = tile / 32;
-        kept_tiles = mask_keeps_tiles<V>(
-            p, b, packed(row0), packed(row0 + kMmaQ * 16 - 1), group, kv_head,
-            kp.offset + w.kv_start + kept_chunk * 32 * kCtaKv + kv_warp * kTileKv, kCtaKv,
-            kTileKv, qo_len, kp.total, D);
-      }
-      boundary = boundary || !((kept_tiles >> (tile % 32)) & 1u);
-    } else if constexpr (V::kHasMask && !kMaskEveryTile) {
-      boundary = true;
+    // every tile with kMaskEveryTile).
+    bool cut = false;
+    if constexpr (!kMaskEveryTile) {
+      cut = cuts.may_cut(tile, p, b, packed(row0), packed(row0 + kMmaQ * 16 - 1), group, kv_head,
+                         kp.offset + w.kv_start + kv_warp * kTileKv, kCtaKv, kTileKv, qo_len,
+                         kp.total, D);
     }
+    const bool boundary = tile >= first_masked || cut;
     // Only the 128-row tile takes the folded copies: it was measured there (+1-3%), and the
     // smaller tiles' 128-register allocations spill with both. Not with a logits hook: its
     // copies were not measured (the FA3 template folds those).

@@ -568,10 +568,9 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
     const KeyPositions& kp = it.kp;
     const long long& shift = it.shift;
     auto row_of = [&](int hf) { return packed(w, row0 + 8 * hf); };
-    // This warp's first and last packed rows, and which of 32 tiles (kept_chunk's) the
-    // variant's mask keeps whole (mask_keeps_tiles).
+    // This warp's first and last packed rows, and the tiles the variant's mask may cut.
     const unsigned warp_rows[2] = {packed(w, row0 - lane / 4), packed(w, row0 - lane / 4 + 15)};
-    unsigned kept_chunk = ~0u, kept_tiles = 0;
+    MaskCuts<V> cuts;
     const unsigned char* const sq = q_tile(slot);
 
     #pragma unroll
@@ -651,19 +650,10 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
         }
       };
       // The variant's mask runs per score on the tiles it may cut (with the causal and end
-      // checks), and on no others; the warp finds which, 32 tiles at a time.
-      bool boundary = t >= keys.first_masked;
-      if constexpr (kMaskTile<V>) {
-        if (t / 32 != kept_chunk) {
-          kept_chunk = t / 32;
-          kept_tiles = mask_keeps_tiles<V>(p, b, warp_rows[0], warp_rows[1], group, kv_head,
-                                           kp.offset + w.kv_start + kept_chunk * 32 * kTileKv,
-                                           kTileKv, kTileKv, qo_len, kp.total, D);
-        }
-        boundary = boundary || !((kept_tiles >> (t % 32)) & 1u);
-      } else if constexpr (V::kHasMask) {
-        boundary = true;
-      }
+      // checks), and on no others.
+      const bool cut = cuts.may_cut(t, p, b, warp_rows[0], warp_rows[1], group, kv_head,
+                                    kp.offset + w.kv_start, kTileKv, kTileKv, qo_len, kp.total, D);
+      const bool boundary = t >= keys.first_masked || cut;
       if constexpr (V::kSoftmax) {
         if (post > 0.0f) {
           if (boundary) {

@@ -115,20 +115,36 @@ __device__ __forceinline__ bool mask_keeps_tile(const P& p, unsigned b, unsigned
   }
 }
 
-// mask_keeps_tile for 32 K/V tiles at once, one a lane (a call per 32 tiles, so the interval
-// arithmetic and its branches cost a few instructions a tile): bit i for the tile of keys
-// [kv0 + i * step, + tile_kv), against the warp's packed rows [row_lo, row_hi]. Call from a whole
-// warp, with the same arguments on every lane.
-template <class V, class P>
-__device__ __forceinline__ unsigned mask_keeps_tiles(const P& p, unsigned b, unsigned row_lo,
-                                                     unsigned row_hi, unsigned group,
-                                                     unsigned kv_head, unsigned kv0, unsigned step,
-                                                     unsigned tile_kv, unsigned qo_len,
-                                                     unsigned kv_len, unsigned head_dim) {
-  const unsigned lo = kv0 + (threadIdx.x % 32) * step;
-  return __ballot_sync(0xffffffffu, mask_keeps_tile<V>(p, b, row_lo, row_hi, group, kv_head, lo,
-                                                       lo + tile_kv - 1, qo_len, kv_len, head_dim));
-}
+// Which K/V tiles of a warp's rows the variant's mask may cut, asked 32 tiles at a time: one
+// mask_keeps_tile call a lane (lane i for tile 32c + i), kept as a ballot, so the interval
+// arithmetic and its branches cost a few instructions a tile. Tile t holds keys
+// [kv0 + t * step, + tile_kv); rows and lengths as mask_keeps_tile's. One per warp and item (or
+// CTA), called by the whole warp with the same arguments on every lane.
+template <class V>
+struct MaskCuts {
+  unsigned chunk = ~0u, kept = 0;  // bit i: the mask keeps tile 32 chunk + i whole
+
+  template <class P>
+  __device__ __forceinline__ bool may_cut(unsigned t, const P& p, unsigned b, unsigned row_lo,
+                                          unsigned row_hi, unsigned group, unsigned kv_head,
+                                          unsigned kv0, unsigned step, unsigned tile_kv,
+                                          unsigned qo_len, unsigned kv_len, unsigned head_dim) {
+    if constexpr (!V::kHasMask) {
+      return false;
+    } else if constexpr (!kMaskTile<V>) {
+      return true;
+    } else {
+      if (t / 32 != chunk) {
+        chunk = t / 32;
+        const unsigned lo = kv0 + chunk * 32 * step + (threadIdx.x % 32) * step;
+        kept = __ballot_sync(0xffffffffu,
+                             mask_keeps_tile<V>(p, b, row_lo, row_hi, group, kv_head, lo,
+                                                lo + tile_kv - 1, qo_len, kv_len, head_dim));
+      }
+      return !((kept >> (t % 32)) & 1u);
+    }
+  }
+};
 
 template <class V, class P>
 __device__ __forceinline__ float hook_output(const P& p, float o, unsigned i, const Pos& at) {
