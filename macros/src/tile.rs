@@ -96,8 +96,8 @@ fn any(ty: &Ty) -> Val {
     }
 }
 
-/// `fi::<name>(args)` of integer operands, with `ANY` folded: any operand unknown makes the
-/// result unknown (`unknown`: ANY or SOME, by the result's kind).
+/// `fi::<name>(args)`, with `ANY` folded: any integer operand unknown makes the result unknown
+/// (`unknown`: ANY or SOME, by the result's kind).
 fn call(name: &str, args: &[&str], unknown: &str) -> String {
     if args.contains(&ANY) {
         unknown.to_string()
