@@ -26,6 +26,7 @@ headers![
     "core/math.cuh",
     "core/dtype.cuh",
     "core/warp.cuh",
+    "core/grid_order.cuh",
     "sm80/mma.cuh",
     "sm80/ldmatrix.cuh",
     "sm80/cp_async.cuh",

@@ -11,6 +11,7 @@
 // shared memory.
 #pragma once
 #include "core/abi.cuh"
+#include "core/grid_order.cuh"
 #include "core/math.cuh"
 #include "core/warp.cuh"
 #include "sm80/cp_async.cuh"
@@ -497,6 +498,7 @@ __device__ __forceinline__ void decode_pass(const AttnArgs& a, const P& p, const
 template <class V, class P, class T, int D>
 __device__ void decode(const AttnArgs& a, const P& p) {
   __shared__ DecodeSmem<D> sm;
+  let_next_grid_start();  // the merge pass waits for this grid's end (core/grid_order.cuh)
   const WorkItem it = work_item(a.work, blockIdx.x);
   if (!it.valid) return;  // padding; block-uniform, before any barrier
   const KvSeq kv = kv_seq(a, it.request);

@@ -6,9 +6,12 @@
 // empty list were written by their (unsplit) item.
 // Launch: grid (max_rows, ceil(num_qo_heads / warps)), block kMergeThreads (kernels/src/merge.rs),
 // at least kMergeMinCtas blocks per SM; one warp per (row, head), lane l holding elements
-// l * D/32 .. (l + 1) * D/32.
+// l * D/32 .. (l + 1) * D/32. On Hopper the launch may start while the attention kernel still runs
+// (core/grid_order.cuh): everything up to wait_for_prior_grid reads only the plan's workspace and
+// the batch's index arrays, never what that kernel writes.
 #pragma once
 #include "core/abi.cuh"
+#include "core/grid_order.cuh"
 #include "core/math.cuh"
 #include "core/warp.cuh"
 #include "variant/hooks.cuh"
@@ -81,6 +84,9 @@ __device__ void merge(const AttnArgs& a, const P& p) {
   const unsigned kv_head = h / (a.num_qo_heads / a.num_kv_heads);
   const unsigned kv_total = key_positions(work, b, kv_seq(a, b).len).total;
   const Pos at{b, row - qo_begin, 0, h, kv_head, qo_len, kv_total, D};
+  // The merge list's first line while the attention kernel runs; the partials only after it ends.
+  asm volatile("prefetch.global.L1 [%0];" ::"l"(__cvta_generic_to_global(index + begin)));
+  wait_for_prior_grid();
 
   // The row's softmax state over all its chunks, in epilogue.cuh's terms: m in log2 units, z and
   // acc relative to 2^m. A chunk's normalised output weighs 2^(its LSE in log2 units - m).

@@ -15,6 +15,7 @@
 #pragma once
 #include "core/abi.cuh"
 #include "core/dtype.cuh"
+#include "core/grid_order.cuh"
 #include "core/math.cuh"
 #include "core/warp.cuh"
 #include "sm80/cp_async.cuh"
@@ -102,6 +103,7 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   constexpr int kMmaD = Sh::kMmaD, kChunks = Sh::kChunks, kThreads = Sh::kThreads;
   constexpr int kRowBytes = Sh::kRowBytes, kKvBytes = Sh::kKvBytes;
 
+  let_next_grid_start();  // the merge pass waits for this grid's end (core/grid_order.cuh)
   const WorkItem w = work_item(a.work, blockIdx.x);
   if (!w.valid) return;  // the whole CTA: padding of the work list
 

@@ -19,6 +19,7 @@
 #pragma once
 #include "core/abi.cuh"
 #include "core/dtype.cuh"
+#include "core/grid_order.cuh"
 #include "core/math.cuh"
 #include "core/warp.cuh"
 #include "sm80/cp_async.cuh"
@@ -224,6 +225,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
   // only grow, and padding sits at the list's end, so the first invalid item (padding, or past
   // the padded length) ends the CTA's items. Handing items out at run time from a counter in the
   // workspace measured the same once the list was truly longest first (kernels/notes/fa3.md).
+  let_next_grid_start();  // the merge pass waits for this grid's end (core/grid_order.cuh)
   const unsigned num_items = a.work == nullptr ? 0u : static_cast<unsigned>(a.work[ws_header::kPaddedLen]);
   if (blockIdx.x >= num_items) return;  // the whole CTA (an empty list still launches one)
   auto item_index = [&](unsigned n) {

@@ -107,6 +107,34 @@ pub(crate) unsafe fn launch_sm90(
     }
 }
 
+/// [`launch`] for an instance's merge pass, right after its entry on the stream: as that
+/// entry's programmatic dependent (`Gpu::launch_dependent`), so that on Hopper the merge's index
+/// work runs beside the entry's last tiles; it waits for the entry's end before it reads a
+/// partial (`wait_for_prior_grid` in merge.cuh).
+///
+/// # Safety
+/// As for [`launch`], and the kernel before it on the stream is the entry that writes the
+/// partials this merge reads.
+pub(crate) unsafe fn launch_merge(
+    gpu: &Gpu,
+    f: &CudaFunction,
+    dims: LaunchDims,
+    args: AttnArgs,
+    params: &[u8],
+) -> Result<()> {
+    let mut blob = blob(params)?;
+    let mut args = ArgsParam(args);
+    let mut ptrs = [
+        (&raw mut args).cast::<std::ffi::c_void>(),
+        (&raw mut blob).cast::<std::ffi::c_void>(),
+    ];
+    // SAFETY: merge entries take (AttnArgs, Params) by value, in this order (kernels::attention::
+    // merge::entry), and read partials only past wait_for_prior_grid; the addresses are the
+    // caller's contract above. `args` and `blob` live until the call returns, and the driver
+    // copies the values at launch.
+    unsafe { gpu.launch_dependent(f, dims, &mut ptrs) }
+}
+
 fn blob(params: &[u8]) -> Result<ParamBlob> {
     if params.len() > MAX_PARAM_BYTES {
         return Err(Error::unsupported(format!(

@@ -1095,8 +1095,9 @@ impl Planned {
         // In graph mode the merge always runs: a later replan may split what this one did not.
         if work.is_split() || graph {
             let dims = ferrinfer_kernels::merge_launch_dims(&cfg, &args, dev.sizes.plan.qo_rows);
-            // SAFETY: as for the main launch, with the same arguments.
-            unsafe { launch::launch(gpu, &kernel.merge, dims, args, &param_bytes) }?;
+            // SAFETY: as for the main launch, with the same arguments; the main kernel, just
+            // queued, is the one before it on the stream.
+            unsafe { launch::launch_merge(gpu, &kernel.merge, dims, args, &param_bytes) }?;
         }
         Ok(())
     }

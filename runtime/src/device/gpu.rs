@@ -697,6 +697,66 @@ impl Gpu {
         dims: LaunchDims,
         push: impl FnOnce(&mut LaunchArgs<'a>),
     ) -> Result<()> {
+        let cfg = self.launch_config(dims)?;
+        let mut launch = self.launch_stream().launch_builder(f);
+        push(&mut launch);
+        // SAFETY: the caller's contract (above) is what cudarc's launch requires.
+        unsafe { launch.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// Launch `f` as the programmatic dependent of the kernel before it on the stream: on Hopper
+    /// and later it may start once every CTA of that kernel has started (and called
+    /// `let_next_grid_start`), and it waits for that kernel's end where it calls
+    /// `wait_for_prior_grid` (kernels/cuda/core/grid_order.cuh). Before Hopper an ordinary launch.
+    /// `params` holds one pointer to each argument's value, in the kernel's parameter order.
+    ///
+    /// # Safety
+    /// As for [`Gpu::launch`], and `f` reads nothing the kernel before it writes until it has
+    /// called `wait_for_prior_grid`.
+    pub(crate) unsafe fn launch_dependent(
+        &self,
+        f: &CudaFunction,
+        dims: LaunchDims,
+        params: &mut [*mut std::ffi::c_void],
+    ) -> Result<()> {
+        use cudarc::driver::sys;
+        let cfg = self.launch_config(dims)?;
+        let stream = self.launch_stream();
+        stream.context().bind_to_thread()?;
+        // SAFETY: CUlaunchAttribute is plain C data, for which all zeros is a valid value.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let ex = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: stream.cu_stream(),
+            attrs: &mut attr,
+            // The attribute needs sm_90; older devices get an ordinary launch.
+            numAttrs: u32::from(self.arch().major >= 9),
+        };
+        // SAFETY: the config and attribute outlive the call; `params` points at the arguments
+        // (the caller's contract, as for `launch`), and `f` belongs to this stream's context.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &ex,
+                f.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(|e| Error::Driver(format!("launching a dependent kernel: {e}")))
+    }
+
+    /// The launch config of `dims`, checked against CUDA's and this device's limits.
+    fn launch_config(&self, dims: LaunchDims) -> Result<LaunchConfig> {
         let max_grid_yz = 65_535;
         if dims.grid[1] > max_grid_yz || dims.grid[2] > max_grid_yz || dims.grid[0] == 0 {
             return Err(Error::unsupported(format!(
@@ -710,16 +770,11 @@ impl Gpu {
                 dims.shared_bytes, self.device.max_shared_bytes
             )));
         }
-        let cfg = LaunchConfig {
+        Ok(LaunchConfig {
             grid_dim: (dims.grid[0], dims.grid[1], dims.grid[2]),
             block_dim: (dims.block[0], dims.block[1], dims.block[2]),
             shared_mem_bytes: dims.shared_bytes,
-        };
-        let mut launch = self.launch_stream().launch_builder(f);
-        push(&mut launch);
-        // SAFETY: the caller's contract (above) is what cudarc's launch requires.
-        unsafe { launch.launch(cfg) }?;
-        Ok(())
+        })
     }
 }
 
