@@ -830,17 +830,26 @@ fn gpu_short_tile_warps_along_the_keys() {
             }
         }
         for case in &cases {
-            // Decode on tensor cores (the 16-row tile), prefill on FA2, with each warp count.
-            let configs = [KvWarps::One, KvWarps::Two].map(|kv_warps| PlanConfig {
+            // Decode on tensor cores (the 16-row tile), prefill on FA2, with each warp count, and
+            // one warp with the narrow K/V tile (a decode at head dim 128 only: elsewhere the
+            // plan keeps the default).
+            let forms = [
+                (KvWarps::One, KvTile::Default),
+                (KvWarps::Two, KvTile::Auto),
+                (KvWarps::One, KvTile::Narrow),
+            ];
+            let configs = forms.map(|(kv_warps, kv_tile)| PlanConfig {
                 decode_kernel: DecodeKernel::TensorCores,
                 prefill_kernel: PrefillKernel::Fa2,
                 kv_warps,
+                kv_tile,
                 ..PlanConfig::default()
             });
-            // Each config must plan the 16-row tile with its warp count, or the case does not
-            // test what it says.
+            // Each config must plan the 16-row tile with its warp count and K/V tile, or the case
+            // does not test what it says.
             let kv = kv_index(case, &mut rng);
-            for (config, warps) in configs.iter().zip([0, 2]) {
+            let narrow = [false, false, case.decode && hd == 128];
+            for ((config, warps), narrow) in configs.iter().zip([0, 2, 0]).zip(narrow) {
                 let tiles = if case.decode {
                     let plan = BatchDecode::plan_with(&gpu, case.heads, kv.clone(), None, *config);
                     plan.unwrap().work_list().and_then(|l| l.tiles.clone())
@@ -853,6 +862,7 @@ fn gpu_short_tile_warps_along_the_keys() {
                 };
                 let t = tiles.expect("a GPU plan records its tiles");
                 assert_eq!((t.cta_tile_q, t.instance.kv_warps), (16, warps), "{t}");
+                assert_eq!(t.instance.kv_tile == 16, narrow, "{t}");
             }
             check_with::<Standard, bf16>(&gpu, &Standard, case, &configs);
             check_with::<SoftCap, f16>(&gpu, &SoftCap { cap: 5.0 }, case, &configs);
@@ -866,4 +876,69 @@ fn gpu_short_tile_warps_along_the_keys() {
             check_with::<FlashSigmoid, bf16>(&gpu, &sigmoid, case, &configs);
         }
     }
+}
+
+/// The benchmark's skewed decode (4 requests of 8192 keys among 60 of 512, GQA 4, head dim 128):
+/// on Hopper the plan's wave model takes the narrow K/V tile for it, in 512-key chunks (host
+/// test `a_skewed_decode_takes_the_narrow_kv_tile_where_the_wave_model_says`); its result must
+/// match the reference, as the default tile's does.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_skewed_decode_on_the_narrow_kv_tile() {
+    let gpu = gpu();
+    let mut rng = Rng::from_time();
+    let mut kv_lens = vec![512; 64];
+    for l in kv_lens.iter_mut().step_by(16) {
+        *l = 8192;
+    }
+    let case = Case {
+        heads: Heads::new(32, 8, 128).unwrap(),
+        qo_lens: vec![1; 64],
+        kv_lens,
+        page_size: Some(16),
+        layout: KvLayout::Nhd,
+        causal: false,
+        decode: true,
+    };
+    let configs = [KvTile::Auto, KvTile::Default].map(|kv_tile| PlanConfig {
+        decode_kernel: DecodeKernel::TensorCores,
+        kv_tile,
+        ..PlanConfig::default()
+    });
+    let kv = kv_index(&case, &mut rng);
+    let plan = BatchDecode::plan_with(&gpu, case.heads, kv, None, configs[0]).unwrap();
+    let list = plan.work_list().expect("a GPU plan");
+    let t = list.tiles.as_ref().expect("its tiles");
+    let hopper = gpu.gpu().is_some_and(|g| g.arch().major == 9);
+    if hopper {
+        assert_eq!((t.instance.kv_tile, list.kv_chunk), (16, 512), "{t}");
+    }
+    check_with::<Standard, bf16>(&gpu, &Standard, &case, &configs);
+}
+
+/// The narrow K/V tile forced on a small decode batch (short, empty and split requests, every
+/// hook kind that reads the K/V tile), for the sanitizers.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_narrow_kv_tile_small() {
+    let gpu = gpu();
+    let case = Case {
+        heads: Heads::new(8, 2, 128).unwrap(),
+        qo_lens: vec![1; 5],
+        kv_lens: vec![600, 33, 0, 1, 129],
+        page_size: Some(16),
+        layout: KvLayout::Hnd,
+        causal: false,
+        decode: true,
+    };
+    let configs = [PlanConfig {
+        decode_kernel: DecodeKernel::TensorCores,
+        kv_warps: KvWarps::One,
+        kv_tile: KvTile::Narrow,
+        ..PlanConfig::default()
+    }];
+    check_with::<Standard, bf16>(&gpu, &Standard, &case, &configs);
+    let rope = LlamaRope { theta: 10_000.0 };
+    check_with::<LlamaRope, f16>(&gpu, &rope, &case, &configs);
+    check_with::<SoftCap, bf16>(&gpu, &SoftCap { cap: 5.0 }, &case, &configs);
 }

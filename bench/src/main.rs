@@ -165,6 +165,16 @@ fn main() -> ExitCode {
                 };
                 rows.push((imp.into(), config));
             }
+            for (imp, kv_tile) in [
+                (report::IMPL_KV_TILE_DEFAULT, KvTile::Default),
+                (report::IMPL_KV_TILE_NARROW, KvTile::Narrow),
+            ] {
+                let config = PlanConfig {
+                    kv_tile,
+                    ..decode(DecodeKernel::TensorCores)
+                };
+                rows.push((imp.into(), config));
+            }
             for &chunk in &args.kv_chunks {
                 let config = PlanConfig {
                     fixed_kv_chunk: Some(chunk),

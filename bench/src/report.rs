@@ -14,6 +14,10 @@ pub const IMPL_TENSOR_CORES: &str = "ferrinfer-tensor-cores";
 pub const IMPL_KV_WARPS_1: &str = "ferrinfer-kv-warps-1";
 /// Decode rows on the tensor-core kernel with two warps along the keys forced.
 pub const IMPL_KV_WARPS_2: &str = "ferrinfer-kv-warps-2";
+/// Decode rows on the tensor-core kernel with each K/V tile of the one-warp 16-row tile forced
+/// (the default one, and the narrow one; where the plan runs that tile).
+pub const IMPL_KV_TILE_DEFAULT: &str = "ferrinfer-kv-tile-default";
+pub const IMPL_KV_TILE_NARROW: &str = "ferrinfer-kv-tile-narrow";
 /// The implementation name of a decode row with its KV split forced to `chunk` keys.
 pub fn chunk_impl(chunk: u32) -> String {
     format!("ferrinfer-chunk-{chunk}")

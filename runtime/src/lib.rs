@@ -23,8 +23,8 @@ pub mod variant;
 
 pub use attention::batch::{Batch, Heads, KvIndex, KvLayout, indptr};
 pub use attention::wrappers::{
-    BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, KvWarps, PlanConfig,
-    PrefillKernel, RunBuffers,
+    BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, KvTile, KvWarps,
+    PlanConfig, PrefillKernel, RunBuffers,
 };
 /// The cudarc ferrinfer is built on, for [`Backend::on_stream`] and [`device::Gpu::on_stream`]: a
 /// caller's stream must be a `CudaStream` of this very version.
@@ -53,7 +53,7 @@ pub mod prelude {
     pub use crate::attention::batch::{Batch, Heads, KvIndex, KvLayout};
     pub use crate::attention::single::Single;
     pub use crate::attention::wrappers::{
-        BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, KvWarps,
+        BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, KvTile, KvWarps,
         PlanConfig, PrefillKernel, RunBuffers,
     };
     pub use crate::device::{Backend, Buffer, Dst, Src, View, ViewMut};

@@ -50,7 +50,8 @@ static_assert(sizeof(PrefillCta) <= kPrefillCtaBytes, "PrefillCta must fit its r
 template <int D, int TILE_Q, int TILE_KV, int KV_WARPS = 1>
 struct PrefillShape {
   static_assert(TILE_Q == 16 || TILE_Q == 64 || TILE_Q == 128, "query tile of 16, 64 or 128 rows");
-  static_assert(TILE_KV == 32 || TILE_KV == 64, "K/V tile of 32 or 64 keys (a warp's slice)");
+  static_assert(TILE_KV == 32 || TILE_KV == 64 || (TILE_KV == 16 && TILE_Q == 16 && KV_WARPS == 1),
+                "K/V tile of 32 or 64 keys (a warp's slice), or 16 at the one-warp 16-row tile");
   static_assert(KV_WARPS == 1 || (TILE_Q == 16 && KV_WARPS == 2),
                 "warps along the keys: 2, at the 16-row tile only");
   // One warp per 16 rows, at most kPrefillWarps; at head dim 256 a warp cannot hold two 16-row

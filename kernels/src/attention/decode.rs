@@ -71,6 +71,7 @@ pub fn tiles(x: &TileInput<'_>) -> Tiles {
         ctas_per_sm: Some(2 * MIN_CTAS),
         instance: InstanceTiles::default(),
         fallback: None,
+        alternative: None,
         reasons,
     }
 }

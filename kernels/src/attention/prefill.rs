@@ -45,9 +45,9 @@ pub const FAMILY: Family = Family {
     launch_dims,
     head_dims: &HEAD_DIMS,
     query_tiles: &[0, 16, 64, 128],
-    // 32 and 64 for FA2 (0: its default); 128 for FA3 at head dims 64 and 128 (at 256 its tile
+    // 32 and 64 for FA2 (0: its default), 16 at its one-warp 16-row tile; 128 for FA3 at head dims 64 and 128 (at 256 its tile
     // is 64, which FA2 leaves to it there: see `check_tiles`).
-    kv_tiles: &[0, 32, 64, 128],
+    kv_tiles: &[0, NARROW_KV_TILE, 32, 64, 128],
     // One warp along the keys (0), or two at the 16-row tile (see `check_tiles`).
     kv_warps: &[0, SHORT_TILE_KV_WARPS],
     tiles,
@@ -62,6 +62,17 @@ pub(crate) const PREFILL_WARPS: u32 = 4;
 /// keeps twice the bytes of one warp in flight. Four were measured too, and lost on every decode
 /// benchmark (one 138 KB CTA an H200 SM; kernels/notes/decode.md).
 const SHORT_TILE_KV_WARPS: u32 = 2;
+/// Keys per K/V tile of the one-warp 16-row tile's narrow form: half the shared memory of the
+/// default at head dim 128 (20.9 KB against 37.7), so an H200 SM holds eight CTAs of it against
+/// six (as the plan counts, with the most registers a variant may take; ten by shared memory).
+/// Each streams slower (8 KiB in flight against 16), so the plan takes it only where its model
+/// says a wave of more CTAs pays: a decode whose requests differ in length, which split into
+/// equal items only with more items than the default's wave holds (runtime's `plan`, "the
+/// narrow tile"). Offered at head dim 128, where it was measured (at 256 its one-warp build
+/// spills on sm_80).
+pub const NARROW_KV_TILE: u32 = 16;
+/// The head dim of the narrow tile.
+const NARROW_HEAD_DIM: u32 = 128;
 /// Two warps along the keys need the batch's grid, unsplit, to be at least this many waves of
 /// two-warp CTAs (see [`choose_kv_warps`] for the measurements).
 const KV_WARPS_MIN_WAVES: u64 = 2;
@@ -152,10 +163,18 @@ fn check_tiles(cfg: &KernelConfig) -> Result<(), String> {
                 cfg.name()
             ));
         }
-    } else if ![0, 32, 64].contains(&cfg.kv_tile) {
+    } else if cfg.kv_tile == NARROW_KV_TILE
+        && (tile_q(cfg) != 16 || cfg.kv_warps > 1 || cfg.head_dim_qk != NARROW_HEAD_DIM)
+    {
         return Err(format!(
-            "no prefill kernel with a {}-key K/V tile at head dim {}: FA2 has 32 and 64 keys, and \
-             the sm_90a template {} (asked: {})",
+            "the {NARROW_KV_TILE}-key K/V tile is the one-warp 16-row tile's only, at head dim \
+             {NARROW_HEAD_DIM} (asked: {})",
+            cfg.name()
+        ));
+    } else if ![0, NARROW_KV_TILE, 32, 64].contains(&cfg.kv_tile) {
+        return Err(format!(
+            "no prefill kernel with a {}-key K/V tile at head dim {}: FA2 has 32 and 64 keys (16 \
+             at its one-warp 16-row tile), and the sm_90a template {} (asked: {})",
             cfg.kv_tile,
             cfg.head_dim_qk,
             match sm90_kv_tile(cfg.head_dim_qk) {
@@ -394,6 +413,20 @@ pub(crate) fn two_kv_warps(cfg: &KernelConfig) -> Option<KernelConfig> {
         cfg.kind == KernelKind::Prefill && cfg.kv_warps == 0 && tile_q(cfg) == 16 && !is_sm90(cfg);
     offered.then_some(KernelConfig {
         kv_warps: SHORT_TILE_KV_WARPS,
+        ..*cfg
+    })
+}
+
+/// The one-warp 16-row instance with the narrow K/V tile ([`NARROW_KV_TILE`]).
+pub(crate) fn narrow_kv_tile(cfg: &KernelConfig) -> Option<KernelConfig> {
+    let offered = cfg.kind == KernelKind::Prefill
+        && cfg.kv_tile == 0
+        && cfg.kv_warps == 0
+        && tile_q(cfg) == 16
+        && cfg.head_dim_qk == NARROW_HEAD_DIM
+        && !is_sm90(cfg);
+    offered.then_some(KernelConfig {
+        kv_tile: NARROW_KV_TILE,
         ..*cfg
     })
 }
@@ -669,6 +702,10 @@ pub fn tiles(x: &TileInput<'_>) -> Tiles {
         ));
         n
     });
+    let alternative =
+        (cta_tile_q == 16 && shape.kv_warps == 1 && hd == NARROW_HEAD_DIM && !x.batch_invariant)
+            .then(|| x.sm.map(|sm| Box::new(narrow_tiles(hd, instance, sm))))
+            .flatten();
     Tiles {
         cta_tile_q,
         kv_tile: shape.cta_kv_tile(),
@@ -678,7 +715,34 @@ pub fn tiles(x: &TileInput<'_>) -> Tiles {
         ctas_per_sm,
         instance,
         fallback,
+        alternative,
         reasons: why,
+    }
+}
+
+/// The narrow form of the one-warp 16-row tile `instance`, which the plan may run instead
+/// ([`Tiles::alternative`]); a variant whose build of it spills runs `instance`.
+fn narrow_tiles(hd: u32, instance: InstanceTiles, sm: &dyn SmResidency) -> Tiles {
+    let shape = Shape::new(hd, 16, NARROW_KV_TILE, 1);
+    let n = sm.resident_ctas(WARP, shape.shared_bytes, MAX_REGISTERS);
+    Tiles {
+        cta_tile_q: 16,
+        kv_tile: NARROW_KV_TILE,
+        threads: WARP,
+        stages: STAGES,
+        shared_bytes: shape.shared_bytes,
+        ctas_per_sm: Some(n),
+        instance: InstanceTiles {
+            kv_tile: NARROW_KV_TILE,
+            ..instance
+        },
+        fallback: Some(instance),
+        alternative: None,
+        reasons: vec![format!(
+            "K/V tile {NARROW_KV_TILE} keys (the narrow form): {} B of shared memory, {n} CTAs per \
+             SM",
+            shape.shared_bytes
+        )],
     }
 }
 
@@ -690,7 +754,10 @@ fn instances(arch: ArchClass, sm: &dyn SmResidency) -> Vec<KernelConfig> {
         let wide = wide_kv_tile(cfg).filter(|w| wide_kv_tile_pays(&Shape::of(w), sm));
         let two = two_kv_warps(cfg)
             .filter(|_| two_kv_warps_fit(short_tile_residency(cfg.head_dim_qk, sm)));
-        wide.into_iter().chain(two).collect()
+        wide.into_iter()
+            .chain(two)
+            .chain(narrow_kv_tile(cfg))
+            .collect()
     });
     let sm90: Vec<_> = all
         .iter()
@@ -910,6 +977,65 @@ mod tests {
         };
         change(&mut x);
         tiles(&x)
+    }
+
+    #[test]
+    fn the_one_warp_16_row_tile_offers_its_narrow_form_to_the_plan() {
+        // GQA 4, b64: one warp; the plan may take the narrow form: eight CTAs an H200 SM as the
+        // plan counts (255 registers a thread, what a variant may take; its shared memory alone
+        // would allow ten).
+        let t = decode_tiles(512, 128, |_| {});
+        assert_eq!((t.kv_tile, t.ctas_per_sm), (32, Some(6)));
+        let alt = t.alternative.as_deref().expect("a narrow alternative");
+        assert_eq!(
+            (
+                alt.cta_tile_q,
+                alt.kv_tile,
+                alt.threads,
+                alt.shared_bytes,
+                alt.ctas_per_sm
+            ),
+            (16, NARROW_KV_TILE, 32, 20_936, Some(8))
+        );
+        assert_eq!(alt.instance.kv_tile, NARROW_KV_TILE);
+        assert_eq!(alt.fallback, Some(t.instance));
+        assert!(alt.alternative.is_none());
+        assert_eq!(FAMILY.check(&alt.config(sm90a(128, 16, 0))), Ok(()));
+        // None for two warps (MHA over two waves), in batch-invariant mode, or without an SM.
+        let two = decode_tiles(8192, 128, |x| x.group_size = 1);
+        assert_eq!(two.instance.kv_warps, SHORT_TILE_KV_WARPS);
+        assert!(two.alternative.is_none());
+        assert!(
+            decode_tiles(512, 128, |x| x.batch_invariant = true)
+                .alternative
+                .is_none()
+        );
+        assert!(
+            decode_tiles(512, 128, |x| x.sm = None)
+                .alternative
+                .is_none()
+        );
+        // None at head dims 64 and 256.
+        assert!(decode_tiles(512, 64, |_| {}).alternative.is_none());
+        assert!(decode_tiles(512, 256, |_| {}).alternative.is_none());
+        // The narrow tile is the one-warp 16-row tile's only, at head dim 128.
+        for (hd, tile, kv_warps) in [
+            (128, 64, 0),
+            (128, 128, 0),
+            (128, 16, SHORT_TILE_KV_WARPS),
+            (64, 16, 0),
+            (256, 16, 0),
+        ] {
+            let cfg = KernelConfig {
+                kv_warps,
+                ..sm90a(hd, tile, NARROW_KV_TILE)
+            };
+            let cfg = KernelConfig {
+                arch: ArchClass::Sm80,
+                ..cfg
+            };
+            assert!(FAMILY.check(&cfg).is_err(), "{}", cfg.name());
+        }
     }
 
     #[test]
@@ -1153,9 +1279,20 @@ mod tests {
         let hopper = instances(ArchClass::Sm90a, &Sm(228 * 1024));
         let a100 = instances(ArchClass::Sm80, &Sm(164 * 1024));
         // 18 FA2 tiles, the two-warp 16-row tile where it keeps as many warps an SM (Hopper:
-        // head dims 64 and 128; A100: every head dim), the 64-key tile of both dtypes, and the
-        // FA3 form of each head dim and dtype.
-        assert_eq!((a100.len(), hopper.len()), (18 + 6, 18 + 4 + 2 + 6));
+        // head dims 64 and 128; A100: every head dim), the narrow 16-row tile of head dim 128
+        // (both dtypes), the 64-key tile of both dtypes, and the FA3 form of each head dim and
+        // dtype.
+        assert_eq!((a100.len(), hopper.len()), (18 + 6 + 2, 18 + 4 + 2 + 2 + 6));
+        let narrow = |c: &&KernelConfig| c.kv_tile == NARROW_KV_TILE;
+        assert!(
+            hopper
+                .iter()
+                .chain(&a100)
+                .filter(narrow)
+                .all(|c| c.cta_tile_q == 16
+                    && c.kv_warps == 0
+                    && narrow_kv_tile(&KernelConfig { kv_tile: 0, ..*c }) == Some(*c))
+        );
         let kw2 = |c: &&KernelConfig| c.kv_warps == 2;
         assert!(hopper.iter().filter(kw2).all(|c| c.head_dim_qk < 256));
         assert_eq!(a100.iter().filter(kw2).count(), 6);

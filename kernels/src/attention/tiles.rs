@@ -77,6 +77,10 @@ pub struct Tiles {
     pub instance: InstanceTiles,
     /// The instance to run instead when the variant's build of `instance` spills registers.
     pub fallback: Option<InstanceTiles>,
+    /// Tiles the plan may take instead, when its KV split predicts them faster (the one-warp
+    /// 16-row tile's narrow K/V form: more CTAs an SM, each slower). A plan's recorded tiles
+    /// have none: the plan chose.
+    pub alternative: Option<Box<Tiles>>,
     /// One line per decision, in the order they were made.
     pub reasons: Vec<String>,
 }

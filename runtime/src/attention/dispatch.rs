@@ -245,11 +245,12 @@ mod tests {
         let hopper = instances(Arch::new(9, 0), &SmResources::typical(Arch::new(9, 0)));
         let a100 = instances(Arch::new(8, 0), &SmResources::typical(Arch::new(8, 0)));
         // Prefill 3 tiles x 3 head dims x 2 dtypes, decode 3 x 2, the two-warp 16-row tile where
-        // an SM holds as many warps of it (A100: every head dim; Hopper: 64 and 128), and on
-        // Hopper the 64-key instances of the 128-row tile at head dim 128 (both dtypes) and the
-        // FA3 form of the 128-row tile at each head dim (both dtypes).
-        assert_eq!(a100.len(), 18 + 6 + 6);
-        assert_eq!(hopper.len(), 18 + 6 + 4 + 2 + 3 * 2);
+        // an SM holds as many warps of it (A100: every head dim; Hopper: 64 and 128), the narrow
+        // 16-row tile at head dim 128 (both dtypes), and on Hopper the 64-key instances of the
+        // 128-row tile at head dim 128 (both dtypes) and the FA3 form of the 128-row tile at each
+        // head dim (both dtypes).
+        assert_eq!(a100.len(), 18 + 6 + 6 + 2);
+        assert_eq!(hopper.len(), 18 + 6 + 4 + 2 + 2 + 3 * 2);
         assert!(
             hopper
                 .iter()

@@ -8,11 +8,12 @@ pub mod plan;
 pub mod reference;
 pub(crate) mod single;
 pub(crate) mod tma;
+mod wave_model;
 pub(crate) mod wrappers;
 
 pub use batch::{Batch, Heads, KvIndex, KvLayout, KvStrides, QoStrides, indptr};
 pub use single::Single;
 pub use wrappers::{
-    BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, KvWarps, PlanConfig,
-    PrefillKernel, RunBuffers, TENSOR_CORE_MIN_GROUP,
+    BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, KvTile, KvWarps,
+    PlanConfig, PrefillKernel, RunBuffers, TENSOR_CORE_MIN_GROUP,
 };

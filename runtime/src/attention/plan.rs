@@ -40,6 +40,7 @@ use ferrinfer_kernels::{KernelKind, SmResidency, TileInput, Tiles};
 pub use ferrinfer_kernels::workspace::{Layout, header};
 
 use crate::attention::batch::{Batch, KvIndex};
+use crate::attention::wave_model::predicted_time;
 use crate::device::gpu::SmResources;
 use crate::error::{Error, Result};
 
@@ -85,6 +86,10 @@ pub struct PlanOptions {
     /// the count its tile function picks by the batch's grid: for benchmarks, and for a CUDA
     /// graph, whose captured kernel a replan must not change.
     pub kv_warps: Option<u32>,
+    /// The one-warp 16-row tile's narrow K/V form (`Some(true)`) or its default one
+    /// (`Some(false)`) for a decode, instead of the plan's choice by its wave model (`None`; see
+    /// [`plan`]). Batch-invariant and CUDA-graph plans always take the default.
+    pub narrow_kv_tile: Option<bool>,
 }
 
 impl PlanOptions {
@@ -100,6 +105,7 @@ impl PlanOptions {
             query_tile: None,
             one_row_per_request: false,
             kv_warps: None,
+            narrow_kv_tile: None,
         }
     }
 
@@ -341,7 +347,8 @@ pub fn cta_tile_q(packed_rows: u64, requests: u64, head_dim: u32) -> u32 {
 
 /// Plan `batch` for kernel family `kind` on a device described by `opts`: the family's tile
 /// function chooses the tiles once (recorded in [`WorkList::tiles`]), then the KV split is searched
-/// and the work list built.
+/// and the work list built. A decode on the one-warp 16-row tile may then take that tile's narrow
+/// K/V form instead, where the wave model predicts it faster (`take_narrow_tile`).
 pub fn plan(batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Result<WorkList> {
     opts.validate()?;
     let reqs = requests(batch)?;
@@ -351,19 +358,38 @@ pub fn plan(batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Result<WorkL
     let tile = tiles.cta_tile_q;
     let kv_heads = u64::from(heads.num_kv_heads());
     let count = |chunk: u32| kv_heads * count_tiles(&reqs, group, tile, chunk);
-
-    let kv_chunk = match opts.fixed_kv_chunk {
-        Some(c) => c,
-        None => {
-            let target = opts.target_items(&tiles);
-            let chunk = search_kv_chunk(&reqs, target, &count);
-            let decode = kind == KernelKind::Decode || opts.one_row_per_request;
-            if decode && count(chunk) > target {
-                balance_tail_wave(chunk, target, opts.graph_capacity, &count)
-            } else {
-                chunk
-            }
+    let decode = kind == KernelKind::Decode || opts.one_row_per_request;
+    // The split that fills a wave of `tiles`' CTAs.
+    let fill = |tiles: &Tiles| {
+        let target = opts.target_items(tiles);
+        let chunk = search_kv_chunk(&reqs, target, &count);
+        if decode && count(chunk) > target {
+            balance_tail_wave(chunk, target, opts.graph_capacity, &count)
+        } else {
+            chunk
         }
+    };
+
+    let kv_chunk = opts.fixed_kv_chunk.unwrap_or_else(|| fill(&tiles));
+    let (tiles, kv_chunk) = if decode {
+        take_narrow_tile(
+            tiles,
+            kv_chunk,
+            &reqs,
+            (kv_heads, group),
+            opts,
+            &count,
+            &fill,
+        )
+    } else {
+        let alternative = None;
+        (
+            Tiles {
+                alternative,
+                ..tiles
+            },
+            kv_chunk,
+        )
     };
     let needed = count(kv_chunk);
     if let Some(cap) = opts.graph_capacity
@@ -377,6 +403,124 @@ pub fn plan(batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Result<WorkL
     to_i32_range(needed, "work items")?;
     build(batch, &reqs, kind, tiles, kv_chunk, opts.graph_capacity)
 }
+
+/// The one-warp 16-row tile's narrow K/V form ([`Tiles::alternative`]) and its split instead of
+/// `tiles` and `chunk`, where the wave model (wave_model.rs) predicts it [`NARROW_GAIN`] faster,
+/// or where the caller asked for it. Only for batches whose longest request has at least
+/// [`NARROW_MIN_SKEW`] times the keys of the shortest: equal requests split into equal items on
+/// the default tile already, and there its CTAs stream faster (H200, b64 l4096: 4089 GB/s
+/// against 3421 unsplit and 3806 split into 5632 items on the narrow tile). The narrow tile's
+/// splits tried: the one that fills its wave, and a chunk of each request length (so the longer
+/// requests split into items as long as a shorter one), at most four waves of items.
+/// `heads` is the KV heads and the group size.
+fn take_narrow_tile(
+    mut tiles: Tiles,
+    chunk: u32,
+    reqs: &[Request],
+    (kv_heads, group): (u64, u64),
+    opts: &PlanOptions,
+    count: &impl Fn(u32) -> u64,
+    fill: &impl Fn(&Tiles) -> u32,
+) -> (Tiles, u32) {
+    let Some(narrow) = tiles.alternative.take().map(|b| *b) else {
+        return (tiles, chunk);
+    };
+    let fixed = opts.fixed_kv_chunk.is_some() || opts.graph_capacity.is_some();
+    // The narrow tiles, their reasons after the default's (the query tile's is there).
+    let take = |tiles: Tiles, mut narrow: Tiles, chunk: u32, why: String| {
+        let mut reasons = tiles.reasons;
+        reasons.append(&mut narrow.reasons);
+        reasons.push(why);
+        (Tiles { reasons, ..narrow }, chunk)
+    };
+    match opts.narrow_kv_tile {
+        _ if fixed => return (tiles, chunk),
+        Some(false) => return (tiles, chunk),
+        Some(true) => {
+            let c = fill(&narrow);
+            return take(
+                tiles,
+                narrow,
+                c,
+                "narrow K/V tile: fixed by the caller".into(),
+            );
+        }
+        None => {}
+    }
+    let live: Vec<u32> = reqs
+        .iter()
+        .filter(|r| r.qo_len > 0)
+        .map(|r| r.kv_len)
+        .collect();
+    let (Some(&shortest), Some(&longest)) = (live.iter().min(), live.iter().max()) else {
+        return (tiles, chunk);
+    };
+    if longest < NARROW_MIN_SKEW * shortest.max(1) {
+        return (tiles, chunk);
+    }
+    // Every item's keys, longest first: a request's pieces, for each KV head and 16-row tile.
+    let keys = |c: u32| {
+        let mut k: Vec<u64> = Vec::new();
+        for r in reqs.iter().filter(|r| r.qo_len > 0) {
+            let items = kv_heads * (u64::from(r.qo_len) * group).div_ceil(16);
+            for piece in 0..chunks(r.kv_len, c) {
+                let len = r.kv_len.saturating_sub(piece * c).min(c);
+                k.extend(std::iter::repeat_n(u64::from(len), items as usize));
+            }
+        }
+        k.sort_unstable_by(|a, b| b.cmp(a));
+        k
+    };
+    let sms = f64::from(opts.num_sms);
+    let default_time = predicted_time(
+        &keys(chunk),
+        opts.target_items(&tiles),
+        DEFAULT_TILE_SATURATING_PER_SM * sms,
+    );
+    let slots = opts.target_items(&narrow);
+    let mut candidates: Vec<u32> = live
+        .iter()
+        .map(|&l| l.div_ceil(KV_CHUNK_ALIGN).max(1) * KV_CHUNK_ALIGN)
+        .filter(|&c| c >= MIN_KV_CHUNK)
+        .chain([fill(&narrow)])
+        .collect();
+    candidates.sort_unstable();
+    candidates.dedup();
+    let best = candidates
+        .into_iter()
+        .filter(|&c| count(c) <= NARROW_MAX_WAVES * slots)
+        .map(|c| {
+            let t = predicted_time(&keys(c), slots, NARROW_TILE_SATURATING_PER_SM * sms);
+            (t / NARROW_TILE_RATE, c)
+        })
+        .min_by(|a, b| a.0.total_cmp(&b.0));
+    match best {
+        Some((t, c)) if t * NARROW_GAIN < default_time => {
+            let why = format!(
+                "narrow K/V tile, {c}-key chunks: the wave model predicts {:.0}% of the default \
+                 tile's time at its {chunk}-key chunks (requests of {shortest} to {longest} keys)",
+                100.0 * t / default_time
+            );
+            take(tiles, narrow, c, why)
+        }
+        _ => (tiles, chunk),
+    }
+}
+
+/// HBM-saturating CTAs per SM of the one-warp 16-row tile, default and narrow K/V form: the
+/// device's decode rate over one CTA's rate alone (H200, bf16, head dim 128: 4089 GB/s; a default
+/// CTA alone 8.9 GB/s, kernels/notes/decode.md session 9; a narrow one 6.7, its unsplit b64
+/// l4096 at 512 CTAs), over 132 SMs.
+const DEFAULT_TILE_SATURATING_PER_SM: f64 = 3.5;
+const NARROW_TILE_SATURATING_PER_SM: f64 = 4.6;
+/// A narrow CTA alone streams at this share of a default one's rate (6.7 / 8.9 GB/s).
+const NARROW_TILE_RATE: f64 = 0.75;
+/// The gain the model must predict for the narrow tile (its error on the keys measured).
+const NARROW_GAIN: f64 = 1.05;
+/// Longest over shortest request below which the narrow tile is not considered.
+const NARROW_MIN_SKEW: u32 = 2;
+/// Waves of narrow CTAs a split tried may make (each item pays a start).
+const NARROW_MAX_WAVES: u64 = 4;
 
 /// One request's lengths.
 #[derive(Clone, Copy, Debug)]
@@ -1006,9 +1150,83 @@ mod tests {
     }
 
     #[test]
-    fn a_decode_takes_two_warps_along_the_keys_for_small_groups_and_pages_over_waves() {
+    fn a_skewed_decode_takes_the_narrow_kv_tile_where_the_wave_model_says() {
         let hopper = PlanOptions {
             one_row_per_request: true,
+            ..PlanOptions::for_device(132, SmResources::typical(Arch::new(9, 0)))
+        };
+        // (K/V tile, CTAs an SM, KV chunk, work items) of a plan.
+        let shape = |batch: &Batch, opts: &PlanOptions| {
+            let list = plan(batch, KernelKind::Prefill, opts).unwrap();
+            let t = list.tiles.as_ref().unwrap();
+            assert!(t.alternative.is_none(), "the plan chose");
+            assert_eq!(t.instance.kv_tile, if t.kv_tile == 16 { 16 } else { 0 });
+            (
+                t.kv_tile,
+                t.ctas_per_sm.unwrap(),
+                list.kv_chunk,
+                list.items.len(),
+            )
+        };
+        let mut skewed = vec![512; 64];
+        for l in skewed.iter_mut().step_by(16) {
+            *l = 8192;
+        }
+        let skew = decode_step(32, 8, 128, &skewed, 16);
+        // The benchmark's skewed batch (4 requests of 8192 keys among 60 of 512, GQA 4): on the
+        // default tile its long requests split in nine (768 items, one wave of 792), and once
+        // the short ones end they stream on too few CTAs; on the narrow tile (8 an SM as the
+        // plan counts) every item is 512 keys, 992 of them in one wave of 1056.
+        assert_eq!(shape(&skew, &hopper), (16, 8, 512, 992));
+        let t = plan(&skew, KernelKind::Prefill, &hopper)
+            .unwrap()
+            .tiles
+            .unwrap();
+        assert_eq!(t.fallback.map(|f| f.kv_tile), Some(0));
+        assert!(t.reasons.iter().any(|r| r.contains("wave model")), "{t}");
+        assert!(
+            t.reasons.iter().any(|r| r.starts_with("query tile 16")),
+            "{t}"
+        );
+        let default = PlanOptions {
+            narrow_kv_tile: Some(false),
+            ..hopper
+        };
+        assert_eq!(shape(&skew, &default), (32, 6, 912, 768));
+        // Even batches keep the default tile: b64 l4096, b16 l32768 (two warps along the keys
+        // there), b256 l2048, and so do batch-invariant and CUDA-graph plans of the skewed one.
+        for (b, len) in [(64, 4096), (16, 32768), (256, 2048)] {
+            let batch = decode_step(32, 8, 128, &vec![len; b], 16);
+            assert_ne!(shape(&batch, &hopper).0, 16, "{b} x {len}");
+        }
+        assert_eq!(shape(&skew, &hopper.with_fixed_kv_chunk(512)).0, 32);
+        assert_eq!(shape(&skew, &hopper.with_graph_capacity(4096)).0, 32);
+        // Uneven, but where the default tile's split is already even: two requests of 4096
+        // keys among 62 of 2048 (GQA 4) split into 2048-key items on either tile, and the
+        // default streams them faster.
+        let mut mild = vec![2048; 64];
+        mild[0] = 4096;
+        mild[1] = 4096;
+        assert_eq!(shape(&decode_step(32, 8, 128, &mild, 16), &hopper).0, 32);
+        // The caller may fix either tile.
+        let narrow = PlanOptions {
+            narrow_kv_tile: Some(true),
+            ..hopper
+        };
+        let b64 = decode_step(32, 8, 128, &vec![4096; 64], 16);
+        assert_eq!(shape(&b64, &narrow).0, 16);
+        // Not for the two-warp form (MHA over two waves), nor a prefill's 16-row tile.
+        let mha = decode_step(32, 32, 128, &skewed, 16);
+        let list = plan(&mha, KernelKind::Prefill, &narrow).unwrap();
+        assert_eq!(list.tiles.unwrap().kv_tile, 64);
+    }
+
+    #[test]
+    fn a_decode_takes_two_warps_along_the_keys_for_small_groups_and_pages_over_waves() {
+        // The default K/V tile throughout (the narrow one has its own test below).
+        let hopper = PlanOptions {
+            one_row_per_request: true,
+            narrow_kv_tile: Some(false),
             ..PlanOptions::for_device(132, SmResources::typical(Arch::new(9, 0)))
         };
         // (warps along the keys, CTAs an SM, KV chunk, work items) of a plan.

@@ -52,6 +52,40 @@ pub struct PlanConfig {
     /// How many warps stream the keys of a work item on the 16-row tile, which runs
     /// [`BatchDecode`] on tensor cores and the shortest prefills.
     pub kv_warps: KvWarps,
+    /// Which K/V tile the one-warp 16-row tile streams in a [`BatchDecode`] on tensor cores.
+    pub kv_tile: KvTile,
+}
+
+/// The K/V tile of the prefill template's one-warp 16-row tile in a decode on tensor cores at head
+/// dim 128: the default (32 keys) or the narrow one (16 keys: half the shared memory, so an H200
+/// SM holds ten CTAs instead of six, each streaming slower). The two-warp form, the other tiles
+/// and the other head dims have one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvTile {
+    /// The plan's choice per batch: the narrow tile where its wave model predicts it 5% faster,
+    /// which happens for batches of uneven requests, whose split into equal items needs more
+    /// CTAs than a wave of the default tile holds. Measured (H200, bf16, head dim 128, GQA 4,
+    /// pages of 16, 4 requests of 8192 keys among 60 of 512): 3139 GB/s in 512-key chunks on the
+    /// narrow tile against 2922 on the default tile's best split (kernels/notes/decode.md,
+    /// session 15). The default in batch-invariant and CUDA-graph mode.
+    #[default]
+    Auto,
+    /// The default K/V tile.
+    Default,
+    /// The narrow K/V tile, where the plan runs the one-warp 16-row tile (in batch-invariant and
+    /// CUDA-graph mode too it keeps the default).
+    Narrow,
+}
+
+impl KvTile {
+    /// The choice the caller fixed, if any: narrow or not.
+    fn narrow(self) -> Option<bool> {
+        match self {
+            KvTile::Auto => None,
+            KvTile::Default => Some(false),
+            KvTile::Narrow => Some(true),
+        }
+    }
 }
 
 /// Warps along the keys of the prefill template's 16-row tile (decode on tensor cores, prefill
@@ -805,6 +839,7 @@ impl Planned {
             o.query_tile = o.query_tile.or(pinned.map(|(q, _)| q));
         }
         o.kv_warps = self.config.kv_warps.fixed().or(pinned.map(|(_, w)| w));
+        o.narrow_kv_tile = self.config.kv_tile.narrow();
         o
     }
 
