@@ -40,7 +40,7 @@ use ferrinfer_kernels::{KernelKind, SmResidency, TileInput, Tiles};
 pub use ferrinfer_kernels::workspace::{Layout, header};
 
 use crate::attention::batch::{Batch, KvIndex};
-use crate::attention::wave_model::predicted_time;
+use crate::attention::wave_model::{self, predicted_time};
 use crate::device::gpu::SmResources;
 use crate::error::{Error, Result};
 
@@ -407,11 +407,13 @@ pub fn plan(batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Result<WorkL
 /// The one-warp 16-row tile's narrow K/V form ([`Tiles::alternative`]) and its split instead of
 /// `tiles` and `chunk`, where the wave model (wave_model.rs) predicts it [`NARROW_GAIN`] faster,
 /// or where the caller asked for it. Only for batches whose longest request has at least
-/// [`NARROW_MIN_SKEW`] times the keys of the shortest: equal requests split into equal items on
-/// the default tile already, and there its CTAs stream faster (H200, b64 l4096: 4089 GB/s
-/// against 3421 unsplit and 3806 split into 5632 items on the narrow tile). The narrow tile's
-/// splits tried: the one that fills its wave, and a chunk of each request length (so the longer
-/// requests split into items as long as a shorter one), at most four waves of items.
+/// [`NARROW_MIN_SKEW`] times the keys of the shortest (equal requests split into equal items on
+/// the default tile already, and there its CTAs stream faster: H200, b64 l4096, 4089 GB/s
+/// against 3421 unsplit and 3806 split into 5632 items on the narrow tile), and whose default
+/// plan is one wave at most (over a wave, CTAs that end take the next item). The narrow tile's
+/// splits tried: the one that fills its wave, and chunks of the request lengths (so the longer
+/// requests split into items as long as a shorter one; up to [`NARROW_MAX_LENGTHS`] of them,
+/// evenly spaced), each making at most [`NARROW_MAX_WAVES`] waves of items.
 /// `heads` is the KV heads and the group size.
 fn take_narrow_tile(
     mut tiles: Tiles,
@@ -458,36 +460,44 @@ fn take_narrow_tile(
     if longest < NARROW_MIN_SKEW * shortest.max(1) {
         return (tiles, chunk);
     }
-    // Every item's keys, longest first: a request's pieces, for each KV head and 16-row tile.
+    // Over a wave of the default tile, the hardware hands the next item to each CTA that ends,
+    // longest first, so the short items fill the long ones' tail.
+    let default_slots = opts.target_items(&tiles);
+    if count(chunk) > default_slots {
+        return (tiles, chunk);
+    }
+    // The items' keys as (keys, items) groups, longest first: a request's whole chunks and its
+    // last, for each KV head and 16-row tile.
     let keys = |c: u32| {
-        let mut k: Vec<u64> = Vec::new();
+        let mut k: Vec<(u64, u64)> = Vec::new();
         for r in reqs.iter().filter(|r| r.qo_len > 0) {
             let items = kv_heads * (u64::from(r.qo_len) * group).div_ceil(16);
-            for piece in 0..chunks(r.kv_len, c) {
-                let len = r.kv_len.saturating_sub(piece * c).min(c);
-                k.extend(std::iter::repeat_n(u64::from(len), items as usize));
-            }
+            let n = chunks(r.kv_len, c);
+            let last = r.kv_len - (n - 1) * c;
+            k.push((u64::from(c), items * u64::from(n - 1)));
+            k.push((u64::from(last), items));
         }
-        k.sort_unstable_by(|a, b| b.cmp(a));
-        k
+        wave_model::groups(k)
     };
     let sms = f64::from(opts.num_sms);
     let default_time = predicted_time(
         &keys(chunk),
-        opts.target_items(&tiles),
+        default_slots,
         DEFAULT_TILE_SATURATING_PER_SM * sms,
     );
     let slots = opts.target_items(&narrow);
-    let mut candidates: Vec<u32> = live
+    let mut lens: Vec<u32> = live
         .iter()
         .map(|&l| l.div_ceil(KV_CHUNK_ALIGN).max(1) * KV_CHUNK_ALIGN)
         .filter(|&c| c >= MIN_KV_CHUNK)
-        .chain([fill(&narrow)])
         .collect();
-    candidates.sort_unstable();
-    candidates.dedup();
-    let best = candidates
-        .into_iter()
+    lens.sort_unstable();
+    lens.dedup();
+    // A batch of many distinct lengths tries evenly spaced ones among them (each try simulates
+    // the whole list).
+    let step = lens.len().div_ceil(NARROW_MAX_LENGTHS).max(1);
+    let tried = lens.iter().step_by(step).copied().chain([fill(&narrow)]);
+    let best = tried
         .filter(|&c| count(c) <= NARROW_MAX_WAVES * slots)
         .map(|c| {
             let t = predicted_time(&keys(c), slots, NARROW_TILE_SATURATING_PER_SM * sms);
@@ -521,6 +531,8 @@ const NARROW_GAIN: f64 = 1.05;
 const NARROW_MIN_SKEW: u32 = 2;
 /// Waves of narrow CTAs a split tried may make (each item pays a start).
 const NARROW_MAX_WAVES: u64 = 4;
+/// Request lengths tried as the narrow tile's chunk, at most.
+const NARROW_MAX_LENGTHS: usize = 4;
 
 /// One request's lengths.
 #[derive(Clone, Copy, Debug)]

@@ -10,37 +10,67 @@
 //! differs from counting waves: its short items end early, and its long ones then run on too
 //! few CTAs to fill HBM.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::BTreeMap;
 
 /// A CTA's start, in keys of streaming: its dependent loads before the first K/V byte. Measured
 /// (H200, the narrow tile, b64 l4096 split into 384-key items, 4.3 items a CTA): 7.4% over the
 /// same bytes in one item each, so 28 keys an item.
 pub(crate) const START_KEYS: u64 = 28;
 
-/// The predicted time of items of `keys` each (sorted longest first), run on `slots` CTAs of
-/// which `saturating` fill HBM, in keys streamed by one CTA alone.
-pub(crate) fn predicted_time(keys: &[u64], slots: u64, saturating: f64) -> f64 {
-    debug_assert!(keys.windows(2).all(|w| w[0] >= w[1]), "longest first");
-    let slots = slots.max(1) as usize;
-    // Every running item advances by the same amount, so each is kept as the progress at which
-    // it ends; the next to end is the heap's least.
-    let mut running = BinaryHeap::with_capacity(slots.min(keys.len()));
-    let mut queue = keys.iter();
-    for &k in queue.by_ref().take(slots) {
-        running.push(Reverse(k + START_KEYS));
-    }
-    let (mut progress, mut time) = (0u64, 0.0f64);
-    while let Some(Reverse(end)) = running.pop() {
-        let active = running.len() + 1;
+/// The predicted time of a work list given as `(keys, items)` groups (longest first: `items`
+/// items of `keys` keys each), run on `slots` CTAs of which `saturating` fill HBM, in keys
+/// streamed by one CTA alone. Items that start together and are as long end together, so the
+/// simulation steps through groups of them, not items: a plan calls this for a few splits.
+pub(crate) fn predicted_time(groups: &[(u64, u64)], slots: u64, saturating: f64) -> f64 {
+    debug_assert!(
+        groups.windows(2).all(|w| w[0].0 > w[1].0),
+        "longest first, merged"
+    );
+    // Every running item advances by the same amount, so items are kept by the progress at
+    // which they end.
+    let mut running: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut queue = groups.iter().copied().filter(|&(_, n)| n > 0);
+    let mut head: Option<(u64, u64)> = queue.next();
+    let (mut active, mut progress, mut time) = (0u64, 0u64, 0.0f64);
+    // Start up to `free` queued items at `progress`.
+    let mut start =
+        |free: u64, progress: u64, running: &mut BTreeMap<u64, u64>, active: &mut u64| {
+            let mut free = free;
+            while free > 0 {
+                let Some((keys, n)) = head else { break };
+                let m = n.min(free);
+                *running.entry(progress + keys + START_KEYS).or_default() += m;
+                *active += m;
+                free -= m;
+                head = if m < n {
+                    Some((keys, n - m))
+                } else {
+                    queue.next()
+                };
+            }
+        };
+    start(slots.max(1), 0, &mut running, &mut active);
+    while let Some((end, n)) = running.pop_first() {
         let rate = (saturating / active as f64).min(1.0);
         time += (end - progress) as f64 / rate;
         progress = end;
-        if let Some(&k) = queue.next() {
-            running.push(Reverse(progress + k + START_KEYS));
-        }
+        active -= n;
+        start(n, progress, &mut running, &mut active);
     }
     time
+}
+
+/// `(keys, items)` groups of `items` items of `keys` each, merged and longest first.
+pub(crate) fn groups(mut items: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    items.sort_unstable_by_key(|&(keys, _)| std::cmp::Reverse(keys));
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(items.len());
+    for (keys, n) in items {
+        match out.last_mut() {
+            Some(last) if last.0 == keys => last.1 += n,
+            _ => out.push((keys, n)),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -50,10 +80,10 @@ mod tests {
     #[test]
     fn a_wave_over_saturation_streams_at_the_shared_rate() {
         // 100 equal items, all resident, 50 saturate: each at half speed.
-        let t = predicted_time(&[1000; 100], 128, 50.0);
+        let t = predicted_time(&[(1000, 100)], 128, 50.0);
         assert!((t - 2.0 * (1000 + START_KEYS) as f64).abs() < 1e-6, "{t}");
         // Under saturation each streams alone.
-        let t = predicted_time(&[1000; 10], 128, 50.0);
+        let t = predicted_time(&[(1000, 10)], 128, 50.0);
         assert!((t - (1000 + START_KEYS) as f64).abs() < 1e-6, "{t}");
     }
 
@@ -61,19 +91,24 @@ mod tests {
     fn the_long_items_of_a_skewed_batch_end_alone() {
         // 10 long and 90 short on 100 slots, 50 saturating: the short ones end at 2 x 500, the
         // long ones then stream alone (10 < 50) for their last 500.
-        let mut keys = vec![1000u64 - START_KEYS; 10];
-        keys.extend([500u64 - START_KEYS; 90]);
+        let keys = groups(vec![(500 - START_KEYS, 90), (1000 - START_KEYS, 10)]);
+        assert_eq!(keys, [(1000 - START_KEYS, 10), (500 - START_KEYS, 90)]);
         let t = predicted_time(&keys, 100, 50.0);
         assert!((t - (2.0 * 500.0 + 500.0)).abs() < 1e-6, "{t}");
         // The same keys in equal items take the shared rate to the end: less time.
-        let even = vec![550u64 - START_KEYS; 100];
+        let even = [(550 - START_KEYS, 100)];
         assert!(predicted_time(&even, 100, 50.0) < t);
     }
 
     #[test]
     fn a_second_wave_starts_as_the_first_ends() {
         // 4 items on 2 slots that each stream alone: two rounds.
-        let t = predicted_time(&[100; 4], 2, 2.0);
+        let t = predicted_time(&[(100, 4)], 2, 2.0);
         assert!((t - 2.0 * (100 + START_KEYS) as f64).abs() < 1e-6, "{t}");
+        // A group split across the wave's end: 3 of 5 start, the other 2 as the first end.
+        let t = predicted_time(&[(100, 5)], 3, 3.0);
+        assert!((t - 2.0 * (100 + START_KEYS) as f64).abs() < 1e-6, "{t}");
+        // Groups merge as equal lengths meet.
+        assert_eq!(groups(vec![(5, 1), (7, 2), (5, 3)]), [(7, 2), (5, 4)]);
     }
 }
