@@ -155,21 +155,14 @@ fn main() -> ExitCode {
                 report::IMPL_TENSOR_CORES.into(),
                 decode(DecodeKernel::TensorCores),
             ));
-            for (imp, kv_warps) in [
-                (report::IMPL_KV_WARPS_1, KvWarps::One),
-                (report::IMPL_KV_WARPS_2, KvWarps::Two),
+            for (imp, kv_warps, kv_tile) in [
+                (report::IMPL_KV_WARPS_1, KvWarps::One, KvTile::Auto),
+                (report::IMPL_KV_WARPS_2, KvWarps::Two, KvTile::Auto),
+                (report::IMPL_KV_TILE_DEFAULT, KvWarps::Auto, KvTile::Default),
+                (report::IMPL_KV_TILE_NARROW, KvWarps::Auto, KvTile::Narrow),
             ] {
                 let config = PlanConfig {
                     kv_warps,
-                    ..decode(DecodeKernel::TensorCores)
-                };
-                rows.push((imp.into(), config));
-            }
-            for (imp, kv_tile) in [
-                (report::IMPL_KV_TILE_DEFAULT, KvTile::Default),
-                (report::IMPL_KV_TILE_NARROW, KvTile::Narrow),
-            ] {
-                let config = PlanConfig {
                     kv_tile,
                     ..decode(DecodeKernel::TensorCores)
                 };

@@ -45,8 +45,8 @@ pub const FAMILY: Family = Family {
     launch_dims,
     head_dims: &HEAD_DIMS,
     query_tiles: &[0, 16, 64, 128],
-    // 32 and 64 for FA2 (0: its default), 16 at its one-warp 16-row tile; 128 for FA3 at head dims 64 and 128 (at 256 its tile
-    // is 64, which FA2 leaves to it there: see `check_tiles`).
+    // 32 and 64 for FA2 (0: its default), 16 at its one-warp 16-row tile; 128 for FA3 at head
+    // dims 64 and 128 (at 256 its tile is 64, which FA2 leaves to it there: see `check_tiles`).
     kv_tiles: &[0, NARROW_KV_TILE, 32, 64, 128],
     // One warp along the keys (0), or two at the 16-row tile (see `check_tiles`).
     kv_warps: &[0, SHORT_TILE_KV_WARPS],
@@ -164,7 +164,7 @@ fn check_tiles(cfg: &KernelConfig) -> Result<(), String> {
             ));
         }
     } else if cfg.kv_tile == NARROW_KV_TILE
-        && (tile_q(cfg) != 16 || cfg.kv_warps > 1 || cfg.head_dim_qk != NARROW_HEAD_DIM)
+        && !offers_narrow_kv_tile(cfg.head_dim_qk, tile_q(cfg), cfg.kv_warps.max(1))
     {
         return Err(format!(
             "the {NARROW_KV_TILE}-key K/V tile is the one-warp 16-row tile's only, at head dim \
@@ -417,13 +417,17 @@ pub(crate) fn two_kv_warps(cfg: &KernelConfig) -> Option<KernelConfig> {
     })
 }
 
+/// Whether the FA2 template offers the narrow K/V tile ([`NARROW_KV_TILE`]) at this head dim,
+/// query tile and count of warps along the keys: the one-warp 16-row tile at head dim 128.
+fn offers_narrow_kv_tile(head_dim: u32, tile_q: u32, kv_warps: u32) -> bool {
+    head_dim == NARROW_HEAD_DIM && tile_q == 16 && kv_warps == 1
+}
+
 /// The one-warp 16-row instance with the narrow K/V tile ([`NARROW_KV_TILE`]).
 pub(crate) fn narrow_kv_tile(cfg: &KernelConfig) -> Option<KernelConfig> {
     let offered = cfg.kind == KernelKind::Prefill
         && cfg.kv_tile == 0
-        && cfg.kv_warps == 0
-        && tile_q(cfg) == 16
-        && cfg.head_dim_qk == NARROW_HEAD_DIM
+        && offers_narrow_kv_tile(cfg.head_dim_qk, tile_q(cfg), cfg.kv_warps.max(1))
         && !is_sm90(cfg);
     offered.then_some(KernelConfig {
         kv_tile: NARROW_KV_TILE,
@@ -702,10 +706,10 @@ pub fn tiles(x: &TileInput<'_>) -> Tiles {
         ));
         n
     });
-    let alternative =
-        (cta_tile_q == 16 && shape.kv_warps == 1 && hd == NARROW_HEAD_DIM && !x.batch_invariant)
-            .then(|| x.sm.map(|sm| Box::new(narrow_tiles(hd, instance, sm))))
-            .flatten();
+    let alternative = x
+        .sm
+        .filter(|_| offers_narrow_kv_tile(hd, cta_tile_q, shape.kv_warps) && !x.batch_invariant)
+        .map(|sm| Box::new(narrow_tiles(hd, instance, sm)));
     Tiles {
         cta_tile_q,
         kv_tile: shape.cta_kv_tile(),

@@ -467,11 +467,12 @@ fn take_narrow_tile(
         return (tiles, chunk);
     }
     // The items' keys as (keys, items) groups, longest first: a request's whole chunks and its
-    // last, for each KV head and 16-row tile.
+    // last, for each KV head and query tile.
+    let tile_q = u64::from(tiles.cta_tile_q);
     let keys = |c: u32| {
         let mut k: Vec<(u64, u64)> = Vec::new();
         for r in reqs.iter().filter(|r| r.qo_len > 0) {
-            let items = kv_heads * (u64::from(r.qo_len) * group).div_ceil(16);
+            let items = kv_heads * (u64::from(r.qo_len) * group).div_ceil(tile_q);
             let n = chunks(r.kv_len, c);
             let last = r.kv_len - (n - 1) * c;
             k.push((u64::from(c), items * u64::from(n - 1)));

@@ -64,10 +64,11 @@ pub struct PlanConfig {
 pub enum KvTile {
     /// The plan's choice per batch: the narrow tile where its wave model predicts it 5% faster,
     /// which happens for batches of uneven requests in at most a wave of the default tile, whose
-    /// split into equal items needs more CTAs than that wave holds. Measured (H200, bf16, head dim 128, GQA 4,
-    /// pages of 16, 4 requests of 8192 keys among 60 of 512): 3139 GB/s in 512-key chunks on the
-    /// narrow tile against 2922 on the default tile's best split (kernels/notes/decode.md,
-    /// session 15). The default in batch-invariant and CUDA-graph mode.
+    /// split into equal items needs more CTAs than that wave holds. Measured (H200, bf16, head
+    /// dim 128, GQA 4, pages of 16, 4 requests of 8192 keys among 60 of 512): 3136 GB/s in
+    /// 512-key chunks on the narrow tile against 2920 on the default tile's best split
+    /// (BENCHMARKS.md and kernels/notes/decode.md, session 15). The default in batch-invariant
+    /// and CUDA-graph mode.
     #[default]
     Auto,
     /// The default K/V tile.
