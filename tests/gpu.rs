@@ -126,6 +126,18 @@ fn check_runs<V: Variant, T: Element>(
     configs: &[PlanConfig],
     runs: usize,
 ) {
+    check_scaled::<V, T>(gpu, variant, case, configs, runs, None);
+}
+
+/// [`check_runs`] with the batch's `sm_scale` set (else its default, 1 / sqrt(head dim)).
+fn check_scaled<V: Variant, T: Element>(
+    gpu: &Backend,
+    variant: &V,
+    case: &Case,
+    configs: &[PlanConfig],
+    runs: usize,
+    sm_scale: Option<f32>,
+) {
     let mut rng = Rng::from_time();
     let seed = rng.seed();
     let kv = kv_index(case, &mut rng);
@@ -135,6 +147,10 @@ fn check_runs<V: Variant, T: Element>(
         Batch::new(case.heads, &indptr(&case.qo_lens), kv)
             .unwrap()
             .with_causal(case.causal)
+    };
+    let batch = match sm_scale {
+        Some(s) => batch.with_sm_scale(s).unwrap(),
+        None => batch,
     };
     let round = |xs: Vec<f32>| -> Vec<T> { xs.into_iter().map(T::from_f32).collect() };
     let q = round(rng.normal_vec(batch.q_len()));
@@ -317,14 +333,50 @@ fn gpu_long_prompt_tiles() {
     }
 }
 
-/// The FA3 template forced (Hopper only): every variant it runs, over ragged and paged KV (page
-/// sizes 1 and 16), causal diagonals inside and across tiles, GQA 1, 4 and 8 (Q by TMA) and 3
-/// (Q by cp.async), rows that are not a multiple of the tile, an empty request and one with fewer
-/// keys than rows, and a batch large enough that the plan splits KV (partials and the merge).
-/// Head dim 128 takes every combination; 64 (128-key tiles, P V by m64n64k16) and 256 (64-key
-/// tiles, two stages, O as two n128 accumulators) take one group size per (page size, causal),
-/// cycling, and a split batch of few query rows over long KV. A variant with query or key hooks
-/// is refused on it with an error, and Auto runs it on FA2.
+/// The FA3 grid at one head dim with [`fa3`] forced: ragged and paged KV (page sizes 1 and 16),
+/// causal and not, GQA 1, 4 and 8 (Q by TMA), NHD and HND, rows that are not a multiple of the
+/// tile, an empty request and one with fewer keys than rows, with Standard, SoftCap and ALiBi.
+/// Head dim 128 takes every combination (18 cases); 64 and 256 one group size per (page size,
+/// causal), cycling (6 each). Returns the cases run.
+fn sm90_grid(gpu: &Backend, head_dim: u32) -> usize {
+    let fa3 = [fa3()];
+    let mut n = 0;
+    for (pc, (page_size, causal)) in [None, Some(1), Some(16)]
+        .into_iter()
+        .flat_map(|p| [(p, true), (p, false)])
+        .enumerate()
+    {
+        for group in [1, 4, 8] {
+            if head_dim != 128 && group != [1, 4, 8][pc % 3] {
+                continue;
+            }
+            n += 1;
+            let case = Case {
+                heads: Heads::new(8, 8 / group, head_dim).unwrap(),
+                qo_lens: vec![300, 129, 0, 64, 200],
+                kv_lens: vec![700, 129, 50, 1000, 100],
+                page_size,
+                layout: if n % 2 == 0 {
+                    KvLayout::Nhd
+                } else {
+                    KvLayout::Hnd
+                },
+                causal,
+                decode: false,
+            };
+            check_with::<Standard, bf16>(gpu, &Standard, &case, &fa3);
+            check_with::<SoftCap, f16>(gpu, &SoftCap { cap: 5.0 }, &case, &fa3);
+            check_with::<Alibi, bf16>(gpu, &Alibi::new(8), &case, &fa3);
+        }
+    }
+    n
+}
+
+/// The FA3 template forced at head dim 128 (Hopper only): the grid of [`sm90_grid`], GQA 3 (Q by
+/// cp.async), every other variant it runs on a batch large enough that the plan splits KV
+/// (partials and the merge). A variant with query or key hooks is refused on it with an error,
+/// and Auto runs it on FA2. (Head dims 64 and 256: `gpu_sm90_prefill_hd64_hd256`; two tests so
+/// that each finishes in a call under compute-sanitizer's racecheck.)
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gpu_sm90_prefill() {
@@ -333,39 +385,7 @@ fn gpu_sm90_prefill() {
         return;
     }
     let fa3 = [fa3()];
-    let mut n = 0;
-    for head_dim in HEAD_DIMS {
-        for (pc, (page_size, causal)) in [None, Some(1), Some(16)]
-            .into_iter()
-            .flat_map(|p| [(p, true), (p, false)])
-            .enumerate()
-        {
-            for group in [1, 4, 8] {
-                // Away from head dim 128, group sizes 1, 4, 8 in turn over (page size, causal).
-                if head_dim != 128 && group != [1, 4, 8][pc % 3] {
-                    continue;
-                }
-                n += 1;
-                let case = Case {
-                    heads: Heads::new(8, 8 / group, head_dim).unwrap(),
-                    qo_lens: vec![300, 129, 0, 64, 200],
-                    kv_lens: vec![700, 129, 50, 1000, 100],
-                    page_size,
-                    layout: if n % 2 == 0 {
-                        KvLayout::Nhd
-                    } else {
-                        KvLayout::Hnd
-                    },
-                    causal,
-                    decode: false,
-                };
-                check_with::<Standard, bf16>(&gpu, &Standard, &case, &fa3);
-                check_with::<SoftCap, f16>(&gpu, &SoftCap { cap: 5.0 }, &case, &fa3);
-                check_with::<Alibi, bf16>(&gpu, &Alibi::new(8), &case, &fa3);
-            }
-        }
-    }
-    assert_eq!(n, 18 + 2 * 6, "cases run");
+    assert_eq!(sm90_grid(&gpu, 128), 18, "cases run");
     // A group of three does not divide the 128-row tile: a tile's packed rows start inside a
     // query row, so Q goes by cp.async, not by TMA (whose boxes are whole query rows).
     let case = Case {
@@ -395,28 +415,6 @@ fn gpu_sm90_prefill() {
     };
     check_with::<AttentionSink, bf16>(&gpu, &sink, &case, &fa3);
     check_with::<FlashSigmoid, bf16>(&gpu, &FlashSigmoid { bias: -1.0 }, &case, &fa3);
-    // Head dims 64 and 256: few query rows over long KV, so the plan splits it (partials of
-    // head_dim floats and the merge), causal and not, with every hook kind.
-    for head_dim in [64, 256] {
-        for causal in [true, false] {
-            let case = Case {
-                heads: Heads::new(8, 2, head_dim).unwrap(),
-                qo_lens: vec![100, 37, 0],
-                kv_lens: vec![4000, 2500, 10],
-                page_size: Some(16),
-                layout: KvLayout::Nhd,
-                causal,
-                decode: false,
-            };
-            check_with::<Standard, bf16>(&gpu, &Standard, &case, &fa3);
-            check_with::<SlidingWindow, f16>(&gpu, &SlidingWindow { window: 700 }, &case, &fa3);
-            let sink = AttentionSink {
-                sinks: Array::new((0..8).map(|h| 0.5 * h as f32 - 2.0).collect()),
-            };
-            check_with::<AttentionSink, bf16>(&gpu, &sink, &case, &fa3);
-            check_with::<FlashSigmoid, f16>(&gpu, &FlashSigmoid { bias: -1.0 }, &case, &fa3);
-        }
-    }
 
     // Query and key hooks: refused when forced, FA2 under Auto.
     let batch = Batch::new(
@@ -446,6 +444,41 @@ fn gpu_sm90_prefill() {
     check_with::<LlamaRope, bf16>(&gpu, &rope, &case, &[PlanConfig::default()]);
 }
 
+/// The FA3 template forced at head dims 64 (128-key tiles, P V by m64n64k16) and 256 (64-key
+/// tiles, two stages, O as two n128 accumulators), Hopper only: the grid of [`sm90_grid`], and
+/// few query rows over long KV so that the plan splits it (partials of head_dim floats and the
+/// merge), causal and not, with every hook kind.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_sm90_prefill_hd64_hd256() {
+    let gpu = gpu();
+    if not_hopper(&gpu) {
+        return;
+    }
+    let fa3 = [fa3()];
+    assert_eq!(sm90_grid(&gpu, 64) + sm90_grid(&gpu, 256), 12, "cases run");
+    for head_dim in [64, 256] {
+        for causal in [true, false] {
+            let case = Case {
+                heads: Heads::new(8, 2, head_dim).unwrap(),
+                qo_lens: vec![100, 37, 0],
+                kv_lens: vec![4000, 2500, 10],
+                page_size: Some(16),
+                layout: KvLayout::Nhd,
+                causal,
+                decode: false,
+            };
+            check_with::<Standard, bf16>(&gpu, &Standard, &case, &fa3);
+            check_with::<SlidingWindow, f16>(&gpu, &SlidingWindow { window: 700 }, &case, &fa3);
+            let sink = AttentionSink {
+                sinks: Array::new((0..8).map(|h| 0.5 * h as f32 - 2.0).collect()),
+            };
+            check_with::<AttentionSink, bf16>(&gpu, &sink, &case, &fa3);
+            check_with::<FlashSigmoid, f16>(&gpu, &FlashSigmoid { bias: -1.0 }, &case, &fa3);
+        }
+    }
+}
+
 /// A plan run again computes every item again (Hopper only): more items than an H100/H200 has
 /// SMs, so each persistent FA3 CTA takes several, handing each over in a shared-memory slot that
 /// the next items reuse, over three runs of one plan.
@@ -468,6 +501,44 @@ fn gpu_sm90_plan_runs_again() {
             decode: false,
         };
         check_runs::<Standard, bf16>(&gpu, &Standard, &case, &[fa3()], 3);
+    }
+}
+
+/// Scales of zero and below with FA3 forced (Hopper only): its build folds sm_scale into the
+/// exponents and takes only positive scales, so these batches run FA2 (zero: every visible key
+/// weighs the same; negative: the smallest scores weigh most). With and without a logits hook
+/// (whose copies test the hook's scale at run time, a positive scale here too).
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_sm90_scale_of_zero_or_below() {
+    let gpu = gpu();
+    if not_hopper(&gpu) {
+        return;
+    }
+    for sm_scale in [0.0, -0.05, 0.05] {
+        for page_size in [None, Some(16)] {
+            let case = Case {
+                heads: Heads::new(8, 2, 128).unwrap(),
+                qo_lens: vec![300, 1, 129],
+                kv_lens: vec![700, 40, 129],
+                page_size,
+                layout: KvLayout::Nhd,
+                causal: true,
+                decode: false,
+            };
+            let fa3 = [fa3()];
+            check_scaled::<Standard, bf16>(&gpu, &Standard, &case, &fa3, 1, Some(sm_scale));
+            check_scaled::<SlidingWindow, bf16>(
+                &gpu,
+                &SlidingWindow { window: 200 },
+                &case,
+                &fa3,
+                1,
+                Some(sm_scale),
+            );
+            let soft = SoftCap { cap: 5.0 };
+            check_scaled::<SoftCap, f16>(&gpu, &soft, &case, &fa3, 1, Some(sm_scale));
+        }
     }
 }
 

@@ -197,8 +197,8 @@ constexpr bool kSm90Overlap = FI_SM90_OVERLAP == 2 || (FI_SM90_OVERLAP == 1 && D
 // session 11): at 128 it seldom fires (one Q slot: the next Q is copied only after this item's
 // last S; 0 of 32,768 item ends on the ragged row), yet the build with it ran 1-2% faster in
 // four calls (s8192 causal and full, ragged), which the barrier alone did not reproduce; at 64
-// (two Q slots) it fires and lost 0.2-1.6%. Waiting for the next tile instead lost 4% on
-// short items.
+// (two Q slots) it fires and lost 0.2-1.6%, and at 128 with Q in registers (session 16, v30) it
+// fired and lost 4% on short items. Waiting for the next tile instead lost 4% on short items.
 #ifndef FI_SM90_AHEAD
 #define FI_SM90_AHEAD 1
 #endif
@@ -657,7 +657,13 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
                                     kp.offset + w.kv_start, kTileKv, kTileKv, qo_len, kp.total, D);
       const bool boundary = t >= keys.first_masked || cut;
       if constexpr (V::kSoftmax) {
-        if (post > 0.0f) {
+        // Without a logits hook post is sm_scale log2(e), and the launch runs FA2 for
+        // sm_scale <= 0 (runtime: PrefillKernel::choose), so the unfolded copies need not be
+        // built: two copies of the softmax a call site fewer, a third less for ptxas (Standard
+        // hd128 2.9-3.3 s -> 1.8-2.6 s, SlidingWindow 5.3-5.8 -> 2.7-4.0 on a 2-core machine).
+        // Not at head dim 64, whose build without them ran 2.3% slower (kernels/notes/fa3.md,
+        // session 16; 128 and 256 were even or faster).
+        if ((!V::kHasLogits && D != 64) || post > 0.0f) {
           if (boundary) {
             logits_softmax(true, true);
           } else {

@@ -129,8 +129,8 @@ impl KvWarps {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PrefillKernel {
     /// The faster template for the instance, from measurements: FA3 where it exists and was
-    /// measured faster (Hopper, head dims 64 and 128, the 128-row tile, no query or key hooks),
-    /// FA2 elsewhere. At head dim 256 FA3 is faster when forced (571 against 262 TFLOP/s on one
+    /// measured faster (Hopper, head dims 64 and 128, the 128-row tile, no query or key hooks,
+    /// a positive `sm_scale`), FA2 elsewhere. At head dim 256 FA3 is faster when forced (571 against 262 TFLOP/s on one
     /// causal 8192 prompt), but FA2 plans 64-row tiles there, which have no FA3 form. The
     /// benchmark's prefill rows with each template forced (H200, bf16, 32/8 heads, TFLOP/s, one
     /// call on 2026-12-01, FA3 v27 of `kernels/notes/fa3.md`; head dim 128 unless named):
@@ -161,7 +161,9 @@ pub enum PrefillKernel {
     /// 256. Its one query tile is 128 rows, so the plan takes that tile for every batch (FA2
     /// would plan 16 or 64 rows for short requests, and 64 at head dim 256). Running a plan it
     /// does not cover (another arch, a variant with query or key hooks) is an error; a variant
-    /// whose FA3 build spills registers runs the planned FA2 instance instead (as under `Auto`).
+    /// whose FA3 build spills registers runs the planned FA2 instance instead (as under `Auto`),
+    /// and so does a batch whose `sm_scale` is zero or negative (the FA3 build folds the scale
+    /// into its exponents, which takes a positive one).
     Fa3,
 }
 
@@ -179,9 +181,16 @@ impl PrefillKernel {
         spec: &VariantSpec,
         planned: KernelConfig,
         fallback: Option<KernelConfig>,
+        sm_scale: f32,
     ) -> Result<(KernelConfig, Option<KernelConfig>)> {
         let sm90 = ferrinfer_kernels::attention::prefill::sm90_form(&planned)
             .filter(|c| dispatch::supports(spec, c).is_ok());
+        // The FA3 build folds sm_scale into its exponents for sm_scale > 0 only (a variant
+        // without a logits hook has no copy of the softmax for other scales, which cut its
+        // compile time by a third: kernels/notes/fa3.md, session 16): other scales run FA2.
+        if sm90.is_some() && (sm_scale <= 0.0 || sm_scale.is_nan()) {
+            return Ok((planned, fallback));
+        }
         match (self, sm90) {
             (PrefillKernel::Auto, Some(f)) if auto_takes_fa3(f.head_dim_qk) => {
                 Ok((f, Some(planned)))
@@ -1021,7 +1030,12 @@ impl Planned {
             (tiles.config(base), tiles.fallback_config(base))
         } else {
             let kernel = self.config.prefill_kernel;
-            kernel.choose(V::SPEC, tiles.config(base), tiles.fallback_config(base))?
+            kernel.choose(
+                V::SPEC,
+                tiles.config(base),
+                tiles.fallback_config(base),
+                b.sm_scale(),
+            )?
         };
         let s = b.kv().strides(&heads);
         let (qs, os) = (b.q_strides(), b.o_strides());
@@ -1188,6 +1202,9 @@ mod tests {
     use crate::variant::Hooks;
     use ferrinfer_kernels::{ArchClass, InstanceTiles};
 
+    /// A scale the FA3 build takes (head dim 128's default).
+    const SCALE: f32 = 0.088;
+
     fn spec(query: bool) -> VariantSpec {
         VariantSpec {
             name: if query { "WithQuery" } else { "Plain" },
@@ -1223,7 +1240,7 @@ mod tests {
             kv_warps: 0,
         }));
         let (cfg, fallback) = PrefillKernel::Fa3
-            .choose(&spec(false), long, narrow)
+            .choose(&spec(false), long, narrow, SCALE)
             .unwrap();
         assert_eq!(cfg.name(), "prefill_hd128_bf16_q128_k128_sm90a");
         assert_eq!(
@@ -1232,7 +1249,7 @@ mod tests {
             "a spilling FA3 build falls back to the planned FA2"
         );
         let auto = PrefillKernel::Auto
-            .choose(&spec(false), long, narrow)
+            .choose(&spec(false), long, narrow, SCALE)
             .unwrap();
         assert_eq!(auto.0.kv_tile == 128, auto_takes_fa3(128));
         // Query hooks, another tile, another arch, or FA2 asked for: the planned instance.
@@ -1250,22 +1267,40 @@ mod tests {
             ),
             (PrefillKernel::Fa2, spec(false), long),
         ] {
-            assert_eq!(kernel.choose(&s, c, narrow).unwrap(), (c, narrow));
+            assert_eq!(kernel.choose(&s, c, narrow, SCALE).unwrap(), (c, narrow));
         }
+    }
+
+    #[test]
+    fn a_scale_of_zero_or_below_runs_fa2_forced_or_not() {
+        let long = planned(ArchClass::Sm90a, 128);
+        for kernel in [PrefillKernel::Auto, PrefillKernel::Fa3] {
+            for scale in [0.0, -0.0, -0.5, f32::MIN_POSITIVE] {
+                let (cfg, _) = kernel.choose(&spec(false), long, None, scale).unwrap();
+                assert_eq!(cfg == long, scale <= 0.0, "{kernel:?} at sm_scale {scale}");
+            }
+        }
+        // Where FA3 would be an error, it still is.
+        let e = PrefillKernel::Fa3
+            .choose(&spec(true), long, None, 0.0)
+            .unwrap_err();
+        assert!(e.to_string().contains("query or key hooks"), "{e}");
     }
 
     #[test]
     fn fa3_forced_where_it_does_not_exist_is_an_error() {
         let long = planned(ArchClass::Sm90a, 128);
         let e = PrefillKernel::Fa3
-            .choose(&spec(true), long, None)
+            .choose(&spec(true), long, None, SCALE)
             .unwrap_err();
         assert!(e.to_string().contains("query or key hooks"), "{e}");
         let e = PrefillKernel::Fa3
-            .choose(&spec(false), planned(ArchClass::Sm80, 128), None)
+            .choose(&spec(false), planned(ArchClass::Sm80, 128), None, SCALE)
             .unwrap_err();
         assert!(e.to_string().contains("sm_90a"), "{e}");
-        let (cfg, _) = PrefillKernel::Fa3.choose(&spec(false), long, None).unwrap();
+        let (cfg, _) = PrefillKernel::Fa3
+            .choose(&spec(false), long, None, SCALE)
+            .unwrap();
         assert_eq!(cfg.kv_tile, 128);
     }
 
@@ -1282,12 +1317,12 @@ mod tests {
                     kv_warps: 0,
                 });
             let (cfg, fallback) = PrefillKernel::Fa3
-                .choose(&spec(false), planned, None)
+                .choose(&spec(false), planned, None, SCALE)
                 .unwrap();
             assert_eq!((cfg.name().as_str(), fallback), (name, Some(planned)));
             // Auto takes FA3 at 64 (measured faster); at 256 it keeps what the plan chose.
             let auto = PrefillKernel::Auto
-                .choose(&spec(false), planned, None)
+                .choose(&spec(false), planned, None, SCALE)
                 .unwrap();
             let expected = if hd == 64 {
                 (cfg, Some(planned))
@@ -1302,7 +1337,7 @@ mod tests {
                 kv_warps: 0,
             });
             let e = PrefillKernel::Fa3
-                .choose(&spec(false), short, None)
+                .choose(&spec(false), short, None, SCALE)
                 .unwrap_err();
             assert!(e.to_string().contains("head dim 64, 128 or 256"), "{e}");
         }
