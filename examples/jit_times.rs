@@ -1,6 +1,7 @@
-//! Compile time of the prefill kernel (its 32- and 64-key instances) and the decode kernel: cold
-//! (NVRTC), from the disk cache (a fresh JIT on the same directory, as a new process would see it)
-//! and from memory.
+//! Compile time of the prefill kernel (its 32- and 64-key instances), on sm_90a also the FA3
+//! instance (Standard, a soft-capped and a masked variant), and the decode kernel: cold (NVRTC),
+//! from the disk cache (a fresh JIT on the same directory, as a new process would see it) and
+//! from memory.
 //!
 //!     cargo run --release --example jit_times [sm_80|sm_90a]
 //!
@@ -11,8 +12,8 @@ use std::time::Instant;
 use ferrinfer::attention::dispatch;
 use ferrinfer::device::SmResources;
 use ferrinfer::jit::{Arch, Jit, JitConfig};
-use ferrinfer::variants::Standard;
-use ferrinfer::{DType, KernelKind, Variant};
+use ferrinfer::variants::{SlidingWindow, SoftCap, Standard};
+use ferrinfer::{DType, KernelConfig, KernelKind, Variant, VariantSpec};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let arch = match std::env::args().nth(1).as_deref() {
@@ -30,20 +31,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_announce(false) // the table is the report
     };
     println!(
-        "{:<28} {:<8} {:>10} {:>10} {:>10}",
-        "kernel", "arch", "cold s", "disk s", "memory s"
+        "{:<14} {:<36} {:<8} {:>8} {:>8} {:>10}",
+        "variant", "kernel", "arch", "cold s", "disk s", "memory s"
     );
+    let standard = <Standard as Variant>::SPEC;
     let base = |kind| dispatch::config(arch, kind, 128, DType::Bf16);
     let prefill = base(KernelKind::Prefill)?;
+    let mut rows: Vec<(&VariantSpec, KernelConfig)> = vec![(standard, prefill)];
     // The 64-key instance, which the runtime tries first where two of it fit an SM (Hopper).
     let wide = dispatch::instances(arch, &SmResources::typical(arch))
         .into_iter()
         .filter(|c| c.head_dim_qk == 128 && c.dtype == DType::Bf16 && c.kv_tile == 64);
-    for cfg in std::iter::once(prefill)
-        .chain(wide)
-        .chain([base(KernelKind::Decode)?])
-    {
-        let spec = <Standard as Variant>::SPEC;
+    rows.extend(wide.map(|c| (standard, c)));
+    // The FA3 instance (sm_90a only; its K/V tile of 128 keys is the template's), with a
+    // logits hook and with a mask hook beside Standard.
+    let fa3 = dispatch::instances(arch, &SmResources::typical(arch))
+        .into_iter()
+        .find(|c| c.head_dim_qk == 128 && c.dtype == DType::Bf16 && c.kv_tile == 128);
+    for spec in [
+        standard,
+        <SoftCap as Variant>::SPEC,
+        <SlidingWindow as Variant>::SPEC,
+    ] {
+        rows.extend(fa3.map(|c| (spec, c)));
+    }
+    rows.push((standard, base(KernelKind::Decode)?));
+    for (spec, cfg) in rows {
         let time = |j: &Jit| -> Result<f64, ferrinfer::Error> {
             let t = Instant::now();
             dispatch::compile_with(j, spec, &cfg, arch)?;
@@ -54,7 +67,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let memory = time(&first)?;
         let disk = time(&jit(&dir))?;
         println!(
-            "{:<28} {:<8} {cold:>10.3} {disk:>10.4} {memory:>10.6}",
+            "{:<14} {:<36} {:<8} {cold:>8.3} {disk:>8.4} {memory:>10.6}",
+            spec.name,
             cfg.name(),
             arch.sm_name()
         );
