@@ -130,10 +130,11 @@ impl KvWarps {
 pub enum PrefillKernel {
     /// The faster template for the instance, from measurements: FA3 where it exists and was
     /// measured faster (Hopper, head dims 64 and 128, the 128-row tile, no query or key hooks,
-    /// a positive `sm_scale`), FA2 elsewhere. At head dim 256 FA3 is faster when forced (571 against 262 TFLOP/s on one
-    /// causal 8192 prompt), but FA2 plans 64-row tiles there, which have no FA3 form. The
-    /// benchmark's prefill rows with each template forced (H200, bf16, 32/8 heads, TFLOP/s, one
-    /// call on 2026-12-01, FA3 v27 of `kernels/notes/fa3.md`; head dim 128 unless named):
+    /// a positive `sm_scale`), FA2 elsewhere. At head dim 256 FA3 is faster when forced (571
+    /// against 262 TFLOP/s on one causal 8192 prompt), but FA2 plans 64-row tiles there, which
+    /// have no FA3 form. The benchmark's prefill rows with each template forced (H200, bf16, 32/8
+    /// heads, TFLOP/s, one call on 2026-12-01, FA3 v27 of `kernels/notes/fa3.md`; head dim 128
+    /// unless named):
     ///
     /// | config | FA2 | FA3 |
     /// |---|---:|---:|
