@@ -38,16 +38,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let base = |kind| dispatch::config(arch, kind, 128, DType::Bf16);
     let prefill = base(KernelKind::Prefill)?;
     let mut rows: Vec<(&VariantSpec, KernelConfig)> = vec![(standard, prefill)];
-    // The 64-key instance, which the runtime tries first where two of it fit an SM (Hopper).
-    let wide = dispatch::instances(arch, &SmResources::typical(arch))
+    let hd128: Vec<KernelConfig> = dispatch::instances(arch, &SmResources::typical(arch))
         .into_iter()
-        .filter(|c| c.head_dim_qk == 128 && c.dtype == DType::Bf16 && c.kv_tile == 64);
-    rows.extend(wide.map(|c| (standard, c)));
+        .filter(|c| c.head_dim_qk == 128 && c.dtype == DType::Bf16)
+        .collect();
+    // The 64-key instance, which the runtime tries first where two of it fit an SM (Hopper).
+    let wide = hd128.iter().filter(|c| c.kv_tile == 64);
+    rows.extend(wide.map(|&c| (standard, c)));
     // The FA3 instance (sm_90a only; its K/V tile of 128 keys is the template's), with a
     // logits hook and with a mask hook beside Standard.
-    let fa3 = dispatch::instances(arch, &SmResources::typical(arch))
-        .into_iter()
-        .find(|c| c.head_dim_qk == 128 && c.dtype == DType::Bf16 && c.kv_tile == 128);
+    let fa3 = hd128.iter().copied().find(|c| c.kv_tile == 128);
     for spec in [
         standard,
         <SoftCap as Variant>::SPEC,

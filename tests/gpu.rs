@@ -20,6 +20,15 @@ struct Case {
     decode: bool,
 }
 
+/// NHD for even case numbers, HND for odd: the grids cover both layouts.
+fn alternate_layout(n: usize) -> KvLayout {
+    if n.is_multiple_of(2) {
+        KvLayout::Nhd
+    } else {
+        KvLayout::Hnd
+    }
+}
+
 /// The tolerance of DESIGN.md's testing rules.
 fn tolerance<T: Element>() -> f64 {
     match T::DTYPE {
@@ -262,11 +271,7 @@ fn cases(head_dim: u32) -> Vec<Case> {
                     } else {
                         page_size
                     },
-                    layout: if n.is_multiple_of(2) {
-                        KvLayout::Nhd
-                    } else {
-                        KvLayout::Hnd
-                    },
+                    layout: alternate_layout(n),
                     causal: !decode && !n.is_multiple_of(3),
                     decode,
                 });
@@ -356,11 +361,7 @@ fn sm90_grid(gpu: &Backend, head_dim: u32) -> usize {
                 qo_lens: vec![300, 129, 0, 64, 200],
                 kv_lens: vec![700, 129, 50, 1000, 100],
                 page_size,
-                layout: if n % 2 == 0 {
-                    KvLayout::Nhd
-                } else {
-                    KvLayout::Hnd
-                },
+                layout: alternate_layout(n),
                 causal,
                 decode: false,
             };
@@ -869,11 +870,7 @@ fn gpu_short_tile_warps_along_the_keys() {
                     qo_lens: vec![1, 3, 2, 4, 1, 2],
                     kv_lens: vec![1, 31, 129, 600, 0, 257],
                     page_size,
-                    layout: if n % 2 == 0 {
-                        KvLayout::Nhd
-                    } else {
-                        KvLayout::Hnd
-                    },
+                    layout: alternate_layout(n),
                     causal,
                     decode: false,
                 });
