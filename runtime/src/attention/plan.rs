@@ -382,14 +382,12 @@ pub fn plan(batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Result<WorkL
             &fill,
         )
     } else {
-        let alternative = None;
-        (
-            Tiles {
-                alternative,
-                ..tiles
-            },
-            kv_chunk,
-        )
+        // The list records the tile the plan runs with: no alternative.
+        let tiles = Tiles {
+            alternative: None,
+            ..tiles
+        };
+        (tiles, kv_chunk)
     };
     let needed = count(kv_chunk);
     if let Some(cap) = opts.graph_capacity
