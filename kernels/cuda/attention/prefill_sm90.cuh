@@ -1,6 +1,6 @@
 // Prefill and append, FlashAttention-3 style for sm_90a: the same work items, arguments and
 // results as attention/prefill.cuh (the plan's 128-row tiles), computed by warpgroup MMAs.
-// Persistent: a CTA takes one item of each round of gridDim.x of the plan's longest-first list,
+// Persistent: a CTA takes one item of each round of gridDim.x of the plan's list (longest first),
 // so the next item's Q and K/V load during this item's last tiles.
 // Three warpgroups a CTA: a producer that copies each item's Q (into Q slots; by TMA where the
 // launch has a Q map) and its K/V tiles into stages (by TMA inside a request, else cp.async
@@ -220,7 +220,8 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
   constexpr int kTileQ = Sh::kTileQ, kTileKv = Sh::kTileKv;
   constexpr bool kBf16 = kIsBf16<T>;
 
-  // The CTA's n-th item: one in each round of gridDim.x items of the plan's longest-first list,
+  // The CTA's n-th item: one in each round of gridDim.x items of the plan's list (longest first
+  // within blocks of a few rounds, runtime/src/attention/plan.rs: PREFILL_BLOCK_ROUNDS),
   // every other round from the far end (a snake), so each CTA gets about the same work. Indices
   // only grow, and padding sits at the list's end, so the first invalid item (padding, or past
   // the padded length) ends the CTA's items. Handing items out at run time from a counter in the
