@@ -11,9 +11,7 @@
 // then frees the stage. Head dims 64, 128 and 256: the tile sizes per head dim are in
 // PrefillSm90Shape, the MMA shapes in sm90_qk / sm90_pv; the loops are the same. The two
 // consumers take turns issuing their MMAs (named barriers), so one's softmax runs under the
-// other's MMAs. At head dim 128 a consumer may issue the next item's first S before this
-// item's epilogue (FI_SM90_AHEAD). The producer gives registers to the consumers
-// (setmaxnreg). Variants with query or key hooks run the FA2 template (the dispatcher's choice).
+// other's MMAs. The producer gives registers to the consumers (setmaxnreg). Variants with query or key hooks run the FA2 template (the dispatcher's choice).
 // Launch: grid min(num_items, num_sms), block kThreads, dynamic shared kSmemBytes
 // (kernels/src/attention/prefill.rs mirrors these).
 #pragma once
@@ -189,21 +187,6 @@ constexpr unsigned kSm90ConsumerRegs = D == 256 ? 224 : 232;
 // keeps P(t - 1) live across the softmax, so heavy hooks spill with it (then built in order).
 template <class V, int D>
 constexpr bool kSm90Overlap = FI_SM90_OVERLAP == 2 || (FI_SM90_OVERLAP == 1 && D != 256);
-
-// FI_SM90_AHEAD: whether an overlapping consumer may issue the next item's first S before this
-// item's epilogue (where the next item's Q and first K tile have landed by the time this item's
-// last P V is issued; else the epilogue goes first), so the epilogue runs under that MMA: 1
-// (default) at head dim 128, 2 at 64 and 128, 0 never. Measured (H200, kernels/notes/fa3.md,
-// session 11): at 128 it seldom fires (one Q slot: the next Q is copied only after this item's
-// last S; 0 of 32,768 item ends on the ragged row), yet the build with it ran 1-2% faster in
-// four calls (s8192 causal and full, ragged), which the barrier alone did not reproduce; at 64
-// (two Q slots) it fires and lost 0.2-1.6%, and at 128 with Q in registers (session 16, v30) it
-// fired and lost 4% on short items. Waiting for the next tile instead lost 4% on short items.
-#ifndef FI_SM90_AHEAD
-#define FI_SM90_AHEAD 1
-#endif
-template <int D>
-constexpr bool kSm90Ahead = FI_SM90_AHEAD == 2 || (FI_SM90_AHEAD == 1 && D == 128);
 
 // FI_SM90_Q_TMA: 1 (default) copies Q by TMA where the launch has a Q map (maps.q_tma), one
 // instruction a column block from one producer thread; 0 always by cp.async, 16 copies of 16
@@ -541,25 +524,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
     wgmma_commit();
   };
 
-  // Whether item n + 1's first tile is ready, for the item-crossing S (FI_SM90_AHEAD): its Q and
-  // item published, the item valid with tiles, its first K tile (tile gn) landed. One answer for
-  // the warpgroup (its MMAs and turns are collective): each thread tests the barriers once, and
-  // any thread's success makes all wait (briefly) for them.
-  auto next_ready = [&](unsigned nn, unsigned gn) {
-    if (!kSm90Ahead<D> || nn >= num_items) return false;
-    const unsigned ns = nn % Sh::kQSlots, pq = (nn / Sh::kQSlots) & 1;
-    const bool seen = mbar_test(q_full(ns), pq) && mbar_test(k_full(stage(gn)), phase(gn));
-    if (!named_sync_any(4 + cw, kWarpgroupThreads, seen)) return false;
-    wait_copies(q_full(ns), pq);
-    const Item& next = *item_slot(nn % Sh::kItemSlots);
-    // A completed K barrier with an empty or stop item next belongs to a later item.
-    if (!next.w.valid || next.keys.tiles == 0) return false;
-    wait_copies(k_full(stage(gn)), phase(gn));
-    return true;
-  };
-
   unsigned g = 0;
-  bool ahead = false;  // S of this item's first tile issued and waited for under the last epilogue
   for (unsigned n = 0; n < num_items; ++n) {  // counted: see the producer's loop
     const unsigned slot = n % Sh::kQSlots;
     wait_copies(q_full(slot), (n / Sh::kQSlots) & 1);
@@ -765,7 +730,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
       // for tile t after it. Tile 0 (S alone) and the last P V are peeled off the loop: ptxas
       // keeps MMAs in flight across a wait only in straight-line pipelines.
       if (keys.tiles > 0) {
-        if (!ahead) s_alone(g);
+        s_alone(g);
         mbar_arrive_if(q_empty(slot), keys.tiles == 1);
         softmax_tile(0);  // O is still 0: nothing to rescale
         to_p();
@@ -793,35 +758,12 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
         rescale_o();
         to_p();
       }
-      // The last P V; then, where item n + 1's first tile is ready, its S in the same turn, left
-      // running through this item's epilogue and waited for after it. P V and S then cost one
-      // turn, as s_alone's S alone: the turns stay in step whichever way each consumer went.
-      // Each path has its own epilogue: where the paths joined with S in flight, ptxas
-      // serialized every MMA of the kernel (S's registers are merged at the join, by copies).
-      // (V's wait comes first only where the test is compiled in: pv_alone waits for it too.)
-      const unsigned gl = g + keys.tiles - 1;
-      if (kSm90Ahead<D> && keys.tiles > 0) wait_copies(v_full(stage(gl)), phase(gl));
-      ahead = keys.tiles > 0 && next_ready(n + 1, gl + 1);
-      if (ahead) {
-        named_sync(my_turn, 2 * kWarpgroupThreads);
-        wgmma_hold(o);
-        wgmma_hold(pa);
-        wgmma_fence();
-        issue_pv(v_tile(stage(gl)));
-        issue_s(q_tile((n + 1) % Sh::kQSlots), k_tile(stage(gl + 1)));
-        named_arrive(their_turn, 2 * kWarpgroupThreads);
-        wgmma_wait<1>();
-        wgmma_hold(o);
-        wgmma_hold(pa);
-        mbar_arrive(v_empty(stage(gl)));
-        epilogue();
-        wgmma_wait<0>();
-        wgmma_hold(sacc);
-        mbar_arrive(k_empty(stage(gl + 1)));
-      } else {
-        if (keys.tiles > 0) pv_alone(gl);
-        epilogue();
-      }
+      // The last P V, then the epilogue. (Issuing the next item's first S with this P V, to run
+      // under the epilogue, lost 2.9% on the ragged row once it fired at a quarter of the item
+      // ends: the turn it takes waits for the other consumer's epilogue; kernels/notes/fa3.md,
+      // session 18.)
+      if (keys.tiles > 0) pv_alone(g + keys.tiles - 1);
+      epilogue();
     } else {
       // S, its softmax, then P V, each tile; K's stage is freed once S is done.
       for (unsigned t = 0; t < keys.tiles; ++t) {

@@ -78,22 +78,6 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned phas
       : "memory");
 }
 
-// Whether the barrier's phase of parity `phase` has completed, without waiting (mbar_wait's test
-// once). A thread that sees it complete has acquired the phase's writes, as after mbar_wait.
-__device__ __forceinline__ bool mbar_test(unsigned long long* bar, unsigned phase) {
-  unsigned done;
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-      "selp.u32 %0, 1, 0, p;\n"
-      "}\n"
-      : "=r"(done)
-      : "r"(smem_u32(bar)), "r"(phase)
-      : "memory");
-  return done != 0;
-}
-
 // Named barrier `id` (1..15; 0 is __syncthreads) over `threads` threads, a multiple of 32: `sync`
 // waits for all of them, `arrive` signals without waiting (a warpgroup handing its turn to
 // another).
@@ -102,23 +86,6 @@ __device__ __forceinline__ void named_sync(unsigned id, unsigned threads) {
 }
 __device__ __forceinline__ void named_arrive(unsigned id, unsigned threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-// named_sync that also returns whether `pred` held in any of the `threads` threads: one answer for
-// all of them, where each thread's own test (mbar_test) may differ.
-__device__ __forceinline__ bool named_sync_any(unsigned id, unsigned threads, bool pred) {
-  unsigned any;
-  asm volatile(
-      "{\n"
-      ".reg .pred p, q;\n"
-      "setp.ne.u32 p, %1, 0;\n"
-      "bar.red.or.pred q, %2, %3, p;\n"
-      "selp.u32 %0, 1, 0, q;\n"
-      "}\n"
-      : "=r"(any)
-      : "r"(static_cast<unsigned>(pred)), "r"(id), "r"(threads)
-      : "memory");
-  return any != 0;
 }
 
 // Orders this thread's earlier generic-proxy stores to shared memory before later async-proxy
