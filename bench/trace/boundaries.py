@@ -30,7 +30,8 @@ for cta in rows.values():
             if not ahead:
                 steps["epilogue -> next Q seen"].append(b[0] - a[4])
                 steps["next Q seen -> its first S done"].append(b[1] - b[0])
-            steps["last S -> next item's first S done"].append(b[1] - (a[2] if tiles >= 2 else a[1]))
+            last_s = a[2] if tiles >= 2 else a[1]
+            steps["last S -> next item's first S done"].append(b[1] - last_s)
             n += 1
     n = 0
     while (0, n + 1) in cta:
@@ -39,4 +40,5 @@ for cta in rows.values():
             steps["producer: Q slot free -> Q issued"].append(a[2] - a[1])
         n += 1
 for name, v in steps.items():
-    print(f"{name:44s} n={len(v):4d} median={statistics.median(v):7.0f} mean={statistics.mean(v):7.0f}")
+    med, mean = statistics.median(v), statistics.mean(v)
+    print(f"{name:44s} n={len(v):4d} median={med:7.0f} mean={mean:7.0f}")

@@ -11,7 +11,8 @@
 // then frees the stage. Head dims 64, 128 and 256: the tile sizes per head dim are in
 // PrefillSm90Shape, the MMA shapes in sm90_qk / sm90_pv; the loops are the same. The two
 // consumers take turns issuing their MMAs (named barriers), so one's softmax runs under the
-// other's MMAs. The producer gives registers to the consumers (setmaxnreg). Variants with query or key hooks run the FA2 template (the dispatcher's choice).
+// other's MMAs. The producer gives registers to the consumers (setmaxnreg). Variants with
+// query or key hooks run the FA2 template (the dispatcher's choice).
 // Launch: grid min(num_items, num_sms), block kThreads, dynamic shared kSmemBytes
 // (kernels/src/attention/prefill.rs mirrors these).
 #pragma once
