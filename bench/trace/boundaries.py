@@ -15,7 +15,8 @@ for line in open(sys.argv[1]):
         rows[int(m[1])][(int(m[2]), int(m[3]))] = [int(x) for x in m[4].split(",")]
 
 # Consumer stamps: 0 Q landed, 1 first S done, 2 last S done, 3 last P V done, 4 epilogue done,
-# 5 item-crossing S, 6 tiles. Producer: 0 item read, 1 Q slot free, 2 Q issued, 3 last tile issued.
+# 5 the item's first S issued under the last epilogue (the item-crossing S of the kernel that
+# session 18 traced; 0 on main since), 6 tiles. Producer: 0 item read, 1 Q slot free, 2 Q issued, 3 last tile issued.
 steps = collections.defaultdict(list)
 for cta in rows.values():
     for role in (1, 2):
