@@ -338,6 +338,38 @@ fn gpu_long_prompt_tiles() {
     }
 }
 
+/// Soft-capping with and without the running row maximum (kernels/cuda/variant/hooks.cuh,
+/// `fixed_max`), FA2 and FA3: caps whose bound against the scale takes the copies with no
+/// maximum (in log2 units up to 80 for bf16, 12 for f16) and caps past it, negative caps too.
+/// Scores with a standard deviation of 11 (bf16) make the weights span up to 2^-58..2^58 without
+/// a maximum; rows that see no key (a request with fewer keys than rows, causal) end with z = 0.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_soft_cap_with_and_without_the_row_maximum() {
+    let gpu = gpu();
+    let case = Case {
+        heads: Heads::new(8, 2, 128).unwrap(),
+        qo_lens: vec![300, 1, 200],
+        kv_lens: vec![700, 40, 129],
+        page_size: None,
+        layout: KvLayout::Nhd,
+        causal: true,
+        decode: false,
+    };
+    let configs = [PrefillKernel::Fa2, PrefillKernel::Fa3].map(|prefill_kernel| PlanConfig {
+        prefill_kernel,
+        ..PlanConfig::default()
+    });
+    // bf16: 30 and 50 (Gemma 2) without a maximum, -50 too, 100 (144 in log2 units) with one.
+    for cap in [30.0, 50.0, -50.0, 100.0] {
+        check_scaled::<SoftCap, bf16>(&gpu, &SoftCap { cap }, &case, &configs, 1, Some(1.0));
+    }
+    // f16: 5 and 8 without (11.5 in log2 units at 8), 30 with.
+    for cap in [5.0, 8.0, -8.0, 30.0] {
+        check_scaled::<SoftCap, f16>(&gpu, &SoftCap { cap }, &case, &configs, 1, Some(0.3));
+    }
+}
+
 /// The FA3 grid at one head dim with [`fa3`] forced: ragged and paged KV (page sizes 1 and 16),
 /// causal and not, GQA 1, 4 and 8 (Q by TMA), NHD and HND, rows that are not a multiple of the
 /// tile, an empty request and one with fewer keys than rows, with Standard, SoftCap and ALiBi.

@@ -1353,6 +1353,110 @@ fn split_logits_compute_the_hook() {
     }
 }
 
+/// Logits hooks and the bound on their core (split.rs, `core_bound`) that the macro must find:
+/// `None` where it must find none.
+const BOUND_SHAPES: &[(&str, Option<f32>)] = &[
+    ("self.pf * (s * (1.0 / self.pf)).tanh_approx()", Some(1.0)),
+    ("(s * self.pf).tanh() * self.pf", Some(1.0)),
+    ("s.tanh_approx()", Some(1.0)),
+    (
+        "self.pf * (2.0 * (s * self.pf).tanh_approx() - 0.5)",
+        Some(2.5),
+    ),
+    ("self.pf * (s * self.pf).tanh().abs().max(-3.0)", Some(3.0)),
+    (
+        "if at.kv_pos > at.qo_pos { (s * self.pf).tanh() } else { -0.25 }",
+        Some(1.0),
+    ),
+    ("self.pf * (s * self.pf).tanh() * self.pf", None),
+    ("self.pf * s.tanh_approx().min(s)", None),
+    ("self.pf * (s * self.pf).exp()", None),
+    ("let t = s.tanh(); t * self.pf", None),
+    (
+        "if self.pb { return (s * self.pf).tanh(); } self.pf * s.tanh()",
+        None,
+    ),
+    (
+        "self.pf * ((s * self.pf).tanh() + (at.kv_pos as f32))",
+        None,
+    ),
+];
+
+/// The bound the macro emits holds: |logits_core| is at most `kLogitsCoreBound` on the edge
+/// inputs and random ones, and it is found exactly where `BOUND_SHAPES` says.
+#[test]
+fn core_bounds_hold() {
+    let mut rng = Rng(13);
+    let input = inputs(&mut rng, 256);
+    let mut tu = String::from(PRELUDE);
+    let mut bounded = Vec::new();
+    for (k, (body, want)) in BOUND_SHAPES.iter().enumerate() {
+        let src = format!("fn logits(&self, s: f32, at: Pos) -> f32 {{ {body} }}");
+        let (_, cuda) = pipeline(&src).unwrap_or_else(|e| panic!("{body}: {e:?}"));
+        let found = cuda
+            .split_once("static constexpr float kLogitsCoreBound = ")
+            .map(|(_, rest)| rest[..rest.find("f;").unwrap()].parse::<f32>().unwrap());
+        assert_eq!(found, *want, "{body}: bound\n{cuda}");
+        if found.is_some() {
+            bounded.push(k);
+            tu.push_str(&cuda.replacen("struct Variant {", &format!("struct Variant_{k} {{"), 1));
+        }
+    }
+    tu.push_str(
+        "int main() {
+  static const float af[4] = {f_of(0x3fc00000u), f_of(0x80000000u), f_of(0x7fc00000u), f_of(0xff61b1e6u)};
+  static const int ai[4] = {-2147483647 - 1, -1, 0, 7};
+  static const unsigned au[4] = {0u, 1u, 32u, 4294967295u};
+",
+    );
+    for x in &input {
+        let _ = writeln!(
+            tu,
+            "  {{
+    Params self{{f_of({pf}u), {pi}, {pu}u, {pb}, af, 4u, ai, 4u, au, 4u}};
+    fi::Pos at{{{p0}u, {p1}u, {p2}u, {p3}u, {p4}u, {p5}u, {p6}u, {p7}u}};
+    const float s = f_of({s}u);",
+            pf = x.pf.to_bits(),
+            pi = x.pi,
+            pu = x.pu,
+            pb = x.pb,
+            p0 = x.pos[0],
+            p1 = x.pos[1],
+            p2 = x.pos[2],
+            p3 = x.pos[3],
+            p4 = x.pos[4],
+            p5 = x.pos[5],
+            p6 = x.pos[6],
+            p7 = x.pos[7],
+            s = x.o.to_bits(),
+        );
+        for k in &bounded {
+            let _ = writeln!(
+                tu,
+                "    printf(\"%x\\n\", bits_of(Variant_{k}::logits_core(self, \
+                 Variant_{k}::logits_pre(self) * s, at)));"
+            );
+        }
+        tu.push_str("  }\n");
+    }
+    tu.push_str("  return 0;\n}\n");
+    let text = run_host(&tu, "bound");
+    let mut lines = text.lines();
+    for (j, x) in input.iter().enumerate() {
+        for k in &bounded {
+            let (body, bound) = BOUND_SHAPES[*k];
+            let core = f32::from_bits(u32::from_str_radix(lines.next().unwrap(), 16).unwrap());
+            // A NaN score or parameter gives a NaN core on either path.
+            assert!(
+                core.is_nan() || core.abs() <= bound.unwrap(),
+                "{body}, input {j} (s = {:?}, pf = {:?}): core {core} over {bound:?}",
+                x.o,
+                x.pf
+            );
+        }
+    }
+}
+
 /// A mask whose verdict on a tile is known. Query and key lengths are 1000.
 struct Verdict {
     body: &'static str,

@@ -61,7 +61,8 @@ pub fn variant(def: &VariantDef<'_>, typed: &Typed) -> String {
 }
 
 /// `logits_pre`, `logits_post` and `logits_core`: the logits hook as `post * core(pre * s)`
-/// (split.rs), for the prefill templates to fold their scales into.
+/// (split.rs), for the prefill templates to fold their scales into; `kLogitsCoreBound` where
+/// the core is bounded.
 fn logits_split(func: &Func) -> String {
     let split = split::split(func);
     let scale = |name: &str, factor: Option<&Expr>| {
@@ -84,6 +85,9 @@ fn logits_split(func: &Func) -> String {
                 const fi::Pos& at) {\n    return logits(self, s, at);\n  }\n";
     } else {
         out += &function_as(func, "logits_core", Some(&split));
+    }
+    if let Some(b) = split::core_bound(func, &split) {
+        let _ = writeln!(out, "  static constexpr float kLogitsCoreBound = {b:e}f;");
     }
     out
 }

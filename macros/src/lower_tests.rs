@@ -613,8 +613,14 @@ fn logits_are_split_around_their_scales() {
             .contains("{\n    return fi::tanh_approx(s);\n  }"),
         "{text}"
     );
+    // tanh bounds the core: the kernels may then drop the running row maximum.
+    assert!(
+        text.contains("static constexpr float kLogitsCoreBound = 1e0f;"),
+        "{text}"
+    );
     // No split: the scales are 1 and the core is the hook.
     let text = lower_items("fn logits(&self, s: f32, at: Pos) -> f32 { s + at.kv_pos as f32 }");
+    assert!(!text.contains("kLogitsCoreBound"), "{text}");
     assert!(text.contains("static float logits_pre(const Params& self) {\n    return 1.0f;\n  }"));
     assert!(text.contains("static float logits_post(const Params& self) {\n    return 1.0f;\n  }"));
     assert!(text.contains(

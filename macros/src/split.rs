@@ -59,6 +59,47 @@ pub fn split(func: &Func) -> Split<'_> {
     Split { pre, post }
 }
 
+/// A bound on |core| for every argument, where the core's value is made of tanh (hardware or
+/// exact), constants, `abs`, `min`, `max`, negation, sums and products: 1 for soft-capping. With
+/// it the prefill templates weight a score by `2^(post * core)` with no running row maximum where
+/// `|post|` times the bound is small (variant/hooks.cuh, `fixed_max`). `None` for any other
+/// shape, a body with a `return`, or a bound that is not finite. f32 rounding is monotone, so the
+/// bound's own sums and products round no lower than the core's.
+pub fn core_bound(func: &Func, split: &Split) -> Option<f32> {
+    let mut returns = false;
+    visit(&func.body, &mut |node| {
+        returns |= matches!(node, Node::Stmt(Stmt::Return(_)));
+    });
+    if returns {
+        return None;
+    }
+    let value = match &split.post {
+        Some((_, _, rest)) => *rest,
+        None => func.body.tail.as_deref()?,
+    };
+    bound(value).filter(|b| b.is_finite())
+}
+
+fn bound(e: &Expr) -> Option<f32> {
+    if e.ty != Ty::Scalar(Scalar::F32) {
+        return None;
+    }
+    match &e.kind {
+        Kind::Float(c) => Some(c.abs()),
+        Kind::Neg(x) => bound(x),
+        Kind::Binary(BinOp::Add | BinOp::Sub, l, r) => Some(bound(l)? + bound(r)?),
+        Kind::Binary(BinOp::Mul, l, r) => Some(bound(l)? * bound(r)?),
+        Kind::Call(m, args) => match (m.rust, args.as_slice()) {
+            ("tanh" | "tanh_approx", [_]) => Some(1.0),
+            ("abs", [x]) => bound(x),
+            ("min" | "max", [x, y]) => Some(bound(x)?.max(bound(y)?)),
+            _ => None,
+        },
+        Kind::If(_, t, f) => Some(bound(t.tail.as_deref()?)?.max(bound(f.tail.as_deref()?)?)),
+        _ => None,
+    }
+}
+
 /// `a * b` on f32 with one operand `params_only` and the other accepted by `other`:
 /// (that operand, the other).
 fn scaled(e: &Expr, other: impl Fn(&Expr) -> bool) -> Option<(&Expr, &Expr)> {

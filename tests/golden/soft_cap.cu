@@ -19,4 +19,5 @@ struct Variant {
   __device__ __forceinline__ static float logits_core(const Params& self, float s, const fi::Pos& at) {
     return fi::tanh_approx(s);
   }
+  static constexpr float kLogitsCoreBound = 1e0f;
 };

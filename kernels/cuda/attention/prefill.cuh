@@ -288,6 +288,14 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
   const float pre = kSplit ? a.sm_scale * hook_logits_pre<V>(p) : a.sm_scale;
   float post = !V::kHasLogits ? a.sm_scale : kSplit ? hook_logits_post<V>(p) : 1.0f;
   if constexpr (V::kSoftmax) post *= kLog2e;
+  // A bounded logits core (soft-capping) small enough against post: no running row maximum
+  // (variant/hooks.cuh, fixed_max), m stays 0. Split hooks only (the 128-row tile, one warp
+  // along the keys).
+  const bool fixed_m = kSplit && kKvWarps == 1 && fixed_max<V, kIsBf16<T>>(post);
+  if (fixed_m) {
+    #pragma unroll
+    for (int mq = 0; mq < kMmaQ; ++mq) m[mq][0] = m[mq][1] = 0.0f;
+  }
   // The 128-row tile runs the variant's mask only on tiles mask_keeps_tile does not clear; the
   // smaller tiles (128 registers, where its bounds spill 16 B) on every tile.
   constexpr bool kMaskEveryTile = V::kHasMask && TILE_Q != 128;
@@ -363,8 +371,8 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
     // the others keep).
     // `fold`: x stays unscaled by post until the exponent, where x * post - m is one FFMA (a
     // masked -inf stays -inf). The row max commutes with post only when it is positive; otherwise
-    // x is scaled first.
-    auto logits_softmax = [&](const bool fold, const bool boundary) {
+    // x is scaled first. `fixed` (with fold off): the exponent is x with no maximum (fixed_m).
+    auto logits_softmax = [&](const bool fold, const bool boundary, const bool fixed) {
       #pragma unroll
       for (int mq = 0; mq < kMmaQ; ++mq) {
         #pragma unroll
@@ -400,7 +408,24 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
         }
       }
 
-      if constexpr (V::kSoftmax) {
+      if (V::kSoftmax && fixed) {
+        #pragma unroll
+        for (int mq = 0; mq < kMmaQ; ++mq) {
+          #pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            float sum = 0.0f;
+            #pragma unroll
+            for (int nb = 0; nb < kMmaKv; ++nb) {
+              #pragma unroll
+              for (int e = 2 * hf; e < 2 * hf + 2; ++e) {
+                s[mq][nb][e] = exp2_approx(s[mq][nb][e]);
+                sum += s[mq][nb][e];
+              }
+            }
+            z[mq][hf] += sum;
+          }
+        }
+      } else if constexpr (V::kSoftmax) {
         float scale[kMmaQ][2];
         bool grew = false;
         #pragma unroll
@@ -459,22 +484,35 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
     // Only the 128-row tile takes the folded copies: it was measured there (+1-3%), and the
     // smaller tiles' 128-register allocations spill with both. Not with a logits hook: its
     // copies were not measured (the FA3 template folds those).
-    if constexpr (!V::kHasLogits && V::kSoftmax && TILE_Q == 128) {
-      if (post > 0.0f) {
+    if constexpr (kSplit && V::kSoftmax && kLogitsCoreBound<V> > 0.0f) {
+      // A bounded core: the copies without a maximum, or the unfolded ones (FA3's choice).
+      if (fixed_m) {
         if (boundary) {
-          logits_softmax(true, true);
+          logits_softmax(false, true, true);
         } else {
-          logits_softmax(true, false);
+          logits_softmax(false, false, true);
         }
       } else if (boundary) {
-        logits_softmax(false, true);
+        logits_softmax(false, true, false);
       } else {
-        logits_softmax(false, false);
+        logits_softmax(false, false, false);
+      }
+    } else if constexpr (!V::kHasLogits && V::kSoftmax && TILE_Q == 128) {
+      if (post > 0.0f) {
+        if (boundary) {
+          logits_softmax(true, true, false);
+        } else {
+          logits_softmax(true, false, false);
+        }
+      } else if (boundary) {
+        logits_softmax(false, true, false);
+      } else {
+        logits_softmax(false, false, false);
       }
     } else if (boundary) {
-      logits_softmax(false, true);
+      logits_softmax(false, true, false);
     } else {
-      logits_softmax(false, false);
+      logits_softmax(false, false, false);
     }
 
     // O += P V, P rounded to the storage type as the MMA needs.
@@ -607,7 +645,9 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
         const Pos at{b, i, 0, h, kv_head, qo_len, kp.total, D};
         // One end for both branches, and the LSE taken ahead of them: so written, ptxas keeps the
         // 128-row tiles' registers and spills as they were before the shared epilogue.
-        const auto end = finish_row<V>(p, m[mq][hf], zz, at, !split);
+        // Without a maximum (fixed_m) a row that saw no key has z = 0: its m is -inf as online.
+        const float mh = fixed_m && zz == 0.0f ? -FI_INF : m[mq][hf];
+        const auto end = finish_row<V>(p, mh, zz, at, !split);
         const float lse = end.lse();
         if (!split) {
           unsigned pairs[kMmaD];

@@ -483,6 +483,9 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
   const float pre = V::kHasLogits ? a.sm_scale * hook_logits_pre<V>(p) : 1.0f;
   float post = V::kHasLogits ? hook_logits_post<V>(p) : a.sm_scale;
   if constexpr (V::kSoftmax) post *= kLog2e;
+  // A bounded logits core (soft-capping) small enough against post: no running row maximum
+  // (variant/hooks.cuh, fixed_max); m stays 0.
+  const bool fixed_m = fixed_max<V, kBf16>(post);
   // Turns: the two consumers issue their MMAs alternately (named barriers 2 and 3, each
   // completed by one consumer's sync and the other's arrival). Consumer 1 lets 0 go first.
   const unsigned my_turn = 2 + cw, their_turn = 3 - cw;
@@ -544,7 +547,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
 
     #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
-    m[0] = m[1] = -FI_INF;
+    m[0] = m[1] = fixed_m ? 0.0f : -FI_INF;
     z[0] = z[1] = 0.0f;
     // The softmax of tile t on sacc; O's rescale is left in `scale` and `grew`.
     auto softmax_tile = [&](unsigned t) {
@@ -559,8 +562,8 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
       // exponent, where x * post - m is one FFMA (the row max commutes with a positive post; a
       // masked -inf stays -inf). Element i is row hf = (i / 2) % 2 of this thread, key
       // 8 (i / 4) + 2 t4 + i % 2 of the tile. It leaves O's rescale in `scale` (`grew`: any row's
-      // maximum moved).
-      auto logits_softmax = [&](const bool fold, const bool boundary) {
+      // maximum moved). `fixed` (with fold off): the exponent is x with no maximum (fixed_m).
+      auto logits_softmax = [&](const bool fold, const bool boundary, const bool fixed) {
         #pragma unroll
         for (int i = 0; i < kTileKv / 2; ++i) {
           const int hf = (i / 2) % 2;
@@ -588,7 +591,22 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
           if (boundary) x = keep ? x : (V::kSoftmax ? -FI_INF : 0.0f);
           sacc[i] = x;
         }
-        if constexpr (V::kSoftmax) {
+        if (V::kSoftmax && fixed) {
+          #pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            float sum = 0.0f;
+            #pragma unroll
+            for (int q4 = 0; q4 < kTileKv / 8; ++q4) {
+              #pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                float& x = sacc[4 * q4 + 2 * hf + e];
+                x = exp2_approx(x);
+                sum += x;
+              }
+            }
+            z[hf] += sum;
+          }
+        } else if constexpr (V::kSoftmax) {
           #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
             float mx = fold ? -FI_INF : m[hf];
@@ -623,7 +641,22 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
       const bool cut = cuts.may_cut(t, p, b, warp_rows[0], warp_rows[1], group, kv_head,
                                     kp.offset + w.kv_start, kTileKv, kTileKv, qo_len, kp.total, D);
       const bool boundary = t >= keys.first_masked || cut;
-      if constexpr (V::kSoftmax) {
+      if constexpr (V::kSoftmax && kLogitsCoreBound<V> > 0.0f) {
+        // A bounded core: the copies without a maximum, or (a core too large against post for
+        // them) the unfolded copies, which take either sign of post. Two copies a call site, as
+        // for a variant without a logits hook.
+        if (fixed_m) {
+          if (boundary) {
+            logits_softmax(false, true, true);
+          } else {
+            logits_softmax(false, false, true);
+          }
+        } else if (boundary) {
+          logits_softmax(false, true, false);
+        } else {
+          logits_softmax(false, false, false);
+        }
+      } else if constexpr (V::kSoftmax) {
         // Without a logits hook post is sm_scale log2(e), and the launch runs FA2 for
         // sm_scale <= 0 (runtime: PrefillKernel::choose), so the unfolded copies need not be
         // built: two copies of the softmax a call site fewer, a third less for ptxas (Standard
@@ -632,19 +665,19 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
         // session 16; 128 and 256 were even or faster).
         if ((!V::kHasLogits && D != 64) || post > 0.0f) {
           if (boundary) {
-            logits_softmax(true, true);
+            logits_softmax(true, true, false);
           } else {
-            logits_softmax(true, false);
+            logits_softmax(true, false, false);
           }
         } else if (boundary) {
-          logits_softmax(false, true);
+          logits_softmax(false, true, false);
         } else {
-          logits_softmax(false, false);
+          logits_softmax(false, false, false);
         }
       } else if (boundary) {
-        logits_softmax(false, true);
+        logits_softmax(false, true, false);
       } else {
-        logits_softmax(false, false);
+        logits_softmax(false, false, false);
       }
     };
 
@@ -675,7 +708,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
     };
     // O to the new row maxima, where any moved (most tiles of a long row move none).
     auto rescale_o = [&] {
-      if (__any_sync(kFullMask, grew)) {
+      if (!fixed_m && __any_sync(kFullMask, grew)) {
         #pragma unroll
         for (int i = 0; i < D / 2; ++i) o[i] *= scale[(i / 2) % 2];
       }
@@ -697,7 +730,9 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
         const unsigned i = pr / group, h = kv_head * group + pr % group;
         const Pos at{b, i, 0, h, kv_head, qo_len, kp.total, D};
         // The LSE is taken only where it is written (a log2 and its special cases a row).
-        const auto end = finish_row<V>(p, m[hf], zz, at, !split);
+        // Without a maximum (fixed_m) a row that saw no key has z = 0: its m is -inf as online.
+        const float mh = fixed_m && zz == 0.0f ? -FI_INF : m[hf];
+        const auto end = finish_row<V>(p, mh, zz, at, !split);
         if (!split) {
           unsigned pairs[D / 8];
           #pragma unroll

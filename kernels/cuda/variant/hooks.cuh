@@ -65,6 +65,25 @@ __device__ __forceinline__ float hook_logits_post(const P& p) {
   }
 }
 
+// A bound on |logits_core| over every score, where the macro finds one (macros' split.rs: tanh,
+// constants, and sums and products of them; 1 for soft-capping), else 0.
+template <class V, class = void>
+constexpr float kLogitsCoreBound = 0.0f;
+template <class V>
+constexpr float kLogitsCoreBound<V, decltype(void(V::kLogitsCoreBound))> = V::kLogitsCoreBound;
+
+// Whether a prefill softmax may weight a score by 2^(core * post) with no running row maximum:
+// every exponent is then within +-kLogitsCoreBound * |post| (post in log2 units). For bf16 P
+// (f32's exponent range) a bound of 80 keeps P, the row sums of up to 2^20 keys and P V with
+// values up to 2^16 normal and finite; f16 P (normal from 2^-14 to 2^16) allows 12. Soft-capping
+// at 30 is 43, so bf16 only; Gemma 2's 50 is 72. No maximum means no max reductions, no O
+// rescales and an exponent free to start as soon as its score is capped.
+template <class V, bool kBf16>
+__device__ __forceinline__ bool fixed_max(float post) {
+  return V::kSoftmax && kLogitsCoreBound<V> > 0.0f &&
+         fabsf(post) * kLogitsCoreBound<V> <= (kBf16 ? 80.0f : 12.0f);
+}
+
 // `s` is the score times sm_scale and pre.
 template <class V, class P>
 __device__ __forceinline__ float hook_logits_core(const P& p, float s, const Pos& at) {
