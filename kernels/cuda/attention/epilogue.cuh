@@ -2,8 +2,11 @@
 // partials): the sink joins the softmax denominator, an empty row gets its defined result, the LSE
 // is taken, the output hook runs, and o and lse (or a split item's partial row) are written.
 //
-// A row's softmax state is (m, z): m its largest logit in log2 units (-inf while no key is
-// visible), z = sum 2^(l - m) over its keys; the output accumulated with it is sum 2^(l - m) v.
+// A row's softmax state is (m, z): m a reference logit in log2 units, -inf while no key is
+// visible (the running maximum; in the FA3 template moved only where a logit passes it by more
+// than FI_MAX_SLACK, see next_max; 0 in prefill where the logits are bounded, fixed_max in
+// variant/hooks.cuh), z = sum 2^(l - m) over its keys; the output accumulated with it is
+// sum 2^(l - m) v.
 // Without softmax the output is the plain weighted sum: nothing is normalised, the LSE is NaN.
 //
 // Partial format (written by split prefill and decode items, read by merge.cuh): for request-local
@@ -19,6 +22,24 @@
 #include "variant/hooks.cuh"
 
 namespace fi {
+
+// FI_MAX_SLACK: how far (log2 units) the FA3 template's running maximum of a row may trail the
+// row's largest logit before it moves. A weight is then at most 2^slack (256 at 8, which bf16
+// and f16 P hold, as do the f32 sums of 2^20 keys), and O is rescaled only where a row's maximum
+// moves, which past a row's first tile is rare (FlashAttention-4's conditional rescale). 0: every
+// new maximum moves it (the A/B switch). The FA2 template keeps the strict maximum (prefill.cuh).
+#ifndef FI_MAX_SLACK
+#define FI_MAX_SLACK 8
+#endif
+
+// A row's next reference given its current one `m` and `mx` = max(m, the tile's logits).
+__device__ __forceinline__ float next_max(float m, float mx) {
+#if FI_MAX_SLACK == 0
+  return mx;
+#else
+  return mx > m + static_cast<float>(FI_MAX_SLACK) ? mx : m;
+#endif
+}
 
 // The end of one row: o = acc * norm before the output hook (norm = 0 for an empty row, whose
 // accumulator holds 0: no key added weight), and the natural-log LSE, taken only where it is

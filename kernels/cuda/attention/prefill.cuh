@@ -440,6 +440,8 @@ __device__ void prefill(const AttnArgs& a, const P& p) {
             mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
             if (fold) mx = fmaxf(m[mq][hf], mx * post);
+            // No next_max slack here (FA3's, epilogue.cuh): at head dim 128's 128-row tile FA2 ran
+            // 9% slower with it on single prompts (kernels/notes/prefill.md, session 19).
             // While nothing is visible the max is -inf; 0 stands in so that no -inf - -inf appears.
             const float base = mx == -FI_INF ? 0.0f : mx;
             scale[mq][hf] = exp2_approx(m[mq][hf] - base);

@@ -617,6 +617,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
             mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
             if (fold) mx = fmaxf(m[hf], mx * post);
+            mx = next_max(m[hf], mx);  // the reference may trail the maximum (epilogue.cuh)
             // While nothing is visible the max is -inf; 0 stands in so no -inf - -inf appears.
             const float base = mx == -FI_INF ? 0.0f : mx;
             scale[hf] = exp2_approx(m[hf] - base);
