@@ -1235,6 +1235,37 @@ fn lowered_hooks_compute_what_rust_computes() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
+/// The start of a host `main` with the parameter arrays every input shares.
+const MAIN_WITH_ARRAYS: &str = "int main() {
+  static const float af[4] = {f_of(0x3fc00000u), f_of(0x80000000u), f_of(0x7fc00000u), f_of(0xff61b1e6u)};
+  static const int ai[4] = {-2147483647 - 1, -1, 0, 7};
+  static const unsigned au[4] = {0u, 1u, 32u, 4294967295u};
+";
+
+/// Opens a block of that `main` where `self`, `at` and the score `s` hold input `x` (its `o`).
+fn open_score_input(tu: &mut String, x: &Input) {
+    let _ = writeln!(
+        tu,
+        "  {{
+    Params self{{f_of({pf}u), {pi}, {pu}u, {pb}, af, 4u, ai, 4u, au, 4u}};
+    fi::Pos at{{{p0}u, {p1}u, {p2}u, {p3}u, {p4}u, {p5}u, {p6}u, {p7}u}};
+    const float s = f_of({s}u);",
+        pf = x.pf.to_bits(),
+        pi = x.pi,
+        pu = x.pu,
+        pb = x.pb,
+        p0 = x.pos[0],
+        p1 = x.pos[1],
+        p2 = x.pos[2],
+        p3 = x.pos[3],
+        p4 = x.pos[4],
+        p5 = x.pos[5],
+        p6 = x.pos[6],
+        p7 = x.pos[7],
+        s = x.o.to_bits(),
+    );
+}
+
 /// Logits hooks of the shapes the split (split.rs) looks for, and near misses: (body, whether
 /// `pre` is found, whether `post` is).
 const SPLIT_SHAPES: &[(&str, bool, bool)] = &[
@@ -1294,34 +1325,9 @@ fn split_logits_compute_the_hook() {
         );
         tu.push_str(&cuda.replacen("struct Variant {", &format!("struct Variant_{k} {{"), 1));
     }
-    tu.push_str(
-        "int main() {
-  static const float af[4] = {f_of(0x3fc00000u), f_of(0x80000000u), f_of(0x7fc00000u), f_of(0xff61b1e6u)};
-  static const int ai[4] = {-2147483647 - 1, -1, 0, 7};
-  static const unsigned au[4] = {0u, 1u, 32u, 4294967295u};
-",
-    );
+    tu.push_str(MAIN_WITH_ARRAYS);
     for x in &input {
-        let _ = writeln!(
-            tu,
-            "  {{
-    Params self{{f_of({pf}u), {pi}, {pu}u, {pb}, af, 4u, ai, 4u, au, 4u}};
-    fi::Pos at{{{p0}u, {p1}u, {p2}u, {p3}u, {p4}u, {p5}u, {p6}u, {p7}u}};
-    const float s = f_of({s}u);",
-            pf = x.pf.to_bits(),
-            pi = x.pi,
-            pu = x.pu,
-            pb = x.pb,
-            p0 = x.pos[0],
-            p1 = x.pos[1],
-            p2 = x.pos[2],
-            p3 = x.pos[3],
-            p4 = x.pos[4],
-            p5 = x.pos[5],
-            p6 = x.pos[6],
-            p7 = x.pos[7],
-            s = x.o.to_bits(),
-        );
+        open_score_input(&mut tu, x);
         for k in 0..SPLIT_SHAPES.len() {
             let _ = writeln!(
                 tu,
@@ -1402,34 +1408,9 @@ fn core_bounds_hold() {
             tu.push_str(&cuda.replacen("struct Variant {", &format!("struct Variant_{k} {{"), 1));
         }
     }
-    tu.push_str(
-        "int main() {
-  static const float af[4] = {f_of(0x3fc00000u), f_of(0x80000000u), f_of(0x7fc00000u), f_of(0xff61b1e6u)};
-  static const int ai[4] = {-2147483647 - 1, -1, 0, 7};
-  static const unsigned au[4] = {0u, 1u, 32u, 4294967295u};
-",
-    );
+    tu.push_str(MAIN_WITH_ARRAYS);
     for x in &input {
-        let _ = writeln!(
-            tu,
-            "  {{
-    Params self{{f_of({pf}u), {pi}, {pu}u, {pb}, af, 4u, ai, 4u, au, 4u}};
-    fi::Pos at{{{p0}u, {p1}u, {p2}u, {p3}u, {p4}u, {p5}u, {p6}u, {p7}u}};
-    const float s = f_of({s}u);",
-            pf = x.pf.to_bits(),
-            pi = x.pi,
-            pu = x.pu,
-            pb = x.pb,
-            p0 = x.pos[0],
-            p1 = x.pos[1],
-            p2 = x.pos[2],
-            p3 = x.pos[3],
-            p4 = x.pos[4],
-            p5 = x.pos[5],
-            p6 = x.pos[6],
-            p7 = x.pos[7],
-            s = x.o.to_bits(),
-        );
+        open_score_input(&mut tu, x);
         for k in &bounded {
             let _ = writeln!(
                 tu,
