@@ -86,7 +86,7 @@ fn logits_split(func: &Func) -> String {
     } else {
         out += &function_as(func, "logits_core", Some(&split));
     }
-    if let Some(b) = split::core_bound(func, &split) {
+    if let Some(b) = split.core_bound {
         let _ = writeln!(out, "  static constexpr float kLogitsCoreBound = {b:e}f;");
     }
     out

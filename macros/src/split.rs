@@ -26,6 +26,13 @@ pub struct Split<'f> {
     /// The body's value `post * rest` (or `rest * post`), which the core returns as `rest`, and
     /// `post` and `rest`.
     pub post: Option<(&'f Expr, &'f Expr, &'f Expr)>,
+    /// A bound on |core| for every argument, where the core's value is made of tanh (hardware
+    /// or exact), constants, `abs`, `min`, `max`, negation, sums and products: 1 for
+    /// soft-capping. With it the prefill templates weight a score by `2^(post * core)` with no
+    /// running row maximum where `|post|` times the bound is small (variant/hooks.cuh,
+    /// `fixed_max`). `None` for any other shape, a body with a `return`, or a bound that is not
+    /// finite.
+    pub core_bound: Option<f32>,
 }
 
 /// The split of a hook whose first argument is the score (the logits hook).
@@ -56,30 +63,24 @@ pub fn split(func: &Func) -> Split<'_> {
     };
     // `s * k` as the whole body is either; taken as `pre`, it is not also `post`.
     let post = post.filter(|(tail, _, _)| pre.is_none_or(|(p, _)| !std::ptr::eq(p, *tail)));
-    Split { pre, post }
-}
-
-/// A bound on |core| for every argument, where the core's value is made of tanh (hardware or
-/// exact), constants, `abs`, `min`, `max`, negation, sums and products: 1 for soft-capping. With
-/// it the prefill templates weight a score by `2^(post * core)` with no running row maximum where
-/// `|post|` times the bound is small (variant/hooks.cuh, `fixed_max`). `None` for any other
-/// shape, a body with a `return`, or a bound that is not finite. f32 rounding is monotone, so the
-/// bound's own sums and products round no lower than the core's.
-pub fn core_bound(func: &Func, split: &Split) -> Option<f32> {
-    let mut returns = false;
-    visit(&func.body, &mut |node| {
-        returns |= matches!(node, Node::Stmt(Stmt::Return(_)));
-    });
-    if returns {
-        return None;
-    }
-    let value = match &split.post {
-        Some((_, _, rest)) => *rest,
-        None => func.body.tail.as_deref()?,
+    // The core's value: the body's, less `post`.
+    let value = match &post {
+        Some((_, _, rest)) => Some(*rest),
+        None => func.body.tail.as_deref(),
     };
-    bound(value).filter(|b| b.is_finite())
+    let core_bound = value
+        .filter(|_| !returns)
+        .and_then(bound)
+        .filter(|b| b.is_finite());
+    Split {
+        pre,
+        post,
+        core_bound,
+    }
 }
 
+/// The bound of `core_bound` on `e`. f32 rounding is monotone, so the bound's own sums and
+/// products round no lower than the core's.
 fn bound(e: &Expr) -> Option<f32> {
     if e.ty != Ty::Scalar(Scalar::F32) {
         return None;
