@@ -16,11 +16,12 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaStream};
 use ferrinfer_kernels::abi::AttnArgs;
 use ferrinfer_kernels::attention::prefill::{Sm90Loop, takes_sm90_maps};
-use ferrinfer_kernels::{DType, KernelConfig, KernelKind};
+use ferrinfer_kernels::{ArchClass, DType, KernelConfig, KernelKind};
 
 use crate::attention::batch::{Batch, Heads, KvIndex, KvStrides, QoStrides};
 use crate::attention::plan::{self, Capacity, PlanOptions, WorkList};
 use crate::attention::{dispatch, launch, reference, tma};
+use crate::device::arch::Arch;
 use crate::device::backend::{Backend, Buffer};
 use crate::device::dtype::Element;
 use crate::device::gpu::Gpu;
@@ -129,10 +130,11 @@ impl KvWarps {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PrefillKernel {
     /// The faster template for the instance, from measurements: FA3 where it exists and was
-    /// measured faster (Hopper, head dims 64 and 128, the 128-row tile, no query or key hooks,
-    /// a positive `sm_scale`), FA2 elsewhere. At head dim 256 FA3 is faster when forced (571
-    /// against 262 TFLOP/s on one causal 8192 prompt), but FA2 plans 64-row tiles there, which
-    /// have no FA3 form. The benchmark's prefill rows with each template forced (H200, bf16, 32/8
+    /// measured faster (Hopper, head dims 64, 128 and 256, the 128-row tile, no query or key
+    /// hooks, a positive `sm_scale`), FA2 elsewhere. At head dim 256, where FA2 plans 64-row
+    /// tiles (which have no FA3 form), a Hopper plan takes the 128-row tile for the batches that
+    /// take it at 128 (requests of more than 64 packed rows on average): FA3 ran 571 against
+    /// FA2's 262 TFLOP/s on one causal 8192 prompt. The benchmark's prefill rows with each template forced (H200, bf16, 32/8
     /// heads, TFLOP/s, one call on 2026-12-01, FA3 v27 of `kernels/notes/fa3.md`; head dim 128
     /// unless named):
     ///
@@ -169,10 +171,31 @@ pub enum PrefillKernel {
 }
 
 /// Whether [`PrefillKernel::Auto`] takes the FA3 template where it exists at `head_dim` (its
-/// docs have the measurements that decided it): at head dims 64 and 128. At 256 the plan's
-/// tile decides: FA2 plans 64 rows there, which have no FA3 form (forcing FA3 plans 128).
+/// docs have the measurements that decided it): at head dims 64, 128 and 256. Where it exists is
+/// the plan's tile: 128 rows ([`auto_plans_fa3_tile`] at head dim 256).
 fn auto_takes_fa3(head_dim: u32) -> bool {
-    head_dim == 64 || head_dim == 128
+    head_dim == 64 || head_dim == 128 || head_dim == 256
+}
+
+/// Whether [`PrefillKernel::Auto`] plans the FA3 template's 128-row tile for a batch the family's
+/// tile function would give 64: at head dim 256 on sm_90a, for batches whose requests average
+/// more than 64 packed query rows, the ones that take 128 rows (and so FA3) at head dims 64 and
+/// 128 (kernels' `tiles::query_tile`). FA2 plans 64 rows at 256, which have no FA3 form; the FA3
+/// build ran 571-590 TFLOP/s there against FA2's 260 (one causal 8192 prompt). A variant with no
+/// FA3 form at 256 (query or key hooks, a build that spills) runs FA2's 128-row tile instead.
+fn auto_plans_fa3_tile(arch: Arch, batch: &Batch) -> bool {
+    let heads = batch.heads();
+    let group = u64::from(heads.group_size());
+    let lens = batch
+        .qo_indptr()
+        .windows(2)
+        .map(|w| u64::try_from(w[1] - w[0]).unwrap_or(0));
+    let (rows, requests) = lens
+        .filter(|&n| n > 0)
+        .fold((0u64, 0u64), |(r, n), len| (r + len * group, n + 1));
+    heads.head_dim() == 256
+        && matches!(dispatch::arch_class(arch), Ok(ArchClass::Sm90a))
+        && rows > 64 * requests
 }
 
 impl PrefillKernel {
@@ -832,13 +855,16 @@ impl Planned {
         Ok(p)
     }
 
-    fn options(&self, gpu: &Gpu) -> PlanOptions {
+    fn options(&self, gpu: &Gpu, batch: &Batch) -> PlanOptions {
         let mut o = PlanOptions::for_device(gpu.sm_count(), gpu.sm_resources());
         o.fixed_kv_chunk = self.config.fixed_kv_chunk;
         o.graph_capacity = self.config.graph.map(|g| g.work_items);
         // A decode on the prefill template: the family's tile function sizes the tile by the group.
         o.one_row_per_request = self.decode_rows();
-        if !self.decode && self.config.prefill_kernel == PrefillKernel::Fa3 {
+        let auto_fa3 = self.config.prefill_kernel == PrefillKernel::Auto
+            && self.graph_tiles().is_none()
+            && auto_plans_fa3_tile(gpu.arch(), batch);
+        if !self.decode && (self.config.prefill_kernel == PrefillKernel::Fa3 || auto_fa3) {
             o.query_tile = Some(FA3_QUERY_TILE);
         }
         // In CUDA-graph mode a replan keeps the plan before's query tile and warps along the keys
@@ -884,7 +910,7 @@ impl Planned {
         // Refuse unsupported head dims and archs at plan time, not at the first layer.
         let cfg = dispatch::config(gpu.arch(), self.kind, batch.heads().head_dim(), DType::Bf16)?;
         dispatch::check_supported(&cfg, gpu.arch())?;
-        let opts = self.options(&gpu);
+        let opts = self.options(&gpu, &batch);
         let work = plan::plan(&batch, self.kind, &opts)?;
         let need = Sizes {
             plan: work.capacity(),
@@ -1201,7 +1227,7 @@ fn put_i32(buf: &mut [u8], at: usize, xs: &[i32]) {
 mod tests {
     use super::*;
     use crate::variant::Hooks;
-    use ferrinfer_kernels::{ArchClass, InstanceTiles};
+    use ferrinfer_kernels::InstanceTiles;
 
     /// A scale the FA3 build takes (head dim 128's default).
     const SCALE: f32 = 0.088;
@@ -1230,6 +1256,33 @@ mod tests {
             kv_tile: 64,
             kv_warps: 0,
         })
+    }
+
+    /// Head dim 256 on Hopper under Auto: the 128-row tile (and so FA3) for the batches that take
+    /// it at 128, nowhere else.
+    #[test]
+    fn auto_plans_the_fa3_tile_at_head_dim_256_on_hopper() {
+        use crate::attention::batch::KvLayout;
+        let batch = |head_dim: u32, qo: &[i32]| {
+            let kv = KvIndex::ragged(&[0, 4096, 8192], KvLayout::Nhd).unwrap();
+            Batch::new(Heads::new(16, 8, head_dim).unwrap(), qo, kv).unwrap()
+        };
+        let hopper = Arch::new(9, 0);
+        // Group 2: 33 query rows a request are 66 packed rows, over 64; 32 are not.
+        assert!(auto_plans_fa3_tile(hopper, &batch(256, &[0, 33, 66])));
+        assert!(!auto_plans_fa3_tile(hopper, &batch(256, &[0, 32, 64])));
+        // An empty request does not count against the others.
+        assert!(auto_plans_fa3_tile(hopper, &batch(256, &[0, 0, 4096])));
+        assert!(!auto_plans_fa3_tile(hopper, &batch(128, &[0, 4096, 8192])));
+        assert!(!auto_plans_fa3_tile(
+            Arch::new(8, 0),
+            &batch(256, &[0, 4096, 8192])
+        ));
+        assert!(!auto_plans_fa3_tile(
+            Arch::new(10, 0),
+            &batch(256, &[0, 4096, 8192])
+        ));
+        assert!(auto_takes_fa3(256));
     }
 
     #[test]
@@ -1321,16 +1374,11 @@ mod tests {
                 .choose(&spec(false), planned, None, SCALE)
                 .unwrap();
             assert_eq!((cfg.name().as_str(), fallback), (name, Some(planned)));
-            // Auto takes FA3 at 64 (measured faster); at 256 it keeps what the plan chose.
+            // Auto takes FA3 at both (measured faster) where the plan has the 128-row tile.
             let auto = PrefillKernel::Auto
                 .choose(&spec(false), planned, None, SCALE)
                 .unwrap();
-            let expected = if hd == 64 {
-                (cfg, Some(planned))
-            } else {
-                (planned, None)
-            };
-            assert_eq!(auto, expected, "head dim {hd}");
+            assert_eq!(auto, (cfg, Some(planned)), "head dim {hd}");
             // The tile FA2 plans at head dim 256 (64 rows) has no FA3 form.
             let short = planned.with_tiles(InstanceTiles {
                 cta_tile_q: 64,
