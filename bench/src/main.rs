@@ -145,6 +145,7 @@ fn main() -> ExitCode {
         let mut rows = vec![(report::IMPL.to_string(), prefill(PrefillKernel::Fa2))];
         if cfg.kind == Kind::Prefill && hopper {
             rows.push((report::IMPL_FA3.into(), prefill(PrefillKernel::Fa3)));
+            rows.push((report::IMPL_AUTO.into(), prefill(PrefillKernel::Auto)));
         }
         if cfg.kind == Kind::Decode {
             rows.push((

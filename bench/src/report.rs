@@ -25,6 +25,8 @@ pub fn chunk_impl(chunk: u32) -> String {
 
 /// Prefill rows on the sm_90a (FA3) template, beside the FA2 rows of [`IMPL`] (Hopper only).
 pub const IMPL_FA3: &str = "ferrinfer-fa3";
+/// Prefill rows with the template `PrefillKernel::Auto` picks (Hopper only, where it has a choice).
+pub const IMPL_AUTO: &str = "ferrinfer-auto";
 
 /// One measured row.
 #[derive(Clone, Debug, PartialEq)]
