@@ -97,7 +97,7 @@ fn poison_spare<T: Element>(batch: &Batch, kv: &mut [T]) {
 /// Run `variant` on the GPU and the CPU reference; assert they agree. Decode runs on both of its
 /// kernels, prefill on FA2 and on FA3 where that exists (Hopper, head dims 64, 128 and 256, no
 /// query or key hooks; forcing FA3 plans its 128-row tile; elsewhere the FA3 run is refused and
-/// skipped).
+/// skipped), and at head dim 256 under Auto too.
 fn check<V: Variant, T: Element>(gpu: &Backend, variant: &V, case: &Case) {
     let configs: Vec<PlanConfig> = if case.decode {
         [DecodeKernel::CudaCores, DecodeKernel::TensorCores]
@@ -107,12 +107,18 @@ fn check<V: Variant, T: Element>(gpu: &Backend, variant: &V, case: &Case) {
             })
             .to_vec()
     } else {
+        // At head dim 256 Auto plans a tile neither forced run does on Hopper: 128 rows for
+        // requests of more than 64 packed rows, so FA3 where the variant has a form there and
+        // FA2's 128-row tile where not.
+        let auto = (case.heads.head_dim() == 256).then_some(PrefillKernel::Auto);
         [PrefillKernel::Fa2, PrefillKernel::Fa3]
+            .into_iter()
+            .chain(auto)
             .map(|prefill_kernel| PlanConfig {
                 prefill_kernel,
                 ..PlanConfig::default()
             })
-            .to_vec()
+            .collect()
     };
     check_with::<V, T>(gpu, variant, case, &configs);
 }

@@ -133,10 +133,10 @@ pub enum PrefillKernel {
     /// measured faster (Hopper, head dims 64, 128 and 256, the 128-row tile, no query or key
     /// hooks, a positive `sm_scale`), FA2 elsewhere. At head dim 256, where FA2 plans 64-row
     /// tiles (which have no FA3 form), a Hopper plan takes the 128-row tile for the batches that
-    /// take it at 128 (requests of more than 64 packed rows on average): FA3 ran 571 against
-    /// FA2's 262 TFLOP/s on one causal 8192 prompt. The benchmark's prefill rows with each template forced (H200, bf16, 32/8
-    /// heads, TFLOP/s, one call on 2026-12-01, FA3 v27 of `kernels/notes/fa3.md`; head dim 128
-    /// unless named):
+    /// take it at 128 (requests of more than 64 packed rows on average); see
+    /// [`auto_plans_fa3_tile`] for what that measured. The benchmark's prefill rows with each
+    /// template forced (H200, bf16, 32/8 heads, TFLOP/s, one call on 2026-12-01, FA3 v27 of
+    /// `kernels/notes/fa3.md`; head dim 128 unless named):
     ///
     /// | config | FA2 | FA3 |
     /// |---|---:|---:|
@@ -180,9 +180,12 @@ fn auto_takes_fa3(head_dim: u32) -> bool {
 /// Whether [`PrefillKernel::Auto`] plans the FA3 template's 128-row tile for a batch the family's
 /// tile function would give 64: at head dim 256 on sm_90a, for batches whose requests average
 /// more than 64 packed query rows, the ones that take 128 rows (and so FA3) at head dims 64 and
-/// 128 (kernels' `tiles::query_tile`). FA2 plans 64 rows at 256, which have no FA3 form; the FA3
-/// build ran 571-590 TFLOP/s there against FA2's 260 (one causal 8192 prompt). A variant with no
-/// FA3 form at 256 (query or key hooks, a build that spills) runs FA2's 128-row tile instead.
+/// 128 (kernels' `tiles::query_tile`). FA2 plans 64 rows at 256, which have no FA3 form. A
+/// variant with no FA3 form at 256 (query or key hooks, a build that spills) runs FA2's 128-row
+/// tile instead. Measured on one causal 8192 prompt (H200, bf16, 32/8 heads, TFLOP/s, one call
+/// on 2026-12-02, two rounds): Standard under Auto 581 (FA3; FA2's 64-row tile 260, its 128-row
+/// tile 254); `LlamaRope`, whose key hook runs on every K tile, 29.8 on FA2's 128-row tile
+/// against 16.1 on its 64-row tile (half the query tiles, so half the key rotations).
 fn auto_plans_fa3_tile(arch: Arch, batch: &Batch) -> bool {
     let heads = batch.heads();
     let group = u64::from(heads.group_size());
