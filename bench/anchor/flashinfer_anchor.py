@@ -6,8 +6,9 @@ configurations that the project's own benchmark reports, and writes one JSON obj
 plus "copy@torch" (device-to-device copy bandwidth) and "gemm@torch" (bf16 8192^3 matmul).
 
 Usage on the GPU machine (python3 there has torch and triton):
-    python3 flashinfer_anchor.py OUT.json [substring filter]
-The filter "ops" runs only the serving-ops rows (norms, activation, RoPE, KV append, sampling).
+    [ANCHOR_WARM_MS=1500] [ANCHOR_TIME_MS=200] [ANCHOR_PREFILL_BACKENDS=fa3] \
+        python3 flashinfer_anchor.py OUT.json [substring filter, comma-separated]
+ANCHOR_ONLY_FLASHINFER=1 leaves out the torch rows (ceilings, SDPA). The filter "ops" runs only the serving-ops rows (norms, activation, RoPE, KV append, sampling).
 FlashInfer itself is optional: without it only the torch rows are written.
 """
 import json
@@ -27,14 +28,40 @@ FILTER = sys.argv[2] if len(sys.argv) > 2 else ""
 res = {}
 
 
+def selects(key):
+    """whether the filter (comma-separated; substrings, or =KEY for one key) takes this key"""
+    return any(key == f[1:] if f.startswith("=") else f in key for f in FILTER.split(","))
+
+
 def log(*a):
     print(*a, flush=True)
 
 
+# Milliseconds each row runs untimed before do_bench (as ferrinfer-bench's --warm-ms; 0 by
+# default), and do_bench's rep (200 by default, as ferrinfer-bench's --time-ms). An H200 at its
+# 700 W cap boosts for about the first 100 ms of a dense kernel and then settles lower, so without
+# a warm-up a row after the JIT's idle times mostly the boost.
+WARM_MS = float(os.environ.get("ANCHOR_WARM_MS", "0"))
+TIME_MS = int(os.environ.get("ANCHOR_TIME_MS", "200"))
+_flush = None
+# FlashInfer's prefill templates to time ("fa2,fa3" by default; each costs a JIT compile a module).
+PREFILL_BACKENDS = os.environ.get("ANCHOR_PREFILL_BACKENDS", "fa2,fa3").split(",")
+
+
 def bench_ms(fn):
+    global _flush
     fn()
     torch.cuda.synchronize()
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    if WARM_MS > 0:
+        if _flush is None:
+            _flush = torch.empty(256 << 20, dtype=torch.int8, device=DEV)
+        t0 = time.perf_counter()
+        while (time.perf_counter() - t0) * 1e3 < WARM_MS:
+            for _ in range(8):
+                _flush.zero_()
+                fn()
+            torch.cuda.synchronize()
+    return do_bench(fn, warmup=25, rep=TIME_MS, return_mode="median")
 
 
 def put(key, value, unit, ms):
@@ -125,7 +152,7 @@ def ceilings():
 def sdpa_rows():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     for key, (kind, qo, kv, _, causal, cap) in PREFILL.items():
-        if kind != "single" or cap or FILTER not in key:
+        if kind != "single" or cap or not selects(key):
             continue
         s = qo[0]
         q = torch.randn(1, H, s, D, dtype=DT, device=DEV)
@@ -149,7 +176,7 @@ def flashinfer_rows():
     # Both of FlashInfer's decode paths: the default (CUDA cores, "@fi") and use_tensor_cores=True
     # ("@fi-tc", what serving engines enable for grouped heads). The best of the two is the anchor.
     for key, (lens, page, cap, hq, hk) in decode_configs():
-        if FILTER not in key:
+        if not selects(key):
             continue
         kv, indptr, indices, last = paged(lens, page, hk)
         q = torch.randn(len(lens), hq, D, dtype=DT, device=DEV)
@@ -165,9 +192,9 @@ def flashinfer_rows():
                 traceback.print_exc()
         del kv
     for key, (kind, qo, kvl, page, causal, cap) in PREFILL.items():
-        if FILTER not in key:
+        if not selects(key):
             continue
-        for backend in ("fa2", "fa3"):
+        for backend in PREFILL_BACKENDS:
             try:
                 t0 = time.time()
                 if kind == "single":
@@ -283,8 +310,9 @@ def op_fn(fi, key, g):
 if __name__ == "__main__":
     torch.manual_seed(0)
     log("device", torch.cuda.get_device_name(0))
-    ceilings()
-    sdpa_rows()
+    if os.environ.get("ANCHOR_ONLY_FLASHINFER", "0") != "1":
+        ceilings()
+        sdpa_rows()
     try:
         if FILTER != "ops":
             flashinfer_rows()

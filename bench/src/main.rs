@@ -2,14 +2,20 @@
 //! through ferrinfer's public API, timed with CUDA events, printed as a table and written as the anchor's JSON.
 //!
 //!     ferrinfer-bench [--filter SUBSTR[,SUBSTR...]] [--json PATH] [--kv-chunks N[,N...]]
+//!                     [--warm-ms MS] [--time-ms MS]
+//!
+//! A filter item selects the keys that contain it, or with a leading `=` the one key it names.
 //!
 //! `--kv-chunks` also times every selected decode configuration with its KV split forced to each
 //! chunk size (batch-invariant mode, tensor cores, rows `<key>@ferrinfer-chunk-N`): the curve the
 //! planner's split rule is checked against.
 //!
 //! Every configuration is planned once (not timed), warmed up (the first call includes the JIT
-//! compile, reported apart), then timed for about 200 ms; the median iteration is reported. A
-//! configuration that fails is reported and skipped; the exit status is 1 if any failed.
+//! compile, reported apart), then timed for about 200 ms (`--time-ms`); the median iteration is
+//! reported. `--warm-ms` runs each configuration that long first, untimed, so the timed loop sees
+//! the GPU's steady power-capped clocks rather than the boost of its first 100 ms (see
+//! `timing::Schedule`). A configuration that fails is reported and skipped; the exit status is 1
+//! if any failed.
 
 mod configs;
 mod inputs;
@@ -31,10 +37,10 @@ use ferrinfer::variants::{SlidingWindow, SoftCap, Standard};
 use configs::{Config, Kind};
 use inputs::InputSet;
 use report::Row;
-use timing::{BenchResult, Timing};
+use timing::{BenchResult, Schedule, Timing};
 
-const USAGE: &str =
-    "usage: ferrinfer-bench [--filter SUBSTR[,SUBSTR...]] [--json PATH] [--kv-chunks N[,N...]]";
+const USAGE: &str = "usage: ferrinfer-bench [--filter SUBSTR[,SUBSTR...]] [--json PATH] \
+     [--kv-chunks N[,N...]] [--warm-ms MS] [--time-ms MS]";
 /// Elements of each buffer of the copy ceiling: 1024^3 bf16 (2 GiB), as the anchor copies.
 const COPY_ELEMS: usize = 1 << 30;
 
@@ -48,11 +54,17 @@ struct Args {
     json: Option<PathBuf>,
     /// KV chunk sizes each decode configuration is also timed with (forced splits).
     kv_chunks: Vec<u32>,
+    /// How long each configuration runs before and while it is timed.
+    schedule: Schedule,
 }
 
 impl Args {
+    /// A filter item takes the keys that contain it, or with a leading `=` only the key it names.
     fn selects(&self, key: &str) -> bool {
-        self.filter.split(',').any(|f| key.contains(f))
+        self.filter.split(',').any(|f| {
+            f.strip_prefix('=')
+                .map_or(key.contains(f), |exact| key == exact)
+        })
     }
 }
 
@@ -64,6 +76,8 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--filter" => args.filter = value()?,
             "--json" => args.json = Some(PathBuf::from(value()?)),
             "--kv-chunks" => args.kv_chunks = kv_chunks(&value()?)?,
+            "--warm-ms" => args.schedule.warm_ms = millis(&a, &value()?, 0.0)?,
+            "--time-ms" => args.schedule.timed_ms = millis(&a, &value()?, 1.0)?,
             "-h" | "--help" => return Err(String::new()),
             _ => return Err(format!("unknown argument {a:?}")),
         }
@@ -88,6 +102,16 @@ fn kv_chunks(list: &str) -> Result<Vec<u32>, String> {
         }
     }
     Ok(chunks)
+}
+
+/// A duration option's milliseconds: a finite number of at least `least`.
+fn millis(name: &str, v: &str, least: f64) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(ms) if ms.is_finite() && ms >= least => Ok(ms),
+        _ => Err(format!(
+            "{name} takes milliseconds of at least {least}, not {v:?}"
+        )),
+    }
 }
 
 fn main() -> ExitCode {
@@ -122,7 +146,11 @@ fn main() -> ExitCode {
         Err(_) => Err("no GPU (see the first line)".into()),
     };
 
-    record("copy@ferrinfer".into(), on_gpu(&bench_copy));
+    let schedule = args.schedule;
+    record(
+        "copy@ferrinfer".into(),
+        on_gpu(&|b: &Backend| bench_copy(b, schedule)),
+    );
     let hopper = backend
         .as_ref()
         .is_ok_and(|b| b.gpu().is_some_and(|g| g.arch().major == 9));
@@ -190,7 +218,7 @@ fn main() -> ExitCode {
                 None => Err("no GPU (see the first line)".into()),
                 Some(Err(e)) => Err(format!("inputs: {e}").into()),
                 Some(Ok(sets)) => on_gpu(&|b: &Backend| {
-                    bench_config(b, &cfg, &key, kernels, &mut sets.borrow_mut())
+                    bench_config(b, &cfg, &key, kernels, schedule, &mut sets.borrow_mut())
                 }),
             };
             record(key.clone(), result);
@@ -200,7 +228,7 @@ fn main() -> ExitCode {
     for case in ops::cases() {
         if args.selects(case.key) {
             let key = format!("{}@{}", case.key, ops::IMPL);
-            record(key, on_gpu(&|b: &Backend| ops::bench(b, &case)));
+            record(key, on_gpu(&|b: &Backend| ops::bench(b, &case, schedule)));
         }
     }
 
@@ -237,7 +265,7 @@ fn stream_of(backend: &Backend) -> BenchResult<&Arc<CudaStream>> {
 }
 
 /// Device-to-device copy bandwidth (read plus write bytes): the ceiling for decode.
-fn bench_copy(backend: &Backend) -> BenchResult<Row> {
+fn bench_copy(backend: &Backend, schedule: Schedule) -> BenchResult<Row> {
     let stream = stream_of(backend)?;
     let pattern = stream.clone_htod(&inputs::normal_bf16(1 << 24, 99))?;
     let mut src = stream.alloc_zeros::<bf16>(COPY_ELEMS)?;
@@ -249,7 +277,11 @@ fn bench_copy(backend: &Backend) -> BenchResult<Row> {
         )?;
     }
     let mut dst = stream.alloc_zeros::<bf16>(COPY_ELEMS)?;
-    let t = timing::time_on_stream(stream, |_| Ok(stream.memcpy_dtod(&src, &mut dst)?))?;
+    let t = timing::time_on_stream(
+        stream,
+        schedule,
+        |_| Ok(stream.memcpy_dtod(&src, &mut dst)?),
+    )?;
     // Read once and written once, 2 bytes an element.
     let bytes = (2 * COPY_ELEMS * 2) as f64;
     Ok(Row {
@@ -305,6 +337,7 @@ fn bench_config(
     cfg: &Config,
     key: &str,
     config: PlanConfig,
+    schedule: Schedule,
     inputs: &mut [InputSet],
 ) -> BenchResult<Row> {
     let stream = stream_of(backend)?;
@@ -315,11 +348,12 @@ fn bench_config(
     backend.synchronize()?;
     let t = if cfg.window > 0 {
         let window = SlidingWindow { window: cfg.window };
-        time_variant(stream, &plan, &window, inputs)?
+        time_variant(stream, schedule, &plan, &window, inputs)?
     } else if cfg.soft_cap > 0.0 {
-        time_variant(stream, &plan, &SoftCap { cap: cfg.soft_cap }, inputs)?
+        let cap = SoftCap { cap: cfg.soft_cap };
+        time_variant(stream, schedule, &plan, &cap, inputs)?
     } else {
-        time_variant(stream, &plan, &Standard, inputs)?
+        time_variant(stream, schedule, &plan, &Standard, inputs)?
     };
     let (value, unit) = cfg.metric(t.median_ms);
     Ok(Row {
@@ -333,12 +367,15 @@ fn bench_config(
 
 fn time_variant<V: Variant>(
     stream: &Arc<CudaStream>,
+    schedule: Schedule,
     plan: &Plan,
     variant: &V,
     inputs: &mut [InputSet],
 ) -> BenchResult<Timing> {
     let n = inputs.len();
-    timing::time_on_stream(stream, |i| Ok(plan.run(variant, &mut inputs[i % n])?))
+    timing::time_on_stream(stream, schedule, |i| {
+        Ok(plan.run(variant, &mut inputs[i % n])?)
+    })
 }
 
 #[cfg(test)]
@@ -360,6 +397,9 @@ mod tests {
             two.selects("rmsnorm_t2048") && two.selects("sample_top_p") && !two.selects("decode")
         );
         assert!(parse(&[]).unwrap().selects("anything"));
+        let exact = parse(&["--filter", "=prefill_a,decode"]).unwrap();
+        assert!(exact.selects("prefill_a") && !exact.selects("prefill_a_softcap"));
+        assert!(exact.selects("decode_b64"));
         assert_eq!(a.json, Some(PathBuf::from("out.json")));
         assert!(parse(&["--json"]).unwrap_err().contains("needs a value"));
         assert!(parse(&["--bogus"]).unwrap_err().contains("unknown"));
@@ -372,6 +412,22 @@ mod tests {
             parse(&["--kv-chunks", "512,1024,512"]).unwrap().kv_chunks,
             [512, 1024]
         );
+        let s = parse(&["--warm-ms", "1500", "--time-ms", "500"]).unwrap();
+        assert_eq!((s.schedule.warm_ms, s.schedule.timed_ms), (1500.0, 500.0));
+        assert_eq!(parse(&[]).unwrap().schedule, Schedule::default());
+        assert_eq!(parse(&["--warm-ms", "0"]).unwrap().schedule.warm_ms, 0.0);
+        for (opt, bad) in [
+            ("--warm-ms", "-1"),
+            ("--warm-ms", "NaN"),
+            ("--time-ms", "0"),
+            ("--time-ms", "x"),
+        ] {
+            let e = parse(&[opt, bad]).unwrap_err();
+            assert!(
+                e.contains("milliseconds") && e.contains(opt),
+                "{opt} {bad}: {e}"
+            );
+        }
         for bad in ["x", "0", "100", "512,,1024"] {
             let e = parse(&["--kv-chunks", bad]).unwrap_err();
             assert!(e.contains("multiples of 16"), "{bad}: {e}");
@@ -392,7 +448,17 @@ mod tests {
     #[test]
     fn without_a_gpu_a_config_fails_cleanly() {
         let cfg = &configs::standard()[0];
-        assert!(bench_config(&Backend::Cpu, cfg, "k", PlanConfig::default(), &mut []).is_err());
-        assert!(bench_copy(&Backend::Cpu).is_err());
+        assert!(
+            bench_config(
+                &Backend::Cpu,
+                cfg,
+                "k",
+                PlanConfig::default(),
+                Schedule::default(),
+                &mut []
+            )
+            .is_err()
+        );
+        assert!(bench_copy(&Backend::Cpu, Schedule::default()).is_err());
     }
 }

@@ -1,5 +1,6 @@
 //! GPU timing with CUDA events: the first call timed on the wall clock (it includes the JIT
-//! compile), a warm-up, then enough iterations for about [`TARGET_MS`], each between two events,
+//! compile), a warm-up (optionally a longer one, [`Schedule::warm_ms`]), then enough iterations
+//! for about [`Schedule::timed_ms`] ([`TARGET_MS`] by default), each between two events,
 //! and the median of those per-iteration times. Before each timed iteration the stream zeroes a
 //! [`FLUSH_BYTES`] buffer, as the anchor's `do_bench` does: it evicts L2, and it keeps the GPU
 //! busy while the host enqueues the iteration, so the events time the GPU's work alone and not
@@ -16,6 +17,28 @@ pub type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// Measured time per configuration, like the anchor's `do_bench(rep=200)`.
 pub const TARGET_MS: f64 = 200.0;
+
+/// How long a configuration runs before and while it is timed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Schedule {
+    /// Milliseconds of untimed iterations (each after its flush, as the timed ones) right before
+    /// the timed loop. An H200 at its 700 W cap boosts to 1980 MHz for about the first 100 ms of
+    /// a dense kernel and then settles near 1725-1740 MHz (2026-12-02, BENCHMARKS.md), so a
+    /// 200 ms loop from a cool GPU times mostly the boost and depends on what ran before; a
+    /// second of this first times the steady clocks a serving GPU runs at.
+    pub warm_ms: f64,
+    /// Milliseconds of timed iterations.
+    pub timed_ms: f64,
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Schedule {
+            warm_ms: 0.0,
+            timed_ms: TARGET_MS,
+        }
+    }
+}
 /// Iterations run untimed after the first call (clocks up, caches and TLBs warm).
 const WARMUP: usize = 3;
 /// Iterations of the estimate that sizes the timed loop.
@@ -78,6 +101,7 @@ pub fn input_sets(set_bytes: u64) -> usize {
 /// Time `f(i)` (iteration `i`, to pick an input set) on `stream`. `f` only enqueues work there.
 pub fn time_on_stream(
     stream: &Arc<CudaStream>,
+    schedule: Schedule,
     mut f: impl FnMut(usize) -> BenchResult<()>,
 ) -> BenchResult<Timing> {
     let started = Instant::now();
@@ -98,8 +122,14 @@ pub fn time_on_stream(
     end.record(stream)?;
     let estimate_ms = f64::from(start.elapsed_ms(&end)?) / ESTIMATE as f64;
 
-    let iters = iterations(estimate_ms, TARGET_MS);
+    let iters = iterations(estimate_ms, schedule.timed_ms);
     let mut flush = stream.alloc_zeros::<u8>(FLUSH_BYTES)?;
+    if schedule.warm_ms > 0.0 {
+        for i in 0..iterations(estimate_ms, schedule.warm_ms) {
+            stream.memset_zeros(&mut flush)?;
+            f(i)?;
+        }
+    }
     let events = (0..2 * iters)
         .map(|_| timed_event())
         .collect::<Result<Vec<_>, _>>()?;

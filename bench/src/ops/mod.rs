@@ -46,7 +46,7 @@ pub fn cases() -> Vec<OpCase> {
 }
 
 /// Time `case` on `backend` (a GPU): the median call over rotating input sets, as GB/s.
-pub fn bench(backend: &Backend, case: &OpCase) -> BenchResult<Row> {
+pub fn bench(backend: &Backend, case: &OpCase, schedule: timing::Schedule) -> BenchResult<Row> {
     let gpu = backend.gpu().ok_or("not a CUDA backend")?;
     let sets = timing::input_sets(case.set_bytes);
     let mut calls = (0..sets as u64)
@@ -54,7 +54,7 @@ pub fn bench(backend: &Backend, case: &OpCase) -> BenchResult<Row> {
         .collect::<BenchResult<Vec<_>>>()?;
     backend.synchronize()?;
     let n = calls.len();
-    let t = timing::time_on_stream(gpu.stream(), |i| Ok((calls[i % n])()?))?;
+    let t = timing::time_on_stream(gpu.stream(), schedule, |i| Ok((calls[i % n])()?))?;
     Ok(Row {
         key: format!("{}@{IMPL}", case.key),
         value: case.bytes as f64 / t.median_ms / 1e6,
@@ -75,7 +75,7 @@ mod tests {
             assert!(keys.insert(c.key), "{} twice", c.key);
             assert!(c.bytes > 0 && c.set_bytes > 0, "{}", c.key);
             assert!(
-                bench(&Backend::Cpu, &c).is_err(),
+                bench(&Backend::Cpu, &c, timing::Schedule::default()).is_err(),
                 "{} ran without a GPU",
                 c.key
             );

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Ours and FlashInfer's FA3 on the same prefill keys, one key at a time, alternating, each row
+# warmed before it is timed (BENCHMARKS.md, "Power and clocks"): an H200 boosts for about the first
+# 100 ms of a dense kernel and then holds its 700 W cap at lower clocks, so a short run from a cool
+# GPU (FlashInfer's rows after its JIT) and one from a hot GPU (ours, back to back) are not the
+# same measurement. Here both sides run the same schedule, in the same thermal state.
+#
+# Usage, on the GPU machine from the repository root with .gpu staged (tools/gpu-stage):
+#   bench/anchor/interleave.sh OUTDIR ROUNDS KEY [KEY...]
+# Environment: WARM_MS (1000) and TIME_MS (3000) for both sides, BENCH (.gpu/bin/ferrinfer-bench).
+# Writes OUTDIR/{fi,ours}-KEY-ROUND.json and .log; FlashInfer's JIT runs once first (jit.*).
+set -uo pipefail
+out=$1 rounds=$2
+shift 2
+warm=${WARM_MS:-1000} timed=${TIME_MS:-3000}
+bench=${BENCH:-.gpu/bin/ferrinfer-bench}
+anchor=$(dirname "$0")/flashinfer_anchor.py
+mkdir -p "$out"
+fi_run() {  # fi_run OUT.json FILTER WARM_MS TIME_MS
+  ANCHOR_ONLY_FLASHINFER=1 ANCHOR_PREFILL_BACKENDS=fa3 ANCHOR_WARM_MS=$3 ANCHOR_TIME_MS=$4 \
+    timeout 600 python3 "$anchor" "$1" "$2" > "${1%.json}.log" 2>&1
+}
+all=$(printf '=%s,' "$@")
+fi_run "$out/jit.json" "${all%,}" 0 20
+for r in $(seq 1 "$rounds"); do
+  for k in "$@"; do
+    fi_run "$out/fi-$k-$r.json" "=$k" "$warm" "$timed"
+    "$bench" --filter "=$k" --warm-ms "$warm" --time-ms "$timed" --json "$out/ours-$k-$r.json" \
+      > "$out/ours-$k-$r.log" 2>&1
+  done
+done
