@@ -8,7 +8,9 @@
 # Usage, on the GPU machine from the repository root with .gpu staged (tools/gpu-stage):
 #   bench/anchor/interleave.sh OUTDIR ROUNDS KEY [KEY...]
 # Environment: WARM_MS (1000) and TIME_MS (3000) for both sides, BENCH (.gpu/bin/ferrinfer-bench).
-# Writes OUTDIR/{fi,ours}-KEY-ROUND.json and .log; FlashInfer's JIT runs once first (jit.*).
+# Writes OUTDIR/{fi,ours}-KEY-ROUND.json and .log (FlashInfer's JIT runs once first, jit.*), each
+# side's medians over rounds as OUTDIR/ours.json and OUTDIR/anchor.json, and compare.py's table
+# as OUTDIR/compare.txt.
 set -uo pipefail
 out=$1 rounds=$2
 shift 2
@@ -29,3 +31,17 @@ for r in $(seq 1 "$rounds"); do
       > "$out/ours-$k-$r.log" 2>&1
   done
 done
+# Each side's rows, the median over rounds, as one JSON each, and the side-by-side table.
+python3 - "$out" <<'PY'
+import glob, json, statistics, sys
+out = sys.argv[1]
+for side, name in (("ours", "ours.json"), ("fi", "anchor.json")):
+    rows = {}
+    for path in sorted(glob.glob(f"{out}/{side}-*-*.json")):
+        for key, row in json.load(open(path)).items():
+            rows.setdefault(key, []).append(row)
+    merged = {k: {"value": statistics.median(r["value"] for r in v), "unit": v[0]["unit"],
+                  "ms": statistics.median(r["ms"] for r in v)} for k, v in rows.items()}
+    json.dump(merged, open(f"{out}/{name}", "w"), indent=1, sort_keys=True)
+PY
+python3 "$(dirname "$0")/compare.py" "$out/ours.json" "$out/anchor.json" | tee "$out/compare.txt"
