@@ -463,47 +463,58 @@ fn fixed_split_is_batch_invariant(decode_kernel: DecodeKernel) {
     assert_bit_identical(&outputs);
 }
 
+/// A request's prefill output is the same bit for bit whatever it is batched with, at head dims 64
+/// and 256 (where `Auto` on Hopper would otherwise pick its tile, and so FA2 or FA3, by the batch's
+/// average rows: forty one-row requests beside it bring that under 64).
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gpu_prefill_fixed_split_is_batch_invariant() {
     let gpu = gpu();
     let mut rng = Rng::from_time();
-    let heads = Heads::new(8, 2, 64).unwrap();
     let config = PlanConfig {
         fixed_kv_chunk: Some(512),
         ..PlanConfig::default()
     };
     let (qa, ka) = (300u32, 2000u32);
-    let q_a = bf(rng.normal_vec(qa as usize * 8 * 64));
-    let k_a = bf(rng.normal_vec(ka as usize * 2 * 64));
-    let v_a = bf(rng.normal_vec(ka as usize * 2 * 64));
-    let mut outputs = Vec::new();
-    for others in [vec![], vec![(5u32, 40u32)], vec![(1000, 3000), (1, 1)]] {
-        let mut qo = vec![qa];
-        let mut kvl = vec![ka];
-        for &(q, k) in &others {
-            qo.push(q);
-            kvl.push(k);
+    for d in [64usize, 256] {
+        let heads = Heads::new(8, 2, d as u32).unwrap();
+        let q_a = bf(rng.normal_vec(qa as usize * 8 * d));
+        let k_a = bf(rng.normal_vec(ka as usize * 2 * d));
+        let v_a = bf(rng.normal_vec(ka as usize * 2 * d));
+        let mut outputs = Vec::new();
+        let short = vec![(1u32, 100u32); 40];
+        for others in [
+            vec![],
+            vec![(5u32, 40u32)],
+            vec![(1000, 3000), (1, 1)],
+            short,
+        ] {
+            let mut qo = vec![qa];
+            let mut kvl = vec![ka];
+            for &(q, k) in &others {
+                qo.push(q);
+                kvl.push(k);
+            }
+            let (mut q, mut k, mut v) = (q_a.clone(), k_a.clone(), v_a.clone());
+            let extra_q: u32 = qo[1..].iter().sum();
+            let extra_k: u32 = kvl[1..].iter().sum();
+            q.extend(bf(rng.normal_vec(extra_q as usize * 8 * d)));
+            k.extend(bf(rng.normal_vec(extra_k as usize * 2 * d)));
+            v.extend(bf(rng.normal_vec(extra_k as usize * 2 * d)));
+            let kv = KvIndex::ragged(&indptr(&kvl), KvLayout::Nhd).unwrap();
+            let batch = Batch::new(heads, &indptr(&qo), kv)
+                .unwrap()
+                .with_causal(true);
+            let plan = BatchPrefill::plan_with(&gpu, batch, config).unwrap();
+            let (qd, kd, vd) = (
+                gpu.upload(&q).unwrap(),
+                gpu.upload(&k).unwrap(),
+                gpu.upload(&v).unwrap(),
+            );
+            let mut od = gpu.filled(q.len(), bf16::NAN).unwrap();
+            plan.run(&Standard, &qd, &kd, &vd, &mut od, None).unwrap();
+            outputs.push(od.to_vec().unwrap()[..q_a.len()].to_vec());
         }
-        let (mut q, mut k, mut v) = (q_a.clone(), k_a.clone(), v_a.clone());
-        let extra_q: u32 = qo[1..].iter().sum();
-        let extra_k: u32 = kvl[1..].iter().sum();
-        q.extend(bf(rng.normal_vec(extra_q as usize * 8 * 64)));
-        k.extend(bf(rng.normal_vec(extra_k as usize * 2 * 64)));
-        v.extend(bf(rng.normal_vec(extra_k as usize * 2 * 64)));
-        let kv = KvIndex::ragged(&indptr(&kvl), KvLayout::Nhd).unwrap();
-        let batch = Batch::new(heads, &indptr(&qo), kv)
-            .unwrap()
-            .with_causal(true);
-        let plan = BatchPrefill::plan_with(&gpu, batch, config).unwrap();
-        let (qd, kd, vd) = (
-            gpu.upload(&q).unwrap(),
-            gpu.upload(&k).unwrap(),
-            gpu.upload(&v).unwrap(),
-        );
-        let mut od = gpu.filled(q.len(), bf16::NAN).unwrap();
-        plan.run(&Standard, &qd, &kd, &vd, &mut od, None).unwrap();
-        outputs.push(od.to_vec().unwrap()[..q_a.len()].to_vec());
+        assert_bit_identical(&outputs);
     }
-    assert_bit_identical(&outputs);
 }

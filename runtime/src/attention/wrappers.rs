@@ -186,7 +186,11 @@ fn auto_takes_fa3(head_dim: u32) -> bool {
 /// on 2026-12-02, two rounds): Standard under Auto 581 (FA3; FA2's 64-row tile 260, its 128-row
 /// tile 254); `LlamaRope`, whose key hook runs on every K tile, 29.8 on FA2's 128-row tile
 /// against 16.1 on its 64-row tile (half the query tiles, so half the key rotations).
-fn auto_plans_fa3_tile(arch: Arch, batch: &Batch) -> bool {
+///
+/// In batch-invariant mode the tile (and so the template, whose reduction order differs) must
+/// not depend on the other requests, so there it is 128 rows whatever the batch, as the tile
+/// function's long-prompt tile is at head dims 64 and 128.
+fn auto_plans_fa3_tile(arch: Arch, batch: &Batch, batch_invariant: bool) -> bool {
     let heads = batch.heads();
     let group = u64::from(heads.group_size());
     let lens = batch
@@ -198,7 +202,7 @@ fn auto_plans_fa3_tile(arch: Arch, batch: &Batch) -> bool {
         .fold((0u64, 0u64), |(r, n), len| (r + len * group, n + 1));
     heads.head_dim() == 256
         && matches!(dispatch::arch_class(arch), Ok(ArchClass::Sm90a))
-        && rows > 64 * requests
+        && (batch_invariant || rows > 64 * requests)
 }
 
 impl PrefillKernel {
@@ -866,7 +870,7 @@ impl Planned {
         o.one_row_per_request = self.decode_rows();
         let auto_fa3 = self.config.prefill_kernel == PrefillKernel::Auto
             && self.graph_tiles().is_none()
-            && auto_plans_fa3_tile(gpu.arch(), batch);
+            && auto_plans_fa3_tile(gpu.arch(), batch, o.fixed_kv_chunk.is_some());
         if !self.decode && (self.config.prefill_kernel == PrefillKernel::Fa3 || auto_fa3) {
             o.query_tile = Some(FA3_QUERY_TILE);
         }
@@ -1271,20 +1275,22 @@ mod tests {
             Batch::new(Heads::new(16, 8, head_dim).unwrap(), qo, kv).unwrap()
         };
         let hopper = Arch::new(9, 0);
+        let plans = |arch, b: &Batch| auto_plans_fa3_tile(arch, b, false);
         // Group 2: 33 query rows a request are 66 packed rows, over 64; 32 are not.
-        assert!(auto_plans_fa3_tile(hopper, &batch(256, &[0, 33, 66])));
-        assert!(!auto_plans_fa3_tile(hopper, &batch(256, &[0, 32, 64])));
+        assert!(plans(hopper, &batch(256, &[0, 33, 66])));
+        assert!(!plans(hopper, &batch(256, &[0, 32, 64])));
         // An empty request does not count against the others.
-        assert!(auto_plans_fa3_tile(hopper, &batch(256, &[0, 0, 4096])));
-        assert!(!auto_plans_fa3_tile(hopper, &batch(128, &[0, 4096, 8192])));
-        assert!(!auto_plans_fa3_tile(
-            Arch::new(8, 0),
-            &batch(256, &[0, 4096, 8192])
-        ));
-        assert!(!auto_plans_fa3_tile(
-            Arch::new(10, 0),
-            &batch(256, &[0, 4096, 8192])
-        ));
+        assert!(plans(hopper, &batch(256, &[0, 0, 4096])));
+        assert!(!plans(hopper, &batch(128, &[0, 4096, 8192])));
+        assert!(!plans(Arch::new(8, 0), &batch(256, &[0, 4096, 8192])));
+        assert!(!plans(Arch::new(10, 0), &batch(256, &[0, 4096, 8192])));
+        // Batch-invariant: the 128-row tile whatever the batch, short requests too, and only
+        // where it has an FA3 form.
+        for qo in [&[0, 32, 64][..], &[0, 1, 2], &[0, 4096, 8192]] {
+            assert!(auto_plans_fa3_tile(hopper, &batch(256, qo), true), "{qo:?}");
+            assert!(!auto_plans_fa3_tile(Arch::new(8, 0), &batch(256, qo), true));
+            assert!(!auto_plans_fa3_tile(hopper, &batch(128, qo), true));
+        }
         assert!(auto_takes_fa3(256));
     }
 
