@@ -170,17 +170,10 @@ pub enum PrefillKernel {
     Fa3,
 }
 
-/// Whether [`PrefillKernel::Auto`] takes the FA3 template where it exists at `head_dim` (its
-/// docs have the measurements that decided it): at head dims 64, 128 and 256. Where it exists is
-/// the plan's tile: 128 rows ([`auto_plans_fa3_tile`] at head dim 256).
-fn auto_takes_fa3(head_dim: u32) -> bool {
-    head_dim == 64 || head_dim == 128 || head_dim == 256
-}
-
 /// Whether [`PrefillKernel::Auto`] plans the FA3 template's 128-row tile for a batch the family's
-/// tile function would give 64: at head dim 256 on sm_90a, for batches whose requests average
-/// more than 64 packed query rows, the ones that take 128 rows (and so FA3) at head dims 64 and
-/// 128 (kernels' `tiles::query_tile`). FA2 plans 64 rows at 256, which have no FA3 form. A
+/// tile function would give 64: at head dim 256 on sm_90a, for the batches that take 128 rows
+/// (and so FA3) at head dim 128 by the shared rule ([`plan::cta_tile_q`]: requests of more than 64
+/// packed query rows on average). FA2 plans 64 rows at 256, which have no FA3 form. A
 /// variant with no FA3 form at 256 (query or key hooks, a build that spills) runs FA2's 128-row
 /// tile instead. Measured on one causal 8192 prompt (H200, bf16, 32/8 heads, TFLOP/s, one call
 /// on 2026-12-02, two rounds): Standard under Auto 581 (FA3; FA2's 64-row tile 260, its 128-row
@@ -202,7 +195,7 @@ fn auto_plans_fa3_tile(arch: Arch, batch: &Batch, batch_invariant: bool) -> bool
         .fold((0u64, 0u64), |(r, n), len| (r + len * group, n + 1));
     heads.head_dim() == 256
         && matches!(dispatch::arch_class(arch), Ok(ArchClass::Sm90a))
-        && (batch_invariant || rows > 64 * requests)
+        && (batch_invariant || plan::cta_tile_q(rows, requests, 128) == FA3_QUERY_TILE)
 }
 
 impl PrefillKernel {
@@ -222,12 +215,11 @@ impl PrefillKernel {
         if sm90.is_some() && (sm_scale <= 0.0 || sm_scale.is_nan()) {
             return Ok((planned, fallback));
         }
+        // Auto takes FA3 wherever the plan's instance has a form of it: at every head dim it has
+        // one (64, 128, 256) it was measured faster (the docs of `Auto`).
         match (self, sm90) {
-            (PrefillKernel::Auto, Some(f)) if auto_takes_fa3(f.head_dim_qk) => {
-                Ok((f, Some(planned)))
-            }
+            (PrefillKernel::Auto | PrefillKernel::Fa3, Some(f)) => Ok((f, Some(planned))),
             (PrefillKernel::Fa2 | PrefillKernel::Auto, _) => Ok((planned, fallback)),
-            (PrefillKernel::Fa3, Some(f)) => Ok((f, Some(planned))),
             (PrefillKernel::Fa3, None) => Err(Error::unsupported(format!(
                 "PrefillKernel::Fa3: no FA3 instance for {} with variant {} (it needs sm_90a, \
                  head dim 64, 128 or 256, the 128-row query tile and no query or key hooks)",
@@ -1291,7 +1283,6 @@ mod tests {
             assert!(!auto_plans_fa3_tile(Arch::new(8, 0), &batch(256, qo), true));
             assert!(!auto_plans_fa3_tile(hopper, &batch(128, qo), true));
         }
-        assert!(auto_takes_fa3(256));
     }
 
     #[test]
@@ -1314,7 +1305,7 @@ mod tests {
         let auto = PrefillKernel::Auto
             .choose(&spec(false), long, narrow, SCALE)
             .unwrap();
-        assert_eq!(auto.0.kv_tile == 128, auto_takes_fa3(128));
+        assert_eq!(auto.0.kv_tile, 128, "Auto takes FA3 at head dim 128");
         // Query hooks, another tile, another arch, or FA2 asked for: the planned instance.
         for (kernel, s, c) in [
             (PrefillKernel::Auto, spec(true), long),
