@@ -8,7 +8,8 @@ plus "copy@torch" (device-to-device copy bandwidth) and "gemm@torch" (bf16 8192^
 Usage on the GPU machine (python3 there has torch and triton):
     [ANCHOR_WARM_MS=1500] [ANCHOR_TIME_MS=200] [ANCHOR_PREFILL_BACKENDS=fa3] \
         python3 flashinfer_anchor.py OUT.json [substring filter, comma-separated]
-ANCHOR_ONLY_FLASHINFER=1 leaves out the torch rows (ceilings, SDPA). The filter "ops" runs only the serving-ops rows (norms, activation, RoPE, KV append, sampling).
+ANCHOR_ONLY_FLASHINFER=1 leaves out the torch rows (ceilings, SDPA). The filter "ops" runs only
+the serving-ops rows (norms, activation, RoPE, KV append, sampling).
 FlashInfer itself is optional: without it only the torch rows are written.
 """
 import json
@@ -248,7 +249,7 @@ def ops_rows():
     import flashinfer
     g = torch.Generator(device=DEV).manual_seed(0)
     for key, nbytes in OPS:
-        if FILTER not in ("", "ops") and FILTER not in key:
+        if FILTER not in ("", "ops") and not selects(key):
             continue
         try:
             f = op_fn(flashinfer, key, g)
