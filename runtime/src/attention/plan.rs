@@ -418,7 +418,9 @@ pub fn plan(batch: &Batch, kind: KernelKind, opts: &PlanOptions) -> Result<WorkL
 /// [`NARROW_MIN_SKEW`] times the keys of the shortest (equal requests split into equal items on
 /// the default tile already, and there its CTAs stream faster: H200, b64 l4096, 4089 GB/s
 /// against 3421 unsplit and 3806 split into 5632 items on the narrow tile), and whose default
-/// plan is one wave at most (over a wave, CTAs that end take the next item). The narrow tile's
+/// plan is one wave at most (over a wave, CTAs that end take the next item); and for even
+/// batches whose unsplit items fill more than a wave of the default tile but at most one of the
+/// narrow (which then runs them unsplit, where the default would split them). The narrow tile's
 /// splits tried: the one that fills its wave, and chunks of the request lengths (so the longer
 /// requests split into items as long as a shorter one; up to [`NARROW_MAX_LENGTHS`] of them,
 /// evenly spaced), each making at most [`NARROW_MAX_WAVES`] waves of items.
@@ -465,12 +467,28 @@ fn take_narrow_tile(
     let (Some(&shortest), Some(&longest)) = (live.iter().min(), live.iter().max()) else {
         return (tiles, chunk);
     };
+    let default_slots = opts.target_items(&tiles);
     if longest < NARROW_MIN_SKEW * shortest.max(1) {
+        // An even batch whose unsplit items are over a wave of the default tile but within one
+        // of the narrow: the default splits them into two waves and merges, the narrow runs them
+        // unsplit in one. H200, GQA 2 b64 l4096 (1024 items; 792 default slots, 1056 narrow):
+        // 4303 / 4317 GB/s against 4232 / 4262 (kernels/notes/decode.md, sessions 15 and 21).
+        // Past the narrow wave both split, and the default's faster CTAs win (b256 l2048, 2048
+        // items: 4027 / 4056 narrow against 4148 / 4163).
+        let unsplit = count(longest.max(1));
+        let narrow_slots = opts.target_items(&narrow);
+        if unsplit > default_slots && unsplit <= narrow_slots {
+            let why = format!(
+                "narrow K/V tile: {unsplit} unsplit items, over a wave of the default tile \
+                 ({default_slots}) and within one of the narrow ({narrow_slots})"
+            );
+            let c = fill(&narrow);
+            return take(tiles, narrow, c, why);
+        }
         return (tiles, chunk);
     }
     // Over a wave of the default tile, the hardware hands the next item to each CTA that ends,
     // longest first, so the short items fill the long ones' tail.
-    let default_slots = opts.target_items(&tiles);
     if count(chunk) > default_slots {
         return (tiles, chunk);
     }
@@ -1154,16 +1172,23 @@ mod tests {
         // MHA, b64: 2048 items, a last wave of 464 (3.5 an SM): the split would not pay.
         assert_eq!(decode(&rows, 32, 32, 64, 4096, 16), (4096, 2048));
         // On a described Hopper SM the plan takes the occupancy of the instance it chose: one
-        // warp along the keys (six CTAs an SM) for GQA 4 and GQA 2 over pages of 16, which plan
-        // as above; two warps (three an SM, 396 a wave) for page size 1 and MHA, where the tail
-        // model then sees other waves: page size 1 (1024 items, two waves and 232) stays
-        // unsplit, MHA's 2048 items (five waves and 68) split in four.
+        // warp along the keys (six CTAs an SM) for GQA 4 over pages of 16, which plans as above
+        // (GQA 2 does too on the default K/V tile, but its 1024 unsplit items fit a wave of the
+        // narrow one, which it takes: see the narrow tile's test); two warps (three an SM, 396 a
+        // wave) for page size 1 and MHA, where the tail model then sees other waves: page size 1
+        // (1024 items, two waves and 232) stays unsplit, MHA's 2048 items (five waves and 68)
+        // split in four.
         let hopper = PlanOptions {
             one_row_per_request: true,
             ..PlanOptions::for_device(132, SmResources::typical(Arch::new(9, 0)))
         };
         assert_eq!(decode(&hopper, 32, 8, 64, 4096, 16), (4096, 512));
-        assert_eq!(decode(&hopper, 32, 16, 64, 4096, 16), (1376, 3072));
+        let default_tile = PlanOptions {
+            narrow_kv_tile: Some(false),
+            ..hopper
+        };
+        assert_eq!(decode(&default_tile, 32, 16, 64, 4096, 16), (1376, 3072));
+        assert_eq!(decode(&hopper, 32, 16, 64, 4096, 16), (4096, 1024));
         assert_eq!(decode(&hopper, 32, 8, 128, 1024, 1), (1024, 1024));
         assert_eq!(decode(&hopper, 32, 32, 64, 4096, 16), (1024, 8192));
         // A graph capacity bounds the split.
@@ -1245,6 +1270,21 @@ mod tests {
             let batch = decode_step(32, 8, 128, &vec![len; b], 16);
             assert_ne!(shape(&batch, &hopper).0, 16, "{b} x {len}");
         }
+        // Except where the unsplit items are over a wave of the default tile (792) and within
+        // one of the narrow (1056): GQA 2 b64 l4096, 1024 items, run unsplit. GQA 4 b256 l2048
+        // (2048 items, above) is past both.
+        let gqa2 = decode_step(32, 16, 128, &vec![4096; 64], 16);
+        assert_eq!(shape(&gqa2, &hopper), (16, 8, 4096, 1024));
+        let t = plan(&gqa2, KernelKind::Prefill, &hopper)
+            .unwrap()
+            .tiles
+            .unwrap();
+        assert!(
+            t.reasons.iter().any(|r| r.contains("1024 unsplit items")),
+            "{t}"
+        );
+        assert_eq!(shape(&gqa2, &default).0, 32);
+        assert_eq!(shape(&gqa2, &hopper.with_graph_capacity(4096)).0, 32);
         assert_eq!(shape(&skew, &hopper.with_fixed_kv_chunk(512)).0, 32);
         assert_eq!(shape(&skew, &hopper.with_graph_capacity(4096)).0, 32);
         // Uneven, but where the default tile's split is already even: two requests of 4096
