@@ -65,11 +65,13 @@ pub struct PlanConfig {
 pub enum KvTile {
     /// The plan's choice per batch: the narrow tile where its wave model predicts it 5% faster,
     /// which happens for batches of uneven requests in at most a wave of the default tile, whose
-    /// split into equal items needs more CTAs than that wave holds. Measured (H200, bf16, head
-    /// dim 128, GQA 4, pages of 16, 4 requests of 8192 keys among 60 of 512): 3136 GB/s in
-    /// 512-key chunks on the narrow tile against 2920 on the default tile's best split
-    /// (BENCHMARKS.md and kernels/notes/decode.md, session 15). The default in batch-invariant
-    /// and CUDA-graph mode.
+    /// split into equal items needs more CTAs than that wave holds; and for even batches whose
+    /// unsplit items are over a wave of the default tile but within one of the narrow. Measured
+    /// (H200, bf16, head dim 128, pages of 16): GQA 4, 4 requests of 8192 keys among 60 of 512,
+    /// 3136 GB/s in 512-key chunks on the narrow tile against 2920 on the default tile's best
+    /// split; GQA 2, 64 requests of 4096 keys (1024 items), 4308 unsplit on the narrow tile
+    /// against 4234 split in three on the default (BENCHMARKS.md and kernels/notes/decode.md,
+    /// sessions 15 and 21). The default in batch-invariant and CUDA-graph mode.
     #[default]
     Auto,
     /// The default K/V tile.
