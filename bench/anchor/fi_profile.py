@@ -7,7 +7,8 @@ runs it once more between cudaProfilerStart and cudaProfilerStop, so that
 profiles exactly one launch of FlashInfer's kernel. Ours, the same row:
     ncu --set full -k regex:ferrinfer_prefill_hd128_bf16_q128_k128_sm90a --launch-skip 5 \
         --launch-count 1 ferrinfer-bench --filter prefill_ragged_b16
-Rows: `ragged` (prefill_ragged_b16_l1024_causal) and `s8192` (prefill_single_s8192_causal).
+Rows: `ragged` (prefill_ragged_b16_l1024_causal), `s8192` (prefill_single_s8192_causal) and
+`full` (prefill_single_s8192_full).
 Needs FlashInfer on PYTHONPATH (the anchor's wheels) and a GPU with torch and triton.
 """
 import itertools
@@ -40,13 +41,15 @@ def row(kind):
         w.plan(indptr_of(lens), indptr_of(lens), H, HKV, D, causal=True,
                q_data_type=DT, kv_data_type=DT)
         return (lambda: w.run(q, k, v)), causal_flops(lens)
-    if kind == "s8192":
+    if kind in ("s8192", "full"):
+        causal = kind == "s8192"
         q = torch.randn(8192, H, D, dtype=DT, device=DEV)
         k = torch.randn(8192, HKV, D, dtype=DT, device=DEV)
         v = torch.randn_like(k)
+        flops = causal_flops([8192]) if causal else 4 * H * D * 8192 * 8192
         return (lambda: flashinfer.single_prefill_with_kv_cache(
-            q, k, v, causal=True, backend="fa3")), causal_flops([8192])
-    raise SystemExit(f"unknown row {kind!r} (ragged or s8192)")
+            q, k, v, causal=causal, backend="fa3")), flops
+    raise SystemExit(f"unknown row {kind!r} (ragged, s8192 or full)")
 
 
 def main():

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Ours and FlashInfer's FA3 on the same prefill keys, one key at a time, alternating, each row
-# warmed before it is timed (BENCHMARKS.md, "Power and clocks"): an H200 boosts for about the first
-# 100 ms of a dense kernel and then holds its 700 W cap at lower clocks, so a short run from a cool
-# GPU (FlashInfer's rows after its JIT) and one from a hot GPU (ours, back to back) are not the
-# same measurement. Here both sides run the same schedule, in the same thermal state.
+# Ours and FlashInfer on the same keys (prefill: its FA3; decode: both its decode paths), one key
+# at a time, alternating, each row warmed before it is timed (BENCHMARKS.md, "Power and clocks"):
+# an H200 boosts for about the first 100 ms of a dense kernel and then holds its 700 W cap at
+# lower clocks, so a short run from a cool GPU (FlashInfer's rows after its JIT) and one from a
+# hot GPU (ours, back to back) are not the same measurement. Here both sides run the same
+# schedule, in the same thermal state.
 #
 # Usage, on the GPU machine from the repository root with .gpu staged (tools/gpu-stage):
 #   bench/anchor/interleave.sh OUTDIR ROUNDS KEY [KEY...]
