@@ -470,9 +470,11 @@ fn take_narrow_tile(
     let default_slots = opts.target_items(&tiles);
     if longest < NARROW_MIN_SKEW * shortest.max(1) {
         // An even batch whose unsplit items are over a wave of the default tile but within one
-        // of the narrow: the default splits them into two waves and merges, the narrow runs them
-        // unsplit in one. H200, GQA 2 b64 l4096 (1024 items; 792 default slots, 1056 narrow):
-        // 4303 / 4317 GB/s against 4232 / 4262 (kernels/notes/decode.md, sessions 15 and 21).
+        // of the narrow: the default splits them to balance its last wave and merges, the
+        // narrow runs them in one wave (its own fill, unsplit here). H200, GQA 2 b64 l4096
+        // (1024 items; 792 default slots, 1056 narrow; the default split them in three, 3072
+        // items): 4303 / 4317 GB/s against 4232 / 4262 (kernels/notes/decode.md, sessions 15
+        // and 21).
         // Past the narrow wave both split, and the default's faster CTAs win (b256 l2048, 2048
         // items: 4027 / 4056 narrow against 4148 / 4163).
         let unsplit = count(longest.max(1));
