@@ -346,6 +346,16 @@ pub fn cta_tile_q(packed_rows: u64, requests: u64, head_dim: u32) -> u32 {
     tiles::cta_tile_q(packed_rows, requests, head_dim)
 }
 
+/// What the shared query-tile rule ([`cta_tile_q`]) reads of `batch`: its packed query rows (query
+/// rows times the group size) and its requests with at least one query row.
+pub(crate) fn packed_rows_and_requests(batch: &Batch) -> (u64, u64) {
+    let group = u64::from(batch.heads().group_size());
+    (0..batch.batch())
+        .map(|b| u64::from(batch.qo_len(b)))
+        .filter(|&n| n > 0)
+        .fold((0, 0), |(rows, n), len| (rows + len * group, n + 1))
+}
+
 /// Plan `batch` for kernel family `kind` on a device described by `opts`: the family's tile
 /// function chooses the tiles once (recorded in [`WorkList::tiles`]), then the KV split is searched
 /// and the work list built. A decode on the one-warp 16-row tile may then take that tile's narrow
@@ -474,9 +484,8 @@ fn take_narrow_tile(
         // narrow runs them in one wave (its own fill, unsplit here). H200, GQA 2 b64 l4096
         // (1024 items; 792 default slots, 1056 narrow; the default split them in three, 3072
         // items): 4303 / 4317 GB/s against 4232 / 4262 (kernels/notes/decode.md, sessions 15
-        // and 21).
-        // Past the narrow wave both split, and the default's faster CTAs win (b256 l2048, 2048
-        // items: 4027 / 4056 narrow against 4148 / 4163).
+        // and 21). Past the narrow wave both split, and the default's faster CTAs win (b256
+        // l2048, 2048 items: 4027 / 4056 narrow against 4148 / 4163).
         let unsplit = count(longest.max(1));
         let narrow_slots = opts.target_items(&narrow);
         if unsplit > default_slots && unsplit <= narrow_slots {
@@ -611,13 +620,10 @@ fn choose_tiles(reqs: &[Request], batch: &Batch, kind: KernelKind, opts: &PlanOp
     // The grid before any split: every request's keys in one chunk.
     let kv_heads = u64::from(heads.num_kv_heads());
     let work_items = |tile: u32| kv_heads * count_tiles(reqs, u64::from(group), tile, u32::MAX);
-    let live = reqs.iter().filter(|r| r.qo_len > 0);
+    let (packed_rows, requests) = packed_rows_and_requests(batch);
     let input = TileInput {
-        packed_rows: live
-            .clone()
-            .map(|r| u64::from(r.qo_len) * u64::from(group))
-            .sum(),
-        requests: live.count() as u64,
+        packed_rows,
+        requests,
         group_size: group,
         page_size: batch.kv().page_size(),
         head_dim_qk: heads.head_dim(),

@@ -186,16 +186,8 @@ pub enum PrefillKernel {
 /// not depend on the other requests, so there it is 128 rows whatever the batch, as the tile
 /// function's long-prompt tile is at head dims 64 and 128.
 fn auto_plans_fa3_tile(arch: Arch, batch: &Batch, batch_invariant: bool) -> bool {
-    let heads = batch.heads();
-    let group = u64::from(heads.group_size());
-    let lens = batch
-        .qo_indptr()
-        .windows(2)
-        .map(|w| u64::try_from(w[1] - w[0]).unwrap_or(0));
-    let (rows, requests) = lens
-        .filter(|&n| n > 0)
-        .fold((0u64, 0u64), |(r, n), len| (r + len * group, n + 1));
-    heads.head_dim() == 256
+    let (rows, requests) = plan::packed_rows_and_requests(batch);
+    batch.heads().head_dim() == 256
         && matches!(dispatch::arch_class(arch), Ok(ArchClass::Sm90a))
         && (batch_invariant || plan::cta_tile_q(rows, requests, 128) == FA3_QUERY_TILE)
 }
