@@ -447,16 +447,27 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
         }
         named_sync(1, kWarpgroupThreads);
         // K and V rows in one loop: each key's offset is read once for both (the producer's
-        // instructions compete with the consumers' softmax for issue slots). K's arrival also
-        // waits for V's copies, which land together. Keys past the item's end are zero-filled:
-        // P is 0 there, and 0 * V must not be NaN.
+        // instructions compete with the consumers' softmax for issue slots, so the loop keeps
+        // to a load, two 64-bit adds and the copies a row). K's arrival also waits for V's
+        // copies, which land together. Keys past the item's end are zero-filled: P is 0 there,
+        // and 0 * V must not be NaN. Where a pass is a multiple of 8 rows, row r % 8 and so the
+        // swizzle is the same every pass: the unit's offset steps by a constant.
+        const unsigned k_at = smem_u32(kt), v_at = smem_u32(vt);
+        const char* k_unit = k + u * 16;
+        const char* v_unit = v + u * 16;
+        // Opaque, so the compiler adds each row's offset to them (two adds) rather than
+        // re-associating it with u * 16 and then with each base (three).
+        asm("" : "+l"(k_unit));
+        asm("" : "+l"(v_unit));
+        const unsigned at0 = sw128_offset<D>(kTileKv, r0, u);
         #pragma unroll 4
         for (unsigned i = 0; i < kTileKv / kRowsPerPass; ++i) {
           const unsigned r = r0 + i * kRowsPerPass;
-          const unsigned long long o = offs[r] + u * 16;
-          const unsigned at = sw128_offset<D>(kTileKv, r, u);
-          cp_async_16(smem_u32(kt + at), k + o, r < live);
-          cp_async_16(smem_u32(vt + at), v + o, r < live);
+          const unsigned long long o = offs[r];
+          const unsigned at = kRowsPerPass % 8 == 0 ? at0 + i * kRowsPerPass * 128
+                                                    : sw128_offset<D>(kTileKv, r, u);
+          cp_async_16(k_at + at, k_unit + o, r < live);
+          cp_async_16(v_at + at, v_unit + o, r < live);
         }
         mbar_arrive_on_copies(k_full(s));
         mbar_arrive_on_copies(v_full(s));
