@@ -20,12 +20,19 @@
 #     split-ov:FERRINFER_KERNEL_DIR=/tmp/split/kernels/cuda,FERRINFER_SM90_OVERLAP=1
 set -uo pipefail
 if [ $# -lt 4 ]; then
-  sed -n '8,15p' "$0" >&2
+  sed -n '2,/^set /{/^#/p}' "$0" >&2  # this header
   exit 2
 fi
 out=$1 rounds=$2 filter=$3
 shift 3
 builds=("$@")
+names=()
+for b in "${builds[@]}"; do names+=("${b%%:*}"); done
+# A name is its runs' file prefix: two builds of one name would overwrite each other's rows.
+if [ "$(printf '%s\n' "${names[@]}" | sort | uniq -d)" ]; then
+  echo "ab.sh: build names must differ: ${names[*]}" >&2
+  exit 2
+fi
 warm=${WARM_MS:-1000} timed=${TIME_MS:-2000}
 mkdir -p "$out"
 run_build() {  # run_build BUILD ROUND
@@ -54,6 +61,4 @@ for r in $(seq 1 "$rounds"); do
     run_build "$b" "$r" || echo "ab.sh: build '${b%%:*}' round $r failed (see its log)" >&2
   done
 done
-names=()
-for b in "${builds[@]}"; do names+=("${b%%:*}"); done
 python3 "$(dirname "$0")/ab_table.py" "$out" "${names[@]}" | tee "$out/ab.txt"
