@@ -9,7 +9,8 @@
 #   bench/ab.sh OUTDIR ROUNDS FILTER BUILD [BUILD...]
 # FILTER is ferrinfer-bench's --filter list. A BUILD is NAME or NAME:VAR=VALUE[,VAR=VALUE...]: the
 # variables are set for that build's runs; BENCH=PATH picks its binary (.gpu/bin/ferrinfer-bench
-# by default). Each build has its own NVRTC cache. Environment: WARM_MS (1000), TIME_MS (2000).
+# by default). Each build has its own NVRTC cache. Environment: WARM_MS (1000), TIME_MS (2000),
+# IMPLS (ferrinfer-bench's --impls: the rows timed, e.g. ferrinfer-fa3; all when unset).
 # Writes OUTDIR/NAME-ROUND.{json,log} and OUTDIR/ab.txt: each row's median over the rounds, per
 # build, and each build against the first.
 #
@@ -48,7 +49,7 @@ run_build() {  # run_build BUILD ROUND
       *) echo "ab.sh: '$v' in build '$1' is not VAR=VALUE" >&2; return 2 ;;
     esac
   done
-  env "${env_args[@]}" timeout 600 "$bench" --filter "$filter" --warm-ms "$warm" \
+  env "${env_args[@]}" timeout 600 "$bench" --filter "$filter" ${IMPLS:+--impls "$IMPLS"} --warm-ms "$warm" \
     --time-ms "$timed" --json "$out/$name-$2.json" > "$out/$name-$2.log" 2>&1
 }
 for r in $(seq 1 "$rounds"); do

@@ -40,7 +40,7 @@ use report::Row;
 use timing::{BenchResult, Schedule, Timing};
 
 const USAGE: &str = "usage: ferrinfer-bench [--filter SUBSTR[,SUBSTR...]] [--json PATH] \
-     [--kv-chunks N[,N...]] [--warm-ms MS] [--time-ms MS]";
+     [--impls IMPL[,IMPL...]] [--kv-chunks N[,N...]] [--warm-ms MS] [--time-ms MS]";
 /// Elements of each buffer of the copy ceiling: 1024^3 bf16 (2 GiB), as the anchor copies.
 const COPY_ELEMS: usize = 1 << 30;
 
@@ -50,6 +50,9 @@ struct Args {
     /// Run only the configurations whose key contains one of these (comma-separated); all when
     /// empty.
     filter: String,
+    /// Time only the rows of these implementations (`ferrinfer-fa3`, ...); all when empty. An
+    /// A/B of one kernel then spends no device time on the rows beside it.
+    impls: Vec<String>,
     /// Where to write the JSON results.
     json: Option<PathBuf>,
     /// KV chunk sizes each decode configuration is also timed with (forced splits).
@@ -66,6 +69,10 @@ impl Args {
                 .map_or(key.contains(f), |exact| key == exact)
         })
     }
+
+    fn times(&self, imp: &str) -> bool {
+        self.impls.is_empty() || self.impls.iter().any(|i| i == imp)
+    }
 }
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -74,6 +81,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         let mut value = || it.next().ok_or(format!("{a} needs a value"));
         match a.as_str() {
             "--filter" => args.filter = value()?,
+            "--impls" => args.impls = value()?.split(',').map(|i| i.trim().into()).collect(),
             "--json" => args.json = Some(PathBuf::from(value()?)),
             "--kv-chunks" => args.kv_chunks = kv_chunks(&value()?)?,
             "--warm-ms" => args.schedule.warm_ms = millis(&a, &value()?, 0.0)?,
@@ -204,6 +212,10 @@ fn main() -> ExitCode {
                 };
                 rows.push((report::chunk_impl(chunk), config));
             }
+        }
+        rows.retain(|(imp, _)| args.times(imp));
+        if rows.is_empty() {
+            continue;
         }
         // The inputs once for all the rows: the same data every row had from its seeds, without
         // making and uploading it again (a decode cache is half a billion elements, seconds of
@@ -412,6 +424,9 @@ mod tests {
             parse(&["--kv-chunks", "512,1024,512"]).unwrap().kv_chunks,
             [512, 1024]
         );
+        let only = parse(&["--impls", "ferrinfer-fa3, ferrinfer-auto"]).unwrap();
+        assert!(only.times("ferrinfer-auto") && !only.times("ferrinfer-fa2"));
+        assert!(a.times("ferrinfer-fa2"));
         let s = parse(&["--warm-ms", "1500", "--time-ms", "500"]).unwrap();
         assert_eq!((s.schedule.warm_ms, s.schedule.timed_ms), (1500.0, 500.0));
         assert_eq!(parse(&[]).unwrap().schedule, Schedule::default());
