@@ -7,6 +7,7 @@
 //!
 //! With CUBIN_DIR, each CUBIN is also written there (`cuobjdump -sass` reads them).
 
+use ferrinfer::Sm90Loop;
 use ferrinfer::attention::dispatch;
 use ferrinfer::device::SmResources;
 use ferrinfer::jit::{Arch, Jit, JitConfig};
@@ -51,7 +52,8 @@ fn report(
     if !line.contains(filter) {
         return Ok(());
     }
-    let k = dispatch::compile_with(jit, spec, cfg, arch)?;
+    let build = dispatch::build_loop_with(jit, spec, cfg, Sm90Loop::Default, arch)?;
+    let k = &build.kernel;
     if let Some(dir) = cubin_dir {
         std::fs::write(
             dir.join(format!("{}_{}.cubin", spec.name, cfg.name())),
@@ -62,6 +64,12 @@ fn report(
         "{line} {:>4} {:>7} B {:>7} B {:>6.2} s",
         k.stats.registers, k.stats.spill_stores, k.stats.spill_loads, k.seconds
     );
+    if let Some(o) = build.overlap_spilled {
+        println!(
+            "    in order: the overlapping loop spilled {} B stores, {} B loads at {} registers",
+            o.spill_stores, o.spill_loads, o.registers
+        );
+    }
     // ptxas' warnings under the line, and its "Potential Performance Loss" infos (C7515: wgmma
     // serialized, every MMA waited for at once), which it prints as infos.
     for warning in k

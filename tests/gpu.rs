@@ -483,6 +483,58 @@ fn gpu_sm90_prefill() {
     check_with::<LlamaRope, bf16>(&gpu, &rope, &case, &[PlanConfig::default()]);
 }
 
+/// FA3's long prompts' K/V tile at head dim 128 (176 keys, two stages, K and V copied on their
+/// own pipelines), Hopper only: forced (`KvTile::Long`) over ragged KV, causal and not, GQA 1, 4
+/// and 8, NHD and HND, both dtypes, with requests shorter than a tile, one without rows, a
+/// partial last tile (by cp.async) and split KV; variants whose build of it spills or loses the
+/// overlap (SoftCap, SlidingWindow, ALiBi) run the 128-key tile with its own maps; and Auto takes
+/// it for a batch of long requests.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_sm90_long_kv_tile() {
+    let gpu = gpu();
+    if not_hopper(&gpu) {
+        return;
+    }
+    let long = [PlanConfig {
+        kv_tile: KvTile::Long,
+        ..fa3()
+    }];
+    let mut n = 0;
+    for causal in [true, false] {
+        for group in [1, 4, 8] {
+            n += 1;
+            let case = Case {
+                heads: Heads::new(8, 8 / group, 128).unwrap(),
+                qo_lens: vec![300, 129, 0, 64, 200],
+                kv_lens: vec![700, 129, 50, 1000, 176],
+                page_size: None,
+                layout: alternate_layout(n),
+                causal,
+                decode: false,
+            };
+            check_with::<Standard, bf16>(&gpu, &Standard, &case, &long);
+            check_with::<Standard, f16>(&gpu, &Standard, &case, &long);
+            check_with::<SoftCap, f16>(&gpu, &SoftCap { cap: 5.0 }, &case, &long);
+            check_with::<Alibi, bf16>(&gpu, &Alibi::new(8), &case, &long);
+        }
+    }
+    // Few rows over long keys: the plan splits them (partials and the merge); a window.
+    let case = Case {
+        heads: Heads::new(32, 8, 128).unwrap(),
+        qo_lens: vec![1024, 100],
+        kv_lens: vec![4096, 5000],
+        page_size: None,
+        layout: KvLayout::Nhd,
+        causal: true,
+        decode: false,
+    };
+    check_with::<Standard, bf16>(&gpu, &Standard, &case, &long);
+    check_with::<SlidingWindow, f16>(&gpu, &SlidingWindow { window: 700 }, &case, &long);
+    // Auto: every request holds FA3_LONG_TILE_MIN_KV keys or more.
+    check_with::<Standard, bf16>(&gpu, &Standard, &case, &[PlanConfig::default()]);
+}
+
 /// The FA3 template forced at head dims 64 (128-key tiles, P V by m64n64k16) and 256 (64-key
 /// tiles, two stages, O as two n128 accumulators), Hopper only: the grid of [`sm90_grid`], and
 /// few query rows over long KV so that the plan splits it (partials of head_dim floats and the

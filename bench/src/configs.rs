@@ -181,7 +181,8 @@ pub fn standard() -> Vec<Config> {
 /// Rows the anchor has no key for (issue 9): the long causal prompt under a mask hook whose
 /// window covers it (`SlidingWindow` of 8192: the visible pairs, and so the FLOPs, of
 /// `prefill_single_s8192_causal`, which it should stay within 15% of), at head dims 64 and
-/// 256, and over pages of 64 and 128 keys.
+/// 256, over pages of 64 and 128 keys, and ragged requests of 2048 and 4096 keys (and 1024
+/// without the causal mask).
 pub fn ours_only() -> Vec<Config> {
     let causal = || prefill("", Storage::Single, (1, 8192, 8192), true, 0.0);
     vec![
@@ -213,6 +214,29 @@ pub fn ours_only() -> Vec<Config> {
             Storage::Paged(128),
             (16, 1024, 1024),
             true,
+            0.0,
+        ),
+        // Ragged requests between the anchor's 1024 and 8192 keys, where FA3's two K/V tiles at
+        // head dim 128 trade places (`KvTile`; the rule is `FA3_LONG_TILE_MIN_KV`).
+        prefill(
+            "prefill_ragged_b8_l2048_causal",
+            Storage::Ragged,
+            (8, 2048, 2048),
+            true,
+            0.0,
+        ),
+        prefill(
+            "prefill_ragged_b4_l4096_causal",
+            Storage::Ragged,
+            (4, 4096, 4096),
+            true,
+            0.0,
+        ),
+        prefill(
+            "prefill_ragged_b16_l1024_full",
+            Storage::Ragged,
+            (16, 1024, 1024),
+            false,
             0.0,
         ),
     ]
@@ -411,6 +435,9 @@ mod tests {
                 "prefill_single_s8192_causal_hd256",
                 "prefill_paged_b16_l1024_p64_causal",
                 "prefill_paged_b16_l1024_p128_causal",
+                "prefill_ragged_b8_l2048_causal",
+                "prefill_ragged_b4_l4096_causal",
+                "prefill_ragged_b16_l1024_full",
             ]
         );
         assert!(standard().iter().all(|c| !keys.contains(&c.key)));

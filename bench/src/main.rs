@@ -182,6 +182,18 @@ fn main() -> ExitCode {
         if cfg.kind == Kind::Prefill && hopper {
             rows.push((report::IMPL_FA3.into(), prefill(PrefillKernel::Fa3)));
             rows.push((report::IMPL_AUTO.into(), prefill(PrefillKernel::Auto)));
+            if cfg.head_dim == 128 && !matches!(cfg.storage, configs::Storage::Paged(_)) {
+                for (imp, kv_tile) in [
+                    (report::IMPL_FA3_K128, KvTile::Default),
+                    (report::IMPL_FA3_K176, KvTile::Long),
+                ] {
+                    let config = PlanConfig {
+                        kv_tile,
+                        ..prefill(PrefillKernel::Fa3)
+                    };
+                    rows.push((imp.into(), config));
+                }
+            }
         }
         if cfg.kind == Kind::Decode {
             rows.push((

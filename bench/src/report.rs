@@ -25,6 +25,11 @@ pub fn chunk_impl(chunk: u32) -> String {
 
 /// Prefill rows on the sm_90a (FA3) template, beside the FA2 rows of [`IMPL`] (Hopper only).
 pub const IMPL_FA3: &str = "ferrinfer-fa3";
+/// Prefill rows on FA3 with each of its K/V tiles at head dim 128 forced (`KvTile::Default`, 128
+/// keys; `KvTile::Long`, 176), over contiguous and ragged caches (Hopper only): Auto's choice
+/// between them ([`IMPL_AUTO`]) can be checked against both.
+pub const IMPL_FA3_K128: &str = "ferrinfer-fa3-k128";
+pub const IMPL_FA3_K176: &str = "ferrinfer-fa3-k176";
 /// Prefill rows with the template `PrefillKernel::Auto` picks (Hopper only, where it has a choice).
 pub const IMPL_AUTO: &str = "ferrinfer-auto";
 

@@ -53,22 +53,27 @@ struct Sm90Maps {
 };
 static_assert(sizeof(Sm90Maps) == 448, "Sm90Maps as kernels/src/abi.rs lays it out");
 
-// The FA3 template's shape at head dim D. A consumer holds O (D / 2 floats a thread), S
-// (kTileKv / 2) and P (kTileKv / 4) in its registers: at head dim 256, O is 128 floats, so the
-// K/V tile is 64 keys (S 32, P 16). Shared memory (227 KiB an SM): at 64, two Q slots and three
-// stages of 128-key K and V (128 KiB); at 128, one Q slot and three stages (224 KiB); at 256 the
-// Q tile alone is 64 KiB, so one Q slot and two stages of 64-key K and V (32 KiB each): 192 KiB.
-template <int D>
+// The FA3 template's shape at head dim D with K/V tiles of KV keys. A consumer holds O (D / 2
+// floats a thread), S (KV / 2) and P (KV / 4) in its registers: at head dim 256, O is 128 floats,
+// so the K/V tile is 64 keys (S 32, P 16). Shared memory (227 KiB an SM): at 64, two Q slots and
+// three stages of 128-key K and V (128 KiB); at 128, one Q slot and three stages (224 KiB), or
+// for long prompts two stages of 176 keys (208 KiB: FlashAttention-3's tile, fewer softmax
+// turns a key); at 256 the Q tile alone is 64 KiB, so one Q slot and two stages of 64-key K and
+// V (32 KiB each): 192 KiB. kernels/src/attention/prefill.rs picks KV (sm90_kv_tile).
+template <int D, int KV>
 struct PrefillSm90Shape {
   static_assert(D == 64 || D == 128 || D == 256,
                 "the sm90 prefill template is built for head dims 64, 128 and 256");
+  static_assert((D == 256 && KV == 64) || (D == 128 && (KV == 128 || KV == 176)) ||
+                    (D == 64 && KV == 128),
+                "K/V tiles: 128 keys at head dim 64, 128 or 176 at 128, 64 at 256");
   static constexpr int kTileQ = 128;  // two consumer warpgroups of 64 rows
-  static constexpr int kTileKv = D == 256 ? 64 : 128;
+  static constexpr int kTileKv = KV;
   // Three stages where they fit beside one Q tile (long rows gain more from the deeper K/V
   // pipeline than from a second Q slot: kernels/notes/fa3.md, v9 and v10). With two Q slots
   // (head dim 64) the next item's Q lands while this item's is read; with one it waits for both
   // consumers to finish this item's S.
-  static constexpr int kStages = D == 256 ? 2 : 3;
+  static constexpr int kStages = KV == 128 ? 3 : 2;
   static constexpr int kQSlots = D == 64 ? 2 : 1;
   static constexpr int kThreads = 3 * kWarpgroupThreads;
   // A row of a tile is D elements; a tile is stored as D / 64 column blocks of 64 elements (128
@@ -114,19 +119,21 @@ __device__ __forceinline__ constexpr unsigned sm90_k_step(unsigned rows, unsigne
 }
 
 // S (+)= Q K^T for the 64 rows of Q from `row` (of a tile of TQ rows) against a K tile of KV
-// keys: D / 16 steps of 16 dims, each one MMA as wide as the tile (m64n128k16 for 128 keys,
-// m64n64k16 for 64). The descriptors are made once and stepped by constants.
+// keys: D / 16 steps of 16 dims, each one MMA as wide as the tile (m64n176k16, m64n128k16 or
+// m64n64k16). The descriptors are made once and stepped by constants.
 template <bool BF16, int D, int TQ, int KV>
 __device__ __forceinline__ void sm90_qk(float (&s)[KV / 2], const unsigned char* q, unsigned row,
                                         const unsigned char* k) {
-  static_assert(KV == 64 || KV == 128, "K/V tiles of 64 or 128 keys");
+  static_assert(KV == 64 || KV == 128 || KV == 176, "K/V tiles of 64, 128 or 176 keys");
   const unsigned long long a0 = sm90_k_major(q, row), b0 = sm90_k_major(k, 0);
   #pragma unroll
   for (unsigned kk = 0; kk < D / 16; ++kk) {
     const unsigned long long a = wgmma_desc_at(a0, sm90_k_step(TQ, kk));
     const unsigned long long b = wgmma_desc_at(b0, sm90_k_step(KV, kk));
     // The first k-step overwrites S (no zeroing of the accumulators after the fence).
-    if constexpr (KV == 128) {
+    if constexpr (KV == 176) {
+      wgmma_ss_64x176x16<BF16, 0>(s, a, b, kk > 0);
+    } else if constexpr (KV == 128) {
       wgmma_ss_64x128x16<BF16, 0>(s, a, b, kk > 0);
     } else {
       wgmma_ss_64x64x16<BF16, 0>(s, a, b, kk > 0);
@@ -196,11 +203,11 @@ constexpr bool kSm90Overlap = FI_SM90_OVERLAP == 2 || (FI_SM90_OVERLAP == 1 && D
 #define FI_SM90_Q_TMA 1
 #endif
 
-template <class V, class P, class T, int D>
+template <class V, class P, class T, int D, int KV>
 __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps) {
   static_assert(!V::kHasQuery && !V::kHasKey,
                 "query and key hooks run on the FA2 template (the dispatcher picks it)");
-  using Sh = PrefillSm90Shape<D>;
+  using Sh = PrefillSm90Shape<D, KV>;
   constexpr int kTileQ = Sh::kTileQ, kTileKv = Sh::kTileKv;
   constexpr bool kBf16 = kIsBf16<T>;
 
@@ -400,50 +407,77 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
         if (maps.tma != 0 && (it.kv.block_size == 0 || j0 % maps.rows_per_copy == 0) &&
             j0 + kTileKv <= it.kv.len) {
           if (pt == 0) {
-            wait_stages();
-            // The stage may last have been written by cp.async (the generic proxy): order those
-            // writes before the async proxy's.
-            fence_proxy_async();
             const int head = static_cast<int>(w.kv_head);
-            mbar_arrive_expect_tx(k_full(s), Sh::kKvBytes);
-            mbar_arrive_expect_tx(v_full(s), Sh::kKvBytes);
-            if (it.kv.block_size == 0) {
-              // A ragged block id is its first token: the tile is rows id + j0 on.
-              const int row = it.kv.blocks[0] + static_cast<int>(j0);
-              #pragma unroll
-              for (int cb = 0; cb < D / 64; ++cb) {
-                tma_load_3d(kt + cb * kTileKv * 128, &maps.k, k_full(s), cb * 64, head, row);
-                tma_load_3d(vt + cb * kTileKv * 128, &maps.v, v_full(s), cb * 64, head, row);
-              }
-            } else {
-              // A page (or a tile's share of one) a copy: rows_per_copy rows from slot j % page.
-              const unsigned per = maps.rows_per_copy, bs = it.kv.block_size;
-              for (unsigned r = 0; r < static_cast<unsigned>(kTileKv); r += per) {
-                const unsigned j = j0 + r;
-                const int page = it.kv.blocks[j / bs], slot = static_cast<int>(j % bs);
+            // The tile's K (with_k) and V (with_v) copies, a column block (and a page) at a time,
+            // K's and V's of each block in turn.
+            auto copy = [&](bool with_k, bool with_v) {
+              if (it.kv.block_size == 0) {
+                // A ragged block id is its first token: the tile is rows id + j0 on.
+                const int row = it.kv.blocks[0] + static_cast<int>(j0);
                 #pragma unroll
                 for (int cb = 0; cb < D / 64; ++cb) {
-                  const unsigned at = cb * kTileKv * 128 + r * 128;
-                  tma_load_4d(kt + at, &maps.k, k_full(s), cb * 64, head, slot, page);
-                  tma_load_4d(vt + at, &maps.v, v_full(s), cb * 64, head, slot, page);
+                  const unsigned at = cb * kTileKv * 128;
+                  if (with_k) tma_load_3d(kt + at, &maps.k, k_full(s), cb * 64, head, row);
+                  if (with_v) tma_load_3d(vt + at, &maps.v, v_full(s), cb * 64, head, row);
+                }
+              } else {
+                // A page (or a tile's share of one) a copy: rows_per_copy rows from slot j % page.
+                const unsigned per = maps.rows_per_copy, bs = it.kv.block_size;
+                for (unsigned r = 0; r < static_cast<unsigned>(kTileKv); r += per) {
+                  const unsigned j = j0 + r;
+                  const int page = it.kv.blocks[j / bs], slot = static_cast<int>(j % bs);
+                  #pragma unroll
+                  for (int cb = 0; cb < D / 64; ++cb) {
+                    const unsigned at = cb * kTileKv * 128 + r * 128;
+                    if (with_k) tma_load_4d(kt + at, &maps.k, k_full(s), cb * 64, head, slot, page);
+                    if (with_v) tma_load_4d(vt + at, &maps.v, v_full(s), cb * 64, head, slot, page);
+                  }
                 }
               }
+            };
+            // Each copy waits for its stage's barrier first; a stage may last have been written
+            // by cp.async (the generic proxy): the fence orders those writes before the async
+            // proxy's.
+            if constexpr (Sh::kStages == 2) {
+              // K and V on their own pipelines: K's stage is free once S is done, a turn before
+              // V's (freed after P V, which the overlapped loop waits for after the next tile's
+              // softmax), so K is copied as soon as its stage is free. With two stages, waiting
+              // for both put every tile's load on the consumers' path (the 176-key tile ran 0.77
+              // of the 128-key one that way; split, 1.02-1.03: kernels/notes/fa3.md, session 23).
+              if (gt >= Sh::kStages) mbar_wait(k_empty(s), phase(gt - Sh::kStages));
+              fence_proxy_async();
+              mbar_arrive_expect_tx(k_full(s), Sh::kKvBytes);
+              copy(true, false);
+              mbar_arrive_n(k_full(s), kWarpgroupThreads - 1);
+              if (gt >= Sh::kStages) mbar_wait(v_empty(s), phase(gt - Sh::kStages));
+              fence_proxy_async();
+              mbar_arrive_expect_tx(v_full(s), Sh::kKvBytes);
+              copy(false, true);
+              mbar_arrive_n(v_full(s), kWarpgroupThreads - 1);
+            } else {
+              // Three stages hide the wait for both (split, the 128-key tile measured 0.97-1.0).
+              wait_stages();
+              fence_proxy_async();
+              mbar_arrive_expect_tx(k_full(s), Sh::kKvBytes);
+              mbar_arrive_expect_tx(v_full(s), Sh::kKvBytes);
+              copy(true, true);
+              mbar_arrive_n(k_full(s), kWarpgroupThreads - 1);
+              mbar_arrive_n(v_full(s), kWarpgroupThreads - 1);
             }
-            mbar_arrive_n(k_full(s), kWarpgroupThreads - 1);
-            mbar_arrive_n(v_full(s), kWarpgroupThreads - 1);
           }
           __syncwarp();  // warp 0 whole again before its next aligned barrier
           continue;
         }
         if (pt == 0) wait_stages();
         __syncwarp();
-        // One page lookup a key: thread pt finds key pt's byte offset (threads past a 64-key
-        // tile have none: the slot holds kTileKv entries; a constant test for 128 keys).
+        // One page lookup a key: thread pt finds the byte offsets of keys pt, pt + 128, ... (of
+        // a 64-key tile, threads past it have none; a constant loop count for 128 keys).
         const unsigned live = min(it.keys.stop - j0, static_cast<unsigned>(kTileKv));
         // Slots by cp.async tile (TMA tiles have no barrier between them to separate readers).
         unsigned long long* const offs = key_off + (co++ % Sh::kOffsetSlots) * kTileKv;
-        if (kTileKv >= static_cast<int>(kWarpgroupThreads) || pt < static_cast<unsigned>(kTileKv)) {
-          offs[pt] = pt < live ? it.kv.offset(j0 + pt, w.kv_head) * sizeof(T) : 0ull;
+        #pragma unroll
+        for (unsigned r = pt; r < static_cast<unsigned>(kTileKv); r += kWarpgroupThreads) {
+          offs[r] = r < live ? it.kv.offset(j0 + r, w.kv_head) * sizeof(T) : 0ull;
         }
         named_sync(1, kWarpgroupThreads);
         // K and V rows in one loop: each key's offset is read once for both (the producer's

@@ -6,7 +6,8 @@
 //! one a warp, merged in shared memory at the end; the plan picks one form or the other per batch
 //! (see [`tiles`]). On sm_90a the 128-row tile also has an
 //! FA3 form at every head dim (`cuda/attention/prefill_sm90.cuh`, `PrefillSm90Shape`): the
-//! instances whose K/V tile is [`sm90_kv_tile`] of their head dim, which [`sm90_form`] names.
+//! instances whose K/V tile is [`sm90_kv_tile`] of their head dim, which [`sm90_form`] names, and
+//! at head dim 128 a second one for long prompts ([`sm90_long_kv_tile`], [`sm90_long_form`]).
 
 use super::Family;
 use super::tiles::{MAX_REGISTERS, SmResidency, TileInput, Tiles, query_tile};
@@ -46,8 +47,9 @@ pub const FAMILY: Family = Family {
     head_dims: &HEAD_DIMS,
     query_tiles: &[0, 16, 64, 128],
     // 32 and 64 for FA2 (0: its default), 16 at its one-warp 16-row tile; 128 for FA3 at head
-    // dims 64 and 128 (at 256 its tile is 64, which FA2 leaves to it there: see `check_tiles`).
-    kv_tiles: &[0, NARROW_KV_TILE, 32, 64, 128],
+    // dims 64 and 128, and 176 at 128 for long prompts (at 256 its tile is 64, which FA2 leaves
+    // to it there: see `check_tiles`).
+    kv_tiles: &[0, NARROW_KV_TILE, 32, 64, 128, SM90_LONG_KV_TILE],
     // One warp along the keys (0), or two at the 16-row tile (see `check_tiles`).
     kv_warps: &[0, SHORT_TILE_KV_WARPS],
     tiles,
@@ -108,11 +110,35 @@ pub const fn sm90_kv_tile(head_dim: u32) -> Option<u32> {
     }
 }
 
-/// K/V stages of the sm_90a template (`PrefillSm90Shape::kStages`): three where they fit beside
-/// one Q tile, two at head dim 256 (a Q tile of 64 KiB and two stages of 64-key K and V, 32 KiB
-/// each, fill the shared memory).
-const fn sm90_stages(head_dim: u32) -> u32 {
-    if head_dim == 256 { 2 } else { 3 }
+/// Keys per K/V tile of the sm_90a template's second instance at head dim 128, for long prompts:
+/// FlashAttention-3's tile there (S is 88 floats a thread, P 44). Two stages of it fit beside
+/// the Q tile (208 KiB), and it takes fewer softmax turns a key; it pays where the prompts are
+/// long and K and V come by TMA (the runtime's choice: `PrefillKernel`'s docs), and costs more
+/// masked keys and a cp.async tail on short ones. Measured on an H200 against the 128-key tile
+/// in the same call (kernels/notes/fa3.md, session 23): s8192 full 1.015, causal 1.030; ragged
+/// b16 l1024 causal 0.946, pages of 64 (whose copies a 176-key tile misaligns) 0.903.
+///
+/// ```
+/// use ferrinfer_kernels::attention::prefill::sm90_long_kv_tile;
+/// assert_eq!(sm90_long_kv_tile(128), Some(176));
+/// assert_eq!(sm90_long_kv_tile(64), None);
+/// assert_eq!(sm90_long_kv_tile(256), None);
+/// ```
+pub const fn sm90_long_kv_tile(head_dim: u32) -> Option<u32> {
+    match head_dim {
+        128 => Some(SM90_LONG_KV_TILE),
+        _ => None,
+    }
+}
+
+/// [`sm90_long_kv_tile`] at head dim 128.
+const SM90_LONG_KV_TILE: u32 = 176;
+
+/// K/V stages of the sm_90a template (`PrefillSm90Shape::kStages`): three of 128-key tiles beside
+/// one Q tile; two of the others (at head dim 256 a Q tile of 64 KiB and two stages of 64-key K
+/// and V, 32 KiB each, fill the shared memory; at 128, two of 176 keys, 44 KiB each).
+const fn sm90_stages(kv_tile: u32) -> u32 {
+    if kv_tile == 128 { 3 } else { 2 }
 }
 
 /// Q tiles of the sm_90a template (`PrefillSm90Shape::kQSlots`): two at head dim 64, so the next
@@ -140,7 +166,9 @@ pub fn takes_sm90_maps(cfg: &KernelConfig) -> bool {
 }
 
 fn is_sm90(cfg: &KernelConfig) -> bool {
-    cfg.kv_tile != 0 && sm90_kv_tile(cfg.head_dim_qk) == Some(cfg.kv_tile)
+    let hd = cfg.head_dim_qk;
+    cfg.kv_tile != 0
+        && (sm90_kv_tile(hd) == Some(cfg.kv_tile) || sm90_long_kv_tile(hd) == Some(cfg.kv_tile))
 }
 
 /// The sm_90a template's tile exists only in its one form, FA2 has 32- and 64-key tiles, and
@@ -177,9 +205,13 @@ fn check_tiles(cfg: &KernelConfig) -> Result<(), String> {
              at its one-warp 16-row tile), and the sm_90a template {} (asked: {})",
             cfg.kv_tile,
             cfg.head_dim_qk,
-            match sm90_kv_tile(cfg.head_dim_qk) {
-                Some(k) => format!("{k} on sm_90a"),
-                None => "none at this head dim".to_string(),
+            match (
+                sm90_kv_tile(cfg.head_dim_qk),
+                sm90_long_kv_tile(cfg.head_dim_qk)
+            ) {
+                (Some(k), Some(long)) => format!("{k} and {long} on sm_90a"),
+                (Some(k), None) => format!("{k} on sm_90a"),
+                _ => "none at this head dim".to_string(),
             },
             cfg.name()
         ));
@@ -191,7 +223,7 @@ fn check_tiles(cfg: &KernelConfig) -> Result<(), String> {
 /// head dims 64, 128 and 256, same element types, with the K/V tile [`sm90_kv_tile`] gives. It
 /// reads the same work list (128-row items) and writes the same results as the FA2 instance,
 /// for variants without query or key hooks (the runtime keeps those on FA2). An FA3 instance is
-/// its own form.
+/// its own form (with either of its K/V tiles at head dim 128).
 ///
 /// ```
 /// use ferrinfer_kernels::attention::prefill::sm90_form;
@@ -209,7 +241,8 @@ fn check_tiles(cfg: &KernelConfig) -> Result<(), String> {
 /// assert_eq!(sm90_form(&short), None);
 /// ```
 pub fn sm90_form(cfg: &KernelConfig) -> Option<KernelConfig> {
-    let kv_tile = sm90_kv_tile(cfg.head_dim_qk)?;
+    let default = sm90_kv_tile(cfg.head_dim_qk)?;
+    let kv_tile = if is_sm90(cfg) { cfg.kv_tile } else { default };
     let offered = cfg.kind == KernelKind::Prefill
         && cfg.arch == ArchClass::Sm90a
         && cfg.head_dim_vo == cfg.head_dim_qk
@@ -220,6 +253,33 @@ pub fn sm90_form(cfg: &KernelConfig) -> Option<KernelConfig> {
         kv_tile,
         ..*cfg
     })
+}
+
+/// The FA3 form of a prefill instance with the long prompts' K/V tile ([`sm90_long_kv_tile`]),
+/// where the head dim has one: [`sm90_form`] with 176 keys at head dim 128.
+///
+/// ```
+/// use ferrinfer_kernels::attention::prefill::{sm90_form, sm90_long_form};
+/// use ferrinfer_kernels::{ArchClass, DType, InstanceTiles, KernelConfig, KernelKind};
+///
+/// let tiles = InstanceTiles { cta_tile_q: 128, ..InstanceTiles::default() };
+/// let fa2 = KernelConfig::new(KernelKind::Prefill, 128, DType::Bf16, ArchClass::Sm90a)
+///     .with_tiles(tiles);
+/// let long = sm90_long_form(&fa2).unwrap();
+/// assert_eq!(long.name(), "prefill_hd128_bf16_q128_k176_sm90a");
+/// assert_eq!(sm90_form(&long), Some(long));
+/// assert_eq!(sm90_long_form(&sm90_form(&fa2).unwrap()), Some(long));
+/// let hd64 = KernelConfig { head_dim_qk: 64, head_dim_vo: 64, ..fa2 };
+/// assert_eq!(sm90_long_form(&hd64), None);
+/// ```
+pub fn sm90_long_form(cfg: &KernelConfig) -> Option<KernelConfig> {
+    let kv_tile = sm90_long_kv_tile(cfg.head_dim_qk)?;
+    sm90_form(cfg).map(|f| KernelConfig { kv_tile, ..f })
+}
+
+/// Whether `cfg` is an FA3 instance with the long prompts' K/V tile.
+pub fn is_sm90_long(cfg: &KernelConfig) -> bool {
+    cfg.kv_tile != 0 && sm90_long_kv_tile(cfg.head_dim_qk) == Some(cfg.kv_tile) && is_sm90(cfg)
 }
 
 /// The consumers' loop of an FA3 build. Both loops read the same work list and maps, with the
@@ -325,7 +385,7 @@ impl Shape {
     /// stage's K full, V full, K empty and V empty) and the work item slots.
     fn sm90(head_dim: u32, kv_tile: u32) -> Self {
         let q_slots = sm90_q_slots(head_dim);
-        let stages = sm90_stages(head_dim);
+        let stages = sm90_stages(kv_tile);
         let rows = q_slots * SM90_TILE_Q + 2 * stages * kv_tile;
         let barriers = 2 * q_slots + 4 * stages;
         Shape {
@@ -752,7 +812,7 @@ fn narrow_tiles(hd: u32, instance: InstanceTiles, sm: &dyn SmResidency) -> Tiles
 
 /// Each query tile (16, 64, 128) of each head dim and dtype, each followed by its wide-K/V-tile
 /// or two-warp instance where the tile function may choose it on SMs like `sm`, and on sm_90a by
-/// its FA3 form where it has one.
+/// its FA3 forms where it has them (the long prompts' one too at head dim 128).
 fn instances(arch: ArchClass, sm: &dyn SmResidency) -> Vec<KernelConfig> {
     let mut all = FAMILY.each_instance(arch, &[16, 64, 128], |cfg| {
         let wide = wide_kv_tile(cfg).filter(|w| wide_kv_tile_pays(&Shape::of(w), sm));
@@ -766,17 +826,17 @@ fn instances(arch: ArchClass, sm: &dyn SmResidency) -> Vec<KernelConfig> {
     let sm90: Vec<_> = all
         .iter()
         .filter(|c| c.kv_tile == 0)
-        .filter_map(sm90_form)
+        .flat_map(|c| sm90_form(c).into_iter().chain(sm90_long_form(c)))
         .collect();
     all.extend(sm90);
     all
 }
 
 /// `TILE_Q, TILE_KV` of the FA2 template, then `KV_WARPS` where there are two warps along the
-/// keys (the other instances keep the default, 1, and their source).
+/// keys (the other instances keep the default, 1, and their source); the FA3 template's `KV`.
 fn template_args(cfg: &KernelConfig) -> String {
     if is_sm90(cfg) {
-        return String::new();
+        return format!(", {}", cfg.kv_tile);
     }
     match Shape::of(cfg).kv_warps {
         1 => format!(", {}, {}", tile_q(cfg), kv_tile(cfg)),
@@ -1285,8 +1345,11 @@ mod tests {
         // 18 FA2 tiles, the two-warp 16-row tile where it keeps as many warps an SM (Hopper:
         // head dims 64 and 128; A100: every head dim), the narrow 16-row tile of head dim 128
         // (both dtypes), the 64-key tile of both dtypes, and the FA3 form of each head dim and
-        // dtype.
-        assert_eq!((a100.len(), hopper.len()), (18 + 6 + 2, 18 + 4 + 2 + 2 + 6));
+        // dtype, with the long prompts' form at head dim 128.
+        assert_eq!(
+            (a100.len(), hopper.len()),
+            (18 + 6 + 2, 18 + 4 + 2 + 2 + 6 + 2)
+        );
         let narrow = |c: &&KernelConfig| c.kv_tile == NARROW_KV_TILE;
         assert!(
             hopper
@@ -1312,13 +1375,21 @@ mod tests {
             assert_eq!(FAMILY.check(c), Ok(()), "{}", c.name());
         }
         let fa3: Vec<_> = hopper.iter().filter(|c| is_sm90(c)).collect();
-        assert_eq!(fa3.len(), 6);
+        assert_eq!(fa3.len(), 8);
+        assert_eq!(fa3.iter().filter(|c| is_sm90_long(c)).count(), 2);
         for hd in crate::HEAD_DIMS {
-            let at: Vec<_> = fa3.iter().filter(|c| c.head_dim_qk == hd).collect();
+            let at: Vec<_> = fa3
+                .iter()
+                .filter(|c| c.head_dim_qk == hd && !is_sm90_long(c))
+                .collect();
             assert_eq!(at.len(), 2, "both dtypes at head dim {hd}");
             assert!(at.iter().all(|c| c.cta_tile_q == 128
                 && Some(c.kv_tile) == sm90_kv_tile(hd)
                 && sm90_form(c) == Some(***c)));
+            let long = fa3
+                .iter()
+                .filter(|c| c.head_dim_qk == hd && is_sm90_long(c));
+            assert_eq!(long.count(), if hd == 128 { 2 } else { 0 });
         }
         // No FA2 instance is taken for the FA3 template, and every name is its own.
         assert!(a100.iter().all(|c| !is_sm90(c)));
@@ -1382,7 +1453,7 @@ mod tests {
             // Within an H100/H200 SM's opt-in shared memory (227 KiB).
             assert!(shared <= 227 * 1024, "{name}: {shared}");
             assert_eq!(launch_bounds(&fa3), "384, 1");
-            assert_eq!(template_args(&fa3), "");
+            assert_eq!(template_args(&fa3), format!(", {kv_tile}"));
             assert_eq!((FAMILY.header)(&fa3), "attention/prefill_sm90.cuh");
             assert_eq!((FAMILY.function)(&fa3), "fi::prefill_sm90");
             // Another arch, a shorter tile, unequal head dims or a K/V type: no form.
@@ -1430,6 +1501,29 @@ mod tests {
             [300, 1, 1]
         );
         assert_eq!(sm90_form(&sm90a(96, 128, 0)), None);
+        // The long prompts' form at head dim 128: one Q slot and two stages of 176-key K and V
+        // (44 KiB each; ten barriers, three item slots), under the opt-in 227 KiB.
+        let long = sm90_long_form(&sm90a(128, 128, 0)).unwrap();
+        assert_eq!(long.name(), "prefill_hd128_bf16_q128_k176_sm90a");
+        assert!(is_sm90(&long) && is_sm90_long(&long) && !is_sm90_long(&fa3));
+        assert_eq!(FAMILY.check(&long), Ok(()));
+        let shared = 32_768 + 4 * 45_056 + 2 * 176 * 8 + 80 + 3 * 128;
+        assert_eq!(launch_dims(&long, &args(300, 132)).shared_bytes, shared);
+        assert!(shared <= 227 * 1024);
+        assert_eq!(template_args(&long), ", 176");
+        assert_eq!(sm90_long_form(&fa3), Some(long));
+        assert_eq!(sm90_long_form(&sm90a(128, 64, 0)), None);
+        // Elsewhere the 176-key tile is refused: the 64-row tile, head dim 64, sm_80.
+        for bad in [
+            sm90a(128, 64, 176),
+            sm90a(64, 128, 176),
+            KernelConfig {
+                arch: ArchClass::Sm80,
+                ..long
+            },
+        ] {
+            assert!(FAMILY.check(&bad).is_err(), "{}", bad.name());
+        }
         // FA2 keeps its tiles: 64 keys at head dims 64 and 128 is FA2's, 128 keys at head dim
         // 256 is nobody's.
         assert!(!is_sm90(&sm90a(128, 128, 64)));

@@ -4,14 +4,16 @@
 
 use std::sync::Arc;
 
-use ferrinfer_kernels::attention::prefill::{Sm90Loop, sm90_form, sm90_in_order, sm90_overlaps};
+use ferrinfer_kernels::attention::prefill::{
+    Sm90Loop, is_sm90_long, sm90_form, sm90_in_order, sm90_overlaps,
+};
 use ferrinfer_kernels::{ArchClass, DType, HEAD_DIMS, KernelConfig, KernelKind, VariantSource};
 
 use crate::attention::launch::{self, Kernel};
 use crate::attention::tma;
 use crate::device::gpu::{Gpu, SmResources};
 use crate::error::{Error, Result};
-use crate::jit::{Arch, CompiledKernel, Jit};
+use crate::jit::{Arch, CompiledKernel, Jit, KernelStats};
 use crate::variant::VariantSpec;
 use crate::variant::params::cuda_struct;
 
@@ -148,10 +150,12 @@ pub fn build_name(cfg: &KernelConfig, lp: Sm90Loop) -> String {
     }
 }
 
-/// [`loops`] given `FERRINFER_SM90_OVERLAP`'s value (`Some(overlap)`).
+/// [`loops`] given `FERRINFER_SM90_OVERLAP`'s value (`Some(overlap)`). The long prompts' FA3
+/// tile runs only over TMA tiles, in the default loop (the runtime takes the 128-key tile where
+/// its overlap spills), so it has that build alone.
 fn loops_with(cfg: &KernelConfig, forced: Option<bool>) -> Vec<Sm90Loop> {
     let mut loops = vec![Sm90Loop::Default];
-    if sm90_form(cfg) == Some(*cfg) {
+    if sm90_form(cfg) == Some(*cfg) && !is_sm90_long(cfg) {
         for tma_tiles in [true, false] {
             let lp = loop_of(cfg, tma::choose_loop(cfg.head_dim_qk, tma_tiles, forced));
             if !loops.contains(&lp) {
@@ -186,6 +190,31 @@ pub fn compile_loop_with(
     lp: Sm90Loop,
     arch: Arch,
 ) -> Result<Arc<CompiledKernel>> {
+    build_loop_with(jit, spec, cfg, lp, arch).map(|b| b.kernel)
+}
+
+/// What [`build_loop_with`] built: the kernel, and whether it is the in-order form of an FA3
+/// build that was asked to overlap.
+#[derive(Clone, Debug)]
+pub struct Build {
+    /// The kernel the runtime launches for this build.
+    pub kernel: Arc<CompiledKernel>,
+    /// ptxas' numbers for the overlapping form when it spilled, so `kernel` is the in-order
+    /// build (measured 8-13% slower on long prompts: kernels/notes/fa3.md), or for the long
+    /// prompts' tile the spilling build itself, which the runtime does not run; `None`
+    /// otherwise.
+    pub overlap_spilled: Option<KernelStats>,
+}
+
+/// [`compile_loop_with`], saying whether an overlapping FA3 build fell back to the in-order
+/// loop (a variant author's check should show it: its kernel then has no spills, but is slower).
+pub fn build_loop_with(
+    jit: &Jit,
+    spec: &VariantSpec,
+    cfg: &KernelConfig,
+    lp: Sm90Loop,
+    arch: Arch,
+) -> Result<Build> {
     check_supported(cfg, arch)?;
     supports(spec, cfg)?;
     let params = cuda_struct(spec.params);
@@ -199,39 +228,60 @@ pub fn compile_loop_with(
     )
     .map_err(|e| Error::unsupported(format!("{} for {}: {e}", cfg.name(), spec.name)))?;
     if loop_of(cfg, lp) == Sm90Loop::InOrder {
-        return jit.compile(&sm90_in_order(&tu), arch);
+        let kernel = jit.compile(&sm90_in_order(&tu), arch)?;
+        return Ok(Build {
+            kernel,
+            overlap_spilled: None,
+        });
     }
     let k = jit.compile(&tu, arch)?;
     // An FA3 build that spills with the consumers' overlap is rebuilt with them in order (heavy
-    // hooks fit then); [`kernel`] falls back to FA2 if that one spills too.
+    // hooks fit then); [`kernel`] falls back to FA2 if that one spills too. Not the long
+    // prompts' tile: in order it would lose what the wider tile gains, so [`kernel`] takes the
+    // 128-key tile instead, and this build stays the spilling one.
     if spills(&k) && sm90_form(cfg) == Some(*cfg) {
-        return jit.compile(&sm90_in_order(&tu), arch);
+        let kernel = if is_sm90_long(cfg) {
+            k.clone()
+        } else {
+            jit.compile(&sm90_in_order(&tu), arch)?
+        };
+        return Ok(Build {
+            kernel,
+            overlap_spilled: Some(k.stats),
+        });
     }
-    Ok(k)
+    Ok(Build {
+        kernel: k,
+        overlap_spilled: None,
+    })
 }
 
 fn spills(k: &CompiledKernel) -> bool {
     k.stats.spill_stores > 0 || k.stats.spill_loads > 0
 }
 
-/// The loaded kernel and its merge pass for this variant, config and FA3 loop, or for `fallback`
-/// when the variant's build of `cfg` spills registers (the wide K/V tile's fallback, from the
-/// plan's tiles). `cfg.arch` must be the device's class (see [`config`]).
+/// The loaded kernel and its merge pass for this variant, config and FA3 loop, or for the first
+/// of `fallbacks` whose build spills no registers where the ones before do (the long prompts'
+/// FA3 tile counts as spilling when its overlap does: [`build_loop_with`]). The last candidate is
+/// taken as it is. `cfg.arch` must be the device's class (see [`config`]).
 pub(crate) fn kernel(
     gpu: &Gpu,
     spec: &VariantSpec,
     cfg: &KernelConfig,
     lp: Sm90Loop,
-    fallback: Option<&KernelConfig>,
+    fallbacks: &[KernelConfig],
 ) -> Result<Kernel> {
     let arch = gpu.arch();
     check_supported(cfg, arch)?;
     // Keyed by what was asked for: the spill test runs once per process.
     launch::load(gpu, &key(spec, cfg, lp, arch), || {
-        let k = compile_loop_with(Jit::global(), spec, cfg, lp, arch)?;
-        match fallback {
-            Some(f) if spills(&k) => Ok((compile(spec, f, arch)?, *f)),
-            _ => Ok((k, *cfg)),
+        let mut candidates = std::iter::once(cfg).chain(fallbacks).peekable();
+        loop {
+            let c = candidates.next().expect("cfg is the first candidate");
+            let b = build_loop_with(Jit::global(), spec, c, lp, arch)?;
+            if candidates.peek().is_none() || !spills(&b.kernel) {
+                return Ok((b.kernel, *c));
+            }
         }
     })
 }
@@ -248,9 +298,9 @@ mod tests {
         // an SM holds as many warps of it (A100: every head dim; Hopper: 64 and 128), the narrow
         // 16-row tile at head dim 128 (both dtypes), and on Hopper the 64-key instances of the
         // 128-row tile at head dim 128 (both dtypes) and the FA3 form of the 128-row tile at each
-        // head dim (both dtypes).
+        // head dim (both dtypes), with the long prompts' one at head dim 128.
         assert_eq!(a100.len(), 18 + 6 + 6 + 2);
-        assert_eq!(hopper.len(), 18 + 6 + 4 + 2 + 2 + 3 * 2);
+        assert_eq!(hopper.len(), 18 + 6 + 4 + 2 + 2 + 3 * 2 + 2);
         assert!(
             hopper
                 .iter()
@@ -259,7 +309,7 @@ mod tests {
         );
         let fa3 =
             |c: &&KernelConfig| ferrinfer_kernels::attention::prefill::sm90_form(c) == Some(**c);
-        assert_eq!(hopper.iter().filter(fa3).count(), 6);
+        assert_eq!(hopper.iter().filter(fa3).count(), 8);
         assert!(a100.iter().filter(fa3).count() == 0);
         assert!(
             hopper
@@ -342,6 +392,11 @@ mod tests {
             [Sm90Loop::Default, Sm90Loop::InOrder]
         );
         assert_eq!(loops_with(&c128, Some(true)), [Sm90Loop::Default]);
+        // The long prompts' tile runs over TMA tiles in the default loop only.
+        let long = ferrinfer_kernels::attention::prefill::sm90_long_form(&c128).unwrap();
+        for forced in [None, Some(false), Some(true)] {
+            assert_eq!(loops_with(&long, forced), [Sm90Loop::Default]);
+        }
         let fa2 = config(hopper, KernelKind::Prefill, 128, DType::Bf16).unwrap();
         for one in [fa3(256), fa2] {
             assert_eq!(loops_with(&one, Some(false)), [Sm90Loop::Default]);

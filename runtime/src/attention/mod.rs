@@ -14,6 +14,6 @@ pub(crate) mod wrappers;
 pub use batch::{Batch, Heads, KvIndex, KvLayout, KvStrides, QoStrides, indptr};
 pub use single::Single;
 pub use wrappers::{
-    BatchDecode, BatchPrefill, DecodeKernel, GraphCapacity, GraphRun, Input, KvTile, KvWarps,
-    PlanConfig, PrefillKernel, RunBuffers, TENSOR_CORE_MIN_GROUP,
+    BatchDecode, BatchPrefill, DecodeKernel, FA3_LONG_TILE_MIN_KV, GraphCapacity, GraphRun, Input,
+    KvTile, KvWarps, PlanConfig, PrefillKernel, RunBuffers, TENSOR_CORE_MIN_GROUP,
 };

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaStream};
 use ferrinfer_kernels::abi::AttnArgs;
-use ferrinfer_kernels::attention::prefill::{Sm90Loop, takes_sm90_maps};
+use ferrinfer_kernels::attention::prefill::{Sm90Loop, sm90_form, sm90_long_form, takes_sm90_maps};
 use ferrinfer_kernels::{ArchClass, DType, KernelConfig, KernelKind};
 
 use crate::attention::batch::{Batch, Heads, KvIndex, KvStrides, QoStrides};
@@ -53,14 +53,16 @@ pub struct PlanConfig {
     /// How many warps stream the keys of a work item on the 16-row tile, which runs
     /// [`BatchDecode`] on tensor cores and the shortest prefills.
     pub kv_warps: KvWarps,
-    /// Which K/V tile the one-warp 16-row tile streams in a [`BatchDecode`] on tensor cores.
+    /// Which K/V tile the one-warp 16-row tile streams in a [`BatchDecode`] on tensor cores, and
+    /// the FA3 template in a [`BatchPrefill`] at head dim 128.
     pub kv_tile: KvTile,
 }
 
 /// The K/V tile of the prefill template's one-warp 16-row tile in a decode on tensor cores at head
 /// dim 128: the default (32 keys) or the narrow one (16 keys: half the shared memory, so an H200
-/// SM holds ten CTAs instead of six, each streaming slower). The two-warp form, the other tiles
-/// and the other head dims have one.
+/// SM holds ten CTAs instead of six, each streaming slower). And the FA3 template's in a batch
+/// prefill at head dim 128: the default (128 keys, three stages) or the long prompts' (176 keys,
+/// two stages). The two-warp form, the other tiles and the other head dims have one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvTile {
     /// The plan's choice per batch: the narrow tile where its wave model predicts it 5% faster,
@@ -71,7 +73,8 @@ pub enum KvTile {
     /// 3136 GB/s in 512-key chunks on the narrow tile against 2920 on the default tile's best
     /// split; GQA 2, 64 requests of 4096 keys (1024 items), 4308 unsplit on the narrow tile
     /// against 4234 split in three on the default (BENCHMARKS.md and kernels/notes/decode.md,
-    /// sessions 15 and 21). The default in batch-invariant and CUDA-graph mode.
+    /// sessions 15 and 21). The default in batch-invariant and CUDA-graph mode. A prefill on
+    /// FA3 takes the long prompts' tile for the batches [`FA3_LONG_TILE_MIN_KV`] describes.
     #[default]
     Auto,
     /// The default K/V tile.
@@ -79,6 +82,11 @@ pub enum KvTile {
     /// The narrow K/V tile, where the plan runs the one-warp 16-row tile (in batch-invariant and
     /// CUDA-graph mode too it keeps the default).
     Narrow,
+    /// The long prompts' FA3 tile (176 keys at head dim 128) for every batch prefill that runs
+    /// FA3 over a contiguous or ragged cache, whatever its lengths and modes (a paged cache keeps
+    /// the default: its page copies would not align). A variant whose build of it spills, or
+    /// loses the overlap, runs the default tile instead.
+    Long,
 }
 
 impl KvTile {
@@ -86,7 +94,7 @@ impl KvTile {
     fn narrow(self) -> Option<bool> {
         match self {
             KvTile::Auto => None,
-            KvTile::Default => Some(false),
+            KvTile::Default | KvTile::Long => Some(false),
             KvTile::Narrow => Some(true),
         }
     }
@@ -158,6 +166,11 @@ pub enum PrefillKernel {
     /// driver refused, `FERRINFER_SM90_TMA=0`) runs the in-order build as well, where it
     /// measured 2-4% faster (2026-12-01: pages of 16, 358 against 343); TMA caches run FA3's
     /// overlap (`FERRINFER_SM90_OVERLAP=0`/`1` forces either).
+    ///
+    /// At head dim 128 a batch of long prompts over a contiguous or ragged cache takes FA3's
+    /// 176-key K/V tile instead of its 128-key one ([`FA3_LONG_TILE_MIN_KV`] says which), where
+    /// the variant builds it with its overlap and no spills (today `Standard`; the others take
+    /// the 128-key tile).
     #[default]
     Auto,
     /// The FA2 template (mma.sync) everywhere.
@@ -168,7 +181,7 @@ pub enum PrefillKernel {
     /// does not cover (another arch, a variant with query or key hooks) is an error; a variant
     /// whose FA3 build spills registers runs the planned FA2 instance instead (as under `Auto`),
     /// and so does a batch whose `sm_scale` is zero or negative (the FA3 build folds the scale
-    /// into its exponents, which takes a positive one).
+    /// into its exponents, which takes a positive one). Its K/V tile is chosen as under `Auto`.
     Fa3,
 }
 
@@ -193,33 +206,73 @@ fn auto_plans_fa3_tile(arch: Arch, batch: &Batch, batch_invariant: bool) -> bool
 }
 
 impl PrefillKernel {
-    /// The instance to run for the plan's `planned` one (and what to run if its build spills).
+    /// The instance to run for the plan's `planned` one, and what to run, in order, if its build
+    /// does not fit (`dispatch::kernel`). `long`: the batch takes the long prompts' FA3 tile
+    /// where there is one (`long_prompts`).
     fn choose(
         self,
         spec: &VariantSpec,
         planned: KernelConfig,
         fallback: Option<KernelConfig>,
         sm_scale: f32,
-    ) -> Result<(KernelConfig, Option<KernelConfig>)> {
-        let sm90 = ferrinfer_kernels::attention::prefill::sm90_form(&planned)
-            .filter(|c| dispatch::supports(spec, c).is_ok());
+        long: bool,
+    ) -> Result<(KernelConfig, Vec<KernelConfig>)> {
+        let supported = |c: &KernelConfig| dispatch::supports(spec, c).is_ok();
+        let sm90 = sm90_form(&planned).filter(supported);
+        let fa2 = || (planned, fallback.into_iter().collect());
         // The FA3 build folds sm_scale into its exponents for sm_scale > 0 only (a variant
         // without a logits hook has no copy of the softmax for other scales, which cut its
         // compile time by a third: kernels/notes/fa3.md, session 16): other scales run FA2.
         if sm90.is_some() && (sm_scale <= 0.0 || sm_scale.is_nan()) {
-            return Ok((planned, fallback));
+            return Ok(fa2());
         }
         // Auto takes FA3 wherever the plan's instance has a form of it: at every head dim it has
-        // one (64, 128, 256) it was measured faster (the docs of `Auto`).
+        // one (64, 128, 256) it was measured faster (the docs of `Auto`). The long prompts' tile
+        // goes first where it applies, the 128-key one behind it, then the planned FA2.
         match (self, sm90) {
-            (PrefillKernel::Auto | PrefillKernel::Fa3, Some(f)) => Ok((f, Some(planned))),
-            (PrefillKernel::Fa2 | PrefillKernel::Auto, _) => Ok((planned, fallback)),
+            (PrefillKernel::Auto | PrefillKernel::Fa3, Some(f)) => {
+                match sm90_long_form(&f).filter(|l| long && supported(l)) {
+                    Some(l) => Ok((l, vec![f, planned])),
+                    None => Ok((f, vec![planned])),
+                }
+            }
+            (PrefillKernel::Fa2 | PrefillKernel::Auto, _) => Ok(fa2()),
             (PrefillKernel::Fa3, None) => Err(Error::unsupported(format!(
                 "PrefillKernel::Fa3: no FA3 instance for {} with variant {} (it needs sm_90a, \
                  head dim 64, 128 or 256, the 128-row query tile and no query or key hooks)",
                 planned.name(),
                 spec.name
             ))),
+        }
+    }
+}
+
+/// Keys each request must hold for a batch to take the FA3 template's long prompts' K/V tile at
+/// head dim 128 under [`KvTile::Auto`] (176 keys and two stages, against 128 keys and three). The
+/// batch must also be over a contiguous or ragged cache (a 176-key tile would misalign the page
+/// copies of a paged one, which then go by cp.async: 0.90 of the 128-key tile over pages of 64),
+/// and in neither batch-invariant nor CUDA-graph mode (there the kernel must not depend on the
+/// batch). Only requests with query rows count. Short requests lose: each request's last tile,
+/// partial, goes by cp.async, and a causal diagonal masks more of a wider tile. Measured against
+/// the 128-key tile (H200, bf16, 32/8 heads, one call, TFLOP/s ratios; kernels/notes/fa3.md,
+/// session 23): one 8192 prompt, full 1.015, causal 1.030; 16 ragged requests of 1024, causal,
+/// 0.946.
+pub const FA3_LONG_TILE_MIN_KV: u32 = 4096;
+
+/// Whether a batch takes the FA3 template's long prompts' K/V tile: as [`KvTile`] fixes it (never
+/// over a paged cache), or by the rule of [`FA3_LONG_TILE_MIN_KV`] under [`KvTile::Auto`].
+fn long_prompts(batch: &Batch, kv_tile: KvTile, invariant_or_graph: bool) -> bool {
+    if batch.kv().page_size().is_some() {
+        return false;
+    }
+    match kv_tile {
+        KvTile::Long => true,
+        KvTile::Default | KvTile::Narrow => false,
+        KvTile::Auto => {
+            !invariant_or_graph
+                && (0..batch.batch())
+                    .filter(|&b| batch.qo_len(b) > 0)
+                    .all(|b| batch.kv().kv_len(b) >= FA3_LONG_TILE_MIN_KV)
         }
     }
 }
@@ -1046,15 +1099,18 @@ impl Planned {
             .ok_or_else(|| Error::invalid("the work list holds no tile choice"))?;
         let heads = b.heads();
         let base = dispatch::config(gpu.arch(), self.kind, heads.head_dim(), T::DTYPE)?;
-        let (cfg, fallback) = if self.decode {
-            (tiles.config(base), tiles.fallback_config(base))
+        let (cfg, fallbacks) = if self.decode {
+            let fallback = tiles.fallback_config(base);
+            (tiles.config(base), fallback.into_iter().collect())
         } else {
             let kernel = self.config.prefill_kernel;
+            let fixed = self.config.fixed_kv_chunk.is_some() || graph;
             kernel.choose(
                 V::SPEC,
                 tiles.config(base),
                 tiles.fallback_config(base),
                 b.sm_scale(),
+                long_prompts(b, self.config.kv_tile, fixed),
             )?
         };
         let s = b.kv().strides(&heads);
@@ -1116,7 +1172,7 @@ impl Planned {
         };
         // The FA3 form takes TMA maps of the cache and of Q (or none: those tiles by cp.async),
         // and its consumers' loop follows the cache's.
-        let maps = takes_sm90_maps(&cfg).then(|| {
+        let maps_for = |cfg: &KernelConfig| {
             let kv_shape = tma::shape(
                 b.kv().page_size(),
                 s,
@@ -1135,12 +1191,17 @@ impl Planned {
                 cfg.cta_tile_q,
             );
             tma::sm90_maps(k, v, kv_shape, q, q_shape, T::DTYPE)
-        });
+        };
+        let maps = takes_sm90_maps(&cfg).then(|| maps_for(&cfg));
         let lp = maps.map_or(Sm90Loop::Default, |m| tma::sm90_loop(heads.head_dim(), &m));
-        let kernel = dispatch::kernel(gpu, V::SPEC, &cfg, lp, fallback.as_ref())?;
+        let kernel = dispatch::kernel(gpu, V::SPEC, &cfg, lp, &fallbacks)?;
+        // A fallback has its own maps: none for FA2, boxes of its K/V tile for FA3.
+        let maps = if kernel.cfg == cfg {
+            maps
+        } else {
+            takes_sm90_maps(&kernel.cfg).then(|| maps_for(&kernel.cfg))
+        };
         let cfg = kernel.cfg;
-        // The FA2 fallback of a spilling FA3 build takes no maps.
-        let maps = maps.filter(|_| takes_sm90_maps(&cfg));
         let param_bytes = params::pack(variant, Some(gpu))?;
         let dims = ferrinfer_kernels::launch_dims(&cfg, &args);
         // The main kernel writes the scratch partials the merge reads: no other run of this plan
@@ -1279,6 +1340,75 @@ mod tests {
         }
     }
 
+    /// The long prompts' FA3 tile: contiguous or ragged caches whose requests with query rows
+    /// all hold at least FA3_LONG_TILE_MIN_KV keys, outside batch-invariant and graph modes.
+    #[test]
+    fn long_prompts_take_the_wide_fa3_tile_over_ragged_caches_only() {
+        use crate::attention::batch::KvLayout;
+        let min = FA3_LONG_TILE_MIN_KV as i32;
+        let ragged = |kv: &[i32], qo: &[i32]| {
+            let kv = KvIndex::ragged(kv, KvLayout::Nhd).unwrap();
+            Batch::new(Heads::new(32, 8, 128).unwrap(), qo, kv).unwrap()
+        };
+        let auto = |b: &Batch, fixed| long_prompts(b, KvTile::Auto, fixed);
+        let both = ragged(&[0, min, 3 * min], &[0, 16, 32]);
+        assert!(auto(&both, false));
+        assert!(!auto(&both, true), "batch-invariant or graph mode");
+        // One short request keeps the 128-key tile; one without query rows does not count.
+        let short = ragged(&[0, min - 16, 3 * min], &[0, 16, 32]);
+        assert!(!auto(&short, false));
+        assert!(auto(&ragged(&[0, 16, 16 + min], &[0, 0, 32]), false));
+        // Fixed by the caller, in every mode.
+        for fixed in [false, true] {
+            assert!(long_prompts(&short, KvTile::Long, fixed));
+            assert!(!long_prompts(&both, KvTile::Default, fixed));
+            assert!(!long_prompts(&both, KvTile::Narrow, fixed));
+        }
+        // A paged cache, however long: its page copies would not align with 176 keys.
+        let pages: Vec<i32> = (0..8).collect();
+        let kv = KvIndex::paged_from_lens(1024, &[8192], &pages, 8, KvLayout::Nhd).unwrap();
+        let paged = Batch::new(Heads::new(32, 8, 128).unwrap(), &[0, 128], kv).unwrap();
+        for kv_tile in [KvTile::Auto, KvTile::Long] {
+            assert!(!long_prompts(&paged, kv_tile, false));
+        }
+    }
+
+    #[test]
+    fn long_prompts_run_the_176_key_tile_before_the_128_key_one_and_fa2() {
+        let planned = planned(ArchClass::Sm90a, 128);
+        for kernel in [PrefillKernel::Auto, PrefillKernel::Fa3] {
+            let (cfg, fallbacks) = kernel
+                .choose(&spec(false), planned, None, SCALE, true)
+                .unwrap();
+            assert_eq!(cfg.name(), "prefill_hd128_bf16_q128_k176_sm90a");
+            let names: Vec<String> = fallbacks.iter().map(|c| c.name()).collect();
+            assert_eq!(
+                names,
+                ["prefill_hd128_bf16_q128_k128_sm90a", &planned.name()],
+                "{kernel:?}"
+            );
+        }
+        // No long form at head dims 64 and 256, nor for FA2, query hooks or a scale FA3 refuses.
+        let hd64 = KernelConfig::new(KernelKind::Prefill, 64, DType::Bf16, ArchClass::Sm90a)
+            .with_tiles(InstanceTiles {
+                cta_tile_q: 128,
+                kv_tile: 0,
+                kv_warps: 0,
+            });
+        let (cfg, _) = PrefillKernel::Auto
+            .choose(&spec(false), hd64, None, SCALE, true)
+            .unwrap();
+        assert_eq!(cfg.kv_tile, 128);
+        for (kernel, s, scale) in [
+            (PrefillKernel::Fa2, spec(false), SCALE),
+            (PrefillKernel::Auto, spec(true), SCALE),
+            (PrefillKernel::Auto, spec(false), 0.0),
+        ] {
+            let (cfg, _) = kernel.choose(&s, planned, None, scale, true).unwrap();
+            assert_eq!(cfg, planned, "{kernel:?} {scale}");
+        }
+    }
+
     #[test]
     fn fa3_runs_where_it_exists_and_auto_follows_the_measurements() {
         let long = planned(ArchClass::Sm90a, 128);
@@ -1288,16 +1418,16 @@ mod tests {
             kv_warps: 0,
         }));
         let (cfg, fallback) = PrefillKernel::Fa3
-            .choose(&spec(false), long, narrow, SCALE)
+            .choose(&spec(false), long, narrow, SCALE, false)
             .unwrap();
         assert_eq!(cfg.name(), "prefill_hd128_bf16_q128_k128_sm90a");
         assert_eq!(
             fallback,
-            Some(long),
+            [long],
             "a spilling FA3 build falls back to the planned FA2"
         );
         let auto = PrefillKernel::Auto
-            .choose(&spec(false), long, narrow, SCALE)
+            .choose(&spec(false), long, narrow, SCALE, false)
             .unwrap();
         assert_eq!(auto.0.kv_tile, 128, "Auto takes FA3 at head dim 128");
         // Query hooks, another tile, another arch, or FA2 asked for: the planned instance.
@@ -1315,7 +1445,8 @@ mod tests {
             ),
             (PrefillKernel::Fa2, spec(false), long),
         ] {
-            assert_eq!(kernel.choose(&s, c, narrow, SCALE).unwrap(), (c, narrow));
+            let fa2 = (c, narrow.into_iter().collect());
+            assert_eq!(kernel.choose(&s, c, narrow, SCALE, false).unwrap(), fa2);
         }
     }
 
@@ -1324,13 +1455,15 @@ mod tests {
         let long = planned(ArchClass::Sm90a, 128);
         for kernel in [PrefillKernel::Auto, PrefillKernel::Fa3] {
             for scale in [0.0, -0.0, -0.5, f32::MIN_POSITIVE] {
-                let (cfg, _) = kernel.choose(&spec(false), long, None, scale).unwrap();
+                let (cfg, _) = kernel
+                    .choose(&spec(false), long, None, scale, false)
+                    .unwrap();
                 assert_eq!(cfg == long, scale <= 0.0, "{kernel:?} at sm_scale {scale}");
             }
         }
         // Where FA3 would be an error, it still is.
         let e = PrefillKernel::Fa3
-            .choose(&spec(true), long, None, 0.0)
+            .choose(&spec(true), long, None, 0.0, false)
             .unwrap_err();
         assert!(e.to_string().contains("query or key hooks"), "{e}");
     }
@@ -1339,15 +1472,21 @@ mod tests {
     fn fa3_forced_where_it_does_not_exist_is_an_error() {
         let long = planned(ArchClass::Sm90a, 128);
         let e = PrefillKernel::Fa3
-            .choose(&spec(true), long, None, SCALE)
+            .choose(&spec(true), long, None, SCALE, false)
             .unwrap_err();
         assert!(e.to_string().contains("query or key hooks"), "{e}");
         let e = PrefillKernel::Fa3
-            .choose(&spec(false), planned(ArchClass::Sm80, 128), None, SCALE)
+            .choose(
+                &spec(false),
+                planned(ArchClass::Sm80, 128),
+                None,
+                SCALE,
+                false,
+            )
             .unwrap_err();
         assert!(e.to_string().contains("sm_90a"), "{e}");
         let (cfg, _) = PrefillKernel::Fa3
-            .choose(&spec(false), long, None, SCALE)
+            .choose(&spec(false), long, None, SCALE, false)
             .unwrap();
         assert_eq!(cfg.kv_tile, 128);
     }
@@ -1365,14 +1504,14 @@ mod tests {
                     kv_warps: 0,
                 });
             let (cfg, fallback) = PrefillKernel::Fa3
-                .choose(&spec(false), planned, None, SCALE)
+                .choose(&spec(false), planned, None, SCALE, false)
                 .unwrap();
-            assert_eq!((cfg.name().as_str(), fallback), (name, Some(planned)));
+            assert_eq!((cfg.name().as_str(), fallback), (name, vec![planned]));
             // Auto takes FA3 at both (measured faster) where the plan has the 128-row tile.
             let auto = PrefillKernel::Auto
-                .choose(&spec(false), planned, None, SCALE)
+                .choose(&spec(false), planned, None, SCALE, false)
                 .unwrap();
-            assert_eq!(auto, (cfg, Some(planned)), "head dim {hd}");
+            assert_eq!(auto, (cfg, vec![planned]), "head dim {hd}");
             // The tile FA2 plans at head dim 256 (64 rows) has no FA3 form.
             let short = planned.with_tiles(InstanceTiles {
                 cta_tile_q: 64,
@@ -1380,7 +1519,7 @@ mod tests {
                 kv_warps: 0,
             });
             let e = PrefillKernel::Fa3
-                .choose(&spec(false), short, None, SCALE)
+                .choose(&spec(false), short, None, SCALE, false)
                 .unwrap_err();
             assert!(e.to_string().contains("head dim 64, 128 or 256"), "{e}");
         }

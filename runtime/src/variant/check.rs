@@ -7,15 +7,14 @@
 //! [`check_variant`] in a variant crate's tests, it fails in CI instead.
 
 use std::fmt;
-use std::sync::Arc;
 
 use ferrinfer_kernels::KernelConfig;
-use ferrinfer_kernels::attention::prefill::Sm90Loop;
+use ferrinfer_kernels::attention::prefill::{Sm90Loop, is_sm90_long};
 
 use crate::attention::dispatch;
 use crate::device::SmResources;
 use crate::error::{Error, Result};
-use crate::jit::{Arch, CompiledKernel, Jit, KernelStats, Origin, nvrtc};
+use crate::jit::{Arch, Jit, KernelStats, Origin, nvrtc};
 use crate::parallel;
 use crate::variant::{Variant, VariantSpec};
 
@@ -122,13 +121,14 @@ pub fn check_spec_with(jit: &Jit, spec: &VariantSpec) -> Result<CheckReport> {
     let mut failures = Vec::new();
     for (&(config, arch, sm90_loop), result) in jobs.iter().zip(results) {
         match result {
-            Ok(k) => instances.push(CheckedInstance {
+            Ok(b) => instances.push(CheckedInstance {
                 config,
                 arch,
                 sm90_loop,
-                stats: k.stats,
-                origin: k.origin,
-                seconds: k.seconds,
+                stats: b.kernel.stats,
+                overlap_spilled: b.overlap_spilled,
+                origin: b.kernel.origin,
+                seconds: b.kernel.seconds,
             }),
             // Not the variant's fault, and the same for every instance: say it once.
             Err(e @ Error::CudaUnavailable(_)) => return Err(e),
@@ -152,9 +152,9 @@ fn compile_all(
     jit: &Jit,
     spec: &VariantSpec,
     jobs: &[(KernelConfig, Arch, Sm90Loop)],
-) -> Vec<Result<Arc<CompiledKernel>>> {
+) -> Vec<Result<dispatch::Build>> {
     parallel::map(jobs, MAX_THREADS, |(cfg, arch, lp)| {
-        dispatch::compile_loop_with(jit, spec, cfg, *lp, *arch)
+        dispatch::build_loop_with(jit, spec, cfg, *lp, *arch)
     })
 }
 
@@ -173,7 +173,7 @@ pub struct CheckReport {
 impl CheckReport {
     /// The builds that spill registers to local memory (slower; the dispatcher rebuilds an
     /// overlapping FA3 build in order, and falls back to the FA2 template or the narrower K/V
-    /// tile where the plan offers one).
+    /// tile where the plan offers one, and from the long prompts' FA3 tile to the 128-key one).
     pub fn spilling(&self) -> impl Iterator<Item = &CheckedInstance> {
         self.instances
             .iter()
@@ -220,6 +220,11 @@ pub struct CheckedInstance {
     pub sm90_loop: Sm90Loop,
     /// ptxas' numbers: registers, spills, stack, static shared memory.
     pub stats: KernelStats,
+    /// For a `Default` FA3 build, ptxas' numbers of its overlapping form when that spilled: the
+    /// build (and `stats`) is then the in-order kernel, slower on long prompts (for the long
+    /// prompts' tile, the spilling build, and the runtime runs the 128-key tile). A variant
+    /// whose hooks hold many registers through the softmax shows it here.
+    pub overlap_spilled: Option<KernelStats>,
     /// Whether it came from NVRTC or from a cache.
     pub origin: Origin,
     /// Seconds spent compiling or loading it.
@@ -250,7 +255,19 @@ impl fmt::Display for CheckedInstance {
             self.stats.spill_stores,
             self.stats.spill_loads,
             self.seconds
-        )
+        )?;
+        match self.overlap_spilled {
+            Some(_) if is_sm90_long(&self.config) => {
+                write!(f, "; the 128-key FA3 tile runs instead")?;
+            }
+            Some(o) => write!(
+                f,
+                "; in order: the overlapping loop spilled {} B stores, {} B loads",
+                o.spill_stores, o.spill_loads
+            )?,
+            None => {}
+        }
+        Ok(())
     }
 }
 
@@ -426,6 +443,14 @@ mod tests {
                 spill_stores: if arch == Arch::SM90 { 8 } else { 0 },
                 ..KernelStats::default()
             },
+            overlap_spilled: (kind == KernelKind::Prefill
+                && arch == Arch::SM90
+                && sm90_loop == Sm90Loop::Default)
+                .then_some(KernelStats {
+                    spill_stores: 40,
+                    spill_loads: 24,
+                    ..KernelStats::default()
+                }),
             origin: Origin::Compiled,
             seconds: 0.5,
         };
@@ -456,6 +481,12 @@ mod tests {
         assert!(!name.ends_with("/in-order"), "{name}");
         assert_eq!(report.instances[4].name(), format!("{name}/in-order"));
         assert!(lines[5].contains(&format!("{name}/in-order ")), "{text}");
+        // A default build that fell back to the in-order loop says so, with the spill it avoided.
+        assert!(
+            lines[4].ends_with("; in order: the overlapping loop spilled 40 B stores, 24 B loads"),
+            "{text}"
+        );
+        assert!(!lines[5].contains("in order:"), "{text}");
     }
 
     #[test]
