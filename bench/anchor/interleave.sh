@@ -8,7 +8,8 @@
 #
 # Usage, on the GPU machine from the repository root with .gpu staged (tools/gpu-stage):
 #   bench/anchor/interleave.sh OUTDIR ROUNDS KEY [KEY...]
-# Environment: WARM_MS (1000) and TIME_MS (3000) for both sides, BENCH (.gpu/bin/ferrinfer-bench).
+# Environment: WARM_MS (1000) and TIME_MS (3000) for both sides, BENCH (.gpu/bin/ferrinfer-bench),
+# IMPLS (our rows timed, ferrinfer-bench's --impls, e.g. ferrinfer-auto; all when unset).
 # Writes OUTDIR/{fi,ours}-KEY-ROUND.json and .log (FlashInfer's JIT runs once first, jit.*), each
 # side's medians over rounds as OUTDIR/ours.json and OUTDIR/anchor.json, and compare.py's table
 # as OUTDIR/compare.txt.
@@ -28,7 +29,8 @@ fi_run "$out/jit.json" "${all%,}" 0 20
 for r in $(seq 1 "$rounds"); do
   for k in "$@"; do
     fi_run "$out/fi-$k-$r.json" "=$k" "$warm" "$timed"
-    "$bench" --filter "=$k" --warm-ms "$warm" --time-ms "$timed" --json "$out/ours-$k-$r.json" \
+    "$bench" --filter "=$k" ${IMPLS:+--impls "$IMPLS"} --warm-ms "$warm" --time-ms "$timed" \
+      --json "$out/ours-$k-$r.json" \
       > "$out/ours-$k-$r.log" 2>&1
   done
 done
