@@ -254,9 +254,9 @@ impl PrefillKernel {
 /// and in neither batch-invariant nor CUDA-graph mode (there the kernel must not depend on the
 /// batch). Only requests with query rows count. Short requests lose: each request's last tile,
 /// partial, goes by cp.async, and a causal diagonal masks more of a wider tile. Measured against
-/// the 128-key tile (H200, bf16, 32/8 heads, one call, TFLOP/s ratios; kernels/notes/fa3.md,
-/// session 23): one 8192 prompt, full 1.015, causal 1.030; 16 ragged requests of 1024, causal,
-/// 0.946.
+/// the 128-key tile (H200, bf16, 32/8 heads, both forced in one call, TFLOP/s ratios;
+/// BENCHMARKS.md, session 23): one 8192 prompt, full and causal 1.021; ragged causal 4 x 4096
+/// 1.002, 8 x 2048 0.987, 16 x 1024 0.959; 16 x 1024 full 0.911.
 pub const FA3_LONG_TILE_MIN_KV: u32 = 4096;
 
 /// Whether a batch takes the FA3 template's long prompts' K/V tile: as [`KvTile`] fixes it (never
