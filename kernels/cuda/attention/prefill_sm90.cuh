@@ -435,34 +435,33 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
                 }
               }
             };
-            // Each copy waits for its stage's barrier first; a stage may last have been written
-            // by cp.async (the generic proxy): the fence orders those writes before the async
-            // proxy's.
+            // Issues the tile's K and/or V: waits for their stages' empty barriers, then (a stage
+            // may last have been written by cp.async, the generic proxy) a fence orders those
+            // writes before the async proxy's, and each full barrier expects its bytes and gets
+            // the arrivals of all 128 producer threads.
+            auto issue = [&](bool with_k, bool with_v) {
+              if (gt >= Sh::kStages) {
+                if (with_k) mbar_wait(k_empty(s), phase(gt - Sh::kStages));
+                if (with_v) mbar_wait(v_empty(s), phase(gt - Sh::kStages));
+              }
+              fence_proxy_async();
+              if (with_k) mbar_arrive_expect_tx(k_full(s), Sh::kKvBytes);
+              if (with_v) mbar_arrive_expect_tx(v_full(s), Sh::kKvBytes);
+              copy(with_k, with_v);
+              if (with_k) mbar_arrive_n(k_full(s), kWarpgroupThreads - 1);
+              if (with_v) mbar_arrive_n(v_full(s), kWarpgroupThreads - 1);
+            };
             if constexpr (Sh::kStages == 2) {
               // K and V on their own pipelines: K's stage is free once S is done, a turn before
               // V's (freed after P V, which the overlapped loop waits for after the next tile's
               // softmax), so K is copied as soon as its stage is free. With two stages, waiting
               // for both put every tile's load on the consumers' path (the 176-key tile ran 0.77
               // of the 128-key one that way; split, 1.02-1.03: kernels/notes/fa3.md, session 23).
-              if (gt >= Sh::kStages) mbar_wait(k_empty(s), phase(gt - Sh::kStages));
-              fence_proxy_async();
-              mbar_arrive_expect_tx(k_full(s), Sh::kKvBytes);
-              copy(true, false);
-              mbar_arrive_n(k_full(s), kWarpgroupThreads - 1);
-              if (gt >= Sh::kStages) mbar_wait(v_empty(s), phase(gt - Sh::kStages));
-              fence_proxy_async();
-              mbar_arrive_expect_tx(v_full(s), Sh::kKvBytes);
-              copy(false, true);
-              mbar_arrive_n(v_full(s), kWarpgroupThreads - 1);
+              issue(true, false);
+              issue(false, true);
             } else {
               // Three stages hide the wait for both (split, the 128-key tile measured 0.97-1.0).
-              wait_stages();
-              fence_proxy_async();
-              mbar_arrive_expect_tx(k_full(s), Sh::kKvBytes);
-              mbar_arrive_expect_tx(v_full(s), Sh::kKvBytes);
-              copy(true, true);
-              mbar_arrive_n(k_full(s), kWarpgroupThreads - 1);
-              mbar_arrive_n(v_full(s), kWarpgroupThreads - 1);
+              issue(true, true);
             }
           }
           __syncwarp();  // warp 0 whole again before its next aligned barrier
