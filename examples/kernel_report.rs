@@ -12,7 +12,6 @@ use ferrinfer::attention::dispatch;
 use ferrinfer::device::SmResources;
 use ferrinfer::jit::{Arch, Jit, JitConfig};
 use ferrinfer::{KernelConfig, VariantSpec};
-use ferrinfer_kernels::attention::prefill::is_sm90_long;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -65,17 +64,8 @@ fn report(
         "{line} {:>4} {:>7} B {:>7} B {:>6.2} s",
         k.stats.registers, k.stats.spill_stores, k.stats.spill_loads, k.seconds
     );
-    if let Some(o) = build.overlap_spilled {
-        if is_sm90_long(cfg) {
-            // Not rebuilt in order: the runtime takes the 128-key FA3 tile.
-            println!("    spills with the overlap: the 128-key FA3 tile runs instead");
-        } else {
-            println!(
-                "    in order: the overlapping loop spilled {} B stores, {} B loads at {} \
-                 registers",
-                o.spill_stores, o.spill_loads, o.registers
-            );
-        }
+    if let Some(o) = &build.overlap_spilled {
+        println!("    {}", dispatch::overlap_spill_note(cfg, o));
     }
     // ptxas' warnings under the line, and its "Potential Performance Loss" infos (C7515: wgmma
     // serialized, every MMA waited for at once), which it prints as infos.

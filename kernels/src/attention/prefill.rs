@@ -166,9 +166,7 @@ pub fn takes_sm90_maps(cfg: &KernelConfig) -> bool {
 }
 
 fn is_sm90(cfg: &KernelConfig) -> bool {
-    let hd = cfg.head_dim_qk;
-    cfg.kv_tile != 0
-        && (sm90_kv_tile(hd) == Some(cfg.kv_tile) || sm90_long_kv_tile(hd) == Some(cfg.kv_tile))
+    sm90_kv_tile(cfg.head_dim_qk) == Some(cfg.kv_tile) || is_sm90_long(cfg)
 }
 
 /// The sm_90a template's tile exists only in its one form, FA2 has 32- and 64-key tiles, and
@@ -279,7 +277,7 @@ pub fn sm90_long_form(cfg: &KernelConfig) -> Option<KernelConfig> {
 
 /// Whether `cfg` is an FA3 instance with the long prompts' K/V tile.
 pub fn is_sm90_long(cfg: &KernelConfig) -> bool {
-    cfg.kv_tile != 0 && sm90_long_kv_tile(cfg.head_dim_qk) == Some(cfg.kv_tile) && is_sm90(cfg)
+    sm90_long_kv_tile(cfg.head_dim_qk) == Some(cfg.kv_tile)
 }
 
 /// The consumers' loop of an FA3 build. Both loops read the same work list and maps, with the

@@ -206,6 +206,19 @@ pub struct Build {
     pub overlap_spilled: Option<KernelStats>,
 }
 
+/// What happened to an FA3 build of `cfg` whose overlapping form spilled (`spilled`, its numbers):
+/// the line the check report and kernel_report print beside it.
+pub fn overlap_spill_note(cfg: &KernelConfig, spilled: &KernelStats) -> String {
+    if is_sm90_long(cfg) {
+        "the 128-key FA3 tile runs instead".into()
+    } else {
+        format!(
+            "in order: the overlapping loop spilled {} B stores, {} B loads",
+            spilled.spill_stores, spilled.spill_loads
+        )
+    }
+}
+
 /// [`compile_loop_with`], saying whether an overlapping FA3 build fell back to the in-order
 /// loop (a variant author's check should show it: its kernel then has no spills, but is slower).
 pub fn build_loop_with(

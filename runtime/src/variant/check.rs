@@ -9,7 +9,7 @@
 use std::fmt;
 
 use ferrinfer_kernels::KernelConfig;
-use ferrinfer_kernels::attention::prefill::{Sm90Loop, is_sm90_long};
+use ferrinfer_kernels::attention::prefill::Sm90Loop;
 
 use crate::attention::dispatch;
 use crate::device::SmResources;
@@ -256,18 +256,10 @@ impl fmt::Display for CheckedInstance {
             self.stats.spill_loads,
             self.seconds
         )?;
-        match self.overlap_spilled {
-            Some(_) if is_sm90_long(&self.config) => {
-                write!(f, "; the 128-key FA3 tile runs instead")?;
-            }
-            Some(o) => write!(
-                f,
-                "; in order: the overlapping loop spilled {} B stores, {} B loads",
-                o.spill_stores, o.spill_loads
-            )?,
-            None => {}
+        match &self.overlap_spilled {
+            Some(o) => write!(f, "; {}", dispatch::overlap_spill_note(&self.config, o)),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
