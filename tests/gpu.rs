@@ -40,11 +40,17 @@ fn tolerance<T: Element>() -> f64 {
 /// Scatter each request's keys over shuffled pages; returns the index and the page-major K, V.
 fn kv_index(case: &Case, rng: &mut Rng) -> KvIndex {
     match case.page_size {
-        // Spare tokens after the last request, as in a server's preallocated buffer.
+        // HND: spare tokens after the last request, as in a server's preallocated buffer. NHD:
+        // a buffer that ends with the last request, so a partial last tile is read up to the
+        // buffer's end (and a TMA copy of it would run past it).
         None => {
             let kv_indptr = indptr(&case.kv_lens);
-            let spare = kv_indptr[kv_indptr.len() - 1] as u32 + 5;
-            KvIndex::ragged_in(&kv_indptr, spare, case.layout).unwrap()
+            let spare = match case.layout {
+                KvLayout::Nhd => 0,
+                KvLayout::Hnd => 5,
+            };
+            let capacity = kv_indptr[kv_indptr.len() - 1] as u32 + spare;
+            KvIndex::ragged_in(&kv_indptr, capacity, case.layout).unwrap()
         }
         Some(p) => {
             let total: u32 = case.kv_lens.iter().map(|&l| l.div_ceil(p)).sum();
@@ -507,7 +513,7 @@ fn gpu_sm90_long_kv_tile() {
             let case = Case {
                 heads: Heads::new(8, 8 / group, 128).unwrap(),
                 qo_lens: vec![300, 129, 0, 64, 200],
-                kv_lens: vec![700, 129, 50, 1000, 176],
+                kv_lens: vec![700, 129, 50, 1000, 250],
                 page_size: None,
                 layout: alternate_layout(n),
                 causal,

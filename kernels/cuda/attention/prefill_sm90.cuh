@@ -608,13 +608,33 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
       // 8 (i / 4) + 2 t4 + i % 2 of the tile. It leaves O's rescale in `scale` (`grew`: any row's
       // maximum moved). `fixed` (with fold off): the exponent is x with no maximum (fixed_m).
       auto logits_softmax = [&](const bool fold, const bool boundary, const bool fixed) {
+        // On a boundary tile row hf keeps the keys before the item's stop and (causal) at or
+        // before its diagonal: element i (key 8 (i / 4) + 2 t4 + i % 2 of the tile) is kept iff
+        // 8 (i / 4) + i % 2 < live[hf], one compare with a constant an element where two 64-bit
+        // compares were (Standard's hd128 build 5.5% fewer instructions; AttentionSink's in-order
+        // build at head dim 128 then fits). Not with a mask hook: its two registers more made
+        // CustomMask's in-order build at head dim 64 spill (kernels/notes/fa3.md, session 24).
+        constexpr bool kLive = !V::kHasMask;
+        int live[2];
+        if (kLive && boundary) {
+          #pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            long long end = keys.stop;
+            const long long diag = static_cast<long long>(row_of(hf) / group) + shift;
+            if (causal && diag < end) end = diag + 1;
+            end -= static_cast<long long>(j0) + 2 * t4;
+            live[hf] = end < 0 ? -1 : end > kTileKv ? kTileKv : static_cast<int>(end);
+          }
+        }
         #pragma unroll
         for (int i = 0; i < kTileKv / 2; ++i) {
           const int hf = (i / 2) % 2;
           const unsigned j = j0 + 8 * (i / 4) + 2 * t4 + (i % 2);
           float x = V::kHasLogits ? sacc[i] * pre : fold ? sacc[i] : sacc[i] * post;
           bool keep = true;
-          if (boundary) {
+          if (kLive && boundary) {
+            keep = 8 * (i / 4) + (i % 2) < live[hf];
+          } else if (boundary) {
             const long long diag = static_cast<long long>(row_of(hf) / group) + shift;
             keep = (j < keys.stop) & (!causal | (static_cast<long long>(j) <= diag));
           }

@@ -160,7 +160,7 @@ pub enum PrefillKernel {
     /// | 8192 causal, head dim 256 | 262 | 571 |
     ///
     /// A variant whose FA3 build spills registers is rebuilt with its consumers in order, and
-    /// runs FA2 if that spills too (today the attention sink at head dims 128 and 256). At head
+    /// runs FA2 if that spills too (today the attention sink at head dim 256). At head
     /// dim 128 a launch whose K/V all go through cp.async (no TMA maps: pages under 64 keys, or
     /// that neither divide nor are divided by the K/V tile, strides TMA cannot take, a map the
     /// driver refused, `FERRINFER_SM90_TMA=0`) runs the in-order build as well, where it
