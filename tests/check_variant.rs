@@ -225,8 +225,9 @@ fn a_variant_nvrtc_refuses_is_reported_with_every_failing_instance() {
 /// runtime runs (`dispatch::compile_loop_with` for each of `dispatch::loops`: the consumers'
 /// overlap, or in order where the overlap spills; at head dim 128 also in order, for caches whose
 /// K/V go through cp.async), for every built-in variant without query or key hooks; the
-/// attention sink at head dims 64 and 128 (at 256 its spilling build runs FA2, see `dispatch`). The long prompts' tile at head dim 128 (176 keys) only in its overlapping form,
-/// which fits `Standard` alone today (the others run the 128-key tile: `dispatch::kernel`).
+/// attention sink at head dims 64 and 128 (at 256 its spilling build runs FA2, see `dispatch`).
+/// The long prompts' tile at head dim 128 (176 keys) only in its overlapping form, which fits
+/// `Standard` alone today (the others run the 128-key tile: `dispatch::kernel`).
 #[test]
 fn the_fa3_instances_keep_their_registers() {
     const SPILL_FREE: [(&str, &[u32]); 7] = [

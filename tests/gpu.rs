@@ -42,7 +42,7 @@ fn kv_index(case: &Case, rng: &mut Rng) -> KvIndex {
     match case.page_size {
         // HND: spare tokens after the last request, as in a server's preallocated buffer. NHD:
         // a buffer that ends with the last request, so a partial last tile is read up to the
-        // buffer's end (and a TMA copy of it would run past it).
+        // buffer's end.
         None => {
             let kv_indptr = indptr(&case.kv_lens);
             let spare = match case.layout {

@@ -385,13 +385,13 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
         const unsigned j0 = w.kv_start + t * kTileKv;
         unsigned char* const kt = k_tile(s);
         unsigned char* const vt = v_tile(s);
-        // Both stages must be free before any arrival for this tile (it must not land in the
-        // phase before) and before the copies: thread 0 waits, and the others follow it through
-        // a named barrier (cp.async tiles) or skip the tile (TMA tiles).
-        auto wait_stages = [&] {
+        // K's and/or V's stage must be free before any arrival for this tile (it must not land
+        // in the phase before) and before the copies: thread 0 waits, and the others follow it
+        // through a named barrier (cp.async tiles) or skip the tile (TMA tiles).
+        auto wait_empty = [&](bool with_k, bool with_v) {
           if (gt >= Sh::kStages) {
-            mbar_wait(k_empty(s), phase(gt - Sh::kStages));
-            mbar_wait(v_empty(s), phase(gt - Sh::kStages));
+            if (with_k) mbar_wait(k_empty(s), phase(gt - Sh::kStages));
+            if (with_v) mbar_wait(v_empty(s), phase(gt - Sh::kStages));
           }
         };
         // A tile that ends inside its request goes by TMA: thread 0 alone waits, copies D / 64
@@ -440,10 +440,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
             // writes before the async proxy's, and each full barrier expects its bytes and gets
             // the arrivals of all 128 producer threads.
             auto issue = [&](bool with_k, bool with_v) {
-              if (gt >= Sh::kStages) {
-                if (with_k) mbar_wait(k_empty(s), phase(gt - Sh::kStages));
-                if (with_v) mbar_wait(v_empty(s), phase(gt - Sh::kStages));
-              }
+              wait_empty(with_k, with_v);
               fence_proxy_async();
               if (with_k) mbar_arrive_expect_tx(k_full(s), Sh::kKvBytes);
               if (with_v) mbar_arrive_expect_tx(v_full(s), Sh::kKvBytes);
@@ -467,7 +464,7 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
           __syncwarp();  // warp 0 whole again before its next aligned barrier
           continue;
         }
-        if (pt == 0) wait_stages();
+        if (pt == 0) wait_empty(true, true);
         __syncwarp();
         // One page lookup a key: thread pt finds the byte offsets of keys pt, pt + 128, ... (of
         // a 64-key tile, threads past it have none; a constant loop count for 128 keys).
