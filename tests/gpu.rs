@@ -101,9 +101,9 @@ fn poison_spare<T: Element>(batch: &Batch, kv: &mut [T]) {
 }
 
 /// Run `variant` on the GPU and the CPU reference; assert they agree. Decode runs on both of its
-/// kernels, prefill on FA2 and on FA3 where that exists (Hopper, head dims 64, 128 and 256, no
-/// query or key hooks; forcing FA3 plans its 128-row tile; elsewhere the FA3 run is refused and
-/// skipped), and at head dim 256 under Auto too.
+/// kernels, prefill on FA2 and on FA3 where that exists (Hopper, head dims 64, 128 and 256;
+/// forcing FA3 plans its 128-row tile; elsewhere the FA3 run is refused and skipped), and at head
+/// dim 256 under Auto too.
 fn check<V: Variant, T: Element>(gpu: &Backend, variant: &V, case: &Case) {
     let configs: Vec<PlanConfig> = if case.decode {
         [DecodeKernel::CudaCores, DecodeKernel::TensorCores]
@@ -418,10 +418,10 @@ fn sm90_grid(gpu: &Backend, head_dim: u32) -> usize {
 }
 
 /// The FA3 template forced at head dim 128 (Hopper only): the grid of [`sm90_grid`], GQA 3 (Q by
-/// cp.async), every other variant it runs on a batch large enough that the plan splits KV
-/// (partials and the merge). A variant with query or key hooks is refused on it with an error,
-/// and Auto runs it on FA2. (Head dims 64 and 256: `gpu_sm90_prefill_hd64_hd256`; two tests so
-/// that each finishes in a call under compute-sanitizer's racecheck.)
+/// cp.async), every other variant on a batch large enough that the plan splits KV (partials and
+/// the merge). (Head dims 64 and 256: `gpu_sm90_prefill_hd64_hd256`, query and key hooks:
+/// `gpu_sm90_query_and_key_hooks`; separate tests so that each finishes in a call under
+/// compute-sanitizer's racecheck.)
 #[test]
 #[ignore = "requires a CUDA GPU"]
 fn gpu_sm90_prefill() {
@@ -460,33 +460,47 @@ fn gpu_sm90_prefill() {
     };
     check_with::<AttentionSink, bf16>(&gpu, &sink, &case, &fa3);
     check_with::<FlashSigmoid, bf16>(&gpu, &FlashSigmoid { bias: -1.0 }, &case, &fa3);
+}
 
-    // Query and key hooks: refused when forced, FA2 under Auto.
-    let batch = Batch::new(
-        Heads::new(8, 2, 128).unwrap(),
-        &[0, 256],
-        KvIndex::ragged(&[0, 256], KvLayout::Nhd).unwrap(),
-    )
-    .unwrap();
-    let plan = BatchPrefill::plan_with(&gpu, batch.clone(), fa3[0]).unwrap();
-    let q = gpu.filled(batch.q_len(), bf16::ONE).unwrap();
-    let kv = gpu
-        .filled(batch.kv().buffer_len(&batch.heads()), bf16::ONE)
-        .unwrap();
-    let mut o = gpu.filled(batch.q_len(), bf16::ZERO).unwrap();
+/// Query and key hooks on the FA3 template (Hopper only): `LlamaRope`, whose consumers rewrite
+/// their Q rows and each K tile in shared memory, forced at head dims 64, 128 and 256 over Q by
+/// cp.async (GQA 3) and by TMA, ragged K/V (by TMA but each request's last tile) and pages of 16
+/// (cp.async), few query rows over long KV so that the plan splits it, and under Auto.
+#[test]
+#[ignore = "requires a CUDA GPU"]
+fn gpu_sm90_query_and_key_hooks() {
+    let gpu = gpu();
+    if not_hopper(&gpu) {
+        return;
+    }
+    let fa3 = [fa3()];
     let rope = LlamaRope { theta: 10_000.0 };
-    let e = plan.run(&rope, &q, &kv, &kv, &mut o, None).unwrap_err();
-    assert!(e.to_string().contains("query or key hooks"), "{e}");
-    let case = Case {
-        heads: Heads::new(8, 2, 128).unwrap(),
-        qo_lens: vec![300, 129],
-        kv_lens: vec![700, 129],
-        page_size: Some(16),
-        layout: KvLayout::Nhd,
-        causal: true,
-        decode: false,
-    };
-    check_with::<LlamaRope, bf16>(&gpu, &rope, &case, &[PlanConfig::default()]);
+    for head_dim in [64, 128, 256] {
+        let ragged = |kv_heads, layout| Case {
+            heads: Heads::new(6, kv_heads, head_dim).unwrap(),
+            qo_lens: vec![300, 129, 0, 64],
+            kv_lens: vec![700, 129, 50, 1000],
+            page_size: None,
+            layout,
+            causal: true,
+            decode: false,
+        };
+        check_with::<LlamaRope, bf16>(&gpu, &rope, &ragged(2, KvLayout::Nhd), &fa3);
+        let auto = [fa3[0], PlanConfig::default()];
+        check_with::<LlamaRope, f16>(&gpu, &rope, &ragged(6, KvLayout::Hnd), &auto);
+        for causal in [true, false] {
+            let split = Case {
+                heads: Heads::new(8, 2, head_dim).unwrap(),
+                qo_lens: vec![100, 37, 0],
+                kv_lens: vec![4000, 2500, 10],
+                page_size: Some(16),
+                layout: KvLayout::Nhd,
+                causal,
+                decode: false,
+            };
+            check_with::<LlamaRope, bf16>(&gpu, &rope, &split, &fa3);
+        }
+    }
 }
 
 /// FA3's long prompts' K/V tile at head dim 128 (176 keys, two stages, K and V copied on their

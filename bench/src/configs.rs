@@ -55,6 +55,8 @@ pub struct Config {
     pub soft_cap: f32,
     /// Keys a query sees (the `SlidingWindow` variant, a mask hook), or 0 for `Standard`.
     pub window: u32,
+    /// The rotary base of the `LlamaRope` variant (query and key hooks), or 0 for `Standard`.
+    pub rope_theta: f32,
     /// Query heads and KV heads: (`H`, `HKV`) but for the head-grouping decode keys.
     pub heads: (u32, u32),
     /// Head dimension: `D` but for the head-dim rows of [`ours_only`].
@@ -78,6 +80,7 @@ fn decode(key: &'static str, kv_lens: Vec<u32>, page: u32, soft_cap: f32) -> Con
         causal: false,
         soft_cap,
         window: 0,
+        rope_theta: 0.0,
         heads: (H, HKV),
         head_dim: D,
     }
@@ -108,6 +111,7 @@ fn prefill(
         causal,
         soft_cap,
         window: 0,
+        rope_theta: 0.0,
         heads: (H, HKV),
         head_dim: D,
     }
@@ -181,8 +185,8 @@ pub fn standard() -> Vec<Config> {
 /// Rows the anchor has no key for (issue 9): the long causal prompt under a mask hook whose
 /// window covers it (`SlidingWindow` of 8192: the visible pairs, and so the FLOPs, of
 /// `prefill_single_s8192_causal`, which it should stay within 15% of), at head dims 64 and
-/// 256, over pages of 64 and 128 keys, and ragged requests of 2048 and 4096 keys (and 1024
-/// without the causal mask).
+/// 256, over pages of 64 and 128 keys, ragged requests of 2048 and 4096 keys (and 1024 without
+/// the causal mask), and the long causal prompt under query and key hooks (`LlamaRope`).
 pub fn ours_only() -> Vec<Config> {
     let causal = || prefill("", Storage::Single, (1, 8192, 8192), true, 0.0);
     vec![
@@ -239,6 +243,12 @@ pub fn ours_only() -> Vec<Config> {
             false,
             0.0,
         ),
+        // Query and key hooks: every K tile rotated in the kernel, once a query tile.
+        Config {
+            key: "prefill_single_s8192_causal_rope",
+            rope_theta: 10_000.0,
+            ..causal()
+        },
     ]
 }
 
@@ -438,6 +448,7 @@ mod tests {
                 "prefill_ragged_b8_l2048_causal",
                 "prefill_ragged_b4_l4096_causal",
                 "prefill_ragged_b16_l1024_full",
+                "prefill_single_s8192_causal_rope",
             ]
         );
         assert!(standard().iter().all(|c| !keys.contains(&c.key)));
@@ -468,7 +479,16 @@ mod tests {
             assert!(matches!(c.storage, Storage::Paged(p) if p == page));
             assert_eq!(c.metric(1.0), p16.metric(1.0));
         }
-        assert!(standard().iter().all(|c| c.head_dim == D && c.window == 0));
+        let rope = extra.last().unwrap();
+        assert_eq!(
+            (rope.rope_theta, rope.metric(1.0)),
+            (10_000.0, causal.metric(1.0))
+        );
+        assert!(
+            standard()
+                .iter()
+                .all(|c| c.head_dim == D && c.window == 0 && c.rope_theta == 0.0)
+        );
     }
 
     #[test]

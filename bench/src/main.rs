@@ -32,7 +32,7 @@ use std::sync::Arc;
 use cudarc::driver::CudaStream;
 use ferrinfer::Variant;
 use ferrinfer::prelude::*;
-use ferrinfer::variants::{SlidingWindow, SoftCap, Standard};
+use ferrinfer::variants::{LlamaRope, SlidingWindow, SoftCap, Standard};
 
 use configs::{Config, Kind};
 use inputs::InputSet;
@@ -376,6 +376,11 @@ fn bench_config(
     } else if cfg.soft_cap > 0.0 {
         let cap = SoftCap { cap: cfg.soft_cap };
         time_variant(stream, schedule, &plan, &cap, inputs)?
+    } else if cfg.rope_theta > 0.0 {
+        let rope = LlamaRope {
+            theta: cfg.rope_theta,
+        };
+        time_variant(stream, schedule, &plan, &rope, inputs)?
     } else {
         time_variant(stream, schedule, &plan, &Standard, inputs)?
     };

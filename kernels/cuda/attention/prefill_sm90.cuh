@@ -11,8 +11,9 @@
 // then frees the stage. Head dims 64, 128 and 256: the tile sizes per head dim are in
 // PrefillSm90Shape, the MMA shapes in sm90_qk / sm90_pv; the loops are the same. The two
 // consumers take turns issuing their MMAs (named barriers), so one's softmax runs under the
-// other's MMAs. The producer gives registers to the consumers (setmaxnreg). Variants with
-// query or key hooks run the FA2 template (the dispatcher's choice).
+// other's MMAs. The producer gives registers to the consumers (setmaxnreg). Query and key hooks
+// rewrite the tiles in shared memory once they land: each consumer its Q rows once an item, both
+// consumers half of each K tile (in order: sm90_hook_rows).
 // Launch: grid min(num_items, num_sms), block kThreads, dynamic shared kSmemBytes
 // (kernels/src/attention/prefill.rs mirrors these).
 #pragma once
@@ -23,6 +24,7 @@
 #include "core/warp.cuh"
 #include "sm80/cp_async.cuh"
 #include "sm80/mma.cuh"
+#include "sm80/smem.cuh"
 #include "sm90/barrier.cuh"
 #include "sm90/tma.cuh"
 #include "sm90/warpgroup.cuh"
@@ -169,6 +171,35 @@ __device__ __forceinline__ void sm90_pv(float (&o)[D / 2], const unsigned (&p)[4
   }
 }
 
+// The query (kQuery) or key hook in place on rows [r0, r0 + rows) of a swizzled tile of
+// `tile_rows` rows, by `threads` threads from thread `tid`: element d and its rotary partner d +
+// D / 2 together, as prefill.cuh applies them; `pos(r)` is row r's position. The writes go
+// through the generic proxy and wgmma reads through the async one: the caller fences and then
+// syncs with the tile's readers.
+template <class V, class T, int D, bool kQuery, class P, class PosOf>
+__device__ __forceinline__ void sm90_hook_rows(const P& p, unsigned char* tile, unsigned tile_rows,
+                                               unsigned r0, unsigned rows, unsigned tid,
+                                               unsigned threads, const PosOf& pos) {
+  #pragma unroll 1
+  for (unsigned c = tid; c < rows * (D / 2); c += threads) {
+    const unsigned r = r0 + c / (D / 2), d = c % (D / 2);
+    const Pos at = pos(r);
+    auto elem = [&](unsigned e) {
+      return reinterpret_cast<unsigned short*>(tile + sw128_offset<D>(tile_rows, r, e / 8)) + e % 8;
+    };
+    unsigned short* const x = elem(d);
+    unsigned short* const y = elem(d + D / 2);
+    const float xv = load_elem<T>(x), yv = load_elem<T>(y);
+    if constexpr (kQuery) {
+      store_elem<T>(x, hook_query<V>(p, xv, yv, d, at));
+      store_elem<T>(y, hook_query<V>(p, yv, xv, d + D / 2, at));
+    } else {
+      store_elem<T>(x, hook_key<V>(p, xv, yv, d, at));
+      store_elem<T>(y, hook_key<V>(p, yv, xv, d + D / 2, at));
+    }
+  }
+}
+
 // Producer register budget and the consumers': 128 x 40 + 256 x 232 (at head dim 256, 48 + 224)
 // = the 168 x 384 a CTA of 384 threads starts with (65536 registers an SM, one CTA); setmaxnreg
 // moves registers only within those. The producer holds no copy state across tiles (its arrivals
@@ -193,8 +224,12 @@ constexpr unsigned kSm90ConsumerRegs = D == 256 ? 224 : 232;
 // (cp.async; v16 without TMA: 0-3% slower, the producer's copies then competed for issue slots);
 // at 256 (two stages, the producer's V(t + 1) waits for P V(t - 1)) 18% slower. The overlap
 // keeps P(t - 1) live across the softmax, so heavy hooks spill with it (then built in order).
+// A key hook keeps the loop in order: both consumers rewrite each K tile before either's S, so
+// neither's softmax could hide under the other's MMAs (and the tile's rewrite, not the MMAs,
+// takes the time).
 template <class V, int D>
-constexpr bool kSm90Overlap = FI_SM90_OVERLAP == 2 || (FI_SM90_OVERLAP == 1 && D != 256);
+constexpr bool kSm90Overlap =
+    !V::kHasKey && (FI_SM90_OVERLAP == 2 || (FI_SM90_OVERLAP == 1 && D != 256));
 
 // FI_SM90_Q_TMA: 1 (default) copies Q by TMA where the launch has a Q map (maps.q_tma), one
 // instruction a column block from one producer thread; 0 always by cp.async, 16 copies of 16
@@ -205,8 +240,6 @@ constexpr bool kSm90Overlap = FI_SM90_OVERLAP == 2 || (FI_SM90_OVERLAP == 1 && D
 
 template <class V, class P, class T, int D, int KV>
 __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps) {
-  static_assert(!V::kHasQuery && !V::kHasKey,
-                "query and key hooks run on the FA2 template (the dispatcher picks it)");
   using Sh = PrefillSm90Shape<D, KV>;
   constexpr int kTileQ = Sh::kTileQ, kTileKv = Sh::kTileKv;
   constexpr bool kBf16 = kIsBf16<T>;
@@ -584,7 +617,19 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
     // This warp's first and last packed rows, and the tiles the variant's mask may cut.
     const unsigned warp_rows[2] = {packed(w, row0 - lane / 4), packed(w, row0 - lane / 4 + 15)};
     MaskCuts<V> cuts;
-    const unsigned char* const sq = q_tile(slot);
+    unsigned char* const sq = q_tile(slot);
+    if constexpr (V::kHasQuery) {
+      // This consumer's 64 rows, before its first S (and not once Q is freed: no tiles).
+      if (keys.tiles > 0) {
+        auto pos = [&](unsigned r) {
+          const unsigned pr = packed(w, r), h = kv_head * group + pr % group;
+          return Pos{b, pr / group, 0, h, kv_head, qo_len, kp.total, D};
+        };
+        sm90_hook_rows<V, T, D, true>(p, sq, kTileQ, cw * 64, 64, wt, kWarpgroupThreads, pos);
+        fence_proxy_async();
+        named_sync(4 + cw, kWarpgroupThreads);
+      }
+    }
 
     #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
@@ -747,6 +792,20 @@ __device__ void prefill_sm90(const AttnArgs& a, const P& p, const Sm90Maps& maps
     // for; K's stage is then free.
     auto s_alone = [&](unsigned gt) {
       wait_copies(k_full(stage(gt)), phase(gt));
+      if constexpr (V::kHasKey) {
+        // Each consumer rewrites half the tile's keys before its item stop (past it they are
+        // masked), then both wait for the whole tile.
+        const unsigned j0 = w.kv_start + (gt - g) * kTileKv, lo = cw * (kTileKv / 2);
+        const unsigned live = min(keys.stop - j0, static_cast<unsigned>(kTileKv));
+        const unsigned rows = live > lo ? min(live - lo, kTileKv / 2u) : 0u;
+        auto pos = [&](unsigned r) {
+          return Pos{b, 0, kp.offset + j0 + r, 0, kv_head, qo_len, kp.total, D};
+        };
+        sm90_hook_rows<V, T, D, false>(p, k_tile(stage(gt)), kTileKv, lo, rows, wt,
+                                       kWarpgroupThreads, pos);
+        fence_proxy_async();
+        named_sync(6, 2 * kWarpgroupThreads);
+      }
       named_sync(my_turn, 2 * kWarpgroupThreads);
       wgmma_fence();
       issue_s(sq, k_tile(stage(gt)));

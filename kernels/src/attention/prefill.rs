@@ -220,7 +220,7 @@ fn check_tiles(cfg: &KernelConfig) -> Result<(), String> {
 /// The sm_90a (FA3) form of a prefill instance, where one exists: the 128-row tile on sm_90a at
 /// head dims 64, 128 and 256, same element types, with the K/V tile [`sm90_kv_tile`] gives. It
 /// reads the same work list (128-row items) and writes the same results as the FA2 instance,
-/// for variants without query or key hooks (the runtime keeps those on FA2). An FA3 instance is
+/// for every variant (query and key hooks rewrite its tiles in shared memory). An FA3 instance is
 /// its own form (with either of its K/V tiles at head dim 128).
 ///
 /// ```

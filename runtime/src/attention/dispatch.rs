@@ -72,8 +72,7 @@ pub fn instances(arch: Arch, sm: &SmResources) -> Vec<KernelConfig> {
         .collect()
 }
 
-/// [`instances`] that `spec` can run: the sm_90a prefill template takes no query or key hooks
-/// (see [`supports`]).
+/// [`instances`] that `spec` can run (see [`supports`]).
 pub fn instances_for(spec: &VariantSpec, arch: Arch, sm: &SmResources) -> Vec<KernelConfig> {
     instances(arch, sm)
         .into_iter()
@@ -81,15 +80,15 @@ pub fn instances_for(spec: &VariantSpec, arch: Arch, sm: &SmResources) -> Vec<Ke
         .collect()
 }
 
-/// Whether instance `cfg` can run variant `spec`: the sm_90a prefill template applies the query
-/// and key hooks nowhere (they transform whole shared-memory tiles, which its producer never
-/// holds in registers), so variants with them run the FA2 template there.
+/// Whether instance `cfg` can run variant `spec`: every instance runs every hook, but the sm_90a
+/// template's long prompts' tile (176 keys) takes no key hook. A key hook keeps FA3's loop in
+/// order (both consumers rewrite each K tile before either's S), and in order the wider tile
+/// gains nothing over the 128-key one, which runs such variants.
 pub fn supports(spec: &VariantSpec, cfg: &KernelConfig) -> Result<()> {
-    let sm90 = sm90_form(cfg) == Some(*cfg);
-    if sm90 && (spec.hooks.query || spec.hooks.key) {
+    if spec.hooks.key && is_sm90_long(cfg) {
         return Err(Error::unsupported(format!(
-            "{} (the sm_90a prefill template) does not run query or key hooks, which variant {} \
-             has; its FA2 instance does",
+            "{} (the sm_90a prefill template's long prompts' tile) does not run key hooks, which \
+             variant {} has; its 128-key tile does",
             cfg.name(),
             spec.name
         )));

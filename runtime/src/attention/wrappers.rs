@@ -85,7 +85,7 @@ pub enum KvTile {
     /// The long prompts' FA3 tile (176 keys at head dim 128) for every batch prefill that runs
     /// FA3 over a contiguous or ragged cache, whatever its lengths and modes (a paged cache keeps
     /// the default: its page copies would not align). A variant whose build of it spills, or
-    /// loses the overlap, runs the default tile instead.
+    /// loses the overlap (as a key hook does), runs the default tile instead.
     Long,
 }
 
@@ -140,8 +140,8 @@ impl KvWarps {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PrefillKernel {
     /// The faster template for the instance, from measurements: FA3 where it exists and was
-    /// measured faster (Hopper, head dims 64, 128 and 256, the 128-row tile, no query or key
-    /// hooks, a positive `sm_scale`), FA2 elsewhere. At head dim 256, where FA2 plans 64-row
+    /// measured faster (Hopper, head dims 64, 128 and 256, the 128-row tile, a positive
+    /// `sm_scale`), FA2 elsewhere. At head dim 256, where FA2 plans 64-row
     /// tiles (which have no FA3 form), a Hopper plan takes the 128-row tile for the batches that
     /// take it at 128 (requests of more than 64 packed rows on average); see
     /// [`auto_plans_fa3_tile`] for what that measured. The benchmark's prefill rows with each
@@ -178,22 +178,22 @@ pub enum PrefillKernel {
     /// The FA3 template (sm_90a: warpgroup MMAs, a producer warpgroup) at head dims 64, 128 and
     /// 256. Its one query tile is 128 rows, so the plan takes that tile for every batch (FA2
     /// would plan 16 or 64 rows for short requests, and 64 at head dim 256). Running a plan it
-    /// does not cover (another arch, a variant with query or key hooks) is an error; a variant
-    /// whose FA3 build spills registers runs the planned FA2 instance instead (as under `Auto`),
-    /// and so does a batch whose `sm_scale` is zero or negative (the FA3 build folds the scale
-    /// into its exponents, which takes a positive one). Its K/V tile is chosen as under `Auto`.
+    /// does not cover (another arch) is an error; a variant whose FA3 build spills registers
+    /// runs the planned FA2 instance instead (as under `Auto`), and so does a batch whose
+    /// `sm_scale` is zero or negative (the FA3 build folds the scale into its exponents, which
+    /// takes a positive one). Its K/V tile is chosen as under `Auto`.
     Fa3,
 }
 
 /// Whether [`PrefillKernel::Auto`] plans the FA3 template's 128-row tile for a batch the family's
 /// tile function would give 64: at head dim 256 on sm_90a, for the batches that take 128 rows
 /// (and so FA3) at head dim 128 by the shared rule ([`plan::cta_tile_q`]: requests of more than 64
-/// packed query rows on average). FA2 plans 64 rows at 256, which have no FA3 form. A
-/// variant with no FA3 form at 256 (query or key hooks, a build that spills) runs FA2's 128-row
-/// tile instead. Measured on one causal 8192 prompt (H200, bf16, 32/8 heads, TFLOP/s, one call
-/// on 2026-12-02, two rounds): Standard under Auto 581 (FA3; FA2's 64-row tile 260, its 128-row
-/// tile 254); `LlamaRope`, whose key hook runs on every K tile, 29.8 on FA2's 128-row tile
-/// against 16.1 on its 64-row tile (half the query tiles, so half the key rotations).
+/// packed query rows on average). FA2 plans 64 rows at 256, which have no FA3 form. A variant
+/// whose FA3 build spills at 256 runs FA2's 128-row tile instead. Measured on one causal 8192
+/// prompt (H200, bf16, 32/8 heads, TFLOP/s, one call on 2026-12-02, two rounds): Standard under
+/// Auto 581 (FA3; FA2's 64-row tile 260, its 128-row tile 254); `LlamaRope` (FA2 then), whose key
+/// hook runs on every K tile, 29.8 on FA2's 128-row tile against 16.1 on its 64-row tile (half
+/// the query tiles, so half the key rotations).
 ///
 /// In batch-invariant mode the tile (and so the template, whose reduction order differs) must
 /// not depend on the other requests, so there it is 128 rows whatever the batch, as the tile
@@ -239,7 +239,7 @@ impl PrefillKernel {
             (PrefillKernel::Fa2 | PrefillKernel::Auto, _) => Ok(fa2()),
             (PrefillKernel::Fa3, None) => Err(Error::unsupported(format!(
                 "PrefillKernel::Fa3: no FA3 instance for {} with variant {} (it needs sm_90a, \
-                 head dim 64, 128 or 256, the 128-row query tile and no query or key hooks)",
+                 head dim 64, 128 or 256 and the 128-row query tile)",
                 planned.name(),
                 spec.name
             ))),
@@ -1286,13 +1286,13 @@ mod tests {
     /// A scale the FA3 build takes (head dim 128's default).
     const SCALE: f32 = 0.088;
 
-    fn spec(query: bool) -> VariantSpec {
+    fn spec(with_key: bool) -> VariantSpec {
         VariantSpec {
-            name: if query { "WithQuery" } else { "Plain" },
+            name: if with_key { "WithKey" } else { "Plain" },
             module_path: "tests",
             hooks: Hooks {
-                query,
-                key: false,
+                query: with_key,
+                key: with_key,
                 logits: false,
                 mask: false,
                 output: false,
@@ -1388,7 +1388,8 @@ mod tests {
                 "{kernel:?}"
             );
         }
-        // No long form at head dims 64 and 256, nor for FA2, query hooks or a scale FA3 refuses.
+        // No long form at head dims 64 and 256, nor for FA2 or a scale FA3 refuses; with a key
+        // hook, the 128-key tile alone.
         let hd64 = KernelConfig::new(KernelKind::Prefill, 64, DType::Bf16, ArchClass::Sm90a)
             .with_tiles(InstanceTiles {
                 cta_tile_q: 128,
@@ -1399,9 +1400,15 @@ mod tests {
             .choose(&spec(false), hd64, None, SCALE, true)
             .unwrap();
         assert_eq!(cfg.kv_tile, 128);
+        for kernel in [PrefillKernel::Auto, PrefillKernel::Fa3] {
+            let (cfg, fallbacks) = kernel
+                .choose(&spec(true), planned, None, SCALE, true)
+                .unwrap();
+            assert_eq!(cfg.name(), "prefill_hd128_bf16_q128_k128_sm90a");
+            assert_eq!(fallbacks, [planned], "{kernel:?}");
+        }
         for (kernel, s, scale) in [
             (PrefillKernel::Fa2, spec(false), SCALE),
-            (PrefillKernel::Auto, spec(true), SCALE),
             (PrefillKernel::Auto, spec(false), 0.0),
         ] {
             let (cfg, _) = kernel.choose(&s, planned, None, scale, true).unwrap();
@@ -1430,9 +1437,13 @@ mod tests {
             .choose(&spec(false), long, narrow, SCALE, false)
             .unwrap();
         assert_eq!(auto.0.kv_tile, 128, "Auto takes FA3 at head dim 128");
-        // Query hooks, another tile, another arch, or FA2 asked for: the planned instance.
+        // Query and key hooks run there too.
+        let hooks = PrefillKernel::Auto
+            .choose(&spec(true), long, narrow, SCALE, false)
+            .unwrap();
+        assert_eq!(hooks, auto);
+        // Another tile, another arch, or FA2 asked for: the planned instance.
         for (kernel, s, c) in [
-            (PrefillKernel::Auto, spec(true), long),
             (
                 PrefillKernel::Auto,
                 spec(false),
@@ -1463,18 +1474,20 @@ mod tests {
         }
         // Where FA3 would be an error, it still is.
         let e = PrefillKernel::Fa3
-            .choose(&spec(true), long, None, 0.0, false)
+            .choose(
+                &spec(false),
+                planned(ArchClass::Sm80, 128),
+                None,
+                0.0,
+                false,
+            )
             .unwrap_err();
-        assert!(e.to_string().contains("query or key hooks"), "{e}");
+        assert!(e.to_string().contains("sm_90a"), "{e}");
     }
 
     #[test]
     fn fa3_forced_where_it_does_not_exist_is_an_error() {
         let long = planned(ArchClass::Sm90a, 128);
-        let e = PrefillKernel::Fa3
-            .choose(&spec(true), long, None, SCALE, false)
-            .unwrap_err();
-        assert!(e.to_string().contains("query or key hooks"), "{e}");
         let e = PrefillKernel::Fa3
             .choose(
                 &spec(false),
