@@ -7,8 +7,9 @@ runs it once more between cudaProfilerStart and cudaProfilerStop, so that
 profiles exactly one launch of FlashInfer's kernel. Ours, the same row:
     ncu --set full -k regex:ferrinfer_prefill_hd128_bf16_q128_k128_sm90a --launch-skip 5 \
         --launch-count 1 ferrinfer-bench --filter prefill_ragged_b16
-Rows: `ragged` (prefill_ragged_b16_l1024_causal), `s8192` (prefill_single_s8192_causal) and
-`full` (prefill_single_s8192_full).
+Rows: `ragged` (prefill_ragged_b16_l1024_causal), `s8192` (prefill_single_s8192_causal), `full`
+(prefill_single_s8192_full) and `paged_b4` (prefill_paged_b4_l8192_p16_causal: pages of 16 in a
+random order, as flashinfer_anchor.py lays them out).
 Needs FlashInfer on PYTHONPATH (the anchor's wheels) and a GPU with torch and triton.
 """
 import itertools
@@ -49,7 +50,20 @@ def row(kind):
         flops = causal_flops([8192]) if causal else 4 * H * D * 8192 * 8192
         return (lambda: flashinfer.single_prefill_with_kv_cache(
             q, k, v, causal=causal, backend="fa3")), flops
-    raise SystemExit(f"unknown row {kind!r} (ragged, s8192 or full)")
+    if kind == "paged_b4":
+        lens, page = [8192] * 4, 16
+        pages = [n // page for n in lens]
+        g = torch.Generator(device="cpu").manual_seed(0)
+        indices = torch.randperm(sum(pages), generator=g).to(torch.int32).to(DEV)
+        kv = torch.randn(sum(pages), 2, page, HKV, D, dtype=DT, device=DEV)
+        last = torch.full((len(lens),), page, dtype=torch.int32, device=DEV)
+        q = torch.randn(sum(lens), H, D, dtype=DT, device=DEV)
+        ws = torch.empty(256 << 20, dtype=torch.uint8, device=DEV)
+        w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa3")
+        w.plan(indptr_of(lens), indptr_of(pages), indices, last, H, HKV, D, page, causal=True,
+               q_data_type=DT, kv_data_type=DT)
+        return (lambda: w.run(q, kv)), causal_flops(lens)
+    raise SystemExit(f"unknown row {kind!r} (ragged, s8192, full or paged_b4)")
 
 
 def main():
