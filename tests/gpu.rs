@@ -462,6 +462,20 @@ fn gpu_sm90_prefill() {
     check_with::<FlashSigmoid, bf16>(&gpu, &FlashSigmoid { bias: -1.0 }, &case, &fa3);
 }
 
+/// Few query rows over long KV in pages of 16, so that the plan splits the KV (partials of
+/// head_dim floats and the merge), and a request with no rows.
+fn split_case(head_dim: u32, causal: bool) -> Case {
+    Case {
+        heads: Heads::new(8, 2, head_dim).unwrap(),
+        qo_lens: vec![100, 37, 0],
+        kv_lens: vec![4000, 2500, 10],
+        page_size: Some(16),
+        layout: KvLayout::Nhd,
+        causal,
+        decode: false,
+    }
+}
+
 /// Query and key hooks on the FA3 template (Hopper only): `LlamaRope`, whose consumers rewrite
 /// their Q rows and each K tile in shared memory, forced at head dims 64, 128 and 256 over Q by
 /// cp.async (GQA 3) and by TMA, ragged K/V (by TMA but each request's last tile) and pages of 16
@@ -489,16 +503,7 @@ fn gpu_sm90_query_and_key_hooks() {
         let auto = [fa3[0], PlanConfig::default()];
         check_with::<LlamaRope, f16>(&gpu, &rope, &ragged(6, KvLayout::Hnd), &auto);
         for causal in [true, false] {
-            let split = Case {
-                heads: Heads::new(8, 2, head_dim).unwrap(),
-                qo_lens: vec![100, 37, 0],
-                kv_lens: vec![4000, 2500, 10],
-                page_size: Some(16),
-                layout: KvLayout::Nhd,
-                causal,
-                decode: false,
-            };
-            check_with::<LlamaRope, bf16>(&gpu, &rope, &split, &fa3);
+            check_with::<LlamaRope, bf16>(&gpu, &rope, &split_case(head_dim, causal), &fa3);
         }
     }
 }
@@ -570,15 +575,7 @@ fn gpu_sm90_prefill_hd64_hd256() {
     assert_eq!(sm90_grid(&gpu, 64) + sm90_grid(&gpu, 256), 12, "cases run");
     for head_dim in [64, 256] {
         for causal in [true, false] {
-            let case = Case {
-                heads: Heads::new(8, 2, head_dim).unwrap(),
-                qo_lens: vec![100, 37, 0],
-                kv_lens: vec![4000, 2500, 10],
-                page_size: Some(16),
-                layout: KvLayout::Nhd,
-                causal,
-                decode: false,
-            };
+            let case = split_case(head_dim, causal);
             check_with::<Standard, bf16>(&gpu, &Standard, &case, &fa3);
             check_with::<SlidingWindow, f16>(&gpu, &SlidingWindow { window: 700 }, &case, &fa3);
             let sink = AttentionSink {

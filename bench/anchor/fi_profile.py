@@ -8,8 +8,8 @@ profiles exactly one launch of FlashInfer's kernel. Ours, the same row:
     ncu --set full -k regex:ferrinfer_prefill_hd128_bf16_q128_k128_sm90a --launch-skip 5 \
         --launch-count 1 ferrinfer-bench --filter prefill_ragged_b16
 Rows: `ragged` (prefill_ragged_b16_l1024_causal), `s8192` (prefill_single_s8192_causal), `full`
-(prefill_single_s8192_full) and `paged_b4` (prefill_paged_b4_l8192_p16_causal: pages of 16 in a
-random order, as flashinfer_anchor.py lays them out).
+(prefill_single_s8192_full) and `paged_b4` (prefill_paged_b4_l8192_p16_causal, its pages laid
+out by flashinfer_anchor.py's `paged`).
 Needs FlashInfer on PYTHONPATH (the anchor's wheels) and a GPU with torch and triton.
 """
 import itertools
@@ -19,6 +19,8 @@ import time
 import flashinfer
 import torch
 from triton.testing import do_bench
+
+from flashinfer_anchor import paged  # the anchor's page layout (pages in a seeded random order)
 
 H, HKV, D, DT, DEV = 32, 8, 128, torch.bfloat16, torch.device("cuda")
 
@@ -52,15 +54,11 @@ def row(kind):
             q, k, v, causal=causal, backend="fa3")), flops
     if kind == "paged_b4":
         lens, page = [8192] * 4, 16
-        pages = [n // page for n in lens]
-        g = torch.Generator(device="cpu").manual_seed(0)
-        indices = torch.randperm(sum(pages), generator=g).to(torch.int32).to(DEV)
-        kv = torch.randn(sum(pages), 2, page, HKV, D, dtype=DT, device=DEV)
-        last = torch.full((len(lens),), page, dtype=torch.int32, device=DEV)
+        kv, page_indptr, indices, last = paged(lens, page)
         q = torch.randn(sum(lens), H, D, dtype=DT, device=DEV)
         ws = torch.empty(256 << 20, dtype=torch.uint8, device=DEV)
         w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa3")
-        w.plan(indptr_of(lens), indptr_of(pages), indices, last, H, HKV, D, page, causal=True,
+        w.plan(indptr_of(lens), page_indptr, indices, last, H, HKV, D, page, causal=True,
                q_data_type=DT, kv_data_type=DT)
         return (lambda: w.run(q, kv)), causal_flops(lens)
     raise SystemExit(f"unknown row {kind!r} (ragged, s8192, full or paged_b4)")

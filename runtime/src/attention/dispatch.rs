@@ -99,7 +99,7 @@ pub fn supports(spec: &VariantSpec, cfg: &KernelConfig) -> Result<()> {
 /// The dispatch key of an instance: variant (name and hash of its lowered CUDA), kernel, the FA3
 /// consumers' loop where it is not the default (both builds may be loaded at once), arch.
 pub fn key(spec: &VariantSpec, cfg: &KernelConfig, lp: Sm90Loop, arch: Arch) -> String {
-    let lp = match loop_of(cfg, lp) {
+    let lp = match variant_loop(spec, cfg, lp) {
         Sm90Loop::Default => "",
         Sm90Loop::InOrder => "/in-order",
     };
@@ -119,6 +119,17 @@ fn loop_of(cfg: &KernelConfig, lp: Sm90Loop) -> Sm90Loop {
         lp
     } else {
         Sm90Loop::Default
+    }
+}
+
+/// [`loop_of`] for variant `spec`: one with a key hook runs FA3's consumers in order in its
+/// default build already (the kernel's `kSm90Overlap`), so it has that build alone, one key and
+/// one compile for both loops.
+fn variant_loop(spec: &VariantSpec, cfg: &KernelConfig, lp: Sm90Loop) -> Sm90Loop {
+    if spec.hooks.key {
+        Sm90Loop::Default
+    } else {
+        loop_of(cfg, lp)
     }
 }
 
@@ -239,7 +250,7 @@ pub fn build_loop_with(
         },
     )
     .map_err(|e| Error::unsupported(format!("{} for {}: {e}", cfg.name(), spec.name)))?;
-    if loop_of(cfg, lp) == Sm90Loop::InOrder {
+    if variant_loop(spec, cfg, lp) == Sm90Loop::InOrder {
         let kernel = jit.compile(&sm90_in_order(&tu), arch)?;
         return Ok(Build {
             kernel,
@@ -418,6 +429,18 @@ mod tests {
                 key_of(&one, Sm90Loop::Default)
             );
         }
+        // A key hook keeps the default build in order: one build, one key for both loops.
+        let keyed = VariantSpec {
+            hooks: crate::variant::Hooks {
+                key: true,
+                ..Default::default()
+            },
+            ..spec
+        };
+        assert_eq!(
+            key(&keyed, &c128, Sm90Loop::InOrder, hopper),
+            key(&keyed, &c128, Sm90Loop::Default, hopper)
+        );
     }
 
     #[test]
